@@ -1,0 +1,146 @@
+use super::*;
+
+fn write(dir: &Path, text: &str) -> PathBuf {
+    let p = dir.join("agent.toml");
+    std::fs::write(&p, text).expect("write config");
+    p
+}
+
+fn load_str(text: &str, env: &[(&str, &str)]) -> Result<AgentConfig, ConfigError> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = write(dir.path(), text);
+    let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+    load(&p, env)?.validate(&p)
+}
+
+const GOOD: &str = r#"
+[agent]
+data_dir = "data"
+labels = { site = "depot-17", region = "eu-west" }
+
+[mqtt]
+broker = "127.0.0.1:1883"
+client_id = "outpost-depot-17"
+[[mqtt.subscribe]]
+filter = "plant/#"
+qos = 1
+
+[[modbus.devices]]
+name = "plc1"
+address = "127.0.0.1:502"
+[[modbus.devices.tags]]
+name = "temperature"
+table = "holding"
+address = 100
+type = "f32"
+order = "cdab"
+[[modbus.devices.tags]]
+name = "setpoint"
+table = "holding"
+address = 110
+type = "u16"
+writable = true
+
+[[bridges]]
+from = "modbus:plc1/temperature"
+to = "mqtt:plant/{device}/{tag}"
+
+[[bridges]]
+from = "mqtt:plant/plc1/setpoint/set"
+to = "modbus:plc1/setpoint"
+"#;
+
+#[test]
+fn the_design_example_validates() {
+    let c = load_str(GOOD, &[]).expect("valid");
+    assert_eq!(c.devices.len(), 1);
+    assert_eq!(c.devices[0].tags[0].stream.as_str(), "plc1/temperature");
+    assert_eq!(c.publish_bridges.len(), 1);
+    assert_eq!(c.write_bridges.len(), 1);
+    assert_eq!(c.labels["site"], "depot-17");
+    assert!(c.data_dir.ends_with("data"));
+    assert!(
+        c.data_dir.is_absolute()
+            || c.data_dir.starts_with("/")
+            || c.data_dir.components().count() > 1
+    );
+}
+
+#[test]
+fn environment_overrides_keys() {
+    let c = load_str(
+        GOOD,
+        &[
+            ("OUTPOST_OUTBOX__SYNCHRONOUS", "normal"),
+            ("OUTPOST_MQTT__BROKER", "10.0.0.1:1884"),
+        ],
+    )
+    .expect("valid");
+    assert_eq!(c.outbox.synchronous, Synchronous::Normal);
+    assert_eq!(c.mqtt.expect("mqtt").port, 1884);
+}
+
+fn invalid(text: &str) -> String {
+    match load_str(text, &[]) {
+        Ok(_) => panic!("accepted invalid config"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn unknown_keys_are_errors_naming_the_key() {
+    let e = invalid(&GOOD.replace("[mqtt]\n", "[mqtt]\nbrokr = \"x\"\n"));
+    assert!(e.contains("brokr"), "{e}");
+}
+
+#[test]
+fn a_wrong_type_is_an_error_naming_the_key() {
+    let e = invalid(&GOOD.replace("address = 100", "address = \"hundred\""));
+    assert!(e.contains("address"), "{e}");
+}
+
+#[test]
+fn an_address_out_of_range_names_the_tag() {
+    let e = invalid(&GOOD.replace("address = 100", "address = 70000"));
+    assert!(e.contains("modbus.devices[0].tags[0].address"), "{e}");
+}
+
+#[test]
+fn a_type_that_does_not_fit_the_table_is_refused() {
+    let e = invalid(
+        &GOOD
+            .replace(
+                "address = 100\ntype = \"f32\"",
+                "address = 100\ntype = \"f32\"",
+            )
+            .replace(
+                "table = \"holding\"\naddress = 100",
+                "table = \"coil\"\naddress = 100",
+            ),
+    );
+    assert!(e.contains("modbus.devices[0].tags[0]"), "{e}");
+}
+
+#[test]
+fn duplicate_names_are_refused() {
+    let e = invalid(&GOOD.replace("name = \"setpoint\"", "name = \"temperature\""));
+    assert!(e.contains("duplicate tag name"), "{e}");
+}
+
+#[test]
+fn a_bridge_to_a_tag_not_marked_writable_is_refused() {
+    let e = invalid(&GOOD.replace("writable = true", ""));
+    assert!(e.contains("bridges[1].to"), "{e}");
+}
+
+#[test]
+fn invalid_toml_is_an_error() {
+    let e = invalid("[agent\ndata_dir = 1");
+    assert!(e.contains("agent.toml"), "{e}");
+}
+
+#[test]
+fn a_missing_file_names_the_path() {
+    let e = load(Path::new("/nonexistent/agent.toml"), Vec::new()).expect_err("missing");
+    assert!(e.to_string().contains("/nonexistent/agent.toml"), "{e}");
+}

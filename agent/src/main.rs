@@ -1,0 +1,197 @@
+//! `outpost-agent`: parse the command line, set up logs, call the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use outpost_agent::config::{self, AgentConfig, ConfigError};
+use outpost_agent::outbox::OutboxReader;
+use outpost_agent::report;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "outpost-agent",
+    version,
+    about = "Outpost edge agent: Modbus and MQTT in, a durable outbox, sync to the hub."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// The agent's TOML config file.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent until SIGTERM or SIGINT.
+    Run(ConfigArg),
+    /// Validate the config and print what would run.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect the outbox (works while the agent runs).
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// Counts, sizes, seq range and evictions.
+    Stats {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The newest events, oldest first.
+    Tail {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// How many events.
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+        /// One JSON object a line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+    config::load_and_validate(path)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check { config, json } => load(&config.config).map(|c| {
+            if json {
+                println!("{}", report::check_json(&c));
+            } else {
+                print!("{}", report::check_text(&c));
+            }
+        }),
+        Command::Run(config) => match load(&config.config) {
+            Ok(c) => return run(c),
+            Err(e) => Err(e),
+        },
+        Command::Outbox { command } => return outbox(command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn outbox(command: OutboxCommand) -> ExitCode {
+    let (path, f): (PathBuf, Box<dyn Fn(&AgentConfig) -> anyhow::Result<()>>) = match command {
+        OutboxCommand::Stats { config, json } => (
+            config.config,
+            Box::new(move |c: &AgentConfig| {
+                let ob = OutboxReader::open(&c.outbox.path, c.agent_id.clone())?;
+                let stats = ob.stats()?;
+                if json {
+                    println!("{}", serde_json::to_string(&stats)?);
+                } else {
+                    print!("{}", report::stats_text(&stats));
+                }
+                Ok(())
+            }),
+        ),
+        OutboxCommand::Tail {
+            config,
+            limit,
+            json,
+        } => (
+            config.config,
+            Box::new(move |c: &AgentConfig| {
+                let ob = OutboxReader::open(&c.outbox.path, c.agent_id.clone())?;
+                for ev in ob.tail(limit)? {
+                    if json {
+                        println!("{}", ev.to_json());
+                    } else {
+                        println!("{}", report::event_text(&ev));
+                    }
+                }
+                Ok(())
+            }),
+        ),
+    };
+    let cfg = match load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match f(&cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cfg: AgentConfig) -> ExitCode {
+    if let Err(e) =
+        outpost_agent::logging::init(&cfg.observability.log, &cfg.observability.log_format)
+    {
+        eprintln!("error: {}: observability: {e}", cfg.source.display());
+        return ExitCode::from(2);
+    }
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+        .and_then(|rt| {
+            rt.block_on(async move {
+                let shutdown = CancellationToken::new();
+                let signals = shutdown.clone();
+                let agent = outpost_agent::run::run(cfg, shutdown.clone());
+                tokio::pin!(agent);
+                tokio::select! {
+                    r = &mut agent => return r.map_err(anyhow::Error::from),
+                    () = wait_for_signal() => {}
+                }
+                signals.cancel();
+                agent.await.map_err(anyhow::Error::from)
+            })
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "Agent failed.");
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received."),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received."),
+    }
+}

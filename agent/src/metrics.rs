@@ -1,0 +1,280 @@
+//! The agent's Prometheus metrics: one registry, counted where things happen.
+//!
+//! Served on `[observability] metrics` (127.0.0.1:9464 by default) by a
+//! deliberately tiny HTTP responder: the endpoint answers every GET with the
+//! text exposition, and an HTTP framework would cost the static ARM binary more
+//! than the whole metrics feature is worth.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Labels naming a source.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// `modbus` or `mqtt`.
+    pub source: String,
+}
+
+/// Labels naming a reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why.
+    pub reason: String,
+}
+
+/// Labels naming a Modbus device.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceLabels {
+    /// The device name.
+    pub device: String,
+}
+
+/// Labels naming a Modbus device and an error kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceErrorLabels {
+    /// The device name.
+    pub device: String,
+    /// `exception`, `timeout`, `disconnected`, `short_reply`, `decode`.
+    pub kind: String,
+}
+
+/// Labels for MQTT messages.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QosLabels {
+    /// 0, 1 or 2.
+    pub qos: String,
+}
+
+/// Every metric the agent exposes.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Events committed to the outbox, by source.
+    pub events_accepted: Family<SourceLabels, Counter>,
+    /// Events evicted or refused, by reason.
+    pub events_evicted: Family<ReasonLabels, Counter>,
+    /// Events in the outbox.
+    pub outbox_backlog_events: Gauge,
+    /// Bytes in the outbox.
+    pub outbox_backlog_bytes: Gauge,
+    /// MQTT messages received, by QoS.
+    pub mqtt_messages: Family<QosLabels, Counter>,
+    /// QoS 2 redeliveries recognised and not stored again.
+    pub mqtt_qos2_duplicates: Counter,
+    /// QoS 1 messages the broker marked as redelivered (stored again:
+    /// at-least-once).
+    pub mqtt_qos1_redelivered: Counter,
+    /// Messages larger than `max_payload`, recorded as bad quality.
+    pub mqtt_oversize: Counter,
+    /// Messages received and not yet acknowledged.
+    pub mqtt_inflight: Gauge,
+    /// 1 while connected to the site broker.
+    pub mqtt_connected: Gauge,
+    /// Messages published by bridges.
+    pub bridge_published: Counter,
+    /// Bridge writes to Modbus, by device and result.
+    pub modbus_writes: Family<DeviceErrorLabels, Counter>,
+    /// Modbus requests, by device.
+    pub modbus_requests: Family<DeviceLabels, Counter>,
+    /// Modbus request failures, by device and kind.
+    pub modbus_errors: Family<DeviceErrorLabels, Counter>,
+    /// Modbus request latency in seconds, by device.
+    pub modbus_latency: Family<DeviceLabels, Histogram>,
+}
+
+impl Metrics {
+    /// A registry with every metric registered under `outpost_`.
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("outpost");
+        let events_accepted = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "events_accepted",
+            "Events committed to the outbox",
+            events_accepted.clone(),
+        );
+        let events_evicted = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "events_evicted",
+            "Events evicted or refused by the outbox limits",
+            events_evicted.clone(),
+        );
+        let outbox_backlog_events = Gauge::default();
+        registry.register(
+            "outbox_backlog_events",
+            "Events in the outbox",
+            outbox_backlog_events.clone(),
+        );
+        let outbox_backlog_bytes = Gauge::default();
+        registry.register(
+            "outbox_backlog_bytes",
+            "Bytes of events in the outbox",
+            outbox_backlog_bytes.clone(),
+        );
+        let mqtt_messages = Family::<QosLabels, Counter>::default();
+        registry.register(
+            "mqtt_messages",
+            "MQTT messages received",
+            mqtt_messages.clone(),
+        );
+        let mqtt_qos2_duplicates = Counter::default();
+        registry.register(
+            "mqtt_qos2_duplicates",
+            "QoS 2 redeliveries recognised and not stored again",
+            mqtt_qos2_duplicates.clone(),
+        );
+        let mqtt_qos1_redelivered = Counter::default();
+        registry.register(
+            "mqtt_qos1_redelivered",
+            "QoS 1 messages flagged DUP by the broker",
+            mqtt_qos1_redelivered.clone(),
+        );
+        let mqtt_oversize = Counter::default();
+        registry.register(
+            "mqtt_oversize",
+            "MQTT payloads over max_payload",
+            mqtt_oversize.clone(),
+        );
+        let mqtt_inflight = Gauge::default();
+        registry.register(
+            "mqtt_inflight",
+            "MQTT messages received and not yet acknowledged",
+            mqtt_inflight.clone(),
+        );
+        let mqtt_connected = Gauge::default();
+        registry.register(
+            "mqtt_connected",
+            "1 while connected to the site broker",
+            mqtt_connected.clone(),
+        );
+        let bridge_published = Counter::default();
+        registry.register(
+            "bridge_published",
+            "Messages published by Modbus-to-MQTT bridges",
+            bridge_published.clone(),
+        );
+        let modbus_writes = Family::<DeviceErrorLabels, Counter>::default();
+        registry.register(
+            "modbus_writes",
+            "Bridge writes to Modbus by result",
+            modbus_writes.clone(),
+        );
+        let modbus_requests = Family::<DeviceLabels, Counter>::default();
+        registry.register(
+            "modbus_requests",
+            "Modbus read requests",
+            modbus_requests.clone(),
+        );
+        let modbus_errors = Family::<DeviceErrorLabels, Counter>::default();
+        registry.register(
+            "modbus_errors",
+            "Modbus read failures",
+            modbus_errors.clone(),
+        );
+        let modbus_latency = Family::<DeviceLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.0005, 2.0, 14))) as fn() -> Histogram,
+        );
+        registry.register(
+            "modbus_request_seconds",
+            "Modbus read latency",
+            modbus_latency.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            events_accepted,
+            events_evicted,
+            outbox_backlog_events,
+            outbox_backlog_bytes,
+            mqtt_messages,
+            mqtt_qos2_duplicates,
+            mqtt_qos1_redelivered,
+            mqtt_oversize,
+            mqtt_inflight,
+            mqtt_connected,
+            bridge_published,
+            modbus_writes,
+            modbus_requests,
+            modbus_errors,
+            modbus_latency: Family::clone(&modbus_latency),
+        })
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String only fails if a label cannot be written, which
+        // our derive-generated label sets never do.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Counts events accepted from a source.
+    pub fn accepted(&self, source: &str, n: u64) {
+        self.events_accepted
+            .get_or_create(&SourceLabels {
+                source: source.into(),
+            })
+            .inc_by(n);
+    }
+
+    /// Counts evictions for a reason.
+    pub fn evicted(&self, reason: &str, n: u64) {
+        if n > 0 {
+            self.events_evicted
+                .get_or_create(&ReasonLabels {
+                    reason: reason.into(),
+                })
+                .inc_by(n);
+        }
+    }
+
+    /// Counts a Modbus failure.
+    pub fn modbus_error(&self, device: &str, kind: &str) {
+        self.modbus_errors
+            .get_or_create(&DeviceErrorLabels {
+                device: device.into(),
+                kind: kind.into(),
+            })
+            .inc();
+    }
+}
+
+/// Serves the metrics until `shutdown`.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((mut stream, _)) = accepted else {
+            continue;
+        };
+        // One request per connection, answered inline: scrapes are rare and
+        // tiny, and answering inline keeps every task inside this one.
+        let mut buf = [0u8; 1024];
+        let read =
+            tokio::time::timeout(std::time::Duration::from_secs(2), stream.read(&mut buf)).await;
+        if !matches!(read, Ok(Ok(n)) if n > 0) {
+            continue;
+        }
+        let body = metrics.render();
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            stream.write_all(head.as_bytes()).await?;
+            stream.write_all(body.as_bytes()).await?;
+            stream.shutdown().await
+        })
+        .await;
+    }
+}

@@ -1,0 +1,106 @@
+//! The outbox's errors.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use outpost_protocols::event::Seq;
+
+/// Everything that can go wrong in the outbox.
+///
+/// Errors are `Clone` because one failed group commit answers every request that
+/// shared its transaction with the same error; the SQLite error is kept behind an
+/// [`Arc`] for that reason.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum OutboxError {
+    /// SQLite failed: the file could not be opened or created, the disk is full,
+    /// the file is not a database, an I/O error. The transaction that failed was
+    /// rolled back, so nothing it held was committed or acknowledged.
+    #[error("outbox {}: sqlite: {source}", .path.display())]
+    Sqlite {
+        /// The outbox file.
+        path: PathBuf,
+        /// What SQLite said.
+        #[source]
+        source: Arc<rusqlite::Error>,
+    },
+    /// A read-only open found no file: the agent has not created the outbox yet,
+    /// or `data_dir` points elsewhere.
+    #[error("outbox {} does not exist (the agent creates it on its first start; check data_dir)", .path.display())]
+    NotFound {
+        /// The path that was tried.
+        path: PathBuf,
+    },
+    /// A read-only open found a SQLite file that the agent never initialised.
+    #[error("outbox {} is not an outbox: it has no outbox schema", .path.display())]
+    NotAnOutbox {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file was written by a newer agent whose schema this one does not
+    /// know; it is refused rather than misread.
+    #[error(
+        "outbox {} has schema version {found}, newer than the {supported} this agent knows; upgrade the agent",
+        .path.display()
+    )]
+    NewerSchema {
+        /// The file.
+        path: PathBuf,
+        /// `PRAGMA user_version` in the file.
+        found: i64,
+        /// The newest version this build understands.
+        supported: i64,
+    },
+    /// SQLite would not switch the file to WAL mode (some network or FUSE file
+    /// systems cannot share memory between processes); without WAL, readers
+    /// would block the writer.
+    #[error(
+        "outbox {}: sqlite refused the WAL journal (journal mode is {mode:?}); put data_dir on a local file system",
+        .path.display()
+    )]
+    NoWal {
+        /// The file.
+        path: PathBuf,
+        /// The journal mode SQLite kept.
+        mode: String,
+    },
+    /// A stored body did not decode as an `EventBody`: the file was damaged or
+    /// edited by hand.
+    #[error("outbox {}: event {seq} has a corrupt body: {reason}", .path.display())]
+    CorruptBody {
+        /// The file.
+        path: PathBuf,
+        /// The event whose body is damaged.
+        seq: Seq,
+        /// The decoder's complaint.
+        reason: String,
+    },
+    /// An ack named a seq that was never assigned; the peer is confused or
+    /// talking about another outbox.
+    #[error("ack of seq {acked} is beyond the last assigned seq {last}")]
+    AckBeyondEnd {
+        /// The seq that was acknowledged.
+        acked: Seq,
+        /// The last seq this outbox assigned (0 when it assigned none).
+        last: Seq,
+    },
+    /// The group-commit writer has stopped (shutdown, or every handle dropped),
+    /// so the request was not carried out.
+    #[error("the outbox writer has stopped")]
+    Closed,
+}
+
+/// Attaches the outbox path to a SQLite error.
+pub(crate) trait AtPath<T> {
+    /// Maps a SQLite error to [`OutboxError::Sqlite`] naming `path`.
+    fn at(self, path: &Path) -> Result<T, OutboxError>;
+}
+
+impl<T> AtPath<T> for rusqlite::Result<T> {
+    fn at(self, path: &Path) -> Result<T, OutboxError> {
+        self.map_err(|source| OutboxError::Sqlite {
+            path: path.to_owned(),
+            source: Arc::new(source),
+        })
+    }
+}

@@ -1,0 +1,190 @@
+//! Wiring: open the outbox, start every source, stop them in order.
+//!
+//! Shutdown order matters for the delivery guarantee: sources stop first and
+//! commit what they hold (the MQTT source acknowledges what committed), and only
+//! then is the outbox writer told to finish, so nothing a source accepted is
+//! left uncommitted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::bridges::Publisher;
+use crate::config::AgentConfig;
+use crate::metrics::{self, Metrics};
+use crate::outbox::{spawn_writer, Outbox, OutboxConfig, OutboxError, OutboxHandle, WriterOptions};
+use crate::sources::modbus::ModbusSource;
+use crate::sources::mqtt::MqttSource;
+use crate::sources::WriteCommand;
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The data directory could not be created.
+    #[error("{path}: cannot create data directory: {message}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// What the OS said.
+        message: String,
+    },
+    /// The outbox could not be opened or failed.
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    /// The metrics address could not be bound.
+    #[error("observability.metrics: cannot listen on {addr}: {message}")]
+    Metrics {
+        /// The address.
+        addr: String,
+        /// What the OS said.
+        message: String,
+    },
+}
+
+/// The outbox settings as the outbox module wants them.
+pub fn outbox_config(cfg: &AgentConfig) -> OutboxConfig {
+    OutboxConfig {
+        path: cfg.outbox.path.clone(),
+        synchronous: cfg.outbox.synchronous,
+        max_bytes: cfg.outbox.max_bytes,
+        max_age: Some(cfg.outbox.max_age),
+        eviction: cfg.outbox.eviction,
+    }
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), RunError> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| RunError::DataDir {
+        path: cfg.data_dir.clone(),
+        message: e.to_string(),
+    })?;
+    let outbox = Outbox::open(&outbox_config(&cfg), cfg.agent_id.clone())?;
+    let writer_stop = CancellationToken::new();
+    let (handle, writer) = spawn_writer(
+        outbox,
+        WriterOptions {
+            max_batch: cfg.outbox.commit_batch,
+            window: cfg.outbox.commit_window,
+        },
+        writer_stop.clone(),
+    );
+    let metrics = Metrics::new();
+    let mut tasks = JoinSet::new();
+
+    if !cfg.observability.metrics.is_empty() {
+        let addr = cfg.observability.metrics.clone();
+        let listener =
+            tokio::net::TcpListener::bind(&addr)
+                .await
+                .map_err(|e| RunError::Metrics {
+                    addr: addr.clone(),
+                    message: e.to_string(),
+                })?;
+        tasks.spawn(metrics::serve(listener, metrics.clone(), shutdown.clone()));
+    }
+
+    let (samples_tx, samples_rx) = if cfg.publish_bridges.is_empty() {
+        (None, None)
+    } else {
+        let (tx, rx) = mpsc::channel(1024);
+        (Some(tx), Some(rx))
+    };
+    let mut writers = Vec::new();
+    for device in &cfg.devices {
+        let (wtx, wrx) = mpsc::channel::<WriteCommand>(256);
+        writers.push(wtx);
+        let src = ModbusSource::new(
+            device.clone(),
+            handle.clone(),
+            metrics.clone(),
+            wrx,
+            samples_tx.clone(),
+        );
+        tasks.spawn(src.run(shutdown.clone()));
+    }
+    drop(samples_tx);
+    if let Some(mqtt) = &cfg.mqtt {
+        let src = MqttSource::new(
+            mqtt.clone(),
+            cfg.write_bridges.clone(),
+            writers,
+            handle.clone(),
+            metrics.clone(),
+        );
+        tasks.spawn(src.run(shutdown.clone()));
+        if let Some(rx) = samples_rx {
+            let p = Publisher::new(
+                mqtt.clone(),
+                cfg.publish_bridges.clone(),
+                rx,
+                metrics.clone(),
+            );
+            tasks.spawn(p.run(shutdown.clone()));
+        }
+    }
+    tasks.spawn(housekeeping(
+        handle.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+
+    // The outbox is open and every source is started: tell systemd.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    info!(agent_id = %cfg.agent_id, devices = cfg.devices.len(), mqtt = cfg.mqtt.is_some(), outbox = %cfg.outbox.path.display(), "Agent running.");
+
+    shutdown.cancelled().await;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    info!("Stopping: sources first, then the outbox.");
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r {
+            warn!(error = %e, "A task ended abnormally.");
+        }
+    }
+    drop(handle);
+    writer_stop.cancel();
+    let outbox = match writer.await {
+        Ok(r) => r?,
+        Err(e) => {
+            warn!(error = %e, "Outbox writer ended abnormally.");
+            return Ok(());
+        }
+    };
+    let stats = outbox.stats()?;
+    info!(events = stats.events, last_seq = ?stats.last_seq, "Outbox closed.");
+    Ok(())
+}
+
+/// Refreshes backlog gauges and pings the systemd watchdog.
+async fn housekeeping(handle: OutboxHandle, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let mut usec = 0u64;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut usec);
+    let period = if watchdog {
+        Duration::from_micros(usec / 2).max(Duration::from_millis(100))
+    } else {
+        Duration::from_secs(1)
+    };
+    let mut ticker = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        // The watchdog is fed only while the outbox answers: a wedged writer
+        // should get the agent restarted.
+        match handle.stats().await {
+            Ok(s) => {
+                metrics.outbox_backlog_events.set(s.events as i64);
+                metrics.outbox_backlog_bytes.set(s.bytes as i64);
+                if watchdog {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                }
+            }
+            Err(e) => warn!(error = %e, "Outbox stats unavailable."),
+        }
+    }
+}

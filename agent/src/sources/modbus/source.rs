@@ -1,0 +1,466 @@
+//! One task per Modbus device: connect, poll the planned reads, record samples.
+//!
+//! A Modbus exception is data, not a failure (as in tokio-modbus's
+//! `Result<Result<T, ExceptionCode>, Error>`): the tags of that read get a
+//! bad-quality sample naming the exception and polling goes on. A timeout or a
+//! broken connection marks the remaining tags bad and reconnects with backoff.
+//! Bad samples are recorded when the quality changes, not on every poll, so an
+//! unplugged device does not fill the outbox with identical errors.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use outpost_protocols::modbus::{Read, ReadReply, Table, WriteData};
+use outpost_protocols::{EventBody, Quality, Reason, Timestamp, Value};
+use tokio::sync::mpsc;
+use tokio::time::MissedTickBehavior;
+use tokio_modbus::client::{Client, Context};
+use tokio_modbus::{Request, Response, Slave};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::config::{DeviceSettings, Transport};
+use crate::metrics::{DeviceErrorLabels, DeviceLabels, Metrics};
+use crate::outbox::OutboxHandle;
+use crate::sources::WriteCommand;
+
+/// Why one request produced no data.
+#[derive(Debug)]
+enum Fail {
+    Exception(u8),
+    Timeout,
+    Transport(String),
+}
+
+/// A Modbus device being polled.
+pub struct ModbusSource {
+    device: DeviceSettings,
+    outbox: OutboxHandle,
+    metrics: Arc<Metrics>,
+    writes: mpsc::Receiver<WriteCommand>,
+    samples: Option<mpsc::Sender<Vec<EventBody>>>,
+}
+
+struct TagState {
+    last: Option<(Value, Quality)>,
+}
+
+impl ModbusSource {
+    /// A source for one device. `samples` receives every recorded batch, for
+    /// bridges.
+    pub fn new(
+        device: DeviceSettings,
+        outbox: OutboxHandle,
+        metrics: Arc<Metrics>,
+        writes: mpsc::Receiver<WriteCommand>,
+        samples: Option<mpsc::Sender<Vec<EventBody>>>,
+    ) -> ModbusSource {
+        ModbusSource {
+            device,
+            outbox,
+            metrics,
+            writes,
+            samples,
+        }
+    }
+
+    /// Polls until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let span = info_span!("modbus", device = %self.device.name);
+        self.run_inner(shutdown).instrument(span).await
+    }
+
+    async fn connect(&self) -> Result<Context, String> {
+        let slave = Slave(self.device.unit);
+        let fut = async {
+            match &self.device.transport {
+                Transport::Tcp { address } => {
+                    let addr = tokio::net::lookup_host(address)
+                        .await
+                        .map_err(|e| format!("resolve {address}: {e}"))?
+                        .next()
+                        .ok_or_else(|| format!("resolve {address}: no address"))?;
+                    tokio_modbus::client::tcp::connect_slave(addr, slave)
+                        .await
+                        .map_err(|e| format!("connect {address}: {e}"))
+                }
+                Transport::Rtu {
+                    port,
+                    baud,
+                    parity,
+                    data_bits,
+                    stop_bits,
+                } => {
+                    use tokio_serial::SerialPortBuilderExt as _;
+                    let parity = match parity.as_str() {
+                        "even" => tokio_serial::Parity::Even,
+                        "odd" => tokio_serial::Parity::Odd,
+                        _ => tokio_serial::Parity::None,
+                    };
+                    let data_bits = if *data_bits == 7 {
+                        tokio_serial::DataBits::Seven
+                    } else {
+                        tokio_serial::DataBits::Eight
+                    };
+                    let stop_bits = if *stop_bits == 2 {
+                        tokio_serial::StopBits::Two
+                    } else {
+                        tokio_serial::StopBits::One
+                    };
+                    let stream = tokio_serial::new(port, *baud)
+                        .parity(parity)
+                        .data_bits(data_bits)
+                        .stop_bits(stop_bits)
+                        .open_native_async()
+                        .map_err(|e| format!("open {port}: {e}"))?;
+                    Ok(tokio_modbus::client::rtu::attach_slave(stream, slave))
+                }
+            }
+        };
+        match tokio::time::timeout(self.device.timeout.max(Duration::from_secs(1)), fut).await {
+            Ok(r) => r,
+            Err(_) => Err("connect timed out".into()),
+        }
+    }
+
+    async fn run_inner(mut self, shutdown: CancellationToken) {
+        let mut ctx: Option<Context> = None;
+        let mut backoff = self.device.backoff;
+        let mut next_connect = Instant::now();
+        let mut tags: Vec<TagState> = self
+            .device
+            .tags
+            .iter()
+            .map(|_| TagState { last: None })
+            .collect();
+        let mut ticker = tokio::time::interval(self.device.poll);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        info!(transport = %self.device.transport, tags = self.device.tags.len(), reads = self.device.plan.reads.len(), "Polling device.");
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = ticker.tick() => {}
+                Some(cmd) = self.writes.recv() => {
+                    self.write(&mut ctx, cmd).await;
+                    continue;
+                }
+            }
+            let ts = now_nanos();
+            let mut samples: Vec<(usize, Result<Value, Reason>)> =
+                Vec::with_capacity(self.device.tags.len());
+            if ctx.is_none() && Instant::now() >= next_connect {
+                match self.connect().await {
+                    Ok(c) => {
+                        info!("Connected to device.");
+                        ctx = Some(c);
+                        backoff = self.device.backoff;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, retry_in = ?backoff, "Cannot reach device.");
+                        self.metrics.modbus_error(&self.device.name, "disconnected");
+                        next_connect = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(self.device.backoff_max);
+                    }
+                }
+            }
+            let mut down = ctx.is_none();
+            for read in &self.device.plan.reads {
+                if down {
+                    samples.extend(read.tags.iter().map(|&t| (t, Err(Reason::Disconnected))));
+                    continue;
+                }
+                let Some(c) = ctx.as_mut() else { continue };
+                let mut result = self.read_once(c, read).await;
+                let mut tries = 0;
+                while matches!(result, Err(Fail::Timeout | Fail::Transport(_)))
+                    && tries < self.device.retries
+                {
+                    tries += 1;
+                    debug!(start = read.start.0, count = read.count, "Retrying read.");
+                    result = self.read_once(c, read).await;
+                }
+                match result {
+                    Ok(reply) => samples.extend(read.decode(&self.device.specs, &reply)),
+                    Err(Fail::Exception(code)) => {
+                        self.metrics.modbus_error(&self.device.name, "exception");
+                        samples.extend(
+                            read.tags
+                                .iter()
+                                .map(|&t| (t, Err(Reason::ModbusException(code)))),
+                        );
+                    }
+                    Err(fail) => {
+                        let (kind, reason, error) = match fail {
+                            Fail::Timeout => ("timeout", Reason::Timeout, "timeout".to_owned()),
+                            Fail::Transport(e) => ("disconnected", Reason::Disconnected, e),
+                            Fail::Exception(code) => {
+                                ("exception", Reason::ModbusException(code), String::new())
+                            }
+                        };
+                        self.metrics.modbus_error(&self.device.name, kind);
+                        warn!(start = read.start.0, count = read.count, %error, "Read failed; reconnecting.");
+                        samples.extend(read.tags.iter().map(|&t| (t, Err(reason.clone()))));
+                        // After a timeout a late reply could answer the next
+                        // request, so the connection is not reused.
+                        ctx = None;
+                        down = true;
+                        next_connect = Instant::now();
+                    }
+                }
+            }
+            let bodies = self.to_bodies(ts, samples, &mut tags);
+            if bodies.is_empty() {
+                continue;
+            }
+            if let Some(tx) = &self.samples {
+                if tx.try_send(bodies.clone()).is_err() {
+                    debug!("Bridge queue full; this poll is not bridged.");
+                }
+            }
+            let n = bodies.len();
+            match self.outbox.append(bodies, Vec::new()).await {
+                Ok(outcome) => {
+                    self.metrics.accepted("modbus", outcome.accepted as u64);
+                    self.metrics.evicted("refused", outcome.refused as u64);
+                }
+                Err(e) => {
+                    warn!(error = %e, samples = n, "Outbox refused samples; stopping this device.");
+                    break;
+                }
+            }
+        }
+        if let Some(mut c) = ctx {
+            let _ = c.disconnect().await;
+        }
+        info!("Device stopped.");
+    }
+
+    async fn read_once(&self, ctx: &mut Context, read: &Read) -> Result<ReadReply, Fail> {
+        let addr = read.start.0;
+        let cnt = read.count;
+        let request = match read.table {
+            Table::Coil => Request::ReadCoils(addr, cnt),
+            Table::Discrete => Request::ReadDiscreteInputs(addr, cnt),
+            Table::Holding => Request::ReadHoldingRegisters(addr, cnt),
+            Table::Input => Request::ReadInputRegisters(addr, cnt),
+        };
+        let labels = DeviceLabels {
+            device: self.device.name.clone(),
+        };
+        self.metrics.modbus_requests.get_or_create(&labels).inc();
+        let started = Instant::now();
+        let res = tokio::time::timeout(self.device.timeout, ctx.call(request)).await;
+        self.metrics
+            .modbus_latency
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        match res {
+            Err(_) => Err(Fail::Timeout),
+            Ok(Err(e)) => Err(Fail::Transport(e.to_string())),
+            Ok(Ok(Err(exc))) => Err(Fail::Exception(u8::from(exc))),
+            Ok(Ok(Ok(resp))) => match resp {
+                Response::ReadCoils(mut bits) | Response::ReadDiscreteInputs(mut bits) => {
+                    bits.truncate(usize::from(cnt));
+                    Ok(ReadReply::Bits(bits))
+                }
+                Response::ReadHoldingRegisters(words) | Response::ReadInputRegisters(words) => {
+                    Ok(ReadReply::Registers(words))
+                }
+                other => Err(Fail::Transport(format!("unexpected response {other:?}"))),
+            },
+        }
+    }
+
+    fn to_bodies(
+        &self,
+        ts: i64,
+        samples: Vec<(usize, Result<Value, Reason>)>,
+        tags: &mut [TagState],
+    ) -> Vec<EventBody> {
+        let mut out = Vec::with_capacity(samples.len());
+        for (i, result) in samples {
+            let (Some(tag), Some(state)) = (self.device.tags.get(i), tags.get_mut(i)) else {
+                continue;
+            };
+            let (value, quality) = match result {
+                Ok(v) => (v, Quality::Good),
+                Err(reason) => {
+                    if let Reason::ShortReply { .. } = reason {
+                        self.metrics.modbus_error(&self.device.name, "short_reply");
+                    }
+                    if let Reason::Decode(_) = reason {
+                        self.metrics.modbus_error(&self.device.name, "decode");
+                    }
+                    // Keep the last good value, if any, so bad samples still
+                    // say what was last known.
+                    let v = match &state.last {
+                        Some((v, _)) => v.clone(),
+                        None => Value::Bytes(Vec::new()),
+                    };
+                    (v, Quality::Bad(reason))
+                }
+            };
+            let emit = match &state.last {
+                None => true,
+                Some((_, last_q)) if *last_q != quality => true,
+                Some(_) if quality != Quality::Good => false,
+                Some((last_v, _)) => match tag.deadband {
+                    None => true,
+                    Some(db) => match (last_v.as_f64(), value.as_f64()) {
+                        (Some(a), Some(b)) => (a - b).abs() > db,
+                        _ => *last_v != value,
+                    },
+                },
+            };
+            if !emit {
+                continue;
+            }
+            state.last = Some((value.clone(), quality.clone()));
+            out.push(EventBody {
+                stream: tag.stream.clone(),
+                ts: Timestamp(ts),
+                value,
+                quality,
+                attrs: Default::default(),
+            });
+        }
+        out
+    }
+
+    async fn write(&self, ctx: &mut Option<Context>, cmd: WriteCommand) {
+        let Some(tag) = self.device.tags.get(cmd.tag) else {
+            return;
+        };
+        let value = normalise_command(cmd.value);
+        let labels = |kind: &str| DeviceErrorLabels {
+            device: self.device.name.clone(),
+            kind: kind.into(),
+        };
+        let data = match tag.spec.encode_write(&value) {
+            Ok(d) => d,
+            Err(e) => {
+                self.metrics
+                    .modbus_writes
+                    .get_or_create(&labels("refused"))
+                    .inc();
+                warn!(topic = %cmd.topic, tag = %tag.name, ?value, error = %e, "Bridge write refused.");
+                return;
+            }
+        };
+        let Some(c) = ctx.as_mut() else {
+            self.metrics
+                .modbus_writes
+                .get_or_create(&labels("disconnected"))
+                .inc();
+            warn!(topic = %cmd.topic, tag = %tag.name, "Bridge write dropped: device not connected.");
+            return;
+        };
+        let addr = tag.spec.address.0;
+        let request = match &data {
+            WriteData::Coil(b) => Request::WriteSingleCoil(addr, *b),
+            WriteData::Registers(words) if words.len() == 1 => {
+                Request::WriteSingleRegister(addr, words[0])
+            }
+            WriteData::Registers(words) => {
+                Request::WriteMultipleRegisters(addr, words.clone().into())
+            }
+            WriteData::MaskRegister { and_mask, or_mask } => {
+                Request::MaskWriteRegister(addr, *and_mask, *or_mask)
+            }
+        };
+        let res = tokio::time::timeout(self.device.timeout, c.call(request)).await;
+        match res {
+            Ok(Ok(Ok(_))) => {
+                self.metrics
+                    .modbus_writes
+                    .get_or_create(&labels("ok"))
+                    .inc();
+                info!(topic = %cmd.topic, tag = %tag.name, ?value, "Bridge wrote tag.");
+            }
+            Ok(Ok(Err(exc))) => {
+                self.metrics
+                    .modbus_writes
+                    .get_or_create(&labels("exception"))
+                    .inc();
+                warn!(topic = %cmd.topic, tag = %tag.name, ?value, exception = %Reason::ModbusException(u8::from(exc)), "Bridge write failed.");
+            }
+            Ok(Err(e)) => {
+                self.metrics
+                    .modbus_writes
+                    .get_or_create(&labels("disconnected"))
+                    .inc();
+                warn!(topic = %cmd.topic, tag = %tag.name, error = %e, "Bridge write failed; reconnecting.");
+                *ctx = None;
+            }
+            Err(_) => {
+                self.metrics
+                    .modbus_writes
+                    .get_or_create(&labels("timeout"))
+                    .inc();
+                warn!(topic = %cmd.topic, tag = %tag.name, "Bridge write timed out; reconnecting.");
+                *ctx = None;
+            }
+        }
+    }
+}
+
+/// Turns a command payload into the value to write: a JSON number or boolean,
+/// `{"value": ...}`, or text holding a number or `true`/`false`.
+fn normalise_command(v: Value) -> Value {
+    fn from_json(j: &serde_json::Value) -> Option<Value> {
+        match j {
+            serde_json::Value::Bool(b) => Some(Value::Bool(*b)),
+            serde_json::Value::Number(n) => n
+                .as_u64()
+                .map(Value::U64)
+                .or_else(|| n.as_i64().map(Value::I64))
+                .or_else(|| n.as_f64().map(Value::F64)),
+            serde_json::Value::String(s) => Some(Value::String(s.clone())),
+            serde_json::Value::Object(m) => m.get("value").and_then(from_json),
+            _ => None,
+        }
+    }
+    match v {
+        Value::Json(j) => from_json(&j.to_value()).unwrap_or(Value::Json(j)),
+        Value::String(s) => {
+            let t = s.trim();
+            if let Ok(b) = t.parse::<bool>() {
+                Value::Bool(b)
+            } else if let Ok(i) = t.parse::<i64>() {
+                Value::I64(i)
+            } else if let Ok(f) = t.parse::<f64>() {
+                Value::F64(f)
+            } else {
+                Value::String(s)
+            }
+        }
+        other => other,
+    }
+}
+
+fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_protocols::JsonText;
+
+    #[test]
+    fn command_payloads_become_values() {
+        let j = |s: &str| Value::Json(JsonText::parse(s).expect("json"));
+        assert_eq!(normalise_command(j("42")), Value::U64(42));
+        assert_eq!(normalise_command(j("-3")), Value::I64(-3));
+        assert_eq!(normalise_command(j("21.5")), Value::F64(21.5));
+        assert_eq!(normalise_command(j("true")), Value::Bool(true));
+        assert_eq!(normalise_command(j("{\"value\": 7}")), Value::U64(7));
+        assert_eq!(
+            normalise_command(Value::String("on".into())),
+            Value::String("on".into())
+        );
+    }
+}

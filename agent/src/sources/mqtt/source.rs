@@ -1,0 +1,429 @@
+//! The thin driver of the MQTT subscriber session: sockets, TLS, reconnects.
+//!
+//! It makes no protocol decisions. It reads packets into [`Session`], hands new
+//! messages to the outbox, and feeds each commit back to the session in the
+//! order the messages arrived, which is the order MQTT requires for
+//! acknowledgements.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use futures::stream::{FuturesOrdered, StreamExt};
+use outpost_protocols::{EventBody, Quality, Reason, StreamName, Timestamp, Value};
+use rumqttc::mqttbytes::v4::{Packet, Publish};
+use rumqttc::mqttbytes::QoS;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::session::{Ack, Session, SessionError, SessionEvent, SessionOptions};
+use crate::config::{MqttSettings, WriteBridge};
+use crate::metrics::{Metrics, QosLabels};
+use crate::outbox::{OutboxError, OutboxHandle, Qos2Op};
+use crate::sources::WriteCommand;
+
+/// Errors that end one connection; the source reconnects after each.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MqttError {
+    /// TCP or TLS failed.
+    #[error("connection to {addr}: {source}")]
+    Io {
+        /// The broker.
+        addr: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The broker sent bytes that are not MQTT 3.1.1.
+    #[error("malformed packet from the broker: {0}")]
+    Codec(String),
+    /// The session ended.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// The outbox refused to commit; nothing was acknowledged.
+    #[error("outbox: {0}")]
+    Outbox(#[from] OutboxError),
+    /// The TLS configuration is unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// What a pending commit will acknowledge.
+enum Then {
+    Ack(Ack),
+    Release(u16),
+}
+
+type Commit = Pin<Box<dyn Future<Output = (Result<usize, OutboxError>, Then)> + Send>>;
+
+/// The MQTT source: subscribes to the site broker and stores what arrives.
+pub struct MqttSource {
+    settings: MqttSettings,
+    write_bridges: Vec<WriteBridge>,
+    /// One command channel per Modbus device, indexed like the config's devices.
+    device_writers: Vec<mpsc::Sender<WriteCommand>>,
+    outbox: OutboxHandle,
+    metrics: Arc<Metrics>,
+}
+
+/// Stop reading from the broker while this many commits are outstanding: a
+/// QoS 0 flood must not grow memory without bound.
+const MAX_PENDING_COMMITS: usize = 8192;
+
+impl MqttSource {
+    /// A source for these settings.
+    pub fn new(
+        settings: MqttSettings,
+        write_bridges: Vec<WriteBridge>,
+        device_writers: Vec<mpsc::Sender<WriteCommand>>,
+        outbox: OutboxHandle,
+        metrics: Arc<Metrics>,
+    ) -> MqttSource {
+        MqttSource {
+            settings,
+            write_bridges,
+            device_writers,
+            outbox,
+            metrics,
+        }
+    }
+
+    fn subscriptions(&self) -> Vec<(String, u8)> {
+        let mut subs: BTreeMap<String, u8> = BTreeMap::new();
+        for s in &self.settings.subscriptions {
+            let q = subs.entry(s.filter.as_str().to_owned()).or_insert(0);
+            *q = (*q).max(s.qos);
+        }
+        for b in &self.write_bridges {
+            let q = subs.entry(b.from.as_str().to_owned()).or_insert(0);
+            *q = (*q).max(b.qos);
+        }
+        subs.into_iter().collect()
+    }
+
+    /// Runs until `shutdown`, reconnecting with backoff.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let addr = format!("{}:{}", self.settings.host, self.settings.port);
+        let mut backoff = self.settings.reconnect_min;
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let started = Instant::now();
+            match self.connect_and_serve(&addr, &shutdown).await {
+                Ok(()) => return,
+                Err(e) => {
+                    self.metrics.mqtt_connected.set(0);
+                    warn!(broker = %addr, error = %e, "MQTT connection lost; reconnecting.");
+                }
+            }
+            // A connection that lived a while resets the backoff.
+            if started.elapsed() > self.settings.reconnect_max {
+                backoff = self.settings.reconnect_min;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(self.settings.reconnect_max);
+        }
+    }
+
+    async fn connect(&self, addr: &str) -> Result<Box<dyn Io>, MqttError> {
+        let io_err = |source| MqttError::Io {
+            addr: addr.to_owned(),
+            source,
+        };
+        let tcp = TcpStream::connect(addr).await.map_err(io_err)?;
+        tcp.set_nodelay(true).map_err(io_err)?;
+        let Some(tls) = &self.settings.tls else {
+            return Ok(Box::new(tcp));
+        };
+        let client = match (&tls.cert, &tls.key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
+        };
+        let config = crate::tls::client_config(&tls.ca, client)?;
+        let name = tls
+            .server_name
+            .clone()
+            .unwrap_or_else(|| self.settings.host.clone());
+        let server_name = rustls::pki_types::ServerName::try_from(name.clone()).map_err(|e| {
+            io_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("invalid TLS server name {name:?}: {e}"),
+            ))
+        })?;
+        let stream = tokio_rustls::TlsConnector::from(config)
+            .connect(server_name, tcp)
+            .await
+            .map_err(io_err)?;
+        Ok(Box::new(stream))
+    }
+
+    async fn connect_and_serve(
+        &self,
+        addr: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<(), MqttError> {
+        let mut io = self.connect(addr).await?;
+        let pending = self.outbox.qos2_pending().await?;
+        let opts = SessionOptions {
+            client_id: self.settings.client_id.clone(),
+            login: self.settings.login.clone(),
+            keep_alive: self.settings.keep_alive,
+            clean_session: self.settings.clean_session,
+            subscriptions: self.subscriptions(),
+        };
+        let mut session = Session::new(opts, pending, Instant::now());
+        // Packets over the hard limit cannot be skipped without reading them,
+        // so the limit leaves room to record an oversize message as such.
+        let hard_limit = (self.settings.max_payload + 65_536).max(1 << 20) * 4;
+        let mut rbuf = BytesMut::with_capacity(64 * 1024);
+        let mut wbuf = BytesMut::with_capacity(64 * 1024);
+        let mut commits: FuturesOrdered<Commit> = FuturesOrdered::new();
+
+        let result = loop {
+            // Outputs first, in the documented order.
+            if let Err(e) = self.flush(&mut session, &mut io, &mut wbuf).await {
+                break Err(e);
+            }
+            while let Some(ev) = session.poll_event() {
+                self.on_event(ev, &mut commits).await;
+            }
+            self.metrics.mqtt_inflight.set(commits.len() as i64);
+            let deadline = tokio::time::Instant::from_std(session.poll_timeout());
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break Ok(()),
+                Some((res, then)) = commits.next(), if !commits.is_empty() => {
+                    match res {
+                        Ok(_) => match then {
+                            Then::Ack(ack) => session.committed(ack),
+                            Then::Release(pkid) => session.released(pkid),
+                        },
+                        Err(e) => break Err(e.into()),
+                    }
+                }
+                read = io.read_buf(&mut rbuf), if commits.len() < MAX_PENDING_COMMITS => {
+                    match read {
+                        Ok(0) => break Err(MqttError::Io { addr: addr.to_owned(), source: std::io::ErrorKind::UnexpectedEof.into() }),
+                        Ok(_) => {
+                            if let Err(e) = self.parse_packets(&mut session, &mut rbuf, hard_limit) {
+                                break Err(e);
+                            }
+                        }
+                        Err(e) => break Err(MqttError::Io { addr: addr.to_owned(), source: e }),
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    if let Err(e) = session.handle_timeout(Instant::now()) {
+                        break Err(e.into());
+                    }
+                }
+            }
+        };
+
+        // Whatever happened, every message handed to the outbox is committed
+        // (or has failed) before the connection goes: on shutdown its
+        // acknowledgement still reaches the broker; after an error the broker
+        // redelivers it and the stored packet ids recognise QoS 2 copies.
+        while let Some((res, then)) = commits.next().await {
+            if res.is_ok() {
+                match then {
+                    Then::Ack(ack) => session.committed(ack),
+                    Then::Release(pkid) => session.released(pkid),
+                }
+            }
+        }
+        self.metrics.mqtt_inflight.set(0);
+        if result.is_ok() {
+            let _ = self.flush(&mut session, &mut io, &mut wbuf).await;
+            wbuf.clear();
+            let _ = Packet::Disconnect.write(&mut wbuf, usize::MAX);
+            let _ = io.write_all(&wbuf).await;
+            let _ = io.shutdown().await;
+            info!(broker = %addr, "MQTT source stopped.");
+        }
+        result
+    }
+
+    async fn flush(
+        &self,
+        session: &mut Session,
+        io: &mut Box<dyn Io>,
+        wbuf: &mut BytesMut,
+    ) -> Result<(), MqttError> {
+        wbuf.clear();
+        while let Some(p) = session.poll_transmit(Instant::now()) {
+            p.write(wbuf, usize::MAX)
+                .map_err(|e| MqttError::Codec(e.to_string()))?;
+        }
+        if !wbuf.is_empty() {
+            io.write_all(wbuf).await.map_err(|source| MqttError::Io {
+                addr: format!("{}:{}", self.settings.host, self.settings.port),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn parse_packets(
+        &self,
+        session: &mut Session,
+        rbuf: &mut BytesMut,
+        hard_limit: usize,
+    ) -> Result<(), MqttError> {
+        loop {
+            match Packet::read(rbuf, hard_limit) {
+                Ok(p) => session.handle_packet(Instant::now(), p)?,
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => return Ok(()),
+                Err(e) => return Err(MqttError::Codec(e.to_string())),
+            }
+        }
+    }
+
+    async fn on_event(&self, ev: SessionEvent, commits: &mut FuturesOrdered<Commit>) {
+        match ev {
+            SessionEvent::Connected { session_present } => {
+                self.metrics.mqtt_connected.set(1);
+                info!(broker = %self.settings.host, session_present, "Connected to the site broker.");
+            }
+            SessionEvent::SubscribeFailed { filter } => {
+                warn!(%filter, "The broker refused a subscription.");
+            }
+            SessionEvent::Duplicate { pkid } => {
+                self.metrics.mqtt_qos2_duplicates.inc();
+                debug!(pkid, "QoS 2 redelivery recognised; not stored again.");
+            }
+            SessionEvent::Release { pkid } => {
+                let h = self.outbox.clone();
+                commits.push_back(Box::pin(async move {
+                    let r = h.append(Vec::new(), vec![Qos2Op::Released(pkid)]).await;
+                    (r.map(|_| 0), Then::Release(pkid))
+                }));
+            }
+            SessionEvent::Message { publish, ack } => {
+                let qos = match publish.qos {
+                    QoS::AtMostOnce => "0",
+                    QoS::AtLeastOnce => "1",
+                    QoS::ExactlyOnce => "2",
+                };
+                self.metrics
+                    .mqtt_messages
+                    .get_or_create(&QosLabels { qos: qos.into() })
+                    .inc();
+                if publish.dup && publish.qos == QoS::AtLeastOnce {
+                    self.metrics.mqtt_qos1_redelivered.inc();
+                }
+                self.dispatch_writes(&publish).await;
+                let bodies: Vec<EventBody> = self.to_event(&publish).into_iter().collect();
+                let n = bodies.len();
+                let qos2 = match ack {
+                    Ack::PubRec(pkid) => vec![Qos2Op::Received(pkid)],
+                    _ => Vec::new(),
+                };
+                if n == 0 && qos2.is_empty() {
+                    // Nothing to store (a QoS 0 command for a bridge): the
+                    // acknowledgement, if any, needs no commit.
+                    commits.push_back(Box::pin(async move { (Ok(0), Then::Ack(ack)) }));
+                    return;
+                }
+                let h = self.outbox.clone();
+                let metrics = self.metrics.clone();
+                commits.push_back(Box::pin(async move {
+                    let r = h.append(bodies, qos2).await;
+                    if let Ok(outcome) = &r {
+                        metrics.accepted("mqtt", outcome.accepted as u64);
+                        metrics.evicted("refused", outcome.refused as u64);
+                    }
+                    (r.map(|_| n), Then::Ack(ack))
+                }));
+            }
+        }
+    }
+
+    /// The event for a message, if one of the store subscriptions matches.
+    fn to_event(&self, publish: &Publish) -> Option<EventBody> {
+        let sub = self
+            .settings
+            .subscriptions
+            .iter()
+            .find(|s| s.filter.matches(&publish.topic))?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        let stream = match StreamName::parse(&publish.topic) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(topic = %publish.topic, error = %e, "Topic is not a valid stream name; message not stored.");
+                return None;
+            }
+        };
+        let mut attrs = BTreeMap::new();
+        if publish.retain {
+            attrs.insert("retain".to_owned(), "true".to_owned());
+        }
+        let (value, quality) = if publish.payload.len() > self.settings.max_payload {
+            self.metrics.mqtt_oversize.inc();
+            warn!(topic = %publish.topic, size = publish.payload.len(), max = self.settings.max_payload, "Payload over max_payload; recorded as bad quality without its bytes.");
+            (
+                Value::Bytes(Vec::new()),
+                Quality::Bad(Reason::Other(format!(
+                    "payload of {} bytes exceeds max_payload {}",
+                    publish.payload.len(),
+                    self.settings.max_payload
+                ))),
+            )
+        } else {
+            (Value::from_payload(&publish.payload), Quality::Good)
+        };
+        let ts = match (&sub.ts_field, &value) {
+            (Some((pointer, unit)), Value::Json(j)) => j
+                .to_value()
+                .pointer(pointer)
+                .and_then(|v| v.as_i64().or_else(|| v.as_f64().map(|f| f as i64)))
+                .and_then(|t| t.checked_mul(*unit))
+                .unwrap_or(now),
+            _ => now,
+        };
+        Some(EventBody {
+            stream,
+            ts: Timestamp(ts),
+            value,
+            quality,
+            attrs,
+        })
+    }
+
+    async fn dispatch_writes(&self, publish: &Publish) {
+        for b in &self.write_bridges {
+            if !b.from.matches(&publish.topic) {
+                continue;
+            }
+            let Some(tx) = self.device_writers.get(b.device) else {
+                continue;
+            };
+            let cmd = WriteCommand {
+                tag: b.tag,
+                value: Value::from_payload(&publish.payload),
+                topic: publish.topic.clone(),
+            };
+            // A full queue means the device is far behind; waiting here would
+            // stall every subscription, so the write is refused and logged.
+            if tx.try_send(cmd).is_err() {
+                warn!(topic = %publish.topic, "Modbus write queue full or device stopped; write dropped.");
+            }
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The hub's configuration: one TOML file, `OUTPOST_SECTION__KEY` overrides,
+//! unknown keys refused.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why a hub configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {message}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// What the OS said.
+        message: String,
+    },
+    /// Invalid TOML, an unknown key or a wrong type.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The parser's message, naming the key.
+        message: String,
+    },
+    /// A value breaks a rule.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The hub's config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    /// `[hub]`.
+    pub hub: HubSection,
+    /// `[store]`.
+    #[serde(default)]
+    pub store: StoreSection,
+    /// `[api]`.
+    #[serde(default)]
+    pub api: ApiSection,
+    /// `[observability]`.
+    #[serde(default)]
+    pub observability: ObservabilitySection,
+}
+
+/// `[hub]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubSection {
+    /// Store, registry, policy and audit live here.
+    pub data_dir: PathBuf,
+    /// UDP address for QUIC.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Fleet CA certificate.
+    pub ca: PathBuf,
+    /// The hub's certificate.
+    pub cert: PathBuf,
+    /// The hub's key.
+    pub key: PathBuf,
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:7443".into()
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// `sqlite` or `jetstream`.
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// `full` or `normal`.
+    #[serde(default = "default_sync")]
+    pub synchronous: String,
+}
+
+fn default_kind() -> String {
+    "sqlite".into()
+}
+fn default_sync() -> String {
+    "full".into()
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            kind: default_kind(),
+            synchronous: default_sync(),
+        }
+    }
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// The operator HTTP API.
+    #[serde(default = "default_api")]
+    pub listen: String,
+}
+
+fn default_api() -> String {
+    "127.0.0.1:8080".into()
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        ApiSection {
+            listen: default_api(),
+        }
+    }
+}
+
+/// `[observability]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObservabilitySection {
+    /// Log filter.
+    #[serde(default = "default_log")]
+    pub log: String,
+    /// Prometheus address.
+    #[serde(default = "default_metrics")]
+    pub metrics: String,
+}
+
+fn default_log() -> String {
+    "info".into()
+}
+fn default_metrics() -> String {
+    "127.0.0.1:9465".into()
+}
+
+impl Default for ObservabilitySection {
+    fn default() -> Self {
+        ObservabilitySection {
+            log: default_log(),
+            metrics: default_metrics(),
+        }
+    }
+}
+
+/// Reads, applies environment overrides from `env`, and validates.
+pub fn load(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<HubConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    let env: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("OUTPOST_"))
+        .collect();
+    let parse = |e: config::ConfigError| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    let cfg: HubConfig = config::Config::builder()
+        .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+        .add_source(
+            config::Environment::with_prefix("OUTPOST")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env)),
+        )
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(parse)?;
+    let invalid = |key: &str, message: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        key: key.to_owned(),
+        message,
+    };
+    if cfg.hub.listen.parse::<std::net::SocketAddr>().is_err() {
+        return Err(invalid("hub.listen", format!("{:?} is not ip:port", cfg.hub.listen)));
+    }
+    if cfg.api.listen.parse::<std::net::SocketAddr>().is_err() {
+        return Err(invalid("api.listen", format!("{:?} is not ip:port", cfg.api.listen)));
+    }
+    if !matches!(cfg.store.kind.as_str(), "sqlite" | "jetstream") {
+        return Err(invalid("store.kind", format!("{:?} is not one of sqlite, jetstream", cfg.store.kind)));
+    }
+    if !matches!(cfg.store.synchronous.as_str(), "full" | "normal") {
+        return Err(invalid("store.synchronous", format!("{:?} is not one of full, normal", cfg.store.synchronous)));
+    }
+    Ok(cfg)
+}

@@ -1,0 +1,276 @@
+//! Shared helpers for the end-to-end tests and the benchmark harness: start the
+//! real binaries and the real peers on free ports, wait for conditions with
+//! generous deadlines, and clean up on drop.
+//!
+//! Nothing here sleeps for a fixed time to let something happen: every wait
+//! polls a condition until a deadline, because CI runs on a shared 2-core
+//! machine where timings vary by an order of magnitude.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+
+/// The folder holding the workspace's built binaries (`target/debug` unless
+/// `OUTPOST_BIN_DIR` says otherwise).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("OUTPOST_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| manifest.join("..").join("target"));
+    target.join("debug")
+}
+
+/// The path of one of the workspace's binaries; fails with a hint if it was
+/// not built.
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let p = bin_dir().join(name);
+    if !p.exists() {
+        bail!(
+            "{} not found: run `cargo build --bins` first (tests/run does)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("timed out after {timeout:?} waiting for {what}")
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_for_port(addr: SocketAddr, timeout: Duration) -> Result<()> {
+    wait_until(timeout, &format!("{addr} to accept connections"), || {
+        TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    })
+}
+
+/// Whether a command is on PATH.
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+    /// What it is, for messages.
+    pub name: String,
+}
+
+impl Proc {
+    /// Sends SIGKILL and reaps.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn term(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                self.kill9();
+                bail!("{} did not exit within {timeout:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A Mosquitto broker on a free port with a config fit for measuring the
+/// agent rather than the broker (see shared/PEERS.md).
+pub struct Mosquitto {
+    /// The process.
+    pub proc: Proc,
+    /// Its port.
+    pub port: u16,
+}
+
+impl Mosquitto {
+    /// Starts Mosquitto with persistence in `dir`.
+    pub fn start(dir: &Path) -> Result<Mosquitto> {
+        Self::start_on(dir, free_port()?)
+    }
+
+    /// Starts Mosquitto on a given port (to restart it where clients expect it).
+    pub fn start_on(dir: &Path, port: u16) -> Result<Mosquitto> {
+        let conf = dir.join(format!("mosquitto-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 1000\nmax_queued_messages 0\npersistence true\npersistence_location {}/\nautosave_interval 1\n",
+                dir.display()
+            ),
+        )?;
+        let exe = ["/usr/sbin/mosquitto", "mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists() || have(p))
+            .context("mosquitto not installed (tests/run installs it)")?;
+        let log = std::fs::File::create(dir.join(format!("mosquitto-{port}.log")))?;
+        let child = Command::new(exe)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("start mosquitto")?;
+        let m = Mosquitto {
+            proc: Proc {
+                child,
+                name: "mosquitto".into(),
+            },
+            port,
+        };
+        wait_for_port(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(20),
+        )?;
+        Ok(m)
+    }
+}
+
+/// The device simulator binary on a free port.
+pub struct Devsim {
+    /// The process.
+    pub proc: Proc,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl Devsim {
+    /// Starts `outpost-devsim` with a config file's text (its `listen` is
+    /// replaced by `listen`, or a free port).
+    pub fn start(dir: &Path, config: &str, listen: Option<SocketAddr>) -> Result<Devsim> {
+        let listen = match listen {
+            Some(a) => a,
+            None => SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        };
+        let path = dir.join(format!("sim-{}.toml", listen.port()));
+        std::fs::write(&path, config)?;
+        let mut child = Command::new(bin("outpost-devsim")?)
+            .arg("--config")
+            .arg(&path)
+            .arg("--listen")
+            .arg(listen.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("start outpost-devsim")?;
+        let stdout = child.stdout.take().context("devsim stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let addr: SocketAddr = line
+            .trim()
+            .strip_prefix("listening ")
+            .with_context(|| format!("devsim said {line:?}"))?
+            .parse()?;
+        Ok(Devsim {
+            proc: Proc {
+                child,
+                name: "outpost-devsim".into(),
+            },
+            addr,
+        })
+    }
+}
+
+/// An `outpost-agent run` process.
+pub struct Agent {
+    /// The process.
+    pub proc: Proc,
+    /// Its config file.
+    pub config: PathBuf,
+}
+
+impl Agent {
+    /// Writes `config` to `dir/agent.toml` and starts the agent on it.
+    pub fn start(dir: &Path, config: &str) -> Result<Agent> {
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, config)?;
+        Self::start_file(&path)
+    }
+
+    /// Starts the agent on an existing config file; its log goes to
+    /// `agent.log` beside it (appended, so restarts keep history).
+    pub fn start_file(path: &Path) -> Result<Agent> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path.with_file_name("agent.log"))?;
+        let child = Command::new(bin("outpost-agent")?)
+            .arg("run")
+            .arg("--config")
+            .arg(path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("start outpost-agent")?;
+        Ok(Agent {
+            proc: Proc {
+                child,
+                name: "outpost-agent".into(),
+            },
+            config: path.to_owned(),
+        })
+    }
+}
+
+/// Runs a CLI command to completion: (exit code, stdout, stderr).
+pub fn run_cli(exe: &Path, args: &[&str]) -> Result<(i32, String, String)> {
+    let out = Command::new(exe).args(args).output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Every event in an agent's outbox, oldest first, read while it may run.
+pub fn outbox_events(data_dir: &Path) -> Result<Vec<outpost_protocols::Event>> {
+    let id = outpost_protocols::AgentId::parse("test").map_err(anyhow::Error::msg)?;
+    let r = outpost_agent::outbox::OutboxReader::open(&data_dir.join("outbox.db"), id)?;
+    Ok(r.read_batch(outpost_protocols::Seq(0), usize::MAX)?)
+}
