@@ -100,38 +100,10 @@ fn main() -> ExitCode {
 }
 
 fn outbox(command: OutboxCommand) -> ExitCode {
-    let (path, f): (PathBuf, Box<dyn Fn(&AgentConfig) -> anyhow::Result<()>>) = match command {
-        OutboxCommand::Stats { config, json } => (
-            config.config,
-            Box::new(move |c: &AgentConfig| {
-                let ob = OutboxReader::open(&c.outbox.path, c.agent_id.clone())?;
-                let stats = ob.stats()?;
-                if json {
-                    println!("{}", serde_json::to_string(&stats)?);
-                } else {
-                    print!("{}", report::stats_text(&stats));
-                }
-                Ok(())
-            }),
-        ),
-        OutboxCommand::Tail {
-            config,
-            limit,
-            json,
-        } => (
-            config.config,
-            Box::new(move |c: &AgentConfig| {
-                let ob = OutboxReader::open(&c.outbox.path, c.agent_id.clone())?;
-                for ev in ob.tail(limit)? {
-                    if json {
-                        println!("{}", ev.to_json());
-                    } else {
-                        println!("{}", report::event_text(&ev));
-                    }
-                }
-                Ok(())
-            }),
-        ),
+    let path = match &command {
+        OutboxCommand::Stats { config, .. } | OutboxCommand::Tail { config, .. } => {
+            config.config.clone()
+        }
     };
     let cfg = match load(&path) {
         Ok(c) => c,
@@ -140,13 +112,37 @@ fn outbox(command: OutboxCommand) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match f(&cfg) {
+    match outbox_verb(&cfg, command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
     }
+}
+
+fn outbox_verb(cfg: &AgentConfig, command: OutboxCommand) -> anyhow::Result<()> {
+    let ob = OutboxReader::open(&cfg.outbox.path, cfg.agent_id.clone())?;
+    match command {
+        OutboxCommand::Stats { json, .. } => {
+            let stats = ob.stats()?;
+            if json {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                print!("{}", report::stats_text(&stats));
+            }
+        }
+        OutboxCommand::Tail { limit, json, .. } => {
+            for ev in ob.tail(limit)? {
+                if json {
+                    println!("{}", ev.to_json());
+                } else {
+                    println!("{}", report::event_text(&ev));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn run(cfg: AgentConfig) -> ExitCode {

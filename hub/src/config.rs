@@ -152,6 +152,19 @@ impl Default for ObservabilitySection {
     }
 }
 
+/// Folds a parser's multi-line message into one line.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            let rest = l.trim_start_matches(|c: char| c.is_ascii_digit() || c == ' ');
+            !l.is_empty() && !rest.starts_with('|')
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
 /// Reads, applies environment overrides from `env`, and validates.
 pub fn load(
     path: &Path,
@@ -167,7 +180,7 @@ pub fn load(
         .collect();
     let parse = |e: config::ConfigError| ConfigError::Parse {
         path: path.to_owned(),
-        message: e.to_string(),
+        message: one_line(&e.to_string()),
     };
     let cfg: HubConfig = config::Config::builder()
         .add_source(config::File::from_str(&text, config::FileFormat::Toml))
@@ -187,16 +200,28 @@ pub fn load(
         message,
     };
     if cfg.hub.listen.parse::<std::net::SocketAddr>().is_err() {
-        return Err(invalid("hub.listen", format!("{:?} is not ip:port", cfg.hub.listen)));
+        return Err(invalid(
+            "hub.listen",
+            format!("{:?} is not ip:port", cfg.hub.listen),
+        ));
     }
     if cfg.api.listen.parse::<std::net::SocketAddr>().is_err() {
-        return Err(invalid("api.listen", format!("{:?} is not ip:port", cfg.api.listen)));
+        return Err(invalid(
+            "api.listen",
+            format!("{:?} is not ip:port", cfg.api.listen),
+        ));
     }
     if !matches!(cfg.store.kind.as_str(), "sqlite" | "jetstream") {
-        return Err(invalid("store.kind", format!("{:?} is not one of sqlite, jetstream", cfg.store.kind)));
+        return Err(invalid(
+            "store.kind",
+            format!("{:?} is not one of sqlite, jetstream", cfg.store.kind),
+        ));
     }
     if !matches!(cfg.store.synchronous.as_str(), "full" | "normal") {
-        return Err(invalid("store.synchronous", format!("{:?} is not one of full, normal", cfg.store.synchronous)));
+        return Err(invalid(
+            "store.synchronous",
+            format!("{:?} is not one of full, normal", cfg.store.synchronous),
+        ));
     }
     Ok(cfg)
 }

@@ -513,14 +513,28 @@ pub fn load(
         .build()
         .map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string(),
+            message: one_line(&e.to_string()),
         })?;
     built
         .try_deserialize::<RawConfig>()
         .map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string(),
+            message: one_line(&e.to_string()),
         })
+}
+
+/// Folds a parser's multi-line message (TOML errors quote the offending
+/// line with a caret) into one line, as the command-line contract wants.
+pub fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            let rest = l.trim_start_matches(|c: char| c.is_ascii_digit() || c == ' ');
+            !l.is_empty() && !rest.starts_with('|')
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// Loads and validates in one step, with the process environment.
