@@ -169,6 +169,12 @@ async fn housekeeping(handle: OutboxHandle, metrics: Arc<Metrics>, shutdown: Can
         Duration::from_secs(1)
     };
     let mut ticker = tokio::time::interval(period);
+    // Evictions happen inside the writer's transactions; the outbox counts
+    // them durably by reason, and the metric follows those counters.
+    let mut evicted_seen = match handle.stats().await {
+        Ok(s) => s.evicted,
+        Err(_) => Default::default(),
+    };
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -180,6 +186,11 @@ async fn housekeeping(handle: OutboxHandle, metrics: Arc<Metrics>, shutdown: Can
             Ok(s) => {
                 metrics.outbox_backlog_events.set(s.events as i64);
                 metrics.outbox_backlog_bytes.set(s.bytes as i64);
+                for (reason, n) in &s.evicted {
+                    let before = evicted_seen.get(reason).copied().unwrap_or(0);
+                    metrics.evicted(reason, n.saturating_sub(before));
+                }
+                evicted_seen = s.evicted;
                 if watchdog {
                     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
                 }

@@ -148,40 +148,59 @@ impl ModbusSource {
             let ts = now_nanos();
             let mut samples: Vec<(usize, Result<Value, Reason>)> =
                 Vec::with_capacity(self.device.tags.len());
-            if ctx.is_none() && Instant::now() >= next_connect {
-                match self.connect().await {
-                    Ok(c) => {
-                        info!("Connected to device.");
-                        ctx = Some(c);
-                        backoff = self.device.backoff;
-                    }
-                    Err(e) => {
-                        warn!(error = %e, retry_in = ?backoff, "Cannot reach device.");
-                        self.metrics.modbus_error(&self.device.name, "disconnected");
-                        next_connect = Instant::now() + backoff;
-                        backoff = (backoff * 2).min(self.device.backoff_max);
-                    }
-                }
-            }
-            let mut down = ctx.is_none();
+            // A read that fails drops the connection (a late reply could
+            // answer the next request), and the next read reconnects: a range
+            // the device never answers must not starve the reads after it.
+            // Two reads failing in a row means the device itself is gone; the
+            // rest of the poll is then marked with the same reason.
+            let mut gone: Option<Reason> = None;
+            let mut failed_in_a_row = 0;
             for read in &self.device.plan.reads {
-                if down {
-                    samples.extend(read.tags.iter().map(|&t| (t, Err(Reason::Disconnected))));
+                if let Some(reason) = &gone {
+                    samples.extend(read.tags.iter().map(|&t| (t, Err(reason.clone()))));
                     continue;
                 }
-                let Some(c) = ctx.as_mut() else { continue };
-                let mut result = self.read_once(c, read).await;
                 let mut tries = 0;
-                while matches!(result, Err(Fail::Timeout | Fail::Transport(_)))
-                    && tries < self.device.retries
-                {
-                    tries += 1;
-                    debug!(start = read.start.0, count = read.count, "Retrying read.");
-                    result = self.read_once(c, read).await;
-                }
+                let result = loop {
+                    if ctx.is_none() {
+                        if Instant::now() < next_connect {
+                            break Err(Fail::Transport("waiting to reconnect".into()));
+                        }
+                        match self.connect().await {
+                            Ok(c) => {
+                                debug!("Connected to device.");
+                                ctx = Some(c);
+                                backoff = self.device.backoff;
+                            }
+                            Err(e) => {
+                                warn!(error = %e, retry_in = ?backoff, "Cannot reach device.");
+                                self.metrics.modbus_error(&self.device.name, "disconnected");
+                                next_connect = Instant::now() + backoff;
+                                backoff = (backoff * 2).min(self.device.backoff_max);
+                                break Err(Fail::Transport(e));
+                            }
+                        }
+                    }
+                    let Some(c) = ctx.as_mut() else { continue };
+                    match self.read_once(c, read).await {
+                        Err(fail @ (Fail::Timeout | Fail::Transport(_))) => {
+                            ctx = None;
+                            if tries >= self.device.retries {
+                                break Err(fail);
+                            }
+                            tries += 1;
+                            debug!(start = read.start.0, count = read.count, ?fail, "Retrying read on a new connection.");
+                        }
+                        other => break other,
+                    }
+                };
                 match result {
-                    Ok(reply) => samples.extend(read.decode(&self.device.specs, &reply)),
+                    Ok(reply) => {
+                        failed_in_a_row = 0;
+                        samples.extend(read.decode(&self.device.specs, &reply));
+                    }
                     Err(Fail::Exception(code)) => {
+                        failed_in_a_row = 0;
                         self.metrics.modbus_error(&self.device.name, "exception");
                         samples.extend(
                             read.tags
@@ -198,13 +217,12 @@ impl ModbusSource {
                             }
                         };
                         self.metrics.modbus_error(&self.device.name, kind);
-                        warn!(start = read.start.0, count = read.count, %error, "Read failed; reconnecting.");
+                        debug!(start = read.start.0, count = read.count, %error, "Read failed.");
                         samples.extend(read.tags.iter().map(|&t| (t, Err(reason.clone()))));
-                        // After a timeout a late reply could answer the next
-                        // request, so the connection is not reused.
-                        ctx = None;
-                        down = true;
-                        next_connect = Instant::now();
+                        failed_in_a_row += 1;
+                        if failed_in_a_row >= 2 || ctx.is_none() && Instant::now() < next_connect {
+                            gone = Some(reason);
+                        }
                     }
                 }
             }
@@ -221,7 +239,6 @@ impl ModbusSource {
             match self.outbox.append(bodies, Vec::new()).await {
                 Ok(outcome) => {
                     self.metrics.accepted("modbus", outcome.accepted as u64);
-                    self.metrics.evicted("refused", outcome.refused as u64);
                 }
                 Err(e) => {
                     warn!(error = %e, samples = n, "Outbox refused samples; stopping this device.");

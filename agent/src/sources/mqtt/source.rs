@@ -344,7 +344,6 @@ impl MqttSource {
                     let r = h.append(bodies, qos2).await;
                     if let Ok(outcome) = &r {
                         metrics.accepted("mqtt", outcome.accepted as u64);
-                        metrics.evicted("refused", outcome.refused as u64);
                     }
                     (r.map(|_| n), Then::Ack(ack))
                 }));
