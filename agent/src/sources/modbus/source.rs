@@ -189,7 +189,12 @@ impl ModbusSource {
                                 break Err(fail);
                             }
                             tries += 1;
-                            debug!(start = read.start.0, count = read.count, ?fail, "Retrying read on a new connection.");
+                            debug!(
+                                start = read.start.0,
+                                count = read.count,
+                                ?fail,
+                                "Retrying read on a new connection."
+                            );
                         }
                         other => break other,
                     }
