@@ -4,7 +4,8 @@
 //! already holds every sample for the hub. So the publisher uses rumqttc's
 //! client as it is (its trap concerns only inbound QoS 2), on a connection of
 //! its own (`<client_id>-bridge`, clean session), and a publish that cannot be
-//! queued while the broker is away is counted and dropped rather than blocking
+//! queued while the broker is away is counted (`outpost_bridge_dropped_total`)
+//! and dropped rather than blocking
 //! polling. Writes in the other direction (MQTT → Modbus) arrive through the
 //! subscriber session and are performed by the device's own task.
 
@@ -146,7 +147,10 @@ impl Publisher {
                                 Ok(()) => {
                                     self.metrics.bridge_published.inc();
                                 }
-                                Err(e) => debug!(error = %e, "Bridge publish not queued."),
+                                Err(e) => {
+                                    self.metrics.bridge_dropped.inc();
+                                    debug!(error = %e, "Bridge publish not queued.");
+                                }
                             }
                         }
                     }

@@ -81,6 +81,11 @@ pub struct Metrics {
     pub mqtt_connected: Gauge,
     /// Messages published by bridges.
     pub bridge_published: Counter,
+    /// Bridged values or commands dropped because a queue was full or the
+    /// peer was away.
+    pub bridge_dropped: Counter,
+    /// Appends the outbox could not commit (disk full, I/O error).
+    pub outbox_errors: Counter,
     /// Bridge writes to Modbus, by device and result.
     pub modbus_writes: Family<DeviceErrorLabels, Counter>,
     /// Modbus requests, by device.
@@ -161,6 +166,18 @@ impl Metrics {
             "Messages published by Modbus-to-MQTT bridges",
             bridge_published.clone(),
         );
+        let bridge_dropped = Counter::default();
+        registry.register(
+            "bridge_dropped",
+            "Bridged values or commands dropped (queue full or peer away)",
+            bridge_dropped.clone(),
+        );
+        let outbox_errors = Counter::default();
+        registry.register(
+            "outbox_errors",
+            "Appends the outbox could not commit",
+            outbox_errors.clone(),
+        );
         let modbus_writes = Family::<DeviceErrorLabels, Counter>::default();
         registry.register(
             "modbus_writes",
@@ -200,6 +217,8 @@ impl Metrics {
             mqtt_inflight,
             mqtt_connected,
             bridge_published,
+            bridge_dropped,
+            outbox_errors,
             modbus_writes,
             modbus_requests,
             modbus_errors,

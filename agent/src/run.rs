@@ -36,6 +36,10 @@ pub enum RunError {
     /// The outbox could not be opened or failed.
     #[error(transparent)]
     Outbox(#[from] OutboxError),
+    /// The outbox writer thread died; what it had not committed was never
+    /// acknowledged to anyone.
+    #[error("outbox writer failed: {0}")]
+    Writer(String),
     /// The metrics address could not be bound.
     #[error("observability.metrics: cannot listen on {addr}: {message}")]
     Metrics {
@@ -149,10 +153,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ru
     writer_stop.cancel();
     let outbox = match writer.await {
         Ok(r) => r?,
-        Err(e) => {
-            warn!(error = %e, "Outbox writer ended abnormally.");
-            return Ok(());
-        }
+        Err(e) => return Err(RunError::Writer(e.to_string())),
     };
     let stats = outbox.stats()?;
     info!(events = stats.events, last_seq = ?stats.last_seq, "Outbox closed.");

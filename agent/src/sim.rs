@@ -339,6 +339,9 @@ pub fn load(path: &Path) -> Result<SimConfig, String> {
 
 /// Binds the listener; returns the simulator and its address.
 pub async fn bind(cfg: &SimConfig) -> Result<(Sim, TcpListener, SocketAddr), String> {
+    if cfg.tick.0.is_zero() {
+        return Err("tick: must be longer than zero".into());
+    }
     let size = usize::try_from(cfg.size.min(65536)).unwrap_or(65536);
     let mut tables = Tables::new(size);
     for (i, p) in cfg.points.iter().enumerate() {

@@ -174,9 +174,17 @@ pub fn load(
         path: path.to_owned(),
         message: e.to_string(),
     })?;
+    // Only the hub's own sections: the agent shares the OUTPOST_ prefix.
+    const SECTIONS: [&str; 4] = ["HUB", "STORE", "API", "OBSERVABILITY"];
     let env: config::Map<String, String> = env
         .into_iter()
-        .filter(|(k, _)| k.starts_with("OUTPOST_"))
+        .filter(|(k, _)| {
+            k.strip_prefix("OUTPOST_")
+                .and_then(|rest| rest.split_once("__"))
+                .is_some_and(|(section, _)| {
+                    SECTIONS.contains(&section.to_ascii_uppercase().as_str())
+                })
+        })
         .collect();
     let parse = |e: config::ConfigError| ConfigError::Parse {
         path: path.to_owned(),

@@ -52,9 +52,9 @@ pub enum EventError {
     /// ASCII letters, digits, `.`, `_` and `-`.
     #[error("invalid agent id {0:?}: use 1 to 64 ASCII letters, digits, '.', '_' or '-'")]
     InvalidAgentId(String),
-    /// A stream name was empty, longer than 1024 bytes, or held a NUL or an MQTT
+    /// A stream name was empty, longer than 65535 bytes (the MQTT topic limit), or held a NUL or an MQTT
     /// wildcard (`+`, `#`).
-    #[error("invalid stream name {0:?}: must be 1 to 1024 bytes without NUL, '+' or '#'")]
+    #[error("invalid stream name {0:?}: must be 1 to 65535 bytes without NUL, '+' or '#'")]
     InvalidStreamName(String),
     /// A JSON value did not parse.
     #[error("invalid JSON: {0}")]
@@ -116,7 +116,7 @@ pub struct StreamName(String);
 impl StreamName {
     /// Parses a stream name.
     pub fn parse(s: &str) -> Result<StreamName, EventError> {
-        let ok = !s.is_empty() && s.len() <= 1024 && !s.contains(['\0', '+', '#']);
+        let ok = !s.is_empty() && s.len() <= 65535 && !s.contains(['\0', '+', '#']);
         if ok {
             Ok(StreamName(s.to_owned()))
         } else {

@@ -429,25 +429,20 @@ pub struct BridgeSection {
     pub from: String,
     /// `mqtt:<topic template>` or `modbus:<device>/<tag>`.
     pub to: String,
-    /// Modbus → MQTT: `json` (value, quality, ts) or `raw` (the value as text).
-    #[serde(default = "default_format")]
-    pub format: String,
+    /// Modbus → MQTT: `json` (value, quality, ts, the default) or `raw` (the
+    /// value as text).
+    #[serde(default)]
+    pub format: Option<String>,
     /// Modbus → MQTT: 0, 1 or 2; MQTT → Modbus: the subscription's QoS.
     #[serde(default = "default_qos")]
     pub qos: u8,
-    /// Modbus → MQTT: publish retained.
+    /// Modbus → MQTT: publish retained (default false).
     #[serde(default)]
-    pub retain: bool,
-    /// Modbus → MQTT: `change` (only when the value changes) or `poll`.
-    #[serde(default = "default_on")]
-    pub on: String,
-}
-
-fn default_format() -> String {
-    "json".into()
-}
-fn default_on() -> String {
-    "change".into()
+    pub retain: Option<bool>,
+    /// Modbus → MQTT: `change` (only when the value changes, the default) or
+    /// `poll`.
+    #[serde(default)]
+    pub on: Option<String>,
 }
 
 /// `[observability]`.
@@ -497,9 +492,27 @@ pub fn load(
         path: path.to_owned(),
         message: e.to_string(),
     })?;
+    // Only the agent's own sections: the hub shares the OUTPOST_ prefix, and
+    // its variables in a shared environment must not stop the agent. Keys
+    // inside these sections are still checked like the file's.
+    const SECTIONS: [&str; 7] = [
+        "AGENT",
+        "UPLINK",
+        "OUTBOX",
+        "MQTT",
+        "MODBUS",
+        "BRIDGES",
+        "OBSERVABILITY",
+    ];
     let env: config::Map<String, String> = env
         .into_iter()
-        .filter(|(k, _)| k.starts_with("OUTPOST_"))
+        .filter(|(k, _)| {
+            k.strip_prefix("OUTPOST_")
+                .and_then(|rest| rest.split_once("__"))
+                .is_some_and(|(section, _)| {
+                    SECTIONS.contains(&section.to_ascii_uppercase().as_str())
+                })
+        })
         .collect();
     let built = config::Config::builder()
         .add_source(config::File::from_str(&text, config::FileFormat::Toml))
@@ -1004,6 +1017,9 @@ fn validate_devices(cx: &Ctx<'_>, m: &ModbusSection) -> Result<Vec<DeviceSetting
         if d.timeout.0.is_zero() {
             return Err(cx.err(format!("{k}.timeout"), "must be longer than zero"));
         }
+        if d.backoff.0 > d.backoff_max.0 {
+            return Err(cx.err(format!("{k}.backoff"), "must not exceed backoff_max"));
+        }
         if !(1..=125).contains(&d.max_registers) {
             return Err(cx.err(
                 format!("{k}.max_registers"),
@@ -1118,6 +1134,12 @@ fn validate_mqtt(
             "must be between 1 byte and 256MiB (the MQTT maximum)",
         ));
     }
+    if m.reconnect_min.0 > m.reconnect_max.0 || m.reconnect_min.0.is_zero() {
+        return Err(cx.err(
+            "mqtt.reconnect_min",
+            "must be longer than zero and not exceed mqtt.reconnect_max",
+        ));
+    }
     if m.max_inflight == 0 {
         return Err(cx.err("mqtt.max_inflight", "must be at least 1"));
     }
@@ -1214,12 +1236,12 @@ fn validate_bridges(
                     return Err(cx.err(format!("{k}.from"), format!("no Modbus tag matches {:?}", from.as_str())));
                 }
                 let to = TopicTemplate::parse(to).map_err(|e| cx.err(format!("{k}.to"), e.to_string()))?;
-                let format = match b.format.as_str() {
+                let format = match b.format.as_deref().unwrap_or("json") {
                     "json" => PayloadFormat::Json,
                     "raw" => PayloadFormat::Raw,
                     other => return Err(cx.err(format!("{k}.format"), format!("{other:?} is not one of json, raw"))),
                 };
-                let on_change = match b.on.as_str() {
+                let on_change = match b.on.as_deref().unwrap_or("change") {
                     "change" => true,
                     "poll" => false,
                     other => return Err(cx.err(format!("{k}.on"), format!("{other:?} is not one of change, poll"))),
@@ -1229,11 +1251,23 @@ fn validate_bridges(
                     to,
                     format,
                     qos: b.qos,
-                    retain: b.retain,
+                    retain: b.retain.unwrap_or(false),
                     on_change,
                 });
             }
             (Some(("mqtt", from)), Some(("modbus", to))) => {
+                for (key, given) in [
+                    ("format", b.format.is_some()),
+                    ("on", b.on.is_some()),
+                    ("retain", b.retain.is_some()),
+                ] {
+                    if given {
+                        return Err(cx.err(
+                            format!("{k}.{key}"),
+                            "applies only to bridges from modbus: to mqtt:",
+                        ));
+                    }
+                }
                 let from = TopicFilter::parse(from).map_err(|e| cx.err(format!("{k}.from"), e.to_string()))?;
                 let (dev, tag) = to
                     .split_once('/')

@@ -137,3 +137,40 @@ fn a_missing_file_names_the_path() {
     let e = load(Path::new("/nonexistent/agent.toml"), Vec::new()).expect_err("missing");
     assert!(e.to_string().contains("/nonexistent/agent.toml"), "{e}");
 }
+
+#[test]
+fn hub_variables_in_a_shared_environment_are_ignored() {
+    let c = load_str(
+        GOOD,
+        &[
+            ("OUTPOST_HUB__LISTEN", "0.0.0.0:7443"),
+            ("OUTPOST_OUTBOX__MAX_BYTES", "1GiB"),
+        ],
+    )
+    .expect("valid");
+    assert_eq!(c.outbox.max_bytes, 1 << 30);
+}
+
+#[test]
+fn an_unknown_key_in_an_agent_section_from_the_environment_is_refused() {
+    let e = load_str(GOOD, &[("OUTPOST_OUTBOX__MAX_BYTS", "1GiB")]).expect_err("unknown key");
+    assert!(e.to_string().contains("max_byts"), "{e}");
+}
+
+#[test]
+fn publish_options_on_a_write_bridge_are_refused() {
+    let e = invalid(&GOOD.replace(
+        "to = \"modbus:plc1/setpoint\"",
+        "to = \"modbus:plc1/setpoint\"\nformat = \"raw\"",
+    ));
+    assert!(e.contains("bridges[1].format"), "{e}");
+}
+
+#[test]
+fn backoff_bounds_must_be_ordered() {
+    let e = invalid(&GOOD.replace(
+        "address = \"127.0.0.1:502\"",
+        "address = \"127.0.0.1:502\"\nbackoff = \"1m\"\nbackoff_max = \"1s\"",
+    ));
+    assert!(e.contains("modbus.devices[0].backoff"), "{e}");
+}

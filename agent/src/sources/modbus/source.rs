@@ -27,6 +27,9 @@ use crate::sources::WriteCommand;
 /// Why one request produced no data.
 #[derive(Debug)]
 enum Fail {
+    /// No connection, and the connect attempt (counted where it failed) is
+    /// over or backing off.
+    NotConnected,
     Exception(u8),
     Timeout,
     Transport(String),
@@ -164,7 +167,7 @@ impl ModbusSource {
                 let result = loop {
                     if ctx.is_none() {
                         if Instant::now() < next_connect {
-                            break Err(Fail::Transport("waiting to reconnect".into()));
+                            break Err(Fail::NotConnected);
                         }
                         match self.connect().await {
                             Ok(c) => {
@@ -177,13 +180,13 @@ impl ModbusSource {
                                 self.metrics.modbus_error(&self.device.name, "disconnected");
                                 next_connect = Instant::now() + backoff;
                                 backoff = (backoff * 2).min(self.device.backoff_max);
-                                break Err(Fail::Transport(e));
+                                break Err(Fail::NotConnected);
                             }
                         }
                     }
                     let Some(c) = ctx.as_mut() else { continue };
                     match self.read_once(c, read).await {
-                        Err(fail @ (Fail::Timeout | Fail::Transport(_))) => {
+                        Err(fail @ (Fail::Timeout | Fail::Transport(_) | Fail::NotConnected)) => {
                             ctx = None;
                             if tries >= self.device.retries {
                                 break Err(fail);
@@ -215,13 +218,18 @@ impl ModbusSource {
                     }
                     Err(fail) => {
                         let (kind, reason, error) = match fail {
+                            Fail::NotConnected => {
+                                ("", Reason::Disconnected, "not connected".to_owned())
+                            }
                             Fail::Timeout => ("timeout", Reason::Timeout, "timeout".to_owned()),
                             Fail::Transport(e) => ("disconnected", Reason::Disconnected, e),
                             Fail::Exception(code) => {
                                 ("exception", Reason::ModbusException(code), String::new())
                             }
                         };
-                        self.metrics.modbus_error(&self.device.name, kind);
+                        if !kind.is_empty() {
+                            self.metrics.modbus_error(&self.device.name, kind);
+                        }
                         debug!(start = read.start.0, count = read.count, %error, "Read failed.");
                         samples.extend(read.tags.iter().map(|&t| (t, Err(reason.clone()))));
                         failed_in_a_row += 1;
@@ -237,6 +245,7 @@ impl ModbusSource {
             }
             if let Some(tx) = &self.samples {
                 if tx.try_send(bodies.clone()).is_err() {
+                    self.metrics.bridge_dropped.inc();
                     debug!("Bridge queue full; this poll is not bridged.");
                 }
             }
@@ -246,8 +255,14 @@ impl ModbusSource {
                     self.metrics.accepted("modbus", outcome.accepted as u64);
                 }
                 Err(e) => {
-                    warn!(error = %e, samples = n, "Outbox refused samples; stopping this device.");
-                    break;
+                    // A full or failing disk must not end polling: the samples
+                    // of this poll are lost (and said so), the next poll tries
+                    // again, and every tag is recorded afresh once it works.
+                    self.metrics.outbox_errors.inc();
+                    warn!(error = %e, samples = n, "Outbox could not store this poll's samples.");
+                    for t in tags.iter_mut() {
+                        t.last = None;
+                    }
                 }
             }
         }
@@ -329,6 +344,9 @@ impl ModbusSource {
                 Some((last_v, _)) => match tag.deadband {
                     None => true,
                     Some(db) => match (last_v.as_f64(), value.as_f64()) {
+                        // NaN compares false with everything: a change to or
+                        // from NaN is a change.
+                        (Some(a), Some(b)) if a.is_nan() || b.is_nan() => a.is_nan() != b.is_nan(),
                         (Some(a), Some(b)) => (a - b).abs() > db,
                         _ => *last_v != value,
                     },

@@ -185,9 +185,11 @@ impl MqttSource {
             subscriptions: self.subscriptions(),
         };
         let mut session = Session::new(opts, pending, Instant::now());
-        // Packets over the hard limit cannot be skipped without reading them,
-        // so the limit leaves room to record an oversize message as such.
-        let hard_limit = (self.settings.max_payload + 65_536).max(1 << 20) * 4;
+        // A packet must be read whole to be acknowledged, and one that is never
+        // acknowledged is redelivered forever; so the read limit is MQTT's own
+        // maximum (3.1.1 section 2.2.3) and `max_payload` decides what is
+        // stored. Bound what the broker sends with its `message_size_limit`.
+        let hard_limit = 268_435_455;
         let mut rbuf = BytesMut::with_capacity(64 * 1024);
         let mut wbuf = BytesMut::with_capacity(64 * 1024);
         let mut commits: FuturesOrdered<Commit> = FuturesOrdered::new();
@@ -421,6 +423,7 @@ impl MqttSource {
             // A full queue means the device is far behind; waiting here would
             // stall every subscription, so the write is refused and logged.
             if tx.try_send(cmd).is_err() {
+                self.metrics.bridge_dropped.inc();
                 warn!(topic = %publish.topic, "Modbus write queue full or device stopped; write dropped.");
             }
         }
