@@ -5,37 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-/// Why a hub configuration could not be used.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{path}: cannot read: {message}")]
-    Read {
-        /// The config file.
-        path: PathBuf,
-        /// What the OS said.
-        message: String,
-    },
-    /// Invalid TOML, an unknown key or a wrong type.
-    #[error("{path}: {message}")]
-    Parse {
-        /// The config file.
-        path: PathBuf,
-        /// The parser's message, naming the key.
-        message: String,
-    },
-    /// A value breaks a rule.
-    #[error("{path}: {key}: {message}")]
-    Invalid {
-        /// The config file.
-        path: PathBuf,
-        /// The key.
-        key: String,
-        /// What is wrong.
-        message: String,
-    },
-}
+pub use outpost_protocols::settings::ConfigError;
 
 /// The hub's config file.
 #[derive(Debug, Clone, Deserialize)]
@@ -152,19 +122,6 @@ impl Default for ObservabilitySection {
     }
 }
 
-/// Folds a parser's multi-line message into one line.
-fn one_line(message: &str) -> String {
-    message
-        .lines()
-        .map(str::trim)
-        .filter(|l| {
-            let rest = l.trim_start_matches(|c: char| c.is_ascii_digit() || c == ' ');
-            !l.is_empty() && !rest.starts_with('|')
-        })
-        .collect::<Vec<_>>()
-        .join(": ")
-}
-
 /// Reads, applies environment overrides from `env`, and validates.
 pub fn load(
     path: &Path,
@@ -174,34 +131,12 @@ pub fn load(
         path: path.to_owned(),
         message: e.to_string(),
     })?;
-    // Only the hub's own sections: the agent shares the OUTPOST_ prefix.
-    const SECTIONS: [&str; 4] = ["HUB", "STORE", "API", "OBSERVABILITY"];
-    let env: config::Map<String, String> = env
-        .into_iter()
-        .filter(|(k, _)| {
-            k.strip_prefix("OUTPOST_")
-                .and_then(|rest| rest.split_once("__"))
-                .is_some_and(|(section, _)| {
-                    SECTIONS.contains(&section.to_ascii_uppercase().as_str())
-                })
-        })
-        .collect();
-    let parse = |e: config::ConfigError| ConfigError::Parse {
-        path: path.to_owned(),
-        message: one_line(&e.to_string()),
-    };
-    let cfg: HubConfig = config::Config::builder()
-        .add_source(config::File::from_str(&text, config::FileFormat::Toml))
-        .add_source(
-            config::Environment::with_prefix("OUTPOST")
-                .prefix_separator("_")
-                .separator("__")
-                .try_parsing(true)
-                .source(Some(env)),
-        )
-        .build()
-        .and_then(|c| c.try_deserialize())
-        .map_err(parse)?;
+    let cfg: HubConfig =
+        outpost_protocols::settings::parse(&text, env, &["hub", "store", "api", "observability"])
+            .map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })?;
     let invalid = |key: &str, message: String| ConfigError::Invalid {
         path: path.to_owned(),
         key: key.to_owned(),

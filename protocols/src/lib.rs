@@ -12,6 +12,7 @@
 
 pub mod event;
 pub mod modbus;
+pub mod settings;
 pub mod topic;
 
 pub use event::{

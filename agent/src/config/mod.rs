@@ -25,37 +25,7 @@ pub use units::{HumanDuration, HumanSize};
 
 use crate::outbox::{Eviction, Synchronous};
 
-/// Why a configuration could not be used.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{path}: cannot read: {message}")]
-    Read {
-        /// The config file.
-        path: PathBuf,
-        /// What the OS said.
-        message: String,
-    },
-    /// The file is not valid TOML, or a key has the wrong type or is unknown.
-    #[error("{path}: {message}")]
-    Parse {
-        /// The config file.
-        path: PathBuf,
-        /// The parser's message, which names the key.
-        message: String,
-    },
-    /// A value parsed but breaks a rule.
-    #[error("{path}: {key}: {message}")]
-    Invalid {
-        /// The config file.
-        path: PathBuf,
-        /// The key path, such as `modbus.devices[0].tags[3].address`.
-        key: String,
-        /// What is wrong.
-        message: String,
-    },
-}
+pub use outpost_protocols::settings::ConfigError;
 
 /// The file as written, before validation.
 #[derive(Debug, Clone, Deserialize)]
@@ -492,62 +462,23 @@ pub fn load(
         path: path.to_owned(),
         message: e.to_string(),
     })?;
-    // Only the agent's own sections: the hub shares the OUTPOST_ prefix, and
-    // its variables in a shared environment must not stop the agent. Keys
-    // inside these sections are still checked like the file's.
-    const SECTIONS: [&str; 7] = [
-        "AGENT",
-        "UPLINK",
-        "OUTBOX",
-        "MQTT",
-        "MODBUS",
-        "BRIDGES",
-        "OBSERVABILITY",
-    ];
-    let env: config::Map<String, String> = env
-        .into_iter()
-        .filter(|(k, _)| {
-            k.strip_prefix("OUTPOST_")
-                .and_then(|rest| rest.split_once("__"))
-                .is_some_and(|(section, _)| {
-                    SECTIONS.contains(&section.to_ascii_uppercase().as_str())
-                })
-        })
-        .collect();
-    let built = config::Config::builder()
-        .add_source(config::File::from_str(&text, config::FileFormat::Toml))
-        .add_source(
-            config::Environment::with_prefix("OUTPOST")
-                .prefix_separator("_")
-                .separator("__")
-                .try_parsing(true)
-                .source(Some(env)),
-        )
-        .build()
-        .map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: one_line(&e.to_string()),
-        })?;
-    built
-        .try_deserialize::<RawConfig>()
-        .map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: one_line(&e.to_string()),
-        })
-}
-
-/// Folds a parser's multi-line message (TOML errors quote the offending
-/// line with a caret) into one line, as the command-line contract wants.
-pub fn one_line(message: &str) -> String {
-    message
-        .lines()
-        .map(str::trim)
-        .filter(|l| {
-            let rest = l.trim_start_matches(|c: char| c.is_ascii_digit() || c == ' ');
-            !l.is_empty() && !rest.starts_with('|')
-        })
-        .collect::<Vec<_>>()
-        .join(": ")
+    outpost_protocols::settings::parse(
+        &text,
+        env,
+        &[
+            "agent",
+            "uplink",
+            "outbox",
+            "mqtt",
+            "modbus",
+            "bridges",
+            "observability",
+        ],
+    )
+    .map_err(|message| ConfigError::Parse {
+        path: path.to_owned(),
+        message,
+    })
 }
 
 /// Loads and validates in one step, with the process environment.
