@@ -87,7 +87,7 @@ impl Publisher {
                 (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
                 _ => None,
             };
-            let config = crate::tls::client_config(&tls.ca, client)?;
+            let config = crate::tls::client_config(&tls.ca, client, tls.server_name.as_deref())?;
             o.set_transport(Transport::Tls(TlsConfiguration::Rustls(config)));
         }
         Ok(o)
@@ -105,6 +105,7 @@ impl Publisher {
         let (client, mut eventloop) = AsyncClient::new(opts, 4096);
         let mut last: HashMap<(usize, StreamName), (Value, Quality)> = HashMap::new();
         let mut connected = false;
+        let mut last_warning: Option<std::time::Instant> = None;
         info!(bridges = self.bridges.len(), "Bridge publisher started.");
         loop {
             tokio::select! {
@@ -116,8 +117,12 @@ impl Publisher {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        if connected {
-                            warn!(error = %e, "Bridge publisher lost the broker; retrying.");
+                        // Losing the broker is said at once; failing to reach
+                        // it (a wrong certificate, say) once a minute.
+                        let quiet = last_warning.is_some_and(|t| t.elapsed() < Duration::from_secs(60));
+                        if connected || !quiet {
+                            warn!(error = %e, "Bridge publisher cannot reach the broker; retrying.");
+                            last_warning = Some(std::time::Instant::now());
                         }
                         connected = false;
                         tokio::select! {

@@ -1,8 +1,14 @@
 #!/usr/bin/env python3
-"""A Modbus TCP server built on pymodbus, an implementation independent of the
-agent's, for end-to-end tests.
+"""A Modbus TCP or RTU server built on pymodbus, an implementation independent
+of the agent's, for end-to-end tests.
 
     pymodbus_server.py --port PORT --points points.json
+    pymodbus_server.py --serial /dev/ttyX [--baud 19200] [--unit 1] --points points.json
+
+With --port it serves Modbus TCP on 127.0.0.1:PORT. With --serial it serves
+Modbus RTU (8 data bits, no parity, 1 stop bit) on a serial line, such as one
+end of a pty pair made by socat; like a device on an RS-485 bus it answers
+only requests for its own unit id and stays silent for every other one.
 
 points.json is a list of typed values; this script encodes them itself with
 `struct`, so the registers it serves do not come from the agent's codec:
@@ -18,8 +24,9 @@ register, cdab reverses the order of the registers and dcba does both. Strings
 are UTF-8 padded with NULs to `length` registers; their registers stay in order
 and only badc and dcba swap the bytes in each register.
 
-Prints `listening 127.0.0.1:PORT` on stdout once it accepts connections. Exits
-with status 3 and a message on stderr if pymodbus cannot be imported.
+Prints `listening 127.0.0.1:PORT` (TCP) or `listening /dev/ttyX` (RTU) on
+stdout once it serves. Exits with status 3 and a message on stderr if pymodbus
+(or, for --serial, pyserial) cannot be imported.
 """
 
 import argparse
@@ -33,7 +40,8 @@ try:
         ModbusSequentialDataBlock,
         ModbusServerContext,
     )
-    from pymodbus.server import StartAsyncTcpServer
+    from pymodbus import FramerType
+    from pymodbus.server import ModbusSerialServer, StartAsyncTcpServer
 
     try:
         from pymodbus.datastore import ModbusDeviceContext
@@ -106,7 +114,7 @@ def build_tables(points):
     return tables
 
 
-def server_context(tables):
+def server_context(tables, unit=1):
     # Blocks are addressed from 1: values[0] is protocol address 0.
     device = ModbusDeviceContext(
         co=ModbusSequentialDataBlock(1, tables["coil"]),
@@ -115,9 +123,9 @@ def server_context(tables):
         ir=ModbusSequentialDataBlock(1, tables["input"]),
     )
     try:
-        return ModbusServerContext(devices={1: device}, single=False)
+        return ModbusServerContext(devices={unit: device}, single=False)
     except TypeError:  # pymodbus before 3.10 named the argument `slaves`.
-        return ModbusServerContext(slaves={1: device}, single=False)
+        return ModbusServerContext(slaves={unit: device}, single=False)
 
 
 async def announce_when_ready(port):
@@ -132,14 +140,72 @@ async def announce_when_ready(port):
         return
 
 
+def only_unit(unit):
+    """A pymodbus `trace_pdu` hook that drops requests for other unit ids.
+
+    Every device on a serial bus sees every request and only the addressed one
+    answers (Modbus over Serial Line V1.02, 2.2). pymodbus 3.16 instead
+    answers a request for a unit it does not serve with exception 4, device
+    failure, even with ignore_missing_devices, so the request is dropped here
+    before it reaches the datastore. Broadcasts (unit 0) are dropped too, so
+    a broadcast write is not applied.
+    """
+
+    def trace(sending, pdu):
+        if not sending and pdu.dev_id != unit:
+            # Said on stderr so a test can tell silence from a lost request.
+            print(
+                f"not answering a request for unit {pdu.dev_id}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return None
+        return pdu
+
+    return trace
+
+
+async def serve_serial(args, context):
+    try:
+        import serial  # noqa: F401  pymodbus opens the line with pyserial.
+    except ImportError as e:
+        print(
+            f"pyserial is not importable by {sys.executable}: {e}; "
+            "install it with: pip install pyserial",
+            file=sys.stderr,
+        )
+        sys.exit(3)
+    server = ModbusSerialServer(
+        context,
+        framer=FramerType.RTU,
+        port=args.serial,
+        baudrate=args.baud,
+        bytesize=8,
+        parity="N",
+        stopbits=1,
+        trace_pdu=only_unit(args.unit),
+    )
+    # In the background, serve_forever returns once the line is open.
+    await server.serve_forever(background=True)
+    print(f"listening {args.serial}", flush=True)
+    await server.serving
+
+
 async def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", type=int, help="serve Modbus TCP on 127.0.0.1:PORT")
+    where.add_argument("--serial", help="serve Modbus RTU on this serial device")
+    parser.add_argument("--baud", type=int, default=19200, help="RTU baud rate")
+    parser.add_argument("--unit", type=int, default=1, help="the unit id served")
     parser.add_argument("--points", required=True, help="JSON file of typed points")
     args = parser.parse_args()
     with open(args.points, encoding="utf-8") as f:
         points = json.load(f)
-    context = server_context(build_tables(points))
+    context = server_context(build_tables(points), args.unit)
+    if args.serial is not None:
+        await serve_serial(args, context)
+        return
     server = asyncio.create_task(
         StartAsyncTcpServer(context=context, address=("127.0.0.1", args.port))
     )

@@ -274,3 +274,118 @@ pub fn outbox_events(data_dir: &Path) -> Result<Vec<outpost_protocols::Event>> {
     let r = outpost_agent::outbox::OutboxReader::open(&data_dir.join("outbox.db"), id)?;
     Ok(r.read_batch(outpost_protocols::Seq(0), usize::MAX)?)
 }
+
+/// A null-modem serial line: two linked pseudo-terminals made by
+/// `socat pty,... pty,...`, so what is written to one end is read from the
+/// other. socat is killed on drop; its links, left dangling, go with `dir`.
+pub struct SerialLine {
+    /// The socat process.
+    pub proc: Proc,
+    /// One end (a symlink to a `/dev/pts/N`).
+    pub a: PathBuf,
+    /// The other end.
+    pub b: PathBuf,
+}
+
+impl SerialLine {
+    /// Starts socat with the ends linked at `dir/tty-a` and `dir/tty-b` and
+    /// waits until both links exist. socat's log goes to `dir/socat.log`.
+    pub fn start(dir: &Path) -> Result<SerialLine> {
+        if !have("socat") {
+            bail!("socat not installed (tests/run installs it)");
+        }
+        let a = dir.join("tty-a");
+        let b = dir.join("tty-b");
+        for end in [&a, &b] {
+            // socat's address syntax gives `,` `:` and `!` a meaning.
+            if end.to_string_lossy().contains([',', ':', '!']) {
+                bail!("{} cannot be written in a socat address", end.display());
+            }
+        }
+        let log_path = dir.join("socat.log");
+        let child = Command::new("socat")
+            .args(["-d", "-d"])
+            .arg(format!("pty,raw,echo=0,link={}", a.display()))
+            .arg(format!("pty,raw,echo=0,link={}", b.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path)?)
+            .spawn()
+            .context("start socat")?;
+        let mut line = SerialLine {
+            proc: Proc {
+                child,
+                name: "socat".into(),
+            },
+            a,
+            b,
+        };
+        let mut exited = false;
+        wait_until(Duration::from_secs(20), "socat's pty links", || {
+            exited = !line.proc.is_running();
+            exited || (line.a.exists() && line.b.exists())
+        })?;
+        if exited {
+            bail!(
+                "socat exited before linking its ptys:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+        }
+        Ok(line)
+    }
+}
+
+impl Mosquitto {
+    /// Starts Mosquitto on a free port with `listener_options` (TLS files,
+    /// `require_certificate`, ...) right under its only `listener` line, so
+    /// they apply to it, and the same limits and persistence as [`start`].
+    /// Nothing else is set: `allow_anonymous` is Mosquitto 2's default, false,
+    /// unless `listener_options` says otherwise.
+    ///
+    /// [`start`]: Mosquitto::start
+    pub fn start_with(dir: &Path, listener_options: &str) -> Result<Mosquitto> {
+        let port = free_port()?;
+        let conf = dir.join(format!("mosquitto-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\n{listener_options}\nmax_inflight_messages 1000\nmax_queued_messages 0\npersistence true\npersistence_location {}/\nautosave_interval 1\n",
+                dir.display()
+            ),
+        )?;
+        let exe = ["/usr/sbin/mosquitto", "mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists() || have(p))
+            .context("mosquitto not installed (tests/run installs it)")?;
+        let log_path = dir.join(format!("mosquitto-{port}.log"));
+        let child = Command::new(exe)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path)?)
+            .spawn()
+            .context("start mosquitto")?;
+        let mut m = Mosquitto {
+            proc: Proc {
+                child,
+                name: "mosquitto".into(),
+            },
+            port,
+        };
+        // A config Mosquitto refuses (a bad certificate path) makes it exit;
+        // say why rather than wait for a port that never opens.
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut exited = false;
+        wait_until(Duration::from_secs(20), "mosquitto to listen", || {
+            exited = !m.proc.is_running();
+            exited || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })?;
+        if exited {
+            bail!(
+                "mosquitto exited on start:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+        }
+        Ok(m)
+    }
+}

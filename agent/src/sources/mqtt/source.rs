@@ -152,7 +152,7 @@ impl MqttSource {
             (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
             _ => None,
         };
-        let config = crate::tls::client_config(&tls.ca, client)?;
+        let config = crate::tls::client_config(&tls.ca, client, None)?;
         let name = tls
             .server_name
             .clone()

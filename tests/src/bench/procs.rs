@@ -1,0 +1,139 @@
+//! Starting the measured binaries from an explicit folder.
+//!
+//! `outpost_tests::{Agent, Devsim}::start` find the binaries through
+//! `OUTPOST_BIN_DIR`, which this harness cannot set for itself (setting an
+//! environment variable in a running process is banned in clippy.toml), and
+//! which must not reach the agent anyway: the agent reads every `OUTPOST_*`
+//! variable as a config override, so an inherited `OUTPOST_BIN_DIR` becomes
+//! the unknown key `bin_dir` and the agent refuses to start. So the harness
+//! spawns them itself, with every `OUTPOST_*` variable removed, and wraps them
+//! in the helpers' types so that they are killed on drop all the same.
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use outpost_agent::outbox::OutboxReader;
+use outpost_protocols::AgentId;
+use outpost_tests::{Agent, Devsim, Proc};
+
+/// The binaries under test.
+#[derive(Debug, Clone)]
+pub(crate) struct Bins {
+    pub(crate) agent: PathBuf,
+    pub(crate) devsim: PathBuf,
+}
+
+impl Bins {
+    /// The binaries in `dir`; fails with a hint if one is missing.
+    pub(crate) fn in_dir(dir: &Path) -> Result<Bins> {
+        let find = |name: &str| -> Result<PathBuf> {
+            let p = dir.join(name);
+            if !p.exists() {
+                bail!(
+                    "{} not found: run `cargo build --release --bins` first, or pass --bin-dir",
+                    p.display()
+                );
+            }
+            Ok(p)
+        };
+        Ok(Bins {
+            agent: find("outpost-agent")?,
+            devsim: find("outpost-devsim")?,
+        })
+    }
+
+    /// Writes `config` to `dir/agent.toml` and runs the agent on it; its log
+    /// goes to `dir/agent.log`. The agent's outbox is `dir/data/outbox.db` if
+    /// the config's `data_dir` is `dir/data`, which [`outbox_reader`] expects.
+    pub(crate) fn start_agent(&self, dir: &Path, config: &str) -> Result<Agent> {
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, config)?;
+        // Appended, so that a restarted agent keeps its earlier log.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("agent.log"))?;
+        let child = clean_env(Command::new(&self.agent))
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", self.agent.display()))?;
+        Ok(Agent {
+            proc: Proc {
+                child,
+                name: "outpost-agent".into(),
+            },
+            config: path,
+        })
+    }
+
+    /// Runs `outpost-devsim --listen 127.0.0.1:0 --counters N` and reads the
+    /// address it bound.
+    pub(crate) fn start_devsim(&self, counters: usize) -> Result<Devsim> {
+        let mut child = clean_env(Command::new(&self.devsim))
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--counters")
+            .arg(counters.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("start {}", self.devsim.display()))?;
+        let stdout = child.stdout.take().context("devsim stdout")?;
+        // Wrapped before reading, so that it is killed if the read fails.
+        let proc = Proc {
+            child,
+            name: "outpost-devsim".into(),
+        };
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let addr: SocketAddr = line
+            .trim()
+            .strip_prefix("listening ")
+            .with_context(|| format!("outpost-devsim said {line:?}"))?
+            .parse()?;
+        Ok(Devsim { proc, addr })
+    }
+}
+
+/// Removes every `OUTPOST_*` variable from a child's environment.
+fn clean_env(mut cmd: Command) -> Command {
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("OUTPOST_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+/// Opens the running agent's outbox (`<home>/data/outbox.db`) read-only once
+/// the agent has created it: the file appears a moment before its schema, so
+/// the open is retried until it succeeds.
+pub(crate) fn outbox_reader(home: &Path, agent: &mut Agent) -> Result<OutboxReader> {
+    let db = home.join("data").join("outbox.db");
+    let log = home.join("agent.log");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if !agent.proc.is_running() {
+            bail!("the agent exited (log: {})", log.display());
+        }
+        let last = match OutboxReader::open(&db, AgentId::parse("local")?) {
+            Ok(r) => return Ok(r),
+            Err(e) => e,
+        };
+        if Instant::now() > deadline {
+            bail!(
+                "the agent's outbox did not open within 60 s: {last} (log: {})",
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

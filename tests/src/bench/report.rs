@@ -1,0 +1,222 @@
+//! The report: rows of the Markdown table, number formatting, and the facts
+//! about the machine that make a result comparable.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// Whether a row met its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// The target was met.
+    Pass,
+    /// The target was missed (still a valid measurement).
+    Fail,
+    /// No target: reported for context.
+    Info,
+    /// The measurement could not be taken.
+    Error,
+}
+
+impl Verdict {
+    pub(crate) fn from_bool(ok: bool) -> Verdict {
+        if ok {
+            Verdict::Pass
+        } else {
+            Verdict::Fail
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Fail => "**FAIL**",
+            Verdict::Info => "info",
+            Verdict::Error => "**ERROR**",
+        }
+    }
+}
+
+/// One line of the table.
+#[derive(Debug, Clone)]
+pub(crate) struct Row {
+    pub(crate) what: String,
+    pub(crate) ours: String,
+    pub(crate) baseline: String,
+    pub(crate) ratio: String,
+    pub(crate) target: String,
+    pub(crate) verdict: Verdict,
+}
+
+impl Row {
+    /// A row for a measurement that could not be taken.
+    pub(crate) fn error(what: &str, error: &anyhow::Error) -> Row {
+        // One line, and no pipe characters that would break the table.
+        let msg = format!("{error:#}").replace(['\n', '|'], " ");
+        Row {
+            what: what.to_owned(),
+            ours: format!("error: {msg}"),
+            baseline: "-".into(),
+            ratio: "-".into(),
+            target: "-".into(),
+            verdict: Verdict::Error,
+        }
+    }
+}
+
+/// The Markdown table.
+pub(crate) fn table(rows: &[Row]) -> String {
+    let mut s = String::new();
+    s.push_str("| what | ours | baseline | ratio | target | result |\n");
+    s.push_str("| --- | ---: | ---: | ---: | --- | --- |\n");
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} |",
+            r.what,
+            r.ours,
+            r.baseline,
+            r.ratio,
+            r.target,
+            r.verdict.as_str()
+        );
+    }
+    s
+}
+
+/// `1234567.8` → `1,234,568`.
+pub(crate) fn thousands(v: f64) -> String {
+    let n = v.round().max(0.0) as u64;
+    let digits = n.to_string();
+    let (head, rest) = digits.split_at(digits.len() % 3);
+    let mut groups: Vec<&str> = Vec::with_capacity(digits.len() / 3 + 1);
+    if !head.is_empty() {
+        groups.push(head);
+    }
+    groups.extend(
+        rest.as_bytes()
+            .chunks(3)
+            .filter_map(|c| std::str::from_utf8(c).ok()),
+    );
+    groups.join(",")
+}
+
+/// Events per second.
+pub(crate) fn per_sec(count: u64, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64().max(1e-9)
+}
+
+/// The median of some samples (the mean of the middle two for an even count).
+pub(crate) fn median(samples: &[f64]) -> f64 {
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Samples as `1,234/s, 1,300/s, 1,250/s` for the notes.
+pub(crate) fn samples(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{}/s", thousands(*x)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The first line a command prints (stdout, else stderr), or `?`.
+pub(crate) fn command_line(exe: &str, args: &[&str]) -> String {
+    match Command::new(exe).args(args).output() {
+        Ok(out) => {
+            let text = if out.stdout.is_empty() {
+                out.stderr
+            } else {
+                out.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("?")
+                .trim()
+                .to_owned()
+        }
+        Err(_) => "?".into(),
+    }
+}
+
+/// The facts about the machine, as Markdown bullet lines.
+pub(crate) fn machine(tmp: &Path) -> String {
+    let cpus = command_line("nproc", &[]);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "?".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        })
+        .unwrap_or_else(|| "?".into());
+    let kernel = command_line("uname", &["-sr"]);
+    let fs = Command::new("df")
+        .arg("--output=fstype")
+        .arg(tmp)
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .nth(1)
+                .map(|l| l.trim().to_owned())
+        })
+        .unwrap_or_else(|| "?".into());
+    let mut s = String::new();
+    let _ = writeln!(s, "- CPU: {model}, `nproc` = {cpus}");
+    let _ = writeln!(s, "- Memory: {mem}; kernel: {kernel}");
+    let _ = writeln!(
+        s,
+        "- Scratch directory: `{}` on {fs}{}",
+        tmp.display(),
+        if fs == "tmpfs" {
+            " (**tmpfs: fsync is free here, durable-append numbers are meaningless**)"
+        } else {
+            ""
+        }
+    );
+    s
+}
+
+/// `/proc/loadavg`'s first three fields.
+pub(crate) fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_groups_digits_by_three() {
+        assert_eq!(thousands(0.0), "0");
+        assert_eq!(thousands(999.4), "999");
+        assert_eq!(thousands(1000.0), "1,000");
+        assert_eq!(thousands(1_234_567.0), "1,234,567");
+    }
+
+    #[test]
+    fn median_takes_the_middle_sample() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}

@@ -1,0 +1,305 @@
+//! `outpost-bench`: measures Outpost against its baselines, side by side in
+//! the same run on the same machine, and prints a Markdown table for
+//! `docs/benchmarks.md`.
+//!
+//! ```text
+//! cargo build --release --bins
+//! cargo run --profile bench -p outpost-tests --bin outpost-bench [-- --quick]
+//! ```
+//!
+//! It starts its own peers (Mosquitto, `outpost-devsim`, `outpost-agent`) on
+//! free ports in a temporary directory. Progress goes to stderr, the report to
+//! stdout. Exit status: 0 when every measurement was taken (targets missed or
+//! not: it is a report), 1 when one could not be, 2 on bad arguments.
+//!
+//! Timing is never asserted in unit tests; this binary is where it is measured.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use clap::Parser;
+
+#[path = "../bench/append.rs"]
+mod append;
+#[path = "../bench/modbus.rs"]
+mod modbus;
+#[path = "../bench/mqtt.rs"]
+mod mqtt;
+#[path = "../bench/procfs.rs"]
+mod procfs;
+#[path = "../bench/procs.rs"]
+mod procs;
+#[path = "../bench/report.rs"]
+mod report;
+#[path = "../bench/workload.rs"]
+mod workload;
+
+use report::{Row, Verdict};
+
+/// The variable through which `outpost_tests::bin()` finds the binaries;
+/// read here too, so that both agree.
+const BIN_DIR_VAR: &str = "OUTPOST_BIN_DIR";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "outpost-bench",
+    about = "Measure Outpost against its baselines and print a Markdown table."
+)]
+struct Cli {
+    /// Smaller sizes, for a CI smoke run (the whole run takes under a minute).
+    #[arg(long)]
+    quick: bool,
+    /// Where `outpost-agent` and `outpost-devsim` are. Default: $OUTPOST_BIN_DIR,
+    /// else target/release if it holds them, else target/debug.
+    #[arg(long, value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
+    /// Where the temporary directory goes (its file system is what the
+    /// durable-append numbers measure). Default: the system's temp dir.
+    #[arg(long, value_name = "DIR")]
+    tmp_dir: Option<PathBuf>,
+    /// Keep the temporary directory (databases, configs, logs) after the run.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// The sizes of a run.
+struct Plan {
+    append: append::Params,
+    mqtt: mqtt::Params,
+    modbus: modbus::Params,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                append: append::Params {
+                    events: 200_000,
+                    batch: 1000,
+                    producers: 4,
+                    request: 100,
+                    reps: 1,
+                },
+                mqtt: mqtt::Params {
+                    messages: 20_000,
+                    reps: 1,
+                },
+                modbus: modbus::Params {
+                    window: Duration::from_secs(8),
+                    backlog: 100_000,
+                    settle: Duration::from_secs(5),
+                },
+            }
+        } else {
+            Plan {
+                append: append::Params {
+                    events: 1_000_000,
+                    batch: 1000,
+                    producers: 4,
+                    request: 100,
+                    reps: 3,
+                },
+                mqtt: mqtt::Params {
+                    messages: 200_000,
+                    reps: 3,
+                },
+                modbus: modbus::Params {
+                    window: Duration::from_secs(20),
+                    backlog: 1_000_000,
+                    settle: Duration::from_secs(10),
+                },
+            }
+        }
+    }
+}
+
+/// The workspace's target directory, as `outpost_tests::bin_dir` finds it.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("target")
+        })
+}
+
+/// Which binaries to measure: `--bin-dir`, else `$OUTPOST_BIN_DIR`, else
+/// target/release if it holds the agent, else target/debug.
+fn choose_bin_dir(cli: &Cli) -> PathBuf {
+    if let Some(d) = &cli.bin_dir {
+        return d.clone();
+    }
+    if let Some(d) = std::env::var_os(BIN_DIR_VAR) {
+        return PathBuf::from(d);
+    }
+    let release = target_dir().join("release");
+    if release.join("outpost-agent").exists() {
+        release
+    } else {
+        target_dir().join("debug")
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let bin_dir = choose_bin_dir(&cli);
+    let bin_dir = bin_dir.canonicalize().unwrap_or(bin_dir);
+    match run(&cli, &bin_dir) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs every measurement and prints the report; `Ok(false)` if one could
+/// not be taken.
+fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
+    let started = Instant::now();
+    let plan = Plan::new(cli.quick);
+    let bins = procs::Bins::in_dir(bin_dir)?;
+    let agent_version = report::command_line(&bins.agent.display().to_string(), &["--version"]);
+    let mosquitto_version = report::command_line("/usr/sbin/mosquitto", &["-h"]);
+    let debug_build = bin_dir.ends_with("debug");
+
+    let mut tmp = tempfile::Builder::new();
+    tmp.prefix("outpost-bench-");
+    let tmp = match &cli.tmp_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            tmp.tempdir_in(d)
+        }
+        None => tmp.tempdir(),
+    }
+    .context("create the temporary directory")?;
+    let dir = tmp.path().to_owned();
+    let load_before = report::loadavg();
+    eprintln!(
+        "outpost-bench: {} run in {}, binaries from {}",
+        if cli.quick { "quick" } else { "full" },
+        dir.display(),
+        bin_dir.display()
+    );
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?;
+
+    let mut rows: Vec<Row> = Vec::new();
+    let mut measure = |what: &str, f: &mut dyn FnMut() -> Result<Vec<Row>>| {
+        let t = Instant::now();
+        match f() {
+            Ok(r) => rows.extend(r),
+            Err(e) => {
+                eprintln!("{what}: could not be measured: {e:#}");
+                rows.push(Row::error(what, &e));
+            }
+        }
+        eprintln!("{what}: {:.1} s", t.elapsed().as_secs_f64());
+    };
+    measure("Outbox append", &mut || {
+        let d = dir.join("append");
+        std::fs::create_dir_all(&d)?;
+        let r = append::run(&rt, &d, plan.append);
+        // The databases are large; the later runs do not need them.
+        let _ = std::fs::remove_dir_all(&d);
+        r
+    });
+    measure("MQTT QoS 1 ingest", &mut || {
+        let d = dir.join("mqtt");
+        std::fs::create_dir_all(&d)?;
+        mqtt::run(&bins, &d, plan.mqtt)
+    });
+    measure("Modbus 10,000 tags at 1 Hz", &mut || {
+        modbus::poll(&bins, &dir, plan.modbus)
+    });
+    measure("Agent RSS with a backlog", &mut || {
+        modbus::backlog(&bins, &dir, plan.modbus)
+    });
+    drop(rt);
+
+    let complete = rows.iter().all(|r| r.verdict != Verdict::Error);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut out = String::new();
+    out.push_str(&format!(
+        "## Outpost benchmarks ({} run)\n\n",
+        if cli.quick { "quick" } else { "full" }
+    ));
+    out.push_str(&report::table(&rows));
+    out.push_str("\nMachine and software:\n\n");
+    out.push_str(&report::machine(&dir));
+    out.push_str(&format!(
+        "- Load average before / after: {load_before} / {}\n",
+        report::loadavg()
+    ));
+    out.push_str(&format!(
+        "- Agent: `{}` ({agent_version}){}\n",
+        bins.agent.display(),
+        if debug_build {
+            " — **debug build: build with `cargo build --release --bins` for real numbers**"
+        } else {
+            ""
+        }
+    ));
+    out.push_str(&format!("- Broker: {mosquitto_version}\n"));
+    out.push_str(&format!(
+        "- Whole run: {:.0} s\n",
+        started.elapsed().as_secs_f64()
+    ));
+    out.push_str("\nCommands:\n\n```sh\ncargo build --release --bins\n");
+    out.push_str(&format!(
+        "cargo run --profile bench -p outpost-tests --bin outpost-bench{}{}\n```\n",
+        if args.is_empty() { "" } else { " -- " },
+        args.join(" ")
+    ));
+    out.push_str(NOTES);
+    print!("{out}");
+
+    if cli.keep {
+        let kept = tmp.keep();
+        eprintln!("kept {}", kept.display());
+    }
+    Ok(complete)
+}
+
+/// How each row was measured, printed under the table.
+const NOTES: &str = "
+How each row is measured (medians of the runs; every run's numbers are on stderr):
+
+- Outbox append: ours = `Outbox::append` with N pre-built `EventBody`s (64-byte JSON
+  payloads), one call = one transaction per batch; it encodes each body, assigns seqs,
+  probes for expired rows, maintains the `events_ts` index and the `meta` counters.
+  Baseline = rusqlite alone on a fresh file with the same WAL and `synchronous`, a table
+  `events(seq INTEGER PRIMARY KEY, ts, stream, body BLOB)` without the index, the
+  bodies already postcard-encoded, one prepared INSERT per row, the same batches.
+- Group-commit writer: `spawn_writer` (default options: window 2 ms, max batch 4096)
+  with concurrent producers, each awaiting `OutboxHandle::append` of its 100-event
+  request before sending the next; compared with the batch baseline above.
+- MQTT: one rumqttc publisher (QoS 1, in-flight 1000) → Mosquitto (max_inflight_messages
+  1000, max_queued_messages 0) → a bare rumqttc subscriber (QoS 1, automatic acks,
+  persistent session, stores nothing) or the real `outpost-agent` (persistent session,
+  outbox FULL). The publisher and the bare subscriber each run on a one-thread runtime
+  of their own. Clock from the first publish to the N-th message received (baseline)
+  or seen in the outbox's `accepted_total` (ours, polled every 5 ms). Probe messages
+  before the clock starts make sure each subscriber is connected and subscribed. The
+  publisher's own rate (to its last PUBACK) shows whether it, not the subscriber, was
+  the limit.
+- Modbus: `outpost-devsim --counters 10000` and an agent with one device, 10,000 u16
+  holding tags at addresses 0..9999, poll 1 s; CPU = utime+stime of the agent process
+  from /proc/PID/stat over the window after two polls were stored.
+- Backlog RSS: the outbox is filled with `Outbox::append` before the agent starts;
+  then the agent polls the same 10,000 tags; VmRSS from /proc/PID/status.
+";
