@@ -36,6 +36,7 @@ use tokio::runtime::{Handle, Runtime};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use super::procfs::{clock_ticks, CpuWindow};
 use super::procs::{outbox_reader, Bins};
 use super::report::{median, per_sec, samples, thousands, Row, Verdict};
 use super::workload::{payload, topic, PAYLOAD_LEN};
@@ -497,9 +498,8 @@ fn baseline_drain(port: u16, run: usize, n: usize) -> Result<f64> {
 }
 
 /// The agent draining `n` messages the broker queued for its persistent
-/// session while it was stopped: returns (msg/s from its start to the N-th
-/// stored, events stored beyond N).
-fn ours_drain(bins: &Bins, dir: &Path, port: u16, run: usize, n: usize) -> Result<(f64, u64)> {
+/// session while it was stopped.
+fn ours_drain(bins: &Bins, dir: &Path, port: u16, run: usize, n: usize) -> Result<Drain> {
     let prefix = format!("bench/qagent{run}");
     let home = dir.join(format!("agent-mqtt-drain-{run}"));
     std::fs::create_dir_all(&home)?;
@@ -532,6 +532,7 @@ fn ours_drain(bins: &Bins, dir: &Path, port: u16, run: usize, n: usize) -> Resul
     let goal = base + n as u64;
     let started = Instant::now();
     let mut agent = bins.start_agent(&home, &config)?;
+    let cpu = CpuWindow::start(agent.proc.child.id())?;
     let reader = outbox_reader(&home, &mut agent)?;
     let accepted = || -> Result<u64> { Ok(reader.stats()?.accepted_total) };
     let deadline = started + run_timeout(n);
@@ -557,10 +558,29 @@ fn ours_drain(bins: &Bins, dir: &Path, port: u16, run: usize, n: usize) -> Resul
         }
         std::thread::sleep(POLL);
     };
+    let (cpu, _) = cpu.stop(clock_ticks())?;
+    let txs = reader.stats()?.transactions_total;
     std::thread::sleep(Duration::from_millis(500));
     let extra = accepted()?.saturating_sub(goal);
     agent.proc.term(Duration::from_secs(20))?;
-    Ok((per_sec(n as u64, finished.duration_since(started)), extra))
+    Ok(Drain {
+        rate: per_sec(n as u64, finished.duration_since(started)),
+        cpu,
+        transactions: txs,
+        extra,
+    })
+}
+
+/// What the agent's drain measured.
+struct Drain {
+    /// Messages per second, agent start to the N-th stored.
+    rate: f64,
+    /// The agent's CPU over the drain, % of one core.
+    cpu: f64,
+    /// Outbox transactions so far (the probe's and the drain's).
+    transactions: u64,
+    /// Events stored beyond N.
+    extra: u64,
 }
 
 /// Runs the MQTT measurement in `dir` and returns its rows.
@@ -570,7 +590,7 @@ pub(crate) fn run(bins: &Bins, dir: &Path, p: Params) -> Result<Vec<Row>> {
     let broker = Mosquitto::start(&broker_dir)?;
     let (mut base, mut ours_v) = (Vec::new(), Vec::new());
     let (mut base_pub, mut ours_pub) = (Vec::new(), Vec::new());
-    let (mut base_q, mut ours_q) = (Vec::new(), Vec::new());
+    let (mut base_q, mut ours_q, mut ours_q_cpu) = (Vec::new(), Vec::new(), Vec::new());
     let mut duplicates = 0;
     for rep in 0..p.reps {
         let b = baseline(broker.port, rep, p.messages)?;
@@ -590,16 +610,20 @@ pub(crate) fn run(bins: &Bins, dir: &Path, p: Params) -> Result<Vec<Row>> {
         ours_pub.push(o.publisher);
 
         let bq = baseline_drain(broker.port, rep, p.messages)?;
-        let (oq, extra) = ours_drain(bins, dir, broker.port, rep, p.messages)?;
-        duplicates += extra;
+        let oq = ours_drain(bins, dir, broker.port, rep, p.messages)?;
+        duplicates += oq.extra;
         eprintln!(
-            "mqtt drain run {}: bare subscriber {}/s, agent {}/s",
+            "mqtt drain run {}: bare subscriber {}/s, agent {}/s ({:.0}% of one core, {} transactions, ~{} events each)",
             rep + 1,
             thousands(bq),
-            thousands(oq)
+            thousands(oq.rate),
+            oq.cpu,
+            oq.transactions,
+            thousands(p.messages as f64 / oq.transactions.max(1) as f64)
         );
         base_q.push(bq);
-        ours_q.push(oq);
+        ours_q.push(oq.rate);
+        ours_q_cpu.push(oq.cpu);
     }
     eprintln!(
         "mqtt live: bare subscriber [{}], agent [{}]; drain: bare subscriber [{}], agent [{}]",
@@ -625,8 +649,9 @@ pub(crate) fn run(bins: &Bins, dir: &Path, p: Params) -> Result<Vec<Row>> {
         },
         Row {
             what: format!(
-                "MQTT QoS 1 drain: {} × {PAYLOAD_LEN}-byte messages queued at Mosquitto for a persistent session, subscriber (re)start → last stored (msg/s)",
-                thousands(p.messages as f64)
+                "MQTT QoS 1 drain: {} × {PAYLOAD_LEN}-byte messages queued at Mosquitto for a persistent session, subscriber (re)start → last stored (msg/s; agent synchronous=FULL, {:.0}% of one core meanwhile)",
+                thousands(p.messages as f64),
+                median(&ours_q_cpu)
             ),
             ours: format!("{}/s", thousands(median(&ours_q))),
             baseline: format!("{}/s", thousands(median(&base_q))),

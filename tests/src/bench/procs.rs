@@ -2,12 +2,14 @@
 //!
 //! `outpost_tests::{Agent, Devsim}::start` find the binaries through
 //! `OUTPOST_BIN_DIR`, which this harness cannot set for itself (setting an
-//! environment variable in a running process is banned in clippy.toml), and
-//! which must not reach the agent anyway: the agent reads every `OUTPOST_*`
-//! variable as a config override, so an inherited `OUTPOST_BIN_DIR` becomes
-//! the unknown key `bin_dir` and the agent refuses to start. So the harness
-//! spawns them itself, with every `OUTPOST_*` variable removed, and wraps them
-//! in the helpers' types so that they are killed on drop all the same.
+//! environment variable in a running process is banned in clippy.toml). Such
+//! variables should not reach the agent either: it reads `OUTPOST_*`
+//! variables as config overrides, and agent builds before the shared
+//! `protocols::settings` parser turned an inherited `OUTPOST_BIN_DIR` into the
+//! unknown key `bin_dir` and refused to start. So the harness spawns the
+//! binaries itself, with every `OUTPOST_*` variable removed (the measured agent
+//! runs on its config file alone), and wraps them in the helpers' types so
+//! that they are killed on drop all the same.
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;

@@ -285,21 +285,30 @@ How each row is measured (medians of the runs; every run's numbers are on stderr
   Baseline = rusqlite alone on a fresh file with the same WAL and `synchronous`, a table
   `events(seq INTEGER PRIMARY KEY, ts, stream, body BLOB)` without the index, the
   bodies already postcard-encoded, one prepared INSERT per row, the same batches.
+  Baseline and ours alternate, each on a fresh file.
 - Group-commit writer: `spawn_writer` (default options: window 2 ms, max batch 4096)
   with concurrent producers, each awaiting `OutboxHandle::append` of its 100-event
   request before sending the next; compared with the batch baseline above.
-- MQTT: one rumqttc publisher (QoS 1, in-flight 1000) → Mosquitto (max_inflight_messages
+- MQTT: a rumqttc publisher (QoS 1, in-flight 1000) → Mosquitto (max_inflight_messages
   1000, max_queued_messages 0) → a bare rumqttc subscriber (QoS 1, automatic acks,
   persistent session, stores nothing) or the real `outpost-agent` (persistent session,
-  outbox FULL). The publisher and the bare subscriber each run on a one-thread runtime
-  of their own. Clock from the first publish to the N-th message received (baseline)
-  or seen in the outbox's `accepted_total` (ours, polled every 5 ms). Probe messages
-  before the clock starts make sure each subscriber is connected and subscribed. The
-  publisher's own rate (to its last PUBACK) shows whether it, not the subscriber, was
-  the limit.
-- Modbus: `outpost-devsim --counters 10000` and an agent with one device, 10,000 u16
-  holding tags at addresses 0..9999, poll 1 s; CPU = utime+stime of the agent process
-  from /proc/PID/stat over the window after two polls were stored.
-- Backlog RSS: the outbox is filled with `Outbox::append` before the agent starts;
-  then the agent polls the same 10,000 tags; VmRSS from /proc/PID/status.
+  outbox FULL). Publisher and bare subscriber each run on a one-thread runtime of their
+  own. Live: messages are published while the subscriber is connected; clock from the
+  first publish to the N-th message received (baseline) or counted in the outbox's
+  `accepted_total` (ours, polled every 5 ms). One publisher is usually the limit of
+  this shape (compare the publisher's own rate): it shows that the agent keeps up.
+  Drain: the subscriber's persistent session is made and left, N messages are queued
+  at the broker, and the clock runs from the reconnect (ours: the agent process's
+  start) to the N-th message received or stored: what the broker can deliver, with no
+  publisher in the way. Probe messages before each clock make sure the subscriber is
+  connected and subscribed. For scale, shared/PEERS.md measured ~65k msg/s QoS 1 live
+  (one publisher, in-flight 100) on a quiet machine of this type.
+- Modbus: `outpost-devsim --listen 127.0.0.1:0 --counters 10000` and an agent with one
+  device, 10,000 u16 holding tags at addresses 0..9999, poll 1 s, after two polls were
+  stored. The window runs from the end of one poll to the end of the W-th poll after
+  it, so it holds whole polls; CPU = utime+stime of the agent process (all threads)
+  from /proc/PID/stat over the window.
+- Backlog RSS: the outbox is filled with `Outbox::append` (as agent `local`) before the
+  agent starts; then the agent polls the same 10,000 tags (no uplink, so the backlog
+  stays); VmRSS and VmHWM from /proc/PID/status. MB = 10^6 bytes.
 ";
