@@ -101,7 +101,9 @@ pub struct OutboxSection {
     /// The most events in one group-commit transaction.
     #[serde(default = "default_commit_batch")]
     pub commit_batch: usize,
-    /// How long the writer waits for more events before committing.
+    /// How long the writer may wait for more events once the queue is empty
+    /// (0: commit at once; requests that arrive during a commit form the next
+    /// group by themselves).
     #[serde(default = "default_commit_window")]
     pub commit_window: HumanDuration,
 }
@@ -122,7 +124,7 @@ fn default_commit_batch() -> usize {
     4096
 }
 fn default_commit_window() -> HumanDuration {
-    HumanDuration(Duration::from_millis(2))
+    HumanDuration(Duration::ZERO)
 }
 
 impl Default for OutboxSection {

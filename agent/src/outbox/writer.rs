@@ -41,8 +41,9 @@ pub struct WriterOptions {
     /// Stop collecting once this many events are waiting (a single larger
     /// request is still committed whole). Default 4096.
     pub max_batch: usize,
-    /// How long after the first request of a group the writer waits for more.
-    /// Zero commits whatever is queued at once. Default 2 ms.
+    /// How long after the first request of a group the writer may wait for
+    /// more once the queue is empty. Zero (the default) commits whatever is
+    /// queued at once; requests arriving during a commit form the next group.
     pub window: Duration,
 }
 
@@ -50,7 +51,7 @@ impl Default for WriterOptions {
     fn default() -> WriterOptions {
         WriterOptions {
             max_batch: 4096,
-            window: Duration::from_millis(2),
+            window: Duration::ZERO,
         }
     }
 }
@@ -316,9 +317,14 @@ fn collect(
             }
             Err(TryRecvError::Disconnected) => break,
             Err(TryRecvError::Empty) => {
-                // tokio's channel has no blocking receive with a timeout, so the
-                // window is watched in short sleeps; they only happen while a
-                // group is open, never when the agent is idle.
+                // Nothing more is queued: commit now unless a window was
+                // configured. Under load, requests pile up while a commit is
+                // on disk and form the next group by themselves, so waiting
+                // only adds latency where a flush is cheap; on slow flash a
+                // short window trades latency for fewer flushes. tokio's
+                // channel has no blocking receive with a timeout, so the
+                // window is watched in short sleeps, only while a group is
+                // open.
                 let now = Instant::now();
                 if now >= deadline {
                     break;

@@ -63,7 +63,53 @@ enum Then {
     Release(u16),
 }
 
-type Commit = Pin<Box<dyn Future<Output = (Result<usize, OutboxError>, Then)> + Send>>;
+type Commit = Pin<Box<dyn Future<Output = (Result<usize, OutboxError>, Vec<Then>)> + Send>>;
+
+/// The messages of one read, stored in one outbox request: a read from the
+/// socket usually holds many PUBLISH packets, and one request (one seq range,
+/// one reply) for all of them keeps the per-message cost to the codec and the
+/// insert.
+#[derive(Default)]
+struct Group {
+    bodies: Vec<EventBody>,
+    qos2: Vec<Qos2Op>,
+    thens: Vec<Then>,
+    messages: usize,
+}
+
+impl Group {
+    fn flush(
+        &mut self,
+        outbox: &OutboxHandle,
+        metrics: &Arc<Metrics>,
+        commits: &mut FuturesOrdered<Commit>,
+    ) {
+        if self.thens.is_empty() {
+            return;
+        }
+        let Group {
+            bodies,
+            qos2,
+            thens,
+            messages,
+        } = std::mem::take(self);
+        if bodies.is_empty() && qos2.is_empty() {
+            // Nothing to store (QoS 0/1 commands for a bridge): the
+            // acknowledgements need no commit, but still keep their order.
+            commits.push_back(Box::pin(async move { (Ok(messages), thens) }));
+            return;
+        }
+        let h = outbox.clone();
+        let metrics = metrics.clone();
+        commits.push_back(Box::pin(async move {
+            let r = h.append(bodies, qos2).await;
+            if let Ok(outcome) = &r {
+                metrics.accepted("mqtt", outcome.accepted as u64);
+            }
+            (r.map(|_| messages), thens)
+        }));
+    }
+}
 
 /// The MQTT source: subscribes to the site broker and stores what arrives.
 pub struct MqttSource {
@@ -73,11 +119,13 @@ pub struct MqttSource {
     device_writers: Vec<mpsc::Sender<WriteCommand>>,
     outbox: OutboxHandle,
     metrics: Arc<Metrics>,
+    /// `outpost_mqtt_messages_total` for QoS 0, 1, 2, looked up once.
+    qos_counters: [prometheus_client::metrics::counter::Counter; 3],
 }
 
-/// Stop reading from the broker while this many commits are outstanding: a
-/// QoS 0 flood must not grow memory without bound.
-const MAX_PENDING_COMMITS: usize = 8192;
+/// Stop reading from the broker while this many messages wait for their
+/// commit: a QoS 0 flood must not grow memory without bound.
+const MAX_PENDING_MESSAGES: usize = 8192;
 
 impl MqttSource {
     /// A source for these settings.
@@ -88,12 +136,19 @@ impl MqttSource {
         outbox: OutboxHandle,
         metrics: Arc<Metrics>,
     ) -> MqttSource {
+        let qos_counters = ["0", "1", "2"].map(|q| {
+            metrics
+                .mqtt_messages
+                .get_or_create(&QosLabels { qos: q.into() })
+                .clone()
+        });
         MqttSource {
             settings,
             write_bridges,
             device_writers,
             outbox,
             metrics,
+            qos_counters,
         }
     }
 
@@ -193,6 +248,8 @@ impl MqttSource {
         let mut rbuf = BytesMut::with_capacity(64 * 1024);
         let mut wbuf = BytesMut::with_capacity(64 * 1024);
         let mut commits: FuturesOrdered<Commit> = FuturesOrdered::new();
+        let mut group = Group::default();
+        let mut inflight = 0usize;
 
         let result = loop {
             // Outputs first, in the documented order.
@@ -200,23 +257,30 @@ impl MqttSource {
                 break Err(e);
             }
             while let Some(ev) = session.poll_event() {
-                self.on_event(ev, &mut commits).await;
+                self.on_event(ev, &mut group).await;
             }
-            self.metrics.mqtt_inflight.set(commits.len() as i64);
+            inflight += group.messages;
+            group.flush(&self.outbox, &self.metrics, &mut commits);
+            self.metrics.mqtt_inflight.set(inflight as i64);
             let deadline = tokio::time::Instant::from_std(session.poll_timeout());
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break Ok(()),
-                Some((res, then)) = commits.next(), if !commits.is_empty() => {
+                Some((res, thens)) = commits.next(), if !commits.is_empty() => {
                     match res {
-                        Ok(_) => match then {
-                            Then::Ack(ack) => session.committed(ack),
-                            Then::Release(pkid) => session.released(pkid),
-                        },
+                        Ok(n) => {
+                            inflight = inflight.saturating_sub(n);
+                            for then in thens {
+                                match then {
+                                    Then::Ack(ack) => session.committed(ack),
+                                    Then::Release(pkid) => session.released(pkid),
+                                }
+                            }
+                        }
                         Err(e) => break Err(e.into()),
                     }
                 }
-                read = io.read_buf(&mut rbuf), if commits.len() < MAX_PENDING_COMMITS => {
+                read = io.read_buf(&mut rbuf), if inflight < MAX_PENDING_MESSAGES => {
                     match read {
                         Ok(0) => break Err(MqttError::Io { addr: addr.to_owned(), source: std::io::ErrorKind::UnexpectedEof.into() }),
                         Ok(_) => {
@@ -239,11 +303,13 @@ impl MqttSource {
         // (or has failed) before the connection goes: on shutdown its
         // acknowledgement still reaches the broker; after an error the broker
         // redelivers it and the stored packet ids recognise QoS 2 copies.
-        while let Some((res, then)) = commits.next().await {
+        while let Some((res, thens)) = commits.next().await {
             if res.is_ok() {
-                match then {
-                    Then::Ack(ack) => session.committed(ack),
-                    Then::Release(pkid) => session.released(pkid),
+                for then in thens {
+                    match then {
+                        Then::Ack(ack) => session.committed(ack),
+                        Then::Release(pkid) => session.released(pkid),
+                    }
                 }
             }
         }
@@ -294,7 +360,7 @@ impl MqttSource {
         }
     }
 
-    async fn on_event(&self, ev: SessionEvent, commits: &mut FuturesOrdered<Commit>) {
+    async fn on_event(&self, ev: SessionEvent, group: &mut Group) {
         match ev {
             SessionEvent::Connected { session_present } => {
                 self.metrics.mqtt_connected.set(1);
@@ -308,47 +374,30 @@ impl MqttSource {
                 debug!(pkid, "QoS 2 redelivery recognised; not stored again.");
             }
             SessionEvent::Release { pkid } => {
-                let h = self.outbox.clone();
-                commits.push_back(Box::pin(async move {
-                    let r = h.append(Vec::new(), vec![Qos2Op::Released(pkid)]).await;
-                    (r.map(|_| 0), Then::Release(pkid))
-                }));
+                group.qos2.push(Qos2Op::Released(pkid));
+                group.thens.push(Then::Release(pkid));
             }
             SessionEvent::Message { publish, ack } => {
-                let qos = match publish.qos {
-                    QoS::AtMostOnce => "0",
-                    QoS::AtLeastOnce => "1",
-                    QoS::ExactlyOnce => "2",
+                let i = match publish.qos {
+                    QoS::AtMostOnce => 0,
+                    QoS::AtLeastOnce => 1,
+                    QoS::ExactlyOnce => 2,
                 };
-                self.metrics
-                    .mqtt_messages
-                    .get_or_create(&QosLabels { qos: qos.into() })
-                    .inc();
+                self.qos_counters[i].inc();
                 if publish.dup && publish.qos == QoS::AtLeastOnce {
                     self.metrics.mqtt_qos1_redelivered.inc();
                 }
-                self.dispatch_writes(&publish).await;
-                let bodies: Vec<EventBody> = self.to_event(&publish).into_iter().collect();
-                let n = bodies.len();
-                let qos2 = match ack {
-                    Ack::PubRec(pkid) => vec![Qos2Op::Received(pkid)],
-                    _ => Vec::new(),
-                };
-                if n == 0 && qos2.is_empty() {
-                    // Nothing to store (a QoS 0 command for a bridge): the
-                    // acknowledgement, if any, needs no commit.
-                    commits.push_back(Box::pin(async move { (Ok(0), Then::Ack(ack)) }));
-                    return;
+                if !self.write_bridges.is_empty() {
+                    self.dispatch_writes(&publish).await;
                 }
-                let h = self.outbox.clone();
-                let metrics = self.metrics.clone();
-                commits.push_back(Box::pin(async move {
-                    let r = h.append(bodies, qos2).await;
-                    if let Ok(outcome) = &r {
-                        metrics.accepted("mqtt", outcome.accepted as u64);
-                    }
-                    (r.map(|_| n), Then::Ack(ack))
-                }));
+                if let Some(body) = self.to_event(&publish) {
+                    group.bodies.push(body);
+                }
+                if let Ack::PubRec(pkid) = ack {
+                    group.qos2.push(Qos2Op::Received(pkid));
+                }
+                group.thens.push(Then::Ack(ack));
+                group.messages += 1;
             }
         }
     }
