@@ -14,6 +14,7 @@ pub mod event;
 pub mod modbus;
 pub mod settings;
 pub mod topic;
+pub mod wire;
 
 pub use event::{
     AgentId, Event, EventBody, JsonText, Quality, Reason, Seq, StreamName, Timestamp, Value,

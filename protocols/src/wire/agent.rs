@@ -1,0 +1,546 @@
+//! The agent's side of a connection: say `Hello`, learn the hub's watermark,
+//! stream the outbox in batches within the window, and report what the hub
+//! acknowledged.
+//!
+//! ```text
+//!            new()                 Welcome
+//!   ──────▶ Handshake ───────────────────────▶ Streaming
+//!               │                                  │
+//!               │ Error, timeout, bad frame        │ Error, timeout, bad frame,
+//!               ▼                                  ▼ goodbye(), close()
+//!             Closed ◀─────────────────────────── Closed
+//! ```
+//!
+//! One session lives for one connection. After a reconnect the driver makes a
+//! new session; what to resend comes from the new `Welcome`'s watermark, never
+//! from the old session.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::error::{ErrorCode, ProtocolError, UsageError};
+use super::frame::{
+    check_hello, truncate, BatchEncoder, Frame, FrameDecoder, Pushed, MAX_ERROR_MESSAGE_LEN,
+    MAX_EVENT_LEN,
+};
+use super::SUPPORTED_VERSIONS;
+use crate::event::{EventBody, Seq};
+
+/// The agent session's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Send a `Heartbeat` after this long without sending anything.
+    pub heartbeat: Duration,
+    /// Close with [`ErrorCode::Timeout`] after this long without receiving
+    /// anything (also bounds the wait for `Welcome`).
+    pub idle_timeout: Duration,
+    /// The most events in one `Batch` frame (at least 1).
+    pub max_batch_events: usize,
+    /// The most encoded event bytes in one `Batch` frame (a single larger event
+    /// still goes alone, up to [`MAX_EVENT_LEN`]); clamped to `MAX_EVENT_LEN`.
+    pub max_batch_bytes: usize,
+}
+
+impl Default for AgentConfig {
+    fn default() -> AgentConfig {
+        AgentConfig {
+            heartbeat: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            max_batch_events: 1024,
+            max_batch_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// What the agent tells the hub about itself in `Hello`. Not its id: the hub
+/// takes that from the agent's certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AgentInfo {
+    /// The agent's software version (at most
+    /// [`MAX_AGENT_VERSION_LEN`](super::MAX_AGENT_VERSION_LEN) bytes).
+    pub agent_version: String,
+    /// The agent's labels (at most [`MAX_LABELS`](super::MAX_LABELS), each name
+    /// and value at most [`MAX_LABEL_LEN`](super::MAX_LABEL_LEN) bytes).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What the agent session tells its driver.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum AgentEvent {
+    /// The hub welcomed the agent. Read the outbox after
+    /// [`AgentSession::read_after`] (which is `watermark` now) and push events
+    /// as [`AgentSession::wants`] allows.
+    Connected {
+        /// The negotiated protocol version.
+        version: u16,
+        /// The highest seq the hub has durably stored.
+        watermark: Seq,
+    },
+    /// The hub has durably stored every event up to `upto`: delete them from
+    /// the outbox. Follows `Connected` for the watermark when it is above 0.
+    Acked {
+        /// The highest seq stored.
+        upto: Seq,
+    },
+    /// The session is over; make a new one on a new connection. `None` after a
+    /// `goodbye()`.
+    Closed {
+        /// Why, if it was not a clean goodbye.
+        error: Option<ProtocolError>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Handshake,
+    Streaming { version: u16 },
+    Closed,
+}
+
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::Handshake => "awaiting Welcome",
+            State::Streaming { .. } => "streaming",
+            State::Closed => "closed",
+        }
+    }
+}
+
+/// One connection's worth of agent protocol state, sans-IO.
+///
+/// Inputs: [`handle_bytes`](Self::handle_bytes) with what the stream yields,
+/// [`handle_timeout`](Self::handle_timeout) when [`poll_timeout`](Self::poll_timeout)
+/// passes, and the driver's [`push_events`](Self::push_events),
+/// [`report_backlog`](Self::report_backlog), [`goodbye`](Self::goodbye) and
+/// [`close`](Self::close).
+///
+/// Poll order after every input: [`poll_transmit`](Self::poll_transmit) until
+/// `None` (write the bytes to the stream), then [`poll_event`](Self::poll_event)
+/// until `None` (an `Acked` deletes from the outbox; then, while
+/// [`wants`](Self::wants) is above 0, read the outbox after
+/// [`read_after`](Self::read_after) and push), then wait for bytes or for
+/// [`poll_timeout`](Self::poll_timeout). Pushing is an input: poll again after it.
+#[derive(Debug)]
+pub struct AgentSession {
+    config: AgentConfig,
+    state: State,
+    decoder: FrameDecoder,
+    /// Encoded frames, each with the highest seq it carries.
+    transmit: VecDeque<(Vec<u8>, Option<Seq>)>,
+    events: VecDeque<AgentEvent>,
+    /// The batch being filled by `push_events`, sealed at `poll_transmit`.
+    open: BatchEncoder,
+    /// The watermark from `Welcome`.
+    watermark: Seq,
+    /// The highest seq the hub acknowledged (at least the watermark).
+    acked: Seq,
+    /// The highest seq pushed (at least the watermark).
+    pushed: Seq,
+    /// The highest seq handed to the driver by `poll_transmit`.
+    sent: Seq,
+    /// The seqs pushed and not yet acknowledged, ascending.
+    unacked: VecDeque<Seq>,
+    /// How many events may be unacknowledged.
+    window: u32,
+    /// The latest backlog report, sent once streaming.
+    backlog: Option<Frame>,
+    last_received: Instant,
+    last_sent: Instant,
+}
+
+impl AgentSession {
+    /// Starts a session on a freshly opened stream: queues `Hello` offering
+    /// every version in [`SUPPORTED_VERSIONS`].
+    ///
+    /// If `info` breaks a `Hello` limit the session starts closed, with
+    /// [`ProtocolError::InvalidHello`] in its `Closed` event, rather than being
+    /// refused by the hub.
+    pub fn new(now: Instant, info: AgentInfo, config: AgentConfig) -> AgentSession {
+        let config = AgentConfig {
+            max_batch_events: config.max_batch_events.max(1),
+            max_batch_bytes: config.max_batch_bytes.clamp(1, MAX_EVENT_LEN),
+            ..config
+        };
+        let mut session = AgentSession {
+            config,
+            state: State::Handshake,
+            decoder: FrameDecoder::new(),
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+            open: BatchEncoder::default(),
+            watermark: Seq(0),
+            acked: Seq(0),
+            pushed: Seq(0),
+            sent: Seq(0),
+            unacked: VecDeque::new(),
+            window: 0,
+            backlog: None,
+            last_received: now,
+            last_sent: now,
+        };
+        let versions: Vec<u16> = SUPPORTED_VERSIONS.rev().collect();
+        match check_hello(&versions, &info.agent_version, &info.labels) {
+            Ok(()) => session.queue(&Frame::Hello {
+                versions,
+                agent_version: info.agent_version,
+                labels: info.labels,
+            }),
+            Err(reason) => {
+                // Nothing was sent yet, so there is no peer to tell.
+                session.state = State::Closed;
+                session.events.push_back(AgentEvent::Closed {
+                    error: Some(ProtocolError::InvalidHello { reason }),
+                });
+            }
+        }
+        session
+    }
+
+    /// Feeds bytes read from the stream and processes every complete frame.
+    ///
+    /// Returns the error if these bytes closed the session (it is also in the
+    /// `Closed` event). Bytes after the session closed are ignored.
+    pub fn handle_bytes(&mut self, now: Instant, bytes: &[u8]) -> Result<(), ProtocolError> {
+        if self.state == State::Closed {
+            return Ok(());
+        }
+        if !bytes.is_empty() {
+            // Any byte counts as life: a large frame may take longer than the
+            // idle timeout to arrive on a slow link.
+            self.last_received = now;
+        }
+        self.decoder.push(bytes);
+        while self.state != State::Closed {
+            let frame = match self.decoder.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => return Err(self.fail(e.into())),
+            };
+            if let Err(e) = self.handle_frame(frame) {
+                return Err(self.fail(e));
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_frame(&mut self, frame: Frame) -> Result<(), ProtocolError> {
+        match (self.state, frame) {
+            (_, Frame::Error { code, message }) => Err(ProtocolError::Peer {
+                code,
+                message: truncate(&message, MAX_ERROR_MESSAGE_LEN),
+            }),
+            (
+                State::Handshake,
+                Frame::Welcome {
+                    version,
+                    watermark,
+                    window,
+                },
+            ) => {
+                if !SUPPORTED_VERSIONS.contains(&version) {
+                    return Err(ProtocolError::UnsupportedVersion {
+                        ours: SUPPORTED_VERSIONS.rev().collect(),
+                        theirs: vec![version],
+                    });
+                }
+                self.state = State::Streaming { version };
+                self.watermark = watermark;
+                self.acked = watermark;
+                self.pushed = watermark;
+                self.sent = watermark;
+                self.window = window;
+                self.events
+                    .push_back(AgentEvent::Connected { version, watermark });
+                if watermark > Seq(0) {
+                    self.events.push_back(AgentEvent::Acked { upto: watermark });
+                }
+                if let Some(backlog) = self.backlog.take() {
+                    self.queue(&backlog);
+                }
+                Ok(())
+            }
+            (State::Streaming { .. }, Frame::Ack { upto, window }) => {
+                if upto < self.acked {
+                    return Err(ProtocolError::AckWentBackwards {
+                        previous: self.acked,
+                        got: upto,
+                    });
+                }
+                if upto > self.sent {
+                    return Err(ProtocolError::AckBeyondSent {
+                        sent: self.sent,
+                        got: upto,
+                    });
+                }
+                self.window = window;
+                if upto > self.acked {
+                    self.acked = upto;
+                    while self.unacked.front().is_some_and(|s| *s <= upto) {
+                        self.unacked.pop_front();
+                    }
+                    self.events.push_back(AgentEvent::Acked { upto });
+                }
+                Ok(())
+            }
+            (State::Streaming { .. }, Frame::Heartbeat) => Ok(()),
+            (state, frame) => Err(ProtocolError::UnexpectedFrame {
+                frame: frame.kind(),
+                state: state.name(),
+            }),
+        }
+    }
+
+    /// Processes the passage of time: closes with [`ErrorCode::Timeout`] after
+    /// the idle timeout, queues a `Heartbeat` after the heartbeat interval.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        let silent = now.saturating_duration_since(self.last_received);
+        if silent >= self.config.idle_timeout {
+            self.fail(ProtocolError::IdleTimeout { silent });
+            return;
+        }
+        if matches!(self.state, State::Streaming { .. })
+            && self.transmit.is_empty()
+            && self.open.is_empty()
+            && now.saturating_duration_since(self.last_sent) >= self.config.heartbeat
+        {
+            self.queue(&Frame::Heartbeat);
+            // Counted as sent now, so the timer moves on even if the driver
+            // polls the frame a little later.
+            self.last_sent = now;
+        }
+    }
+
+    /// Appends the next frame to `buf` and returns its length, or `None` when
+    /// nothing is waiting. Call until `None`.
+    #[must_use]
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<usize> {
+        if !self.open.is_empty() {
+            self.seal();
+        }
+        let (frame, last) = self.transmit.pop_front()?;
+        if let Some(last) = last {
+            self.sent = self.sent.max(last);
+        }
+        buf.extend_from_slice(&frame);
+        self.last_sent = now;
+        Some(frame.len())
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must next be called, or
+    /// `None` once closed.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let idle = self.last_received + self.config.idle_timeout;
+        match self.state {
+            State::Closed => None,
+            State::Handshake => Some(idle),
+            State::Streaming { .. } => Some(idle.min(self.last_sent + self.config.heartbeat)),
+        }
+    }
+
+    /// The next event for the driver.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<AgentEvent> {
+        self.events.pop_front()
+    }
+
+    /// How many more events the session accepts now: the window's room. 0
+    /// before `Connected` and after `Closed`.
+    #[must_use]
+    pub fn wants(&self) -> usize {
+        match self.state {
+            State::Streaming { .. } => (self.window as usize).saturating_sub(self.unacked.len()),
+            _ => 0,
+        }
+    }
+
+    /// The seq to read the outbox after: the last seq pushed, or the `Welcome`
+    /// watermark before any push. Push only events with greater seqs.
+    #[must_use]
+    pub fn read_after(&self) -> Seq {
+        self.pushed
+    }
+
+    /// Takes events read from the outbox, in increasing seq order after
+    /// [`read_after`](Self::read_after), at most [`wants`](Self::wants) of them.
+    /// They are sent in `Batch` frames of at most `max_batch_events` events and
+    /// `max_batch_bytes` bytes.
+    ///
+    /// Events are taken one by one; on an error the events before the failing
+    /// one were taken, that one and those after it were not. On
+    /// [`UsageError::EventTooLarge`] drop that event from the outbox (count it as
+    /// evicted) and push the rest again.
+    pub fn push_events(&mut self, events: Vec<(Seq, EventBody)>) -> Result<(), UsageError> {
+        for (seq, body) in &events {
+            self.push_event(*seq, body)?;
+        }
+        Ok(())
+    }
+
+    /// Takes one event; see [`push_events`](Self::push_events).
+    pub fn push_event(&mut self, seq: Seq, body: &EventBody) -> Result<(), UsageError> {
+        if !matches!(self.state, State::Streaming { .. }) {
+            return Err(UsageError::NotStreaming);
+        }
+        if seq <= self.pushed {
+            return Err(UsageError::SeqNotIncreasing {
+                previous: self.pushed,
+                got: seq,
+            });
+        }
+        if self.wants() == 0 {
+            return Err(UsageError::WindowFull {
+                window: self.window,
+            });
+        }
+        let (max_events, max_bytes) = (self.config.max_batch_events, self.config.max_batch_bytes);
+        let mut pushed = self.open.push(seq, body, max_events, max_bytes);
+        if matches!(pushed, Ok(Pushed::SealFirst)) {
+            self.seal();
+            pushed = self.open.push(seq, body, max_events, max_bytes);
+        }
+        match pushed {
+            Ok(Pushed::Full) => self.seal(),
+            Ok(Pushed::Appended | Pushed::SealFirst) => {}
+            Err((len, None)) => {
+                return Err(UsageError::EventTooLarge {
+                    seq,
+                    len,
+                    max: MAX_EVENT_LEN,
+                })
+            }
+            Err((_, Some(_))) => return Err(UsageError::Unencodable { seq }),
+        }
+        self.pushed = seq;
+        self.unacked.push_back(seq);
+        Ok(())
+    }
+
+    /// Reports the outbox's backlog to the hub (for the fleet view). Before
+    /// `Welcome` the latest report waits and is sent once streaming.
+    pub fn report_backlog(&mut self, events: u64, bytes: u64, oldest_seq: Option<Seq>) {
+        let frame = Frame::Backlog {
+            events,
+            bytes,
+            oldest_seq,
+        };
+        match self.state {
+            State::Handshake => self.backlog = Some(frame),
+            State::Streaming { .. } => self.queue(&frame),
+            State::Closed => {}
+        }
+    }
+
+    /// Leaves on purpose: sends what was pushed, then `Goodbye`, and closes
+    /// with `Closed { error: None }`. Events not yet acknowledged stay in the
+    /// outbox and are sent again by the next session. For a drained stop, wait
+    /// until [`unacked`](Self::unacked) is 0 (with a deadline) first.
+    pub fn goodbye(&mut self) {
+        if self.state == State::Closed {
+            return;
+        }
+        if !self.open.is_empty() {
+            self.seal();
+        }
+        self.queue(&Frame::Goodbye);
+        self.state = State::Closed;
+        self.events.push_back(AgentEvent::Closed { error: None });
+    }
+
+    /// Closes with an error the agent found on its side (for example
+    /// [`ErrorCode::Internal`] when the outbox fails): queues an `Error` frame
+    /// and a `Closed` event with [`ProtocolError::Local`].
+    pub fn close(&mut self, code: ErrorCode, message: &str) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.fail(ProtocolError::Local {
+            code,
+            message: truncate(message, MAX_ERROR_MESSAGE_LEN),
+        });
+    }
+
+    /// The negotiated version, once connected.
+    #[must_use]
+    pub fn version(&self) -> Option<u16> {
+        match self.state {
+            State::Streaming { version } => Some(version),
+            _ => None,
+        }
+    }
+
+    /// Whether `Welcome` was received and the session is not closed.
+    #[must_use]
+    pub fn is_streaming(&self) -> bool {
+        matches!(self.state, State::Streaming { .. })
+    }
+
+    /// Whether the session is over.
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// The watermark from `Welcome` (0 before it).
+    #[must_use]
+    pub fn watermark(&self) -> Seq {
+        self.watermark
+    }
+
+    /// The highest seq the hub acknowledged in this session.
+    #[must_use]
+    pub fn acked(&self) -> Seq {
+        self.acked
+    }
+
+    /// How many pushed events the hub has not acknowledged yet.
+    #[must_use]
+    pub fn unacked(&self) -> usize {
+        self.unacked.len()
+    }
+
+    fn seal(&mut self) {
+        let last = self.open.last();
+        let frame = self.open.seal();
+        self.transmit.push_back((frame, last));
+    }
+
+    fn queue(&mut self, frame: &Frame) {
+        let mut buf = Vec::new();
+        // Control frames are a few bytes (a Hello is bounded by its limits and
+        // error messages are cut to MAX_ERROR_MESSAGE_LEN), so encoding cannot
+        // fail.
+        if frame.encode(&mut buf).is_ok() {
+            self.transmit.push_back((buf, None));
+        }
+    }
+
+    /// Ends the session with `error`: everything not yet sent is dropped and,
+    /// unless the peer ended it, an `Error` frame tells the peer why.
+    fn fail(&mut self, error: ProtocolError) -> ProtocolError {
+        self.transmit.clear();
+        self.open = BatchEncoder::default();
+        if !error.is_from_peer() {
+            // A local close sends the driver's words; anything else says
+            // what the peer did wrong.
+            let message = match &error {
+                ProtocolError::Local { message, .. } => message.clone(),
+                other => truncate(&other.to_string(), MAX_ERROR_MESSAGE_LEN),
+            };
+            self.queue(&Frame::Error {
+                code: error.code(),
+                message,
+            });
+        }
+        self.state = State::Closed;
+        self.events.push_back(AgentEvent::Closed {
+            error: Some(error.clone()),
+        });
+        error
+    }
+}

@@ -1,0 +1,828 @@
+//! Frames and their codec: a 4-byte big-endian length, then a postcard body.
+//!
+//! ```text
+//! +----------------------+---------------------------------------------+
+//! | length: u32, BE      | body: postcard(Frame), `length` bytes       |
+//! +----------------------+---------------------------------------------+
+//!   1 <= length <= MAX_FRAME_LEN; a larger length is refused as soon as
+//!   its 4 bytes arrive, before any of the body is buffered.
+//!
+//! Batch body, as postcard writes it (varint = LEB128, 7 bits a byte):
+//!   varint(3)                      variant index of Batch
+//!   varint(n)                      number of events
+//!   n x ( varint(seq)              Seq
+//!         EventBody )              see `event.rs`
+//! ```
+//!
+//! postcard is not self-describing: a variant travels as its index, so variants
+//! are only ever appended, never reordered, removed or changed
+//! (`variant_indices_are_fixed` guards this).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::ErrorCode;
+use crate::event::{EventBody, Seq};
+
+/// The largest frame body, in bytes. A peer that announces more is refused with
+/// [`ErrorCode::FrameTooLarge`].
+pub const MAX_FRAME_LEN: usize = 4 * 1024 * 1024;
+
+/// The largest encoded event (`seq` and body) that fits alone in a `Batch`
+/// frame: the frame limit less the batch header (variant index and count).
+pub const MAX_EVENT_LEN: usize = MAX_FRAME_LEN - 8;
+
+/// The most versions a `Hello` may offer.
+pub const MAX_VERSIONS: usize = 32;
+
+/// The longest `agent_version` in a `Hello`, in bytes.
+pub const MAX_AGENT_VERSION_LEN: usize = 128;
+
+/// The most labels a `Hello` may carry.
+pub const MAX_LABELS: usize = 64;
+
+/// The longest label name or value in a `Hello`, in bytes.
+pub const MAX_LABEL_LEN: usize = 256;
+
+/// The longest message in an `Error` frame, in bytes; longer messages are cut
+/// (at a character boundary) before they are sent and when they are received.
+pub const MAX_ERROR_MESSAGE_LEN: usize = 1024;
+
+/// The size of the length prefix.
+const PREFIX_LEN: usize = 4;
+
+/// The most buffer capacity an idle decoder keeps.
+const RETAINED_CAPACITY: usize = 64 * 1024;
+
+/// The variant index of [`Frame::Batch`], which [`BatchEncoder`] writes by hand.
+const BATCH_INDEX: u64 = 3;
+
+/// Why bytes did not form a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// A frame's length is over [`MAX_FRAME_LEN`]: announced by the peer (the
+    /// body was never buffered), or of a frame being encoded.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// The frame's length.
+        len: usize,
+        /// [`MAX_FRAME_LEN`].
+        max: usize,
+    },
+    /// The body is not a postcard `Frame`: an unknown variant, a truncated
+    /// field, invalid UTF-8, an invalid stream name, or an empty body.
+    #[error("malformed frame: {0}")]
+    Malformed(#[source] postcard::Error),
+    /// The body decoded as a frame but bytes were left over after it.
+    #[error("malformed frame: {extra} bytes after the end of a {frame} frame")]
+    TrailingBytes {
+        /// The frame that decoded.
+        frame: &'static str,
+        /// How many bytes were left.
+        extra: usize,
+    },
+}
+
+/// One frame of the agent–hub protocol.
+///
+/// The variant order is the wire format: append new variants at the end, never
+/// reorder, remove or change one. Variants 0–2 (`Hello`, `Welcome`, `Error`) are
+/// frozen for every version, so that any two versions can negotiate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Frame {
+    /// 0, agent → hub, first frame: the versions the agent speaks and what it
+    /// tells the registry. It carries no identity: the hub takes the agent's id
+    /// from its certificate.
+    Hello {
+        /// Every protocol version the agent speaks, in any order.
+        versions: Vec<u16>,
+        /// The agent's software version, for the registry.
+        agent_version: String,
+        /// The agent's labels (`site`, `region`, ...), for the registry and the
+        /// policy's selectors.
+        labels: BTreeMap<String, String>,
+    },
+    /// 1, hub → agent, the answer to `Hello`.
+    Welcome {
+        /// The negotiated version: the highest both speak.
+        version: u16,
+        /// The highest seq the hub has durably stored for this agent, 0 if none.
+        /// The agent resumes after it and may delete everything up to it.
+        watermark: Seq,
+        /// How many events the agent may send beyond `watermark` before the
+        /// next `Ack`.
+        window: u32,
+    },
+    /// 2, both ways: the sender closes the session for the reason given.
+    Error {
+        /// Why.
+        code: ErrorCode,
+        /// Details for logs, at most [`MAX_ERROR_MESSAGE_LEN`] bytes.
+        message: String,
+    },
+    /// 3, agent → hub: events in strictly increasing seq order, continuing
+    /// after the previous batch of the session. Gaps are allowed (the outbox
+    /// evicts).
+    Batch {
+        /// The events.
+        events: Vec<(Seq, EventBody)>,
+    },
+    /// 4, hub → agent: every event with a seq up to `upto` is durable at the
+    /// hub (cumulative).
+    Ack {
+        /// The highest seq stored.
+        upto: Seq,
+        /// How many events the agent may send beyond `upto`.
+        window: u32,
+    },
+    /// 5, agent → hub: what waits in the agent's outbox, for the fleet view.
+    Backlog {
+        /// Events in the outbox.
+        events: u64,
+        /// Their size in bytes.
+        bytes: u64,
+        /// The oldest seq in the outbox, if any.
+        oldest_seq: Option<Seq>,
+    },
+    /// 6, both ways: sent after [`heartbeat`](super::AgentConfig::heartbeat)
+    /// without sending anything else, so the peer's idle timer is reset.
+    Heartbeat,
+    /// 7, agent → hub: the agent is leaving on purpose; no error.
+    Goodbye,
+}
+
+impl Frame {
+    /// The frame's name, for errors and logs.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "Hello",
+            Frame::Welcome { .. } => "Welcome",
+            Frame::Error { .. } => "Error",
+            Frame::Batch { .. } => "Batch",
+            Frame::Ack { .. } => "Ack",
+            Frame::Backlog { .. } => "Backlog",
+            Frame::Heartbeat => "Heartbeat",
+            Frame::Goodbye => "Goodbye",
+        }
+    }
+
+    /// Appends the frame, length prefix and body, to `out` and returns how many
+    /// bytes it appended. On error `out` is left as it was.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<usize, FrameError> {
+        let start = out.len();
+        out.extend_from_slice(&[0; PREFIX_LEN]);
+        if let Err(e) = postcard::to_io(self, &mut *out) {
+            out.truncate(start);
+            return Err(FrameError::Malformed(e));
+        }
+        let len = out.len() - start - PREFIX_LEN;
+        match u32::try_from(len) {
+            Ok(len32) if len <= MAX_FRAME_LEN => {
+                out[start..start + PREFIX_LEN].copy_from_slice(&len32.to_be_bytes());
+                Ok(len + PREFIX_LEN)
+            }
+            _ => {
+                out.truncate(start);
+                Err(FrameError::TooLarge {
+                    len,
+                    max: MAX_FRAME_LEN,
+                })
+            }
+        }
+    }
+
+    /// Decodes one frame body (without its length prefix). Every byte must be
+    /// used.
+    pub fn decode(body: &[u8]) -> Result<Frame, FrameError> {
+        let (frame, rest) =
+            postcard::take_from_bytes::<Frame>(body).map_err(FrameError::Malformed)?;
+        if rest.is_empty() {
+            Ok(frame)
+        } else {
+            Err(FrameError::TrailingBytes {
+                frame: frame.kind(),
+                extra: rest.len(),
+            })
+        }
+    }
+}
+
+/// Checks a `Hello`'s fields against the limits; the error names the limit.
+pub(crate) fn check_hello(
+    versions: &[u16],
+    agent_version: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    if versions.is_empty() {
+        return Err("no protocol version offered".into());
+    }
+    if versions.len() > MAX_VERSIONS {
+        return Err(format!(
+            "{} versions offered; at most {MAX_VERSIONS}",
+            versions.len()
+        ));
+    }
+    if agent_version.len() > MAX_AGENT_VERSION_LEN {
+        return Err(format!(
+            "agent_version of {} bytes; at most {MAX_AGENT_VERSION_LEN}",
+            agent_version.len()
+        ));
+    }
+    if labels.len() > MAX_LABELS {
+        return Err(format!("{} labels; at most {MAX_LABELS}", labels.len()));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN {
+            return Err(format!(
+                "label {:?}: names must be 1 to {MAX_LABEL_LEN} bytes and values at most {MAX_LABEL_LEN}",
+                truncate(k, 64)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `s` cut to at most `max` bytes at a character boundary.
+pub(crate) fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+/// Splits a byte stream into frames.
+///
+/// Feed it whatever the stream yields with [`push`](Self::push), then call
+/// [`next_frame`](Self::next_frame) until it returns `Ok(None)`. A length over
+/// [`MAX_FRAME_LEN`] is refused as soon as its 4 bytes arrive: the bytes after it
+/// are discarded, not buffered. Errors are final: after one, the decoder returns
+/// the same error and ignores further input. It never panics, whatever the bytes.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    /// The start of the first frame not yet returned.
+    read: usize,
+    /// The end of the complete frames whose lengths were checked; the bytes
+    /// after it are an incomplete frame.
+    checked: usize,
+    /// The first error, returned once the frames before it were.
+    failed: Option<FrameError>,
+}
+
+impl FrameDecoder {
+    /// An empty decoder.
+    #[must_use]
+    pub fn new() -> FrameDecoder {
+        FrameDecoder::default()
+    }
+
+    /// Appends bytes from the stream, in any chunking.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.failed.is_some() {
+            return;
+        }
+        self.compact();
+        self.buf.extend_from_slice(bytes);
+        // Check every length that has arrived, so that an oversized frame is
+        // refused before its body is buffered.
+        while let Some(prefix) = self.buf.get(self.checked..self.checked + PREFIX_LEN) {
+            let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+            if len > MAX_FRAME_LEN {
+                self.failed = Some(FrameError::TooLarge {
+                    len,
+                    max: MAX_FRAME_LEN,
+                });
+                self.buf.truncate(self.checked);
+                self.buf.shrink_to_fit();
+                return;
+            }
+            let end = self.checked + PREFIX_LEN + len;
+            if end > self.buf.len() {
+                break;
+            }
+            self.checked = end;
+        }
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed, or the
+    /// error that ends the stream.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        if self.read < self.checked {
+            let start = self.read + PREFIX_LEN;
+            let len = self
+                .buf
+                .get(self.read..start)
+                .map_or(0, |p| u32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize);
+            let body = self.buf.get(start..start + len).unwrap_or_default();
+            self.read = start + len;
+            let decoded = Frame::decode(body);
+            if self.read == self.buf.len() {
+                self.compact();
+            }
+            return match decoded {
+                Ok(frame) => Ok(Some(frame)),
+                Err(e) => {
+                    self.failed = Some(e.clone());
+                    self.buf = Vec::new();
+                    self.read = 0;
+                    self.checked = 0;
+                    Err(e)
+                }
+            };
+        }
+        match &self.failed {
+            Some(e) => Err(e.clone()),
+            None => Ok(None),
+        }
+    }
+
+    /// How many bytes are buffered and not yet returned as frames.
+    #[must_use]
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.read
+    }
+
+    /// Drops the bytes of frames already returned.
+    fn compact(&mut self) {
+        if self.read == 0 {
+            return;
+        }
+        if self.read == self.buf.len() {
+            self.buf.clear();
+            // One large frame must not pin its buffer for the life of the
+            // connection: the hub holds one decoder per agent.
+            if self.buf.capacity() > RETAINED_CAPACITY {
+                self.buf = Vec::new();
+            }
+        } else {
+            self.buf.drain(..self.read);
+        }
+        self.checked -= self.read;
+        self.read = 0;
+    }
+}
+
+/// Builds a `Batch` frame event by event, encoding each event once.
+///
+/// The result is byte for byte what postcard writes for
+/// `Frame::Batch { events }` (`a_sealed_batch_decodes_as_the_batch_frame`).
+#[derive(Debug, Default)]
+pub(crate) struct BatchEncoder {
+    /// The encoded events.
+    events: Vec<u8>,
+    count: usize,
+    last: Option<Seq>,
+}
+
+/// Where one event ended up; see [`BatchEncoder::push`].
+pub(crate) enum Pushed {
+    /// Appended; the batch may grow further.
+    Appended,
+    /// Appended, and the batch is full: seal it now.
+    Full,
+    /// Appending would have passed the byte limit: the batch before this event
+    /// must be sealed, then the event pushed again into an empty batch.
+    SealFirst,
+}
+
+impl BatchEncoder {
+    /// Appends one event unless it would make a batch of several events exceed
+    /// `max_bytes`. Returns the event's encoded size with the outcome.
+    pub(crate) fn push(
+        &mut self,
+        seq: Seq,
+        body: &EventBody,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Pushed, (usize, Option<postcard::Error>)> {
+        let mark = self.events.len();
+        if let Err(e) = postcard::to_io(&(seq, body), &mut self.events) {
+            self.events.truncate(mark);
+            return Err((0, Some(e)));
+        }
+        let len = self.events.len() - mark;
+        if len > MAX_EVENT_LEN {
+            self.events.truncate(mark);
+            return Err((len, None));
+        }
+        if self.count > 0 && self.events.len() > max_bytes {
+            self.events.truncate(mark);
+            return Ok(Pushed::SealFirst);
+        }
+        self.count += 1;
+        self.last = Some(seq);
+        if self.count >= max_events || self.events.len() >= max_bytes {
+            Ok(Pushed::Full)
+        } else {
+            Ok(Pushed::Appended)
+        }
+    }
+
+    /// Whether no event was pushed since the last seal.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The highest seq in the batch.
+    pub(crate) fn last(&self) -> Option<Seq> {
+        self.last
+    }
+
+    /// The complete frame, length prefix included, and the batch is emptied.
+    pub(crate) fn seal(&mut self) -> Vec<u8> {
+        let mut header = Vec::with_capacity(16);
+        write_varint(&mut header, BATCH_INDEX);
+        write_varint(&mut header, self.count as u64);
+        let len = header.len() + self.events.len();
+        let mut frame = Vec::with_capacity(PREFIX_LEN + len);
+        // A batch holds at most one event of MAX_EVENT_LEN or events within
+        // `max_bytes` (clamped below MAX_EVENT_LEN), so `len` fits in a u32.
+        frame.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+        frame.extend_from_slice(&header);
+        frame.append(&mut self.events);
+        self.count = 0;
+        self.last = None;
+        frame
+    }
+}
+
+/// Appends `v` as a postcard varint (unsigned LEB128).
+fn write_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::event::{Quality, Reason, StreamName, Timestamp, Value};
+    use proptest::prelude::*;
+
+    pub(crate) fn arb_body() -> impl Strategy<Value = EventBody> {
+        let value = prop_oneof![
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::I64),
+            any::<u64>().prop_map(Value::U64),
+            any::<f64>().prop_map(Value::F64),
+            ".{0,16}".prop_map(Value::String),
+            prop::collection::vec(any::<u8>(), 0..64).prop_map(Value::Bytes),
+        ];
+        let quality = prop_oneof![
+            Just(Quality::Good),
+            Just(Quality::Bad(Reason::Timeout)),
+            any::<u8>().prop_map(|c| Quality::Uncertain(Reason::ModbusException(c))),
+        ];
+        (
+            "[a-z0-9]{1,8}(/[a-z0-9_]{1,8}){0,2}",
+            any::<i64>(),
+            value,
+            quality,
+            prop::collection::btree_map("[a-z]{1,6}", ".{0,8}", 0..3),
+        )
+            .prop_map(|(stream, ts, value, quality, attrs)| EventBody {
+                stream: StreamName::parse(&stream).expect("generated names are valid"),
+                ts: Timestamp(ts),
+                value,
+                quality,
+                attrs,
+            })
+    }
+
+    fn arb_events() -> impl Strategy<Value = Vec<(Seq, EventBody)>> {
+        prop::collection::vec((any::<u64>().prop_map(Seq), arb_body()), 0..6)
+    }
+
+    pub(crate) fn arb_frame() -> impl Strategy<Value = Frame> {
+        prop_oneof![
+            (
+                prop::collection::vec(any::<u16>(), 0..4),
+                ".{0,12}",
+                prop::collection::btree_map(".{0,6}", ".{0,6}", 0..4)
+            )
+                .prop_map(|(versions, agent_version, labels)| Frame::Hello {
+                    versions,
+                    agent_version,
+                    labels
+                }),
+            (any::<u16>(), any::<u64>(), any::<u32>()).prop_map(|(version, w, window)| {
+                Frame::Welcome {
+                    version,
+                    watermark: Seq(w),
+                    window,
+                }
+            }),
+            (any::<u16>(), ".{0,32}").prop_map(|(code, message)| Frame::Error {
+                code: ErrorCode::from_u16(code),
+                message
+            }),
+            arb_events().prop_map(|events| Frame::Batch { events }),
+            (any::<u64>(), any::<u32>()).prop_map(|(upto, window)| Frame::Ack {
+                upto: Seq(upto),
+                window
+            }),
+            (any::<u64>(), any::<u64>(), any::<Option<u64>>()).prop_map(|(events, bytes, o)| {
+                Frame::Backlog {
+                    events,
+                    bytes,
+                    oldest_seq: o.map(Seq),
+                }
+            }),
+            Just(Frame::Heartbeat),
+            Just(Frame::Goodbye),
+        ]
+    }
+
+    fn encode(frame: &Frame) -> Vec<u8> {
+        let mut out = Vec::new();
+        frame.encode(&mut out).expect("encodes");
+        out
+    }
+
+    fn decode_all(bytes: &[u8]) -> Vec<Frame> {
+        let mut d = FrameDecoder::new();
+        d.push(bytes);
+        let mut frames = Vec::new();
+        while let Some(f) = d.next_frame().expect("decodes") {
+            frames.push(f);
+        }
+        frames
+    }
+
+    proptest! {
+        #[test]
+        fn every_frame_round_trips_through_encode_and_decode(frame in arb_frame()) {
+            let bytes = encode(&frame);
+            let frames = decode_all(&bytes);
+            prop_assert_eq!(frames.len(), 1);
+            // Compare encodings: a NaN in an event is not equal to itself.
+            prop_assert_eq!(encode(&frames[0]), bytes);
+        }
+
+        #[test]
+        fn frames_survive_any_chunking(
+            frames in prop::collection::vec(arb_frame(), 1..6),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+        ) {
+            let bytes: Vec<u8> = frames.iter().flat_map(encode).collect();
+            let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut d = FrameDecoder::new();
+            let mut got = Vec::new();
+            let mut from = 0;
+            for cut in cuts.into_iter().chain([bytes.len()]) {
+                d.push(&bytes[from..cut]);
+                from = cut;
+                while let Some(f) = d.next_frame().expect("decodes") {
+                    got.push(encode(&f));
+                }
+            }
+            let want: Vec<Vec<u8>> = frames.iter().map(encode).collect();
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(d.buffered(), 0);
+        }
+
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(
+            bytes in prop::collection::vec(any::<u8>(), 0..512),
+            chunk in 1usize..64,
+        ) {
+            let _ = Frame::decode(&bytes);
+            let mut d = FrameDecoder::new();
+            for c in bytes.chunks(chunk) {
+                d.push(c);
+                while let Ok(Some(_)) = d.next_frame() {}
+            }
+        }
+
+        #[test]
+        fn decoding_a_valid_length_with_arbitrary_bodies_never_panics(
+            body in prop::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+            bytes.extend_from_slice(&body);
+            let mut d = FrameDecoder::new();
+            d.push(&bytes);
+            let _ = d.next_frame();
+        }
+
+        #[test]
+        fn a_sealed_batch_decodes_as_the_batch_frame(
+            events in prop::collection::vec((any::<u64>().prop_map(Seq), arb_body()), 1..20),
+        ) {
+            let mut b = BatchEncoder::default();
+            for (seq, body) in &events {
+                let pushed = b.push(*seq, body, usize::MAX, MAX_EVENT_LEN);
+                prop_assert!(matches!(pushed, Ok(Pushed::Appended)));
+            }
+            let sealed = b.seal();
+            prop_assert!(b.is_empty());
+            let want = encode(&Frame::Batch { events });
+            prop_assert_eq!(sealed, want);
+        }
+    }
+
+    #[test]
+    fn variant_indices_are_fixed() {
+        // The first byte of a body is the variant index; changing any of these
+        // breaks every deployed peer.
+        let frames = [
+            (
+                0,
+                Frame::Hello {
+                    versions: vec![1],
+                    agent_version: String::new(),
+                    labels: BTreeMap::new(),
+                },
+            ),
+            (
+                1,
+                Frame::Welcome {
+                    version: 1,
+                    watermark: Seq(0),
+                    window: 0,
+                },
+            ),
+            (
+                2,
+                Frame::Error {
+                    code: ErrorCode::Internal,
+                    message: String::new(),
+                },
+            ),
+            (3, Frame::Batch { events: vec![] }),
+            (
+                4,
+                Frame::Ack {
+                    upto: Seq(0),
+                    window: 0,
+                },
+            ),
+            (
+                5,
+                Frame::Backlog {
+                    events: 0,
+                    bytes: 0,
+                    oldest_seq: None,
+                },
+            ),
+            (6, Frame::Heartbeat),
+            (7, Frame::Goodbye),
+        ];
+        for (index, frame) in frames {
+            let bytes = encode(&frame);
+            assert_eq!(bytes[PREFIX_LEN], index, "{}", frame.kind());
+        }
+        // And the exact bytes of two frames, as docs/protocol.md shows them.
+        assert_eq!(encode(&Frame::Heartbeat), [0, 0, 0, 1, 6]);
+        assert_eq!(
+            encode(&Frame::Ack {
+                upto: Seq(300),
+                window: 8192
+            }),
+            [0, 0, 0, 5, 4, 0xac, 0x02, 0x80, 0x40]
+        );
+    }
+
+    #[test]
+    fn a_decoder_fed_byte_by_byte_yields_every_frame() {
+        let frames = [
+            Frame::Heartbeat,
+            Frame::Ack {
+                upto: Seq(u64::MAX),
+                window: u32::MAX,
+            },
+            Frame::Error {
+                code: ErrorCode::Unknown(999),
+                message: "é".repeat(300),
+            },
+            Frame::Goodbye,
+        ];
+        let bytes: Vec<u8> = frames.iter().flat_map(encode).collect();
+        let mut d = FrameDecoder::new();
+        let mut got = Vec::new();
+        for b in &bytes {
+            d.push(std::slice::from_ref(b));
+            while let Some(f) = d.next_frame().expect("decodes") {
+                got.push(f);
+            }
+        }
+        assert_eq!(got, frames);
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn an_oversized_length_is_rejected_before_its_body_arrives() {
+        let mut d = FrameDecoder::new();
+        let len = (MAX_FRAME_LEN + 1) as u32;
+        d.push(&len.to_be_bytes()[..3]);
+        assert_eq!(d.next_frame(), Ok(None));
+        d.push(&len.to_be_bytes()[3..]);
+        let err = d.next_frame().expect_err("refused");
+        assert_eq!(
+            err,
+            FrameError::TooLarge {
+                len: MAX_FRAME_LEN + 1,
+                max: MAX_FRAME_LEN
+            }
+        );
+        // Nothing after the length is kept, and the error is final.
+        d.push(&vec![0; 1 << 20]);
+        assert_eq!(d.buffered(), 0);
+        assert_eq!(d.next_frame(), Err(err));
+    }
+
+    #[test]
+    fn frames_before_an_oversized_one_are_still_delivered() {
+        let mut bytes = encode(&Frame::Heartbeat);
+        bytes.extend_from_slice(&u32::MAX.to_be_bytes());
+        bytes.extend_from_slice(&[7; 100]);
+        let mut d = FrameDecoder::new();
+        d.push(&bytes);
+        assert_eq!(d.next_frame(), Ok(Some(Frame::Heartbeat)));
+        assert!(matches!(
+            d.next_frame(),
+            Err(FrameError::TooLarge { len, .. }) if len == u32::MAX as usize
+        ));
+    }
+
+    #[test]
+    fn a_frame_of_exactly_the_limit_is_accepted() {
+        let mut d = FrameDecoder::new();
+        d.push(&(MAX_FRAME_LEN as u32).to_be_bytes());
+        d.push(&vec![0xff; MAX_FRAME_LEN - 1]);
+        assert_eq!(d.next_frame(), Ok(None));
+        d.push(&[0xff]);
+        // The length is fine; the body is garbage.
+        assert!(matches!(d.next_frame(), Err(FrameError::Malformed(_))));
+    }
+
+    #[test]
+    fn garbage_bytes_are_malformed() {
+        let mut d = FrameDecoder::new();
+        d.push(&[0, 0, 0, 3, 0xee, 0xff, 0x01]);
+        assert!(matches!(d.next_frame(), Err(FrameError::Malformed(_))));
+        // An empty body is malformed too.
+        let mut d = FrameDecoder::new();
+        d.push(&[0, 0, 0, 0]);
+        assert!(matches!(d.next_frame(), Err(FrameError::Malformed(_))));
+    }
+
+    #[test]
+    fn trailing_bytes_in_a_frame_are_malformed() {
+        let mut d = FrameDecoder::new();
+        d.push(&[0, 0, 0, 3, 6, 0, 0]);
+        assert_eq!(
+            d.next_frame(),
+            Err(FrameError::TrailingBytes {
+                frame: "Heartbeat",
+                extra: 2
+            })
+        );
+    }
+
+    #[test]
+    fn encoding_refuses_a_frame_over_the_limit() {
+        let mut out = vec![1, 2, 3];
+        let frame = Frame::Error {
+            code: ErrorCode::Internal,
+            message: "x".repeat(MAX_FRAME_LEN),
+        };
+        assert!(matches!(
+            frame.encode(&mut out),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert_eq!(out, [1, 2, 3]);
+    }
+
+    #[test]
+    fn an_event_too_large_for_a_frame_is_refused_by_the_batch_encoder() {
+        let body = EventBody {
+            stream: StreamName::parse("big").expect("valid"),
+            ts: Timestamp(0),
+            value: Value::Bytes(vec![0; MAX_EVENT_LEN]),
+            quality: Quality::Good,
+            attrs: BTreeMap::new(),
+        };
+        let mut b = BatchEncoder::default();
+        assert!(matches!(b.push(Seq(1), &body, 10, 1000), Err((len, None)) if len > MAX_EVENT_LEN));
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn truncation_keeps_characters_whole() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("héllo", 3), "hé");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+}

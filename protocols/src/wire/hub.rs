@@ -1,0 +1,469 @@
+//! The hub's side of a connection: wait for `Hello`, welcome the agent with its
+//! durable watermark, hand new events to the store exactly once, and
+//! acknowledge what the store committed.
+//!
+//! ```text
+//!           new(agent_id, watermark)        Hello (a common version)
+//!   ──────▶ AwaitHello ──────────────────────────────────▶ Streaming
+//!               │                                              │
+//!               │ Error, Goodbye, timeout, bad frame,          │ same, and close()
+//!               │ no common version                            │
+//!               ▼                                              ▼
+//!             Closed ◀──────────────────────────────────────  Closed
+//! ```
+//!
+//! Deduplication on the wire: the session hands the store only events with a
+//! seq above every seq it already handed out or found durable (the watermark
+//! it was created with). Duplicates are normal after a reconnect and are
+//! dropped here; a seq that goes backwards *within* a session is a protocol
+//! error.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::error::{ErrorCode, ProtocolError, UsageError};
+use super::frame::{check_hello, truncate, Frame, FrameDecoder, MAX_ERROR_MESSAGE_LEN};
+use super::{negotiate, SUPPORTED_VERSIONS};
+use crate::event::{AgentId, EventBody, Seq};
+
+/// The hub session's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubConfig {
+    /// How many events an agent may send beyond the last acknowledged seq (at
+    /// least 1). Bounds what one agent has in flight, and so the hub's memory
+    /// for it.
+    pub window: u32,
+    /// Send a `Heartbeat` after this long without sending anything.
+    pub heartbeat: Duration,
+    /// Close with [`ErrorCode::Timeout`] after this long without receiving
+    /// anything (also bounds the wait for `Hello`).
+    pub idle_timeout: Duration,
+}
+
+impl Default for HubConfig {
+    fn default() -> HubConfig {
+        HubConfig {
+            window: 8192,
+            heartbeat: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the hub session tells its driver.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum HubEvent {
+    /// The agent said `Hello` and was welcomed: update the registry.
+    Hello {
+        /// The negotiated protocol version.
+        version: u16,
+        /// The agent's software version.
+        agent_version: String,
+        /// The agent's labels.
+        labels: BTreeMap<String, String>,
+    },
+    /// New events, in increasing seq order, none handed out before by this
+    /// session nor at or below its watermark. Store them (idempotently, keyed by
+    /// `(agent_id, seq)`), then call [`HubSession::stored`].
+    Store {
+        /// The events.
+        events: Vec<(Seq, EventBody)>,
+    },
+    /// The agent reported its outbox backlog: update the registry.
+    Backlog {
+        /// Events in the agent's outbox.
+        events: u64,
+        /// Their size in bytes.
+        bytes: u64,
+        /// The oldest seq in the outbox, if any.
+        oldest_seq: Option<Seq>,
+    },
+    /// The session is over. `None` after the agent's `Goodbye`.
+    Closed {
+        /// Why, if the agent did not leave cleanly.
+        error: Option<ProtocolError>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitHello,
+    Streaming { version: u16 },
+    Closed,
+}
+
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::AwaitHello => "awaiting Hello",
+            State::Streaming { .. } => "streaming",
+            State::Closed => "closed",
+        }
+    }
+}
+
+/// One agent connection's worth of hub protocol state, sans-IO.
+///
+/// Inputs: [`handle_bytes`](Self::handle_bytes) with what the stream yields,
+/// [`handle_timeout`](Self::handle_timeout) when [`poll_timeout`](Self::poll_timeout)
+/// passes, and the driver's [`stored`](Self::stored) and [`close`](Self::close).
+///
+/// Poll order after every input: [`poll_transmit`](Self::poll_transmit) until
+/// `None` (write the bytes to the stream), then [`poll_event`](Self::poll_event)
+/// until `None` (a `Store` goes to the store; when it commits, call `stored`,
+/// which is an input: poll again), then wait for bytes, a commit or
+/// [`poll_timeout`](Self::poll_timeout).
+#[derive(Debug)]
+pub struct HubSession {
+    agent_id: AgentId,
+    config: HubConfig,
+    state: State,
+    decoder: FrameDecoder,
+    transmit: VecDeque<Vec<u8>>,
+    events: VecDeque<HubEvent>,
+    /// The durable watermark the session started from.
+    watermark: Seq,
+    /// The highest seq handed out in a `Store`, or the watermark.
+    highest: Seq,
+    /// The last seq received in this session, duplicates included.
+    last_received: Option<Seq>,
+    /// The highest seq acknowledged (at least the watermark).
+    acked: Seq,
+    /// Whether an `Ack` for `acked` waits to be sent.
+    ack_pending: bool,
+    /// The seqs handed out and not yet acknowledged, ascending.
+    unacked: VecDeque<Seq>,
+    last_heard: Instant,
+    last_sent: Instant,
+}
+
+impl HubSession {
+    /// Starts a session for a connection whose certificate names `agent_id`.
+    /// `watermark` is the highest seq the store holds durably for that agent (0
+    /// if none), read after every earlier session's commits have finished.
+    pub fn new(now: Instant, agent_id: AgentId, watermark: Seq, config: HubConfig) -> HubSession {
+        // A window of 0 would wedge the session: with nothing in flight no
+        // `Ack` would ever open it.
+        let config = HubConfig {
+            window: config.window.max(1),
+            ..config
+        };
+        HubSession {
+            agent_id,
+            config,
+            state: State::AwaitHello,
+            decoder: FrameDecoder::new(),
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+            watermark,
+            highest: watermark,
+            last_received: None,
+            acked: watermark,
+            ack_pending: false,
+            unacked: VecDeque::new(),
+            last_heard: now,
+            last_sent: now,
+        }
+    }
+
+    /// Feeds bytes read from the stream and processes every complete frame.
+    ///
+    /// Returns the error if these bytes closed the session (it is also in the
+    /// `Closed` event). Bytes after the session closed are ignored.
+    pub fn handle_bytes(&mut self, now: Instant, bytes: &[u8]) -> Result<(), ProtocolError> {
+        if self.state == State::Closed {
+            return Ok(());
+        }
+        if !bytes.is_empty() {
+            self.last_heard = now;
+        }
+        self.decoder.push(bytes);
+        while self.state != State::Closed {
+            let frame = match self.decoder.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => return Err(self.fail(e.into())),
+            };
+            if let Err(e) = self.handle_frame(frame) {
+                return Err(self.fail(e));
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_frame(&mut self, frame: Frame) -> Result<(), ProtocolError> {
+        match (self.state, frame) {
+            (_, Frame::Error { code, message }) => Err(ProtocolError::Peer {
+                code,
+                message: truncate(&message, MAX_ERROR_MESSAGE_LEN),
+            }),
+            (_, Frame::Goodbye) => {
+                self.transmit.clear();
+                self.ack_pending = false;
+                self.state = State::Closed;
+                self.events.push_back(HubEvent::Closed { error: None });
+                Ok(())
+            }
+            (
+                State::AwaitHello,
+                Frame::Hello {
+                    versions,
+                    agent_version,
+                    labels,
+                },
+            ) => {
+                check_hello(&versions, &agent_version, &labels)
+                    .map_err(|reason| ProtocolError::InvalidHello { reason })?;
+                let Some(version) = negotiate(&versions, SUPPORTED_VERSIONS) else {
+                    return Err(ProtocolError::UnsupportedVersion {
+                        ours: SUPPORTED_VERSIONS.rev().collect(),
+                        theirs: versions,
+                    });
+                };
+                self.queue(&Frame::Welcome {
+                    version,
+                    watermark: self.watermark,
+                    window: self.config.window,
+                });
+                self.state = State::Streaming { version };
+                self.events.push_back(HubEvent::Hello {
+                    version,
+                    agent_version,
+                    labels,
+                });
+                Ok(())
+            }
+            (State::Streaming { .. }, Frame::Batch { events }) => self.handle_batch(events),
+            (
+                State::Streaming { .. },
+                Frame::Backlog {
+                    events,
+                    bytes,
+                    oldest_seq,
+                },
+            ) => {
+                self.events.push_back(HubEvent::Backlog {
+                    events,
+                    bytes,
+                    oldest_seq,
+                });
+                Ok(())
+            }
+            (State::Streaming { .. }, Frame::Heartbeat) => Ok(()),
+            (state, frame) => Err(ProtocolError::UnexpectedFrame {
+                frame: frame.kind(),
+                state: state.name(),
+            }),
+        }
+    }
+
+    /// Checks a whole batch before taking any of it, so that a refused batch
+    /// changes nothing.
+    fn handle_batch(&mut self, events: Vec<(Seq, EventBody)>) -> Result<(), ProtocolError> {
+        let mut previous = self.last_received;
+        let mut fresh = 0usize;
+        for (seq, _) in &events {
+            if let Some(previous) = previous.filter(|p| seq <= p) {
+                return Err(ProtocolError::SeqNotIncreasing {
+                    previous,
+                    got: *seq,
+                });
+            }
+            previous = Some(*seq);
+            if *seq > self.highest {
+                fresh += 1;
+            }
+        }
+        let in_flight = self.unacked.len() as u64 + fresh as u64;
+        if in_flight > u64::from(self.config.window) {
+            return Err(ProtocolError::WindowExceeded {
+                acked: self.acked,
+                window: self.config.window,
+                in_flight,
+            });
+        }
+        self.last_received = previous;
+        let highest = self.highest;
+        let fresh: Vec<(Seq, EventBody)> = events
+            .into_iter()
+            .filter(|(seq, _)| *seq > highest)
+            .collect();
+        if let Some((last, _)) = fresh.last() {
+            self.highest = *last;
+            self.unacked.extend(fresh.iter().map(|(seq, _)| *seq));
+            self.events.push_back(HubEvent::Store { events: fresh });
+        }
+        Ok(())
+    }
+
+    /// Processes the passage of time: closes with [`ErrorCode::Timeout`] after
+    /// the idle timeout, queues a `Heartbeat` after the heartbeat interval.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        let silent = now.saturating_duration_since(self.last_heard);
+        if silent >= self.config.idle_timeout {
+            self.fail(ProtocolError::IdleTimeout { silent });
+            return;
+        }
+        if matches!(self.state, State::Streaming { .. })
+            && self.transmit.is_empty()
+            && !self.ack_pending
+            && now.saturating_duration_since(self.last_sent) >= self.config.heartbeat
+        {
+            self.queue(&Frame::Heartbeat);
+            self.last_sent = now;
+        }
+    }
+
+    /// Tells the session that the store has durably committed every event it
+    /// handed out up to `upto`; an `Ack` follows. A `upto` at or below what was
+    /// acknowledged, or a call after `Closed`, does nothing.
+    pub fn stored(&mut self, upto: Seq) -> Result<(), UsageError> {
+        if upto > self.highest {
+            return Err(UsageError::StoredBeyondReceived {
+                received: self.highest,
+                got: upto,
+            });
+        }
+        if self.state == State::Closed || upto <= self.acked {
+            return Ok(());
+        }
+        self.acked = upto;
+        while self.unacked.front().is_some_and(|s| *s <= upto) {
+            self.unacked.pop_front();
+        }
+        self.ack_pending = true;
+        Ok(())
+    }
+
+    /// Appends the next frame to `buf` and returns its length, or `None` when
+    /// nothing is waiting. Call until `None`. Acknowledgements are coalesced:
+    /// several `stored` calls between polls send one `Ack`.
+    #[must_use]
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<usize> {
+        if self.transmit.is_empty() && self.ack_pending {
+            self.ack_pending = false;
+            self.queue(&Frame::Ack {
+                upto: self.acked,
+                window: self.config.window,
+            });
+        }
+        let frame = self.transmit.pop_front()?;
+        buf.extend_from_slice(&frame);
+        self.last_sent = now;
+        Some(frame.len())
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must next be called, or
+    /// `None` once closed.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let idle = self.last_heard + self.config.idle_timeout;
+        match self.state {
+            State::Closed => None,
+            State::AwaitHello => Some(idle),
+            State::Streaming { .. } => Some(idle.min(self.last_sent + self.config.heartbeat)),
+        }
+    }
+
+    /// The next event for the driver.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<HubEvent> {
+        self.events.pop_front()
+    }
+
+    /// Closes the session for a reason found on the hub's side
+    /// ([`ErrorCode::ShuttingDown`], [`ErrorCode::Internal`] when the store
+    /// fails, [`ErrorCode::Superseded`], [`ErrorCode::Unauthorized`]): queues an
+    /// `Error` frame and a `Closed` event with [`ProtocolError::Local`].
+    pub fn close(&mut self, code: ErrorCode, message: &str) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.fail(ProtocolError::Local {
+            code,
+            message: truncate(message, MAX_ERROR_MESSAGE_LEN),
+        });
+    }
+
+    /// The agent this session serves, from its certificate.
+    #[must_use]
+    pub fn agent_id(&self) -> &AgentId {
+        &self.agent_id
+    }
+
+    /// The negotiated version, once the agent was welcomed.
+    #[must_use]
+    pub fn version(&self) -> Option<u16> {
+        match self.state {
+            State::Streaming { version } => Some(version),
+            _ => None,
+        }
+    }
+
+    /// Whether the agent was welcomed and the session is not closed.
+    #[must_use]
+    pub fn is_streaming(&self) -> bool {
+        matches!(self.state, State::Streaming { .. })
+    }
+
+    /// Whether the session is over.
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// The watermark the session was created with.
+    #[must_use]
+    pub fn watermark(&self) -> Seq {
+        self.watermark
+    }
+
+    /// The highest seq acknowledged to the agent (or to be, at the next poll).
+    #[must_use]
+    pub fn acked(&self) -> Seq {
+        self.acked
+    }
+
+    /// The highest seq handed out in a `Store` (or the watermark).
+    #[must_use]
+    pub fn highest_received(&self) -> Seq {
+        self.highest
+    }
+
+    fn queue(&mut self, frame: &Frame) {
+        let mut buf = Vec::new();
+        // Control frames are a few bytes (error messages are cut to
+        // MAX_ERROR_MESSAGE_LEN), so encoding cannot fail.
+        if frame.encode(&mut buf).is_ok() {
+            self.transmit.push_back(buf);
+        }
+    }
+
+    /// Ends the session with `error`: everything not yet sent is dropped and,
+    /// unless the agent ended it, an `Error` frame tells the agent why.
+    fn fail(&mut self, error: ProtocolError) -> ProtocolError {
+        self.transmit.clear();
+        self.ack_pending = false;
+        if !error.is_from_peer() {
+            // A local close sends the driver's words; anything else says
+            // what the peer did wrong.
+            let message = match &error {
+                ProtocolError::Local { message, .. } => message.clone(),
+                other => truncate(&other.to_string(), MAX_ERROR_MESSAGE_LEN),
+            };
+            self.queue(&Frame::Error {
+                code: error.code(),
+                message,
+            });
+        }
+        self.state = State::Closed;
+        self.events.push_back(HubEvent::Closed {
+            error: Some(error.clone()),
+        });
+        error
+    }
+}

@@ -1,0 +1,1297 @@
+//! The protocol, tested without sockets: single sessions fed hand-made frames,
+//! and an in-memory [`Pair`] driven on a simulated clock.
+
+mod util;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+
+use self::util::{agent_id, body, origin, Pair};
+use super::frame::tests::arb_frame;
+use super::*;
+use crate::event::{EventBody, Seq, StreamName, Timestamp, Value};
+
+// ---------------------------------------------------------------------------
+// Helpers for driving one session by hand.
+
+fn encode(frames: &[Frame]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for f in frames {
+        f.encode(&mut out).expect("encodes");
+    }
+    out
+}
+
+fn decode(bytes: &[u8]) -> Vec<Frame> {
+    let mut d = FrameDecoder::new();
+    d.push(bytes);
+    let mut frames = Vec::new();
+    while let Some(f) = d.next_frame().expect("the session sends valid frames") {
+        frames.push(f);
+    }
+    assert_eq!(d.buffered(), 0, "the session sends whole frames");
+    frames
+}
+
+fn agent_sent(agent: &mut AgentSession, now: Instant) -> Vec<Frame> {
+    let mut buf = Vec::new();
+    while agent.poll_transmit(now, &mut buf).is_some() {}
+    decode(&buf)
+}
+
+fn hub_sent(hub: &mut HubSession, now: Instant) -> Vec<Frame> {
+    let mut buf = Vec::new();
+    while hub.poll_transmit(now, &mut buf).is_some() {}
+    decode(&buf)
+}
+
+fn agent_events(agent: &mut AgentSession) -> Vec<AgentEvent> {
+    std::iter::from_fn(|| agent.poll_event()).collect()
+}
+
+fn hub_events(hub: &mut HubSession) -> Vec<HubEvent> {
+    std::iter::from_fn(|| hub.poll_event()).collect()
+}
+
+fn hello(versions: Vec<u16>) -> Frame {
+    Frame::Hello {
+        versions,
+        agent_version: "test".into(),
+        labels: BTreeMap::new(),
+    }
+}
+
+fn batch(seqs: &[u64]) -> Frame {
+    Frame::Batch {
+        events: seqs.iter().map(|s| (Seq(*s), body(*s as i64))).collect(),
+    }
+}
+
+/// A hub session that has welcomed an agent, with its output drained.
+fn welcomed_hub(now: Instant, watermark: u64, window: u32) -> HubSession {
+    let config = HubConfig {
+        window,
+        ..HubConfig::default()
+    };
+    let mut hub = HubSession::new(now, agent_id(), Seq(watermark), config);
+    hub.handle_bytes(now, &encode(&[hello(vec![1])]))
+        .expect("hello accepted");
+    let _ = hub_sent(&mut hub, now);
+    let _ = hub_events(&mut hub);
+    hub
+}
+
+/// An agent session that was welcomed, with its output drained.
+fn streaming_agent(now: Instant, watermark: u64, window: u32, config: AgentConfig) -> AgentSession {
+    let mut agent = AgentSession::new(now, AgentInfo::default(), config);
+    let _ = agent_sent(&mut agent, now);
+    let welcome = Frame::Welcome {
+        version: PROTOCOL_VERSION,
+        watermark: Seq(watermark),
+        window,
+    };
+    agent
+        .handle_bytes(now, &encode(&[welcome]))
+        .expect("welcome accepted");
+    let _ = agent_events(&mut agent);
+    agent
+}
+
+fn closed_error_of_hub(hub: &mut HubSession) -> Option<ProtocolError> {
+    hub_events(hub).into_iter().find_map(|e| match e {
+        HubEvent::Closed { error } => error,
+        _ => None,
+    })
+}
+
+fn closed_error_of_agent(agent: &mut AgentSession) -> Option<ProtocolError> {
+    agent_events(agent).into_iter().find_map(|e| match e {
+        AgentEvent::Closed { error } => error,
+        _ => None,
+    })
+}
+
+/// The code of the `Error` frame among `frames`.
+fn error_code(frames: &[Frame]) -> Option<ErrorCode> {
+    frames.iter().find_map(|f| match f {
+        Frame::Error { code, .. } => Some(*code),
+        _ => None,
+    })
+}
+
+fn assert_exactly_once(pair: &Pair) {
+    assert!(
+        pair.outbox.is_empty(),
+        "{} events left in the outbox",
+        pair.outbox.len()
+    );
+    assert!(
+        pair.store.inserts.windows(2).all(|w| w[0] < w[1]),
+        "stored out of order or twice: {:?}",
+        pair.store.inserts
+    );
+    for (seq, body) in &pair.outbox.appended {
+        match pair.store.events.get(seq) {
+            Some(stored) => assert_eq!(stored, body, "seq {seq}"),
+            None => assert!(pair.outbox.evicted.contains(seq), "seq {seq} lost"),
+        }
+    }
+    for seq in pair.store.events.keys() {
+        assert!(pair.outbox.appended.contains_key(seq), "seq {seq} invented");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Version negotiation and identity.
+
+#[test]
+fn negotiation_picks_the_highest_common_version() {
+    assert_eq!(negotiate(&[1, 2, 3], 1..=2), Some(2));
+    assert_eq!(negotiate(&[3, 1, 2], 1..=3), Some(3));
+    assert_eq!(negotiate(&[1], 1..=1), Some(1));
+    assert_eq!(negotiate(&[], 1..=1), None);
+    assert_eq!(negotiate(&[4, 5], 1..=3), None);
+}
+
+#[test]
+fn a_version_2_hub_still_serves_a_version_1_agent() {
+    let now = origin();
+    // A version-1 agent offers what it speaks...
+    let mut agent = AgentSession::new(now, AgentInfo::default(), AgentConfig::default());
+    let sent = agent_sent(&mut agent, now);
+    let Some(Frame::Hello { versions, .. }) = sent.first() else {
+        panic!("expected Hello, got {sent:?}");
+    };
+    assert_eq!(versions, &[1]);
+    // ...a hub that speaks 1 and 2 picks 1 and welcomes it in version 1...
+    let version = negotiate(versions, 1..=2).expect("a common version");
+    assert_eq!(version, 1);
+    let welcome = Frame::Welcome {
+        version,
+        watermark: Seq(0),
+        window: 10,
+    };
+    agent
+        .handle_bytes(now, &encode(&[welcome]))
+        .expect("accepted");
+    // ...and the agent streams.
+    assert_eq!(
+        agent_events(&mut agent),
+        [AgentEvent::Connected {
+            version: 1,
+            watermark: Seq(0)
+        }]
+    );
+    assert_eq!(agent.version(), Some(1));
+    assert_eq!(agent.wants(), 10);
+}
+
+#[test]
+fn a_version_1_hub_serves_a_newer_agent_in_version_1() {
+    let now = origin();
+    let mut hub = HubSession::new(now, agent_id(), Seq(0), HubConfig::default());
+    hub.handle_bytes(now, &encode(&[hello(vec![3, 2, 1])]))
+        .expect("accepted");
+    assert!(matches!(
+        hub_sent(&mut hub, now).as_slice(),
+        [Frame::Welcome { version: 1, .. }]
+    ));
+    assert!(matches!(
+        hub_events(&mut hub).as_slice(),
+        [HubEvent::Hello { version: 1, .. }]
+    ));
+}
+
+#[test]
+fn an_agent_with_no_common_version_is_refused_with_unsupported_version() {
+    let now = origin();
+    let mut hub = HubSession::new(now, agent_id(), Seq(0), HubConfig::default());
+    let err = hub
+        .handle_bytes(now, &encode(&[hello(vec![7, 8])]))
+        .expect_err("refused");
+    assert_eq!(
+        err,
+        ProtocolError::UnsupportedVersion {
+            ours: vec![1],
+            theirs: vec![7, 8]
+        }
+    );
+    assert_eq!(
+        error_code(&hub_sent(&mut hub, now)),
+        Some(ErrorCode::UnsupportedVersion)
+    );
+    assert!(hub.is_closed());
+    assert_eq!(closed_error_of_hub(&mut hub), Some(err));
+}
+
+#[test]
+fn a_welcome_with_a_version_the_agent_did_not_offer_is_refused() {
+    let now = origin();
+    let mut agent = AgentSession::new(now, AgentInfo::default(), AgentConfig::default());
+    let _ = agent_sent(&mut agent, now);
+    let welcome = Frame::Welcome {
+        version: 9,
+        watermark: Seq(0),
+        window: 1,
+    };
+    let err = agent
+        .handle_bytes(now, &encode(&[welcome]))
+        .expect_err("refused");
+    assert_eq!(err.code(), ErrorCode::UnsupportedVersion);
+    assert_eq!(
+        error_code(&agent_sent(&mut agent, now)),
+        Some(ErrorCode::UnsupportedVersion)
+    );
+}
+
+#[test]
+fn agent_ids_come_from_the_certificate_uri_only() {
+    let id = agent_id();
+    assert_eq!(agent_uri(&id), "urn:outpost:agent:depot-17.gw-1");
+    assert_eq!(agent_id_from_uri(&agent_uri(&id)), Some(id));
+    assert_eq!(agent_id_from_uri("urn:outpost:hub:x"), None);
+    assert_eq!(agent_id_from_uri("urn:outpost:agent:"), None);
+    assert_eq!(agent_id_from_uri("urn:outpost:agent:a b"), None);
+}
+
+#[test]
+fn error_codes_map_to_quic_close_codes_and_back() {
+    let named = [
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::Malformed,
+        ErrorCode::UnexpectedFrame,
+        ErrorCode::SeqNotIncreasing,
+        ErrorCode::WindowExceeded,
+        ErrorCode::InvalidAck,
+        ErrorCode::Timeout,
+        ErrorCode::Unauthorized,
+        ErrorCode::Internal,
+        ErrorCode::ShuttingDown,
+        ErrorCode::Superseded,
+    ];
+    let mut seen = std::collections::BTreeSet::new();
+    for code in named {
+        assert_ne!(code.to_u32(), CLOSE_OK, "{code}");
+        assert!(seen.insert(code.to_u16()), "{code} reuses a number");
+        assert_eq!(ErrorCode::from_u32(code.to_u32()), Some(code));
+        assert_eq!(ErrorCode::from_u16(code.to_u16()), code);
+        assert_ne!(code.name(), "unknown");
+    }
+    assert_eq!(ErrorCode::from_u32(CLOSE_OK), None);
+    assert_eq!(ErrorCode::from_u32(70_000), None);
+    assert_eq!(ErrorCode::from_u16(500), ErrorCode::Unknown(500));
+    assert_eq!(ErrorCode::Unknown(500).to_u32(), 500);
+    assert_eq!(ErrorCode::WindowExceeded.to_string(), "window_exceeded (6)");
+}
+
+// ---------------------------------------------------------------------------
+// Delivery through the pair.
+
+#[test]
+fn delivers_a_backlog_with_gaps_exactly_once_and_in_order() {
+    let mut pair = Pair::new();
+    for i in 0..2000 {
+        pair.outbox.append(i % 3, body(i as i64));
+    }
+    pair.drive();
+    assert_exactly_once(&pair);
+    assert_eq!(pair.store.events.len(), 2000);
+    assert!(pair.errors().is_empty(), "{:?}", pair.errors());
+    assert_eq!(pair.agent.acked(), pair.store.watermark());
+}
+
+#[test]
+fn acks_only_after_the_store_commits() {
+    let mut pair = Pair::new();
+    pair.auto_commit = false;
+    for i in 0..50 {
+        pair.outbox.append(0, body(i));
+    }
+    pair.drive();
+    assert_eq!(pair.hub.highest_received(), Seq(50));
+    assert_eq!(pair.outbox.len(), 50, "nothing deleted before the commit");
+    assert_eq!(pair.agent.acked(), Seq(0));
+    pair.commit();
+    pair.drive();
+    assert_eq!(pair.agent.acked(), Seq(50));
+    assert_exactly_once(&pair);
+}
+
+#[test]
+fn replays_unacked_events_after_a_hub_restart() {
+    let mut pair = Pair::new();
+    pair.auto_commit = false;
+    for i in 0..30 {
+        pair.outbox.append(0, body(i));
+    }
+    pair.drive();
+    assert_eq!(pair.hub.highest_received(), Seq(30));
+    // The hub dies before its commit: the events exist only in the outbox.
+    pair.hub_restart();
+    assert!(pair.store.events.is_empty());
+    pair.auto_commit = true;
+    pair.drive();
+    assert_eq!(pair.connected, [Seq(0), Seq(0)]);
+    assert_exactly_once(&pair);
+    assert_eq!(pair.store.ignored_duplicates, 0);
+}
+
+#[test]
+fn resumes_from_the_hub_watermark_when_the_ack_was_lost() {
+    let mut pair = Pair::new();
+    pair.auto_commit = false;
+    for i in 0..30 {
+        pair.outbox.append(0, body(i));
+    }
+    pair.drive();
+    // The store commits, but the connection breaks before the Ack leaves.
+    pair.commit();
+    pair.reset();
+    pair.drive();
+    assert_eq!(pair.connected.last(), Some(&Seq(30)));
+    assert_exactly_once(&pair);
+    // The watermark told the agent everything was stored: nothing was resent.
+    assert_eq!(pair.store.ignored_duplicates, 0);
+}
+
+#[test]
+fn events_resent_below_the_watermark_are_dropped_on_the_wire() {
+    let mut pair = Pair::new();
+    pair.auto_commit = false;
+    for i in 0..30 {
+        pair.outbox.append(0, body(i));
+    }
+    pair.drive();
+    // Stored, but the Ack is lost with the connection; the agent sends all 30
+    // again on the new one.
+    pair.commit();
+    pair.reset_with_replay();
+    pair.auto_commit = true;
+    pair.drive();
+    assert_eq!(pair.replayed, 1);
+    assert_exactly_once(&pair);
+    // The store never even saw them: sinks would not either.
+    assert_eq!(pair.store.ignored_duplicates, 0);
+    assert!(pair.errors().is_empty(), "{:?}", pair.errors());
+}
+
+#[test]
+fn duplicates_after_a_stale_watermark_are_stored_once() {
+    let mut pair = Pair::new();
+    pair.auto_commit = false;
+    for i in 0..30 {
+        pair.outbox.append(0, body(i));
+    }
+    pair.drive();
+    pair.reset_stale();
+    pair.auto_commit = true;
+    pair.drive();
+    assert_eq!(pair.store.ignored_duplicates, 30, "the agent resent them");
+    assert_exactly_once(&pair);
+}
+
+#[test]
+fn the_hub_hands_out_only_seqs_above_its_watermark() {
+    let now = origin();
+    let mut hub = welcomed_hub(now, 5, 100);
+    hub.handle_bytes(now, &encode(&[batch(&[3, 4, 5, 6, 7])]))
+        .expect("duplicates are fine");
+    let stored: Vec<Vec<Seq>> = hub_events(&mut hub)
+        .into_iter()
+        .filter_map(|e| match e {
+            HubEvent::Store { events } => Some(events.into_iter().map(|(s, _)| s).collect()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stored, [vec![Seq(6), Seq(7)]]);
+    // A batch of duplicates only hands out nothing.
+    let mut hub = welcomed_hub(now, 5, 100);
+    hub.handle_bytes(now, &encode(&[batch(&[1, 2])]))
+        .expect("fine");
+    assert!(hub_events(&mut hub).is_empty());
+}
+
+#[test]
+fn the_agent_never_has_more_than_the_window_in_flight() {
+    let hub_config = HubConfig {
+        window: 10,
+        ..HubConfig::default()
+    };
+    let mut pair = Pair::with_configs(AgentConfig::default(), hub_config);
+    pair.auto_commit = false;
+    for i in 0..100 {
+        pair.outbox.append(0, body(i));
+    }
+    pair.drive();
+    assert_eq!(pair.hub.highest_received(), Seq(10));
+    assert_eq!(pair.agent.wants(), 0);
+    for _ in 0..20 {
+        pair.commit();
+        pair.drive();
+    }
+    assert_exactly_once(&pair);
+    assert!(pair.errors().is_empty(), "{:?}", pair.errors());
+}
+
+#[test]
+fn delivers_everything_exactly_once_over_a_lossy_link() {
+    let mut pair = Pair::new();
+    pair.loss = 0.01;
+    pair.mtu = 300;
+    pair.seed(42);
+    for i in 0..3000 {
+        pair.outbox.append(i % 2, body(i as i64));
+    }
+    for _ in 0..1000 {
+        if pair.outbox.is_empty() {
+            break;
+        }
+        assert!(pair.drive_bounded(10_000), "did not settle");
+    }
+    assert!(
+        pair.connections > 2,
+        "the link should have broken a few times"
+    );
+    assert_exactly_once(&pair);
+    assert_eq!(pair.store.ignored_duplicates, 0);
+    assert!(pair.errors().is_empty(), "{:?}", pair.errors());
+}
+
+#[test]
+fn batches_respect_event_and_byte_limits() {
+    let now = origin();
+    let config = AgentConfig {
+        max_batch_events: 3,
+        max_batch_bytes: 120,
+        ..AgentConfig::default()
+    };
+    let mut agent = streaming_agent(now, 0, 100, config);
+    let events: Vec<(Seq, EventBody)> = (1..=20).map(|s| (Seq(s), body(s as i64))).collect();
+    agent.push_events(events.clone()).expect("pushed");
+    let mut big = body(21);
+    big.value = Value::String("x".repeat(500));
+    agent
+        .push_event(Seq(21), &big)
+        .expect("a large event goes alone");
+    let frames = agent_sent(&mut agent, now);
+    let mut got = Vec::new();
+    for frame in frames {
+        let Frame::Batch { events } = frame else {
+            panic!("expected batches, got {frame:?}");
+        };
+        assert!((1..=3).contains(&events.len()), "{} events", events.len());
+        let bytes: usize = events
+            .iter()
+            .map(|e| postcard::to_stdvec(e).expect("encodes").len())
+            .sum();
+        assert!(bytes <= 120 || events.len() == 1, "{bytes} bytes");
+        got.extend(events);
+    }
+    assert_eq!(got.len(), 21);
+    assert_eq!(got[..20], events[..]);
+    assert_eq!(agent.read_after(), Seq(21));
+}
+
+#[test]
+fn an_event_too_large_for_a_frame_is_refused_at_push() {
+    let now = origin();
+    let mut agent = streaming_agent(now, 0, 100, AgentConfig::default());
+    let mut huge = body(1);
+    huge.value = Value::Bytes(vec![0; MAX_FRAME_LEN]);
+    let err = agent.push_event(Seq(1), &huge).expect_err("too large");
+    assert!(matches!(
+        err,
+        UsageError::EventTooLarge {
+            seq: Seq(1),
+            max: MAX_EVENT_LEN,
+            ..
+        }
+    ));
+    // Nothing changed; the next event goes.
+    assert_eq!(agent.read_after(), Seq(0));
+    assert_eq!(agent.wants(), 100);
+    agent.push_event(Seq(2), &body(2)).expect("pushed");
+    assert!(matches!(
+        agent_sent(&mut agent, now).as_slice(),
+        [Frame::Batch { events }] if events.len() == 1 && events[0].0 == Seq(2)
+    ));
+}
+
+#[test]
+fn pushing_out_of_order_or_beyond_the_window_is_a_usage_error() {
+    let now = origin();
+    let mut agent = AgentSession::new(now, AgentInfo::default(), AgentConfig::default());
+    assert_eq!(agent.wants(), 0);
+    assert_eq!(
+        agent.push_event(Seq(1), &body(1)),
+        Err(UsageError::NotStreaming)
+    );
+    let mut agent = streaming_agent(now, 10, 2, AgentConfig::default());
+    assert_eq!(agent.read_after(), Seq(10));
+    assert_eq!(
+        agent.push_event(Seq(10), &body(10)),
+        Err(UsageError::SeqNotIncreasing {
+            previous: Seq(10),
+            got: Seq(10)
+        })
+    );
+    agent
+        .push_events(vec![(Seq(11), body(11)), (Seq(13), body(13))])
+        .expect("within the window");
+    assert_eq!(
+        agent.push_event(Seq(14), &body(14)),
+        Err(UsageError::WindowFull { window: 2 })
+    );
+    assert_eq!(agent.unacked(), 2);
+}
+
+#[test]
+fn storing_beyond_what_was_received_is_a_usage_error() {
+    let now = origin();
+    let mut hub = welcomed_hub(now, 0, 100);
+    hub.handle_bytes(now, &encode(&[batch(&[1, 2])]))
+        .expect("fine");
+    assert_eq!(
+        hub.stored(Seq(3)),
+        Err(UsageError::StoredBeyondReceived {
+            received: Seq(2),
+            got: Seq(3)
+        })
+    );
+    hub.stored(Seq(2)).expect("fine");
+    assert!(matches!(
+        hub_sent(&mut hub, now).as_slice(),
+        [Frame::Ack {
+            upto: Seq(2),
+            window: 100
+        }]
+    ));
+    // A repeated or lower commit sends nothing more.
+    hub.stored(Seq(1)).expect("fine");
+    assert!(hub_sent(&mut hub, now).is_empty());
+}
+
+#[test]
+fn acks_are_coalesced_between_polls() {
+    let now = origin();
+    let mut hub = welcomed_hub(now, 0, 100);
+    hub.handle_bytes(now, &encode(&[batch(&[1, 2, 3])]))
+        .expect("fine");
+    hub.stored(Seq(1)).expect("fine");
+    hub.stored(Seq(3)).expect("fine");
+    assert_eq!(
+        hub_sent(&mut hub, now),
+        [Frame::Ack {
+            upto: Seq(3),
+            window: 100
+        }]
+    );
+}
+
+#[test]
+fn backlog_reports_reach_the_hub_even_when_made_before_welcome() {
+    let mut pair = Pair::new();
+    pair.agent.report_backlog(7, 700, Some(Seq(3)));
+    let now = pair.now;
+    let mut hub_got = Vec::new();
+    // Drive by hand to see the hub's events.
+    let mut buf = Vec::new();
+    while pair.agent.poll_transmit(now, &mut buf).is_some() {}
+    pair.hub.handle_bytes(now, &buf).expect("hello");
+    let mut buf = Vec::new();
+    while pair.hub.poll_transmit(now, &mut buf).is_some() {}
+    pair.agent.handle_bytes(now, &buf).expect("welcome");
+    let mut buf = Vec::new();
+    while pair.agent.poll_transmit(now, &mut buf).is_some() {}
+    pair.hub.handle_bytes(now, &buf).expect("backlog");
+    hub_got.extend(hub_events(&mut pair.hub));
+    assert!(hub_got.contains(&HubEvent::Backlog {
+        events: 7,
+        bytes: 700,
+        oldest_seq: Some(Seq(3))
+    }));
+}
+
+#[test]
+fn goodbye_closes_both_sessions_cleanly() {
+    let mut pair = Pair::new();
+    pair.outbox.append(0, body(1));
+    pair.drive();
+    pair.agent.goodbye();
+    pair.drive();
+    assert!(pair.agent.is_closed() && pair.hub.is_closed());
+    assert_eq!(pair.closed, [("agent", None), ("hub", None)]);
+    assert_exactly_once(&pair);
+}
+
+#[test]
+fn a_hub_shutting_down_tells_the_agent_why() {
+    let mut pair = Pair::new();
+    pair.drive();
+    pair.hub.close(ErrorCode::ShuttingDown, "hub is restarting");
+    pair.drive();
+    let errors = pair.errors();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert_eq!(
+        errors[0],
+        (
+            "hub",
+            ProtocolError::Local {
+                code: ErrorCode::ShuttingDown,
+                message: "hub is restarting".into()
+            }
+        )
+    );
+    assert_eq!(
+        errors[1],
+        (
+            "agent",
+            ProtocolError::Peer {
+                code: ErrorCode::ShuttingDown,
+                message: "hub is restarting".into()
+            }
+        )
+    );
+}
+
+#[test]
+fn an_agent_closing_on_an_outbox_failure_tells_the_hub() {
+    let mut pair = Pair::new();
+    pair.drive();
+    pair.agent.close(ErrorCode::Internal, "disk I/O error");
+    pair.drive();
+    assert!(pair.hub.is_closed());
+    assert!(matches!(
+        pair.errors().last(),
+        Some((
+            "hub",
+            ProtocolError::Peer {
+                code: ErrorCode::Internal,
+                ..
+            }
+        ))
+    ));
+}
+
+// ---------------------------------------------------------------------------
+// Heartbeats and timeouts.
+
+#[test]
+fn heartbeats_keep_an_idle_connection_alive() {
+    let mut pair = Pair::new();
+    pair.drive();
+    pair.advance(Duration::from_secs(600));
+    assert!(pair.errors().is_empty(), "{:?}", pair.errors());
+    assert!(pair.agent.is_streaming() && pair.hub.is_streaming());
+}
+
+#[test]
+fn the_agent_sends_a_heartbeat_when_idle() {
+    let now = origin();
+    let config = AgentConfig::default();
+    let mut agent = streaming_agent(now, 0, 10, config.clone());
+    assert_eq!(agent.poll_timeout(), Some(now + config.heartbeat));
+    agent.handle_timeout(now + config.heartbeat);
+    assert_eq!(
+        agent_sent(&mut agent, now + config.heartbeat),
+        [Frame::Heartbeat]
+    );
+    assert_eq!(agent.poll_timeout(), Some(now + config.heartbeat * 2));
+}
+
+#[test]
+fn a_silent_hub_times_the_agent_out() {
+    let now = origin();
+    let config = AgentConfig::default();
+    let mut agent = streaming_agent(now, 0, 10, config.clone());
+    let later = now + config.idle_timeout;
+    agent.handle_timeout(later - Duration::from_millis(1));
+    assert!(!agent.is_closed());
+    agent.handle_timeout(later);
+    assert!(agent.is_closed());
+    assert_eq!(agent.poll_timeout(), None);
+    assert_eq!(
+        error_code(&agent_sent(&mut agent, later)),
+        Some(ErrorCode::Timeout)
+    );
+    assert_eq!(
+        closed_error_of_agent(&mut agent),
+        Some(ProtocolError::IdleTimeout {
+            silent: config.idle_timeout
+        })
+    );
+}
+
+#[test]
+fn a_hub_that_never_welcomes_times_the_handshake_out() {
+    let now = origin();
+    let mut agent = AgentSession::new(now, AgentInfo::default(), AgentConfig::default());
+    let _ = agent_sent(&mut agent, now);
+    let deadline = agent.poll_timeout().expect("a deadline");
+    assert_eq!(deadline, now + AgentConfig::default().idle_timeout);
+    agent.handle_timeout(deadline);
+    assert_eq!(
+        closed_error_of_agent(&mut agent).map(|e| e.code()),
+        Some(ErrorCode::Timeout)
+    );
+}
+
+#[test]
+fn an_agent_that_never_says_hello_times_out() {
+    let now = origin();
+    let mut hub = HubSession::new(now, agent_id(), Seq(0), HubConfig::default());
+    let deadline = hub.poll_timeout().expect("a deadline");
+    hub.handle_timeout(deadline);
+    assert!(hub.is_closed());
+    assert_eq!(
+        error_code(&hub_sent(&mut hub, deadline)),
+        Some(ErrorCode::Timeout)
+    );
+}
+
+#[test]
+fn a_partial_frame_counts_as_life() {
+    let now = origin();
+    let config = HubConfig::default();
+    let mut hub = welcomed_hub(now, 0, 10);
+    let half = config.idle_timeout / 2;
+    let bytes = encode(&[batch(&[1])]);
+    hub.handle_bytes(now + half, &bytes[..3]).expect("fine");
+    hub.handle_timeout(now + config.idle_timeout);
+    assert!(!hub.is_closed());
+}
+
+// ---------------------------------------------------------------------------
+// Bad peers.
+
+#[test]
+fn an_oversized_frame_closes_the_hub_with_frame_too_large() {
+    let now = origin();
+    let mut hub = welcomed_hub(now, 0, 10);
+    let len = (MAX_FRAME_LEN as u32 + 1).to_be_bytes();
+    let err = hub.handle_bytes(now, &len).expect_err("refused");
+    assert_eq!(err.code(), ErrorCode::FrameTooLarge);
+    assert_eq!(err.code().to_u32(), 2);
+    assert_eq!(
+        error_code(&hub_sent(&mut hub, now)),
+        Some(ErrorCode::FrameTooLarge)
+    );
+    // Further bytes are ignored.
+    hub.handle_bytes(now, &[0; 1000]).expect("ignored");
+}
+
+#[test]
+fn garbage_bytes_close_the_hub_with_malformed() {
+    let now = origin();
+    let mut hub = HubSession::new(now, agent_id(), Seq(0), HubConfig::default());
+    let err = hub
+        .handle_bytes(now, &[0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff])
+        .expect_err("refused");
+    assert_eq!(err.code(), ErrorCode::Malformed);
+    assert_eq!(
+        error_code(&hub_sent(&mut hub, now)),
+        Some(ErrorCode::Malformed)
+    );
+}
+
+#[test]
+fn garbage_bytes_close_the_agent_with_malformed() {
+    let now = origin();
+    let mut agent = streaming_agent(now, 0, 10, AgentConfig::default());
+    let err = agent
+        .handle_bytes(now, &[0, 0, 0, 2, 4, 0x80])
+        .expect_err("refused");
+    assert_eq!(err.code(), ErrorCode::Malformed);
+}
+
+#[test]
+fn a_batch_before_hello_is_an_unexpected_frame() {
+    let now = origin();
+    let mut hub = HubSession::new(now, agent_id(), Seq(0), HubConfig::default());
+    let err = hub
+        .handle_bytes(now, &encode(&[batch(&[1])]))
+        .expect_err("refused");
+    assert_eq!(
+        err,
+        ProtocolError::UnexpectedFrame {
+            frame: "Batch",
+            state: "awaiting Hello"
+        }
+    );
+    assert_eq!(
+        error_code(&hub_sent(&mut hub, now)),
+        Some(ErrorCode::UnexpectedFrame)
+    );
+    assert!(hub_events(&mut hub)
+        .iter()
+        .all(|e| !matches!(e, HubEvent::Store { .. })));
+}
+
+#[test]
+fn a_second_hello_is_an_unexpected_frame() {
+    let now = origin();
+    let mut hub = welcomed_hub(now, 0, 10);
+    let err = hub
+        .handle_bytes(now, &encode(&[hello(vec![1])]))
+        .expect_err("refused");
+    assert_eq!(
+        err,
+        ProtocolError::UnexpectedFrame {
+            frame: "Hello",
+            state: "streaming"
+        }
+    );
+}
+
+#[test]
+fn hub_frames_sent_by_an_agent_are_unexpected() {
+    let now = origin();
+    for frame in [
+        Frame::Welcome {
+            version: 1,
+            watermark: Seq(0),
+            window: 1,
+        },
+        Frame::Ack {
+            upto: Seq(0),
+            window: 1,
+        },
+    ] {
+        let mut hub = welcomed_hub(now, 0, 10);
+        let err = hub
+            .handle_bytes(now, &encode(&[frame]))
+            .expect_err("refused");
+        assert_eq!(err.code(), ErrorCode::UnexpectedFrame);
+    }
+}
+
+#[test]
+fn agent_frames_sent_by_a_hub_are_unexpected() {
+    let now = origin();
+    for frame in [hello(vec![1]), batch(&[1]), Frame::Goodbye] {
+        let mut agent = streaming_agent(now, 0, 10, AgentConfig::default());
+        let err = agent
+            .handle_bytes(now, &encode(&[frame]))
+            .expect_err("refused");
+        assert_eq!(err.code(), ErrorCode::UnexpectedFrame);
+    }
+    // An Ack before Welcome, too.
+    let mut agent = AgentSession::new(now, AgentInfo::default(), AgentConfig::default());
+    let ack = Frame::Ack {
+        upto: Seq(0),
+        window: 1,
+    };
+    let err = agent
+        .handle_bytes(now, &encode(&[ack]))
+        .expect_err("refused");
+    assert_eq!(
+        err,
+        ProtocolError::UnexpectedFrame {
+            frame: "Ack",
+            state: "awaiting Welcome"
+        }
+    );
+}
+
+#[test]
+fn decreasing_seqs_close_with_seq_not_increasing() {
+    let now = origin();
+    let mut hub = welcomed_hub(now, 0, 100);
+    let err = hub
+        .handle_bytes(now, &encode(&[batch(&[1, 5, 4])]))
+        .expect_err("refused");
+    assert_eq!(
+        err,
+        ProtocolError::SeqNotIncreasing {
+            previous: Seq(5),
+            got: Seq(4)
+        }
+    );
+    // The refused batch handed nothing to the store.
+    assert!(hub_events(&mut hub)
+        .iter()
+        .all(|e| !matches!(e, HubEvent::Store { .. })));
+    // Across batches, and for a repeated seq.
+    let mut hub = welcomed_hub(now, 0, 100);
+    hub.handle_bytes(now, &encode(&[batch(&[1, 2])]))
+        .expect("fine");
+    let err = hub
+        .handle_bytes(now, &encode(&[batch(&[2])]))
+        .expect_err("refused");
+    assert_eq!(
+        err,
+        ProtocolError::SeqNotIncreasing {
+            previous: Seq(2),
+            got: Seq(2)
+        }
+    );
+    assert_eq!(err.code(), ErrorCode::SeqNotIncreasing);
+}
+
+#[test]
+fn an_agent_beyond_its_window_is_refused() {
+    let now = origin();
+    let mut hub = welcomed_hub(now, 0, 3);
+    hub.handle_bytes(now, &encode(&[batch(&[1, 2, 3])]))
+        .expect("within the window");
+    hub.stored(Seq(2)).expect("fine");
+    // Two acknowledged: two more may come.
+    hub.handle_bytes(now, &encode(&[batch(&[4, 5])]))
+        .expect("within the window");
+    let err = hub
+        .handle_bytes(now, &encode(&[batch(&[6])]))
+        .expect_err("refused");
+    assert_eq!(
+        err,
+        ProtocolError::WindowExceeded {
+            acked: Seq(2),
+            window: 3,
+            in_flight: 4
+        }
+    );
+    assert_eq!(
+        error_code(&hub_sent(&mut hub, now)),
+        Some(ErrorCode::WindowExceeded)
+    );
+}
+
+#[test]
+fn an_ack_beyond_what_was_sent_closes_the_agent() {
+    let now = origin();
+    let mut agent = streaming_agent(now, 5, 10, AgentConfig::default());
+    agent.push_event(Seq(6), &body(6)).expect("pushed");
+    // Pushed but not yet transmitted: the hub cannot have it.
+    let ack = Frame::Ack {
+        upto: Seq(6),
+        window: 10,
+    };
+    let err = agent
+        .handle_bytes(now, &encode(&[ack]))
+        .expect_err("refused");
+    assert_eq!(
+        err,
+        ProtocolError::AckBeyondSent {
+            sent: Seq(5),
+            got: Seq(6)
+        }
+    );
+    assert_eq!(err.code(), ErrorCode::InvalidAck);
+}
+
+#[test]
+fn an_ack_going_backwards_closes_the_agent() {
+    let now = origin();
+    let mut agent = streaming_agent(now, 5, 10, AgentConfig::default());
+    let ack = Frame::Ack {
+        upto: Seq(4),
+        window: 10,
+    };
+    let err = agent
+        .handle_bytes(now, &encode(&[ack]))
+        .expect_err("refused");
+    assert_eq!(
+        err,
+        ProtocolError::AckWentBackwards {
+            previous: Seq(5),
+            got: Seq(4)
+        }
+    );
+}
+
+#[test]
+fn an_ack_updates_the_window_and_reports_the_progress() {
+    let now = origin();
+    let mut agent = streaming_agent(now, 0, 2, AgentConfig::default());
+    agent
+        .push_events(vec![(Seq(1), body(1)), (Seq(2), body(2))])
+        .expect("pushed");
+    let _ = agent_sent(&mut agent, now);
+    assert_eq!(agent.wants(), 0);
+    let ack = Frame::Ack {
+        upto: Seq(1),
+        window: 5,
+    };
+    agent.handle_bytes(now, &encode(&[ack])).expect("fine");
+    assert_eq!(
+        agent_events(&mut agent),
+        [AgentEvent::Acked { upto: Seq(1) }]
+    );
+    assert_eq!(agent.wants(), 4);
+    // A window-only update reports nothing.
+    let ack = Frame::Ack {
+        upto: Seq(1),
+        window: 1,
+    };
+    agent.handle_bytes(now, &encode(&[ack])).expect("fine");
+    assert!(agent_events(&mut agent).is_empty());
+    assert_eq!(agent.wants(), 0);
+}
+
+#[test]
+fn an_error_frame_from_the_peer_closes_with_its_code() {
+    let now = origin();
+    let mut agent = streaming_agent(now, 0, 10, AgentConfig::default());
+    let error = Frame::Error {
+        code: ErrorCode::Unknown(4242),
+        message: "from the future".into(),
+    };
+    let err = agent
+        .handle_bytes(now, &encode(&[error]))
+        .expect_err("closed");
+    assert_eq!(err.code(), ErrorCode::Unknown(4242));
+    assert!(err.is_from_peer());
+    // No error is sent back in answer to an error.
+    assert!(agent_sent(&mut agent, now).is_empty());
+}
+
+#[test]
+fn a_hello_breaking_a_limit_is_malformed() {
+    let now = origin();
+    let labels: BTreeMap<String, String> = (0..=MAX_LABELS)
+        .map(|i| (format!("k{i}"), "v".to_owned()))
+        .collect();
+    let frame = Frame::Hello {
+        versions: vec![1],
+        agent_version: "x".into(),
+        labels: labels.clone(),
+    };
+    let mut hub = HubSession::new(now, agent_id(), Seq(0), HubConfig::default());
+    let err = hub
+        .handle_bytes(now, &encode(&[frame]))
+        .expect_err("refused");
+    assert!(matches!(err, ProtocolError::InvalidHello { .. }));
+    assert_eq!(err.code(), ErrorCode::Malformed);
+    // The agent refuses to send such a Hello in the first place.
+    let info = AgentInfo {
+        agent_version: "x".into(),
+        labels,
+    };
+    let mut agent = AgentSession::new(now, info, AgentConfig::default());
+    assert!(agent.is_closed());
+    assert!(agent_sent(&mut agent, now).is_empty());
+    assert!(matches!(
+        closed_error_of_agent(&mut agent),
+        Some(ProtocolError::InvalidHello { .. })
+    ));
+}
+
+#[test]
+fn bytes_after_close_are_ignored() {
+    let now = origin();
+    let mut hub = welcomed_hub(now, 0, 10);
+    hub.close(ErrorCode::Superseded, "a newer connection");
+    hub.handle_bytes(now, &encode(&[batch(&[1])]))
+        .expect("ignored");
+    assert!(hub_events(&mut hub)
+        .iter()
+        .all(|e| !matches!(e, HubEvent::Store { .. })));
+    assert_eq!(
+        error_code(&hub_sent(&mut hub, now)),
+        Some(ErrorCode::Superseded)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Properties.
+
+#[derive(Debug, Clone)]
+enum Action {
+    /// Drive until nothing is in flight.
+    Deliver,
+    /// A little progress only.
+    Steps(u8),
+    /// The agent accepts new events, after a gap of evicted seqs.
+    Append { count: u8, gap: u8 },
+    /// The outbox evicts its oldest event.
+    Evict,
+    /// A chunk in flight is lost: the connection breaks.
+    Drop(prop::sample::Index),
+    /// The connection breaks.
+    Reset,
+    /// The connection breaks and the hub reads a stale watermark.
+    StaleReconnect,
+    /// The connection breaks and the agent resends what the hub has.
+    ReplayReconnect,
+    /// The hub restarts; what it had not committed is lost.
+    HubRestart,
+    /// The agent restarts; its outbox stays.
+    AgentRestart,
+    /// The store commits.
+    Commit,
+}
+
+fn arb_action() -> impl Strategy<Value = Action> {
+    prop_oneof![
+        3 => Just(Action::Deliver),
+        4 => (1u8..20).prop_map(Action::Steps),
+        2 => (1u8..30, 0u8..4).prop_map(|(count, gap)| Action::Append { count, gap }),
+        1 => Just(Action::Evict),
+        2 => any::<prop::sample::Index>().prop_map(Action::Drop),
+        1 => Just(Action::Reset),
+        1 => Just(Action::StaleReconnect),
+        2 => Just(Action::ReplayReconnect),
+        1 => Just(Action::HubRestart),
+        1 => Just(Action::AgentRestart),
+        2 => Just(Action::Commit),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn any_interleaving_of_loss_duplication_and_restarts_stores_each_seq_once(
+        initial in prop::collection::vec(0u64..4, 0..80),
+        actions in prop::collection::vec(arb_action(), 0..40),
+        auto_commit in any::<bool>(),
+        window in 1u32..64,
+        max_batch_events in 1usize..16,
+        latency_ms in 0u64..50,
+    ) {
+        let agent_config = AgentConfig { max_batch_events, ..AgentConfig::default() };
+        let hub_config = HubConfig { window, ..HubConfig::default() };
+        let mut pair = Pair::with_configs(agent_config, hub_config);
+        pair.latency = Duration::from_millis(latency_ms);
+        pair.mtu = 64;
+        pair.auto_commit = auto_commit;
+        let mut n = 0i64;
+        for gap in initial {
+            n += 1;
+            pair.outbox.append(gap, body(n));
+        }
+        let mut stale = false;
+        for action in actions {
+            match action {
+                Action::Deliver => pair.drive(),
+                Action::Steps(k) => {
+                    for _ in 0..k {
+                        pair.step();
+                    }
+                }
+                Action::Append { count, gap } => {
+                    for i in 0..count {
+                        n += 1;
+                        pair.outbox.append(if i == 0 { u64::from(gap) } else { 0 }, body(n));
+                    }
+                }
+                Action::Evict => {
+                    pair.outbox.evict_oldest();
+                }
+                Action::Drop(index) => pair.drop_in_flight(index),
+                Action::Reset => pair.reset(),
+                Action::StaleReconnect => {
+                    stale = true;
+                    pair.reset_stale();
+                }
+                Action::ReplayReconnect => pair.reset_with_replay(),
+                Action::HubRestart => pair.hub_restart(),
+                Action::AgentRestart => pair.agent_restart(),
+                Action::Commit => pair.commit(),
+            }
+            prop_assert!(pair.errors().is_empty(), "{:?}", pair.errors());
+        }
+        // Heal: commit as it comes, and drain.
+        pair.auto_commit = true;
+        pair.commit();
+        for _ in 0..50 {
+            if pair.outbox.is_empty() {
+                break;
+            }
+            pair.drive();
+        }
+        prop_assert!(pair.errors().is_empty(), "{:?}", pair.errors());
+        assert_exactly_once(&pair);
+        if !stale {
+            // With a fresh watermark, the wire alone kept out every duplicate.
+            prop_assert_eq!(pair.store.ignored_duplicates, 0);
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic_either_session(
+        chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..8),
+        streaming in any::<bool>(),
+    ) {
+        let now = origin();
+        let mut hub = if streaming {
+            welcomed_hub(now, 3, 10)
+        } else {
+            HubSession::new(now, agent_id(), Seq(3), HubConfig::default())
+        };
+        let mut agent = if streaming {
+            streaming_agent(now, 3, 10, AgentConfig::default())
+        } else {
+            AgentSession::new(now, AgentInfo::default(), AgentConfig::default())
+        };
+        let _ = agent_sent(&mut agent, now);
+        for chunk in &chunks {
+            let h = hub.handle_bytes(now, chunk);
+            let a = agent.handle_bytes(now, chunk);
+            if let Err(e) = h {
+                prop_assert_eq!(error_code(&hub_sent(&mut hub, now)), (!e.is_from_peer()).then(|| e.code()));
+            }
+            if let Err(e) = a {
+                prop_assert_eq!(error_code(&agent_sent(&mut agent, now)), (!e.is_from_peer()).then(|| e.code()));
+            }
+        }
+        let _ = hub_sent(&mut hub, now);
+        let _ = hub_events(&mut hub);
+        let _ = agent_sent(&mut agent, now);
+        let _ = agent_events(&mut agent);
+    }
+
+    #[test]
+    fn any_sequence_of_frames_never_panics_either_session(
+        frames in prop::collection::vec(arb_frame(), 0..8),
+    ) {
+        let now = origin();
+        let mut hub = HubSession::new(now, agent_id(), Seq(3), HubConfig::default());
+        let mut agent = AgentSession::new(now, AgentInfo::default(), AgentConfig::default());
+        // The hub never hands out a seq at or below what it has.
+        let mut highest = Seq(3);
+        for frame in &frames {
+            let bytes = encode(std::slice::from_ref(frame));
+            let _ = hub.handle_bytes(now, &bytes);
+            let _ = agent.handle_bytes(now, &bytes);
+            let _ = hub_sent(&mut hub, now);
+            let _ = agent_sent(&mut agent, now);
+            for event in hub_events(&mut hub) {
+                if let HubEvent::Store { events } = event {
+                    for (seq, _) in events {
+                        prop_assert!(seq > highest);
+                        highest = seq;
+                    }
+                }
+            }
+            let _ = hub.stored(hub.highest_received());
+        }
+    }
+}
+
+#[test]
+fn stream_names_in_batches_are_checked_on_decode() {
+    // A batch whose stream name holds a wildcard does not decode: the hub never
+    // stores an event the event model would refuse.
+    let good = EventBody {
+        stream: StreamName::parse("plant/a").expect("valid"),
+        ts: Timestamp(0),
+        value: Value::Bool(true),
+        quality: Default::default(),
+        attrs: BTreeMap::new(),
+    };
+    let mut bytes = encode(&[Frame::Batch {
+        events: vec![(Seq(1), good)],
+    }]);
+    let at = bytes
+        .windows(7)
+        .position(|w| w == b"plant/a")
+        .expect("the name is in the frame");
+    bytes[at + 6] = b'#';
+    let now = origin();
+    let mut hub = welcomed_hub(now, 0, 10);
+    let err = hub.handle_bytes(now, &bytes).expect_err("refused");
+    assert_eq!(err.code(), ErrorCode::Malformed);
+}
