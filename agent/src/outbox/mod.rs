@@ -28,7 +28,6 @@
 //!        ts     INTEGER NOT NULL,       event time, Unix ns (copy of body.ts)
 //!        stream TEXT    NOT NULL,       stream name (copy of body.stream)
 //!        body   BLOB    NOT NULL)       postcard EventBody (protocols::event)
-//! INDEX  events_ts ON events(ts)        max_age eviction is a range probe
 //!
 //! meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID
 //!   next_seq            seq of the next accepted event (starts at 1)
@@ -55,6 +54,9 @@
 //! - The body is the postcard bytes of `EventBody`, exactly as it travels to the
 //!   hub, so the outbox never has to understand values. `ts` and `stream` are
 //!   copied into columns so that age eviction and `tail`/filters need no decode.
+//!   There is no index on `ts`: age eviction walks from the head (oldest seq)
+//!   while events are older than the cutoff, so a second B-tree would only
+//!   slow every insert.
 //! - `next_seq` lives in `meta` and is written in the same transaction as the
 //!   rows it numbered. Seqs are never reused, even after every row was acked or
 //!   evicted and the table is empty: the hub deduplicates by `(agent_id, seq)`,

@@ -30,7 +30,6 @@ CREATE TABLE IF NOT EXISTS events (
     stream TEXT    NOT NULL,
     body   BLOB    NOT NULL
 );
-CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -635,18 +634,41 @@ fn expire(
     meta: &mut Meta,
     cutoff: i64,
 ) -> Result<u64, OutboxError> {
-    // The `events_ts` index makes this a range probe, so it is cheap to run in
-    // every append even when nothing has expired.
-    let (n, bytes) = count_and_size(conn, path, "ts < ?1", cutoff)?;
-    if n == 0 {
-        return Ok(0);
+    // Age eviction works from the head of the queue: the oldest seqs go while
+    // their time is before the cutoff, and the first younger event stops it.
+    // Event times follow seqs (receipt or poll time) except for payload
+    // timestamps, and a head walk needs no index on `ts`, which would cost
+    // every insert a second B-tree update. When nothing has expired this
+    // reads one row.
+    let mut freed = 0u64;
+    let mut count = 0u64;
+    let mut upto = None;
+    {
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT seq, ts, {SQL_ROW_SIZE} FROM events ORDER BY seq"
+            ))
+            .at(path)?;
+        let mut rows = stmt.query([]).at(path)?;
+        while let Some(row) = rows.next().at(path)? {
+            let ts: i64 = row.get(1).at(path)?;
+            if ts >= cutoff {
+                break;
+            }
+            upto = Some(row.get::<_, u64>(0).at(path)?);
+            freed += row.get::<_, u64>(2).at(path)?;
+            count += 1;
+        }
     }
-    conn.prepare_cached("DELETE FROM events WHERE ts < ?1")
-        .and_then(|mut s| s.execute([cutoff]))
+    let Some(upto) = upto else {
+        return Ok(0);
+    };
+    conn.prepare_cached("DELETE FROM events WHERE seq <= ?1")
+        .and_then(|mut s| s.execute([upto]))
         .at(path)?;
-    meta.remove(n, bytes);
-    meta.evicted_max_age += n;
-    Ok(n)
+    meta.remove(count, freed);
+    meta.evicted_max_age += count;
+    Ok(count)
 }
 
 /// Deletes the oldest events until the total is within `max_bytes`, counting

@@ -91,17 +91,16 @@ impl Model {
             return 0;
         };
         let cutoff = now.saturating_sub(age.as_nanos() as i64);
-        let before = self.events.len();
-        let mut freed = 0;
-        self.events.retain(|(_, b)| {
-            let keep = b.ts.0 >= cutoff;
-            if !keep {
-                freed += size_of(b);
+        // From the head, while the oldest is older than the cutoff.
+        let mut n = 0u64;
+        while let Some((_, b)) = self.events.front() {
+            if b.ts.0 >= cutoff {
+                break;
             }
-            keep
-        });
-        self.bytes -= freed;
-        let n = (before - self.events.len()) as u64;
+            self.bytes -= size_of(b);
+            self.events.pop_front();
+            n += 1;
+        }
         self.count("max_age", n);
         n
     }

@@ -286,7 +286,7 @@ How each row is measured (medians of the runs; every run's numbers are on stderr
   `events(seq INTEGER PRIMARY KEY, ts, stream, body BLOB)` without the index, the
   bodies already postcard-encoded, one prepared INSERT per row, the same batches.
   Baseline and ours alternate, each on a fresh file.
-- Group-commit writer: `spawn_writer` (default options: window 2 ms, max batch 4096)
+- Group-commit writer: `spawn_writer` (default options: window 0, max batch 4096)
   with concurrent producers, each awaiting `OutboxHandle::append` of its 100-event
   request before sending the next; compared with the batch baseline above.
 - MQTT: a rumqttc publisher (QoS 1, in-flight 1000) → Mosquitto (max_inflight_messages
