@@ -81,6 +81,12 @@ pub struct Metrics {
     pub mqtt_connected: Gauge,
     /// Messages published by bridges.
     pub bridge_published: Counter,
+    /// 1 while a session with the hub is up.
+    pub uplink_connected: Gauge,
+    /// Events handed to the hub session (resends after a reconnect included).
+    pub uplink_sent: Counter,
+    /// Events the hub acknowledged and the outbox deleted.
+    pub uplink_acked: Counter,
     /// Bridged values or commands dropped because a queue was full or the
     /// peer was away.
     pub bridge_dropped: Counter,
@@ -166,6 +172,24 @@ impl Metrics {
             "Messages published by Modbus-to-MQTT bridges",
             bridge_published.clone(),
         );
+        let uplink_connected = Gauge::default();
+        registry.register(
+            "uplink_connected",
+            "1 while a session with the hub is up",
+            uplink_connected.clone(),
+        );
+        let uplink_sent = Counter::default();
+        registry.register(
+            "uplink_sent",
+            "Events sent to the hub, resends included",
+            uplink_sent.clone(),
+        );
+        let uplink_acked = Counter::default();
+        registry.register(
+            "uplink_acked",
+            "Events the hub acknowledged and the outbox deleted",
+            uplink_acked.clone(),
+        );
         let bridge_dropped = Counter::default();
         registry.register(
             "bridge_dropped",
@@ -217,6 +241,9 @@ impl Metrics {
             mqtt_inflight,
             mqtt_connected,
             bridge_published,
+            uplink_connected,
+            uplink_sent,
+            uplink_acked,
             bridge_dropped,
             outbox_errors,
             modbus_writes,

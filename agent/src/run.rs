@@ -20,6 +20,7 @@ use crate::outbox::{spawn_writer, Outbox, OutboxConfig, OutboxError, OutboxHandl
 use crate::sources::modbus::ModbusSource;
 use crate::sources::mqtt::MqttSource;
 use crate::sources::WriteCommand;
+use crate::uplink::Uplink;
 
 /// Why the agent could not run.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +131,15 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ru
             );
             tasks.spawn(p.run(shutdown.clone()));
         }
+    }
+    if let Some(uplink) = &cfg.uplink {
+        let u = Uplink::new(
+            uplink.clone(),
+            handle.clone(),
+            cfg.labels.clone(),
+            metrics.clone(),
+        );
+        tasks.spawn(u.run(shutdown.clone()));
     }
     tasks.spawn(housekeeping(
         handle.clone(),

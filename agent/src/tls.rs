@@ -134,6 +134,15 @@ pub fn client_config(
     client: Option<(&Path, &Path)>,
     server_name: Option<&str>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
+    build_client_config(ca, client, server_name).map(Arc::new)
+}
+
+/// Like [`client_config`], unshared, for callers that set more (ALPN).
+pub fn build_client_config(
+    ca: &Path,
+    client: Option<(&Path, &Path)>,
+    server_name: Option<&str>,
+) -> Result<ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(ca)? {
         roots.add(cert).map_err(|e| TlsError::Pem {
@@ -163,5 +172,5 @@ pub fn client_config(
         Some((cert, key)) => builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?)?,
         None => builder.with_no_client_auth(),
     };
-    Ok(Arc::new(config))
+    Ok(config)
 }

@@ -80,6 +80,21 @@ pub struct UplinkSection {
     pub cert: PathBuf,
     /// The agent's private key (PEM).
     pub key: PathBuf,
+    /// The name the hub's certificate must carry; defaults to the host part of
+    /// `hub`.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// The first wait before reconnecting; it doubles, with jitter, up to
+    /// `reconnect_max`.
+    #[serde(default = "default_uplink_reconnect_min")]
+    pub reconnect_min: HumanDuration,
+    /// The longest wait between reconnects.
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max: HumanDuration,
+}
+
+fn default_uplink_reconnect_min() -> HumanDuration {
+    HumanDuration(Duration::from_millis(500))
 }
 
 /// `[outbox]`.
@@ -757,14 +772,30 @@ impl RawConfig {
 
         let uplink = match self.uplink {
             Some(u) => {
-                if split_host_port(&u.hub).is_none() {
+                let Some((host, _)) = split_host_port(&u.hub) else {
                     return Err(cx.err("uplink.hub", format!("{:?} is not host:port", u.hub)));
+                };
+                if u.reconnect_min.0.is_zero() || u.reconnect_min.0 > u.reconnect_max.0 {
+                    return Err(cx.err(
+                        "uplink.reconnect_min",
+                        "must be longer than zero and not exceed uplink.reconnect_max",
+                    ));
+                }
+                let server_name = u.server_name.unwrap_or(host);
+                if rustls::pki_types::ServerName::try_from(server_name.clone()).is_err() {
+                    return Err(cx.err(
+                        "uplink.server_name",
+                        format!("{server_name:?} is not a DNS name or IP address"),
+                    ));
                 }
                 Some(UplinkSection {
                     hub: u.hub,
                     ca: resolve(&u.ca),
                     cert: resolve(&u.cert),
                     key: resolve(&u.key),
+                    server_name: Some(server_name),
+                    reconnect_min: u.reconnect_min,
+                    reconnect_max: u.reconnect_max,
                 })
             }
             None => None,

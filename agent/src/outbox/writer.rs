@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use outpost_protocols::event::{Event, EventBody, Seq, Timestamp};
 use tokio::sync::mpsc::error::TryRecvError;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -92,6 +92,7 @@ enum Request {
 #[derive(Debug, Clone)]
 pub struct OutboxHandle {
     tx: mpsc::Sender<Request>,
+    committed: watch::Receiver<Seq>,
 }
 
 /// An append that was queued; await it for the outcome, which arrives once the
@@ -163,6 +164,12 @@ impl OutboxHandle {
         .await
     }
 
+    /// The last seq committed so far, updated after every commit; the uplink
+    /// waits on it for new events instead of polling the file.
+    pub fn committed(&self) -> watch::Receiver<Seq> {
+        self.committed.clone()
+    }
+
     /// A snapshot of the counters.
     pub async fn stats(&self) -> Result<OutboxStats, OutboxError> {
         self.call(|reply| Request::Stats { reply }).await
@@ -195,14 +202,19 @@ pub fn spawn_writer(
     shutdown: CancellationToken,
 ) -> (OutboxHandle, JoinHandle<Result<Outbox, OutboxError>>) {
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+    let last = outbox
+        .stats()
+        .map(|s| Seq(s.next_seq.0.saturating_sub(1)))
+        .unwrap_or(Seq(0));
+    let (committed_tx, committed) = watch::channel(last);
     let done = CancellationToken::new();
     tokio::spawn(pace(tx.downgrade(), shutdown, done.clone()));
     let join = tokio::task::spawn_blocking(move || {
         // Stops the helper task however the writer ends, panics included.
         let _done = done.drop_guard();
-        run(outbox, opts, rx)
+        run(outbox, opts, rx, committed_tx)
     });
-    (OutboxHandle { tx }, join)
+    (OutboxHandle { tx, committed }, join)
 }
 
 /// Sends the writer its ticks and the shutdown message.
@@ -242,6 +254,7 @@ fn run(
     mut outbox: Outbox,
     opts: WriterOptions,
     mut rx: mpsc::Receiver<Request>,
+    committed: watch::Sender<Seq>,
 ) -> Result<Outbox, OutboxError> {
     // A non-append request that ended a group, handled next so that the
     // channel's order is kept.
@@ -258,7 +271,15 @@ fn run(
             Request::Append(first) => {
                 let mut tick = false;
                 let group = collect(first, &opts, &mut rx, &mut next, &mut tick);
-                commit(&mut outbox, group);
+                if let Some(last) = commit(&mut outbox, group) {
+                    committed.send_if_modified(|s| {
+                        let newer = last > *s;
+                        if newer {
+                            *s = last;
+                        }
+                        newer
+                    });
+                }
                 if tick {
                     expire(&mut outbox);
                 }
@@ -337,7 +358,8 @@ fn collect(
 }
 
 /// Commits a group in one transaction and answers each request.
-fn commit(outbox: &mut Outbox, group: Vec<AppendRequest>) {
+/// Returns the last seq the group committed, if it stored any event.
+fn commit(outbox: &mut Outbox, group: Vec<AppendRequest>) -> Option<Seq> {
     let requests: Vec<(&[EventBody], &[Qos2Op])> = group
         .iter()
         .map(|a| (a.bodies.as_slice(), a.qos2.as_slice()))
@@ -346,9 +368,11 @@ fn commit(outbox: &mut Outbox, group: Vec<AppendRequest>) {
     drop(requests);
     match result {
         Ok(outcomes) => {
+            let last = outcomes.iter().filter_map(|o| o.last_seq).max();
             for (a, o) in group.into_iter().zip(outcomes) {
                 let _ = a.reply.send(Ok(o));
             }
+            last
         }
         Err(e) => {
             // Nothing of the group was committed, so every request fails and
@@ -358,6 +382,7 @@ fn commit(outbox: &mut Outbox, group: Vec<AppendRequest>) {
             for a in group {
                 let _ = a.reply.send(Err(e.clone()));
             }
+            None
         }
     }
 }

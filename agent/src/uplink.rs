@@ -1,0 +1,351 @@
+//! The uplink: the thin quinn driver of the sans-IO [`AgentSession`].
+//!
+//! It makes no protocol decisions. It dials the hub over QUIC with the agent's
+//! certificate, opens one bidirectional stream, feeds the session what the hub
+//! sends and the time, hands it events read from the outbox after the hub's
+//! watermark, and deletes from the outbox what the hub acknowledged. A lost
+//! connection is redialled with exponential backoff and jitter; the new session
+//! resumes from the watermark the hub sends in its `Welcome`.
+//!
+//! Architecture invariant: the outbox deletes a row only after the hub
+//! acknowledged its seq, which the hub does only after its store committed it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use outpost_protocols::wire::{AgentConfig, AgentEvent, AgentInfo, AgentSession, ALPN, CLOSE_OK};
+use outpost_protocols::{EventBody, Seq};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::config::UplinkSection;
+use crate::metrics::Metrics;
+use crate::outbox::{OutboxError, OutboxHandle};
+
+/// Why a connection to the hub ended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UplinkError {
+    /// The TLS files are unusable; the uplink cannot start.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// quinn refused the TLS configuration (for example no TLS 1.3).
+    #[error("quic configuration: {0}")]
+    Quic(String),
+    /// The hub's address did not resolve.
+    #[error("resolve {hub}: {message}")]
+    Resolve {
+        /// `[uplink] hub`.
+        hub: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The QUIC connection failed or was closed.
+    #[error("connection: {0}")]
+    Connection(String),
+    /// The session ended with a protocol error.
+    #[error("protocol: {0}")]
+    Protocol(#[from] outpost_protocols::wire::ProtocolError),
+    /// The session was driven wrongly (a bug in this driver).
+    #[error("session usage: {0}")]
+    Usage(#[from] outpost_protocols::wire::UsageError),
+    /// The outbox failed.
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+}
+
+/// Events read from the outbox per request.
+const READ_CHUNK: usize = 4096;
+
+/// How often the backlog is reported to the hub.
+const BACKLOG_EVERY: Duration = Duration::from_secs(5);
+
+/// The uplink to the hub.
+pub struct Uplink {
+    settings: UplinkSection,
+    outbox: OutboxHandle,
+    info: AgentInfo,
+    metrics: Arc<Metrics>,
+}
+
+enum Ended {
+    Shutdown,
+    Closed,
+}
+
+impl Uplink {
+    /// An uplink for these settings; `labels` travel in the handshake.
+    pub fn new(
+        settings: UplinkSection,
+        outbox: OutboxHandle,
+        labels: std::collections::BTreeMap<String, String>,
+        metrics: Arc<Metrics>,
+    ) -> Uplink {
+        Uplink {
+            settings,
+            outbox,
+            info: AgentInfo {
+                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                labels,
+            },
+            metrics,
+        }
+    }
+
+    fn client_config(&self) -> Result<quinn::ClientConfig, UplinkError> {
+        let s = &self.settings;
+        let mut tls = crate::tls::build_client_config(
+            &s.ca,
+            Some((s.cert.as_path(), s.key.as_path())),
+            None,
+        )?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| UplinkError::Quic(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(Duration::from_secs(60))
+                .map_err(|e| UplinkError::Quic(e.to_string()))?,
+        ));
+        transport.keep_alive_interval(Some(Duration::from_secs(5)));
+        config.transport_config(Arc::new(transport));
+        Ok(config)
+    }
+
+    /// Runs until `shutdown`, reconnecting with backoff.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let span = info_span!("uplink", hub = %self.settings.hub);
+        self.run_inner(shutdown).instrument(span).await
+    }
+
+    async fn run_inner(self, shutdown: CancellationToken) {
+        let config = match self.client_config() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "Uplink cannot start; events stay in the outbox.");
+                return;
+            }
+        };
+        let min = self.settings.reconnect_min.0;
+        let max = self.settings.reconnect_max.0;
+        let mut backoff = min;
+        loop {
+            let started = Instant::now();
+            match self.connect_and_serve(&config, &shutdown).await {
+                Ok(Ended::Shutdown) => return,
+                Ok(Ended::Closed) => info!("Hub closed the connection; reconnecting."),
+                Err(e) => {
+                    self.metrics.uplink_connected.set(0);
+                    warn!(error = %e, retry_in = ?backoff, "Uplink lost; reconnecting.");
+                }
+            }
+            if started.elapsed() > max {
+                backoff = min;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(jitter(backoff)) => {}
+            }
+            backoff = (backoff * 2).min(max);
+        }
+    }
+
+    async fn resolve(&self) -> Result<SocketAddr, UplinkError> {
+        let hub = &self.settings.hub;
+        tokio::net::lookup_host(hub)
+            .await
+            .map_err(|e| UplinkError::Resolve {
+                hub: hub.clone(),
+                message: e.to_string(),
+            })?
+            .next()
+            .ok_or_else(|| UplinkError::Resolve {
+                hub: hub.clone(),
+                message: "no address".into(),
+            })
+    }
+
+    async fn connect_and_serve(
+        &self,
+        config: &quinn::ClientConfig,
+        shutdown: &CancellationToken,
+    ) -> Result<Ended, UplinkError> {
+        let addr = self.resolve().await?;
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0"
+                .parse()
+                .map_err(|_| UplinkError::Quic("bind address".into()))?
+        } else {
+            "0.0.0.0:0"
+                .parse()
+                .map_err(|_| UplinkError::Quic("bind address".into()))?
+        };
+        let endpoint =
+            quinn::Endpoint::client(bind).map_err(|e| UplinkError::Connection(e.to_string()))?;
+        let server_name = self.settings.server_name.clone().unwrap_or_default();
+        let connecting = endpoint
+            .connect_with(config.clone(), addr, &server_name)
+            .map_err(|e| UplinkError::Connection(e.to_string()))?;
+        let conn = tokio::select! {
+            () = shutdown.cancelled() => return Ok(Ended::Shutdown),
+            c = connecting => c.map_err(|e| UplinkError::Connection(e.to_string()))?,
+        };
+        let result = self.serve(&conn, shutdown).await;
+        match &result {
+            Ok(_) => conn.close(quinn::VarInt::from_u32(CLOSE_OK), b"bye"),
+            Err(UplinkError::Protocol(e)) => conn.close(
+                quinn::VarInt::from_u32(e.code().to_u32()),
+                e.to_string().as_bytes(),
+            ),
+            Err(_) => conn.close(quinn::VarInt::from_u32(CLOSE_OK), b""),
+        }
+        // Let the close reach the hub before the endpoint goes.
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        self.metrics.uplink_connected.set(0);
+        result
+    }
+
+    async fn serve(
+        &self,
+        conn: &quinn::Connection,
+        shutdown: &CancellationToken,
+    ) -> Result<Ended, UplinkError> {
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| UplinkError::Connection(e.to_string()))?;
+        let mut session =
+            AgentSession::new(Instant::now(), self.info.clone(), AgentConfig::default());
+        let mut committed = self.outbox.committed();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut out = Vec::with_capacity(64 * 1024);
+        let mut backlog = tokio::time::interval(BACKLOG_EVERY);
+        let mut stopping = false;
+        let mut stop_by = tokio::time::Instant::now();
+        loop {
+            // Outputs first, in the session's documented order.
+            out.clear();
+            while session.poll_transmit(Instant::now(), &mut out).is_some() {}
+            if !out.is_empty() {
+                send.write_all(&out)
+                    .await
+                    .map_err(|e| UplinkError::Connection(e.to_string()))?;
+            }
+            while let Some(ev) = session.poll_event() {
+                match ev {
+                    AgentEvent::Connected { version, watermark } => {
+                        self.metrics.uplink_connected.set(1);
+                        info!(version, watermark = watermark.0, "Connected to the hub.");
+                        self.acked(watermark, &committed).await?;
+                    }
+                    AgentEvent::Acked { upto } => self.acked(upto, &committed).await?,
+                    AgentEvent::Closed { error } => {
+                        let _ = send.finish();
+                        return match error {
+                            None => Ok(if stopping {
+                                Ended::Shutdown
+                            } else {
+                                Ended::Closed
+                            }),
+                            Some(e) => Err(e.into()),
+                        };
+                    }
+                    _ => {}
+                }
+            }
+            if stopping && session.unacked() == 0 {
+                session.goodbye();
+                continue;
+            }
+            // Feed the session from the outbox while it has room.
+            let last = *committed.borrow();
+            if !stopping
+                && session.is_streaming()
+                && session.wants() > 0
+                && last > session.read_after()
+            {
+                let n = session.wants().min(READ_CHUNK);
+                let events = self.outbox.read_batch(session.read_after(), n).await?;
+                if !events.is_empty() {
+                    let batch: Vec<(Seq, EventBody)> =
+                        events.into_iter().map(|e| (e.seq, e.body)).collect();
+                    self.metrics.uplink_sent.inc_by(batch.len() as u64);
+                    session.push_events(batch)?;
+                    continue;
+                }
+            }
+            let deadline = session
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let can_feed = !stopping && session.is_streaming() && session.wants() > 0;
+            tokio::select! {
+                () = shutdown.cancelled(), if !stopping => {
+                    // Give in-flight batches a moment to be acknowledged, so the
+                    // next start does not resend them; the hub dedups anyway.
+                    stopping = true;
+                    stop_by = tokio::time::Instant::now() + Duration::from_secs(2);
+                    debug!(unacked = session.unacked(), "Uplink stopping.");
+                }
+                () = tokio::time::sleep_until(stop_by), if stopping => {
+                    session.goodbye();
+                }
+                read = recv.read(&mut buf) => match read {
+                    Ok(Some(n)) => session.handle_bytes(Instant::now(), &buf[..n])?,
+                    Ok(None) => return Err(UplinkError::Connection("the hub finished the stream".into())),
+                    Err(e) => return Err(UplinkError::Connection(e.to_string())),
+                },
+                changed = committed.changed(), if can_feed => {
+                    if changed.is_err() {
+                        // The outbox writer is gone: the agent is stopping.
+                        stopping = true;
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => session.handle_timeout(Instant::now()),
+                _ = backlog.tick() => {
+                    if let Ok(s) = self.outbox.stats().await {
+                        session.report_backlog(s.events, s.bytes, s.first_seq);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deletes what the hub holds. A watermark beyond the outbox's last seq
+    /// means the outbox was replaced while the hub kept the data; nothing
+    /// beyond what exists can be deleted, and new events would reuse seqs the
+    /// hub already has, so this is said loudly.
+    async fn acked(
+        &self,
+        upto: Seq,
+        committed: &tokio::sync::watch::Receiver<Seq>,
+    ) -> Result<(), UplinkError> {
+        let last = *committed.borrow();
+        if upto > last {
+            warn!(
+                hub_watermark = upto.0,
+                outbox_last = last.0,
+                "The hub holds seqs this outbox never assigned; was the data directory replaced?"
+            );
+        }
+        let upto = upto.min(last);
+        if upto.0 > 0 {
+            let deleted = self.outbox.ack(upto).await?;
+            self.metrics.uplink_acked.inc_by(deleted);
+        }
+        Ok(())
+    }
+}
+
+/// Up to ±25 % around `d`, so a fleet that lost its hub does not reconnect in
+/// lockstep. The clock's nanoseconds are random enough for spreading load.
+fn jitter(d: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    let factor = 0.75 + f64::from(nanos % 1000) / 2000.0;
+    d.mul_f64(factor)
+}
