@@ -1,9 +1,17 @@
 //! Outpost's fleet hub.
 //!
-//! This release validates the hub's configuration (`outpost-hub check`); QUIC
-//! ingest, the store and the operator surface arrive with the "Secure sync to
-//! the hub" issue and build on the same config.
+//! Agents connect over QUIC with certificates from the fleet CA (`ca`); each
+//! connection drives a sans-IO session (`server`), whose batches the store
+//! commits in group transactions, deduplicated by `(agent_id, seq)`, before
+//! anything is acknowledged (`store`). Operators read the store while the hub
+//! runs (`verbs`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
+pub mod ca;
 pub mod config;
+pub mod logging;
+pub mod run;
+pub mod server;
+pub mod store;
+pub mod verbs;

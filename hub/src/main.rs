@@ -3,7 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::builder::NonEmptyStringValueParser;
+use clap::error::ErrorKind;
+use clap::{ArgGroup, Parser, Subcommand};
+use outpost_hub::ca::{self, Validity};
+use outpost_protocols::AgentId;
 
 #[derive(Parser)]
 #[command(name = "outpost-hub", version, about = "Outpost fleet hub")]
@@ -14,17 +18,87 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve agents until SIGTERM or SIGINT.
+    Run {
+        /// The hub's TOML config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Validate the config and print what would run.
     Check {
         /// The hub's TOML config file.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// The fleet CA: create it, issue the hub's and the agents' certificates.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// The fleet registry (works while the hub runs).
+    Fleet {
+        #[command(subcommand)]
+        command: outpost_hub::verbs::FleetCommand,
+    },
+    /// Stored events (works while the hub runs).
+    Events {
+        #[command(subcommand)]
+        command: outpost_hub::verbs::EventsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create the fleet CA: DIR/ca.pem and DIR/ca.key (mode 0600).
+    Init {
+        /// The CA's folder, created if missing.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The CA certificate's common name.
+        #[arg(long, default_value = ca::DEFAULT_CA_NAME, value_parser = NonEmptyStringValueParser::new())]
+        name: String,
+        /// Days the CA certificate is valid.
+        #[arg(long, value_name = "N", default_value = "3650")]
+        days: Validity,
+        /// Replace an existing CA; every certificate it issued stops being trusted.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue an agent's certificate (--agent) or the hub's (--hub) into OUT.
+    #[command(group(ArgGroup::new("subject").required(true).args(["agent", "hub"])))]
+    Issue {
+        /// The CA's folder, as made by `ca init`.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The agent's id: writes OUT/ca.pem, OUT/agent.pem, OUT/agent.key.
+        #[arg(long, value_name = "ID", value_parser = AgentId::parse)]
+        agent: Option<AgentId>,
+        /// A DNS name or IP address of the hub (repeatable): writes OUT/ca.pem,
+        /// OUT/hub.pem, OUT/hub.key.
+        #[arg(long, value_name = "NAME")]
+        hub: Vec<String>,
+        /// Where to write the files, created if missing.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Days the certificate is valid (never beyond the CA's own expiry).
+        #[arg(long, value_name = "N", default_value = "825")]
+        days: Validity,
+    },
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     match cli.command {
+        Command::Run { config } => match outpost_hub::config::load(&config, std::env::vars()) {
+            Ok(c) => run(c, config),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Check { config } => match outpost_hub::config::load(&config, std::env::vars()) {
             Ok(c) => {
                 println!("config {}: ok", config.display());
@@ -42,5 +116,150 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Ca { command } => match run_ca(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Fleet { command } => verb_exit(outpost_hub::verbs::fleet(
+            &command,
+            std::env::vars(),
+            &mut std::io::stdout().lock(),
+        )),
+        Command::Events { command } => verb_exit(outpost_hub::verbs::events(
+            &command,
+            std::env::vars(),
+            &mut std::io::stdout().lock(),
+        )),
+    }
+}
+
+fn run_ca(command: CaCommand) -> Result<(), ca::CaError> {
+    match command {
+        CaCommand::Init {
+            dir,
+            name,
+            days,
+            force,
+        } => {
+            ca::init(&dir, &name, days, force)?;
+            println!(
+                "wrote {} and {} (mode 0600), valid {} days",
+                dir.join(ca::CA_CERT).display(),
+                dir.join(ca::CA_KEY).display(),
+                days.get()
+            );
+        }
+        CaCommand::Issue {
+            dir,
+            agent,
+            hub,
+            out,
+            days,
+        } => {
+            let (cert, key) = match agent {
+                Some(id) => {
+                    ca::issue_agent(&dir, &id, &out, days)?;
+                    (ca::AGENT_CERT, ca::AGENT_KEY)
+                }
+                None => {
+                    ca::issue_hub(&dir, &hub, &out, days)?;
+                    (ca::HUB_CERT, ca::HUB_KEY)
+                }
+            };
+            println!(
+                "wrote {}, {} and {} (mode 0600)",
+                out.join(ca::CA_CERT).display(),
+                out.join(cert).display(),
+                out.join(key).display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The exit status of an operator verb: its error as one line on stderr, and
+/// silence when the reader of the output went away (`| head`).
+fn verb_exit(result: Result<(), outpost_hub::verbs::VerbError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Help and version go to stdout as clap renders them; any other command-line
+/// error is one line on stderr and exit status 2, as for every other bad input.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let line = text
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    eprintln!("{line}");
+    ExitCode::from(2)
+}
+
+fn run(cfg: outpost_hub::config::HubConfig, path: PathBuf) -> ExitCode {
+    if let Err(e) = outpost_hub::logging::init(&cfg.observability.log) {
+        eprintln!("error: {}: observability.log: {e}", path.display());
+        return ExitCode::from(2);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = rt.block_on(async move {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let hub = outpost_hub::run::run(cfg, &path, shutdown.clone(), None);
+        tokio::pin!(hub);
+        tokio::select! {
+            r = &mut hub => return r,
+            () = wait_for_signal() => {}
+        }
+        shutdown.cancel();
+        hub.await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "Hub failed.");
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received."),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received."),
     }
 }

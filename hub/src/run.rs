@@ -1,0 +1,68 @@
+//! Wiring: open the store, serve agents, stop in order.
+//!
+//! Shutdown order: the QUIC side stops first (every connection task finishes
+//! the commits it started), then the store writer commits what it holds and
+//! closes, so nothing the hub acknowledged is left uncommitted.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::HubConfig;
+use crate::server::{self, ServerError};
+use crate::store::{self, spawn_store_writer, Store, StoreError, Synchronous, WriterOptions};
+
+/// Why the hub could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The data directory could not be created.
+    #[error("{path}: cannot create data directory: {message}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// What the OS said.
+        message: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The QUIC server failed.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    /// The store writer thread died.
+    #[error("store writer failed: {0}")]
+    Writer(String),
+}
+
+/// Runs the hub until `shutdown`; `bound` receives the QUIC address once it
+/// listens (tests bind port 0).
+pub async fn run(
+    cfg: HubConfig,
+    config_file: &Path,
+    shutdown: CancellationToken,
+    bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> Result<(), RunError> {
+    let path = store::store_path(config_file, &cfg.hub.data_dir);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| RunError::DataDir {
+            path: dir.to_owned(),
+            message: e.to_string(),
+        })?;
+    }
+    let synchronous = Synchronous::parse(&cfg.store.synchronous).unwrap_or_default();
+    let store = Store::open(&path, synchronous)?;
+    let writer_stop = CancellationToken::new();
+    let (handle, writer) = spawn_store_writer(store, WriterOptions::default(), writer_stop.clone());
+    let base = config_file.parent().unwrap_or(Path::new(""));
+    let served = server::serve(&cfg, base, handle.clone(), shutdown, bound).await;
+    drop(handle);
+    writer_stop.cancel();
+    let closed = writer.await.map_err(|e| RunError::Writer(e.to_string()))?;
+    served?;
+    closed?;
+    info!(store = %path.display(), "Hub stopped.");
+    Ok(())
+}

@@ -1,0 +1,440 @@
+//! The hub's QUIC ingest: one thin driver task per agent connection around the
+//! sans-IO [`HubSession`].
+//!
+//! The driver makes no protocol decisions. It authenticates the agent by its
+//! certificate (the id comes from the SAN URI, never from what the agent
+//! says), reads the agent's watermark from the store, feeds the session what
+//! arrives, stores what the session hands out, and tells the session only after
+//! the store committed, so the acknowledgement the agent deletes its outbox on
+//! means "durable here".
+//!
+//! Backpressure is per agent: a connection stops reading once a few batches
+//! wait for their commit, so QUIC flow control slows that agent alone, and
+//! every agent's batches share the store's group commits.
+//!
+//! Architecture invariant: at most one session per agent id is live. A new
+//! connection supersedes the old one and waits until the old one's commits are
+//! finished before reading the watermark, so the watermark it resumes from is
+//! never stale.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesOrdered, StreamExt};
+use outpost_protocols::wire::{
+    ErrorCode, HubConfig as SessionConfig, HubEvent, HubSession, ALPN, CLOSE_OK,
+};
+use outpost_protocols::{AgentId, Seq};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::ca;
+use crate::config::HubConfig;
+use crate::store::{StoreError, StoreHandle};
+
+/// Why the hub could not serve.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A certificate or key file is unusable.
+    #[error("{path}: {message}")]
+    Tls {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// rustls or quinn refused the configuration.
+    #[error("tls configuration: {0}")]
+    Config(String),
+    /// The UDP socket could not be bound.
+    #[error("hub.listen: cannot listen on {addr}: {message}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        message: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why one connection ended.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("handshake: {0}")]
+    Handshake(String),
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    #[error("connection: {0}")]
+    Connection(String),
+    #[error("protocol: {0}")]
+    Protocol(#[from] outpost_protocols::wire::ProtocolError),
+    #[error("session usage: {0}")]
+    Usage(#[from] outpost_protocols::wire::UsageError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+fn read_pem(path: &Path) -> Result<Vec<u8>, ServerError> {
+    std::fs::read(path).map_err(|e| ServerError::Tls {
+        path: path.to_owned(),
+        message: format!("cannot read: {e}"),
+    })
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ServerError> {
+    let bytes = read_pem(path)?;
+    let certs = rustls_pemfile::certs(&mut bytes.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ServerError::Tls {
+            path: path.to_owned(),
+            message: format!("invalid PEM: {e}"),
+        })?;
+    if certs.is_empty() {
+        return Err(ServerError::Tls {
+            path: path.to_owned(),
+            message: "no certificate found".into(),
+        });
+    }
+    Ok(certs)
+}
+
+fn key(path: &Path) -> Result<PrivateKeyDer<'static>, ServerError> {
+    let bytes = read_pem(path)?;
+    rustls_pemfile::private_key(&mut bytes.as_slice())
+        .map_err(|e| ServerError::Tls {
+            path: path.to_owned(),
+            message: format!("invalid PEM: {e}"),
+        })?
+        .ok_or_else(|| ServerError::Tls {
+            path: path.to_owned(),
+            message: "no private key found".into(),
+        })
+}
+
+/// The QUIC server configuration: the hub's certificate, client certificates
+/// required and checked against the fleet CA, ALPN `outpost/1`.
+pub fn server_config(
+    ca: &Path,
+    cert: &Path,
+    key_path: &Path,
+) -> Result<quinn::ServerConfig, ServerError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(ca)? {
+        roots.add(c).map_err(|e| ServerError::Tls {
+            path: ca.to_owned(),
+            message: format!("unusable CA certificate: {e}"),
+        })?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| ServerError::Config(e.to_string()))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ServerError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(cert)?, key(key_path)?)
+        .map_err(|e| ServerError::Config(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| ServerError::Config(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(1u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_secs(60))
+            .map_err(|e| ServerError::Config(e.to_string()))?,
+    ));
+    transport.keep_alive_interval(Some(Duration::from_secs(5)));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// One agent's live connection: its number, how to stop it, and how to learn
+/// that it has finished its commits.
+struct LiveSession {
+    number: u64,
+    stop: CancellationToken,
+    done: Arc<tokio::sync::Notify>,
+    finished: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The live session of each agent, so a reconnect can supersede it.
+#[derive(Default)]
+struct Live {
+    sessions: Mutex<HashMap<AgentId, LiveSession>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// Batches whose commit a connection may wait on before it stops reading.
+const MAX_PENDING_BATCHES: usize = 8;
+
+/// Serves agents until `shutdown`.
+pub async fn serve(
+    cfg: &HubConfig,
+    base: &Path,
+    store: StoreHandle,
+    shutdown: CancellationToken,
+    bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> Result<(), ServerError> {
+    let resolve = |p: &Path| {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            base.join(p)
+        }
+    };
+    let config = server_config(
+        &resolve(&cfg.hub.ca),
+        &resolve(&cfg.hub.cert),
+        &resolve(&cfg.hub.key),
+    )?;
+    let addr: SocketAddr = cfg
+        .hub
+        .listen
+        .parse()
+        .map_err(|_| ServerError::Config(format!("hub.listen {:?}", cfg.hub.listen)))?;
+    let endpoint = quinn::Endpoint::server(config, addr).map_err(|e| ServerError::Listen {
+        addr,
+        message: e.to_string(),
+    })?;
+    let local = endpoint.local_addr().unwrap_or(addr);
+    info!(listen = %local, "Hub listening (QUIC).");
+    if let Some(tx) = bound {
+        let _ = tx.send(local);
+    }
+    let live = Arc::new(Live::default());
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let store = store.clone();
+                let live = live.clone();
+                let stop = shutdown.child_token();
+                tasks.spawn(async move {
+                    let remote = incoming.remote_address();
+                    if let Err(e) = connection(incoming, store, live, stop).await {
+                        warn!(%remote, error = %e, "Agent connection ended.");
+                    }
+                });
+            }
+            Some(r) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = r {
+                    warn!(error = %e, "A connection task ended abnormally.");
+                }
+            }
+        }
+    }
+    info!("Hub stopping: closing agent connections.");
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r {
+            warn!(error = %e, "A connection task ended abnormally.");
+        }
+    }
+    endpoint.close(
+        quinn::VarInt::from_u32(ErrorCode::ShuttingDown.to_u32()),
+        b"hub shutting down",
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    Ok(())
+}
+
+fn peer_agent_id(conn: &quinn::Connection) -> Result<AgentId, ConnError> {
+    let identity = conn
+        .peer_identity()
+        .ok_or_else(|| ConnError::Unauthorized("no client certificate".into()))?;
+    let chain = identity
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| ConnError::Unauthorized("unexpected peer identity".into()))?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| ConnError::Unauthorized("empty certificate chain".into()))?;
+    ca::agent_id_from_cert_der(leaf.as_ref()).map_err(|e| ConnError::Unauthorized(e.to_string()))
+}
+
+type Commit = Pin<Box<dyn Future<Output = Result<Seq, StoreError>> + Send>>;
+
+async fn connection(
+    incoming: quinn::Incoming,
+    store: StoreHandle,
+    live: Arc<Live>,
+    stop: CancellationToken,
+) -> Result<(), ConnError> {
+    let conn = incoming
+        .await
+        .map_err(|e| ConnError::Handshake(e.to_string()))?;
+    let id = match peer_agent_id(&conn) {
+        Ok(id) => id,
+        Err(e) => {
+            conn.close(
+                quinn::VarInt::from_u32(ErrorCode::Unauthorized.to_u32()),
+                b"unauthorized",
+            );
+            return Err(e);
+        }
+    };
+    let span = info_span!("agent", agent_id = %id, remote = %conn.remote_address());
+    async move {
+        // Supersede an older session of the same agent and wait until its
+        // commits are done, so the watermark below is current.
+        let me = live.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let done = Arc::new(tokio::sync::Notify::new());
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let previous = {
+            let mut map = live
+                .sessions
+                .lock()
+                .map_err(|_| ConnError::Connection("registry lock".into()))?;
+            map.insert(
+                id.clone(),
+                LiveSession {
+                    number: me,
+                    stop: stop.clone(),
+                    done: done.clone(),
+                    finished: finished.clone(),
+                },
+            )
+        };
+        if let Some(old) = previous {
+            info!("Superseding the agent's previous connection.");
+            old.stop.cancel();
+            // Created before the check: a notification after it is not lost.
+            let wait = old.done.notified();
+            if !old.finished.load(std::sync::atomic::Ordering::Acquire) {
+                let _ = tokio::time::timeout(Duration::from_secs(30), wait).await;
+            }
+        }
+        let result = session(&conn, &id, &store, &stop).await;
+        match &result {
+            Ok(()) => conn.close(quinn::VarInt::from_u32(CLOSE_OK), b""),
+            Err(ConnError::Protocol(e)) => conn.close(
+                quinn::VarInt::from_u32(e.code().to_u32()),
+                e.to_string().as_bytes(),
+            ),
+            Err(_) => conn.close(quinn::VarInt::from_u32(ErrorCode::Internal.to_u32()), b""),
+        }
+        let _ = store.agent_disconnected(id.clone()).await;
+        finished.store(true, std::sync::atomic::Ordering::Release);
+        done.notify_waiters();
+        if let Ok(mut map) = live.sessions.lock() {
+            if map.get(&id).is_some_and(|s| s.number == me) {
+                map.remove(&id);
+            }
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+async fn session(
+    conn: &quinn::Connection,
+    id: &AgentId,
+    store: &StoreHandle,
+    stop: &CancellationToken,
+) -> Result<(), ConnError> {
+    let (mut send, mut recv) = tokio::select! {
+        () = stop.cancelled() => return Ok(()),
+        s = conn.accept_bi() => s.map_err(|e| ConnError::Connection(e.to_string()))?,
+    };
+    let watermark = store.watermark(id.clone()).await?;
+    let mut session = HubSession::new(
+        Instant::now(),
+        id.clone(),
+        watermark,
+        SessionConfig::default(),
+    );
+    let mut commits: FuturesOrdered<Commit> = FuturesOrdered::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = Vec::with_capacity(16 * 1024);
+    let mut closing = false;
+    loop {
+        out.clear();
+        while session.poll_transmit(Instant::now(), &mut out).is_some() {}
+        if !out.is_empty() {
+            send.write_all(&out)
+                .await
+                .map_err(|e| ConnError::Connection(e.to_string()))?;
+        }
+        while let Some(ev) = session.poll_event() {
+            match ev {
+                HubEvent::Hello {
+                    version,
+                    agent_version,
+                    labels,
+                } => {
+                    info!(version, %agent_version, "Agent connected.");
+                    store
+                        .agent_connected(id.clone(), labels, agent_version, version)
+                        .await?;
+                }
+                HubEvent::Store { events } => {
+                    let h = store.clone();
+                    let id = id.clone();
+                    commits.push_back(Box::pin(async move { h.insert(id, events).await }));
+                }
+                HubEvent::Backlog { events, bytes, .. } => {
+                    store.report_backlog(id.clone(), events, bytes).await?;
+                }
+                HubEvent::Closed { error } => {
+                    // Commits already handed to the store finish; their acks
+                    // cannot be sent any more, and the agent resends.
+                    while commits.next().await.is_some() {}
+                    let _ = send.finish();
+                    return match error {
+                        None => Ok(()),
+                        Some(e) if e.is_from_peer() => {
+                            debug!(error = %e, "Agent closed with an error.");
+                            Ok(())
+                        }
+                        Some(e) => Err(e.into()),
+                    };
+                }
+                _ => {}
+            }
+        }
+        let deadline = session
+            .poll_timeout()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            biased;
+            () = stop.cancelled(), if !closing => {
+                closing = true;
+                session.close(ErrorCode::Superseded, "another connection of this agent took over, or the hub is stopping");
+            }
+            Some(r) = commits.next(), if !commits.is_empty() => {
+                let upto = r?;
+                session.stored(upto)?;
+            }
+            read = recv.read(&mut buf), if commits.len() < MAX_PENDING_BATCHES => match read {
+                Ok(Some(n)) => session.handle_bytes(Instant::now(), &buf[..n])?,
+                Ok(None) => {
+                    while commits.next().await.is_some() {}
+                    return Ok(());
+                }
+                Err(e) => {
+                    while commits.next().await.is_some() {}
+                    return Err(ConnError::Connection(e.to_string()));
+                }
+            },
+            () = tokio::time::sleep_until(deadline) => session.handle_timeout(Instant::now()),
+        }
+    }
+}

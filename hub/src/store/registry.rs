@@ -1,0 +1,274 @@
+//! The fleet registry: one row per agent in the `agents` table, written in the
+//! same transactions as the events.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use outpost_protocols::event::{AgentId, Seq, Timestamp};
+use rusqlite::{params, Connection, OptionalExtension as _, Row};
+use serde::Serialize;
+
+use super::error::{AtPath, StoreError};
+use super::sqlite::{agent_from, seq_from};
+
+/// What the registry knows about one agent, for `fleet list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentRecord {
+    /// The agent, from its certificate.
+    pub agent_id: AgentId,
+    /// The labels of its latest `Hello` (empty until it said one).
+    pub labels: BTreeMap<String, String>,
+    /// When the hub first heard of it, Unix ns.
+    pub first_seen: Timestamp,
+    /// When the hub last heard from it (a session starting or ending, a batch,
+    /// a touch), Unix ns.
+    pub last_seen: Timestamp,
+    /// Its software version from its latest `Hello`.
+    pub agent_version: Option<String>,
+    /// The protocol version negotiated in its latest session.
+    pub protocol_version: Option<u16>,
+    /// The highest seq the store holds for it: what the hub has acknowledged
+    /// or is about to, and where its next session resumes.
+    pub watermark: Seq,
+    /// The outbox backlog it last reported, in events; `None` before its first
+    /// report.
+    pub backlog_events: Option<u64>,
+    /// The same backlog in bytes.
+    pub backlog_bytes: Option<u64>,
+    /// Its open sessions, as this hub recorded them (normally 0 or 1; 2 while a
+    /// reconnect supersedes a session that has not closed yet).
+    pub sessions: u64,
+    /// The policy version it runs; policies are not pushed yet, so always
+    /// `None` for now.
+    pub policy_version: Option<u64>,
+}
+
+impl AgentRecord {
+    /// Whether the agent has an open session.
+    pub fn connected(&self) -> bool {
+        self.sessions > 0
+    }
+}
+
+/// A counter for an INTEGER column: SQLite integers are signed, and a
+/// reported value beyond `i64::MAX` is kept as `i64::MAX` rather than refused.
+fn clamp(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Sets every agent's session count to 0 and returns how many agents had
+/// sessions recorded.
+pub(crate) fn reset_connections(conn: &Connection, path: &Path) -> Result<usize, StoreError> {
+    conn.prepare_cached("UPDATE agents SET connected = 0 WHERE connected <> 0")
+        .and_then(|mut s| s.execute([]))
+        .at(path)
+}
+
+pub(crate) fn watermark(
+    conn: &Connection,
+    path: &Path,
+    agent_id: &AgentId,
+) -> Result<Seq, StoreError> {
+    let v: Option<i64> = conn
+        .prepare_cached("SELECT watermark FROM agents WHERE agent_id = ?1")
+        .and_then(|mut s| s.query_row([agent_id.as_str()], |r| r.get(0)).optional())
+        .at(path)?;
+    match v {
+        Some(v) => seq_from(path, agent_id.as_str(), "agents.watermark", v),
+        None => Ok(Seq(0)),
+    }
+}
+
+/// Raises the watermark to `seq` (never lowers it), sets `last_seen`, creates
+/// the row for an agent the registry did not know; returns the watermark.
+pub(crate) fn raise_watermark(
+    conn: &Connection,
+    path: &Path,
+    agent_id: &AgentId,
+    seq: Seq,
+    now: Timestamp,
+) -> Result<Seq, StoreError> {
+    // The caller checked that seq fits an i64.
+    let v: i64 = conn
+        .prepare_cached(
+            "INSERT INTO agents (agent_id, first_seen, last_seen, watermark)
+             VALUES (?1, ?2, ?2, ?3)
+             ON CONFLICT (agent_id) DO UPDATE SET
+                 watermark = max(watermark, excluded.watermark),
+                 last_seen = excluded.last_seen
+             RETURNING watermark",
+        )
+        .and_then(|mut s| {
+            s.query_row(params![agent_id.as_str(), now.0, clamp(seq.0)], |r| {
+                r.get(0)
+            })
+        })
+        .at(path)?;
+    seq_from(path, agent_id.as_str(), "agents.watermark", v)
+}
+
+pub(crate) fn connected(
+    conn: &Connection,
+    path: &Path,
+    agent_id: &AgentId,
+    labels: &BTreeMap<String, String>,
+    agent_version: &str,
+    protocol_version: u16,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    // A map of strings always serialises.
+    let labels = serde_json::to_string(labels).unwrap_or_else(|_| "{}".into());
+    conn.prepare_cached(
+        "INSERT INTO agents
+             (agent_id, labels, first_seen, last_seen, agent_version, protocol_version, connected)
+         VALUES (?1, ?2, ?3, ?3, ?4, ?5, 1)
+         ON CONFLICT (agent_id) DO UPDATE SET
+             labels = excluded.labels,
+             last_seen = excluded.last_seen,
+             agent_version = excluded.agent_version,
+             protocol_version = excluded.protocol_version,
+             connected = connected + 1",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            agent_id.as_str(),
+            labels,
+            now.0,
+            agent_version,
+            protocol_version
+        ])
+    })
+    .at(path)?;
+    Ok(())
+}
+
+pub(crate) fn disconnected(
+    conn: &Connection,
+    path: &Path,
+    agent_id: &AgentId,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE agents SET connected = max(connected - 1, 0), last_seen = ?2 WHERE agent_id = ?1",
+    )
+    .and_then(|mut s| s.execute(params![agent_id.as_str(), now.0]))
+    .at(path)?;
+    Ok(())
+}
+
+pub(crate) fn backlog(
+    conn: &Connection,
+    path: &Path,
+    agent_id: &AgentId,
+    events: u64,
+    bytes: u64,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE agents SET backlog_events = ?2, backlog_bytes = ?3 WHERE agent_id = ?1",
+    )
+    .and_then(|mut s| s.execute(params![agent_id.as_str(), clamp(events), clamp(bytes)]))
+    .at(path)?;
+    Ok(())
+}
+
+pub(crate) fn touch(
+    conn: &Connection,
+    path: &Path,
+    agent_id: &AgentId,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    conn.prepare_cached("UPDATE agents SET last_seen = ?2 WHERE agent_id = ?1")
+        .and_then(|mut s| s.execute(params![agent_id.as_str(), now.0]))
+        .at(path)?;
+    Ok(())
+}
+
+/// Every agent id in the registry, in order.
+pub(crate) fn agent_ids(conn: &Connection, path: &Path) -> Result<Vec<AgentId>, StoreError> {
+    let ids: Vec<String> = conn
+        .prepare_cached("SELECT agent_id FROM agents ORDER BY agent_id")
+        .and_then(|mut s| {
+            s.query_map([], |r| r.get(0))
+                .and_then(|rows| rows.collect::<Result<Vec<String>, _>>())
+        })
+        .at(path)?;
+    ids.into_iter()
+        .map(|id| agent_from(path, "agents.agent_id", id))
+        .collect()
+}
+
+pub(crate) fn fleet(conn: &Connection, path: &Path) -> Result<Vec<AgentRecord>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT agent_id, labels, first_seen, last_seen, agent_version, protocol_version,
+                    watermark, backlog_events, backlog_bytes, connected, policy_version
+             FROM agents ORDER BY agent_id",
+        )
+        .at(path)?;
+    let mut rows = stmt.query([]).at(path)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().at(path)? {
+        out.push(record(path, row)?);
+    }
+    Ok(out)
+}
+
+/// One `agents` row; anything this hub cannot have written is
+/// [`StoreError::CorruptRow`], never a panic.
+fn record(path: &Path, row: &Row<'_>) -> Result<AgentRecord, StoreError> {
+    let id: String = row.get(0).at(path)?;
+    let corrupt = |column: &'static str, reason: String| StoreError::CorruptRow {
+        path: path.to_owned(),
+        agent_id: id.clone(),
+        column,
+        reason,
+    };
+    let unsigned = |column: &'static str, v: i64| {
+        u64::try_from(v).map_err(|_| corrupt(column, format!("{v} is negative")))
+    };
+    let labels: String = row.get(1).at(path)?;
+    let labels: BTreeMap<String, String> = serde_json::from_str(&labels).map_err(|e| {
+        corrupt(
+            "agents.labels",
+            format!("not a JSON object of strings: {e}"),
+        )
+    })?;
+    let protocol_version = row
+        .get::<_, Option<i64>>(5)
+        .at(path)?
+        .map(|v| {
+            u16::try_from(v)
+                .map_err(|_| corrupt("agents.protocol_version", format!("{v} is not a u16")))
+        })
+        .transpose()?;
+    let watermark = unsigned("agents.watermark", row.get(6).at(path)?)?;
+    let backlog_events = row
+        .get::<_, Option<i64>>(7)
+        .at(path)?
+        .map(|v| unsigned("agents.backlog_events", v))
+        .transpose()?;
+    let backlog_bytes = row
+        .get::<_, Option<i64>>(8)
+        .at(path)?
+        .map(|v| unsigned("agents.backlog_bytes", v))
+        .transpose()?;
+    let sessions = unsigned("agents.connected", row.get(9).at(path)?)?;
+    let policy_version = row
+        .get::<_, Option<i64>>(10)
+        .at(path)?
+        .map(|v| unsigned("agents.policy_version", v))
+        .transpose()?;
+    Ok(AgentRecord {
+        labels,
+        first_seen: Timestamp(row.get(2).at(path)?),
+        last_seen: Timestamp(row.get(3).at(path)?),
+        agent_version: row.get(4).at(path)?,
+        protocol_version,
+        watermark: Seq(watermark),
+        backlog_events,
+        backlog_bytes,
+        sessions,
+        policy_version,
+        agent_id: agent_from(path, "agents.agent_id", id.clone())?,
+    })
+}

@@ -1,0 +1,743 @@
+//! The store over one SQLite file: the writer ([`Store`]) and the read-only
+//! view for the operator verbs ([`StoreReader`]).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use outpost_protocols::event::{AgentId, Event, EventBody, Seq, Timestamp};
+use outpost_protocols::topic::TopicFilter;
+use rusqlite::types::ValueRef;
+use rusqlite::{params, Connection, OpenFlags, Transaction, TransactionBehavior};
+use serde::Serialize;
+use tracing::debug;
+
+use super::error::{AtPath, StoreError};
+use super::registry::{self, AgentRecord};
+
+/// The schema version this build writes, kept in `PRAGMA user_version`.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// The store's file name inside the hub's `data_dir`.
+pub const FILE_NAME: &str = "hub.db";
+
+/// How long a statement waits for another connection's lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The schema, created in one transaction when `user_version` is 0.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    agent_id TEXT    NOT NULL,
+    seq      INTEGER NOT NULL,
+    ts       INTEGER NOT NULL,
+    stream   TEXT    NOT NULL,
+    body     BLOB    NOT NULL,
+    PRIMARY KEY (agent_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id         TEXT    NOT NULL PRIMARY KEY,
+    labels           TEXT    NOT NULL DEFAULT '{}',
+    first_seen       INTEGER NOT NULL,
+    last_seen        INTEGER NOT NULL,
+    agent_version    TEXT,
+    protocol_version INTEGER,
+    watermark        INTEGER NOT NULL DEFAULT 0,
+    backlog_events   INTEGER,
+    backlog_bytes    INTEGER,
+    connected        INTEGER NOT NULL DEFAULT 0,
+    policy_version   INTEGER
+) WITHOUT ROWID;
+";
+
+/// The store file of a hub whose config file is `config_file` and whose
+/// `[hub] data_dir` is `data_dir`: `<data_dir>/hub.db`, with a relative
+/// `data_dir` taken relative to the config file's folder (as every relative
+/// path in a config is). The hub and its operator verbs both use this.
+pub fn store_path(config_file: &Path, data_dir: &Path) -> PathBuf {
+    let base = config_file.parent().unwrap_or(Path::new(""));
+    // `join` keeps an absolute `data_dir` as it is.
+    base.join(data_dir).join(FILE_NAME)
+}
+
+/// How hard SQLite flushes a commit (`PRAGMA synchronous`), from
+/// `[store] synchronous`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// Every commit is on disk before it returns, so an acknowledged batch
+    /// survives a power cut. The default.
+    #[default]
+    Full,
+    /// Commits reach the WAL but are not flushed: a power cut may lose the last
+    /// commits, which the agents have already deleted after the ack. A process
+    /// crash loses nothing. Faster; benchmarks report both.
+    Normal,
+}
+
+impl Synchronous {
+    /// Parses the config value `full` or `normal`.
+    pub fn parse(s: &str) -> Option<Synchronous> {
+        match s {
+            "full" => Some(Synchronous::Full),
+            "normal" => Some(Synchronous::Normal),
+            _ => None,
+        }
+    }
+
+    /// The value of `PRAGMA synchronous` (2 for FULL, 1 for NORMAL).
+    fn pragma(self) -> i64 {
+        match self {
+            Synchronous::Full => 2,
+            Synchronous::Normal => 1,
+        }
+    }
+}
+
+/// What one insert request did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct InsertOutcome {
+    /// The agent's watermark after this request: the highest seq the store
+    /// holds for it. Never lower than before, and at least the request's
+    /// highest seq.
+    pub watermark: Seq,
+    /// Events that were new and are now stored.
+    pub inserted: u64,
+    /// Events the store already held, ignored. The hub sessions drop replays
+    /// before they get here, so these only come from two sessions of one
+    /// agent overlapping.
+    pub duplicates: u64,
+}
+
+impl Default for InsertOutcome {
+    /// Nothing stored, watermark 0.
+    fn default() -> InsertOutcome {
+        InsertOutcome {
+            watermark: Seq(0),
+            inserted: 0,
+            duplicates: 0,
+        }
+    }
+}
+
+/// What the store holds for one agent, for `events stats`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentEventStats {
+    /// The agent.
+    pub agent_id: AgentId,
+    /// Rows stored.
+    pub count: u64,
+    /// Distinct seqs among them, counted by SQLite (`count(DISTINCT seq)`), not
+    /// assumed: equal to `count` unless the store holds a duplicate.
+    pub distinct_seqs: u64,
+    /// The lowest stored seq, `None` without events.
+    pub min_seq: Option<Seq>,
+    /// The highest stored seq, `None` without events.
+    pub max_seq: Option<Seq>,
+}
+
+/// One change of a group commit; see [`Store::apply`].
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Op<'a> {
+    /// Store events of one agent and raise its watermark.
+    Insert {
+        agent_id: &'a AgentId,
+        events: &'a [(Seq, EventBody)],
+    },
+    /// A session of the agent started.
+    Connected {
+        agent_id: &'a AgentId,
+        labels: &'a BTreeMap<String, String>,
+        agent_version: &'a str,
+        protocol_version: u16,
+    },
+    /// A session of the agent ended.
+    Disconnected { agent_id: &'a AgentId },
+    /// The agent reported its outbox backlog.
+    Backlog {
+        agent_id: &'a AgentId,
+        events: u64,
+        bytes: u64,
+    },
+    /// The agent was heard from.
+    Touch { agent_id: &'a AgentId },
+}
+
+/// The durable store: the one writer of its SQLite file.
+///
+/// Every method is synchronous and may block on disk; the hub drives it from
+/// the group-commit writer thread
+/// ([`spawn_store_writer`](super::spawn_store_writer)).
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    transactions: u64,
+}
+
+impl Store {
+    /// Opens the store at `path`, creating the file (not its directory) and the
+    /// schema if needed.
+    ///
+    /// Opening for writing also declares every agent disconnected: only the
+    /// hub writes the store, and a hub that is starting has no sessions yet,
+    /// whatever a killed predecessor left behind.
+    pub fn open(path: &Path, synchronous: Synchronous) -> Result<Store, StoreError> {
+        let mut conn = Connection::open(path).at(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT).at(path)?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .at(path)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::NoWal {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+        conn.pragma_update(None, "synchronous", synchronous.pragma())
+            .at(path)?;
+        conn.set_prepared_statement_cache_capacity(32);
+
+        // IMMEDIATE: two processes opening one file must not both create the
+        // schema.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .at(path)?;
+        let version: i64 = tx
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .at(path)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                path: path.to_owned(),
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if version < SCHEMA_VERSION {
+            tx.execute_batch(SCHEMA).at(path)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .at(path)?;
+        }
+        let stale = registry::reset_connections(&tx, path)?;
+        tx.commit().at(path)?;
+        debug!(path = %path.display(), stale_sessions = stale, "Hub store opened.");
+        Ok(Store {
+            conn,
+            path: path.to_owned(),
+            transactions: 0,
+        })
+    }
+
+    /// The store file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Write transactions committed since the store was opened (a group
+    /// commit counts once).
+    pub fn transactions(&self) -> u64 {
+        self.transactions
+    }
+
+    /// Stores each agent's events and raises its watermark, all in ONE
+    /// transaction, and returns one outcome per entry, in order.
+    ///
+    /// Rows are inserted with `INSERT OR IGNORE` keyed by `(agent_id, seq)`, so
+    /// an event the store already holds is counted as a duplicate and left
+    /// as it is. Each agent's watermark becomes the larger of its old value
+    /// and the entry's highest seq; it is never lowered. `now` is the agent's
+    /// `last_seen`; an agent the registry did not know gets a row. On error
+    /// nothing was stored. Seqs must lie in `1..=i64::MAX`
+    /// ([`StoreError::SeqOutOfRange`], checked before the transaction).
+    pub fn insert(
+        &mut self,
+        now: Timestamp,
+        batches: &[(AgentId, Vec<(Seq, EventBody)>)],
+    ) -> Result<Vec<InsertOutcome>, StoreError> {
+        let ops: Vec<Op<'_>> = batches
+            .iter()
+            .map(|(agent_id, events)| Op::Insert { agent_id, events })
+            .collect();
+        Ok(self
+            .apply(now, &ops)?
+            .into_iter()
+            .map(Option::unwrap_or_default)
+            .collect())
+    }
+
+    /// Records that a session of `agent_id` started: its labels and versions
+    /// replace the old ones, `last_seen` becomes `now` (and `first_seen` too
+    /// for a new agent), and the agent counts as connected until as many
+    /// [`agent_disconnected`](Self::agent_disconnected) calls.
+    pub fn agent_connected(
+        &mut self,
+        agent_id: &AgentId,
+        labels: &BTreeMap<String, String>,
+        agent_version: &str,
+        protocol_version: u16,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let op = Op::Connected {
+            agent_id,
+            labels,
+            agent_version,
+            protocol_version,
+        };
+        self.apply(now, &[op]).map(drop)
+    }
+
+    /// Records that a session of `agent_id` ended at `now`.
+    pub fn agent_disconnected(
+        &mut self,
+        agent_id: &AgentId,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.apply(now, &[Op::Disconnected { agent_id }]).map(drop)
+    }
+
+    /// Records the outbox backlog `agent_id` reported (events, bytes). An
+    /// agent the registry does not know is ignored: it reports only after its
+    /// `Hello`.
+    pub fn report_backlog(
+        &mut self,
+        agent_id: &AgentId,
+        events: u64,
+        bytes: u64,
+    ) -> Result<(), StoreError> {
+        self.apply(
+            Timestamp(0),
+            &[Op::Backlog {
+                agent_id,
+                events,
+                bytes,
+            }],
+        )
+        .map(drop)
+    }
+
+    /// Sets `agent_id`'s `last_seen` to `now`.
+    pub fn touch(&mut self, agent_id: &AgentId, now: Timestamp) -> Result<(), StoreError> {
+        self.apply(now, &[Op::Touch { agent_id }]).map(drop)
+    }
+
+    /// Checks an operation before it joins a transaction, so that one bad
+    /// request cannot fail the others of its group.
+    pub(crate) fn check(&self, op: &Op<'_>) -> Result<(), StoreError> {
+        if let Op::Insert { agent_id, events } = op {
+            if let Some((seq, _)) = events
+                .iter()
+                .find(|(seq, _)| seq.0 == 0 || i64::try_from(seq.0).is_err())
+            {
+                return Err(StoreError::SeqOutOfRange {
+                    path: self.path.clone(),
+                    agent_id: (*agent_id).clone(),
+                    seq: *seq,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out `ops` in order in ONE transaction (group commit) and
+    /// returns, per op, the insert outcome (`None` for registry changes). On
+    /// error the transaction is rolled back and no op took effect.
+    pub(crate) fn apply(
+        &mut self,
+        now: Timestamp,
+        ops: &[Op<'_>],
+    ) -> Result<Vec<Option<InsertOutcome>>, StoreError> {
+        for op in ops {
+            self.check(op)?;
+        }
+        let path = self.path.as_path();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .at(path)?;
+        let mut outcomes = Vec::with_capacity(ops.len());
+        for op in ops {
+            outcomes.push(apply_one(&tx, path, now, op)?);
+        }
+        tx.commit().at(path)?;
+        self.transactions += 1;
+        Ok(outcomes)
+    }
+
+    /// The highest seq stored for `agent_id`, 0 if none: where its next
+    /// session resumes.
+    pub fn watermark(&self, agent_id: &AgentId) -> Result<Seq, StoreError> {
+        registry::watermark(&self.conn, &self.path, agent_id)
+    }
+
+    /// See [`StoreReader::events_tail`].
+    pub fn events_tail(
+        &self,
+        agent: Option<&AgentId>,
+        stream_pattern: Option<&TopicFilter>,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        events_tail(&self.conn, &self.path, agent, stream_pattern, limit)
+    }
+
+    /// See [`StoreReader::events_stats`].
+    pub fn events_stats(
+        &self,
+        agent: Option<&AgentId>,
+    ) -> Result<Vec<AgentEventStats>, StoreError> {
+        events_stats(&self.conn, &self.path, agent)
+    }
+
+    /// See [`StoreReader::fleet`].
+    pub fn fleet(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        registry::fleet(&self.conn, &self.path)
+    }
+}
+
+/// One op of a group commit; see [`Store::apply`].
+fn apply_one(
+    tx: &Transaction<'_>,
+    path: &Path,
+    now: Timestamp,
+    op: &Op<'_>,
+) -> Result<Option<InsertOutcome>, StoreError> {
+    match op {
+        Op::Insert { agent_id, events } => insert_one(tx, path, now, agent_id, events).map(Some),
+        Op::Connected {
+            agent_id,
+            labels,
+            agent_version,
+            protocol_version,
+        } => registry::connected(
+            tx,
+            path,
+            agent_id,
+            labels,
+            agent_version,
+            *protocol_version,
+            now,
+        )
+        .map(|()| None),
+        Op::Disconnected { agent_id } => {
+            registry::disconnected(tx, path, agent_id, now).map(|()| None)
+        }
+        Op::Backlog {
+            agent_id,
+            events,
+            bytes,
+        } => registry::backlog(tx, path, agent_id, *events, *bytes).map(|()| None),
+        Op::Touch { agent_id } => registry::touch(tx, path, agent_id, now).map(|()| None),
+    }
+}
+
+fn insert_one(
+    tx: &Transaction<'_>,
+    path: &Path,
+    now: Timestamp,
+    agent_id: &AgentId,
+    events: &[(Seq, EventBody)],
+) -> Result<InsertOutcome, StoreError> {
+    let Some(max_seq) = events.iter().map(|(seq, _)| *seq).max() else {
+        return Ok(InsertOutcome {
+            watermark: registry::watermark(tx, path, agent_id)?,
+            ..InsertOutcome::default()
+        });
+    };
+    let mut out = InsertOutcome::default();
+    let mut insert = tx
+        .prepare_cached(
+            "INSERT OR IGNORE INTO events (agent_id, seq, ts, stream, body)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .at(path)?;
+    for (seq, body) in events {
+        let changed = insert
+            .execute(params![
+                agent_id.as_str(),
+                seq.0,
+                body.ts.0,
+                body.stream.as_str(),
+                body.encode()
+            ])
+            .at(path)?;
+        if changed == 0 {
+            out.duplicates += 1;
+        } else {
+            out.inserted += 1;
+        }
+    }
+    out.watermark = registry::raise_watermark(tx, path, agent_id, max_seq, now)?;
+    Ok(out)
+}
+
+/// A read-only view of a store that the running hub may be writing: WAL lets
+/// it read the last committed state without taking or waiting for the write
+/// lock. For the operator verbs.
+#[derive(Debug)]
+pub struct StoreReader {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl StoreReader {
+    /// Opens `path` read-only. Fails with [`StoreError::NotFound`] if there is
+    /// no file, rather than creating one.
+    pub fn open(path: &Path) -> Result<StoreReader, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::NotFound {
+                path: path.to_owned(),
+            });
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).at(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT).at(path)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .at(path)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                path: path.to_owned(),
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if version < 1 {
+            return Err(StoreError::NotAStore {
+                path: path.to_owned(),
+            });
+        }
+        Ok(StoreReader {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The store file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The highest seq stored for `agent_id`, 0 if none.
+    pub fn watermark(&self, agent_id: &AgentId) -> Result<Seq, StoreError> {
+        registry::watermark(&self.conn, &self.path, agent_id)
+    }
+
+    /// The newest `limit` events of `agent` (every agent when `None`) whose
+    /// stream matches `stream_pattern` (every stream when `None`), oldest
+    /// first.
+    ///
+    /// For one agent, "newest" and the order are by seq. Across agents there
+    /// is no common seq, so each agent's newest `limit` matching events are
+    /// merged by event time (`ts`, then agent id and seq) and the last `limit`
+    /// are kept. Only matching rows are decoded; a corrupt one is
+    /// [`StoreError::CorruptBody`].
+    pub fn events_tail(
+        &self,
+        agent: Option<&AgentId>,
+        stream_pattern: Option<&TopicFilter>,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        events_tail(&self.conn, &self.path, agent, stream_pattern, limit)
+    }
+
+    /// Per agent (or only `agent`), how many rows the store holds, how many
+    /// distinct seqs, and the lowest and highest seq, ordered by agent id.
+    /// With `agent`, there is always exactly one entry (zeros for an agent
+    /// without events).
+    pub fn events_stats(
+        &self,
+        agent: Option<&AgentId>,
+    ) -> Result<Vec<AgentEventStats>, StoreError> {
+        events_stats(&self.conn, &self.path, agent)
+    }
+
+    /// The fleet registry, ordered by agent id.
+    pub fn fleet(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        registry::fleet(&self.conn, &self.path)
+    }
+}
+
+fn limit_param(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A stored seq, which the store only ever writes in `1..=i64::MAX`.
+pub(crate) fn seq_from(
+    path: &Path,
+    agent_id: &str,
+    column: &'static str,
+    v: i64,
+) -> Result<Seq, StoreError> {
+    u64::try_from(v)
+        .map(Seq)
+        .map_err(|_| StoreError::CorruptRow {
+            path: path.to_owned(),
+            agent_id: agent_id.to_owned(),
+            column,
+            reason: format!("{v} is negative"),
+        })
+}
+
+/// An agent id read from a row.
+pub(crate) fn agent_from(
+    path: &Path,
+    column: &'static str,
+    s: String,
+) -> Result<AgentId, StoreError> {
+    AgentId::parse(&s).map_err(|e| StoreError::CorruptRow {
+        path: path.to_owned(),
+        agent_id: s,
+        column,
+        reason: e.to_string(),
+    })
+}
+
+/// The newest matching events of one agent, newest first, at most `limit`.
+fn agent_tail(
+    conn: &Connection,
+    path: &Path,
+    agent_id: &AgentId,
+    stream_pattern: Option<&TopicFilter>,
+    limit: usize,
+) -> Result<Vec<Event>, StoreError> {
+    // An exact pattern is one stream name: SQLite compares it. A wildcard is
+    // matched here, on the stream column, so that only matching rows are
+    // decoded; the scan stops once `limit` rows matched.
+    let exact = stream_pattern.filter(|f| f.is_exact());
+    let mut stmt = match exact {
+        Some(_) => conn.prepare_cached(
+            "SELECT seq, stream, body FROM events WHERE agent_id = ?1 AND stream = ?2
+             ORDER BY seq DESC LIMIT ?3",
+        ),
+        None => conn.prepare_cached(
+            "SELECT seq, stream, body FROM events WHERE agent_id = ?1 ORDER BY seq DESC",
+        ),
+    }
+    .at(path)?;
+    let mut rows = match exact {
+        Some(f) => stmt.query(params![agent_id.as_str(), f.as_str(), limit_param(limit)]),
+        None => stmt.query(params![agent_id.as_str()]),
+    }
+    .at(path)?;
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let Some(row) = rows.next().at(path)? else {
+            break;
+        };
+        if let Some(f) = stream_pattern.filter(|f| !f.is_exact()) {
+            let stream = row.get_ref(1).at(path)?;
+            let matches = match stream {
+                ValueRef::Text(t) => std::str::from_utf8(t).is_ok_and(|s| f.matches(s)),
+                _ => false,
+            };
+            if !matches {
+                continue;
+            }
+        }
+        let seq = seq_from(path, agent_id.as_str(), "events.seq", row.get(0).at(path)?)?;
+        let corrupt = |reason: String| StoreError::CorruptBody {
+            path: path.to_owned(),
+            agent_id: agent_id.clone(),
+            seq,
+            reason,
+        };
+        let body = match row.get_ref(2).at(path)? {
+            // Text is accepted too: a body is only ever bytes, whatever type
+            // SQLite was told.
+            ValueRef::Blob(bytes) | ValueRef::Text(bytes) => {
+                EventBody::decode(bytes).map_err(|e| corrupt(e.to_string()))?
+            }
+            other => {
+                return Err(corrupt(format!(
+                    "the body is {:?}, not bytes",
+                    other.data_type()
+                )))
+            }
+        };
+        out.push(Event {
+            agent_id: agent_id.clone(),
+            seq,
+            body,
+        });
+    }
+    Ok(out)
+}
+
+fn events_tail(
+    conn: &Connection,
+    path: &Path,
+    agent: Option<&AgentId>,
+    stream_pattern: Option<&TopicFilter>,
+    limit: usize,
+) -> Result<Vec<Event>, StoreError> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    if let Some(agent_id) = agent {
+        let mut events = agent_tail(conn, path, agent_id, stream_pattern, limit)?;
+        events.reverse();
+        return Ok(events);
+    }
+    // One read transaction, so that every agent is read at the same commit.
+    let tx = conn.unchecked_transaction().at(path)?;
+    let mut events = Vec::new();
+    for agent_id in registry::agent_ids(&tx, path)? {
+        events.extend(agent_tail(&tx, path, &agent_id, stream_pattern, limit)?);
+    }
+    tx.finish().at(path)?;
+    events.sort_by(|a, b| (a.body.ts, &a.agent_id, a.seq).cmp(&(b.body.ts, &b.agent_id, b.seq)));
+    let skip = events.len().saturating_sub(limit);
+    events.drain(..skip);
+    Ok(events)
+}
+
+fn events_stats(
+    conn: &Connection,
+    path: &Path,
+    agent: Option<&AgentId>,
+) -> Result<Vec<AgentEventStats>, StoreError> {
+    const SELECT: &str = "SELECT agent_id, count(*), count(DISTINCT seq), min(seq), max(seq)
+                          FROM events";
+    let mut stmt = match agent {
+        Some(_) => conn.prepare_cached(&format!("{SELECT} WHERE agent_id = ?1 GROUP BY agent_id")),
+        None => conn.prepare_cached(&format!("{SELECT} GROUP BY agent_id ORDER BY agent_id")),
+    }
+    .at(path)?;
+    let mut rows = match agent {
+        Some(a) => stmt.query([a.as_str()]),
+        None => stmt.query([]),
+    }
+    .at(path)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().at(path)? {
+        let id: String = row.get(0).at(path)?;
+        let count: i64 = row.get(1).at(path)?;
+        let distinct: i64 = row.get(2).at(path)?;
+        let min: Option<i64> = row.get(3).at(path)?;
+        let max: Option<i64> = row.get(4).at(path)?;
+        let min_seq = min
+            .map(|v| seq_from(path, &id, "events.seq", v))
+            .transpose()?;
+        let max_seq = max
+            .map(|v| seq_from(path, &id, "events.seq", v))
+            .transpose()?;
+        out.push(AgentEventStats {
+            agent_id: agent_from(path, "events.agent_id", id)?,
+            // count() is never negative.
+            count: count.unsigned_abs(),
+            distinct_seqs: distinct.unsigned_abs(),
+            min_seq,
+            max_seq,
+        });
+    }
+    if out.is_empty() {
+        if let Some(agent_id) = agent {
+            out.push(AgentEventStats {
+                agent_id: agent_id.clone(),
+                count: 0,
+                distinct_seqs: 0,
+                min_seq: None,
+                max_seq: None,
+            });
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,458 @@
+//! The group-commit writer: one blocking thread owns the [`Store`] and turns
+//! the requests of every agent session into as few transactions as it can.
+//!
+//! The writer runs on tokio's blocking pool so that fsync never stalls the
+//! runtime. It waits for a request with `blocking_recv`, then keeps collecting
+//! writes (inserts and registry changes, from any number of agents) until
+//! [`WriterOptions::max_batch`] events or [`WriterOptions::window`] after the
+//! first, commits them in ONE transaction, and only then answers each request.
+//! A read ([`StoreHandle::watermark`]) ends a group and is answered after it,
+//! so it sees every write queued before it. A small async helper task turns
+//! the shutdown token into a message queued behind everything already sent.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use outpost_protocols::event::{AgentId, EventBody, Seq, Timestamp};
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::sqlite::{InsertOutcome, Op, Store};
+use super::StoreError;
+
+/// Requests that may wait for the writer before a sender waits too: the
+/// backpressure that keeps ingest from filling memory when the disk is slow.
+/// Each agent session has at most its protocol window of events in flight, so
+/// this bounds memory, and a full queue makes every session wait its turn.
+const QUEUE_DEPTH: usize = 4096;
+
+/// The longest the writer sleeps between looks at the queue inside a window.
+const POLL_STEP: Duration = Duration::from_micros(200);
+
+/// How the writer groups requests into transactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriterOptions {
+    /// Stop collecting once this many events are waiting (a single larger
+    /// request is still committed whole). Default 16384.
+    pub max_batch: usize,
+    /// How long after the first request of a group the writer may wait for
+    /// more once the queue is empty. Zero (the default) commits whatever is
+    /// queued at once; requests arriving during a commit form the next group,
+    /// which is how many agents share one fsync under load.
+    pub window: Duration,
+}
+
+impl Default for WriterOptions {
+    fn default() -> WriterOptions {
+        WriterOptions {
+            max_batch: 16384,
+            window: Duration::ZERO,
+        }
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// An owned write, waiting for its group.
+enum Write {
+    Insert {
+        agent_id: AgentId,
+        events: Vec<(Seq, EventBody)>,
+        reply: Reply<InsertOutcome>,
+    },
+    Connected {
+        agent_id: AgentId,
+        labels: BTreeMap<String, String>,
+        agent_version: String,
+        protocol_version: u16,
+        reply: Reply<()>,
+    },
+    Disconnected {
+        agent_id: AgentId,
+        reply: Reply<()>,
+    },
+    Backlog {
+        agent_id: AgentId,
+        events: u64,
+        bytes: u64,
+        reply: Reply<()>,
+    },
+    Touch {
+        agent_id: AgentId,
+        reply: Reply<()>,
+    },
+}
+
+impl Write {
+    fn op(&self) -> Op<'_> {
+        match self {
+            Write::Insert {
+                agent_id, events, ..
+            } => Op::Insert { agent_id, events },
+            Write::Connected {
+                agent_id,
+                labels,
+                agent_version,
+                protocol_version,
+                ..
+            } => Op::Connected {
+                agent_id,
+                labels,
+                agent_version,
+                protocol_version: *protocol_version,
+            },
+            Write::Disconnected { agent_id, .. } => Op::Disconnected { agent_id },
+            Write::Backlog {
+                agent_id,
+                events,
+                bytes,
+                ..
+            } => Op::Backlog {
+                agent_id,
+                events: *events,
+                bytes: *bytes,
+            },
+            Write::Touch { agent_id, .. } => Op::Touch { agent_id },
+        }
+    }
+
+    fn events(&self) -> usize {
+        match self {
+            Write::Insert { events, .. } => events.len(),
+            // A registry change costs about as much as one row.
+            _ => 1,
+        }
+    }
+
+    /// Answers the request with its share of the group's result.
+    fn answer(self, result: Result<Option<InsertOutcome>, StoreError>) {
+        match self {
+            Write::Insert { reply, .. } => {
+                let _ = reply.send(result.map(Option::unwrap_or_default));
+            }
+            Write::Connected { reply, .. }
+            | Write::Disconnected { reply, .. }
+            | Write::Backlog { reply, .. }
+            | Write::Touch { reply, .. } => {
+                let _ = reply.send(result.map(drop));
+            }
+        }
+    }
+}
+
+enum Request {
+    Write(Write),
+    Watermark {
+        agent_id: AgentId,
+        reply: Reply<Seq>,
+    },
+    /// The shutdown token was cancelled: finish what was received and stop.
+    Shutdown,
+}
+
+/// A cheap, cloneable handle to the writer: give one to every agent session.
+/// The writer stops once every handle is dropped or the shutdown token is
+/// cancelled.
+#[derive(Debug, Clone)]
+pub struct StoreHandle {
+    tx: mpsc::Sender<Request>,
+}
+
+/// An insert that was queued; await it for the outcome, which arrives once the
+/// transaction that holds it has committed.
+#[derive(Debug)]
+#[must_use = "the outcome says up to which seq the events are durable"]
+pub struct PendingInsert(oneshot::Receiver<Result<InsertOutcome, StoreError>>);
+
+impl Future for PendingInsert {
+    type Output = Result<InsertOutcome, StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(StoreError::Closed)))
+    }
+}
+
+impl StoreHandle {
+    /// Stores `events` of `agent_id` (deduplicated by `(agent_id, seq)`),
+    /// sharing a transaction with whatever else is queued, and resolves once
+    /// it has committed with the agent's new watermark. Only then may the
+    /// session acknowledge them.
+    pub async fn insert(
+        &self,
+        agent_id: AgentId,
+        events: Vec<(Seq, EventBody)>,
+    ) -> Result<Seq, StoreError> {
+        Ok(self.insert_nowait(agent_id, events).await?.await?.watermark)
+    }
+
+    /// Queues an insert and returns without waiting for its commit (it waits
+    /// only while the queue is full), so that a session can keep reading
+    /// batches and acknowledge each when its [`PendingInsert`] resolves.
+    /// Inserts queued through one handle commit in the order they were queued.
+    pub async fn insert_nowait(
+        &self,
+        agent_id: AgentId,
+        events: Vec<(Seq, EventBody)>,
+    ) -> Result<PendingInsert, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Write(Write::Insert {
+            agent_id,
+            events,
+            reply,
+        }))
+        .await?;
+        Ok(PendingInsert(rx))
+    }
+
+    /// Records that a session of `agent_id` started (after its `Hello`); see
+    /// [`Store::agent_connected`].
+    pub async fn agent_connected(
+        &self,
+        agent_id: AgentId,
+        labels: BTreeMap<String, String>,
+        agent_version: String,
+        protocol_version: u16,
+    ) -> Result<(), StoreError> {
+        self.call(|reply| {
+            Request::Write(Write::Connected {
+                agent_id,
+                labels,
+                agent_version,
+                protocol_version,
+                reply,
+            })
+        })
+        .await
+    }
+
+    /// Records that a session of `agent_id` ended; see
+    /// [`Store::agent_disconnected`]. Call it once for every
+    /// [`agent_connected`](Self::agent_connected).
+    pub async fn agent_disconnected(&self, agent_id: AgentId) -> Result<(), StoreError> {
+        self.call(|reply| Request::Write(Write::Disconnected { agent_id, reply }))
+            .await
+    }
+
+    /// Records the backlog `agent_id` reported; see [`Store::report_backlog`].
+    pub async fn report_backlog(
+        &self,
+        agent_id: AgentId,
+        events: u64,
+        bytes: u64,
+    ) -> Result<(), StoreError> {
+        self.call(|reply| {
+            Request::Write(Write::Backlog {
+                agent_id,
+                events,
+                bytes,
+                reply,
+            })
+        })
+        .await
+    }
+
+    /// Sets `agent_id`'s `last_seen` to now; see [`Store::touch`]. Inserts
+    /// already do this, so only an idle session needs it.
+    pub async fn touch(&self, agent_id: AgentId) -> Result<(), StoreError> {
+        self.call(|reply| Request::Write(Write::Touch { agent_id, reply }))
+            .await
+    }
+
+    /// The highest seq stored for `agent_id` (0 if none), read after every
+    /// request queued before this one has committed: the watermark a new
+    /// session starts from.
+    pub async fn watermark(&self, agent_id: AgentId) -> Result<Seq, StoreError> {
+        self.call(|reply| Request::Watermark { agent_id, reply })
+            .await
+    }
+
+    async fn send(&self, request: Request) -> Result<(), StoreError> {
+        self.tx.send(request).await.map_err(|_| StoreError::Closed)
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(make(reply)).await?;
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+}
+
+/// Starts the group-commit writer for `store` on tokio's blocking pool.
+///
+/// On shutdown (the token cancelled, or every handle dropped) the writer
+/// commits what it has received, answers every request, and the join handle
+/// yields the [`Store`] back. Requests sent after that fail with
+/// [`StoreError::Closed`]. Must be called inside a tokio runtime.
+pub fn spawn_store_writer(
+    store: Store,
+    opts: WriterOptions,
+    shutdown: CancellationToken,
+) -> (StoreHandle, JoinHandle<Result<Store, StoreError>>) {
+    let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+    let done = CancellationToken::new();
+    tokio::spawn(on_shutdown(tx.downgrade(), shutdown, done.clone()));
+    let join = tokio::task::spawn_blocking(move || {
+        // Stops the helper task however the writer ends, panics included.
+        let _done = done.drop_guard();
+        run(store, opts, rx)
+    });
+    (StoreHandle { tx }, join)
+}
+
+/// Sends the writer the shutdown message when the token is cancelled.
+async fn on_shutdown(
+    tx: mpsc::WeakSender<Request>,
+    shutdown: CancellationToken,
+    done: CancellationToken,
+) {
+    tokio::select! {
+        () = done.cancelled() => {}
+        () = shutdown.cancelled() => {
+            if let Some(tx) = tx.upgrade() {
+                // Queued behind what was already sent, so that all of it is
+                // committed first.
+                let _ = tx.send(Request::Shutdown).await;
+            }
+        }
+    }
+}
+
+fn now() -> Timestamp {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    Timestamp(nanos)
+}
+
+/// The writer loop; returns the store when the channel is closed and empty.
+fn run(
+    mut store: Store,
+    opts: WriterOptions,
+    mut rx: mpsc::Receiver<Request>,
+) -> Result<Store, StoreError> {
+    // A read that ended a group, handled next so that the channel's order is
+    // kept.
+    let mut next: Option<Request> = None;
+    loop {
+        let request = match next.take() {
+            Some(r) => r,
+            None => match rx.blocking_recv() {
+                Some(r) => r,
+                None => break,
+            },
+        };
+        match request {
+            Request::Write(first) => {
+                let group = collect(first, &opts, &mut rx, &mut next);
+                commit(&mut store, group);
+            }
+            Request::Watermark { agent_id, reply } => {
+                let _ = reply.send(store.watermark(&agent_id));
+            }
+            Request::Shutdown => {
+                // Refuse new requests; the loop still drains the queued ones.
+                debug!("Hub store writer shutting down.");
+                rx.close();
+            }
+        }
+    }
+    debug!(
+        transactions = store.transactions(),
+        "Hub store writer stopped."
+    );
+    Ok(store)
+}
+
+/// Gathers writes after `first` until `max_batch` events, the end of the
+/// window, another request (left in `next`) or a closed, empty channel.
+fn collect(
+    first: Write,
+    opts: &WriterOptions,
+    rx: &mut mpsc::Receiver<Request>,
+    next: &mut Option<Request>,
+) -> Vec<Write> {
+    let deadline = Instant::now() + opts.window;
+    let mut events = first.events();
+    let mut group = vec![first];
+    while events < opts.max_batch {
+        match rx.try_recv() {
+            Ok(Request::Write(w)) => {
+                events += w.events();
+                group.push(w);
+            }
+            Ok(other) => {
+                *next = Some(other);
+                break;
+            }
+            Err(TryRecvError::Disconnected) => break,
+            Err(TryRecvError::Empty) => {
+                // Nothing more is queued: commit now unless a window was
+                // configured. tokio's channel has no blocking receive with a
+                // timeout, so the window is watched in short sleeps, only
+                // while a group is open.
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                std::thread::sleep((deadline - now).min(POLL_STEP));
+            }
+        }
+    }
+    group
+}
+
+/// Commits a group in one transaction and answers each request.
+fn commit(store: &mut Store, group: Vec<Write>) {
+    // A request the store would refuse (a seq out of range) is answered alone,
+    // so that one agent's bad batch cannot fail the others'.
+    let mut checked = Vec::with_capacity(group.len());
+    for w in group {
+        match store.check(&w.op()) {
+            Ok(()) => checked.push(w),
+            Err(e) => {
+                warn!(error = %e, "Hub store refused a request.");
+                w.answer(Err(e));
+            }
+        }
+    }
+    let group = checked;
+    if group.is_empty() {
+        return;
+    }
+    let ops: Vec<Op<'_>> = group.iter().map(Write::op).collect();
+    let result = store.apply(now(), &ops);
+    drop(ops);
+    match result {
+        Ok(outcomes) => {
+            let (inserted, duplicates) = outcomes
+                .iter()
+                .flatten()
+                .fold((0, 0), |(i, d), o| (i + o.inserted, d + o.duplicates));
+            debug!(
+                requests = group.len(),
+                inserted, duplicates, "Hub store group committed."
+            );
+            for (w, o) in group.into_iter().zip(outcomes) {
+                w.answer(Ok(o));
+            }
+        }
+        Err(e) => {
+            // Nothing of the group was committed, so every request fails and
+            // no session acknowledges anything; the writer keeps serving,
+            // since the cause (a full disk) may pass.
+            warn!(requests = group.len(), error = %e, "Hub store group commit failed.");
+            for w in group {
+                w.answer(Err(e.clone()));
+            }
+        }
+    }
+}

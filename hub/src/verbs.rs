@@ -1,0 +1,525 @@
+//! The operator verbs that read the hub's store, while the hub runs or not:
+//! `fleet list`, `events tail` and `events stats`.
+//!
+//! Each verb loads the hub's config (`--config FILE`, with the same
+//! environment overrides as `run`), opens `<data_dir>/hub.db` read-only
+//! ([`StoreReader`], never creating it) and prints for people, or with
+//! `--json` for scripts. Text output may change; JSON field names are stable.
+//!
+//! Exit statuses (see [`VerbError::exit_code`]): 2 for bad input (the config,
+//! `--agent`, `--stream`), 1 when the store cannot be read (including: it does
+//! not exist yet, like the agent's `outbox` verbs, because that passes once
+//! the hub has started and is not something a retry with other flags fixes).
+
+use std::fmt::Write as _;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
+
+use outpost_protocols::event::{AgentId, Event, EventError, Quality, Seq, Timestamp};
+use outpost_protocols::topic::{TopicError, TopicFilter};
+
+use crate::config::{self, ConfigError};
+use crate::store::{store_path, AgentEventStats, AgentRecord, StoreError, StoreReader};
+
+/// `outpost-hub fleet …`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum FleetCommand {
+    /// Every agent the hub knows: labels, first and last seen, acknowledged
+    /// watermark, versions, policy version, reported backlog, connection state.
+    List(FleetListArgs),
+}
+
+/// `outpost-hub fleet list`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FleetListArgs {
+    /// The hub's TOML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Print one JSON document (an array of objects).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `outpost-hub events …`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum EventsCommand {
+    /// The newest stored events, oldest first.
+    Tail(EventsTailArgs),
+    /// Per agent: events stored, distinct seqs, lowest and highest seq.
+    Stats(EventsStatsArgs),
+}
+
+/// `outpost-hub events tail`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EventsTailArgs {
+    /// The hub's TOML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Only this agent's events.
+    #[arg(long, value_name = "ID")]
+    pub agent: Option<String>,
+    /// Only streams matching this MQTT-style filter (`plc1/+`, `plant/#`).
+    #[arg(long, value_name = "PATTERN")]
+    pub stream: Option<String>,
+    /// How many events.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub limit: usize,
+    /// One JSON object a line, as `outpost-agent outbox tail --json`.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `outpost-hub events stats`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EventsStatsArgs {
+    /// The hub's TOML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Only this agent.
+    #[arg(long, value_name = "ID")]
+    pub agent: Option<String>,
+    /// Print one JSON document (an array of objects).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Why a verb failed; its message is the one line printed on stderr.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerbError {
+    /// The config file could not be read or is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `[store] kind` names a store these verbs cannot read.
+    #[error(
+        "{}: store.kind: the fleet and events verbs read the sqlite store, and this hub stores in {kind:?}",
+        .path.display()
+    )]
+    NotSqlite {
+        /// The config file.
+        path: PathBuf,
+        /// The configured kind.
+        kind: String,
+    },
+    /// `--agent` is not a valid agent id.
+    #[error("--agent: {0}")]
+    Agent(#[source] EventError),
+    /// `--stream` is not a valid topic filter.
+    #[error("--stream {pattern:?}: {source}")]
+    Stream {
+        /// The pattern as given.
+        pattern: String,
+        /// What is wrong with it.
+        #[source]
+        source: TopicError,
+    },
+    /// The store could not be opened or read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Writing the output failed (a closed pipe, a full disk).
+    #[error("cannot write the output: {0}")]
+    Output(#[from] io::Error),
+}
+
+impl VerbError {
+    /// The exit status: 2 for bad input, 1 for a store that cannot be read or
+    /// output that cannot be written.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            VerbError::Config(_)
+            | VerbError::NotSqlite { .. }
+            | VerbError::Agent(_)
+            | VerbError::Stream { .. } => 2,
+            VerbError::Store(_) | VerbError::Output(_) => 1,
+        }
+    }
+
+    /// Whether the output's reader went away (`… | head`): not worth a message.
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(self, VerbError::Output(e) if e.kind() == io::ErrorKind::BrokenPipe)
+    }
+}
+
+/// Runs a `fleet` verb, reading the config with overrides from `env` and
+/// printing to `out`.
+pub fn fleet(
+    command: &FleetCommand,
+    env: impl IntoIterator<Item = (String, String)>,
+    out: &mut dyn io::Write,
+) -> Result<(), VerbError> {
+    match command {
+        FleetCommand::List(args) => {
+            let reader = open(&args.config, env)?;
+            let fleet = reader.fleet()?;
+            if args.json {
+                writeln!(out, "{}", fleet_json(&fleet))?;
+            } else {
+                out.write_all(fleet_text(&fleet).as_bytes())?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Runs an `events` verb, reading the config with overrides from `env` and
+/// printing to `out`.
+pub fn events(
+    command: &EventsCommand,
+    env: impl IntoIterator<Item = (String, String)>,
+    out: &mut dyn io::Write,
+) -> Result<(), VerbError> {
+    match command {
+        EventsCommand::Tail(args) => {
+            let cfg = load(&args.config, env)?;
+            let agent = parse_agent(args.agent.as_deref())?;
+            let pattern = args
+                .stream
+                .as_deref()
+                .map(|p| {
+                    TopicFilter::parse(p).map_err(|source| VerbError::Stream {
+                        pattern: p.to_owned(),
+                        source,
+                    })
+                })
+                .transpose()?;
+            let reader = StoreReader::open(&cfg)?;
+            for event in reader.events_tail(agent.as_ref(), pattern.as_ref(), args.limit)? {
+                if args.json {
+                    writeln!(out, "{}", event.to_json())?;
+                } else {
+                    writeln!(out, "{}", event_text(&event))?;
+                }
+            }
+        }
+        EventsCommand::Stats(args) => {
+            let cfg = load(&args.config, env)?;
+            let agent = parse_agent(args.agent.as_deref())?;
+            let reader = StoreReader::open(&cfg)?;
+            let stats = reader.events_stats(agent.as_ref())?;
+            if args.json {
+                writeln!(out, "{}", stats_json(&stats))?;
+            } else {
+                out.write_all(stats_text(&stats).as_bytes())?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Loads and validates the config and returns the store file it names.
+fn load(
+    config: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<PathBuf, VerbError> {
+    let cfg = config::load(config, env)?;
+    if cfg.store.kind != "sqlite" {
+        return Err(VerbError::NotSqlite {
+            path: config.to_owned(),
+            kind: cfg.store.kind,
+        });
+    }
+    Ok(store_path(config, &cfg.hub.data_dir))
+}
+
+fn open(
+    config: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<StoreReader, VerbError> {
+    Ok(StoreReader::open(&load(config, env)?)?)
+}
+
+fn parse_agent(agent: Option<&str>) -> Result<Option<AgentId>, VerbError> {
+    agent
+        .map(|a| AgentId::parse(a).map_err(VerbError::Agent))
+        .transpose()
+}
+
+/// `fleet list --json`: an array of objects, one per agent, ordered by id.
+pub fn fleet_json(fleet: &[AgentRecord]) -> serde_json::Value {
+    fleet
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "agent_id": a.agent_id.as_str(),
+                "labels": a.labels,
+                "first_seen": a.first_seen.0,
+                "last_seen": a.last_seen.0,
+                "connected": a.connected(),
+                "sessions": a.sessions,
+                "watermark": a.watermark.0,
+                "agent_version": a.agent_version,
+                "protocol_version": a.protocol_version,
+                "policy_version": a.policy_version,
+                "backlog_events": a.backlog_events,
+                "backlog_bytes": a.backlog_bytes,
+            })
+        })
+        .collect()
+}
+
+/// `fleet list`, for people: an aligned table.
+pub fn fleet_text(fleet: &[AgentRecord]) -> String {
+    if fleet.is_empty() {
+        return "no agents in the registry yet\n".into();
+    }
+    let dash = || "-".to_owned();
+    let rows: Vec<Vec<String>> = fleet
+        .iter()
+        .map(|a| {
+            let state = match a.sessions {
+                0 => "disconnected".to_owned(),
+                1 => "connected".to_owned(),
+                n => format!("connected ({n} sessions)"),
+            };
+            let backlog = match (a.backlog_events, a.backlog_bytes) {
+                (Some(e), Some(b)) => format!("{e} ev / {b} B"),
+                _ => dash(),
+            };
+            let labels = if a.labels.is_empty() {
+                dash()
+            } else {
+                a.labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            vec![
+                a.agent_id.to_string(),
+                state,
+                time_text(a.last_seen),
+                a.watermark.0.to_string(),
+                backlog,
+                a.agent_version.clone().unwrap_or_else(dash),
+                a.protocol_version.map_or_else(dash, |v| v.to_string()),
+                a.policy_version.map_or_else(dash, |v| v.to_string()),
+                time_text(a.first_seen),
+                labels,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            ("AGENT", false),
+            ("STATE", false),
+            ("LAST SEEN", false),
+            ("WATERMARK", true),
+            ("BACKLOG", true),
+            ("VERSION", false),
+            ("PROTOCOL", true),
+            ("POLICY", true),
+            ("FIRST SEEN", false),
+            ("LABELS", false),
+        ],
+        &rows,
+    )
+}
+
+/// `events stats --json`: an array of objects, one per agent, ordered by id.
+pub fn stats_json(stats: &[AgentEventStats]) -> serde_json::Value {
+    stats
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "agent_id": s.agent_id.as_str(),
+                "count": s.count,
+                "distinct_seqs": s.distinct_seqs,
+                "min_seq": s.min_seq.map(|q| q.0),
+                "max_seq": s.max_seq.map(|q| q.0),
+            })
+        })
+        .collect()
+}
+
+/// `events stats`, for people: an aligned table.
+pub fn stats_text(stats: &[AgentEventStats]) -> String {
+    if stats.is_empty() {
+        return "no events stored yet\n".into();
+    }
+    let seq = |q: Option<Seq>| q.map_or_else(|| "-".to_owned(), |q| q.0.to_string());
+    let rows: Vec<Vec<String>> = stats
+        .iter()
+        .map(|s| {
+            vec![
+                s.agent_id.to_string(),
+                s.count.to_string(),
+                s.distinct_seqs.to_string(),
+                seq(s.min_seq),
+                seq(s.max_seq),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            ("AGENT", false),
+            ("EVENTS", true),
+            ("DISTINCT SEQS", true),
+            ("MIN SEQ", true),
+            ("MAX SEQ", true),
+        ],
+        &rows,
+    )
+}
+
+/// One event, for people: `agent seq ts stream = value [quality] reason`, the
+/// agent's `outbox tail` line with the agent in front.
+pub fn event_text(e: &Event) -> String {
+    let quality = match &e.body.quality {
+        Quality::Bad(r) => format!(" [bad] {r}"),
+        Quality::Uncertain(r) => format!(" [uncertain] {r}"),
+        _ => String::new(),
+    };
+    format!(
+        "{} {:>10} {} {} = {}{quality}",
+        e.agent_id,
+        e.seq.0,
+        e.body.ts.0,
+        e.body.stream,
+        e.body.value.to_json()
+    )
+}
+
+/// A Unix-ns time as RFC 3339 in UTC, to the second; the number itself when it
+/// is before 1970.
+fn time_text(ts: Timestamp) -> String {
+    match u64::try_from(ts.0) {
+        Ok(ns) => {
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_nanos(ns)).to_string()
+        }
+        Err(_) => ts.0.to_string(),
+    }
+}
+
+/// Renders rows under a header, each column as wide as its widest cell, two
+/// spaces apart; columns flagged `true` are right-aligned.
+fn table(header: &[(&str, bool)], rows: &[Vec<String>]) -> String {
+    let width = |i: usize| {
+        rows.iter()
+            .filter_map(|r| r.get(i))
+            .map(|c| c.chars().count())
+            .chain([header[i].0.len()])
+            .max()
+            .unwrap_or(0)
+    };
+    let widths: Vec<usize> = (0..header.len()).map(width).collect();
+    let mut out = String::new();
+    let head: Vec<String> = header.iter().map(|(h, _)| (*h).to_owned()).collect();
+    for row in std::iter::once(&head).chain(rows) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            let w = widths.get(i).copied().unwrap_or(0);
+            let right = header.get(i).is_some_and(|(_, r)| *r);
+            if i > 0 {
+                line.push_str("  ");
+            }
+            if right {
+                let _ = write!(line, "{cell:>w$}");
+            } else {
+                let _ = write!(line, "{cell:<w$}");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use outpost_protocols::event::{EventBody, Reason, StreamName, Value};
+
+    use super::*;
+
+    fn record(id: &str, sessions: u64) -> AgentRecord {
+        AgentRecord {
+            agent_id: AgentId::parse(id).expect("valid"),
+            labels: BTreeMap::from([("site".to_owned(), "depot-17".to_owned())]),
+            first_seen: Timestamp(1_718_000_000_000_000_000),
+            last_seen: Timestamp(1_718_000_060_000_000_000),
+            agent_version: Some("0.1.0".into()),
+            protocol_version: Some(1),
+            watermark: Seq(1523),
+            backlog_events: Some(12),
+            backlog_bytes: Some(3120),
+            sessions,
+            policy_version: None,
+        }
+    }
+
+    #[test]
+    fn fleet_text_is_an_aligned_table_with_a_header() {
+        let text = fleet_text(&[record("gw-1", 1), record("depot-17.gw-20", 0)]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("AGENT "), "{text}");
+        // Every row puts its watermark where the header does.
+        let col = lines[0].find("WATERMARK").expect("header") + "WATERMARK".len();
+        for l in &lines[1..] {
+            assert_eq!(&l[col - 4..col], "1523", "{text}");
+        }
+        assert!(lines[1].contains("connected") && lines[2].contains("disconnected"));
+        assert!(text.contains("2024-06-10T06:13:20Z"), "{text}");
+        assert!(text.contains("site=depot-17"), "{text}");
+    }
+
+    #[test]
+    fn fleet_json_has_the_contract_fields_and_null_policy() {
+        let j = fleet_json(&[record("gw-1", 2)]);
+        let a = &j[0];
+        for k in [
+            "agent_id",
+            "labels",
+            "first_seen",
+            "last_seen",
+            "connected",
+            "sessions",
+            "watermark",
+            "agent_version",
+            "protocol_version",
+            "policy_version",
+            "backlog_events",
+            "backlog_bytes",
+        ] {
+            assert!(a.get(k).is_some(), "missing {k}: {a}");
+        }
+        assert_eq!(a["connected"], true);
+        assert_eq!(a["watermark"], 1523);
+        assert!(a["policy_version"].is_null());
+        assert_eq!(a["labels"]["site"], "depot-17");
+    }
+
+    #[test]
+    fn event_text_puts_the_agent_before_the_agents_tail_line() {
+        let e = Event {
+            agent_id: AgentId::parse("gw-1").expect("valid"),
+            seq: Seq(1522),
+            body: EventBody {
+                stream: StreamName::parse("plc1/level").expect("valid"),
+                ts: Timestamp(1_718_000_005_000_198_114),
+                value: Value::F64(42.1),
+                quality: Quality::Bad(Reason::Timeout),
+                attrs: BTreeMap::new(),
+            },
+        };
+        assert_eq!(
+            event_text(&e),
+            "gw-1       1522 1718000005000198114 plc1/level = 42.1 [bad] timeout"
+        );
+    }
+
+    #[test]
+    fn bad_input_exits_2_and_store_failures_exit_1() {
+        let agent = AgentId::parse("a b").expect_err("invalid");
+        assert_eq!(VerbError::Agent(agent).exit_code(), 2);
+        let missing = VerbError::Store(StoreError::NotFound {
+            path: "/nowhere/hub.db".into(),
+        });
+        assert_eq!(missing.exit_code(), 1);
+        assert!(missing.to_string().contains("has not stored anything yet"));
+    }
+}
