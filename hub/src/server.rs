@@ -268,6 +268,9 @@ fn peer_agent_id(conn: &quinn::Connection) -> Result<AgentId, ConnError> {
     ca::agent_id_from_cert_der(leaf.as_ref()).map_err(|e| ConnError::Unauthorized(e.to_string()))
 }
 
+/// A queued insert and the last seq of its batch: what the session may call
+/// stored once the insert committed (the store's watermark can be higher
+/// while a superseded session of the same agent is still finishing).
 type Commit = Pin<Box<dyn Future<Output = Result<Seq, StoreError>> + Send>>;
 
 async fn connection(
@@ -320,7 +323,8 @@ async fn connection(
                 let _ = tokio::time::timeout(Duration::from_secs(30), wait).await;
             }
         }
-        let result = session(&conn, &id, &store, &stop).await;
+        let mut registered = false;
+        let result = session(&conn, &id, &store, &stop, &mut registered).await;
         match &result {
             Ok(()) => conn.close(quinn::VarInt::from_u32(CLOSE_OK), b""),
             Err(ConnError::Protocol(e)) => conn.close(
@@ -329,7 +333,9 @@ async fn connection(
             ),
             Err(_) => conn.close(quinn::VarInt::from_u32(ErrorCode::Internal.to_u32()), b""),
         }
-        let _ = store.agent_disconnected(id.clone()).await;
+        if registered {
+            let _ = store.agent_disconnected(id.clone()).await;
+        }
         finished.store(true, std::sync::atomic::Ordering::Release);
         done.notify_waiters();
         if let Ok(mut map) = live.sessions.lock() {
@@ -348,6 +354,7 @@ async fn session(
     id: &AgentId,
     store: &StoreHandle,
     stop: &CancellationToken,
+    registered: &mut bool,
 ) -> Result<(), ConnError> {
     let (mut send, mut recv) = tokio::select! {
         () = stop.cancelled() => return Ok(()),
@@ -383,11 +390,16 @@ async fn session(
                     store
                         .agent_connected(id.clone(), labels, agent_version, version)
                         .await?;
+                    *registered = true;
                 }
                 HubEvent::Store { events } => {
-                    let h = store.clone();
-                    let id = id.clone();
-                    commits.push_back(Box::pin(async move { h.insert(id, events).await }));
+                    let Some(last) = events.last().map(|(seq, _)| *seq) else {
+                        continue;
+                    };
+                    // Queued now, in the order the batches arrived; awaited in
+                    // that order below.
+                    let pending = store.insert_nowait(id.clone(), events).await?;
+                    commits.push_back(Box::pin(async move { pending.await.map(|_| last) }));
                 }
                 HubEvent::Backlog { events, bytes, .. } => {
                     store.report_backlog(id.clone(), events, bytes).await?;

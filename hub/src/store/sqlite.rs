@@ -303,6 +303,7 @@ impl Store {
         events: u64,
         bytes: u64,
     ) -> Result<(), StoreError> {
+        // A backlog report does not move `last_seen`, so no time is needed.
         self.apply(
             Timestamp(0),
             &[Op::Backlog {

@@ -58,7 +58,7 @@ fn arb_action() -> impl Strategy<Value = Action> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
     fn every_agent_seq_is_stored_once_and_the_watermark_is_the_highest(
@@ -78,7 +78,9 @@ proptest! {
                         .iter()
                         .map(|(a, seqs)| (agent(*a), events(seqs)))
                         .collect();
+                    let before = store.transactions();
                     let outcomes = store.insert(NOW, &batches).expect("inserts");
+                    prop_assert_eq!(store.transactions(), before + 1, "one transaction per call");
                     prop_assert_eq!(outcomes.len(), entries.len());
                     for ((a, seqs), outcome) in entries.iter().zip(&outcomes) {
                         let held = model.entry(*a).or_default();
@@ -591,8 +593,8 @@ async fn shutdown_commits_what_was_received_and_returns_the_store() {
 }
 
 /// Not a test of behaviour but the measurement behind the `events` table's
-/// layout; run it with
-/// `cargo test -p outpost-hub --release -- --ignored --nocapture layout`.
+/// layout (see the module docs); run it with an optimised SQLite, for example
+/// `cargo test -p outpost-hub --release --lib -- --ignored --nocapture layout`.
 #[test]
 #[ignore = "a measurement, not a check; run it by hand"]
 fn layout_without_rowid_against_a_rowid_table_with_a_unique_index() {
