@@ -389,3 +389,241 @@ impl Mosquitto {
         Ok(m)
     }
 }
+
+/// A UDP port that was free a moment ago on 127.0.0.1 (the hub's QUIC port).
+pub fn free_udp_port() -> Result<u16> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    Ok(s.local_addr()?.port())
+}
+
+/// A fleet PKI made by the real `outpost-hub ca` verbs: a CA in `dir/ca` and
+/// the hub's certificate in `dir/hub`, valid for `127.0.0.1` and `localhost`.
+pub struct Pki {
+    /// The CA's folder (`ca.pem`, `ca.key`).
+    pub ca_dir: PathBuf,
+    /// The hub's folder (`ca.pem`, `hub.pem`, `hub.key`).
+    pub hub_dir: PathBuf,
+    root: PathBuf,
+}
+
+impl Pki {
+    /// Runs `ca init` and `ca issue --hub` under `dir`.
+    pub fn new(dir: &Path) -> Result<Pki> {
+        let pki = Pki {
+            ca_dir: dir.join("ca"),
+            hub_dir: dir.join("hub"),
+            root: dir.to_owned(),
+        };
+        let ca = path_str(&pki.ca_dir)?;
+        hub_verb(&["ca", "init", "--dir", ca])?;
+        hub_verb(&[
+            "ca",
+            "issue",
+            "--dir",
+            ca,
+            "--hub",
+            "127.0.0.1",
+            "--hub",
+            "localhost",
+            "--out",
+            path_str(&pki.hub_dir)?,
+        ])?;
+        Ok(pki)
+    }
+
+    /// Issues an agent certificate with `ca issue --agent id` into
+    /// `dir/agent-<id>` and returns that folder (`ca.pem`, `agent.pem`,
+    /// `agent.key`).
+    pub fn issue_agent(&self, id: &str) -> Result<PathBuf> {
+        let out = self.root.join(format!("agent-{id}"));
+        hub_verb(&[
+            "ca",
+            "issue",
+            "--dir",
+            path_str(&self.ca_dir)?,
+            "--agent",
+            id,
+            "--out",
+            path_str(&out)?,
+        ])?;
+        Ok(out)
+    }
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str()
+        .with_context(|| format!("not UTF-8: {}", p.display()))
+}
+
+/// Runs an `outpost-hub` verb and fails unless it exits 0; its stdout.
+fn hub_verb(args: &[&str]) -> Result<String> {
+    let (code, out, err) = run_cli(&bin("outpost-hub")?, args)?;
+    if code != 0 {
+        bail!("outpost-hub {args:?} exited {code}: {err}");
+    }
+    Ok(out)
+}
+
+/// One agent's line of `outpost-hub events stats --json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubEventStats {
+    /// The agent.
+    pub agent_id: String,
+    /// Events stored.
+    pub count: u64,
+    /// Distinct seqs among them: equal to `count` when nothing is duplicated.
+    pub distinct_seqs: u64,
+    /// The lowest seq stored.
+    pub min_seq: Option<u64>,
+    /// The highest seq stored.
+    pub max_seq: Option<u64>,
+}
+
+/// An `outpost-hub run` process listening on a UDP port of 127.0.0.1.
+pub struct Hub {
+    /// The process.
+    pub proc: Proc,
+    /// Its config file; its log is `hub.log` beside it.
+    pub config: PathBuf,
+    /// Where it listens (QUIC).
+    pub addr: SocketAddr,
+}
+
+impl Hub {
+    /// Writes `dir/hub.toml` (store in `dir/hub-data`, the certificates of
+    /// `pki`, a free UDP port, `synchronous = "full"`) and starts the hub.
+    pub fn start(dir: &Path, pki: &Pki) -> Result<Hub> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
+        let config = dir.join("hub.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[store]\nsynchronous = \"full\"\n\n[observability]\nlog = \"info\"\n",
+                pki.hub_dir.join("ca.pem").display(),
+                pki.hub_dir.join("hub.pem").display(),
+                pki.hub_dir.join("hub.key").display(),
+            ),
+        )?;
+        Self::start_file(&config, addr)
+    }
+
+    /// Starts the hub on an existing config that listens on `addr`, and waits
+    /// until it says it listens. Its log goes to `hub.log` beside the config
+    /// (appended, so restarts keep history).
+    pub fn start_file(config: &Path, addr: SocketAddr) -> Result<Hub> {
+        let log_path = config.with_file_name("hub.log");
+        let listening = |p: &Path| {
+            std::fs::read_to_string(p)
+                .map(|s| s.matches("Hub listening").count())
+                .unwrap_or(0)
+        };
+        let before = listening(&log_path);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let child = Command::new(bin("outpost-hub")?)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("start outpost-hub")?;
+        let mut hub = Hub {
+            proc: Proc {
+                child,
+                name: "outpost-hub".into(),
+            },
+            config: config.to_owned(),
+            addr,
+        };
+        let mut exited = false;
+        wait_until(Duration::from_secs(30), "the hub to listen", || {
+            exited = !hub.proc.is_running();
+            exited || listening(&log_path) > before
+        })?;
+        if exited {
+            bail!("outpost-hub exited on start:\n{}", hub.log());
+        }
+        Ok(hub)
+    }
+
+    /// Everything the hub (and its earlier runs on this config) logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.config.with_file_name("hub.log")).unwrap_or_default()
+    }
+
+    /// `outpost-hub events stats --json`, one entry per agent.
+    pub fn events_stats(&self) -> Result<Vec<HubEventStats>> {
+        let out = hub_verb(&[
+            "events",
+            "stats",
+            "--config",
+            path_str(&self.config)?,
+            "--json",
+        ])?;
+        let json: serde_json::Value =
+            serde_json::from_str(&out).with_context(|| format!("events stats said {out:?}"))?;
+        let rows = json
+            .as_array()
+            .context("events stats --json: not an array")?;
+        rows.iter()
+            .map(|r| {
+                let n = |k: &str| {
+                    r[k].as_u64()
+                        .with_context(|| format!("events stats --json: no {k} in {r}"))
+                };
+                Ok(HubEventStats {
+                    agent_id: r["agent_id"]
+                        .as_str()
+                        .context("events stats --json: no agent_id")?
+                        .to_owned(),
+                    count: n("count")?,
+                    distinct_seqs: n("distinct_seqs")?,
+                    min_seq: r["min_seq"].as_u64(),
+                    max_seq: r["max_seq"].as_u64(),
+                })
+            })
+            .collect()
+    }
+
+    /// The stats of one agent, if the hub stored anything from it.
+    pub fn agent_stats(&self, agent_id: &str) -> Result<Option<HubEventStats>> {
+        Ok(self
+            .events_stats()?
+            .into_iter()
+            .find(|s| s.agent_id == agent_id))
+    }
+
+    /// `outpost-hub fleet list --json`: an array of agents.
+    pub fn fleet(&self) -> Result<Vec<serde_json::Value>> {
+        let out = hub_verb(&[
+            "fleet",
+            "list",
+            "--config",
+            path_str(&self.config)?,
+            "--json",
+        ])?;
+        let json: serde_json::Value =
+            serde_json::from_str(&out).with_context(|| format!("fleet list said {out:?}"))?;
+        json.as_array()
+            .cloned()
+            .context("fleet list --json: not an array")
+    }
+}
+
+/// `outpost-agent outbox stats --config FILE --json` (works while the agent
+/// runs).
+pub fn agent_outbox_stats(config: &Path) -> Result<serde_json::Value> {
+    let (code, out, err) = run_cli(
+        &bin("outpost-agent")?,
+        &["outbox", "stats", "--config", path_str(config)?, "--json"],
+    )?;
+    if code != 0 {
+        bail!("outpost-agent outbox stats exited {code}: {err}");
+    }
+    serde_json::from_str(&out).with_context(|| format!("outbox stats said {out:?}"))
+}
+
+pub mod udp_proxy;
