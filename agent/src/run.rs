@@ -132,6 +132,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ru
             tasks.spawn(p.run(shutdown.clone()));
         }
     }
+    // The uplink stops after the sources, so what they commit while stopping
+    // is still offered to the hub.
+    let uplink_stop = CancellationToken::new();
+    let mut uplink_task = JoinSet::new();
     if let Some(uplink) = &cfg.uplink {
         let u = Uplink::new(
             uplink.clone(),
@@ -139,7 +143,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ru
             cfg.labels.clone(),
             metrics.clone(),
         );
-        tasks.spawn(u.run(shutdown.clone()));
+        uplink_task.spawn(u.run(uplink_stop.clone()));
     }
     tasks.spawn(housekeeping(
         handle.clone(),
@@ -153,10 +157,16 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ru
 
     shutdown.cancelled().await;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    info!("Stopping: sources first, then the outbox.");
+    info!("Stopping: sources first, then the uplink, then the outbox.");
     while let Some(r) = tasks.join_next().await {
         if let Err(e) = r {
             warn!(error = %e, "A task ended abnormally.");
+        }
+    }
+    uplink_stop.cancel();
+    while let Some(r) = uplink_task.join_next().await {
+        if let Err(e) = r {
+            warn!(error = %e, "The uplink ended abnormally.");
         }
     }
     drop(handle);

@@ -255,17 +255,15 @@ impl Uplink {
                     _ => {}
                 }
             }
-            if stopping && session.unacked() == 0 {
+            // Stopping: send what is committed, wait for its acks, say goodbye
+            // (or give up at `stop_by`; the hub dedups what is resent).
+            let last = *committed.borrow();
+            if stopping && session.unacked() == 0 && last <= session.read_after() {
                 session.goodbye();
                 continue;
             }
             // Feed the session from the outbox while it has room.
-            let last = *committed.borrow();
-            if !stopping
-                && session.is_streaming()
-                && session.wants() > 0
-                && last > session.read_after()
-            {
+            if session.is_streaming() && session.wants() > 0 && last > session.read_after() {
                 let n = session.wants().min(READ_CHUNK);
                 let events = self.outbox.read_batch(session.read_after(), n).await?;
                 if !events.is_empty() {
@@ -280,7 +278,7 @@ impl Uplink {
                 .poll_timeout()
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
-            let can_feed = !stopping && session.is_streaming() && session.wants() > 0;
+            let can_feed = session.is_streaming() && session.wants() > 0;
             tokio::select! {
                 () = shutdown.cancelled(), if !stopping => {
                     // Give in-flight batches a moment to be acknowledged, so the

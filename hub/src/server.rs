@@ -173,6 +173,48 @@ struct LiveSession {
     finished: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// The key for QUIC stateless resets, kept in `<data_dir>/reset.key` (0600).
+///
+/// A restarted hub must be able to reset the connections its previous run
+/// had: with a new random key each start its resets are ignored, and every
+/// agent waits out its idle timeout (30 s) before redialling.
+fn reset_key(data_dir: &Path) -> Result<ring::hmac::Key, ServerError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = data_dir.join("reset.key");
+    let tls_err = |message: String| ServerError::Tls {
+        path: path.clone(),
+        message,
+    };
+    let secret = match std::fs::read(&path) {
+        Ok(bytes) if bytes.len() == 32 => bytes,
+        Ok(_) => {
+            return Err(tls_err(
+                "must hold exactly 32 bytes; delete it to make a new one".into(),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut bytes = vec![0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+                .map_err(|_| tls_err("no randomness".into()))?;
+            std::fs::create_dir_all(data_dir)
+                .map_err(|e| tls_err(format!("cannot create folder: {e}")))?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| tls_err(format!("cannot create: {e}")))?;
+            f.write_all(&bytes)
+                .and_then(|()| f.sync_all())
+                .map_err(|e| tls_err(format!("cannot write: {e}")))?;
+            bytes
+        }
+        Err(e) => return Err(tls_err(format!("cannot read: {e}"))),
+    };
+    Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret))
+}
+
 /// The live session of each agent, so a reconnect can supersede it.
 #[derive(Default)]
 struct Live {
@@ -208,10 +250,21 @@ pub async fn serve(
         .listen
         .parse()
         .map_err(|_| ServerError::Config(format!("hub.listen {:?}", cfg.hub.listen)))?;
-    let endpoint = quinn::Endpoint::server(config, addr).map_err(|e| ServerError::Listen {
+    let data_dir = resolve(&cfg.hub.data_dir);
+    let endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key(&data_dir)?));
+    let socket = std::net::UdpSocket::bind(addr).map_err(|e| ServerError::Listen {
         addr,
         message: e.to_string(),
     })?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| ServerError::Config("no async runtime".into()))?;
+    let endpoint =
+        quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime).map_err(|e| {
+            ServerError::Listen {
+                addr,
+                message: e.to_string(),
+            }
+        })?;
     let local = endpoint.local_addr().unwrap_or(addr);
     info!(listen = %local, "Hub listening (QUIC).");
     if let Some(tx) = bound {
