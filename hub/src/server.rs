@@ -173,6 +173,20 @@ struct LiveSession {
     finished: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// The hub's UDP socket, with large kernel buffers: a thousand agents
+/// redialling at once (after a hub restart, say) send their handshakes in one
+/// burst, and the default buffer (about 200 KB) drops most of it, so agents
+/// wait out QUIC's doubling handshake retries. The kernel caps the size at
+/// `net.core.rmem_max`/`wmem_max`; a refusal leaves the default.
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = socket.set_recv_buffer_size(8 << 20);
+    let _ = socket.set_send_buffer_size(8 << 20);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// The key for QUIC stateless resets, kept in `<data_dir>/reset.key` (0600).
 ///
 /// A restarted hub must be able to reset the connections its previous run
@@ -252,7 +266,7 @@ pub async fn serve(
         .map_err(|_| ServerError::Config(format!("hub.listen {:?}", cfg.hub.listen)))?;
     let data_dir = resolve(&cfg.hub.data_dir);
     let endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key(&data_dir)?));
-    let socket = std::net::UdpSocket::bind(addr).map_err(|e| ServerError::Listen {
+    let socket = udp_socket(addr).map_err(|e| ServerError::Listen {
         addr,
         message: e.to_string(),
     })?;
