@@ -65,6 +65,17 @@ enum Then {
 
 type Commit = Pin<Box<dyn Future<Output = (Result<usize, OutboxError>, Vec<Then>)> + Send>>;
 
+/// Tells the session that the commit holding these messages is durable, so
+/// their acknowledgements may go out, in the order they were received.
+fn settle(session: &mut Session, thens: Vec<Then>) {
+    for then in thens {
+        match then {
+            Then::Ack(ack) => session.committed(ack),
+            Then::Release(pkid) => session.released(pkid),
+        }
+    }
+}
+
 /// The messages of one read, stored in one outbox request: a read from the
 /// socket usually holds many PUBLISH packets, and one request (one seq range,
 /// one reply) for all of them keeps the per-message cost to the codec and the
@@ -270,12 +281,7 @@ impl MqttSource {
                     match res {
                         Ok(n) => {
                             inflight = inflight.saturating_sub(n);
-                            for then in thens {
-                                match then {
-                                    Then::Ack(ack) => session.committed(ack),
-                                    Then::Release(pkid) => session.released(pkid),
-                                }
-                            }
+                            settle(&mut session, thens);
                         }
                         Err(e) => break Err(e.into()),
                     }
@@ -305,12 +311,7 @@ impl MqttSource {
         // redelivers it and the stored packet ids recognise QoS 2 copies.
         while let Some((res, thens)) = commits.next().await {
             if res.is_ok() {
-                for then in thens {
-                    match then {
-                        Then::Ack(ack) => session.committed(ack),
-                        Then::Release(pkid) => session.released(pkid),
-                    }
-                }
+                settle(&mut session, thens);
             }
         }
         self.metrics.mqtt_inflight.set(0);
