@@ -410,10 +410,34 @@ async fn connection(
                 map.remove(&id);
             }
         }
-        result
+        // Logged here, inside the agent's span, so the line names the agent
+        // and the wire's error code.
+        match &result {
+            Ok(()) => {}
+            Err(ConnError::Protocol(e)) => warn!(
+                code = %e.code().name(),
+                error = %e,
+                "Agent connection ended: the agent broke the protocol."
+            ),
+            Err(e) => warn!(error = %e, "Agent connection ended."),
+        }
+        Ok(())
     }
     .instrument(span)
     .await
+}
+
+/// How long the hub waits for the agent to receive its last frames (an
+/// `Error`, or the acks before a close) before it closes the connection.
+const LAST_WORDS: Duration = Duration::from_secs(2);
+
+/// Finishes the send stream and waits, at most [`LAST_WORDS`], until the
+/// agent has received all of it: closing the connection at once would throw
+/// away stream data still in flight, such as the `Error` frame that says why.
+async fn last_words(send: &mut quinn::SendStream) {
+    if send.finish().is_ok() {
+        let _ = tokio::time::timeout(LAST_WORDS, send.stopped()).await;
+    }
 }
 
 async fn session(
@@ -475,7 +499,7 @@ async fn session(
                     // Commits already handed to the store finish; their acks
                     // cannot be sent any more, and the agent resends.
                     while commits.next().await.is_some() {}
-                    let _ = send.finish();
+                    last_words(&mut send).await;
                     return match error {
                         None => Ok(()),
                         Some(e) if e.is_from_peer() => {
@@ -503,7 +527,17 @@ async fn session(
                 session.stored(upto)?;
             }
             read = recv.read(&mut buf), if commits.len() < MAX_PENDING_BATCHES => match read {
-                Ok(Some(n)) => session.handle_bytes(Instant::now(), &buf[..n])?,
+                Ok(Some(n)) => {
+                    if let Err(e) = session.handle_bytes(Instant::now(), &buf[..n]) {
+                        // The session queued an Error frame naming the code:
+                        // send it before the connection closes with it.
+                        out.clear();
+                        while session.poll_transmit(Instant::now(), &mut out).is_some() {}
+                        let _ = tokio::time::timeout(LAST_WORDS, send.write_all(&out)).await;
+                        last_words(&mut send).await;
+                        return Err(e.into());
+                    }
+                }
                 Ok(None) => {
                     while commits.next().await.is_some() {}
                     return Ok(());

@@ -626,4 +626,5 @@ pub fn agent_outbox_stats(config: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&out).with_context(|| format!("outbox stats said {out:?}"))
 }
 
+pub mod fleet_sim;
 pub mod udp_proxy;

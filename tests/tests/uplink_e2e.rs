@@ -11,7 +11,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{ensure, Context as _, Result};
@@ -528,14 +527,7 @@ fn raw_quic_connect(hub: SocketAddr, creds: &Path, alpn: &[u8]) -> Result<Result
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let mut tls = outpost_agent::tls::build_client_config(
-            &creds.join("ca.pem"),
-            Some((&creds.join("agent.pem"), &creds.join("agent.key"))),
-            None,
-        )?;
-        tls.alpn_protocols = vec![alpn.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
-        let config = quinn::ClientConfig::new(Arc::new(crypto));
+        let config = outpost_tests::fleet_sim::client_config(creds, alpn)?;
         let endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))?;
         let connecting = endpoint.connect_with(config, hub, "localhost")?;
         let outcome = match tokio::time::timeout(Duration::from_secs(30), connecting).await {

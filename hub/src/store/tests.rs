@@ -566,6 +566,35 @@ async fn the_watermark_read_through_the_writer_follows_queued_inserts() {
 }
 
 #[tokio::test]
+async fn watermark_reads_of_other_agents_do_not_split_a_group() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = WriterOptions {
+        max_batch: 16384,
+        window: Duration::from_millis(500),
+    };
+    let (handle, join) = spawn_store_writer(open(dir.path()), opts, CancellationToken::new());
+    let mut pending = Vec::new();
+    for a in 0..16 {
+        // As a connecting agent does: read its watermark, then write.
+        assert_eq!(handle.watermark(agent(a)).await.expect("reads"), Seq(0));
+        pending.push(
+            handle
+                .insert_nowait(agent(a), events(&[1, 2]))
+                .await
+                .expect("queued"),
+        );
+    }
+    for p in pending {
+        assert_eq!(p.await.expect("commits").watermark, Seq(2));
+    }
+    drop(handle);
+    let store = join.await.expect("joins").expect("writer ends cleanly");
+    // One group, unless the 500 ms window ran out on a loaded machine: far
+    // fewer than the 16 a read splitting every group would give.
+    assert!(store.transactions() <= 4, "{}", store.transactions());
+}
+
+#[tokio::test]
 async fn shutdown_commits_what_was_received_and_returns_the_store() {
     let dir = tempfile::tempdir().expect("tempdir");
     let shutdown = CancellationToken::new();

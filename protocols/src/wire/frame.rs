@@ -73,8 +73,15 @@ pub enum FrameError {
     },
     /// The body is not a postcard `Frame`: an unknown variant, a truncated
     /// field, invalid UTF-8, an invalid stream name, or an empty body.
-    #[error("malformed frame: {0}")]
-    Malformed(#[source] postcard::Error),
+    #[error("malformed frame ({what}): {source}")]
+    Malformed {
+        /// What the body looked like: its variant and length, so that a log
+        /// line tells a peer speaking another protocol from a broken field.
+        what: String,
+        /// postcard's reason.
+        #[source]
+        source: postcard::Error,
+    },
     /// The body decoded as a frame but bytes were left over after it.
     #[error("malformed frame: {extra} bytes after the end of a {frame} frame")]
     TrailingBytes {
@@ -154,6 +161,30 @@ pub enum Frame {
     Goodbye,
 }
 
+/// The frames' names by variant index, for errors about bodies that did not
+/// decode.
+const KINDS: [&str; 8] = [
+    "Hello",
+    "Welcome",
+    "Error",
+    "Batch",
+    "Ack",
+    "Backlog",
+    "Heartbeat",
+    "Goodbye",
+];
+
+/// What a body that did not decode looked like, for [`FrameError::Malformed`].
+fn describe(body: &[u8]) -> String {
+    match body.first() {
+        None => "an empty body".to_owned(),
+        Some(&v) => match KINDS.get(usize::from(v)) {
+            Some(kind) => format!("a {kind} frame of {} bytes", body.len()),
+            None => format!("unknown variant {v} in {} bytes", body.len()),
+        },
+    }
+}
+
 impl Frame {
     /// The frame's name, for errors and logs.
     #[must_use]
@@ -175,9 +206,12 @@ impl Frame {
     pub fn encode(&self, out: &mut Vec<u8>) -> Result<usize, FrameError> {
         let start = out.len();
         out.extend_from_slice(&[0; PREFIX_LEN]);
-        if let Err(e) = postcard::to_io(self, &mut *out) {
+        if let Err(source) = postcard::to_io(self, &mut *out) {
             out.truncate(start);
-            return Err(FrameError::Malformed(e));
+            return Err(FrameError::Malformed {
+                what: format!("a {} frame being encoded", self.kind()),
+                source,
+            });
         }
         let len = out.len() - start - PREFIX_LEN;
         match u32::try_from(len) {
@@ -199,7 +233,10 @@ impl Frame {
     /// used.
     pub fn decode(body: &[u8]) -> Result<Frame, FrameError> {
         let (frame, rest) =
-            postcard::take_from_bytes::<Frame>(body).map_err(FrameError::Malformed)?;
+            postcard::take_from_bytes::<Frame>(body).map_err(|source| FrameError::Malformed {
+                what: describe(body),
+                source,
+            })?;
         if rest.is_empty() {
             Ok(frame)
         } else {
@@ -764,18 +801,71 @@ pub(crate) mod tests {
         assert_eq!(d.next_frame(), Ok(None));
         d.push(&[0xff]);
         // The length is fine; the body is garbage.
-        assert!(matches!(d.next_frame(), Err(FrameError::Malformed(_))));
+        assert!(matches!(d.next_frame(), Err(FrameError::Malformed { .. })));
     }
 
     #[test]
     fn garbage_bytes_are_malformed() {
         let mut d = FrameDecoder::new();
         d.push(&[0, 0, 0, 3, 0xee, 0xff, 0x01]);
-        assert!(matches!(d.next_frame(), Err(FrameError::Malformed(_))));
+        assert!(matches!(d.next_frame(), Err(FrameError::Malformed { .. })));
         // An empty body is malformed too.
         let mut d = FrameDecoder::new();
         d.push(&[0, 0, 0, 0]);
-        assert!(matches!(d.next_frame(), Err(FrameError::Malformed(_))));
+        assert!(matches!(d.next_frame(), Err(FrameError::Malformed { .. })));
+    }
+
+    #[test]
+    fn a_malformed_body_is_described_by_its_variant() {
+        // Every frame's first body byte indexes KINDS with its own name.
+        let frames = [
+            Frame::Hello {
+                versions: vec![1],
+                agent_version: String::new(),
+                labels: BTreeMap::new(),
+            },
+            Frame::Welcome {
+                version: 1,
+                watermark: Seq(0),
+                window: 1,
+            },
+            Frame::Error {
+                code: ErrorCode::Internal,
+                message: String::new(),
+            },
+            Frame::Batch { events: vec![] },
+            Frame::Ack {
+                upto: Seq(0),
+                window: 0,
+            },
+            Frame::Backlog {
+                events: 0,
+                bytes: 0,
+                oldest_seq: None,
+            },
+            Frame::Heartbeat,
+            Frame::Goodbye,
+        ];
+        assert_eq!(frames.len(), KINDS.len());
+        for f in &frames {
+            let mut out = Vec::new();
+            f.encode(&mut out).unwrap();
+            assert_eq!(KINDS[usize::from(out[PREFIX_LEN])], f.kind());
+        }
+        let msg = |bytes: &[u8]| {
+            let mut d = FrameDecoder::new();
+            d.push(bytes);
+            d.next_frame().unwrap_err().to_string()
+        };
+        // An HTTP request where a frame should be: 'G' is variant 71.
+        assert!(
+            msg(b"\0\0\0\x05GET /").contains("unknown variant 71 in 5 bytes"),
+            "{}",
+            msg(b"\0\0\0\x05GET /")
+        );
+        // A Hello that ends inside its versions.
+        assert!(msg(&[0, 0, 0, 2, 0, 5]).contains("a Hello frame of 2 bytes"));
+        assert!(msg(&[0, 0, 0, 0]).contains("an empty body"));
     }
 
     #[test]
