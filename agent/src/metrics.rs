@@ -87,6 +87,9 @@ pub struct Metrics {
     pub uplink_sent: Counter,
     /// Events the hub acknowledged and the outbox deleted.
     pub uplink_acked: Counter,
+    /// Waiting events renumbered to follow a hub that holds seqs this outbox
+    /// never assigned (a replaced, wiped or restored data directory).
+    pub outbox_renumbered: Counter,
     /// Bridged values or commands dropped because a queue was full or the
     /// peer was away.
     pub bridge_dropped: Counter,
@@ -190,6 +193,12 @@ impl Metrics {
             "Events the hub acknowledged and the outbox deleted",
             uplink_acked.clone(),
         );
+        let outbox_renumbered = Counter::default();
+        registry.register(
+            "outbox_renumbered",
+            "Waiting events renumbered to follow a hub that holds seqs this outbox never assigned",
+            outbox_renumbered.clone(),
+        );
         let bridge_dropped = Counter::default();
         registry.register(
             "bridge_dropped",
@@ -244,6 +253,7 @@ impl Metrics {
             uplink_connected,
             uplink_sent,
             uplink_acked,
+            outbox_renumbered,
             bridge_dropped,
             outbox_errors,
             modbus_writes,

@@ -21,7 +21,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::config::UplinkSection;
 use crate::metrics::Metrics;
-use crate::outbox::{OutboxError, OutboxHandle};
+use crate::outbox::{OutboxError, OutboxHandle, Resumed};
 
 /// Why a connection to the hub ended.
 #[derive(Debug, thiserror::Error)]
@@ -238,7 +238,7 @@ impl Uplink {
                     AgentEvent::Connected { version, watermark } => {
                         self.metrics.uplink_connected.set(1);
                         info!(version, watermark = watermark.0, "Connected to the hub.");
-                        self.acked(watermark, &committed).await?;
+                        self.resume(watermark).await?;
                     }
                     AgentEvent::Acked { upto } => self.acked(upto, &committed).await?,
                     AgentEvent::Closed { error } => {
@@ -311,24 +311,43 @@ impl Uplink {
         }
     }
 
-    /// Deletes what the hub holds. A watermark beyond the outbox's last seq
-    /// means the outbox was replaced while the hub kept the data; nothing
-    /// beyond what exists can be deleted, and new events would reuse seqs the
-    /// hub already has, so this is said loudly.
+    /// Applies the hub's watermark: deletes what the hub holds or, when the
+    /// hub holds seqs this outbox never assigned, renumbers what waits here
+    /// to follow them (see `Outbox::resume_after`), and says so loudly.
+    async fn resume(&self, watermark: Seq) -> Result<(), UplinkError> {
+        match self.outbox.resume_after(watermark).await? {
+            Resumed::Acked { deleted } => {
+                self.metrics.uplink_acked.inc_by(deleted);
+            }
+            Resumed::Renumbered {
+                renumbered,
+                last_before,
+                last,
+            } => {
+                warn!(
+                    hub_watermark = watermark.0,
+                    outbox_last = last_before.0,
+                    renumbered,
+                    new_last = last.0,
+                    "The hub holds seqs this outbox never assigned (a new, wiped or restored \
+                     data directory under this agent id): the waiting events were renumbered to \
+                     follow the hub's, so none is lost. Events delivered before a restored \
+                     backup was taken may arrive twice."
+                );
+                self.metrics.outbox_renumbered.inc_by(renumbered);
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes what the hub acknowledged.
     async fn acked(
         &self,
         upto: Seq,
         committed: &tokio::sync::watch::Receiver<Seq>,
     ) -> Result<(), UplinkError> {
-        let last = *committed.borrow();
-        if upto > last {
-            warn!(
-                hub_watermark = upto.0,
-                outbox_last = last.0,
-                "The hub holds seqs this outbox never assigned; was the data directory replaced?"
-            );
-        }
-        let upto = upto.min(last);
+        // The session only acknowledges seqs it sent, which were committed.
+        let upto = upto.min(*committed.borrow());
         if upto.0 > 0 {
             let deleted = self.outbox.ack(upto).await?;
             self.metrics.uplink_acked.inc_by(deleted);

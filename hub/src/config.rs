@@ -131,12 +131,22 @@ pub fn load(
         path: path.to_owned(),
         message: e.to_string(),
     })?;
+    parse(&text, env, path)
+}
+
+/// Parses and validates a config file's text (read from `path`, which errors
+/// name), with environment overrides from `env`.
+pub fn parse(
+    text: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+    path: &Path,
+) -> Result<HubConfig, ConfigError> {
     let cfg: HubConfig =
-        outpost_protocols::settings::parse(&text, env, &["hub", "store", "api", "observability"])
+        outpost_protocols::settings::parse(text, env, &["hub", "store", "api", "observability"])
             .map_err(|message| ConfigError::Parse {
-            path: path.to_owned(),
-            message,
-        })?;
+                path: path.to_owned(),
+                message,
+            })?;
     let invalid = |key: &str, message: String| ConfigError::Invalid {
         path: path.to_owned(),
         key: key.to_owned(),

@@ -90,13 +90,20 @@ fn body(i: usize, ts: i64) -> Result<EventBody> {
 /// Appends `n` events to the outbox in `data_dir` through the library, in
 /// transactions of 1,000, before any agent runs on it.
 fn fill_outbox(data_dir: &Path, n: usize) -> Result<()> {
+    fill_outbox_with(data_dir, 0..n)
+}
+
+/// Appends the events `bodies` numbers (see [`body`]) to the outbox in
+/// `data_dir`.
+fn fill_outbox_with(data_dir: &Path, bodies: std::ops::Range<usize>) -> Result<()> {
+    let n = bodies.end;
     std::fs::create_dir_all(data_dir)?;
     let mut outbox = Outbox::open(
         &OutboxConfig::new(data_dir.join("outbox.db")),
         AgentId::parse(AGENT)?,
     )?;
     let ts = now_ns();
-    for start in (0..n).step_by(1000) {
+    for start in bodies.step_by(1000) {
         let bodies = (start..n.min(start + 1000))
             .map(|i| body(i, ts))
             .collect::<Result<Vec<_>>>()?;
@@ -220,6 +227,66 @@ fn a_backlog_of_100000_events_drains_to_the_hub_exactly_once() -> Result<()> {
     assert_eq!(fleet[0]["agent_id"], AGENT);
     assert_eq!(fleet[0]["watermark"], N);
     Ok(())
+}
+
+#[test]
+fn a_replaced_data_directory_is_renumbered_after_the_hub_and_loses_nothing() -> Result<()> {
+    // A gateway delivers 300 events, then is replaced (or its data directory
+    // wiped) under the same agent id; the new one stores 200 events, seqs
+    // 1..=200 again, before it first reaches the hub.
+    let s = Setup::new(300)?;
+    let mut agent = Agent::start(s.path(), &s.agent_config(s.hub.addr, ""))?;
+    assert_drained_exactly(&s.hub, &agent.config, 300)?;
+    assert!(agent.proc.term(DEADLINE)?.success());
+    std::fs::remove_dir_all(s.path().join("data"))?;
+    fill_outbox_with(&s.path().join("data"), 1000..1200)?;
+    let agent = Agent::start_file(&agent.config)?;
+    // All 500 at the hub, each once, the new ones as 301..=500 in order.
+    assert_drained_exactly(&s.hub, &agent.config, 500)?;
+    let tail = events_tail(&s.hub, 200)?;
+    let ns: Vec<(u64, u64)> = tail
+        .iter()
+        .map(|e| {
+            let seq = e["seq"].as_u64().context("seq")?;
+            let n = e["value"]["n"]
+                .as_u64()
+                .with_context(|| format!("n in {e}"))?;
+            Ok((seq, n))
+        })
+        .collect::<Result<_>>()?;
+    let expected: Vec<(u64, u64)> = (301..=500).zip(1000..1200).collect();
+    assert_eq!(ns, expected);
+    let log = std::fs::read_to_string(s.path().join("agent.log"))?;
+    let line = log
+        .lines()
+        .find(|l| l.contains("renumbered"))
+        .context("no renumbering line in the agent's log")?;
+    println!("agent: {line}");
+    assert!(line.contains("renumbered=200"), "{line}");
+    Ok(())
+}
+
+/// The hub's last `limit` events of [`AGENT`] (`events tail --json`), in
+/// seq order.
+fn events_tail(hub: &Hub, limit: usize) -> Result<Vec<serde_json::Value>> {
+    let (code, out, err) = outpost_tests::run_cli(
+        &outpost_tests::bin("outpost-hub")?,
+        &[
+            "events",
+            "tail",
+            "--config",
+            hub.config.to_str().context("path")?,
+            "--agent",
+            AGENT,
+            "--limit",
+            &limit.to_string(),
+            "--json",
+        ],
+    )?;
+    ensure!(code == 0, "events tail exited {code}: {err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("events tail line {l:?}")))
+        .collect()
 }
 
 #[test]

@@ -479,8 +479,18 @@ pub fn load(
         path: path.to_owned(),
         message: e.to_string(),
     })?;
+    parse(&text, env, path)
+}
+
+/// Parses a config file's text (read from `path`, which errors name) and
+/// applies `OUTPOST_SECTION__KEY` overrides from `env`.
+pub fn parse(
+    text: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+    path: &Path,
+) -> Result<RawConfig, ConfigError> {
     outpost_protocols::settings::parse(
-        &text,
+        text,
         env,
         &[
             "agent",

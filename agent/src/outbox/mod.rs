@@ -81,7 +81,7 @@ mod tests;
 
 pub use error::OutboxError;
 pub use store::{
-    AppendOutcome, Eviction, Outbox, OutboxConfig, OutboxReader, OutboxStats, Qos2Op, Synchronous,
-    ROW_OVERHEAD, SCHEMA_VERSION,
+    AppendOutcome, Eviction, Outbox, OutboxConfig, OutboxReader, OutboxStats, Qos2Op, Resumed,
+    Synchronous, ROW_OVERHEAD, SCHEMA_VERSION,
 };
 pub use writer::{spawn_writer, OutboxHandle, PendingAppend, WriterOptions};

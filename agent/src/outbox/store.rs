@@ -179,6 +179,27 @@ pub struct OutboxStats {
     pub synchronous: Synchronous,
 }
 
+/// What [`Outbox::resume_after`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resumed {
+    /// The watermark was a seq of this outbox: this many events up to it
+    /// were deleted.
+    Acked {
+        /// Events deleted.
+        deleted: u64,
+    },
+    /// The watermark was beyond every seq this outbox assigned: the waiting
+    /// events were renumbered to follow it.
+    Renumbered {
+        /// Events renumbered.
+        renumbered: u64,
+        /// The last seq assigned before.
+        last_before: Seq,
+        /// The last seq assigned now.
+        last: Seq,
+    },
+}
+
 /// The counters in the `meta` table, read and written inside each write
 /// transaction so that they always agree with the rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -468,6 +489,53 @@ impl Outbox {
             "Outbox acknowledged events."
         );
         Ok(n)
+    }
+
+    /// Applies the watermark a hub sent in its `Welcome`: the hub durably
+    /// holds every seq of this agent up to `watermark`.
+    ///
+    /// Normally `watermark` is a seq this outbox assigned, and this is
+    /// [`ack`](Self::ack). A watermark beyond every seq it ever assigned means
+    /// the hub's history is not this outbox's: a gateway replaced under the
+    /// same agent id, a data directory wiped or restored from a backup. Then
+    /// the events still waiting here are not the ones the hub holds under
+    /// their seqs, and acknowledging them would delete them unsent, while new
+    /// events would reuse seqs the hub drops as duplicates. So the waiting
+    /// events are renumbered, in order, to start right after `watermark`,
+    /// and numbering continues from there: nothing is lost; events delivered
+    /// before a backup was taken may reach the hub twice.
+    pub fn resume_after(&mut self, watermark: Seq) -> Result<Resumed, OutboxError> {
+        let path = self.cfg.path.as_path();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .at(path)?;
+        let mut meta = Meta::load(&tx, path)?;
+        if watermark.0 < meta.next_seq {
+            drop(tx);
+            let deleted = self.ack(watermark)?;
+            return Ok(Resumed::Acked { deleted });
+        }
+        let first: Option<u64> = tx
+            .query_row("SELECT min(seq) FROM events", [], |r| r.get(0))
+            .at(path)?;
+        // New seqs start at watermark + 1; every old one is at most
+        // next_seq - 1 <= watermark, so no renumbered row meets an old one.
+        let shift = watermark.0 + 1 - first.unwrap_or(meta.next_seq);
+        let renumbered = tx
+            .prepare_cached("UPDATE events SET seq = seq + ?1")
+            .and_then(|mut s| s.execute([shift]))
+            .at(path)? as u64;
+        let from = Seq(meta.next_seq - 1);
+        meta.next_seq += shift;
+        meta.acked_seq = watermark.0;
+        meta.store(&tx, path)?;
+        tx.commit().at(path)?;
+        Ok(Resumed::Renumbered {
+            renumbered,
+            last_before: from,
+            last: Seq(meta.next_seq - 1),
+        })
     }
 
     /// Up to `max_events` events with a seq greater than `after`, in seq order.

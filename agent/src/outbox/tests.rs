@@ -163,6 +163,30 @@ impl Model {
         Ok(n)
     }
 
+    /// A hub's watermark: an ack, or beyond every assigned seq, the waiting
+    /// events renumbered to follow it.
+    fn resume_after(&mut self, watermark: u64) -> Resumed {
+        if watermark < self.next_seq {
+            return Resumed::Acked {
+                deleted: self.ack(watermark).expect("in range"),
+            };
+        }
+        let last_before = self.next_seq - 1;
+        let mut next = watermark + 1;
+        for (seq, _) in &mut self.events {
+            *seq = next;
+            next += 1;
+        }
+        // Numbering goes on after the renumbered events (or the watermark).
+        self.next_seq = next;
+        self.acked = watermark;
+        Resumed::Renumbered {
+            renumbered: self.events.len() as u64,
+            last_before: Seq(last_before),
+            last: Seq(self.next_seq - 1),
+        }
+    }
+
     fn after(&self, after: u64, max: usize) -> Vec<(Seq, EventBody)> {
         self.events
             .iter()
@@ -225,6 +249,9 @@ enum Action {
     /// Acknowledge past the last assigned seq, which must fail.
     AckBeyondEnd(u8),
     EvictExpired(i64),
+    /// A hub's `Welcome` watermark, anywhere from 0 to past the last
+    /// assigned seq (a replaced outbox).
+    ResumeAfter(Index, u8),
     Reopen,
     Qos2Received(u16),
     Qos2Released(u16),
@@ -241,6 +268,7 @@ fn action() -> impl Strategy<Value = Action> {
         3 => any::<Index>().prop_map(Action::Ack),
         1 => any::<u8>().prop_map(Action::AckBeyondEnd),
         1 => (0i64..2_500).prop_map(Action::EvictExpired),
+        1 => (any::<Index>(), any::<u8>()).prop_map(|(i, extra)| Action::ResumeAfter(i, extra)),
         1 => Just(Action::Reopen),
         1 => (1u16..6).prop_map(Action::Qos2Received),
         1 => (1u16..6).prop_map(Action::Qos2Released),
@@ -301,6 +329,18 @@ fn run_model(eviction: Eviction, actions: Vec<Action>) -> Result<(), TestCaseErr
                 prop_assert_eq!(
                     ob.evict_expired(Timestamp(now)).map_err(fail)?,
                     model.expire(now)
+                );
+            }
+            Action::ResumeAfter(i, extra) => {
+                // Half the time a seq of this outbox, else one past its end.
+                let watermark = if extra % 2 == 0 {
+                    model.pick_seq(&i)
+                } else {
+                    model.next_seq - 1 + u64::from(extra)
+                };
+                prop_assert_eq!(
+                    ob.resume_after(Seq(watermark)).map_err(fail)?,
+                    model.resume_after(watermark)
                 );
             }
             Action::Reopen => {

@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{AppendOutcome, Outbox, OutboxError, OutboxStats, Qos2Op};
+use super::{AppendOutcome, Outbox, OutboxError, OutboxStats, Qos2Op, Resumed};
 
 /// Requests that may wait for the writer before `append` itself waits: the
 /// backpressure that keeps a fast source from filling memory.
@@ -69,6 +69,10 @@ enum Request {
     Ack {
         upto: Seq,
         reply: Reply<u64>,
+    },
+    Resume {
+        watermark: Seq,
+        reply: Reply<Resumed>,
     },
     ReadBatch {
         after: Seq,
@@ -146,6 +150,14 @@ impl OutboxHandle {
     /// [`Outbox::ack`].
     pub async fn ack(&self, upto: Seq) -> Result<u64, OutboxError> {
         self.call(|reply| Request::Ack { upto, reply }).await
+    }
+
+    /// Applies a hub's `Welcome` watermark ([`Outbox::resume_after`]); after
+    /// a renumbering, [`committed`](Self::committed) moves to the new last
+    /// seq.
+    pub async fn resume_after(&self, watermark: Seq) -> Result<Resumed, OutboxError> {
+        self.call(|reply| Request::Resume { watermark, reply })
+            .await
     }
 
     /// Up to `max_events` events after `after`, read on the writer's
@@ -286,6 +298,13 @@ fn run(
             }
             Request::Ack { upto, reply } => {
                 let _ = reply.send(outbox.ack(upto));
+            }
+            Request::Resume { watermark, reply } => {
+                let result = outbox.resume_after(watermark);
+                if let Ok(Resumed::Renumbered { last, .. }) = result {
+                    committed.send_replace(last);
+                }
+                let _ = reply.send(result);
             }
             Request::ReadBatch {
                 after,
