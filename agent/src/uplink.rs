@@ -10,7 +10,9 @@
 //! Architecture invariant: the outbox deletes a row only after the hub
 //! acknowledged its seq, which the hub does only after its store committed it.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -57,6 +59,12 @@ pub enum UplinkError {
 
 /// Events read from the outbox per request.
 const READ_CHUNK: usize = 4096;
+
+/// While events are in flight, the session is refilled only once the window
+/// has this much room: one large read instead of one per acknowledged
+/// batch, which during a drain kept the uplink in lock step with the
+/// outbox thread.
+const REFILL_AT: usize = 2048;
 
 /// How often the backlog is reported to the hub.
 const BACKLOG_EVERY: Duration = Duration::from_secs(5);
@@ -224,6 +232,11 @@ impl Uplink {
         let mut backlog = tokio::time::interval(BACKLOG_EVERY);
         let mut stopping = false;
         let mut stop_by = tokio::time::Instant::now();
+        // The highest seq the hub acknowledged, the highest whose delete was
+        // asked for, and that delete while it runs.
+        let mut ack_wanted = Seq(0);
+        let mut ack_asked = Seq(0);
+        let mut ack_job: Option<AckJob<'_>> = None;
         loop {
             // Outputs first, in the session's documented order.
             out.clear();
@@ -240,9 +253,16 @@ impl Uplink {
                         info!(version, watermark = watermark.0, "Connected to the hub.");
                         self.resume(watermark).await?;
                     }
-                    AgentEvent::Acked { upto } => self.acked(upto, &committed).await?,
+                    AgentEvent::Acked { upto } => {
+                        // The session only acknowledges seqs it sent, which
+                        // were committed.
+                        ack_wanted = ack_wanted.max(upto.min(*committed.borrow()));
+                    }
                     AgentEvent::Closed { error } => {
                         let _ = send.finish();
+                        if let Some(job) = ack_job.take() {
+                            self.ack_done(job.await)?;
+                        }
                         return match error {
                             None => Ok(if stopping {
                                 Ended::Shutdown
@@ -262,8 +282,19 @@ impl Uplink {
                 session.goodbye();
                 continue;
             }
+            // Delete what the hub acknowledged, one request at a time and
+            // without waiting for it: acks that arrive meanwhile are merged
+            // into the next. A delete lost in a crash only means a resend,
+            // which the hub drops.
+            if ack_job.is_none() && ack_wanted > ack_asked {
+                ack_asked = ack_wanted;
+                ack_job = Some(Box::pin(self.outbox.ack(ack_asked)));
+            }
             // Feed the session from the outbox while it has room.
-            if session.is_streaming() && session.wants() > 0 && last > session.read_after() {
+            let can_feed = session.is_streaming()
+                && session.wants() > 0
+                && (session.unacked() == 0 || session.wants() >= REFILL_AT);
+            if can_feed && last > session.read_after() {
                 let n = session.wants().min(READ_CHUNK);
                 let events = self.outbox.read_batch(session.read_after(), n).await?;
                 if !events.is_empty() {
@@ -278,8 +309,11 @@ impl Uplink {
                 .poll_timeout()
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
-            let can_feed = session.is_streaming() && session.wants() > 0;
             tokio::select! {
+                done = async { ack_job.as_mut().expect("guarded").await }, if ack_job.is_some() => {
+                    ack_job = None;
+                    self.ack_done(done)?;
+                }
                 () = shutdown.cancelled(), if !stopping => {
                     // Give in-flight batches a moment to be acknowledged, so the
                     // next start does not resend them; the hub dedups anyway.
@@ -340,21 +374,15 @@ impl Uplink {
         Ok(())
     }
 
-    /// Deletes what the hub acknowledged.
-    async fn acked(
-        &self,
-        upto: Seq,
-        committed: &tokio::sync::watch::Receiver<Seq>,
-    ) -> Result<(), UplinkError> {
-        // The session only acknowledges seqs it sent, which were committed.
-        let upto = upto.min(*committed.borrow());
-        if upto.0 > 0 {
-            let deleted = self.outbox.ack(upto).await?;
-            self.metrics.uplink_acked.inc_by(deleted);
-        }
+    /// Counts what a finished delete removed.
+    fn ack_done(&self, result: Result<u64, OutboxError>) -> Result<(), UplinkError> {
+        self.metrics.uplink_acked.inc_by(result?);
         Ok(())
     }
 }
+
+/// A delete of acknowledged events, running in the outbox's writer.
+type AckJob<'a> = Pin<Box<dyn Future<Output = Result<u64, OutboxError>> + Send + 'a>>;
 
 /// Up to ±25 % around `d`, so a fleet that lost its hub does not reconnect in
 /// lockstep. The clock's nanoseconds are random enough for spreading load.
