@@ -1,6 +1,6 @@
 //! Starting the measured binaries from an explicit folder.
 //!
-//! `outpost_tests::{Agent, Devsim}::start` find the binaries through
+//! `outpost_tests::{Agent, Devsim, Hub}::start` find the binaries through
 //! `OUTPOST_BIN_DIR`, which this harness cannot set for itself (setting an
 //! environment variable in a running process is banned in clippy.toml). Such
 //! variables should not reach the agent either: it reads `OUTPOST_*`
@@ -8,8 +8,8 @@
 //! `protocols::settings` parser turned an inherited `OUTPOST_BIN_DIR` into the
 //! unknown key `bin_dir` and refused to start. So the harness spawns the
 //! binaries itself, with every `OUTPOST_*` variable removed (the measured agent
-//! runs on its config file alone), and wraps them in the helpers' types so
-//! that they are killed on drop all the same.
+//! and hub run on their config files alone), and wraps them in the helpers'
+//! types so that they are killed on drop all the same.
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
@@ -20,13 +20,26 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use outpost_agent::outbox::OutboxReader;
 use outpost_protocols::AgentId;
-use outpost_tests::{Agent, Devsim, Proc};
+use outpost_tests::{free_udp_port, Agent, Devsim, Hub, Proc};
 
 /// The binaries under test.
 #[derive(Debug, Clone)]
 pub(crate) struct Bins {
     pub(crate) agent: PathBuf,
     pub(crate) devsim: PathBuf,
+    /// `outpost-hub`, if `dir` has one (an agent-only build, such as the
+    /// static musl one, has not; the caller may point this elsewhere).
+    pub(crate) hub: Option<PathBuf>,
+}
+
+/// A fleet PKI made by the real `outpost-hub ca` verbs (see [`Bins::pki`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Pki {
+    /// The CA's folder (`ca.pem`, `ca.key`).
+    pub(crate) ca_dir: PathBuf,
+    /// The hub's folder (`ca.pem`, `hub.pem`, `hub.key`), for 127.0.0.1 and
+    /// localhost.
+    pub(crate) hub_dir: PathBuf,
 }
 
 impl Bins {
@@ -45,7 +58,139 @@ impl Bins {
         Ok(Bins {
             agent: find("outpost-agent")?,
             devsim: find("outpost-devsim")?,
+            hub: Some(dir.join("outpost-hub")).filter(|p| p.exists()),
         })
+    }
+
+    /// The hub binary, or an error with a hint.
+    pub(crate) fn hub(&self) -> Result<&Path> {
+        self.hub.as_deref().with_context(|| {
+            format!(
+                "outpost-hub not found beside {}: run `cargo build --release --bins` first",
+                self.agent.display()
+            )
+        })
+    }
+
+    /// Runs an `outpost-hub` verb and fails unless it exits 0.
+    fn hub_verb(&self, args: &[&str]) -> Result<()> {
+        let out = clean_env(Command::new(self.hub()?))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("run outpost-hub {args:?}"))?;
+        if !out.status.success() {
+            bail!(
+                "outpost-hub {args:?} exited with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// Makes a fleet CA in `dir/ca` and the hub's certificate in `dir/hub`
+    /// with `outpost-hub ca init` and `ca issue --hub`.
+    pub(crate) fn pki(&self, dir: &Path) -> Result<Pki> {
+        let pki = Pki {
+            ca_dir: dir.join("ca"),
+            hub_dir: dir.join("hub"),
+        };
+        let ca = utf8(&pki.ca_dir)?;
+        self.hub_verb(&["ca", "init", "--dir", ca])?;
+        self.hub_verb(&[
+            "ca",
+            "issue",
+            "--dir",
+            ca,
+            "--hub",
+            "127.0.0.1",
+            "--hub",
+            "localhost",
+            "--out",
+            utf8(&pki.hub_dir)?,
+        ])?;
+        Ok(pki)
+    }
+
+    /// Issues agent `id`'s certificate with `outpost-hub ca issue --agent`
+    /// into `dir/agent-<id>` and returns that folder (`ca.pem`, `agent.pem`,
+    /// `agent.key`).
+    pub(crate) fn issue_agent(&self, pki: &Pki, id: &str) -> Result<PathBuf> {
+        let parent = pki.ca_dir.parent().unwrap_or(Path::new("."));
+        let out = parent.join(format!("agent-{id}"));
+        self.hub_verb(&[
+            "ca",
+            "issue",
+            "--dir",
+            utf8(&pki.ca_dir)?,
+            "--agent",
+            id,
+            "--out",
+            utf8(&out)?,
+        ])?;
+        Ok(out)
+    }
+
+    /// Writes `dir/hub.toml` (store in `dir/hub-data`, see [`hub_db`]; the
+    /// certificates in `creds`, as [`Bins::pki`] makes them; a free UDP port of
+    /// 127.0.0.1; everything else the defaults, `synchronous = "full"` among
+    /// them) and runs the hub on it until it says it listens. Its log goes
+    /// to `dir/hub.log`.
+    pub(crate) fn start_hub(&self, dir: &Path, creds: &Path) -> Result<Hub> {
+        std::fs::create_dir_all(dir)?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
+        let config = dir.join("hub.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                creds.join("ca.pem").display(),
+                creds.join("hub.pem").display(),
+                creds.join("hub.key").display(),
+            ),
+        )?;
+        let log_path = dir.join("hub.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let listening = || {
+            std::fs::read_to_string(&log_path)
+                .map(|s| s.matches("Hub listening").count())
+                .unwrap_or(0)
+        };
+        let before = listening();
+        let child = clean_env(Command::new(self.hub()?))
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("start outpost-hub")?;
+        let mut hub = Hub {
+            proc: Proc {
+                child,
+                name: "outpost-hub".into(),
+            },
+            config,
+            addr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while listening() == before {
+            if !hub.proc.is_running() {
+                bail!("outpost-hub exited on start:\n{}", hub.log());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "outpost-hub did not listen within 30 s (log: {})",
+                    log_path.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(hub)
     }
 
     /// Writes `config` to `dir/agent.toml` and runs the agent on it; its log
@@ -103,6 +248,16 @@ impl Bins {
             .parse()?;
         Ok(Devsim { proc, addr })
     }
+}
+
+/// The store file of a hub started by [`Bins::start_hub`].
+pub(crate) fn hub_db(hub: &Hub) -> PathBuf {
+    hub.config.with_file_name("hub-data").join("hub.db")
+}
+
+fn utf8(p: &Path) -> Result<&str> {
+    p.to_str()
+        .with_context(|| format!("not UTF-8: {}", p.display()))
 }
 
 /// Removes every `OUTPOST_*` variable from a child's environment.

@@ -7,10 +7,11 @@
 //! cargo run --profile bench -p outpost-tests --bin outpost-bench [-- --quick]
 //! ```
 //!
-//! It starts its own peers (Mosquitto, `outpost-devsim`, `outpost-agent`) on
-//! free ports in a temporary directory. Progress goes to stderr, the report to
-//! stdout. Exit status: 0 when every measurement was taken (targets missed or
-//! not: it is a report), 1 when one could not be, 2 on bad arguments.
+//! It starts its own peers (Mosquitto, `outpost-devsim`, `outpost-agent`,
+//! `outpost-hub`) on free ports in a temporary directory. Progress goes to
+//! stderr, the report to stdout. Exit status: 0 when every measurement was
+//! taken (targets missed or not: it is a report), 1 when one could not be, 2 on
+//! bad arguments.
 //!
 //! Timing is never asserted in unit tests; this binary is where it is measured.
 
@@ -33,6 +34,8 @@ mod procfs;
 mod procs;
 #[path = "../bench/report.rs"]
 mod report;
+#[path = "../bench/uplink.rs"]
+mod uplink;
 #[path = "../bench/workload.rs"]
 mod workload;
 
@@ -51,8 +54,9 @@ struct Cli {
     /// Smaller sizes, for a CI smoke run (the whole run takes under a minute).
     #[arg(long)]
     quick: bool,
-    /// Where `outpost-agent` and `outpost-devsim` are. Default: $OUTPOST_BIN_DIR,
-    /// else target/release if it holds them, else target/debug.
+    /// Where `outpost-agent`, `outpost-devsim` and `outpost-hub` are. Default:
+    /// $OUTPOST_BIN_DIR, else target/release if it holds them, else
+    /// target/debug. Without a hub there, target/release's is used.
     #[arg(long, value_name = "DIR")]
     bin_dir: Option<PathBuf>,
     /// Where the temporary directory goes (its file system is what the
@@ -69,6 +73,8 @@ struct Plan {
     append: append::Params,
     mqtt: mqtt::Params,
     modbus: modbus::Params,
+    uplink: uplink::Params,
+    fleet: uplink::FleetParams,
 }
 
 impl Plan {
@@ -91,6 +97,15 @@ impl Plan {
                     backlog: 100_000,
                     settle: Duration::from_secs(5),
                 },
+                uplink: uplink::Params {
+                    events: 100_000,
+                    reps: 1,
+                },
+                fleet: uplink::FleetParams {
+                    agents: 200,
+                    per_agent: 100,
+                    dial_spread: Duration::from_secs(1),
+                },
             }
         } else {
             Plan {
@@ -109,6 +124,15 @@ impl Plan {
                     window: Duration::from_secs(20),
                     backlog: 1_000_000,
                     settle: Duration::from_secs(10),
+                },
+                uplink: uplink::Params {
+                    events: 1_000_000,
+                    reps: 3,
+                },
+                fleet: uplink::FleetParams {
+                    agents: 1_000,
+                    per_agent: 1_000,
+                    dial_spread: Duration::from_secs(1),
                 },
             }
         }
@@ -168,8 +192,24 @@ fn main() -> ExitCode {
 fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
     let started = Instant::now();
     let plan = Plan::new(cli.quick);
-    let bins = procs::Bins::in_dir(bin_dir)?;
+    let mut bins = procs::Bins::in_dir(bin_dir)?;
+    if bins.hub.is_none() {
+        // An agent-only build (the static musl one): the hub rows use the
+        // workspace's release hub.
+        let release = target_dir().join("release").join("outpost-hub");
+        if release.exists() {
+            eprintln!(
+                "outpost-bench: no outpost-hub in {}, using {}",
+                bin_dir.display(),
+                release.display()
+            );
+            bins.hub = Some(release.canonicalize().unwrap_or(release));
+        }
+    }
     let agent_version = report::command_line(&bins.agent.display().to_string(), &["--version"]);
+    let hub_version = bins.hub.as_ref().map_or("?".into(), |h| {
+        report::command_line(&h.display().to_string(), &["--version"])
+    });
     let mosquitto_version = report::command_line("/usr/sbin/mosquitto", &["-h"]);
     let debug_build = bin_dir.ends_with("debug");
 
@@ -229,6 +269,15 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
     measure("Agent RSS with a backlog", &mut || {
         modbus::backlog(&bins, &dir, plan.modbus)
     });
+    let mut single_drain = None;
+    measure("Uplink drain agent → hub", &mut || {
+        let (r, rate) = uplink::drain(&bins, &dir, plan.uplink)?;
+        single_drain = Some(rate);
+        Ok(r)
+    });
+    measure("Hub ingest from many agents", &mut || {
+        uplink::fleet(&bins, &dir, plan.fleet, single_drain)
+    });
     drop(rt);
 
     let complete = rows.iter().all(|r| r.verdict != Verdict::Error);
@@ -253,6 +302,12 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
         } else {
             ""
         }
+    ));
+    out.push_str(&format!(
+        "- Hub: `{}` ({hub_version})\n",
+        bins.hub
+            .as_ref()
+            .map_or("not found".into(), |h| h.display().to_string())
     ));
     out.push_str(&format!("- Broker: {mosquitto_version}\n"));
     out.push_str(&format!(
@@ -311,4 +366,30 @@ How each row is measured (medians of the runs; every run's numbers are on stderr
 - Backlog RSS: the outbox is filled with `Outbox::append` (as agent `local`) before the
   agent starts; then the agent polls the same 10,000 tags (no uplink, so the backlog
   stays); VmRSS and VmHWM from /proc/PID/status. MB = 10^6 bytes.
+- Uplink drain: the outbox is filled with N of the MQTT rows' bodies (64-byte JSON
+  payloads) before the agent starts; a fresh `outpost-hub` (store `synchronous = full`,
+  its default) and a fresh copy of the outbox per run; certificates from
+  `outpost-hub ca init` / `ca issue`; the agent's `[uplink]` has its defaults (outbox
+  FULL, 1024-event batches, the hub's 8192-event window). Clock from the agent process's
+  start to the agent's watermark in the hub's `hub.db` reaching N (read-only rusqlite,
+  polled every 2 ms; the hub commits it with the events), then the rows are counted.
+  CPU = utime+stime of each process over the drain. Baseline = raw quinn in the bench
+  process: a server with the hub's own `server_config` (mTLS, transport settings) and
+  socket buffers, a client with the agent's TLS and transport settings, each on a
+  runtime of its own; the client writes exactly the `Batch` frames the agent sends for
+  the same events (read back from the same outbox, 1024 to a frame, `Frame::encode`) on
+  one bidirectional stream and finishes it; the server reads to the end and answers with
+  the byte count; clock from the connect to the client having read that reply. Events/s
+  = N / that time. Baseline and ours alternate. The streaming row is the rate
+  from the first events durable at the hub to the N-th.
+- Hub ingest: `fleet_sim::run_fleet` in the bench process (4 shared client sockets,
+  2 tokio threads, the same cores as the hub) against a release hub started by the
+  harness: each simulated agent has its own certificate and QUIC connection, sends its
+  events through the real `AgentSession`, waits for the last ack and says goodbye;
+  dials are spread over 1 s; an agent whose connection fails retries with the uplink's
+  backoff. Events/s = all events / (first dial → last goodbye), so the dial spread
+  and the handshakes are inside it; afterwards the hub's `agents` table must show every
+  agent at its last seq and `events` every row. Ratio = that / the single-agent drain
+  above. Memory per agent = (the hub's VmHWM after the run − its VmRSS once it
+  listened, before the first dial) / agents; kB = 10^3 bytes.
 ";
