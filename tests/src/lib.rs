@@ -404,19 +404,28 @@ pub struct Pki {
     /// The hub's folder (`ca.pem`, `hub.pem`, `hub.key`).
     pub hub_dir: PathBuf,
     root: PathBuf,
+    /// The `outpost-hub` whose `ca` verbs make the certificates.
+    hub: PathBuf,
 }
 
 impl Pki {
     /// Runs `ca init` and `ca issue --hub` under `dir`.
     pub fn new(dir: &Path) -> Result<Pki> {
+        Pki::with_hub(dir, &bin("outpost-hub")?)
+    }
+
+    /// [`Pki::new`] with the `ca` verbs of the `outpost-hub` at `hub` (the
+    /// benchmark's release build, say).
+    pub fn with_hub(dir: &Path, hub: &Path) -> Result<Pki> {
         let pki = Pki {
             ca_dir: dir.join("ca"),
             hub_dir: dir.join("hub"),
             root: dir.to_owned(),
+            hub: hub.to_owned(),
         };
         let ca = path_str(&pki.ca_dir)?;
-        hub_verb(&["ca", "init", "--dir", ca])?;
-        hub_verb(&[
+        pki.ca_verb(&["ca", "init", "--dir", ca])?;
+        pki.ca_verb(&[
             "ca",
             "issue",
             "--dir",
@@ -436,7 +445,7 @@ impl Pki {
     /// `agent.key`).
     pub fn issue_agent(&self, id: &str) -> Result<PathBuf> {
         let out = self.root.join(format!("agent-{id}"));
-        hub_verb(&[
+        self.ca_verb(&[
             "ca",
             "issue",
             "--dir",
@@ -448,6 +457,10 @@ impl Pki {
         ])?;
         Ok(out)
     }
+
+    fn ca_verb(&self, args: &[&str]) -> Result<String> {
+        run_verb(&self.hub, args)
+    }
 }
 
 fn path_str(p: &Path) -> Result<&str> {
@@ -457,9 +470,14 @@ fn path_str(p: &Path) -> Result<&str> {
 
 /// Runs an `outpost-hub` verb and fails unless it exits 0; its stdout.
 fn hub_verb(args: &[&str]) -> Result<String> {
-    let (code, out, err) = run_cli(&bin("outpost-hub")?, args)?;
+    run_verb(&bin("outpost-hub")?, args)
+}
+
+/// Runs `exe` with `args` and fails unless it exits 0; its stdout.
+fn run_verb(exe: &Path, args: &[&str]) -> Result<String> {
+    let (code, out, err) = run_cli(exe, args)?;
     if code != 0 {
-        bail!("outpost-hub {args:?} exited {code}: {err}");
+        bail!("{} {args:?} exited {code}: {err}", exe.display());
     }
     Ok(out)
 }
@@ -594,6 +612,32 @@ impl Hub {
             .events_stats()?
             .into_iter()
             .find(|s| s.agent_id == agent_id))
+    }
+
+    /// `outpost-hub events tail --agent ID [--limit N] --json`: the agent's
+    /// stored events (the last `limit`), in seq order, one JSON object each.
+    pub fn events_tail(
+        &self,
+        agent_id: &str,
+        limit: Option<usize>,
+    ) -> Result<Vec<serde_json::Value>> {
+        let limit = limit.map(|n| n.to_string());
+        let mut args = vec![
+            "events",
+            "tail",
+            "--config",
+            path_str(&self.config)?,
+            "--agent",
+            agent_id,
+            "--json",
+        ];
+        if let Some(n) = &limit {
+            args.extend(["--limit", n.as_str()]);
+        }
+        hub_verb(&args)?
+            .lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("events tail line {l:?}")))
+            .collect()
     }
 
     /// `outpost-hub fleet list --json`: an array of agents.

@@ -18,7 +18,7 @@ use outpost_protocols::wire::{
 };
 use outpost_protocols::Seq;
 use outpost_tests::fleet_sim::{client_config, events, run_agent, Load};
-use outpost_tests::{run_cli, wait_until, Hub, HubEventStats, Pki};
+use outpost_tests::{wait_until, Hub, HubEventStats, Pki};
 
 /// How the hub ended a raw connection.
 #[derive(Debug, PartialEq, Eq)]
@@ -336,7 +336,7 @@ fn an_agent_cannot_claim_another_agents_id() -> Result<()> {
     let b = pki.issue_agent("b")?;
     deliver(hub.addr, &b, Load::new(2, 3)?)?;
     let b_before = hub.agent_stats("b")?.context("b stored nothing")?;
-    let b_tail = tail(&hub, "b")?;
+    let b_tail = hub.events_tail("b", None)?;
     wait_until(Duration::from_secs(30), "b disconnected", || {
         fleet_entry(&hub, "b").is_ok_and(|e| e["connected"] == false)
     })?;
@@ -371,7 +371,7 @@ fn an_agent_cannot_claim_another_agents_id() -> Result<()> {
         })
     );
     assert_eq!(hub.agent_stats("b")?, Some(b_before));
-    assert_eq!(tail(&hub, "b")?, b_tail);
+    assert_eq!(hub.events_tail("b", None)?, b_tail);
     assert_eq!(fleet_entry(&hub, "b")?, fleet_b_before);
     let fleet_a = fleet_entry(&hub, "a")?;
     println!("fleet entry of a: {fleet_a}");
@@ -386,25 +386,6 @@ fn an_agent_cannot_claim_another_agents_id() -> Result<()> {
         bail!("a's session was logged as b's: {b_lines_after:?}");
     }
     Ok(())
-}
-
-/// `outpost-hub events tail --agent ID --json`: every stored event of one
-/// agent.
-fn tail(hub: &Hub, agent: &str) -> Result<String> {
-    let (code, out, err) = run_cli(
-        &outpost_tests::bin("outpost-hub")?,
-        &[
-            "events",
-            "tail",
-            "--config",
-            hub.config.to_str().context("path")?,
-            "--agent",
-            agent,
-            "--json",
-        ],
-    )?;
-    ensure!(code == 0, "events tail exited {code}: {err}");
-    Ok(out)
 }
 
 fn fleet_entry(hub: &Hub, id: &str) -> Result<serde_json::Value> {

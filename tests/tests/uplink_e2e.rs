@@ -243,7 +243,7 @@ fn a_replaced_data_directory_is_renumbered_after_the_hub_and_loses_nothing() -> 
     let agent = Agent::start_file(&agent.config)?;
     // All 500 at the hub, each once, the new ones as 301..=500 in order.
     assert_drained_exactly(&s.hub, &agent.config, 500)?;
-    let tail = events_tail(&s.hub, 200)?;
+    let tail = s.hub.events_tail(AGENT, Some(200))?;
     let ns: Vec<(u64, u64)> = tail
         .iter()
         .map(|e| {
@@ -264,29 +264,6 @@ fn a_replaced_data_directory_is_renumbered_after_the_hub_and_loses_nothing() -> 
     println!("agent: {line}");
     assert!(line.contains("renumbered=200"), "{line}");
     Ok(())
-}
-
-/// The hub's last `limit` events of [`AGENT`] (`events tail --json`), in
-/// seq order.
-fn events_tail(hub: &Hub, limit: usize) -> Result<Vec<serde_json::Value>> {
-    let (code, out, err) = outpost_tests::run_cli(
-        &outpost_tests::bin("outpost-hub")?,
-        &[
-            "events",
-            "tail",
-            "--config",
-            hub.config.to_str().context("path")?,
-            "--agent",
-            AGENT,
-            "--limit",
-            &limit.to_string(),
-            "--json",
-        ],
-    )?;
-    ensure!(code == 0, "events tail exited {code}: {err}");
-    out.lines()
-        .map(|l| serde_json::from_str(l).with_context(|| format!("events tail line {l:?}")))
-        .collect()
 }
 
 #[test]

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use outpost_agent::outbox::OutboxReader;
 use outpost_protocols::AgentId;
-use outpost_tests::{free_udp_port, Agent, Devsim, Hub, Proc};
+use outpost_tests::{free_udp_port, Agent, Devsim, Hub, Pki, Proc};
 
 /// The binaries under test.
 #[derive(Debug, Clone)]
@@ -30,16 +30,6 @@ pub(crate) struct Bins {
     /// `outpost-hub`, if `dir` has one (an agent-only build, such as the
     /// static musl one, has not; the caller may point this elsewhere).
     pub(crate) hub: Option<PathBuf>,
-}
-
-/// A fleet PKI made by the real `outpost-hub ca` verbs (see [`Bins::pki`]).
-#[derive(Debug, Clone)]
-pub(crate) struct Pki {
-    /// The CA's folder (`ca.pem`, `ca.key`).
-    pub(crate) ca_dir: PathBuf,
-    /// The hub's folder (`ca.pem`, `hub.pem`, `hub.key`), for 127.0.0.1 and
-    /// localhost.
-    pub(crate) hub_dir: PathBuf,
 }
 
 impl Bins {
@@ -72,68 +62,13 @@ impl Bins {
         })
     }
 
-    /// Runs an `outpost-hub` verb and fails unless it exits 0.
-    fn hub_verb(&self, args: &[&str]) -> Result<()> {
-        let out = clean_env(Command::new(self.hub()?))
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("run outpost-hub {args:?}"))?;
-        if !out.status.success() {
-            bail!(
-                "outpost-hub {args:?} exited with {}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
-    }
-
-    /// Makes a fleet CA in `dir/ca` and the hub's certificate in `dir/hub`
-    /// with `outpost-hub ca init` and `ca issue --hub`.
+    /// A fleet PKI in `dir` made by this hub's `ca` verbs.
     pub(crate) fn pki(&self, dir: &Path) -> Result<Pki> {
-        let pki = Pki {
-            ca_dir: dir.join("ca"),
-            hub_dir: dir.join("hub"),
-        };
-        let ca = utf8(&pki.ca_dir)?;
-        self.hub_verb(&["ca", "init", "--dir", ca])?;
-        self.hub_verb(&[
-            "ca",
-            "issue",
-            "--dir",
-            ca,
-            "--hub",
-            "127.0.0.1",
-            "--hub",
-            "localhost",
-            "--out",
-            utf8(&pki.hub_dir)?,
-        ])?;
-        Ok(pki)
-    }
-
-    /// Issues agent `id`'s certificate with `outpost-hub ca issue --agent`
-    /// into `dir/agent-<id>` and returns that folder (`ca.pem`, `agent.pem`,
-    /// `agent.key`).
-    pub(crate) fn issue_agent(&self, pki: &Pki, id: &str) -> Result<PathBuf> {
-        let parent = pki.ca_dir.parent().unwrap_or(Path::new("."));
-        let out = parent.join(format!("agent-{id}"));
-        self.hub_verb(&[
-            "ca",
-            "issue",
-            "--dir",
-            utf8(&pki.ca_dir)?,
-            "--agent",
-            id,
-            "--out",
-            utf8(&out)?,
-        ])?;
-        Ok(out)
+        Pki::with_hub(dir, self.hub()?)
     }
 
     /// Writes `dir/hub.toml` (store in `dir/hub-data`, see [`hub_db`]; the
-    /// certificates in `creds`, as [`Bins::pki`] makes them; a free UDP port of
+    /// certificates in `creds`, as [`Pki`] makes them; a free UDP port of
     /// 127.0.0.1; everything else the defaults, `synchronous = "full"` among
     /// them) and runs the hub on it until it says it listens. Its log goes
     /// to `dir/hub.log`.
@@ -253,11 +188,6 @@ impl Bins {
 /// The store file of a hub started by [`Bins::start_hub`].
 pub(crate) fn hub_db(hub: &Hub) -> PathBuf {
     hub.config.with_file_name("hub-data").join("hub.db")
-}
-
-fn utf8(p: &Path) -> Result<&str> {
-    p.to_str()
-        .with_context(|| format!("not UTF-8: {}", p.display()))
 }
 
 /// Removes every `OUTPOST_*` variable from a child's environment.

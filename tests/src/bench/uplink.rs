@@ -431,7 +431,7 @@ pub(crate) fn drain(bins: &Bins, dir: &Path, p: Params) -> Result<(Vec<Row>, f64
     let root = dir.join("uplink");
     std::fs::create_dir_all(&root)?;
     let pki = bins.pki(&root.join("pki"))?;
-    let agent_creds = bins.issue_agent(&pki, AGENT)?;
+    let agent_creds = pki.issue_agent(AGENT)?;
     let template = root.join("template").join("outbox.db");
     std::fs::create_dir_all(root.join("template"))?;
     eprintln!(
