@@ -464,30 +464,8 @@ impl Outbox {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .at(path)?;
         let mut meta = Meta::load(&tx, path)?;
-        let last = meta.next_seq - 1;
-        if upto.0 > last {
-            return Err(OutboxError::AckBeyondEnd {
-                acked: upto,
-                last: Seq(last),
-            });
-        }
-        if upto.0 <= meta.acked_seq {
-            // Everything up to the watermark was deleted when it was acked.
-            return Ok(0);
-        }
-        let (n, bytes) = count_and_size(&tx, path, "seq <= ?1", upto.0)?;
-        tx.prepare_cached("DELETE FROM events WHERE seq <= ?1")
-            .and_then(|mut s| s.execute([upto.0]))
-            .at(path)?;
-        meta.remove(n, bytes);
-        meta.acked_seq = upto.0;
-        meta.store(&tx, path)?;
+        let n = delete_acked(&tx, path, &mut meta, upto)?;
         tx.commit().at(path)?;
-        debug!(
-            acked_seq = upto.0,
-            deleted = n,
-            "Outbox acknowledged events."
-        );
         Ok(n)
     }
 
@@ -512,8 +490,8 @@ impl Outbox {
             .at(path)?;
         let mut meta = Meta::load(&tx, path)?;
         if watermark.0 < meta.next_seq {
-            drop(tx);
-            let deleted = self.ack(watermark)?;
+            let deleted = delete_acked(&tx, path, &mut meta, watermark)?;
+            tx.commit().at(path)?;
             return Ok(Resumed::Acked { deleted });
         }
         let first: Option<u64> = tx
@@ -631,6 +609,41 @@ impl OutboxReader {
 }
 
 /// One request of a group commit; see [`Outbox::append_many`].
+/// Inside `tx`: deletes the events up to and including `upto` and raises
+/// the acknowledged watermark in `meta` (never lowers it), storing `meta`
+/// when anything changed; the caller commits. How many events were deleted.
+fn delete_acked(
+    tx: &Connection,
+    path: &Path,
+    meta: &mut Meta,
+    upto: Seq,
+) -> Result<u64, OutboxError> {
+    let last = meta.next_seq - 1;
+    if upto.0 > last {
+        return Err(OutboxError::AckBeyondEnd {
+            acked: upto,
+            last: Seq(last),
+        });
+    }
+    if upto.0 <= meta.acked_seq {
+        // Everything up to the watermark was deleted when it was acked.
+        return Ok(0);
+    }
+    let (n, bytes) = count_and_size(tx, path, "seq <= ?1", upto.0)?;
+    tx.prepare_cached("DELETE FROM events WHERE seq <= ?1")
+        .and_then(|mut s| s.execute([upto.0]))
+        .at(path)?;
+    meta.remove(n, bytes);
+    meta.acked_seq = upto.0;
+    meta.store(tx, path)?;
+    debug!(
+        acked_seq = upto.0,
+        deleted = n,
+        "Outbox acknowledged events."
+    );
+    Ok(n)
+}
+
 fn append_one(
     conn: &Connection,
     cfg: &OutboxConfig,
