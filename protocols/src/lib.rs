@@ -12,8 +12,10 @@
 
 pub mod event;
 pub mod modbus;
+pub mod policy;
 pub mod settings;
 pub mod topic;
+pub mod units;
 pub mod wire;
 
 pub use event::{

@@ -87,6 +87,55 @@ impl TopicFilter {
             }
         }
     }
+
+    /// Whether some topic matches both filters. The policy uses it to find a
+    /// route that could carry a stream of a residency to a sink outside it.
+    pub fn overlaps(&self, other: &TopicFilter) -> bool {
+        // A topic starting with '$' is never matched by a leading wildcard, so
+        // such a filter meets a wildcard-led one only through non-'$' topics,
+        // which its own literal first level excludes.
+        let dollar = |f: &TopicFilter| f.0.starts_with('$');
+        let wild = |f: &TopicFilter| f.0.starts_with(['+', '#']);
+        if (dollar(self) && wild(other)) || (dollar(other) && wild(self)) {
+            return false;
+        }
+        let mut a = self.0.split('/');
+        let mut b = other.0.split('/');
+        loop {
+            match (a.next(), b.next()) {
+                (Some("#"), _) | (_, Some("#")) => return true,
+                (None, None) => return true,
+                (Some("+"), Some(_)) | (Some(_), Some("+")) => {}
+                (Some(x), Some(y)) if x == y => {}
+                _ => return false,
+            }
+        }
+    }
+
+    /// Whether every topic that `other` matches is matched by this filter, so
+    /// a rule with this filter placed before one with `other` shadows it.
+    pub fn covers(&self, other: &TopicFilter) -> bool {
+        if self.0.starts_with(['+', '#']) && other.0.starts_with('$') {
+            // A '$' topic is never matched by a leading wildcard.
+            return false;
+        }
+        let a: Vec<&str> = self.0.split('/').collect();
+        let b: Vec<&str> = other.0.split('/').collect();
+        for k in 0.. {
+            match (a.get(k).copied(), b.get(k).copied()) {
+                (Some("#"), _) => return true,
+                // `other`'s '#' also matches its parent level (section
+                // 4.7.1.2) except at the start, where it needs one level:
+                // only "#" covers the first, "#" and "+/#" the second.
+                (_, Some("#")) => return k == 0 && a[k..] == ["+", "#"],
+                (None, None) => return true,
+                (Some("+"), Some(_)) => {}
+                (Some(x), Some(y)) if x == y => {}
+                _ => return false,
+            }
+        }
+        false
+    }
 }
 
 impl TryFrom<String> for TopicFilter {
@@ -215,6 +264,46 @@ mod tests {
         assert!(TopicTemplate::parse("x/+").is_err());
     }
 
+    /// Filters of up to three levels over a tiny alphabet, with wildcards and
+    /// a '$' first level.
+    fn small_filter() -> impl Strategy<Value = String> {
+        let level = prop_oneof![Just("a"), Just("b"), Just("+")];
+        (
+            prop_oneof![Just("a"), Just("+"), Just("$s"), Just("#")],
+            prop::collection::vec(level, 0..2),
+            any::<bool>(),
+        )
+            .prop_map(|(first, rest, hash)| {
+                let mut levels = vec![first];
+                if first != "#" {
+                    levels.extend(rest);
+                    if hash {
+                        levels.push("#");
+                    }
+                }
+                levels.join("/")
+            })
+    }
+
+    /// Every topic of one to four levels over `a`, `b`, `c` (a level no
+    /// filter names) and a '$' first level: enough to tell any two small
+    /// filters apart.
+    fn small_topics() -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let mut frontier: Vec<String> = ["a", "b", "c", "$s"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for _ in 0..4 {
+            out.extend(frontier.iter().cloned());
+            frontier = frontier
+                .iter()
+                .flat_map(|t| ["a", "b", "c"].iter().map(move |l| format!("{t}/{l}")))
+                .collect();
+        }
+        out
+    }
+
     proptest! {
         #[test]
         fn a_topic_matches_itself_and_hash(topic in "[a-z]{1,4}(/[a-z]{0,4}){0,4}") {
@@ -229,6 +318,20 @@ mod tests {
             prop_assert!(TopicFilter::parse(&filter).expect("valid").matches(&topic));
             let longer = format!("{filter}/+");
             prop_assert!(!TopicFilter::parse(&longer).expect("valid").matches(&topic));
+        }
+
+        #[test]
+        fn overlaps_and_covers_agree_with_matches_on_every_small_topic(
+            f in small_filter(),
+            g in small_filter(),
+        ) {
+            let (f, g) = (TopicFilter::parse(&f).expect("valid"), TopicFilter::parse(&g).expect("valid"));
+            let topics = small_topics();
+            let both = topics.iter().any(|t| f.matches(t) && g.matches(t));
+            prop_assert_eq!(f.overlaps(&g), both, "overlaps {} {}", f, g);
+            prop_assert_eq!(g.overlaps(&f), both);
+            let covered = topics.iter().all(|t| !g.matches(t) || f.matches(t));
+            prop_assert_eq!(f.covers(&g), covered, "{} covers {}", f, g);
         }
 
         #[test]

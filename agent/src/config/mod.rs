@@ -7,8 +7,6 @@
 //! and returns an [`AgentConfig`] whose values are already parsed. Sources only
 //! ever see validated configuration.
 
-mod units;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -21,7 +19,7 @@ use outpost_protocols::topic::{TopicFilter, TopicTemplate};
 use outpost_protocols::{AgentId, StreamName};
 use serde::Deserialize;
 
-pub use units::{HumanDuration, HumanSize};
+pub use outpost_protocols::units::{HumanDuration, HumanSize};
 
 use crate::outbox::{Eviction, Synchronous};
 

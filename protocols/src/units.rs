@@ -1,4 +1,4 @@
-//! Durations and sizes as people write them in config files: `"500ms"`, `"7d"`,
+//! Durations and sizes as people write them in config and policy files: `"500ms"`, `"7d"`,
 //! `"64MiB"`.
 
 use std::fmt;
