@@ -25,6 +25,7 @@ use super::frame::{
 };
 use super::SUPPORTED_VERSIONS;
 use crate::event::{EventBody, Seq};
+use crate::policy::MAX_POLICY_LEN;
 
 /// The agent session's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +40,10 @@ pub struct AgentConfig {
     /// The most encoded event bytes in one `Batch` frame (a single larger event
     /// still goes alone, up to [`MAX_EVENT_LEN`]); clamped to `MAX_EVENT_LEN`.
     pub max_batch_bytes: usize,
+    /// The newest protocol version to offer (default
+    /// [`PROTOCOL_VERSION`](super::PROTOCOL_VERSION)); lower only to behave
+    /// like an older agent, as the tests of the hub's enforcement do.
+    pub max_version: u16,
 }
 
 impl Default for AgentConfig {
@@ -48,6 +53,7 @@ impl Default for AgentConfig {
             idle_timeout: Duration::from_secs(30),
             max_batch_events: 1024,
             max_batch_bytes: 256 * 1024,
+            max_version: super::PROTOCOL_VERSION,
         }
     }
 }
@@ -82,6 +88,14 @@ pub enum AgentEvent {
     Acked {
         /// The highest seq stored.
         upto: Seq,
+    },
+    /// The hub sent the policy to run (version 2): validate it, persist it,
+    /// put it in force, then [`AgentSession::report_policy`] the outcome.
+    Policy {
+        /// The version the hub assigned.
+        version: u64,
+        /// The document's text.
+        text: String,
     },
     /// The session is over; make a new one on a new connection. `None` after a
     /// `goodbye()`.
@@ -146,6 +160,10 @@ pub struct AgentSession {
     window: u32,
     /// The latest backlog report, sent once streaming.
     backlog: Option<Frame>,
+    /// The latest policy report, sent once streaming (version 2 only).
+    policy_status: Option<Frame>,
+    /// The versions offered in `Hello`, newest first.
+    offered: Vec<u16>,
     last_received: Instant,
     last_sent: Instant,
 }
@@ -163,6 +181,10 @@ impl AgentSession {
             max_batch_bytes: config.max_batch_bytes.clamp(1, MAX_EVENT_LEN),
             ..config
         };
+        let offered: Vec<u16> = SUPPORTED_VERSIONS
+            .rev()
+            .filter(|v| *v <= config.max_version)
+            .collect();
         let mut session = AgentSession {
             config,
             state: State::Handshake,
@@ -177,10 +199,12 @@ impl AgentSession {
             unacked: VecDeque::new(),
             window: 0,
             backlog: None,
+            policy_status: None,
+            offered,
             last_received: now,
             last_sent: now,
         };
-        let versions: Vec<u16> = SUPPORTED_VERSIONS.rev().collect();
+        let versions = session.offered.clone();
         match check_hello(&versions, &info.agent_version, &info.labels) {
             Ok(()) => session.queue(&Frame::Hello {
                 versions,
@@ -239,9 +263,9 @@ impl AgentSession {
                     window,
                 },
             ) => {
-                if !SUPPORTED_VERSIONS.contains(&version) {
+                if !self.offered.contains(&version) {
                     return Err(ProtocolError::UnsupportedVersion {
-                        ours: SUPPORTED_VERSIONS.rev().collect(),
+                        ours: self.offered.clone(),
                         theirs: vec![version],
                     });
                 }
@@ -259,6 +283,24 @@ impl AgentSession {
                 if let Some(backlog) = self.backlog.take() {
                     self.queue(&backlog);
                 }
+                if let Some(status) = self.policy_status.take() {
+                    if version >= 2 {
+                        self.queue(&status);
+                    }
+                }
+                Ok(())
+            }
+            (State::Streaming { version }, Frame::Policy { version: v, text }) if version >= 2 => {
+                if text.len() > MAX_POLICY_LEN {
+                    return Err(ProtocolError::FieldTooLong {
+                        frame: "Policy",
+                        field: "text",
+                        len: text.len(),
+                        max: MAX_POLICY_LEN,
+                    });
+                }
+                self.events
+                    .push_back(AgentEvent::Policy { version: v, text });
                 Ok(())
             }
             (State::Streaming { .. }, Frame::Ack { upto, window }) => {
@@ -433,6 +475,21 @@ impl AgentSession {
             State::Handshake => self.backlog = Some(frame),
             State::Streaming { .. } => self.queue(&frame),
             State::Closed => {}
+        }
+    }
+
+    /// Reports the policy version in force (0 for none) and, after a pushed
+    /// policy was refused, why. Before `Welcome` the latest report waits and
+    /// is sent once streaming; a version 1 hub gets none.
+    pub fn report_policy(&mut self, version: u64, error: Option<&str>) {
+        let frame = Frame::PolicyStatus {
+            version,
+            error: error.map(|e| truncate(e, MAX_ERROR_MESSAGE_LEN)),
+        };
+        match self.state {
+            State::Handshake => self.policy_status = Some(frame),
+            State::Streaming { version } if version >= 2 => self.queue(&frame),
+            State::Streaming { .. } | State::Closed => {}
         }
     }
 

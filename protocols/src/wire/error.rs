@@ -181,6 +181,20 @@ pub enum ProtocolError {
         /// Which limit.
         reason: String,
     },
+    /// A field of a frame is longer than its limit (a `Policy` text over
+    /// [`MAX_POLICY_LEN`](crate::policy::MAX_POLICY_LEN), a `PolicyStatus`
+    /// error over [`MAX_ERROR_MESSAGE_LEN`](super::MAX_ERROR_MESSAGE_LEN)).
+    #[error("{frame}.{field} of {len} bytes exceeds the limit of {max} bytes")]
+    FieldTooLong {
+        /// The frame.
+        frame: &'static str,
+        /// The field.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A frame arrived in a state where it is not allowed.
     #[error("unexpected {frame} frame while {state}")]
     UnexpectedFrame {
@@ -254,7 +268,9 @@ impl ProtocolError {
     pub fn code(&self) -> ErrorCode {
         match self {
             ProtocolError::Frame(FrameError::TooLarge { .. }) => ErrorCode::FrameTooLarge,
-            ProtocolError::Frame(_) | ProtocolError::InvalidHello { .. } => ErrorCode::Malformed,
+            ProtocolError::Frame(_)
+            | ProtocolError::InvalidHello { .. }
+            | ProtocolError::FieldTooLong { .. } => ErrorCode::Malformed,
             ProtocolError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
             ProtocolError::UnexpectedFrame { .. } => ErrorCode::UnexpectedFrame,
             ProtocolError::SeqNotIncreasing { .. } => ErrorCode::SeqNotIncreasing,
@@ -283,6 +299,21 @@ pub enum UsageError {
     /// Events were pushed before `Connected` or after `Closed`.
     #[error("the session is not streaming")]
     NotStreaming,
+    /// A policy was pushed to an agent whose negotiated protocol version has
+    /// no policy frames (version 1); the hub enforces it on ingest alone.
+    #[error("protocol version {version} carries no policy")]
+    NoPolicyFrames {
+        /// The negotiated version.
+        version: u16,
+    },
+    /// A policy text over [`MAX_POLICY_LEN`](crate::policy::MAX_POLICY_LEN).
+    #[error("policy of {len} bytes exceeds the limit of {max} bytes")]
+    PolicyTooLarge {
+        /// Its size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A pushed seq was not greater than the last one pushed (or the watermark).
     #[error("pushed seq {got} does not follow seq {previous}")]
     SeqNotIncreasing {

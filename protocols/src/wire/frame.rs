@@ -159,11 +159,32 @@ pub enum Frame {
     Heartbeat,
     /// 7, agent → hub: the agent is leaving on purpose; no error.
     Goodbye,
+    /// 8, hub → agent, version 2: the policy the agent must run, as the
+    /// operator's TOML text (at most [`MAX_POLICY_LEN`](crate::policy::MAX_POLICY_LEN)
+    /// bytes). Sent after the agent's `PolicyStatus` names another version,
+    /// and whenever an operator applies a new one.
+    Policy {
+        /// The version the hub assigned.
+        version: u64,
+        /// The document.
+        text: String,
+    },
+    /// 9, agent → hub, version 2: the policy version the agent runs (0 for
+    /// none), right after `Welcome` and after each `Policy`; `error` says why
+    /// a pushed policy was refused, in which case `version` is the one it
+    /// still runs.
+    PolicyStatus {
+        /// The version in force at the agent.
+        version: u64,
+        /// Why the last pushed policy was not taken, at most
+        /// [`MAX_ERROR_MESSAGE_LEN`] bytes.
+        error: Option<String>,
+    },
 }
 
 /// The frames' names by variant index, for errors about bodies that did not
 /// decode.
-const KINDS: [&str; 8] = [
+const KINDS: [&str; 10] = [
     "Hello",
     "Welcome",
     "Error",
@@ -172,6 +193,8 @@ const KINDS: [&str; 8] = [
     "Backlog",
     "Heartbeat",
     "Goodbye",
+    "Policy",
+    "PolicyStatus",
 ];
 
 /// What a body that did not decode looked like, for [`FrameError::Malformed`].
@@ -198,6 +221,8 @@ impl Frame {
             Frame::Backlog { .. } => "Backlog",
             Frame::Heartbeat => "Heartbeat",
             Frame::Goodbye => "Goodbye",
+            Frame::Policy { .. } => "Policy",
+            Frame::PolicyStatus { .. } => "PolicyStatus",
         }
     }
 
@@ -577,6 +602,9 @@ pub(crate) mod tests {
             }),
             Just(Frame::Heartbeat),
             Just(Frame::Goodbye),
+            (any::<u64>(), ".{0,64}").prop_map(|(version, text)| Frame::Policy { version, text }),
+            (any::<u64>(), prop::option::of(".{0,16}"))
+                .prop_map(|(version, error)| Frame::PolicyStatus { version, error }),
         ]
     }
 
@@ -715,6 +743,20 @@ pub(crate) mod tests {
             ),
             (6, Frame::Heartbeat),
             (7, Frame::Goodbye),
+            (
+                8,
+                Frame::Policy {
+                    version: 1,
+                    text: String::new(),
+                },
+            ),
+            (
+                9,
+                Frame::PolicyStatus {
+                    version: 0,
+                    error: None,
+                },
+            ),
         ];
         for (index, frame) in frames {
             let bytes = encode(&frame);
@@ -845,6 +887,14 @@ pub(crate) mod tests {
             },
             Frame::Heartbeat,
             Frame::Goodbye,
+            Frame::Policy {
+                version: 0,
+                text: String::new(),
+            },
+            Frame::PolicyStatus {
+                version: 0,
+                error: None,
+            },
         ];
         assert_eq!(frames.len(), KINDS.len());
         for f in &frames {

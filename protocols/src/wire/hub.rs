@@ -25,6 +25,7 @@ use super::error::{ErrorCode, ProtocolError, UsageError};
 use super::frame::{check_hello, truncate, Frame, FrameDecoder, MAX_ERROR_MESSAGE_LEN};
 use super::{negotiate, SUPPORTED_VERSIONS};
 use crate::event::{AgentId, EventBody, Seq};
+use crate::policy::MAX_POLICY_LEN;
 
 /// The hub session's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +79,14 @@ pub enum HubEvent {
         bytes: u64,
         /// The oldest seq in the outbox, if any.
         oldest_seq: Option<Seq>,
+    },
+    /// The agent reported the policy version it runs (version 2): record it,
+    /// and [`HubSession::push_policy`] the current one if it differs.
+    PolicyStatus {
+        /// The version in force at the agent (0: none).
+        version: u64,
+        /// Why the agent refused the last policy pushed, if it did.
+        error: Option<String>,
     },
     /// The session is over. `None` after the agent's `Goodbye`.
     Closed {
@@ -250,6 +259,25 @@ impl HubSession {
                 });
                 Ok(())
             }
+            (State::Streaming { version }, Frame::PolicyStatus { version: v, error })
+                if version >= 2 =>
+            {
+                if let Some(len) = error
+                    .as_ref()
+                    .map(String::len)
+                    .filter(|l| *l > MAX_ERROR_MESSAGE_LEN)
+                {
+                    return Err(ProtocolError::FieldTooLong {
+                        frame: "PolicyStatus",
+                        field: "error",
+                        len,
+                        max: MAX_ERROR_MESSAGE_LEN,
+                    });
+                }
+                self.events
+                    .push_back(HubEvent::PolicyStatus { version: v, error });
+                Ok(())
+            }
             (State::Streaming { .. }, Frame::Heartbeat) => Ok(()),
             (state, frame) => Err(ProtocolError::UnexpectedFrame {
                 frame: frame.kind(),
@@ -373,6 +401,33 @@ impl HubSession {
     #[must_use]
     pub fn poll_event(&mut self) -> Option<HubEvent> {
         self.events.pop_front()
+    }
+
+    /// Sends the agent the policy to run. Refused before `Hello`, after
+    /// `Closed`, and for a version 1 agent, which has no policy frames (the
+    /// hub then enforces the policy on what the agent sends, and nothing
+    /// else).
+    pub fn push_policy(&mut self, version: u64, text: &str) -> Result<(), UsageError> {
+        let negotiated = match self.state {
+            State::Streaming { version } => version,
+            _ => return Err(UsageError::NotStreaming),
+        };
+        if negotiated < 2 {
+            return Err(UsageError::NoPolicyFrames {
+                version: negotiated,
+            });
+        }
+        if text.len() > MAX_POLICY_LEN {
+            return Err(UsageError::PolicyTooLarge {
+                len: text.len(),
+                max: MAX_POLICY_LEN,
+            });
+        }
+        self.queue(&Frame::Policy {
+            version,
+            text: text.to_owned(),
+        });
+        Ok(())
     }
 
     /// Closes the session for a reason found on the hub's side

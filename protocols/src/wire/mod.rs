@@ -22,6 +22,8 @@
 //!   5 Backlog   agent -> hub   events, bytes, oldest_seq
 //!   6 Heartbeat both ways
 //!   7 Goodbye   agent -> hub
+//!   8 Policy        hub -> agent   version, text                 (version 2)
+//!   9 PolicyStatus  agent -> hub   version, error                (version 2)
 //!
 //! agent                                   hub
 //!   | Hello{versions:[1], ...}  ---------->  |  id from the certificate,
@@ -29,6 +31,9 @@
 //!   | <------- Welcome{version:1, watermark:W, window:N}
 //!   | Batch{(W+1, e), (W+3, e), ...} ----->  |  Store{...} to the driver
 //!   | <------- Ack{upto, window}             |  after the store committed
+//!   | PolicyStatus{version:P} ------------>  |  (version 2) the policy it runs
+//!   | <------- Policy{version:Q, text}       |  if Q is not P, and on apply
+//!   | PolicyStatus{version:Q} ------------>  |  once persisted and in force
 //!   | Heartbeat <--------------------------> |  when idle
 //!   | Goodbye ---------------------------->  |
 //! ```
@@ -61,8 +66,10 @@ pub use hub::{HubConfig, HubEvent, HubSession};
 
 use crate::event::AgentId;
 
-/// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The newest protocol version this build speaks. Version 2 added the policy
+/// push (`Policy`, `PolicyStatus`); a version 1 agent gets no policy and the
+/// hub enforces the policy on what it sends.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Every protocol version this build speaks. A hub of version N keeps speaking
 /// every version down to 1 (at least N - 1), so that agents can be upgraded

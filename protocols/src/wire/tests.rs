@@ -76,7 +76,7 @@ fn welcomed_hub(now: Instant, watermark: u64, window: u32) -> HubSession {
         ..HubConfig::default()
     };
     let mut hub = HubSession::new(now, agent_id(), Seq(watermark), config);
-    hub.handle_bytes(now, &encode(&[hello(vec![1])]))
+    hub.handle_bytes(now, &encode(&[hello(vec![PROTOCOL_VERSION, 1])]))
         .expect("hello accepted");
     let _ = hub_sent(&mut hub, now);
     let _ = hub_events(&mut hub);
@@ -159,22 +159,27 @@ fn negotiation_picks_the_highest_common_version() {
 fn a_version_2_hub_still_serves_a_version_1_agent() {
     let now = origin();
     // A version-1 agent offers what it speaks...
-    let mut agent = AgentSession::new(now, AgentInfo::default(), AgentConfig::default());
+    let old = AgentConfig {
+        max_version: 1,
+        ..AgentConfig::default()
+    };
+    let mut agent = AgentSession::new(now, AgentInfo::default(), old);
+    agent.report_policy(0, None);
     let sent = agent_sent(&mut agent, now);
     let Some(Frame::Hello { versions, .. }) = sent.first() else {
         panic!("expected Hello, got {sent:?}");
     };
     assert_eq!(versions, &[1]);
     // ...a hub that speaks 1 and 2 picks 1 and welcomes it in version 1...
-    let version = negotiate(versions, 1..=2).expect("a common version");
-    assert_eq!(version, 1);
-    let welcome = Frame::Welcome {
-        version,
-        watermark: Seq(0),
-        window: 10,
-    };
+    let mut hub = HubSession::new(now, agent_id(), Seq(0), HubConfig::default());
+    hub.handle_bytes(now, &encode(&sent)).expect("accepted");
+    let welcome = hub_sent(&mut hub, now);
+    assert!(matches!(
+        welcome.as_slice(),
+        [Frame::Welcome { version: 1, .. }]
+    ));
     agent
-        .handle_bytes(now, &encode(&[welcome]))
+        .handle_bytes(now, &encode(&welcome))
         .expect("accepted");
     // ...and the agent streams.
     assert_eq!(
@@ -185,22 +190,97 @@ fn a_version_2_hub_still_serves_a_version_1_agent() {
         }]
     );
     assert_eq!(agent.version(), Some(1));
-    assert_eq!(agent.wants(), 10);
+    assert_eq!(agent.wants(), HubConfig::default().window as usize);
+    // Version 1 has no policy frames: the agent reports none and the hub
+    // pushes none (it enforces on ingest instead).
+    assert!(agent_sent(&mut agent, now).is_empty());
+    assert_eq!(
+        hub.push_policy(3, "[[rules]]"),
+        Err(UsageError::NoPolicyFrames { version: 1 })
+    );
+    assert!(hub_sent(&mut hub, now).is_empty());
 }
 
 #[test]
 fn a_version_1_hub_serves_a_newer_agent_in_version_1() {
     let now = origin();
-    let mut hub = HubSession::new(now, agent_id(), Seq(0), HubConfig::default());
-    hub.handle_bytes(now, &encode(&[hello(vec![3, 2, 1])]))
+    let mut agent = AgentSession::new(now, AgentInfo::default(), AgentConfig::default());
+    agent.report_policy(4, None);
+    let sent = agent_sent(&mut agent, now);
+    assert!(matches!(sent.as_slice(), [Frame::Hello { versions, .. }] if versions == &[2, 1]));
+    let welcome = Frame::Welcome {
+        version: 1,
+        watermark: Seq(0),
+        window: 10,
+    };
+    agent
+        .handle_bytes(now, &encode(&[welcome]))
         .expect("accepted");
+    assert_eq!(agent.version(), Some(1));
+    // The waiting policy report is not sent in version 1.
+    assert!(agent_sent(&mut agent, now).is_empty());
+    // And a Policy frame in version 1 is out of place.
+    let err = agent
+        .handle_bytes(
+            now,
+            &encode(&[Frame::Policy {
+                version: 1,
+                text: String::new(),
+            }]),
+        )
+        .expect_err("refused");
+    assert_eq!(err.code(), ErrorCode::UnexpectedFrame);
+}
+
+#[test]
+fn the_hub_pushes_its_policy_to_an_agent_that_reports_another_version() {
+    let mut pair = Pair::new();
+    pair.apply_policy(7, "description = \"v7\"\n");
+    pair.drive();
+    assert_eq!(
+        pair.agent_policy, 7,
+        "pushed after the agent's first report"
+    );
+    assert_eq!(pair.policies_received, 1);
+    // An agent that already runs it gets nothing on reconnect.
+    pair.reset();
+    pair.drive();
+    assert_eq!(pair.policies_received, 1);
+    assert_eq!(pair.reported_policy, Some(7));
+    // A new version reaches a connected agent at once.
+    pair.apply_policy(8, "description = \"v8\"\n");
+    pair.drive();
+    assert_eq!((pair.agent_policy, pair.policies_received), (8, 2));
+    // Rolling back is a new push of the old text under a new version.
+    pair.apply_policy(9, "description = \"v7\"\n");
+    pair.drive();
+    assert_eq!(pair.agent_policy, 9);
+    assert!(pair.closed.is_empty(), "{:?}", pair.closed);
+}
+
+#[test]
+fn policy_frames_over_their_limits_close_the_session_as_malformed() {
+    let now = origin();
+    let mut agent = streaming_agent(now, 0, 10, AgentConfig::default());
+    let text = "#".repeat(crate::policy::MAX_POLICY_LEN + 1);
+    let err = agent
+        .handle_bytes(now, &encode(&[Frame::Policy { version: 1, text }]))
+        .expect_err("refused");
+    assert_eq!(err.code(), ErrorCode::Malformed);
+    let mut hub = welcomed_hub(now, 0, 10);
+    let status = Frame::PolicyStatus {
+        version: 1,
+        error: Some("x".repeat(MAX_ERROR_MESSAGE_LEN + 1)),
+    };
+    let err = hub
+        .handle_bytes(now, &encode(&[status]))
+        .expect_err("refused");
+    assert_eq!(err.code(), ErrorCode::Malformed);
+    // A hub refuses to push an oversized policy rather than send it.
+    let mut hub = welcomed_hub(now, 0, 10);
     assert!(matches!(
-        hub_sent(&mut hub, now).as_slice(),
-        [Frame::Welcome { version: 1, .. }]
-    ));
-    assert!(matches!(
-        hub_events(&mut hub).as_slice(),
-        [HubEvent::Hello { version: 1, .. }]
+        hub.push_policy(1, &"#".repeat(crate::policy::MAX_POLICY_LEN + 1)),
+        Err(UsageError::PolicyTooLarge { .. })
     ));
 }
 
@@ -214,7 +294,7 @@ fn an_agent_with_no_common_version_is_refused_with_unsupported_version() {
     assert_eq!(
         err,
         ProtocolError::UnsupportedVersion {
-            ours: vec![1],
+            ours: vec![2, 1],
             theirs: vec![7, 8]
         }
     );

@@ -151,6 +151,15 @@ pub(crate) struct Pair {
     pub(crate) connections: usize,
     /// How many batches of already stored events were sent again.
     pub(crate) replayed: usize,
+    /// The policy the hub's operator applied, if any.
+    pub(crate) hub_policy: Option<(u64, String)>,
+    /// The policy version the agent runs; it survives reconnects (the agent
+    /// persists it).
+    pub(crate) agent_policy: u64,
+    /// The version the hub last heard the agent report, this session.
+    pub(crate) reported_policy: Option<u64>,
+    /// How many `Policy` frames the agent received.
+    pub(crate) policies_received: usize,
     to_hub: Link,
     to_agent: Link,
     /// Events handed to the store and not yet committed, with the connection
@@ -172,7 +181,8 @@ impl Pair {
             agent_version: "outpost-agent 0.1.0".into(),
             labels: BTreeMap::from([("site".to_owned(), "depot-17".to_owned())]),
         };
-        let agent = AgentSession::new(now, info.clone(), agent_config.clone());
+        let mut agent = AgentSession::new(now, info.clone(), agent_config.clone());
+        agent.report_policy(0, None);
         let hub = HubSession::new(now, agent_id(), Seq(0), hub_config.clone());
         Pair {
             agent,
@@ -192,6 +202,10 @@ impl Pair {
             connected: Vec::new(),
             connections: 1,
             replayed: 0,
+            hub_policy: None,
+            agent_policy: 0,
+            reported_policy: None,
+            policies_received: 0,
             to_hub: Link::new(),
             to_agent: Link::new(),
             uncommitted: Vec::new(),
@@ -218,7 +232,18 @@ impl Pair {
         self.broken = false;
         self.connections += 1;
         self.agent = AgentSession::new(self.now, self.info.clone(), self.agent_config.clone());
+        self.agent.report_policy(self.agent_policy, None);
         self.hub = HubSession::new(self.now, agent_id(), watermark, self.hub_config.clone());
+        self.reported_policy = None;
+    }
+
+    /// The operator applies a policy: the hub pushes it to the agent if the
+    /// agent is known to run another version (otherwise at its next report).
+    pub(crate) fn apply_policy(&mut self, version: u64, text: &str) {
+        self.hub_policy = Some((version, text.to_owned()));
+        if self.reported_policy.is_some_and(|v| v != version) {
+            let _ = self.hub.push_policy(version, text);
+        }
     }
 
     /// The connection breaks. The hub's old connection finishes the commits it
@@ -328,6 +353,11 @@ impl Pair {
                 match event {
                     AgentEvent::Connected { watermark, .. } => self.connected.push(watermark),
                     AgentEvent::Acked { upto } => self.outbox.ack(upto),
+                    AgentEvent::Policy { version, .. } => {
+                        self.policies_received += 1;
+                        self.agent_policy = version;
+                        self.agent.report_policy(version, None);
+                    }
                     AgentEvent::Closed { error } => self.closed.push(("agent", error)),
                 }
             }
@@ -343,6 +373,14 @@ impl Pair {
                         }
                     }
                     HubEvent::Closed { error } => self.closed.push(("hub", error)),
+                    HubEvent::PolicyStatus { version, .. } => {
+                        self.reported_policy = Some(version);
+                        if let Some((v, text)) = &self.hub_policy {
+                            if *v != version {
+                                let _ = self.hub.push_policy(*v, text);
+                            }
+                        }
+                    }
                     HubEvent::Hello { .. } | HubEvent::Backlog { .. } => {}
                 }
             }
