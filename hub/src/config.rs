@@ -39,6 +39,12 @@ pub struct HubSection {
     pub cert: PathBuf,
     /// The hub's key.
     pub key: PathBuf,
+    /// The region the hub's store is in (`eu-west`), for the policy's data
+    /// residency: streams of a residency reach the store only if its regions
+    /// include this one. Without it, no residency-bound stream may be routed
+    /// to the store.
+    #[serde(default)]
+    pub region: Option<String>,
 }
 
 fn default_listen() -> String {
@@ -162,6 +168,17 @@ pub fn parse(
         return Err(invalid(
             "api.listen",
             format!("{:?} is not ip:port", cfg.api.listen),
+        ));
+    }
+    if cfg
+        .hub
+        .region
+        .as_deref()
+        .is_some_and(|r| r.trim().is_empty())
+    {
+        return Err(invalid(
+            "hub.region",
+            "must not be empty; leave it out instead".into(),
         ));
     }
     if !matches!(cfg.store.kind.as_str(), "sqlite" | "jetstream") {

@@ -8,9 +8,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
+pub mod admin;
+pub mod audit;
 pub mod ca;
 pub mod config;
 pub mod logging;
+pub mod policy;
 pub mod run;
 pub mod server;
 pub mod store;

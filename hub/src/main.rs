@@ -45,6 +45,16 @@ enum Command {
         #[command(subcommand)]
         command: outpost_hub::verbs::EventsCommand,
     },
+    /// The fleet's policy: apply, show, history, diff (works while the hub runs).
+    Policy {
+        #[command(subcommand)]
+        command: outpost_hub::admin::PolicyCommand,
+    },
+    /// The tamper-evident audit log: list, verify.
+    Audit {
+        #[command(subcommand)]
+        command: outpost_hub::admin::AuditCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -83,6 +93,12 @@ enum CaCommand {
         /// Days the certificate is valid (never beyond the CA's own expiry).
         #[arg(long, value_name = "N", default_value = "825")]
         days: Validity,
+        /// The hub's config file: record the issue in that hub's audit log.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Who issues it, for the audit log (default: the login name).
+        #[arg(long, value_name = "NAME")]
+        actor: Option<String>,
     },
 }
 
@@ -123,6 +139,22 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Policy { command } => {
+            let env: Vec<(String, String)> = std::env::vars().collect();
+            verb_exit(outpost_hub::admin::policy(
+                &command,
+                &env,
+                &mut std::io::stdout().lock(),
+            ))
+        }
+        Command::Audit { command } => {
+            let env: Vec<(String, String)> = std::env::vars().collect();
+            verb_exit(outpost_hub::admin::audit(
+                &command,
+                &env,
+                &mut std::io::stdout().lock(),
+            ))
+        }
         Command::Fleet { command } => verb_exit(outpost_hub::verbs::fleet(
             &command,
             std::env::vars(),
@@ -136,7 +168,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_ca(command: CaCommand) -> Result<(), ca::CaError> {
+fn run_ca(command: CaCommand) -> Result<(), anyhow::Error> {
     match command {
         CaCommand::Init {
             dir,
@@ -158,17 +190,39 @@ fn run_ca(command: CaCommand) -> Result<(), ca::CaError> {
             hub,
             out,
             days,
+            config,
+            actor,
         } => {
-            let (cert, key) = match agent {
+            // The hub's config is read first, so a bad one refuses the issue.
+            let audit = match &config {
+                Some(c) => Some(outpost_hub::admin::AuditTarget::open(c, std::env::vars())?),
+                None => None,
+            };
+            let (cert, key, subject) = match &agent {
                 Some(id) => {
-                    ca::issue_agent(&dir, &id, &out, days)?;
-                    (ca::AGENT_CERT, ca::AGENT_KEY)
+                    ca::issue_agent(&dir, id, &out, days)?;
+                    (ca::AGENT_CERT, ca::AGENT_KEY, format!("agent {id}"))
                 }
                 None => {
                     ca::issue_hub(&dir, &hub, &out, days)?;
-                    (ca::HUB_CERT, ca::HUB_KEY)
+                    (ca::HUB_CERT, ca::HUB_KEY, format!("hub {}", hub.join(",")))
                 }
             };
+            if let Some(a) = audit {
+                let env: Vec<(String, String)> = std::env::vars().collect();
+                let actor = actor.unwrap_or_else(|| outpost_hub::admin::login_name(&env));
+                a.record(
+                    &actor,
+                    "ca.issued",
+                    &subject,
+                    &format!(
+                        "{} valid {} days, from CA {}",
+                        out.join(cert).display(),
+                        days.get(),
+                        dir.display()
+                    ),
+                )?;
+            }
             println!(
                 "wrote {}, {} and {} (mode 0600)",
                 out.join(ca::CA_CERT).display(),

@@ -1,4 +1,5 @@
-//! Wiring: open the store, serve agents, stop in order.
+//! Wiring: open the store, watch the policy versions, serve agents, stop in
+//! order.
 //!
 //! Shutdown order: the QUIC side stops first (every connection task finishes
 //! the commits it started), then the store writer commits what it holds and
@@ -57,7 +58,14 @@ pub async fn run(
     let writer_stop = CancellationToken::new();
     let (handle, writer) = spawn_store_writer(store, WriterOptions::default(), writer_stop.clone());
     let base = config_file.parent().unwrap_or(Path::new(""));
-    let served = server::serve(&cfg, base, handle.clone(), shutdown, bound).await;
+    let catalog = crate::policy::catalog(&cfg);
+    let watch_stop = shutdown.child_token();
+    let (current, watcher) =
+        crate::policy::watch(path.clone(), catalog.clone(), watch_stop.clone()).await?;
+    let feed = server::PolicyFeed { current, catalog };
+    let served = server::serve(&cfg, base, handle.clone(), feed, shutdown, bound).await;
+    watch_stop.cancel();
+    let _ = watcher.await;
     drop(handle);
     writer_stop.cancel();
     let closed = writer.await.map_err(|e| RunError::Writer(e.to_string()))?;

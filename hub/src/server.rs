@@ -35,9 +35,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use outpost_protocols::policy::{Catalog, Enforcer, Stage, Verdict, STORE_SINK};
+use outpost_protocols::EventBody;
+use tokio::sync::watch;
+
 use crate::ca;
 use crate::config::HubConfig;
-use crate::store::{StoreError, StoreHandle};
+use crate::policy::FleetPolicy;
+use crate::store::{PolicyCounts, StoreError, StoreHandle};
 
 /// Why the hub could not serve.
 #[derive(Debug, thiserror::Error)]
@@ -244,6 +249,7 @@ pub async fn serve(
     cfg: &HubConfig,
     base: &Path,
     store: StoreHandle,
+    policy: PolicyFeed,
     shutdown: CancellationToken,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<(), ServerError> {
@@ -294,9 +300,10 @@ pub async fn serve(
                 let store = store.clone();
                 let live = live.clone();
                 let stop = shutdown.child_token();
+                let policy = policy.clone();
                 tasks.spawn(async move {
                     let remote = incoming.remote_address();
-                    if let Err(e) = connection(incoming, store, live, stop).await {
+                    if let Err(e) = connection(incoming, store, policy, live, stop).await {
                         warn!(%remote, error = %e, "Agent connection ended.");
                     }
                 });
@@ -340,9 +347,30 @@ fn peer_agent_id(conn: &quinn::Connection) -> Result<AgentId, ConnError> {
 /// while a superseded session of the same agent is still finishing).
 type Commit = Pin<Box<dyn Future<Output = Result<Seq, StoreError>> + Send>>;
 
+/// The policy in force and the sinks it is enforced against, for every
+/// session.
+#[derive(Debug, Clone)]
+pub struct PolicyFeed {
+    /// The version in force, replaced when an operator applies another.
+    pub current: watch::Receiver<Arc<FleetPolicy>>,
+    /// The hub's sinks and their regions.
+    pub catalog: Catalog,
+}
+
+impl PolicyFeed {
+    /// No policy, ever: for tests of the ingest alone.
+    pub fn none(catalog: Catalog) -> PolicyFeed {
+        let (tx, current) = watch::channel(Arc::new(FleetPolicy::none()));
+        // A receiver outlives its sender: it keeps the last value.
+        drop(tx);
+        PolicyFeed { current, catalog }
+    }
+}
+
 async fn connection(
     incoming: quinn::Incoming,
     store: StoreHandle,
+    policy: PolicyFeed,
     live: Arc<Live>,
     stop: CancellationToken,
 ) -> Result<(), ConnError> {
@@ -391,7 +419,7 @@ async fn connection(
             }
         }
         let mut registered = false;
-        let result = session(&conn, &id, &store, &stop, &mut registered).await;
+        let result = session(&conn, &id, &store, policy, &stop, &mut registered).await;
         match &result {
             Ok(()) => conn.close(quinn::VarInt::from_u32(CLOSE_OK), b""),
             Err(ConnError::Protocol(e)) => conn.close(
@@ -440,10 +468,87 @@ async fn last_words(send: &mut quinn::SendStream) {
     }
 }
 
+/// The hub's enforcement for one session: the policy in force compiled for
+/// the agent's labels, and what the agent said it runs.
+struct Enforcement {
+    catalog: Catalog,
+    labels: std::collections::BTreeMap<String, String>,
+    current: Arc<FleetPolicy>,
+    enforcer: Enforcer,
+    /// The version the agent last reported (version 2 agents).
+    reported: Option<u64>,
+    /// The version last pushed in this session, so that a refused policy is
+    /// not pushed again and again.
+    pushed: Option<u64>,
+}
+
+impl Enforcement {
+    fn new(current: Arc<FleetPolicy>, catalog: Catalog) -> Enforcement {
+        let labels = std::collections::BTreeMap::new();
+        let enforcer = Enforcer::new(Arc::new(current.policy.compile(&labels, &catalog)));
+        Enforcement {
+            catalog,
+            labels,
+            current,
+            enforcer,
+            reported: None,
+            pushed: None,
+        }
+    }
+
+    /// Compiles the policy in force for these labels.
+    fn recompile(&mut self, labels: Option<std::collections::BTreeMap<String, String>>) {
+        if let Some(l) = labels {
+            self.labels = l;
+        }
+        let compiled = self.current.policy.compile(&self.labels, &self.catalog);
+        self.enforcer = Enforcer::new(Arc::new(compiled));
+    }
+
+    /// Pushes the version in force if the agent runs another and it was not
+    /// pushed in this session yet.
+    fn push_if_needed(&mut self, session: &mut HubSession) {
+        let v = self.current.version.0;
+        if self.reported.is_some_and(|r| r != v) && self.pushed != Some(v) {
+            match session.push_policy(v, &self.current.text) {
+                Ok(()) => {
+                    info!(
+                        policy_version = v,
+                        "Pushing the policy in force to the agent."
+                    );
+                    self.pushed = Some(v);
+                }
+                Err(e) => debug!(error = %e, "Policy not pushed."),
+            }
+        }
+    }
+
+    /// Applies the policy to a batch: what to store, and what it did.
+    fn apply(&mut self, events: Vec<(Seq, EventBody)>) -> (Vec<(Seq, EventBody)>, PolicyCounts) {
+        let mut counts = PolicyCounts::default();
+        let mut kept = Vec::with_capacity(events.len());
+        for (seq, mut body) in events {
+            match self.enforcer.apply(&mut body, Stage::Ingest) {
+                Verdict::Keep { modified, sinks } if sinks.iter().any(|s| s == STORE_SINK) => {
+                    counts.modified += u64::from(modified);
+                    kept.push((seq, body));
+                }
+                Verdict::Keep { .. } => counts.dropped += 1,
+                Verdict::Drop(reason) => {
+                    tracing::trace!(seq = seq.0, stream = %body.stream, reason = reason.name(), "Event dropped by the policy.");
+                    counts.dropped += 1;
+                }
+            }
+        }
+        (kept, counts)
+    }
+}
+
 async fn session(
     conn: &quinn::Connection,
     id: &AgentId,
     store: &StoreHandle,
+    policy: PolicyFeed,
     stop: &CancellationToken,
     registered: &mut bool,
 ) -> Result<(), ConnError> {
@@ -458,6 +563,10 @@ async fn session(
         watermark,
         SessionConfig::default(),
     );
+    let mut policy = policy;
+    let current = policy.current.borrow_and_update().clone();
+    let mut enforcement = Enforcement::new(current, policy.catalog.clone());
+    let mut watching = true;
     let mut commits: FuturesOrdered<Commit> = FuturesOrdered::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut out = Vec::with_capacity(16 * 1024);
@@ -477,7 +586,8 @@ async fn session(
                     agent_version,
                     labels,
                 } => {
-                    info!(version, %agent_version, "Agent connected.");
+                    info!(version, %agent_version, policy_version = enforcement.current.version.0, "Agent connected.");
+                    enforcement.recompile(Some(labels.clone()));
                     store
                         .agent_connected(id.clone(), labels, agent_version, version)
                         .await?;
@@ -487,10 +597,34 @@ async fn session(
                     let Some(last) = events.last().map(|(seq, _)| *seq) else {
                         continue;
                     };
+                    // The same policy again, because the agent may be old or
+                    // compromised; what it drops still moves the watermark.
+                    let (kept, counts) = enforcement.apply(events);
+                    if counts.dropped > 0 {
+                        debug!(
+                            dropped = counts.dropped,
+                            modified = counts.modified,
+                            last = last.0,
+                            "The hub's policy dropped events the agent sent."
+                        );
+                    }
                     // Queued now, in the order the batches arrived; awaited in
                     // that order below.
-                    let pending = store.insert_nowait(id.clone(), events).await?;
+                    let pending = store
+                        .insert_enforced_nowait(id.clone(), kept, last, counts)
+                        .await?;
                     commits.push_back(Box::pin(async move { pending.await.map(|_| last) }));
+                }
+                HubEvent::PolicyStatus { version, error } => {
+                    match &error {
+                        Some(e) => {
+                            warn!(policy_version = version, error = %e, "The agent refused the policy pushed to it and runs its previous one.")
+                        }
+                        None => info!(policy_version = version, "The agent runs policy."),
+                    }
+                    store.policy_status(id.clone(), version, error).await?;
+                    enforcement.reported = Some(version);
+                    enforcement.push_if_needed(&mut session);
                 }
                 HubEvent::Backlog { events, bytes, .. } => {
                     store.report_backlog(id.clone(), events, bytes).await?;
@@ -525,6 +659,17 @@ async fn session(
             Some(r) = commits.next(), if !commits.is_empty() => {
                 let upto = r?;
                 session.stored(upto)?;
+            }
+            changed = policy.current.changed(), if watching => {
+                if changed.is_ok() {
+                    enforcement.current = policy.current.borrow_and_update().clone();
+                    enforcement.recompile(None);
+                    enforcement.push_if_needed(&mut session);
+                } else {
+                    // No more versions will come (the hub is stopping, or
+                    // runs without a watch): the last one stays in force.
+                    watching = false;
+                }
             }
             read = recv.read(&mut buf), if commits.len() < MAX_PENDING_BATCHES => match read {
                 Ok(Some(n)) => {

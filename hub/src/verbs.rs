@@ -120,6 +120,20 @@ pub enum VerbError {
     /// Writing the output failed (a closed pipe, a full disk).
     #[error("cannot write the output: {0}")]
     Output(#[from] io::Error),
+    /// A policy could not be applied or shown.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::ApplyError),
+    /// `audit verify` found an entry that was edited or removed.
+    #[error("audit log broken at entry {id}: {reason}")]
+    AuditBroken {
+        /// The first entry that does not hold.
+        id: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A combination of flags the verb cannot use.
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl VerbError {
@@ -130,8 +144,11 @@ impl VerbError {
             VerbError::Config(_)
             | VerbError::NotSqlite { .. }
             | VerbError::Agent(_)
-            | VerbError::Stream { .. } => 2,
-            VerbError::Store(_) | VerbError::Output(_) => 1,
+            | VerbError::Stream { .. }
+            | VerbError::Usage(_) => 2,
+            VerbError::Policy(crate::policy::ApplyError::Store(_)) => 1,
+            VerbError::Policy(_) => 2,
+            VerbError::Store(_) | VerbError::Output(_) | VerbError::AuditBroken { .. } => 1,
         }
     }
 
@@ -253,6 +270,9 @@ pub fn fleet_json(fleet: &[AgentRecord]) -> serde_json::Value {
                 "agent_version": a.agent_version,
                 "protocol_version": a.protocol_version,
                 "policy_version": a.policy_version,
+                "policy_error": a.policy_error,
+                "policy_dropped": a.policy_dropped,
+                "policy_modified": a.policy_modified,
                 "backlog_events": a.backlog_events,
                 "backlog_bytes": a.backlog_bytes,
             })
@@ -295,7 +315,19 @@ pub fn fleet_text(fleet: &[AgentRecord]) -> String {
                 backlog,
                 a.agent_version.clone().unwrap_or_else(dash),
                 a.protocol_version.map_or_else(dash, |v| v.to_string()),
-                a.policy_version.map_or_else(dash, |v| v.to_string()),
+                match (a.policy_version, &a.policy_error) {
+                    (_, Some(_)) => format!("{} (refused newer)", a.policy_version.unwrap_or(0)),
+                    (Some(v), None) => v.to_string(),
+                    (None, None) => dash(),
+                },
+                if a.policy_dropped + a.policy_modified == 0 {
+                    dash()
+                } else {
+                    format!(
+                        "{} dropped / {} changed",
+                        a.policy_dropped, a.policy_modified
+                    )
+                },
                 time_text(a.first_seen),
                 labels,
             ]
@@ -311,6 +343,7 @@ pub fn fleet_text(fleet: &[AgentRecord]) -> String {
             ("VERSION", false),
             ("PROTOCOL", true),
             ("POLICY", true),
+            ("ENFORCED AT HUB", true),
             ("FIRST SEEN", false),
             ("LABELS", false),
         ],
@@ -384,7 +417,8 @@ pub fn event_text(e: &Event) -> String {
 
 /// A Unix-ns time as RFC 3339 in UTC, to the second; the number itself when it
 /// is before 1970.
-fn time_text(ts: Timestamp) -> String {
+/// A timestamp as RFC 3339 UTC, to the second, for people.
+pub fn time_text(ts: Timestamp) -> String {
     match u64::try_from(ts.0) {
         Ok(ns) => {
             humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_nanos(ns)).to_string()
@@ -448,6 +482,9 @@ mod tests {
             backlog_bytes: Some(3120),
             sessions,
             policy_version: None,
+            policy_error: None,
+            policy_dropped: 0,
+            policy_modified: 0,
         }
     }
 
@@ -482,6 +519,9 @@ mod tests {
             "agent_version",
             "protocol_version",
             "policy_version",
+            "policy_error",
+            "policy_dropped",
+            "policy_modified",
             "backlog_events",
             "backlog_bytes",
         ] {

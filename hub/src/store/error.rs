@@ -108,6 +108,17 @@ pub enum StoreError {
         /// The seq.
         seq: Seq,
     },
+    /// The file has an older schema that only the hub migrates (when it
+    /// starts); a read-only verb cannot use it.
+    #[error("hub store {}: schema version {found} is older than this build's {supported}; start the hub once to migrate it", .path.display())]
+    OlderSchema {
+        /// The file.
+        path: PathBuf,
+        /// Its `user_version`.
+        found: i64,
+        /// [`SCHEMA_VERSION`](super::SCHEMA_VERSION).
+        supported: i64,
+    },
     /// The group-commit writer has stopped (shutdown, or every handle
     /// dropped), so the request was not carried out.
     #[error("the hub store writer has stopped")]

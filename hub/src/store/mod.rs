@@ -24,7 +24,8 @@
 //!                                   block ingest, nor it them
 //! PRAGMA synchronous  = FULL|NORMAL `[store] synchronous`; FULL by default: a
 //!                                   commit is on disk before anything is acked
-//! PRAGMA user_version = 1           the schema version; a newer one is refused
+//! PRAGMA user_version = 2           the schema version; a newer one is refused,
+//!                                   an older one migrated by the hub
 //!
 //! events(agent_id TEXT    NOT NULL,  from the agent's certificate
 //!        seq      INTEGER NOT NULL,  agent-assigned, 1..=i64::MAX
@@ -44,8 +45,20 @@
 //!        backlog_events   INTEGER NULL,      last reported outbox backlog
 //!        backlog_bytes    INTEGER NULL,
 //!        connected        INTEGER NOT NULL,  open sessions (0 = disconnected)
-//!        policy_version   INTEGER NULL)      not pushed yet: always NULL
+//!        policy_version   INTEGER NULL,      the policy it reported running
+//!        policy_error     TEXT NULL,         why it refused the last one pushed
+//!        policy_dropped   INTEGER NOT NULL,  events the hub's enforcement dropped
+//!        policy_modified  INTEGER NOT NULL)  events the hub's enforcement changed
 //!        WITHOUT ROWID
+//!
+//! policies(version    INTEGER PRIMARY KEY,   1, 2, ...; the newest is in force
+//!          applied_at INTEGER NOT NULL,      Unix ns
+//!          actor      TEXT NOT NULL,         who applied it
+//!          source     TEXT NOT NULL,         the file, or "rollback to N"
+//!          digest     TEXT NOT NULL,         SHA-256 of text, hex
+//!          text       TEXT NOT NULL)         the document as applied
+//!
+//! audit(...), meta(key, value)               see `crate::audit`
 //! ```
 //!
 //! Why this shape:
@@ -113,10 +126,11 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use error::AtPath;
 pub use error::StoreError;
 pub use registry::AgentRecord;
 pub use sqlite::{
-    store_path, AgentEventStats, InsertOutcome, Store, StoreReader, Synchronous, FILE_NAME,
-    SCHEMA_VERSION,
+    open_admin, store_path, AgentEventStats, InsertOutcome, PolicyCounts, Store, StoreReader,
+    Synchronous, FILE_NAME, SCHEMA_VERSION,
 };
 pub use writer::{spawn_store_writer, PendingInsert, StoreHandle, WriterOptions};

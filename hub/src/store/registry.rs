@@ -38,9 +38,16 @@ pub struct AgentRecord {
     /// Its open sessions, as this hub recorded them (normally 0 or 1; 2 while a
     /// reconnect supersedes a session that has not closed yet).
     pub sessions: u64,
-    /// The policy version it runs; policies are not pushed yet, so always
-    /// `None` for now.
+    /// The policy version it last reported running (0: none); `None` for an
+    /// agent that never reported one (protocol version 1).
     pub policy_version: Option<u64>,
+    /// Why it refused the last policy pushed to it, if it did.
+    pub policy_error: Option<String>,
+    /// Events the hub dropped from what it sent, by the policy (the agent
+    /// should have dropped them itself: an old or misbehaving agent).
+    pub policy_dropped: u64,
+    /// Events the hub had to minimise before storing them.
+    pub policy_modified: u64,
 }
 
 impl AgentRecord {
@@ -107,6 +114,45 @@ pub(crate) fn raise_watermark(
     seq_from(path, agent_id.as_str(), "agents.watermark", v)
 }
 
+/// Records the policy version an agent reported, and its refusal, if any.
+pub(crate) fn policy_status(
+    conn: &Connection,
+    path: &Path,
+    agent_id: &AgentId,
+    version: u64,
+    error: Option<&str>,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE agents SET policy_version = ?2, policy_error = ?3 WHERE agent_id = ?1",
+    )
+    .and_then(|mut s| s.execute(params![agent_id.as_str(), clamp(version), error]))
+    .at(path)?;
+    Ok(())
+}
+
+/// Adds what the hub's enforcement did to an agent's counters.
+pub(crate) fn count_policy(
+    conn: &Connection,
+    path: &Path,
+    agent_id: &AgentId,
+    counts: super::sqlite::PolicyCounts,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE agents SET policy_dropped = policy_dropped + ?2,
+                           policy_modified = policy_modified + ?3
+         WHERE agent_id = ?1",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            agent_id.as_str(),
+            clamp(counts.dropped),
+            clamp(counts.modified)
+        ])
+    })
+    .at(path)?;
+    Ok(())
+}
+
 pub(crate) fn connected(
     conn: &Connection,
     path: &Path,
@@ -118,6 +164,26 @@ pub(crate) fn connected(
 ) -> Result<(), StoreError> {
     // A map of strings always serialises.
     let labels = serde_json::to_string(labels).unwrap_or_else(|_| "{}".into());
+    let known: Option<i64> = conn
+        .prepare_cached("SELECT 1 FROM agents WHERE agent_id = ?1")
+        .and_then(|mut s| s.query_row([agent_id.as_str()], |r| r.get(0)).optional())
+        .at(path)?;
+    if known.is_none() {
+        crate::audit::append(
+            conn,
+            path,
+            &crate::audit::Entry {
+                ts: now,
+                actor: "hub",
+                action: "agent.first_seen",
+                target: agent_id.as_str(),
+                result: "ok",
+                detail: &format!(
+                    "labels {labels}, agent version {agent_version}, protocol {protocol_version}"
+                ),
+            },
+        )?;
+    }
     conn.prepare_cached(
         "INSERT INTO agents
              (agent_id, labels, first_seen, last_seen, agent_version, protocol_version, connected)
@@ -201,7 +267,8 @@ pub(crate) fn fleet(conn: &Connection, path: &Path) -> Result<Vec<AgentRecord>, 
     let mut stmt = conn
         .prepare_cached(
             "SELECT agent_id, labels, first_seen, last_seen, agent_version, protocol_version,
-                    watermark, backlog_events, backlog_bytes, connected, policy_version
+                    watermark, backlog_events, backlog_bytes, connected, policy_version,
+                    policy_error, policy_dropped, policy_modified
              FROM agents ORDER BY agent_id",
         )
         .at(path)?;
@@ -258,7 +325,12 @@ fn record(path: &Path, row: &Row<'_>) -> Result<AgentRecord, StoreError> {
         .at(path)?
         .map(|v| unsigned("agents.policy_version", v))
         .transpose()?;
+    let policy_dropped = unsigned("agents.policy_dropped", row.get(12).at(path)?)?;
+    let policy_modified = unsigned("agents.policy_modified", row.get(13).at(path)?)?;
     Ok(AgentRecord {
+        policy_error: row.get(11).at(path)?,
+        policy_dropped,
+        policy_modified,
         labels,
         first_seen: Timestamp(row.get(2).at(path)?),
         last_seen: Timestamp(row.get(3).at(path)?),

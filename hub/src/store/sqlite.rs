@@ -16,7 +16,9 @@ use super::error::{AtPath, StoreError};
 use super::registry::{self, AgentRecord};
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+/// Version 2 added the policy versions, the audit log and the agents'
+/// policy columns; a version 1 file is migrated when opened.
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The store's file name inside the hub's `data_dir`.
 pub const FILE_NAME: &str = "hub.db";
@@ -25,7 +27,7 @@ pub const FILE_NAME: &str = "hub.db";
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The schema, created in one transaction when `user_version` is 0.
-const SCHEMA: &str = "
+pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
     agent_id TEXT    NOT NULL,
     seq      INTEGER NOT NULL,
@@ -48,6 +50,108 @@ CREATE TABLE IF NOT EXISTS agents (
     policy_version   INTEGER
 ) WITHOUT ROWID;
 ";
+
+/// From schema version 1 to 2: policies, the audit log, per-agent policy
+/// counters.
+const MIGRATE_2: &str = "
+ALTER TABLE agents ADD COLUMN policy_error TEXT;
+ALTER TABLE agents ADD COLUMN policy_dropped INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE agents ADD COLUMN policy_modified INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS policies (
+    version    INTEGER PRIMARY KEY,
+    applied_at INTEGER NOT NULL,
+    actor      TEXT    NOT NULL,
+    source     TEXT    NOT NULL,
+    digest     TEXT    NOT NULL,
+    text       TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id     INTEGER PRIMARY KEY,
+    ts     INTEGER NOT NULL,
+    actor  TEXT    NOT NULL,
+    action TEXT    NOT NULL,
+    target TEXT    NOT NULL,
+    result TEXT    NOT NULL,
+    detail TEXT    NOT NULL,
+    prev   TEXT    NOT NULL,
+    hash   TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+";
+
+/// Creates or migrates the schema inside `tx` (an IMMEDIATE transaction, so
+/// that two processes opening one file do not both do it). Refuses a newer
+/// schema.
+pub(crate) fn prepare_schema(tx: &Transaction<'_>, path: &Path) -> Result<(), StoreError> {
+    let version: i64 = tx
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .at(path)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            path: path.to_owned(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    if version < 1 {
+        tx.execute_batch(SCHEMA).at(path)?;
+    }
+    if version < 2 {
+        tx.execute_batch(MIGRATE_2).at(path)?;
+    }
+    if version < SCHEMA_VERSION {
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .at(path)?;
+    }
+    Ok(())
+}
+
+/// A read-write connection in WAL mode with the busy timeout.
+fn connect(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).at(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT).at(path)?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .at(path)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::NoWal {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    conn.pragma_update(None, "synchronous", synchronous.pragma())
+        .at(path)?;
+    Ok(conn)
+}
+
+/// A read-write connection for the operator verbs that write while the hub
+/// runs (`policy apply`, the audit log of `ca issue`): the schema is created
+/// or migrated if needed, but nothing else is touched (unlike [`Store::open`],
+/// which declares every agent disconnected). Writes wait for the hub's
+/// transactions through the busy timeout; every commit is FULL.
+pub fn open_admin(path: &Path) -> Result<Connection, StoreError> {
+    let mut conn = connect(path, Synchronous::Full)?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .at(path)?;
+    prepare_schema(&tx, path)?;
+    tx.commit().at(path)?;
+    Ok(conn)
+}
+
+/// What the policy did to a batch before it was stored, added to the agent's
+/// counters in the same transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct PolicyCounts {
+    /// Events the hub dropped (denied, local, residency, downsampled, over a
+    /// drop limit).
+    pub dropped: u64,
+    /// Events the hub changed (minimised) before storing them.
+    pub modified: u64,
+}
 
 /// The store file of a hub whose config file is `config_file` and whose
 /// `[hub] data_dir` is `data_dir`: `<data_dir>/hub.db`, with a relative
@@ -138,10 +242,19 @@ pub struct AgentEventStats {
 /// One change of a group commit; see [`Store::apply`].
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Op<'a> {
-    /// Store events of one agent and raise its watermark.
+    /// Store events of one agent and raise its watermark to at least
+    /// `through`.
     Insert {
         agent_id: &'a AgentId,
         events: &'a [(Seq, EventBody)],
+        through: Seq,
+        policy: PolicyCounts,
+    },
+    /// The agent reported the policy version it runs.
+    PolicyStatus {
+        agent_id: &'a AgentId,
+        version: u64,
+        error: Option<&'a str>,
     },
     /// A session of the agent started.
     Connected {
@@ -182,19 +295,7 @@ impl Store {
     /// hub writes the store, and a hub that is starting has no sessions yet,
     /// whatever a killed predecessor left behind.
     pub fn open(path: &Path, synchronous: Synchronous) -> Result<Store, StoreError> {
-        let mut conn = Connection::open(path).at(path)?;
-        conn.busy_timeout(BUSY_TIMEOUT).at(path)?;
-        let mode: String = conn
-            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
-            .at(path)?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::NoWal {
-                path: path.to_owned(),
-                mode,
-            });
-        }
-        conn.pragma_update(None, "synchronous", synchronous.pragma())
-            .at(path)?;
+        let mut conn = connect(path, synchronous)?;
         conn.set_prepared_statement_cache_capacity(32);
 
         // IMMEDIATE: two processes opening one file must not both create the
@@ -202,21 +303,7 @@ impl Store {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .at(path)?;
-        let version: i64 = tx
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .at(path)?;
-        if version > SCHEMA_VERSION {
-            return Err(StoreError::NewerSchema {
-                path: path.to_owned(),
-                found: version,
-                supported: SCHEMA_VERSION,
-            });
-        }
-        if version < SCHEMA_VERSION {
-            tx.execute_batch(SCHEMA).at(path)?;
-            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-                .at(path)?;
-        }
+        prepare_schema(&tx, path)?;
         let stale = registry::reset_connections(&tx, path)?;
         tx.commit().at(path)?;
         debug!(path = %path.display(), stale_sessions = stale, "Hub store opened.");
@@ -255,7 +342,12 @@ impl Store {
     ) -> Result<Vec<InsertOutcome>, StoreError> {
         let ops: Vec<Op<'_>> = batches
             .iter()
-            .map(|(agent_id, events)| Op::Insert { agent_id, events })
+            .map(|(agent_id, events)| Op::Insert {
+                agent_id,
+                events,
+                through: Seq(0),
+                policy: PolicyCounts::default(),
+            })
             .collect();
         Ok(self
             .apply(now, &ops)?
@@ -323,10 +415,19 @@ impl Store {
     /// Checks an operation before it joins a transaction, so that one bad
     /// request cannot fail the others of its group.
     pub(crate) fn check(&self, op: &Op<'_>) -> Result<(), StoreError> {
-        if let Op::Insert { agent_id, events } = op {
-            if let Some((seq, _)) = events
+        if let Op::Insert {
+            agent_id,
+            events,
+            through,
+            ..
+        } = op
+        {
+            let bad = |seq: &Seq| seq.0 == 0 || i64::try_from(seq.0).is_err();
+            if let Some(seq) = events
                 .iter()
-                .find(|(seq, _)| seq.0 == 0 || i64::try_from(seq.0).is_err())
+                .map(|(seq, _)| seq)
+                .chain(Some(through).filter(|t| t.0 != 0))
+                .find(|seq| bad(seq))
             {
                 return Err(StoreError::SeqOutOfRange {
                     path: self.path.clone(),
@@ -401,7 +502,17 @@ fn apply_one(
     op: &Op<'_>,
 ) -> Result<Option<InsertOutcome>, StoreError> {
     match op {
-        Op::Insert { agent_id, events } => insert_one(tx, path, now, agent_id, events).map(Some),
+        Op::Insert {
+            agent_id,
+            events,
+            through,
+            policy,
+        } => insert_one(tx, path, now, agent_id, events, *through, *policy).map(Some),
+        Op::PolicyStatus {
+            agent_id,
+            version,
+            error,
+        } => registry::policy_status(tx, path, agent_id, *version, *error).map(|()| None),
         Op::Connected {
             agent_id,
             labels,
@@ -435,13 +546,24 @@ fn insert_one(
     now: Timestamp,
     agent_id: &AgentId,
     events: &[(Seq, EventBody)],
+    through: Seq,
+    policy: PolicyCounts,
 ) -> Result<InsertOutcome, StoreError> {
-    let Some(max_seq) = events.iter().map(|(seq, _)| *seq).max() else {
+    if policy != PolicyCounts::default() {
+        registry::count_policy(tx, path, agent_id, policy)?;
+    }
+    let max_seq = events
+        .iter()
+        .map(|(seq, _)| *seq)
+        .max()
+        .unwrap_or(Seq(0))
+        .max(through);
+    if max_seq == Seq(0) {
         return Ok(InsertOutcome {
             watermark: registry::watermark(tx, path, agent_id)?,
             ..InsertOutcome::default()
         });
-    };
+    }
     let mut out = InsertOutcome::default();
     let mut insert = tx
         .prepare_cached(
@@ -505,6 +627,13 @@ impl StoreReader {
                 path: path.to_owned(),
             });
         }
+        if version < SCHEMA_VERSION {
+            return Err(StoreError::OlderSchema {
+                path: path.to_owned(),
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
         Ok(StoreReader {
             conn,
             path: path.to_owned(),
@@ -514,6 +643,11 @@ impl StoreReader {
     /// The store file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The read-only connection, for the audit log and the policy versions.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
     }
 
     /// The highest seq stored for `agent_id`, 0 if none.

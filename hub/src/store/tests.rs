@@ -701,3 +701,35 @@ fn layout_without_rowid_against_a_rowid_table_with_a_unique_index() {
         }
     }
 }
+
+#[test]
+fn a_version_1_store_is_migrated_keeping_its_events_and_agents() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hub.db");
+    {
+        let conn = rusqlite::Connection::open(&path).expect("creates");
+        conn.execute_batch(super::sqlite::SCHEMA)
+            .expect("v1 schema");
+        conn.pragma_update(None, "user_version", 1).expect("v1");
+        conn.execute(
+            "INSERT INTO agents (agent_id, labels, first_seen, last_seen, watermark) VALUES ('gw-1', '{}', 1, 2, 7)",
+            [],
+        )
+        .expect("agent");
+    }
+    // A read-only verb cannot migrate, and says how to.
+    let e = StoreReader::open(&path).expect_err("older").to_string();
+    assert!(e.contains("start the hub once"), "{e}");
+    let store = Store::open(&path, Synchronous::Normal).expect("migrates");
+    assert_eq!(
+        store
+            .watermark(&AgentId::parse("gw-1").expect("valid"))
+            .ok(),
+        Some(Seq(7))
+    );
+    let fleet = store.fleet().expect("reads");
+    assert_eq!(fleet.len(), 1);
+    assert_eq!((fleet[0].watermark, fleet[0].policy_dropped), (Seq(7), 0));
+    drop(store);
+    StoreReader::open(&path).expect("a migrated store reads");
+}

@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::sqlite::PolicyCounts;
 use super::sqlite::{InsertOutcome, Op, Store};
 use super::StoreError;
 
@@ -64,7 +65,15 @@ enum Write {
     Insert {
         agent_id: AgentId,
         events: Vec<(Seq, EventBody)>,
+        through: Seq,
+        policy: PolicyCounts,
         reply: Reply<InsertOutcome>,
+    },
+    PolicyStatus {
+        agent_id: AgentId,
+        version: u64,
+        error: Option<String>,
+        reply: Reply<()>,
     },
     Connected {
         agent_id: AgentId,
@@ -93,8 +102,27 @@ impl Write {
     fn op(&self) -> Op<'_> {
         match self {
             Write::Insert {
-                agent_id, events, ..
-            } => Op::Insert { agent_id, events },
+                agent_id,
+                events,
+                through,
+                policy,
+                ..
+            } => Op::Insert {
+                agent_id,
+                events,
+                through: *through,
+                policy: *policy,
+            },
+            Write::PolicyStatus {
+                agent_id,
+                version,
+                error,
+                ..
+            } => Op::PolicyStatus {
+                agent_id,
+                version: *version,
+                error: error.as_deref(),
+            },
             Write::Connected {
                 agent_id,
                 labels,
@@ -125,6 +153,7 @@ impl Write {
     fn agent_id(&self) -> &AgentId {
         match self {
             Write::Insert { agent_id, .. }
+            | Write::PolicyStatus { agent_id, .. }
             | Write::Connected { agent_id, .. }
             | Write::Disconnected { agent_id, .. }
             | Write::Backlog { agent_id, .. }
@@ -147,6 +176,7 @@ impl Write {
                 let _ = reply.send(result.map(Option::unwrap_or_default));
             }
             Write::Connected { reply, .. }
+            | Write::PolicyStatus { reply, .. }
             | Write::Disconnected { reply, .. }
             | Write::Backlog { reply, .. }
             | Write::Touch { reply, .. } => {
@@ -212,14 +242,52 @@ impl StoreHandle {
         agent_id: AgentId,
         events: Vec<(Seq, EventBody)>,
     ) -> Result<PendingInsert, StoreError> {
+        let through = events.last().map_or(Seq(0), |(seq, _)| *seq);
+        self.insert_enforced_nowait(agent_id, events, through, PolicyCounts::default())
+            .await
+    }
+
+    /// Like [`insert_nowait`](Self::insert_nowait) for what the policy kept of
+    /// a batch that ended at seq `through`: the watermark rises to `through`
+    /// even where the policy dropped the last events (the agent must not send
+    /// them again), and `policy` is added to the agent's counters in the same
+    /// transaction.
+    pub async fn insert_enforced_nowait(
+        &self,
+        agent_id: AgentId,
+        events: Vec<(Seq, EventBody)>,
+        through: Seq,
+        policy: PolicyCounts,
+    ) -> Result<PendingInsert, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.send(Request::Write(Write::Insert {
             agent_id,
             events,
+            through,
+            policy,
             reply,
         }))
         .await?;
         Ok(PendingInsert(rx))
+    }
+
+    /// Records the policy version `agent_id` reported, and why it refused
+    /// the last one pushed, if it did.
+    pub async fn policy_status(
+        &self,
+        agent_id: AgentId,
+        version: u64,
+        error: Option<String>,
+    ) -> Result<(), StoreError> {
+        self.call(|reply| {
+            Request::Write(Write::PolicyStatus {
+                agent_id,
+                version,
+                error,
+                reply,
+            })
+        })
+        .await
     }
 
     /// Records that a session of `agent_id` started (after its `Hello`); see

@@ -1,0 +1,451 @@
+//! The operator verbs for the fleet's policy and the audit log:
+//! `policy apply|show|history|diff` and `audit list|verify`.
+//!
+//! They work while the hub runs: `policy apply` writes the store through its
+//! own connection (SQLite's lock orders it with the hub's commits), and the
+//! running hub picks the new version up within a second. The actor recorded
+//! in the audit log is `--actor`, or the login name (`$SUDO_USER`, `$USER`).
+
+use std::fmt::Write as _;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::audit::{self, Verdict};
+use crate::config::{self, HubConfig};
+use crate::policy::{self, Applied, ApplyError, PolicyRecord};
+use crate::store::{open_admin, store_path, AtPath as _, StoreReader};
+use crate::verbs::VerbError;
+
+/// `outpost-hub policy …`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy file and make it the version in force (pushed to
+    /// every agent it selects); `--version N` applies version N's text again
+    /// (a rollback).
+    Apply(PolicyApplyArgs),
+    /// Print the version in force, or `--version N`.
+    Show(PolicyShowArgs),
+    /// Every version: when, by whom, from where, its digest.
+    History(PolicyHistoryArgs),
+    /// What changed between two versions, as a unified diff.
+    Diff(PolicyDiffArgs),
+}
+
+/// `outpost-hub policy apply`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["file", "version"])))]
+pub struct PolicyApplyArgs {
+    /// The policy document (TOML, see docs/policy.md).
+    #[arg(value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Apply this stored version's text again instead of a file.
+    #[arg(long, value_name = "N")]
+    pub version: Option<u64>,
+    /// The hub's TOML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Who applies it, for the audit log (default: the login name).
+    #[arg(long, value_name = "NAME")]
+    pub actor: Option<String>,
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `outpost-hub policy show`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PolicyShowArgs {
+    /// The hub's TOML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// This version instead of the one in force.
+    #[arg(long, value_name = "N")]
+    pub version: Option<u64>,
+    /// Print one JSON document (with the text).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `outpost-hub policy history`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PolicyHistoryArgs {
+    /// The hub's TOML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Print one JSON document (an array, without the texts).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `outpost-hub policy diff`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PolicyDiffArgs {
+    /// The older version.
+    #[arg(value_name = "A")]
+    pub a: u64,
+    /// The newer version.
+    #[arg(value_name = "B")]
+    pub b: u64,
+    /// The hub's TOML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+/// `outpost-hub audit …`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum AuditCommand {
+    /// The newest entries, oldest first.
+    List(AuditListArgs),
+    /// Check the whole chain; exit 1 naming the first entry that was edited
+    /// or removed.
+    Verify(AuditVerifyArgs),
+}
+
+/// `outpost-hub audit list`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuditListArgs {
+    /// The hub's TOML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// How many entries (all when not given).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Print one JSON document: `{"entries": [...], "head": "<hash>"}`.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `outpost-hub audit verify`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuditVerifyArgs {
+    /// The hub's TOML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The login name, for the audit log.
+pub fn login_name(env: &[(String, String)]) -> String {
+    let get = |k: &str| {
+        env.iter()
+            .find(|(n, v)| n == k && !v.is_empty())
+            .map(|(_, v)| v.clone())
+    };
+    get("SUDO_USER")
+        .or_else(|| get("USER"))
+        .or_else(|| get("LOGNAME"))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+fn load(config: &Path, env: &[(String, String)]) -> Result<(HubConfig, PathBuf), VerbError> {
+    let cfg = config::load(config, env.iter().cloned())?;
+    if cfg.store.kind != "sqlite" {
+        return Err(VerbError::NotSqlite {
+            path: config.to_owned(),
+            kind: cfg.store.kind,
+        });
+    }
+    let store = store_path(config, &cfg.hub.data_dir);
+    Ok((cfg, store))
+}
+
+/// Runs a `policy` verb.
+pub fn policy(
+    command: &PolicyCommand,
+    env: &[(String, String)],
+    out: &mut dyn io::Write,
+) -> Result<(), VerbError> {
+    match command {
+        PolicyCommand::Apply(args) => {
+            let (cfg, store) = load(&args.config, env)?;
+            let catalog = policy::catalog(&cfg);
+            let actor = args.actor.clone().unwrap_or_else(|| login_name(env));
+            let outcome = match (&args.file, args.version) {
+                (Some(file), _) => {
+                    let text = std::fs::read_to_string(file).map_err(|e| {
+                        VerbError::Policy(ApplyError::Read {
+                            path: file.clone(),
+                            message: e.to_string(),
+                        })
+                    })?;
+                    let mut conn = admin(&store)?;
+                    policy::apply(
+                        &mut conn,
+                        &store,
+                        &text,
+                        &file.display().to_string(),
+                        &actor,
+                        &catalog,
+                    )?
+                }
+                (None, Some(v)) => {
+                    let mut conn = admin(&store)?;
+                    policy::rollback(&mut conn, &store, v, &actor, &catalog)?
+                }
+                (None, None) => {
+                    return Err(VerbError::Usage(
+                        "policy apply: give a FILE or --version N".into(),
+                    ))
+                }
+            };
+            if args.json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_value(&outcome).unwrap_or_default()
+                )?;
+            } else {
+                match outcome {
+                    Applied::New { version, digest } => writeln!(
+                        out,
+                        "policy version {version} applied (sha256 {digest}); connected agents get it within seconds"
+                    )?,
+                    Applied::Unchanged { version } => writeln!(
+                        out,
+                        "unchanged: this text is policy version {version}, in force already"
+                    )?,
+                }
+            }
+        }
+        PolicyCommand::Show(args) => {
+            let (_, store) = load(&args.config, env)?;
+            let reader = StoreReader::open(&store)?;
+            let rec = match args.version {
+                Some(v) => policy::get(reader.connection(), &store, v)?
+                    .ok_or(VerbError::Policy(ApplyError::UnknownVersion(v)))?,
+                None => match policy::current(reader.connection(), &store)? {
+                    Some(r) => r,
+                    None => {
+                        if args.json {
+                            writeln!(out, "{}", serde_json::json!({"version": 0}))?;
+                        } else {
+                            writeln!(
+                                out,
+                                "no policy applied: every stream is allowed, to the store"
+                            )?;
+                        }
+                        return Ok(out.flush()?);
+                    }
+                },
+            };
+            if args.json {
+                writeln!(out, "{}", serde_json::to_value(&rec).unwrap_or_default())?;
+            } else {
+                writeln!(
+                    out,
+                    "# policy version {} applied {} by {} from {} (sha256 {})",
+                    rec.version,
+                    crate::verbs::time_text(outpost_protocols::event::Timestamp(rec.applied_at)),
+                    rec.actor,
+                    rec.source,
+                    rec.digest
+                )?;
+                out.write_all(rec.text.as_bytes())?;
+                if !rec.text.ends_with('\n') {
+                    writeln!(out)?;
+                }
+            }
+        }
+        PolicyCommand::History(args) => {
+            let (_, store) = load(&args.config, env)?;
+            let reader = StoreReader::open(&store)?;
+            let all = policy::history(reader.connection(), &store)?;
+            if args.json {
+                let j: Vec<serde_json::Value> = all
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "version": r.version,
+                            "applied_at": r.applied_at,
+                            "actor": r.actor,
+                            "source": r.source,
+                            "digest": r.digest,
+                        })
+                    })
+                    .collect();
+                writeln!(out, "{}", serde_json::Value::Array(j))?;
+            } else {
+                out.write_all(history_text(&all).as_bytes())?;
+            }
+        }
+        PolicyCommand::Diff(args) => {
+            let (_, store) = load(&args.config, env)?;
+            let reader = StoreReader::open(&store)?;
+            let get = |v: u64| -> Result<PolicyRecord, VerbError> {
+                policy::get(reader.connection(), &store, v)?
+                    .ok_or(VerbError::Policy(ApplyError::UnknownVersion(v)))
+            };
+            let (a, b) = (get(args.a)?, get(args.b)?);
+            let diff = similar::TextDiff::from_lines(&a.text, &b.text);
+            write!(
+                out,
+                "{}",
+                diff.unified_diff().header(
+                    &format!("policy v{}", a.version),
+                    &format!("policy v{}", b.version)
+                )
+            )?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn admin(store: &Path) -> Result<rusqlite::Connection, VerbError> {
+    if let Some(dir) = store.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            VerbError::Output(io::Error::new(
+                e.kind(),
+                format!("{}: cannot create data directory: {e}", dir.display()),
+            ))
+        })?;
+    }
+    Ok(open_admin(store)?)
+}
+
+fn history_text(all: &[PolicyRecord]) -> String {
+    if all.is_empty() {
+        return "no policy applied yet\n".into();
+    }
+    let mut s = String::new();
+    let newest = all.last().map_or(0, |r| r.version);
+    for r in all {
+        let _ = writeln!(
+            s,
+            "v{:<4} {} {:<12} {} sha256:{}{}",
+            r.version,
+            crate::verbs::time_text(outpost_protocols::event::Timestamp(r.applied_at)),
+            r.actor,
+            r.source,
+            &r.digest[..r.digest.len().min(12)],
+            if r.version == newest {
+                "  (in force)"
+            } else {
+                ""
+            }
+        );
+    }
+    s
+}
+
+/// Runs an `audit` verb.
+pub fn audit(
+    command: &AuditCommand,
+    env: &[(String, String)],
+    out: &mut dyn io::Write,
+) -> Result<(), VerbError> {
+    match command {
+        AuditCommand::List(args) => {
+            let (_, store) = load(&args.config, env)?;
+            let reader = StoreReader::open(&store)?;
+            let entries = audit::list(reader.connection(), &store, args.limit)?;
+            if args.json {
+                let head = entries.last().map_or(audit::GENESIS, |e| e.hash.as_str());
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({ "entries": entries, "head": head })
+                )?;
+            } else if entries.is_empty() {
+                writeln!(out, "the audit log is empty")?;
+            } else {
+                for e in &entries {
+                    writeln!(
+                        out,
+                        "{:>5} {} {:<10} {:<17} {:<8} {} — {}",
+                        e.id,
+                        crate::verbs::time_text(outpost_protocols::event::Timestamp(e.ts)),
+                        e.actor,
+                        e.action,
+                        e.result,
+                        e.target,
+                        e.detail
+                    )?;
+                }
+            }
+        }
+        AuditCommand::Verify(args) => {
+            let (_, store) = load(&args.config, env)?;
+            let reader = StoreReader::open(&store)?;
+            let verdict = audit::verify(reader.connection(), &store)?;
+            if args.json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_value(&verdict).unwrap_or_default()
+                )?;
+            }
+            match verdict {
+                Verdict::Intact { entries, head } => {
+                    if !args.json {
+                        writeln!(out, "audit log intact: {entries} entries, head {head}")?;
+                    }
+                }
+                Verdict::Broken { id, reason } => {
+                    out.flush()?;
+                    return Err(VerbError::AuditBroken { id, reason });
+                }
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// A hub's audit log, for the verbs that are not policy verbs (`ca issue
+/// --config`).
+#[derive(Debug)]
+pub struct AuditTarget {
+    store: PathBuf,
+}
+
+impl AuditTarget {
+    /// The audit log of the hub configured in `config`.
+    pub fn open(
+        config: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<AuditTarget, VerbError> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let (_, store) = load(config, &env)?;
+        Ok(AuditTarget { store })
+    }
+
+    /// Appends one entry in its own transaction.
+    pub fn record(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        detail: &str,
+    ) -> Result<u64, VerbError> {
+        let mut conn = admin(&self.store)?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .at(&self.store)?;
+        let id = audit::append(
+            &tx,
+            &self.store,
+            &audit::Entry {
+                ts: now(),
+                actor,
+                action,
+                target,
+                result: "ok",
+                detail,
+            },
+        )?;
+        tx.commit().at(&self.store)?;
+        Ok(id)
+    }
+}
+
+fn now() -> outpost_protocols::event::Timestamp {
+    outpost_protocols::event::Timestamp(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+            .unwrap_or(0),
+    )
+}
