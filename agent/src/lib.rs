@@ -14,6 +14,7 @@ pub mod config;
 pub mod logging;
 pub mod metrics;
 pub mod outbox;
+pub mod policy;
 pub mod report;
 pub mod run;
 pub mod sim;

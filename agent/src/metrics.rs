@@ -90,6 +90,12 @@ pub struct Metrics {
     /// Waiting events renumbered to follow a hub that holds seqs this outbox
     /// never assigned (a replaced, wiped or restored data directory).
     pub outbox_renumbered: Counter,
+    /// Events the policy dropped before they were stored or sent, by reason.
+    pub policy_dropped: Family<ReasonLabels, Counter>,
+    /// Events the policy minimised before they were stored.
+    pub policy_modified: Counter,
+    /// The policy version in force (0: none).
+    pub policy_version: Gauge,
     /// Bridged values or commands dropped because a queue was full or the
     /// peer was away.
     pub bridge_dropped: Counter,
@@ -193,6 +199,24 @@ impl Metrics {
             "Events the hub acknowledged and the outbox deleted",
             uplink_acked.clone(),
         );
+        let policy_dropped = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "policy_dropped",
+            "Events the policy dropped at the agent, by reason",
+            policy_dropped.clone(),
+        );
+        let policy_modified = Counter::default();
+        registry.register(
+            "policy_modified",
+            "Events the policy minimised at the agent",
+            policy_modified.clone(),
+        );
+        let policy_version = Gauge::default();
+        registry.register(
+            "policy_version",
+            "The policy version in force (0: none)",
+            policy_version.clone(),
+        );
         let outbox_renumbered = Counter::default();
         registry.register(
             "outbox_renumbered",
@@ -254,6 +278,9 @@ impl Metrics {
             uplink_sent,
             uplink_acked,
             outbox_renumbered,
+            policy_dropped,
+            policy_modified,
+            policy_version,
             bridge_dropped,
             outbox_errors,
             modbus_writes,
@@ -285,6 +312,17 @@ impl Metrics {
     pub fn evicted(&self, reason: &str, n: u64) {
         if n > 0 {
             self.events_evicted
+                .get_or_create(&ReasonLabels {
+                    reason: reason.into(),
+                })
+                .inc_by(n);
+        }
+    }
+
+    /// Counts events the policy dropped.
+    pub fn policy_dropped(&self, reason: &str, n: u64) {
+        if n > 0 {
+            self.policy_dropped
                 .get_or_create(&ReasonLabels {
                     reason: reason.into(),
                 })

@@ -16,7 +16,11 @@ use tracing::{info, warn};
 use crate::bridges::Publisher;
 use crate::config::AgentConfig;
 use crate::metrics::{self, Metrics};
-use crate::outbox::{spawn_writer, Outbox, OutboxConfig, OutboxError, OutboxHandle, WriterOptions};
+use crate::outbox::{
+    spawn_writer_with_policy, Outbox, OutboxConfig, OutboxError, OutboxHandle, PolicyGate,
+    WriterOptions,
+};
+use crate::policy::{PolicyFileError, PolicyStore};
 use crate::sources::modbus::ModbusSource;
 use crate::sources::mqtt::MqttSource;
 use crate::sources::WriteCommand;
@@ -37,6 +41,10 @@ pub enum RunError {
     /// The outbox could not be opened or failed.
     #[error(transparent)]
     Outbox(#[from] OutboxError),
+    /// The persisted fleet policy cannot be read: the agent does not start
+    /// rather than run without the rules it was given.
+    #[error("{0}; delete the file to take the hub's policy at the next connection")]
+    Policy(#[from] PolicyFileError),
     /// The outbox writer thread died; what it had not committed was never
     /// acknowledged to anyone.
     #[error("outbox writer failed: {0}")]
@@ -69,16 +77,29 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ru
         message: e.to_string(),
     })?;
     let outbox = Outbox::open(&outbox_config(&cfg), cfg.agent_id.clone())?;
+    let policy = PolicyStore::open(&cfg.data_dir, &cfg.labels)?;
+    let metrics = Metrics::new();
+    let in_force = policy.current();
+    metrics
+        .policy_version
+        .set(i64::try_from(in_force.version.0).unwrap_or(i64::MAX));
+    if in_force.version.0 > 0 {
+        info!(policy_version = in_force.version.0, rules = in_force.compiled.rules(), "Policy in force from the data directory.");
+    }
     let writer_stop = CancellationToken::new();
-    let (handle, writer) = spawn_writer(
+    let (handle, writer) = spawn_writer_with_policy(
         outbox,
         WriterOptions {
             max_batch: cfg.outbox.commit_batch,
             window: cfg.outbox.commit_window,
         },
+        Some(PolicyGate::new(
+            policy.subscribe(),
+            cfg.labels.clone(),
+            metrics.clone(),
+        )),
         writer_stop.clone(),
     );
-    let metrics = Metrics::new();
     let mut tasks = JoinSet::new();
 
     if !cfg.observability.metrics.is_empty() {
@@ -142,6 +163,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ru
             handle.clone(),
             cfg.labels.clone(),
             metrics.clone(),
+            policy.clone(),
         );
         uplink_task.spawn(u.run(uplink_stop.clone()));
     }

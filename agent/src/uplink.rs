@@ -21,9 +21,12 @@ use outpost_protocols::{EventBody, Seq};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use outpost_protocols::policy::{Enforcer, Over, PolicyVersion, Stage, TokenBucket, Verdict};
+
 use crate::config::UplinkSection;
 use crate::metrics::Metrics;
 use crate::outbox::{OutboxError, OutboxHandle, Resumed};
+use crate::policy::PolicyStore;
 
 /// Why a connection to the hub ended.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +78,64 @@ pub struct Uplink {
     outbox: OutboxHandle,
     info: AgentInfo,
     metrics: Arc<Metrics>,
+    policy: PolicyStore,
+}
+
+/// The policy as the uplink applies it to what leaves: the stateless part
+/// again (events stored under an older policy), and a `hold` rate per agent,
+/// which paces sending while the events wait in the outbox.
+struct SendGate {
+    version: PolicyVersion,
+    recheck: Option<Enforcer>,
+    events: Option<TokenBucket>,
+    bytes: Option<TokenBucket>,
+    clock: Instant,
+}
+
+impl SendGate {
+    fn new(store: &PolicyStore) -> SendGate {
+        let p = store.current();
+        let hold = p
+            .compiled
+            .agent_rate()
+            .filter(|r| r.over == Over::Hold);
+        SendGate {
+            version: p.version,
+            recheck: (!p.is_permissive()).then(|| Enforcer::new(p.compiled.clone())),
+            events: hold.and_then(|r| r.events_per_sec.map(TokenBucket::new)),
+            bytes: hold.and_then(|r| r.bytes_per_sec.map(TokenBucket::new)),
+            clock: Instant::now(),
+        }
+    }
+
+    /// Follows the policy in force.
+    fn refresh(&mut self, store: &PolicyStore) {
+        if store.current().version != self.version {
+            *self = SendGate::new(store);
+        }
+    }
+
+    fn now(&self) -> i64 {
+        i64::try_from(self.clock.elapsed().as_nanos()).unwrap_or(i64::MAX)
+    }
+
+    /// How long until one more event of `size` bytes may be sent.
+    fn wait(&mut self, size: usize) -> Duration {
+        let now = self.now();
+        let e = self.events.as_mut().map_or(0, |b| b.wait(now, 1.0));
+        let b = self.bytes.as_mut().map_or(0, |b| b.wait(now, size as f64));
+        Duration::from_nanos(u64::try_from(e.max(b)).unwrap_or(0))
+    }
+
+    fn take(&mut self, size: usize) {
+        let now = self.now();
+        if let Some(b) = &mut self.events {
+            let _ = b.try_take(now, 1.0);
+        }
+        if let Some(b) = &mut self.bytes {
+            let _ = b.try_take(now, size as f64);
+        }
+    }
 }
 
 enum Ended {
@@ -89,6 +150,7 @@ impl Uplink {
         outbox: OutboxHandle,
         labels: std::collections::BTreeMap<String, String>,
         metrics: Arc<Metrics>,
+        policy: PolicyStore,
     ) -> Uplink {
         Uplink {
             settings,
@@ -98,6 +160,7 @@ impl Uplink {
                 labels,
             },
             metrics,
+            policy,
         }
     }
 
@@ -226,6 +289,13 @@ impl Uplink {
             .map_err(|e| UplinkError::Connection(e.to_string()))?;
         let mut session =
             AgentSession::new(Instant::now(), self.info.clone(), AgentConfig::default());
+        session.report_policy(self.policy.current().version.0, None);
+        let mut gate = SendGate::new(&self.policy);
+        // The last seq read from the outbox and either pushed or, denied by
+        // the policy, skipped: reading resumes after it.
+        let mut cursor = Seq(0);
+        // While a `hold` rate is exhausted: when sending may go on.
+        let mut paced: Option<tokio::time::Instant> = None;
         let mut committed = self.outbox.committed();
         let mut buf = vec![0u8; 64 * 1024];
         let mut out = Vec::with_capacity(64 * 1024);
@@ -258,6 +328,21 @@ impl Uplink {
                         // were committed.
                         ack_wanted = ack_wanted.max(upto.min(*committed.borrow()));
                     }
+                    AgentEvent::Policy { version, text } => {
+                        match self.policy.install(version, &text) {
+                            Ok(p) => {
+                                info!(policy_version = version, rules = p.compiled.rules(), "Policy from the hub in force.");
+                                self.metrics.policy_version.set(i64::try_from(version).unwrap_or(i64::MAX));
+                                session.report_policy(version, None);
+                            }
+                            Err(e) => {
+                                let running = self.policy.current().version.0;
+                                warn!(policy_version = version, running, error = %e, "Refused the policy from the hub; the previous one stays in force.");
+                                session.report_policy(running, Some(&e));
+                            }
+                        }
+                        gate.refresh(&self.policy);
+                    }
                     AgentEvent::Closed { error } => {
                         let _ = send.finish();
                         if let Some(job) = ack_job.take() {
@@ -278,7 +363,8 @@ impl Uplink {
             // Stopping: send what is committed, wait for its acks, say goodbye
             // (or give up at `stop_by`; the hub dedups what is resent).
             let last = *committed.borrow();
-            if stopping && session.unacked() == 0 && last <= session.read_after() {
+            cursor = cursor.max(session.read_after());
+            if stopping && session.unacked() == 0 && last <= cursor {
                 session.goodbye();
                 continue;
             }
@@ -293,16 +379,20 @@ impl Uplink {
             // Feed the session from the outbox while it has room.
             let can_feed = session.is_streaming()
                 && session.wants() > 0
-                && (session.unacked() == 0 || session.wants() >= REFILL_AT);
-            if can_feed && last > session.read_after() {
+                && (session.unacked() == 0 || session.wants() >= REFILL_AT)
+                && paced.is_none_or(|t| t <= tokio::time::Instant::now());
+            if can_feed && last > cursor {
+                paced = None;
+                gate.refresh(&self.policy);
                 let n = session.wants().min(READ_CHUNK);
-                let events = self.outbox.read_batch(session.read_after(), n).await?;
+                let events = self.outbox.read_batch(cursor, n).await?;
                 if !events.is_empty() {
-                    let batch: Vec<(Seq, EventBody)> =
-                        events.into_iter().map(|e| (e.seq, e.body)).collect();
-                    self.metrics.uplink_sent.inc_by(batch.len() as u64);
-                    session.push_events(batch)?;
-                    continue;
+                    let (sent, skipped) = self.feed(&mut session, &mut gate, &mut cursor, &mut paced, events)?;
+                    self.metrics.uplink_sent.inc_by(sent);
+                    self.metrics.policy_dropped("denied_at_send", skipped);
+                    if sent + skipped > 0 {
+                        continue;
+                    }
                 }
             }
             let deadline = session
@@ -329,6 +419,9 @@ impl Uplink {
                     Ok(None) => return Err(UplinkError::Connection("the hub finished the stream".into())),
                     Err(e) => return Err(UplinkError::Connection(e.to_string())),
                 },
+                () = tokio::time::sleep_until(paced.unwrap_or_else(tokio::time::Instant::now)), if paced.is_some() => {
+                    paced = None;
+                }
                 changed = committed.changed(), if can_feed => {
                     if changed.is_err() {
                         // The outbox writer is gone: the agent is stopping.
@@ -343,6 +436,44 @@ impl Uplink {
                 }
             }
         }
+    }
+
+    /// Pushes what the policy lets through of `events` (read after `cursor`)
+    /// and moves the cursor past what it pushed or skipped; stops early when
+    /// a `hold` rate is exhausted, setting `paced`. Returns (pushed, skipped).
+    fn feed(
+        &self,
+        session: &mut AgentSession,
+        gate: &mut SendGate,
+        cursor: &mut Seq,
+        paced: &mut Option<tokio::time::Instant>,
+        events: Vec<outpost_protocols::Event>,
+    ) -> Result<(u64, u64), UplinkError> {
+        let (mut sent, mut skipped) = (0u64, 0u64);
+        let mut batch: Vec<(Seq, EventBody)> = Vec::with_capacity(events.len());
+        for e in events {
+            let mut body = e.body;
+            if let Some(r) = &mut gate.recheck {
+                if let Verdict::Drop(reason) = r.apply(&mut body, Stage::Recheck) {
+                    tracing::trace!(seq = e.seq.0, stream = %body.stream, reason = reason.name(), "Not sent: the policy in force denies it.");
+                    skipped += 1;
+                    *cursor = e.seq;
+                    continue;
+                }
+            }
+            let size = body.value.payload_len();
+            let wait = gate.wait(size);
+            if !wait.is_zero() {
+                *paced = Some(tokio::time::Instant::now() + wait);
+                break;
+            }
+            gate.take(size);
+            *cursor = e.seq;
+            batch.push((e.seq, body));
+        }
+        sent += batch.len() as u64;
+        session.push_events(batch)?;
+        Ok((sent, skipped))
     }
 
     /// Applies the hub's watermark: deletes what the hub holds or, when the

@@ -84,4 +84,6 @@ pub use store::{
     AppendOutcome, Eviction, Outbox, OutboxConfig, OutboxReader, OutboxStats, Qos2Op, Resumed,
     Synchronous, ROW_OVERHEAD, SCHEMA_VERSION,
 };
-pub use writer::{spawn_writer, OutboxHandle, PendingAppend, WriterOptions};
+pub use writer::{
+    spawn_writer, spawn_writer_with_policy, OutboxHandle, PendingAppend, PolicyGate, WriterOptions,
+};

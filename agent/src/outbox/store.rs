@@ -369,9 +369,19 @@ impl Outbox {
         })
     }
 
-    /// The configuration the outbox was opened with.
+    /// The configuration in force: as opened, with any limits the fleet
+    /// policy set since ([`set_limits`](Self::set_limits)).
     pub fn config(&self) -> &OutboxConfig {
         &self.cfg
+    }
+
+    /// Replaces the buffer limits (the fleet policy's `[[buffer]]` overrides
+    /// the local `[outbox]` settings); they apply from the next append or
+    /// age eviction on.
+    pub fn set_limits(&mut self, max_bytes: u64, max_age: Option<Duration>, eviction: Eviction) {
+        self.cfg.max_bytes = max_bytes;
+        self.cfg.max_age = max_age;
+        self.cfg.eviction = eviction;
     }
 
     /// Stores `bodies` and applies `qos2` in one transaction; see

@@ -23,7 +23,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{AppendOutcome, Outbox, OutboxError, OutboxStats, Qos2Op, Resumed};
+use std::sync::Arc;
+
+use outpost_protocols::policy::{Enforcer, Stage, Verdict};
+
+use super::{AppendOutcome, Eviction, Outbox, OutboxError, OutboxStats, Qos2Op, Resumed};
+use crate::metrics::Metrics;
+use crate::policy::AgentPolicy;
 
 /// Requests that may wait for the writer before `append` itself waits: the
 /// backpressure that keeps a fast source from filling memory.
@@ -213,6 +219,101 @@ pub fn spawn_writer(
     opts: WriterOptions,
     shutdown: CancellationToken,
 ) -> (OutboxHandle, JoinHandle<Result<Outbox, OutboxError>>) {
+    spawn_writer_with_policy(outbox, opts, None, shutdown)
+}
+
+/// The fleet policy as the writer applies it: every append passes through it
+/// before it is stored for upload, and its buffer limits replace the local
+/// ones.
+pub struct PolicyGate {
+    rx: watch::Receiver<Arc<AgentPolicy>>,
+    labels: std::collections::BTreeMap<String, String>,
+    metrics: Arc<Metrics>,
+    /// The outbox limits of the local config, restored when a policy sets
+    /// none.
+    local: (u64, Option<Duration>, Eviction),
+    enforcer: Option<Enforcer>,
+}
+
+impl PolicyGate {
+    /// A gate following `rx`, for an agent with `labels`.
+    pub fn new(
+        mut rx: watch::Receiver<Arc<AgentPolicy>>,
+        labels: std::collections::BTreeMap<String, String>,
+        metrics: Arc<Metrics>,
+    ) -> PolicyGate {
+        // The first refresh applies the policy in force now.
+        rx.mark_changed();
+        PolicyGate {
+            rx,
+            labels,
+            metrics,
+            local: (0, None, Eviction::DropOldest),
+            enforcer: None,
+        }
+    }
+
+    /// Picks up a policy put in force since the last look.
+    fn refresh(&mut self, outbox: &mut Outbox) {
+        if !self.rx.has_changed().unwrap_or(false) {
+            return;
+        }
+        let p = self.rx.borrow_and_update().clone();
+        self.enforcer = if p.is_permissive() {
+            None
+        } else {
+            Some(Enforcer::new(p.compiled.clone()))
+        };
+        let (max_bytes, max_age, eviction) = self.local;
+        let limits = p.policy.buffer_for(&self.labels);
+        let eviction_of = |e: &str| match e {
+            "refuse-new" => Eviction::RefuseNew,
+            _ => Eviction::DropOldest,
+        };
+        outbox.set_limits(
+            limits.and_then(|l| l.max_bytes).unwrap_or(max_bytes),
+            limits.and_then(|l| l.max_age).or(max_age),
+            limits
+                .and_then(|l| l.eviction.as_deref())
+                .map_or(eviction, eviction_of),
+        );
+        self.metrics.policy_version.set(i64::try_from(p.version.0).unwrap_or(i64::MAX));
+        debug!(policy_version = p.version.0, rules = p.compiled.rules(), "Outbox writer enforces the policy.");
+    }
+
+    /// Drops and minimises `bodies` as the policy says.
+    fn filter(&mut self, bodies: &mut Vec<EventBody>) {
+        let Some(enforcer) = &mut self.enforcer else {
+            return;
+        };
+        let metrics = &self.metrics;
+        bodies.retain_mut(|b| match enforcer.apply(b, Stage::Ingest) {
+            Verdict::Keep { modified, .. } => {
+                if modified {
+                    metrics.policy_modified.inc();
+                }
+                true
+            }
+            Verdict::Drop(reason) => {
+                metrics.policy_dropped(reason.name(), 1);
+                false
+            }
+        });
+    }
+}
+
+/// [`spawn_writer`] with the fleet policy applied to every append.
+pub fn spawn_writer_with_policy(
+    outbox: Outbox,
+    opts: WriterOptions,
+    gate: Option<PolicyGate>,
+    shutdown: CancellationToken,
+) -> (OutboxHandle, JoinHandle<Result<Outbox, OutboxError>>) {
+    let mut gate = gate;
+    if let Some(g) = &mut gate {
+        let c = outbox.config();
+        g.local = (c.max_bytes, c.max_age, c.eviction);
+    }
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
     let last = outbox
         .stats()
@@ -224,7 +325,7 @@ pub fn spawn_writer(
     let join = tokio::task::spawn_blocking(move || {
         // Stops the helper task however the writer ends, panics included.
         let _done = done.drop_guard();
-        run(outbox, opts, rx, committed_tx)
+        run(outbox, opts, gate, rx, committed_tx)
     });
     (OutboxHandle { tx, committed }, join)
 }
@@ -265,6 +366,7 @@ fn now() -> Timestamp {
 fn run(
     mut outbox: Outbox,
     opts: WriterOptions,
+    mut gate: Option<PolicyGate>,
     mut rx: mpsc::Receiver<Request>,
     committed: watch::Sender<Seq>,
 ) -> Result<Outbox, OutboxError> {
@@ -282,7 +384,13 @@ fn run(
         match request {
             Request::Append(first) => {
                 let mut tick = false;
-                let group = collect(first, &opts, &mut rx, &mut next, &mut tick);
+                let mut group = collect(first, &opts, &mut rx, &mut next, &mut tick);
+                if let Some(g) = &mut gate {
+                    g.refresh(&mut outbox);
+                    for a in &mut group {
+                        g.filter(&mut a.bodies);
+                    }
+                }
                 if let Some(last) = commit(&mut outbox, group) {
                     committed.send_if_modified(|s| {
                         let newer = last > *s;
@@ -319,7 +427,12 @@ fn run(
             Request::Qos2Pending { reply } => {
                 let _ = reply.send(outbox.qos2_pending());
             }
-            Request::Tick => expire(&mut outbox),
+            Request::Tick => {
+                if let Some(g) = &mut gate {
+                    g.refresh(&mut outbox);
+                }
+                expire(&mut outbox);
+            }
             Request::Shutdown => {
                 // Refuse new requests; the loop still drains the queued ones.
                 debug!("Outbox writer shutting down.");

@@ -1,0 +1,231 @@
+//! The fleet policy at the agent: persisted in the data directory, so that a
+//! restart without an uplink keeps enforcing it, and handed to the outbox
+//! writer (which applies it before anything is stored for upload) and the
+//! uplink (which applies its stateless part again to what waits from before
+//! a change, so denied data never crosses the wire).
+//!
+//! ```text
+//! <data_dir>/policy.json   {"version": N, "text": "<the TOML document>"}
+//!                          written to policy.json.tmp, fsynced, renamed
+//! ```
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use outpost_protocols::policy::{Catalog, Compiled, Policy, PolicyError, PolicyVersion};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// The file name inside the data directory.
+pub const FILE_NAME: &str = "policy.json";
+
+/// The policy in force at this agent, compiled for its labels.
+#[derive(Debug)]
+pub struct AgentPolicy {
+    /// The version (0: none).
+    pub version: PolicyVersion,
+    /// The parsed document.
+    pub policy: Policy,
+    /// Its rules for this agent's labels.
+    pub compiled: Arc<Compiled>,
+}
+
+impl AgentPolicy {
+    /// No policy: everything allowed.
+    pub fn none(labels: &BTreeMap<String, String>) -> AgentPolicy {
+        let policy = Policy::default();
+        let compiled = Arc::new(policy.compile(labels, &Catalog::trusting()));
+        AgentPolicy {
+            version: PolicyVersion(0),
+            policy,
+            compiled,
+        }
+    }
+
+    /// Whether it can change any event: without rules and with the default
+    /// allow, the uplink need not look at what it sends.
+    pub fn is_permissive(&self) -> bool {
+        self.version.0 == 0
+            || (self.compiled.rules() == 0
+                && self.policy.default_action == outpost_protocols::policy::Action::Allow
+                && !self.policy.default_sinks.is_empty())
+    }
+
+    fn parse(
+        version: u64,
+        text: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<AgentPolicy, PolicyError> {
+        // The hub validated the sinks and residency against its own catalog;
+        // the agent checks the language and compiles its rules.
+        let policy = Policy::parse(text, &Catalog::trusting())?;
+        let compiled = Arc::new(policy.compile(labels, &Catalog::trusting()));
+        Ok(AgentPolicy {
+            version: PolicyVersion(version),
+            policy,
+            compiled,
+        })
+    }
+}
+
+/// Why the persisted policy could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyFileError {
+    /// The file could not be read or written.
+    #[error("{path}: {message}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        message: String,
+    },
+    /// The file is not what this agent writes.
+    #[error("{path}: not a policy file: {message}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The document in it does not parse (a newer language?).
+    #[error("{path}: policy version {version}: {error}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        version: u64,
+        /// Why.
+        error: PolicyError,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OnDisk {
+    version: u64,
+    text: String,
+}
+
+/// The policy state of a running agent: what is in force, published to the
+/// writer and the uplink.
+#[derive(Debug, Clone)]
+pub struct PolicyStore {
+    path: PathBuf,
+    labels: BTreeMap<String, String>,
+    tx: Arc<watch::Sender<Arc<AgentPolicy>>>,
+}
+
+impl PolicyStore {
+    /// Loads `<data_dir>/policy.json` (none: no policy yet).
+    pub fn open(
+        data_dir: &Path,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<PolicyStore, PolicyFileError> {
+        let path = data_dir.join(FILE_NAME);
+        let current = match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let d: OnDisk =
+                    serde_json::from_str(&text).map_err(|e| PolicyFileError::Corrupt {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })?;
+                AgentPolicy::parse(d.version, &d.text, labels).map_err(|error| {
+                    PolicyFileError::Invalid {
+                        path: path.clone(),
+                        version: d.version,
+                        error,
+                    }
+                })?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => AgentPolicy::none(labels),
+            Err(e) => {
+                return Err(PolicyFileError::Io {
+                    path,
+                    message: e.to_string(),
+                })
+            }
+        };
+        let (tx, _) = watch::channel(Arc::new(current));
+        Ok(PolicyStore {
+            path,
+            labels: labels.clone(),
+            tx: Arc::new(tx),
+        })
+    }
+
+    /// The policy in force.
+    pub fn current(&self) -> Arc<AgentPolicy> {
+        self.tx.borrow().clone()
+    }
+
+    /// A receiver that sees every policy put in force.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<AgentPolicy>> {
+        self.tx.subscribe()
+    }
+
+    /// Validates a pushed policy, persists it, then puts it in force. On any
+    /// error the policy in force stays as it was.
+    pub fn install(&self, version: u64, text: &str) -> Result<Arc<AgentPolicy>, String> {
+        let new = AgentPolicy::parse(version, text, &self.labels).map_err(|e| e.to_string())?;
+        self.persist(version, text).map_err(|e| e.to_string())?;
+        let new = Arc::new(new);
+        self.tx.send_replace(new.clone());
+        Ok(new)
+    }
+
+    fn persist(&self, version: u64, text: &str) -> Result<(), PolicyFileError> {
+        let io = |e: std::io::Error| PolicyFileError::Io {
+            path: self.path.clone(),
+            message: e.to_string(),
+        };
+        let body = serde_json::to_vec(&OnDisk {
+            version,
+            text: text.to_owned(),
+        })
+        .map_err(|e| PolicyFileError::Corrupt {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })?;
+        let tmp = self.path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&body).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        drop(f);
+        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        // The rename is durable once the directory is flushed.
+        if let Some(dir) = self.path.parent() {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_installed_policy_survives_a_restart_and_a_bad_one_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let labels = BTreeMap::from([("site".to_owned(), "a".to_owned())]);
+        let store = PolicyStore::open(dir.path(), &labels).expect("opens");
+        assert_eq!(store.current().version, PolicyVersion(0));
+        let text = "[[rules]]\nstreams = [\"x/#\"]\naction = \"deny\"\n";
+        store.install(3, text).expect("installs");
+        assert!(store.install(4, "rules = [").is_err());
+        assert_eq!(store.current().version, PolicyVersion(3));
+        let again = PolicyStore::open(dir.path(), &labels).expect("reopens");
+        assert_eq!(again.current().version, PolicyVersion(3));
+        assert_eq!(again.current().compiled.rule_for("x/y"), Some("rules[0]"));
+        std::fs::write(dir.path().join(FILE_NAME), "{").expect("damages");
+        assert!(matches!(
+            PolicyStore::open(dir.path(), &labels),
+            Err(PolicyFileError::Corrupt { .. })
+        ));
+    }
+}
