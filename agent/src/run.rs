@@ -84,7 +84,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ru
         .policy_version
         .set(i64::try_from(in_force.version.0).unwrap_or(i64::MAX));
     if in_force.version.0 > 0 {
-        info!(policy_version = in_force.version.0, rules = in_force.compiled.rules(), "Policy in force from the data directory.");
+        info!(
+            policy_version = in_force.version.0,
+            rules = in_force.compiled.rules(),
+            "Policy in force from the data directory."
+        );
     }
     let writer_stop = CancellationToken::new();
     let (handle, writer) = spawn_writer_with_policy(

@@ -95,10 +95,7 @@ struct SendGate {
 impl SendGate {
     fn new(store: &PolicyStore) -> SendGate {
         let p = store.current();
-        let hold = p
-            .compiled
-            .agent_rate()
-            .filter(|r| r.over == Over::Hold);
+        let hold = p.compiled.agent_rate().filter(|r| r.over == Over::Hold);
         SendGate {
             version: p.version,
             recheck: (!p.is_permissive()).then(|| Enforcer::new(p.compiled.clone())),
@@ -331,8 +328,14 @@ impl Uplink {
                     AgentEvent::Policy { version, text } => {
                         match self.policy.install(version, &text) {
                             Ok(p) => {
-                                info!(policy_version = version, rules = p.compiled.rules(), "Policy from the hub in force.");
-                                self.metrics.policy_version.set(i64::try_from(version).unwrap_or(i64::MAX));
+                                info!(
+                                    policy_version = version,
+                                    rules = p.compiled.rules(),
+                                    "Policy from the hub in force."
+                                );
+                                self.metrics
+                                    .policy_version
+                                    .set(i64::try_from(version).unwrap_or(i64::MAX));
                                 session.report_policy(version, None);
                             }
                             Err(e) => {
@@ -387,7 +390,8 @@ impl Uplink {
                 let n = session.wants().min(READ_CHUNK);
                 let events = self.outbox.read_batch(cursor, n).await?;
                 if !events.is_empty() {
-                    let (sent, skipped) = self.feed(&mut session, &mut gate, &mut cursor, &mut paced, events)?;
+                    let (sent, skipped) =
+                        self.feed(&mut session, &mut gate, &mut cursor, &mut paced, events)?;
                     self.metrics.uplink_sent.inc_by(sent);
                     self.metrics.policy_dropped("denied_at_send", skipped);
                     if sent + skipped > 0 {

@@ -134,6 +134,9 @@ pub struct Load {
     pub labels: BTreeMap<String, String>,
     /// Its events.
     pub events: Vec<(Seq, EventBody)>,
+    /// The newest protocol version it offers: 1 behaves like an agent from
+    /// before the policy push.
+    pub max_version: u16,
 }
 
 impl Load {
@@ -142,6 +145,7 @@ impl Load {
         Ok(Load {
             labels: BTreeMap::new(),
             events: events(agent, n)?,
+            max_version: outpost_protocols::wire::PROTOCOL_VERSION,
         })
     }
 }
@@ -218,7 +222,10 @@ async fn connection(
             agent_version: "fleet-sim".into(),
             labels: load.labels.clone(),
         },
-        AgentConfig::default(),
+        AgentConfig {
+            max_version: load.max_version,
+            ..AgentConfig::default()
+        },
     );
     let mut next = 0usize;
     let mut welcome = None;

@@ -511,12 +511,17 @@ impl Hub {
     /// Writes `dir/hub.toml` (store in `dir/hub-data`, the certificates of
     /// `pki`, a free UDP port, `synchronous = "full"`) and starts the hub.
     pub fn start(dir: &Path, pki: &Pki) -> Result<Hub> {
+        Hub::start_with(dir, pki, "")
+    }
+
+    /// [`Hub::start`] with more `[hub]` keys (`region = "eu-west"`).
+    pub fn start_with(dir: &Path, pki: &Pki, hub_keys: &str) -> Result<Hub> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
         let config = dir.join("hub.toml");
         std::fs::write(
             &config,
             format!(
-                "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[store]\nsynchronous = \"full\"\n\n[observability]\nlog = \"info\"\n",
+                "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{hub_keys}\n\n[store]\nsynchronous = \"full\"\n\n[observability]\nlog = \"info\"\n",
                 pki.hub_dir.join("ca.pem").display(),
                 pki.hub_dir.join("hub.pem").display(),
                 pki.hub_dir.join("hub.key").display(),
@@ -638,6 +643,34 @@ impl Hub {
             .lines()
             .map(|l| serde_json::from_str(l).with_context(|| format!("events tail line {l:?}")))
             .collect()
+    }
+
+    /// Runs `outpost-hub ARGS --config <this hub's config>`: (exit code,
+    /// stdout, stderr), whatever the code.
+    pub fn cli(&self, args: &[&str]) -> Result<(i32, String, String)> {
+        let mut all = args.to_vec();
+        all.extend(["--config", path_str(&self.config)?]);
+        run_cli(&bin("outpost-hub")?, &all)
+    }
+
+    /// The stored events whose stream matches `pattern` (every agent), in
+    /// store order, at most `limit`.
+    pub fn events_of(&self, pattern: &str, limit: usize) -> Result<Vec<serde_json::Value>> {
+        let limit = limit.to_string();
+        hub_verb(&[
+            "events",
+            "tail",
+            "--config",
+            path_str(&self.config)?,
+            "--stream",
+            pattern,
+            "--limit",
+            &limit,
+            "--json",
+        ])?
+        .lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("events tail line {l:?}")))
+        .collect()
     }
 
     /// `outpost-hub fleet list --json`: an array of agents.

@@ -277,8 +277,14 @@ impl PolicyGate {
                 .and_then(|l| l.eviction.as_deref())
                 .map_or(eviction, eviction_of),
         );
-        self.metrics.policy_version.set(i64::try_from(p.version.0).unwrap_or(i64::MAX));
-        debug!(policy_version = p.version.0, rules = p.compiled.rules(), "Outbox writer enforces the policy.");
+        self.metrics
+            .policy_version
+            .set(i64::try_from(p.version.0).unwrap_or(i64::MAX));
+        debug!(
+            policy_version = p.version.0,
+            rules = p.compiled.rules(),
+            "Outbox writer enforces the policy."
+        );
     }
 
     /// Drops and minimises `bodies` as the policy says.
