@@ -45,6 +45,24 @@ enum Command {
         #[command(subcommand)]
         command: OutboxCommand,
     },
+    /// The fleet policy in force at this agent (works while the agent runs).
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// The version in force, how many of its rules select this agent, and
+    /// its text.
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -89,6 +107,12 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Outbox { command } => return outbox(command),
+        Command::Policy {
+            command: PolicyCommand::Show { config, json },
+        } => match load(&config.config) {
+            Ok(c) => return policy_show(&c, json),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -143,6 +167,41 @@ fn outbox_verb(cfg: &AgentConfig, command: OutboxCommand) -> anyhow::Result<()> 
         }
     }
     Ok(())
+}
+
+fn policy_show(cfg: &AgentConfig, json: bool) -> ExitCode {
+    let store = match outpost_agent::policy::PolicyStore::open(&cfg.data_dir, &cfg.labels) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let p = store.current();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "version": p.version.0,
+                "rules": p.compiled.rules(),
+                "text": p.text,
+            })
+        );
+    } else if p.version.0 == 0 {
+        println!("no policy from the hub yet: every stream is allowed");
+    } else {
+        println!(
+            "# policy version {} in force; {} of its {} rules select this agent",
+            p.version.0,
+            p.compiled.rules(),
+            p.policy.rules.len()
+        );
+        print!("{}", p.text);
+        if !p.text.ends_with('\n') {
+            println!();
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn run(cfg: AgentConfig) -> ExitCode {

@@ -26,6 +26,8 @@ pub const FILE_NAME: &str = "policy.json";
 pub struct AgentPolicy {
     /// The version (0: none).
     pub version: PolicyVersion,
+    /// The document as the hub sent it.
+    pub text: String,
     /// The parsed document.
     pub policy: Policy,
     /// Its rules for this agent's labels.
@@ -39,6 +41,7 @@ impl AgentPolicy {
         let compiled = Arc::new(policy.compile(labels, &Catalog::trusting()));
         AgentPolicy {
             version: PolicyVersion(0),
+            text: String::new(),
             policy,
             compiled,
         }
@@ -64,6 +67,7 @@ impl AgentPolicy {
         let compiled = Arc::new(policy.compile(labels, &Catalog::trusting()));
         Ok(AgentPolicy {
             version: PolicyVersion(version),
+            text: text.to_owned(),
             policy,
             compiled,
         })

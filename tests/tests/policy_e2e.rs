@@ -358,6 +358,14 @@ fn a_policy_applied_while_the_agent_sends_is_enforced_within_seconds_and_survive
             .contains("Policy in force from the data directory"),
         "the agent did not say which policy it runs"
     );
+    let (code, out, err) = outpost_tests::run_cli(
+        &outpost_tests::bin("outpost-agent")?,
+        &["policy", "show", "--config", path(&agent.config)?, "--json"],
+    )?;
+    ensure!(code == 0, "policy show: {err}");
+    let shown: serde_json::Value = serde_json::from_str(&out)?;
+    ensure!(shown["version"] == 2 && shown["rules"] == 3, "{shown}");
+    ensure!(shown["text"].as_str() == Some(MINIMISE), "{shown}");
     Ok(())
 }
 
