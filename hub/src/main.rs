@@ -124,6 +124,10 @@ fn main() -> ExitCode {
                     c.hub.data_dir.display()
                 );
                 println!("store {} synchronous={}", c.store.kind, c.store.synchronous);
+                println!(
+                    "region {} (policy residency: the store is in this region)",
+                    c.hub.region.as_deref().unwrap_or("not set")
+                );
                 println!("api {}", c.api.listen);
                 ExitCode::SUCCESS
             }
