@@ -700,4 +700,60 @@ mod tests {
         drop(handle);
         join.await.expect("joins").expect("writer ends cleanly");
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_policy_gate_drops_denied_events_and_its_buffer_limits_replace_the_local_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let labels = BTreeMap::from([("site".to_owned(), "a".to_owned())]);
+        let policy = crate::policy::PolicyStore::open(dir.path(), &labels).expect("policy");
+        let metrics = Metrics::new();
+        let gate = PolicyGate::new(policy.subscribe(), labels, metrics.clone());
+        let (handle, join) = spawn_writer_with_policy(
+            open(&dir),
+            WriterOptions::default(),
+            Some(gate),
+            CancellationToken::new(),
+        );
+        let mut denied = body(1, now().0);
+        denied.stream = StreamName::parse("plc1/debug").expect("valid");
+        // No policy yet: both are stored.
+        let o = handle
+            .append(vec![body(0, now().0), denied.clone()], vec![])
+            .await
+            .expect("appends");
+        assert_eq!(o.accepted, 2);
+        policy
+            .install(
+                1,
+                "[[rules]]\nstreams = [\"plc1/debug\"]\naction = \"deny\"\n\n[[buffer]]\nmax_bytes = \"1MiB\"\neviction = \"refuse-new\"\n",
+            )
+            .expect("installs");
+        let o = handle
+            .append(vec![body(2, now().0), denied.clone(), body(3, now().0)], vec![])
+            .await
+            .expect("appends");
+        assert_eq!((o.accepted, o.refused), (2, 0), "the denied event is not stored");
+        let streams: Vec<String> = handle
+            .read_batch(Seq(0), 100)
+            .await
+            .expect("reads")
+            .into_iter()
+            .map(|e| e.body.stream.as_str().to_owned())
+            .collect();
+        assert_eq!(streams.iter().filter(|s| *s == "plc1/debug").count(), 1, "{streams:?}");
+        // 1 MiB and refuse-new from the policy, not the local 2 GiB and drop-oldest.
+        let mut big = body(4, now().0);
+        big.value = Value::String("x".repeat(600 * 1024));
+        let o = handle
+            .append(vec![big.clone(), big], vec![])
+            .await
+            .expect("appends");
+        assert_eq!((o.accepted, o.refused), (1, 1));
+        assert!(handle.stats().await.expect("stats").bytes <= 1 << 20);
+        let text = metrics.render();
+        assert!(text.contains("outpost_policy_dropped_total{reason=\"denied\"} 1"), "{text}");
+        assert!(text.contains("outpost_policy_version 1"), "{text}");
+        drop(handle);
+        join.await.expect("joins").expect("closes");
+    }
 }
