@@ -468,6 +468,12 @@ async fn last_words(send: &mut quinn::SendStream) {
     }
 }
 
+/// The longest the hub holds one batch of an agent above its `hold` rate:
+/// well under the agent's 30 s idle timeout, since the session sends nothing
+/// meanwhile, and the batches of an agent that keeps to its rate are a
+/// second's worth anyway.
+const MAX_HOLD: Duration = Duration::from_secs(10);
+
 /// The hub's enforcement for one session: the policy in force compiled for
 /// the agent's labels, and what the agent said it runs.
 struct Enforcement {
@@ -480,6 +486,11 @@ struct Enforcement {
     /// The version last pushed in this session, so that a refused policy is
     /// not pushed again and again.
     pushed: Option<u64>,
+    /// Until when the agent's `hold` rate is used up. A batch above it waits
+    /// before it is stored and acknowledged, and nothing more is read
+    /// meanwhile, so QUIC flow control slows the agent and the events wait
+    /// in its outbox, as the policy says, even if the agent ignores it.
+    hold_until: Option<Instant>,
 }
 
 impl Enforcement {
@@ -493,7 +504,30 @@ impl Enforcement {
             enforcer,
             reported: None,
             pushed: None,
+            hold_until: None,
         }
+    }
+
+    /// Charges a batch of `events` events and `bytes` payload bytes to the
+    /// agent's `hold` rate, if it has one, and returns until when the batch
+    /// must wait before it is stored (a leaky bucket with one second of
+    /// burst; never longer than [`MAX_HOLD`]).
+    fn pace(&mut self, events: usize, bytes: usize, now: Instant) -> Option<Instant> {
+        let rate = self
+            .enforcer
+            .compiled()
+            .agent_rate()
+            .filter(|r| r.over == outpost_protocols::policy::Over::Hold)?;
+        let cost = |n: usize, per_sec: Option<f64>| {
+            per_sec.map_or(Duration::ZERO, |r| Duration::from_secs_f64(n as f64 / r))
+        };
+        let cost = cost(events, rate.events_per_sec).max(cost(bytes, rate.bytes_per_sec));
+        let target = self.hold_until.map_or(now, |t| t.max(now)) + cost;
+        self.hold_until = Some(target);
+        target
+            .checked_sub(Duration::from_secs(1))
+            .filter(|t| *t > now)
+            .map(|t| t.min(now + MAX_HOLD))
     }
 
     /// Compiles the policy in force for these labels.
@@ -597,6 +631,18 @@ async fn session(
                     let Some(last) = events.last().map(|(seq, _)| *seq) else {
                         continue;
                     };
+                    let bytes: usize = events.iter().map(|(_, b)| b.value.payload_len()).sum();
+                    if let Some(t) = enforcement.pace(events.len(), bytes, Instant::now()) {
+                        debug!(
+                            held_ms =
+                                t.saturating_duration_since(Instant::now()).as_millis() as u64,
+                            "Above the agent's hold rate: holding the batch."
+                        );
+                        tokio::select! {
+                            () = tokio::time::sleep_until(tokio::time::Instant::from_std(t)) => {}
+                            () = stop.cancelled() => {}
+                        }
+                    }
                     // The same policy again, because the agent may be old or
                     // compromised; what it drops still moves the watermark.
                     let (kept, counts) = enforcement.apply(events);

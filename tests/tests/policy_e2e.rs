@@ -558,3 +558,52 @@ fn bad_and_residency_breaking_policies_are_refused_and_an_edited_audit_log_is_fo
     );
     Ok(())
 }
+
+#[test]
+fn an_agent_that_ignores_its_hold_rate_is_slowed_by_the_hub_and_loses_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    let hub = Hub::start_with(dir.path(), &pki, "region = \"eu-west\"")?;
+    apply(
+        &hub,
+        &dir.path().join("p.toml"),
+        "[[limits]]\nevents_per_second = 100\nover = \"hold\"\n",
+    )?;
+    wait_until(DEADLINE, "the hub to put policy 1 in force", || {
+        hub.log().contains("New policy in force")
+    })?;
+    // A version 1 agent gets no policy, so nothing paces it but the hub: it
+    // sends 400 events as fast as the window lets it.
+    let creds = fleet_sim::issue_agents(&pki.ca_dir, dir.path(), 1)?;
+    let mut load = Load::new(0, 400)?;
+    load.max_version = 1;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let started = Instant::now();
+    let done = rt.block_on(async {
+        let endpoint = fleet_sim::client_endpoint(1 << 20)?;
+        let config = fleet_sim::client_config(&creds[0], outpost_protocols::wire::ALPN)?;
+        fleet_sim::run_agent(endpoint, config, hub.addr, 0, load, started, DEADLINE).await
+    })?;
+    // 400 events at 100/s with one second of burst take at least 3 s; a
+    // machine slower than this one only makes it longer.
+    let took = done.acked.saturating_sub(done.welcome);
+    println!(
+        "400 events under a 100/s hold took {:.1} s",
+        took.as_secs_f64()
+    );
+    ensure!(
+        took >= Duration::from_millis(2500),
+        "the hub did not hold the agent back: {took:?}"
+    );
+    let stats = hub
+        .agent_stats(&fleet_sim::agent_id(0))?
+        .context("stored")?;
+    ensure!(
+        stats.count == 400 && stats.distinct_seqs == 400,
+        "a hold never drops: {stats:?}"
+    );
+    Ok(())
+}
