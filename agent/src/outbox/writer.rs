@@ -729,10 +729,17 @@ mod tests {
             )
             .expect("installs");
         let o = handle
-            .append(vec![body(2, now().0), denied.clone(), body(3, now().0)], vec![])
+            .append(
+                vec![body(2, now().0), denied.clone(), body(3, now().0)],
+                vec![],
+            )
             .await
             .expect("appends");
-        assert_eq!((o.accepted, o.refused), (2, 0), "the denied event is not stored");
+        assert_eq!(
+            (o.accepted, o.refused),
+            (2, 0),
+            "the denied event is not stored"
+        );
         let streams: Vec<String> = handle
             .read_batch(Seq(0), 100)
             .await
@@ -740,7 +747,11 @@ mod tests {
             .into_iter()
             .map(|e| e.body.stream.as_str().to_owned())
             .collect();
-        assert_eq!(streams.iter().filter(|s| *s == "plc1/debug").count(), 1, "{streams:?}");
+        assert_eq!(
+            streams.iter().filter(|s| *s == "plc1/debug").count(),
+            1,
+            "{streams:?}"
+        );
         // 1 MiB and refuse-new from the policy, not the local 2 GiB and drop-oldest.
         let mut big = body(4, now().0);
         big.value = Value::String("x".repeat(600 * 1024));
@@ -751,7 +762,10 @@ mod tests {
         assert_eq!((o.accepted, o.refused), (1, 1));
         assert!(handle.stats().await.expect("stats").bytes <= 1 << 20);
         let text = metrics.render();
-        assert!(text.contains("outpost_policy_dropped_total{reason=\"denied\"} 1"), "{text}");
+        assert!(
+            text.contains("outpost_policy_dropped_total{reason=\"denied\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("outpost_policy_version 1"), "{text}");
         drop(handle);
         join.await.expect("joins").expect("closes");
