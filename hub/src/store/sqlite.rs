@@ -82,13 +82,8 @@ CREATE TABLE IF NOT EXISTS meta (
 ) WITHOUT ROWID;
 ";
 
-/// Creates or migrates the schema inside `tx` (an IMMEDIATE transaction, so
-/// that two processes opening one file do not both do it). Refuses a newer
-/// schema.
-pub(crate) fn prepare_schema(tx: &Transaction<'_>, path: &Path) -> Result<(), StoreError> {
-    let version: i64 = tx
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .at(path)?;
+/// Refuses a file written by a newer hub.
+fn refuse_newer(path: &Path, version: i64) -> Result<(), StoreError> {
     if version > SCHEMA_VERSION {
         return Err(StoreError::NewerSchema {
             path: path.to_owned(),
@@ -96,6 +91,17 @@ pub(crate) fn prepare_schema(tx: &Transaction<'_>, path: &Path) -> Result<(), St
             supported: SCHEMA_VERSION,
         });
     }
+    Ok(())
+}
+
+/// Creates or migrates the schema inside `tx` (an IMMEDIATE transaction, so
+/// that two processes opening one file do not both do it). Refuses a newer
+/// schema.
+pub(crate) fn prepare_schema(tx: &Transaction<'_>, path: &Path) -> Result<(), StoreError> {
+    let version: i64 = tx
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .at(path)?;
+    refuse_newer(path, version)?;
     if version < 1 {
         tx.execute_batch(SCHEMA).at(path)?;
     }
@@ -615,13 +621,7 @@ impl StoreReader {
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .at(path)?;
-        if version > SCHEMA_VERSION {
-            return Err(StoreError::NewerSchema {
-                path: path.to_owned(),
-                found: version,
-                supported: SCHEMA_VERSION,
-            });
-        }
+        refuse_newer(path, version)?;
         if version < 1 {
             return Err(StoreError::NotAStore {
                 path: path.to_owned(),
