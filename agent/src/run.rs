@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::bridges::Publisher;
 use crate::config::AgentConfig;
@@ -76,7 +76,20 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ru
         path: cfg.data_dir.clone(),
         message: e.to_string(),
     })?;
-    let outbox = Outbox::open(&outbox_config(&cfg), cfg.agent_id.clone())?;
+    let (outbox, recovered) = Outbox::open_recovering(
+        &outbox_config(&cfg),
+        cfg.agent_id.clone(),
+        cfg.outbox.on_corruption,
+    )?;
+    if let Some(r) = &recovered {
+        error!(
+            moved_to = %r.moved_to.display(),
+            detail = %r.detail,
+            salvaged = r.salvaged,
+            claimed = ?r.claimed,
+            "The outbox was damaged: it was moved aside and the events still readable were kept in a fresh one, with their seqs (outbox.on_corruption = \"move-aside\"). Events that were not readable are lost; the hub resumes after its watermark."
+        );
+    }
     let policy = PolicyStore::open(&cfg.data_dir, &cfg.labels)?;
     let metrics = Metrics::new();
     let in_force = policy.current();

@@ -21,7 +21,7 @@ use serde::Deserialize;
 
 pub use outpost_protocols::units::{HumanDuration, HumanSize};
 
-use crate::outbox::{Eviction, Synchronous};
+use crate::outbox::{Eviction, OnCorruption, Synchronous};
 
 pub use outpost_protocols::settings::ConfigError;
 
@@ -119,6 +119,14 @@ pub struct OutboxSection {
     /// group by themselves).
     #[serde(default = "default_commit_window")]
     pub commit_window: HumanDuration,
+    /// What to do with an outbox found damaged at start: `move-aside` (keep
+    /// what is readable in a fresh outbox and go on, the default) or `stop`.
+    #[serde(default = "default_on_corruption")]
+    pub on_corruption: String,
+}
+
+fn default_on_corruption() -> String {
+    "move-aside".into()
 }
 
 fn default_synchronous() -> String {
@@ -149,6 +157,7 @@ impl Default for OutboxSection {
             eviction: default_eviction(),
             commit_batch: default_commit_batch(),
             commit_window: default_commit_window(),
+            on_corruption: default_on_corruption(),
         }
     }
 }
@@ -556,6 +565,8 @@ pub struct OutboxSettings {
     pub commit_batch: usize,
     /// Group-commit window.
     pub commit_window: Duration,
+    /// What to do with a damaged outbox.
+    pub on_corruption: OnCorruption,
 }
 
 /// Validated `[mqtt]`.
@@ -830,6 +841,16 @@ impl RawConfig {
                 ))
             }
         };
+        let on_corruption = match o.on_corruption.as_str() {
+            "move-aside" => OnCorruption::MoveAside,
+            "stop" => OnCorruption::Stop,
+            other => {
+                return Err(cx.err(
+                    "outbox.on_corruption",
+                    format!("{other:?} is not one of move-aside, stop"),
+                ))
+            }
+        };
         if o.max_bytes.0 < 64 * 1024 {
             return Err(cx.err("outbox.max_bytes", "must be at least 64KiB"));
         }
@@ -853,6 +874,7 @@ impl RawConfig {
             eviction,
             commit_batch: o.commit_batch,
             commit_window: o.commit_window.0,
+            on_corruption,
         };
 
         let devices = validate_devices(&cx, &self.modbus)?;

@@ -75,6 +75,15 @@ pub enum OutboxError {
         /// The decoder's complaint.
         reason: String,
     },
+    /// The file is damaged: SQLite says it is not a database, or its
+    /// integrity check (`PRAGMA quick_check`, run on every start) failed.
+    #[error("outbox {} is damaged: {detail}", .path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What SQLite found.
+        detail: String,
+    },
     /// An ack named a seq that was never assigned; the peer is confused or
     /// talking about another outbox.
     #[error("ack of seq {acked} is beyond the last assigned seq {last}")]
@@ -98,9 +107,24 @@ pub(crate) trait AtPath<T> {
 
 impl<T> AtPath<T> for rusqlite::Result<T> {
     fn at(self, path: &Path) -> Result<T, OutboxError> {
-        self.map_err(|source| OutboxError::Sqlite {
-            path: path.to_owned(),
-            source: Arc::new(source),
+        self.map_err(|source| {
+            // A damaged file is its own error, so that the agent can move it
+            // aside instead of failing the same way at every start.
+            let damaged = matches!(
+                source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+            );
+            if damaged {
+                OutboxError::Corrupt {
+                    path: path.to_owned(),
+                    detail: source.to_string(),
+                }
+            } else {
+                OutboxError::Sqlite {
+                    path: path.to_owned(),
+                    source: Arc::new(source),
+                }
+            }
         })
     }
 }

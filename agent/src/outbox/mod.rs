@@ -81,8 +81,8 @@ mod tests;
 
 pub use error::OutboxError;
 pub use store::{
-    AppendOutcome, Eviction, Outbox, OutboxConfig, OutboxReader, OutboxStats, Qos2Op, Resumed,
-    Synchronous, ROW_OVERHEAD, SCHEMA_VERSION,
+    AppendOutcome, Eviction, OnCorruption, Outbox, OutboxConfig, OutboxReader, OutboxStats, Qos2Op,
+    Recovered, Resumed, Synchronous, ROW_OVERHEAD, SCHEMA_VERSION,
 };
 pub use writer::{
     spawn_writer, spawn_writer_with_policy, OutboxHandle, PendingAppend, PolicyGate, WriterOptions,
