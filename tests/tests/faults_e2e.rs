@@ -178,3 +178,313 @@ fn with_on_corruption_stop_a_damaged_outbox_stops_the_agent_naming_the_file() ->
     ensure!(db.exists(), "the file was left where it is");
     Ok(())
 }
+
+/// Publishes `n` QoS 1 messages `"<i>"` to `topic` and returns once the broker
+/// has acknowledged each.
+fn publish(port: u16, topic: &str, n: usize) -> Result<()> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut o = MqttOptions::new("faults-pub", "127.0.0.1", port);
+        o.set_inflight(20);
+        let (client, mut el) = AsyncClient::new(o, 100);
+        let topic = topic.to_owned();
+        let sender = tokio::spawn(async move {
+            for i in 0..n {
+                client
+                    .publish(&topic, QoS::AtLeastOnce, false, i.to_string())
+                    .await?;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            anyhow::Ok(client)
+        });
+        let mut acked = 0;
+        while acked < n {
+            let ev = tokio::time::timeout(DEADLINE, el.poll())
+                .await
+                .context("publisher timed out")??;
+            if let Event::Incoming(Packet::PubAck(_)) = ev {
+                acked += 1;
+            }
+        }
+        let _client = sender.await??;
+        Ok(())
+    })
+}
+
+#[test]
+fn failing_fsyncs_acknowledge_nothing_that_is_not_durable_and_corrupt_nothing() -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    ensure!(
+        outpost_tests::have("strace"),
+        "strace is not installed (tests/run installs it)"
+    );
+    let dir = tempfile::tempdir()?;
+    let broker = outpost_tests::Mosquitto::start(dir.path())?;
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[agent]
+data_dir = "data"
+
+[outbox]
+commit_window = "1ms"
+
+[mqtt]
+broker = "127.0.0.1:{}"
+client_id = "faults-agent"
+reconnect_min = "50ms"
+reconnect_max = "500ms"
+
+[[mqtt.subscribe]]
+filter = "q1/#"
+qos = 1
+
+[observability]
+metrics = ""
+log = "info"
+"#,
+            broker.port
+        ),
+    )?;
+    // The agent under strace: from the 40th fsync or fdatasync on (past the
+    // outbox's creation and the first commits), every one fails with EIO,
+    // as a dying SD card does.
+    let agent_log = std::fs::File::create(dir.path().join("agent.log"))?;
+    let mut faulty = std::process::Command::new("strace")
+        .args([
+            "-f",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-e",
+            "trace=fsync,fdatasync",
+        ])
+        .args(["-e", "inject=fsync,fdatasync:error=EIO:when=40+"])
+        .arg(outpost_tests::bin("outpost-agent")?)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(agent_log)
+        .process_group(0)
+        .spawn()
+        .context("start the agent under strace")?;
+    wait_until(DEADLINE, "the agent to reach the broker", || {
+        log(dir.path()).contains("Connected to the site broker")
+    })?;
+    const N: usize = 600;
+    publish(broker.port, "q1/x", N)?;
+    wait_until(DEADLINE, "failed commits", || {
+        log(dir.path()).contains("Outbox group commit failed")
+    })?;
+    ensure!(
+        faulty.try_wait()?.is_none(),
+        "the agent died of failing fsyncs:\n{}",
+        log(dir.path())
+    );
+    let stored_while_failing = outbox_events(&dir.path().join("data"))?.len();
+    ensure!(
+        stored_while_failing < N,
+        "every commit succeeded: the fault was not injected"
+    );
+    // Power cut: the agent and strace go at once.
+    let pgid = faulty.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pgid}")])
+        .status()?;
+    let _ = faulty.wait();
+
+    // On a sound disk again, the broker redelivers everything the agent never
+    // acknowledged; if it had acknowledged a failed commit, that message
+    // would be gone.
+    let mut agent = Agent::start_file(&config)?;
+    wait_until(DEADLINE, "every message in the outbox", || {
+        outbox_events(&dir.path().join("data"))
+            .map(|ev| {
+                let seen: std::collections::BTreeSet<String> = ev
+                    .iter()
+                    .filter_map(|e| match &e.body.value {
+                        outpost_protocols::Value::Json(j) => Some(j.as_str().to_owned()),
+                        outpost_protocols::Value::String(s) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                (0..N).all(|i| seen.contains(&i.to_string()))
+            })
+            .unwrap_or(false)
+    })?;
+    ensure!(
+        !log(dir.path()).contains("The outbox was damaged"),
+        "failed fsyncs left a damaged outbox"
+    );
+    println!(
+        "{} of {N} messages were stored while fsync failed; all {N} after the restart",
+        stored_while_failing
+    );
+    agent.proc.term(Duration::from_secs(30))?;
+    Ok(())
+}
+
+/// A tmpfs of `size` mounted on `dir` for the life of the value.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Result<Tmpfs> {
+        std::fs::create_dir_all(dir)?;
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()?;
+        ensure!(
+            st.success(),
+            "mount tmpfs on {} (needs root)",
+            dir.display()
+        );
+        Ok(Tmpfs(dir.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_stops_acknowledging_and_everything_lands_when_space_returns() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let broker = outpost_tests::Mosquitto::start(dir.path())?;
+    let data = dir.path().join("data");
+    let _fs = Tmpfs::mount(&data, "16m")?;
+    let config = format!(
+        r#"
+[agent]
+data_dir = "data"
+
+[outbox]
+commit_window = "1ms"
+
+[mqtt]
+broker = "127.0.0.1:{}"
+client_id = "disk-agent"
+reconnect_min = "50ms"
+reconnect_max = "500ms"
+
+[[mqtt.subscribe]]
+filter = "q1/#"
+qos = 1
+
+[observability]
+metrics = ""
+log = "info"
+"#,
+        broker.port
+    );
+    let mut agent = Agent::start(dir.path(), &config)?;
+    wait_until(DEADLINE, "the agent to reach the broker", || {
+        log(dir.path()).contains("Connected to the site broker")
+    })?;
+    // Leave about 400 KiB free, then send 1,000 messages of 2 KiB.
+    let free = {
+        let out = std::process::Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(&data)
+            .output()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse::<u64>().ok())
+            .context("df")?
+    };
+    let filler = data.join("filler");
+    std::fs::write(
+        &filler,
+        vec![0u8; usize::try_from(free.saturating_sub(400 * 1024))?],
+    )?;
+    const N: usize = 1000;
+    let port = broker.port;
+    let publisher = std::thread::spawn(move || -> Result<()> {
+        use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let mut o = MqttOptions::new("disk-pub", "127.0.0.1", port);
+            o.set_inflight(20);
+            let (client, mut el) = AsyncClient::new(o, 100);
+            let sender = tokio::spawn(async move {
+                for i in 0..N {
+                    let payload = format!("{i:06}{}", "x".repeat(2048));
+                    client
+                        .publish("q1/big", QoS::AtLeastOnce, false, payload)
+                        .await?;
+                }
+                anyhow::Ok(client)
+            });
+            let mut acked = 0;
+            while acked < N {
+                if let Event::Incoming(Packet::PubAck(_)) =
+                    tokio::time::timeout(DEADLINE, el.poll())
+                        .await
+                        .context("publisher")??
+                {
+                    acked += 1;
+                }
+            }
+            let _c = sender.await??;
+            Ok(())
+        })
+    });
+    wait_until(DEADLINE, "commits to fail on the full disk", || {
+        log(dir.path()).contains("Outbox group commit failed")
+    })?;
+    ensure!(
+        agent.proc.is_running(),
+        "the agent died of a full disk:\n{}",
+        log(dir.path())
+    );
+    publisher
+        .join()
+        .map_err(|_| anyhow::anyhow!("publisher panicked"))??;
+    let while_full = outbox_events(&data).map(|e| e.len()).unwrap_or(0);
+    ensure!(while_full < N, "the disk never filled");
+    // Space returns; the broker still holds what the agent did not acknowledge.
+    std::fs::remove_file(&filler)?;
+    let payload_no = |e: &outpost_protocols::Event| match &e.body.value {
+        outpost_protocols::Value::String(s) => s.get(..6).and_then(|n| n.parse::<usize>().ok()),
+        _ => None,
+    };
+    wait_until(DEADLINE, "every message in the outbox", || {
+        outbox_events(&data)
+            .map(|ev| {
+                let seen: std::collections::BTreeSet<usize> =
+                    ev.iter().filter_map(payload_no).collect();
+                seen.len() == N
+            })
+            .unwrap_or(false)
+    })
+    .with_context(|| {
+        let l = log(dir.path());
+        let tail: Vec<&str> = l.lines().rev().take(15).collect();
+        let df = std::process::Command::new("ls")
+            .args(["-la"])
+            .arg(&data)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        format!("{df}\nagent log, newest first:\n{}", tail.join("\n"))
+    })?;
+    println!(
+        "{while_full} of {N} messages stored while the disk was full; all {N} once it had room"
+    );
+    ensure!(agent.proc.is_running());
+    agent.proc.term(Duration::from_secs(30))?;
+    Ok(())
+}

@@ -99,6 +99,14 @@ pub enum OutboxError {
     Closed,
 }
 
+impl OutboxError {
+    /// Whether SQLite found the file system full (`SQLITE_FULL`).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, OutboxError::Sqlite { source, .. }
+            if source.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull))
+    }
+}
+
 /// Attaches the outbox path to a SQLite error.
 pub(crate) trait AtPath<T> {
     /// Maps a SQLite error to [`OutboxError::Sqlite`] naming `path`.

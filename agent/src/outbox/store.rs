@@ -574,6 +574,17 @@ impl Outbox {
         ))
     }
 
+    /// Copies the WAL into the database and truncates it to zero bytes
+    /// (`PRAGMA wal_checkpoint(TRUNCATE)`). On a full file system this gives
+    /// back the space the WAL holds: SQLite otherwise only restarts the WAL
+    /// after a commit succeeded, and every commit fails.
+    pub fn reclaim_wal(&mut self) -> Result<(), OutboxError> {
+        let path = self.cfg.path.as_path();
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .at(path)
+    }
+
     /// The configuration in force: as opened, with any limits the fleet
     /// policy set since ([`set_limits`](Self::set_limits)).
     pub fn config(&self) -> &OutboxConfig {

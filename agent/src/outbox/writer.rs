@@ -517,6 +517,14 @@ fn commit(outbox: &mut Outbox, group: Vec<AppendRequest>) -> Option<Seq> {
             // its source acknowledges nothing; the writer keeps serving, since
             // the cause (a full disk) may pass.
             warn!(requests = group.len(), error = %e, "Outbox group commit failed.");
+            if e.is_disk_full() {
+                // Give back the WAL's space, so that the next commit can go
+                // through as soon as the file system has room again.
+                match outbox.reclaim_wal() {
+                    Ok(()) => debug!("Outbox WAL truncated after a full disk."),
+                    Err(e) => debug!(error = %e, "Outbox WAL not truncated."),
+                }
+            }
             for a in group {
                 let _ = a.reply.send(Err(e.clone()));
             }

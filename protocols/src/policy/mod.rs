@@ -173,10 +173,12 @@ impl Selector {
     /// Whether every agent this selector selects is also selected by `other`
     /// (conservatively: `other` asks for a subset of the same constraints).
     fn within(&self, other: &Selector) -> bool {
+        // `*` still needs the label to be there: `{site = "*"}` does not
+        // select an agent without a `site` label.
         other
             .0
             .iter()
-            .all(|(k, p)| p == "*" || self.0.get(k).is_some_and(|mine| mine == p))
+            .all(|(k, p)| self.0.get(k).is_some_and(|mine| p == "*" || mine == p))
     }
 }
 

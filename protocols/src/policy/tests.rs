@@ -340,6 +340,31 @@ fn a_rule_for_other_agents_does_not_shadow() {
 }
 
 #[test]
+fn a_star_selector_does_not_shadow_a_rule_for_agents_without_the_label() {
+    let text = r#"
+        [[rules]]
+        agents = { site = "*" }
+        streams = ["plant/#"]
+        action = "deny"
+        [[rules]]
+        streams = ["plant/x"]
+    "#;
+    let p = Policy::parse(text, &eu_catalog())
+        .expect("agents without a site label reach the second rule");
+    let mut e = Enforcer::new(Arc::new(p.compile(&labels(&[]), &eu_catalog())));
+    let mut b = body("plant/x", 0.0, Value::U64(1));
+    assert!(matches!(
+        e.apply(&mut b, Stage::Ingest),
+        Verdict::Keep { .. }
+    ));
+    // With the label, the first rule takes it; a later rule for the same
+    // label is shadowed.
+    let shadowed =
+        format!("{text}\n[[rules]]\nagents = {{ site = \"a\" }}\nstreams = [\"plant/y\"]\n");
+    assert!(err(&shadowed).contains("cannot match"));
+}
+
+#[test]
 fn commands_are_denied_unless_granted() {
     let text = r#"
         [[commands]]
