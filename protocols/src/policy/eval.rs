@@ -512,7 +512,8 @@ fn edit(rule: &CRule, key: &[u8], value: &mut Value) -> bool {
         Value::F64(x) if rule.round_fields.is_empty() => match rule.round {
             Some(d) => {
                 let r = fields::round(*x, d);
-                let changed = r != *x;
+                // Bits, not `!=`: NaN is never equal to itself.
+                let changed = r.to_bits() != x.to_bits();
                 *x = r;
                 changed
             }

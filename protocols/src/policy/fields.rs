@@ -100,10 +100,17 @@ pub(crate) fn hash_field(doc: &mut J, p: &str, key: &[u8]) -> bool {
     }
 }
 
-/// `x` rounded to `decimals` places (half away from zero).
+/// `x` rounded to `decimals` places (half away from zero). A value with no
+/// fraction left at that scale (|x·10^d| ≥ 2^52) or that is not finite is
+/// returned as it is: rounding it could only move it by float error, and a
+/// second pass would move it again.
 pub(crate) fn round(x: f64, decimals: u8) -> f64 {
     let f = 10f64.powi(i32::from(decimals));
-    let r = (x * f).round() / f;
+    let scaled = x * f;
+    if !scaled.is_finite() || scaled.abs() >= 4_503_599_627_370_496.0 {
+        return x;
+    }
+    let r = scaled.round() / f;
     if r.is_finite() {
         r
     } else {
@@ -126,7 +133,7 @@ pub(crate) fn round_number(target: Option<&mut J>, decimals: u8) -> bool {
         Some(J::Number(n)) if n.is_f64() => {
             let x = n.as_f64().unwrap_or(0.0);
             let r = round(x, decimals);
-            if r == x {
+            if r.to_bits() == x.to_bits() {
                 return false;
             }
             match serde_json::Number::from_f64(r) {

@@ -686,6 +686,21 @@ impl Policy {
                 ));
             }
             pointers(&format!("{label}.drop"), &r.drop)?;
+            // One field, one edit: redacting a hash and hashing "[redacted]"
+            // would change the field on every pass, at the agent and again
+            // at the hub.
+            for (a_name, a, b_name, b) in [
+                ("drop", &r.drop, "redact", &r.redact),
+                ("drop", &r.drop, "hash", &r.hash),
+                ("redact", &r.redact, "hash", &r.hash),
+            ] {
+                if let Some(p) = a.iter().find(|p| b.contains(p)) {
+                    return Err(PolicyError::invalid(
+                        format!("{label}.{b_name}"),
+                        format!("{p:?} is also in {a_name}; give each field one edit"),
+                    ));
+                }
+            }
             pointers(&format!("{label}.redact"), &r.redact)?;
             pointers(&format!("{label}.hash"), &r.hash)?;
             pointers(&format!("{label}.round_fields"), &r.round_fields)?;

@@ -149,6 +149,37 @@ fn minimisation_drops_redacts_hashes_and_rounds_json_fields() {
 }
 
 #[test]
+fn rounding_settles_after_one_pass_for_nan_huge_and_json_numbers() {
+    // Found by the policy fuzz target: each of these reported a change on
+    // every pass.
+    let text = "[[rules]]\nstreams = [\"a\"]\nround = 1\n";
+    let mut e = enforcer(text, &labels(&[]), &eu_catalog());
+    for v in [
+        Value::F64(f64::NAN),
+        Value::F64(-2.920_375_946_602_099_6e94),
+        json("-2.9203759466020996e+94"),
+        json("0.30000000000000004"),
+        json("123456.789012"),
+    ] {
+        let mut b = body("a", 0.0, v);
+        let _ = e.apply(&mut b, Stage::Recheck);
+        let once = b.clone();
+        let again = e.apply(&mut b, Stage::Recheck);
+        assert!(
+            matches!(
+                again,
+                Verdict::Keep {
+                    modified: false,
+                    ..
+                }
+            ),
+            "{once:?}"
+        );
+        assert_eq!(b.encode(), once.encode());
+    }
+}
+
+#[test]
 fn a_float_value_is_rounded_in_place() {
     let text = "[[rules]]\nstreams = [\"plc1/#\"]\nround = 2\n";
     let mut e = enforcer(text, &labels(&[]), &eu_catalog());
@@ -314,6 +345,7 @@ fn bad_documents_are_refused_with_the_key_path() {
         ("[[rules]]\nstreams = [\"a\"]\nrate = { events_per_second = 5 }\n", "must say over = \"drop\""),
         ("[[rules]]\nstreams = [\"a\"]\ndownsample = { interval = \"soon\" }\n", "invalid duration"),
         ("[hashing]\nkey = \"short\"\n", "hashing.key"),
+        ("[hashing]\nkey = \"0123456789abcdef0\"\n[[rules]]\nstreams = [\"a\"]\nredact = [\"/n\"]\nhash = [\"/n\"]\n", "rules[0].hash: \"/n\" is also in redact"),
         ("[[buffer]]\neviction = \"random\"\n", "buffer[0].eviction"),
         ("[[commands]]\nroles = [\"operator\"]\n", "commands[0]: grants nothing"),
     ];

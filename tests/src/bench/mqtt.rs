@@ -24,7 +24,7 @@
 //! clock starts; every run uses its own topic prefix and client ids, so that
 //! a persistent session left by an earlier run receives nothing.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -58,11 +58,33 @@ pub(crate) struct Params {
 }
 
 /// What one run measured.
-struct Sample {
+pub(crate) struct Sample {
     /// Messages per second, first publish to the N-th received or stored.
-    rate: f64,
+    pub(crate) rate: f64,
     /// Messages per second, first publish to the publisher's last PUBACK.
-    publisher: f64,
+    pub(crate) publisher: f64,
+}
+
+/// What the measured agent runs with besides its MQTT source.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Setup<'a> {
+    /// `[agent] labels` as a TOML inline table; empty: none.
+    pub(crate) labels: &'a str,
+    /// The `policy.json` put in the agent's data directory before it first
+    /// starts (see `outpost_agent::policy`); `None`: no policy.
+    pub(crate) policy_json: Option<&'a str>,
+}
+
+impl Setup<'_> {
+    /// Installs the policy, if any, in `data_dir`.
+    fn install(&self, data_dir: &Path) -> Result<()> {
+        if let Some(json) = self.policy_json {
+            std::fs::create_dir_all(data_dir)?;
+            std::fs::write(data_dir.join(outpost_agent::policy::FILE_NAME), json)
+                .context("install policy.json")?;
+        }
+        Ok(())
+    }
 }
 
 /// A one-thread runtime standing in for a process of its own.
@@ -337,11 +359,16 @@ fn baseline(port: u16, run: usize, n: usize) -> Result<Sample> {
 }
 
 /// The agent's config for the MQTT run.
-fn agent_config(data_dir: &Path, port: u16, id: &str, prefix: &str) -> String {
+fn agent_config(data_dir: &Path, port: u16, id: &str, prefix: &str, labels: &str) -> String {
+    let labels = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("labels = {labels}\n")
+    };
     format!(
         r#"[agent]
 data_dir = "{}"
-
+{labels}
 [mqtt]
 broker = "127.0.0.1:{port}"
 client_id = "outpost-bench-{id}"
@@ -357,17 +384,31 @@ metrics = ""
     )
 }
 
-/// The real agent: returns the sample and how many events it stored beyond
-/// N (duplicates).
-fn ours(bins: &Bins, dir: &Path, port: u16, run: usize, n: usize) -> Result<(Sample, u64)> {
+/// Where [`ours`] runs the agent of run `run`: its outbox is
+/// `data/outbox.db` in there.
+pub(crate) fn agent_home(dir: &Path, run: usize) -> PathBuf {
+    dir.join(format!("agent-mqtt-{run}"))
+}
+
+/// The real agent, with `setup`: returns the sample and how many events it
+/// stored beyond N (duplicates). Its topics are `bench/agent<run>/sensor/<k>`.
+pub(crate) fn ours(
+    bins: &Bins,
+    dir: &Path,
+    port: u16,
+    run: usize,
+    n: usize,
+    setup: Setup<'_>,
+) -> Result<(Sample, u64)> {
     let pub_rt = runtime("publisher")?;
     let prefix = format!("bench/agent{run}");
-    let home = dir.join(format!("agent-mqtt-{run}"));
+    let home = agent_home(dir, run);
     std::fs::create_dir_all(&home)?;
     let data_dir = home.join("data");
+    setup.install(&data_dir)?;
     let mut agent = bins.start_agent(
         &home,
-        &agent_config(&data_dir, port, &run.to_string(), &prefix),
+        &agent_config(&data_dir, port, &run.to_string(), &prefix, setup.labels),
     )?;
     let reader = outbox_reader(&home, &mut agent)?;
     let accepted = || -> Result<u64> { Ok(reader.stats()?.accepted_total) };
@@ -497,13 +538,28 @@ fn baseline_drain(port: u16, run: usize, n: usize) -> Result<f64> {
     Ok(per_sec(n as u64, finished.duration_since(started)))
 }
 
-/// The agent draining `n` messages the broker queued for its persistent
-/// session while it was stopped.
-fn ours_drain(bins: &Bins, dir: &Path, port: u16, run: usize, n: usize) -> Result<Drain> {
+/// The agent, with `setup`, draining `n` messages the broker queued for its
+/// persistent session while it was stopped. Its topics are
+/// `bench/qagent<run>/sensor/<k>`.
+pub(crate) fn ours_drain(
+    bins: &Bins,
+    dir: &Path,
+    port: u16,
+    run: usize,
+    n: usize,
+    setup: Setup<'_>,
+) -> Result<Drain> {
     let prefix = format!("bench/qagent{run}");
     let home = dir.join(format!("agent-mqtt-drain-{run}"));
     std::fs::create_dir_all(&home)?;
-    let config = agent_config(&home.join("data"), port, &format!("q{run}"), &prefix);
+    setup.install(&home.join("data"))?;
+    let config = agent_config(
+        &home.join("data"),
+        port,
+        &format!("q{run}"),
+        &prefix,
+        setup.labels,
+    );
     let log = home.join("agent.log");
     let publisher_id = format!("bench-qpub-agent-{run}");
     let base = {
@@ -572,15 +628,15 @@ fn ours_drain(bins: &Bins, dir: &Path, port: u16, run: usize, n: usize) -> Resul
 }
 
 /// What the agent's drain measured.
-struct Drain {
+pub(crate) struct Drain {
     /// Messages per second, agent start to the N-th stored.
-    rate: f64,
+    pub(crate) rate: f64,
     /// The agent's CPU over the drain, % of one core.
-    cpu: f64,
+    pub(crate) cpu: f64,
     /// Outbox transactions so far (the probe's and the drain's).
-    transactions: u64,
+    pub(crate) transactions: u64,
     /// Events stored beyond N.
-    extra: u64,
+    pub(crate) extra: u64,
 }
 
 /// Runs the MQTT measurement in `dir` and returns its rows.
@@ -594,7 +650,7 @@ pub(crate) fn run(bins: &Bins, dir: &Path, p: Params) -> Result<Vec<Row>> {
     let mut duplicates = 0;
     for rep in 0..p.reps {
         let b = baseline(broker.port, rep, p.messages)?;
-        let (o, extra) = ours(bins, dir, broker.port, rep, p.messages)?;
+        let (o, extra) = ours(bins, dir, broker.port, rep, p.messages, Setup::default())?;
         duplicates += extra;
         eprintln!(
             "mqtt run {}: bare subscriber {}/s (publisher done at {}/s), agent {}/s (publisher done at {}/s)",
@@ -610,7 +666,7 @@ pub(crate) fn run(bins: &Bins, dir: &Path, p: Params) -> Result<Vec<Row>> {
         ours_pub.push(o.publisher);
 
         let bq = baseline_drain(broker.port, rep, p.messages)?;
-        let oq = ours_drain(bins, dir, broker.port, rep, p.messages)?;
+        let oq = ours_drain(bins, dir, broker.port, rep, p.messages, Setup::default())?;
         duplicates += oq.extra;
         eprintln!(
             "mqtt drain run {}: bare subscriber {}/s, agent {}/s ({:.0}% of one core, {} transactions, ~{} events each)",

@@ -40,12 +40,22 @@ pub(crate) fn now_ns() -> i64 {
 /// `n` event bodies shaped like what the MQTT source stores for the
 /// messages above: stream = topic, value = the JSON payload, quality good.
 pub(crate) fn mqtt_bodies(n: usize) -> Result<Vec<EventBody>> {
+    json_bodies(n, 1_000, |i| topic("plant", i))
+}
+
+/// `n` event bodies with the JSON payloads above, event `i` on stream
+/// `stream(i)`, `step_ns` of event time apart from now on.
+pub(crate) fn json_bodies(
+    n: usize,
+    step_ns: i64,
+    stream: impl Fn(usize) -> String,
+) -> Result<Vec<EventBody>> {
     let t0 = now_ns();
     (0..n)
         .map(|i| {
             Ok(EventBody {
-                stream: StreamName::parse(&topic("plant", i))?,
-                ts: Timestamp(t0 + i as i64 * 1_000),
+                stream: StreamName::parse(&stream(i))?,
+                ts: Timestamp(t0 + i as i64 * step_ns),
                 value: Value::from_payload(&payload(i)),
                 quality: Quality::Good,
                 attrs: BTreeMap::new(),

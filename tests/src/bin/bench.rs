@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo build --release --bins
-//! cargo run --profile bench -p outpost-tests --bin outpost-bench [-- --quick]
+//! cargo run --profile bench -p outpost-tests --bin outpost-bench [-- --quick] [--only policy,mqtt]
 //! ```
 //!
 //! It starts its own peers (Mosquitto, `outpost-devsim`, `outpost-agent`,
@@ -28,6 +28,8 @@ mod append;
 mod modbus;
 #[path = "../bench/mqtt.rs"]
 mod mqtt;
+#[path = "../bench/policy.rs"]
+mod policy;
 #[path = "../bench/procfs.rs"]
 mod procfs;
 #[path = "../bench/procs.rs"]
@@ -66,12 +68,36 @@ struct Cli {
     /// Keep the temporary directory (databases, configs, logs) after the run.
     #[arg(long)]
     keep: bool,
+    /// Take only these measurements (comma-separated); default: all.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "NAME,...")]
+    only: Vec<Measurement>,
+}
+
+/// The measurements, in the order they run.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Measurement {
+    /// Outbox append and the group-commit writer against raw SQLite.
+    Append,
+    /// MQTT QoS 1 ingest against a bare subscriber.
+    Mqtt,
+    /// The fleet policy: evaluation against the empty policy, and MQTT ingest
+    /// with a 1,000-rule policy against none.
+    Policy,
+    /// Modbus 10,000 tags at 1 Hz.
+    Modbus,
+    /// Agent memory with a backlog.
+    Backlog,
+    /// Uplink drain agent → hub against raw quinn.
+    Uplink,
+    /// Hub ingest from many agents.
+    Fleet,
 }
 
 /// The sizes of a run.
 struct Plan {
     append: append::Params,
     mqtt: mqtt::Params,
+    policy: policy::Params,
     modbus: modbus::Params,
     uplink: uplink::Params,
     fleet: uplink::FleetParams,
@@ -90,6 +116,10 @@ impl Plan {
                 },
                 mqtt: mqtt::Params {
                     messages: 20_000,
+                    reps: 1,
+                },
+                policy: policy::Params {
+                    events: 200_000,
                     reps: 1,
                 },
                 modbus: modbus::Params {
@@ -118,6 +148,10 @@ impl Plan {
                 },
                 mqtt: mqtt::Params {
                     messages: 200_000,
+                    reps: 3,
+                },
+                policy: policy::Params {
+                    events: 1_000_000,
                     reps: 3,
                 },
                 modbus: modbus::Params {
@@ -239,7 +273,10 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
         .context("start the tokio runtime")?;
 
     let mut rows: Vec<Row> = Vec::new();
-    let mut measure = |what: &str, f: &mut dyn FnMut() -> Result<Vec<Row>>| {
+    let mut measure = |m: Measurement, what: &str, f: &mut dyn FnMut() -> Result<Vec<Row>>| {
+        if !(cli.only.is_empty() || cli.only.contains(&m)) {
+            return;
+        }
         let t = Instant::now();
         match f() {
             Ok(r) => rows.extend(r),
@@ -250,7 +287,7 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
         }
         eprintln!("{what}: {:.1} s", t.elapsed().as_secs_f64());
     };
-    measure("Outbox append", &mut || {
+    measure(Measurement::Append, "Outbox append", &mut || {
         let d = dir.join("append");
         std::fs::create_dir_all(&d)?;
         let r = append::run(&rt, &d, plan.append);
@@ -258,26 +295,50 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
         let _ = std::fs::remove_dir_all(&d);
         r
     });
-    measure("MQTT QoS 1 ingest", &mut || {
+    measure(Measurement::Mqtt, "MQTT QoS 1 ingest", &mut || {
         let d = dir.join("mqtt");
         std::fs::create_dir_all(&d)?;
         mqtt::run(&bins, &d, plan.mqtt)
     });
-    measure("Modbus 10,000 tags at 1 Hz", &mut || {
-        modbus::poll(&bins, &dir, plan.modbus)
-    });
-    measure("Agent RSS with a backlog", &mut || {
-        modbus::backlog(&bins, &dir, plan.modbus)
-    });
+    measure(
+        Measurement::Policy,
+        "Policy evaluation, 1,000 rules",
+        &mut || policy::evaluation(plan.policy),
+    );
+    measure(
+        Measurement::Policy,
+        "MQTT ingest with a 1,000-rule policy",
+        &mut || {
+            let d = dir.join("policy");
+            std::fs::create_dir_all(&d)?;
+            policy::mqtt_ingest(&bins, &d, plan.mqtt)
+        },
+    );
+    measure(
+        Measurement::Modbus,
+        "Modbus 10,000 tags at 1 Hz",
+        &mut || modbus::poll(&bins, &dir, plan.modbus),
+    );
+    measure(
+        Measurement::Backlog,
+        "Agent RSS with a backlog",
+        &mut || modbus::backlog(&bins, &dir, plan.modbus),
+    );
     let mut single_drain = None;
-    measure("Uplink drain agent → hub", &mut || {
-        let (r, rate) = uplink::drain(&bins, &dir, plan.uplink)?;
-        single_drain = Some(rate);
-        Ok(r)
-    });
-    measure("Hub ingest from many agents", &mut || {
-        uplink::fleet(&bins, &dir, plan.fleet, single_drain)
-    });
+    measure(
+        Measurement::Uplink,
+        "Uplink drain agent → hub",
+        &mut || {
+            let (r, rate) = uplink::drain(&bins, &dir, plan.uplink)?;
+            single_drain = Some(rate);
+            Ok(r)
+        },
+    );
+    measure(
+        Measurement::Fleet,
+        "Hub ingest from many agents",
+        &mut || uplink::fleet(&bins, &dir, plan.fleet, single_drain),
+    );
     drop(rt);
 
     let complete = rows.iter().all(|r| r.verdict != Verdict::Error);
@@ -358,6 +419,22 @@ How each row is measured (medians of the runs; every run's numbers are on stderr
   publisher in the way. Probe messages before each clock make sure the subscriber is
   connected and subscribed. For scale, shared/PEERS.md measured ~65k msg/s QoS 1 live
   (one publisher, in-flight 100) on a quiet machine of this type.
+- Policy evaluation: a generated document of 1,000 rules with distinct patterns over
+  `site-S/line-L/tag-T` (exact names, `+` over lines, `#` under a line; one in ten a deny,
+  one in a hundred a 10 s downsample, most of the rest redact `/unit`, hash `/pad`, round
+  `/value` or drop `/pad`) and four label selectors, two of which the agent's labels
+  `{ region = \"eu-west\", tier = \"prod\" }` meet; compiled as the agent does (trusting
+  catalog). `Enforcer::apply(.., Stage::Ingest)` in a loop on one core over N pre-built
+  bodies (cloned before the clock) of 3,072 streams with the MQTT rows' 64-byte JSON
+  payloads, 1 ms of event time apart; a fresh enforcer per run. Baseline = the same loop
+  with `Policy::default()`. Baseline and ours alternate.
+- MQTT with a policy: the MQTT rows' live and drain runs of the real agent (same broker
+  settings, publisher and clocks), with the labels above and a `policy.json` of 1,000
+  rules in its data directory before it starts: 100 rules take the published topics
+  `bench/+/sensor/<k>` and minimise them, the other 900 are the site rules above; none
+  denies or downsamples a published topic, so both runs store all N messages (checked:
+  the clock stops at N stored, and the last stored messages are checked minimised).
+  Baseline = the same agent with the same labels and no policy. Runs alternate.
 - Modbus: `outpost-devsim --listen 127.0.0.1:0 --counters 10000` and an agent with one
   device, 10,000 u16 holding tags at addresses 0..9999, poll 1 s, after two polls were
   stored. The window runs from the end of one poll to the end of the W-th poll after
