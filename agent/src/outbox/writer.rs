@@ -103,6 +103,8 @@ enum Request {
 pub struct OutboxHandle {
     tx: mpsc::Sender<Request>,
     committed: watch::Receiver<Seq>,
+    /// The fleet policy every append passes through, if the writer has one.
+    filter: Option<Arc<std::sync::Mutex<SourceFilter>>>,
 }
 
 /// An append that was queued; await it for the outcome, which arrives once the
@@ -140,6 +142,13 @@ impl OutboxHandle {
         bodies: Vec<EventBody>,
         qos2: Vec<Qos2Op>,
     ) -> Result<PendingAppend, OutboxError> {
+        let mut bodies = bodies;
+        if let Some(f) = &self.filter {
+            // Held for one request's edits, never across an await.
+            if let Ok(mut f) = f.lock() {
+                f.filter(&mut bodies);
+            }
+        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request::Append(AppendRequest {
@@ -222,9 +231,11 @@ pub fn spawn_writer(
     spawn_writer_with_policy(outbox, opts, None, shutdown)
 }
 
-/// The fleet policy as the writer applies it: every append passes through it
-/// before it is stored for upload, and its buffer limits replace the local
-/// ones.
+/// The fleet policy at the outbox: every append passes through it before it
+/// is stored for upload ([`SourceFilter`], run by the appending task, so that
+/// JSON minimisation runs beside the writer's commits rather than between
+/// them), and its buffer limits replace the local ones (applied by the
+/// writer, which owns the outbox).
 pub struct PolicyGate {
     rx: watch::Receiver<Arc<AgentPolicy>>,
     labels: std::collections::BTreeMap<String, String>,
@@ -232,7 +243,6 @@ pub struct PolicyGate {
     /// The outbox limits of the local config, restored when a policy sets
     /// none.
     local: (u64, Option<Duration>, Eviction),
-    enforcer: Option<Enforcer>,
 }
 
 impl PolicyGate {
@@ -249,21 +259,16 @@ impl PolicyGate {
             labels,
             metrics,
             local: (0, None, Eviction::DropOldest),
-            enforcer: None,
         }
     }
 
-    /// Picks up a policy put in force since the last look.
+    /// Picks up the buffer limits of a policy put in force since the last
+    /// look.
     fn refresh(&mut self, outbox: &mut Outbox) {
         if !self.rx.has_changed().unwrap_or(false) {
             return;
         }
         let p = self.rx.borrow_and_update().clone();
-        self.enforcer = if p.is_permissive() {
-            None
-        } else {
-            Some(Enforcer::new(p.compiled.clone()))
-        };
         let (max_bytes, max_age, eviction) = self.local;
         let limits = p.policy.buffer_for(&self.labels);
         let eviction_of = |e: &str| match e {
@@ -283,12 +288,27 @@ impl PolicyGate {
         debug!(
             policy_version = p.version.0,
             rules = p.compiled.rules(),
-            "Outbox writer enforces the policy."
+            "The outbox enforces the policy."
         );
     }
+}
 
-    /// Drops and minimises `bodies` as the policy says.
+/// The part of the policy every append passes through, shared by the
+/// handles of one writer.
+#[derive(Debug)]
+struct SourceFilter {
+    rx: watch::Receiver<Arc<AgentPolicy>>,
+    metrics: Arc<Metrics>,
+    enforcer: Option<Enforcer>,
+}
+
+impl SourceFilter {
+    /// Drops and minimises `bodies` as the policy in force says.
     fn filter(&mut self, bodies: &mut Vec<EventBody>) {
+        if self.rx.has_changed().unwrap_or(false) {
+            let p = self.rx.borrow_and_update().clone();
+            self.enforcer = (!p.is_permissive()).then(|| Enforcer::new(p.compiled.clone()));
+        }
         let Some(enforcer) = &mut self.enforcer else {
             return;
         };
@@ -316,9 +336,17 @@ pub fn spawn_writer_with_policy(
     shutdown: CancellationToken,
 ) -> (OutboxHandle, JoinHandle<Result<Outbox, OutboxError>>) {
     let mut gate = gate;
+    let mut filter = None;
     if let Some(g) = &mut gate {
         let c = outbox.config();
         g.local = (c.max_bytes, c.max_age, c.eviction);
+        let mut rx = g.rx.clone();
+        rx.mark_changed();
+        filter = Some(Arc::new(std::sync::Mutex::new(SourceFilter {
+            rx,
+            metrics: g.metrics.clone(),
+            enforcer: None,
+        })));
     }
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
     let last = outbox
@@ -333,7 +361,14 @@ pub fn spawn_writer_with_policy(
         let _done = done.drop_guard();
         run(outbox, opts, gate, rx, committed_tx)
     });
-    (OutboxHandle { tx, committed }, join)
+    (
+        OutboxHandle {
+            tx,
+            committed,
+            filter,
+        },
+        join,
+    )
 }
 
 /// Sends the writer its ticks and the shutdown message.
@@ -390,12 +425,9 @@ fn run(
         match request {
             Request::Append(first) => {
                 let mut tick = false;
-                let mut group = collect(first, &opts, &mut rx, &mut next, &mut tick);
+                let group = collect(first, &opts, &mut rx, &mut next, &mut tick);
                 if let Some(g) = &mut gate {
                     g.refresh(&mut outbox);
-                    for a in &mut group {
-                        g.filter(&mut a.bodies);
-                    }
                 }
                 if let Some(last) = commit(&mut outbox, group) {
                     committed.send_if_modified(|s| {
