@@ -720,3 +720,131 @@ fn kill9_of_agent_and_hub_at_random_moments_loses_and_duplicates_nothing() -> Re
     );
     Ok(())
 }
+
+/// A Modbus TCP device that misbehaves on purpose, by request count: wrong
+/// transaction ids, then replies with fewer registers than asked for, then
+/// replies slower than the agent's timeout, then correct replies of
+/// 100, 101, 102, 103 (Modbus Application Protocol v1.1b3 section 6.3, MBAP
+/// of Modbus Messaging on TCP/IP v1.0b section 3.1.3).
+fn hostile_device() -> Result<std::net::SocketAddr> {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        let mut served = 0u32;
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            loop {
+                let mut req = [0u8; 12];
+                if s.read_exact(&mut req).is_err() {
+                    break;
+                }
+                served += 1;
+                let (txn, unit, count) = (
+                    [req[0], req[1]],
+                    req[6],
+                    u16::from_be_bytes([req[10], req[11]]),
+                );
+                let (txn, regs, delay) = match served {
+                    0..=15 => ([txn[0], txn[1].wrapping_add(7)], count, 0),
+                    16..=30 => (txn, count / 2, 0),
+                    31..=40 => (txn, count, 1000),
+                    _ => (txn, count, 0),
+                };
+                let mut pdu = vec![0x03, (regs * 2) as u8];
+                for r in 0..regs {
+                    pdu.extend_from_slice(&(100 + r).to_be_bytes());
+                }
+                let mut frame = txn.to_vec();
+                frame.extend_from_slice(&[0, 0]);
+                frame.extend_from_slice(&((pdu.len() + 1) as u16).to_be_bytes());
+                frame.push(unit);
+                frame.extend_from_slice(&pdu);
+                std::thread::sleep(Duration::from_millis(delay));
+                if s.write_all(&frame).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    Ok(addr)
+}
+
+#[test]
+fn a_device_with_wrong_ids_short_and_slow_replies_gives_bad_samples_and_polling_goes_on(
+) -> Result<()> {
+    use outpost_protocols::{Quality, Reason, Value};
+    let dir = tempfile::tempdir()?;
+    let device = hostile_device()?;
+    let mut config = format!(
+        "[agent]\ndata_dir = \"data\"\n\n[observability]\nmetrics = \"\"\nlog = \"debug\"\n\n[[modbus.devices]]\nname = \"plc\"\naddress = \"{device}\"\nunit = 1\npoll = \"100ms\"\ntimeout = \"300ms\"\nbackoff = \"100ms\"\nbackoff_max = \"200ms\"\n"
+    );
+    for t in 0..4 {
+        config.push_str(&format!(
+            "\n[[modbus.devices.tags]]\nname = \"r{t}\"\ntable = \"holding\"\naddress = {t}\ntype = \"u16\"\n"
+        ));
+    }
+    let mut agent = Agent::start(dir.path(), &config)?;
+    let data = dir.path().join("data");
+    let good_of = |ev: &[outpost_protocols::Event]| {
+        ev.iter()
+            .filter(|e| e.body.quality == Quality::Good && e.body.stream.as_str() == "plc/r3")
+            .count()
+    };
+    wait_until(DEADLINE, "good samples once the device behaves", || {
+        outbox_events(&data)
+            .map(|ev| good_of(&ev) >= 3)
+            .unwrap_or(false)
+    })
+    .with_context(|| log(dir.path()))?;
+    ensure!(
+        agent.proc.is_running(),
+        "the agent exited:\n{}",
+        log(dir.path())
+    );
+    let ev = outbox_events(&data)?;
+    let reasons: Vec<&Reason> = ev
+        .iter()
+        .filter_map(|e| match &e.body.quality {
+            Quality::Bad(r) | Quality::Uncertain(r) => Some(r),
+            Quality::Good => None,
+            _ => None,
+        })
+        .collect();
+    let distinct: std::collections::BTreeSet<String> =
+        reasons.iter().map(|r| r.to_string()).collect();
+    println!("bad samples recorded: {distinct:?}");
+    ensure!(
+        reasons.iter().any(|r| matches!(
+            r,
+            Reason::ShortReply {
+                expected: 4,
+                got: 2
+            }
+        )),
+        "no short reply recorded: {reasons:?}"
+    );
+    ensure!(
+        reasons.iter().any(|r| matches!(r, Reason::Timeout)),
+        "no timeout recorded: {reasons:?}"
+    );
+    // The first samples of all came from replies with wrong transaction ids:
+    // none of them may be taken as a good value.
+    let first_good = ev
+        .iter()
+        .position(|e| e.body.quality == Quality::Good)
+        .context("no good sample")?;
+    ensure!(
+        first_good > 0,
+        "a reply with a wrong transaction id was taken as good: {:?}",
+        ev[0]
+    );
+    let last = ev
+        .iter()
+        .rev()
+        .find(|e| e.body.stream.as_str() == "plc/r3")
+        .context("r3")?;
+    ensure!(last.body.value == Value::U64(103), "{last:?}");
+    agent.proc.term(Duration::from_secs(30))?;
+    Ok(())
+}
