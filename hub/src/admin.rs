@@ -190,6 +190,11 @@ pub fn policy(
                     ))
                 }
             };
+            // A selector that matches no agent the hub knows is legal (the
+            // agent may come later) but often a typo: say so, on stderr.
+            if let Applied::New { version, .. } = &outcome {
+                warn_unselected(&store, *version);
+            }
             if args.json {
                 writeln!(
                     out,
@@ -291,6 +296,32 @@ pub fn policy(
     }
     out.flush()?;
     Ok(())
+}
+
+/// Warns on stderr about every selector of version `version` that selects
+/// none of the agents in the registry (when there are any).
+fn warn_unselected(store: &Path, version: u64) {
+    let Ok(reader) = StoreReader::open(store) else {
+        return;
+    };
+    let fleet = reader.fleet().unwrap_or_default();
+    let Ok(Some(rec)) = policy::get(reader.connection(), store, version) else {
+        return;
+    };
+    let Ok(p) = outpost_protocols::policy::Policy::parse(
+        &rec.text,
+        &outpost_protocols::policy::Catalog::trusting(),
+    ) else {
+        return;
+    };
+    for (key, sel) in p.selectors() {
+        if !fleet.is_empty() && !fleet.iter().any(|a| sel.selects(&a.labels)) {
+            eprintln!(
+                "warning: {key}: selects none of the {} agents the hub knows",
+                fleet.len()
+            );
+        }
+    }
 }
 
 fn admin(store: &Path) -> Result<rusqlite::Connection, VerbError> {

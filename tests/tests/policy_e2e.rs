@@ -460,6 +460,18 @@ redact = ["/name"]
         code == 0 && text.contains("10 dropped / 10 changed"),
         "{text}"
     );
+    // A selector that selects no agent the hub knows is applied, with a
+    // warning naming it.
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, "[[rules]]\nname = \"depot\"\nagents = { site = \"depto-17\" }\nstreams = [\"sim/#\"]\naction = \"deny\"\n")?;
+    let (code, _, err) = hub.cli(&["policy", "apply", path(&typo)?])?;
+    ensure!(code == 0, "{err}");
+    ensure!(
+        err.contains(
+            "warning: rules[0] (\"depot\").agents: selects none of the 1 agents the hub knows"
+        ),
+        "{err:?}"
+    );
     Ok(())
 }
 

@@ -162,6 +162,12 @@ impl Catalog {
 pub struct Selector(BTreeMap<String, String>);
 
 impl Selector {
+    /// Whether it selects every agent.
+    #[must_use]
+    pub fn is_everyone(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Whether an agent with `labels` is selected.
     #[must_use]
     pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
@@ -970,6 +976,27 @@ impl Policy {
             }
         }
         Ok(())
+    }
+
+    /// Every label selector of the document with its key path, for an
+    /// operator's check against the fleet ("selects no known agent").
+    #[must_use]
+    pub fn selectors(&self) -> Vec<(String, &Selector)> {
+        let mut out = Vec::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            out.push((format!("rules[{i}] ({:?}).agents", r.name), &r.agents));
+        }
+        for (i, l) in self.limits.iter().enumerate() {
+            out.push((format!("limits[{i}].agents"), &l.agents));
+        }
+        for (i, b) in self.buffer.iter().enumerate() {
+            out.push((format!("buffer[{i}].agents"), &b.agents));
+        }
+        for (i, c) in self.commands.iter().enumerate() {
+            out.push((format!("commands[{i}].agents"), &c.agents));
+        }
+        out.retain(|(_, s)| !s.is_everyone());
+        out
     }
 
     /// Whether `role` may send `command` to an agent with `labels`. Nothing is
