@@ -179,6 +179,34 @@ fn with_on_corruption_stop_a_damaged_outbox_stops_the_agent_naming_the_file() ->
     Ok(())
 }
 
+/// An agent that stores the QoS 1 messages of `q1/#` from the broker on
+/// `port`.
+fn mqtt_agent(port: u16, client_id: &str) -> String {
+    format!(
+        r#"
+[agent]
+data_dir = "data"
+
+[outbox]
+commit_window = "1ms"
+
+[mqtt]
+broker = "127.0.0.1:{port}"
+client_id = "{client_id}"
+reconnect_min = "50ms"
+reconnect_max = "500ms"
+
+[[mqtt.subscribe]]
+filter = "q1/#"
+qos = 1
+
+[observability]
+metrics = ""
+log = "info"
+"#
+    )
+}
+
 /// Publishes `n` QoS 1 messages `"<i>"` to `topic` and returns once the broker
 /// has acknowledged each.
 fn publish(port: u16, topic: &str, n: usize) -> Result<()> {
@@ -224,33 +252,7 @@ fn failing_fsyncs_acknowledge_nothing_that_is_not_durable_and_corrupt_nothing() 
     let dir = tempfile::tempdir()?;
     let broker = outpost_tests::Mosquitto::start(dir.path())?;
     let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[agent]
-data_dir = "data"
-
-[outbox]
-commit_window = "1ms"
-
-[mqtt]
-broker = "127.0.0.1:{}"
-client_id = "faults-agent"
-reconnect_min = "50ms"
-reconnect_max = "500ms"
-
-[[mqtt.subscribe]]
-filter = "q1/#"
-qos = 1
-
-[observability]
-metrics = ""
-log = "info"
-"#,
-            broker.port
-        ),
-    )?;
+    std::fs::write(&config, mqtt_agent(broker.port, "faults-agent"))?;
     // The agent under strace: from the 40th fsync or fdatasync on (past the
     // outbox's creation and the first commits), every one fails with EIO,
     // as a dying SD card does.
@@ -363,30 +365,7 @@ fn a_full_disk_stops_acknowledging_and_everything_lands_when_space_returns() -> 
     let broker = outpost_tests::Mosquitto::start(dir.path())?;
     let data = dir.path().join("data");
     let _fs = Tmpfs::mount(&data, "16m")?;
-    let config = format!(
-        r#"
-[agent]
-data_dir = "data"
-
-[outbox]
-commit_window = "1ms"
-
-[mqtt]
-broker = "127.0.0.1:{}"
-client_id = "disk-agent"
-reconnect_min = "50ms"
-reconnect_max = "500ms"
-
-[[mqtt.subscribe]]
-filter = "q1/#"
-qos = 1
-
-[observability]
-metrics = ""
-log = "info"
-"#,
-        broker.port
-    );
+    let config = mqtt_agent(broker.port, "disk-agent");
     let mut agent = Agent::start(dir.path(), &config)?;
     wait_until(DEADLINE, "the agent to reach the broker", || {
         log(dir.path()).contains("Connected to the site broker")
