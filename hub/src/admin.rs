@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use crate::audit::{self, Verdict};
 use crate::config::{self, HubConfig};
 use crate::policy::{self, Applied, ApplyError, PolicyRecord};
-use crate::store::{open_admin, store_path, AtPath as _, StoreReader};
+use crate::store::{now, open_admin, store_path, AtPath as _, StoreReader};
 use crate::verbs::VerbError;
 
 /// `outpost-hub policy …`.
@@ -470,13 +470,4 @@ impl AuditTarget {
         tx.commit().at(&self.store)?;
         Ok(id)
     }
-}
-
-fn now() -> outpost_protocols::event::Timestamp {
-    outpost_protocols::event::Timestamp(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-            .unwrap_or(0),
-    )
 }

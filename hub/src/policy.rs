@@ -10,9 +10,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use outpost_protocols::event::Timestamp;
 use outpost_protocols::policy::{digest, Catalog, Policy, PolicyError, PolicyVersion};
 use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
 use serde::Serialize;
@@ -22,7 +21,7 @@ use tracing::{error, info, warn};
 
 use crate::audit;
 use crate::config::HubConfig;
-use crate::store::{AtPath as _, StoreError, StoreReader};
+use crate::store::{now, AtPath as _, StoreError, StoreReader};
 
 /// How often the running hub looks for a newly applied version.
 pub const POLL: Duration = Duration::from_secs(1);
@@ -117,15 +116,6 @@ pub enum Applied {
         /// The version in force.
         version: u64,
     },
-}
-
-fn now() -> Timestamp {
-    Timestamp(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-            .unwrap_or(0),
-    )
 }
 
 /// Validates `text` against `catalog` and stores it as the next version, with

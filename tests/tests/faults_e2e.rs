@@ -63,6 +63,19 @@ fn log(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
 }
 
+/// Runs the agent on `config` until its outbox holds 10,000 events (enough
+/// that the file is a B-tree of many pages), then stops it cleanly.
+fn filled_and_stopped(dir: &Path, config: &str) -> Result<Agent> {
+    let mut agent = Agent::start(dir, config)?;
+    wait_until(DEADLINE, "10,000 events in the outbox", || {
+        agent_outbox_stats(&agent.config)
+            .map(|s| s["events"].as_u64().unwrap_or(0) >= 10_000)
+            .unwrap_or(false)
+    })?;
+    agent.proc.term(Duration::from_secs(30))?;
+    Ok(agent)
+}
+
 /// Writes garbage over three pages in the middle of the file.
 fn damage(path: &Path) -> Result<()> {
     let len = std::fs::metadata(path)?.len();
@@ -82,15 +95,8 @@ fn a_damaged_outbox_is_moved_aside_at_start_and_the_agent_goes_on() -> Result<()
     let dir = tempfile::tempdir()?;
     let sim = Devsim::start(dir.path(), &sim(), None)?;
     let config = agent_config(sim.addr, "");
-    let mut agent = Agent::start(dir.path(), &config)?;
+    let agent = filled_and_stopped(dir.path(), &config)?;
     let data = dir.path().join("data");
-    // Enough events that the file has a B-tree of many pages.
-    wait_until(DEADLINE, "10,000 events in the outbox", || {
-        agent_outbox_stats(&agent.config)
-            .map(|s| s["events"].as_u64().unwrap_or(0) >= 10_000)
-            .unwrap_or(false)
-    })?;
-    agent.proc.term(Duration::from_secs(30))?;
     let before = outbox_events(&data)?;
     let last_before = before.last().map(|e| e.seq.0).context("events")?;
     damage(&data.join("outbox.db"))?;
@@ -154,13 +160,7 @@ fn with_on_corruption_stop_a_damaged_outbox_stops_the_agent_naming_the_file() ->
     let dir = tempfile::tempdir()?;
     let sim = Devsim::start(dir.path(), &sim(), None)?;
     let config = agent_config(sim.addr, "on_corruption = \"stop\"");
-    let mut agent = Agent::start(dir.path(), &config)?;
-    wait_until(DEADLINE, "10,000 events in the outbox", || {
-        agent_outbox_stats(&agent.config)
-            .map(|s| s["events"].as_u64().unwrap_or(0) >= 10_000)
-            .unwrap_or(false)
-    })?;
-    agent.proc.term(Duration::from_secs(30))?;
+    let agent = filled_and_stopped(dir.path(), &config)?;
     let db = dir.path().join("data/outbox.db");
     damage(&db)?;
     let mut agent = Agent::start_file(&agent.config)?;

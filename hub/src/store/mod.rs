@@ -133,4 +133,5 @@ pub use sqlite::{
     open_admin, store_path, AgentEventStats, InsertOutcome, PolicyCounts, Store, StoreReader,
     Synchronous, FILE_NAME, SCHEMA_VERSION,
 };
+pub(crate) use writer::now;
 pub use writer::{spawn_store_writer, PendingInsert, StoreHandle, WriterOptions};

@@ -403,7 +403,9 @@ async fn on_shutdown(
     }
 }
 
-fn now() -> Timestamp {
+/// The wall clock as a [`Timestamp`]: for `last_seen`, policy versions and
+/// audit entries.
+pub(crate) fn now() -> Timestamp {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
