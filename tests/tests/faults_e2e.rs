@@ -564,82 +564,69 @@ fn hub_numbers(
     Ok(m)
 }
 
-#[test]
-fn kill9_of_agent_and_hub_at_random_moments_loses_and_duplicates_nothing() -> Result<()> {
-    use rumqttc::{Client, MqttOptions, QoS};
-    // The long form: OUTPOST_FAULT_CYCLES=200 (docs/reliability.md).
-    let cycles: u32 = std::env::var("OUTPOST_FAULT_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_nanos() as u64
-        | 1;
-    println!("kill -9 loop: {cycles} cycles, seed {seed}");
-    let mut rng = Rng(seed);
-    let dir = tempfile::tempdir()?;
-    let pki = outpost_tests::Pki::new(dir.path())?;
-    let creds = pki.issue_agent("gw-1")?;
-    let mut hub = outpost_tests::Hub::start(dir.path(), &pki)?;
-    let broker = outpost_tests::Mosquitto::start(dir.path())?;
-    let sim = Devsim::start(dir.path(), &sim(), None)?;
-    let site = dir.path().join("site");
-    std::fs::create_dir_all(&site)?;
-    let config = site_config(&hub, &creds, broker.port, Some(sim.addr));
-    let mut agent = Agent::start(&site, &config)?;
-    wait_until(DEADLINE, "the agent to reach the broker", || {
-        log(&site).contains("Connected to the site broker")
-    })?;
+/// Numbered QoS 1 and QoS 2 messages (`q1/a`, `q2/a`), 50 a second each,
+/// straight to the broker, until stopped.
+struct Publisher {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Result<u64>>,
+}
 
-    // Numbered QoS 1 and QoS 2 messages, 100 a second, until told to stop.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = stop.clone();
-    let port = broker.port;
-    let publisher = std::thread::spawn(move || -> Result<u64> {
-        let mut o = MqttOptions::new("loop-pub", "127.0.0.1", port);
-        o.set_inflight(50);
-        let (client, mut conn) = Client::new(o, 100);
-        // The connection ends with an error once the client disconnects.
-        let driver = std::thread::spawn(move || {
-            for n in conn.iter() {
-                if n.is_err() {
-                    break;
+impl Publisher {
+    fn start(port: u16) -> Publisher {
+        use rumqttc::{Client, MqttOptions, QoS};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || -> Result<u64> {
+            let mut o = MqttOptions::new("loop-pub", "127.0.0.1", port);
+            o.set_inflight(50);
+            let (client, mut conn) = Client::new(o, 100);
+            // The connection ends with an error once the client disconnects.
+            let driver = std::thread::spawn(move || {
+                for n in conn.iter() {
+                    if n.is_err() {
+                        break;
+                    }
                 }
+            });
+            let mut n = 0u64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                client.publish("q1/a", QoS::AtLeastOnce, false, n.to_string())?;
+                client.publish("q2/a", QoS::ExactlyOnce, false, n.to_string())?;
+                n += 1;
+                std::thread::sleep(Duration::from_millis(20));
             }
+            // Let the last ones reach the broker before disconnecting.
+            std::thread::sleep(Duration::from_secs(1));
+            client.disconnect()?;
+            let _ = driver.join();
+            Ok(n)
         });
-        let mut n = 0u64;
-        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-            client.publish("q1/a", QoS::AtLeastOnce, false, n.to_string())?;
-            client.publish("q2/a", QoS::ExactlyOnce, false, n.to_string())?;
-            n += 1;
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // Let the last ones reach the broker before disconnecting.
-        std::thread::sleep(Duration::from_secs(1));
-        client.disconnect()?;
-        let _ = driver.join();
-        Ok(n)
-    });
-
-    for cycle in 0..cycles {
-        std::thread::sleep(Duration::from_millis(300 + rng.next() % 1200));
-        if rng.next().is_multiple_of(3) {
-            hub.proc.kill9();
-            println!("cycle {cycle}: kill -9 of the hub");
-            hub = outpost_tests::Hub::start_file(&hub.config, hub.addr)?;
-        } else {
-            agent.proc.kill9();
-            println!("cycle {cycle}: kill -9 of the agent");
-            agent = Agent::start_file(&agent.config)?;
-        }
+        Publisher { stop, thread }
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let published = publisher
-        .join()
-        .map_err(|_| anyhow::anyhow!("publisher panicked"))??;
-    // Let the broker hand the agent what it queued, then stop the sources
-    // cleanly and drain the rest with an agent that only has the uplink.
+
+    /// Stops publishing; how many of each were published.
+    fn stop(self) -> Result<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("publisher panicked"))?
+    }
+}
+
+/// The end of a fault run at the site of `agent`: waits until the broker has
+/// handed the agent the last of `published` messages, drains the outbox to
+/// the hub with an agent that only has the uplink, and checks what the hub
+/// stored: every seq the agent assigned exactly once, every QoS 2 message
+/// exactly once, every QoS 1 message at least once, Modbus samples. Returns
+/// a line saying what was stored.
+fn drain_and_check(
+    mut agent: Agent,
+    hub: &outpost_tests::Hub,
+    creds: &Path,
+    broker: u16,
+    published: u64,
+) -> Result<String> {
+    let site = agent.config.parent().context("site")?.to_owned();
     wait_until(
         DEADLINE,
         "the last QoS 2 message in the outbox or at the hub",
@@ -649,13 +636,13 @@ fn kill9_of_agent_and_hub_at_random_moments_loses_and_duplicates_nothing() -> Re
             .map(|ev| ev.iter().any(|e| e.body.stream.as_str() == "q2/a" && matches!(&e.body.value, outpost_protocols::Value::Json(j) if j.as_str() == last)))
             .unwrap_or(false);
             in_outbox
-                || hub_numbers(&hub, "q2/a")
+                || hub_numbers(hub, "q2/a")
                     .map(|m| m.contains_key(&(published - 1)))
                     .unwrap_or(false)
         },
     )?;
     agent.proc.term(Duration::from_secs(30))?;
-    std::fs::write(&agent.config, site_config(&hub, &creds, broker.port, None))?;
+    std::fs::write(&agent.config, site_config(hub, creds, broker, None))?;
     let agent = Agent::start_file(&agent.config)?;
     let mut next_seq = 0;
     wait_until(
@@ -682,8 +669,8 @@ fn kill9_of_agent_and_hub_at_random_moments_loses_and_duplicates_nothing() -> Re
         "every accepted seq exactly once at the hub: {stats:?}, the agent assigned 1..{}",
         next_seq - 1
     );
-    let q2 = hub_numbers(&hub, "q2/a")?;
-    let q1 = hub_numbers(&hub, "q1/a")?;
+    let q2 = hub_numbers(hub, "q2/a")?;
+    let q1 = hub_numbers(hub, "q1/a")?;
     let missing2: Vec<u64> = (0..published).filter(|n| !q2.contains_key(n)).collect();
     let missing1: Vec<u64> = (0..published).filter(|n| !q1.contains_key(n)).collect();
     let twice2: Vec<_> = q2.iter().filter(|(_, c)| **c > 1).collect();
@@ -693,10 +680,185 @@ fn kill9_of_agent_and_hub_at_random_moments_loses_and_duplicates_nothing() -> Re
     let dup1: usize = q1.values().map(|c| c - 1).sum();
     let modbus = hub.events_of("plc/#", 10_000_000)?.len();
     ensure!(modbus > 0, "no Modbus samples reached the hub");
-    println!(
-        "{cycles} kills: {} events exactly once at the hub ({published} QoS 2 once each, {published} QoS 1 with {dup1} redelivered, {modbus} Modbus samples)",
+    Ok(format!(
+        "{} events exactly once at the hub ({published} QoS 2 once each, {published} QoS 1 with {dup1} redelivered, {modbus} Modbus samples)",
         stats.count
+    ))
+}
+
+/// The site of the fault runs: a hub, a broker, a ramping device, and the
+/// agent between them, connected to the broker.
+struct Site {
+    // Fields drop in order: the processes before their directory.
+    agent: Agent,
+    device: Devsim,
+    broker: outpost_tests::Mosquitto,
+    hub: outpost_tests::Hub,
+    creds: std::path::PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Site {
+    fn start() -> Result<Site> {
+        let dir = tempfile::tempdir()?;
+        let pki = outpost_tests::Pki::new(dir.path())?;
+        let creds = pki.issue_agent("gw-1")?;
+        let hub = outpost_tests::Hub::start(dir.path(), &pki)?;
+        let broker = outpost_tests::Mosquitto::start(dir.path())?;
+        let device = Devsim::start(dir.path(), &sim(), None)?;
+        let site = dir.path().join("site");
+        std::fs::create_dir_all(&site)?;
+        let config = site_config(&hub, &creds, broker.port, Some(device.addr));
+        let agent = Agent::start(&site, &config)?;
+        wait_until(DEADLINE, "the agent to reach the broker", || {
+            log(&site).contains("Connected to the site broker")
+        })?;
+        Ok(Site {
+            agent,
+            device,
+            broker,
+            hub,
+            creds,
+            dir,
+        })
+    }
+
+    fn kill9_hub(&mut self) -> Result<()> {
+        self.hub.proc.kill9();
+        self.hub = outpost_tests::Hub::start_file(&self.hub.config, self.hub.addr)?;
+        Ok(())
+    }
+
+    /// The device goes away (kill -9) and comes back on the same address.
+    fn restart_device(&mut self) -> Result<()> {
+        self.device.proc.kill9();
+        self.device = Devsim::start(self.dir.path(), &sim(), Some(self.device.addr))?;
+        Ok(())
+    }
+
+    fn finish(self, published: u64) -> Result<String> {
+        drain_and_check(
+            self.agent,
+            &self.hub,
+            &self.creds,
+            self.broker.port,
+            published,
+        )
+    }
+}
+
+#[test]
+fn kill9_of_agent_and_hub_at_random_moments_loses_and_duplicates_nothing() -> Result<()> {
+    // The long form: OUTPOST_FAULT_CYCLES=200 (docs/reliability.md).
+    let cycles: u32 = std::env::var("OUTPOST_FAULT_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as u64
+        | 1;
+    println!("kill -9 loop: {cycles} cycles, seed {seed}");
+    let mut rng = Rng(seed);
+    let mut site = Site::start()?;
+    let publisher = Publisher::start(site.broker.port);
+    for cycle in 0..cycles {
+        std::thread::sleep(Duration::from_millis(300 + rng.next() % 1200));
+        if rng.next().is_multiple_of(3) {
+            site.kill9_hub()?;
+            println!("cycle {cycle}: kill -9 of the hub");
+        } else {
+            site.agent.proc.kill9();
+            println!("cycle {cycle}: kill -9 of the agent");
+            site.agent = Agent::start_file(&site.agent.config)?;
+        }
+    }
+    let published = publisher.stop()?;
+    println!("{cycles} kills: {}", site.finish(published)?);
+    Ok(())
+}
+
+/// The agent process's resident memory (KiB) and open file descriptors.
+fn rss_and_fds(pid: u32) -> Result<(u64, usize)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    Ok((rss, fds))
+}
+
+#[test]
+fn a_soak_with_steady_traffic_and_periodic_faults_keeps_memory_and_descriptors_flat() -> Result<()>
+{
+    // The long form: OUTPOST_SOAK_SECS=3600 (docs/reliability.md).
+    let secs: u64 = std::env::var("OUTPOST_SOAK_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60)
+        .max(20);
+    let run = Duration::from_secs(secs);
+    let fault_every = Duration::from_secs((secs / 5).clamp(10, 60));
+    let mut site = Site::start()?;
+    let pid = site.agent.proc.child.id();
+    let publisher = Publisher::start(site.broker.port);
+    let started = std::time::Instant::now();
+    let mut samples: Vec<(Duration, u64, usize)> = Vec::new();
+    let (mut next_fault, mut faults) = (fault_every, 0u32);
+    while started.elapsed() < run {
+        std::thread::sleep(Duration::from_secs(1));
+        ensure!(
+            site.agent.proc.is_running(),
+            "the agent exited during the soak:\n{}",
+            log(&site.dir.path().join("site"))
+        );
+        let (rss, fds) = rss_and_fds(pid)?;
+        samples.push((started.elapsed(), rss, fds));
+        if started.elapsed() >= next_fault {
+            // The agent itself is never restarted: its memory is the point.
+            if faults % 2 == 0 {
+                site.restart_device()?;
+                println!("{:?}: the device restarted", started.elapsed());
+            } else {
+                site.kill9_hub()?;
+                println!("{:?}: kill -9 of the hub", started.elapsed());
+            }
+            faults += 1;
+            next_fault += fault_every;
+        }
+    }
+    let published = publisher.stop()?;
+    // Flat: past the warm-up (the first quarter), the last quarter's peak is
+    // within max(4 MiB, 20%) of the second quarter's, and it holds at most 4
+    // more descriptors (sockets come and go with the faults). A leak of a
+    // few hundred bytes per event fails the short form; of a few bytes, the
+    // hour-long one.
+    let quarter = |q: u32| {
+        let (from, to) = (run * q / 4, run * (q + 1) / 4);
+        samples
+            .iter()
+            .filter(move |(at, _, _)| *at >= from && *at < to)
+    };
+    let warm_rss = quarter(1).map(|s| s.1).max().context("samples")?;
+    let late_rss = quarter(3).map(|s| s.1).max().context("samples")?;
+    let warm_fds = quarter(1).map(|s| s.2).max().context("samples")?;
+    let late_fds = quarter(3).map(|s| s.2).max().context("samples")?;
+    let first = samples.first().context("samples")?;
+    println!(
+        "soak {secs} s, {faults} faults: agent VmRSS {} KiB at start, peak {warm_rss} KiB in the second quarter, {late_rss} KiB in the last; descriptors {} → {warm_fds} → {late_fds}",
+        first.1, first.2
     );
+    ensure!(
+        late_rss <= warm_rss + (warm_rss / 5).max(4096),
+        "the agent's memory grew: {warm_rss} KiB → {late_rss} KiB"
+    );
+    ensure!(
+        late_fds <= warm_fds + 4,
+        "the agent's descriptors grew: {warm_fds} → {late_fds}"
+    );
+    println!("soak: {}", site.finish(published)?);
     Ok(())
 }
 
