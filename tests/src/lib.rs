@@ -517,6 +517,22 @@ impl Hub {
     /// [`Hub::start`] with more `[hub]` keys (`region = "eu-west"`).
     pub fn start_with(dir: &Path, pki: &Pki, hub_keys: &str) -> Result<Hub> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
+        Self::start_listening(dir, pki, hub_keys, addr, None)
+    }
+
+    /// [`Hub::start`] inside `netns`, listening on its address.
+    pub fn start_in(dir: &Path, pki: &Pki, netns: &netns::Netns) -> Result<Hub> {
+        let addr = SocketAddr::from((netns.ns_addr, free_udp_port()?));
+        Self::start_listening(dir, pki, "", addr, Some(netns))
+    }
+
+    fn start_listening(
+        dir: &Path,
+        pki: &Pki,
+        hub_keys: &str,
+        addr: SocketAddr,
+        netns: Option<&netns::Netns>,
+    ) -> Result<Hub> {
         let config = dir.join("hub.toml");
         std::fs::write(
             &config,
@@ -527,13 +543,23 @@ impl Hub {
                 pki.hub_dir.join("hub.key").display(),
             ),
         )?;
-        Self::start_file(&config, addr)
+        Self::start_file_in(&config, addr, netns)
     }
 
     /// Starts the hub on an existing config that listens on `addr`, and waits
     /// until it says it listens. Its log goes to `hub.log` beside the config
     /// (appended, so restarts keep history).
     pub fn start_file(config: &Path, addr: SocketAddr) -> Result<Hub> {
+        Self::start_file_in(config, addr, None)
+    }
+
+    /// [`Hub::start_file`], inside `netns` if given (its config listens on
+    /// the namespace's address).
+    pub fn start_file_in(
+        config: &Path,
+        addr: SocketAddr,
+        netns: Option<&netns::Netns>,
+    ) -> Result<Hub> {
         let log_path = config.with_file_name("hub.log");
         let listening = |p: &Path| {
             std::fs::read_to_string(p)
@@ -545,14 +571,18 @@ impl Hub {
             .create(true)
             .append(true)
             .open(&log_path)?;
-        let child = Command::new(bin("outpost-hub")?)
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("start outpost-hub")?;
+        let exe = bin("outpost-hub")?;
+        let child = match netns {
+            Some(ns) => ns.command(&exe),
+            None => Command::new(&exe),
+        }
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("start outpost-hub")?;
         let mut hub = Hub {
             proc: Proc {
                 child,
@@ -704,4 +734,5 @@ pub fn agent_outbox_stats(config: &Path) -> Result<serde_json::Value> {
 }
 
 pub mod fleet_sim;
+pub mod netns;
 pub mod udp_proxy;

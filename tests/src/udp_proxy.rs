@@ -257,7 +257,14 @@ async fn run(
         let back = match clients.get(&from) {
             Some((s, _)) => s.clone(),
             None => {
-                let Ok(s) = UdpSocket::bind("127.0.0.1:0").await else {
+                // Loopback to a loopback upstream; any address to another
+                // host (a test's network namespace).
+                let local: SocketAddr = if upstream.ip().is_loopback() {
+                    ([127, 0, 0, 1], 0).into()
+                } else {
+                    ([0, 0, 0, 0], 0).into()
+                };
+                let Ok(s) = UdpSocket::bind(local).await else {
                     continue;
                 };
                 if s.connect(upstream).await.is_err() {

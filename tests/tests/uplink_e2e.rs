@@ -3,7 +3,9 @@
 //! the session's idle timeout lose and duplicate nothing; and the hub refuses,
 //! with a clear log line and no change to its store, a certificate from
 //! another CA, an expired certificate and a wrong ALPN, while the agent
-//! refuses a hub it does not trust.
+//! refuses a hub it does not trust. A second host (a network namespace of
+//! the test's own) behind a 2 Mbit/s link and a proxy losing 30 % of the
+//! datagrams takes a backlog, then its link is cut while the hub restarts.
 //!
 //! Every wait polls a condition until a deadline. The one fixed sleep is the
 //! length of the black-holed outage, which is what that test is about.
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{ensure, Context as _, Result};
 use outpost_agent::outbox::{Outbox, OutboxConfig};
 use outpost_protocols::{AgentId, EventBody, Quality, StreamName, Timestamp, Value};
+use outpost_tests::netns::Netns;
 use outpost_tests::udp_proxy::{Faults, UdpProxy};
 use outpost_tests::{agent_outbox_stats, wait_until, Agent, Devsim, Hub, HubEventStats, Pki};
 
@@ -358,7 +361,7 @@ fn a_black_holed_link_longer_than_every_timeout_recovers_exactly() -> Result<()>
         reorder_by: Duration::from_millis(30),
         ..Faults::PASS
     });
-    let mut agent = Agent::start(s.path(), &s.agent_config(proxy.addr(), &device))?;
+    let agent = Agent::start(s.path(), &s.agent_config(proxy.addr(), &device))?;
     let log = s.path().join("agent.log");
 
     let t = Instant::now();
@@ -409,6 +412,16 @@ fn a_black_holed_link_longer_than_every_timeout_recovers_exactly() -> Result<()>
         t.elapsed().as_secs_f64()
     );
 
+    let last = stop_and_drain(agent, &s.hub, s.agent_config(proxy.addr(), ""))?;
+    assert!(last > BACKLOG + 40, "no new events: {last}");
+    Ok(())
+}
+
+/// Stops an agent that polls a device (SIGTERM: it must exit cleanly), lets
+/// an agent with only the uplink (`drain_config`) send what the first left in
+/// the outbox, and checks that the hub holds every seq the agent assigned,
+/// once. Returns the last seq.
+fn stop_and_drain(mut agent: Agent, hub: &Hub, drain_config: String) -> Result<u64> {
     let status = agent.proc.term(Duration::from_secs(30))?;
     ensure!(
         status.success(),
@@ -420,8 +433,8 @@ fn a_black_holed_link_longer_than_every_timeout_recovers_exactly() -> Result<()>
     let left = outbox_u64(&agent.config, "events")?;
     println!("agent stopped at seq {last} with {left} events not yet at the hub");
     if left > 0 {
-        let drain = s.path().join("agent-drain.toml");
-        std::fs::write(&drain, s.agent_config(proxy.addr(), ""))?;
+        let drain = agent.config.with_file_name("agent-drain.toml");
+        std::fs::write(&drain, drain_config)?;
         let mut rest = Agent::start_file(&drain)?;
         wait_until(DEADLINE, "the rest of the outbox to drain", || {
             outbox_u64(&drain, "events").ok() == Some(0)
@@ -432,10 +445,8 @@ fn a_black_holed_link_longer_than_every_timeout_recovers_exactly() -> Result<()>
             "the agent exited with {status} on SIGTERM"
         );
     }
-    wait_until(DEADLINE, "the hub to hold every seq", || {
-        count(&s.hub) >= last
-    })?;
-    let got = stats(&s.hub).context("no stats")?;
+    wait_until(DEADLINE, "the hub to hold every seq", || count(hub) >= last)?;
+    let got = stats(hub).context("no stats")?;
     assert_eq!(
         got,
         HubEventStats {
@@ -446,7 +457,80 @@ fn a_black_holed_link_longer_than_every_timeout_recovers_exactly() -> Result<()>
             max_seq: Some(last),
         }
     );
-    assert!(last > BACKLOG + 40, "no new events: {last}");
+    Ok(last)
+}
+
+#[test]
+fn a_throttled_lossy_link_cut_while_the_hub_restarts_loses_and_duplicates_nothing() -> Result<()> {
+    const BACKLOG: u64 = 3_000;
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    let creds = pki.issue_agent(AGENT)?;
+    fill_outbox(&dir.path().join("data"), BACKLOG as usize)?;
+    // The hub on a second host whose link runs at 2 Mbit/s each way, and
+    // the proxy in front of it losing 30 % of the datagrams.
+    let ns = Netns::new()?;
+    ns.throttle(Some("2mbit"))?;
+    let mut hub = Hub::start_in(dir.path(), &pki, &ns)?;
+    let proxy = UdpProxy::start(hub.addr)?;
+    proxy.set(Faults {
+        drop: 0.3,
+        duplicate: 0.05,
+        reorder: 0.05,
+        reorder_by: Duration::from_millis(30),
+        ..Faults::PASS
+    });
+    let (_sim, device) = counting_device(dir.path())?;
+    let config = |extra: &str| agent_config(proxy.addr(), &creds.join("ca.pem"), &creds, extra);
+    let agent = Agent::start(dir.path(), &config(&device))?;
+    let log = dir.path().join("agent.log");
+
+    let t = Instant::now();
+    wait_until(
+        Duration::from_secs(240),
+        "the backlog through 2 Mbit/s and 30 % loss",
+        || count(&hub) >= BACKLOG,
+    )?;
+    let faults = proxy.stats();
+    println!(
+        "{BACKLOG} events through 2 Mbit/s, 30 % loss, 5 % duplication and reordering in {:.1} s; proxy: {faults:?}",
+        t.elapsed().as_secs_f64()
+    );
+    ensure!(
+        faults.dropped > 0 && faults.duplicated > 0 && faults.reordered > 0,
+        "{faults:?}"
+    );
+
+    // The link goes down for longer than every timeout, and the hub is
+    // killed and restarted in the middle of it.
+    let lost_before = log_count(&log, "Uplink lost");
+    let connected_before = log_count(&log, "Connected to the hub.");
+    let max_before = stats(&hub).and_then(|s| s.max_seq).unwrap_or(0);
+    ns.link(false)?;
+    std::thread::sleep(BLACK_HOLE_FOR / 2);
+    hub.proc.kill9();
+    hub = Hub::start_file_in(&hub.config, hub.addr, Some(&ns))?;
+    std::thread::sleep(BLACK_HOLE_FOR / 2);
+    ensure!(
+        log_count(&log, "Uplink lost") > lost_before,
+        "the agent did not notice a {BLACK_HOLE_FOR:?} cut:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    ns.link(true)?;
+    let t = Instant::now();
+    wait_until(DEADLINE, "the agent to reconnect", || {
+        log_count(&log, "Connected to the hub.") > connected_before
+    })?;
+    wait_until(DEADLINE, "new events at the hub", || {
+        stats(&hub).and_then(|s| s.max_seq).unwrap_or(0) > max_before + 40
+    })?;
+    println!(
+        "reconnected to the restarted hub and delivering {:.1} s after the link came back",
+        t.elapsed().as_secs_f64()
+    );
+    let last = stop_and_drain(agent, &hub, config(""))?;
+    ensure!(last > BACKLOG + 40, "no new events: {last}");
+    hub.proc.kill9();
     Ok(())
 }
 
