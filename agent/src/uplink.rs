@@ -16,7 +16,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use outpost_protocols::wire::{AgentConfig, AgentEvent, AgentInfo, AgentSession, ALPN, CLOSE_OK};
+use outpost_protocols::wire::{
+    AgentConfig, AgentEvent, AgentInfo, AgentSession, UsageError, ALPN, CLOSE_OK,
+};
 use outpost_protocols::{EventBody, Seq};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -390,11 +392,11 @@ impl Uplink {
                 let n = session.wants().min(READ_CHUNK);
                 let events = self.outbox.read_batch(cursor, n).await?;
                 if !events.is_empty() {
-                    let (sent, skipped) =
+                    let (sent, skipped, too_large) =
                         self.feed(&mut session, &mut gate, &mut cursor, &mut paced, events)?;
                     self.metrics.uplink_sent.inc_by(sent);
                     self.metrics.policy_dropped("denied_at_send", skipped);
-                    if sent + skipped > 0 {
+                    if sent + skipped + too_large > 0 {
                         continue;
                     }
                 }
@@ -444,7 +446,8 @@ impl Uplink {
 
     /// Pushes what the policy lets through of `events` (read after `cursor`)
     /// and moves the cursor past what it pushed or skipped; stops early when
-    /// a `hold` rate is exhausted, setting `paced`. Returns (pushed, skipped).
+    /// a `hold` rate is exhausted, setting `paced`. Returns (pushed, skipped
+    /// by the policy, skipped as too large to send).
     fn feed(
         &self,
         session: &mut AgentSession,
@@ -452,8 +455,8 @@ impl Uplink {
         cursor: &mut Seq,
         paced: &mut Option<tokio::time::Instant>,
         events: Vec<outpost_protocols::Event>,
-    ) -> Result<(u64, u64), UplinkError> {
-        let (mut sent, mut skipped) = (0u64, 0u64);
+    ) -> Result<(u64, u64, u64), UplinkError> {
+        let (mut sent, mut skipped, mut too_large) = (0u64, 0u64, 0u64);
         let mut batch: Vec<(Seq, EventBody)> = Vec::with_capacity(events.len());
         for e in events {
             let mut body = e.body;
@@ -475,9 +478,23 @@ impl Uplink {
             *cursor = e.seq;
             batch.push((e.seq, body));
         }
-        sent += batch.len() as u64;
-        session.push_events(batch)?;
-        Ok((sent, skipped))
+        for (seq, body) in batch {
+            match session.push_event(seq, &body) {
+                Ok(()) => sent += 1,
+                // No session can ever send it (an outbox written by an agent
+                // that stored such events): closing the connection would only
+                // meet it again on the next one, and nothing behind it would
+                // ever leave. It is skipped and counted; the hub's
+                // acknowledgement of a later seq deletes it.
+                Err(UsageError::EventTooLarge { seq, len, max }) => {
+                    tracing::error!(seq = seq.0, stream = %body.stream, len, max, "Event too large for the uplink; not sent.");
+                    self.metrics.evicted("too_large", 1);
+                    too_large += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok((sent, skipped, too_large))
     }
 
     /// Applies the hub's watermark: deletes what the hub holds or, when the

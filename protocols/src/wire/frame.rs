@@ -33,6 +33,12 @@ pub const MAX_FRAME_LEN: usize = 4 * 1024 * 1024;
 /// frame: the frame limit less the batch header (variant index and count).
 pub const MAX_EVENT_LEN: usize = MAX_FRAME_LEN - 8;
 
+/// The largest encoded [`EventBody`] that can be sent whatever its seq:
+/// [`MAX_EVENT_LEN`] less the 10 bytes a `u64` seq takes at most as a varint.
+/// A source must not store a larger body, because no session can ever send
+/// it (the agent's MQTT source records such a message as bad quality instead).
+pub const MAX_BODY_LEN: usize = MAX_EVENT_LEN - 10;
+
 /// The most versions a `Hello` may offer.
 pub const MAX_VERSIONS: usize = 32;
 

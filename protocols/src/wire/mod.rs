@@ -59,8 +59,8 @@ use std::ops::RangeInclusive;
 pub use agent::{AgentConfig, AgentEvent, AgentInfo, AgentSession};
 pub use error::{ErrorCode, ProtocolError, UsageError, CLOSE_OK};
 pub use frame::{
-    Frame, FrameDecoder, FrameError, MAX_AGENT_VERSION_LEN, MAX_ERROR_MESSAGE_LEN, MAX_EVENT_LEN,
-    MAX_FRAME_LEN, MAX_LABELS, MAX_LABEL_LEN, MAX_VERSIONS,
+    Frame, FrameDecoder, FrameError, MAX_AGENT_VERSION_LEN, MAX_BODY_LEN, MAX_ERROR_MESSAGE_LEN,
+    MAX_EVENT_LEN, MAX_FRAME_LEN, MAX_LABELS, MAX_LABEL_LEN, MAX_VERSIONS,
 };
 pub use hub::{HubConfig, HubEvent, HubSession};
 

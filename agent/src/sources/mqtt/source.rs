@@ -13,6 +13,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use futures::stream::{FuturesOrdered, StreamExt};
+use outpost_protocols::wire::MAX_BODY_LEN;
 use outpost_protocols::{EventBody, Quality, Reason, StreamName, Timestamp, Value};
 use rumqttc::mqttbytes::v4::{Packet, Publish};
 use rumqttc::mqttbytes::QoS;
@@ -448,13 +449,31 @@ impl MqttSource {
                 .unwrap_or(now),
             _ => now,
         };
-        Some(EventBody {
+        let mut body = EventBody {
             stream,
             ts: Timestamp(ts),
             value,
             quality,
             attrs,
-        })
+        };
+        // An event the uplink can never send would stop every event behind
+        // it, so one over the wire's limit (possible only with a
+        // `max_payload` above it) is kept like an oversize payload: on its
+        // topic, bad quality, without its bytes. The check encodes only
+        // payloads that come near the limit.
+        if publish.payload.len() + publish.topic.len() + 64 > MAX_BODY_LEN {
+            let len = body.encode().len();
+            if len > MAX_BODY_LEN {
+                self.metrics.mqtt_oversize.inc();
+                warn!(topic = %publish.topic, size = publish.payload.len(), event = len, max = MAX_BODY_LEN, "Event over the uplink's size limit; recorded as bad quality without its bytes.");
+                body.value = Value::Bytes(Vec::new());
+                body.quality = Quality::Bad(Reason::Other(format!(
+                    "payload of {} bytes makes an event of {len} bytes, over the uplink's limit of {MAX_BODY_LEN}",
+                    publish.payload.len()
+                )));
+            }
+        }
+        Some(body)
     }
 
     async fn dispatch_writes(&self, publish: &Publish) {
