@@ -28,6 +28,16 @@ impl Verdict {
         }
     }
 
+    /// The verdict's name in the JSON report.
+    fn key(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Fail => "fail",
+            Verdict::Info => "info",
+            Verdict::Error => "error",
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Verdict::Pass => "pass",
@@ -83,6 +93,58 @@ pub(crate) fn table(rows: &[Row]) -> String {
         );
     }
     s
+}
+
+/// What the JSON report says about the run besides its rows.
+pub(crate) struct Meta<'a> {
+    pub(crate) quick: bool,
+    pub(crate) args: &'a [String],
+    /// `machine()`'s Markdown lines.
+    pub(crate) machine: &'a str,
+    pub(crate) load_before: &'a str,
+    pub(crate) load_after: &'a str,
+    pub(crate) agent: &'a str,
+    pub(crate) hub: &'a str,
+    pub(crate) broker: &'a str,
+    pub(crate) seconds: f64,
+    /// The figures written beside the report.
+    pub(crate) figures: &'a [String],
+}
+
+/// The report as JSON, for whoever wants the figures without parsing the
+/// table: each row as printed, plus its ratio as a number where it is one.
+pub(crate) fn json(rows: &[Row], meta: &Meta<'_>) -> serde_json::Value {
+    let rows: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "what": r.what,
+                "ours": r.ours,
+                "baseline": r.baseline,
+                "ratio": r.ratio,
+                "ratio_value": r.ratio.parse::<f64>().ok().filter(|v| v.is_finite()),
+                "target": r.target,
+                "result": r.verdict.key(),
+            })
+        })
+        .collect();
+    let machine: Vec<&str> = meta
+        .machine
+        .lines()
+        .map(|l| l.trim_start_matches("- "))
+        .collect();
+    serde_json::json!({
+        "run": if meta.quick { "quick" } else { "full" },
+        "args": meta.args,
+        "machine": machine,
+        "load_average": { "before": meta.load_before, "after": meta.load_after },
+        "agent": meta.agent,
+        "hub": meta.hub,
+        "broker": meta.broker,
+        "seconds": meta.seconds.round(),
+        "figures": meta.figures,
+        "rows": rows,
+    })
 }
 
 /// `1234567.8` → `1,234,568`.
@@ -212,6 +274,40 @@ mod tests {
         assert_eq!(thousands(999.4), "999");
         assert_eq!(thousands(1000.0), "1,000");
         assert_eq!(thousands(1_234_567.0), "1,234,567");
+    }
+
+    #[test]
+    fn json_carries_every_row_and_numeric_ratios() {
+        let row = |ratio: &str, verdict| Row {
+            what: "w".into(),
+            ours: "1/s".into(),
+            baseline: "2/s".into(),
+            ratio: ratio.into(),
+            target: "-".into(),
+            verdict,
+        };
+        let rows = [row("0.50", Verdict::Pass), row("-", Verdict::Error)];
+        let v = json(
+            &rows,
+            &Meta {
+                quick: true,
+                args: &[],
+                machine: "- CPU: x\n- Memory: y\n",
+                load_before: "0.1",
+                load_after: "0.2",
+                agent: "a",
+                hub: "h",
+                broker: "b",
+                seconds: 1.4,
+                figures: &[],
+            },
+        );
+        assert_eq!(v["rows"][0]["ratio_value"], 0.5);
+        assert_eq!(v["rows"][0]["result"], "pass");
+        assert!(v["rows"][1]["ratio_value"].is_null());
+        assert_eq!(v["rows"][1]["result"], "error");
+        assert_eq!(v["machine"][1], "Memory: y");
+        assert_eq!(v["run"], "quick");
     }
 
     #[test]

@@ -49,6 +49,9 @@ const POLL: Duration = Duration::from_millis(2);
 /// The drain's absolute target.
 const TARGET: f64 = 200_000.0;
 
+/// How often a drain's trace (for the plot) takes a point.
+const TRACE_EVERY: Duration = Duration::from_millis(50);
+
 /// quinn client endpoints (UDP sockets) the simulated agents share.
 const ENDPOINTS: usize = 4;
 
@@ -346,6 +349,28 @@ struct Drain {
     /// CPU over the drain, % of one core.
     agent_cpu: f64,
     hub_cpu: f64,
+    /// What the drain looked like over time.
+    trace: Vec<TracePoint>,
+}
+
+/// One point of a drain over time: for the plot of throughput and memory.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TracePoint {
+    /// Since the agent process's start.
+    pub(crate) at: Duration,
+    /// Events durable at the hub.
+    pub(crate) stored: u64,
+    /// VmRSS of the agent and the hub, KiB.
+    pub(crate) agent_rss_kib: u64,
+    pub(crate) hub_rss_kib: u64,
+}
+
+/// The drain's rows, its median rate (the fleet's baseline) and the trace of
+/// its median run.
+pub(crate) struct DrainReport {
+    pub(crate) rows: Vec<Row>,
+    pub(crate) rate: f64,
+    pub(crate) trace: Vec<TracePoint>,
 }
 
 /// One drain of ours in `home`: a fresh hub, a copy of the template outbox.
@@ -373,10 +398,24 @@ fn ours(
     let agent_cpu = CpuWindow::start(agent.proc.child.id())?;
     let deadline = started + run_timeout(n);
     let mut first = None;
+    let mut trace = Vec::new();
+    let mut next_point = started;
     let finished = loop {
         let w = store.watermark(AGENT)?;
+        let now = Instant::now();
+        if now >= next_point || w >= n {
+            // A process that just exited reads as 0; the checks below say why.
+            let rss = |pid| status_kib(pid, "VmRSS").unwrap_or(0);
+            trace.push(TracePoint {
+                at: now.duration_since(started),
+                stored: w,
+                agent_rss_kib: rss(agent.proc.child.id()),
+                hub_rss_kib: rss(hub.proc.child.id()),
+            });
+            next_point += TRACE_EVERY;
+        }
         if w >= n {
-            break Instant::now();
+            break now;
         }
         if w > 0 && first.is_none() {
             first = Some((Instant::now(), w));
@@ -422,12 +461,12 @@ fn ours(
         },
         agent_cpu,
         hub_cpu,
+        trace,
     })
 }
 
-/// Measurement 5: the drain and its raw-quinn baseline. Returns the rows and
-/// the median drain rate (events/s), the fleet's baseline.
-pub(crate) fn drain(bins: &Bins, dir: &Path, p: Params) -> Result<(Vec<Row>, f64)> {
+/// Measurement 5: the drain and its raw-quinn baseline.
+pub(crate) fn drain(bins: &Bins, dir: &Path, p: Params) -> Result<DrainReport> {
     let root = dir.join("uplink");
     std::fs::create_dir_all(&root)?;
     let pki = bins.pki(&root.join("pki"))?;
@@ -452,6 +491,7 @@ pub(crate) fn drain(bins: &Bins, dir: &Path, p: Params) -> Result<(Vec<Row>, f64
     let (mut base, mut ours_v) = (Vec::new(), Vec::new());
     let (mut firsts, mut streaming) = (Vec::new(), Vec::new());
     let (mut agent_cpu, mut hub_cpu) = (Vec::new(), Vec::new());
+    let mut traces = Vec::new();
     for rep in 0..p.reps {
         let b = baseline(&pki.hub_dir, &agent_creds, &frames, n)?;
         let home = root.join(format!("run-{rep}"));
@@ -474,6 +514,7 @@ pub(crate) fn drain(bins: &Bins, dir: &Path, p: Params) -> Result<(Vec<Row>, f64
         streaming.push(o.streaming);
         agent_cpu.push(o.agent_cpu);
         hub_cpu.push(o.hub_cpu);
+        traces.push((o.rate, o.trace));
     }
     let _ = std::fs::remove_file(&template);
     eprintln!(
@@ -510,7 +551,18 @@ pub(crate) fn drain(bins: &Bins, dir: &Path, p: Params) -> Result<(Vec<Row>, f64
             verdict: Verdict::Info,
         },
     ];
-    Ok((rows, o))
+    // The median run's trace (the lower middle one for an even count).
+    traces.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let trace = traces
+        .into_iter()
+        .nth((p.reps.max(1) - 1) / 2)
+        .map(|(_, t)| t)
+        .unwrap_or_default();
+    Ok(DrainReport {
+        rows,
+        rate: o,
+        trace,
+    })
 }
 
 /// Measurement 6: the hub's ingest from `p.agents` simulated agents at once;

@@ -28,6 +28,10 @@ mod append;
 mod modbus;
 #[path = "../bench/mqtt.rs"]
 mod mqtt;
+#[path = "../bench/peers.rs"]
+mod peers;
+#[path = "../bench/plots.rs"]
+mod plots;
 #[path = "../bench/policy.rs"]
 mod policy;
 #[path = "../bench/procfs.rs"]
@@ -36,6 +40,8 @@ mod procfs;
 mod procs;
 #[path = "../bench/report.rs"]
 mod report;
+#[path = "../bench/sizes.rs"]
+mod sizes;
 #[path = "../bench/uplink.rs"]
 mod uplink;
 #[path = "../bench/workload.rs"]
@@ -68,6 +74,11 @@ struct Cli {
     /// Keep the temporary directory (databases, configs, logs) after the run.
     #[arg(long)]
     keep: bool,
+    /// Where the report (`report.md`, `report.json`) and the figures (SVG)
+    /// go. Default: target/outpost-bench. `--out docs/benchmarks` refreshes
+    /// the committed figures.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
     /// Take only these measurements (comma-separated); default: all.
     #[arg(long, value_enum, value_delimiter = ',', value_name = "NAME,...")]
     only: Vec<Measurement>,
@@ -91,6 +102,11 @@ enum Measurement {
     Uplink,
     /// Hub ingest from many agents.
     Fleet,
+    /// Modbus polling CPU and Modbus → MQTT latency against the ThingsBoard
+    /// IoT Gateway and Node-RED (installed into target/bench-peers).
+    Peers,
+    /// Sizes of the static builds.
+    Sizes,
 }
 
 /// The sizes of a run.
@@ -101,6 +117,7 @@ struct Plan {
     modbus: modbus::Params,
     uplink: uplink::Params,
     fleet: uplink::FleetParams,
+    peers: peers::Params,
 }
 
 impl Plan {
@@ -136,6 +153,10 @@ impl Plan {
                     per_agent: 100,
                     dial_spread: Duration::from_secs(1),
                 },
+                peers: peers::Params {
+                    cpu_window: Duration::from_secs(8),
+                    latency_window: Duration::from_secs(5),
+                },
             }
         } else {
             Plan {
@@ -167,6 +188,10 @@ impl Plan {
                     agents: 1_000,
                     per_agent: 1_000,
                     dial_spread: Duration::from_secs(1),
+                },
+                peers: peers::Params {
+                    cpu_window: Duration::from_secs(20),
+                    latency_window: Duration::from_secs(20),
                 },
             }
         }
@@ -273,6 +298,7 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
         .context("start the tokio runtime")?;
 
     let mut rows: Vec<Row> = Vec::new();
+    let mut latencies: Vec<peers::LatencySamples> = Vec::new();
     let mut measure = |m: Measurement, what: &str, f: &mut dyn FnMut() -> Result<Vec<Row>>| {
         if !(cli.only.is_empty() || cli.only.contains(&m)) {
             return;
@@ -325,13 +351,15 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
         &mut || modbus::backlog(&bins, &dir, plan.modbus),
     );
     let mut single_drain = None;
+    let mut drain_trace = Vec::new();
     measure(
         Measurement::Uplink,
         "Uplink drain agent → hub",
         &mut || {
-            let (r, rate) = uplink::drain(&bins, &dir, plan.uplink)?;
-            single_drain = Some(rate);
-            Ok(r)
+            let r = uplink::drain(&bins, &dir, plan.uplink)?;
+            single_drain = Some(r.rate);
+            drain_trace = r.trace;
+            Ok(r.rows)
         },
     );
     measure(
@@ -339,6 +367,19 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
         "Hub ingest from many agents",
         &mut || uplink::fleet(&bins, &dir, plan.fleet, single_drain),
     );
+    measure(
+        Measurement::Peers,
+        "Peer gateways: ThingsBoard IoT Gateway, Node-RED",
+        &mut || {
+            let cache = target_dir().join("bench-peers");
+            let (r, l) = peers::run(&bins, &dir, &cache, plan.peers)?;
+            latencies.extend(l);
+            Ok(r)
+        },
+    );
+    measure(Measurement::Sizes, "Static build sizes", &mut || {
+        Ok(sizes::rows(&target_dir()))
+    });
     drop(rt);
 
     let complete = rows.iter().all(|r| r.verdict != Verdict::Error);
@@ -383,6 +424,69 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
     ));
     out.push_str(NOTES);
     print!("{out}");
+
+    let out_dir = cli
+        .out
+        .clone()
+        .unwrap_or_else(|| target_dir().join("outpost-bench"));
+    let mut figures = Vec::new();
+    let mut figure = |name: &str, draw: &dyn Fn(&Path) -> Result<()>| {
+        let path = out_dir.join(name);
+        match draw(&path) {
+            Ok(()) => figures.push(name.to_owned()),
+            Err(e) => eprintln!("outpost-bench: no {}: {e:#}", path.display()),
+        }
+    };
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("create {}", out_dir.display()))?;
+    if drain_trace.len() >= 2 {
+        figure("uplink-drain.svg", &|p| {
+            plots::drain(
+                p,
+                &format!(
+                    "Uplink drain of {} events, agent → hub over QUIC (median run)",
+                    report::thousands(plan.uplink.events as f64)
+                ),
+                &drain_trace,
+            )
+        });
+    }
+    if !latencies.is_empty() {
+        let tools: Vec<(&str, &[f64])> = latencies
+            .iter()
+            .map(|l| (l.tool.as_str(), l.millis.as_slice()))
+            .collect();
+        figure("bridge-latency.svg", &|p| {
+            plots::latency(
+                p,
+                "Modbus → MQTT bridge latency: register change → message at the subscriber",
+                &tools,
+            )
+        });
+    }
+    let json = report::json(
+        &rows,
+        &report::Meta {
+            quick: cli.quick,
+            args: &args,
+            machine: &report::machine(&dir),
+            load_before: &load_before,
+            load_after: &report::loadavg(),
+            agent: &format!("{} ({agent_version})", bins.agent.display()),
+            hub: &hub_version,
+            broker: &mosquitto_version,
+            seconds: started.elapsed().as_secs_f64(),
+            figures: &figures,
+        },
+    );
+    for (name, text) in [("report.md", out), ("report.json", format!("{json:#}\n"))] {
+        let path = out_dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+    }
+    eprintln!(
+        "outpost-bench: report.md, report.json{} in {}",
+        figures.iter().map(|f| format!(", {f}")).collect::<String>(),
+        out_dir.display()
+    );
 
     if cli.keep {
         let kept = tmp.keep();
@@ -469,4 +573,20 @@ How each row is measured (medians of the runs; every run's numbers are on stderr
   agent at its last seq and `events` every row. Ratio = that / the single-agent drain
   above. Memory per agent = (the hub's VmHWM after the run − its VmRSS once it
   listened, before the first dial) / agents; kB = 10^3 bytes.
+- Peer gateways: ours, the ThingsBoard IoT Gateway 3.8.5 (PyPI, its own venv) and
+  Node-RED 4 + node-red-contrib-modbus 5.23.3 (npm), installed once into
+  target/bench-peers, run one at a time against the same in-process Modbus TCP
+  simulator (`outpost_agent::sim`) and the same Mosquitto. CPU: 1,000 u16 holding
+  registers polled at 1 Hz, every value published at QoS 1 on every poll (ours: a
+  `[[bridges]]` with `on = \"poll\"`, one JSON message per tag; ThingsBoard: one request
+  per tag, one telemetry message per poll, report strategy ON_RECEIVED, stdout to
+  /dev/null; Node-RED: 8 reads of 125 registers, one message per register);
+  utime+stime of the whole process tree over the window after two polls of warm-up,
+  VmRSS summed over the tree. Latency: 100 registers polled every 100 ms by every
+  tool; the bench sets one register every 47 ms at a recorded instant and a
+  subscriber in the bench times the first message carrying the new value; p50 / p99
+  (nearest rank) and the messages/s arriving. Ratio = ours / peer.
+- Static build sizes: the files `bash cross/build` leaves in
+  `target/<triple>/release/` (nothing is built here); the agent's budget is the one
+  `cross/build` checks.
 ";
