@@ -22,6 +22,9 @@ pub struct HubConfig {
     /// `[observability]`.
     #[serde(default)]
     pub observability: ObservabilitySection,
+    /// `[[sinks]]`: where stored events are forwarded.
+    #[serde(default)]
+    pub sinks: Vec<crate::sinks::SinkConfig>,
 }
 
 /// `[hub]`.
@@ -147,12 +150,15 @@ pub fn parse(
     env: impl IntoIterator<Item = (String, String)>,
     path: &Path,
 ) -> Result<HubConfig, ConfigError> {
-    let cfg: HubConfig =
-        outpost_protocols::settings::parse(text, env, &["hub", "store", "api", "observability"])
-            .map_err(|message| ConfigError::Parse {
-                path: path.to_owned(),
-                message,
-            })?;
+    let cfg: HubConfig = outpost_protocols::settings::parse(
+        text,
+        env,
+        &["hub", "store", "api", "observability", "sinks"],
+    )
+    .map_err(|message| ConfigError::Parse {
+        path: path.to_owned(),
+        message,
+    })?;
     let invalid = |key: &str, message: String| ConfigError::Invalid {
         path: path.to_owned(),
         key: key.to_owned(),
@@ -192,6 +198,18 @@ pub fn parse(
             "store.synchronous",
             format!("{:?} is not one of full, normal", cfg.store.synchronous),
         ));
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    for (i, sink) in cfg.sinks.iter().enumerate() {
+        if let Err((key, message)) = crate::sinks::check(sink) {
+            return Err(invalid(&format!("sinks[{i}].{key}"), message));
+        }
+        if !ids.insert(sink.id.as_str()) {
+            return Err(invalid(
+                &format!("sinks[{i}].id"),
+                format!("{:?} is the id of an earlier sink", sink.id),
+            ));
+        }
     }
     Ok(cfg)
 }

@@ -16,5 +16,6 @@ pub mod logging;
 pub mod policy;
 pub mod run;
 pub mod server;
+pub mod sinks;
 pub mod store;
 pub mod verbs;

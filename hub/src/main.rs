@@ -45,6 +45,11 @@ enum Command {
         #[command(subcommand)]
         command: outpost_hub::verbs::EventsCommand,
     },
+    /// The sinks: queues, deliveries, errors (works while the hub runs).
+    Sinks {
+        #[command(subcommand)]
+        command: outpost_hub::verbs::SinksCommand,
+    },
     /// The fleet's policy: apply, show, history, diff (works while the hub runs).
     Policy {
         #[command(subcommand)]
@@ -129,6 +134,15 @@ fn main() -> ExitCode {
                     c.hub.region.as_deref().unwrap_or("not set")
                 );
                 println!("api {}", c.api.listen);
+                for s in &c.sinks {
+                    println!(
+                        "sink {} {} region {} batch_max {}",
+                        s.id,
+                        s.kind,
+                        s.region.as_deref().unwrap_or("not set"),
+                        s.batch_max
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -160,6 +174,11 @@ fn main() -> ExitCode {
             ))
         }
         Command::Fleet { command } => verb_exit(outpost_hub::verbs::fleet(
+            &command,
+            std::env::vars(),
+            &mut std::io::stdout().lock(),
+        )),
+        Command::Sinks { command } => verb_exit(outpost_hub::verbs::sinks(
             &command,
             std::env::vars(),
             &mut std::io::stdout().lock(),

@@ -26,9 +26,14 @@ use crate::store::{now, AtPath as _, StoreError, StoreReader};
 /// How often the running hub looks for a newly applied version.
 pub const POLL: Duration = Duration::from_secs(1);
 
-/// The hub's catalog of sinks: its store, in `[hub] region`.
+/// The hub's catalog of sinks: its store, in `[hub] region`, and each
+/// `[[sinks]]` entry in its own region.
 pub fn catalog(cfg: &HubConfig) -> Catalog {
-    Catalog::hub(cfg.hub.region.as_deref())
+    cfg.sinks
+        .iter()
+        .fold(Catalog::hub(cfg.hub.region.as_deref()), |c, s| {
+            c.with_sink(&s.id, s.region.as_deref())
+        })
 }
 
 /// One stored version.

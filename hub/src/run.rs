@@ -36,6 +36,9 @@ pub enum RunError {
     /// The store writer thread died.
     #[error("store writer failed: {0}")]
     Writer(String),
+    /// A sink's settings cannot work.
+    #[error(transparent)]
+    Sink(#[from] crate::sinks::SinkError),
 }
 
 /// Runs the hub until `shutdown`; `bound` receives the QUIC address once it
@@ -54,7 +57,15 @@ pub async fn run(
         })?;
     }
     let synchronous = Synchronous::parse(&cfg.store.synchronous).unwrap_or_default();
-    let store = Store::open(&path, synchronous)?;
+    let mut store = Store::open(&path, synchronous)?;
+    let configured: Vec<String> = cfg.sinks.iter().map(|s| s.id.clone()).collect();
+    for (sink, events) in store.drop_unconfigured_sinks(&configured)? {
+        tracing::warn!(
+            sink = %sink,
+            events,
+            "A sink that is no longer configured had events queued; dropped them (audited), so that they no longer hold back the agents' acknowledgements."
+        );
+    }
     let writer_stop = CancellationToken::new();
     let (handle, writer) = spawn_store_writer(store, WriterOptions::default(), writer_stop.clone());
     let base = config_file.parent().unwrap_or(Path::new(""));
@@ -62,8 +73,44 @@ pub async fn run(
     let watch_stop = shutdown.child_token();
     let (current, watcher) =
         crate::policy::watch(path.clone(), catalog.clone(), watch_stop.clone()).await?;
+    // Sinks, each with its runner; they stop after the QUIC side (whose
+    // sessions wait on them) and before the store writer.
+    let sinks_stop = CancellationToken::new();
+    let mut runners = tokio::task::JoinSet::new();
+    for c in &cfg.sinks {
+        let sink = match crate::sinks::build(c, base, sinks_stop.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                sinks_stop.cancel();
+                while runners.join_next().await.is_some() {}
+                watch_stop.cancel();
+                let _ = watcher.await;
+                drop(handle);
+                writer_stop.cancel();
+                let _ = writer.await;
+                return Err(e.into());
+            }
+        };
+        let rc = crate::sinks::runner::RunnerConfig {
+            id: c.id.clone(),
+            region: c.region.clone(),
+            batch_max: c.batch_max,
+            retry_min: c.retry_min.0,
+            retry_max: c.retry_max.0,
+        };
+        runners.spawn(crate::sinks::runner::run(
+            rc,
+            sink,
+            handle.clone(),
+            path.clone(),
+            current.clone(),
+            sinks_stop.clone(),
+        ));
+    }
     let feed = server::PolicyFeed { current, catalog };
     let served = server::serve(&cfg, base, handle.clone(), feed, shutdown, bound).await;
+    sinks_stop.cancel();
+    while runners.join_next().await.is_some() {}
     watch_stop.cancel();
     let _ = watcher.await;
     drop(handle);

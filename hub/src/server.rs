@@ -42,7 +42,7 @@ use tokio::sync::watch;
 use crate::ca;
 use crate::config::HubConfig;
 use crate::policy::FleetPolicy;
-use crate::store::{PolicyCounts, StoreError, StoreHandle};
+use crate::store::{Forward, PolicyCounts, StoreError, StoreHandle};
 
 /// Why the hub could not serve.
 #[derive(Debug, thiserror::Error)]
@@ -342,10 +342,11 @@ fn peer_agent_id(conn: &quinn::Connection) -> Result<AgentId, ConnError> {
     ca::agent_id_from_cert_der(leaf.as_ref()).map_err(|e| ConnError::Unauthorized(e.to_string()))
 }
 
-/// A queued insert and the last seq of its batch: what the session may call
-/// stored once the insert committed (the store's watermark can be higher
-/// while a superseded session of the same agent is still finishing).
-type Commit = Pin<Box<dyn Future<Output = Result<Seq, StoreError>> + Send>>;
+/// A queued insert: resolves to the last seq of its batch and what the store
+/// says may be acknowledged. The session acknowledges at most the former
+/// (the store's watermark can be higher while a superseded session of the
+/// same agent is still finishing), and less while a sink holds events back.
+type Commit = Pin<Box<dyn Future<Output = Result<(Seq, Seq), StoreError>> + Send>>;
 
 /// The policy in force and the sinks it is enforced against, for every
 /// session.
@@ -557,24 +558,52 @@ impl Enforcement {
         }
     }
 
-    /// Applies the policy to a batch: what to store, and what it did.
-    fn apply(&mut self, events: Vec<(Seq, EventBody)>) -> (Vec<(Seq, EventBody)>, PolicyCounts) {
+    /// Applies the policy to a batch: what to store, what to queue for
+    /// sinks, and what it did.
+    fn apply(
+        &mut self,
+        events: Vec<(Seq, EventBody)>,
+    ) -> (Vec<(Seq, EventBody)>, Vec<Forward>, PolicyCounts) {
         let mut counts = PolicyCounts::default();
         let mut kept = Vec::with_capacity(events.len());
+        let mut forward = Vec::new();
         for (seq, mut body) in events {
             match self.enforcer.apply(&mut body, Stage::Ingest) {
-                Verdict::Keep { modified, sinks } if sinks.iter().any(|s| s == STORE_SINK) => {
+                Verdict::Keep { modified, sinks } => {
                     counts.modified += u64::from(modified);
-                    kept.push((seq, body));
+                    let to_store = sinks.iter().any(|s| s == STORE_SINK);
+                    let others: Vec<String> = sinks
+                        .iter()
+                        .filter(|s| s.as_str() != STORE_SINK)
+                        .cloned()
+                        .collect();
+                    match (to_store, others.is_empty()) {
+                        (true, true) => kept.push((seq, body)),
+                        (true, false) => {
+                            kept.push((seq, body.clone()));
+                            forward.push(Forward {
+                                seq,
+                                body,
+                                sinks: others,
+                            });
+                        }
+                        (false, false) => forward.push(Forward {
+                            seq,
+                            body,
+                            sinks: others,
+                        }),
+                        // A kept event always has a sink; without one it
+                        // goes nowhere, like a dropped one.
+                        (false, true) => counts.dropped += 1,
+                    }
                 }
-                Verdict::Keep { .. } => counts.dropped += 1,
                 Verdict::Drop(reason) => {
                     tracing::trace!(seq = seq.0, stream = %body.stream, reason = reason.name(), "Event dropped by the policy.");
                     counts.dropped += 1;
                 }
             }
         }
-        (kept, counts)
+        (kept, forward, counts)
     }
 }
 
@@ -590,13 +619,22 @@ async fn session(
         () = stop.cancelled() => return Ok(()),
         s = conn.accept_bi() => s.map_err(|e| ConnError::Connection(e.to_string()))?,
     };
-    let watermark = store.watermark(id.clone()).await?;
+    // The agent resumes after what may be acknowledged; what it sends again
+    // up to the store's own watermark (events waiting for a sink) is not
+    // stored or queued twice.
+    let received = store.watermark(id.clone()).await?;
+    let watermark = store.acked(id.clone()).await?;
     let mut session = HubSession::new(
         Instant::now(),
         id.clone(),
         watermark,
         SessionConfig::default(),
-    );
+    )
+    .holding(received);
+    // Moves when a sink's queue shrank: an acknowledgement held back for a
+    // sink may move then.
+    let mut delivered = store.delivered_signal();
+    let mut held = watermark < received;
     let mut policy = policy;
     let current = policy.current.borrow_and_update().clone();
     let mut enforcement = Enforcement::new(current, policy.catalog.clone());
@@ -645,7 +683,7 @@ async fn session(
                     }
                     // The same policy again, because the agent may be old or
                     // compromised; what it drops still moves the watermark.
-                    let (kept, counts) = enforcement.apply(events);
+                    let (kept, forward, counts) = enforcement.apply(events);
                     if counts.dropped > 0 {
                         debug!(
                             dropped = counts.dropped,
@@ -657,9 +695,11 @@ async fn session(
                     // Queued now, in the order the batches arrived; awaited in
                     // that order below.
                     let pending = store
-                        .insert_enforced_nowait(id.clone(), kept, last, counts)
+                        .insert_routed_nowait(id.clone(), kept, forward, last, counts)
                         .await?;
-                    commits.push_back(Box::pin(async move { pending.await.map(|_| last) }));
+                    commits.push_back(Box::pin(
+                        async move { pending.await.map(|o| (last, o.acked)) },
+                    ));
                 }
                 HubEvent::PolicyStatus { version, error } => {
                     match &error {
@@ -703,8 +743,18 @@ async fn session(
                 session.close(ErrorCode::Superseded, "another connection of this agent took over, or the hub is stopping");
             }
             Some(r) = commits.next(), if !commits.is_empty() => {
-                let upto = r?;
-                session.stored(upto)?;
+                let (upto, acked) = r?;
+                session.stored(acked.min(upto))?;
+                held = acked < upto;
+            }
+            changed = delivered.changed(), if held => {
+                if changed.is_err() {
+                    held = false;
+                } else {
+                    let acked = store.acked(id.clone()).await?;
+                    session.stored(acked.min(session.highest_received()))?;
+                    held = acked < session.highest_received();
+                }
             }
             changed = policy.current.changed(), if watching => {
                 if changed.is_ok() {

@@ -20,7 +20,7 @@ use outpost_protocols::event::{AgentId, Event, EventError, Quality, Seq, Timesta
 use outpost_protocols::topic::{TopicError, TopicFilter};
 
 use crate::config::{self, ConfigError};
-use crate::store::{store_path, AgentEventStats, AgentRecord, StoreError, StoreReader};
+use crate::store::{store_path, AgentEventStats, AgentRecord, SinkStatus, StoreError, StoreReader};
 
 /// `outpost-hub fleet …`.
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -28,6 +28,26 @@ pub enum FleetCommand {
     /// Every agent the hub knows: labels, first and last seen, acknowledged
     /// watermark, versions, policy version, reported backlog, connection state.
     List(FleetListArgs),
+}
+
+/// `outpost-hub sinks ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum SinksCommand {
+    /// Each sink's queue (events waiting, the oldest one's age), what it
+    /// accepted, rejected and was kept from by residency, its failures and
+    /// last error.
+    Status(SinksStatusArgs),
+}
+
+/// `outpost-hub sinks status`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SinksStatusArgs {
+    /// The hub's TOML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Print one JSON document (an array of objects).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `outpost-hub fleet list`.
@@ -178,6 +198,93 @@ pub fn fleet(
     }
     out.flush()?;
     Ok(())
+}
+
+/// Runs a `sinks` verb, reading the config with overrides from `env` and
+/// printing to `out`.
+pub fn sinks(
+    command: &SinksCommand,
+    env: impl IntoIterator<Item = (String, String)>,
+    out: &mut dyn io::Write,
+) -> Result<(), VerbError> {
+    match command {
+        SinksCommand::Status(args) => {
+            let env: Vec<(String, String)> = env.into_iter().collect();
+            let cfg = config::load(&args.config, env.clone())?;
+            let configured: Vec<String> = cfg.sinks.iter().map(|s| s.id.clone()).collect();
+            let reader = open(&args.config, env)?;
+            let status = reader.sinks_status(&configured)?;
+            let now = crate::store::now().0;
+            if args.json {
+                writeln!(out, "{}", sinks_json(&status, &configured, now))?;
+            } else {
+                out.write_all(sinks_text(&status, &configured, now).as_bytes())?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Seconds from `then` (Unix ns) to `now`.
+fn age_s(then: Option<i64>, now: i64) -> Option<f64> {
+    then.map(|t| (now.saturating_sub(t)).max(0) as f64 / 1e9)
+}
+
+/// `sinks status --json`: one object per sink, ordered by id; `configured`
+/// is false for a sink the store knows but the config no longer names.
+pub fn sinks_json(status: &[SinkStatus], configured: &[String], now: i64) -> serde_json::Value {
+    status
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "sink": s.sink,
+                "configured": configured.contains(&s.sink),
+                "pending": s.pending,
+                "lag_seconds": age_s(s.oldest_queued_at, now),
+                "delivered": s.delivered,
+                "rejected": s.rejected,
+                "refused_residency": s.refused,
+                "failures": s.failures,
+                "last_delivered_at": s.last_delivered_at,
+                "last_error": s.last_error,
+                "last_error_at": s.last_error_at,
+            })
+        })
+        .collect()
+}
+
+/// `sinks status`: one line per sink.
+pub fn sinks_text(status: &[SinkStatus], configured: &[String], now: i64) -> String {
+    if status.is_empty() {
+        return "no sinks configured\n".into();
+    }
+    let mut t = String::new();
+    for s in status {
+        let lag = age_s(s.oldest_queued_at, now).map_or("-".into(), |a| format!("{a:.1}s"));
+        let _ = write!(
+            t,
+            "{}{}  pending {}  lag {lag}  delivered {}  rejected {}  refused {}  failures {}",
+            s.sink,
+            if configured.contains(&s.sink) {
+                ""
+            } else {
+                " (not configured)"
+            },
+            s.pending,
+            s.delivered,
+            s.rejected,
+            s.refused,
+            s.failures,
+        );
+        if let Some(e) = &s.last_error {
+            let ago =
+                age_s(s.last_error_at, now).map_or(String::new(), |a| format!(" ({a:.0}s ago)"));
+            let _ = write!(t, "  last error{ago}: {e}");
+        }
+        t.push('\n');
+    }
+    t
 }
 
 /// Runs an `events` verb, reading the config with overrides from `env` and

@@ -258,6 +258,30 @@ impl Agent {
     }
 }
 
+/// Appends `bodies` to the outbox in `data_dir` as agent `agent`, in
+/// transactions of 1,000, through the agent's library, before any agent runs
+/// on it: a backlog to drain.
+pub fn fill_outbox(
+    data_dir: &Path,
+    agent: &str,
+    bodies: &[outpost_protocols::EventBody],
+) -> Result<()> {
+    use outpost_agent::outbox::{Outbox, OutboxConfig};
+    std::fs::create_dir_all(data_dir)?;
+    let mut outbox = Outbox::open(
+        &OutboxConfig::new(data_dir.join("outbox.db")),
+        outpost_protocols::AgentId::parse(agent)?,
+    )?;
+    for chunk in bodies.chunks(1000) {
+        let ts = chunk
+            .first()
+            .map_or(outpost_protocols::Timestamp(0), |b| b.ts);
+        let outcome = outbox.append(ts, chunk, &[])?;
+        anyhow::ensure!(outcome.accepted == chunk.len(), "{outcome:?}");
+    }
+    Ok(())
+}
+
 /// Runs a CLI command to completion: (exit code, stdout, stderr).
 pub fn run_cli(exe: &Path, args: &[&str]) -> Result<(i32, String, String)> {
     let out = Command::new(exe).args(args).output()?;
@@ -390,6 +414,85 @@ impl Mosquitto {
     }
 }
 
+/// A nats-server with JetStream on 127.0.0.1, its store in `dir/nats-store`
+/// (so a restart in the same `dir` finds the streams and messages again);
+/// killed on drop. See shared/PEERS.md.
+pub struct Nats {
+    /// The process.
+    pub proc: Proc,
+    /// Its port.
+    pub port: u16,
+}
+
+impl Nats {
+    /// Starts nats-server on a free port.
+    pub fn start(dir: &Path) -> Result<Nats> {
+        Self::start_on(dir, free_port()?)
+    }
+
+    /// Starts nats-server on a given port (to restart it where clients
+    /// expect it).
+    pub fn start_on(dir: &Path, port: u16) -> Result<Nats> {
+        Self::start_with(dir, port, "")
+    }
+
+    /// Starts nats-server on `port` with `extra` appended to its config
+    /// file (a `tls { … }` block, say).
+    pub fn start_with(dir: &Path, port: u16, extra: &str) -> Result<Nats> {
+        let conf = dir.join(format!("nats-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: \"127.0.0.1:{port}\"\njetstream {{\n  store_dir: \"{}\"\n}}\n{extra}\n",
+                dir.join("nats-store").display()
+            ),
+        )?;
+        let exe = [
+            "/usr/sbin/nats-server",
+            "/usr/bin/nats-server",
+            "nats-server",
+        ]
+        .into_iter()
+        .find(|p| Path::new(p).exists() || have(p))
+        .context("nats-server not installed (tests/run installs it)")?;
+        let log_path = dir.join(format!("nats-{port}.log"));
+        let child = Command::new(exe)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path)?)
+            .spawn()
+            .context("start nats-server")?;
+        let mut n = Nats {
+            proc: Proc {
+                child,
+                name: "nats-server".into(),
+            },
+            port,
+        };
+        // A config it refuses makes it exit; say why rather than wait for a
+        // port that never opens.
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut exited = false;
+        wait_until(Duration::from_secs(20), "nats-server to listen", || {
+            exited = !n.proc.is_running();
+            exited || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })?;
+        if exited {
+            bail!(
+                "nats-server exited on start:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+        }
+        Ok(n)
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
 /// A UDP port that was free a moment ago on 127.0.0.1 (the hub's QUIC port).
 pub fn free_udp_port() -> Result<u16> {
     let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
@@ -517,19 +620,27 @@ impl Hub {
     /// [`Hub::start`] with more `[hub]` keys (`region = "eu-west"`).
     pub fn start_with(dir: &Path, pki: &Pki, hub_keys: &str) -> Result<Hub> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
-        Self::start_listening(dir, pki, hub_keys, addr, None)
+        Self::start_listening(dir, pki, hub_keys, "", addr, None)
+    }
+
+    /// [`Hub::start_with`] and more tables at the end of the config
+    /// (`[[sinks]]`).
+    pub fn start_with_tables(dir: &Path, pki: &Pki, hub_keys: &str, tables: &str) -> Result<Hub> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
+        Self::start_listening(dir, pki, hub_keys, tables, addr, None)
     }
 
     /// [`Hub::start`] inside `netns`, listening on its address.
     pub fn start_in(dir: &Path, pki: &Pki, netns: &netns::Netns) -> Result<Hub> {
         let addr = SocketAddr::from((netns.ns_addr, free_udp_port()?));
-        Self::start_listening(dir, pki, "", addr, Some(netns))
+        Self::start_listening(dir, pki, "", "", addr, Some(netns))
     }
 
     fn start_listening(
         dir: &Path,
         pki: &Pki,
         hub_keys: &str,
+        tables: &str,
         addr: SocketAddr,
         netns: Option<&netns::Netns>,
     ) -> Result<Hub> {
@@ -537,7 +648,7 @@ impl Hub {
         std::fs::write(
             &config,
             format!(
-                "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{hub_keys}\n\n[store]\nsynchronous = \"full\"\n\n[observability]\nlog = \"info\"\n",
+                "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{hub_keys}\n\n[store]\nsynchronous = \"full\"\n\n[observability]\nlog = \"info\"\n\n{tables}\n",
                 pki.hub_dir.join("ca.pem").display(),
                 pki.hub_dir.join("hub.pem").display(),
                 pki.hub_dir.join("hub.key").display(),

@@ -16,8 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{ensure, Context as _, Result};
-use outpost_agent::outbox::{Outbox, OutboxConfig};
-use outpost_protocols::{AgentId, EventBody, Quality, StreamName, Timestamp, Value};
+use outpost_protocols::{EventBody, Quality, StreamName, Timestamp, Value};
 use outpost_tests::netns::Netns;
 use outpost_tests::udp_proxy::{Faults, UdpProxy};
 use outpost_tests::{agent_outbox_stats, wait_until, Agent, Devsim, Hub, HubEventStats, Pki};
@@ -99,21 +98,9 @@ fn fill_outbox(data_dir: &Path, n: usize) -> Result<()> {
 /// Appends the events `bodies` numbers (see [`body`]) to the outbox in
 /// `data_dir`.
 fn fill_outbox_with(data_dir: &Path, bodies: std::ops::Range<usize>) -> Result<()> {
-    let n = bodies.end;
-    std::fs::create_dir_all(data_dir)?;
-    let mut outbox = Outbox::open(
-        &OutboxConfig::new(data_dir.join("outbox.db")),
-        AgentId::parse(AGENT)?,
-    )?;
     let ts = now_ns();
-    for start in bodies.step_by(1000) {
-        let bodies = (start..n.min(start + 1000))
-            .map(|i| body(i, ts))
-            .collect::<Result<Vec<_>>>()?;
-        let outcome = outbox.append(Timestamp(ts), &bodies, &[])?;
-        ensure!(outcome.accepted == bodies.len(), "{outcome:?}");
-    }
-    Ok(())
+    let bodies = bodies.map(|i| body(i, ts)).collect::<Result<Vec<_>>>()?;
+    outpost_tests::fill_outbox(data_dir, AGENT, &bodies)
 }
 
 /// The hub's stats for [`AGENT`], or nothing while it has none (or the verb

@@ -24,7 +24,7 @@
 //!                                   block ingest, nor it them
 //! PRAGMA synchronous  = FULL|NORMAL `[store] synchronous`; FULL by default: a
 //!                                   commit is on disk before anything is acked
-//! PRAGMA user_version = 2           the schema version; a newer one is refused,
+//! PRAGMA user_version = 3           the schema version; a newer one is refused,
 //!                                   an older one migrated by the hub
 //!
 //! events(agent_id TEXT    NOT NULL,  from the agent's certificate
@@ -59,6 +59,13 @@
 //!          text       TEXT NOT NULL)         the document as applied
 //!
 //! audit(...), meta(key, value)               see `crate::audit`
+//!
+//! sink_pending(n INTEGER PRIMARY KEY,        queue order
+//!              sink, agent_id, seq,          what waits for which sink
+//!              queued_at, body)              its own copy of the body
+//! sinks(sink, delivered, rejected, refused,  counters for `sinks status`
+//!       failures, last_delivered_at, last_error, last_error_at)
+//!                                            see `sinkq`
 //! ```
 //!
 //! Why this shape:
@@ -114,12 +121,19 @@
 //! - a new session reads the watermark through the writer
 //!   ([`StoreHandle::watermark`]), behind every write queued before it.
 //!
+//! An event the policy routes to a sink is queued in `sink_pending` in the
+//! same transaction, and acknowledged only once the sink accepted it: an
+//! agent's acknowledgement (and the `Welcome` of its next session) stops at
+//! the seq before its first event still queued, while the watermark moves on
+//! so that nothing it sends again is stored or queued twice.
+//!
 //! With `synchronous = NORMAL` a power cut (not a process crash) may undo the
 //! last commits after their ack, and the agent has deleted those events: they
 //! are lost, never duplicated. That is why FULL is the default.
 
 mod error;
 mod registry;
+mod sinkq;
 mod sqlite;
 mod writer;
 
@@ -129,6 +143,7 @@ mod tests;
 pub(crate) use error::AtPath;
 pub use error::StoreError;
 pub use registry::AgentRecord;
+pub use sinkq::{Forward, Queued, SinkProgress, SinkStatus};
 pub use sqlite::{
     open_admin, store_path, AgentEventStats, InsertOutcome, PolicyCounts, Store, StoreReader,
     Synchronous, FILE_NAME, SCHEMA_VERSION,

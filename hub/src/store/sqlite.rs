@@ -14,11 +14,12 @@ use tracing::debug;
 
 use super::error::{AtPath, StoreError};
 use super::registry::{self, AgentRecord};
+use super::sinkq::{Forward, SinkProgress};
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
 /// Version 2 added the policy versions, the audit log and the agents'
 /// policy columns; a version 1 file is migrated when opened.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The store's file name inside the hub's `data_dir`.
 pub const FILE_NAME: &str = "hub.db";
@@ -107,6 +108,9 @@ pub(crate) fn prepare_schema(tx: &Transaction<'_>, path: &Path) -> Result<(), St
     }
     if version < 2 {
         tx.execute_batch(MIGRATE_2).at(path)?;
+    }
+    if version < 3 {
+        tx.execute_batch(super::sinkq::MIGRATE_3).at(path)?;
     }
     if version < SCHEMA_VERSION {
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -216,6 +220,9 @@ pub struct InsertOutcome {
     /// before they get here, so these only come from two sessions of one
     /// agent overlapping.
     pub duplicates: u64,
+    /// What may be acknowledged to the agent: the watermark, or less while
+    /// an event of its is still waiting for a sink.
+    pub acked: Seq,
 }
 
 impl Default for InsertOutcome {
@@ -225,6 +232,7 @@ impl Default for InsertOutcome {
             watermark: Seq(0),
             inserted: 0,
             duplicates: 0,
+            acked: Seq(0),
         }
     }
 }
@@ -253,8 +261,14 @@ pub(crate) enum Op<'a> {
     Insert {
         agent_id: &'a AgentId,
         events: &'a [(Seq, EventBody)],
+        forward: &'a [Forward],
         through: Seq,
         policy: PolicyCounts,
+    },
+    /// A sink runner's delivery attempt.
+    SinkProgress {
+        sink: &'a str,
+        progress: &'a SinkProgress,
     },
     /// The agent reported the policy version it runs.
     PolicyStatus {
@@ -351,6 +365,7 @@ impl Store {
             .map(|(agent_id, events)| Op::Insert {
                 agent_id,
                 events,
+                forward: &[],
                 through: Seq(0),
                 policy: PolicyCounts::default(),
             })
@@ -470,10 +485,17 @@ impl Store {
         Ok(outcomes)
     }
 
-    /// The highest seq stored for `agent_id`, 0 if none: where its next
-    /// session resumes.
+    /// The highest seq stored for `agent_id`, 0 if none: below it the hub
+    /// ignores what the agent sends again.
     pub fn watermark(&self, agent_id: &AgentId) -> Result<Seq, StoreError> {
         registry::watermark(&self.conn, &self.path, agent_id)
+    }
+
+    /// What may be acknowledged to `agent_id`: its watermark, or less while
+    /// one of its events waits for a sink. Where its next session resumes.
+    pub fn acked(&self, agent_id: &AgentId) -> Result<Seq, StoreError> {
+        let w = self.watermark(agent_id)?;
+        super::sinkq::acked(&self.conn, &self.path, agent_id, w)
     }
 
     /// See [`StoreReader::events_tail`].
@@ -498,6 +520,51 @@ impl Store {
     pub fn fleet(&self) -> Result<Vec<AgentRecord>, StoreError> {
         registry::fleet(&self.conn, &self.path)
     }
+
+    /// Stores `events` and queues `forward` for their sinks, in one
+    /// transaction, as the hub's sessions do through the writer (tests and
+    /// tools).
+    pub fn insert_routed(
+        &mut self,
+        now: Timestamp,
+        agent_id: &AgentId,
+        events: &[(Seq, EventBody)],
+        forward: &[Forward],
+        through: Seq,
+    ) -> Result<InsertOutcome, StoreError> {
+        let op = Op::Insert {
+            agent_id,
+            events,
+            forward,
+            through,
+            policy: PolicyCounts::default(),
+        };
+        self.check(&op)?;
+        Ok(self.apply(now, &[op])?.pop().flatten().unwrap_or_default())
+    }
+
+    /// Deletes the queues of sinks that are not in `configured`, auditing
+    /// each; the hub does this at start. Returns (sink, events dropped).
+    pub fn drop_unconfigured_sinks(
+        &mut self,
+        configured: &[String],
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let path = self.path.clone();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .at(&path)?;
+        let gone = super::sinkq::drop_unconfigured(&tx, &path, super::writer::now(), configured)?;
+        tx.commit().at(&path)?;
+        Ok(gone)
+    }
+
+    /// Records a sink's delivery attempt in its own transaction (tests and
+    /// tools; the hub goes through the writer).
+    pub fn sink_progress(&mut self, sink: &str, progress: &SinkProgress) -> Result<(), StoreError> {
+        self.apply(super::writer::now(), &[Op::SinkProgress { sink, progress }])
+            .map(drop)
+    }
 }
 
 /// One op of a group commit; see [`Store::apply`].
@@ -511,9 +578,13 @@ fn apply_one(
         Op::Insert {
             agent_id,
             events,
+            forward,
             through,
             policy,
-        } => insert_one(tx, path, now, agent_id, events, *through, *policy).map(Some),
+        } => insert_one(tx, path, now, agent_id, events, forward, *through, *policy).map(Some),
+        Op::SinkProgress { sink, progress } => {
+            super::sinkq::progress(tx, path, now, sink, progress).map(|()| None)
+        }
         Op::PolicyStatus {
             agent_id,
             version,
@@ -546,12 +617,14 @@ fn apply_one(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn insert_one(
     tx: &Transaction<'_>,
     path: &Path,
     now: Timestamp,
     agent_id: &AgentId,
     events: &[(Seq, EventBody)],
+    forward: &[Forward],
     through: Seq,
     policy: PolicyCounts,
 ) -> Result<InsertOutcome, StoreError> {
@@ -561,15 +634,23 @@ fn insert_one(
     let max_seq = events
         .iter()
         .map(|(seq, _)| *seq)
+        .chain(forward.iter().map(|f| f.seq))
         .max()
         .unwrap_or(Seq(0))
         .max(through);
+    let before = registry::watermark(tx, path, agent_id)?;
     if max_seq == Seq(0) {
         return Ok(InsertOutcome {
-            watermark: registry::watermark(tx, path, agent_id)?,
+            watermark: before,
+            acked: super::sinkq::acked(tx, path, agent_id, before)?,
             ..InsertOutcome::default()
         });
     }
+    // A sink's copy is queued once: what the watermark already covers was
+    // queued (or delivered) before, unlike a stored row, which the primary
+    // key deduplicates.
+    let fresh: Vec<&Forward> = forward.iter().filter(|f| f.seq > before).collect();
+    super::sinkq::queue(tx, path, now, agent_id, &fresh)?;
     let mut out = InsertOutcome::default();
     let mut insert = tx
         .prepare_cached(
@@ -594,6 +675,7 @@ fn insert_one(
         }
     }
     out.watermark = registry::raise_watermark(tx, path, agent_id, max_seq, now)?;
+    out.acked = super::sinkq::acked(tx, path, agent_id, out.watermark)?;
     Ok(out)
 }
 
@@ -687,6 +769,42 @@ impl StoreReader {
     /// The fleet registry, ordered by agent id.
     pub fn fleet(&self) -> Result<Vec<AgentRecord>, StoreError> {
         registry::fleet(&self.conn, &self.path)
+    }
+
+    /// The first at most `limit` events waiting for `sink`, oldest first.
+    pub fn sink_batch(&self, sink: &str, limit: usize) -> Result<Vec<super::Queued>, StoreError> {
+        super::sinkq::batch(&self.conn, &self.path, sink, limit)
+    }
+
+    /// Every sink's queue and counters (with `configured` sinks that have
+    /// neither), by id.
+    pub fn sinks_status(
+        &self,
+        configured: &[String],
+    ) -> Result<Vec<super::SinkStatus>, StoreError> {
+        super::sinkq::status(&self.conn, &self.path, configured)
+    }
+
+    /// The labels of `agent_id`'s latest `Hello` (empty for an agent the
+    /// registry does not know, or with labels that do not read as JSON).
+    pub fn labels(&self, agent_id: &AgentId) -> Result<BTreeMap<String, String>, StoreError> {
+        use rusqlite::OptionalExtension as _;
+        let text: Option<String> = self
+            .conn
+            .prepare_cached("SELECT labels FROM agents WHERE agent_id = ?1")
+            .at(&self.path)?
+            .query_row([agent_id.as_str()], |r| r.get(0))
+            .optional()
+            .at(&self.path)?;
+        Ok(text
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default())
+    }
+
+    /// What may be acknowledged to `agent_id` now (see [`Store::acked`]).
+    pub fn acked(&self, agent_id: &AgentId) -> Result<Seq, StoreError> {
+        let w = self.watermark(agent_id)?;
+        super::sinkq::acked(&self.conn, &self.path, agent_id, w)
     }
 }
 

@@ -182,7 +182,8 @@ fn the_watermark_is_never_lowered_by_an_older_batch() {
         InsertOutcome {
             watermark: Seq(11),
             inserted: 2,
-            duplicates: 1
+            duplicates: 1,
+            acked: Seq(11),
         }
     );
     // An empty batch reports the watermark and changes nothing.
@@ -532,7 +533,8 @@ async fn a_bad_request_fails_alone_and_its_group_commits() {
         InsertOutcome {
             watermark: Seq(2),
             inserted: 2,
-            duplicates: 0
+            duplicates: 0,
+            acked: Seq(2),
         }
     );
     drop(handle);
@@ -732,4 +734,194 @@ fn a_version_1_store_is_migrated_keeping_its_events_and_agents() {
     assert_eq!((fleet[0].watermark, fleet[0].policy_dropped), (Seq(7), 0));
     drop(store);
     StoreReader::open(&path).expect("a migrated store reads");
+}
+
+/// One step of the sinks' queue model.
+#[derive(Debug, Clone)]
+enum QueueAction {
+    /// An agent's batch: per seq, whether the store keeps it and which of
+    /// the two sinks get it (bit 0: `a`, bit 1: `b`).
+    Insert(usize, Vec<(u64, bool, u8)>),
+    /// A sink takes up to this many of its queue.
+    Deliver(usize, usize),
+    Reopen,
+}
+
+fn arb_queue_action() -> impl Strategy<Value = QueueAction> {
+    prop_oneof![
+        4 => (0..3usize, prop::collection::vec((1..40u64, any::<bool>(), 0..4u8), 0..8))
+            .prop_map(|(a, mut v)| {
+                v.sort_by_key(|e| e.0);
+                v.dedup_by_key(|e| e.0);
+                QueueAction::Insert(a, v)
+            }),
+        3 => (0..2usize, 1..6usize).prop_map(|(s, n)| QueueAction::Deliver(s, n)),
+        1 => Just(QueueAction::Reopen),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Against a model: each (sink, agent, seq) is handed to its sink once
+    /// and in arrival order, whatever is replayed; an agent's
+    /// acknowledgement is its watermark, or the seq before its first event
+    /// still waiting for a sink; all of it across reopening.
+    #[test]
+    fn the_sinks_queue_hands_out_each_event_once_and_holds_back_the_ack(
+        actions in prop::collection::vec(arb_queue_action(), 1..30)
+    ) {
+        const SINKS: [&str; 2] = ["a", "b"];
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join(FILE_NAME);
+        let mut store = open(dir.path());
+        let mut watermark: BTreeMap<usize, u64> = BTreeMap::new();
+        // Per sink: (agent, seq) in arrival order, not yet delivered.
+        let mut queues: [Vec<(usize, u64)>; 2] = [Vec::new(), Vec::new()];
+        let mut handed: BTreeSet<(usize, usize, u64)> = BTreeSet::new();
+        for action in actions {
+            match action {
+                QueueAction::Insert(a, batch) => {
+                    let w = watermark.get(&a).copied().unwrap_or(0);
+                    let mut stored = Vec::new();
+                    let mut forward = Vec::new();
+                    for &(seq, keep, sinks) in &batch {
+                        if keep {
+                            stored.push((Seq(seq), body(seq)));
+                        }
+                        let ids: Vec<String> = (0..2)
+                            .filter(|i| sinks & (1 << i) != 0)
+                            .map(|i| SINKS[i].to_owned())
+                            .collect();
+                        if !ids.is_empty() {
+                            forward.push(Forward { seq: Seq(seq), body: body(seq), sinks: ids });
+                            if seq > w {
+                                for (i, q) in queues.iter_mut().enumerate() {
+                                    if sinks & (1 << i) != 0 {
+                                        q.push((a, seq));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    let through = Seq(batch.last().map_or(0, |e| e.0));
+                    let out = store
+                        .insert_routed(NOW, &agent(a), &stored, &forward, through)
+                        .expect("insert");
+                    let w = w.max(through.0);
+                    watermark.insert(a, w);
+                    prop_assert_eq!(out.watermark, Seq(w));
+                    let first = queues.iter().flatten().filter(|(x, _)| *x == a).map(|(_, s)| *s).min();
+                    prop_assert_eq!(out.acked, Seq(first.map_or(w, |f| (f - 1).min(w))));
+                }
+                QueueAction::Deliver(i, n) => {
+                    let reader = StoreReader::open(&path).expect("reader");
+                    let got = reader.sink_batch(SINKS[i], n).expect("batch");
+                    let want: Vec<(usize, u64)> = queues[i].iter().take(n).copied().collect();
+                    let seen: Vec<(usize, u64)> = got
+                        .iter()
+                        .map(|q| {
+                            let a: usize = q.event.agent_id.as_str()[3..].parse().expect("gw-N");
+                            (a, q.event.seq.0)
+                        })
+                        .collect();
+                    prop_assert_eq!(&seen, &want);
+                    for (q, &(a, seq)) in got.iter().zip(&want) {
+                        prop_assert_eq!(&q.event.body, &body(seq));
+                        prop_assert!(handed.insert((i, a, seq)), "handed out twice: {} {} {}", i, a, seq);
+                    }
+                    if let Some(last) = got.last() {
+                        store
+                            .sink_progress(SINKS[i], &SinkProgress {
+                                through: Some(last.n),
+                                delivered: got.len() as u64,
+                                ..SinkProgress::default()
+                            })
+                            .expect("progress");
+                        queues[i].drain(..got.len());
+                    }
+                }
+                QueueAction::Reopen => {
+                    drop(store);
+                    store = open(dir.path());
+                }
+            }
+            for (&a, &w) in &watermark {
+                let first = queues.iter().flatten().filter(|(x, _)| *x == a).map(|(_, s)| *s).min();
+                prop_assert_eq!(
+                    store.acked(&agent(a)).expect("acked"),
+                    Seq(first.map_or(w, |f| (f - 1).min(w)))
+                );
+            }
+        }
+        let reader = StoreReader::open(&path).expect("reader");
+        let status = reader.sinks_status(&["a".into(), "b".into(), "c".into()]).expect("status");
+        prop_assert_eq!(status.len(), 3);
+        for (i, s) in status.iter().take(2).enumerate() {
+            prop_assert_eq!(s.pending, queues[i].len() as u64);
+            prop_assert_eq!(
+                s.delivered,
+                handed.iter().filter(|(x, _, _)| *x == i).count() as u64
+            );
+        }
+        prop_assert_eq!(status[2].pending, 0);
+    }
+}
+
+#[test]
+fn the_queue_of_a_sink_no_longer_configured_is_dropped_and_audited_and_releases_the_ack() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut store = open(dir.path());
+    let f = |seq: u64, sinks: &[&str]| Forward {
+        seq: Seq(seq),
+        body: body(seq),
+        sinks: sinks.iter().map(|s| (*s).to_owned()).collect(),
+    };
+    let out = store
+        .insert_routed(
+            NOW,
+            &agent(1),
+            &events(&[1, 2, 3]),
+            &[f(1, &["a"]), f(2, &["gone"]), f(3, &["a", "gone"])],
+            Seq(3),
+        )
+        .expect("insert");
+    assert_eq!(out.acked, Seq(0));
+    let path = dir.path().join(FILE_NAME);
+    // `a` delivers everything it has: the ack still waits for `gone`.
+    let q = StoreReader::open(&path)
+        .expect("reader")
+        .sink_batch("a", 10)
+        .expect("batch");
+    assert_eq!(q.len(), 2);
+    store
+        .sink_progress(
+            "a",
+            &SinkProgress {
+                through: q.last().map(|e| e.n),
+                delivered: 2,
+                ..SinkProgress::default()
+            },
+        )
+        .expect("progress");
+    assert_eq!(store.acked(&agent(1)).expect("acked"), Seq(1));
+    let gone = store
+        .drop_unconfigured_sinks(&["a".to_owned()])
+        .expect("dropped");
+    assert_eq!(gone, vec![("gone".to_owned(), 2)]);
+    assert_eq!(store.acked(&agent(1)).expect("acked"), Seq(3));
+    let reader = StoreReader::open(&path).expect("reader");
+    let audit = crate::audit::list(reader.connection(), &path, None).expect("audit");
+    assert!(
+        audit
+            .iter()
+            .any(|r| r.action == "sink.removed" && r.target == "gone"),
+        "{audit:?}"
+    );
+    assert_eq!(
+        store
+            .drop_unconfigured_sinks(&["a".to_owned()])
+            .expect("again"),
+        vec![]
+    );
 }

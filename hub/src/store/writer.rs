@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::sinkq::{Forward, SinkProgress};
 use super::sqlite::PolicyCounts;
 use super::sqlite::{InsertOutcome, Op, Store};
 use super::StoreError;
@@ -65,9 +66,15 @@ enum Write {
     Insert {
         agent_id: AgentId,
         events: Vec<(Seq, EventBody)>,
+        forward: Vec<Forward>,
         through: Seq,
         policy: PolicyCounts,
         reply: Reply<InsertOutcome>,
+    },
+    SinkProgress {
+        sink: String,
+        progress: SinkProgress,
+        reply: Reply<()>,
     },
     PolicyStatus {
         agent_id: AgentId,
@@ -104,15 +111,18 @@ impl Write {
             Write::Insert {
                 agent_id,
                 events,
+                forward,
                 through,
                 policy,
                 ..
             } => Op::Insert {
                 agent_id,
                 events,
+                forward,
                 through: *through,
                 policy: *policy,
             },
+            Write::SinkProgress { sink, progress, .. } => Op::SinkProgress { sink, progress },
             Write::PolicyStatus {
                 agent_id,
                 version,
@@ -150,20 +160,30 @@ impl Write {
         }
     }
 
-    fn agent_id(&self) -> &AgentId {
+    /// The agent whose watermark or acknowledgement this write may change;
+    /// `None` for a sink's progress, which may change any agent's.
+    fn agent_id(&self) -> Option<&AgentId> {
         match self {
             Write::Insert { agent_id, .. }
             | Write::PolicyStatus { agent_id, .. }
             | Write::Connected { agent_id, .. }
             | Write::Disconnected { agent_id, .. }
             | Write::Backlog { agent_id, .. }
-            | Write::Touch { agent_id, .. } => agent_id,
+            | Write::Touch { agent_id, .. } => Some(agent_id),
+            Write::SinkProgress { .. } => None,
         }
+    }
+
+    /// Whether a read for `agent_id` must wait for this write's commit.
+    fn touches(&self, agent_id: &AgentId) -> bool {
+        self.agent_id().is_none_or(|a| a == agent_id)
     }
 
     fn events(&self) -> usize {
         match self {
-            Write::Insert { events, .. } => events.len(),
+            Write::Insert {
+                events, forward, ..
+            } => events.len() + forward.len(),
             // A registry change costs about as much as one row.
             _ => 1,
         }
@@ -176,6 +196,7 @@ impl Write {
                 let _ = reply.send(result.map(Option::unwrap_or_default));
             }
             Write::Connected { reply, .. }
+            | Write::SinkProgress { reply, .. }
             | Write::PolicyStatus { reply, .. }
             | Write::Disconnected { reply, .. }
             | Write::Backlog { reply, .. }
@@ -192,6 +213,10 @@ enum Request {
         agent_id: AgentId,
         reply: Reply<Seq>,
     },
+    Acked {
+        agent_id: AgentId,
+        reply: Reply<Seq>,
+    },
     /// The shutdown token was cancelled: finish what was received and stop.
     Shutdown,
 }
@@ -202,6 +227,42 @@ enum Request {
 #[derive(Debug, Clone)]
 pub struct StoreHandle {
     tx: mpsc::Sender<Request>,
+    signals: Signals,
+}
+
+/// What the writer tells whoever waits on the sinks' queue, after each
+/// commit: a counter that moves when events were queued for a sink (the
+/// runners wait on it) and one that moves when a sink's queue shrank (the
+/// sessions whose acknowledgement waits on it).
+#[derive(Debug, Clone)]
+struct Signals {
+    queued: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    delivered: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        Signals {
+            queued: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
+            delivered: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
+
+    /// After a group committed.
+    fn committed(&self, group: &[Write]) {
+        let queued = group
+            .iter()
+            .any(|w| matches!(w, Write::Insert { forward, .. } if !forward.is_empty()));
+        let delivered = group.iter().any(
+            |w| matches!(w, Write::SinkProgress { progress, .. } if progress.through.is_some()),
+        );
+        if queued {
+            self.queued.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        if delivered {
+            self.delivered.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
 }
 
 /// An insert that was queued; await it for the outcome, which arrives once the
@@ -259,10 +320,27 @@ impl StoreHandle {
         through: Seq,
         policy: PolicyCounts,
     ) -> Result<PendingInsert, StoreError> {
+        self.insert_routed_nowait(agent_id, events, Vec::new(), through, policy)
+            .await
+    }
+
+    /// Like [`insert_enforced_nowait`](Self::insert_enforced_nowait), with
+    /// the events the policy routes to sinks (`forward`), queued for them in
+    /// the same transaction. The outcome's `acked` is what may be
+    /// acknowledged: it stays below the first event still waiting for a sink.
+    pub async fn insert_routed_nowait(
+        &self,
+        agent_id: AgentId,
+        events: Vec<(Seq, EventBody)>,
+        forward: Vec<Forward>,
+        through: Seq,
+        policy: PolicyCounts,
+    ) -> Result<PendingInsert, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.send(Request::Write(Write::Insert {
             agent_id,
             events,
+            forward,
             through,
             policy,
             reply,
@@ -352,6 +430,40 @@ impl StoreHandle {
             .await
     }
 
+    /// What may be acknowledged to `agent_id` now (its watermark, or less
+    /// while an event of it waits for a sink), read like
+    /// [`watermark`](Self::watermark).
+    pub async fn acked(&self, agent_id: AgentId) -> Result<Seq, StoreError> {
+        self.call(|reply| Request::Acked { agent_id, reply }).await
+    }
+
+    /// Records a sink runner's delivery attempt: the sink's queue up to
+    /// `progress.through` is deleted with its counters in one transaction.
+    pub async fn sink_progress(
+        &self,
+        sink: String,
+        progress: SinkProgress,
+    ) -> Result<(), StoreError> {
+        self.call(|reply| {
+            Request::Write(Write::SinkProgress {
+                sink,
+                progress,
+                reply,
+            })
+        })
+        .await
+    }
+
+    /// Moves after each commit that queued events for a sink.
+    pub fn queued_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.signals.queued.subscribe()
+    }
+
+    /// Moves after each commit in which a sink's queue shrank.
+    pub fn delivered_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.signals.delivered.subscribe()
+    }
+
     async fn send(&self, request: Request) -> Result<(), StoreError> {
         self.tx.send(request).await.map_err(|_| StoreError::Closed)
     }
@@ -377,12 +489,14 @@ pub fn spawn_store_writer(
     let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
     let done = CancellationToken::new();
     tokio::spawn(on_shutdown(tx.downgrade(), shutdown, done.clone()));
+    let signals = Signals::new();
+    let for_writer = signals.clone();
     let join = tokio::task::spawn_blocking(move || {
         // Stops the helper task however the writer ends, panics included.
         let _done = done.drop_guard();
-        run(store, opts, rx)
+        run(store, opts, rx, &for_writer)
     });
-    (StoreHandle { tx }, join)
+    (StoreHandle { tx, signals }, join)
 }
 
 /// Sends the writer the shutdown message when the token is cancelled.
@@ -418,6 +532,7 @@ fn run(
     mut store: Store,
     opts: WriterOptions,
     mut rx: mpsc::Receiver<Request>,
+    signals: &Signals,
 ) -> Result<Store, StoreError> {
     // A read that ended a group, handled next so that the channel's order is
     // kept.
@@ -433,10 +548,13 @@ fn run(
         match request {
             Request::Write(first) => {
                 let group = collect(&store, first, &opts, &mut rx, &mut next);
-                commit(&mut store, group);
+                commit(&mut store, group, signals);
             }
             Request::Watermark { agent_id, reply } => {
                 let _ = reply.send(store.watermark(&agent_id));
+            }
+            Request::Acked { agent_id, reply } => {
+                let _ = reply.send(store.acked(&agent_id));
             }
             Request::Shutdown => {
                 // Refuse new requests; the loop still drains the queued ones.
@@ -477,9 +595,14 @@ fn collect(
             // once from splitting the groups into a transaction (and an
             // fsync) each.
             Ok(Request::Watermark { agent_id, reply })
-                if !group.iter().any(|w| w.agent_id() == &agent_id) =>
+                if !group.iter().any(|w| w.touches(&agent_id)) =>
             {
                 let _ = reply.send(store.watermark(&agent_id));
+            }
+            Ok(Request::Acked { agent_id, reply })
+                if !group.iter().any(|w| w.touches(&agent_id)) =>
+            {
+                let _ = reply.send(store.acked(&agent_id));
             }
             Ok(other) => {
                 *next = Some(other);
@@ -503,7 +626,7 @@ fn collect(
 }
 
 /// Commits a group in one transaction and answers each request.
-fn commit(store: &mut Store, group: Vec<Write>) {
+fn commit(store: &mut Store, group: Vec<Write>, signals: &Signals) {
     // A request the store would refuse (a seq out of range) is answered alone,
     // so that one agent's bad batch cannot fail the others'.
     let mut checked = Vec::with_capacity(group.len());
@@ -533,6 +656,7 @@ fn commit(store: &mut Store, group: Vec<Write>) {
                 requests = group.len(),
                 inserted, duplicates, "Hub store group committed."
             );
+            signals.committed(&group);
             for (w, o) in group.into_iter().zip(outcomes) {
                 w.answer(Ok(o));
             }

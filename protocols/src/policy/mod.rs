@@ -1034,6 +1034,16 @@ impl Policy {
             .map(|l| l.rate)
     }
 
+    /// The residency entry that covers `stream` (the first whose patterns
+    /// match it), if any: what the hub checks at the last step, just before
+    /// a sink gets an event, whatever the routes said.
+    #[must_use]
+    pub fn residency_of(&self, stream: &str) -> Option<&Residency> {
+        self.residency
+            .iter()
+            .find(|r| r.streams.iter().any(|f| f.matches(stream)))
+    }
+
     /// Compiles the rules that select an agent with `labels` into an
     /// evaluator, with the regions of `catalog` for the last-step residency
     /// check.

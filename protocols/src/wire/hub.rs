@@ -176,6 +176,16 @@ impl HubSession {
         }
     }
 
+    /// The same session for a store that holds more than it may acknowledge
+    /// yet (events waiting for a sink): the `Welcome` still says `watermark`,
+    /// where the agent resumes, but what it sends again up to `received`
+    /// (the store's own watermark) is not handed out a second time.
+    #[must_use]
+    pub fn holding(mut self, received: Seq) -> HubSession {
+        self.highest = self.highest.max(received);
+        self
+    }
+
     /// Feeds bytes read from the stream and processes every complete frame.
     ///
     /// Returns the error if these bytes closed the session (it is also in the

@@ -1,0 +1,882 @@
+//! The NATS JetStream sink: each event is one JetStream publish, accepted
+//! when the stream's publish acknowledgement (PubAck) says it is stored.
+//!
+//! Why one publish per event rather than one message per batch: consumers of
+//! a stream filter and fan out by subject, so each event needs its own
+//! subject; and JetStream deduplicates by message, so a batch delivered again
+//! after an error is stored once only if each event carries its own id. The
+//! publishes of a batch are pipelined (all sent, then all acks awaited) so a
+//! batch costs about one round trip, not one per event.
+//!
+//! ```text
+//! HPUB <subject> <inbox> …
+//! Nats-Msg-Id: <agent_id>:<seq>
+//! Nats-Expected-Stream: <stream>
+//!
+//! <payload: the event as JSON (`json`) or the value's own bytes (`raw`)>
+//! ```
+//!
+//! Why `Nats-Msg-Id` is `<agent_id>:<seq>`: that pair is the event's identity
+//! across the fleet, so the stream drops a repeat within its duplicate window
+//! (`duplicate_window`, two minutes by default) and answers it with a PubAck
+//! marked `duplicate`, which is success here (the stream has the event).
+//! Past the window a repeat is stored again: delivery is at least once, and
+//! the hub's per-agent watermark, not the window, is what keeps repeats rare.
+//!
+//! Why `Nats-Expected-Stream`: the hub never creates or changes streams, and
+//! a subject captured by some other stream than the configured one would
+//! otherwise be stored there without a word. With the header the server
+//! refuses such a publish, and the sink answers [`SinkError::Transient`] with
+//! a message that names both: an operator can fix the streams while the hub
+//! runs, and nothing is given up meanwhile. (A PubAck that still names
+//! another stream is treated the same way.) No stream at all for the subject
+//! ("no responders") is Transient for the same reason.
+//!
+//! Why subjects are made safe rather than refused: NATS subjects are tokens
+//! separated by `.`, with `*` and `>` as wildcards and no whitespace, while
+//! agents' stream names are free text separated by `/`. So each
+//! placeholder's value becomes one token (`{stream}` one token per `/`
+//! level): every `.`, `*`, `>`, whitespace or control character in it
+//! becomes `_`, and an empty value or level becomes `_`. Two streams that
+//! differ only there share a subject; the payload and the message id still
+//! tell them apart. A template whose own text is not a valid subject is a
+//! configuration error; a subject that still cannot be valid (longer than
+//! [`MAX_SUBJECT`]) and a message larger than the server's `max_payload` or
+//! the stream's `max_msg_size` are [`SinkError::Rejected`]: no retry makes
+//! them fit. The other events of such a batch are published all the same.
+//!
+//! Why the sink owns reconnecting rather than async-nats: async-nats's own
+//! reconnect loop runs in a task of its own that does not end while the
+//! server stays away. Here each connection is made with at most one connect
+//! attempt (`max_reconnects(1)`), so async-nats's task ends when its
+//! connection does, and one supervisor task of the sink makes the next
+//! connection with backoff and ends on `stop`, draining the connection.
+
+use std::collections::BTreeMap;
+use std::future::IntoFuture as _;
+use std::path::Path;
+use std::str::FromStr as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::context::{ContextBuilder, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::ErrorCode;
+use async_nats::{ConnectOptions, Event as NatsEvent, ServerAddr};
+use futures::future::BoxFuture;
+use outpost_protocols::{AgentId, Event, EventBody, StreamName, Value};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument as _};
+
+use super::{
+    check_template, expand, payload, JetStreamSinkConfig, PayloadFormat, Sink, SinkConfig,
+    SinkError, SinkEvent, SinkTls,
+};
+
+/// The longest subject published, in bytes. The server's default
+/// `max_control_line` (4096 bytes) bounds the whole `HPUB` line, which also
+/// holds the reply inbox and two sizes; this leaves room for them.
+pub const MAX_SUBJECT: usize = 3072;
+
+/// The first wait before reconnecting; it doubles up to [`RECONNECT_MAX`].
+const RECONNECT_MIN: Duration = Duration::from_millis(50);
+/// The longest wait between connection attempts.
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// How long the supervisor waits for a connection to drain on stop.
+const DRAIN_WAIT: Duration = Duration::from_secs(1);
+
+/// Builds the sink; see [`super::build`].
+pub async fn build(
+    c: &SinkConfig,
+    base: &Path,
+    stop: CancellationToken,
+) -> Result<Arc<dyn Sink>, SinkError> {
+    let Some(cfg) = c.jetstream.as_ref() else {
+        return Err(SinkError::Config {
+            id: c.id.clone(),
+            key: "jetstream".into(),
+            message: "kind = \"jetstream\" needs a [sinks.jetstream] table".into(),
+        });
+    };
+    let settings = Arc::new(Settings::read(&c.id, cfg, c.batch_max, base)?);
+    let (tx, rx) = watch::channel(Link::Down(None));
+    let span = tracing::info_span!("sink", id = %c.id, kind = "jetstream");
+    tokio::spawn(supervise(settings.clone(), tx, stop.clone()).instrument(span));
+    Ok(Arc::new(JetStreamSink {
+        settings,
+        link: rx,
+        stop,
+    }))
+}
+
+/// Everything a connection and a delivery need, checked once at build.
+struct Settings {
+    id: String,
+    addr: ServerAddr,
+    url: String,
+    stream: String,
+    subject: String,
+    payload: PayloadFormat,
+    timeout: Duration,
+    /// The `.creds` file's text, parsed once at build to be sure it can be.
+    credentials: Option<String>,
+    tls: Option<rustls::ClientConfig>,
+    /// Publishes awaiting their ack at once, across deliveries.
+    max_inflight: usize,
+}
+
+impl Settings {
+    fn read(
+        id: &str,
+        c: &JetStreamSinkConfig,
+        batch_max: usize,
+        base: &Path,
+    ) -> Result<Settings, SinkError> {
+        let bad = |key: &str, message: String| SinkError::Config {
+            id: id.to_owned(),
+            key: format!("jetstream.{key}"),
+            message,
+        };
+        let addr = parse_url(&c.url).map_err(|m| bad("url", m))?;
+        check_stream_name(&c.stream).map_err(|m| bad("stream", m))?;
+        check_template(&c.subject).map_err(|m| bad("subject", m))?;
+        // The template's own text reaches the subject unchanged, so a probe
+        // expansion finds wildcards, spaces and empty tokens in it now.
+        if let Some(probe) = probe_event() {
+            subject_of(&c.subject, &probe).map_err(|m| bad("subject", m))?;
+        }
+        if c.timeout.0.is_zero() {
+            return Err(bad("timeout", "must be longer than zero".into()));
+        }
+        let credentials = match &c.credentials {
+            None => None,
+            Some(p) => {
+                let path = base.join(p);
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    bad(
+                        "credentials",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                ConnectOptions::new().credentials(&text).map_err(|e| {
+                    bad(
+                        "credentials",
+                        format!("{} is not a NATS credentials file: {e}", path.display()),
+                    )
+                })?;
+                Some(text)
+            }
+        };
+        let tls = match &c.tls {
+            Some(t) => Some(tls_config(t, base).map_err(|(k, m)| bad(&format!("tls.{k}"), m))?),
+            None if addr.tls_required() => {
+                return Err(bad(
+                    "tls",
+                    format!(
+                        "{:?} needs a [sinks.jetstream.tls] table with the CA of the server (none are bundled)",
+                        c.url
+                    ),
+                ))
+            }
+            None => None,
+        };
+        Ok(Settings {
+            id: id.to_owned(),
+            addr,
+            url: c.url.clone(),
+            stream: c.stream.clone(),
+            subject: c.subject.clone(),
+            payload: c.payload,
+            timeout: c.timeout.0,
+            credentials,
+            tls,
+            max_inflight: batch_max.saturating_mul(2).max(64),
+        })
+    }
+
+    /// Options for one connection: one connect attempt, no reconnecting of
+    /// its own (see the module doc); its events go to `events`.
+    fn options(&self, events: mpsc::UnboundedSender<NatsEvent>) -> Result<ConnectOptions, String> {
+        let mut o = ConnectOptions::new()
+            .name(format!("outpost-hub sink {}", self.id))
+            .connection_timeout(self.timeout)
+            .max_reconnects(1)
+            .reconnect_delay_callback(|_| Duration::ZERO)
+            .ignore_discovered_servers()
+            .event_callback(move |e| {
+                let events = events.clone();
+                async move {
+                    let _ = events.send(e);
+                }
+            });
+        if let Some(creds) = &self.credentials {
+            o = o
+                .credentials(creds)
+                .map_err(|e| format!("credentials: {e}"))?;
+        }
+        match &self.tls {
+            Some(t) => o = o.require_tls(true).tls_client_config(t.clone()),
+            // A server that asks for TLS gets a handshake that trusts no
+            // one, rather than the system's roots: a CA must be configured.
+            None => {
+                if let Some(t) = no_roots() {
+                    o = o.tls_client_config(t);
+                }
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// The state of the sink's connection, as the supervisor publishes it.
+#[derive(Clone)]
+enum Link {
+    /// Not connected; why, once known.
+    Down(Option<String>),
+    /// Connected.
+    Up(Arc<Up>),
+    /// `stop` was cancelled.
+    Stopped,
+}
+
+/// One live connection.
+struct Up {
+    js: async_nats::jetstream::Context,
+    /// The server's `max_payload`: headers and payload of one message.
+    max_payload: usize,
+}
+
+/// Connects, waits for the connection to end, connects again, until `stop`
+/// (or until the sink is dropped).
+async fn supervise(settings: Arc<Settings>, tx: watch::Sender<Link>, stop: CancellationToken) {
+    let mut backoff = RECONNECT_MIN;
+    let mut last_error: Option<String> = None;
+    loop {
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let options = match settings.options(events_tx) {
+            Ok(o) => o,
+            Err(m) => {
+                // Checked at build; kept as a reason rather than a panic.
+                tx.send_replace(Link::Down(Some(m)));
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tx.closed() => break,
+                }
+            }
+        };
+        let attempt = tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tx.closed() => break,
+            r = options.connect(settings.addr.clone()) => r,
+        };
+        let client = match attempt {
+            Ok(c) => c,
+            Err(e) => {
+                let m = format!("cannot connect to {}: {e}", settings.url);
+                if last_error.as_deref() != Some(m.as_str()) {
+                    warn!(url = %settings.url, error = %e, "Cannot connect to the NATS server; retrying.");
+                } else {
+                    debug!(url = %settings.url, error = %e, "Still cannot connect to the NATS server.");
+                }
+                last_error = Some(m.clone());
+                tx.send_replace(Link::Down(Some(m)));
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tx.closed() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(RECONNECT_MAX);
+                continue;
+            }
+        };
+        backoff = RECONNECT_MIN;
+        last_error = None;
+        let max_payload = client.server_info().max_payload;
+        info!(url = %settings.url, max_payload, "Connected to the NATS server.");
+        let js = ContextBuilder::new()
+            .timeout(settings.timeout)
+            .ack_timeout(settings.timeout)
+            .max_ack_inflight(settings.max_inflight)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        tx.send_replace(Link::Up(Arc::new(Up { js, max_payload })));
+        let reason = loop {
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    tx.send_replace(Link::Stopped);
+                    drain(&client).await;
+                    return;
+                }
+                _ = tx.closed() => {
+                    drain(&client).await;
+                    return;
+                }
+                e = events.recv() => match e {
+                    // async-nats's task for this connection has ended.
+                    None => break "the connection closed".to_owned(),
+                    Some(NatsEvent::Disconnected) => break "disconnected".to_owned(),
+                    Some(NatsEvent::Closed) => break "the connection closed".to_owned(),
+                    Some(NatsEvent::ServerError(e)) => {
+                        warn!(error = %e, "The NATS server reported an error.");
+                    }
+                    Some(other) => debug!(event = %other, "NATS connection event."),
+                },
+            }
+        };
+        warn!(url = %settings.url, %reason, "Lost the NATS server; reconnecting.");
+        tx.send_replace(Link::Down(Some(format!(
+            "lost the connection to {}: {reason}",
+            settings.url
+        ))));
+    }
+    tx.send_replace(Link::Stopped);
+}
+
+/// Asks the connection to close, and waits a little for it: async-nats's
+/// task then ends even while a delivery still holds a handle.
+async fn drain(client: &async_nats::Client) {
+    let _ = tokio::time::timeout(DRAIN_WAIT, client.drain()).await;
+}
+
+/// The sink.
+struct JetStreamSink {
+    settings: Arc<Settings>,
+    link: watch::Receiver<Link>,
+    /// Checked by each delivery too, so that none starts after `stop` while
+    /// the supervisor has not yet taken the connection down.
+    stop: CancellationToken,
+}
+
+impl Sink for JetStreamSink {
+    fn deliver<'a>(&'a self, events: &'a [SinkEvent]) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(self.deliver_batch(events))
+    }
+}
+
+/// Why one event was not accepted.
+enum Refusal {
+    Transient(String),
+    Rejected(String),
+}
+
+impl JetStreamSink {
+    async fn deliver_batch(&self, events: &[SinkEvent]) -> Result<(), SinkError> {
+        let s = &self.settings;
+        let deadline = Instant::now() + s.timeout;
+        let up = self.connected(deadline).await?;
+        let mut rejected: Vec<String> = Vec::new();
+        let mut pending = Vec::with_capacity(events.len());
+        for e in events {
+            let id = format!("{}:{}", e.event.agent_id, e.event.seq.0);
+            let subject = match subject_of(&s.subject, e) {
+                Ok(subject) => subject,
+                Err(m) => {
+                    rejected.push(format!("{id}: {m}"));
+                    continue;
+                }
+            };
+            let body = payload(e, s.payload);
+            // NATS/1.0, the two headers and the blank line, as sent.
+            let headers = 10 + 15 + id.len() + 24 + s.stream.len() + 2;
+            if headers + body.len() > up.max_payload {
+                rejected.push(format!(
+                    "{id}: {} bytes with headers; the server takes at most {} (max_payload)",
+                    headers + body.len(),
+                    up.max_payload
+                ));
+                continue;
+            }
+            let msg = PublishMessage::build()
+                .payload(body.into())
+                .message_id(&id)
+                .expected_stream(&s.stream);
+            let sent = tokio::time::timeout_at(deadline, up.js.send_publish(subject.clone(), msg))
+                .await
+                .map_err(|_| self.timed_out(events.len()))?;
+            match sent {
+                Ok(ack) => pending.push((id, subject, ack)),
+                Err(err) => {
+                    return Err(SinkError::Transient(format!(
+                        "publishing {id} to {subject:?}: {err}"
+                    )))
+                }
+            }
+        }
+        for (id, subject, ack) in pending {
+            let answer = tokio::time::timeout_at(deadline, ack.into_future())
+                .await
+                .map_err(|_| self.timed_out(events.len()))?;
+            match self.judge(&id, &subject, answer) {
+                Ok(()) => {}
+                Err(Refusal::Transient(m)) => return Err(SinkError::Transient(m)),
+                Err(Refusal::Rejected(m)) => rejected.push(m),
+            }
+        }
+        if rejected.is_empty() {
+            debug!(sink = %s.id, events = events.len(), "Batch stored by the stream.");
+            Ok(())
+        } else {
+            let n = rejected.len();
+            let shown: Vec<&str> = rejected.iter().take(5).map(String::as_str).collect();
+            let more = if n > 5 {
+                format!("; and {} more", n - 5)
+            } else {
+                String::new()
+            };
+            warn!(sink = %s.id, refused = n, events = events.len(), "Events no retry can store.");
+            Err(SinkError::Rejected(format!(
+                "{n} of {} events cannot be stored in stream {:?} (the others were): {}{more}",
+                events.len(),
+                s.stream,
+                shown.join("; ")
+            )))
+        }
+    }
+
+    /// The live connection, waiting for one until `deadline`.
+    async fn connected(&self, deadline: Instant) -> Result<Arc<Up>, SinkError> {
+        if self.stop.is_cancelled() {
+            return Err(self.stopped());
+        }
+        let mut link = self.link.clone();
+        let wait = tokio::time::timeout_at(
+            deadline,
+            link.wait_for(|l| matches!(l, Link::Up(_) | Link::Stopped)),
+        )
+        .await;
+        let current = match wait {
+            Ok(Ok(l)) => l.clone(),
+            // The supervisor ended (stop) or the wait timed out.
+            Ok(Err(_)) => Link::Stopped,
+            Err(_) => self.link.borrow().clone(),
+        };
+        match current {
+            Link::Up(up) => Ok(up),
+            Link::Stopped => Err(self.stopped()),
+            Link::Down(why) => Err(SinkError::Transient(format!(
+                "not connected to {} within {:?}: {}",
+                self.settings.url,
+                self.settings.timeout,
+                why.as_deref().unwrap_or("connecting")
+            ))),
+        }
+    }
+
+    fn stopped(&self) -> SinkError {
+        SinkError::Transient(format!("sink {} is stopped", self.settings.id))
+    }
+
+    fn timed_out(&self, n: usize) -> SinkError {
+        SinkError::Transient(format!(
+            "stream {:?} did not acknowledge all {n} events within {:?}",
+            self.settings.stream, self.settings.timeout
+        ))
+    }
+
+    /// Sorts one publish's answer.
+    fn judge(
+        &self,
+        id: &str,
+        subject: &str,
+        answer: Result<
+            async_nats::jetstream::publish::PublishAck,
+            async_nats::jetstream::context::PublishError,
+        >,
+    ) -> Result<(), Refusal> {
+        let stream = &self.settings.stream;
+        let err = match answer {
+            Ok(ack) if ack.stream == *stream => return Ok(()),
+            Ok(ack) => {
+                return Err(Refusal::Transient(format!(
+                    "subject {subject:?} is stored by stream {:?}, not {stream:?}: change the streams' subjects (the hub creates no stream)",
+                    ack.stream
+                )))
+            }
+            Err(e) => e,
+        };
+        let code = std::error::Error::source(&err)
+            .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+            .map(|j| j.error_code());
+        match (err.kind(), code) {
+            (PublishErrorKind::StreamNotFound, _) => Err(Refusal::Transient(format!(
+                "no stream captures subject {subject:?} (no responders): stream {stream:?} must capture it (the hub creates no stream)"
+            ))),
+            (_, Some(ErrorCode::STREAM_NOT_MATCH)) => Err(Refusal::Transient(format!(
+                "subject {subject:?} is captured by another stream than {stream:?}: change the streams' subjects (the hub creates no stream)"
+            ))),
+            (_, Some(ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM)) => Err(Refusal::Rejected(format!(
+                "{id}: larger than stream {stream:?} takes (max_msg_size)"
+            ))),
+            (PublishErrorKind::TimedOut, _) => Err(Refusal::Transient(format!(
+                "no acknowledgement for {id} within {:?}",
+                self.settings.timeout
+            ))),
+            (PublishErrorKind::BrokenPipe, _) => Err(Refusal::Transient(format!(
+                "the connection to {} was lost before {id} was acknowledged",
+                self.settings.url
+            ))),
+            _ => Err(Refusal::Transient(format!("publishing {id} to {subject:?}: {err}"))),
+        }
+    }
+}
+
+/// The subject of one event: the template expanded with each value made one
+/// token (see the module doc), then checked.
+pub fn subject_of(template: &str, e: &SinkEvent) -> Result<String, String> {
+    let agent = token(e.event.agent_id.as_str());
+    let stream = e
+        .event
+        .body
+        .stream
+        .as_str()
+        .split('/')
+        .map(token)
+        .collect::<Vec<_>>()
+        .join(".");
+    let labels = if e.labels.values().all(|v| is_token(v)) {
+        e.labels.clone()
+    } else {
+        Arc::new(
+            e.labels
+                .iter()
+                .map(|(k, v)| (k.clone(), token(v)))
+                .collect::<BTreeMap<_, _>>(),
+        )
+    };
+    // `expand` reads only the identity, the stream and the labels: a copy of
+    // the event with safe values of those (and no value) expands the same
+    // template into a safe subject.
+    let safe = SinkEvent {
+        event: Event {
+            agent_id: AgentId::parse(&agent).map_err(|e| e.to_string())?,
+            seq: e.event.seq,
+            body: EventBody {
+                stream: StreamName::parse(&stream).map_err(|_| {
+                    format!("stream {:?} makes no subject", e.event.body.stream.as_str())
+                })?,
+                ts: e.event.body.ts,
+                value: Value::Bool(false),
+                quality: e.event.body.quality.clone(),
+                attrs: BTreeMap::new(),
+            },
+        },
+        labels,
+    };
+    let subject = expand(template, &safe);
+    check_subject(&subject)?;
+    Ok(subject)
+}
+
+/// Whether `c` cannot be part of a subject token.
+fn unsafe_char(c: char) -> bool {
+    matches!(c, '.' | '*' | '>') || c.is_whitespace() || c.is_control()
+}
+
+fn is_token(v: &str) -> bool {
+    !v.is_empty() && !v.chars().any(unsafe_char)
+}
+
+/// `v` as one subject token: unsafe characters become `_`, and so does an
+/// empty value.
+fn token(v: &str) -> String {
+    if v.is_empty() {
+        return "_".into();
+    }
+    v.chars()
+        .map(|c| if unsafe_char(c) { '_' } else { c })
+        .collect()
+}
+
+/// A subject the server takes for a publish: `.`-separated non-empty tokens
+/// without wildcards, whitespace or control characters, at most
+/// [`MAX_SUBJECT`] bytes.
+fn check_subject(s: &str) -> Result<(), String> {
+    if s.len() > MAX_SUBJECT {
+        return Err(format!(
+            "subject of {} bytes is longer than {MAX_SUBJECT}",
+            s.len()
+        ));
+    }
+    for t in s.split('.') {
+        if t.is_empty() {
+            return Err(format!("subject {s:?} has an empty token"));
+        }
+        if let Some(c) = t.chars().find(|&c| unsafe_char(c)) {
+            return Err(format!(
+                "subject {s:?} holds {c:?}, which NATS subjects cannot"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A JetStream stream name, as the server takes it: no whitespace, `.`, `*`,
+/// `>` or path separators.
+fn check_stream_name(s: &str) -> Result<(), String> {
+    let bad = s.is_empty()
+        || s.len() > 255
+        || s.chars().any(|c| unsafe_char(c) || matches!(c, '/' | '\\'));
+    if bad {
+        return Err(format!(
+            "{s:?} is not a stream name: 1 to 255 characters, none of '.', '*', '>', '/', '\\' or whitespace"
+        ));
+    }
+    Ok(())
+}
+
+/// The event a template is tried on at build (always `Some`: its id and
+/// stream are valid).
+fn probe_event() -> Option<SinkEvent> {
+    Some(SinkEvent {
+        event: Event {
+            agent_id: AgentId::parse("probe").ok()?,
+            seq: outpost_protocols::Seq(1),
+            body: EventBody {
+                stream: StreamName::parse("probe").ok()?,
+                ts: outpost_protocols::Timestamp(0),
+                value: Value::Bool(false),
+                quality: Default::default(),
+                attrs: BTreeMap::new(),
+            },
+        },
+        labels: Arc::new(BTreeMap::new()),
+    })
+}
+
+/// `nats://host:port` or `tls://host:port` (a bare `host:port` is `nats://`);
+/// no user or password in it.
+fn parse_url(url: &str) -> Result<ServerAddr, String> {
+    let addr = ServerAddr::from_str(url).map_err(|e| format!("{url:?}: {e}"))?;
+    match addr.scheme() {
+        "nats" | "tls" => {}
+        other => {
+            return Err(format!(
+                "{url:?}: scheme {other:?} is not supported; use nats:// or tls://"
+            ))
+        }
+    }
+    if addr.has_user_pass() {
+        return Err(format!(
+            "{url:?}: no user or password in the URL; use `credentials`"
+        ));
+    }
+    if addr.host().is_empty() {
+        return Err(format!("{url:?}: no host"));
+    }
+    Ok(addr)
+}
+
+/// A TLS client configuration that trusts no certificate, for servers that
+/// ask for TLS when none is configured.
+fn no_roots() -> Option<rustls::ClientConfig> {
+    let b = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .ok()?;
+    Some(
+        b.with_root_certificates(RootCertStore::empty())
+            .with_no_client_auth(),
+    )
+}
+
+/// `[sinks.jetstream.tls]` as a rustls configuration with the `ring`
+/// provider; errors are `(key under tls, message)`.
+fn tls_config(t: &SinkTls, base: &Path) -> Result<rustls::ClientConfig, (String, String)> {
+    let bad = |k: &str, m: String| (k.to_owned(), m);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for cert in certs(&base.join(&t.ca)).map_err(|m| bad("ca", m))? {
+        roots.add(cert).map_err(|e| {
+            bad(
+                "ca",
+                format!("{}: not a CA certificate: {e}", t.ca.display()),
+            )
+        })?;
+    }
+    let roots = Arc::new(roots);
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("ca", format!("TLS: {e}")))?;
+    let builder = match &t.server_name {
+        None => builder.with_root_certificates(roots),
+        Some(name) => {
+            let name = ServerName::try_from(name.clone())
+                .map_err(|e| bad("server_name", format!("{name:?}: {e}")))?;
+            let inner = WebPkiServerVerifier::builder_with_provider(roots, provider)
+                .build()
+                .map_err(|e| bad("ca", format!("{}: {e}", t.ca.display())))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NamedVerifier { inner, name }))
+        }
+    };
+    match (&t.cert, &t.key) {
+        (None, None) => Ok(builder.with_no_client_auth()),
+        (Some(_), None) => Err(bad("key", "`cert` needs `key`".into())),
+        (None, Some(_)) => Err(bad("cert", "`key` needs `cert`".into())),
+        (Some(c), Some(k)) => {
+            let chain = certs(&base.join(c)).map_err(|m| bad("cert", m))?;
+            let key = key(&base.join(k)).map_err(|m| bad("key", m))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| bad("key", format!("{}: {e}", k.display())))
+        }
+    }
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = rustls_pemfile::certs(&mut bytes.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: invalid PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate found", path.display()));
+    }
+    Ok(certs)
+}
+
+fn key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    rustls_pemfile::private_key(&mut bytes.as_slice())
+        .map_err(|e| format!("{}: invalid PEM: {e}", path.display()))?
+        .ok_or_else(|| format!("{}: no private key found", path.display()))
+}
+
+/// Checks the server's certificate against `server_name` rather than the
+/// URL's host (a server reached by address whose certificate names it).
+#[derive(Debug)]
+struct NamedVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    name: ServerName<'static>,
+}
+
+impl ServerCertVerifier for NamedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_protocols::{Quality, Seq, Timestamp};
+
+    fn event(agent: &str, stream: &str, labels: &[(&str, &str)]) -> SinkEvent {
+        SinkEvent {
+            event: Event {
+                agent_id: AgentId::parse(agent).expect("agent"),
+                seq: Seq(7),
+                body: EventBody {
+                    stream: StreamName::parse(stream).expect("stream"),
+                    ts: Timestamp(1),
+                    value: Value::F64(1.0),
+                    quality: Quality::Good,
+                    attrs: BTreeMap::new(),
+                },
+            },
+            labels: Arc::new(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+        }
+    }
+
+    #[test]
+    fn stream_levels_become_subject_tokens() {
+        let e = event("gw-1", "plc1/temp", &[]);
+        assert_eq!(
+            subject_of("outpost.{agent_id}.{stream}", &e).expect("subject"),
+            "outpost.gw-1.plc1.temp"
+        );
+    }
+
+    #[test]
+    fn unsafe_characters_and_empty_levels_become_underscores() {
+        let e = event(
+            "site.gw",
+            "/a b//c*.d>\te/",
+            &[("site", "eu.lyon"), ("empty", "")],
+        );
+        assert_eq!(
+            subject_of(
+                "x.{label.site}.{label.empty}.{label.none}.{agent_id}.{stream}.{seq}",
+                &e
+            )
+            .expect("subject"),
+            "x.eu_lyon._._.site_gw._.a_b._.c__d__e._.7"
+        );
+    }
+
+    #[test]
+    fn templates_that_are_no_subject_are_refused() {
+        let e = probe_event().expect("probe");
+        assert!(subject_of("a.*.{stream}", &e).is_err());
+        assert!(subject_of("a.>", &e).is_err());
+        assert!(subject_of("a..{stream}", &e).is_err());
+        assert!(subject_of("a b.{stream}", &e).is_err());
+        assert!(subject_of("", &e).is_err());
+        assert!(subject_of(".{stream}", &e).is_err());
+    }
+
+    #[test]
+    fn subjects_longer_than_the_control_line_allows_are_refused() {
+        let long = "x/".repeat(MAX_SUBJECT);
+        let e = event("gw", &long, &[]);
+        let m = subject_of("o.{stream}", &e).expect_err("too long");
+        assert!(m.contains("longer"), "{m}");
+    }
+
+    #[test]
+    fn urls_and_stream_names_are_checked() {
+        assert!(parse_url("nats://127.0.0.1:4222").is_ok());
+        assert!(parse_url("tls://nats.example:4222").is_ok());
+        assert!(parse_url("127.0.0.1:4222").is_ok());
+        assert!(parse_url("http://127.0.0.1:4222").is_err());
+        assert!(parse_url("ws://127.0.0.1:4222").is_err());
+        assert!(parse_url("nats://u:p@127.0.0.1:4222").is_err());
+        assert!(parse_url("nats://").is_err());
+        assert!(check_stream_name("EVENTS").is_ok());
+        assert!(check_stream_name("a.b").is_err());
+        assert!(check_stream_name("").is_err());
+        assert!(check_stream_name("a/b").is_err());
+    }
+}

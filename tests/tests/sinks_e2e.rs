@@ -1,0 +1,528 @@
+//! The hub's sinks end to end: a real agent drains a backlog to a real hub,
+//! whose policy routes streams to the store and to two MQTT sinks in
+//! different regions (real Mosquitto brokers, the sinks' far ends). Each sink
+//! gets exactly the events its routes select, once each, minimised; a
+//! personal stream never reaches the sink outside its residency, not even
+//! when a route said so before the policy changed (the last-step check);
+//! and a sink that is down holds back the agent's acknowledgements, so the
+//! backlog waits in the agent's outbox and the hub's store, until it returns
+//! and gets everything once.
+//!
+//! Every wait polls a condition until a deadline.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{ensure, Context as _, Result};
+use outpost_protocols::{EventBody, Quality, StreamName, Timestamp, Value};
+use outpost_tests::{agent_outbox_stats, wait_until, Agent, Hub, Mosquitto, Pki};
+
+const AGENT: &str = "gw-1";
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Event `i`: streams in turn `plant/line1/temp`, `hr/badge`, `plant/line1/debug`
+/// (denied) with a JSON payload naming `i`.
+fn body(i: usize, ts: i64) -> Result<EventBody> {
+    let stream = ["plant/line1/temp", "hr/badge", "plant/line1/debug"][i % 3];
+    let payload = format!("{{\"n\":{i},\"value\":21.5,\"unit\":\"degC\",\"name\":\"Ann\"}}");
+    Ok(EventBody {
+        stream: StreamName::parse(stream)?,
+        ts: Timestamp(ts + i as i64),
+        value: Value::from_payload(payload.as_bytes()),
+        quality: Quality::Good,
+        attrs: BTreeMap::new(),
+    })
+}
+
+/// What the subscriber on a sink's broker saw: (topic, `n` of the payload,
+/// the payload's value object).
+type Seen = Arc<Mutex<Vec<(String, u64, serde_json::Value)>>>;
+
+/// Subscribes to `#` on the broker at `port` and records every message until
+/// dropped (its thread ends when the connection does).
+/// The session is persistent: messages published while it is away (or
+/// before its broker restarted) wait for it at the broker.
+fn subscriber(port: u16, id: &str) -> Result<(Seen, rumqttc::Client)> {
+    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    o.set_clean_session(false);
+    let (client, mut conn) = Client::new(o, 100);
+    client.subscribe("#", QoS::AtLeastOnce)?;
+    let seen: Seen = Arc::default();
+    let out = seen.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for ev in conn.iter() {
+            match ev {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = ready_tx.send(());
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let Ok(j) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
+                        continue;
+                    };
+                    let n = j["value"]["n"].as_u64().unwrap_or(u64::MAX);
+                    if let Ok(mut v) = out.lock() {
+                        v.push((p.topic.clone(), n, j));
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(DEADLINE)
+        .context("the subscriber was not subscribed")?;
+    Ok((seen, client))
+}
+
+/// A broker for a sink that is down at first: started once so that the
+/// watching subscriber's persistent session exists, then stopped (its
+/// persistence keeps the session); [`Mosquitto::start_on`] brings it back
+/// on the same port and directory.
+fn down_broker(dir: &Path, watcher: &str) -> Result<u16> {
+    let mut b = Mosquitto::start(dir)?;
+    let (_, client) = subscriber(b.port, watcher)?;
+    client.disconnect()?;
+    // The broker saves the session when it stops on SIGTERM.
+    std::thread::sleep(Duration::from_millis(200));
+    b.proc.term(Duration::from_secs(10))?;
+    Ok(b.port)
+}
+
+/// A `[[sinks]]` entry for an MQTT sink on the broker at `port`.
+fn mqtt_sink(id: &str, region: &str, port: u16, prefix: &str) -> String {
+    format!(
+        r#"
+[[sinks]]
+id = "{id}"
+kind = "mqtt"
+region = "{region}"
+retry_min = "100ms"
+retry_max = "500ms"
+
+[sinks.mqtt]
+broker = "127.0.0.1:{port}"
+client_id = "hub-{id}"
+topic = "{prefix}/{{agent_id}}/{{stream}}"
+"#
+    )
+}
+
+fn agent_config(hub: &Hub, creds: &Path) -> String {
+    format!(
+        r#"
+[agent]
+data_dir = "data"
+id = "{AGENT}"
+
+[uplink]
+hub = "{}"
+ca = "{}"
+cert = "{}"
+key = "{}"
+reconnect_min = "100ms"
+reconnect_max = "1s"
+
+[observability]
+metrics = ""
+log = "info"
+"#,
+        hub.addr,
+        creds.join("ca.pem").display(),
+        creds.join("agent.pem").display(),
+        creds.join("agent.key").display(),
+    )
+}
+
+fn apply(hub: &Hub, dir: &Path, name: &str, text: &str) -> Result<()> {
+    let file = dir.join(name);
+    std::fs::write(&file, text)?;
+    let (code, out, err) = hub.cli(&["policy", "apply", &file.display().to_string()])?;
+    ensure!(code == 0, "policy apply {name}: {out}{err}");
+    // The running hub picks a new version up within a second; what it
+    // ingests before that is under the previous one.
+    let version = out
+        .split_whitespace()
+        .skip_while(|w| *w != "version")
+        .nth(1)
+        .context("the applied version")?
+        .to_owned();
+    wait_until(DEADLINE, "the hub to enforce the new version", || {
+        hub.log().contains(&format!(
+            "New policy in force; pushing it to connected agents. version={version}"
+        ))
+    })?;
+    Ok(())
+}
+
+fn sinks_status(hub: &Hub) -> Result<BTreeMap<String, serde_json::Value>> {
+    let (code, out, err) = hub.cli(&["sinks", "status", "--json"])?;
+    ensure!(code == 0, "sinks status: {out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(v.as_array()
+        .context("an array")?
+        .iter()
+        .map(|s| (s["sink"].as_str().unwrap_or("").to_owned(), s.clone()))
+        .collect())
+}
+
+/// The `n`s a subscriber saw under `prefix/`, with how often each.
+fn counts(seen: &Seen, prefix: &str) -> BTreeMap<u64, usize> {
+    let mut m = BTreeMap::new();
+    for (topic, n, _) in seen.lock().map(|v| v.clone()).unwrap_or_default() {
+        if topic.starts_with(prefix) {
+            *m.entry(n).or_insert(0) += 1;
+        }
+    }
+    m
+}
+
+/// The policy of both tests: debug streams denied, badges personal (their
+/// home region only: `eu-west`) with the name redacted, everything else to
+/// the store and both clouds.
+const POLICY: &str = r#"
+[defaults]
+sinks = ["store", "cloud-eu", "cloud-us"]
+
+[[residency]]
+name = "personnel"
+streams = ["hr/#"]
+classification = "personal"
+home = "eu-west"
+
+[[rules]]
+name = "no debug"
+streams = ["plant/+/debug"]
+action = "deny"
+
+[[rules]]
+name = "badges stay in the EU"
+streams = ["hr/#"]
+redact = ["/name"]
+sinks = ["store", "cloud-eu"]
+"#;
+
+#[test]
+fn each_sink_gets_what_its_routes_select_once_and_residency_holds_to_the_last_step() -> Result<()> {
+    const N: usize = 900;
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    let creds = pki.issue_agent(AGENT)?;
+    let eu = Mosquitto::start(&dir.path().join("eu").tap_dir()?)?;
+    let us_dir = dir.path().join("us").tap_dir()?;
+    let us_port = down_broker(&us_dir, "watch-us")?;
+    let (eu_seen, _eu_client) = subscriber(eu.port, "watch-eu")?;
+    let tables = format!(
+        "{}{}",
+        mqtt_sink("cloud-eu", "eu-west", eu.port, "eu"),
+        mqtt_sink("cloud-us", "us-east", us_port, "us")
+    );
+    let hub = Hub::start_with_tables(dir.path(), &pki, "region = \"eu-west\"", &tables)?;
+    let _logs = Logs(dir.path().to_owned());
+
+    // A policy the hub refuses: it would route personal data to us-east.
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        POLICY.replace(
+            "sinks = [\"store\", \"cloud-eu\"]",
+            "sinks = [\"store\", \"cloud-eu\", \"cloud-us\"]",
+        ),
+    )?;
+    let (code, out, err) = hub.cli(&["policy", "apply", &file.display().to_string()])?;
+    ensure!(
+        code != 0 && format!("{out}{err}").contains("cloud-us"),
+        "refused: {code} {out}{err}"
+    );
+
+    // Version 1, before the residency entry existed: badges to every sink.
+    // The us broker is down, so what is routed there waits in the hub.
+    let v1 = POLICY
+        .replace("[[residency]]\nname = \"personnel\"\nstreams = [\"hr/#\"]\nclassification = \"personal\"\nhome = \"eu-west\"\n", "")
+        .replace("sinks = [\"store\", \"cloud-eu\"]", "sinks = [\"store\", \"cloud-eu\", \"cloud-us\"]");
+    apply(&hub, dir.path(), "v1.toml", &v1)?;
+
+    let ts = now_ns();
+    let bodies = (0..N).map(|i| body(i, ts)).collect::<Result<Vec<_>>>()?;
+    let site = dir.path().join("site").tap_dir()?;
+    outpost_tests::fill_outbox(&site.join("data"), AGENT, &bodies)?;
+    let mut agent = Agent::start(&site, &agent_config(&hub, &creds))?;
+
+    // cloud-eu gets the temperatures and the badges, not the debug stream.
+    let kept: BTreeSet<u64> = (0..N as u64).filter(|i| i % 3 != 2).collect();
+    wait_until(DEADLINE, "cloud-eu to have every kept event", || {
+        counts(&eu_seen, "eu/")
+            .keys()
+            .copied()
+            .collect::<BTreeSet<_>>()
+            == kept
+    })?;
+    // Version 2 adds the residency: badges may only be stored in eu-west.
+    apply(&hub, dir.path(), "v2.toml", POLICY)?;
+    // The us broker comes up; its queue (temperatures and, from version 1,
+    // badges) is delivered, less the badges, which the last step keeps back.
+    let us = Mosquitto::start_on(&us_dir, us_port)?;
+    let (us_seen, _us_client) = subscriber(us.port, "watch-us")?;
+    let temps: BTreeSet<u64> = (0..N as u64).filter(|i| i % 3 == 0).collect();
+    wait_until(DEADLINE, "the agent's outbox to drain", || {
+        agent_outbox_stats(&agent.config)
+            .map(|s| s["events"] == 0)
+            .unwrap_or(false)
+    })?;
+    let status = sinks_status(&hub)?;
+    let us_status = &status["cloud-us"];
+    let badges = (0..N as u64).filter(|i| i % 3 == 1).count() as u64;
+    ensure!(
+        us_status["pending"] == 0 && us_status["refused_residency"] == badges,
+        "cloud-us: {us_status}"
+    );
+    wait_until(
+        DEADLINE,
+        "cloud-us's watcher to see every temperature",
+        || counts(&us_seen, "us/").len() >= temps.len(),
+    )?;
+    let got_us = counts(&us_seen, "us/");
+    ensure!(
+        got_us.keys().copied().collect::<BTreeSet<_>>() == temps,
+        "cloud-us got something other than the temperatures: {:?}",
+        got_us
+            .keys()
+            .filter(|n| !temps.contains(n))
+            .collect::<Vec<_>>()
+    );
+    ensure!(
+        us_status["delivered"] == temps.len() as u64,
+        "cloud-us delivered {} of {}",
+        us_status["delivered"],
+        temps.len()
+    );
+    let got_eu = counts(&eu_seen, "eu/");
+    let twice: Vec<_> = got_eu
+        .iter()
+        .chain(got_us.iter())
+        .filter(|(_, c)| **c > 1)
+        .collect();
+    ensure!(twice.is_empty(), "delivered twice: {twice:?}");
+    // Minimised: no badge left the hub with its name.
+    for (topic, _, j) in eu_seen.lock().map(|v| v.clone()).unwrap_or_default() {
+        if topic.contains("hr/badge") {
+            ensure!(j["value"]["name"] == "[redacted]", "{topic}: {j}");
+        }
+    }
+    let (_, audit, _) = hub.cli(&["audit", "list", "--json"])?;
+    ensure!(
+        audit.contains("sink.refused"),
+        "no sink.refused entry: {audit}"
+    );
+    agent.proc.term(Duration::from_secs(30))?;
+    Ok(())
+}
+
+#[test]
+fn a_sink_down_holds_back_the_agents_acks_and_gets_everything_once_when_it_returns() -> Result<()> {
+    const N: usize = 600;
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    let creds = pki.issue_agent(AGENT)?;
+    let eu = Mosquitto::start(&dir.path().join("eu").tap_dir()?)?;
+    let (eu_seen, _eu_client) = subscriber(eu.port, "watch-eu")?;
+    // cloud-us's broker is down from the start (nothing listens there).
+    let us_dir = dir.path().join("us").tap_dir()?;
+    let us_port = down_broker(&us_dir, "watch-us")?;
+    let tables = format!(
+        "{}{}",
+        mqtt_sink("cloud-eu", "eu-west", eu.port, "eu"),
+        mqtt_sink("cloud-us", "us-east", us_port, "us")
+    );
+    let hub = Hub::start_with_tables(dir.path(), &pki, "region = \"eu-west\"", &tables)?;
+    let _logs = Logs(dir.path().to_owned());
+    apply(&hub, dir.path(), "policy.toml", POLICY)?;
+    let ts = now_ns();
+    let bodies = (0..N).map(|i| body(i, ts)).collect::<Result<Vec<_>>>()?;
+    let site = dir.path().join("site").tap_dir()?;
+    outpost_tests::fill_outbox(&site.join("data"), AGENT, &bodies)?;
+    let mut agent = Agent::start(&site, &agent_config(&hub, &creds))?;
+
+    // Everything reaches the hub's store and cloud-eu, but the agent gets no
+    // acknowledgement past the first temperature (routed to cloud-us too):
+    // the backlog stays in its outbox.
+    let stored = (0..N).filter(|i| i % 3 != 2).count() as u64;
+    wait_until(DEADLINE, "the hub to store every kept event", || {
+        hub.agent_stats(AGENT)
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.count == stored)
+    })?;
+    wait_until(DEADLINE, "cloud-us's failures to show", || {
+        sinks_status(&hub)
+            .map(|s| s["cloud-us"]["failures"].as_u64().unwrap_or(0) >= 2)
+            .unwrap_or(false)
+    })?;
+    let status = sinks_status(&hub)?;
+    let temps = (0..N).filter(|i| i % 3 == 0).count() as u64;
+    ensure!(
+        status["cloud-us"]["pending"] == temps && status["cloud-eu"]["pending"] == 0,
+        "{status:?}"
+    );
+    let waiting = agent_outbox_stats(&agent.config)?["events"]
+        .as_u64()
+        .context("events")?;
+    ensure!(
+        waiting == N as u64,
+        "the agent's outbox should still hold all {N} (the first event waits for cloud-us), holds {waiting}"
+    );
+    // The agent restarts meanwhile: it resumes where the hub's
+    // acknowledgement stopped, and nothing is stored or queued twice.
+    agent.proc.kill9();
+    let mut agent = Agent::start_file(&agent.config)?;
+
+    let us = Mosquitto::start_on(&us_dir, us_port)?;
+    let (us_seen, _us_client) = subscriber(us.port, "watch-us")?;
+    wait_until(DEADLINE, "the agent's outbox to drain", || {
+        agent_outbox_stats(&agent.config)
+            .map(|s| s["events"] == 0)
+            .unwrap_or(false)
+    })?;
+    let status = sinks_status(&hub)?;
+    ensure!(
+        status["cloud-us"]["pending"] == 0 && status["cloud-us"]["delivered"] == temps,
+        "{status:?}"
+    );
+    ensure!(
+        status["cloud-eu"]["delivered"] == stored,
+        "cloud-eu delivered {} of {stored}",
+        status["cloud-eu"]["delivered"]
+    );
+    let got_eu = counts(&eu_seen, "eu/");
+    ensure!(
+        got_eu.len() as u64 == stored && got_eu.values().all(|c| *c == 1),
+        "cloud-eu saw {} distinct, some twice: {:?}",
+        got_eu.len(),
+        got_eu.iter().filter(|(_, c)| **c > 1).collect::<Vec<_>>()
+    );
+    wait_until(
+        DEADLINE,
+        "cloud-us's watcher to see every temperature",
+        || counts(&us_seen, "us/").len() as u64 >= temps,
+    )?;
+    let got_us = counts(&us_seen, "us/");
+    let want: BTreeSet<u64> = (0..N as u64).filter(|i| i % 3 == 0).collect();
+    ensure!(
+        got_us.keys().copied().collect::<BTreeSet<_>>() == want && got_us.values().all(|c| *c == 1),
+        "cloud-us: {} distinct of {}, twice: {:?}",
+        got_us.len(),
+        want.len(),
+        got_us.iter().filter(|(_, c)| **c > 1).collect::<Vec<_>>()
+    );
+    let s = hub.agent_stats(AGENT)?.context("stats")?;
+    ensure!(s.count == stored && s.distinct_seqs == stored, "{s:?}");
+    agent.proc.term(Duration::from_secs(30))?;
+    Ok(())
+}
+
+/// Prints the hub's and the agent's logs when a test fails (dropped while
+/// panicking or after an error return: the test's `Result` is printed by the
+/// harness, the logs by this).
+struct Logs(std::path::PathBuf);
+
+impl Drop for Logs {
+    fn drop(&mut self) {
+        if std::env::var_os("OUTPOST_TEST_LOGS").is_some() || std::thread::panicking() {
+            for f in ["hub.log", "site/agent.log"] {
+                let text = std::fs::read_to_string(self.0.join(f)).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                eprintln!("--- {f} (last lines) ---");
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+/// `create_dir_all`, returning the path.
+trait TapDir: Sized {
+    fn tap_dir(self) -> Result<Self>;
+}
+
+impl TapDir for std::path::PathBuf {
+    fn tap_dir(self) -> Result<Self> {
+        std::fs::create_dir_all(&self)?;
+        Ok(self)
+    }
+}
+
+#[test]
+fn a_bad_sink_config_is_one_clear_error_and_an_unreachable_sink_is_not_fatal() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    let hub_bin = outpost_tests::bin("outpost-hub")?;
+    let write = |name: &str, tables: &str| -> Result<std::path::PathBuf> {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "[hub]\ndata_dir = \"data-{name}\"\nlisten = \"127.0.0.1:{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n{tables}",
+                outpost_tests::free_udp_port()?,
+                pki.hub_dir.join("ca.pem").display(),
+                pki.hub_dir.join("hub.pem").display(),
+                pki.hub_dir.join("hub.key").display(),
+            ),
+        )?;
+        Ok(path)
+    };
+    let run = |args: &[&str]| outpost_tests::run_cli(&hub_bin, args);
+
+    // An unknown kind: `check` and `run` refuse it, exit 2, naming the key.
+    let unknown = write("unknown.toml", "[[sinks]]\nid = \"x\"\nkind = \"kafka\"\n")?;
+    for verb in ["check", "run"] {
+        let (code, _, err) = run(&[verb, "--config", &unknown.display().to_string()])?;
+        ensure!(
+            code == 2
+                && err.contains("sinks[0].kind")
+                && err.contains("kafka")
+                && err.lines().count() == 1,
+            "{verb}: {code} {err}"
+        );
+    }
+    // A CA file that is not a certificate: `run` exits 1 naming the key and
+    // the file.
+    std::fs::write(dir.path().join("junk.pem"), "not a certificate\n")?;
+    let bad_ca = write(
+        "badca.toml",
+        &format!(
+            "[[sinks]]\nid = \"cloud\"\nkind = \"mqtt\"\n[sinks.mqtt]\nbroker = \"127.0.0.1:1\"\nclient_id = \"hub\"\n[sinks.mqtt.tls]\nca = \"{}\"\n",
+            dir.path().join("junk.pem").display()
+        ),
+    )?;
+    let (code, _, err) = run(&["run", "--config", &bad_ca.display().to_string()])?;
+    ensure!(
+        code == 1 && err.contains("mqtt.tls.ca") && err.contains("junk.pem"),
+        "bad CA: {code} {err}"
+    );
+    // A far end nobody listens on: the hub runs, says so, and keeps trying.
+    let port = outpost_tests::free_port()?;
+    let tables = format!(
+        "[[sinks]]\nid = \"cloud\"\nkind = \"mqtt\"\nretry_min = \"100ms\"\nretry_max = \"200ms\"\n[sinks.mqtt]\nbroker = \"127.0.0.1:{port}\"\nclient_id = \"hub\"\n"
+    );
+    let hub = Hub::start_with_tables(dir.path(), &pki, "", &tables)?;
+    wait_until(DEADLINE, "the hub to say the sink is unreachable", || {
+        hub.log().contains("unreachable")
+    })?;
+    let mut hub = hub;
+    ensure!(hub.proc.is_running(), "the hub exited:\n{}", hub.log());
+    hub.proc.term(Duration::from_secs(20))?;
+    Ok(())
+}
