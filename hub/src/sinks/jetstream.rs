@@ -65,10 +65,6 @@ use async_nats::jetstream::ErrorCode;
 use async_nats::{ConnectOptions, Event as NatsEvent, ServerAddr};
 use futures::future::BoxFuture;
 use outpost_protocols::{AgentId, Event, EventBody, StreamName, Value};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -76,7 +72,7 @@ use tracing::{debug, info, warn, Instrument as _};
 
 use super::{
     check_template, expand, payload, JetStreamSinkConfig, PayloadFormat, Sink, SinkConfig,
-    SinkError, SinkEvent, SinkTls,
+    SinkError, SinkEvent,
 };
 
 /// The longest subject published, in bytes. The server's default
@@ -174,7 +170,7 @@ impl Settings {
             }
         };
         let tls = match &c.tls {
-            Some(t) => Some(tls_config(t, base).map_err(|(k, m)| bad(&format!("tls.{k}"), m))?),
+            Some(t) => Some(super::tls::client_config(id, "jetstream", Some(t), base)?),
             None if addr.tls_required() => {
                 return Err(bad(
                     "tls",
@@ -225,7 +221,7 @@ impl Settings {
             // A server that asks for TLS gets a handshake that trusts no
             // one, rather than the system's roots: a CA must be configured.
             None => {
-                if let Some(t) = no_roots() {
+                if let Ok(t) = super::tls::client_config("", "jetstream", None, Path::new("")) {
                     o = o.tls_client_config(t);
                 }
             }
@@ -670,127 +666,6 @@ fn parse_url(url: &str) -> Result<ServerAddr, String> {
         return Err(format!("{url:?}: no host"));
     }
     Ok(addr)
-}
-
-/// A TLS client configuration that trusts no certificate, for servers that
-/// ask for TLS when none is configured.
-fn no_roots() -> Option<rustls::ClientConfig> {
-    let b = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .ok()?;
-    Some(
-        b.with_root_certificates(RootCertStore::empty())
-            .with_no_client_auth(),
-    )
-}
-
-/// `[sinks.jetstream.tls]` as a rustls configuration with the `ring`
-/// provider; errors are `(key under tls, message)`.
-fn tls_config(t: &SinkTls, base: &Path) -> Result<rustls::ClientConfig, (String, String)> {
-    let bad = |k: &str, m: String| (k.to_owned(), m);
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = RootCertStore::empty();
-    for cert in certs(&base.join(&t.ca)).map_err(|m| bad("ca", m))? {
-        roots.add(cert).map_err(|e| {
-            bad(
-                "ca",
-                format!("{}: not a CA certificate: {e}", t.ca.display()),
-            )
-        })?;
-    }
-    let roots = Arc::new(roots);
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad("ca", format!("TLS: {e}")))?;
-    let builder = match &t.server_name {
-        None => builder.with_root_certificates(roots),
-        Some(name) => {
-            let name = ServerName::try_from(name.clone())
-                .map_err(|e| bad("server_name", format!("{name:?}: {e}")))?;
-            let inner = WebPkiServerVerifier::builder_with_provider(roots, provider)
-                .build()
-                .map_err(|e| bad("ca", format!("{}: {e}", t.ca.display())))?;
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NamedVerifier { inner, name }))
-        }
-    };
-    match (&t.cert, &t.key) {
-        (None, None) => Ok(builder.with_no_client_auth()),
-        (Some(_), None) => Err(bad("key", "`cert` needs `key`".into())),
-        (None, Some(_)) => Err(bad("cert", "`key` needs `cert`".into())),
-        (Some(c), Some(k)) => {
-            let chain = certs(&base.join(c)).map_err(|m| bad("cert", m))?;
-            let key = key(&base.join(k)).map_err(|m| bad("key", m))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| bad("key", format!("{}: {e}", k.display())))
-        }
-    }
-}
-
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let certs = rustls_pemfile::certs(&mut bytes.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: invalid PEM: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no certificate found", path.display()));
-    }
-    Ok(certs)
-}
-
-fn key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    rustls_pemfile::private_key(&mut bytes.as_slice())
-        .map_err(|e| format!("{}: invalid PEM: {e}", path.display()))?
-        .ok_or_else(|| format!("{}: no private key found", path.display()))
-}
-
-/// Checks the server's certificate against `server_name` rather than the
-/// URL's host (a server reached by address whose certificate names it).
-#[derive(Debug)]
-struct NamedVerifier {
-    inner: Arc<WebPkiServerVerifier>,
-    name: ServerName<'static>,
-}
-
-impl ServerCertVerifier for NamedVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        self.inner
-            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
 }
 
 #[cfg(test)]

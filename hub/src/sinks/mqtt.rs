@@ -50,7 +50,6 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS,
     TlsConfiguration, Transport,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -58,7 +57,7 @@ use tracing::Instrument as _;
 
 use super::{
     check_template, expand, payload, MqttSinkConfig, PayloadFormat, Sink, SinkConfig, SinkError,
-    SinkEvent, SinkTls,
+    SinkEvent,
 };
 
 /// How long a connection attempt (TCP, TLS, CONNECT/CONNACK) may take, and
@@ -231,7 +230,7 @@ impl Settings {
                     ),
                 ));
             }
-            let config = client_config(id, t, base)?;
+            let config = super::tls::client_config(id, "mqtt", Some(t), base)?;
             o.set_transport(Transport::Tls(TlsConfiguration::Rustls(Arc::new(config))));
         }
         let mut network = NetworkOptions::new();
@@ -311,131 +310,6 @@ fn read_password(path: &Path) -> Result<String, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
     Ok(text.lines().next().unwrap_or("").to_owned())
-}
-
-/// The rustls client configuration of `[sinks.mqtt.tls]`, with the `ring`
-/// provider and only the configured CA trusted.
-fn client_config(id: &str, t: &SinkTls, base: &Path) -> Result<rustls::ClientConfig, SinkError> {
-    let bad = |key: &str, message: String| SinkError::Config {
-        id: id.to_owned(),
-        key: format!("mqtt.tls.{key}"),
-        message,
-    };
-    let ca = base.join(&t.ca);
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in read_certs(&ca).map_err(|m| bad("ca", m))? {
-        roots.add(cert).map_err(|e| {
-            bad(
-                "ca",
-                format!("{}: unusable CA certificate: {e}", ca.display()),
-            )
-        })?;
-    }
-    let roots = Arc::new(roots);
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad("ca", e.to_string()))?;
-    let builder = match &t.server_name {
-        Some(name) => {
-            let name = ServerName::try_from(name.clone())
-                .map_err(|e| bad("server_name", format!("{name:?}: {e}")))?;
-            let inner =
-                rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
-                    .build()
-                    .map_err(|e| bad("ca", e.to_string()))?;
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NamedServerVerifier { inner, name }))
-        }
-        None => builder.with_root_certificates(roots),
-    };
-    match (&t.cert, &t.key) {
-        (Some(cert), Some(key)) => {
-            let cert = base.join(cert);
-            let key = base.join(key);
-            let chain = read_certs(&cert).map_err(|m| bad("cert", m))?;
-            let key_der = read_key(&key).map_err(|m| bad("key", m))?;
-            builder
-                .with_client_auth_cert(chain, key_der)
-                .map_err(|e| bad("key", format!("{}: {e}", key.display())))
-        }
-        (Some(_), None) => Err(bad(
-            "key",
-            "cert is set: its private key is needed too".into(),
-        )),
-        (None, Some(_)) => Err(bad(
-            "cert",
-            "key is set: its certificate is needed too".into(),
-        )),
-        (None, None) => Ok(builder.with_no_client_auth()),
-    }
-}
-
-/// Every certificate of a PEM file; none is an error.
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    let certs = rustls_pemfile::certs(&mut bytes.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: invalid PEM: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no PEM certificate found", path.display()));
-    }
-    Ok(certs)
-}
-
-/// The first private key of a PEM file. The message never holds key bytes.
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    rustls_pemfile::private_key(&mut bytes.as_slice())
-        .map_err(|e| format!("{}: invalid PEM: {e}", path.display()))?
-        .ok_or_else(|| format!("{}: no PEM private key found", path.display()))
-}
-
-/// Checks the broker's certificate against `server_name` rather than the
-/// host dialled: rumqttc verifies against the host of `broker`, and a broker
-/// reached by address usually has a certificate for its name. Everything
-/// else is webpki's.
-#[derive(Debug)]
-struct NamedServerVerifier {
-    inner: Arc<rustls::client::WebPkiServerVerifier>,
-    name: ServerName<'static>,
-}
-
-impl rustls::client::danger::ServerCertVerifier for NamedServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        self.inner
-            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
 }
 
 /// One PUBLISH of a batch.
