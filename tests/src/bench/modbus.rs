@@ -257,3 +257,42 @@ pub(crate) fn backlog(bins: &Bins, dir: &Path, p: Params) -> Result<Vec<Row>> {
         verdict: Verdict::from_bool((rss as f64) * 1024.0 < 20e6),
     }])
 }
+
+/// The agent with nothing to do: no device, no broker, no uplink — what it
+/// costs a gateway just to be installed and running.
+pub(crate) fn idle(bins: &Bins, dir: &Path, p: Params) -> Result<Vec<Row>> {
+    let home = dir.join("agent-idle");
+    let data_dir = home.join("data");
+    std::fs::create_dir_all(&data_dir)?;
+    let config = format!(
+        "[agent]\ndata_dir = \"{}\"\n\n[observability]\nmetrics = \"\"\n",
+        data_dir.display()
+    );
+    let mut agent = bins.start_agent(&home, &config)?;
+    let pid = agent.proc.child.id();
+    // Running once its outbox is open; then it only waits.
+    wait_until(Duration::from_secs(30), "the idle agent's outbox", || {
+        data_dir.join("outbox.db").exists()
+    })?;
+    std::thread::sleep(p.settle);
+    let rss = status_kib(pid, "VmRSS")?;
+    let hwm = status_kib(pid, "VmHWM")?;
+    ensure!(
+        agent.proc.is_running(),
+        "the idle agent exited (log: {})",
+        home.join("agent.log").display()
+    );
+    agent.proc.term(Duration::from_secs(20))?;
+    eprintln!("idle: RSS {} (peak {})", mb(rss), mb(hwm));
+    Ok(vec![Row {
+        what: format!(
+            "Agent VmRSS idle (no device, no broker, no uplink; an empty outbox), after {:.0} s (VmHWM in parentheses)",
+            p.settle.as_secs_f64()
+        ),
+        ours: format!("{} ({})", mb(rss), mb(hwm)),
+        baseline: "-".into(),
+        ratio: "-".into(),
+        target: "< 10 MB".into(),
+        verdict: Verdict::from_bool((rss as f64) * 1024.0 < 10e6),
+    }])
+}

@@ -98,6 +98,8 @@ enum Measurement {
     Modbus,
     /// Agent memory with a backlog.
     Backlog,
+    /// Agent memory idle.
+    Idle,
     /// Uplink drain agent → hub against raw quinn.
     Uplink,
     /// Hub ingest from many agents.
@@ -345,6 +347,9 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
         "Modbus 10,000 tags at 1 Hz",
         &mut || modbus::poll(&bins, &dir, plan.modbus),
     );
+    measure(Measurement::Idle, "Agent RSS idle", &mut || {
+        modbus::idle(&bins, &dir, plan.modbus)
+    });
     measure(
         Measurement::Backlog,
         "Agent RSS with a backlog",
@@ -544,6 +549,8 @@ How each row is measured (medians of the runs; every run's numbers are on stderr
   stored. The window runs from the end of one poll to the end of the W-th poll after
   it, so it holds whole polls; CPU = utime+stime of the agent process (all threads)
   from /proc/PID/stat over the window.
+- Idle RSS: the agent with only `[agent] data_dir` (no device, broker or uplink),
+  VmRSS and VmHWM after the same settle time as the backlog row.
 - Backlog RSS: the outbox is filled with `Outbox::append` (as agent `local`) before the
   agent starts; then the agent polls the same 10,000 tags (no uplink, so the backlog
   stays); VmRSS and VmHWM from /proc/PID/status. MB = 10^6 bytes.
