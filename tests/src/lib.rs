@@ -847,4 +847,5 @@ pub fn agent_outbox_stats(config: &Path) -> Result<serde_json::Value> {
 pub mod fleet_sim;
 pub mod netns;
 pub mod tcp_proxy;
+pub mod test_ca;
 pub mod udp_proxy;

@@ -15,11 +15,9 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
 use outpost_protocols::{Quality, Value};
+use outpost_tests::test_ca::{Ca, CertFiles};
 use outpost_tests::{have, outbox_events, wait_until, Agent, Mosquitto};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
+use rcgen::ExtendedKeyUsagePurpose;
 
 /// How long any one condition may take to come true.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -27,65 +25,6 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// The common name of the agent's client certificate, which Mosquitto takes
 /// as its user name.
 const AGENT_CN: &str = "outpost-agent";
-
-/// A certificate and its private key, as PEM files.
-struct CertFiles {
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-/// A certificate authority that signs the test's certificates.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-    /// Its certificate, as a PEM file.
-    cert: PathBuf,
-}
-
-impl Ca {
-    /// A new CA named `name`, its certificate written to `dir/<name>.pem`.
-    fn new(dir: &Path, name: &str) -> Result<Ca> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
-        let cert = dir.join(format!("{name}.pem"));
-        std::fs::write(&cert, issuer.pem())?;
-        Ok(Ca { issuer, cert })
-    }
-
-    /// A leaf certificate for `usage` with common name `cn` and the names
-    /// `sans` (DNS names or IP addresses), written to `dir/<cn>.pem` and
-    /// `dir/<cn>.key`.
-    fn issue(
-        &self,
-        dir: &Path,
-        cn: &str,
-        sans: &[&str],
-        usage: ExtendedKeyUsagePurpose,
-    ) -> Result<CertFiles> {
-        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
-        let mut params = CertificateParams::new(sans)?;
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![usage];
-        params.use_authority_key_identifier_extension = true;
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        let files = CertFiles {
-            cert: dir.join(format!("{cn}.pem")),
-            key: dir.join(format!("{cn}.key")),
-        };
-        std::fs::write(&files.cert, cert.pem())?;
-        std::fs::write(&files.key, key.serialize_pem())?;
-        Ok(files)
-    }
-}
 
 /// Everything one test needs: the site CA, the broker's certificate, the
 /// agent's and the publisher's client certificates.

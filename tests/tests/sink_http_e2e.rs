@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,10 +30,8 @@ use hyper_util::rt::TokioIo;
 use outpost_hub::sinks::{self, Sink, SinkConfig, SinkError, SinkEvent};
 use outpost_protocols::{AgentId, Event, EventBody, Quality, Seq, StreamName, Timestamp, Value};
 use outpost_tests::free_port;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
+use outpost_tests::test_ca::{Ca, CertFiles};
+use rcgen::ExtendedKeyUsagePurpose;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -549,59 +547,6 @@ async fn a_webhook_down_at_build_time_or_between_deliveries_gives_transient_unti
     deliver(&sink, &events).await??;
     ensure!(hook.received().len() == 1, "{:?}", hook.received());
     Ok(())
-}
-
-/// A CA made here, and certificates it signs.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-    cert: PathBuf,
-}
-
-struct CertFiles {
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-impl Ca {
-    fn new(dir: &Path, name: &str) -> Result<Ca> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
-        let cert = dir.join(format!("{name}.pem"));
-        std::fs::write(&cert, issuer.pem())?;
-        Ok(Ca { issuer, cert })
-    }
-
-    fn issue(
-        &self,
-        dir: &Path,
-        cn: &str,
-        sans: &[&str],
-        usage: ExtendedKeyUsagePurpose,
-    ) -> Result<CertFiles> {
-        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
-        let mut params = CertificateParams::new(sans)?;
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![usage];
-        params.use_authority_key_identifier_extension = true;
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        let files = CertFiles {
-            cert: dir.join(format!("{cn}.pem")),
-            key: dir.join(format!("{cn}.key")),
-        };
-        std::fs::write(&files.cert, cert.pem())?;
-        std::fs::write(&files.key, key.serialize_pem())?;
-        Ok(files)
-    }
 }
 
 fn pem_certs(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {

@@ -8,7 +8,7 @@
 //! time to let something happen.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,11 +16,9 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context as _, Result};
 use outpost_hub::sinks::{Sink, SinkConfig, SinkError, SinkEvent};
 use outpost_protocols::{AgentId, Event, EventBody, Quality, Seq, StreamName, Timestamp, Value};
+use outpost_tests::test_ca::{Ca, CertFiles};
 use outpost_tests::{free_port, Mosquitto};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
+use rcgen::ExtendedKeyUsagePurpose;
 use rumqttc::{AsyncClient, MqttOptions, QoS, TlsConfiguration, Transport};
 use tokio_util::sync::CancellationToken;
 
@@ -509,68 +507,10 @@ async fn a_broker_killed_mid_batch_gives_transient_and_the_retried_batch_arrives
     Ok(())
 }
 
-/// A certificate and its private key, as PEM files.
-struct CertFiles {
-    cert: PathBuf,
-    key: PathBuf,
-    cert_der: Vec<u8>,
-    key_der: Vec<u8>,
-}
-
-/// A certificate authority that signs the test's certificates.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-    cert: PathBuf,
-}
-
-impl Ca {
-    fn new(dir: &Path, name: &str) -> Result<Ca> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
-        let cert = dir.join(format!("{name}.pem"));
-        std::fs::write(&cert, issuer.pem())?;
-        Ok(Ca { issuer, cert })
-    }
-
-    fn issue(
-        &self,
-        dir: &Path,
-        cn: &str,
-        sans: &[&str],
-        usage: ExtendedKeyUsagePurpose,
-    ) -> Result<CertFiles> {
-        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
-        let mut params = CertificateParams::new(sans)?;
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![usage];
-        params.use_authority_key_identifier_extension = true;
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        let files = CertFiles {
-            cert: dir.join(format!("{cn}.pem")),
-            key: dir.join(format!("{cn}.key")),
-            cert_der: cert.der().to_vec(),
-            key_der: key.serialize_der(),
-        };
-        std::fs::write(&files.cert, cert.pem())?;
-        std::fs::write(&files.key, key.serialize_pem())?;
-        Ok(files)
-    }
-}
-
 /// The test subscriber's TLS: trusts `ca`, presents `client`.
 fn subscriber_tls(ca: &Ca, client: &CertFiles) -> Result<Transport> {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.issuer.der().clone())?;
+    roots.add(ca.der())?;
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

@@ -356,11 +356,17 @@ impl HttpSink {
         }
         let deadline = Instant::now() + self.timeout;
         let outcome = tokio::select! {
+            biased;
             () = self.stop.cancelled() => {
                 return Err(SinkError::Transient("the hub is stopping".into()));
             }
             r = self.exchange(req, deadline) => r,
         };
+        // Stopping ends the pool's connection tasks, which can fail the
+        // request before the branch above is seen: say why.
+        if outcome.is_err() && self.stop.is_cancelled() {
+            return Err(SinkError::Transient("the hub is stopping".into()));
+        }
         match &outcome {
             Ok(()) => tracing::debug!(
                 events = events.len(),
