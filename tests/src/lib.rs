@@ -377,41 +377,54 @@ impl Mosquitto {
                 dir.display()
             ),
         )?;
-        let exe = ["/usr/sbin/mosquitto", "mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists() || have(p))
-            .context("mosquitto not installed (tests/run installs it)")?;
-        let log_path = dir.join(format!("mosquitto-{port}.log"));
-        let child = Command::new(exe)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path)?)
-            .spawn()
-            .context("start mosquitto")?;
-        let mut m = Mosquitto {
-            proc: Proc {
-                child,
-                name: "mosquitto".into(),
-            },
+        let proc = start_server(
+            "mosquitto",
+            &["/usr/sbin/mosquitto", "mosquitto"],
+            &conf,
+            &dir.join(format!("mosquitto-{port}.log")),
             port,
-        };
-        // A config Mosquitto refuses (a bad certificate path) makes it exit;
-        // say why rather than wait for a port that never opens.
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut exited = false;
-        wait_until(Duration::from_secs(20), "mosquitto to listen", || {
-            exited = !m.proc.is_running();
-            exited || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-        })?;
-        if exited {
-            bail!(
-                "mosquitto exited on start:\n{}",
-                std::fs::read_to_string(&log_path).unwrap_or_default()
-            );
-        }
-        Ok(m)
+        )?;
+        Ok(Mosquitto { proc, port })
     }
+}
+
+/// Starts the first of `exes` that is installed as `exe -c conf`, its stderr
+/// to `log`, and waits until it accepts TCP on 127.0.0.1:`port`. A config it
+/// refuses (a bad certificate path) makes it exit: the error then says why,
+/// from the log, rather than waiting for a port that never opens.
+fn start_server(name: &str, exes: &[&str], conf: &Path, log: &Path, port: u16) -> Result<Proc> {
+    let exe = exes
+        .iter()
+        .find(|p| Path::new(p).exists() || have(p))
+        .with_context(|| format!("{name} not installed (tests/run installs it)"))?;
+    let child = Command::new(exe)
+        .arg("-c")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()
+        .with_context(|| format!("start {name}"))?;
+    let mut proc = Proc {
+        child,
+        name: name.into(),
+    };
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut exited = false;
+    wait_until(
+        Duration::from_secs(20),
+        &format!("{name} to listen"),
+        || {
+            exited = !proc.is_running();
+            exited || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        },
+    )?;
+    if exited {
+        bail!(
+            "{name} exited on start:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+    Ok(proc)
 }
 
 /// A nats-server with JetStream on 127.0.0.1, its store in `dir/nats-store`
@@ -447,44 +460,18 @@ impl Nats {
                 dir.join("nats-store").display()
             ),
         )?;
-        let exe = [
-            "/usr/sbin/nats-server",
-            "/usr/bin/nats-server",
+        let proc = start_server(
             "nats-server",
-        ]
-        .into_iter()
-        .find(|p| Path::new(p).exists() || have(p))
-        .context("nats-server not installed (tests/run installs it)")?;
-        let log_path = dir.join(format!("nats-{port}.log"));
-        let child = Command::new(exe)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path)?)
-            .spawn()
-            .context("start nats-server")?;
-        let mut n = Nats {
-            proc: Proc {
-                child,
-                name: "nats-server".into(),
-            },
+            &[
+                "/usr/sbin/nats-server",
+                "/usr/bin/nats-server",
+                "nats-server",
+            ],
+            &conf,
+            &dir.join(format!("nats-{port}.log")),
             port,
-        };
-        // A config it refuses makes it exit; say why rather than wait for a
-        // port that never opens.
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut exited = false;
-        wait_until(Duration::from_secs(20), "nats-server to listen", || {
-            exited = !n.proc.is_running();
-            exited || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-        })?;
-        if exited {
-            bail!(
-                "nats-server exited on start:\n{}",
-                std::fs::read_to_string(&log_path).unwrap_or_default()
-            );
-        }
-        Ok(n)
+        )?;
+        Ok(Nats { proc, port })
     }
 
     /// `nats://127.0.0.1:<port>`.

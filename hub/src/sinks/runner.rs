@@ -129,21 +129,32 @@ impl Runner {
         info!("Sink stopped.");
     }
 
-    /// The head of the queue, read on the blocking pool.
-    async fn read(&self, reader: &mut Option<StoreReader>) -> Result<Vec<Queued>, StoreError> {
+    /// Runs `f` on the store reader (opened on first use, kept after) on
+    /// the blocking pool: SQLite reads must not stall the runtime.
+    async fn with_reader<T: Send + 'static>(
+        &self,
+        reader: &mut Option<StoreReader>,
+        f: impl FnOnce(&StoreReader) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let r = match reader.take() {
             Some(r) => r,
             None => StoreReader::open(&self.store_path)?,
         };
-        let (id, n) = (self.cfg.id.clone(), self.cfg.batch_max);
-        let (r, batch) = tokio::task::spawn_blocking(move || {
-            let b = r.sink_batch(&id, n);
-            (r, b)
+        let (r, out) = tokio::task::spawn_blocking(move || {
+            let out = f(&r);
+            (r, out)
         })
         .await
         .map_err(|_| StoreError::Closed)?;
         *reader = Some(r);
-        batch
+        out
+    }
+
+    /// The head of the queue.
+    async fn read(&self, reader: &mut Option<StoreReader>) -> Result<Vec<Queued>, StoreError> {
+        let (id, n) = (self.cfg.id.clone(), self.cfg.batch_max);
+        self.with_reader(reader, move |r| r.sink_batch(&id, n))
+            .await
     }
 
     /// Attaches the agents' labels to a batch.
@@ -159,7 +170,8 @@ impl Runner {
             let labels = match self.labels.get(&e.agent_id) {
                 Some(l) => l.clone(),
                 None => {
-                    let l = Arc::new(self.agent_labels(&e.agent_id, reader).await?);
+                    let a = e.agent_id.clone();
+                    let l = Arc::new(self.with_reader(reader, move |r| r.labels(&a)).await?);
                     if self.labels.len() > 100_000 {
                         self.labels.clear();
                     }
@@ -170,26 +182,6 @@ impl Runner {
             events.push(SinkEvent { event: e, labels });
         }
         Ok(Taken { through, events })
-    }
-
-    async fn agent_labels(
-        &self,
-        agent: &AgentId,
-        reader: &mut Option<StoreReader>,
-    ) -> Result<std::collections::BTreeMap<String, String>, StoreError> {
-        let r = match reader.take() {
-            Some(r) => r,
-            None => StoreReader::open(&self.store_path)?,
-        };
-        let a = agent.clone();
-        let (r, labels) = tokio::task::spawn_blocking(move || {
-            let l = r.labels(&a);
-            (r, l)
-        })
-        .await
-        .map_err(|_| StoreError::Closed)?;
-        *reader = Some(r);
-        labels
     }
 
     /// Takes out of `events` what residency, in the policy in force now,

@@ -800,12 +800,6 @@ impl StoreReader {
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default())
     }
-
-    /// What may be acknowledged to `agent_id` now (see [`Store::acked`]).
-    pub fn acked(&self, agent_id: &AgentId) -> Result<Seq, StoreError> {
-        let w = self.watermark(agent_id)?;
-        super::sinkq::acked(&self.conn, &self.path, agent_id, w)
-    }
 }
 
 fn limit_param(n: usize) -> i64 {

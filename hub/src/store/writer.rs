@@ -304,30 +304,23 @@ impl StoreHandle {
         events: Vec<(Seq, EventBody)>,
     ) -> Result<PendingInsert, StoreError> {
         let through = events.last().map_or(Seq(0), |(seq, _)| *seq);
-        self.insert_enforced_nowait(agent_id, events, through, PolicyCounts::default())
-            .await
+        self.insert_routed_nowait(
+            agent_id,
+            events,
+            Vec::new(),
+            through,
+            PolicyCounts::default(),
+        )
+        .await
     }
 
     /// Like [`insert_nowait`](Self::insert_nowait) for what the policy kept of
     /// a batch that ended at seq `through`: the watermark rises to `through`
     /// even where the policy dropped the last events (the agent must not send
-    /// them again), and `policy` is added to the agent's counters in the same
-    /// transaction.
-    pub async fn insert_enforced_nowait(
-        &self,
-        agent_id: AgentId,
-        events: Vec<(Seq, EventBody)>,
-        through: Seq,
-        policy: PolicyCounts,
-    ) -> Result<PendingInsert, StoreError> {
-        self.insert_routed_nowait(agent_id, events, Vec::new(), through, policy)
-            .await
-    }
-
-    /// Like [`insert_enforced_nowait`](Self::insert_enforced_nowait), with
-    /// the events the policy routes to sinks (`forward`), queued for them in
-    /// the same transaction. The outcome's `acked` is what may be
-    /// acknowledged: it stays below the first event still waiting for a sink.
+    /// them again), `policy` is added to the agent's counters, and the events
+    /// it routes to sinks (`forward`) are queued for them, all in the same
+    /// transaction. The outcome's `acked` is what may be acknowledged: it
+    /// stays below the first event still waiting for a sink.
     pub async fn insert_routed_nowait(
         &self,
         agent_id: AgentId,
