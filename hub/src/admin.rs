@@ -159,6 +159,9 @@ pub fn policy(
 ) -> Result<(), VerbError> {
     match command {
         PolicyCommand::Apply(args) => {
+            if let Some(outcome) = apply_on_jetstream(args, env)? {
+                return print_applied(&outcome, args.json, out);
+            }
             let (cfg, store) = load(&args.config, env)?;
             let catalog = policy::catalog(&cfg);
             let actor = args.actor.clone().unwrap_or_else(|| login_name(env));
@@ -195,32 +198,26 @@ pub fn policy(
             if let Applied::New { version, .. } = &outcome {
                 warn_unselected(&store, *version);
             }
-            if args.json {
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::to_value(&outcome).unwrap_or_default()
-                )?;
-            } else {
-                match outcome {
-                    Applied::New { version, digest } => writeln!(
-                        out,
-                        "policy version {version} applied (sha256 {digest}); connected agents get it within seconds"
-                    )?,
-                    Applied::Unchanged { version } => writeln!(
-                        out,
-                        "unchanged: this text is policy version {version}, in force already"
-                    )?,
-                }
-            }
+            print_applied(&outcome, args.json, out)?;
         }
         PolicyCommand::Show(args) => {
-            let (_, store) = load(&args.config, env)?;
-            let reader = StoreReader::open(&store)?;
-            let rec = match args.version {
-                Some(v) => policy::get(reader.connection(), &store, v)?
-                    .ok_or(VerbError::Policy(ApplyError::UnknownVersion(v)))?,
-                None => match policy::current(reader.connection(), &store)? {
+            let (found, wanted) = match jetstream_policies(&args.config, env)? {
+                Some(all) => match args.version {
+                    Some(v) => (all.into_iter().find(|r| r.version == v), Some(v)),
+                    None => (all.into_iter().last(), None),
+                },
+                None => {
+                    let (_, store) = load(&args.config, env)?;
+                    let reader = StoreReader::open(&store)?;
+                    match args.version {
+                        Some(v) => (policy::get(reader.connection(), &store, v)?, Some(v)),
+                        None => (policy::current(reader.connection(), &store)?, None),
+                    }
+                }
+            };
+            let rec = match wanted {
+                Some(v) => found.ok_or(VerbError::Policy(ApplyError::UnknownVersion(v)))?,
+                None => match found {
                     Some(r) => r,
                     None => {
                         if args.json {
@@ -254,9 +251,14 @@ pub fn policy(
             }
         }
         PolicyCommand::History(args) => {
-            let (_, store) = load(&args.config, env)?;
-            let reader = StoreReader::open(&store)?;
-            let all = policy::history(reader.connection(), &store)?;
+            let all = match jetstream_policies(&args.config, env)? {
+                Some(all) => all,
+                None => {
+                    let (_, store) = load(&args.config, env)?;
+                    let reader = StoreReader::open(&store)?;
+                    policy::history(reader.connection(), &store)?
+                }
+            };
             if args.json {
                 let j: Vec<serde_json::Value> = all
                     .iter()
@@ -296,6 +298,81 @@ pub fn policy(
     }
     out.flush()?;
     Ok(())
+}
+
+/// `policy apply` on a hub whose store is JetStream; `None` for sqlite.
+fn apply_on_jetstream(
+    args: &PolicyApplyArgs,
+    env: &[(String, String)],
+) -> Result<Option<Applied>, VerbError> {
+    let cfg = config::load(&args.config, env.iter().cloned())?;
+    if cfg.store.kind != "jetstream" {
+        return Ok(None);
+    }
+    let catalog = policy::catalog(&cfg);
+    let actor = args.actor.clone().unwrap_or_else(|| login_name(env));
+    let (text, source) = match (&args.file, args.version) {
+        (Some(file), _) => (None, Some(file.clone())),
+        (None, Some(_)) => (None, None),
+        (None, None) => {
+            return Err(VerbError::Usage(
+                "policy apply: give a FILE or --version N".into(),
+            ))
+        }
+    };
+    let text = match (&source, text) {
+        (Some(file), _) => Some(std::fs::read_to_string(file).map_err(|e| {
+            VerbError::Policy(ApplyError::Read {
+                path: file.clone(),
+                message: e.to_string(),
+            })
+        })?),
+        (None, t) => t,
+    };
+    let version = args.version;
+    crate::verbs::on_jetstream(&args.config, &cfg, |js| async move {
+        let (text, source) = match (text, source) {
+            (Some(t), Some(f)) => (t, f.display().to_string()),
+            _ => {
+                let v = version.unwrap_or(0);
+                let old = js
+                    .policies()
+                    .await?
+                    .into_iter()
+                    .find(|r| r.version == v)
+                    .ok_or(VerbError::Policy(ApplyError::UnknownVersion(v)))?;
+                (old.text, format!("rollback to {v}"))
+            }
+        };
+        Ok(policy::apply_jetstream(&js, &text, &source, &actor, &catalog).await?)
+    })
+}
+
+/// Every policy version of a hub whose store is JetStream; `None` for sqlite.
+fn jetstream_policies(
+    config: &Path,
+    env: &[(String, String)],
+) -> Result<Option<Vec<PolicyRecord>>, VerbError> {
+    let cfg = config::load(config, env.iter().cloned())?;
+    crate::verbs::on_jetstream(config, &cfg, |js| async move { Ok(js.policies().await?) })
+}
+
+fn print_applied(outcome: &Applied, json: bool, out: &mut dyn io::Write) -> Result<(), VerbError> {
+    if json {
+        writeln!(out, "{}", serde_json::to_value(outcome).unwrap_or_default())?;
+    } else {
+        match outcome {
+            Applied::New { version, digest } => writeln!(
+                out,
+                "policy version {version} applied (sha256 {digest}); connected agents get it within seconds"
+            )?,
+            Applied::Unchanged { version } => writeln!(
+                out,
+                "unchanged: this text is policy version {version}, in force already"
+            )?,
+        }
+    }
+    Ok(out.flush()?)
 }
 
 /// Warns on stderr about every selector of version `version` that selects

@@ -64,6 +64,9 @@ pub struct StoreSection {
     /// `full` or `normal`.
     #[serde(default = "default_sync")]
     pub synchronous: String,
+    /// `[store.jetstream]`, for `kind = "jetstream"`.
+    #[serde(default)]
+    pub jetstream: Option<crate::store::jetstream::JetStreamStoreConfig>,
 }
 
 fn default_kind() -> String {
@@ -78,6 +81,7 @@ impl Default for StoreSection {
         StoreSection {
             kind: default_kind(),
             synchronous: default_sync(),
+            jetstream: None,
         }
     }
 }
@@ -198,6 +202,32 @@ pub fn parse(
             "store.synchronous",
             format!("{:?} is not one of full, normal", cfg.store.synchronous),
         ));
+    }
+    match (cfg.store.kind.as_str(), &cfg.store.jetstream) {
+        ("jetstream", None) => {
+            return Err(invalid(
+                "store.jetstream",
+                "kind = \"jetstream\" needs a [store.jetstream] table with at least `url`".into(),
+            ))
+        }
+        ("jetstream", Some(js)) => {
+            if let Err((key, message)) = js.check() {
+                return Err(invalid(&format!("store.jetstream.{key}"), message));
+            }
+            if !cfg.sinks.is_empty() {
+                return Err(invalid(
+                    "sinks",
+                    "a hub on [store] kind = \"jetstream\" does not forward to sinks yet; run the sinks on a hub with the sqlite store, or consume the events stream".into(),
+                ));
+            }
+        }
+        (_, Some(_)) => {
+            return Err(invalid(
+                "store.jetstream",
+                "is only read with [store] kind = \"jetstream\"".into(),
+            ))
+        }
+        _ => {}
     }
     let mut ids = std::collections::BTreeSet::new();
     for (i, sink) in cfg.sinks.iter().enumerate() {

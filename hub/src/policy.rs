@@ -37,7 +37,7 @@ pub fn catalog(cfg: &HubConfig) -> Catalog {
 }
 
 /// One stored version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct PolicyRecord {
     /// The version.
     pub version: u64,
@@ -297,10 +297,52 @@ fn load(record: PolicyRecord, catalog: &Catalog) -> Option<FleetPolicy> {
     })
 }
 
+/// Where the policy versions are: the SQLite store's file, or the JetStream
+/// store's `<prefix>_policy` bucket.
+#[derive(Debug, Clone)]
+pub enum PolicySource {
+    /// `<data_dir>/hub.db`.
+    Sqlite(PathBuf),
+    /// The JetStream store.
+    JetStream(Box<crate::store::jetstream::JetStreamStore>),
+}
+
+impl PolicySource {
+    async fn newest(&self) -> Result<u64, StoreError> {
+        match self {
+            PolicySource::Sqlite(path) => {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || {
+                    let reader = StoreReader::open(&path)?;
+                    newest_version(reader.connection(), &path)
+                })
+                .await
+                .map_err(|_| StoreError::Closed)?
+            }
+            PolicySource::JetStream(js) => js.newest_policy().await,
+        }
+    }
+
+    async fn current(&self) -> Result<Option<PolicyRecord>, StoreError> {
+        match self {
+            PolicySource::Sqlite(path) => {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || {
+                    let reader = StoreReader::open(&path)?;
+                    current(reader.connection(), &path)
+                })
+                .await
+                .map_err(|_| StoreError::Closed)?
+            }
+            PolicySource::JetStream(js) => Ok(js.policies().await?.pop()),
+        }
+    }
+}
+
 /// Reads the version in force now and starts a task that publishes every
 /// newer one, until `shutdown`.
 pub async fn watch(
-    store: PathBuf,
+    source: PolicySource,
     catalog: Catalog,
     shutdown: CancellationToken,
 ) -> Result<
@@ -310,19 +352,13 @@ pub async fn watch(
     ),
     StoreError,
 > {
-    let initial = {
-        let (store, catalog) = (store.clone(), catalog.clone());
-        tokio::task::spawn_blocking(move || -> Result<Arc<FleetPolicy>, StoreError> {
-            let reader = StoreReader::open(&store)?;
-            let rec = current(reader.connection(), &store)?;
-            Ok(Arc::new(
-                rec.and_then(|r| load(r, &catalog))
-                    .unwrap_or_else(FleetPolicy::none),
-            ))
-        })
-        .await
-        .map_err(|_| StoreError::Closed)??
-    };
+    let initial = Arc::new(
+        source
+            .current()
+            .await?
+            .and_then(|r| load(r, &catalog))
+            .unwrap_or_else(FleetPolicy::none),
+    );
     if initial.version.0 > 0 {
         info!(
             version = initial.version.0,
@@ -340,18 +376,16 @@ pub async fn watch(
                 _ = tick.tick() => {}
             }
             let seen = tx.borrow().version.0;
-            let (store, catalog) = (store.clone(), catalog.clone());
-            let found =
-                tokio::task::spawn_blocking(move || -> Result<Option<FleetPolicy>, StoreError> {
-                    let reader = StoreReader::open(&store)?;
-                    if newest_version(reader.connection(), &store)? <= seen {
-                        return Ok(None);
-                    }
-                    Ok(current(reader.connection(), &store)?.and_then(|r| load(r, &catalog)))
-                })
-                .await;
+            let found = match source.newest().await {
+                Ok(n) if n <= seen => Ok(None),
+                Ok(_) => source
+                    .current()
+                    .await
+                    .map(|r| r.and_then(|r| load(r, &catalog))),
+                Err(e) => Err(e),
+            };
             match found {
-                Ok(Ok(Some(p))) => {
+                Ok(Some(p)) => {
                     info!(
                         version = p.version.0,
                         rules = p.policy.rules.len(),
@@ -359,13 +393,55 @@ pub async fn watch(
                     );
                     tx.send_replace(Arc::new(p));
                 }
-                Ok(Ok(None)) => {}
-                Ok(Err(e)) => warn!(error = %e, "Cannot read the policy versions."),
-                Err(e) => warn!(error = %e, "The policy watch failed."),
+                Ok(None) => {}
+                Err(e) => warn!(error = %e, "Cannot read the policy versions."),
             }
         }
     });
     Ok((rx, task))
+}
+
+/// Validates `text` against `catalog` and stores it as the next version in
+/// the JetStream store's policy bucket. Concurrent appliers (on any
+/// replica's machine) are serialised by the bucket: a version number is
+/// created once, and the loser tries the next one. A refused document
+/// stores nothing.
+pub async fn apply_jetstream(
+    js: &crate::store::jetstream::JetStreamStore,
+    text: &str,
+    source: &str,
+    actor: &str,
+    catalog: &Catalog,
+) -> Result<Applied, ApplyError> {
+    let d = digest(text);
+    if let Err(error) = Policy::parse(text, catalog) {
+        return Err(ApplyError::Refused {
+            source_name: source.to_owned(),
+            error,
+        });
+    }
+    loop {
+        let all = js.policies().await?;
+        if let Some(cur) = all.last() {
+            if cur.digest == d {
+                return Ok(Applied::Unchanged {
+                    version: cur.version,
+                });
+            }
+        }
+        let version = all.last().map_or(0, |r| r.version) + 1;
+        let record = PolicyRecord {
+            version,
+            applied_at: now().0,
+            actor: actor.to_owned(),
+            source: source.to_owned(),
+            digest: d.clone(),
+            text: text.to_owned(),
+        };
+        if js.create_policy(&record).await? {
+            return Ok(Applied::New { version, digest: d });
+        }
+    }
 }
 
 #[cfg(test)]

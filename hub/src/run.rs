@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::HubConfig;
+use crate::policy::PolicySource;
 use crate::server::{self, ServerError};
+use crate::store::jetstream::{spawn_jetstream_writer, JetStreamStore, JetStreamStoreConfig};
 use crate::store::{self, spawn_store_writer, Store, StoreError, Synchronous, WriterOptions};
 
 /// Why the hub could not run.
@@ -49,6 +51,14 @@ pub async fn run(
     shutdown: CancellationToken,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<(), RunError> {
+    if let Some(js) = cfg
+        .store
+        .jetstream
+        .clone()
+        .filter(|_| cfg.store.kind == "jetstream")
+    {
+        return run_jetstream(cfg, &js, config_file, shutdown, bound).await;
+    }
     let path = store::store_path(config_file, &cfg.hub.data_dir);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| RunError::DataDir {
@@ -71,8 +81,12 @@ pub async fn run(
     let base = config_file.parent().unwrap_or(Path::new(""));
     let catalog = crate::policy::catalog(&cfg);
     let watch_stop = shutdown.child_token();
-    let (current, watcher) =
-        crate::policy::watch(path.clone(), catalog.clone(), watch_stop.clone()).await?;
+    let (current, watcher) = crate::policy::watch(
+        PolicySource::Sqlite(path.clone()),
+        catalog.clone(),
+        watch_stop.clone(),
+    )
+    .await?;
     // Sinks, each with its runner; they stop after the QUIC side (whose
     // sessions wait on them) and before the store writer.
     let sinks_stop = CancellationToken::new();
@@ -108,7 +122,7 @@ pub async fn run(
         ));
     }
     let feed = server::PolicyFeed { current, catalog };
-    let served = server::serve(&cfg, base, handle.clone(), feed, shutdown, bound).await;
+    let served = server::serve(&cfg, base, handle.clone(), feed, shutdown, bound, None).await;
     sinks_stop.cancel();
     while runners.join_next().await.is_some() {}
     watch_stop.cancel();
@@ -119,5 +133,51 @@ pub async fn run(
     served?;
     closed?;
     info!(store = %path.display(), "Hub stopped.");
+    Ok(())
+}
+
+/// Runs a stateless replica on the JetStream store: no local store, no
+/// sinks (the config refuses them), the policy from the store's bucket.
+async fn run_jetstream(
+    cfg: HubConfig,
+    js: &JetStreamStoreConfig,
+    config_file: &Path,
+    shutdown: CancellationToken,
+    bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> Result<(), RunError> {
+    let base = config_file.parent().unwrap_or(Path::new(""));
+    let store = JetStreamStore::open(js, base).await?;
+    let reset = store.reset_secret().await?;
+    let catalog = crate::policy::catalog(&cfg);
+    let watch_stop = shutdown.child_token();
+    let (current, watcher) = crate::policy::watch(
+        PolicySource::JetStream(Box::new(store.clone())),
+        catalog.clone(),
+        watch_stop.clone(),
+    )
+    .await?;
+    let writer_stop = CancellationToken::new();
+    let replica = store.replica().to_owned();
+    let (handle, writer) =
+        spawn_jetstream_writer(store, WriterOptions::default(), writer_stop.clone());
+    let feed = server::PolicyFeed { current, catalog };
+    let served = server::serve(
+        &cfg,
+        base,
+        handle.clone(),
+        feed,
+        shutdown,
+        bound,
+        Some(reset),
+    )
+    .await;
+    watch_stop.cancel();
+    let _ = watcher.await;
+    drop(handle);
+    writer_stop.cancel();
+    let closed = writer.await.map_err(|e| RunError::Writer(e.to_string()))?;
+    served?;
+    closed?;
+    info!(url = %js.url, %replica, "Hub stopped.");
     Ok(())
 }

@@ -192,12 +192,32 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
-/// The key for QUIC stateless resets, kept in `<data_dir>/reset.key` (0600).
+/// The endpoint's stateless-reset key and connection-id generator, both
+/// derived from `secret`.
 ///
-/// A restarted hub must be able to reset the connections its previous run
-/// had: with a new random key each start its resets are ignored, and every
-/// agent waits out its idle timeout (30 s) before redialling.
-fn reset_key(data_dir: &Path) -> Result<ring::hmac::Key, ServerError> {
+/// A restarted hub, or another replica behind the same address, must be able
+/// to reset the connections it does not know: otherwise the agent hears
+/// nothing and waits out its idle timeout (30 s) before redialling. That
+/// takes two things that are random per endpoint by default: the key the
+/// reset tokens are derived from, and the key of quinn's connection-id
+/// generator, without which a packet for another endpoint's connection is
+/// dropped as an invalid id before any reset is considered.
+fn endpoint_config(secret: &[u8]) -> quinn::EndpointConfig {
+    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let tag = ring::hmac::sign(&reset, b"outpost connection ids");
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&tag.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(first);
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
+}
+
+/// The secret of QUIC stateless resets, kept in `<data_dir>/reset.key`
+/// (0600), made on first start; see [`endpoint_config`].
+fn reset_secret_file(data_dir: &Path) -> Result<Vec<u8>, ServerError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let path = data_dir.join("reset.key");
@@ -231,7 +251,7 @@ fn reset_key(data_dir: &Path) -> Result<ring::hmac::Key, ServerError> {
         }
         Err(e) => return Err(tls_err(format!("cannot read: {e}"))),
     };
-    Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret))
+    Ok(secret)
 }
 
 /// The live session of each agent, so a reconnect can supersede it.
@@ -252,6 +272,7 @@ pub async fn serve(
     policy: PolicyFeed,
     shutdown: CancellationToken,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+    reset_secret: Option<Vec<u8>>,
 ) -> Result<(), ServerError> {
     let resolve = |p: &Path| {
         if p.is_absolute() {
@@ -271,7 +292,13 @@ pub async fn serve(
         .parse()
         .map_err(|_| ServerError::Config(format!("hub.listen {:?}", cfg.hub.listen)))?;
     let data_dir = resolve(&cfg.hub.data_dir);
-    let endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key(&data_dir)?));
+    // Replicas share one secret (from their store), so that a connection
+    // moved to another replica is reset at once rather than timed out.
+    let secret = match reset_secret {
+        Some(secret) => secret,
+        None => reset_secret_file(&data_dir)?,
+    };
+    let endpoint_config = endpoint_config(&secret);
     let socket = udp_socket(addr).map_err(|e| ServerError::Listen {
         addr,
         message: e.to_string(),

@@ -113,7 +113,7 @@ pub enum VerbError {
     Config(#[from] ConfigError),
     /// `[store] kind` names a store these verbs cannot read.
     #[error(
-        "{}: store.kind: the fleet and events verbs read the sqlite store, and this hub stores in {kind:?}",
+        "{}: store.kind: this verb reads the sqlite store, and this hub stores in {kind:?} (on jetstream: `fleet list` and the `policy` verbs)",
         .path.display()
     )]
     NotSqlite {
@@ -187,8 +187,17 @@ pub fn fleet(
 ) -> Result<(), VerbError> {
     match command {
         FleetCommand::List(args) => {
-            let reader = open(&args.config, env)?;
-            let fleet = reader.fleet()?;
+            let env: Vec<(String, String)> = env.into_iter().collect();
+            let cfg = config::load(&args.config, env.clone())?;
+            let fleet =
+                match on_jetstream(
+                    &args.config,
+                    &cfg,
+                    |js| async move { Ok(js.fleet().await?) },
+                )? {
+                    Some(fleet) => fleet,
+                    None => open(&args.config, env)?.fleet()?,
+                };
             if args.json {
                 writeln!(out, "{}", fleet_json(&fleet))?;
             } else {
@@ -331,6 +340,38 @@ pub fn events(
     }
     out.flush()?;
     Ok(())
+}
+
+/// Runs `f` on the JetStream store that `cfg` (read from `config`) names,
+/// on a runtime of its own (the verbs are synchronous); `None` for a hub on
+/// the sqlite store.
+pub(crate) fn on_jetstream<T, F, Fut>(
+    config: &Path,
+    cfg: &crate::config::HubConfig,
+    f: F,
+) -> Result<Option<T>, VerbError>
+where
+    F: FnOnce(crate::store::jetstream::JetStreamStore) -> Fut,
+    Fut: std::future::Future<Output = Result<T, VerbError>>,
+{
+    let Some(js) = cfg
+        .store
+        .jetstream
+        .as_ref()
+        .filter(|_| cfg.store.kind == "jetstream")
+    else {
+        return Ok(None);
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let base = config.parent().unwrap_or(Path::new("")).to_owned();
+    rt.block_on(async move {
+        let store = crate::store::jetstream::JetStreamStore::open(js, &base).await?;
+        let out = f(store.clone()).await;
+        store.close().await;
+        out.map(Some)
+    })
 }
 
 /// Loads and validates the config and returns the store file it names.

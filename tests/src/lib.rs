@@ -831,6 +831,53 @@ pub fn agent_outbox_stats(config: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&out).with_context(|| format!("outbox stats said {out:?}"))
 }
 
+/// Every message of the JetStream stream `name`, in order, read with a
+/// fresh pull consumer that acknowledges nothing (so it changes nothing),
+/// within `deadline`.
+pub async fn stream_messages(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    deadline: Duration,
+) -> Result<Vec<async_nats::jetstream::Message>> {
+    use async_nats::jetstream::consumer;
+    use futures::StreamExt as _;
+    let s = js.get_stream(name).await?;
+    let expected = s.get_info().await?.state.messages as usize;
+    let c = s
+        .create_consumer(consumer::pull::Config {
+            ack_policy: consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await?;
+    let mut out = Vec::new();
+    let until = std::time::Instant::now() + deadline;
+    while out.len() < expected {
+        anyhow::ensure!(
+            std::time::Instant::now() < until,
+            "read {} of {expected}",
+            out.len()
+        );
+        let mut batch = c
+            .batch()
+            .max_messages(expected - out.len())
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await?;
+        while let Some(m) = batch.next().await {
+            out.push(m.map_err(|e| anyhow::anyhow!("{e}"))?);
+        }
+    }
+    Ok(out)
+}
+
+/// A JetStream message's `Nats-Msg-Id`.
+pub fn msg_id(m: &async_nats::jetstream::Message) -> Option<String> {
+    m.headers
+        .as_ref()?
+        .get(async_nats::header::NATS_MESSAGE_ID)
+        .map(|v| v.as_str().to_owned())
+}
+
 pub mod fleet_sim;
 pub mod netns;
 pub mod tcp_proxy;

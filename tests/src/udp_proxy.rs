@@ -124,6 +124,8 @@ struct Shared {
     link: Mutex<Link>,
     counters: Counters,
     held: AtomicUsize,
+    /// Where new client mappings connect, and how often it was switched.
+    upstream: Mutex<(SocketAddr, u64)>,
 }
 
 /// A running proxy; stops (and joins its thread) when dropped.
@@ -153,6 +155,7 @@ impl UdpProxy {
             }),
             counters: Counters::default(),
             held: AtomicUsize::new(0),
+            upstream: Mutex::new((upstream, 0)),
         });
         let stop = CancellationToken::new();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -168,7 +171,7 @@ impl UdpProxy {
                         let Ok(front) = UdpSocket::from_std(front) else {
                             return;
                         };
-                        run(Arc::new(front), upstream, shared, stop).await;
+                        run(Arc::new(front), shared, stop).await;
                     });
                 })?
         };
@@ -189,6 +192,16 @@ impl UdpProxy {
     pub fn set(&self, faults: Faults) {
         if let Ok(mut link) = self.shared.link.lock() {
             link.faults = faults;
+        }
+    }
+
+    /// Sends everything from now on to `upstream`, as a load balancer that
+    /// moved the client to another server: every client mapping is
+    /// forgotten, so the old upstream hears nothing more from its clients
+    /// and their next datagrams go to the new one.
+    pub fn set_upstream(&self, upstream: SocketAddr) {
+        if let Ok(mut u) = self.shared.upstream.lock() {
+            *u = (upstream, u.1 + 1);
         }
     }
 
@@ -236,15 +249,11 @@ impl Dest {
     }
 }
 
-async fn run(
-    front: Arc<UdpSocket>,
-    upstream: SocketAddr,
-    shared: Arc<Shared>,
-    stop: CancellationToken,
-) {
+async fn run(front: Arc<UdpSocket>, shared: Arc<Shared>, stop: CancellationToken) {
     let mut clients: HashMap<SocketAddr, (Arc<UdpSocket>, CancellationToken)> = HashMap::new();
     let mut order: VecDeque<SocketAddr> = VecDeque::new();
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut generation = 0;
     loop {
         let (n, from) = tokio::select! {
             () = stop.cancelled() => return,
@@ -254,6 +263,16 @@ async fn run(
                 Err(_) => continue,
             },
         };
+        let Ok((upstream, g)) = shared.upstream.lock().map(|u| *u) else {
+            return;
+        };
+        if g != generation {
+            generation = g;
+            for (_, (_, t)) in clients.drain() {
+                t.cancel();
+            }
+            order.clear();
+        }
         let back = match clients.get(&from) {
             Some((s, _)) => s.clone(),
             None => {

@@ -15,8 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
-use async_nats::jetstream::{self, consumer, stream};
-use futures::StreamExt as _;
+use async_nats::jetstream::{self, stream};
 use outpost_hub::sinks::{self, Sink, SinkConfig, SinkError, SinkEvent};
 use outpost_protocols::{AgentId, Event, EventBody, Quality, Seq, StreamName, Timestamp, Value};
 use outpost_tests::{free_port, Nats};
@@ -136,47 +135,15 @@ async fn create_stream(
     Ok(())
 }
 
-/// Every message of `name`, in order, read with a fresh pull consumer.
 async fn read_all(js: &jetstream::Context, name: &str) -> Result<Vec<jetstream::Message>> {
-    let s = js.get_stream(name).await?;
-    let expected = s.get_info().await?.state.messages as usize;
-    let c = s
-        .create_consumer(consumer::pull::Config {
-            ack_policy: consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await?;
-    let mut out = Vec::new();
-    let deadline = Instant::now() + DEADLINE;
-    while out.len() < expected {
-        ensure!(
-            Instant::now() < deadline,
-            "read {} of {expected}",
-            out.len()
-        );
-        let mut batch = c
-            .batch()
-            .max_messages(expected - out.len())
-            .expires(Duration::from_millis(500))
-            .messages()
-            .await?;
-        while let Some(m) = batch.next().await {
-            out.push(m.map_err(|e| anyhow::anyhow!("{e}"))?);
-        }
-    }
-    Ok(out)
+    outpost_tests::stream_messages(js, name, DEADLINE).await
 }
 
 async fn count(js: &jetstream::Context, name: &str) -> Result<u64> {
     Ok(js.get_stream(name).await?.get_info().await?.state.messages)
 }
 
-fn msg_id(m: &jetstream::Message) -> Option<String> {
-    m.headers
-        .as_ref()?
-        .get(async_nats::header::NATS_MESSAGE_ID)
-        .map(|v| v.as_str().to_owned())
-}
+use outpost_tests::msg_id;
 
 fn signal(nats: &Nats, sig: &str) -> Result<()> {
     let pid = nats.proc.child.id().to_string();

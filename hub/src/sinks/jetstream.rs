@@ -614,7 +614,7 @@ fn check_subject(s: &str) -> Result<(), String> {
 
 /// A JetStream stream name, as the server takes it: no whitespace, `.`, `*`,
 /// `>` or path separators.
-fn check_stream_name(s: &str) -> Result<(), String> {
+pub(crate) fn check_stream_name(s: &str) -> Result<(), String> {
     let bad = s.is_empty()
         || s.len() > 255
         || s.chars().any(|c| unsafe_char(c) || matches!(c, '/' | '\\'));
@@ -647,7 +647,7 @@ fn probe_event() -> Option<SinkEvent> {
 
 /// `nats://host:port` or `tls://host:port` (a bare `host:port` is `nats://`);
 /// no user or password in it.
-fn parse_url(url: &str) -> Result<ServerAddr, String> {
+pub(crate) fn parse_url(url: &str) -> Result<ServerAddr, String> {
     let addr = ServerAddr::from_str(url).map_err(|e| format!("{url:?}: {e}"))?;
     match addr.scheme() {
         "nats" | "tls" => {}

@@ -23,7 +23,7 @@ pub mod http;
 pub mod jetstream;
 pub mod mqtt;
 pub mod runner;
-mod tls;
+pub(crate) mod tls;
 
 /// One event as a sink receives it: as stored (minimised by the policy), with
 /// the identity that makes it unique across the fleet: `(agent_id, seq)` is

@@ -123,6 +123,22 @@ pub enum StoreError {
     /// dropped), so the request was not carried out.
     #[error("the hub store writer has stopped")]
     Closed,
+    /// The NATS JetStream store (`[store] kind = "jetstream"`) failed: the
+    /// server is unreachable, did not acknowledge in time, or refused. A
+    /// batch whose publishes or watermark update failed is not
+    /// acknowledged; the agent sends it again.
+    #[error("hub store {url}: {what}: {message}")]
+    JetStream {
+        /// The server(s), as configured.
+        url: String,
+        /// What the hub was doing.
+        what: String,
+        /// What the server or client said.
+        message: String,
+    },
+    /// What this store kind does not do (`events tail` on JetStream).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// Attaches the store path to a SQLite error.

@@ -132,6 +132,7 @@
 //! are lost, never duplicated. That is why FULL is the default.
 
 mod error;
+pub mod jetstream;
 mod registry;
 mod sinkq;
 mod sqlite;

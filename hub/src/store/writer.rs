@@ -59,10 +59,10 @@ impl Default for WriterOptions {
     }
 }
 
-type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// An owned write, waiting for its group.
-enum Write {
+pub(super) enum Write {
     Insert {
         agent_id: AgentId,
         events: Vec<(Seq, EventBody)>,
@@ -179,7 +179,7 @@ impl Write {
         self.agent_id().is_none_or(|a| a == agent_id)
     }
 
-    fn events(&self) -> usize {
+    pub(super) fn events(&self) -> usize {
         match self {
             Write::Insert {
                 events, forward, ..
@@ -190,7 +190,7 @@ impl Write {
     }
 
     /// Answers the request with its share of the group's result.
-    fn answer(self, result: Result<Option<InsertOutcome>, StoreError>) {
+    pub(super) fn answer(self, result: Result<Option<InsertOutcome>, StoreError>) {
         match self {
             Write::Insert { reply, .. } => {
                 let _ = reply.send(result.map(Option::unwrap_or_default));
@@ -207,7 +207,7 @@ impl Write {
     }
 }
 
-enum Request {
+pub(super) enum Request {
     Write(Write),
     Watermark {
         agent_id: AgentId,
@@ -479,17 +479,32 @@ pub fn spawn_store_writer(
     opts: WriterOptions,
     shutdown: CancellationToken,
 ) -> (StoreHandle, JoinHandle<Result<Store, StoreError>>) {
-    let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-    let done = CancellationToken::new();
-    tokio::spawn(on_shutdown(tx.downgrade(), shutdown, done.clone()));
-    let signals = Signals::new();
-    let for_writer = signals.clone();
+    let (handle, rx, done) = channel(shutdown);
+    let for_writer = handle.signals.clone();
     let join = tokio::task::spawn_blocking(move || {
         // Stops the helper task however the writer ends, panics included.
         let _done = done.drop_guard();
         run(store, opts, rx, &for_writer)
     });
-    (StoreHandle { tx, signals }, join)
+    (handle, join)
+}
+
+/// The handle and the queue a store backend serves, and the token that
+/// stops the shutdown helper once the backend ends (drop its guard there).
+pub(super) fn channel(
+    shutdown: CancellationToken,
+) -> (StoreHandle, mpsc::Receiver<Request>, CancellationToken) {
+    let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+    let done = CancellationToken::new();
+    tokio::spawn(on_shutdown(tx.downgrade(), shutdown, done.clone()));
+    (
+        StoreHandle {
+            tx,
+            signals: Signals::new(),
+        },
+        rx,
+        done,
+    )
 }
 
 /// Sends the writer the shutdown message when the token is cancelled.

@@ -1,0 +1,1062 @@
+//! The hub's store on NATS JetStream (`[store] kind = "jetstream"`): the hub
+//! keeps no state of its own, so that several replicas can serve one fleet
+//! side by side and an agent can reconnect to any of them.
+//!
+//! ```text
+//! stream  <stream> (OUTPOST_EVENTS)      subjects <subject>.> (outpost.events.>)
+//!   one message per event, subject <subject>.<agent_id>
+//!   Nats-Msg-Id:    <agent_id>:<seq>     the stream drops a repeat within
+//!                                        its duplicate_window
+//!   Outpost-Stream: <stream name>        filter without decoding
+//!   payload:        postcard EventBody   the bytes the agent's outbox held
+//! KV <prefix>_watermarks  key <agent_id> → decimal seq: the highest seq
+//!                                        stored for the agent; raised by
+//!                                        compare-and-set, never lowered
+//! KV <prefix>_agents      key <agent_id> → JSON registry record
+//! KV <prefix>_policy      key v.<version, 20 digits> → JSON policy version
+//! KV <prefix>_replicas    key <replica>  → JSON, max_age 30 s: who is alive
+//! KV <prefix>_hub         key quic-reset-secret → 32 bytes shared by the
+//!                                        replicas' QUIC endpoints
+//! ```
+//!
+//! Why the watermark and not the stream's deduplication: JetStream forgets a
+//! `Nats-Msg-Id` after its duplicate window (two minutes by default), and an
+//! agent whose hub went away can send a batch again hours later. A replica
+//! therefore stores nothing at or below the agent's watermark, and
+//! acknowledges a batch only after (1) the stream acknowledged every publish
+//! of it and (2) the watermark was raised past it by compare-and-set on its
+//! KV revision. A replica killed between (1) and (2) leaves events above the
+//! watermark in the stream; so where a session starts, the watermark is read
+//! as the larger of the KV value and the seq of the agent's last message in
+//! the stream (its subject is the agent's own), and the agent resumes after
+//! both. The duplicate window covers only the race where two replicas hold a
+//! session of one agent at once (an agent that switched while its old
+//! connection's publishes were in flight), which lasts seconds, not minutes.
+//!
+//! Why one publish per event and not one per batch: so that the stream's own
+//! deduplication, the last-message lookup and consumers that filter by
+//! subject all see events, not batches. Publishes of a group are pipelined,
+//! so a group costs one round trip for the acks and one per agent for the
+//! watermark.
+//!
+//! The backend serves the same request queue as the SQLite writer
+//! ([`StoreHandle`]), so agent sessions do not know which store they use. It
+//! gathers the requests queued while the previous group was in flight into
+//! one group, as the SQLite writer does for its transactions.
+//!
+//! The registry is informational (`fleet list`); it is updated by
+//! compare-and-set too, so that two replicas never overwrite each other's
+//! change. Sessions are counted per replica, and a replica that stopped
+//! refreshing its key in `<prefix>_replicas` (killed) no longer counts.
+//! `last_seen` from batches is written at most every [`SEEN_EVERY`] per
+//! agent, to keep the registry off the ingest path.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::IntoFuture as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv, stream};
+use async_nats::{ConnectOptions, ServerAddr};
+use outpost_protocols::event::{AgentId, EventBody, Seq, Timestamp};
+use outpost_protocols::units::HumanDuration;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::registry::AgentRecord;
+use super::sqlite::InsertOutcome;
+use super::writer::{self, now, Request, Write};
+use super::{StoreError, StoreHandle, WriterOptions};
+use crate::policy::PolicyRecord;
+use crate::sinks::SinkTls;
+
+/// The longest a batch's `last_seen` waits before it is written.
+pub const SEEN_EVERY: Duration = Duration::from_secs(5);
+/// How often a replica refreshes its key in `<prefix>_replicas`.
+const HEARTBEAT: Duration = Duration::from_secs(10);
+/// How long a replica's key outlives its last refresh.
+const REPLICA_TTL: Duration = Duration::from_secs(30);
+/// Compare-and-set attempts before a conflict is an error.
+const CAS_TRIES: usize = 32;
+
+/// `[store.jetstream]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JetStreamStoreConfig {
+    /// `nats://host:port` (or `tls://`); several, comma-separated, for a
+    /// cluster.
+    pub url: String,
+    /// The events stream; created if missing.
+    #[serde(default = "default_stream")]
+    pub stream: String,
+    /// Subject prefix: events go to `<subject>.<agent_id>`.
+    #[serde(default = "default_subject")]
+    pub subject: String,
+    /// Prefix of the key-value buckets (`<prefix>_watermarks`, ...).
+    #[serde(default = "default_prefix")]
+    pub bucket_prefix: String,
+    /// Replicas of the stream and buckets the hub creates (1, 3 or 5 in a
+    /// cluster).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    /// The stream's duplicate window, when the hub creates it.
+    #[serde(default = "default_window")]
+    pub duplicate_window: HumanDuration,
+    /// How long to wait for the server: connecting, each acknowledgement.
+    #[serde(default = "default_timeout")]
+    pub timeout: HumanDuration,
+    /// A NATS credentials file (`.creds`).
+    #[serde(default)]
+    pub credentials: Option<PathBuf>,
+    /// `[store.jetstream.tls]`, as a sink's.
+    #[serde(default)]
+    pub tls: Option<SinkTls>,
+}
+
+fn default_stream() -> String {
+    "OUTPOST_EVENTS".into()
+}
+fn default_subject() -> String {
+    "outpost.events".into()
+}
+fn default_prefix() -> String {
+    "outpost".into()
+}
+fn default_replicas() -> usize {
+    1
+}
+fn default_window() -> HumanDuration {
+    HumanDuration(Duration::from_secs(120))
+}
+fn default_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+
+impl JetStreamStoreConfig {
+    /// Checks what can be checked without a server: `(key, message)` of the
+    /// first problem, the key relative to `store.jetstream`.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        self.addrs().map_err(|m| ("url", m))?;
+        crate::sinks::jetstream::check_stream_name(&self.stream).map_err(|m| ("stream", m))?;
+        if self.subject.is_empty()
+            || self.subject.split('.').any(|t| {
+                t.is_empty()
+                    || t.bytes()
+                        .any(|b| matches!(b, b'*' | b'>') || b.is_ascii_whitespace() || b < 0x20)
+            })
+        {
+            return Err((
+                "subject",
+                format!(
+                    "{:?} is not a subject prefix: tokens separated by `.`, none empty, no `*`, `>` or whitespace",
+                    self.subject
+                ),
+            ));
+        }
+        if self.bucket_prefix.is_empty()
+            || !self
+                .bucket_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+        {
+            return Err((
+                "bucket_prefix",
+                format!(
+                    "{:?}: letters, digits, `_` and `-` only (a KV bucket name)",
+                    self.bucket_prefix
+                ),
+            ));
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return Err(("replicas", format!("{} is not 1..=5", self.replicas)));
+        }
+        if self.duplicate_window.0.is_zero() {
+            return Err(("duplicate_window", "must be longer than zero".into()));
+        }
+        if self.timeout.0.is_zero() {
+            return Err(("timeout", "must be longer than zero".into()));
+        }
+        Ok(())
+    }
+
+    fn addrs(&self) -> Result<Vec<ServerAddr>, String> {
+        self.url
+            .split(',')
+            .map(|u| crate::sinks::jetstream::parse_url(u.trim()))
+            .collect()
+    }
+
+    fn bucket(&self, name: &str) -> String {
+        format!("{}_{name}", self.bucket_prefix)
+    }
+}
+
+/// An agent's registry record as the `<prefix>_agents` bucket holds it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct KvAgent {
+    labels: BTreeMap<String, String>,
+    first_seen: i64,
+    last_seen: i64,
+    agent_version: Option<String>,
+    protocol_version: Option<u16>,
+    backlog_events: Option<u64>,
+    backlog_bytes: Option<u64>,
+    /// Open sessions by replica.
+    sessions: BTreeMap<String, u64>,
+    policy_version: Option<u64>,
+    policy_error: Option<String>,
+    policy_dropped: u64,
+    policy_modified: u64,
+}
+
+/// The store: a connection and the stream and buckets it uses. Clones
+/// share the connection.
+#[derive(Clone)]
+pub struct JetStreamStore {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: stream::Stream,
+    cfg: JetStreamStoreConfig,
+    watermarks: kv::Store,
+    agents: kv::Store,
+    policy: kv::Store,
+    replicas: kv::Store,
+    /// What every replica shares (the stateless-reset secret).
+    shared: kv::Store,
+    replica: String,
+}
+
+impl std::fmt::Debug for JetStreamStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamStore")
+            .field("url", &self.cfg.url)
+            .field("stream", &self.cfg.stream)
+            .field("replica", &self.replica)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JetStreamStore {
+    /// Connects, and creates the stream and buckets that are missing (with
+    /// `replicas` and `duplicate_window`); existing ones are used as they
+    /// are. Relative file names are taken from `base`. Fails when the server
+    /// cannot be reached within `timeout`: a replica without its store
+    /// cannot serve.
+    pub async fn open(
+        cfg: &JetStreamStoreConfig,
+        base: &Path,
+    ) -> Result<JetStreamStore, StoreError> {
+        let fail = |what: &str, message: String| StoreError::JetStream {
+            url: cfg.url.clone(),
+            what: what.to_owned(),
+            message,
+        };
+        let addrs = cfg.addrs().map_err(|m| fail("store.jetstream.url", m))?;
+        let mut o = ConnectOptions::new()
+            .name("outpost-hub store")
+            .connection_timeout(cfg.timeout.0)
+            .request_timeout(Some(cfg.timeout.0))
+            .reconnect_delay_callback(|n| {
+                Duration::from_millis(50u64.saturating_mul(1 << n.min(6)))
+                    .min(Duration::from_secs(2))
+            });
+        if let Some(p) = &cfg.credentials {
+            let path = base.join(p);
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                fail(
+                    "store.jetstream.credentials",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            o = o.credentials(&text).map_err(|e| {
+                fail(
+                    "store.jetstream.credentials",
+                    format!("{} is not a NATS credentials file: {e}", path.display()),
+                )
+            })?;
+        }
+        let tls_required = addrs.iter().any(ServerAddr::tls_required);
+        match &cfg.tls {
+            Some(t) => {
+                let c = crate::sinks::tls::client_config("store", "jetstream", Some(t), base)
+                    .map_err(|e| match e {
+                        crate::sinks::SinkError::Config { key, message, .. } => {
+                            fail(&format!("store.{key}"), message)
+                        }
+                        other => fail("store.jetstream.tls", other.to_string()),
+                    })?;
+                o = o.require_tls(true).tls_client_config(c);
+            }
+            None if tls_required => {
+                return Err(fail(
+                    "store.jetstream.tls",
+                    "a tls:// server needs a [store.jetstream.tls] table with its CA".into(),
+                ))
+            }
+            None => {}
+        }
+        let client = o
+            .connect(addrs)
+            .await
+            .map_err(|e| fail("connecting", e.to_string()))?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(cfg.timeout.0)
+            .ack_timeout(cfg.timeout.0)
+            .max_ack_inflight(65_536)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        let stream = js
+            .get_or_create_stream(stream::Config {
+                name: cfg.stream.clone(),
+                subjects: vec![format!("{}.>", cfg.subject)],
+                duplicate_window: cfg.duplicate_window.0,
+                num_replicas: cfg.replicas,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| fail(&format!("stream {}", cfg.stream), e.to_string()))?;
+        // The bucket's stream is made here, by the key-value convention
+        // (ADR-8: stream `KV_<bucket>`, subjects `$KV.<bucket>.>`, one
+        // message per subject, rollups allowed, deletes denied), rather than
+        // by async-nats's `create_key_value`: that one first asks for the
+        // account's info, whose reply from nats-server 2.9 (Debian 12's)
+        // async-nats 0.46 cannot parse.
+        let open_kv = |name: &str, max_age: Duration| {
+            let js = js.clone();
+            let bucket = cfg.bucket(name);
+            let config = stream::Config {
+                name: format!("KV_{bucket}"),
+                subjects: vec![format!("$KV.{bucket}.>")],
+                max_messages_per_subject: 1,
+                max_age,
+                storage: stream::StorageType::File,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                num_replicas: cfg.replicas,
+                discard: stream::DiscardPolicy::New,
+                ..Default::default()
+            };
+            async move {
+                js.get_or_create_stream(config)
+                    .await
+                    .map_err(|e| (bucket.clone(), e.to_string()))?;
+                js.get_key_value(&bucket)
+                    .await
+                    .map_err(|e| (bucket.clone(), e.to_string()))
+            }
+        };
+        let kv_fail = |(name, m): (String, String)| fail(&format!("bucket {name}"), m);
+        let watermarks = open_kv("watermarks", Duration::ZERO)
+            .await
+            .map_err(kv_fail)?;
+        let agents = open_kv("agents", Duration::ZERO).await.map_err(kv_fail)?;
+        let policy = open_kv("policy", Duration::ZERO).await.map_err(kv_fail)?;
+        let replicas = open_kv("replicas", REPLICA_TTL).await.map_err(kv_fail)?;
+        let shared = open_kv("hub", Duration::ZERO).await.map_err(kv_fail)?;
+        let replica = format!(
+            "{}-{}-{:x}",
+            hostname(),
+            std::process::id(),
+            now().0 as u64 & 0xff_ffff
+        );
+        info!(url = %cfg.url, stream = %cfg.stream, %replica, "Hub store on NATS JetStream.");
+        Ok(JetStreamStore {
+            client,
+            js,
+            stream,
+            cfg: cfg.clone(),
+            watermarks,
+            agents,
+            policy,
+            replicas,
+            shared,
+            replica,
+        })
+    }
+
+    /// The secret of the QUIC stateless resets, the same for every replica:
+    /// made by the first and read by the others. With it, an agent whose
+    /// connection a load balancer moved to another replica (or whose replica
+    /// restarted) is told at once that the connection is gone, and redials
+    /// instead of waiting out its idle timeout.
+    pub async fn reset_secret(&self) -> Result<Vec<u8>, StoreError> {
+        const KEY: &str = "quic-reset-secret";
+        let what = "reading the stateless-reset secret";
+        for _ in 0..CAS_TRIES {
+            if let Some(v) = self.shared.get(KEY).await.map_err(|e| self.fail(what, e))? {
+                if v.len() == 32 {
+                    return Ok(v.to_vec());
+                }
+                return Err(self.fail(what, format!("{} bytes, not 32", v.len())));
+            }
+            let mut secret = vec![0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+                .map_err(|_| self.fail(what, "no randomness"))?;
+            match self.shared.create(KEY, secret.clone().into()).await {
+                Ok(_) => return Ok(secret),
+                // Another replica made it first: read theirs.
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(self.fail(what, e)),
+            }
+        }
+        Err(self.fail(what, "the secret kept changing"))
+    }
+
+    fn fail(&self, what: impl Into<String>, message: impl ToString) -> StoreError {
+        StoreError::JetStream {
+            url: self.cfg.url.clone(),
+            what: what.into(),
+            message: message.to_string(),
+        }
+    }
+
+    fn subject_of(&self, agent_id: &AgentId) -> String {
+        format!("{}.{}", self.cfg.subject, agent_id.as_str())
+    }
+
+    /// This replica's id in the registry.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// The watermark bucket's value for `agent_id` and its revision (`None`
+    /// when the key does not exist yet).
+    async fn kv_watermark(&self, agent_id: &AgentId) -> Result<(Seq, Option<u64>), StoreError> {
+        let entry = self
+            .watermarks
+            .entry(agent_id.as_str())
+            .await
+            .map_err(|e| self.fail(format!("reading the watermark of {agent_id}"), e))?;
+        match entry {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let seq = std::str::from_utf8(&e.value)
+                    .ok()
+                    .and_then(|t| t.parse::<u64>().ok())
+                    .ok_or_else(|| {
+                        self.fail(
+                            format!("reading the watermark of {agent_id}"),
+                            format!("{:?} is not a seq", String::from_utf8_lossy(&e.value)),
+                        )
+                    })?;
+                Ok((Seq(seq), Some(e.revision)))
+            }
+            Some(e) => Ok((Seq(0), Some(e.revision))),
+            None => Ok((Seq(0), None)),
+        }
+    }
+
+    /// The seq of `agent_id`'s last message in the stream (0: none).
+    async fn last_in_stream(&self, agent_id: &AgentId) -> Result<Seq, StoreError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        match self
+            .stream
+            .get_last_raw_message_by_subject(&self.subject_of(agent_id))
+            .await
+        {
+            Ok(m) => Ok(m
+                .headers
+                .get(async_nats::header::NATS_MESSAGE_ID)
+                .and_then(|id| id.as_str().rsplit_once(':'))
+                .and_then(|(_, seq)| seq.parse().ok())
+                .map_or(Seq(0), Seq)),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(Seq(0)),
+            Err(e) => Err(self.fail(format!("reading the last event of {agent_id}"), e)),
+        }
+    }
+
+    /// Where a session of `agent_id` resumes: the larger of its watermark
+    /// and its last event in the stream (see the module doc).
+    pub async fn watermark(&self, agent_id: &AgentId) -> Result<Seq, StoreError> {
+        let (kv, _) = self.kv_watermark(agent_id).await?;
+        let last = self.last_in_stream(agent_id).await?;
+        Ok(kv.max(last))
+    }
+
+    /// Raises `agent_id`'s watermark to `to` by compare-and-set, starting
+    /// from `known` (value and revision) if given; returns the new value and
+    /// revision (higher than `to` if another replica raised it further).
+    async fn raise(
+        &self,
+        agent_id: &AgentId,
+        to: Seq,
+        mut known: Option<(Seq, Option<u64>)>,
+    ) -> Result<(Seq, Option<u64>), StoreError> {
+        let key = agent_id.as_str();
+        for _ in 0..CAS_TRIES {
+            let (current, revision) = match known.take() {
+                Some(k) => k,
+                None => self.kv_watermark(agent_id).await?,
+            };
+            if current >= to {
+                return Ok((current, revision));
+            }
+            let value = bytes::Bytes::from(to.0.to_string());
+            let written = match revision {
+                Some(r) => self.watermarks.update(key, value, r).await.map_err(|e| {
+                    (
+                        e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                        e.to_string(),
+                    )
+                }),
+                None => self.watermarks.create(key, value).await.map_err(|e| {
+                    (
+                        e.kind() == kv::CreateErrorKind::AlreadyExists,
+                        e.to_string(),
+                    )
+                }),
+            };
+            match written {
+                Ok(r) => return Ok((to, Some(r))),
+                // Another replica moved it: read it again.
+                Err((true, _)) => continue,
+                Err((false, m)) => {
+                    return Err(self.fail(format!("raising the watermark of {agent_id}"), m))
+                }
+            }
+        }
+        Err(self.fail(
+            format!("raising the watermark of {agent_id}"),
+            format!("{CAS_TRIES} compare-and-set conflicts in a row"),
+        ))
+    }
+
+    /// Read-modify-write of `agent_id`'s registry record by compare-and-set.
+    async fn update_agent(
+        &self,
+        agent_id: &AgentId,
+        change: impl Fn(&mut KvAgent),
+    ) -> Result<(), StoreError> {
+        let key = agent_id.as_str();
+        let what = || format!("updating the registry record of {agent_id}");
+        for _ in 0..CAS_TRIES {
+            let entry = self
+                .agents
+                .entry(key)
+                .await
+                .map_err(|e| self.fail(what(), e))?;
+            let (mut rec, revision) = match entry {
+                Some(e) if e.operation == kv::Operation::Put => (
+                    serde_json::from_slice::<KvAgent>(&e.value).unwrap_or_default(),
+                    Some(e.revision),
+                ),
+                Some(e) => (KvAgent::default(), Some(e.revision)),
+                None => (KvAgent::default(), None),
+            };
+            change(&mut rec);
+            let value = bytes::Bytes::from(serde_json::to_vec(&rec).unwrap_or_default());
+            let written = match revision {
+                Some(r) => self.agents.update(key, value, r).await.map_err(|e| {
+                    (
+                        e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                        e.to_string(),
+                    )
+                }),
+                None => self.agents.create(key, value).await.map_err(|e| {
+                    (
+                        e.kind() == kv::CreateErrorKind::AlreadyExists,
+                        e.to_string(),
+                    )
+                }),
+            };
+            match written {
+                Ok(_) => return Ok(()),
+                Err((true, _)) => continue,
+                Err((false, m)) => return Err(self.fail(what(), m)),
+            }
+        }
+        Err(self.fail(
+            what(),
+            format!("{CAS_TRIES} compare-and-set conflicts in a row"),
+        ))
+    }
+
+    /// Refreshes this replica's key in `<prefix>_replicas`.
+    async fn heartbeat(&self) -> Result<(), StoreError> {
+        let value = serde_json::json!({ "since": now().0 }).to_string();
+        self.replicas
+            .put(&self.replica, value.into())
+            .await
+            .map(drop)
+            .map_err(|e| self.fail("refreshing this replica's key", e))
+    }
+
+    /// Every agent in the registry with its watermark, sessions counted only
+    /// on replicas that are alive, in id order.
+    pub async fn fleet(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        use futures::TryStreamExt as _;
+        let alive: std::collections::BTreeSet<String> = self
+            .replicas
+            .keys()
+            .await
+            .map_err(|e| self.fail("listing replicas", e))?
+            .try_collect()
+            .await
+            .map_err(|e| self.fail("listing replicas", e))?;
+        let mut ids: Vec<String> = self
+            .agents
+            .keys()
+            .await
+            .map_err(|e| self.fail("listing agents", e))?
+            .try_collect()
+            .await
+            .map_err(|e| self.fail("listing agents", e))?;
+        ids.sort();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Ok(agent_id) = AgentId::parse(&id) else {
+                continue;
+            };
+            let Some(v) = self
+                .agents
+                .get(id.clone())
+                .await
+                .map_err(|e| self.fail("reading agents", e))?
+            else {
+                continue;
+            };
+            let rec: KvAgent = serde_json::from_slice(&v).unwrap_or_default();
+            let watermark = self.watermark(&agent_id).await?;
+            out.push(AgentRecord {
+                agent_id,
+                labels: rec.labels,
+                first_seen: Timestamp(rec.first_seen),
+                last_seen: Timestamp(rec.last_seen),
+                agent_version: rec.agent_version,
+                protocol_version: rec.protocol_version,
+                watermark,
+                backlog_events: rec.backlog_events,
+                backlog_bytes: rec.backlog_bytes,
+                sessions: rec
+                    .sessions
+                    .iter()
+                    .filter(|(r, _)| alive.contains(*r))
+                    .map(|(_, n)| n)
+                    .sum(),
+                policy_version: rec.policy_version,
+                policy_error: rec.policy_error,
+                policy_dropped: rec.policy_dropped,
+                policy_modified: rec.policy_modified,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every policy version, oldest first.
+    pub async fn policies(&self) -> Result<Vec<PolicyRecord>, StoreError> {
+        use futures::TryStreamExt as _;
+        let mut keys: Vec<String> = match self.policy.keys().await {
+            Ok(k) => k
+                .try_collect()
+                .await
+                .map_err(|e| self.fail("listing policy versions", e))?,
+            Err(e) => return Err(self.fail("listing policy versions", e)),
+        };
+        keys.sort();
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Some(v) = self
+                .policy
+                .get(k.clone())
+                .await
+                .map_err(|e| self.fail("reading policy versions", e))?
+            {
+                let rec: PolicyRecord = serde_json::from_slice(&v)
+                    .map_err(|e| self.fail(format!("reading policy {k}"), e))?;
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The newest policy version's number (0: none), without reading the
+    /// documents.
+    pub async fn newest_policy(&self) -> Result<u64, StoreError> {
+        use futures::TryStreamExt as _;
+        let keys: Vec<String> = match self.policy.keys().await {
+            Ok(k) => k
+                .try_collect()
+                .await
+                .map_err(|e| self.fail("listing policy versions", e))?,
+            Err(e) => return Err(self.fail("listing policy versions", e)),
+        };
+        Ok(keys
+            .iter()
+            .filter_map(|k| k.strip_prefix("v.").and_then(|n| n.parse().ok()))
+            .max()
+            .unwrap_or(0))
+    }
+
+    /// Stores `record` as its version if no version has that number yet;
+    /// `Ok(false)` if one has (another applier got there first).
+    pub async fn create_policy(&self, record: &PolicyRecord) -> Result<bool, StoreError> {
+        let key = format!("v.{:020}", record.version);
+        let value = serde_json::to_vec(record).unwrap_or_default();
+        match self.policy.create(&key, value.into()).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(self.fail(format!("storing policy version {}", record.version), e)),
+        }
+    }
+
+    /// Flushes and closes the connection, waiting at most `timeout`.
+    pub async fn close(self) {
+        let _ = tokio::time::timeout(self.cfg.timeout.0, self.client.drain()).await;
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "hub".into())
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Starts the backend for `store`: a task serving the same queue as the
+/// SQLite writer. On shutdown (the token cancelled, or every handle dropped)
+/// it finishes what it received, answers every request and closes the
+/// connection.
+pub fn spawn_jetstream_writer(
+    store: JetStreamStore,
+    opts: WriterOptions,
+    shutdown: CancellationToken,
+) -> (StoreHandle, JoinHandle<Result<(), StoreError>>) {
+    let (handle, rx, done) = writer::channel(shutdown);
+    let join = tokio::spawn(async move {
+        let _done = done.drop_guard();
+        let mut backend = Backend {
+            store,
+            known: HashMap::new(),
+            floor: HashMap::new(),
+            seen_at: HashMap::new(),
+        };
+        backend.run(opts, rx).await;
+        backend.store.close().await;
+        Ok(())
+    });
+    (handle, join)
+}
+
+struct Backend {
+    store: JetStreamStore,
+    /// The watermark bucket's value and revision per agent, as this replica
+    /// last read or wrote them: a compare-and-set starts from it, and reads
+    /// it again only on a conflict.
+    known: HashMap<AgentId, (Seq, Option<u64>)>,
+    /// Per agent, the seq at and below which nothing is published: the
+    /// larger of the watermark and its last event in the stream.
+    floor: HashMap<AgentId, Seq>,
+    /// When each agent's `last_seen` was last written from a batch.
+    seen_at: HashMap<AgentId, Instant>,
+}
+
+impl Backend {
+    async fn run(&mut self, opts: WriterOptions, mut rx: mpsc::Receiver<Request>) {
+        let mut next: Option<Request> = None;
+        let mut beat = tokio::time::interval(HEARTBEAT);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let request = match next.take() {
+                Some(r) => r,
+                None => tokio::select! {
+                    r = rx.recv() => match r {
+                        Some(r) => r,
+                        None => break,
+                    },
+                    _ = beat.tick() => {
+                        if let Err(e) = self.store.heartbeat().await {
+                            warn!(error = %e, "Cannot refresh this replica's key.");
+                        }
+                        continue;
+                    }
+                },
+            };
+            match request {
+                Request::Write(first) => {
+                    let mut events = first.events();
+                    let mut group = vec![first];
+                    while events < opts.max_batch {
+                        match rx.try_recv() {
+                            Ok(Request::Write(w)) => {
+                                events += w.events();
+                                group.push(w);
+                            }
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.commit(group).await;
+                }
+                Request::Watermark { agent_id, reply } | Request::Acked { agent_id, reply } => {
+                    let w = self.store.watermark(&agent_id).await;
+                    if let Ok(seq) = &w {
+                        let f = self.floor.entry(agent_id).or_insert(*seq);
+                        *f = (*f).max(*seq);
+                    }
+                    let _ = reply.send(w);
+                }
+                Request::Shutdown => {
+                    debug!("Hub store (JetStream) shutting down.");
+                    rx.close();
+                }
+            }
+        }
+        // Sessions of this replica are over.
+        let _ = self.store.replicas.delete(&self.store.replica).await;
+        debug!("Hub store (JetStream) stopped.");
+    }
+
+    /// Publishes the group's events, then raises the watermarks, then
+    /// answers; registry changes are applied one by one.
+    async fn commit(&mut self, group: Vec<Write>) {
+        let mut inserts = Vec::new();
+        for w in group {
+            match w {
+                Write::Insert { .. } => inserts.push(w),
+                other => {
+                    let r = self.registry(&other).await;
+                    if let Err(e) = &r {
+                        warn!(error = %e, "Hub store (JetStream) could not update the registry.");
+                    }
+                    other.answer(r.map(|()| None));
+                }
+            }
+        }
+        if inserts.is_empty() {
+            return;
+        }
+        match self.insert(&inserts).await {
+            Ok(outcomes) => {
+                for (w, o) in inserts.into_iter().zip(outcomes) {
+                    w.answer(Ok(Some(o)));
+                }
+            }
+            Err(e) => {
+                warn!(requests = inserts.len(), error = %e, "Hub store (JetStream) group failed; nothing of it is acknowledged.");
+                for w in inserts {
+                    w.answer(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    async fn insert(&mut self, inserts: &[Write]) -> Result<Vec<InsertOutcome>, StoreError> {
+        let s = &self.store;
+        // Publish everything above what is known to be stored.
+        let mut acks = Vec::new();
+        let mut outcomes = Vec::with_capacity(inserts.len());
+        for (i, w) in inserts.iter().enumerate() {
+            let Write::Insert {
+                agent_id, events, ..
+            } = w
+            else {
+                continue;
+            };
+            if !self.known.contains_key(agent_id) {
+                // A replica that died between its publishes and its
+                // watermark left events above the watermark: they are not
+                // published again, even past the duplicate window.
+                let k = s.kv_watermark(agent_id).await?;
+                let last = s.last_in_stream(agent_id).await?;
+                self.known.insert(agent_id.clone(), k);
+                self.floor.insert(agent_id.clone(), k.0.max(last));
+            }
+            let floor = self.floor.get(agent_id).copied().unwrap_or(Seq(0));
+            let mut duplicates = 0;
+            for (seq, body) in events {
+                if *seq <= floor {
+                    duplicates += 1;
+                    continue;
+                }
+                let msg = jetstream::message::PublishMessage::build()
+                    .payload(body_bytes(body))
+                    .message_id(format!("{agent_id}:{}", seq.0))
+                    .expected_stream(&s.cfg.stream)
+                    .header("Outpost-Stream", body.stream.as_str());
+                let ack =
+                    s.js.send_publish(s.subject_of(agent_id), msg)
+                        .await
+                        .map_err(|e| s.fail(format!("publishing {agent_id}:{}", seq.0), e))?;
+                acks.push((i, *seq, ack));
+            }
+            outcomes.push(InsertOutcome {
+                watermark: Seq(0),
+                inserted: 0,
+                duplicates,
+                acked: Seq(0),
+            });
+        }
+        for (i, seq, ack) in acks {
+            let a = ack
+                .into_future()
+                .await
+                .map_err(|e| s.fail(format!("storing seq {seq}"), e))?;
+            if a.stream != s.cfg.stream {
+                return Err(s.fail(
+                    format!("storing seq {seq}"),
+                    format!("stored in stream {:?}, not {:?}", a.stream, s.cfg.stream),
+                ));
+            }
+            if a.duplicate {
+                outcomes[i].duplicates += 1;
+            } else {
+                outcomes[i].inserted += 1;
+            }
+        }
+        // Raise each agent's watermark once, to the group's highest seq.
+        let mut through: BTreeMap<&AgentId, Seq> = BTreeMap::new();
+        let mut counts: BTreeMap<&AgentId, (u64, u64)> = BTreeMap::new();
+        for w in inserts {
+            if let Write::Insert {
+                agent_id,
+                through: t,
+                policy,
+                ..
+            } = w
+            {
+                let e = through.entry(agent_id).or_insert(*t);
+                *e = (*e).max(*t);
+                let c = counts.entry(agent_id).or_default();
+                c.0 += policy.dropped;
+                c.1 += policy.modified;
+            }
+        }
+        for (agent_id, to) in &through {
+            let known = self.known.get(*agent_id).copied();
+            let k = s.raise(agent_id, *to, known).await?;
+            self.known.insert((*agent_id).clone(), k);
+            let f = self.floor.entry((*agent_id).clone()).or_insert(k.0);
+            *f = (*f).max(k.0);
+        }
+        // The registry's counters and last_seen, off the acknowledgement's
+        // critical path only in that a failure here fails nothing stored.
+        let t = now().0;
+        for (agent_id, (dropped, modified)) in &counts {
+            let due = self
+                .seen_at
+                .get(*agent_id)
+                .is_none_or(|at| at.elapsed() >= SEEN_EVERY);
+            if *dropped == 0 && *modified == 0 && !due {
+                continue;
+            }
+            let r = s
+                .update_agent(agent_id, |r| {
+                    r.last_seen = r.last_seen.max(t);
+                    r.policy_dropped += dropped;
+                    r.policy_modified += modified;
+                })
+                .await;
+            match r {
+                Ok(()) => {
+                    self.seen_at.insert((*agent_id).clone(), Instant::now());
+                }
+                Err(e) => warn!(error = %e, "Cannot update the registry after a batch."),
+            }
+        }
+        // Every request of the group is stored now, and the watermark is at
+        // least its highest seq.
+        for (w, o) in inserts.iter().zip(outcomes.iter_mut()) {
+            if let Write::Insert {
+                agent_id,
+                through: t,
+                ..
+            } = w
+            {
+                o.watermark = self.floor.get(agent_id).copied().unwrap_or(*t).max(*t);
+                o.acked = o.watermark;
+            }
+        }
+        Ok(outcomes)
+    }
+
+    async fn registry(&self, w: &Write) -> Result<(), StoreError> {
+        let s = &self.store;
+        let t = now().0;
+        match w {
+            Write::Connected {
+                agent_id,
+                labels,
+                agent_version,
+                protocol_version,
+                ..
+            } => {
+                s.update_agent(agent_id, |r| {
+                    if r.first_seen == 0 {
+                        r.first_seen = t;
+                    }
+                    r.last_seen = r.last_seen.max(t);
+                    r.labels = labels.clone();
+                    r.agent_version = Some(agent_version.clone());
+                    r.protocol_version = Some(*protocol_version);
+                    *r.sessions.entry(s.replica.clone()).or_default() += 1;
+                })
+                .await
+            }
+            Write::Disconnected { agent_id, .. } => {
+                s.update_agent(agent_id, |r| {
+                    r.last_seen = r.last_seen.max(t);
+                    if let Some(n) = r.sessions.get_mut(&s.replica) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            r.sessions.remove(&s.replica);
+                        }
+                    }
+                })
+                .await
+            }
+            Write::Backlog {
+                agent_id,
+                events,
+                bytes,
+                ..
+            } => {
+                s.update_agent(agent_id, |r| {
+                    r.backlog_events = Some(*events);
+                    r.backlog_bytes = Some(*bytes);
+                })
+                .await
+            }
+            Write::Touch { agent_id, .. } => {
+                s.update_agent(agent_id, |r| r.last_seen = r.last_seen.max(t))
+                    .await
+            }
+            Write::PolicyStatus {
+                agent_id,
+                version,
+                error,
+                ..
+            } => {
+                s.update_agent(agent_id, |r| {
+                    r.policy_version = Some(*version);
+                    r.policy_error = error.clone();
+                })
+                .await
+            }
+            Write::SinkProgress { .. } => Err(StoreError::Unsupported(
+                "sinks are not supported with [store] kind = \"jetstream\"".into(),
+            )),
+            Write::Insert { .. } => Ok(()),
+        }
+    }
+}
+
+fn body_bytes(body: &EventBody) -> bytes::Bytes {
+    body.encode().into()
+}

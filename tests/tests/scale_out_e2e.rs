@@ -1,0 +1,473 @@
+//! The hub on the NATS JetStream store (`[store] kind = "jetstream"`), with
+//! a real nats-server: replicas that share one stream and its key-value
+//! buckets, an agent moved between them by a UDP proxy as a load balancer
+//! would, one replica killed with SIGKILL, and repeats from after the
+//! stream's duplicate window.
+//!
+//! Every wait polls a condition until a deadline. The one fixed sleep waits
+//! out the stream's duplicate window, which is what is being tested.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context as _, Result};
+use async_nats::jetstream;
+use outpost_hub::store::jetstream::{spawn_jetstream_writer, JetStreamStore, JetStreamStoreConfig};
+use outpost_hub::store::WriterOptions;
+use outpost_protocols::{AgentId, EventBody, Quality, Seq, StreamName, Timestamp, Value};
+use outpost_tests::udp_proxy::UdpProxy;
+use outpost_tests::{
+    agent_outbox_stats, bin, fill_outbox, free_udp_port, msg_id, run_cli, stream_messages,
+    wait_until, Agent, Devsim, Hub, Nats, Pki,
+};
+use tokio_util::sync::CancellationToken;
+
+/// How long any one condition may take to come true.
+const DEADLINE: Duration = Duration::from_secs(90);
+/// The events stream's duplicate window in these tests: short, so that
+/// repeats from after it are cheap to make.
+const WINDOW: Duration = Duration::from_secs(1);
+const STREAM: &str = "OUTPOST_EVENTS";
+
+fn body(i: u64) -> Result<EventBody> {
+    Ok(EventBody {
+        stream: StreamName::parse("plant/line1/temp")?,
+        // Now: the agent's outbox evicts events older than its retention.
+        ts: Timestamp(now_ns() + i as i64),
+        value: Value::from_payload(format!("{{\"n\":{i}}}").as_bytes()),
+        quality: Quality::Good,
+        attrs: BTreeMap::new(),
+    })
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn store_table(url: &str) -> String {
+    format!(
+        "[store]\nkind = \"jetstream\"\n\n[store.jetstream]\nurl = \"{url}\"\nduplicate_window = \"{}ms\"\ntimeout = \"5s\"\n",
+        WINDOW.as_millis()
+    )
+}
+
+/// A replica's config in `dir` listening on `addr`.
+fn replica_config(
+    dir: &Path,
+    pki: &Pki,
+    addr: SocketAddr,
+    url: &str,
+) -> Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let config = dir.join("hub.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n{}\n[observability]\nlog = \"info\"\n",
+            pki.hub_dir.join("ca.pem").display(),
+            pki.hub_dir.join("hub.pem").display(),
+            pki.hub_dir.join("hub.key").display(),
+            store_table(url),
+        ),
+    )?;
+    Ok(config)
+}
+
+async fn client(url: &str) -> Result<jetstream::Context> {
+    Ok(jetstream::new(async_nats::connect(url).await?))
+}
+
+async fn count(js: &jetstream::Context) -> Result<u64> {
+    Ok(js
+        .get_stream(STREAM)
+        .await?
+        .get_info()
+        .await?
+        .state
+        .messages)
+}
+
+/// How often each seq of `agent` is in the stream.
+async fn seqs_of(js: &jetstream::Context, agent: &str) -> Result<BTreeMap<u64, usize>> {
+    let mut seen = BTreeMap::new();
+    for m in stream_messages(js, STREAM, DEADLINE).await? {
+        let id = msg_id(&m).context("a message without Nats-Msg-Id")?;
+        let (a, seq) = id.rsplit_once(':').context("Nats-Msg-Id is agent:seq")?;
+        if a == agent {
+            *seen.entry(seq.parse::<u64>()?).or_default() += 1;
+        }
+    }
+    Ok(seen)
+}
+
+/// Every seq from 1 to `last` once, nothing else.
+fn check_once(seen: &BTreeMap<u64, usize>, last: u64) -> Result<()> {
+    let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(10).collect();
+    ensure!(repeated.is_empty(), "stored more than once: {repeated:?}");
+    let missing: Vec<u64> = (1..=last)
+        .filter(|s| !seen.contains_key(s))
+        .take(10)
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "missing seqs (first 10): {missing:?}; {} seqs stored, {:?}..={:?}",
+        seen.len(),
+        seen.keys().next(),
+        seen.keys().last()
+    );
+    ensure!(
+        seen.len() as u64 == last,
+        "{} seqs stored, expected 1..={last}",
+        seen.len()
+    );
+    Ok(())
+}
+
+/// Polls `f` (async) until it is true.
+async fn wait_for<F, Fut>(what: &str, mut f: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let until = Instant::now() + DEADLINE;
+    loop {
+        if f().await? {
+            return Ok(());
+        }
+        ensure!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const TAGS: usize = 8;
+
+fn agent_config(hub: SocketAddr, creds: &Path, device: SocketAddr) -> String {
+    let mut c = format!(
+        r#"
+[agent]
+data_dir = "data"
+id = "line1"
+
+[uplink]
+hub = "{hub}"
+ca = "{}"
+cert = "{}"
+key = "{}"
+reconnect_min = "100ms"
+reconnect_max = "500ms"
+
+[observability]
+metrics = ""
+log = "info"
+
+[[modbus.devices]]
+name = "plc"
+address = "{device}"
+unit = 1
+poll = "20ms"
+timeout = "300ms"
+"#,
+        creds.join("ca.pem").display(),
+        creds.join("agent.pem").display(),
+        creds.join("agent.key").display(),
+    );
+    for t in 0..TAGS {
+        c.push_str(&format!(
+            "\n[[modbus.devices.tags]]\nname = \"r{t}\"\ntable = \"holding\"\naddress = {t}\ntype = \"u16\"\n"
+        ));
+    }
+    c
+}
+
+fn sim() -> String {
+    let mut s = String::from("tick = \"10ms\"\n");
+    for t in 0..TAGS {
+        s.push_str(&format!(
+            "\n[[points]]\ntable = \"holding\"\naddress = {t}\ntype = \"u16\"\nwave = \"ramp\"\nmin = 0\nmax = 60000\nperiod = \"{}s\"\n",
+            3 + t
+        ));
+    }
+    s
+}
+
+fn hub_verb(config: &Path, args: &[&str]) -> Result<(i32, String, String)> {
+    let mut all: Vec<&str> = args.to_vec();
+    let c = config.to_str().context("config path")?;
+    all.extend(["--config", c]);
+    run_cli(&bin("outpost-hub")?, &all)
+}
+
+/// Two replicas; the agent's traffic moved from one to the other and back
+/// while it sends a backlog and live Modbus samples, the first replica
+/// killed with SIGKILL while it serves: the stream holds every seq once, the
+/// policy applied through one replica's config is the one the agent runs,
+/// and `fleet list` through the other shows where it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_moved_between_two_replicas_one_killed_stores_every_seq_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let nats = Nats::start(dir.path())?;
+    let pki = Pki::new(dir.path())?;
+    let addr_a = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
+    let addr_b = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
+    let config_a = replica_config(&dir.path().join("a"), &pki, addr_a, &nats.url())?;
+    let config_b = replica_config(&dir.path().join("b"), &pki, addr_b, &nats.url())?;
+    let mut hub_a = Hub::start_file(&config_a, addr_a)?;
+    let hub_b = Hub::start_file(&config_b, addr_b)?;
+
+    // A policy applied through replica A's config, before the agent comes.
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[rules]]\nstreams = [\"plant/debug/#\"]\naction = \"deny\"\n",
+    )?;
+    let (code, out, err) = hub_verb(
+        &config_a,
+        &[
+            "policy",
+            "apply",
+            policy.to_str().context("path")?,
+            "--json",
+        ],
+    )?;
+    ensure!(code == 0, "policy apply exited {code}: {err}");
+    ensure!(out.contains("\"version\":1"), "{out}");
+
+    let proxy = UdpProxy::start(addr_a)?;
+    let device = Devsim::start(dir.path(), &sim(), None)?;
+    let creds = pki.issue_agent("line1")?;
+    let agent_dir = dir.path().join("agent");
+    let backlog: Vec<EventBody> = (1..=20_000).map(body).collect::<Result<_>>()?;
+    fill_outbox(&agent_dir.join("data"), "line1", &backlog)?;
+    let agent_toml = agent_dir.join("agent.toml");
+    std::fs::write(&agent_toml, agent_config(proxy.addr(), &creds, device.addr))?;
+    let agent = Agent::start_file(&agent_toml)?;
+
+    let js = client(&nats.url()).await?;
+    let t0 = Instant::now();
+    let phase = |what: &str| eprintln!("{:>6.1} s  {what}", t0.elapsed().as_secs_f64());
+    let connected = |hub: &Hub| hub.log().matches("Agent connected").count();
+    wait_for("5,000 events through replica A", || async {
+        Ok(count(&js).await? >= 5_000)
+    })
+    .await?;
+    phase("switch to B");
+    proxy.set_upstream(addr_b);
+    wait_until(DEADLINE, "the agent on replica B", || {
+        connected(&hub_b) >= 1
+    })?;
+    let at = count(&js).await?;
+    wait_for("3,000 more through replica B", || async {
+        Ok(count(&js).await? >= at + 3_000)
+    })
+    .await?;
+    phase("switch to A");
+    let before = connected(&hub_a);
+    proxy.set_upstream(addr_a);
+    wait_until(DEADLINE, "the agent back on replica A", || {
+        connected(&hub_a) > before
+    })?;
+    let at = count(&js).await?;
+    wait_for("1,000 more through replica A", || async {
+        Ok(count(&js).await? >= at + 1_000)
+    })
+    .await?;
+    phase("kill A");
+    hub_a.proc.kill9();
+    proxy.set_upstream(addr_b);
+    let before = connected(&hub_b);
+    wait_until(DEADLINE, "the agent back on replica B", || {
+        connected(&hub_b) > before
+    })?;
+    phase("on B again");
+    // Live samples keep coming; then the device goes and the agent drains.
+    let at = count(&js).await?;
+    wait_for("more samples through replica B", || async {
+        Ok(count(&js).await? >= at + 500)
+    })
+    .await?;
+    phase("device stopped");
+    drop(device);
+    let mut last = 0;
+    wait_until(
+        DEADLINE,
+        "the agent's outbox to be acknowledged",
+        || match agent_outbox_stats(&agent_toml) {
+            Ok(s) => {
+                last = s["next_seq"].as_u64().unwrap_or(1).saturating_sub(1);
+                last > 20_000 && s["events"] == 0 && s["acked_seq"].as_u64() == Some(last)
+            }
+            Err(_) => false,
+        },
+    )?;
+    phase("reading the stream");
+    let seen = seqs_of(&js, "line1").await?;
+    check_once(&seen, last)?;
+
+    // The registry, read through replica B's config: the watermark, and the
+    // policy version the agent reported (applied through A's).
+    let (code, out, err) = hub_verb(&config_b, &["fleet", "list", "--json"])?;
+    ensure!(code == 0, "fleet list exited {code}: {err}");
+    let fleet: serde_json::Value = serde_json::from_str(&out)?;
+    let line1 = fleet
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["agent_id"] == "line1"))
+        .with_context(|| format!("line1 in {out}"))?;
+    ensure!(line1["watermark"].as_u64() == Some(last), "{line1}");
+    ensure!(line1["policy_version"].as_u64() == Some(1), "{line1}");
+    drop(agent);
+    drop(hub_b);
+    Ok(())
+}
+
+/// The `[store.jetstream]` table of [`store_table`], read by the hub's own
+/// config reader.
+fn store_config(url: &str) -> Result<JetStreamStoreConfig> {
+    let text = format!(
+        "[hub]\ndata_dir = \"d\"\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n{}",
+        store_table(url)
+    );
+    let cfg = outpost_hub::config::parse(&text, Vec::new(), Path::new("hub.toml"))?;
+    cfg.store.jetstream.context("no [store.jetstream]")
+}
+
+fn agent(id: &str) -> Result<AgentId> {
+    Ok(AgentId::parse(id)?)
+}
+
+fn events(range: std::ops::RangeInclusive<u64>) -> Result<Vec<(Seq, EventBody)>> {
+    range.map(|i| Ok((Seq(i), body(i)?))).collect()
+}
+
+/// The store driven directly, as two replicas: a batch replayed after the
+/// duplicate window is not stored again; events a replica published but
+/// died before covering with the watermark are where the next replica
+/// resumes, even after the window; two replicas storing the same batch at
+/// once store it once and agree on the watermark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watermark_keeps_repeats_out_after_the_duplicate_window() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let nats = Nats::start(dir.path())?;
+    let cfg = store_config(&nats.url())?;
+    let js = client(&nats.url()).await?;
+    let id = agent("site7")?;
+
+    let stop = CancellationToken::new();
+    let one = JetStreamStore::open(&cfg, dir.path()).await?;
+    let (h1, w1) = spawn_jetstream_writer(one, WriterOptions::default(), stop.clone());
+    ensure!(h1.insert(id.clone(), events(1..=100)?).await? == Seq(100));
+    tokio::time::sleep(WINDOW + Duration::from_millis(500)).await;
+    // The stream forgot the ids by now; the watermark did not.
+    let again = h1
+        .insert_nowait(id.clone(), events(1..=100)?)
+        .await?
+        .await?;
+    ensure!(
+        (again.inserted, again.duplicates, again.watermark) == (0, 100, Seq(100)),
+        "{again:?}"
+    );
+    ensure!(count(&js).await? == 100, "{} messages", count(&js).await?);
+
+    // A replica that published 101..=120 and died before its watermark.
+    for seq in 101..=120u64 {
+        let msg = jetstream::message::PublishMessage::build()
+            .payload(body(seq)?.encode().into())
+            .message_id(format!("{id}:{seq}"));
+        js.send_publish(format!("outpost.events.{id}"), msg)
+            .await?
+            .await?;
+    }
+    tokio::time::sleep(WINDOW + Duration::from_millis(500)).await;
+    let two = JetStreamStore::open(&cfg, dir.path()).await?;
+    let (h2, w2) = spawn_jetstream_writer(two, WriterOptions::default(), stop.clone());
+    ensure!(h2.watermark(id.clone()).await? == Seq(120));
+    let o = h2
+        .insert_nowait(id.clone(), events(101..=150)?)
+        .await?
+        .await?;
+    ensure!(
+        (o.inserted, o.duplicates, o.watermark) == (30, 20, Seq(150)),
+        "{o:?}"
+    );
+
+    // Both replicas store the same batch at once.
+    let (a, b) = tokio::join!(
+        h1.insert(id.clone(), events(151..=400)?),
+        h2.insert(id.clone(), events(151..=400)?)
+    );
+    ensure!(a? >= Seq(400) && b? >= Seq(400));
+    ensure!(h1.watermark(id.clone()).await? == Seq(400));
+    check_once(&seqs_of(&js, id.as_str()).await?, 400)?;
+
+    stop.cancel();
+    drop((h1, h2));
+    w1.await??;
+    w2.await??;
+    Ok(())
+}
+
+/// Settings that cannot work are refused at start with one line naming the
+/// key (exit 2); a server that cannot be reached is an error naming it
+/// (exit 1), not a hub that pretends to run.
+#[test]
+fn bad_jetstream_store_settings_are_clear_errors() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
+    let config = replica_config(dir.path(), &pki, addr, "nats://127.0.0.1:1")?;
+    let base = std::fs::read_to_string(&config)?;
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "[store.jetstream]\nurl = \"nats://127.0.0.1:1\"\n",
+            "",
+            "store.jetstream",
+        ),
+        ("url = \"nats://127.0.0.1:1\"", "url = \"http://x\"", "store.jetstream.url"),
+        (
+            "timeout = \"5s\"",
+            "timeout = \"5s\"\nbucket_prefix = \"a.b\"",
+            "store.jetstream.bucket_prefix",
+        ),
+        (
+            "timeout = \"5s\"",
+            "timeout = \"5s\"\nsubject = \"outpost.>\"",
+            "store.jetstream.subject",
+        ),
+        (
+            "[observability]",
+            "[[sinks]]\nid = \"s\"\nkind = \"http\"\n[sinks.http]\nurl = \"http://127.0.0.1:1/\"\n\n[observability]",
+            "sinks",
+        ),
+    ];
+    for (from, to, key) in cases {
+        let text = if from.starts_with("[store.jetstream]") {
+            // No table at all.
+            let start = base.find("[store.jetstream]").context("table")?;
+            let end = base.find("[observability]").context("next")?;
+            format!("{}{}", &base[..start], &base[end..])
+        } else {
+            ensure!(base.contains(from), "{from:?} in the config");
+            base.replacen(from, to, 1)
+        };
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, text)?;
+        let (code, _, err) = hub_verb(&bad, &["check"])?;
+        ensure!(code == 2, "{key}: check exited {code}: {err}");
+        ensure!(err.contains(key), "{key}: {err}");
+        ensure!(err.lines().count() == 1, "{key}: one line: {err}");
+    }
+    let started = Instant::now();
+    let (code, _, err) = hub_verb(&config, &["run"])?;
+    ensure!(code == 1, "run exited {code}: {err}");
+    ensure!(err.contains("nats://127.0.0.1:1"), "{err}");
+    ensure!(
+        started.elapsed() < DEADLINE,
+        "gave up after {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
