@@ -180,6 +180,21 @@ pub fn parse(
             format!("{:?} is not ip:port", cfg.api.listen),
         ));
     }
+    if !cfg.observability.metrics.is_empty()
+        && cfg
+            .observability
+            .metrics
+            .parse::<std::net::SocketAddr>()
+            .is_err()
+    {
+        return Err(invalid(
+            "observability.metrics",
+            format!(
+                "{:?} is not ip:port (leave it empty for no metrics)",
+                cfg.observability.metrics
+            ),
+        ));
+    }
     if cfg
         .hub
         .region

@@ -13,6 +13,7 @@ pub mod audit;
 pub mod ca;
 pub mod config;
 pub mod logging;
+pub mod metrics;
 pub mod policy;
 pub mod run;
 pub mod server;

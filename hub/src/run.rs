@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::HubConfig;
+use crate::metrics::MetricsSource;
 use crate::policy::PolicySource;
 use crate::server::{self, ServerError};
 use crate::store::jetstream::{spawn_jetstream_writer, JetStreamStore, JetStreamStoreConfig};
@@ -122,7 +123,20 @@ pub async fn run(
         ));
     }
     let feed = server::PolicyFeed { current, catalog };
+    let metrics = start_metrics(
+        &cfg,
+        MetricsSource::Sqlite {
+            path: path.clone(),
+            sinks: configured,
+        },
+        shutdown.child_token(),
+    )
+    .await;
     let served = server::serve(&cfg, base, handle.clone(), feed, shutdown, bound, None).await;
+    if let Some(m) = metrics {
+        m.stop.cancel();
+        let _ = m.task.await;
+    }
     sinks_stop.cancel();
     while runners.join_next().await.is_some() {}
     watch_stop.cancel();
@@ -159,7 +173,7 @@ async fn run_jetstream(
     let writer_stop = CancellationToken::new();
     let replica = store.replica().to_owned();
     let (handle, writer) =
-        spawn_jetstream_writer(store, WriterOptions::default(), writer_stop.clone());
+        spawn_jetstream_writer(store.clone(), WriterOptions::default(), writer_stop.clone());
     let feed = server::PolicyFeed { current, catalog };
     let served = server::serve(
         &cfg,
@@ -180,4 +194,33 @@ async fn run_jetstream(
     closed?;
     info!(url = %js.url, %replica, "Hub stopped.");
     Ok(())
+}
+
+/// The metrics endpoint's task and its stop token.
+struct Metrics {
+    task: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+}
+
+/// Binds `[observability] metrics` and serves it, unless it is empty. An
+/// address that cannot be bound is logged and the hub runs without metrics:
+/// taking the fleet's uplink down for a scrape endpoint would be the worse
+/// failure.
+async fn start_metrics(
+    cfg: &HubConfig,
+    source: MetricsSource,
+    stop: CancellationToken,
+) -> Option<Metrics> {
+    let addr = cfg.observability.metrics.parse::<SocketAddr>().ok()?;
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => {
+            info!(listen = %listener.local_addr().unwrap_or(addr), "Metrics listening (Prometheus).");
+            let task = tokio::spawn(crate::metrics::serve(listener, source, stop.clone()));
+            Some(Metrics { task, stop })
+        }
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "Cannot bind the metrics address; running without metrics.");
+            None
+        }
+    }
 }

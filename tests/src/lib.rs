@@ -635,7 +635,7 @@ impl Hub {
         std::fs::write(
             &config,
             format!(
-                "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{hub_keys}\n\n[store]\nsynchronous = \"full\"\n\n[observability]\nlog = \"info\"\n\n{tables}\n",
+                "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{hub_keys}\n\n[store]\nsynchronous = \"full\"\n\n[observability]\nlog = \"info\"\nmetrics = \"127.0.0.1:0\"\n\n{tables}\n",
                 pki.hub_dir.join("ca.pem").display(),
                 pki.hub_dir.join("hub.pem").display(),
                 pki.hub_dir.join("hub.key").display(),
@@ -698,6 +698,28 @@ impl Hub {
             bail!("outpost-hub exited on start:\n{}", hub.log());
         }
         Ok(hub)
+    }
+
+    /// One scrape of the hub's Prometheus endpoint (its address from the
+    /// latest "Metrics listening" line of its log): the exposition text.
+    pub fn metrics(&self) -> Result<String> {
+        use std::io::{Read as _, Write as _};
+        let log = self.log();
+        let addr: SocketAddr = log
+            .lines()
+            .rfind(|l| l.contains("Metrics listening"))
+            .and_then(|l| l.split("listen=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .context("no \"Metrics listening\" line in the hub's log")?
+            .parse()?;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(15)))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        let (head, body) = out.split_once("\r\n\r\n").context("no HTTP head")?;
+        anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
+        Ok(body.to_owned())
     }
 
     /// Everything the hub (and its earlier runs on this config) logged.

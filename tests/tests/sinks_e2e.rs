@@ -376,6 +376,24 @@ fn a_sink_down_holds_back_the_agents_acks_and_gets_everything_once_when_it_retur
         status["cloud-us"]["pending"] == temps && status["cloud-eu"]["pending"] == 0,
         "{status:?}"
     );
+    // The same, as Prometheus sees it.
+    let metrics = hub.metrics()?;
+    for line in [
+        format!("outpost_hub_sink_pending_events{{sink=\"cloud-us\"}} {temps}"),
+        "outpost_hub_sink_pending_events{sink=\"cloud-eu\"} 0".to_owned(),
+        format!("outpost_hub_sink_delivered_events_total{{sink=\"cloud-eu\"}} {stored}"),
+    ] {
+        ensure!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
+    let failures = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("outpost_hub_sink_failures_total{sink=\"cloud-us\"} "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .context("cloud-us failures")?;
+    ensure!(failures >= 2, "{metrics}");
     let waiting = agent_outbox_stats(&agent.config)?["events"]
         .as_u64()
         .context("events")?;
