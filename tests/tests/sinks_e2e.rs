@@ -6,7 +6,8 @@
 //! when a route said so before the policy changed (the last-step check);
 //! and a sink that is down holds back the agent's acknowledgements, so the
 //! backlog waits in the agent's outbox and the hub's store, until it returns
-//! and gets everything once.
+//! and gets everything once. A NATS JetStream sink does too, after an outage
+//! longer than its stream's duplicate window and a SIGKILL mid-delivery.
 //!
 //! Every wait polls a condition until a deadline.
 
@@ -542,5 +543,139 @@ fn a_bad_sink_config_is_one_clear_error_and_an_unreachable_sink_is_not_fatal() -
     let mut hub = hub;
     ensure!(hub.proc.is_running(), "the hub exited:\n{}", hub.log());
     hub.proc.term(Duration::from_secs(20))?;
+    Ok(())
+}
+
+/// A JetStream sink whose server is down for longer than the sink's timeout
+/// and the stream's duplicate window, comes back, is killed with SIGKILL while
+/// the hub delivers the backlog, and comes back again after the window: the
+/// agent's acknowledgements wait throughout, and the stream ends up with
+/// every event once (the sink checks what the stream holds before it
+/// delivers a batch again, since the window no longer catches repeats).
+#[test]
+fn a_jetstream_sink_down_past_its_timeout_and_the_duplicate_window_gets_everything_once(
+) -> Result<()> {
+    use async_nats::jetstream;
+    const N: usize = 3000;
+    const WINDOW: Duration = Duration::from_secs(1);
+    let dir = tempfile::tempdir()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let nats_dir = dir.path().join("nats").tap_dir()?;
+    let mut nats = outpost_tests::Nats::start(&nats_dir)?;
+    let (port, url) = (nats.port, nats.url());
+    let js = rt.block_on(async { anyhow::Ok(jetstream::new(async_nats::connect(&url).await?)) })?;
+    rt.block_on(js.create_stream(jetstream::stream::Config {
+        name: "FLEET".into(),
+        subjects: vec!["outpost.>".into()],
+        duplicate_window: WINDOW,
+        ..Default::default()
+    }))
+    .map_err(|e| anyhow::anyhow!("create stream: {e}"))?;
+    drop(js);
+    nats.proc.term(Duration::from_secs(10))?;
+
+    let pki = Pki::new(dir.path())?;
+    let creds = pki.issue_agent(AGENT)?;
+    let sink = format!(
+        r#"
+[[sinks]]
+id = "lake"
+kind = "jetstream"
+region = "eu-west"
+retry_min = "100ms"
+retry_max = "500ms"
+batch_max = 200
+
+[sinks.jetstream]
+url = "{url}"
+stream = "FLEET"
+timeout = "1s"
+"#
+    );
+    let hub = Hub::start_with_tables(dir.path(), &pki, "region = \"eu-west\"", &sink)?;
+    let _logs = Logs(dir.path().to_owned());
+    apply(
+        &hub,
+        dir.path(),
+        "policy.toml",
+        "[defaults]\nsinks = [\"store\", \"lake\"]\n",
+    )?;
+    let ts = now_ns();
+    let bodies = (0..N).map(|i| body(i, ts)).collect::<Result<Vec<_>>>()?;
+    let site = dir.path().join("site").tap_dir()?;
+    outpost_tests::fill_outbox(&site.join("data"), AGENT, &bodies)?;
+    let started = std::time::Instant::now();
+    let agent = Agent::start(&site, &agent_config(&hub, &creds))?;
+
+    wait_until(DEADLINE, "the hub to store the backlog", || {
+        hub.agent_stats(AGENT)
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.count == N as u64)
+    })?;
+    wait_until(
+        DEADLINE,
+        "the sink to be down past its timeout and the window",
+        || {
+            started.elapsed() > Duration::from_secs(1) + WINDOW * 2
+                && sinks_status(&hub)
+                    .map(|s| s["lake"]["failures"].as_u64().unwrap_or(0) >= 3)
+                    .unwrap_or(false)
+        },
+    )?;
+    let waiting = agent_outbox_stats(&agent.config)?["events"].as_u64();
+    ensure!(
+        waiting == Some(N as u64),
+        "the agent's outbox holds {waiting:?}"
+    );
+
+    // Back; killed while the backlog is delivered; back after the window.
+    let mut nats = outpost_tests::Nats::start_on(&nats_dir, port)?;
+    let js = rt.block_on(async { anyhow::Ok(jetstream::new(async_nats::connect(&url).await?)) })?;
+    let stored = |js: &jetstream::Context| -> u64 {
+        rt.block_on(async {
+            let s = js.get_stream("FLEET").await.ok()?;
+            Some(s.get_info().await.ok()?.state.messages)
+        })
+        .unwrap_or(0)
+    };
+    wait_until(DEADLINE, "the first batches in the stream", || {
+        stored(&js) > 0
+    })?;
+    nats.proc.kill9();
+    let at_kill = std::time::Instant::now();
+    drop(js);
+    wait_until(DEADLINE, "the duplicate window to pass", || {
+        at_kill.elapsed() > WINDOW * 2
+    })?;
+    let _nats = outpost_tests::Nats::start_on(&nats_dir, port)?;
+    wait_until(DEADLINE, "the agent's outbox to drain", || {
+        agent_outbox_stats(&agent.config)
+            .map(|s| s["events"] == 0)
+            .unwrap_or(false)
+    })?;
+    let js = rt.block_on(async { anyhow::Ok(jetstream::new(async_nats::connect(&url).await?)) })?;
+    let messages = rt.block_on(outpost_tests::stream_messages(&js, "FLEET", DEADLINE))?;
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for m in &messages {
+        *seen
+            .entry(outpost_tests::msg_id(m).context("Nats-Msg-Id")?)
+            .or_default() += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    ensure!(twice.is_empty(), "stored twice: {twice:?}");
+    let expected: BTreeSet<String> = (1..=N).map(|s| format!("{AGENT}:{s}")).collect();
+    let got: BTreeSet<String> = seen.into_keys().collect();
+    ensure!(
+        got == expected,
+        "{} of {N} stored; missing e.g. {:?}",
+        got.len(),
+        expected.difference(&got).take(5).collect::<Vec<_>>()
+    );
+    let status = sinks_status(&hub)?;
+    ensure!(
+        status["lake"]["pending"] == 0 && status["lake"]["delivered"] == N as u64,
+        "{status:?}"
+    );
     Ok(())
 }

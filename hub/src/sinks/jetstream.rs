@@ -20,8 +20,14 @@
 //! across the fleet, so the stream drops a repeat within its duplicate window
 //! (`duplicate_window`, two minutes by default) and answers it with a PubAck
 //! marked `duplicate`, which is success here (the stream has the event).
-//! Past the window a repeat is stored again: delivery is at least once, and
-//! the hub's per-agent watermark, not the window, is what keeps repeats rare.
+//! Past the window the stream stores a repeat again, so a sink that may have
+//! delivered part of a batch already (at start, and after a failed delivery,
+//! whose publishes may have been stored with their acknowledgements lost)
+//! first asks the stream for its last message on each of the batch's
+//! subjects and skips the events at or below that agent's seq there
+//! ([`JetStreamSink::already_stored`]). With the default subject template
+//! (`{agent_id}` in it) that makes a delivery after any outage store each
+//! event once.
 //!
 //! Why `Nats-Expected-Stream`: the hub never creates or changes streams, and
 //! a subject captured by some other stream than the configured one would
@@ -108,6 +114,7 @@ pub async fn build(
         settings,
         link: rx,
         stop,
+        suspect: std::sync::atomic::AtomicBool::new(true),
     }))
 }
 
@@ -347,11 +354,22 @@ struct JetStreamSink {
     /// Checked by each delivery too, so that none starts after `stop` while
     /// the supervisor has not yet taken the connection down.
     stop: CancellationToken,
+    /// Whether the stream may hold part of the next batch already: at start
+    /// (a hub that stopped between a delivery and recording it) and after a
+    /// failed delivery. Then the batch is checked first; see
+    /// [`JetStreamSink::already_stored`].
+    suspect: std::sync::atomic::AtomicBool,
 }
 
 impl Sink for JetStreamSink {
     fn deliver<'a>(&'a self, events: &'a [SinkEvent]) -> BoxFuture<'a, Result<(), SinkError>> {
-        Box::pin(self.deliver_batch(events))
+        Box::pin(async move {
+            use std::sync::atomic::Ordering;
+            let r = self.deliver_batch(events).await;
+            self.suspect
+                .store(matches!(r, Err(SinkError::Transient(_))), Ordering::Relaxed);
+            r
+        })
     }
 }
 
@@ -366,6 +384,12 @@ impl JetStreamSink {
         let s = &self.settings;
         let deadline = Instant::now() + s.timeout;
         let up = self.connected(deadline).await?;
+        let stored = if self.suspect.load(std::sync::atomic::Ordering::Relaxed) {
+            self.already_stored(&up, events, deadline).await?
+        } else {
+            BTreeMap::new()
+        };
+        let mut skipped = 0;
         let mut rejected: Vec<String> = Vec::new();
         let mut pending = Vec::with_capacity(events.len());
         for e in events {
@@ -377,6 +401,13 @@ impl JetStreamSink {
                     continue;
                 }
             };
+            if stored
+                .get(&subject)
+                .is_some_and(|(a, seq)| *a == e.event.agent_id && e.event.seq <= *seq)
+            {
+                skipped += 1;
+                continue;
+            }
             let body = payload(e, s.payload);
             // NATS/1.0, the two headers and the blank line, as sent.
             let headers = 10 + 15 + id.len() + 24 + s.stream.len() + 2;
@@ -414,6 +445,9 @@ impl JetStreamSink {
                 Err(Refusal::Rejected(m)) => rejected.push(m),
             }
         }
+        if skipped > 0 {
+            info!(sink = %s.id, skipped, events = events.len(), "The stream held part of a batch delivered again already; not published twice.");
+        }
         if rejected.is_empty() {
             debug!(sink = %s.id, events = events.len(), "Batch stored by the stream.");
             Ok(())
@@ -433,6 +467,87 @@ impl JetStreamSink {
                 shown.join("; ")
             )))
         }
+    }
+
+    /// For each subject of `events`, the agent and seq of the stream's last
+    /// message on it, if it carries an id of ours.
+    ///
+    /// Why: JetStream drops a repeated `Nats-Msg-Id` only within its
+    /// duplicate window, and a batch is delivered again after a failure that
+    /// may have hidden its success (the server stored it and the
+    /// acknowledgement was lost), possibly much later (the server came back
+    /// after an hour). One agent's events reach one subject in seq order, so
+    /// an event at or below the last seq of its agent on its subject is in
+    /// the stream already and is not published again. With a template
+    /// without `{agent_id}`, several agents share a subject and only the
+    /// last one's events are recognised; the others rely on the window.
+    async fn already_stored(
+        &self,
+        up: &Up,
+        events: &[SinkEvent],
+        deadline: Instant,
+    ) -> Result<BTreeMap<String, (AgentId, outpost_protocols::Seq)>, SinkError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let s = &self.settings;
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        let found = tokio::time::timeout_at(deadline, up.js.get_stream(&s.stream))
+            .await
+            .map_err(|_| self.timed_out(events.len()))?;
+        let stream = match found {
+            Ok(stream) => stream,
+            // No such stream holds anything; the publishes say what is wrong.
+            Err(e)
+                if matches!(e.kind(), GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                return Ok(BTreeMap::new())
+            }
+            Err(e) => {
+                return Err(SinkError::Transient(format!(
+                    "looking up stream {:?}: {e}",
+                    s.stream
+                )))
+            }
+        };
+        let mut out = BTreeMap::new();
+        let subjects: std::collections::BTreeSet<String> = events
+            .iter()
+            .filter_map(|e| subject_of(&s.subject, e).ok())
+            .collect();
+        for subject in subjects {
+            let last =
+                tokio::time::timeout_at(deadline, stream.get_last_raw_message_by_subject(&subject))
+                    .await
+                    .map_err(|_| self.timed_out(events.len()))?;
+            let m = match last {
+                Ok(m) => m,
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => continue,
+                Err(e) => {
+                    return Err(SinkError::Transient(format!(
+                        "checking what stream {:?} holds on {subject:?}: {e}",
+                        s.stream
+                    )))
+                }
+            };
+            let ours = m
+                .headers
+                .get(async_nats::header::NATS_MESSAGE_ID)
+                .and_then(|id| {
+                    id.as_str()
+                        .rsplit_once(':')
+                        .map(|(a, q)| (a.to_owned(), q.to_owned()))
+                })
+                .and_then(|(a, q)| {
+                    Some((
+                        AgentId::parse(&a).ok()?,
+                        outpost_protocols::Seq(q.parse().ok()?),
+                    ))
+                });
+            if let Some(last) = ours {
+                out.insert(subject, last);
+            }
+        }
+        Ok(out)
     }
 
     /// The live connection, waiting for one until `deadline`.
