@@ -98,11 +98,7 @@ pub async fn run(
             Err(e) => {
                 sinks_stop.cancel();
                 while runners.join_next().await.is_some() {}
-                watch_stop.cancel();
-                let _ = watcher.await;
-                drop(handle);
-                writer_stop.cancel();
-                let _ = writer.await;
+                let _ = stop_store(watch_stop, watcher, handle, writer_stop, writer).await;
                 return Err(e.into());
             }
         };
@@ -133,17 +129,10 @@ pub async fn run(
     )
     .await;
     let served = server::serve(&cfg, base, handle.clone(), feed, shutdown, bound, None).await;
-    if let Some(m) = metrics {
-        m.stop.cancel();
-        let _ = m.task.await;
-    }
+    stop_metrics(metrics).await;
     sinks_stop.cancel();
     while runners.join_next().await.is_some() {}
-    watch_stop.cancel();
-    let _ = watcher.await;
-    drop(handle);
-    writer_stop.cancel();
-    let closed = writer.await.map_err(|e| RunError::Writer(e.to_string()))?;
+    let closed = stop_store(watch_stop, watcher, handle, writer_stop, writer).await;
     served?;
     closed?;
     info!(store = %path.display(), "Hub stopped.");
@@ -175,6 +164,12 @@ async fn run_jetstream(
     let (handle, writer) =
         spawn_jetstream_writer(store.clone(), WriterOptions::default(), writer_stop.clone());
     let feed = server::PolicyFeed { current, catalog };
+    let metrics = start_metrics(
+        &cfg,
+        MetricsSource::JetStream(Box::new(store)),
+        shutdown.child_token(),
+    )
+    .await;
     let served = server::serve(
         &cfg,
         base,
@@ -185,15 +180,39 @@ async fn run_jetstream(
         Some(reset),
     )
     .await;
-    watch_stop.cancel();
-    let _ = watcher.await;
-    drop(handle);
-    writer_stop.cancel();
-    let closed = writer.await.map_err(|e| RunError::Writer(e.to_string()))?;
+    stop_metrics(metrics).await;
+    let closed = stop_store(watch_stop, watcher, handle, writer_stop, writer).await;
     served?;
     closed?;
     info!(url = %js.url, %replica, "Hub stopped.");
     Ok(())
+}
+
+/// After the QUIC side: stops the policy watch, then the store backend once
+/// it has answered everything queued, and says how the backend ended.
+async fn stop_store<T>(
+    watch_stop: CancellationToken,
+    watcher: tokio::task::JoinHandle<()>,
+    handle: store::StoreHandle,
+    writer_stop: CancellationToken,
+    writer: tokio::task::JoinHandle<Result<T, StoreError>>,
+) -> Result<(), RunError> {
+    watch_stop.cancel();
+    let _ = watcher.await;
+    drop(handle);
+    writer_stop.cancel();
+    writer
+        .await
+        .map_err(|e| RunError::Writer(e.to_string()))?
+        .map(drop)
+        .map_err(RunError::from)
+}
+
+async fn stop_metrics(metrics: Option<Metrics>) {
+    if let Some(m) = metrics {
+        m.stop.cancel();
+        let _ = m.task.await;
+    }
 }
 
 /// The metrics endpoint's task and its stop token.

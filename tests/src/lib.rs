@@ -900,6 +900,32 @@ pub fn msg_id(m: &async_nats::jetstream::Message) -> Option<String> {
         .map(|v| v.as_str().to_owned())
 }
 
+/// `[[modbus.devices.tags]]` entries `r0`, `r1`, ... for holding registers
+/// `0..tags` (u16), to follow a `[[modbus.devices]]` table.
+pub fn holding_tags(tags: usize) -> String {
+    (0..tags)
+        .map(|t| {
+            format!(
+                "\n[[modbus.devices.tags]]\nname = \"r{t}\"\ntable = \"holding\"\naddress = {t}\ntype = \"u16\"\n"
+            )
+        })
+        .collect()
+}
+
+/// A device simulator config whose holding registers `0..tags` all ramp
+/// (register `t` over `3 + t` seconds, ticking every 10 ms), so that every
+/// poll stores every tag.
+pub fn ramping_device(tags: usize) -> String {
+    let mut s = String::from("tick = \"10ms\"\n");
+    for t in 0..tags {
+        s.push_str(&format!(
+            "\n[[points]]\ntable = \"holding\"\naddress = {t}\ntype = \"u16\"\nwave = \"ramp\"\nmin = 0\nmax = 60000\nperiod = \"{}s\"\n",
+            3 + t
+        ));
+    }
+    s
+}
+
 pub mod fleet_sim;
 pub mod netns;
 pub mod tcp_proxy;

@@ -39,24 +39,13 @@ poll = "20ms"
 timeout = "300ms"
 "#
     );
-    for t in 0..TAGS {
-        c.push_str(&format!(
-            "\n[[modbus.devices.tags]]\nname = \"r{t}\"\ntable = \"holding\"\naddress = {t}\ntype = \"u16\"\n"
-        ));
-    }
+    c.push_str(&outpost_tests::holding_tags(usize::from(TAGS)));
     c
 }
 
 /// A device whose registers all ramp, so every poll stores every tag.
 fn sim() -> String {
-    let mut s = String::from("tick = \"10ms\"\n");
-    for t in 0..TAGS {
-        s.push_str(&format!(
-            "\n[[points]]\ntable = \"holding\"\naddress = {t}\ntype = \"u16\"\nwave = \"ramp\"\nmin = 0\nmax = 60000\nperiod = \"{}s\"\n",
-            3 + t
-        ));
-    }
-    s
+    outpost_tests::ramping_device(usize::from(TAGS))
 }
 
 fn log(dir: &Path) -> String {
@@ -920,11 +909,7 @@ fn a_device_with_wrong_ids_short_and_slow_replies_gives_bad_samples_and_polling_
     let mut config = format!(
         "[agent]\ndata_dir = \"data\"\n\n[observability]\nmetrics = \"\"\nlog = \"debug\"\n\n[[modbus.devices]]\nname = \"plc\"\naddress = \"{device}\"\nunit = 1\npoll = \"100ms\"\ntimeout = \"300ms\"\nbackoff = \"100ms\"\nbackoff_max = \"200ms\"\n"
     );
-    for t in 0..4 {
-        config.push_str(&format!(
-            "\n[[modbus.devices.tags]]\nname = \"r{t}\"\ntable = \"holding\"\naddress = {t}\ntype = \"u16\"\n"
-        ));
-    }
+    config.push_str(&outpost_tests::holding_tags(4));
     let mut agent = Agent::start(dir.path(), &config)?;
     let data = dir.path().join("data");
     let good_of = |ev: &[outpost_protocols::Event]| {

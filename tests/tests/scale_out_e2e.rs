@@ -68,7 +68,7 @@ fn replica_config(
     std::fs::write(
         &config,
         format!(
-            "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n{}\n[observability]\nlog = \"info\"\n",
+            "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n{}\n[observability]\nlog = \"info\"\nmetrics = \"127.0.0.1:0\"\n",
             pki.hub_dir.join("ca.pem").display(),
             pki.hub_dir.join("hub.pem").display(),
             pki.hub_dir.join("hub.key").display(),
@@ -176,23 +176,12 @@ timeout = "300ms"
         creds.join("agent.pem").display(),
         creds.join("agent.key").display(),
     );
-    for t in 0..TAGS {
-        c.push_str(&format!(
-            "\n[[modbus.devices.tags]]\nname = \"r{t}\"\ntable = \"holding\"\naddress = {t}\ntype = \"u16\"\n"
-        ));
-    }
+    c.push_str(&outpost_tests::holding_tags(TAGS));
     c
 }
 
 fn sim() -> String {
-    let mut s = String::from("tick = \"10ms\"\n");
-    for t in 0..TAGS {
-        s.push_str(&format!(
-            "\n[[points]]\ntable = \"holding\"\naddress = {t}\ntype = \"u16\"\nwave = \"ramp\"\nmin = 0\nmax = 60000\nperiod = \"{}s\"\n",
-            3 + t
-        ));
-    }
-    s
+    outpost_tests::ramping_device(TAGS)
 }
 
 fn hub_verb(config: &Path, args: &[&str]) -> Result<(i32, String, String)> {
@@ -319,6 +308,14 @@ async fn an_agent_moved_between_two_replicas_one_killed_stores_every_seq_once() 
         .with_context(|| format!("line1 in {out}"))?;
     ensure!(line1["watermark"].as_u64() == Some(last), "{line1}");
     ensure!(line1["policy_version"].as_u64() == Some(1), "{line1}");
+    // And through replica B's metrics, read from the same buckets.
+    let metrics = hub_b.metrics()?;
+    ensure!(
+        metrics
+            .lines()
+            .any(|l| l == "outpost_hub_agents{state=\"connected\"} 1"),
+        "{metrics}"
+    );
     drop(agent);
     drop(hub_b);
     Ok(())
