@@ -73,13 +73,19 @@ impl Bins {
     /// them) and runs the hub on it until it says it listens. Its log goes
     /// to `dir/hub.log`.
     pub(crate) fn start_hub(&self, dir: &Path, creds: &Path) -> Result<Hub> {
+        self.start_hub_with(dir, creds, "")
+    }
+
+    /// [`Bins::start_hub`] with `tables` (`[[sinks]]` entries, say) at the
+    /// end of the config.
+    pub(crate) fn start_hub_with(&self, dir: &Path, creds: &Path, tables: &str) -> Result<Hub> {
         std::fs::create_dir_all(dir)?;
         let addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
         let config = dir.join("hub.toml");
         std::fs::write(
             &config,
             format!(
-                "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n{tables}",
                 creds.join("ca.pem").display(),
                 creds.join("hub.pem").display(),
                 creds.join("hub.key").display(),
@@ -126,6 +132,27 @@ impl Bins {
             std::thread::sleep(Duration::from_millis(10));
         }
         Ok(hub)
+    }
+
+    /// Runs `outpost-hub ARGS --config <hub's config>` to completion (an
+    /// operator verb, which reads the store while the hub runs) and returns
+    /// its stdout; fails unless it exits 0.
+    pub(crate) fn hub_cli(&self, hub: &Hub, args: &[&str]) -> Result<String> {
+        let out = clean_env(Command::new(self.hub()?))
+            .args(args)
+            .arg("--config")
+            .arg(&hub.config)
+            .output()
+            .context("run outpost-hub")?;
+        if !out.status.success() {
+            bail!(
+                "outpost-hub {} exited with {}: {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Writes `config` to `dir/agent.toml` and runs the agent on it; its log

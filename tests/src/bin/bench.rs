@@ -7,11 +7,11 @@
 //! cargo run --profile bench -p outpost-tests --bin outpost-bench [-- --quick] [--only policy,mqtt]
 //! ```
 //!
-//! It starts its own peers (Mosquitto, `outpost-devsim`, `outpost-agent`,
-//! `outpost-hub`) on free ports in a temporary directory. Progress goes to
-//! stderr, the report to stdout. Exit status: 0 when every measurement was
-//! taken (targets missed or not: it is a report), 1 when one could not be, 2 on
-//! bad arguments.
+//! It starts its own peers (Mosquitto, nats-server, `outpost-devsim`,
+//! `outpost-agent`, `outpost-hub`) on free ports in a temporary directory.
+//! Progress goes to stderr, the report to stdout. Exit status: 0 when every
+//! measurement was taken (targets missed or not: it is a report), 1 when one
+//! could not be, 2 on bad arguments.
 //!
 //! Timing is never asserted in unit tests; this binary is where it is measured.
 
@@ -38,8 +38,12 @@ mod policy;
 mod procfs;
 #[path = "../bench/procs.rs"]
 mod procs;
+#[path = "../bench/replicas.rs"]
+mod replicas;
 #[path = "../bench/report.rs"]
 mod report;
+#[path = "../bench/sinks.rs"]
+mod sinks;
 #[path = "../bench/sizes.rs"]
 mod sizes;
 #[path = "../bench/uplink.rs"]
@@ -104,6 +108,11 @@ enum Measurement {
     Uplink,
     /// Hub ingest from many agents.
     Fleet,
+    /// The hub's NATS JetStream and MQTT sinks against bare publishers.
+    Sinks,
+    /// Hub ingest on the JetStream store: two replicas against one, one
+    /// against the SQLite hub.
+    Replicas,
     /// Modbus polling CPU and Modbus → MQTT latency against the ThingsBoard
     /// IoT Gateway and Node-RED (installed into target/bench-peers).
     Peers,
@@ -119,6 +128,8 @@ struct Plan {
     modbus: modbus::Params,
     uplink: uplink::Params,
     fleet: uplink::FleetParams,
+    sinks: sinks::Params,
+    replicas: replicas::Params,
     peers: peers::Params,
 }
 
@@ -155,6 +166,15 @@ impl Plan {
                     per_agent: 100,
                     dial_spread: Duration::from_secs(1),
                 },
+                sinks: sinks::Params {
+                    events: 5_000,
+                    reps: 1,
+                },
+                replicas: replicas::Params {
+                    agents: 40,
+                    per_agent: 250,
+                    rounds: 1,
+                },
                 peers: peers::Params {
                     cpu_window: Duration::from_secs(8),
                     latency_window: Duration::from_secs(5),
@@ -190,6 +210,15 @@ impl Plan {
                     agents: 1_000,
                     per_agent: 1_000,
                     dial_spread: Duration::from_secs(1),
+                },
+                sinks: sinks::Params {
+                    events: 50_000,
+                    reps: 3,
+                },
+                replicas: replicas::Params {
+                    agents: 200,
+                    per_agent: 1_000,
+                    rounds: 3,
                 },
                 peers: peers::Params {
                     cpu_window: Duration::from_secs(20),
@@ -371,6 +400,16 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
         Measurement::Fleet,
         "Hub ingest from many agents",
         &mut || uplink::fleet(&bins, &dir, plan.fleet, single_drain),
+    );
+    measure(
+        Measurement::Sinks,
+        "Hub sinks: NATS JetStream, MQTT",
+        &mut || sinks::run(&bins, &dir, plan.sinks),
+    );
+    measure(
+        Measurement::Replicas,
+        "Scale-out: hub replicas on JetStream",
+        &mut || replicas::replicas(&bins, &dir, plan.replicas),
     );
     measure(
         Measurement::Peers,
@@ -580,6 +619,30 @@ How each row is measured (medians of the runs; every run's numbers are on stderr
   agent at its last seq and `events` every row. Ratio = that / the single-agent drain
   above. Memory per agent = (the hub's VmHWM after the run − its VmRSS once it
   listened, before the first dial) / agents; kB = 10^3 bytes.
+- Hub sinks: per run a fresh far end (nats-server with JetStream, stream `OUTPOST`
+  capturing `outpost.>`; or Mosquitto as above, with a watcher's persistent session on
+  `outpost/#`) is prepared and stopped. Ours: a release hub with one `[[sinks]]` entry
+  for it (defaults, but `retry_min`/`retry_max` 50/200 ms, and for MQTT `max_inflight =
+  1000`) and the policy `[defaults] sinks = [\"store\", \"bench\"]`; real agents with
+  pre-filled outboxes (at most 6,250 events each, under the 8192-event window that is all
+  an agent sends while the hub holds back its acknowledgements) upload N events, which the
+  hub stores and queues for the sink; once `sinks status` shows all N pending the agents
+  stop, and the far end starts again on the same port. Baseline: the far end prepared and
+  restarted the same way, then a bare client on a one-thread runtime publishes the same
+  messages (the hub's subjects or topics, JSON payloads and, for JetStream, its
+  `Nats-Msg-Id` and `Nats-Expected-Stream` headers, built before the clock), 1,000
+  awaiting their ack at a time (async-nats `send_publish`; rumqttc QoS 1). The same
+  observer times both: the stream's message count (stream info every 5 ms) or a rumqttc
+  subscriber on the watcher's session. Rate = (N − the count at the first sighting) /
+  (first sighting → N-th); the second row runs from the far end listening, so it includes
+  how long the hub takes to reconnect. Checked: exactly N messages of the same total size
+  on both sides, and the hub's `delivered` = N. Baseline and ours alternate.
+- Scale-out: a fresh nats-server (JetStream, file store in the run's directory) per
+  round; one or two release hubs with `[store] kind = \"jetstream\"` on it, or one
+  SQLite hub (synchronous=FULL); the simulated fleet of the hub-ingest row, split in
+  halves between two replicas, dialled at once; first dial → last acknowledgement.
+  Checked: the stream holds every event. Rounds alternate SQLite, one replica, two
+  replicas; medians. nats-server, the hubs and the fleet share this machine.
 - Peer gateways: ours, the ThingsBoard IoT Gateway 3.8.5 (PyPI, its own venv) and
   Node-RED 4 + node-red-contrib-modbus 5.23.3 (npm), installed once into
   target/bench-peers, run one at a time against the same in-process Modbus TCP
