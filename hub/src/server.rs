@@ -662,6 +662,9 @@ async fn session(
     // sink may move then.
     let mut delivered = store.delivered_signal();
     let mut held = watermark < received;
+    // Where the previous batch of this session ended: the store refuses a
+    // batch that does not follow what it holds (an earlier one failed).
+    let mut after = received;
     let mut policy = policy;
     let current = policy.current.borrow_and_update().clone();
     let mut enforcement = Enforcement::new(current, policy.catalog.clone());
@@ -722,8 +725,9 @@ async fn session(
                     // Queued now, in the order the batches arrived; awaited in
                     // that order below.
                     let pending = store
-                        .insert_routed_nowait(id.clone(), kept, forward, last, counts)
+                        .insert_routed_nowait(id.clone(), kept, forward, (after, last), counts)
                         .await?;
+                    after = last;
                     commits.push_back(Box::pin(
                         async move { pending.await.map(|o| (last, o.acked)) },
                     ));

@@ -136,6 +136,20 @@ pub enum StoreError {
         /// What the server or client said.
         message: String,
     },
+    /// A batch that follows an earlier batch of its session which the store
+    /// does not hold (that one failed): storing it would raise the agent's
+    /// watermark over the missing events, and the agent, resuming after the
+    /// watermark, would never send them again. Refused; the session ends and
+    /// the agent resends from what is stored.
+    #[error("agent {agent_id}: a batch after seq {after}, but the store holds it only up to seq {watermark}: an earlier batch of the session was not stored; refused so the agent sends both again")]
+    OutOfOrder {
+        /// The agent.
+        agent_id: AgentId,
+        /// The seq the previous batch of the session ended at.
+        after: Seq,
+        /// The agent's watermark in the store.
+        watermark: Seq,
+    },
     /// What this store kind does not do (`events tail` on JetStream).
     #[error("{0}")]
     Unsupported(String),

@@ -25,17 +25,24 @@
 //! therefore stores nothing at or below the agent's watermark, and
 //! acknowledges a batch only after (1) the stream acknowledged every publish
 //! of it and (2) the watermark was raised past it by compare-and-set on its
-//! KV revision. A replica killed between (1) and (2) leaves events above the
-//! watermark in the stream; so where a session starts, the watermark is read
-//! as the larger of the KV value and the seq of the agent's last message in
-//! the stream (its subject is the agent's own), and the agent resumes after
-//! both. The duplicate window covers only the race where two replicas hold a
-//! session of one agent at once (an agent that switched while its old
-//! connection's publishes were in flight), which lasts seconds, not minutes.
+//! KV revision, and (3) the batch follows what the watermark covers (a batch
+//! queued behind one that failed is refused, or the watermark would pass
+//! over the failed one's events). So every seq at or below the watermark is
+//! in the stream, and a session resumes after the watermark.
+//!
+//! Why not resume after the agent's last message in the stream, which a
+//! replica killed between (1) and (2) leaves above the watermark: the stream
+//! may hold later events of a failed group without earlier ones (publishes
+//! lost with a dropped connection, later ones sent on the next), so the last
+//! message does not prove that everything before it is there. Those events
+//! are sent again by the agent instead, and the duplicate window drops them:
+//! exactly once when the agent is back within `duplicate_window` (two minutes
+//! by default) of such a failure; after that, the events of that one
+//! unacknowledged group may be stored twice, never lost.
 //!
 //! Why one publish per event and not one per batch: so that the stream's own
-//! deduplication, the last-message lookup and consumers that filter by
-//! subject all see events, not batches. Publishes of a group are pipelined,
+//! deduplication and consumers that filter by subject see events, not
+//! batches. Publishes of a group are pipelined,
 //! so a group costs one round trip for the acks and one per agent for the
 //! watermark.
 //!
@@ -218,7 +225,6 @@ struct KvAgent {
 pub struct JetStreamStore {
     client: async_nats::Client,
     js: jetstream::Context,
-    stream: stream::Stream,
     cfg: JetStreamStoreConfig,
     watermarks: kv::Store,
     agents: kv::Store,
@@ -308,20 +314,33 @@ impl JetStreamStore {
             .max_ack_inflight(65_536)
             .backpressure_on_inflight(true)
             .build(client.clone());
-        let stream = js
-            .get_or_create_stream(stream::Config {
-                name: cfg.stream.clone(),
-                subjects: vec![format!("{}.>", cfg.subject)],
-                duplicate_window: cfg.duplicate_window.0,
-                num_replicas: cfg.replicas,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| fail(&format!("stream {}", cfg.stream), e.to_string()))?;
+        // The largest event an agent may send must fit in one message, or
+        // its batch would fail for good and wedge the agent's upload.
+        let max_payload = client.server_info().max_payload;
+        let needed = outpost_protocols::wire::MAX_FRAME_LEN + 4096;
+        if max_payload < needed {
+            return Err(fail(
+                "checking the server",
+                format!(
+                    "its max_payload is {max_payload} bytes, and an event may be up to {} bytes: set `max_payload: 8MB` in nats-server's config",
+                    outpost_protocols::wire::MAX_FRAME_LEN
+                ),
+            ));
+        }
+        js.get_or_create_stream(stream::Config {
+            name: cfg.stream.clone(),
+            subjects: vec![format!("{}.>", cfg.subject)],
+            duplicate_window: cfg.duplicate_window.0,
+            num_replicas: cfg.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| fail(&format!("stream {}", cfg.stream), e.to_string()))?;
         // The bucket's stream is made here, by the key-value convention
         // (ADR-8: stream `KV_<bucket>`, subjects `$KV.<bucket>.>`, one
-        // message per subject, rollups allowed, deletes denied), rather than
+        // message per subject, rollups allowed, deletes denied; no direct
+        // gets, see below), rather than
         // by async-nats's `create_key_value`: that one first asks for the
         // account's info, whose reply from nats-server 2.9 (Debian 12's)
         // async-nats 0.46 cannot parse.
@@ -336,7 +355,10 @@ impl JetStreamStore {
                 storage: stream::StorageType::File,
                 allow_rollup: true,
                 deny_delete: true,
-                allow_direct: true,
+                // Reads from the stream's leader, not any replica: a
+                // compare-and-set needs the current revision, and a
+                // follower's may lag.
+                allow_direct: false,
                 num_replicas: cfg.replicas,
                 discard: stream::DiscardPolicy::New,
                 ..Default::default()
@@ -368,7 +390,6 @@ impl JetStreamStore {
         Ok(JetStreamStore {
             client,
             js,
-            stream,
             cfg: cfg.clone(),
             watermarks,
             agents,
@@ -450,31 +471,12 @@ impl JetStreamStore {
         }
     }
 
-    /// The seq of `agent_id`'s last message in the stream (0: none).
-    async fn last_in_stream(&self, agent_id: &AgentId) -> Result<Seq, StoreError> {
-        use async_nats::jetstream::stream::LastRawMessageErrorKind;
-        match self
-            .stream
-            .get_last_raw_message_by_subject(&self.subject_of(agent_id))
-            .await
-        {
-            Ok(m) => Ok(m
-                .headers
-                .get(async_nats::header::NATS_MESSAGE_ID)
-                .and_then(|id| id.as_str().rsplit_once(':'))
-                .and_then(|(_, seq)| seq.parse().ok())
-                .map_or(Seq(0), Seq)),
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(Seq(0)),
-            Err(e) => Err(self.fail(format!("reading the last event of {agent_id}"), e)),
-        }
-    }
-
-    /// Where a session of `agent_id` resumes: the larger of its watermark
-    /// and its last event in the stream (see the module doc).
+    /// Where a session of `agent_id` resumes: its watermark. Events a
+    /// replica published above it without raising it (it died, or NATS
+    /// failed mid-group) are sent again by the agent and dropped by the
+    /// stream's duplicate window (see the module doc).
     pub async fn watermark(&self, agent_id: &AgentId) -> Result<Seq, StoreError> {
-        let (kv, _) = self.kv_watermark(agent_id).await?;
-        let last = self.last_in_stream(agent_id).await?;
-        Ok(kv.max(last))
+        Ok(self.kv_watermark(agent_id).await?.0)
     }
 
     /// Raises `agent_id`'s watermark to `to` by compare-and-set, starting
@@ -757,8 +759,8 @@ struct Backend {
     /// last read or wrote them: a compare-and-set starts from it, and reads
     /// it again only on a conflict.
     known: HashMap<AgentId, (Seq, Option<u64>)>,
-    /// Per agent, the seq at and below which nothing is published: the
-    /// larger of the watermark and its last event in the stream.
+    /// Per agent, the seq at and below which nothing is published: its
+    /// watermark as this replica last read or raised it.
     floor: HashMap<AgentId, Seq>,
     /// When each agent's `last_seen` was last written from a batch.
     seen_at: HashMap<AgentId, Instant>,
@@ -839,6 +841,42 @@ impl Backend {
                 }
             }
         }
+        // A batch must follow what the stream holds, or what an earlier
+        // request of this group will (see `StoreHandle::insert_routed_nowait`).
+        let mut held: HashMap<AgentId, Seq> = HashMap::new();
+        let mut ordered = Vec::with_capacity(inserts.len());
+        for w in inserts {
+            let Write::Insert {
+                agent_id,
+                after,
+                through,
+                ..
+            } = &w
+            else {
+                continue;
+            };
+            let stored = match held.get(agent_id) {
+                Some(s) => Ok(*s),
+                None => self.floor_of(agent_id, *after).await,
+            };
+            match stored {
+                Ok(s) if s >= *after => {
+                    held.insert(agent_id.clone(), s.max(*through));
+                    ordered.push(w);
+                }
+                Ok(s) => {
+                    let e = StoreError::OutOfOrder {
+                        agent_id: agent_id.clone(),
+                        after: *after,
+                        watermark: s,
+                    };
+                    warn!(error = %e, "Hub store (JetStream) refused a request.");
+                    w.answer(Err(e));
+                }
+                Err(e) => w.answer(Err(e)),
+            }
+        }
+        let inserts = ordered;
         if inserts.is_empty() {
             return;
         }
@@ -857,6 +895,21 @@ impl Backend {
         }
     }
 
+    /// What is known to be stored of `agent_id` (see `floor`), read from
+    /// the buckets and the stream on first sight, and again when it is below
+    /// `want` (another replica may have stored more since).
+    async fn floor_of(&mut self, agent_id: &AgentId, want: Seq) -> Result<Seq, StoreError> {
+        let cached = self.floor.get(agent_id).copied();
+        if let Some(f) = cached.filter(|f| *f >= want) {
+            return Ok(f);
+        }
+        let k = self.store.kv_watermark(agent_id).await?;
+        let f = k.0.max(cached.unwrap_or(Seq(0)));
+        self.known.insert(agent_id.clone(), k);
+        self.floor.insert(agent_id.clone(), f);
+        Ok(f)
+    }
+
     async fn insert(&mut self, inserts: &[Write]) -> Result<Vec<InsertOutcome>, StoreError> {
         let s = &self.store;
         // Publish everything above what is known to be stored.
@@ -869,15 +922,8 @@ impl Backend {
             else {
                 continue;
             };
-            if !self.known.contains_key(agent_id) {
-                // A replica that died between its publishes and its
-                // watermark left events above the watermark: they are not
-                // published again, even past the duplicate window.
-                let k = s.kv_watermark(agent_id).await?;
-                let last = s.last_in_stream(agent_id).await?;
-                self.known.insert(agent_id.clone(), k);
-                self.floor.insert(agent_id.clone(), k.0.max(last));
-            }
+            // Read on first sight in `floor_of`, which the order check
+            // called.
             let floor = self.floor.get(agent_id).copied().unwrap_or(Seq(0));
             let mut duplicates = 0;
             for (seq, body) in events {

@@ -119,7 +119,14 @@
 //!   watermark, the agent resumes after it, and whatever it sends again
 //!   anyway is ignored by the primary key;
 //! - a new session reads the watermark through the writer
-//!   ([`StoreHandle::watermark`]), behind every write queued before it.
+//!   ([`StoreHandle::watermark`]), behind every write queued before it;
+//! - a session queues its batches without waiting for their commits, so a
+//!   batch may be queued behind one whose commit fails (a full disk) and
+//!   then succeed (the disk freed): each insert says where the session's
+//!   previous batch ended, and one that does not follow what the store holds
+//!   is refused ([`StoreError::OutOfOrder`]). Otherwise its commit would
+//!   raise the watermark over the failed batch's events, and the agent,
+//!   resuming after the watermark, would never send them again.
 //!
 //! An event the policy routes to a sink is queued in `sink_pending` in the
 //! same transaction, and acknowledged only once the sink accepted it: an

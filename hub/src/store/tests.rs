@@ -623,6 +623,53 @@ async fn shutdown_commits_what_was_received_and_returns_the_store() {
     ));
 }
 
+/// A batch queued behind one that failed must not be stored: its commit
+/// would raise the watermark over the failed batch's events, and the agent,
+/// resuming after the watermark, would never send them again. Batches that
+/// follow one queued before them in the same group are stored.
+#[tokio::test]
+async fn a_batch_that_does_not_follow_what_is_stored_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shutdown = CancellationToken::new();
+    let opts = WriterOptions {
+        max_batch: 16384,
+        window: Duration::from_millis(50),
+    };
+    let (handle, join) = spawn_store_writer(open(dir.path()), opts, shutdown.clone());
+    let routed = |after: u64, seqs: &[u64]| {
+        let last = Seq(*seqs.last().expect("seqs"));
+        handle.insert_routed_nowait(
+            agent(1),
+            events(seqs),
+            Vec::new(),
+            (Seq(after), last),
+            PolicyCounts::default(),
+        )
+    };
+    // 1..=3 and, in the same group, 4..=5 after it.
+    let a = routed(0, &[1, 2, 3]).await.expect("queued");
+    let b = routed(3, &[4, 5]).await.expect("queued");
+    assert_eq!(a.await.expect("stored").watermark, Seq(3));
+    assert_eq!(b.await.expect("stored").watermark, Seq(5));
+    // 8..=9 after a batch ending at 7 that the store never got.
+    let gap = routed(7, &[8, 9]).await.expect("queued").await;
+    assert!(
+        matches!(
+            gap,
+            Err(StoreError::OutOfOrder {
+                after: Seq(7),
+                watermark: Seq(5),
+                ..
+            })
+        ),
+        "{gap:?}"
+    );
+    assert_eq!(handle.watermark(agent(1)).await.expect("reads"), Seq(5));
+    shutdown.cancel();
+    drop(handle);
+    join.await.expect("joins").expect("returns the store");
+}
+
 /// Not a test of behaviour but the measurement behind the `events` table's
 /// layout (see the module docs); run it with an optimised SQLite, for example
 /// `cargo test -p outpost-hub --release --lib -- --ignored --nocapture layout`.

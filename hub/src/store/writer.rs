@@ -68,6 +68,9 @@ pub(super) enum Write {
         events: Vec<(Seq, EventBody)>,
         forward: Vec<Forward>,
         through: Seq,
+        /// The seq the session's previous batch ended at (its first: the
+        /// watermark it started from); 0: no order check.
+        after: Seq,
         policy: PolicyCounts,
         reply: Reply<InsertOutcome>,
     },
@@ -308,7 +311,7 @@ impl StoreHandle {
             agent_id,
             events,
             Vec::new(),
-            through,
+            (Seq(0), through),
             PolicyCounts::default(),
         )
         .await
@@ -321,12 +324,20 @@ impl StoreHandle {
     /// it routes to sinks (`forward`) are queued for them, all in the same
     /// transaction. The outcome's `acked` is what may be acknowledged: it
     /// stays below the first event still waiting for a sink.
+    ///
+    /// `(after, through)`: the batch follows the session's previous batch,
+    /// which ended at seq `after` (the first batch: the watermark the
+    /// session started from). It is refused with
+    /// [`StoreError::OutOfOrder`] unless the store holds the agent up to
+    /// `after`: if an earlier batch failed while later ones were queued,
+    /// storing a later one would raise the watermark over the missing
+    /// events. `after = 0` checks nothing.
     pub async fn insert_routed_nowait(
         &self,
         agent_id: AgentId,
         events: Vec<(Seq, EventBody)>,
         forward: Vec<Forward>,
-        through: Seq,
+        (after, through): (Seq, Seq),
         policy: PolicyCounts,
     ) -> Result<PendingInsert, StoreError> {
         let (reply, rx) = oneshot::channel();
@@ -335,6 +346,7 @@ impl StoreHandle {
             events,
             forward,
             through,
+            after,
             policy,
             reply,
         }))
@@ -647,7 +659,45 @@ fn commit(store: &mut Store, group: Vec<Write>, signals: &Signals) {
             }
         }
     }
-    let group = checked;
+    // A batch must follow what the store holds, or what an earlier request
+    // of this group will hold once committed.
+    let mut held: BTreeMap<AgentId, Seq> = BTreeMap::new();
+    let mut ordered = Vec::with_capacity(checked.len());
+    for w in checked {
+        if let Write::Insert {
+            agent_id,
+            after,
+            through,
+            ..
+        } = &w
+        {
+            let stored = match held.get(agent_id) {
+                Some(s) => Ok(*s),
+                None => store.watermark(agent_id),
+            };
+            match stored {
+                Ok(s) if s >= *after => {
+                    held.insert(agent_id.clone(), s.max(*through));
+                }
+                Ok(s) => {
+                    let e = StoreError::OutOfOrder {
+                        agent_id: agent_id.clone(),
+                        after: *after,
+                        watermark: s,
+                    };
+                    warn!(error = %e, "Hub store refused a request.");
+                    w.answer(Err(e));
+                    continue;
+                }
+                Err(e) => {
+                    w.answer(Err(e));
+                    continue;
+                }
+            }
+        }
+        ordered.push(w);
+    }
+    let group = ordered;
     if group.is_empty() {
         return;
     }

@@ -151,7 +151,7 @@ fn round(
             nats_cpu: None,
         });
     }
-    let nats = Nats::start(dir)?;
+    let nats = Nats::start_with(dir, outpost_tests::free_port()?, "max_payload: 8MB")?;
     let url = nats.url();
     let mut hubs = Vec::with_capacity(replicas);
     for r in 0..replicas {
