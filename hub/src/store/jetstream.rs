@@ -843,7 +843,7 @@ impl Backend {
         }
         // A batch must follow what the stream holds, or what an earlier
         // request of this group will (see `StoreHandle::insert_routed_nowait`).
-        let mut held: HashMap<AgentId, Seq> = HashMap::new();
+        let mut order = writer::OrderCheck::default();
         let mut ordered = Vec::with_capacity(inserts.len());
         for w in inserts {
             let Write::Insert {
@@ -855,25 +855,16 @@ impl Backend {
             else {
                 continue;
             };
-            let stored = match held.get(agent_id) {
-                Some(s) => Ok(*s),
+            let stored = match order.known(agent_id) {
+                Some(s) => Ok(s),
                 None => self.floor_of(agent_id, *after).await,
             };
-            match stored {
-                Ok(s) if s >= *after => {
-                    held.insert(agent_id.clone(), s.max(*through));
-                    ordered.push(w);
-                }
-                Ok(s) => {
-                    let e = StoreError::OutOfOrder {
-                        agent_id: agent_id.clone(),
-                        after: *after,
-                        watermark: s,
-                    };
+            match stored.and_then(|s| order.admit(agent_id, *after, *through, s)) {
+                Ok(()) => ordered.push(w),
+                Err(e) => {
                     warn!(error = %e, "Hub store (JetStream) refused a request.");
                     w.answer(Err(e));
                 }
-                Err(e) => w.answer(Err(e)),
             }
         }
         let inserts = ordered;

@@ -480,6 +480,45 @@ impl StoreHandle {
     }
 }
 
+/// The order check of one group's inserts (see
+/// [`StoreHandle::insert_routed_nowait`]), shared by both stores: what the
+/// store holds of each agent, plus what the group's earlier inserts will add.
+#[derive(Debug, Default)]
+pub(super) struct OrderCheck {
+    held: BTreeMap<AgentId, Seq>,
+}
+
+impl OrderCheck {
+    /// What the group already knows the store will hold of `agent_id`;
+    /// `None`: ask the store.
+    pub(super) fn known(&self, agent_id: &AgentId) -> Option<Seq> {
+        self.held.get(agent_id).copied()
+    }
+
+    /// Admits an insert `after..=through` of `agent_id` when the store holds
+    /// (or will hold) the agent up to `after`; `stored` is [`known`] or what
+    /// the store said.
+    ///
+    /// [`known`]: OrderCheck::known
+    pub(super) fn admit(
+        &mut self,
+        agent_id: &AgentId,
+        after: Seq,
+        through: Seq,
+        stored: Seq,
+    ) -> Result<(), StoreError> {
+        if stored < after {
+            return Err(StoreError::OutOfOrder {
+                agent_id: agent_id.clone(),
+                after,
+                watermark: stored,
+            });
+        }
+        self.held.insert(agent_id.clone(), stored.max(through));
+        Ok(())
+    }
+}
+
 /// Starts the group-commit writer for `store` on tokio's blocking pool.
 ///
 /// On shutdown (the token cancelled, or every handle dropped) the writer
@@ -661,7 +700,7 @@ fn commit(store: &mut Store, group: Vec<Write>, signals: &Signals) {
     }
     // A batch must follow what the store holds, or what an earlier request
     // of this group will hold once committed.
-    let mut held: BTreeMap<AgentId, Seq> = BTreeMap::new();
+    let mut order = OrderCheck::default();
     let mut ordered = Vec::with_capacity(checked.len());
     for w in checked {
         if let Write::Insert {
@@ -671,28 +710,15 @@ fn commit(store: &mut Store, group: Vec<Write>, signals: &Signals) {
             ..
         } = &w
         {
-            let stored = match held.get(agent_id) {
-                Some(s) => Ok(*s),
+            let admitted = match order.known(agent_id) {
+                Some(s) => Ok(s),
                 None => store.watermark(agent_id),
-            };
-            match stored {
-                Ok(s) if s >= *after => {
-                    held.insert(agent_id.clone(), s.max(*through));
-                }
-                Ok(s) => {
-                    let e = StoreError::OutOfOrder {
-                        agent_id: agent_id.clone(),
-                        after: *after,
-                        watermark: s,
-                    };
-                    warn!(error = %e, "Hub store refused a request.");
-                    w.answer(Err(e));
-                    continue;
-                }
-                Err(e) => {
-                    w.answer(Err(e));
-                    continue;
-                }
+            }
+            .and_then(|s| order.admit(agent_id, *after, *through, s));
+            if let Err(e) = admitted {
+                warn!(error = %e, "Hub store refused a request.");
+                w.answer(Err(e));
+                continue;
             }
         }
         ordered.push(w);
