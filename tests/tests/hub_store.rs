@@ -408,9 +408,18 @@ fn bad_input_is_one_line_on_stderr_and_exit_2() -> Result<()> {
     let unknown = hub_config(dir.path(), "bogus = 1\n")?;
     let (code, _, err) = hub(&unknown, &["events", "stats"])?;
     assert_bad(code, &err, &["hub.toml", "bogus"]);
-    let jetstream = hub_config(dir.path(), "[store]\nkind = \"jetstream\"\n")?;
-    let (code, _, err) = hub(&jetstream, &["fleet", "list"])?;
+    // A verb that reads only the SQLite store, on a hub whose store is
+    // JetStream (`fleet list` and the policy verbs read JetStream:
+    // scale_out_e2e.rs); a JetStream store without its table.
+    let jetstream = hub_config(
+        dir.path(),
+        "[store]\nkind = \"jetstream\"\n\n[store.jetstream]\nurl = \"nats://127.0.0.1:1\"\n",
+    )?;
+    let (code, _, err) = hub(&jetstream, &["events", "stats"])?;
     assert_bad(code, &err, &["hub.toml", "store.kind", "jetstream"]);
+    let tableless = hub_config(dir.path(), "[store]\nkind = \"jetstream\"\n")?;
+    let (code, _, err) = hub(&tableless, &["fleet", "list"])?;
+    assert_bad(code, &err, &["hub.toml", "store.jetstream", "url"]);
     Ok(())
 }
 
