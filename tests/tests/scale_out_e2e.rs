@@ -568,9 +568,8 @@ async fn backlog_through_a_nats_outage(
 }
 
 /// A single nats-server stopped and started again while a replica takes an
-/// agent's backlog: nothing lost or doubled. (A single server killed with
-/// SIGKILL may lose what it acknowledged last: nats-server 2.9 acknowledges
-/// a publish before its file store has written it; see scale-out.md.)
+/// agent's backlog: nothing lost or doubled. (What a single server that
+/// loses power keeps depends on its `sync_interval`; see scale-out.md.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_restart_under_a_replica_loses_and_duplicates_nothing() -> Result<()> {
     let dir = tempfile::tempdir()?;
