@@ -19,10 +19,7 @@ use async_nats::jetstream::{self, stream};
 use outpost_hub::sinks::{self, Sink, SinkConfig, SinkError, SinkEvent};
 use outpost_protocols::{AgentId, Event, EventBody, Quality, Seq, StreamName, Timestamp, Value};
 use outpost_tests::{free_port, Nats};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
+use rcgen::ExtendedKeyUsagePurpose;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -499,70 +496,24 @@ struct Certs {
     client_key: PathBuf,
 }
 
-fn ca(name: &str) -> Result<CertifiedIssuer<'static, KeyPair>> {
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    Ok(CertifiedIssuer::self_signed(params, KeyPair::generate()?)?)
-}
-
-fn leaf(
-    issuer: &CertifiedIssuer<'static, KeyPair>,
-    dir: &Path,
-    name: &str,
-    sans: &[&str],
-    usage: ExtendedKeyUsagePurpose,
-) -> Result<(PathBuf, PathBuf)> {
-    let mut params =
-        CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![usage];
-    params.use_authority_key_identifier_extension = true;
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, issuer)?;
-    let (c, k) = (
-        dir.join(format!("{name}.pem")),
-        dir.join(format!("{name}.key")),
-    );
-    std::fs::write(&c, cert.pem())?;
-    std::fs::write(&k, key.serialize_pem())?;
-    Ok((c, k))
-}
-
 /// A CA, a server certificate for `nats.test` and `localhost` only (not
 /// 127.0.0.1, so the sink must check it against `server_name`), and a client
 /// certificate.
 fn certs(dir: &Path) -> Result<Certs> {
-    let issuer = ca("nats-test-ca")?;
-    let ca_path = dir.join("ca.pem");
-    std::fs::write(&ca_path, issuer.pem())?;
-    let (server_cert, server_key) = leaf(
-        &issuer,
+    let ca = outpost_tests::test_ca::Ca::new(dir, "ca")?;
+    let server = ca.issue(
         dir,
         "server",
         &["nats.test", "localhost"],
         ExtendedKeyUsagePurpose::ServerAuth,
     )?;
-    let (client_cert, client_key) = leaf(
-        &issuer,
-        dir,
-        "hub",
-        &[],
-        ExtendedKeyUsagePurpose::ClientAuth,
-    )?;
+    let client = ca.issue(dir, "hub", &[], ExtendedKeyUsagePurpose::ClientAuth)?;
     Ok(Certs {
-        ca: ca_path,
-        server_cert,
-        server_key,
-        client_cert,
-        client_key,
+        ca: ca.cert,
+        server_cert: server.cert,
+        server_key: server.key,
+        client_cert: client.cert,
+        client_key: client.key,
     })
 }
 
@@ -613,8 +564,7 @@ async fn delivers_over_mutual_tls_checking_the_server_against_server_name() -> R
     assert!(m.contains("not connected"), "{m}");
 
     // A CA that did not sign the server's certificate: Transient too.
-    let other = ca("other-ca")?;
-    std::fs::write(dir.path().join("other-ca.pem"), other.pem())?;
+    outpost_tests::test_ca::Ca::new(dir.path(), "other-ca")?;
     let mut t = table(&format!("tls://127.0.0.1:{port}"), "EVENTS");
     t["tls"] = json!({ "ca": "other-ca.pem", "cert": "hub.pem", "key": "hub.key", "server_name": "nats.test" });
     let untrusting = build(&config(t), dir.path(), &stop).await;
