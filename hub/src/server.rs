@@ -649,8 +649,7 @@ async fn session(
     // The agent resumes after what may be acknowledged; what it sends again
     // up to the store's own watermark (events waiting for a sink) is not
     // stored or queued twice.
-    let received = store.watermark(id.clone()).await?;
-    let watermark = store.acked(id.clone()).await?;
+    let (received, watermark) = store.resume(id.clone()).await?;
     let mut session = HubSession::new(
         Instant::now(),
         id.clone(),

@@ -807,12 +807,12 @@ impl Backend {
                     self.commit(group).await;
                 }
                 Request::Watermark { agent_id, reply } | Request::Acked { agent_id, reply } => {
-                    let w = self.store.watermark(&agent_id).await;
-                    if let Ok(seq) = &w {
-                        let f = self.floor.entry(agent_id).or_insert(*seq);
-                        *f = (*f).max(*seq);
-                    }
-                    let _ = reply.send(w);
+                    let _ = reply.send(self.watermark(agent_id).await);
+                }
+                // Nothing is held back for sinks here: both are the
+                // watermark.
+                Request::Resume { agent_id, reply } => {
+                    let _ = reply.send(self.watermark(agent_id).await.map(|w| (w, w)));
                 }
                 Request::Shutdown => {
                     debug!("Hub store (JetStream) shutting down.");
@@ -823,6 +823,17 @@ impl Backend {
         // Sessions of this replica are over.
         let _ = self.store.replicas.delete(&self.store.replica).await;
         debug!("Hub store (JetStream) stopped.");
+    }
+
+    /// The agent's watermark, which also raises what this replica knows is
+    /// stored of it.
+    async fn watermark(&mut self, agent_id: AgentId) -> Result<Seq, StoreError> {
+        let w = self.store.watermark(&agent_id).await;
+        if let Ok(seq) = &w {
+            let f = self.floor.entry(agent_id).or_insert(*seq);
+            *f = (*f).max(*seq);
+        }
+        w
     }
 
     /// Publishes the group's events, then raises the watermarks, then

@@ -220,6 +220,11 @@ pub(super) enum Request {
         agent_id: AgentId,
         reply: Reply<Seq>,
     },
+    /// Both at once, for a session that starts.
+    Resume {
+        agent_id: AgentId,
+        reply: Reply<(Seq, Seq)>,
+    },
     /// The shutdown token was cancelled: finish what was received and stop.
     Shutdown,
 }
@@ -442,6 +447,12 @@ impl StoreHandle {
         self.call(|reply| Request::Acked { agent_id, reply }).await
     }
 
+    /// [`watermark`](Self::watermark) and [`acked`](Self::acked) in one
+    /// request, read like them: where a new session starts.
+    pub async fn resume(&self, agent_id: AgentId) -> Result<(Seq, Seq), StoreError> {
+        self.call(|reply| Request::Resume { agent_id, reply }).await
+    }
+
     /// Records a sink runner's delivery attempt: the sink's queue up to
     /// `progress.through` is deleted with its counters in one transaction.
     pub async fn sink_progress(
@@ -615,6 +626,9 @@ fn run(
             Request::Acked { agent_id, reply } => {
                 let _ = reply.send(store.acked(&agent_id));
             }
+            Request::Resume { agent_id, reply } => {
+                let _ = reply.send(resume(&store, &agent_id));
+            }
             Request::Shutdown => {
                 // Refuse new requests; the loop still drains the queued ones.
                 debug!("Hub store writer shutting down.");
@@ -627,6 +641,10 @@ fn run(
         "Hub store writer stopped."
     );
     Ok(store)
+}
+
+fn resume(store: &Store, agent_id: &AgentId) -> Result<(Seq, Seq), StoreError> {
+    Ok((store.watermark(agent_id)?, store.acked(agent_id)?))
 }
 
 /// Gathers writes after `first` until `max_batch` events, the end of the
@@ -662,6 +680,11 @@ fn collect(
                 if !group.iter().any(|w| w.touches(&agent_id)) =>
             {
                 let _ = reply.send(store.acked(&agent_id));
+            }
+            Ok(Request::Resume { agent_id, reply })
+                if !group.iter().any(|w| w.touches(&agent_id)) =>
+            {
+                let _ = reply.send(resume(store, &agent_id));
             }
             Ok(other) => {
                 *next = Some(other);
