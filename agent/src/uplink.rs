@@ -322,6 +322,18 @@ impl Uplink {
                         info!(version, watermark = watermark.0, "Connected to the hub.");
                         self.resume(watermark).await?;
                     }
+                    AgentEvent::Stored { upto } => {
+                        // Kept until acknowledged; read on after it. Beyond
+                        // the last seq this outbox assigned, the hub's
+                        // history is not this outbox's: renumber.
+                        debug!(
+                            held = upto.0,
+                            "The hub stored events a sink has not accepted yet."
+                        );
+                        if upto > *committed.borrow() {
+                            self.follow(upto).await?;
+                        }
+                    }
                     AgentEvent::Acked { upto } => {
                         // The session only acknowledges seqs it sent, which
                         // were committed.
@@ -369,7 +381,7 @@ impl Uplink {
             // (or give up at `stop_by`; the hub dedups what is resent).
             let last = *committed.borrow();
             cursor = cursor.max(session.read_after());
-            if stopping && session.unacked() == 0 && last <= cursor {
+            if stopping && session.in_flight() == 0 && last <= cursor {
                 session.goodbye();
                 continue;
             }
@@ -384,7 +396,7 @@ impl Uplink {
             // Feed the session from the outbox while it has room.
             let can_feed = session.is_streaming()
                 && session.wants() > 0
-                && (session.unacked() == 0 || session.wants() >= REFILL_AT)
+                && (session.in_flight() == 0 || session.wants() >= REFILL_AT)
                 && paced.is_none_or(|t| t <= tokio::time::Instant::now());
             if can_feed && last > cursor {
                 paced = None;
@@ -415,7 +427,7 @@ impl Uplink {
                     // next start does not resend them; the hub dedups anyway.
                     stopping = true;
                     stop_by = tokio::time::Instant::now() + Duration::from_secs(2);
-                    debug!(unacked = session.unacked(), "Uplink stopping.");
+                    debug!(in_flight = session.in_flight(), "Uplink stopping.");
                 }
                 () = tokio::time::sleep_until(stop_by), if stopping => {
                     session.goodbye();
@@ -522,6 +534,29 @@ impl Uplink {
                 );
                 self.metrics.outbox_renumbered.inc_by(renumbered);
             }
+        }
+        Ok(())
+    }
+
+    /// Applies the hub's `Stored` mark beyond every seq this outbox assigned
+    /// (see `Outbox::follow`), and says so loudly.
+    async fn follow(&self, held: Seq) -> Result<(), UplinkError> {
+        if let Resumed::Renumbered {
+            renumbered,
+            last_before,
+            last,
+        } = self.outbox.follow(held).await?
+        {
+            warn!(
+                hub_stored = held.0,
+                outbox_last = last_before.0,
+                renumbered,
+                new_last = last.0,
+                "The hub stores seqs this outbox never assigned (a new, wiped or restored \
+                 data directory under this agent id): the waiting events were renumbered to \
+                 follow the hub's, so none is lost."
+            );
+            self.metrics.outbox_renumbered.inc_by(renumbered);
         }
         Ok(())
     }

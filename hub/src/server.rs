@@ -774,7 +774,8 @@ async fn session(
             }
             Some(r) = commits.next(), if !commits.is_empty() => {
                 let (upto, acked) = r?;
-                session.stored(acked.min(upto))?;
+                session.stored(upto)?;
+                session.acknowledge(acked.min(upto))?;
                 held = acked < upto;
             }
             changed = delivered.changed(), if held => {
@@ -782,7 +783,7 @@ async fn session(
                     held = false;
                 } else {
                     let acked = store.acked(id.clone()).await?;
-                    session.stored(acked.min(session.highest_received()))?;
+                    session.acknowledge(acked.min(session.highest_received()))?;
                     held = acked < session.highest_received();
                 }
             }

@@ -26,8 +26,11 @@ use serde::{Deserialize, Serialize};
 
 /// The agent-assigned sequence number of an event.
 ///
-/// Strictly increasing per agent, never reused, survives restarts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// Strictly increasing per agent, never reused, survives restarts. Seqs start
+/// at 1; `Seq(0)`, the default, stands for "none yet" in watermarks.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Seq(pub u64);
 
 impl Seq {

@@ -333,7 +333,10 @@ fn each_sink_gets_what_its_routes_select_once_and_residency_holds_to_the_last_st
 
 #[test]
 fn a_sink_down_holds_back_the_agents_acks_and_gets_everything_once_when_it_returns() -> Result<()> {
-    const N: usize = 600;
+    // More than twice the hub's 8192-event window: the upload must go on
+    // past it while cloud-us holds the acknowledgements back (protocol
+    // version 3's `Stored`), or the store and cloud-eu would stop short.
+    const N: usize = 20_000;
     let dir = tempfile::tempdir()?;
     let pki = Pki::new(dir.path())?;
     let creds = pki.issue_agent(AGENT)?;
@@ -358,7 +361,8 @@ fn a_sink_down_holds_back_the_agents_acks_and_gets_everything_once_when_it_retur
 
     // Everything reaches the hub's store and cloud-eu, but the agent gets no
     // acknowledgement past the first temperature (routed to cloud-us too):
-    // the backlog stays in its outbox.
+    // the backlog stays in its outbox, and the streams routed to cloud-eu
+    // alone keep flowing.
     let stored = (0..N).filter(|i| i % 3 != 2).count() as u64;
     wait_until(DEADLINE, "the hub to store every kept event", || {
         hub.agent_stats(AGENT)
@@ -366,11 +370,18 @@ fn a_sink_down_holds_back_the_agents_acks_and_gets_everything_once_when_it_retur
             .flatten()
             .is_some_and(|s| s.count == stored)
     })?;
-    wait_until(DEADLINE, "cloud-us's failures to show", || {
-        sinks_status(&hub)
-            .map(|s| s["cloud-us"]["failures"].as_u64().unwrap_or(0) >= 2)
-            .unwrap_or(false)
-    })?;
+    wait_until(
+        DEADLINE,
+        "cloud-us's failures to show, and cloud-eu to get everything meanwhile",
+        || {
+            sinks_status(&hub)
+                .map(|s| {
+                    s["cloud-us"]["failures"].as_u64().unwrap_or(0) >= 2
+                        && s["cloud-eu"]["delivered"] == stored
+                })
+                .unwrap_or(false)
+        },
+    )?;
     let status = sinks_status(&hub)?;
     let temps = (0..N).filter(|i| i % 3 == 0).count() as u64;
     ensure!(

@@ -93,6 +93,13 @@ pub enum OutboxError {
         /// The last seq this outbox assigned (0 when it assigned none).
         last: Seq,
     },
+    /// A hub named a seq so high that the waiting events cannot be numbered
+    /// after it; the hub is confused, and nothing here was changed.
+    #[error("cannot number events after seq {after}: seqs would overflow")]
+    SeqOverflow {
+        /// The seq the hub named.
+        after: Seq,
+    },
     /// The group-commit writer has stopped (shutdown, or every handle dropped),
     /// so the request was not carried out.
     #[error("the outbox writer has stopped")]

@@ -720,26 +720,31 @@ impl Outbox {
             tx.commit().at(path)?;
             return Ok(Resumed::Acked { deleted });
         }
-        let first: Option<u64> = tx
-            .query_row("SELECT min(seq) FROM events", [], |r| r.get(0))
-            .at(path)?;
-        // New seqs start at watermark + 1; every old one is at most
-        // next_seq - 1 <= watermark, so no renumbered row meets an old one.
-        let shift = watermark.0 + 1 - first.unwrap_or(meta.next_seq);
-        let renumbered = tx
-            .prepare_cached("UPDATE events SET seq = seq + ?1")
-            .and_then(|mut s| s.execute([shift]))
-            .at(path)? as u64;
-        let from = Seq(meta.next_seq - 1);
-        meta.next_seq += shift;
-        meta.acked_seq = watermark.0;
-        meta.store(&tx, path)?;
+        let resumed = renumber_after(&tx, path, &mut meta, watermark)?;
         tx.commit().at(path)?;
-        Ok(Resumed::Renumbered {
-            renumbered,
-            last_before: from,
-            last: Seq(meta.next_seq - 1),
-        })
+        Ok(resumed)
+    }
+
+    /// Applies a hub's `Stored` mark (protocol version 3): the hub's store
+    /// holds every seq of this agent up to `held`, though a sink has not
+    /// accepted them all, so nothing is deleted. Within what this outbox
+    /// assigned it changes nothing here (the uplink just reads on after
+    /// it); beyond, the hub's history is not this outbox's, and the waiting
+    /// events are renumbered to follow `held` for the reasons
+    /// [`resume_after`](Self::resume_after) gives.
+    pub fn follow(&mut self, held: Seq) -> Result<Resumed, OutboxError> {
+        let path = self.cfg.path.as_path();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .at(path)?;
+        let mut meta = Meta::load(&tx, path)?;
+        if held.0 < meta.next_seq {
+            return Ok(Resumed::Acked { deleted: 0 });
+        }
+        let resumed = renumber_after(&tx, path, &mut meta, held)?;
+        tx.commit().at(path)?;
+        Ok(resumed)
     }
 
     /// Up to `max_events` events with a seq greater than `after`, in seq order.
@@ -838,6 +843,47 @@ impl OutboxReader {
 /// Inside `tx`: deletes the events up to and including `upto` and raises
 /// the acknowledged watermark in `meta` (never lowers it), storing `meta`
 /// when anything changed; the caller commits. How many events were deleted.
+/// Renumbers every waiting event, in order, to start right after `after`,
+/// a seq at or beyond every seq this outbox assigned, and numbers new events
+/// from there. Nothing at or below `after` waits here afterwards, so it
+/// counts as acknowledged.
+fn renumber_after(
+    tx: &Connection,
+    path: &Path,
+    meta: &mut Meta,
+    after: Seq,
+) -> Result<Resumed, OutboxError> {
+    let first: Option<u64> = tx
+        .query_row("SELECT min(seq) FROM events", [], |r| r.get(0))
+        .at(path)?;
+    let waiting = meta.next_seq - first.unwrap_or(meta.next_seq);
+    // New seqs start at after + 1; every old one is at most next_seq - 1 <=
+    // after, so no renumbered row meets an old one. A hub naming a seq near
+    // u64::MAX cannot be followed.
+    let Some(next) = after
+        .0
+        .checked_add(1)
+        .and_then(|n| n.checked_add(waiting))
+        .filter(|n| i64::try_from(*n).is_ok())
+    else {
+        return Err(OutboxError::SeqOverflow { after });
+    };
+    let shift = after.0 + 1 - first.unwrap_or(meta.next_seq);
+    let renumbered = tx
+        .prepare_cached("UPDATE events SET seq = seq + ?1")
+        .and_then(|mut s| s.execute([shift]))
+        .at(path)? as u64;
+    let from = Seq(meta.next_seq - 1);
+    meta.next_seq = next;
+    meta.acked_seq = after.0;
+    meta.store(tx, path)?;
+    Ok(Resumed::Renumbered {
+        renumbered,
+        last_before: from,
+        last: Seq(meta.next_seq - 1),
+    })
+}
+
 fn delete_acked(
     tx: &Connection,
     path: &Path,

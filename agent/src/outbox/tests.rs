@@ -187,6 +187,15 @@ impl Model {
         }
     }
 
+    /// A hub's `Stored` mark: nothing within the assigned seqs, beyond them
+    /// the same renumbering.
+    fn follow(&mut self, held: u64) -> Resumed {
+        if held < self.next_seq {
+            return Resumed::Acked { deleted: 0 };
+        }
+        self.resume_after(held)
+    }
+
     fn after(&self, after: u64, max: usize) -> Vec<(Seq, EventBody)> {
         self.events
             .iter()
@@ -252,6 +261,8 @@ enum Action {
     /// A hub's `Welcome` watermark, anywhere from 0 to past the last
     /// assigned seq (a replaced outbox).
     ResumeAfter(Index, u8),
+    /// A hub's `Stored` mark, the same range.
+    Follow(Index, u8),
     Reopen,
     Qos2Received(u16),
     Qos2Released(u16),
@@ -269,6 +280,7 @@ fn action() -> impl Strategy<Value = Action> {
         1 => any::<u8>().prop_map(Action::AckBeyondEnd),
         1 => (0i64..2_500).prop_map(Action::EvictExpired),
         1 => (any::<Index>(), any::<u8>()).prop_map(|(i, extra)| Action::ResumeAfter(i, extra)),
+        1 => (any::<Index>(), any::<u8>()).prop_map(|(i, extra)| Action::Follow(i, extra)),
         1 => Just(Action::Reopen),
         1 => (1u16..6).prop_map(Action::Qos2Received),
         1 => (1u16..6).prop_map(Action::Qos2Released),
@@ -342,6 +354,14 @@ fn run_model(eviction: Eviction, actions: Vec<Action>) -> Result<(), TestCaseErr
                     ob.resume_after(Seq(watermark)).map_err(fail)?,
                     model.resume_after(watermark)
                 );
+            }
+            Action::Follow(i, extra) => {
+                let held = if extra % 2 == 0 {
+                    model.pick_seq(&i)
+                } else {
+                    model.next_seq - 1 + u64::from(extra)
+                };
+                prop_assert_eq!(ob.follow(Seq(held)).map_err(fail)?, model.follow(held));
             }
             Action::Reopen => {
                 drop(outbox.take());
@@ -727,4 +747,35 @@ fn a_truncated_or_overwritten_outbox_starts_afresh_without_reusing_what_it_can_r
     let rec = rec.expect("recovered");
     assert_eq!((rec.salvaged, rec.claimed), (0, None));
     assert_eq!(ob.stats().expect("stats").events, 0);
+}
+
+#[test]
+fn a_hub_seq_too_high_to_follow_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(
+        &dir.path().join("outbox.db"),
+        Eviction::DropOldest,
+        1 << 20,
+        None,
+    );
+    let mut ob = Outbox::open(&cfg, agent()).expect("opens");
+    ob.append(Timestamp(0), &[body(0, 0, 8), body(1, 0, 8)], &[])
+        .expect("appends");
+    for far in [u64::MAX, u64::MAX - 1, i64::MAX as u64] {
+        assert!(matches!(
+            ob.follow(Seq(far)),
+            Err(OutboxError::SeqOverflow { after }) if after == Seq(far)
+        ));
+        assert!(matches!(
+            ob.resume_after(Seq(far)),
+            Err(OutboxError::SeqOverflow { .. })
+        ));
+    }
+    let left: Vec<Seq> = ob
+        .read_batch(Seq(0), 10)
+        .expect("reads")
+        .into_iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(left, [Seq(1), Seq(2)]);
 }

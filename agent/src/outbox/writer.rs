@@ -80,6 +80,10 @@ enum Request {
         watermark: Seq,
         reply: Reply<Resumed>,
     },
+    Follow {
+        held: Seq,
+        reply: Reply<Resumed>,
+    },
     ReadBatch {
         after: Seq,
         max_events: usize,
@@ -173,6 +177,12 @@ impl OutboxHandle {
     pub async fn resume_after(&self, watermark: Seq) -> Result<Resumed, OutboxError> {
         self.call(|reply| Request::Resume { watermark, reply })
             .await
+    }
+
+    /// Applies a hub's `Stored` mark ([`Outbox::follow`]); after a
+    /// renumbering, [`committed`](Self::committed) moves to the new last seq.
+    pub async fn follow(&self, held: Seq) -> Result<Resumed, OutboxError> {
+        self.call(|reply| Request::Follow { held, reply }).await
     }
 
     /// Up to `max_events` events after `after`, read on the writer's
@@ -447,6 +457,13 @@ fn run(
             }
             Request::Resume { watermark, reply } => {
                 let result = outbox.resume_after(watermark);
+                if let Ok(Resumed::Renumbered { last, .. }) = result {
+                    committed.send_replace(last);
+                }
+                let _ = reply.send(result);
+            }
+            Request::Follow { held, reply } => {
+                let result = outbox.follow(held);
                 if let Ok(Resumed::Renumbered { last, .. }) = result {
                     committed.send_replace(last);
                 }

@@ -12,8 +12,13 @@
 //! ```
 //!
 //! One session lives for one connection. After a reconnect the driver makes a
-//! new session; what to resend comes from the new `Welcome`'s watermark, never
-//! from the old session.
+//! new session; what to resend comes from the new `Welcome`'s watermark (and,
+//! in version 3, the `Stored` after it), never from the old session.
+//!
+//! Two marks come back from the hub: `Ack` (stored and accepted by every sink
+//! routed to: delete) and, in version 3, `Stored` (stored, a sink still owes
+//! it: keep, but stop counting it against the window). A sink that is down
+//! then holds back only the deletes, and the upload goes on.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -83,9 +88,20 @@ pub enum AgentEvent {
         /// The highest seq the hub has durably stored.
         watermark: Seq,
     },
-    /// The hub has durably stored every event up to `upto`: delete them from
-    /// the outbox. Follows `Connected` for the watermark when it is above 0.
+    /// The hub has durably stored every event up to `upto` and every sink
+    /// routed to accepted it: delete them from the outbox. Follows `Connected`
+    /// for the watermark when it is above 0.
     Acked {
+        /// The highest seq acknowledged.
+        upto: Seq,
+    },
+    /// The hub's store holds every event up to `upto`, but a sink has not
+    /// accepted them all (version 3): keep them in the outbox until `Acked`.
+    /// [`AgentSession::read_after`] is now at least `upto`; when `upto` is
+    /// beyond the last seq the outbox ever assigned (a wiped or restored
+    /// data directory), renumber what waits to follow it, as for a
+    /// `Welcome` watermark.
+    Stored {
         /// The highest seq stored.
         upto: Seq,
     },
@@ -150,13 +166,15 @@ pub struct AgentSession {
     watermark: Seq,
     /// The highest seq the hub acknowledged (at least the watermark).
     acked: Seq,
+    /// The highest seq the hub stored or acknowledged.
+    held: Seq,
     /// The highest seq pushed (at least the watermark).
     pushed: Seq,
     /// The highest seq handed to the driver by `poll_transmit`.
     sent: Seq,
-    /// The seqs pushed and not yet acknowledged, ascending.
-    unacked: VecDeque<Seq>,
-    /// How many events may be unacknowledged.
+    /// The seqs pushed and neither stored nor acknowledged, ascending.
+    in_flight: VecDeque<Seq>,
+    /// How many events may be in flight.
     window: u32,
     /// The latest backlog report, sent once streaming.
     backlog: Option<Frame>,
@@ -194,9 +212,10 @@ impl AgentSession {
             open: BatchEncoder::default(),
             watermark: Seq(0),
             acked: Seq(0),
+            held: Seq(0),
             pushed: Seq(0),
             sent: Seq(0),
-            unacked: VecDeque::new(),
+            in_flight: VecDeque::new(),
             window: 0,
             backlog: None,
             policy_status: None,
@@ -272,6 +291,7 @@ impl AgentSession {
                 self.state = State::Streaming { version };
                 self.watermark = watermark;
                 self.acked = watermark;
+                self.held = watermark;
                 self.pushed = watermark;
                 self.sent = watermark;
                 self.window = window;
@@ -319,10 +339,27 @@ impl AgentSession {
                 self.window = window;
                 if upto > self.acked {
                     self.acked = upto;
-                    while self.unacked.front().is_some_and(|s| *s <= upto) {
-                        self.unacked.pop_front();
-                    }
+                    self.held = self.held.max(upto);
+                    self.release(upto);
                     self.events.push_back(AgentEvent::Acked { upto });
+                }
+                Ok(())
+            }
+            (State::Streaming { version }, Frame::Stored { upto }) if version >= 3 => {
+                if upto < self.held {
+                    return Err(ProtocolError::StoredWentBackwards {
+                        previous: self.held,
+                        got: upto,
+                    });
+                }
+                if upto > self.held {
+                    self.held = upto;
+                    self.release(upto);
+                    // Right after `Welcome` the hub may hold more than this
+                    // session sent: what it holds is not sent again.
+                    self.pushed = self.pushed.max(upto);
+                    self.sent = self.sent.max(upto);
+                    self.events.push_back(AgentEvent::Stored { upto });
                 }
                 Ok(())
             }
@@ -396,7 +433,7 @@ impl AgentSession {
     #[must_use]
     pub fn wants(&self) -> usize {
         match self.state {
-            State::Streaming { .. } => (self.window as usize).saturating_sub(self.unacked.len()),
+            State::Streaming { .. } => (self.window as usize).saturating_sub(self.in_flight.len()),
             _ => 0,
         }
     }
@@ -459,7 +496,7 @@ impl AgentSession {
             Err((_, Some(_))) => return Err(UsageError::Unencodable { seq }),
         }
         self.pushed = seq;
-        self.unacked.push_back(seq);
+        self.in_flight.push_back(seq);
         Ok(())
     }
 
@@ -495,8 +532,9 @@ impl AgentSession {
 
     /// Leaves on purpose: sends what was pushed, then `Goodbye`, and closes
     /// with `Closed { error: None }`. Events not yet acknowledged stay in the
-    /// outbox and are sent again by the next session. For a drained stop, wait
-    /// until [`unacked`](Self::unacked) is 0 (with a deadline) first.
+    /// outbox and are sent again by the next session (unless the hub says it
+    /// stored them). For a drained stop, wait until
+    /// [`in_flight`](Self::in_flight) is 0 (with a deadline) first.
     pub fn goodbye(&mut self) {
         if self.state == State::Closed {
             return;
@@ -555,10 +593,24 @@ impl AgentSession {
         self.acked
     }
 
-    /// How many pushed events the hub has not acknowledged yet.
+    /// The highest seq the hub stored or acknowledged in this session.
     #[must_use]
-    pub fn unacked(&self) -> usize {
-        self.unacked.len()
+    pub fn held(&self) -> Seq {
+        self.held
+    }
+
+    /// How many pushed events count against the window: the hub has neither
+    /// stored (version 3) nor acknowledged them yet.
+    #[must_use]
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Stops counting the seqs up to `upto` against the window.
+    fn release(&mut self, upto: Seq) {
+        while self.in_flight.front().is_some_and(|s| *s <= upto) {
+            self.in_flight.pop_front();
+        }
     }
 
     fn seal(&mut self) {

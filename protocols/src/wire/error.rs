@@ -238,6 +238,14 @@ pub enum ProtocolError {
         /// The seq in this `Ack`.
         got: Seq,
     },
+    /// A `Stored` named a seq below what an earlier `Stored` or `Ack` covered.
+    #[error("Stored for seq {got} is below seq {previous}, already stored or acknowledged")]
+    StoredWentBackwards {
+        /// The highest seq stored or acknowledged before.
+        previous: Seq,
+        /// The seq in this `Stored`.
+        got: Seq,
+    },
     /// Nothing arrived from the peer for the idle timeout.
     #[error("nothing received for {silent:?}; idle timeout")]
     IdleTimeout {
@@ -275,9 +283,9 @@ impl ProtocolError {
             ProtocolError::UnexpectedFrame { .. } => ErrorCode::UnexpectedFrame,
             ProtocolError::SeqNotIncreasing { .. } => ErrorCode::SeqNotIncreasing,
             ProtocolError::WindowExceeded { .. } => ErrorCode::WindowExceeded,
-            ProtocolError::AckWentBackwards { .. } | ProtocolError::AckBeyondSent { .. } => {
-                ErrorCode::InvalidAck
-            }
+            ProtocolError::AckWentBackwards { .. }
+            | ProtocolError::AckBeyondSent { .. }
+            | ProtocolError::StoredWentBackwards { .. } => ErrorCode::InvalidAck,
             ProtocolError::IdleTimeout { .. } => ErrorCode::Timeout,
             ProtocolError::Peer { code, .. } | ProtocolError::Local { code, .. } => *code,
         }

@@ -144,9 +144,10 @@ pub enum Frame {
         events: Vec<(Seq, EventBody)>,
     },
     /// 4, hub → agent: every event with a seq up to `upto` is durable at the
-    /// hub (cumulative).
+    /// hub and accepted by every sink the policy routes it to (cumulative):
+    /// the agent may delete them.
     Ack {
-        /// The highest seq stored.
+        /// The highest seq acknowledged.
         upto: Seq,
         /// How many events the agent may send beyond `upto`.
         window: u32,
@@ -186,11 +187,22 @@ pub enum Frame {
         /// [`MAX_ERROR_MESSAGE_LEN`] bytes.
         error: Option<String>,
     },
+    /// 10, hub → agent, version 3: every event with a seq up to `upto` is
+    /// durable in the hub's store, though a sink the policy routes some of
+    /// them to has not accepted them yet, so no `Ack` covers them. Frees the
+    /// window: the agent goes on sending, and keeps the events in its outbox
+    /// until an `Ack` covers them. Right after `Welcome` it can name seqs the
+    /// agent did not send in this session: the agent need not send those
+    /// again.
+    Stored {
+        /// The highest seq durable at the hub (cumulative).
+        upto: Seq,
+    },
 }
 
 /// The frames' names by variant index, for errors about bodies that did not
 /// decode.
-const KINDS: [&str; 10] = [
+const KINDS: [&str; 11] = [
     "Hello",
     "Welcome",
     "Error",
@@ -201,6 +213,7 @@ const KINDS: [&str; 10] = [
     "Goodbye",
     "Policy",
     "PolicyStatus",
+    "Stored",
 ];
 
 /// What a body that did not decode looked like, for [`FrameError::Malformed`].
@@ -229,6 +242,7 @@ impl Frame {
             Frame::Goodbye => "Goodbye",
             Frame::Policy { .. } => "Policy",
             Frame::PolicyStatus { .. } => "PolicyStatus",
+            Frame::Stored { .. } => "Stored",
         }
     }
 
@@ -611,6 +625,7 @@ pub(crate) mod tests {
             (any::<u64>(), ".{0,64}").prop_map(|(version, text)| Frame::Policy { version, text }),
             (any::<u64>(), prop::option::of(".{0,16}"))
                 .prop_map(|(version, error)| Frame::PolicyStatus { version, error }),
+            any::<u64>().prop_map(|upto| Frame::Stored { upto: Seq(upto) }),
         ]
     }
 
@@ -763,6 +778,7 @@ pub(crate) mod tests {
                     error: None,
                 },
             ),
+            (10, Frame::Stored { upto: Seq(0) }),
         ];
         for (index, frame) in frames {
             let bytes = encode(&frame);
@@ -901,6 +917,7 @@ pub(crate) mod tests {
                 version: 0,
                 error: None,
             },
+            Frame::Stored { upto: Seq(0) },
         ];
         assert_eq!(frames.len(), KINDS.len());
         for f in &frames {

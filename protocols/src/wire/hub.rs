@@ -17,6 +17,14 @@
 //! it was created with). Duplicates are normal after a reconnect and are
 //! dropped here; a seq that goes backwards *within* a session is a protocol
 //! error.
+//!
+//! Two marks, because a sink may be down: what the store holds
+//! ([`HubSession::stored`]) and what may be acknowledged, the store and every
+//! sink routed to having accepted it ([`HubSession::acknowledge`]). In
+//! version 3 the first is sent as `Stored` and frees the window, so a sink
+//! that is down holds back only the deletes at the agent, not its upload; in
+//! versions 1 and 2 only the second exists on the wire, and the window waits
+//! for it.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -66,7 +74,8 @@ pub enum HubEvent {
     },
     /// New events, in increasing seq order, none handed out before by this
     /// session nor at or below its watermark. Store them (idempotently, keyed by
-    /// `(agent_id, seq)`), then call [`HubSession::stored`].
+    /// `(agent_id, seq)`), then call [`HubSession::stored`] and, once every
+    /// sink they are routed to accepted them, [`HubSession::acknowledge`].
     Store {
         /// The events.
         events: Vec<(Seq, EventBody)>,
@@ -116,13 +125,14 @@ impl State {
 ///
 /// Inputs: [`handle_bytes`](Self::handle_bytes) with what the stream yields,
 /// [`handle_timeout`](Self::handle_timeout) when [`poll_timeout`](Self::poll_timeout)
-/// passes, and the driver's [`stored`](Self::stored) and [`close`](Self::close).
+/// passes, and the driver's [`stored`](Self::stored),
+/// [`acknowledge`](Self::acknowledge) and [`close`](Self::close).
 ///
 /// Poll order after every input: [`poll_transmit`](Self::poll_transmit) until
 /// `None` (write the bytes to the stream), then [`poll_event`](Self::poll_event)
-/// until `None` (a `Store` goes to the store; when it commits, call `stored`,
-/// which is an input: poll again), then wait for bytes, a commit or
-/// [`poll_timeout`](Self::poll_timeout).
+/// until `None` (a `Store` goes to the store; when it commits, call `stored`
+/// and `acknowledge`, which are inputs: poll again), then wait for bytes, a
+/// commit or [`poll_timeout`](Self::poll_timeout).
 #[derive(Debug)]
 pub struct HubSession {
     agent_id: AgentId,
@@ -139,10 +149,15 @@ pub struct HubSession {
     last_received: Option<Seq>,
     /// The highest seq acknowledged (at least the watermark).
     acked: Seq,
-    /// Whether an `Ack` for `acked` waits to be sent.
-    ack_pending: bool,
-    /// The seqs handed out and not yet acknowledged, ascending.
-    unacked: VecDeque<Seq>,
+    /// The `upto` of the last `Ack` sent (or the watermark `Welcome` said).
+    ack_sent: Seq,
+    /// The highest seq the store holds (at least `acked`).
+    held: Seq,
+    /// The `upto` of the last `Stored` sent (version 3), or the watermark.
+    stored_sent: Seq,
+    /// The seqs handed out and still counted against the window, ascending:
+    /// not yet stored (version 3) or not yet acknowledged (before it).
+    in_flight: VecDeque<Seq>,
     last_heard: Instant,
     last_sent: Instant,
 }
@@ -169,8 +184,10 @@ impl HubSession {
             highest: watermark,
             last_received: None,
             acked: watermark,
-            ack_pending: false,
-            unacked: VecDeque::new(),
+            ack_sent: watermark,
+            held: watermark,
+            stored_sent: watermark,
+            in_flight: VecDeque::new(),
             last_heard: now,
             last_sent: now,
         }
@@ -178,11 +195,14 @@ impl HubSession {
 
     /// The same session for a store that holds more than it may acknowledge
     /// yet (events waiting for a sink): the `Welcome` still says `watermark`,
-    /// where the agent resumes, but what it sends again up to `received`
-    /// (the store's own watermark) is not handed out a second time.
+    /// what the agent may delete, but what it sends again up to `received`
+    /// (the store's own watermark) is not handed out a second time. A
+    /// version 3 agent is told `Stored { upto: received }` right after
+    /// `Welcome` and resumes after it.
     #[must_use]
     pub fn holding(mut self, received: Seq) -> HubSession {
         self.highest = self.highest.max(received);
+        self.held = self.held.max(received);
         self
     }
 
@@ -219,7 +239,6 @@ impl HubSession {
             }),
             (_, Frame::Goodbye) => {
                 self.transmit.clear();
-                self.ack_pending = false;
                 self.state = State::Closed;
                 self.events.push_back(HubEvent::Closed { error: None });
                 Ok(())
@@ -313,7 +332,7 @@ impl HubSession {
                 fresh += 1;
             }
         }
-        let in_flight = self.unacked.len() as u64 + fresh as u64;
+        let in_flight = self.in_flight.len() as u64 + fresh as u64;
         if in_flight > u64::from(self.config.window) {
             return Err(ProtocolError::WindowExceeded {
                 acked: self.acked,
@@ -329,7 +348,7 @@ impl HubSession {
             .collect();
         if let Some((last, _)) = fresh.last() {
             self.highest = *last;
-            self.unacked.extend(fresh.iter().map(|(seq, _)| *seq));
+            self.in_flight.extend(fresh.iter().map(|(seq, _)| *seq));
             self.events.push_back(HubEvent::Store { events: fresh });
         }
         Ok(())
@@ -348,7 +367,8 @@ impl HubSession {
         }
         if matches!(self.state, State::Streaming { .. })
             && self.transmit.is_empty()
-            && !self.ack_pending
+            && self.stored_due().is_none()
+            && self.ack_due().is_none()
             && now.saturating_duration_since(self.last_sent) >= self.config.heartbeat
         {
             self.queue(&Frame::Heartbeat);
@@ -357,37 +377,111 @@ impl HubSession {
     }
 
     /// Tells the session that the store has durably committed every event it
-    /// handed out up to `upto`; an `Ack` follows. A `upto` at or below what was
-    /// acknowledged, or a call after `Closed`, does nothing.
+    /// handed out up to `upto`, though a sink may not have accepted them yet.
+    /// In version 3 a `Stored` follows and the window opens; before, nothing
+    /// is sent until [`acknowledge`](Self::acknowledge). A `upto` at or below
+    /// what is known stored, or a call after `Closed`, does nothing.
     pub fn stored(&mut self, upto: Seq) -> Result<(), UsageError> {
+        self.check_received(upto)?;
+        if self.state == State::Closed || upto <= self.held {
+            return Ok(());
+        }
+        self.held = upto;
+        if self.speaks_stored() {
+            self.release(upto);
+        }
+        Ok(())
+    }
+
+    /// Tells the session that every event it handed out up to `upto` is
+    /// durable in the store and accepted by every sink the policy routes it
+    /// to; an `Ack` follows. Implies [`stored`](Self::stored). A `upto` at or
+    /// below what was acknowledged, or a call after `Closed`, does nothing.
+    pub fn acknowledge(&mut self, upto: Seq) -> Result<(), UsageError> {
+        self.check_received(upto)?;
+        if self.state == State::Closed || upto <= self.acked {
+            return Ok(());
+        }
+        self.acked = upto;
+        self.held = self.held.max(upto);
+        self.release(upto);
+        if self.state == State::AwaitHello {
+            // Nothing may precede `Welcome`: it says this instead.
+            self.watermark = upto;
+            self.ack_sent = upto;
+            self.stored_sent = self.stored_sent.max(upto);
+        }
+        Ok(())
+    }
+
+    fn check_received(&self, upto: Seq) -> Result<(), UsageError> {
         if upto > self.highest {
             return Err(UsageError::StoredBeyondReceived {
                 received: self.highest,
                 got: upto,
             });
         }
-        if self.state == State::Closed || upto <= self.acked {
-            return Ok(());
-        }
-        self.acked = upto;
-        while self.unacked.front().is_some_and(|s| *s <= upto) {
-            self.unacked.pop_front();
-        }
-        self.ack_pending = true;
         Ok(())
+    }
+
+    /// Whether the negotiated version has the `Stored` frame.
+    fn speaks_stored(&self) -> bool {
+        matches!(self.state, State::Streaming { version } if version >= 3)
+    }
+
+    /// The highest `upto` an `Ack` may carry now: the agent refuses one
+    /// beyond what it sent in this session, `Welcome` said or a `Stored`
+    /// told it. What was acknowledged beyond that (events a resuming session
+    /// holds, not yet sent again by a version 1 or 2 agent) waits until the
+    /// agent sends them again.
+    fn ack_limit(&self) -> Seq {
+        self.last_received
+            .unwrap_or(Seq(0))
+            .max(self.watermark)
+            .max(self.stored_sent)
+    }
+
+    /// The `Ack` to send now, if any.
+    fn ack_due(&self) -> Option<Seq> {
+        let upto = self.acked.min(self.ack_limit());
+        (self.is_streaming() && upto > self.ack_sent).then_some(upto)
+    }
+
+    /// The `Stored` to send now (version 3), if any: what the store holds
+    /// beyond everything already said, unless the `Ack` due says as much.
+    fn stored_due(&self) -> Option<Seq> {
+        let said = self.stored_sent.max(self.ack_sent);
+        let covered = self.acked >= self.held && self.held <= self.ack_limit();
+        (self.speaks_stored() && self.held > said && !covered).then_some(self.held)
+    }
+
+    /// Stops counting the seqs up to `upto` against the window.
+    fn release(&mut self, upto: Seq) {
+        while self.in_flight.front().is_some_and(|s| *s <= upto) {
+            self.in_flight.pop_front();
+        }
     }
 
     /// Appends the next frame to `buf` and returns its length, or `None` when
     /// nothing is waiting. Call until `None`. Acknowledgements are coalesced:
-    /// several `stored` calls between polls send one `Ack`.
+    /// several `acknowledge` calls between polls send one `Ack`, several
+    /// `stored` calls one `Stored`, and none is sent that an `Ack` covers.
     #[must_use]
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<usize> {
-        if self.transmit.is_empty() && self.ack_pending {
-            self.ack_pending = false;
-            self.queue(&Frame::Ack {
-                upto: self.acked,
-                window: self.config.window,
-            });
+        if self.transmit.is_empty() {
+            if let Some(upto) = self.stored_due() {
+                self.stored_sent = upto;
+                self.queue(&Frame::Stored { upto });
+            }
+        }
+        if self.transmit.is_empty() {
+            if let Some(upto) = self.ack_due() {
+                self.ack_sent = upto;
+                self.queue(&Frame::Ack {
+                    upto,
+                    window: self.config.window,
+                });
+            }
         }
         let frame = self.transmit.pop_front()?;
         buf.extend_from_slice(&frame);
@@ -481,7 +575,8 @@ impl HubSession {
         self.state == State::Closed
     }
 
-    /// The watermark the session was created with.
+    /// The watermark the session was created with, or acknowledged before
+    /// `Welcome` was sent: what `Welcome` says.
     #[must_use]
     pub fn watermark(&self) -> Seq {
         self.watermark
@@ -491,6 +586,13 @@ impl HubSession {
     #[must_use]
     pub fn acked(&self) -> Seq {
         self.acked
+    }
+
+    /// The highest seq the store holds, as far as the session was told (at
+    /// least [`acked`](Self::acked)).
+    #[must_use]
+    pub fn held(&self) -> Seq {
+        self.held
     }
 
     /// The highest seq handed out in a `Store` (or the watermark).
@@ -512,7 +614,6 @@ impl HubSession {
     /// unless the agent ended it, an `Error` frame tells the agent why.
     fn fail(&mut self, error: ProtocolError) -> ProtocolError {
         self.transmit.clear();
-        self.ack_pending = false;
         if !error.is_from_peer() {
             // A local close sends the driver's words; anything else says
             // what the peer did wrong.

@@ -207,7 +207,7 @@ fn a_version_1_hub_serves_a_newer_agent_in_version_1() {
     let mut agent = AgentSession::new(now, AgentInfo::default(), AgentConfig::default());
     agent.report_policy(4, None);
     let sent = agent_sent(&mut agent, now);
-    assert!(matches!(sent.as_slice(), [Frame::Hello { versions, .. }] if versions == &[2, 1]));
+    assert!(matches!(sent.as_slice(), [Frame::Hello { versions, .. }] if versions == &[3, 2, 1]));
     let welcome = Frame::Welcome {
         version: 1,
         watermark: Seq(0),
@@ -294,7 +294,7 @@ fn an_agent_with_no_common_version_is_refused_with_unsupported_version() {
     assert_eq!(
         err,
         ProtocolError::UnsupportedVersion {
-            ours: vec![2, 1],
+            ours: vec![3, 2, 1],
             theirs: vec![7, 8]
         }
     );
@@ -625,7 +625,7 @@ fn pushing_out_of_order_or_beyond_the_window_is_a_usage_error() {
         agent.push_event(Seq(14), &body(14)),
         Err(UsageError::WindowFull { window: 2 })
     );
-    assert_eq!(agent.unacked(), 2);
+    assert_eq!(agent.in_flight(), 2);
 }
 
 #[test]
@@ -635,13 +635,13 @@ fn storing_beyond_what_was_received_is_a_usage_error() {
     hub.handle_bytes(now, &encode(&[batch(&[1, 2])]))
         .expect("fine");
     assert_eq!(
-        hub.stored(Seq(3)),
+        hub.acknowledge(Seq(3)),
         Err(UsageError::StoredBeyondReceived {
             received: Seq(2),
             got: Seq(3)
         })
     );
-    hub.stored(Seq(2)).expect("fine");
+    hub.acknowledge(Seq(2)).expect("fine");
     assert!(matches!(
         hub_sent(&mut hub, now).as_slice(),
         [Frame::Ack {
@@ -650,7 +650,7 @@ fn storing_beyond_what_was_received_is_a_usage_error() {
         }]
     ));
     // A repeated or lower commit sends nothing more.
-    hub.stored(Seq(1)).expect("fine");
+    hub.acknowledge(Seq(1)).expect("fine");
     assert!(hub_sent(&mut hub, now).is_empty());
 }
 
@@ -660,8 +660,8 @@ fn acks_are_coalesced_between_polls() {
     let mut hub = welcomed_hub(now, 0, 100);
     hub.handle_bytes(now, &encode(&[batch(&[1, 2, 3])]))
         .expect("fine");
-    hub.stored(Seq(1)).expect("fine");
-    hub.stored(Seq(3)).expect("fine");
+    hub.acknowledge(Seq(1)).expect("fine");
+    hub.acknowledge(Seq(3)).expect("fine");
     assert_eq!(
         hub_sent(&mut hub, now),
         [Frame::Ack {
@@ -756,6 +756,263 @@ fn an_agent_closing_on_an_outbox_failure_tells_the_hub() {
     ));
 }
 
+// ---------------------------------------------------------------------------
+// A sink that is down (version 3: `Stored`).
+
+/// A pair whose one sink is down, with `n` events waiting in the outbox.
+fn pair_with_sink_down(max_version: u16, window: u32, n: i64) -> Pair {
+    let agent_config = AgentConfig {
+        max_version,
+        max_batch_events: 3,
+        ..AgentConfig::default()
+    };
+    let hub_config = HubConfig {
+        window,
+        ..HubConfig::default()
+    };
+    let mut pair = Pair::with_configs(agent_config, hub_config);
+    pair.sink_down = true;
+    for i in 1..=n {
+        pair.outbox.append(0, body(i));
+    }
+    pair
+}
+
+#[test]
+fn with_a_sink_down_a_version_3_agent_uploads_past_the_window_and_keeps_everything() {
+    let mut pair = pair_with_sink_down(3, 4, 20);
+    pair.drive();
+    assert!(pair.errors().is_empty(), "{:?}", pair.errors());
+    // All of it is stored, none acknowledged: the outbox keeps every event.
+    assert_eq!(pair.store.events.len(), 20);
+    assert_eq!(pair.store.acked, Seq(0));
+    assert_eq!(pair.outbox.len(), 20);
+    assert_eq!(pair.agent.held(), Seq(20));
+    assert_eq!(pair.agent.acked(), Seq(0));
+    assert_eq!(pair.agent.in_flight(), 0);
+    assert!(pair.stored_seen > 0);
+    // The sink comes back: the acknowledgement deletes everything.
+    pair.sink_up();
+    pair.drive();
+    assert_exactly_once(&pair);
+    assert_eq!(pair.agent.acked(), Seq(20));
+}
+
+#[test]
+fn with_a_sink_down_a_version_2_agent_stops_at_the_window() {
+    let mut pair = pair_with_sink_down(2, 4, 20);
+    pair.drive();
+    assert!(pair.errors().is_empty(), "{:?}", pair.errors());
+    assert_eq!(pair.stored_seen, 0);
+    assert_eq!(pair.store.events.len(), 4);
+    assert_eq!(pair.agent.in_flight(), 4);
+    assert_eq!(pair.agent.wants(), 0);
+    pair.sink_up();
+    pair.drive();
+    assert_exactly_once(&pair);
+}
+
+#[test]
+fn after_a_reconnect_the_agent_resumes_after_what_the_hub_stored_not_after_its_ack() {
+    let mut pair = pair_with_sink_down(3, 4, 20);
+    pair.drive();
+    assert_eq!(pair.store.events.len(), 20);
+    pair.reset();
+    pair.drive();
+    assert!(pair.errors().is_empty(), "{:?}", pair.errors());
+    // Welcome says 0 (nothing may be deleted), Stored says 20: nothing is
+    // read from the outbox again.
+    assert_eq!(pair.connected.last(), Some(&Seq(0)));
+    assert_eq!(pair.agent.read_after(), Seq(20));
+    assert_eq!(pair.agent.held(), Seq(20));
+    assert_eq!(pair.outbox.len(), 20);
+    // New events go on past the window while the sink is still down.
+    for i in 21..=30 {
+        pair.outbox.append(0, body(i));
+    }
+    pair.drive();
+    assert_eq!(pair.store.events.len(), 30);
+    assert_eq!(pair.store.ignored_duplicates, 0);
+    pair.sink_up();
+    pair.drive();
+    assert_exactly_once(&pair);
+}
+
+#[test]
+fn the_hub_sends_stored_only_in_version_3_and_never_what_an_ack_covers() {
+    let now = origin();
+    // Version 3: a commit the sink has not accepted is `Stored`, and frees
+    // the window.
+    let mut hub = welcomed_hub(now, 0, 3);
+    hub.handle_bytes(now, &encode(&[batch(&[1, 2, 3])]))
+        .expect("fine");
+    hub.stored(Seq(3)).expect("fine");
+    assert_eq!(hub_sent(&mut hub, now), [Frame::Stored { upto: Seq(3) }]);
+    hub.handle_bytes(now, &encode(&[batch(&[4, 5, 6])]))
+        .expect("the window counts from what is stored");
+    // Stored and acknowledged between two polls: the Ack says it all.
+    hub.stored(Seq(6)).expect("fine");
+    hub.acknowledge(Seq(6)).expect("fine");
+    assert_eq!(
+        hub_sent(&mut hub, now),
+        [Frame::Ack {
+            upto: Seq(6),
+            window: 3
+        }]
+    );
+    // Version 2: nothing goes out, and the window waits for the Ack.
+    let mut hub = HubSession::new(
+        now,
+        agent_id(),
+        Seq(0),
+        HubConfig {
+            window: 3,
+            ..HubConfig::default()
+        },
+    );
+    hub.handle_bytes(now, &encode(&[hello(vec![2, 1])]))
+        .expect("hello accepted");
+    let _ = hub_sent(&mut hub, now);
+    hub.handle_bytes(now, &encode(&[batch(&[1, 2, 3])]))
+        .expect("fine");
+    hub.stored(Seq(3)).expect("fine");
+    assert!(hub_sent(&mut hub, now).is_empty());
+    let err = hub
+        .handle_bytes(now, &encode(&[batch(&[4])]))
+        .expect_err("window full");
+    assert_eq!(err.code(), ErrorCode::WindowExceeded);
+}
+
+#[test]
+fn a_resuming_hub_tells_a_version_3_agent_what_it_holds_right_after_welcome() {
+    let now = origin();
+    let mut hub = HubSession::new(now, agent_id(), Seq(5), HubConfig::default()).holding(Seq(9));
+    // The sink accepts up to 7 before the agent's Hello: Welcome says so,
+    // and no Ack comes before it.
+    hub.acknowledge(Seq(7)).expect("fine");
+    hub.handle_bytes(now, &encode(&[hello(vec![3, 2, 1])]))
+        .expect("hello accepted");
+    let sent = hub_sent(&mut hub, now);
+    assert!(
+        matches!(
+            sent.as_slice(),
+            [
+                Frame::Welcome {
+                    version: 3,
+                    watermark: Seq(7),
+                    ..
+                },
+                Frame::Stored { upto: Seq(9) }
+            ]
+        ),
+        "{sent:?}"
+    );
+    // A version 2 agent gets the Welcome alone, and sends seqs 8 and 9
+    // again, which the hub drops.
+    let mut hub = HubSession::new(now, agent_id(), Seq(5), HubConfig::default()).holding(Seq(9));
+    hub.handle_bytes(now, &encode(&[hello(vec![2, 1])]))
+        .expect("hello accepted");
+    assert!(matches!(
+        hub_sent(&mut hub, now).as_slice(),
+        [Frame::Welcome {
+            version: 2,
+            watermark: Seq(5),
+            ..
+        }]
+    ));
+    // The sink accepts up to 9 now: the agent has not sent 6 to 9 again in
+    // this session, and would refuse an Ack for them.
+    hub.acknowledge(Seq(9)).expect("fine");
+    assert!(hub_sent(&mut hub, now).is_empty());
+    hub.handle_bytes(now, &encode(&[batch(&[6, 7])]))
+        .expect("fine");
+    assert!(matches!(
+        hub_sent(&mut hub, now).as_slice(),
+        [Frame::Ack { upto: Seq(7), .. }]
+    ));
+    hub.handle_bytes(now, &encode(&[batch(&[8, 9, 10])]))
+        .expect("fine");
+    assert!(matches!(
+        hub_sent(&mut hub, now).as_slice(),
+        [Frame::Ack { upto: Seq(9), .. }]
+    ));
+    let stored: Vec<Seq> = hub_events(&mut hub)
+        .into_iter()
+        .flat_map(|e| match e {
+            HubEvent::Store { events } => events.into_iter().map(|(s, _)| s).collect(),
+            _ => vec![],
+        })
+        .collect();
+    assert_eq!(stored, [Seq(10)]);
+}
+
+#[test]
+fn the_agent_refuses_a_stored_that_goes_backwards_or_comes_in_version_2() {
+    let now = origin();
+    let mut agent = streaming_agent(now, 0, 10, AgentConfig::default());
+    agent
+        .push_events(vec![(Seq(1), body(1)), (Seq(2), body(2))])
+        .expect("fine");
+    let _ = agent_sent(&mut agent, now);
+    agent
+        .handle_bytes(now, &encode(&[Frame::Stored { upto: Seq(2) }]))
+        .expect("fine");
+    assert_eq!(
+        agent_events(&mut agent),
+        [AgentEvent::Stored { upto: Seq(2) }]
+    );
+    assert_eq!(agent.in_flight(), 0);
+    let err = agent
+        .handle_bytes(now, &encode(&[Frame::Stored { upto: Seq(1) }]))
+        .expect_err("backwards");
+    assert_eq!(err.code(), ErrorCode::InvalidAck);
+    assert_eq!(
+        error_code(&agent_sent(&mut agent, now)),
+        Some(ErrorCode::InvalidAck)
+    );
+
+    let mut agent = AgentSession::new(now, AgentInfo::default(), AgentConfig::default());
+    let _ = agent_sent(&mut agent, now);
+    let welcome = Frame::Welcome {
+        version: 2,
+        watermark: Seq(0),
+        window: 10,
+    };
+    let err = agent
+        .handle_bytes(now, &encode(&[welcome, Frame::Stored { upto: Seq(1) }]))
+        .expect_err("no Stored in version 2");
+    assert_eq!(err.code(), ErrorCode::UnexpectedFrame);
+}
+
+#[test]
+fn a_stored_beyond_what_the_agent_sent_moves_where_it_reads_from() {
+    let now = origin();
+    let mut agent = streaming_agent(now, 4, 10, AgentConfig::default());
+    agent
+        .handle_bytes(now, &encode(&[Frame::Stored { upto: Seq(9) }]))
+        .expect("fine");
+    assert_eq!(agent.read_after(), Seq(9));
+    assert_eq!(
+        agent.push_event(Seq(9), &body(9)),
+        Err(UsageError::SeqNotIncreasing {
+            previous: Seq(9),
+            got: Seq(9)
+        })
+    );
+    agent.push_event(Seq(10), &body(10)).expect("fine");
+    let _ = agent_sent(&mut agent, now);
+    // An Ack of what the hub holds is no longer beyond what was sent.
+    agent
+        .handle_bytes(
+            now,
+            &encode(&[Frame::Ack {
+                upto: Seq(9),
+                window: 10,
+            }]),
+        )
+        .expect("fine");
+    assert_eq!(agent.acked(), Seq(9));
+}
 // ---------------------------------------------------------------------------
 // Heartbeats and timeouts.
 
@@ -1017,7 +1274,7 @@ fn an_agent_beyond_its_window_is_refused() {
     let mut hub = welcomed_hub(now, 0, 3);
     hub.handle_bytes(now, &encode(&[batch(&[1, 2, 3])]))
         .expect("within the window");
-    hub.stored(Seq(2)).expect("fine");
+    hub.acknowledge(Seq(2)).expect("fine");
     // Two acknowledged: two more may come.
     hub.handle_bytes(now, &encode(&[batch(&[4, 5])]))
         .expect("within the window");
@@ -1201,6 +1458,10 @@ enum Action {
     AgentRestart,
     /// The store commits.
     Commit,
+    /// The sink goes down: commits are stored, not acknowledged.
+    SinkDown,
+    /// The sink comes back and accepts everything stored.
+    SinkUp,
 }
 
 fn arb_action() -> impl Strategy<Value = Action> {
@@ -1216,6 +1477,8 @@ fn arb_action() -> impl Strategy<Value = Action> {
         1 => Just(Action::HubRestart),
         1 => Just(Action::AgentRestart),
         2 => Just(Action::Commit),
+        1 => Just(Action::SinkDown),
+        1 => Just(Action::SinkUp),
     ]
 }
 
@@ -1230,8 +1493,9 @@ proptest! {
         window in 1u32..64,
         max_batch_events in 1usize..16,
         latency_ms in 0u64..50,
+        max_version in 1u16..=PROTOCOL_VERSION,
     ) {
-        let agent_config = AgentConfig { max_batch_events, ..AgentConfig::default() };
+        let agent_config = AgentConfig { max_batch_events, max_version, ..AgentConfig::default() };
         let hub_config = HubConfig { window, ..HubConfig::default() };
         let mut pair = Pair::with_configs(agent_config, hub_config);
         pair.latency = Duration::from_millis(latency_ms);
@@ -1270,12 +1534,15 @@ proptest! {
                 Action::HubRestart => pair.hub_restart(),
                 Action::AgentRestart => pair.agent_restart(),
                 Action::Commit => pair.commit(),
+                Action::SinkDown => pair.sink_down = true,
+                Action::SinkUp => pair.sink_up(),
             }
             prop_assert!(pair.errors().is_empty(), "{:?}", pair.errors());
         }
-        // Heal: commit as it comes, and drain.
+        // Heal: commit as it comes, the sink accepts, and drain.
         pair.auto_commit = true;
         pair.commit();
+        pair.sink_up();
         for _ in 0..50 {
             if pair.outbox.is_empty() {
                 break;
@@ -1346,7 +1613,7 @@ proptest! {
                     }
                 }
             }
-            let _ = hub.stored(hub.highest_received());
+            let _ = hub.acknowledge(hub.highest_received());
         }
     }
 }

@@ -97,6 +97,8 @@ pub(crate) struct Store {
     pub(crate) inserts: Vec<Seq>,
     /// Inserts refused because the seq was already stored.
     pub(crate) ignored_duplicates: usize,
+    /// The highest seq the sink accepted: what may be acknowledged.
+    pub(crate) acked: Seq,
 }
 
 impl Store {
@@ -160,6 +162,11 @@ pub(crate) struct Pair {
     pub(crate) reported_policy: Option<u64>,
     /// How many `Policy` frames the agent received.
     pub(crate) policies_received: usize,
+    /// Whether the one sink every event is routed to is down: commits are
+    /// stored but not acknowledged until [`Pair::sink_up`].
+    pub(crate) sink_down: bool,
+    /// How many `Stored` events the agent saw.
+    pub(crate) stored_seen: usize,
     to_hub: Link,
     to_agent: Link,
     /// Events handed to the store and not yet committed, with the connection
@@ -206,6 +213,8 @@ impl Pair {
             agent_policy: 0,
             reported_policy: None,
             policies_received: 0,
+            sink_down: false,
+            stored_seen: 0,
             to_hub: Link::new(),
             to_agent: Link::new(),
             uncommitted: Vec::new(),
@@ -222,18 +231,21 @@ impl Pair {
     /// New sessions on a new connection; the hub reads its watermark from the
     /// store as it is now.
     pub(crate) fn connect(&mut self) {
-        let watermark = self.store.watermark();
-        self.connect_with_watermark(watermark);
+        let (acked, received) = (self.store.acked, self.store.watermark());
+        self.connect_with_watermark(acked, received);
     }
 
-    fn connect_with_watermark(&mut self, watermark: Seq) {
+    /// New sessions; the hub's says `acked` in `Welcome` and holds what the
+    /// store has up to `received`, as the hub's driver does.
+    fn connect_with_watermark(&mut self, acked: Seq, received: Seq) {
         self.to_hub.clear();
         self.to_agent.clear();
         self.broken = false;
         self.connections += 1;
         self.agent = AgentSession::new(self.now, self.info.clone(), self.agent_config.clone());
         self.agent.report_policy(self.agent_policy, None);
-        self.hub = HubSession::new(self.now, agent_id(), watermark, self.hub_config.clone());
+        self.hub =
+            HubSession::new(self.now, agent_id(), acked, self.hub_config.clone()).holding(received);
         self.reported_policy = None;
     }
 
@@ -259,8 +271,8 @@ impl Pair {
     /// agent then resends events the store already has, and the store's
     /// idempotent insert is what keeps them single.
     pub(crate) fn reset_stale(&mut self) {
-        let stale = self.store.watermark();
-        self.connect_with_watermark(stale);
+        let (acked, received) = (self.store.acked, self.store.watermark());
+        self.connect_with_watermark(acked, received);
         self.commit();
     }
 
@@ -311,11 +323,27 @@ impl Pair {
                 last = Some(seq);
             }
         }
+        if !self.sink_down {
+            self.store.acked = self.store.watermark();
+        }
         if let Some(last) = last {
             self.hub
                 .stored(last)
                 .expect("stored only what was handed out");
+            self.hub
+                .acknowledge(last.min(self.store.acked))
+                .expect("stored only what was handed out");
         }
+    }
+
+    /// The sink comes back and accepts everything stored; the hub's session
+    /// acknowledges what it handed out of that, as the driver does when a
+    /// sink's queue shrinks.
+    pub(crate) fn sink_up(&mut self) {
+        self.sink_down = false;
+        self.store.acked = self.store.watermark();
+        let upto = self.store.acked.min(self.hub.highest_received());
+        self.hub.acknowledge(upto).expect("handed out");
     }
 
     /// Loses one chunk in flight (`index` picks which); the connection breaks.
@@ -352,7 +380,25 @@ impl Pair {
                 busy = true;
                 match event {
                     AgentEvent::Connected { watermark, .. } => self.connected.push(watermark),
-                    AgentEvent::Acked { upto } => self.outbox.ack(upto),
+                    AgentEvent::Acked { upto } => {
+                        assert!(
+                            upto <= self.store.acked,
+                            "ack {upto} beyond what the sink accepted, {}",
+                            self.store.acked
+                        );
+                        self.outbox.ack(upto);
+                    }
+                    AgentEvent::Stored { upto } => {
+                        // The agent will not send these again: the store
+                        // must really hold every one it still has.
+                        for seq in self.outbox.events.range(..=upto).map(|(s, _)| *s) {
+                            assert!(
+                                self.store.events.contains_key(&seq),
+                                "Stored {upto} but seq {seq} is not in the store"
+                            );
+                        }
+                        self.stored_seen += 1;
+                    }
                     AgentEvent::Policy { version, .. } => {
                         self.policies_received += 1;
                         self.agent_policy = version;
