@@ -513,7 +513,22 @@ impl Uplink {
     /// hub holds seqs this outbox never assigned, renumbers what waits here
     /// to follow them (see `Outbox::resume_after`), and says so loudly.
     async fn resume(&self, watermark: Seq) -> Result<(), UplinkError> {
-        match self.outbox.resume_after(watermark).await? {
+        let resumed = self.outbox.resume_after(watermark).await?;
+        self.resumed(watermark, resumed);
+        Ok(())
+    }
+
+    /// Applies the hub's `Stored` mark beyond every seq this outbox assigned
+    /// (see `Outbox::follow`), and says so loudly.
+    async fn follow(&self, held: Seq) -> Result<(), UplinkError> {
+        let resumed = self.outbox.follow(held).await?;
+        self.resumed(held, resumed);
+        Ok(())
+    }
+
+    /// Counts what applying the hub's mark `hub` did to the outbox.
+    fn resumed(&self, hub: Seq, resumed: Resumed) {
+        match resumed {
             Resumed::Acked { deleted } => {
                 self.metrics.uplink_acked.inc_by(deleted);
             }
@@ -523,7 +538,7 @@ impl Uplink {
                 last,
             } => {
                 warn!(
-                    hub_watermark = watermark.0,
+                    hub_seq = hub.0,
                     outbox_last = last_before.0,
                     renumbered,
                     new_last = last.0,
@@ -535,30 +550,6 @@ impl Uplink {
                 self.metrics.outbox_renumbered.inc_by(renumbered);
             }
         }
-        Ok(())
-    }
-
-    /// Applies the hub's `Stored` mark beyond every seq this outbox assigned
-    /// (see `Outbox::follow`), and says so loudly.
-    async fn follow(&self, held: Seq) -> Result<(), UplinkError> {
-        if let Resumed::Renumbered {
-            renumbered,
-            last_before,
-            last,
-        } = self.outbox.follow(held).await?
-        {
-            warn!(
-                hub_stored = held.0,
-                outbox_last = last_before.0,
-                renumbered,
-                new_last = last.0,
-                "The hub stores seqs this outbox never assigned (a new, wiped or restored \
-                 data directory under this agent id): the waiting events were renumbered to \
-                 follow the hub's, so none is lost."
-            );
-            self.metrics.outbox_renumbered.inc_by(renumbered);
-        }
-        Ok(())
     }
 
     /// Counts what a finished delete removed.

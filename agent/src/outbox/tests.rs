@@ -34,6 +34,12 @@ fn size_of(b: &EventBody) -> u64 {
     row_size(b.encode().len(), b.stream.as_str().len())
 }
 
+/// `outbox.db` in `dir`, roomy, dropping the oldest: for the tests whose
+/// limits do not matter.
+fn plain(dir: &Path) -> OutboxConfig {
+    config(&dir.join("outbox.db"), Eviction::DropOldest, 1 << 20, None)
+}
+
 fn config(
     path: &Path,
     eviction: Eviction,
@@ -401,12 +407,7 @@ proptest! {
 #[test]
 fn seqs_strictly_increase_across_reopen_even_after_everything_was_acked() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = config(
-        &dir.path().join("outbox.db"),
-        Eviction::DropOldest,
-        1 << 20,
-        None,
-    );
+    let cfg = plain(dir.path());
     let mut last = 0;
     for round in 0..3 {
         let mut outbox = Outbox::open(&cfg, agent()).expect("opens");
@@ -541,12 +542,7 @@ fn a_newer_schema_is_refused_with_its_version() {
 #[test]
 fn acking_beyond_the_last_seq_is_an_error_and_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = config(
-        &dir.path().join("outbox.db"),
-        Eviction::DropOldest,
-        1 << 20,
-        None,
-    );
+    let cfg = plain(dir.path());
     let mut outbox = Outbox::open(&cfg, agent()).expect("opens");
     assert!(matches!(
         outbox.ack(Seq(1)),
@@ -628,12 +624,7 @@ fn grouped_appends_give_the_same_outcomes_as_separate_ones() {
 #[test]
 fn stats_serialise_with_the_documented_fields() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = config(
-        &dir.path().join("outbox.db"),
-        Eviction::DropOldest,
-        1 << 20,
-        None,
-    );
+    let cfg = plain(dir.path());
     let outbox = Outbox::open(&cfg, agent()).expect("opens");
     let json = serde_json::to_value(outbox.stats().expect("stats")).expect("serialises");
     for key in [
@@ -752,12 +743,7 @@ fn a_truncated_or_overwritten_outbox_starts_afresh_without_reusing_what_it_can_r
 #[test]
 fn a_hub_seq_too_high_to_follow_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = config(
-        &dir.path().join("outbox.db"),
-        Eviction::DropOldest,
-        1 << 20,
-        None,
-    );
+    let cfg = plain(dir.path());
     let mut ob = Outbox::open(&cfg, agent()).expect("opens");
     ob.append(Timestamp(0), &[body(0, 0, 8), body(1, 0, 8)], &[])
         .expect("appends");
