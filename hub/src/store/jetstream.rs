@@ -986,9 +986,15 @@ impl Backend {
                 c.1 += policy.modified;
             }
         }
-        for (agent_id, to) in &through {
+        // The agents' keys are independent: one round trip for all of them,
+        // not one per agent.
+        let raised = futures::future::join_all(through.iter().map(|(agent_id, to)| {
             let known = self.known.get(*agent_id).copied();
-            let k = s.raise(agent_id, *to, known).await?;
+            s.raise(agent_id, *to, known)
+        }))
+        .await;
+        for ((agent_id, _), k) in through.iter().zip(raised) {
+            let k = k?;
             self.known.insert((*agent_id).clone(), k);
             let f = self.floor.entry((*agent_id).clone()).or_insert(k.0);
             *f = (*f).max(k.0);
@@ -996,21 +1002,27 @@ impl Backend {
         // The registry's counters and last_seen, off the acknowledgement's
         // critical path only in that a failure here fails nothing stored.
         let t = now().0;
-        for (agent_id, (dropped, modified)) in &counts {
-            let due = self
-                .seen_at
-                .get(*agent_id)
-                .is_none_or(|at| at.elapsed() >= SEEN_EVERY);
-            if *dropped == 0 && *modified == 0 && !due {
-                continue;
-            }
-            let r = s
-                .update_agent(agent_id, |r| {
-                    r.last_seen = r.last_seen.max(t);
-                    r.policy_dropped += dropped;
-                    r.policy_modified += modified;
-                })
-                .await;
+        let due: Vec<(&AgentId, u64, u64)> = counts
+            .iter()
+            .filter(|(agent_id, (dropped, modified))| {
+                *dropped > 0
+                    || *modified > 0
+                    || self
+                        .seen_at
+                        .get(**agent_id)
+                        .is_none_or(|at| at.elapsed() >= SEEN_EVERY)
+            })
+            .map(|(agent_id, (dropped, modified))| (*agent_id, *dropped, *modified))
+            .collect();
+        let updated = futures::future::join_all(due.iter().map(|(agent_id, dropped, modified)| {
+            s.update_agent(agent_id, move |r| {
+                r.last_seen = r.last_seen.max(t);
+                r.policy_dropped += dropped;
+                r.policy_modified += modified;
+            })
+        }))
+        .await;
+        for ((agent_id, _, _), r) in due.iter().zip(updated) {
             match r {
                 Ok(()) => {
                     self.seen_at.insert((*agent_id).clone(), Instant::now());
