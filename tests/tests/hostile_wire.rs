@@ -288,6 +288,11 @@ fn frames_out_of_order_after_hello_are_refused_and_nothing_is_duplicated() -> Re
             ],
             ErrorCode::UnexpectedFrame,
         ),
+        (
+            "a Stored sent by an agent",
+            vec![hello(), Frame::Stored { upto: Seq(1) }],
+            ErrorCode::UnexpectedFrame,
+        ),
     ];
     // Seqs that go back within a session: 1..=3, then 2..=4. What the hub
     // may store is 1..=3 at most, each once.
