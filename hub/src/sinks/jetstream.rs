@@ -58,7 +58,7 @@
 //! connection does, and one supervisor task of the sink makes the next
 //! connection with backoff and ends on `stop`, draining the connection.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::IntoFuture as _;
 use std::path::Path;
 use std::str::FromStr as _;
@@ -70,6 +70,7 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::ErrorCode;
 use async_nats::{ConnectOptions, Event as NatsEvent, ServerAddr};
 use futures::future::BoxFuture;
+use futures::StreamExt as _;
 use outpost_protocols::{AgentId, Event, EventBody, StreamName, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -114,7 +115,11 @@ pub async fn build(
         settings,
         link: rx,
         stop,
-        suspect: std::sync::atomic::AtomicBool::new(true),
+        sending: tokio::sync::Mutex::new(()),
+        chain: std::sync::Mutex::new(Chain {
+            suspect: super::runner::unrecorded_max(OVERLAP),
+            ..Chain::default()
+        }),
     }))
 }
 
@@ -250,6 +255,8 @@ enum Link {
 
 /// One live connection.
 struct Up {
+    /// Which connection of the sink's this is (they are counted).
+    link: u64,
     js: async_nats::jetstream::Context,
     /// The server's `max_payload`: headers and payload of one message.
     max_payload: usize,
@@ -260,6 +267,7 @@ struct Up {
 async fn supervise(settings: Arc<Settings>, tx: watch::Sender<Link>, stop: CancellationToken) {
     let mut backoff = RECONNECT_MIN;
     let mut last_error: Option<String> = None;
+    let mut links = 0u64;
     loop {
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let options = match settings.options(events_tx) {
@@ -308,7 +316,12 @@ async fn supervise(settings: Arc<Settings>, tx: watch::Sender<Link>, stop: Cance
             .max_ack_inflight(settings.max_inflight)
             .backpressure_on_inflight(true)
             .build(client.clone());
-        tx.send_replace(Link::Up(Arc::new(Up { js, max_payload })));
+        links += 1;
+        tx.send_replace(Link::Up(Arc::new(Up {
+            link: links,
+            js,
+            max_payload,
+        })));
         let reason = loop {
             tokio::select! {
                 _ = stop.cancelled() => {
@@ -354,22 +367,71 @@ struct JetStreamSink {
     /// Checked by each delivery too, so that none starts after `stop` while
     /// the supervisor has not yet taken the connection down.
     stop: CancellationToken,
-    /// Whether the stream may hold part of the next batch already: at start
-    /// (a hub that stopped between a delivery and recording it) and after a
-    /// failed delivery. Then the batch is checked first; see
-    /// [`JetStreamSink::already_stored`].
-    suspect: std::sync::atomic::AtomicBool,
+    /// Held while a delivery sends its publishes, so that overlapping
+    /// deliveries send theirs one batch after the other, in the order they
+    /// were first polled.
+    sending: tokio::sync::Mutex<()>,
+    /// What overlapping deliveries must agree on; see
+    /// [`JetStreamSink::deliver_batch`].
+    chain: std::sync::Mutex<Chain>,
+}
+
+/// Deliveries the runner may have under way at once.
+const OVERLAP: usize = 2;
+
+/// Questions about what the stream holds awaiting their answer at once.
+const CHECKS_AT_ONCE: usize = 32;
+
+/// The deliveries that have sent their publishes and not heard back about
+/// all of them yet ("in doubt"), and what that means for the next ones.
+#[derive(Debug, Default)]
+struct Chain {
+    /// How many there are.
+    in_doubt: usize,
+    /// The connection they sent on ([`Up::link`]).
+    link: u64,
+    /// Whether one of them failed since the last time none was in doubt:
+    /// then no batch is sent until they are all over.
+    broken: bool,
+    /// How many deliveries from now on first ask the stream what it holds
+    /// ([`JetStreamSink::already_stored`]): at start, every batch a hub may
+    /// have delivered without recording it (a hub that stopped in
+    /// between); after a failed delivery, every batch that was in doubt
+    /// with it.
+    suspect: usize,
+}
+
+/// Counts a delivery in doubt until it is over; dropped unfinished (the
+/// delivery was cancelled), it counts as failed.
+struct Doubt<'a> {
+    chain: &'a std::sync::Mutex<Chain>,
+    /// Whether the delivery is over without a transient failure.
+    settled: bool,
+}
+
+impl Drop for Doubt<'_> {
+    fn drop(&mut self) {
+        let mut c = self.chain.lock().unwrap_or_else(|p| p.into_inner());
+        if self.settled {
+            c.suspect = c.suspect.saturating_sub(1);
+        } else {
+            c.broken = true;
+            // Every batch in doubt with this one may hold part of what
+            // the stream stored.
+            c.suspect = c.suspect.max(c.in_doubt);
+        }
+        c.in_doubt = c.in_doubt.saturating_sub(1);
+    }
 }
 
 impl Sink for JetStreamSink {
     fn deliver<'a>(&'a self, events: &'a [SinkEvent]) -> BoxFuture<'a, Result<(), SinkError>> {
-        Box::pin(async move {
-            use std::sync::atomic::Ordering;
-            let r = self.deliver_batch(events).await;
-            self.suspect
-                .store(matches!(r, Err(SinkError::Transient(_))), Ordering::Relaxed);
-            r
-        })
+        Box::pin(self.deliver_batch(events))
+    }
+
+    /// Two; why that is safe is [`JetStreamSink::deliver_batch`]'s doc.
+    fn overlap(&self) -> usize {
+        OVERLAP
     }
 }
 
@@ -380,21 +442,105 @@ enum Refusal {
 }
 
 impl JetStreamSink {
+    /// Delivers one batch; the runner may have [`OVERLAP`] under way.
+    ///
+    /// Why overlapping deliveries keep the check of what the stream holds
+    /// correct: that check skips an agent's events at or below the last
+    /// seq of that agent on their subject, which is right only if what
+    /// the stream holds of one agent on one subject is a prefix, in seq
+    /// order, of what was sent there. One batch's publishes, sent in order
+    /// on one connection and stored in the order they arrive, keep that
+    /// (a connection that breaks loses a tail, never a middle). Two
+    /// batches in flight keep it when they are, together, like one batch
+    /// of both: so a delivery sends its publishes only
+    ///
+    /// - after those of every earlier delivery (`sending`, held while
+    ///   sending; the runner polls deliveries in queue order);
+    /// - on the connection those in doubt were sent on: if that connection
+    ///   is gone, a batch sent on the next one could land ahead of an
+    ///   earlier batch's lost tail, so it is refused (Transient) and sent
+    ///   again later;
+    /// - while none of those in doubt has failed (`broken`): after a
+    ///   failure the runner sends the failed batch again before anything
+    ///   later, and with `suspect` every batch that was in doubt with it is
+    ///   checked when sent again.
+    ///
+    /// A later batch already accepted when an earlier one fails is then as
+    /// the accepted part of one larger batch, which the runner keeps: the
+    /// earlier batch sent again skips what the stream holds below the
+    /// later one's seqs, which is what the check would have found of the
+    /// larger batch.
     async fn deliver_batch(&self, events: &[SinkEvent]) -> Result<(), SinkError> {
         let s = &self.settings;
         let deadline = Instant::now() + s.timeout;
+        let sending = self.sending.lock().await;
         let up = self.connected(deadline).await?;
-        let stored = if self.suspect.load(std::sync::atomic::Ordering::Relaxed) {
-            self.already_stored(&up, events, deadline).await?
+        let check = {
+            let mut c = self.chain.lock().unwrap_or_else(|p| p.into_inner());
+            if c.in_doubt > 0 && (c.broken || c.link != up.link) {
+                return Err(SinkError::Transient(format!(
+                    "an earlier batch to stream {:?} failed or lost its connection before its acknowledgements: this one waits for it to be sent again",
+                    s.stream
+                )));
+            }
+            if c.in_doubt == 0 {
+                c.broken = false;
+                c.link = up.link;
+            }
+            c.in_doubt += 1;
+            c.suspect > 0
+        };
+        let mut doubt = Doubt {
+            chain: &self.chain,
+            settled: false,
+        };
+        let r = self.publish(&up, events, check, deadline, sending).await;
+        doubt.settled = !matches!(r, Err(SinkError::Transient(_)));
+        r
+    }
+
+    /// Publishes `events` on `up` and awaits their acks; `sending` is held
+    /// until all are sent. With `check`, what the stream holds already is
+    /// skipped.
+    async fn publish(
+        &self,
+        up: &Up,
+        events: &[SinkEvent],
+        check: bool,
+        deadline: Instant,
+        sending: tokio::sync::MutexGuard<'_, ()>,
+    ) -> Result<(), SinkError> {
+        let s = &self.settings;
+        let stored = if check {
+            self.already_stored(up, events, deadline).await?
         } else {
             BTreeMap::new()
         };
         let mut skipped = 0;
         let mut rejected: Vec<String> = Vec::new();
         let mut pending = Vec::with_capacity(events.len());
+        // A batch holds a few subjects many times over (each agent's
+        // streams): each is made once, unless the template names `{seq}`.
+        // The labels are part of the key by identity: the runner hands one
+        // agent's events the same labels.
+        let per_event = s.subject.contains("{seq}");
+        type Key<'e> = (&'e AgentId, &'e str, usize);
+        let mut subjects: HashMap<Key<'_>, Result<String, String>> = HashMap::new();
         for e in events {
             let id = format!("{}:{}", e.event.agent_id, e.event.seq.0);
-            let subject = match subject_of(&s.subject, e) {
+            let subject = if per_event {
+                subject_of(&s.subject, e)
+            } else {
+                subjects
+                    .entry((
+                        &e.event.agent_id,
+                        e.event.body.stream.as_str(),
+                        Arc::as_ptr(&e.labels) as usize,
+                    ))
+                    .or_insert_with(|| subject_of(&s.subject, e))
+                    .clone()
+            };
+            let subject = match subject {
                 Ok(subject) => subject,
                 Err(m) => {
                     rejected.push(format!("{id}: {m}"));
@@ -435,6 +581,7 @@ impl JetStreamSink {
                 }
             }
         }
+        drop(sending);
         for (id, subject, ack) in pending {
             let answer = tokio::time::timeout_at(deadline, ack.into_future())
                 .await
@@ -509,41 +656,54 @@ impl JetStreamSink {
                 )))
             }
         };
-        let mut out = BTreeMap::new();
         let subjects: std::collections::BTreeSet<String> = events
             .iter()
             .filter_map(|e| subject_of(&s.subject, e).ok())
             .collect();
-        for subject in subjects {
-            let last =
-                tokio::time::timeout_at(deadline, stream.get_last_raw_message_by_subject(&subject))
-                    .await
-                    .map_err(|_| self.timed_out(events.len()))?;
-            let m = match last {
-                Ok(m) => m,
-                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => continue,
-                Err(e) => {
-                    return Err(SinkError::Transient(format!(
-                        "checking what stream {:?} holds on {subject:?}: {e}",
-                        s.stream
-                    )))
-                }
-            };
-            let ours = m
-                .headers
-                .get(async_nats::header::NATS_MESSAGE_ID)
-                .and_then(|id| {
-                    id.as_str()
-                        .rsplit_once(':')
-                        .map(|(a, q)| (a.to_owned(), q.to_owned()))
-                })
-                .and_then(|(a, q)| {
-                    Some((
-                        AgentId::parse(&a).ok()?,
-                        outpost_protocols::Seq(q.parse().ok()?),
-                    ))
-                });
-            if let Some(last) = ours {
+        // The questions go out together, a few at a time: one after
+        // another, a batch of a hundred subjects cost a hundred round trips.
+        let stream = &stream;
+        let answers = futures::stream::iter(subjects)
+            .map(|subject| async move {
+                let last = tokio::time::timeout_at(
+                    deadline,
+                    stream.get_last_raw_message_by_subject(&subject),
+                )
+                .await
+                .map_err(|_| self.timed_out(events.len()))?;
+                let m = match last {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                        return Ok(None)
+                    }
+                    Err(e) => {
+                        return Err(SinkError::Transient(format!(
+                            "checking what stream {:?} holds on {subject:?}: {e}",
+                            s.stream
+                        )))
+                    }
+                };
+                let ours = m
+                    .headers
+                    .get(async_nats::header::NATS_MESSAGE_ID)
+                    .and_then(|id| {
+                        id.as_str()
+                            .rsplit_once(':')
+                            .map(|(a, q)| (a.to_owned(), q.to_owned()))
+                    })
+                    .and_then(|(a, q)| {
+                        Some((
+                            AgentId::parse(&a).ok()?,
+                            outpost_protocols::Seq(q.parse().ok()?),
+                        ))
+                    });
+                Ok(ours.map(|last| (subject, last)))
+            })
+            .buffer_unordered(CHECKS_AT_ONCE);
+        futures::pin_mut!(answers);
+        let mut out = BTreeMap::new();
+        while let Some(answer) = answers.next().await {
+            if let Some((subject, last)) = answer? {
                 out.insert(subject, last);
             }
         }

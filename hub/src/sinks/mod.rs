@@ -71,6 +71,19 @@ pub trait Sink: Send + Sync {
     /// batch delivered again after an error must be harmless (the far end
     /// deduplicates, or the sink documents that it delivers at least once).
     fn deliver<'a>(&'a self, events: &'a [SinkEvent]) -> BoxFuture<'a, Result<(), SinkError>>;
+
+    /// How many deliveries the runner may have under way at once (it takes
+    /// at most 4). More than one only for a sink that sends the batches of
+    /// overlapping deliveries to its far end in the order the deliveries
+    /// were first polled (the runner polls them in queue order), and that
+    /// stays correct when a later batch is under way while an earlier one
+    /// fails: after a failure the runner lets the attempts under way finish
+    /// and then settles the batches one at a time, the failed one first
+    /// (see [`runner`]). The default, one, is what a far end that may apply
+    /// concurrent requests in any order (an HTTP service) needs.
+    fn overlap(&self) -> usize {
+        1
+    }
 }
 
 /// `[[sinks]]`: one sink. The keys of its kind are in a table named after the

@@ -9,25 +9,80 @@
 //! transaction that records its delivery, so a crash between delivery and
 //! that commit delivers the batch again (at least once; the sinks that can
 //! deduplicate do: JetStream by `Nats-Msg-Id`).
+//!
+//! Why the work is pipelined: done strictly in turn (read a batch, deliver
+//! it, wait for its last acknowledgement, record it), the far end idles
+//! while the hub reads and records, and the hub idles while the far end
+//! stores; measured, a sink then did a half (JetStream) or a fifth (MQTT, whose
+//! broker holds its last PUBACKs behind Nagle's algorithm until the hub has
+//! something to send again) of what a bare client does. So, in one task:
+//!
+//! ```text
+//! read      [N+1 .. N+4]                      the head past what is taken, a few batches at a time
+//! deliver   [N-1][N    ][N+1       ][N+2 ]    up to Sink::overlap() first attempts under way
+//! record         [N-1]   [N ]      [N+1]      one at a time, in queue order
+//! ```
+//!
+//! What keeps the promise:
+//!
+//! - Progress is recorded in queue order, one record at a time, and a
+//!   record deletes its batch's rows only when they were delivered (or
+//!   rejected, or refused). A crash leaves the batches delivered but not
+//!   recorded in the queue: delivered again after the restart.
+//! - Only a first attempt overlaps. When the oldest batch under way fails,
+//!   nothing new is started, the later attempts under way are let finish,
+//!   and then the batches are settled one after another as before: the
+//!   failed one retried with backoff until it is accepted (or delivered one
+//!   event at a time when rejected), a later one kept if its attempt was
+//!   accepted, else attempted again. So a later batch is never sent again
+//!   before an earlier failed one is; what may reach the far end ahead of a
+//!   failed batch's missing events is only a later batch's first attempt
+//!   already under way, and a sink that cannot allow that (JetStream's check
+//!   for what the stream holds) refuses such an attempt itself (see
+//!   [`Sink::overlap`]).
+//! - Residency is checked before every attempt, first ones included.
+//! - A read while batches are under way takes the queue past the rows
+//!   already taken (`n` above the newest taken). That is sound only while
+//!   the newest taken batch's rows are still in the table: SQLite gives a
+//!   new row the largest `n` there plus one, so only then is every new row
+//!   above it. Hence the newest taken batch's record does not begin while
+//!   such a read runs, and once it is recorded the next read starts from
+//!   the head again.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use outpost_protocols::AgentId;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument as _};
 
 use super::{Sink, SinkError, SinkEvent};
 use crate::policy::FleetPolicy;
-use crate::store::{Queued, SinkProgress, StoreError, StoreHandle, StoreReader};
+use crate::store::{SinkProgress, StoreError, StoreHandle, StoreReader};
 
 /// How long a runner with an empty queue waits before looking again even
 /// without a signal (a signal is missed only if the store was written by
 /// another process).
 const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// The most first attempts under way at once, whatever a sink asks for.
+const MAX_OVERLAP: usize = 4;
+
+/// The most batches a runner may have delivered without having recorded
+/// them yet, for a sink of that [`Sink::overlap`]: those under way, and as
+/// many waiting for their record (a new attempt waits while that many do).
+/// A hub that crashes may have delivered that many batches it delivers
+/// again after the restart.
+pub(crate) fn unrecorded_max(overlap: usize) -> usize {
+    2 * overlap.clamp(1, MAX_OVERLAP)
+}
 
 /// What a runner needs besides its sink.
 pub struct RunnerConfig {
@@ -59,7 +114,6 @@ pub async fn run(
         store,
         store_path,
         policy,
-        labels: HashMap::new(),
     }
     .run(stop)
     .instrument(span)
@@ -72,8 +126,22 @@ struct Runner {
     store: StoreHandle,
     store_path: PathBuf,
     policy: watch::Receiver<Arc<FleetPolicy>>,
-    labels: HashMap<AgentId, Arc<std::collections::BTreeMap<String, String>>>,
 }
+
+/// The agents' labels, kept across batches.
+type Labels = HashMap<AgentId, Arc<BTreeMap<String, String>>>;
+
+/// What a read needs and gives back: the reader (opened on first use, kept
+/// after) and the labels.
+struct ReadState {
+    reader: Option<StoreReader>,
+    labels: Labels,
+    /// When `labels` was last emptied.
+    labels_read: Option<std::time::Instant>,
+}
+
+/// A read under way on the blocking pool.
+type Reading = JoinHandle<(ReadState, Result<Vec<Taken>, StoreError>)>;
 
 /// A batch taken from the queue, with the agents' labels.
 struct Taken {
@@ -83,105 +151,440 @@ struct Taken {
     events: Vec<SinkEvent>,
 }
 
-impl Runner {
-    async fn run(mut self, stop: CancellationToken) {
-        let mut queued = self.store.queued_signal();
-        let mut reader: Option<StoreReader> = None;
-        let mut backoff = self.cfg.retry_min;
-        info!(region = ?self.cfg.region, "Sink running.");
-        loop {
-            if stop.is_cancelled() {
-                break;
+/// How a first attempt went: the events it was made with (what residency
+/// allowed), and the sink's answer.
+type Tried = (Vec<SinkEvent>, Result<(), SinkError>);
+
+/// A batch whose first attempt is under way, or over.
+struct Flight {
+    through: i64,
+    /// The events residency kept from it, before its first attempt.
+    refused: Vec<String>,
+    /// The first attempt, until it is over.
+    attempt: Option<BoxFuture<'static, Tried>>,
+    /// How it went.
+    tried: Option<Tried>,
+}
+
+impl Flight {
+    /// Polls the attempt, if still under way; whether it is over.
+    fn poll_attempt(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        if let Some(a) = self.attempt.as_mut() {
+            if let Poll::Ready(t) = a.as_mut().poll(cx) {
+                self.attempt = None;
+                self.tried = Some(t);
             }
-            let batch = match self.read(&mut reader).await {
-                Ok(b) => b,
-                Err(e) => {
-                    warn!(error = %e, "Sink queue unreadable; retrying.");
-                    reader = None;
-                    if sleep(&stop, backoff).await {
+        }
+        self.tried.is_some()
+    }
+}
+
+/// Polls every attempt under way, oldest first (so that a sink sees the
+/// batches' first polls in queue order); ready when the oldest is over.
+/// Pending while there is none.
+async fn oldest_over(flights: &mut VecDeque<Flight>) {
+    futures::future::poll_fn(|cx| {
+        let mut oldest = None;
+        for (i, f) in flights.iter_mut().enumerate() {
+            let over = f.poll_attempt(cx);
+            if i == 0 {
+                oldest = Some(over);
+            }
+        }
+        match oldest {
+            Some(true) => Poll::Ready(()),
+            _ => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// Polls every attempt under way; ready when all are over.
+async fn all_over(flights: &mut VecDeque<Flight>) {
+    futures::future::poll_fn(|cx| {
+        let mut all = true;
+        for f in flights.iter_mut() {
+            all &= f.poll_attempt(cx);
+        }
+        if all {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// A record waiting for its turn: the batch's last queue position and its
+/// progress.
+type Record = (i64, SinkProgress);
+
+/// The most rows one read takes in: a few batches, so that a read (a
+/// blocking-pool round trip) is made once per few batches rather than once
+/// per batch.
+const READ_AHEAD: usize = 8000;
+
+/// How long the agents' labels are used before they are read again: an
+/// agent's next `Hello` may change them, and the topics and subjects made
+/// from them must follow.
+const LABELS_FRESH: Duration = Duration::from_secs(10);
+
+/// Reads the next batches: up to [`READ_AHEAD`] rows (but at least one
+/// batch of `batch_max`) of `sink`'s queue after `after` (the newest row
+/// taken and not yet recorded, see the module doc), with the agents'
+/// labels, cut in batches of `batch_max`. Runs on the blocking pool: SQLite
+/// reads must not stall the runtime.
+fn read(
+    mut state: ReadState,
+    path: PathBuf,
+    sink: String,
+    batch_max: usize,
+    after: Option<i64>,
+) -> Reading {
+    tokio::task::spawn_blocking(move || {
+        let r = read_blocking(&mut state, &path, &sink, batch_max, after);
+        (state, r)
+    })
+}
+
+fn read_blocking(
+    state: &mut ReadState,
+    path: &Path,
+    sink: &str,
+    batch_max: usize,
+    after: Option<i64>,
+) -> Result<Vec<Taken>, StoreError> {
+    let reader = match state.reader.take() {
+        Some(r) => r,
+        None => StoreReader::open(path)?,
+    };
+    if state
+        .labels_read
+        .is_none_or(|at| at.elapsed() >= LABELS_FRESH)
+    {
+        state.labels.clear();
+        state.labels_read = Some(std::time::Instant::now());
+    }
+    let want = batch_max * (READ_AHEAD / batch_max).clamp(1, 4);
+    let rows = match after {
+        Some(after) => reader.sink_batch_after(sink, after, want),
+        None => reader.sink_batch(sink, want),
+    };
+    let reader = state.reader.insert(reader);
+    let rows = rows?;
+    let mut batches = Vec::new();
+    let mut events = Vec::with_capacity(batch_max.min(rows.len()));
+    let mut through = 0;
+    for q in rows {
+        through = q.n;
+        let e = q.event;
+        let labels = match state.labels.get(&e.agent_id) {
+            Some(l) => l.clone(),
+            None => {
+                let l = Arc::new(reader.labels(&e.agent_id)?);
+                if state.labels.len() > 100_000 {
+                    state.labels.clear();
+                }
+                state.labels.insert(e.agent_id.clone(), l.clone());
+                l
+            }
+        };
+        events.push(SinkEvent { event: e, labels });
+        if events.len() == batch_max {
+            let events = std::mem::replace(&mut events, Vec::with_capacity(batch_max));
+            batches.push(Taken { through, events });
+        }
+    }
+    if !events.is_empty() {
+        batches.push(Taken { through, events });
+    }
+    Ok(batches)
+}
+
+/// Waits for the read under way; pending forever without one (for
+/// `select!`).
+async fn read_over(
+    reading: &mut Option<Reading>,
+) -> Result<(ReadState, Result<Vec<Taken>, StoreError>), tokio::task::JoinError> {
+    match reading.as_mut() {
+        Some(r) => r.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for the record under way; pending forever without one.
+async fn record_over(recording: &mut Option<(i64, BoxFuture<'_, Option<()>>)>) -> Option<()> {
+    match recording.as_mut() {
+        Some((_, r)) => r.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The runner's state between two steps of its loop.
+struct Pipe<'a> {
+    /// What the next read needs; `None` while a read is under way.
+    state: Option<ReadState>,
+    reading: Option<Reading>,
+    /// The next batches, read and not started yet.
+    ahead: VecDeque<Taken>,
+    /// First attempts, oldest first.
+    flights: VecDeque<Flight>,
+    /// Records waiting for their turn, oldest first.
+    records: VecDeque<Record>,
+    /// The record under way, and its batch's last row.
+    recording: Option<(i64, BoxFuture<'a, Option<()>>)>,
+    /// The newest row taken whose batch is not recorded yet: what a read
+    /// skips up to.
+    newest: Option<i64>,
+    /// The last read found nothing new: read again after a signal.
+    exhausted: bool,
+    /// When to read again after a failed read.
+    read_retry: Option<Instant>,
+    read_backoff: Duration,
+}
+
+impl Pipe<'_> {
+    /// Takes in what a read came to.
+    fn read_over(
+        &mut self,
+        out: Result<(ReadState, Result<Vec<Taken>, StoreError>), tokio::task::JoinError>,
+        cfg: &RunnerConfig,
+    ) {
+        self.reading = None;
+        let (state, r) = match out {
+            Ok(out) => out,
+            Err(_) => (
+                ReadState {
+                    reader: None,
+                    labels: Labels::new(),
+                    labels_read: None,
+                },
+                Err(StoreError::Closed),
+            ),
+        };
+        let state = self.state.insert(state);
+        match r {
+            Ok(batches) => {
+                self.read_backoff = cfg.retry_min;
+                self.exhausted = batches.is_empty();
+                for t in batches {
+                    self.newest = Some(t.through);
+                    self.ahead.push_back(t);
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "Sink queue unreadable; retrying.");
+                state.reader = None;
+                self.read_retry = Some(Instant::now() + self.read_backoff);
+                self.read_backoff = (self.read_backoff * 2).min(cfg.retry_max);
+            }
+        }
+    }
+
+    /// Notes that the batch through `through` is recorded: its rows, and
+    /// those of every batch before it, are gone.
+    fn recorded(&mut self, through: i64) {
+        if self.newest.is_some_and(|n| n <= through) {
+            self.newest = None;
+        }
+    }
+}
+
+impl Runner {
+    async fn run(self, stop: CancellationToken) {
+        let overlap = self.sink.overlap().clamp(1, MAX_OVERLAP);
+        let mut queued = self.store.queued_signal();
+        // False once the store's writer is gone: no signal will come.
+        let mut signal = true;
+        let mut p = Pipe {
+            state: Some(ReadState {
+                reader: None,
+                labels: Labels::new(),
+                labels_read: None,
+            }),
+            reading: None,
+            ahead: VecDeque::new(),
+            flights: VecDeque::new(),
+            records: VecDeque::new(),
+            recording: None,
+            newest: None,
+            exhausted: false,
+            read_retry: None,
+            read_backoff: self.cfg.retry_min,
+        };
+        info!(region = ?self.cfg.region, overlap, "Sink running.");
+        loop {
+            // First attempts, as long as the records keep up.
+            while p.flights.len() < overlap
+                && p.records.len() + usize::from(p.recording.is_some()) < overlap
+            {
+                let Some(t) = p.ahead.pop_front() else { break };
+                p.flights.push_back(self.launch(t));
+            }
+            if p.reading.is_none() && p.ahead.is_empty() && !p.exhausted && p.read_retry.is_none() {
+                if let Some(s) = p.state.take() {
+                    p.reading = Some(read(
+                        s,
+                        self.store_path.clone(),
+                        self.cfg.id.clone(),
+                        self.cfg.batch_max,
+                        p.newest,
+                    ));
+                }
+            }
+            // The newest taken batch's rows must stay while a read that
+            // skips them runs (see the module doc).
+            let may_record = p.recording.is_none()
+                && p.records.front().is_some_and(|(through, _)| {
+                    p.reading.is_none() || p.newest.is_none_or(|n| *through < n)
+                });
+            if may_record {
+                if let Some((through, progress)) = p.records.pop_front() {
+                    p.recording = Some((through, Box::pin(self.record(progress, &stop))));
+                }
+            }
+            let idle = p.flights.is_empty() && p.records.is_empty() && p.recording.is_none();
+            let wake = p.read_retry.unwrap_or_else(|| Instant::now() + IDLE_POLL);
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                out = read_over(&mut p.reading) => p.read_over(out, &self.cfg),
+                () = oldest_over(&mut p.flights), if !p.flights.is_empty() => {
+                    let accepted = p
+                        .flights
+                        .front()
+                        .is_some_and(|f| matches!(f.tried, Some((_, Ok(())))));
+                    if !accepted {
+                        if self.settle_all(&mut p, &stop).await.is_none() {
+                            break;
+                        }
+                    } else if let Some(f) = p.flights.pop_front() {
+                        let delivered = f.tried.as_ref().map_or(0, |(e, _)| e.len() as u64);
+                        let progress = self.progress(f.through, f.refused, delivered, Vec::new());
+                        p.records.push_back((f.through, progress));
+                    }
+                }
+                r = record_over(&mut p.recording) => {
+                    let Some((through, _)) = p.recording.take() else { continue };
+                    if r.is_none() {
                         break;
                     }
-                    backoff = (backoff * 2).min(self.cfg.retry_max);
-                    continue;
+                    p.recorded(through);
                 }
-            };
-            if batch.is_empty() {
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    _ = queued.changed() => {}
-                    () = tokio::time::sleep(IDLE_POLL) => {}
+                r = queued.changed(), if signal => {
+                    signal = r.is_ok();
+                    p.exhausted = false;
                 }
-                continue;
+                () = tokio::time::sleep_until(wake), if p.read_retry.is_some() || (p.exhausted && idle) => {
+                    p.read_retry = None;
+                    p.exhausted = false;
+                }
             }
-            let taken = match self.take(batch, &mut reader).await {
-                Ok(t) => t,
-                Err(e) => {
-                    warn!(error = %e, "Sink queue unreadable; retrying.");
-                    reader = None;
-                    continue;
-                }
-            };
-            match self.deliver(taken, &stop).await {
-                Some(()) => backoff = self.cfg.retry_min,
-                None => break,
+        }
+        // Stopped: what is under way stays queued (delivered again after a
+        // restart); what was delivered is recorded if the store still can.
+        p.flights.clear();
+        if let Some(r) = p.reading.take() {
+            let _ = r.await;
+        }
+        if let Some((_, r)) = p.recording.take() {
+            let _ = r.await;
+        }
+        for (_, progress) in std::mem::take(&mut p.records) {
+            if self.record(progress, &stop).await.is_none() {
+                break;
             }
         }
         info!("Sink stopped.");
     }
 
-    /// Runs `f` on the store reader (opened on first use, kept after) on
-    /// the blocking pool: SQLite reads must not stall the runtime.
-    async fn with_reader<T: Send + 'static>(
-        &self,
-        reader: &mut Option<StoreReader>,
-        f: impl FnOnce(&StoreReader) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let r = match reader.take() {
-            Some(r) => r,
-            None => StoreReader::open(&self.store_path)?,
-        };
-        let (r, out) = tokio::task::spawn_blocking(move || {
-            let out = f(&r);
-            (r, out)
-        })
-        .await
-        .map_err(|_| StoreError::Closed)?;
-        *reader = Some(r);
-        out
-    }
-
-    /// The head of the queue.
-    async fn read(&self, reader: &mut Option<StoreReader>) -> Result<Vec<Queued>, StoreError> {
-        let (id, n) = (self.cfg.id.clone(), self.cfg.batch_max);
-        self.with_reader(reader, move |r| r.sink_batch(&id, n))
-            .await
-    }
-
-    /// Attaches the agents' labels to a batch.
-    async fn take(
-        &mut self,
-        batch: Vec<Queued>,
-        reader: &mut Option<StoreReader>,
-    ) -> Result<Taken, StoreError> {
-        let through = batch.last().map_or(0, |q| q.n);
-        let mut events = Vec::with_capacity(batch.len());
-        for q in batch {
-            let e = q.event;
-            let labels = match self.labels.get(&e.agent_id) {
-                Some(l) => l.clone(),
-                None => {
-                    let a = e.agent_id.clone();
-                    let l = Arc::new(self.with_reader(reader, move |r| r.labels(&a)).await?);
-                    if self.labels.len() > 100_000 {
-                        self.labels.clear();
-                    }
-                    self.labels.insert(e.agent_id.clone(), l.clone());
-                    l
-                }
-            };
-            events.push(SinkEvent { event: e, labels });
+    /// After the oldest first attempt under way failed: lets the others
+    /// finish, then settles every batch taken, in turn and in queue order,
+    /// as the runner did before it pipelined (see the module doc). `None`
+    /// when stopped first, or when the store is closed.
+    async fn settle_all(&self, p: &mut Pipe<'_>, stop: &CancellationToken) -> Option<()> {
+        // A read under way may skip rows of the batches recorded below.
+        if let Some(r) = p.reading.as_mut() {
+            let out = r.await;
+            p.read_over(out, &self.cfg);
         }
-        Ok(Taken { through, events })
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return None,
+            () = all_over(&mut p.flights) => {}
+        }
+        if let Some((through, r)) = p.recording.take() {
+            r.await?;
+            p.recorded(through);
+        }
+        while let Some((through, progress)) = p.records.pop_front() {
+            self.record(progress, stop).await?;
+            p.recorded(through);
+        }
+        let mut oldest = true;
+        while let Some(f) = p.flights.pop_front() {
+            let through = f.through;
+            let progress = self.settle(f, oldest, stop).await?;
+            oldest = false;
+            self.record(progress, stop).await?;
+            p.recorded(through);
+        }
+        Some(())
+    }
+
+    /// Starts the first attempt of a batch, residency checked first.
+    fn launch(&self, taken: Taken) -> Flight {
+        let mut refused = Vec::new();
+        let mut events = taken.events;
+        self.refuse(&mut events, &mut refused);
+        let (attempt, tried): (Option<BoxFuture<'static, Tried>>, _) = if events.is_empty() {
+            (None, Some((events, Ok(()))))
+        } else {
+            let sink = self.sink.clone();
+            let attempt = Box::pin(async move {
+                let r = sink.deliver(&events).await;
+                (events, r)
+            });
+            (Some(attempt), None)
+        };
+        Flight {
+            through: taken.through,
+            refused,
+            attempt,
+            tried,
+        }
+    }
+
+    /// Settles a batch whose first attempt is over: an accepted one as it
+    /// is; the failed `oldest` retried from its failure; a later one that
+    /// failed (its failure may be only the oldest's) attempted afresh,
+    /// unless it was rejected. `None` when stopped first.
+    async fn settle(
+        &self,
+        f: Flight,
+        oldest: bool,
+        stop: &CancellationToken,
+    ) -> Option<SinkProgress> {
+        let Flight {
+            through,
+            refused,
+            tried,
+            ..
+        } = f;
+        let Some((events, result)) = tried else {
+            // Not reached (every attempt is over); attempted afresh.
+            return self.deliver(through, Vec::new(), refused, None, stop).await;
+        };
+        let first = match result {
+            Ok(()) => {
+                let delivered = events.len() as u64;
+                return Some(self.progress(through, refused, delivered, Vec::new()));
+            }
+            Err(SinkError::Rejected(m)) => Some(Err(SinkError::Rejected(m))),
+            Err(e) if oldest => Some(Err(e)),
+            Err(_) => None,
+        };
+        self.deliver(through, events, refused, first, stop).await
     }
 
     /// Takes out of `events` what residency, in the policy in force now,
@@ -214,16 +617,25 @@ impl Runner {
         });
     }
 
-    /// Delivers what residency allows of a batch, retrying what fails with
-    /// backoff, then records the progress. `None` when stopped first (the
+    /// Delivers what residency allows of a batch (`first`: how its last
+    /// attempt went, if it was made already), retrying what fails with
+    /// backoff; the progress to record. `None` when stopped first (the
     /// batch stays queued).
-    async fn deliver(&self, taken: Taken, stop: &CancellationToken) -> Option<()> {
-        let mut refused = Vec::new();
-        let mut allowed = taken.events;
+    async fn deliver(
+        &self,
+        through: i64,
+        mut allowed: Vec<SinkEvent>,
+        mut refused: Vec<String>,
+        first: Option<Result<(), SinkError>>,
+        stop: &CancellationToken,
+    ) -> Option<SinkProgress> {
         let mut rejected = Vec::new();
         let mut delivered = 0u64;
         if !allowed.is_empty() {
-            match self.attempt(&mut allowed, &mut refused, stop).await? {
+            match self
+                .attempt(&mut allowed, &mut refused, first, stop)
+                .await?
+            {
                 Ok(()) => delivered = allowed.len() as u64,
                 // One bad event must not take the others with it: try each
                 // alone to find out which.
@@ -231,7 +643,7 @@ impl Runner {
                     debug!(error = %message, "Batch rejected; delivering its events one by one.");
                     for e in allowed {
                         let mut one = vec![e];
-                        match self.attempt(&mut one, &mut refused, stop).await? {
+                        match self.attempt(&mut one, &mut refused, None, stop).await? {
                             Ok(()) => delivered += one.len() as u64,
                             Err(m) => rejected.extend(one.into_iter().map(|e| (e, m.clone()))),
                         }
@@ -240,8 +652,20 @@ impl Runner {
                 Err(message) => rejected.extend(allowed.into_iter().map(|e| (e, message.clone()))),
             }
         }
+        Some(self.progress(through, refused, delivered, rejected))
+    }
+
+    /// The progress of a batch settled: delivered, `refused` by residency,
+    /// `rejected` by the sink for good.
+    fn progress(
+        &self,
+        through: i64,
+        refused: Vec<String>,
+        delivered: u64,
+        rejected: Vec<(SinkEvent, String)>,
+    ) -> SinkProgress {
         let mut progress = SinkProgress {
-            through: Some(taken.through),
+            through: Some(through),
             refused: refused.len() as u64,
             delivered,
             ..SinkProgress::default()
@@ -282,8 +706,13 @@ impl Runner {
                 summary(&lines)
             ));
         }
-        // The progress must be recorded, or the batch would be delivered
-        // again after a restart: retried like a delivery.
+        progress
+    }
+
+    /// Records a batch's progress. It must be recorded, or the batch would
+    /// be delivered again after a restart: retried like a delivery. `None`
+    /// when stopped first, or when the store is closed.
+    async fn record(&self, progress: SinkProgress, stop: &CancellationToken) -> Option<()> {
         let mut backoff = self.cfg.retry_min;
         loop {
             match self
@@ -306,24 +735,31 @@ impl Runner {
 
     /// Delivers `events` until the sink accepts or rejects them, retrying
     /// transient failures with backoff; before each try, what residency no
-    /// longer allows moves to `refused`. `None` when stopped first;
-    /// `Some(Err(message))` when rejected.
+    /// longer allows moves to `refused`. `first` is how the first try went,
+    /// if it was made already (residency was checked before it). `None`
+    /// when stopped first; `Some(Err(message))` when rejected.
     async fn attempt(
         &self,
         events: &mut Vec<SinkEvent>,
         refused: &mut Vec<String>,
+        mut first: Option<Result<(), SinkError>>,
         stop: &CancellationToken,
     ) -> Option<Result<(), String>> {
         let mut backoff = self.cfg.retry_min;
         let mut failures = 0u64;
         loop {
-            self.refuse(events, refused);
-            if events.is_empty() {
-                return Some(Ok(()));
-            }
-            let result = tokio::select! {
-                () = stop.cancelled() => return None,
-                r = self.sink.deliver(events) => r,
+            let result = match first.take() {
+                Some(r) => r,
+                None => {
+                    self.refuse(events, refused);
+                    if events.is_empty() {
+                        return Some(Ok(()));
+                    }
+                    tokio::select! {
+                        () = stop.cancelled() => return None,
+                        r = self.sink.deliver(events) => r,
+                    }
+                }
             };
             match result {
                 Ok(()) => {

@@ -284,16 +284,21 @@ pub(super) fn batch(
     conn: &rusqlite::Connection,
     path: &Path,
     sink: &str,
+    after: Option<i64>,
     limit: usize,
 ) -> Result<Vec<Queued>, StoreError> {
     let mut stmt = conn
         .prepare_cached(
             "SELECT n, agent_id, seq, body FROM sink_pending
-             WHERE sink = ?1 ORDER BY n LIMIT ?2",
+             WHERE sink = ?1 AND n > ?2 ORDER BY n LIMIT ?3",
         )
         .at(path)?;
     let mut rows = stmt
-        .query(params![sink, i64::try_from(limit).unwrap_or(i64::MAX)])
+        .query(params![
+            sink,
+            after.unwrap_or(i64::MIN),
+            i64::try_from(limit).unwrap_or(i64::MAX)
+        ])
         .at(path)?;
     let mut out = Vec::new();
     while let Some(row) = rows.next().at(path)? {

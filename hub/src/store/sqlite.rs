@@ -773,7 +773,21 @@ impl StoreReader {
 
     /// The first at most `limit` events waiting for `sink`, oldest first.
     pub fn sink_batch(&self, sink: &str, limit: usize) -> Result<Vec<super::Queued>, StoreError> {
-        super::sinkq::batch(&self.conn, &self.path, sink, limit)
+        super::sinkq::batch(&self.conn, &self.path, sink, None, limit)
+    }
+
+    /// The first at most `limit` events waiting for `sink` after its queue
+    /// position `after`, oldest first: the head past what a runner has
+    /// taken. A row inserted later always lies past `after` while the row
+    /// at `after` is still queued (SQLite numbers a new row one past the
+    /// largest), not once it is deleted.
+    pub fn sink_batch_after(
+        &self,
+        sink: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<super::Queued>, StoreError> {
+        super::sinkq::batch(&self.conn, &self.path, sink, Some(after), limit)
     }
 
     /// Every sink's queue and counters (with `configured` sinks that have

@@ -22,8 +22,9 @@
 //!    window (8192 events), hence several agents of at most 6,250 events.
 //!    Once `outpost-hub sinks status --json` shows all N pending, the agents
 //!    are stopped: from then on the only work left is the hub's sink runner
-//!    draining its durable queue (read `batch_max` = 500 rows, publish them,
-//!    wait for every acknowledgement, commit the progress; see
+//!    draining its durable queue (batches of `batch_max` = 500 rows, read a
+//!    few at a time, up to two published at once, their progress committed
+//!    in order while the next ones are delivered; see
 //!    `hub/src/sinks/runner.rs`).
 //! 3. The far end starts again on the same port and directory. Ours: the
 //!    hub notices and delivers. Baseline: a bare client in this process, on
