@@ -377,7 +377,7 @@ struct JetStreamSink {
 }
 
 /// Deliveries the runner may have under way at once.
-const OVERLAP: usize = 2;
+pub const OVERLAP: usize = 2;
 
 /// Questions about what the stream holds awaiting their answer at once.
 const CHECKS_AT_ONCE: usize = 32;

@@ -75,13 +75,18 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 /// The most first attempts under way at once, whatever a sink asks for.
 const MAX_OVERLAP: usize = 4;
 
+/// How many delivered batches may wait for their record (the one under way
+/// included) before no new attempt starts. Records are slower than
+/// deliveries (each is a durable transaction), so several wait, and the
+/// ones waiting are recorded together, in one transaction.
+const RECORDS_WAITING: usize = 4;
+
 /// The most batches a runner may have delivered without having recorded
-/// them yet, for a sink of that [`Sink::overlap`]: those under way, and as
-/// many waiting for their record (a new attempt waits while that many do).
-/// A hub that crashes may have delivered that many batches it delivers
-/// again after the restart.
-pub(crate) fn unrecorded_max(overlap: usize) -> usize {
-    2 * overlap.clamp(1, MAX_OVERLAP)
+/// them yet, for a sink of that [`Sink::overlap`]: those under way, and
+/// those waiting for their record. A hub that crashes may have delivered
+/// that many batches it delivers again after the restart.
+pub fn unrecorded_max(overlap: usize) -> usize {
+    overlap.clamp(1, MAX_OVERLAP) + RECORDS_WAITING
 }
 
 /// What a runner needs besides its sink.
@@ -416,7 +421,7 @@ impl Runner {
         loop {
             // First attempts, as long as the records keep up.
             while p.flights.len() < overlap
-                && p.records.len() + usize::from(p.recording.is_some()) < overlap
+                && p.records.len() + usize::from(p.recording.is_some()) < RECORDS_WAITING
             {
                 let Some(t) = p.ahead.pop_front() else { break };
                 p.flights.push_back(self.launch(t));
@@ -439,7 +444,22 @@ impl Runner {
                     p.reading.is_none() || p.newest.is_none_or(|n| *through < n)
                 });
             if may_record {
-                if let Some((through, progress)) = p.records.pop_front() {
+                if let Some((mut through, mut progress)) = p.records.pop_front() {
+                    // Those waiting behind it go in the same transaction,
+                    // unless they carry lines for the audit log (one entry
+                    // per batch, as before).
+                    while let Some((t, next)) = p.records.front() {
+                        let rule = p.reading.is_none() || p.newest.is_none_or(|n| *t < n);
+                        if !rule || !plain(&progress) || !plain(next) {
+                            break;
+                        }
+                        let Some((t, next)) = p.records.pop_front() else {
+                            break;
+                        };
+                        through = t;
+                        progress.through = next.through;
+                        progress.delivered += next.delivered;
+                    }
                     p.recording = Some((through, Box::pin(self.record(progress, &stop))));
                 }
             }
@@ -792,6 +812,17 @@ impl Runner {
             }
         }
     }
+}
+
+/// Whether a record is a plain delivery, which may be merged with the next:
+/// nothing refused or rejected, nothing for the audit log.
+fn plain(p: &SinkProgress) -> bool {
+    p.rejected == 0
+        && p.refused == 0
+        && !p.failed
+        && p.error.is_none()
+        && p.rejected_detail.is_none()
+        && p.refused_detail.is_none()
 }
 
 /// The first few of a list and how many more, for one audit line.
