@@ -18,8 +18,9 @@
 //!    with pre-filled outboxes upload N events in all (the MQTT rows'
 //!    64-byte JSON payloads). The hub stores each event and queues it for
 //!    the sink in the same transaction; while the sink is down it
-//!    acknowledges nothing, and an agent stops sending after its session
-//!    window (8192 events), hence several agents of at most 6,250 events.
+//!    acknowledges nothing, and before protocol version 3 an agent stopped
+//!    sending after its session window (8192 events), hence several agents
+//!    of at most 6,250 events (kept, so that figures stay comparable).
 //!    Once `outpost-hub sinks status --json` shows all N pending, the agents
 //!    are stopped: from then on the only work left is the hub's sink runner
 //!    draining its durable queue (batches of `batch_max` = 500 rows, read a
