@@ -709,20 +709,7 @@ impl Outbox {
     /// and numbering continues from there: nothing is lost; events delivered
     /// before a backup was taken may reach the hub twice.
     pub fn resume_after(&mut self, watermark: Seq) -> Result<Resumed, OutboxError> {
-        let path = self.cfg.path.as_path();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .at(path)?;
-        let mut meta = Meta::load(&tx, path)?;
-        if watermark.0 < meta.next_seq {
-            let deleted = delete_acked(&tx, path, &mut meta, watermark)?;
-            tx.commit().at(path)?;
-            return Ok(Resumed::Acked { deleted });
-        }
-        let resumed = renumber_after(&tx, path, &mut meta, watermark)?;
-        tx.commit().at(path)?;
-        Ok(resumed)
+        self.apply_hub_mark(watermark, true)
     }
 
     /// Applies a hub's `Stored` mark (protocol version 3): the hub's store
@@ -733,16 +720,27 @@ impl Outbox {
     /// events are renumbered to follow `held` for the reasons
     /// [`resume_after`](Self::resume_after) gives.
     pub fn follow(&mut self, held: Seq) -> Result<Resumed, OutboxError> {
+        self.apply_hub_mark(held, false)
+    }
+
+    /// A hub's mark within what this outbox assigned: deleted up to it when
+    /// `delete` (a watermark); beyond: renumbered to follow it.
+    fn apply_hub_mark(&mut self, mark: Seq, delete: bool) -> Result<Resumed, OutboxError> {
         let path = self.cfg.path.as_path();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .at(path)?;
         let mut meta = Meta::load(&tx, path)?;
-        if held.0 < meta.next_seq {
+        let resumed = if mark.0 >= meta.next_seq {
+            renumber_after(&tx, path, &mut meta, mark)?
+        } else if delete {
+            Resumed::Acked {
+                deleted: delete_acked(&tx, path, &mut meta, mark)?,
+            }
+        } else {
             return Ok(Resumed::Acked { deleted: 0 });
-        }
-        let resumed = renumber_after(&tx, path, &mut meta, held)?;
+        };
         tx.commit().at(path)?;
         Ok(resumed)
     }
