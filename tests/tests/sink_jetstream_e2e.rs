@@ -373,6 +373,67 @@ async fn a_stopped_server_gives_transient_within_the_timeout_and_delivery_resume
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_sent_again_within_the_window_is_not_checked_so_a_hole_below_a_later_seq_is_filled(
+) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut nats = Nats::start(dir.path())?;
+    let port = nats.port;
+    {
+        let js = client(&nats.url()).await?;
+        create_stream(
+            &js,
+            "EVENTS",
+            &["outpost.>"],
+            Some(Duration::from_secs(120)),
+        )
+        .await?;
+    }
+    let stop = CancellationToken::new();
+    let sink = build(&config(table(&nats.url(), "EVENTS")), dir.path(), &stop).await;
+    // Past the deliveries a new sink checks whatever happens.
+    let first = batch(1, 1);
+    let checked =
+        outpost_hub::sinks::runner::unrecorded_max(outpost_hub::sinks::jetstream::OVERLAP);
+    for _ in 0..checked {
+        deliver_eventually(sink.as_ref(), &first).await?;
+    }
+    // A delivery fails: nothing of it reaches a server.
+    nats.proc.kill9();
+    let held = batch(10, 20);
+    expect_transient(sink.as_ref(), &held).await?;
+    let nats = Nats::start_on(dir.path(), port)?;
+    let js = client(&nats.url()).await?;
+    // Meanwhile a later seq of the same agent landed on the same subject,
+    // as when a cluster refused a batch's middle and stored its end: the
+    // stream holds no prefix of what was sent.
+    js.send_publish(
+        "outpost.gw-1.plc1.temp",
+        jetstream::message::PublishMessage::build()
+            .payload("{}".into())
+            .message_id("gw-1:100"),
+    )
+    .await?
+    .await?;
+    // Sent again well within the window: no check, every event stored (the
+    // stream would drop any repeat by its id). With the check, the events
+    // below seq 100 would have been skipped and never stored.
+    deliver_eventually(sink.as_ref(), &held).await?;
+    let ids: BTreeSet<String> = read_all(&js, "EVENTS")
+        .await?
+        .iter()
+        .filter_map(msg_id)
+        .collect();
+    let want: BTreeSet<String> = std::iter::once("gw-1:1".to_owned())
+        .chain(held.iter().map(|e| format!("gw-1:{}", e.event.seq.0)))
+        .chain(std::iter::once("gw-1:100".to_owned()))
+        .collect();
+    assert_eq!(ids, want);
+    assert_eq!(count(&js, "EVENTS").await?, 22);
+    stop.cancel();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_server_is_transient_and_the_late_stores_are_deduplicated() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let nats = Nats::start(dir.path())?;

@@ -117,7 +117,7 @@ pub async fn build(
         stop,
         sending: tokio::sync::Mutex::new(()),
         chain: std::sync::Mutex::new(Chain {
-            suspect: super::runner::unrecorded_max(OVERLAP),
+            started: super::runner::unrecorded_max(OVERLAP),
             ..Chain::default()
         }),
     }))
@@ -394,11 +394,20 @@ struct Chain {
     /// then no batch is sent until they are all over.
     broken: bool,
     /// How many deliveries from now on first ask the stream what it holds
-    /// ([`JetStreamSink::already_stored`]): at start, every batch a hub may
-    /// have delivered without recording it (a hub that stopped in
-    /// between); after a failed delivery, every batch that was in doubt
-    /// with it.
+    /// ([`JetStreamSink::already_stored`]), whenever the batch was sent
+    /// before: at start, every batch a hub may have delivered without
+    /// recording it (a hub that stopped in between, how long ago no one
+    /// knows).
+    started: usize,
+    /// How many deliveries from now on ask too after a failed delivery:
+    /// every batch that was in doubt with it, unless they are sent again
+    /// within the stream's duplicate window of [`Chain::failed_since`].
     suspect: usize,
+    /// When the oldest delivery in doubt sent its first publish.
+    doubt_since: Option<Instant>,
+    /// When the oldest of the deliveries in doubt at a failure sent its
+    /// first publish.
+    failed_since: Option<Instant>,
 }
 
 /// Counts a delivery in doubt until it is over; dropped unfinished (the
@@ -413,12 +422,20 @@ impl Drop for Doubt<'_> {
     fn drop(&mut self) {
         let mut c = self.chain.lock().unwrap_or_else(|p| p.into_inner());
         if self.settled {
+            c.started = c.started.saturating_sub(1);
             c.suspect = c.suspect.saturating_sub(1);
+            if c.suspect == 0 {
+                c.failed_since = None;
+            }
         } else {
             c.broken = true;
             // Every batch in doubt with this one may hold part of what
             // the stream stored.
             c.suspect = c.suspect.max(c.in_doubt);
+            c.failed_since = match (c.failed_since, c.doubt_since) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
         }
         c.in_doubt = c.in_doubt.saturating_sub(1);
     }
@@ -486,9 +503,16 @@ impl JetStreamSink {
             if c.in_doubt == 0 {
                 c.broken = false;
                 c.link = up.link;
+                c.doubt_since = Some(Instant::now());
             }
             c.in_doubt += 1;
-            c.suspect > 0
+            if c.started > 0 {
+                Some(None)
+            } else if c.suspect > 0 {
+                Some(c.failed_since)
+            } else {
+                None
+            }
         };
         let mut doubt = Doubt {
             chain: &self.chain,
@@ -501,20 +525,19 @@ impl JetStreamSink {
 
     /// Publishes `events` on `up` and awaits their acks; `sending` is held
     /// until all are sent. With `check`, what the stream holds already is
-    /// skipped.
+    /// skipped (see [`JetStreamSink::already_stored`] for `Some(since)`).
     async fn publish(
         &self,
         up: &Up,
         events: &[SinkEvent],
-        check: bool,
+        check: Option<Option<Instant>>,
         deadline: Instant,
         sending: tokio::sync::MutexGuard<'_, ()>,
     ) -> Result<(), SinkError> {
         let s = &self.settings;
-        let stored = if check {
-            self.already_stored(up, events, deadline).await?
-        } else {
-            BTreeMap::new()
+        let stored = match check {
+            Some(since) => self.already_stored(up, events, since, deadline).await?,
+            None => BTreeMap::new(),
         };
         let mut skipped = 0;
         let mut rejected: Vec<String> = Vec::new();
@@ -628,10 +651,20 @@ impl JetStreamSink {
     /// the stream already and is not published again. With a template
     /// without `{agent_id}`, several agents share a subject and only the
     /// last one's events are recognised; the others rely on the window.
+    ///
+    /// Why not when `since` (the first publish of what was in doubt at a
+    /// failure) lies within the stream's duplicate window, with the sink's
+    /// `timeout` to spare: then the stream drops every repeat by its id
+    /// anyway, and the check could only do harm. A stream that refused a
+    /// batch's middle and stored its end (a cluster electing a leader)
+    /// holds no prefix, and the check would skip the refused events; sent
+    /// again, they are stored. Past the window only the check keeps
+    /// repeats out, at that small risk.
     async fn already_stored(
         &self,
         up: &Up,
         events: &[SinkEvent],
+        since: Option<Instant>,
         deadline: Instant,
     ) -> Result<BTreeMap<String, (AgentId, outpost_protocols::Seq)>, SinkError> {
         use async_nats::jetstream::stream::LastRawMessageErrorKind;
@@ -656,6 +689,11 @@ impl JetStreamSink {
                 )))
             }
         };
+        let window = stream.cached_info().config.duplicate_window;
+        if since.is_some_and(|t| t.elapsed() + s.timeout < window) {
+            debug!(sink = %s.id, "Sent again within the stream's duplicate window: no check.");
+            return Ok(BTreeMap::new());
+        }
         let subjects: std::collections::BTreeSet<String> = events
             .iter()
             .filter_map(|e| subject_of(&s.subject, e).ok())
