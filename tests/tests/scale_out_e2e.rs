@@ -144,6 +144,15 @@ fn check_once(seen: &BTreeMap<u64, usize>, last: u64) -> Result<()> {
     Ok(())
 }
 
+/// [`check_once`] for an agent that may still be adding events (the
+/// bad-quality samples of a device that went away): every seq up to `last`
+/// and up to the highest stored once, none missing, none twice.
+fn check_once_and_after(seen: &BTreeMap<u64, usize>, last: u64) -> Result<u64> {
+    let top = seen.keys().last().copied().unwrap_or(0).max(last);
+    check_once(seen, top)?;
+    Ok(top)
+}
+
 /// Polls `f` (async) until it is true.
 async fn wait_for<F, Fut>(what: &str, mut f: F) -> Result<()>
 where
@@ -310,8 +319,11 @@ async fn an_agent_moved_between_two_replicas_one_killed_stores_every_seq_once() 
         },
     )?;
     phase("reading the stream");
+    // The device's going away is itself an event per tag (bad quality),
+    // which may land after the outbox looked drained: what is stored is
+    // checked up to the highest seq, and at least up to `last`.
     let seen = seqs_of(&js, "line1").await?;
-    check_once(&seen, last)?;
+    check_once_and_after(&seen, last)?;
 
     // The registry, read through replica B's config: the watermark, and the
     // policy version the agent reported (applied through A's).
@@ -322,7 +334,10 @@ async fn an_agent_moved_between_two_replicas_one_killed_stores_every_seq_once() 
         .as_array()
         .and_then(|a| a.iter().find(|r| r["agent_id"] == "line1"))
         .with_context(|| format!("line1 in {out}"))?;
-    ensure!(line1["watermark"].as_u64() == Some(last), "{line1}");
+    ensure!(
+        line1["watermark"].as_u64().is_some_and(|w| w >= last),
+        "watermark below the acknowledged {last}: {line1}"
+    );
     ensure!(line1["policy_version"].as_u64() == Some(1), "{line1}");
     // And through replica B's metrics, read from the same buckets.
     let metrics = hub_b.metrics()?;
