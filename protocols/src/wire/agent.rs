@@ -608,9 +608,7 @@ impl AgentSession {
 
     /// Stops counting the seqs up to `upto` against the window.
     fn release(&mut self, upto: Seq) {
-        while self.in_flight.front().is_some_and(|s| *s <= upto) {
-            self.in_flight.pop_front();
-        }
+        super::release(&mut self.in_flight, upto);
     }
 
     fn seal(&mut self) {

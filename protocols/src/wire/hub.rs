@@ -457,9 +457,7 @@ impl HubSession {
 
     /// Stops counting the seqs up to `upto` against the window.
     fn release(&mut self, upto: Seq) {
-        while self.in_flight.front().is_some_and(|s| *s <= upto) {
-            self.in_flight.pop_front();
-        }
+        super::release(&mut self.in_flight, upto);
     }
 
     /// Appends the next frame to `buf` and returns its length, or `None` when

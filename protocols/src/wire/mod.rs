@@ -115,6 +115,14 @@ pub fn agent_id_from_uri(uri: &str) -> Option<AgentId> {
         .and_then(|id| AgentId::parse(id).ok())
 }
 
+/// Drops the seqs up to `upto` from the front of a session's in-flight
+/// seqs (ascending): both sessions count their window this way.
+fn release(in_flight: &mut std::collections::VecDeque<crate::event::Seq>, upto: crate::event::Seq) {
+    while in_flight.front().is_some_and(|s| *s <= upto) {
+        in_flight.pop_front();
+    }
+}
+
 /// The SAN URI that names `id` in its certificate.
 #[must_use]
 pub fn agent_uri(id: &AgentId) -> String {
