@@ -159,7 +159,7 @@ fn outbox_verb(cfg: &AgentConfig, command: OutboxCommand) -> anyhow::Result<()> 
         OutboxCommand::Tail { limit, json, .. } => {
             for ev in ob.tail(limit)? {
                 if json {
-                    println!("{}", ev.to_json());
+                    println!("{}", ev.json_line());
                 } else {
                     println!("{}", report::event_text(&ev));
                 }

@@ -320,7 +320,7 @@ pub fn events(
             let reader = StoreReader::open(&cfg)?;
             for event in reader.events_tail(agent.as_ref(), pattern.as_ref(), args.limit)? {
                 if args.json {
-                    writeln!(out, "{}", event.to_json())?;
+                    writeln!(out, "{}", event.json_line())?;
                 } else {
                     writeln!(out, "{}", event_text(&event))?;
                 }

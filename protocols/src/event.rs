@@ -263,6 +263,39 @@ impl Value {
         }
     }
 
+    /// Writes [`Value::to_json`] into `out` without building it, except that a
+    /// JSON document is embedded as the text it arrived as (less the
+    /// whitespace around it): the device's key order and number digits stay,
+    /// and nothing is parsed again. Text that spans lines is written compact
+    /// instead, so that an event stays one line.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        match self {
+            Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+            Value::I64(i) => write_display(out, i),
+            Value::U64(u) => write_display(out, u),
+            Value::F64(f) if f.is_finite() => json_into(out, f),
+            Value::F64(f) => json_into(out, &f.to_string()),
+            Value::String(s) => json_into(out, s),
+            Value::Bytes(b) => {
+                out.extend_from_slice(b"{\"base64\":\"");
+                out.extend_from_slice(
+                    base64::engine::general_purpose::STANDARD
+                        .encode(b)
+                        .as_bytes(),
+                );
+                out.extend_from_slice(b"\"}");
+            }
+            Value::Json(j) => {
+                let text = j.as_str().trim_matches([' ', '\t', '\n', '\r']);
+                if text.contains(['\n', '\r']) {
+                    json_into(out, &j.to_value());
+                } else {
+                    out.extend_from_slice(text.as_bytes());
+                }
+            }
+        }
+    }
+
     /// The value as a float, where it is numeric or boolean.
     pub fn as_f64(&self) -> Option<f64> {
         match self {
@@ -368,6 +401,36 @@ impl Quality {
         }
         serde_json::Value::Object(m)
     }
+
+    /// Writes [`Quality::to_json`] into `out`, keys in the same order.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let (status, reason) = match self {
+            Quality::Good => ("good", None),
+            Quality::Bad(r) => ("bad", Some(r)),
+            Quality::Uncertain(r) => ("uncertain", Some(r)),
+        };
+        out.push(b'{');
+        if let Some(r) = reason {
+            out.extend_from_slice(b"\"reason\":");
+            json_into(out, &r.to_string());
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"status\":");
+        json_into(out, status);
+        out.push(b'}');
+    }
+}
+
+/// Appends `v` as JSON. Writing into a `Vec` cannot fail, nor can
+/// serialising these types (strings, numbers, maps of strings).
+fn json_into<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
+    let _ = serde_json::to_writer(&mut *out, v);
+}
+
+/// Appends a number as its decimal digits.
+fn write_display(out: &mut Vec<u8>, v: &dyn fmt::Display) {
+    use std::io::Write as _;
+    let _ = write!(out, "{v}");
 }
 
 /// What a source produces: an event before it has a seq or an agent id.
@@ -424,6 +487,40 @@ impl Event {
             "quality": self.body.quality.to_json(),
             "attrs": self.body.attrs,
         })
+    }
+
+    /// Writes the one-line JSON object of [`Event::to_json`] into `out`, keys
+    /// in the same (sorted) order, the value as [`Value::write_json`] writes
+    /// it: what `events tail --json` prints and a sink's `json` payload.
+    ///
+    /// Why not `to_json().to_string()`: building the tree parses a JSON value
+    /// again and allocates per key; a sink writes this for every event.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"agent_id\":");
+        json_into(out, self.agent_id.as_str());
+        out.extend_from_slice(b",\"attrs\":");
+        json_into(out, &self.body.attrs);
+        out.extend_from_slice(b",\"quality\":");
+        self.body.quality.write_json(out);
+        out.extend_from_slice(b",\"seq\":");
+        write_display(out, &self.seq.0);
+        out.extend_from_slice(b",\"stream\":");
+        json_into(out, self.body.stream.as_str());
+        out.extend_from_slice(b",\"ts\":");
+        write_display(out, &self.body.ts.0);
+        out.extend_from_slice(b",\"value\":");
+        self.body.value.write_json(out);
+        out.push(b'}');
+    }
+
+    /// [`Event::write_json`] as a string.
+    pub fn json_line(&self) -> String {
+        let mut out = Vec::with_capacity(160);
+        self.write_json(&mut out);
+        // Every part written is UTF-8: JSON from serde_json, and JSON text
+        // that is a `str`.
+        String::from_utf8(out)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 }
 
@@ -565,6 +662,78 @@ mod tests {
         assert!(StreamName::parse("plant/+/temp").is_err());
         assert!(StreamName::parse("plant/#").is_err());
         assert!(StreamName::parse("").is_err());
+    }
+
+    fn arb_event() -> impl Strategy<Value = Event> {
+        ("[a-z0-9-]{1,12}", any::<u64>(), arb_body()).prop_map(|(id, seq, body)| Event {
+            agent_id: AgentId::parse(&id).expect("generated ids are valid"),
+            seq: Seq(seq),
+            body,
+        })
+    }
+
+    fn with_json(e: &Event, text: &str) -> Event {
+        let mut e = e.clone();
+        e.body.value = Value::Json(JsonText::parse(text).expect("valid JSON"));
+        e
+    }
+
+    proptest! {
+        /// The direct writer says byte for byte what the tree says whenever
+        /// the JSON text is already compact and sorted, as every other value
+        /// is; pretty-printed text is written compact, so also the same.
+        #[test]
+        fn the_direct_writer_matches_the_tree(e in arb_event()) {
+            let tree = e.to_json().to_string();
+            prop_assert_eq!(e.json_line(), tree.clone());
+            if let Value::Json(j) = &e.body.value {
+                let pretty = serde_json::to_string_pretty(&j.to_value()).expect("serialises");
+                prop_assert_eq!(with_json(&e, &format!("\n {pretty}\r\n")).json_line(), tree);
+            }
+        }
+
+        /// JSON text written as the device sent it (spaces, its own key
+        /// order) reads back as the same object as the tree.
+        #[test]
+        fn json_text_as_sent_reads_back_as_the_tree(e in arb_event(), j in arb_json()) {
+            let spaced = serde_json::to_string(&j)
+                .expect("serialises")
+                .replace(',', " ,\t")
+                .replace(':', " : ");
+            let spaced = match serde_json::from_str::<serde_json::Value>(&spaced) {
+                Ok(_) => spaced,
+                // A string holding ',' or ':' is changed too; it still parses,
+                // so this only guards the test's own assumption.
+                Err(_) => serde_json::to_string(&j).expect("serialises"),
+            };
+            let e = with_json(&e, &format!("  {spaced} "));
+            let line = e.json_line();
+            prop_assert!(!line.contains('\n'));
+            let back: serde_json::Value = serde_json::from_str(&line).expect("the line is JSON");
+            prop_assert_eq!(back, e.to_json());
+        }
+    }
+
+    #[test]
+    fn json_values_keep_the_devices_key_order_and_digits() {
+        let e = with_json(
+            &Event {
+                agent_id: AgentId::parse("gw").expect("valid"),
+                seq: Seq(1),
+                body: EventBody {
+                    stream: StreamName::parse("s").expect("valid"),
+                    ts: Timestamp(2),
+                    value: Value::Bool(true),
+                    quality: Quality::Good,
+                    attrs: BTreeMap::new(),
+                },
+            },
+            r#" {"value": 21.5, "n": 123456789012345678901234} "#,
+        );
+        assert_eq!(
+            e.json_line(),
+            r#"{"agent_id":"gw","attrs":{},"quality":{"status":"good"},"seq":1,"stream":"s","ts":2,"value":{"value": 21.5, "n": 123456789012345678901234}}"#
+        );
     }
 
     #[test]

@@ -61,6 +61,15 @@ pub enum SinkError {
         /// What is wrong.
         message: String,
     },
+    /// The OS would not give the sink its thread (see
+    /// [`runner::start`]): the hub refuses to start.
+    #[error("sink {id}: cannot start its thread: {message}")]
+    Thread {
+        /// The sink's id.
+        id: String,
+        /// What the OS said.
+        message: String,
+    },
 }
 
 /// A destination for stored events.
@@ -332,12 +341,20 @@ pub fn check_template(template: &str) -> Result<(), String> {
 /// prints (`agent_id`, `seq`, `stream`, `ts`, `value`, `quality`, `attrs`).
 pub fn payload(event: &SinkEvent, format: PayloadFormat) -> Vec<u8> {
     match format {
-        PayloadFormat::Json => event.event.to_json().to_string().into_bytes(),
+        PayloadFormat::Json => {
+            let mut out = Vec::with_capacity(128 + event.event.body.value.payload_len());
+            event.event.write_json(&mut out);
+            out
+        }
         PayloadFormat::Raw => match &event.event.body.value {
             Value::Json(j) => j.as_str().as_bytes().to_vec(),
             Value::String(s) => s.as_bytes().to_vec(),
             Value::Bytes(b) => b.clone(),
-            other => other.to_json().to_string().into_bytes(),
+            other => {
+                let mut out = Vec::new();
+                other.write_json(&mut out);
+                out
+            }
         },
     }
 }
