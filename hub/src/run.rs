@@ -91,32 +91,28 @@ pub async fn run(
     // Sinks, each with its runner; they stop after the QUIC side (whose
     // sessions wait on them) and before the store writer.
     let sinks_stop = CancellationToken::new();
-    let mut runners = tokio::task::JoinSet::new();
+    let mut runners = Vec::new();
     for c in &cfg.sinks {
-        let sink = match crate::sinks::build(c, base, sinks_stop.clone()).await {
-            Ok(s) => s,
-            Err(e) => {
-                sinks_stop.cancel();
-                while runners.join_next().await.is_some() {}
-                let _ = stop_store(watch_stop, watcher, handle, writer_stop, writer).await;
-                return Err(e.into());
-            }
-        };
-        let rc = crate::sinks::runner::RunnerConfig {
-            id: c.id.clone(),
-            region: c.region.clone(),
-            batch_max: c.batch_max,
-            retry_min: c.retry_min.0,
-            retry_max: c.retry_max.0,
-        };
-        runners.spawn(crate::sinks::runner::run(
-            rc,
-            sink,
+        let started = crate::sinks::runner::start(
+            c,
+            base,
             handle.clone(),
             path.clone(),
             current.clone(),
             sinks_stop.clone(),
-        ));
+        )
+        .await;
+        match started {
+            Ok(t) => runners.push(t),
+            Err(e) => {
+                sinks_stop.cancel();
+                for t in runners {
+                    t.join().await;
+                }
+                let _ = stop_store(watch_stop, watcher, handle, writer_stop, writer).await;
+                return Err(e.into());
+            }
+        }
     }
     let feed = server::PolicyFeed { current, catalog };
     let metrics = start_metrics(
@@ -131,7 +127,9 @@ pub async fn run(
     let served = server::serve(&cfg, base, handle.clone(), feed, shutdown, bound, None).await;
     stop_metrics(metrics).await;
     sinks_stop.cancel();
-    while runners.join_next().await.is_some() {}
+    for t in runners {
+        t.join().await;
+    }
     let closed = stop_store(watch_stop, watcher, handle, writer_stop, writer).await;
     served?;
     closed?;

@@ -927,11 +927,18 @@ fn ours(bins: &Bins, fx: &Fixture, kind: Kind, home: &Path) -> Result<Sample> {
         }
     };
     let cpu_s = cpu_ticks(hub_pid)?.saturating_sub(ticks) as f64 / clock_ticks() as f64;
-    let status = sink_status(bins, &hub)?;
-    ensure!(
-        status["pending"].as_u64() == Some(0) && status["delivered"].as_u64() == Some(n as u64),
-        "after the drain the hub says: {status}"
+    // The far end has every message before the hub has every
+    // acknowledgement, and the hub records the last batches after those.
+    let mut status = serde_json::Value::Null;
+    let recorded = wait_until(
+        Duration::from_secs(30),
+        "the hub to record the drain",
+        || {
+            status = sink_status(bins, &hub).unwrap_or_else(|e| serde_json::json!(e.to_string()));
+            status["pending"].as_u64() == Some(0) && status["delivered"].as_u64() == Some(n as u64)
+        },
     );
+    ensure!(recorded.is_ok(), "after the drain the hub says: {status}");
     ensure!(
         running.is_running(),
         "{} exited during the run",
