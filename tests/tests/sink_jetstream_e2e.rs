@@ -456,6 +456,46 @@ async fn a_paused_server_is_transient_and_the_late_stores_are_deduplicated() -> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_at_start_makes_the_sink_ask_the_stream_again_so_late_stores_are_not_repeated_past_the_window(
+) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let nats = Nats::start(dir.path())?;
+    let js = client(&nats.url()).await?;
+    let window = Duration::from_secs(1);
+    create_stream(&js, "EVENTS", &["outpost.>"], Some(window)).await?;
+    let stop = CancellationToken::new();
+    let sink = build(&config(table(&nats.url(), "EVENTS")), dir.path(), &stop).await;
+    // A new sink's first delivery asks what the stream holds on the
+    // subject (nothing yet); the next ones at start take that answer
+    // rather than ask again, so the paused server does not stall a
+    // question: the publishes go out and their acks time out.
+    deliver_eventually(sink.as_ref(), &batch(1, 10)).await?;
+    let events = batch(11, 30);
+    signal(&nats, "-STOP")?;
+    expect_transient(sink.as_ref(), &events).await?;
+    signal(&nats, "-CONT")?;
+    // The server stores what it had read while paused. Past its window it
+    // no longer knows the ids: only asking again (the failure dropped the
+    // old answer) keeps the retry from storing the 30 twice.
+    let late = tokio::time::timeout(DEADLINE, async {
+        while count(&js, "EVENTS").await? < 40 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::Ok(())
+    })
+    .await;
+    ensure!(
+        matches!(late, Ok(Ok(()))),
+        "the paused server never stored the publishes it had read"
+    );
+    tokio::time::sleep(window + Duration::from_millis(500)).await;
+    deliver_eventually(sink.as_ref(), &events).await?;
+    assert_eq!(count(&js, "EVENTS").await?, 40);
+    stop.cancel();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_server_at_build_is_no_error_and_deliveries_are_transient_until_it_is_up(
 ) -> Result<()> {
     let dir = tempfile::tempdir()?;
