@@ -433,52 +433,65 @@ async fn a_batch_sent_again_within_the_window_is_not_checked_so_a_hole_below_a_l
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_server_is_transient_and_the_late_stores_are_deduplicated() -> Result<()> {
+/// A sink on a stream of duplicate window `window` that delivered
+/// `batch(1, first)`, then failed to deliver `events` (the next 30) to the
+/// paused server, which runs again.
+struct Paused {
+    js: jetstream::Context,
+    stop: CancellationToken,
+    sink: Arc<dyn Sink>,
+    events: Vec<SinkEvent>,
+    _nats: Nats,
+    _dir: tempfile::TempDir,
+}
+
+async fn paused_after(first: u64, window: Option<Duration>) -> Result<Paused> {
     let dir = tempfile::tempdir()?;
     let nats = Nats::start(dir.path())?;
     let js = client(&nats.url()).await?;
-    create_stream(&js, "EVENTS", &["outpost.>"], None).await?;
+    create_stream(&js, "EVENTS", &["outpost.>"], window).await?;
     let stop = CancellationToken::new();
     let sink = build(&config(table(&nats.url(), "EVENTS")), dir.path(), &stop).await;
-    deliver_eventually(sink.as_ref(), &batch(1, 1)).await?;
-
-    let events = batch(2, 30);
+    deliver_eventually(sink.as_ref(), &batch(1, first)).await?;
+    let events = batch(first + 1, 30);
     signal(&nats, "-STOP")?;
     expect_transient(sink.as_ref(), &events).await?;
     signal(&nats, "-CONT")?;
+    Ok(Paused {
+        js,
+        stop,
+        sink,
+        events,
+        _nats: nats,
+        _dir: dir,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_server_is_transient_and_the_late_stores_are_deduplicated() -> Result<()> {
+    let p = paused_after(1, None).await?;
     // The server stores what it had read while paused; the retry is then a
     // duplicate, acknowledged as stored, and nothing is stored twice.
-    deliver_eventually(sink.as_ref(), &events).await?;
-    assert_eq!(count(&js, "EVENTS").await?, 31);
-    stop.cancel();
+    deliver_eventually(p.sink.as_ref(), &p.events).await?;
+    assert_eq!(count(&p.js, "EVENTS").await?, 31);
+    p.stop.cancel();
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_at_start_makes_the_sink_ask_the_stream_again_so_late_stores_are_not_repeated_past_the_window(
 ) -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let nats = Nats::start(dir.path())?;
-    let js = client(&nats.url()).await?;
-    let window = Duration::from_secs(1);
-    create_stream(&js, "EVENTS", &["outpost.>"], Some(window)).await?;
-    let stop = CancellationToken::new();
-    let sink = build(&config(table(&nats.url(), "EVENTS")), dir.path(), &stop).await;
     // A new sink's first delivery asks what the stream holds on the
     // subject (nothing yet); the next ones at start take that answer
     // rather than ask again, so the paused server does not stall a
     // question: the publishes go out and their acks time out.
-    deliver_eventually(sink.as_ref(), &batch(1, 10)).await?;
-    let events = batch(11, 30);
-    signal(&nats, "-STOP")?;
-    expect_transient(sink.as_ref(), &events).await?;
-    signal(&nats, "-CONT")?;
+    let window = Duration::from_secs(1);
+    let p = paused_after(10, Some(window)).await?;
     // The server stores what it had read while paused. Past its window it
     // no longer knows the ids: only asking again (the failure dropped the
     // old answer) keeps the retry from storing the 30 twice.
     let late = tokio::time::timeout(DEADLINE, async {
-        while count(&js, "EVENTS").await? < 40 {
+        while count(&p.js, "EVENTS").await? < 40 {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         anyhow::Ok(())
@@ -489,9 +502,9 @@ async fn a_failure_at_start_makes_the_sink_ask_the_stream_again_so_late_stores_a
         "the paused server never stored the publishes it had read"
     );
     tokio::time::sleep(window + Duration::from_millis(500)).await;
-    deliver_eventually(sink.as_ref(), &events).await?;
-    assert_eq!(count(&js, "EVENTS").await?, 40);
-    stop.cancel();
+    deliver_eventually(p.sink.as_ref(), &p.events).await?;
+    assert_eq!(count(&p.js, "EVENTS").await?, 40);
+    p.stop.cancel();
     Ok(())
 }
 
