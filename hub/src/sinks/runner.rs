@@ -126,6 +126,9 @@ pub async fn run(
     .await;
 }
 
+/// How long a stopped sink's own tasks may take to close its connections.
+const TASKS_WAIT: Duration = Duration::from_secs(3);
+
 /// A sink running on a thread of its own, from [`start`].
 pub struct SinkThread {
     id: String,
@@ -204,9 +207,18 @@ pub async fn start(
                 };
                 let _ = built_tx.send(Ok(()));
                 run(rc, sink, store, store_path, policy, stop).await;
+                // The sink's own tasks (its connection's supervisor, the
+                // MQTT driver) end after `stop` too, closing their
+                // connections cleanly (a NATS drain, an MQTT DISCONNECT):
+                // they get the moment they had on the hub's runtime.
+                let tasks = tokio::runtime::Handle::current().metrics();
+                let deadline = Instant::now() + TASKS_WAIT;
+                while tasks.num_alive_tasks() > 0 && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
             });
-            // The sink's background tasks ended with `stop`; what is left
-            // of them goes with the runtime, before `over` says so.
+            // What is left of them goes with the runtime, before `over`
+            // says so.
             drop(rt);
             drop(over_tx);
         })
