@@ -89,7 +89,8 @@ pub const MAX_SUBJECT: usize = 3072;
 
 /// The first wait before reconnecting; it doubles up to [`RECONNECT_MAX`].
 const RECONNECT_MIN: Duration = Duration::from_millis(50);
-/// The longest wait between connection attempts.
+/// The longest wait between connection attempts (or the sink's
+/// `retry_max`, if shorter).
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// How long the supervisor waits for a connection to drain on stop.
 const DRAIN_WAIT: Duration = Duration::from_secs(1);
@@ -107,7 +108,11 @@ pub async fn build(
             message: "kind = \"jetstream\" needs a [sinks.jetstream] table".into(),
         });
     };
-    let settings = Arc::new(Settings::read(&c.id, cfg, c.batch_max, base)?);
+    let mut settings = Settings::read(&c.id, cfg, c.batch_max, base)?;
+    // A far end that is back is found as soon as the sink's own retries
+    // would look again.
+    settings.reconnect_max = RECONNECT_MAX.min(c.retry_max.0);
+    let settings = Arc::new(settings);
     let (tx, rx) = watch::channel(Link::Down(None));
     let span = tracing::info_span!("sink", id = %c.id, kind = "jetstream");
     tokio::spawn(supervise(settings.clone(), tx, stop.clone()).instrument(span));
@@ -137,6 +142,9 @@ struct Settings {
     tls: Option<rustls::ClientConfig>,
     /// Publishes awaiting their ack at once, across deliveries.
     max_inflight: usize,
+    /// The longest wait between connection attempts: [`RECONNECT_MAX`], or
+    /// the sink's `retry_max` if shorter.
+    reconnect_max: Duration,
 }
 
 impl Settings {
@@ -205,6 +213,7 @@ impl Settings {
             credentials,
             tls,
             max_inflight: batch_max.saturating_mul(2).max(64),
+            reconnect_max: RECONNECT_MAX,
         })
     }
 
@@ -265,7 +274,8 @@ struct Up {
 /// Connects, waits for the connection to end, connects again, until `stop`
 /// (or until the sink is dropped).
 async fn supervise(settings: Arc<Settings>, tx: watch::Sender<Link>, stop: CancellationToken) {
-    let mut backoff = RECONNECT_MIN;
+    let first = RECONNECT_MIN.min(settings.reconnect_max);
+    let mut backoff = first;
     let mut last_error: Option<String> = None;
     let mut links = 0u64;
     loop {
@@ -302,11 +312,11 @@ async fn supervise(settings: Arc<Settings>, tx: watch::Sender<Link>, stop: Cance
                     _ = tx.closed() => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(RECONNECT_MAX);
+                backoff = (backoff * 2).min(settings.reconnect_max);
                 continue;
             }
         };
-        backoff = RECONNECT_MIN;
+        backoff = first;
         last_error = None;
         let max_payload = client.server_info().max_payload;
         info!(url = %settings.url, max_payload, "Connected to the NATS server.");
