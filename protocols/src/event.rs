@@ -389,11 +389,7 @@ impl Quality {
     /// The quality as JSON: `{"status": "good"}` or
     /// `{"status": "bad", "reason": "timeout"}`.
     pub fn to_json(&self) -> serde_json::Value {
-        let (status, reason) = match self {
-            Quality::Good => ("good", None),
-            Quality::Bad(r) => ("bad", Some(r)),
-            Quality::Uncertain(r) => ("uncertain", Some(r)),
-        };
+        let (status, reason) = self.parts();
         let mut m = serde_json::Map::new();
         m.insert("status".into(), status.into());
         if let Some(r) = reason {
@@ -402,13 +398,18 @@ impl Quality {
         serde_json::Value::Object(m)
     }
 
-    /// Writes [`Quality::to_json`] into `out`, keys in the same order.
-    pub fn write_json(&self, out: &mut Vec<u8>) {
-        let (status, reason) = match self {
+    /// The JSON `status` and the reason, if any.
+    fn parts(&self) -> (&'static str, Option<&Reason>) {
+        match self {
             Quality::Good => ("good", None),
             Quality::Bad(r) => ("bad", Some(r)),
             Quality::Uncertain(r) => ("uncertain", Some(r)),
-        };
+        }
+    }
+
+    /// Writes [`Quality::to_json`] into `out`, keys in the same order.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let (status, reason) = self.parts();
         out.push(b'{');
         if let Some(r) = reason {
             out.extend_from_slice(b"\"reason\":");
