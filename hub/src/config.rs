@@ -229,12 +229,6 @@ pub fn parse(
             if let Err((key, message)) = js.check() {
                 return Err(invalid(&format!("store.jetstream.{key}"), message));
             }
-            if !cfg.sinks.is_empty() {
-                return Err(invalid(
-                    "sinks",
-                    "a hub on [store] kind = \"jetstream\" does not forward to sinks yet; run the sinks on a hub with the sqlite store, or consume the events stream".into(),
-                ));
-            }
         }
         (_, Some(_)) => {
             return Err(invalid(

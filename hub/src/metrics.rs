@@ -44,8 +44,13 @@ pub enum MetricsSource {
         /// The `[[sinks]]` ids.
         sinks: Vec<String>,
     },
-    /// The JetStream store (no sinks).
-    JetStream(Box<JetStreamStore>),
+    /// The JetStream store and the configured sinks.
+    JetStream {
+        /// The store.
+        store: Box<JetStreamStore>,
+        /// The `[[sinks]]` ids.
+        sinks: Vec<String>,
+    },
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -70,7 +75,9 @@ impl MetricsSource {
                 .await
                 .map_err(|_| StoreError::Closed)?
             }
-            MetricsSource::JetStream(js) => Ok((Vec::new(), js.fleet().await?)),
+            MetricsSource::JetStream { store, sinks } => {
+                Ok((store.sinks_status(sinks).await?, store.fleet().await?))
+            }
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::config::HubConfig;
 use crate::metrics::MetricsSource;
 use crate::policy::PolicySource;
 use crate::server::{self, ServerError};
+use crate::sinks::runner::QueueSource;
 use crate::store::jetstream::{spawn_jetstream_writer, JetStreamStore, JetStreamStoreConfig};
 use crate::store::{self, spawn_store_writer, Store, StoreError, Synchronous, WriterOptions};
 
@@ -97,7 +98,7 @@ pub async fn run(
             c,
             base,
             handle.clone(),
-            path.clone(),
+            QueueSource::Sqlite(path.clone()),
             current.clone(),
             sinks_stop.clone(),
         )
@@ -105,10 +106,7 @@ pub async fn run(
         match started {
             Ok(t) => runners.push(t),
             Err(e) => {
-                sinks_stop.cancel();
-                for t in runners {
-                    t.join().await;
-                }
+                stop_sinks(sinks_stop, runners).await;
                 let _ = stop_store(watch_stop, watcher, handle, writer_stop, writer).await;
                 return Err(e.into());
             }
@@ -126,10 +124,7 @@ pub async fn run(
     .await;
     let served = server::serve(&cfg, base, handle.clone(), feed, shutdown, bound, None).await;
     stop_metrics(metrics).await;
-    sinks_stop.cancel();
-    for t in runners {
-        t.join().await;
-    }
+    stop_sinks(sinks_stop, runners).await;
     let closed = stop_store(watch_stop, watcher, handle, writer_stop, writer).await;
     served?;
     closed?;
@@ -137,8 +132,9 @@ pub async fn run(
     Ok(())
 }
 
-/// Runs a stateless replica on the JetStream store: no local store, no
-/// sinks (the config refuses them), the policy from the store's bucket.
+/// Runs a stateless replica on the JetStream store: no local store; the
+/// policy from the store's bucket; the sinks' queues in the store's sinks
+/// stream, each sink run by the replica that holds its lease.
 async fn run_jetstream(
     cfg: HubConfig,
     js: &JetStreamStoreConfig,
@@ -159,12 +155,41 @@ async fn run_jetstream(
     .await?;
     let writer_stop = CancellationToken::new();
     let replica = store.replica().to_owned();
-    let (handle, writer) =
-        spawn_jetstream_writer(store.clone(), WriterOptions::default(), writer_stop.clone());
+    let configured: Vec<String> = cfg.sinks.iter().map(|s| s.id.clone()).collect();
+    let (handle, writer) = spawn_jetstream_writer(
+        store.clone(),
+        WriterOptions::default(),
+        configured.clone(),
+        writer_stop.clone(),
+    );
+    let sinks_stop = CancellationToken::new();
+    let mut runners = Vec::new();
+    for c in &cfg.sinks {
+        let started = crate::sinks::runner::start(
+            c,
+            base,
+            handle.clone(),
+            QueueSource::JetStream(Box::new(store.clone())),
+            current.clone(),
+            sinks_stop.clone(),
+        )
+        .await;
+        match started {
+            Ok(t) => runners.push(t),
+            Err(e) => {
+                stop_sinks(sinks_stop, runners).await;
+                let _ = stop_store(watch_stop, watcher, handle, writer_stop, writer).await;
+                return Err(e.into());
+            }
+        }
+    }
     let feed = server::PolicyFeed { current, catalog };
     let metrics = start_metrics(
         &cfg,
-        MetricsSource::JetStream(Box::new(store)),
+        MetricsSource::JetStream {
+            store: Box::new(store),
+            sinks: configured,
+        },
         shutdown.child_token(),
     )
     .await;
@@ -179,11 +204,20 @@ async fn run_jetstream(
     )
     .await;
     stop_metrics(metrics).await;
+    stop_sinks(sinks_stop, runners).await;
     let closed = stop_store(watch_stop, watcher, handle, writer_stop, writer).await;
     served?;
     closed?;
     info!(url = %js.url, %replica, "Hub stopped.");
     Ok(())
+}
+
+/// Stops the sinks' runners and waits for their threads.
+async fn stop_sinks(stop: CancellationToken, runners: Vec<crate::sinks::runner::SinkThread>) {
+    stop.cancel();
+    for t in runners {
+        t.join().await;
+    }
 }
 
 /// After the QUIC side: stops the policy watch, then the store backend once

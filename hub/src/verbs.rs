@@ -113,7 +113,7 @@ pub enum VerbError {
     Config(#[from] ConfigError),
     /// `[store] kind` names a store these verbs cannot read.
     #[error(
-        "{}: store.kind: this verb reads the sqlite store, and this hub stores in {kind:?} (on jetstream: `fleet list` and the `policy` verbs)",
+        "{}: store.kind: this verb reads the sqlite store, and this hub stores in {kind:?} (on jetstream: `fleet list`, `sinks status` and the `policy` verbs)",
         .path.display()
     )]
     NotSqlite {
@@ -221,8 +221,13 @@ pub fn sinks(
             let env: Vec<(String, String)> = env.into_iter().collect();
             let cfg = config::load(&args.config, env.clone())?;
             let configured: Vec<String> = cfg.sinks.iter().map(|s| s.id.clone()).collect();
-            let reader = open(&args.config, env)?;
-            let status = reader.sinks_status(&configured)?;
+            let ids = configured.clone();
+            let status = match on_jetstream(&args.config, &cfg, |js| async move {
+                Ok(js.sinks_status(&ids).await?)
+            })? {
+                Some(status) => status,
+                None => open(&args.config, env)?.sinks_status(&configured)?,
+            };
             let now = crate::store::now().0;
             if args.json {
                 writeln!(out, "{}", sinks_json(&status, &configured, now))?;

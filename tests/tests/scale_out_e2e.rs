@@ -387,7 +387,7 @@ async fn the_watermark_keeps_repeats_out_after_the_duplicate_window() -> Result<
 
     let stop = CancellationToken::new();
     let one = JetStreamStore::open(&cfg, dir.path()).await?;
-    let (h1, w1) = spawn_jetstream_writer(one, WriterOptions::default(), stop.clone());
+    let (h1, w1) = spawn_jetstream_writer(one, WriterOptions::default(), Vec::new(), stop.clone());
     ensure!(h1.insert(id.clone(), events(1..=100)?).await? == Seq(100));
     tokio::time::sleep(WINDOW + Duration::from_millis(500)).await;
     // The stream forgot the ids by now; the watermark did not.
@@ -412,7 +412,7 @@ async fn the_watermark_keeps_repeats_out_after_the_duplicate_window() -> Result<
             .await?;
     }
     let two = JetStreamStore::open(&cfg, dir.path()).await?;
-    let (h2, w2) = spawn_jetstream_writer(two, WriterOptions::default(), stop.clone());
+    let (h2, w2) = spawn_jetstream_writer(two, WriterOptions::default(), Vec::new(), stop.clone());
     ensure!(h2.watermark(id.clone()).await? == Seq(100));
     let o = h2
         .insert_nowait(id.clone(), events(101..=150)?)
@@ -472,7 +472,11 @@ fn bad_jetstream_store_settings_are_clear_errors() -> Result<()> {
             "",
             "store.jetstream",
         ),
-        ("url = \"nats://127.0.0.1:1\"", "url = \"http://x\"", "store.jetstream.url"),
+        (
+            "url = \"nats://127.0.0.1:1\"",
+            "url = \"http://x\"",
+            "store.jetstream.url",
+        ),
         (
             "timeout = \"5s\"",
             "timeout = \"5s\"\nbucket_prefix = \"a.b\"",
@@ -484,9 +488,14 @@ fn bad_jetstream_store_settings_are_clear_errors() -> Result<()> {
             "store.jetstream.subject",
         ),
         (
-            "[observability]",
-            "[[sinks]]\nid = \"s\"\nkind = \"http\"\n[sinks.http]\nurl = \"http://127.0.0.1:1/\"\n\n[observability]",
-            "sinks",
+            "timeout = \"5s\"",
+            "timeout = \"5s\"\nsinks_subject = \"outpost.events.sinks\"",
+            "store.jetstream.sinks_subject",
+        ),
+        (
+            "timeout = \"5s\"",
+            "timeout = \"5s\"\nsinks_stream = \"OUTPOST_EVENTS\"",
+            "store.jetstream.sinks_stream",
         ),
     ];
     for (from, to, key) in cases {
@@ -686,4 +695,309 @@ async fn a_nats_cluster_node_killed_under_a_replica_loses_and_duplicates_nothing
         },
     )
     .await
+}
+
+/// Two replicas with the same `[[sinks]]` (`sinks` appended to each one's
+/// config), the agent behind a UDP proxy on replica A with a backlog of
+/// `n` events and no device, and every stream routed to the store and to
+/// `sink` by a policy applied through A.
+/// Its fields drop in order: the processes before their directory.
+struct SinkFleet {
+    _agent: Agent,
+    hubs: [Option<Hub>; 2],
+    proxy: UdpProxy,
+    nats: Nats,
+    addrs: [SocketAddr; 2],
+    configs: [std::path::PathBuf; 2],
+    agent_toml: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SinkFleet {
+    /// `stream`: a stream to make for the sink, `(name, subjects)`, before
+    /// the replicas start.
+    async fn start(
+        sink: &str,
+        sinks: impl Fn(&str) -> String,
+        n: u64,
+        stream: Option<(&str, &str)>,
+    ) -> Result<SinkFleet> {
+        let dir = tempfile::tempdir()?;
+        let nats = nats_on(dir.path(), None)?;
+        if let Some((name, subjects)) = stream {
+            client(&nats.url())
+                .await?
+                .create_stream(jetstream::stream::Config {
+                    name: name.into(),
+                    subjects: vec![subjects.into()],
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!("creating stream {name}: {e}"))?;
+        }
+        let pki = Pki::new(dir.path())?;
+        let addrs = [
+            SocketAddr::from(([127, 0, 0, 1], free_udp_port()?)),
+            SocketAddr::from(([127, 0, 0, 1], free_udp_port()?)),
+        ];
+        let mut configs = Vec::new();
+        for (name, addr) in ["a", "b"].iter().zip(addrs) {
+            let config = replica_config(&dir.path().join(name), &pki, addr, &nats.url())?;
+            let text = std::fs::read_to_string(&config)?;
+            std::fs::write(&config, format!("{text}\n{}", sinks(&nats.url())))?;
+            configs.push(config);
+        }
+        let configs: [std::path::PathBuf; 2] = [configs[0].clone(), configs[1].clone()];
+        let hubs = [
+            Some(Hub::start_file(&configs[0], addrs[0])?),
+            Some(Hub::start_file(&configs[1], addrs[1])?),
+        ];
+        let policy = dir.path().join("policy.toml");
+        std::fs::write(
+            &policy,
+            format!("[defaults]\nsinks = [\"store\", \"{sink}\"]\n"),
+        )?;
+        let (code, out, err) = hub_verb(
+            &configs[0],
+            &["policy", "apply", policy.to_str().context("path")?],
+        )?;
+        ensure!(code == 0, "policy apply exited {code}: {out}{err}");
+        // Both replicas enforce it before the agent sends anything.
+        for h in hubs.iter().flatten() {
+            wait_until(DEADLINE, "the replica to enforce the policy", || {
+                h.log().contains("New policy in force")
+            })?;
+        }
+        let proxy = UdpProxy::start(addrs[0])?;
+        let creds = pki.issue_agent("line1")?;
+        let agent_dir = dir.path().join("agent");
+        let backlog: Vec<EventBody> = (1..=n).map(body).collect::<Result<_>>()?;
+        fill_outbox(&agent_dir.join("data"), "line1", &backlog)?;
+        let agent_toml = agent_dir.join("agent.toml");
+        let text = agent_config(proxy.addr(), &creds, SocketAddr::from(([127, 0, 0, 1], 1)));
+        let text = text[..text.find("[[modbus.devices]]").context("device table")?].to_owned();
+        std::fs::write(&agent_toml, text)?;
+        let agent = Agent::start_file(&agent_toml)?;
+        Ok(SinkFleet {
+            _agent: agent,
+            hubs,
+            proxy,
+            nats,
+            addrs,
+            configs,
+            agent_toml,
+            _dir: dir,
+        })
+    }
+
+    /// The replicas whose log says they run the sink, and those standing by.
+    fn roles(&self) -> (Vec<usize>, Vec<usize>) {
+        let mut running = Vec::new();
+        let mut standing = Vec::new();
+        for (i, h) in self.hubs.iter().enumerate() {
+            let Some(h) = h else { continue };
+            let log = h.log();
+            if log.contains("This replica runs the sink") {
+                running.push(i);
+            }
+            if log.contains("standing by to take over") {
+                standing.push(i);
+            }
+        }
+        (running, standing)
+    }
+
+    fn outbox(&self) -> Result<serde_json::Value> {
+        agent_outbox_stats(&self.agent_toml)
+    }
+
+    /// `sinks status --json` through replica `i`'s config, by sink.
+    fn sinks_status(&self, i: usize) -> Result<BTreeMap<String, serde_json::Value>> {
+        let (code, out, err) = hub_verb(&self.configs[i], &["sinks", "status", "--json"])?;
+        ensure!(code == 0, "sinks status exited {code}: {out}{err}");
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(v.as_array()
+            .context("an array")?
+            .iter()
+            .map(|s| (s["sink"].as_str().unwrap_or("").to_owned(), s.clone()))
+            .collect())
+    }
+}
+
+/// An MQTT sink configured on two replicas of a JetStream hub, its broker
+/// down at first: one replica runs it and the other stands by; the agent's
+/// acknowledgements wait while it is down (also after the agent moved to
+/// the other replica), and once it is back the broker gets every event
+/// once, which it would not if both replicas ran the sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_on_two_replicas_is_run_by_one_and_holds_the_acks_back_while_down() -> Result<()> {
+    const N: u64 = 3_000;
+    let broker_dir = tempfile::tempdir()?;
+    // Started once so that the watching subscriber's session exists (QoS 1
+    // messages wait in it), then stopped.
+    let mut broker = outpost_tests::Mosquitto::start(broker_dir.path())?;
+    let port = broker.port;
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<u64>>> = Default::default();
+    let watch = |seen: std::sync::Arc<std::sync::Mutex<Vec<u64>>>| -> Result<rumqttc::Client> {
+        use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+        let mut o = MqttOptions::new("watcher", "127.0.0.1", port);
+        o.set_clean_session(false);
+        let (client, mut conn) = Client::new(o, 100);
+        client.subscribe("#", QoS::AtLeastOnce)?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for ev in conn.iter() {
+                match ev {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let j: serde_json::Value =
+                            serde_json::from_slice(&p.payload).unwrap_or_default();
+                        if let (Some(n), Ok(mut v)) = (j["seq"].as_u64(), seen.lock()) {
+                            v.push(n);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(DEADLINE)
+            .context("the watcher was not subscribed")?;
+        Ok(client)
+    };
+    watch(seen.clone())?.disconnect()?;
+    std::thread::sleep(Duration::from_millis(200));
+    broker.proc.term(Duration::from_secs(10))?;
+
+    let sinks = |_: &str| {
+        format!(
+            "[[sinks]]\nid = \"cloud\"\nkind = \"mqtt\"\nretry_min = \"100ms\"\nretry_max = \"500ms\"\n\n[sinks.mqtt]\nbroker = \"127.0.0.1:{port}\"\nclient_id = \"hub-cloud\"\ntopic = \"fleet/{{agent_id}}/{{stream}}\"\n"
+        )
+    };
+    let mut f = SinkFleet::start("cloud", sinks, N, None).await?;
+    let js = client(&f.nats.url()).await?;
+    wait_for("the backlog in the events stream", || async {
+        Ok(count(&js).await? >= N)
+    })
+    .await?;
+    wait_until(
+        DEADLINE,
+        "one replica running the sink, one standing by",
+        || {
+            let (running, standing) = f.roles();
+            running.len() == 1 && standing.len() == 1 && running != standing
+        },
+    )?;
+    wait_until(DEADLINE, "the sink's failures counted", || {
+        f.sinks_status(1)
+            .map(|s| s["cloud"]["failures"].as_u64().unwrap_or(0) >= 2)
+            .unwrap_or(false)
+    })?;
+    let status = f.sinks_status(1)?;
+    ensure!(status["cloud"]["pending"] == N, "{status:?}");
+    let held = f.outbox()?;
+    ensure!(
+        held["events"] == N && held["acked_seq"] == 0,
+        "acknowledged while the sink is down: {held}"
+    );
+
+    // The agent moves to replica B; its acknowledgements still wait.
+    let connected = |h: &Hub| h.log().matches("Agent connected").count();
+    let hub_b = f.hubs[1].as_ref().context("B")?;
+    f.proxy.set_upstream(f.addrs[1]);
+    wait_until(DEADLINE, "the agent on replica B", || connected(hub_b) >= 1)?;
+    let held = f.outbox()?;
+    ensure!(held["events"] == N, "acknowledged on B: {held}");
+
+    let _broker = outpost_tests::Mosquitto::start_on(broker_dir.path(), port)?;
+    let watcher = watch(seen.clone())?;
+    wait_until(DEADLINE, "the agent's outbox to be acknowledged", || {
+        f.outbox()
+            .map(|s| s["events"] == 0 && s["acked_seq"] == N)
+            .unwrap_or(false)
+    })?;
+    wait_until(DEADLINE, "the broker to pass on every event", || {
+        seen.lock().map(|v| v.len() as u64 >= N).unwrap_or(false)
+    })?;
+    // Anything doubled would arrive right behind.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut got: BTreeMap<u64, usize> = BTreeMap::new();
+    for n in seen.lock().map(|v| v.clone()).unwrap_or_default() {
+        *got.entry(n).or_default() += 1;
+    }
+    check_once(&got, N)?;
+    let status = f.sinks_status(0)?;
+    ensure!(
+        status["cloud"]["pending"] == 0 && status["cloud"]["delivered"] == N,
+        "{status:?}"
+    );
+    watcher.disconnect()?;
+    f.hubs = [None, None];
+    Ok(())
+}
+
+/// A JetStream sink on two replicas, the one that runs it killed with
+/// SIGKILL while it delivers the agent's backlog: the other takes the sink
+/// over once the lease lapses, the agent's outbox is acknowledged in full,
+/// and the sink's stream holds every seq once (what the killed replica had
+/// delivered without recording it goes again, and the stream drops it by
+/// `Nats-Msg-Id`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replica_running_a_sink_killed_mid_delivery_leaves_every_seq_in_it_once() -> Result<()>
+{
+    const N: u64 = 20_000;
+    const LAKE: &str = "LAKE";
+    let sinks = |url: &str| {
+        format!(
+            "[[sinks]]\nid = \"lake\"\nkind = \"jetstream\"\nretry_min = \"100ms\"\nretry_max = \"500ms\"\nbatch_max = 200\n\n[sinks.jetstream]\nurl = \"{url}\"\nstream = \"{LAKE}\"\nsubject = \"lake.{{agent_id}}.{{stream}}\"\ntimeout = \"2s\"\n"
+        )
+    };
+    let mut f = SinkFleet::start("lake", sinks, N, Some((LAKE, "lake.>"))).await?;
+    let js = client(&f.nats.url()).await?;
+    let lake = |js: jetstream::Context| async move {
+        Ok::<u64, anyhow::Error>(js.get_stream(LAKE).await?.get_info().await?.state.messages)
+    };
+    wait_until(DEADLINE, "one replica running the sink", || {
+        f.roles().0.len() == 1
+    })?;
+    wait_for("the sink's first batches", || {
+        let js = js.clone();
+        async move { Ok(lake(js).await? >= 2_000) }
+    })
+    .await?;
+    let (running, _) = f.roles();
+    let victim = running[0];
+    let survivor = 1 - victim;
+    f.hubs[victim]
+        .as_mut()
+        .context("the running replica")?
+        .proc
+        .kill9();
+    let at = lake(js.clone()).await?;
+    ensure!(at < N, "the sink had everything before the kill: {at}");
+    f.proxy.set_upstream(f.addrs[survivor]);
+    wait_until(DEADLINE, "the agent's outbox to be acknowledged", || {
+        f.outbox()
+            .map(|s| s["events"] == 0 && s["acked_seq"] == N)
+            .unwrap_or(false)
+    })?;
+    let survivor_log = f.hubs[survivor].as_ref().context("survivor")?.log();
+    ensure!(
+        survivor_log.contains("This replica runs the sink"),
+        "the survivor did not take the sink over:\n{survivor_log}"
+    );
+    let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
+    for m in stream_messages(&js, LAKE, DEADLINE).await? {
+        let id = msg_id(&m).context("a message without Nats-Msg-Id")?;
+        let (_, seq) = id.rsplit_once(':').context("Nats-Msg-Id is agent:seq")?;
+        *seen.entry(seq.parse::<u64>()?).or_default() += 1;
+    }
+    check_once(&seen, N)?;
+    check_once(&seqs_of(&js, "line1").await?, N)?;
+    let status = f.sinks_status(survivor)?;
+    ensure!(status["lake"]["pending"] == 0, "{status:?}");
+    Ok(())
 }

@@ -80,6 +80,21 @@ const RESERVED: [&str; 7] = [
     "user-agent",
 ];
 
+/// What [`build`] checks of `c`, without connecting.
+pub(super) fn check_files(c: &SinkConfig, base: &Path) -> Result<(), SinkError> {
+    settings(c, base).map(drop)
+}
+
+/// What the `[sinks.http]` table of `c` says, its files read.
+fn settings(c: &SinkConfig, base: &Path) -> Result<Settings, SinkError> {
+    let cfg = c.http.as_ref().ok_or_else(|| SinkError::Config {
+        id: c.id.clone(),
+        key: "http".into(),
+        message: "kind = \"http\" needs a [sinks.http] table".into(),
+    })?;
+    Settings::read(&c.id, cfg, base)
+}
+
 /// Builds an HTTP sink from `c.http` (the caller checked that it is there).
 /// Files (the auth value, the TLS CA and client certificate) are read here,
 /// once; nothing is connected until the first delivery.
@@ -88,12 +103,7 @@ pub async fn build(
     base: &Path,
     stop: CancellationToken,
 ) -> Result<Arc<dyn Sink>, SinkError> {
-    let cfg = c.http.as_ref().ok_or_else(|| SinkError::Config {
-        id: c.id.clone(),
-        key: "http".into(),
-        message: "kind = \"http\" needs a [sinks.http] table".into(),
-    })?;
-    let settings = Settings::read(&c.id, cfg, base)?;
+    let settings = settings(c, base)?;
     let sink = HttpSink::new(c.id.clone(), settings, stop);
     tracing::debug!(sink = %sink.id, url = %sink.uri, "HTTP sink built.");
     Ok(Arc::new(sink))

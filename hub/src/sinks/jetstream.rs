@@ -95,12 +95,13 @@ const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// How long the supervisor waits for a connection to drain on stop.
 const DRAIN_WAIT: Duration = Duration::from_secs(1);
 
-/// Builds the sink; see [`super::build`].
-pub async fn build(
-    c: &SinkConfig,
-    base: &Path,
-    stop: CancellationToken,
-) -> Result<Arc<dyn Sink>, SinkError> {
+/// What [`build`] checks of `c`, without connecting.
+pub(super) fn check_files(c: &SinkConfig, base: &Path) -> Result<(), SinkError> {
+    settings(c, base).map(drop)
+}
+
+/// What the `[sinks.jetstream]` table of `c` says, its files read.
+fn settings(c: &SinkConfig, base: &Path) -> Result<Settings, SinkError> {
     let Some(cfg) = c.jetstream.as_ref() else {
         return Err(SinkError::Config {
             id: c.id.clone(),
@@ -108,7 +109,16 @@ pub async fn build(
             message: "kind = \"jetstream\" needs a [sinks.jetstream] table".into(),
         });
     };
-    let mut settings = Settings::read(&c.id, cfg, c.batch_max, base)?;
+    Settings::read(&c.id, cfg, c.batch_max, base)
+}
+
+/// Builds the sink; see [`super::build`].
+pub async fn build(
+    c: &SinkConfig,
+    base: &Path,
+    stop: CancellationToken,
+) -> Result<Arc<dyn Sink>, SinkError> {
+    let mut settings = settings(c, base)?;
     // A far end that is back is found as soon as the sink's own retries
     // would look again.
     settings.reconnect_max = RECONNECT_MAX.min(c.retry_max.0);

@@ -444,11 +444,27 @@ pub async fn build(
         "http" => http::build(c, base, stop).await,
         "mqtt" => mqtt::build(c, base, stop).await,
         "jetstream" => jetstream::build(c, base, stop).await,
-        _ => Err(SinkError::Config {
-            id: c.id.clone(),
-            key: "kind".into(),
-            message: format!("sinks of kind {:?} are not built yet", c.kind),
-        }),
+        _ => Err(unknown_kind(c)),
+    }
+}
+
+/// Checks what [`build`] checks of `c` (its files read, its certificates
+/// and keys parsed) without connecting or starting anything: for a replica
+/// that stands by while another runs the sink (see `runner::start`).
+pub fn check_files(c: &SinkConfig, base: &std::path::Path) -> Result<(), SinkError> {
+    match c.kind.as_str() {
+        "http" => http::check_files(c, base),
+        "mqtt" => mqtt::check_files(c, base),
+        "jetstream" => jetstream::check_files(c, base),
+        _ => Err(unknown_kind(c)),
+    }
+}
+
+fn unknown_kind(c: &SinkConfig) -> SinkError {
+    SinkError::Config {
+        id: c.id.clone(),
+        key: "kind".into(),
+        message: format!("sinks of kind {:?} are not built yet", c.kind),
     }
 }
 

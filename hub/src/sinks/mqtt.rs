@@ -83,6 +83,24 @@ const JOB_QUEUE: usize = 16;
 /// warning (every attempt is logged at debug).
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
+/// What [`build`] checks of `c`, without connecting.
+pub(super) fn check_files(c: &SinkConfig, base: &Path) -> Result<(), SinkError> {
+    settings(c, base).map(drop)
+}
+
+/// The `[sinks.mqtt]` table of `c` and what it says, its files read.
+fn settings<'a>(
+    c: &'a SinkConfig,
+    base: &Path,
+) -> Result<(&'a super::MqttSinkConfig, Settings), SinkError> {
+    let cfg = c.mqtt.as_ref().ok_or_else(|| SinkError::Config {
+        id: c.id.clone(),
+        key: "mqtt".into(),
+        message: "kind = \"mqtt\" needs a [sinks.mqtt] table".into(),
+    })?;
+    Ok((cfg, Settings::read(&c.id, cfg, base)?))
+}
+
 /// Builds the MQTT sink of `c` and starts its driver, which connects in the
 /// background and ends when `stop` is cancelled.
 pub async fn build(
@@ -90,12 +108,7 @@ pub async fn build(
     base: &Path,
     stop: CancellationToken,
 ) -> Result<Arc<dyn Sink>, SinkError> {
-    let cfg = c.mqtt.as_ref().ok_or_else(|| SinkError::Config {
-        id: c.id.clone(),
-        key: "mqtt".into(),
-        message: "kind = \"mqtt\" needs a [sinks.mqtt] table".into(),
-    })?;
-    let settings = Settings::read(&c.id, cfg, base)?;
+    let (cfg, settings) = settings(c, base)?;
     let (jobs_tx, jobs_rx) = mpsc::channel(JOB_QUEUE);
     let span = tracing::info_span!("sink", sink = %c.id, kind = "mqtt", broker = %settings.broker);
     let driver = Driver {

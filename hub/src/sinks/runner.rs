@@ -49,6 +49,11 @@
 //!   above it. Hence the newest taken batch's record does not begin while
 //!   such a read runs, and once it is recorded the next read starts from
 //!   the head again.
+//!
+//! On the JetStream store ([`QueueSource::JetStream`]) the queue is the
+//! sinks' stream, whose sequence numbers only grow, so a read past the
+//! newest taken is sound at any time; and a runner delivers only while its
+//! replica holds the sink's lease (`run_leased`).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -59,14 +64,16 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use outpost_protocols::AgentId;
 use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument as _};
 
 use super::{Sink, SinkError, SinkEvent};
 use crate::policy::FleetPolicy;
-use crate::store::{SinkProgress, StoreError, StoreHandle, StoreReader};
+use crate::store::jetstream::{
+    JetStreamStore, LeaseLost, SinkQueueReader, LEASE_HOLD, LEASE_REFRESH,
+};
+use crate::store::{Queued, SinkProgress, StoreError, StoreHandle, StoreReader};
 
 /// How long a runner with an empty queue waits before looking again even
 /// without a signal (a signal is missed only if the store was written by
@@ -91,6 +98,7 @@ pub fn unrecorded_max(overlap: usize) -> usize {
 }
 
 /// What a runner needs besides its sink.
+#[derive(Debug, Clone)]
 pub struct RunnerConfig {
     /// The sink's id.
     pub id: String,
@@ -104,12 +112,21 @@ pub struct RunnerConfig {
     pub retry_max: Duration,
 }
 
+/// Where a runner reads its sink's queue.
+#[derive(Debug, Clone)]
+pub enum QueueSource {
+    /// The SQLite store, by its file.
+    Sqlite(PathBuf),
+    /// The JetStream store, which also says which replica runs the sink.
+    JetStream(Box<JetStreamStore>),
+}
+
 /// Runs one sink until `stop`.
 pub async fn run(
     cfg: RunnerConfig,
     sink: Arc<dyn Sink>,
     store: StoreHandle,
-    store_path: PathBuf,
+    source: QueueSource,
     policy: watch::Receiver<Arc<FleetPolicy>>,
     stop: CancellationToken,
 ) {
@@ -118,12 +135,125 @@ pub async fn run(
         cfg,
         sink,
         store,
-        store_path,
+        source,
         policy,
     }
     .run(stop)
     .instrument(span)
     .await;
+}
+
+/// What a runner on the JetStream store needs to build its sink.
+struct Leased {
+    cfg: RunnerConfig,
+    sink: super::SinkConfig,
+    base: PathBuf,
+    store: StoreHandle,
+    js: Box<JetStreamStore>,
+    policy: watch::Receiver<Arc<FleetPolicy>>,
+}
+
+/// Runs the sink while this replica holds its lease, and stands by while
+/// another does (see `store::jetstream::sinkq`): so that of several
+/// replicas with the same `[[sinks]]`, one delivers, and another takes over
+/// when it goes. The sink is built, and connects, only while the lease is
+/// held: a replica standing by must not connect with the same client id
+/// as the one delivering (an MQTT broker drops the older connection).
+async fn run_leased(l: Leased, stop: CancellationToken) {
+    let id = l.cfg.id.clone();
+    let js = &l.js;
+    let mut standing_by = false;
+    loop {
+        let taken = tokio::select! {
+            () = stop.cancelled() => return,
+            r = js.take_lease(&id) => r,
+        };
+        let mut revision = match taken {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                if !standing_by {
+                    info!("Another replica runs this sink; standing by to take over.");
+                    standing_by = true;
+                }
+                if sleep(&stop, LEASE_REFRESH).await {
+                    return;
+                }
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "Cannot take the sink's lease; retrying.");
+                if sleep(&stop, LEASE_REFRESH).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        standing_by = false;
+        let lease = stop.child_token();
+        let sink = match super::build(&l.sink, &l.base, lease.clone()).await {
+            Ok(sink) => sink,
+            Err(e) => {
+                warn!(error = %e, "Cannot build the sink; letting its lease go and retrying.");
+                lease.cancel();
+                js.release_lease(&id, revision).await;
+                if sleep(&stop, LEASE_REFRESH).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        info!("This replica runs the sink (its lease taken).");
+        let runner = Runner {
+            cfg: l.cfg.clone(),
+            sink,
+            store: l.store.clone(),
+            source: QueueSource::JetStream(l.js.clone()),
+            policy: l.policy.clone(),
+        };
+        let refresh = async {
+            let mut renewed = Instant::now();
+            loop {
+                tokio::select! {
+                    () = lease.cancelled() => return (revision, false),
+                    () = tokio::time::sleep(LEASE_REFRESH) => {}
+                }
+                let r = tokio::time::timeout(LEASE_REFRESH, js.renew_lease(&id, revision)).await;
+                match r {
+                    Ok(Ok(Ok(r))) => {
+                        revision = r;
+                        renewed = Instant::now();
+                    }
+                    Ok(Ok(Err(LeaseLost))) => {
+                        warn!("Another replica took the sink's lease; stopping deliveries here.");
+                        lease.cancel();
+                        return (revision, true);
+                    }
+                    failed => {
+                        let error = match failed {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => "timed out".into(),
+                        };
+                        if renewed.elapsed() >= LEASE_HOLD {
+                            warn!(%error, "The sink's lease could not be refreshed; stopping deliveries here before it lapses.");
+                            lease.cancel();
+                            return (revision, true);
+                        }
+                        debug!(%error, "The sink's lease could not be refreshed; trying again.");
+                    }
+                }
+            }
+        };
+        let running = async {
+            runner.run(lease.clone()).await;
+            lease.cancel();
+        };
+        let ((), (revision, lost)) = tokio::join!(running, refresh);
+        if !lost {
+            // Stopped, or the store is gone: let another replica take over.
+            js.release_lease(&id, revision).await;
+            return;
+        }
+    }
 }
 
 /// How long a stopped sink's own tasks may take to close its connections.
@@ -155,7 +285,9 @@ impl SinkThread {
 /// `base`) and runs it ([`run`]) until `stop`, on a thread of its own that
 /// runs a one-thread tokio runtime: the runner, the sink's client and its
 /// connection tasks all live there. Returns once the sink is built, with its
-/// error if it cannot be.
+/// error if it cannot be. On the JetStream store the sink is built only
+/// while this replica holds its lease (`run_leased`); its files are
+/// checked before this returns ([`super::check_files`]).
 ///
 /// Why a thread per sink: a sink's work is a stream of small steps that
 /// wake each other (a publish handed to the client's connection task, an
@@ -171,7 +303,7 @@ pub async fn start(
     c: &super::SinkConfig,
     base: &Path,
     store: StoreHandle,
-    store_path: PathBuf,
+    source: QueueSource,
     policy: watch::Receiver<Arc<FleetPolicy>>,
     stop: CancellationToken,
 ) -> Result<SinkThread, SinkError> {
@@ -198,15 +330,40 @@ pub async fn start(
         .name(format!("sink-{}", c.id))
         .spawn(move || {
             rt.block_on(async move {
-                let sink = match super::build(&c, &base, stop.clone()).await {
-                    Ok(sink) => sink,
-                    Err(e) => {
-                        let _ = built_tx.send(Err(e));
-                        return;
+                match source {
+                    QueueSource::Sqlite(path) => {
+                        let sink = match super::build(&c, &base, stop.clone()).await {
+                            Ok(sink) => sink,
+                            Err(e) => {
+                                let _ = built_tx.send(Err(e));
+                                return;
+                            }
+                        };
+                        let _ = built_tx.send(Ok(()));
+                        let source = QueueSource::Sqlite(path);
+                        run(rc, sink, store, source, policy, stop).await;
                     }
-                };
-                let _ = built_tx.send(Ok(()));
-                run(rc, sink, store, store_path, policy, stop).await;
+                    // Built once this replica holds the sink's lease; its
+                    // files are checked now, so that a bad certificate
+                    // still fails the start.
+                    QueueSource::JetStream(js) => {
+                        if let Err(e) = super::check_files(&c, &base) {
+                            let _ = built_tx.send(Err(e));
+                            return;
+                        }
+                        let _ = built_tx.send(Ok(()));
+                        let span = info_span!("sink", sink = %c.id);
+                        let l = Leased {
+                            cfg: rc,
+                            sink: c,
+                            base,
+                            store,
+                            js,
+                            policy,
+                        };
+                        run_leased(l, stop).instrument(span).await;
+                    }
+                }
                 // The sink's own tasks (its connection's supervisor, the
                 // MQTT driver) end after `stop` too, closing their
                 // connections cleanly (a NATS drain, an MQTT DISCONNECT):
@@ -245,24 +402,85 @@ struct Runner {
     cfg: RunnerConfig,
     sink: Arc<dyn Sink>,
     store: StoreHandle,
-    store_path: PathBuf,
+    source: QueueSource,
     policy: watch::Receiver<Arc<FleetPolicy>>,
 }
 
 /// The agents' labels, kept across batches.
 type Labels = HashMap<AgentId, Arc<BTreeMap<String, String>>>;
 
-/// What a read needs and gives back: the reader (opened on first use, kept
-/// after) and the labels.
+/// What a read needs and gives back: the reader and the labels.
 struct ReadState {
-    reader: Option<StoreReader>,
+    reader: Reader,
     labels: Labels,
     /// When `labels` was last emptied.
     labels_read: Option<std::time::Instant>,
 }
 
-/// A read under way on the blocking pool.
-type Reading = JoinHandle<(ReadState, Result<Vec<Taken>, StoreError>)>;
+/// The queue's reader.
+enum Reader {
+    /// The SQLite file, opened on first use and kept after.
+    Sqlite {
+        path: PathBuf,
+        reader: Option<StoreReader>,
+    },
+    /// A consumer of the JetStream store's sinks stream.
+    JetStream {
+        store: Box<JetStreamStore>,
+        queue: Box<SinkQueueReader>,
+    },
+}
+
+impl ReadState {
+    fn new(source: &QueueSource, sink: &str) -> ReadState {
+        let reader = match source {
+            QueueSource::Sqlite(path) => Reader::Sqlite {
+                path: path.clone(),
+                reader: None,
+            },
+            QueueSource::JetStream(js) => Reader::JetStream {
+                queue: Box::new(js.queue_reader(sink)),
+                store: js.clone(),
+            },
+        };
+        ReadState {
+            reader,
+            labels: Labels::new(),
+            labels_read: None,
+        }
+    }
+
+    /// Empties the labels when they are no longer fresh (or too many).
+    fn freshen(&mut self) {
+        if self.labels.len() > 100_000
+            || self
+                .labels_read
+                .is_none_or(|at| at.elapsed() >= LABELS_FRESH)
+        {
+            self.labels.clear();
+            self.labels_read = Some(std::time::Instant::now());
+        }
+    }
+}
+
+/// Agents of `rows` whose labels are not in `labels`.
+fn unlabelled(labels: &Labels, rows: &[Queued]) -> Vec<AgentId> {
+    let mut out: Vec<AgentId> = Vec::new();
+    for q in rows {
+        let a = &q.event.agent_id;
+        if !labels.contains_key(a) && !out.contains(a) {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
+/// What a read comes to: the state back (none if the read panicked), and
+/// the batches.
+type ReadOut = (Option<ReadState>, Result<Vec<Taken>, StoreError>);
+
+/// A read under way.
+type Reading = BoxFuture<'static, ReadOut>;
 
 /// A batch taken from the queue, with the agents' labels.
 struct Taken {
@@ -353,63 +571,80 @@ const LABELS_FRESH: Duration = Duration::from_secs(10);
 /// Reads the next batches: up to [`READ_AHEAD`] rows (but at least one
 /// batch of `batch_max`) of `sink`'s queue after `after` (the newest row
 /// taken and not yet recorded, see the module doc), with the agents'
-/// labels, cut in batches of `batch_max`. Runs on the blocking pool: SQLite
-/// reads must not stall the runtime.
-fn read(
-    mut state: ReadState,
-    path: PathBuf,
-    sink: String,
-    batch_max: usize,
-    after: Option<i64>,
-) -> Reading {
-    tokio::task::spawn_blocking(move || {
-        let r = read_blocking(&mut state, &path, &sink, batch_max, after);
-        (state, r)
-    })
+/// labels, cut in batches of `batch_max`. SQLite reads run on the blocking
+/// pool: they must not stall the runtime.
+fn read(mut state: ReadState, sink: String, batch_max: usize, after: Option<i64>) -> Reading {
+    let want = batch_max * (READ_AHEAD / batch_max).clamp(1, 4);
+    state.freshen();
+    match state.reader {
+        Reader::Sqlite { .. } => Box::pin(async move {
+            let read = tokio::task::spawn_blocking(move || {
+                let r = read_sqlite(&mut state, &sink, after, want)
+                    .map(|rows| cut(rows, batch_max, &state.labels));
+                (Some(state), r)
+            });
+            read.await.unwrap_or((None, Err(StoreError::Closed)))
+        }),
+        Reader::JetStream { .. } => Box::pin(async move {
+            let r = read_jetstream(&mut state, after, want)
+                .await
+                .map(|rows| cut(rows, batch_max, &state.labels));
+            (Some(state), r)
+        }),
+    }
 }
 
-fn read_blocking(
+fn read_sqlite(
     state: &mut ReadState,
-    path: &Path,
     sink: &str,
-    batch_max: usize,
     after: Option<i64>,
-) -> Result<Vec<Taken>, StoreError> {
-    let reader = match state.reader.take() {
+    want: usize,
+) -> Result<Vec<Queued>, StoreError> {
+    let Reader::Sqlite { path, reader } = &mut state.reader else {
+        return Ok(Vec::new());
+    };
+    let r = match reader.take() {
         Some(r) => r,
         None => StoreReader::open(path)?,
     };
-    if state
-        .labels_read
-        .is_none_or(|at| at.elapsed() >= LABELS_FRESH)
-    {
-        state.labels.clear();
-        state.labels_read = Some(std::time::Instant::now());
-    }
-    let want = batch_max * (READ_AHEAD / batch_max).clamp(1, 4);
     let rows = match after {
-        Some(after) => reader.sink_batch_after(sink, after, want),
-        None => reader.sink_batch(sink, want),
+        Some(after) => r.sink_batch_after(sink, after, want),
+        None => r.sink_batch(sink, want),
     };
-    let reader = state.reader.insert(reader);
+    let r = reader.insert(r);
     let rows = rows?;
+    for a in unlabelled(&state.labels, &rows) {
+        let l = Arc::new(r.labels(&a)?);
+        state.labels.insert(a, l);
+    }
+    Ok(rows)
+}
+
+async fn read_jetstream(
+    state: &mut ReadState,
+    after: Option<i64>,
+    want: usize,
+) -> Result<Vec<Queued>, StoreError> {
+    let Reader::JetStream { store, queue } = &mut state.reader else {
+        return Ok(Vec::new());
+    };
+    let rows = queue.batch(after, want).await?;
+    for a in unlabelled(&state.labels, &rows) {
+        let l = Arc::new(store.labels(&a).await?);
+        state.labels.insert(a, l);
+    }
+    Ok(rows)
+}
+
+/// Cuts `rows` in batches of `batch_max`, with their agents' labels.
+fn cut(rows: Vec<Queued>, batch_max: usize, labels: &Labels) -> Vec<Taken> {
     let mut batches = Vec::new();
     let mut events = Vec::with_capacity(batch_max.min(rows.len()));
     let mut through = 0;
     for q in rows {
         through = q.n;
         let e = q.event;
-        let labels = match state.labels.get(&e.agent_id) {
-            Some(l) => l.clone(),
-            None => {
-                let l = Arc::new(reader.labels(&e.agent_id)?);
-                if state.labels.len() > 100_000 {
-                    state.labels.clear();
-                }
-                state.labels.insert(e.agent_id.clone(), l.clone());
-                l
-            }
-        };
+        let labels = labels.get(&e.agent_id).cloned().unwrap_or_default();
         events.push(SinkEvent { event: e, labels });
         if events.len() == batch_max {
             let events = std::mem::replace(&mut events, Vec::with_capacity(batch_max));
@@ -419,14 +654,12 @@ fn read_blocking(
     if !events.is_empty() {
         batches.push(Taken { through, events });
     }
-    Ok(batches)
+    batches
 }
 
 /// Waits for the read under way; pending forever without one (for
 /// `select!`).
-async fn read_over(
-    reading: &mut Option<Reading>,
-) -> Result<(ReadState, Result<Vec<Taken>, StoreError>), tokio::task::JoinError> {
+async fn read_over(reading: &mut Option<Reading>) -> ReadOut {
     match reading.as_mut() {
         Some(r) => r.await,
         None => std::future::pending().await,
@@ -466,24 +699,12 @@ struct Pipe<'a> {
 
 impl Pipe<'_> {
     /// Takes in what a read came to.
-    fn read_over(
-        &mut self,
-        out: Result<(ReadState, Result<Vec<Taken>, StoreError>), tokio::task::JoinError>,
-        cfg: &RunnerConfig,
-    ) {
+    fn read_over(&mut self, out: ReadOut, cfg: &RunnerConfig, source: &QueueSource) {
         self.reading = None;
-        let (state, r) = match out {
-            Ok(out) => out,
-            Err(_) => (
-                ReadState {
-                    reader: None,
-                    labels: Labels::new(),
-                    labels_read: None,
-                },
-                Err(StoreError::Closed),
-            ),
-        };
-        let state = self.state.insert(state);
+        let (state, r) = out;
+        let state = self
+            .state
+            .insert(state.unwrap_or_else(|| ReadState::new(source, &cfg.id)));
         match r {
             Ok(batches) => {
                 self.read_backoff = cfg.retry_min;
@@ -495,7 +716,9 @@ impl Pipe<'_> {
             }
             Err(e) => {
                 warn!(error = %e, "Sink queue unreadable; retrying.");
-                state.reader = None;
+                if let Reader::Sqlite { reader, .. } = &mut state.reader {
+                    *reader = None;
+                }
                 self.read_retry = Some(Instant::now() + self.read_backoff);
                 self.read_backoff = (self.read_backoff * 2).min(cfg.retry_max);
             }
@@ -512,17 +735,13 @@ impl Pipe<'_> {
 }
 
 impl Runner {
-    async fn run(self, stop: CancellationToken) {
+    async fn run(&self, stop: CancellationToken) {
         let overlap = self.sink.overlap().clamp(1, MAX_OVERLAP);
         let mut queued = self.store.queued_signal();
         // False once the store's writer is gone: no signal will come.
         let mut signal = true;
         let mut p = Pipe {
-            state: Some(ReadState {
-                reader: None,
-                labels: Labels::new(),
-                labels_read: None,
-            }),
+            state: Some(ReadState::new(&self.source, &self.cfg.id)),
             reading: None,
             ahead: VecDeque::new(),
             flights: VecDeque::new(),
@@ -544,13 +763,7 @@ impl Runner {
             }
             if p.reading.is_none() && p.ahead.is_empty() && !p.exhausted && p.read_retry.is_none() {
                 if let Some(s) = p.state.take() {
-                    p.reading = Some(read(
-                        s,
-                        self.store_path.clone(),
-                        self.cfg.id.clone(),
-                        self.cfg.batch_max,
-                        p.newest,
-                    ));
+                    p.reading = Some(read(s, self.cfg.id.clone(), self.cfg.batch_max, p.newest));
                 }
             }
             // The newest taken batch's rows must stay while a read that
@@ -584,7 +797,7 @@ impl Runner {
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
-                out = read_over(&mut p.reading) => p.read_over(out, &self.cfg),
+                out = read_over(&mut p.reading) => p.read_over(out, &self.cfg, &self.source),
                 () = oldest_over(&mut p.flights), if !p.flights.is_empty() => {
                     let accepted = p
                         .flights
@@ -642,7 +855,7 @@ impl Runner {
         // A read under way may skip rows of the batches recorded below.
         if let Some(r) = p.reading.as_mut() {
             let out = r.await;
-            p.read_over(out, &self.cfg);
+            p.read_over(out, &self.cfg, &self.source);
         }
         tokio::select! {
             biased;

@@ -17,6 +17,8 @@
 //! KV <prefix>_replicas    key <replica>  → JSON, max_age 30 s: who is alive
 //! KV <prefix>_hub         key quic-reset-secret → 32 bytes shared by the
 //!                                        replicas' QUIC endpoints
+//! stream  <sinks_stream> (OUTPOST_SINKS), KV <prefix>_sinks and
+//!   KV <prefix>_sink_leases: the sinks' queues, counters and leases (`sinkq`)
 //! ```
 //!
 //! Why the watermark and not the stream's deduplication: JetStream forgets a
@@ -73,6 +75,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+mod sinkq;
+
+pub use sinkq::{LeaseLost, SinkQueueReader, LEASE_HOLD, LEASE_REFRESH, LEASE_TTL};
+
 use super::registry::AgentRecord;
 use super::sqlite::InsertOutcome;
 use super::writer::{self, now, Request, Write};
@@ -102,6 +108,13 @@ pub struct JetStreamStoreConfig {
     /// Subject prefix: events go to `<subject>.<agent_id>`.
     #[serde(default = "default_subject")]
     pub subject: String,
+    /// The sinks' queues (`[[sinks]]`); created if missing.
+    #[serde(default = "default_sinks_stream")]
+    pub sinks_stream: String,
+    /// Their subject prefix: an event waits for sink `s` on
+    /// `<sinks_subject>.<s>.<agent_id>`.
+    #[serde(default = "default_sinks_subject")]
+    pub sinks_subject: String,
     /// Prefix of the key-value buckets (`<prefix>_watermarks`, ...).
     #[serde(default = "default_prefix")]
     pub bucket_prefix: String,
@@ -129,6 +142,12 @@ fn default_stream() -> String {
 fn default_subject() -> String {
     "outpost.events".into()
 }
+fn default_sinks_stream() -> String {
+    "OUTPOST_SINKS".into()
+}
+fn default_sinks_subject() -> String {
+    "outpost.sinks".into()
+}
 fn default_prefix() -> String {
     "outpost".into()
 }
@@ -148,18 +167,26 @@ impl JetStreamStoreConfig {
     pub fn check(&self) -> Result<(), (&'static str, String)> {
         self.addrs().map_err(|m| ("url", m))?;
         crate::sinks::jetstream::check_stream_name(&self.stream).map_err(|m| ("stream", m))?;
-        if self.subject.is_empty()
-            || self.subject.split('.').any(|t| {
-                t.is_empty()
-                    || t.bytes()
-                        .any(|b| matches!(b, b'*' | b'>') || b.is_ascii_whitespace() || b < 0x20)
-            })
-        {
+        crate::sinks::jetstream::check_stream_name(&self.sinks_stream)
+            .map_err(|m| ("sinks_stream", m))?;
+        if self.sinks_stream == self.stream {
             return Err((
-                "subject",
+                "sinks_stream",
+                format!("{:?} is the events stream's name too", self.stream),
+            ));
+        }
+        check_prefix(&self.subject).map_err(|m| ("subject", m))?;
+        check_prefix(&self.sinks_subject).map_err(|m| ("sinks_subject", m))?;
+        let (a, b) = (
+            format!("{}.", self.subject),
+            format!("{}.", self.sinks_subject),
+        );
+        if a.starts_with(&b) || b.starts_with(&a) {
+            return Err((
+                "sinks_subject",
                 format!(
-                    "{:?} is not a subject prefix: tokens separated by `.`, none empty, no `*`, `>` or whitespace",
-                    self.subject
+                    "{:?} and subject {:?} overlap: the two streams need subjects of their own",
+                    self.sinks_subject, self.subject
                 ),
             ));
         }
@@ -201,6 +228,22 @@ impl JetStreamStoreConfig {
     }
 }
 
+/// A subject prefix: tokens separated by `.`, none empty, no wildcards.
+fn check_prefix(p: &str) -> Result<(), String> {
+    let bad = p.is_empty()
+        || p.split('.').any(|t| {
+            t.is_empty()
+                || t.bytes()
+                    .any(|b| matches!(b, b'*' | b'>') || b.is_ascii_whitespace() || b < 0x20)
+        });
+    if bad {
+        return Err(format!(
+            "{p:?} is not a subject prefix: tokens separated by `.`, none empty, no `*`, `>` or whitespace"
+        ));
+    }
+    Ok(())
+}
+
 /// An agent's registry record as the `<prefix>_agents` bucket holds it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct KvAgent {
@@ -232,6 +275,12 @@ pub struct JetStreamStore {
     replicas: kv::Store,
     /// What every replica shares (the stateless-reset secret).
     shared: kv::Store,
+    /// The sinks' queues (see `sinkq`).
+    sinks: stream::Stream,
+    /// Each sink's counters, for `sinks status`.
+    sink_counters: kv::Store,
+    /// Which replica runs each sink.
+    sink_leases: kv::Store,
     replica: String,
 }
 
@@ -337,6 +386,17 @@ impl JetStreamStore {
         })
         .await
         .map_err(|e| fail(&format!("stream {}", cfg.stream), e.to_string()))?;
+        let sinks = js
+            .get_or_create_stream(stream::Config {
+                name: cfg.sinks_stream.clone(),
+                subjects: vec![format!("{}.>", cfg.sinks_subject)],
+                duplicate_window: cfg.duplicate_window.0,
+                num_replicas: cfg.replicas,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| fail(&format!("stream {}", cfg.sinks_stream), e.to_string()))?;
         // The bucket's stream is made here, by the key-value convention
         // (ADR-8: stream `KV_<bucket>`, subjects `$KV.<bucket>.>`, one
         // message per subject, rollups allowed, deletes denied; no direct
@@ -380,6 +440,10 @@ impl JetStreamStore {
         let policy = open_kv("policy", Duration::ZERO).await.map_err(kv_fail)?;
         let replicas = open_kv("replicas", REPLICA_TTL).await.map_err(kv_fail)?;
         let shared = open_kv("hub", Duration::ZERO).await.map_err(kv_fail)?;
+        let sink_counters = open_kv("sinks", Duration::ZERO).await.map_err(kv_fail)?;
+        let sink_leases = open_kv("sink_leases", sinkq::LEASE_TTL)
+            .await
+            .map_err(kv_fail)?;
         let replica = format!(
             "{}-{}-{:x}",
             hostname(),
@@ -396,6 +460,9 @@ impl JetStreamStore {
             policy,
             replicas,
             shared,
+            sinks,
+            sink_counters,
+            sink_leases,
             replica,
         })
     }
@@ -533,32 +600,43 @@ impl JetStreamStore {
         agent_id: &AgentId,
         change: impl Fn(&mut KvAgent),
     ) -> Result<(), StoreError> {
-        let key = agent_id.as_str();
         let what = || format!("updating the registry record of {agent_id}");
+        self.update_json(&self.agents, agent_id.as_str(), what, change)
+            .await
+    }
+
+    /// Read-modify-write of the JSON record under `key` in `bucket` by
+    /// compare-and-set (a record that does not read starts from default).
+    async fn update_json<T>(
+        &self,
+        bucket: &kv::Store,
+        key: &str,
+        what: impl Fn() -> String,
+        change: impl Fn(&mut T),
+    ) -> Result<(), StoreError>
+    where
+        T: Default + Serialize + serde::de::DeserializeOwned,
+    {
         for _ in 0..CAS_TRIES {
-            let entry = self
-                .agents
-                .entry(key)
-                .await
-                .map_err(|e| self.fail(what(), e))?;
+            let entry = bucket.entry(key).await.map_err(|e| self.fail(what(), e))?;
             let (mut rec, revision) = match entry {
                 Some(e) if e.operation == kv::Operation::Put => (
-                    serde_json::from_slice::<KvAgent>(&e.value).unwrap_or_default(),
+                    serde_json::from_slice::<T>(&e.value).unwrap_or_default(),
                     Some(e.revision),
                 ),
-                Some(e) => (KvAgent::default(), Some(e.revision)),
-                None => (KvAgent::default(), None),
+                Some(e) => (T::default(), Some(e.revision)),
+                None => (T::default(), None),
             };
             change(&mut rec);
             let value = bytes::Bytes::from(serde_json::to_vec(&rec).unwrap_or_default());
             let written = match revision {
-                Some(r) => self.agents.update(key, value, r).await.map_err(|e| {
+                Some(r) => bucket.update(key, value, r).await.map_err(|e| {
                     (
                         e.kind() == kv::UpdateErrorKind::WrongLastRevision,
                         e.to_string(),
                     )
                 }),
-                None => self.agents.create(key, value).await.map_err(|e| {
+                None => bucket.create(key, value).await.map_err(|e| {
                     (
                         e.kind() == kv::CreateErrorKind::AlreadyExists,
                         e.to_string(),
@@ -728,16 +806,22 @@ fn hostname() -> String {
         .collect()
 }
 
+/// How often sessions whose acknowledgement waits on a sink are told to
+/// look again: a runner on another replica may have delivered.
+const HELD_POLL: Duration = Duration::from_secs(1);
+
 /// Starts the backend for `store`: a task serving the same queue as the
-/// SQLite writer. On shutdown (the token cancelled, or every handle dropped)
-/// it finishes what it received, answers every request and closes the
-/// connection.
+/// SQLite writer, for a hub whose `[[sinks]]` are `sinks`. On shutdown (the
+/// token cancelled, or every handle dropped) it finishes what it received,
+/// answers every request and closes the connection.
 pub fn spawn_jetstream_writer(
     store: JetStreamStore,
     opts: WriterOptions,
+    sinks: Vec<String>,
     shutdown: CancellationToken,
 ) -> (StoreHandle, JoinHandle<Result<(), StoreError>>) {
     let (handle, rx, done) = writer::channel(shutdown);
+    let signals = handle.signals();
     let join = tokio::spawn(async move {
         let _done = done.drop_guard();
         let mut backend = Backend {
@@ -745,6 +829,9 @@ pub fn spawn_jetstream_writer(
             known: HashMap::new(),
             floor: HashMap::new(),
             seen_at: HashMap::new(),
+            sinks,
+            held: HashMap::new(),
+            signals,
         };
         backend.run(opts, rx).await;
         backend.store.close().await;
@@ -764,6 +851,13 @@ struct Backend {
     floor: HashMap<AgentId, Seq>,
     /// When each agent's `last_seen` was last written from a batch.
     seen_at: HashMap<AgentId, Instant>,
+    /// The configured sinks, whose queues hold acknowledgements back.
+    sinks: Vec<String>,
+    /// Per agent, whether something of it may be queued for a sink: true
+    /// once this replica queued some, or when it has not looked since the
+    /// agent's session began; false once it looked and found nothing.
+    held: HashMap<AgentId, bool>,
+    signals: writer::Signals,
 }
 
 impl Backend {
@@ -771,6 +865,8 @@ impl Backend {
         let mut next: Option<Request> = None;
         let mut beat = tokio::time::interval(HEARTBEAT);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut held_poll = tokio::time::interval(HELD_POLL);
+        held_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let request = match next.take() {
                 Some(r) => r,
@@ -782,6 +878,12 @@ impl Backend {
                     _ = beat.tick() => {
                         if let Err(e) = self.store.heartbeat().await {
                             warn!(error = %e, "Cannot refresh this replica's key.");
+                        }
+                        continue;
+                    }
+                    _ = held_poll.tick() => {
+                        if self.held.values().any(|h| *h) {
+                            self.signals.delivered_moved();
                         }
                         continue;
                     }
@@ -806,13 +908,24 @@ impl Backend {
                     }
                     self.commit(group).await;
                 }
-                Request::Watermark { agent_id, reply } | Request::Acked { agent_id, reply } => {
+                Request::Watermark { agent_id, reply } => {
                     let _ = reply.send(self.watermark(agent_id).await);
                 }
-                // Nothing is held back for sinks here: both are the
-                // watermark.
+                Request::Acked { agent_id, reply } => {
+                    let r = match self.watermark(agent_id.clone()).await {
+                        Ok(w) => self.acked(&agent_id, w).await,
+                        Err(e) => Err(e),
+                    };
+                    let _ = reply.send(r);
+                }
                 Request::Resume { agent_id, reply } => {
-                    let _ = reply.send(self.watermark(agent_id).await.map(|w| (w, w)));
+                    // Another replica may have queued for it since.
+                    self.held.remove(&agent_id);
+                    let r = match self.watermark(agent_id.clone()).await {
+                        Ok(w) => self.acked(&agent_id, w).await.map(|a| (w, a)),
+                        Err(e) => Err(e),
+                    };
+                    let _ = reply.send(r);
                 }
                 Request::Shutdown => {
                     debug!("Hub store (JetStream) shutting down.");
@@ -836,8 +949,23 @@ impl Backend {
         w
     }
 
-    /// Publishes the group's events, then raises the watermarks, then
-    /// answers; registry changes are applied one by one.
+    /// What may be acknowledged to `agent_id` given its `watermark`: up to
+    /// the seq before its first event still queued for a sink.
+    async fn acked(&mut self, agent_id: &AgentId, watermark: Seq) -> Result<Seq, StoreError> {
+        if self.sinks.is_empty() || self.held.get(agent_id) == Some(&false) {
+            return Ok(watermark);
+        }
+        let first = self.store.first_queued(agent_id, &self.sinks).await?;
+        self.held.insert(agent_id.clone(), first.is_some());
+        Ok(match first {
+            Some(s) => Seq(s.0.saturating_sub(1)).min(watermark),
+            None => watermark,
+        })
+    }
+
+    /// Publishes the group's events (and queues them for their sinks), then
+    /// raises the watermarks, then answers; registry changes are applied
+    /// one by one.
     async fn commit(&mut self, group: Vec<Write>) {
         let mut inserts = Vec::new();
         for w in group {
@@ -917,9 +1045,13 @@ impl Backend {
         // Publish everything above what is known to be stored.
         let mut acks = Vec::new();
         let mut outcomes = Vec::with_capacity(inserts.len());
+        let mut queued = Vec::new();
         for (i, w) in inserts.iter().enumerate() {
             let Write::Insert {
-                agent_id, events, ..
+                agent_id,
+                events,
+                forward,
+                ..
             } = w
             else {
                 continue;
@@ -944,6 +1076,10 @@ impl Backend {
                         .map_err(|e| s.fail(format!("publishing {agent_id}:{}", seq.0), e))?;
                 acks.push((i, *seq, ack));
             }
+            for f in forward.iter().filter(|f| f.seq > floor) {
+                queued.extend(s.queue_forward(agent_id, f).await?);
+                self.held.insert(agent_id.clone(), true);
+            }
             outcomes.push(InsertOutcome {
                 watermark: Seq(0),
                 inserted: 0,
@@ -966,6 +1102,22 @@ impl Backend {
                 outcomes[i].duplicates += 1;
             } else {
                 outcomes[i].inserted += 1;
+            }
+        }
+        let any_queued = !queued.is_empty();
+        for ack in queued {
+            let a = ack
+                .into_future()
+                .await
+                .map_err(|e| s.fail("queueing events for the sinks", e))?;
+            if a.stream != s.cfg.sinks_stream {
+                return Err(s.fail(
+                    "queueing events for the sinks",
+                    format!(
+                        "stored in stream {:?}, not {:?}",
+                        a.stream, s.cfg.sinks_stream
+                    ),
+                ));
             }
         }
         // Raise each agent's watermark once, to the group's highest seq.
@@ -1030,8 +1182,12 @@ impl Backend {
                 Err(e) => warn!(error = %e, "Cannot update the registry after a batch."),
             }
         }
+        if any_queued {
+            self.signals.queued_moved();
+        }
         // Every request of the group is stored now, and the watermark is at
         // least its highest seq.
+        let mut acked: HashMap<AgentId, Seq> = HashMap::new();
         for (w, o) in inserts.iter().zip(outcomes.iter_mut()) {
             if let Write::Insert {
                 agent_id,
@@ -1040,7 +1196,15 @@ impl Backend {
             } = w
             {
                 o.watermark = self.floor.get(agent_id).copied().unwrap_or(*t).max(*t);
-                o.acked = o.watermark;
+                let a = match acked.get(agent_id) {
+                    Some(a) => *a,
+                    None => {
+                        let a = self.acked(agent_id, o.watermark).await?;
+                        acked.insert(agent_id.clone(), a);
+                        a
+                    }
+                };
+                o.acked = a.min(o.watermark);
             }
         }
         Ok(outcomes)
@@ -1109,9 +1273,13 @@ impl Backend {
                 })
                 .await
             }
-            Write::SinkProgress { .. } => Err(StoreError::Unsupported(
-                "sinks are not supported with [store] kind = \"jetstream\"".into(),
-            )),
+            Write::SinkProgress { sink, progress, .. } => {
+                s.record_progress(sink, progress).await?;
+                if progress.through.is_some() {
+                    self.signals.delivered_moved();
+                }
+                Ok(())
+            }
             Write::Insert { .. } => Ok(()),
         }
     }

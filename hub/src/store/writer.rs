@@ -243,7 +243,7 @@ pub struct StoreHandle {
 /// runners wait on it) and one that moves when a sink's queue shrank (the
 /// sessions whose acknowledgement waits on it).
 #[derive(Debug, Clone)]
-struct Signals {
+pub(super) struct Signals {
     queued: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
     delivered: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
@@ -265,11 +265,21 @@ impl Signals {
             |w| matches!(w, Write::SinkProgress { progress, .. } if progress.through.is_some()),
         );
         if queued {
-            self.queued.send_modify(|n| *n = n.wrapping_add(1));
+            self.queued_moved();
         }
         if delivered {
-            self.delivered.send_modify(|n| *n = n.wrapping_add(1));
+            self.delivered_moved();
         }
+    }
+
+    /// Events were queued for a sink.
+    pub(super) fn queued_moved(&self) {
+        self.queued.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A sink's queue shrank (or may have, elsewhere).
+    pub(super) fn delivered_moved(&self) {
+        self.delivered.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -468,6 +478,11 @@ impl StoreHandle {
             })
         })
         .await
+    }
+
+    /// What the store's backend tells the runners and sessions by.
+    pub(super) fn signals(&self) -> Signals {
+        self.signals.clone()
     }
 
     /// Moves after each commit that queued events for a sink.
