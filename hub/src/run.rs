@@ -15,7 +15,7 @@ use crate::config::HubConfig;
 use crate::metrics::MetricsSource;
 use crate::policy::PolicySource;
 use crate::server::{self, ServerError};
-use crate::sinks::runner::QueueSource;
+use crate::sinks::runner::{QueueSource, SinkThread};
 use crate::store::jetstream::{spawn_jetstream_writer, JetStreamStore, JetStreamStoreConfig};
 use crate::store::{self, spawn_store_writer, Store, StoreError, Synchronous, WriterOptions};
 
@@ -89,29 +89,14 @@ pub async fn run(
         watch_stop.clone(),
     )
     .await?;
-    // Sinks, each with its runner; they stop after the QUIC side (whose
-    // sessions wait on them) and before the store writer.
-    let sinks_stop = CancellationToken::new();
-    let mut runners = Vec::new();
-    for c in &cfg.sinks {
-        let started = crate::sinks::runner::start(
-            c,
-            base,
-            handle.clone(),
-            QueueSource::Sqlite(path.clone()),
-            current.clone(),
-            sinks_stop.clone(),
-        )
-        .await;
-        match started {
-            Ok(t) => runners.push(t),
-            Err(e) => {
-                stop_sinks(sinks_stop, runners).await;
-                let _ = stop_store(watch_stop, watcher, handle, writer_stop, writer).await;
-                return Err(e.into());
-            }
+    let source = QueueSource::Sqlite(path.clone());
+    let (sinks_stop, runners) = match start_sinks(&cfg, base, &handle, source, &current).await {
+        Ok(started) => started,
+        Err(e) => {
+            let _ = stop_store(watch_stop, watcher, handle, writer_stop, writer).await;
+            return Err(e.into());
         }
-    }
+    };
     let feed = server::PolicyFeed { current, catalog };
     let metrics = start_metrics(
         &cfg,
@@ -162,27 +147,14 @@ async fn run_jetstream(
         configured.clone(),
         writer_stop.clone(),
     );
-    let sinks_stop = CancellationToken::new();
-    let mut runners = Vec::new();
-    for c in &cfg.sinks {
-        let started = crate::sinks::runner::start(
-            c,
-            base,
-            handle.clone(),
-            QueueSource::JetStream(Box::new(store.clone())),
-            current.clone(),
-            sinks_stop.clone(),
-        )
-        .await;
-        match started {
-            Ok(t) => runners.push(t),
-            Err(e) => {
-                stop_sinks(sinks_stop, runners).await;
-                let _ = stop_store(watch_stop, watcher, handle, writer_stop, writer).await;
-                return Err(e.into());
-            }
+    let source = QueueSource::JetStream(Box::new(store.clone()));
+    let (sinks_stop, runners) = match start_sinks(&cfg, base, &handle, source, &current).await {
+        Ok(started) => started,
+        Err(e) => {
+            let _ = stop_store(watch_stop, watcher, handle, writer_stop, writer).await;
+            return Err(e.into());
         }
-    }
+    };
     let feed = server::PolicyFeed { current, catalog };
     let metrics = start_metrics(
         &cfg,
@@ -212,8 +184,42 @@ async fn run_jetstream(
     Ok(())
 }
 
+/// Starts a runner per `[[sinks]]` entry, reading its queue from `source`,
+/// with the token that stops them; they stop after the QUIC side (whose
+/// sessions wait on them) and before the store. If one cannot start, those
+/// started are stopped again.
+async fn start_sinks(
+    cfg: &HubConfig,
+    base: &Path,
+    handle: &store::StoreHandle,
+    source: QueueSource,
+    current: &tokio::sync::watch::Receiver<std::sync::Arc<crate::policy::FleetPolicy>>,
+) -> Result<(CancellationToken, Vec<SinkThread>), crate::sinks::SinkError> {
+    let stop = CancellationToken::new();
+    let mut runners = Vec::new();
+    for c in &cfg.sinks {
+        let started = crate::sinks::runner::start(
+            c,
+            base,
+            handle.clone(),
+            source.clone(),
+            current.clone(),
+            stop.clone(),
+        )
+        .await;
+        match started {
+            Ok(t) => runners.push(t),
+            Err(e) => {
+                stop_sinks(stop, runners).await;
+                return Err(e);
+            }
+        }
+    }
+    Ok((stop, runners))
+}
+
 /// Stops the sinks' runners and waits for their threads.
-async fn stop_sinks(stop: CancellationToken, runners: Vec<crate::sinks::runner::SinkThread>) {
+async fn stop_sinks(stop: CancellationToken, runners: Vec<SinkThread>) {
     stop.cancel();
     for t in runners {
         t.join().await;

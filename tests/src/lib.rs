@@ -931,3 +931,60 @@ pub mod netns;
 pub mod tcp_proxy;
 pub mod test_ca;
 pub mod udp_proxy;
+
+/// What an MQTT watcher saw: (topic, the payload as JSON), in arrival order.
+pub type MqttSeen = std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>;
+
+/// Subscribes to `#` on the broker at `port` as client `id` and records
+/// every message whose payload is JSON until the client is dropped (its
+/// thread ends with the connection). The session is persistent: messages
+/// published while it is away (or before its broker restarted) wait for it
+/// at the broker. Returns once the subscription is acknowledged.
+pub fn mqtt_watcher(
+    port: u16,
+    id: &str,
+    deadline: Duration,
+) -> Result<(MqttSeen, rumqttc::Client)> {
+    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    o.set_clean_session(false);
+    let (client, mut conn) = Client::new(o, 100);
+    client.subscribe("#", QoS::AtLeastOnce)?;
+    let seen: MqttSeen = Default::default();
+    let out = seen.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for ev in conn.iter() {
+            match ev {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = ready_tx.send(());
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let Ok(j) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
+                        continue;
+                    };
+                    if let Ok(mut v) = out.lock() {
+                        v.push((p.topic.clone(), j));
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(deadline)
+        .context("the subscriber was not subscribed")?;
+    Ok((seen, client))
+}
+
+/// `sinks status --json` output, by sink id.
+pub fn sinks_by_id(json: &str) -> Result<std::collections::BTreeMap<String, serde_json::Value>> {
+    let v: serde_json::Value = serde_json::from_str(json)?;
+    Ok(v.as_array()
+        .context("sinks status --json: an array")?
+        .iter()
+        .map(|s| (s["sink"].as_str().unwrap_or("").to_owned(), s.clone()))
+        .collect())
+}

@@ -815,12 +815,7 @@ impl SinkFleet {
     fn sinks_status(&self, i: usize) -> Result<BTreeMap<String, serde_json::Value>> {
         let (code, out, err) = hub_verb(&self.configs[i], &["sinks", "status", "--json"])?;
         ensure!(code == 0, "sinks status exited {code}: {out}{err}");
-        let v: serde_json::Value = serde_json::from_str(&out)?;
-        Ok(v.as_array()
-            .context("an array")?
-            .iter()
-            .map(|s| (s["sink"].as_str().unwrap_or("").to_owned(), s.clone()))
-            .collect())
+        outpost_tests::sinks_by_id(&out)
     }
 }
 
@@ -837,38 +832,9 @@ async fn a_sink_on_two_replicas_is_run_by_one_and_holds_the_acks_back_while_down
     // messages wait in it), then stopped.
     let mut broker = outpost_tests::Mosquitto::start(broker_dir.path())?;
     let port = broker.port;
-    let seen: std::sync::Arc<std::sync::Mutex<Vec<u64>>> = Default::default();
-    let watch = |seen: std::sync::Arc<std::sync::Mutex<Vec<u64>>>| -> Result<rumqttc::Client> {
-        use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
-        let mut o = MqttOptions::new("watcher", "127.0.0.1", port);
-        o.set_clean_session(false);
-        let (client, mut conn) = Client::new(o, 100);
-        client.subscribe("#", QoS::AtLeastOnce)?;
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for ev in conn.iter() {
-                match ev {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        let _ = ready_tx.send(());
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let j: serde_json::Value =
-                            serde_json::from_slice(&p.payload).unwrap_or_default();
-                        if let (Some(n), Ok(mut v)) = (j["seq"].as_u64(), seen.lock()) {
-                            v.push(n);
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => break,
-                }
-            }
-        });
-        ready_rx
-            .recv_timeout(DEADLINE)
-            .context("the watcher was not subscribed")?;
-        Ok(client)
-    };
-    watch(seen.clone())?.disconnect()?;
+    outpost_tests::mqtt_watcher(port, "watcher", DEADLINE)?
+        .1
+        .disconnect()?;
     std::thread::sleep(Duration::from_millis(200));
     broker.proc.term(Duration::from_secs(10))?;
 
@@ -913,7 +879,7 @@ async fn a_sink_on_two_replicas_is_run_by_one_and_holds_the_acks_back_while_down
     ensure!(held["events"] == N, "acknowledged on B: {held}");
 
     let _broker = outpost_tests::Mosquitto::start_on(broker_dir.path(), port)?;
-    let watcher = watch(seen.clone())?;
+    let (seen, watcher) = outpost_tests::mqtt_watcher(port, "watcher", DEADLINE)?;
     wait_until(DEADLINE, "the agent's outbox to be acknowledged", || {
         f.outbox()
             .map(|s| s["events"] == 0 && s["acked_seq"] == N)
@@ -925,8 +891,8 @@ async fn a_sink_on_two_replicas_is_run_by_one_and_holds_the_acks_back_while_down
     // Anything doubled would arrive right behind.
     std::thread::sleep(Duration::from_millis(500));
     let mut got: BTreeMap<u64, usize> = BTreeMap::new();
-    for n in seen.lock().map(|v| v.clone()).unwrap_or_default() {
-        *got.entry(n).or_default() += 1;
+    for (_, j) in seen.lock().map(|v| v.clone()).unwrap_or_default() {
+        *got.entry(j["seq"].as_u64().unwrap_or(0)).or_default() += 1;
     }
     check_once(&got, N)?;
     let status = f.sinks_status(0)?;

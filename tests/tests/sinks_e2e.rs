@@ -13,7 +13,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{ensure, Context as _, Result};
@@ -44,48 +43,11 @@ fn body(i: usize, ts: i64) -> Result<EventBody> {
     })
 }
 
-/// What the subscriber on a sink's broker saw: (topic, `n` of the payload,
-/// the payload's value object).
-type Seen = Arc<Mutex<Vec<(String, u64, serde_json::Value)>>>;
+/// What the subscriber on a sink's broker saw: (topic, payload).
+type Seen = outpost_tests::MqttSeen;
 
-/// Subscribes to `#` on the broker at `port` and records every message until
-/// dropped (its thread ends when the connection does).
-/// The session is persistent: messages published while it is away (or
-/// before its broker restarted) wait for it at the broker.
 fn subscriber(port: u16, id: &str) -> Result<(Seen, rumqttc::Client)> {
-    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
-    let mut o = MqttOptions::new(id, "127.0.0.1", port);
-    o.set_max_packet_size(1 << 20, 1 << 20);
-    o.set_clean_session(false);
-    let (client, mut conn) = Client::new(o, 100);
-    client.subscribe("#", QoS::AtLeastOnce)?;
-    let seen: Seen = Arc::default();
-    let out = seen.clone();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for ev in conn.iter() {
-            match ev {
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = ready_tx.send(());
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let Ok(j) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
-                        continue;
-                    };
-                    let n = j["value"]["n"].as_u64().unwrap_or(u64::MAX);
-                    if let Ok(mut v) = out.lock() {
-                        v.push((p.topic.clone(), n, j));
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-    });
-    ready_rx
-        .recv_timeout(DEADLINE)
-        .context("the subscriber was not subscribed")?;
-    Ok((seen, client))
+    outpost_tests::mqtt_watcher(port, id, DEADLINE)
 }
 
 /// A broker for a sink that is down at first: started once so that the
@@ -171,18 +133,14 @@ fn apply(hub: &Hub, dir: &Path, name: &str, text: &str) -> Result<()> {
 fn sinks_status(hub: &Hub) -> Result<BTreeMap<String, serde_json::Value>> {
     let (code, out, err) = hub.cli(&["sinks", "status", "--json"])?;
     ensure!(code == 0, "sinks status: {out}{err}");
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    Ok(v.as_array()
-        .context("an array")?
-        .iter()
-        .map(|s| (s["sink"].as_str().unwrap_or("").to_owned(), s.clone()))
-        .collect())
+    outpost_tests::sinks_by_id(&out)
 }
 
 /// The `n`s a subscriber saw under `prefix/`, with how often each.
 fn counts(seen: &Seen, prefix: &str) -> BTreeMap<u64, usize> {
     let mut m = BTreeMap::new();
-    for (topic, n, _) in seen.lock().map(|v| v.clone()).unwrap_or_default() {
+    for (topic, j) in seen.lock().map(|v| v.clone()).unwrap_or_default() {
+        let n = j["value"]["n"].as_u64().unwrap_or(u64::MAX);
         if topic.starts_with(prefix) {
             *m.entry(n).or_insert(0) += 1;
         }
@@ -317,7 +275,7 @@ fn each_sink_gets_what_its_routes_select_once_and_residency_holds_to_the_last_st
         .collect();
     ensure!(twice.is_empty(), "delivered twice: {twice:?}");
     // Minimised: no badge left the hub with its name.
-    for (topic, _, j) in eu_seen.lock().map(|v| v.clone()).unwrap_or_default() {
+    for (topic, j) in eu_seen.lock().map(|v| v.clone()).unwrap_or_default() {
         if topic.contains("hr/badge") {
             ensure!(j["value"]["name"] == "[redacted]", "{topic}: {j}");
         }
