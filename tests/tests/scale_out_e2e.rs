@@ -900,6 +900,16 @@ async fn a_sink_on_two_replicas_is_run_by_one_and_holds_the_acks_back_while_down
         status["cloud"]["pending"] == 0 && status["cloud"]["delivered"] == N,
         "{status:?}"
     );
+    // Each replica's metrics show the fleet's figures for the sink,
+    // whichever replica runs it.
+    for h in f.hubs.iter().flatten() {
+        let metrics = h.metrics()?;
+        let line = format!("outpost_hub_sink_delivered_events_total{{sink=\"cloud\"}} {N}");
+        ensure!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in:\n{metrics}"
+        );
+    }
     watcher.disconnect()?;
     f.hubs = [None, None];
     Ok(())
