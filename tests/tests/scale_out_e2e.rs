@@ -699,8 +699,7 @@ async fn a_nats_cluster_node_killed_under_a_replica_loses_and_duplicates_nothing
 
 /// Two replicas with the same `[[sinks]]` (`sinks` appended to each one's
 /// config), the agent behind a UDP proxy on replica A with a backlog of
-/// `n` events and no device, and every stream routed to the store and to
-/// `sink` by a policy applied through A.
+/// `n` events and no device, and the fleet `policy` applied through A.
 /// Its fields drop in order: the processes before their directory.
 struct SinkFleet {
     _agent: Agent,
@@ -717,7 +716,7 @@ impl SinkFleet {
     /// `stream`: a stream to make for the sink, `(name, subjects)`, before
     /// the replicas start.
     async fn start(
-        sink: &str,
+        policy: &str,
         sinks: impl Fn(&str) -> String,
         n: u64,
         stream: Option<(&str, &str)>,
@@ -752,14 +751,11 @@ impl SinkFleet {
             Some(Hub::start_file(&configs[0], addrs[0])?),
             Some(Hub::start_file(&configs[1], addrs[1])?),
         ];
-        let policy = dir.path().join("policy.toml");
-        std::fs::write(
-            &policy,
-            format!("[defaults]\nsinks = [\"store\", \"{sink}\"]\n"),
-        )?;
+        let file = dir.path().join("policy.toml");
+        std::fs::write(&file, policy)?;
         let (code, out, err) = hub_verb(
             &configs[0],
-            &["policy", "apply", policy.to_str().context("path")?],
+            &["policy", "apply", file.to_str().context("path")?],
         )?;
         ensure!(code == 0, "policy apply exited {code}: {out}{err}");
         // Both replicas enforce it before the agent sends anything.
@@ -823,7 +819,8 @@ impl SinkFleet {
 /// down at first: one replica runs it and the other stands by; the agent's
 /// acknowledgements wait while it is down (also after the agent moved to
 /// the other replica), and once it is back the broker gets every event
-/// once, which it would not if both replicas ran the sink.
+/// once (which it would not if both replicas ran the sink), minimised as
+/// the policy says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_on_two_replicas_is_run_by_one_and_holds_the_acks_back_while_down() -> Result<()> {
     const N: u64 = 3_000;
@@ -843,7 +840,9 @@ async fn a_sink_on_two_replicas_is_run_by_one_and_holds_the_acks_back_while_down
             "[[sinks]]\nid = \"cloud\"\nkind = \"mqtt\"\nretry_min = \"100ms\"\nretry_max = \"500ms\"\n\n[sinks.mqtt]\nbroker = \"127.0.0.1:{port}\"\nclient_id = \"hub-cloud\"\ntopic = \"fleet/{{agent_id}}/{{stream}}\"\n"
         )
     };
-    let mut f = SinkFleet::start("cloud", sinks, N, None).await?;
+    // Minimised on the way: the sink gets `n` redacted.
+    let policy = "[defaults]\nsinks = [\"store\", \"cloud\"]\n\n[[rules]]\nname = \"minimise\"\nstreams = [\"plant/#\"]\nredact = [\"/n\"]\nsinks = [\"store\", \"cloud\"]\n";
+    let mut f = SinkFleet::start(policy, sinks, N, None).await?;
     let js = client(&f.nats.url()).await?;
     wait_for("the backlog in the events stream", || async {
         Ok(count(&js).await? >= N)
@@ -891,7 +890,11 @@ async fn a_sink_on_two_replicas_is_run_by_one_and_holds_the_acks_back_while_down
     // Anything doubled would arrive right behind.
     std::thread::sleep(Duration::from_millis(500));
     let mut got: BTreeMap<u64, usize> = BTreeMap::new();
-    for (_, j) in seen.lock().map(|v| v.clone()).unwrap_or_default() {
+    for (topic, j) in seen.lock().map(|v| v.clone()).unwrap_or_default() {
+        ensure!(
+            j["value"]["n"] == "[redacted]",
+            "not minimised: {topic}: {j}"
+        );
         *got.entry(j["seq"].as_u64().unwrap_or(0)).or_default() += 1;
     }
     check_once(&got, N)?;
@@ -931,7 +934,8 @@ async fn the_replica_running_a_sink_killed_mid_delivery_leaves_every_seq_in_it_o
             "[[sinks]]\nid = \"lake\"\nkind = \"jetstream\"\nretry_min = \"100ms\"\nretry_max = \"500ms\"\nbatch_max = 200\n\n[sinks.jetstream]\nurl = \"{url}\"\nstream = \"{LAKE}\"\nsubject = \"lake.{{agent_id}}.{{stream}}\"\ntimeout = \"2s\"\n"
         )
     };
-    let mut f = SinkFleet::start("lake", sinks, N, Some((LAKE, "lake.>"))).await?;
+    let policy = "[defaults]\nsinks = [\"store\", \"lake\"]\n";
+    let mut f = SinkFleet::start(policy, sinks, N, Some((LAKE, "lake.>"))).await?;
     let js = client(&f.nats.url()).await?;
     let lake = |js: jetstream::Context| async move {
         Ok::<u64, anyhow::Error>(js.get_stream(LAKE).await?.get_info().await?.state.messages)
