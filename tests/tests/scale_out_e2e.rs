@@ -4,8 +4,10 @@
 //! would, one replica killed with SIGKILL, and repeats from after the
 //! stream's duplicate window.
 //!
-//! Every wait polls a condition until a deadline. The one fixed sleep waits
-//! out the stream's duplicate window, which is what is being tested.
+//! Every wait polls a condition until a deadline. The fixed sleeps: one
+//! waits out the stream's duplicate window, which is what is being tested;
+//! the others give a broker a moment to save its sessions, and a doubled
+//! message the moment to arrive after the last one expected.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -856,13 +858,17 @@ async fn a_sink_on_two_replicas_is_run_by_one_and_holds_the_acks_back_while_down
             running.len() == 1 && standing.len() == 1 && running != standing
         },
     )?;
-    wait_until(DEADLINE, "the sink's failures counted", || {
-        f.sinks_status(1)
-            .map(|s| s["cloud"]["failures"].as_u64().unwrap_or(0) >= 2)
-            .unwrap_or(false)
-    })?;
-    let status = f.sinks_status(1)?;
-    ensure!(status["cloud"]["pending"] == N, "{status:?}");
+    wait_until(
+        DEADLINE,
+        "the backlog queued for the sink and its failures counted",
+        || {
+            f.sinks_status(1)
+                .map(|s| {
+                    s["cloud"]["pending"] == N && s["cloud"]["failures"].as_u64().unwrap_or(0) >= 2
+                })
+                .unwrap_or(false)
+        },
+    )?;
     let held = f.outbox()?;
     ensure!(
         held["events"] == N && held["acked_seq"] == 0,
