@@ -425,10 +425,7 @@ enum Reader {
         reader: Option<StoreReader>,
     },
     /// A consumer of the JetStream store's sinks stream.
-    JetStream {
-        store: Box<JetStreamStore>,
-        queue: Box<SinkQueueReader>,
-    },
+    JetStream(Box<SinkQueueReader>),
 }
 
 impl ReadState {
@@ -438,10 +435,7 @@ impl ReadState {
                 path: path.clone(),
                 reader: None,
             },
-            QueueSource::JetStream(js) => Reader::JetStream {
-                queue: Box::new(js.queue_reader(sink)),
-                store: js.clone(),
-            },
+            QueueSource::JetStream(js) => Reader::JetStream(Box::new(js.queue_reader(sink))),
         };
         ReadState {
             reader,
@@ -585,7 +579,7 @@ fn read(mut state: ReadState, sink: String, batch_max: usize, after: Option<i64>
             });
             read.await.unwrap_or((None, Err(StoreError::Closed)))
         }),
-        Reader::JetStream { .. } => Box::pin(async move {
+        Reader::JetStream(_) => Box::pin(async move {
             let r = read_jetstream(&mut state, after, want)
                 .await
                 .map(|rows| cut(rows, batch_max, &state.labels));
@@ -625,12 +619,12 @@ async fn read_jetstream(
     after: Option<i64>,
     want: usize,
 ) -> Result<Vec<Queued>, StoreError> {
-    let Reader::JetStream { store, queue } = &mut state.reader else {
+    let Reader::JetStream(queue) = &mut state.reader else {
         return Ok(Vec::new());
     };
     let rows = queue.batch(after, want).await?;
     for a in unlabelled(&state.labels, &rows) {
-        let l = Arc::new(store.labels(&a).await?);
+        let l = Arc::new(queue.labels(&a).await?);
         state.labels.insert(a, l);
     }
     Ok(rows)

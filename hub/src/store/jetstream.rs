@@ -376,27 +376,27 @@ impl JetStreamStore {
                 ),
             ));
         }
-        js.get_or_create_stream(stream::Config {
-            name: cfg.stream.clone(),
-            subjects: vec![format!("{}.>", cfg.subject)],
-            duplicate_window: cfg.duplicate_window.0,
-            num_replicas: cfg.replicas,
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| fail(&format!("stream {}", cfg.stream), e.to_string()))?;
-        let sinks = js
-            .get_or_create_stream(stream::Config {
-                name: cfg.sinks_stream.clone(),
-                subjects: vec![format!("{}.>", cfg.sinks_subject)],
+        // The events and the sinks' queues: the same settings, each on
+        // subjects of its own.
+        let open_stream = |name: &str, prefix: &str| {
+            let config = stream::Config {
+                name: name.to_owned(),
+                subjects: vec![format!("{prefix}.>")],
                 duplicate_window: cfg.duplicate_window.0,
                 num_replicas: cfg.replicas,
                 storage: stream::StorageType::File,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| fail(&format!("stream {}", cfg.sinks_stream), e.to_string()))?;
+            };
+            let js = js.clone();
+            let what = format!("stream {name}");
+            async move {
+                js.get_or_create_stream(config)
+                    .await
+                    .map_err(|e| fail(&what, e.to_string()))
+            }
+        };
+        open_stream(&cfg.stream, &cfg.subject).await?;
+        let sinks = open_stream(&cfg.sinks_stream, &cfg.sinks_subject).await?;
         // The bucket's stream is made here, by the key-value convention
         // (ADR-8: stream `KV_<bucket>`, subjects `$KV.<bucket>.>`, one
         // message per subject, rollups allowed, deletes denied; no direct
@@ -505,6 +505,23 @@ impl JetStreamStore {
 
     fn subject_of(&self, agent_id: &AgentId) -> String {
         format!("{}.{}", self.cfg.subject, agent_id.as_str())
+    }
+
+    /// The acknowledgement of a publish, which must come from `stream`.
+    async fn acked_by(
+        &self,
+        ack: jetstream::context::PublishAckFuture,
+        stream: &str,
+        what: impl Fn() -> String,
+    ) -> Result<jetstream::publish::PublishAck, StoreError> {
+        let a = ack.into_future().await.map_err(|e| self.fail(what(), e))?;
+        if a.stream != stream {
+            return Err(self.fail(
+                what(),
+                format!("stored in stream {:?}, not {stream:?}", a.stream),
+            ));
+        }
+        Ok(a)
     }
 
     /// This replica's id in the registry.
@@ -665,27 +682,27 @@ impl JetStreamStore {
             .map_err(|e| self.fail("refreshing this replica's key", e))
     }
 
+    /// The keys of `bucket`, in order; `what` names the listing in an error.
+    async fn keys_of(
+        &self,
+        bucket: &kv::Store,
+        what: &str,
+    ) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        use futures::TryStreamExt as _;
+        bucket
+            .keys()
+            .await
+            .map_err(|e| self.fail(what, e))?
+            .try_collect()
+            .await
+            .map_err(|e| self.fail(what, e))
+    }
+
     /// Every agent in the registry with its watermark, sessions counted only
     /// on replicas that are alive, in id order.
     pub async fn fleet(&self) -> Result<Vec<AgentRecord>, StoreError> {
-        use futures::TryStreamExt as _;
-        let alive: std::collections::BTreeSet<String> = self
-            .replicas
-            .keys()
-            .await
-            .map_err(|e| self.fail("listing replicas", e))?
-            .try_collect()
-            .await
-            .map_err(|e| self.fail("listing replicas", e))?;
-        let mut ids: Vec<String> = self
-            .agents
-            .keys()
-            .await
-            .map_err(|e| self.fail("listing agents", e))?
-            .try_collect()
-            .await
-            .map_err(|e| self.fail("listing agents", e))?;
-        ids.sort();
+        let alive = self.keys_of(&self.replicas, "listing replicas").await?;
+        let ids = self.keys_of(&self.agents, "listing agents").await?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             let Ok(agent_id) = AgentId::parse(&id) else {
@@ -1076,8 +1093,11 @@ impl Backend {
                         .map_err(|e| s.fail(format!("publishing {agent_id}:{}", seq.0), e))?;
                 acks.push((i, *seq, ack));
             }
+            let before = queued.len();
             for f in forward.iter().filter(|f| f.seq > floor) {
                 queued.extend(s.queue_forward(agent_id, f).await?);
+            }
+            if queued.len() > before {
                 self.held.insert(agent_id.clone(), true);
             }
             outcomes.push(InsertOutcome {
@@ -1088,16 +1108,9 @@ impl Backend {
             });
         }
         for (i, seq, ack) in acks {
-            let a = ack
-                .into_future()
-                .await
-                .map_err(|e| s.fail(format!("storing seq {seq}"), e))?;
-            if a.stream != s.cfg.stream {
-                return Err(s.fail(
-                    format!("storing seq {seq}"),
-                    format!("stored in stream {:?}, not {:?}", a.stream, s.cfg.stream),
-                ));
-            }
+            let a = s
+                .acked_by(ack, &s.cfg.stream, || format!("storing seq {seq}"))
+                .await?;
             if a.duplicate {
                 outcomes[i].duplicates += 1;
             } else {
@@ -1106,19 +1119,10 @@ impl Backend {
         }
         let any_queued = !queued.is_empty();
         for ack in queued {
-            let a = ack
-                .into_future()
-                .await
-                .map_err(|e| s.fail("queueing events for the sinks", e))?;
-            if a.stream != s.cfg.sinks_stream {
-                return Err(s.fail(
-                    "queueing events for the sinks",
-                    format!(
-                        "stored in stream {:?}, not {:?}",
-                        a.stream, s.cfg.sinks_stream
-                    ),
-                ));
-            }
+            s.acked_by(ack, &s.cfg.sinks_stream, || {
+                "queueing events for the sinks".to_owned()
+            })
+            .await?;
         }
         // Raise each agent's watermark once, to the group's highest seq.
         let mut through: BTreeMap<&AgentId, Seq> = BTreeMap::new();

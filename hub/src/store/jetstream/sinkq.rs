@@ -174,14 +174,9 @@ impl JetStreamStore {
     /// counted before, by id.
     pub async fn sinks_status(&self, configured: &[String]) -> Result<Vec<SinkStatus>, StoreError> {
         use futures::TryStreamExt as _;
-        let mut ids: std::collections::BTreeSet<String> = self
-            .sink_counters
-            .keys()
-            .await
-            .map_err(|e| self.fail("listing the sinks' counters", e))?
-            .try_collect()
-            .await
-            .map_err(|e| self.fail("listing the sinks' counters", e))?;
+        let mut ids = self
+            .keys_of(&self.sink_counters, "listing the sinks' counters")
+            .await?;
         ids.extend(configured.iter().cloned());
         let mut out = Vec::with_capacity(ids.len());
         for sink in ids {
@@ -312,6 +307,11 @@ pub struct SinkQueueReader {
 }
 
 impl SinkQueueReader {
+    /// The labels of `agent_id`'s latest `Hello` ([`JetStreamStore::labels`]).
+    pub async fn labels(&self, agent_id: &AgentId) -> Result<BTreeMap<String, String>, StoreError> {
+        self.store.labels(agent_id).await
+    }
+
     /// Up to `limit` events of the queue: after position `after`, or from
     /// its head.
     pub async fn batch(
