@@ -509,11 +509,6 @@ struct Enforcement {
     labels: std::collections::BTreeMap<String, String>,
     current: Arc<FleetPolicy>,
     enforcer: Enforcer,
-    /// The version the agent last reported (version 2 agents).
-    reported: Option<u64>,
-    /// The version last pushed in this session, so that a refused policy is
-    /// not pushed again and again.
-    pushed: Option<u64>,
     /// Until when the agent's `hold` rate is used up. A batch above it waits
     /// before it is stored and acknowledged, and nothing more is read
     /// meanwhile, so QUIC flow control slows the agent and the events wait
@@ -530,8 +525,6 @@ impl Enforcement {
             labels,
             current,
             enforcer,
-            reported: None,
-            pushed: None,
             hold_until: None,
         }
     }
@@ -567,21 +560,11 @@ impl Enforcement {
         self.enforcer = Enforcer::new(Arc::new(compiled));
     }
 
-    /// Pushes the version in force if the agent runs another and it was not
-    /// pushed in this session yet.
-    fn push_if_needed(&mut self, session: &mut HubSession) {
-        let v = self.current.version.0;
-        if self.reported.is_some_and(|r| r != v) && self.pushed != Some(v) {
-            match session.push_policy(v, &self.current.text) {
-                Ok(()) => {
-                    info!(
-                        policy_version = v,
-                        "Pushing the policy in force to the agent."
-                    );
-                    self.pushed = Some(v);
-                }
-                Err(e) => debug!(error = %e, "Policy not pushed."),
-            }
+    /// Hands the policy in force to the session, which decides whether and
+    /// when to push it.
+    fn offer(&self, session: &mut HubSession) {
+        if let Err(e) = session.set_policy(self.current.version.0, self.current.text.as_str()) {
+            debug!(error = %e, "Policy not pushed.");
         }
     }
 
@@ -660,14 +643,16 @@ async fn session(
     // Moves when a sink's queue shrank: an acknowledgement held back for a
     // sink may move then.
     let mut delivered = store.delivered_signal();
-    let mut held = watermark < received;
     // Where the previous batch of this session ended: the store refuses a
     // batch that does not follow what it holds (an earlier one failed).
     let mut after = received;
     let mut policy = policy;
     let current = policy.current.borrow_and_update().clone();
     let mut enforcement = Enforcement::new(current, policy.catalog.clone());
+    enforcement.offer(&mut session);
     let mut watching = true;
+    // The sinks' delivery signal, until its sender is gone.
+    let mut watching_sinks = true;
     let mut commits: FuturesOrdered<Commit> = FuturesOrdered::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut out = Vec::with_capacity(16 * 1024);
@@ -739,8 +724,12 @@ async fn session(
                         None => info!(policy_version = version, "The agent runs policy."),
                     }
                     store.policy_status(id.clone(), version, error).await?;
-                    enforcement.reported = Some(version);
-                    enforcement.push_if_needed(&mut session);
+                }
+                HubEvent::PolicyPushed { version } => {
+                    info!(
+                        policy_version = version,
+                        "Pushing the policy in force to the agent."
+                    );
                 }
                 HubEvent::Backlog { events, bytes, .. } => {
                     store.report_backlog(id.clone(), events, bytes).await?;
@@ -774,24 +763,21 @@ async fn session(
             }
             Some(r) = commits.next(), if !commits.is_empty() => {
                 let (upto, acked) = r?;
-                session.stored(upto)?;
-                session.acknowledge(acked.min(upto))?;
-                held = acked < upto;
+                session.committed(upto, acked)?;
             }
-            changed = delivered.changed(), if held => {
+            changed = delivered.changed(), if watching_sinks && session.awaits_sinks() => {
                 if changed.is_err() {
-                    held = false;
+                    watching_sinks = false;
                 } else {
                     let acked = store.acked(id.clone()).await?;
-                    session.acknowledge(acked.min(session.highest_received()))?;
-                    held = acked < session.highest_received();
+                    session.sinks_accepted(acked)?;
                 }
             }
             changed = policy.current.changed(), if watching => {
                 if changed.is_ok() {
                     enforcement.current = policy.current.borrow_and_update().clone();
                     enforcement.recompile(None);
-                    enforcement.push_if_needed(&mut session);
+                    enforcement.offer(&mut session);
                 } else {
                     // No more versions will come (the hub is stopping, or
                     // runs without a watch): the last one stays in force.
