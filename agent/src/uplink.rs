@@ -36,7 +36,7 @@ use crate::policy::PolicyStore;
 pub enum UplinkError {
     /// The TLS files are unusable; the uplink cannot start.
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] outpost_tls::TlsError),
     /// quinn refused the TLS configuration (for example no TLS 1.3).
     #[error("quic configuration: {0}")]
     Quic(String),
@@ -165,11 +165,11 @@ impl Uplink {
 
     fn client_config(&self) -> Result<quinn::ClientConfig, UplinkError> {
         let s = &self.settings;
-        let mut tls = crate::tls::build_client_config(
-            &s.ca,
-            Some((s.cert.as_path(), s.key.as_path())),
-            None,
-        )?;
+        let mut tls = outpost_tls::client_config(outpost_tls::ClientFiles {
+            ca: &s.ca,
+            client: Some((s.cert.as_path(), s.key.as_path())),
+            server_name: None,
+        })?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| UplinkError::Quic(e.to_string()))?;
