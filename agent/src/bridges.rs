@@ -72,7 +72,7 @@ impl Publisher {
         }
     }
 
-    fn options(&self) -> Result<MqttOptions, crate::tls::TlsError> {
+    fn options(&self) -> Result<MqttOptions, outpost_tls::TlsError> {
         let s = &self.settings;
         let mut o = MqttOptions::new(format!("{}-bridge", s.client_id), s.host.clone(), s.port);
         o.set_keep_alive(s.keep_alive);
@@ -87,8 +87,12 @@ impl Publisher {
                 (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
                 _ => None,
             };
-            let config = crate::tls::client_config(&tls.ca, client, tls.server_name.as_deref())?;
-            o.set_transport(Transport::Tls(TlsConfiguration::Rustls(config)));
+            let config = outpost_tls::client_config(outpost_tls::ClientFiles {
+                ca: &tls.ca,
+                client,
+                server_name: tls.server_name.as_deref(),
+            })?;
+            o.set_transport(Transport::Tls(TlsConfiguration::Rustls(Arc::new(config))));
         }
         Ok(o)
     }

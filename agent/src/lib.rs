@@ -19,5 +19,4 @@ pub mod report;
 pub mod run;
 pub mod sim;
 pub mod sources;
-pub mod tls;
 pub mod uplink;

@@ -51,11 +51,11 @@ pub fn issue_agents(ca_dir: &Path, dir: &Path, n: usize) -> Result<Vec<PathBuf>>
 /// (`ca.pem`, `agent.pem`, `agent.key`), offering `alpn`, with the uplink's
 /// idle timeout and keep-alive.
 pub fn client_config(creds: &Path, alpn: &[u8]) -> Result<quinn::ClientConfig> {
-    let mut tls = outpost_agent::tls::build_client_config(
-        &creds.join("ca.pem"),
-        Some((&creds.join("agent.pem"), &creds.join("agent.key"))),
-        None,
-    )?;
+    let mut tls = outpost_tls::client_config(outpost_tls::ClientFiles {
+        ca: &creds.join("ca.pem"),
+        client: Some((&creds.join("agent.pem"), &creds.join("agent.key"))),
+        server_name: None,
+    })?;
     tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));

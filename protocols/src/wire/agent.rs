@@ -23,12 +23,13 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::error::{ErrorCode, ProtocolError, UsageError};
+use super::code::ErrorCode;
+use super::error::{ProtocolError, UsageError};
 use super::frame::{
     check_hello, truncate, BatchEncoder, Frame, FrameDecoder, Pushed, MAX_ERROR_MESSAGE_LEN,
     MAX_EVENT_LEN,
 };
-use super::SUPPORTED_VERSIONS;
+use super::version::SUPPORTED_VERSIONS;
 use crate::event::{EventBody, Seq};
 use crate::policy::MAX_POLICY_LEN;
 
@@ -46,7 +47,7 @@ pub struct AgentConfig {
     /// still goes alone, up to [`MAX_EVENT_LEN`]); clamped to `MAX_EVENT_LEN`.
     pub max_batch_bytes: usize,
     /// The newest protocol version to offer (default
-    /// [`PROTOCOL_VERSION`](super::PROTOCOL_VERSION)); lower only to behave
+    /// [`PROTOCOL_VERSION`](super::version::PROTOCOL_VERSION)); lower only to behave
     /// like an older agent, as the tests of the hub's enforcement do.
     pub max_version: u16,
 }
@@ -58,7 +59,7 @@ impl Default for AgentConfig {
             idle_timeout: Duration::from_secs(30),
             max_batch_events: 1024,
             max_batch_bytes: 256 * 1024,
-            max_version: super::PROTOCOL_VERSION,
+            max_version: super::version::PROTOCOL_VERSION,
         }
     }
 }
@@ -68,10 +69,10 @@ impl Default for AgentConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AgentInfo {
     /// The agent's software version (at most
-    /// [`MAX_AGENT_VERSION_LEN`](super::MAX_AGENT_VERSION_LEN) bytes).
+    /// [`MAX_AGENT_VERSION_LEN`](super::frame::MAX_AGENT_VERSION_LEN) bytes).
     pub agent_version: String,
-    /// The agent's labels (at most [`MAX_LABELS`](super::MAX_LABELS), each name
-    /// and value at most [`MAX_LABEL_LEN`](super::MAX_LABEL_LEN) bytes).
+    /// The agent's labels (at most [`MAX_LABELS`](super::frame::MAX_LABELS), each name
+    /// and value at most [`MAX_LABEL_LEN`](super::frame::MAX_LABEL_LEN) bytes).
     pub labels: BTreeMap<String, String>,
 }
 
@@ -608,7 +609,7 @@ impl AgentSession {
 
     /// Stops counting the seqs up to `upto` against the window.
     fn release(&mut self, upto: Seq) {
-        super::release(&mut self.in_flight, upto);
+        super::window::release(&mut self.in_flight, upto);
     }
 
     fn seal(&mut self) {

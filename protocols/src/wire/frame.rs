@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::error::ErrorCode;
+use super::code::ErrorCode;
 use crate::event::{EventBody, Seq};
 
 /// The largest frame body, in bytes. A peer that announces more is refused with
@@ -161,7 +161,7 @@ pub enum Frame {
         /// The oldest seq in the outbox, if any.
         oldest_seq: Option<Seq>,
     },
-    /// 6, both ways: sent after [`heartbeat`](super::AgentConfig::heartbeat)
+    /// 6, both ways: sent after the sender's `heartbeat` interval
     /// without sending anything else, so the peer's idle timer is reset.
     Heartbeat,
     /// 7, agent → hub: the agent is leaving on purpose; no error.

@@ -27,11 +27,13 @@
 //! for it.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::error::{ErrorCode, ProtocolError, UsageError};
+use super::code::ErrorCode;
+use super::error::{ProtocolError, UsageError};
 use super::frame::{check_hello, truncate, Frame, FrameDecoder, MAX_ERROR_MESSAGE_LEN};
-use super::{negotiate, SUPPORTED_VERSIONS};
+use super::version::{negotiate, SUPPORTED_VERSIONS};
 use crate::event::{AgentId, EventBody, Seq};
 use crate::policy::MAX_POLICY_LEN;
 
@@ -89,13 +91,21 @@ pub enum HubEvent {
         /// The oldest seq in the outbox, if any.
         oldest_seq: Option<Seq>,
     },
-    /// The agent reported the policy version it runs (version 2): record it,
-    /// and [`HubSession::push_policy`] the current one if it differs.
+    /// The agent reported the policy version it runs (version 2): record it.
+    /// The session itself pushes the policy in force
+    /// ([`HubSession::set_policy`]) if the report names another version.
     PolicyStatus {
         /// The version in force at the agent (0: none).
         version: u64,
         /// Why the agent refused the last policy pushed, if it did.
         error: Option<String>,
+    },
+    /// The session queued a `Policy` frame with the policy in force: the
+    /// agent reported another version, or a new version was set while it
+    /// streams. Nothing to do but say so.
+    PolicyPushed {
+        /// The version pushed.
+        version: u64,
     },
     /// The session is over. `None` after the agent's `Goodbye`.
     Closed {
@@ -125,14 +135,22 @@ impl State {
 ///
 /// Inputs: [`handle_bytes`](Self::handle_bytes) with what the stream yields,
 /// [`handle_timeout`](Self::handle_timeout) when [`poll_timeout`](Self::poll_timeout)
-/// passes, and the driver's [`stored`](Self::stored),
-/// [`acknowledge`](Self::acknowledge) and [`close`](Self::close).
+/// passes, and the driver's news from the store and the operator:
+/// [`committed`](Self::committed) (or [`stored`](Self::stored) and
+/// [`acknowledge`](Self::acknowledge)), [`sinks_accepted`](Self::sinks_accepted),
+/// [`set_policy`](Self::set_policy) and [`close`](Self::close).
+///
+/// Every protocol decision is the session's: what to hand to the store, what
+/// to acknowledge and when, and when to push the policy in force (once the
+/// agent reported running another version, at most once a version per
+/// session, so that a policy the agent refused is not pushed again and
+/// again). The driver carries bytes, timers and store requests.
 ///
 /// Poll order after every input: [`poll_transmit`](Self::poll_transmit) until
 /// `None` (write the bytes to the stream), then [`poll_event`](Self::poll_event)
-/// until `None` (a `Store` goes to the store; when it commits, call `stored`
-/// and `acknowledge`, which are inputs: poll again), then wait for bytes, a
-/// commit or [`poll_timeout`](Self::poll_timeout).
+/// until `None` (a `Store` goes to the store; when it commits, call
+/// `committed`, an input: poll again), then wait for bytes, a commit, a
+/// sink's delivery, a new policy or [`poll_timeout`](Self::poll_timeout).
 #[derive(Debug)]
 pub struct HubSession {
     agent_id: AgentId,
@@ -158,6 +176,13 @@ pub struct HubSession {
     /// The seqs handed out and still counted against the window, ascending:
     /// not yet stored (version 3) or not yet acknowledged (before it).
     in_flight: VecDeque<Seq>,
+    /// The policy in force at the hub (version and text), as the driver
+    /// last set it.
+    policy: Option<(u64, Arc<str>)>,
+    /// The policy version the agent last reported running, this session.
+    reported: Option<u64>,
+    /// The policy version last pushed in this session.
+    pushed: Option<u64>,
     last_heard: Instant,
     last_sent: Instant,
 }
@@ -188,6 +213,9 @@ impl HubSession {
             held: watermark,
             stored_sent: watermark,
             in_flight: VecDeque::new(),
+            policy: None,
+            reported: None,
+            pushed: None,
             last_heard: now,
             last_sent: now,
         }
@@ -305,6 +333,8 @@ impl HubSession {
                 }
                 self.events
                     .push_back(HubEvent::PolicyStatus { version: v, error });
+                self.reported = Some(v);
+                self.push_policy_if_due();
                 Ok(())
             }
             (State::Streaming { .. }, Frame::Heartbeat) => Ok(()),
@@ -414,6 +444,34 @@ impl HubSession {
         Ok(())
     }
 
+    /// Tells the session that the store committed the batch ending at `upto`
+    /// and that everything up to `acked` may be acknowledged (the store and
+    /// every sink routed to accepted it): [`stored`](Self::stored) `upto`, and
+    /// [`acknowledge`](Self::acknowledge) as much of `acked` as this batch
+    /// covers. The store's mark may run ahead of the batch while a superseded
+    /// session of the same agent is still finishing; it may lag behind it
+    /// while a sink holds events back ([`awaits_sinks`](Self::awaits_sinks)).
+    pub fn committed(&mut self, upto: Seq, acked: Seq) -> Result<(), UsageError> {
+        self.stored(upto)?;
+        self.acknowledge(acked.min(upto))
+    }
+
+    /// Tells the session that a sink's delivery moved what may be
+    /// acknowledged to `acked`: acknowledges as much of it as this session
+    /// handed out.
+    pub fn sinks_accepted(&mut self, acked: Seq) -> Result<(), UsageError> {
+        self.acknowledge(acked.min(self.highest))
+    }
+
+    /// Whether the store holds events of this session that a sink has not
+    /// accepted yet, so that [`sinks_accepted`](Self::sinks_accepted) may move
+    /// the acknowledgement: the driver watches the sinks' deliveries only
+    /// while this holds.
+    #[must_use]
+    pub fn awaits_sinks(&self) -> bool {
+        self.acked < self.held
+    }
+
     fn check_received(&self, upto: Seq) -> Result<(), UsageError> {
         if upto > self.highest {
             return Err(UsageError::StoredBeyondReceived {
@@ -457,7 +515,7 @@ impl HubSession {
 
     /// Stops counting the seqs up to `upto` against the window.
     fn release(&mut self, upto: Seq) {
-        super::release(&mut self.in_flight, upto);
+        super::window::release(&mut self.in_flight, upto);
     }
 
     /// Appends the next frame to `buf` and returns its length, or `None` when
@@ -505,11 +563,59 @@ impl HubSession {
         self.events.pop_front()
     }
 
-    /// Sends the agent the policy to run. Refused before `Hello`, after
-    /// `Closed`, and for a version 1 agent, which has no policy frames (the
-    /// hub then enforces the policy on what the agent sends, and nothing
-    /// else).
-    pub fn push_policy(&mut self, version: u64, text: &str) -> Result<(), UsageError> {
+    /// Sets the policy in force at the hub: at `Hello`, and whenever an
+    /// operator applies another version. The session pushes it to the agent
+    /// once the agent reported running another version (`PolicyStatus`, at
+    /// once if it already did), and at most once a version per session, so a
+    /// policy the agent refused is not pushed again until its next
+    /// connection. A version 1 agent, which has no policy frames, is pushed
+    /// nothing: the hub enforces the policy on what it sends.
+    ///
+    /// A text over [`MAX_POLICY_LEN`] is refused, and the session then
+    /// pushes nothing until another policy is set.
+    pub fn set_policy(
+        &mut self,
+        version: u64,
+        text: impl Into<Arc<str>>,
+    ) -> Result<(), UsageError> {
+        let text = text.into();
+        if text.len() > MAX_POLICY_LEN {
+            self.policy = None;
+            return Err(UsageError::PolicyTooLarge {
+                len: text.len(),
+                max: MAX_POLICY_LEN,
+            });
+        }
+        self.policy = Some((version, text));
+        self.push_policy_if_due();
+        Ok(())
+    }
+
+    /// The policy in force, as [`set_policy`](Self::set_policy) last set it.
+    #[must_use]
+    pub fn policy_version(&self) -> Option<u64> {
+        self.policy.as_ref().map(|(version, _)| *version)
+    }
+
+    /// Pushes the policy in force if the agent reported running another
+    /// version and it was not pushed in this session yet.
+    fn push_policy_if_due(&mut self) {
+        let Some((version, text)) = self.policy.clone() else {
+            return;
+        };
+        if self.reported.is_none_or(|r| r == version) || self.pushed == Some(version) {
+            return;
+        }
+        if self.push_policy(version, &text).is_ok() {
+            self.pushed = Some(version);
+            self.events.push_back(HubEvent::PolicyPushed { version });
+        }
+    }
+
+    /// Queues a `Policy` frame. Refused before `Hello`, after `Closed`, and
+    /// for a version 1 agent, which has no policy frames (the hub then
+    /// enforces the policy on what the agent sends, and nothing else).
+    pub(super) fn push_policy(&mut self, version: u64, text: &str) -> Result<(), UsageError> {
         let negotiated = match self.state {
             State::Streaming { version } => version,
             _ => return Err(UsageError::NotStreaming),

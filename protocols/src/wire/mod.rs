@@ -47,34 +47,27 @@
 //! and why the delivery is exactly once.
 
 mod agent;
+mod code;
 mod error;
 mod frame;
 mod hub;
+mod version;
+mod window;
 
 #[cfg(test)]
 mod tests;
 
-use std::ops::RangeInclusive;
-
 pub use agent::{AgentConfig, AgentEvent, AgentInfo, AgentSession};
-pub use error::{ErrorCode, ProtocolError, UsageError, CLOSE_OK};
+pub use code::{ErrorCode, CLOSE_OK};
+pub use error::{ProtocolError, UsageError};
 pub use frame::{
     Frame, FrameDecoder, FrameError, MAX_AGENT_VERSION_LEN, MAX_BODY_LEN, MAX_ERROR_MESSAGE_LEN,
     MAX_EVENT_LEN, MAX_FRAME_LEN, MAX_LABELS, MAX_LABEL_LEN, MAX_VERSIONS,
 };
 pub use hub::{HubConfig, HubEvent, HubSession};
+pub use version::{negotiate, PROTOCOL_VERSION, SUPPORTED_VERSIONS};
 
 use crate::event::AgentId;
-
-/// The newest protocol version this build speaks. Version 2 added the policy
-/// push (`Policy`, `PolicyStatus`); a version 1 agent gets no policy and the
-/// hub enforces the policy on what it sends.
-pub const PROTOCOL_VERSION: u16 = 3;
-
-/// Every protocol version this build speaks. A hub of version N keeps speaking
-/// every version down to 1 (at least N - 1), so that agents can be upgraded
-/// after the hub, one site at a time.
-pub const SUPPORTED_VERSIONS: RangeInclusive<u16> = 1..=PROTOCOL_VERSION;
 
 /// The TLS ALPN protocol id. It names the protocol family and stays the same
 /// for every version: versions are negotiated in `Hello`, so that an agent and a
@@ -84,27 +77,6 @@ pub const ALPN: &[u8] = b"outpost/1";
 /// The prefix of the SAN URI that carries an agent's id in its certificate.
 pub const AGENT_URI_PREFIX: &str = "urn:outpost:agent:";
 
-/// Picks the highest version both sides speak: the highest of `offered` (the
-/// agent's `Hello`) that lies in `supported` (the hub's range), or `None` when
-/// they share none.
-///
-/// ```
-/// use outpost_protocols::wire::negotiate;
-/// // A hub of version 2 still serves an agent of version 1.
-/// assert_eq!(negotiate(&[1], 1..=2), Some(1));
-/// // An agent of version 2 still talks to a hub of version 1.
-/// assert_eq!(negotiate(&[2, 1], 1..=1), Some(1));
-/// assert_eq!(negotiate(&[3], 1..=2), None);
-/// ```
-#[must_use]
-pub fn negotiate(offered: &[u16], supported: RangeInclusive<u16>) -> Option<u16> {
-    offered
-        .iter()
-        .copied()
-        .filter(|v| supported.contains(v))
-        .max()
-}
-
 /// The agent id in a certificate's SAN URI `urn:outpost:agent:<id>`, or `None`
 /// when the URI has another form or the id is not a valid [`AgentId`].
 ///
@@ -113,14 +85,6 @@ pub fn negotiate(offered: &[u16], supported: RangeInclusive<u16>) -> Option<u16>
 pub fn agent_id_from_uri(uri: &str) -> Option<AgentId> {
     uri.strip_prefix(AGENT_URI_PREFIX)
         .and_then(|id| AgentId::parse(id).ok())
-}
-
-/// Drops the seqs up to `upto` from the front of a session's in-flight
-/// seqs (ascending): both sessions count their window this way.
-fn release(in_flight: &mut std::collections::VecDeque<crate::event::Seq>, upto: crate::event::Seq) {
-    while in_flight.front().is_some_and(|s| *s <= upto) {
-        in_flight.pop_front();
-    }
 }
 
 /// The SAN URI that names `id` in its certificate.

@@ -255,7 +255,75 @@ fn the_hub_pushes_its_policy_to_an_agent_that_reports_another_version() {
     pair.apply_policy(9, "description = \"v7\"\n");
     pair.drive();
     assert_eq!(pair.agent_policy, 9);
+    assert_eq!(
+        pair.policies_pushed, 3,
+        "the hub's session decided each push"
+    );
     assert!(pair.closed.is_empty(), "{:?}", pair.closed);
+}
+
+#[test]
+fn the_hub_pushes_a_version_once_a_session_even_when_the_agent_refuses_it() {
+    let now = origin();
+    let mut hub = welcomed_hub(now, 0, 10);
+    // Set before the agent reported: nothing to decide yet.
+    hub.set_policy(5, "description = \"v5\"\n")
+        .expect("within the limit");
+    assert!(hub_sent(&mut hub, now).is_empty());
+    let status = |version, error: Option<&str>| Frame::PolicyStatus {
+        version,
+        error: error.map(str::to_owned),
+    };
+    hub.handle_bytes(now, &encode(&[status(4, None)]))
+        .expect("accepted");
+    assert!(matches!(
+        hub_sent(&mut hub, now).as_slice(),
+        [Frame::Policy { version: 5, .. }]
+    ));
+    assert!(hub_events(&mut hub).contains(&HubEvent::PolicyPushed { version: 5 }));
+    // The agent refused it and still runs 4: not pushed again this session.
+    hub.handle_bytes(now, &encode(&[status(4, Some("does not parse"))]))
+        .expect("accepted");
+    assert!(hub_sent(&mut hub, now).is_empty());
+    // A new version reaches it at once; the one it runs is not pushed.
+    hub.set_policy(6, "description = \"v6\"\n")
+        .expect("within the limit");
+    assert!(matches!(
+        hub_sent(&mut hub, now).as_slice(),
+        [Frame::Policy { version: 6, .. }]
+    ));
+    hub.handle_bytes(now, &encode(&[status(6, None)]))
+        .expect("accepted");
+    hub.set_policy(6, "description = \"v6\"\n")
+        .expect("within the limit");
+    assert!(hub_sent(&mut hub, now).is_empty());
+    // An oversized policy is refused, and nothing is pushed after it.
+    assert!(matches!(
+        hub.set_policy(7, "#".repeat(crate::policy::MAX_POLICY_LEN + 1)),
+        Err(UsageError::PolicyTooLarge { .. })
+    ));
+    assert_eq!(hub.policy_version(), None);
+    hub.handle_bytes(now, &encode(&[status(6, None)]))
+        .expect("accepted");
+    assert!(hub_sent(&mut hub, now).is_empty());
+}
+
+#[test]
+fn the_hub_pushes_nothing_to_a_version_1_agent() {
+    let now = origin();
+    let mut hub = HubSession::new(now, agent_id(), Seq(0), HubConfig::default());
+    hub.set_policy(3, "[[rules]]").expect("within the limit");
+    hub.handle_bytes(now, &encode(&[hello(vec![1])]))
+        .expect("accepted");
+    assert!(matches!(
+        hub_sent(&mut hub, now).as_slice(),
+        [Frame::Welcome { version: 1, .. }]
+    ));
+    hub.set_policy(4, "[[rules]]").expect("within the limit");
+    assert!(hub_sent(&mut hub, now).is_empty());
+    assert!(!hub_events(&mut hub)
+        .iter()
+        .any(|e| matches!(e, HubEvent::PolicyPushed { .. })));
 }
 
 #[test]

@@ -52,7 +52,7 @@ pub enum MqttError {
     Outbox(#[from] OutboxError),
     /// The TLS configuration is unusable.
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] outpost_tls::TlsError),
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -219,7 +219,11 @@ impl MqttSource {
             (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
             _ => None,
         };
-        let config = crate::tls::client_config(&tls.ca, client, None)?;
+        let config = Arc::new(outpost_tls::client_config(outpost_tls::ClientFiles {
+            ca: &tls.ca,
+            client,
+            server_name: None,
+        })?);
         let name = tls
             .server_name
             .clone()

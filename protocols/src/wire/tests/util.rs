@@ -160,6 +160,8 @@ pub(crate) struct Pair {
     pub(crate) agent_policy: u64,
     /// The version the hub last heard the agent report, this session.
     pub(crate) reported_policy: Option<u64>,
+    /// How many `Policy` frames the hub's session chose to push.
+    pub(crate) policies_pushed: usize,
     /// How many `Policy` frames the agent received.
     pub(crate) policies_received: usize,
     /// Whether the one sink every event is routed to is down: commits are
@@ -212,6 +214,7 @@ impl Pair {
             hub_policy: None,
             agent_policy: 0,
             reported_policy: None,
+            policies_pushed: 0,
             policies_received: 0,
             sink_down: false,
             stored_seen: 0,
@@ -246,16 +249,21 @@ impl Pair {
         self.agent.report_policy(self.agent_policy, None);
         self.hub =
             HubSession::new(self.now, agent_id(), acked, self.hub_config.clone()).holding(received);
+        if let Some((version, text)) = &self.hub_policy {
+            self.hub
+                .set_policy(*version, text.as_str())
+                .expect("a policy within its limit");
+        }
         self.reported_policy = None;
     }
 
-    /// The operator applies a policy: the hub pushes it to the agent if the
-    /// agent is known to run another version (otherwise at its next report).
+    /// The operator applies a policy: the hub's driver sets it in the
+    /// session, which decides whether and when to push it.
     pub(crate) fn apply_policy(&mut self, version: u64, text: &str) {
         self.hub_policy = Some((version, text.to_owned()));
-        if self.reported_policy.is_some_and(|v| v != version) {
-            let _ = self.hub.push_policy(version, text);
-        }
+        self.hub
+            .set_policy(version, text)
+            .expect("a policy within its limit");
     }
 
     /// The connection breaks. The hub's old connection finishes the commits it
@@ -328,10 +336,7 @@ impl Pair {
         }
         if let Some(last) = last {
             self.hub
-                .stored(last)
-                .expect("stored only what was handed out");
-            self.hub
-                .acknowledge(last.min(self.store.acked))
+                .committed(last, self.store.acked)
                 .expect("stored only what was handed out");
         }
     }
@@ -342,8 +347,9 @@ impl Pair {
     pub(crate) fn sink_up(&mut self) {
         self.sink_down = false;
         self.store.acked = self.store.watermark();
-        let upto = self.store.acked.min(self.hub.highest_received());
-        self.hub.acknowledge(upto).expect("handed out");
+        self.hub
+            .sinks_accepted(self.store.acked)
+            .expect("handed out");
     }
 
     /// Loses one chunk in flight (`index` picks which); the connection breaks.
@@ -421,12 +427,8 @@ impl Pair {
                     HubEvent::Closed { error } => self.closed.push(("hub", error)),
                     HubEvent::PolicyStatus { version, .. } => {
                         self.reported_policy = Some(version);
-                        if let Some((v, text)) = &self.hub_policy {
-                            if *v != version {
-                                let _ = self.hub.push_policy(*v, text);
-                            }
-                        }
                     }
+                    HubEvent::PolicyPushed { .. } => self.policies_pushed += 1,
                     HubEvent::Hello { .. } | HubEvent::Backlog { .. } => {}
                 }
             }

@@ -1,0 +1,374 @@
+//! One connection's loop around the [`AgentSession`]: write what the
+//! session queued, act on its events, feed it events from the outbox while
+//! it has room, then wait for the stream, a delete, the outbox, the backlog
+//! timer, shutdown or the session's timer.
+//!
+//! A stop is drained: what is committed is sent and its acknowledgements
+//! awaited (at most [`DRAIN`]) before `Goodbye`, so the next start does not
+//! resend it; the hub drops what is resent anyway.
+
+use std::future::Future;
+use std::ops::ControlFlow;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use outpost_protocols::wire::{AgentConfig, AgentEvent, AgentInfo, AgentSession, UsageError};
+use outpost_protocols::{Event, EventBody, Seq};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::error::UplinkError;
+use super::gate::SendGate;
+use super::marks;
+use crate::metrics::Metrics;
+use crate::outbox::{OutboxError, OutboxHandle};
+use crate::policy::PolicyStore;
+
+/// Events read from the outbox per request.
+const READ_CHUNK: usize = 4096;
+
+/// While events are in flight, the session is refilled only once the window
+/// has this much room: one large read instead of one per acknowledged
+/// batch, which during a drain kept the uplink in lock step with the
+/// outbox thread.
+const REFILL_AT: usize = 2048;
+
+/// How often the backlog is reported to the hub.
+const BACKLOG_EVERY: Duration = Duration::from_secs(5);
+
+/// How long a stop waits for in-flight events to be acknowledged.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// How long the driver sleeps when the session has no timer (closed).
+const NO_TIMER: Duration = Duration::from_secs(3600);
+
+/// What a connection works with, lent by the uplink.
+#[derive(Clone, Copy)]
+pub(super) struct Link<'a> {
+    pub(super) outbox: &'a OutboxHandle,
+    pub(super) metrics: &'a Metrics,
+    pub(super) policy: &'a PolicyStore,
+    pub(super) info: &'a AgentInfo,
+}
+
+/// How a connection ended without an error.
+pub(super) enum Ended {
+    /// The agent is stopping.
+    Shutdown,
+    /// The hub closed the session cleanly.
+    Closed,
+}
+
+/// A delete of acknowledged events, running in the outbox's writer.
+type AckJob<'a> = Pin<Box<dyn Future<Output = Result<u64, OutboxError>> + Send + 'a>>;
+
+/// Runs the session on `conn` until it ends.
+pub(super) async fn serve(
+    link: Link<'_>,
+    conn: &quinn::Connection,
+    shutdown: &CancellationToken,
+) -> Result<Ended, UplinkError> {
+    let (send, recv) = conn.open_bi().await?;
+    Driver::new(link, send, recv, shutdown).run().await
+}
+
+/// One connection's session and everything its driver waits on.
+struct Driver<'a> {
+    link: Link<'a>,
+    shutdown: &'a CancellationToken,
+    session: AgentSession,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    gate: SendGate,
+    /// The last seq read from the outbox and either pushed or, denied by the
+    /// policy, skipped: reading resumes after it.
+    cursor: Seq,
+    /// While a `hold` rate is exhausted: when sending may go on.
+    paced: Option<tokio::time::Instant>,
+    /// The outbox's last committed seq.
+    committed: watch::Receiver<Seq>,
+    backlog: tokio::time::Interval,
+    /// Whether the agent is stopping, and until when it drains.
+    stopping: bool,
+    stop_by: tokio::time::Instant,
+    /// The highest seq the hub acknowledged, the highest whose delete was
+    /// asked for, and that delete while it runs.
+    ack_wanted: Seq,
+    ack_asked: Seq,
+    ack_job: Option<AckJob<'a>>,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl<'a> Driver<'a> {
+    fn new(
+        link: Link<'a>,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        shutdown: &'a CancellationToken,
+    ) -> Driver<'a> {
+        let mut session =
+            AgentSession::new(Instant::now(), link.info.clone(), AgentConfig::default());
+        session.report_policy(link.policy.current().version.0, None);
+        Driver {
+            link,
+            shutdown,
+            session,
+            send,
+            recv,
+            gate: SendGate::new(link.policy),
+            cursor: Seq(0),
+            paced: None,
+            committed: link.outbox.committed(),
+            backlog: tokio::time::interval(BACKLOG_EVERY),
+            stopping: false,
+            stop_by: tokio::time::Instant::now(),
+            ack_wanted: Seq(0),
+            ack_asked: Seq(0),
+            ack_job: None,
+            buf: vec![0u8; 64 * 1024],
+            out: Vec::with_capacity(64 * 1024),
+        }
+    }
+
+    /// The loop, in the session's poll order.
+    async fn run(mut self) -> Result<Ended, UplinkError> {
+        loop {
+            self.transmit().await?;
+            if let ControlFlow::Break(ended) = self.handle_events().await? {
+                return Ok(ended);
+            }
+            let last = *self.committed.borrow();
+            self.cursor = self.cursor.max(self.session.read_after());
+            if self.drained(last) {
+                self.session.goodbye();
+                continue;
+            }
+            self.start_delete();
+            let can_feed = self.can_feed();
+            if can_feed && last > self.cursor && self.feed_from_outbox().await? {
+                continue;
+            }
+            self.wait(can_feed).await?;
+        }
+    }
+
+    /// Writes everything the session queued.
+    async fn transmit(&mut self) -> Result<(), UplinkError> {
+        self.out.clear();
+        while self
+            .session
+            .poll_transmit(Instant::now(), &mut self.out)
+            .is_some()
+        {}
+        if !self.out.is_empty() {
+            self.send.write_all(&self.out).await?;
+        }
+        Ok(())
+    }
+
+    /// Acts on every event the session has; `Break` once it closed cleanly.
+    async fn handle_events(&mut self) -> Result<ControlFlow<Ended>, UplinkError> {
+        while let Some(event) = self.session.poll_event() {
+            match event {
+                AgentEvent::Connected { version, watermark } => {
+                    self.link.metrics.uplink_connected.set(1);
+                    info!(version, watermark = watermark.0, "Connected to the hub.");
+                    marks::resume(self.link.outbox, self.link.metrics, watermark).await?;
+                }
+                AgentEvent::Stored { upto } => {
+                    // Kept until acknowledged; read on after it. Beyond the
+                    // last seq this outbox assigned, the hub's history is not
+                    // this outbox's: renumber.
+                    debug!(
+                        held = upto.0,
+                        "The hub stored events a sink has not accepted yet."
+                    );
+                    if upto > *self.committed.borrow() {
+                        marks::follow(self.link.outbox, self.link.metrics, upto).await?;
+                    }
+                }
+                AgentEvent::Acked { upto } => {
+                    // The session only acknowledges seqs it sent, which were
+                    // committed.
+                    self.ack_wanted = self.ack_wanted.max(upto.min(*self.committed.borrow()));
+                }
+                AgentEvent::Policy { version, text } => self.install_policy(version, &text),
+                AgentEvent::Closed { error } => {
+                    let _ = self.send.finish();
+                    if let Some(job) = self.ack_job.take() {
+                        marks::deleted(self.link.metrics, job.await)?;
+                    }
+                    return match error {
+                        None if self.stopping => Ok(ControlFlow::Break(Ended::Shutdown)),
+                        None => Ok(ControlFlow::Break(Ended::Closed)),
+                        Some(e) => Err(e.into()),
+                    };
+                }
+                _ => {}
+            }
+        }
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// Puts a policy from the hub in force, or keeps the previous one if it
+    /// does not parse; the session reports which.
+    fn install_policy(&mut self, version: u64, text: &str) {
+        let policy = self.link.policy;
+        match policy.install(version, text) {
+            Ok(p) => {
+                info!(
+                    policy_version = version,
+                    rules = p.compiled.rules(),
+                    "Policy from the hub in force."
+                );
+                self.link
+                    .metrics
+                    .policy_version
+                    .set(i64::try_from(version).unwrap_or(i64::MAX));
+                self.session.report_policy(version, None);
+            }
+            Err(e) => {
+                let running = policy.current().version.0;
+                warn!(policy_version = version, running, error = %e, "Refused the policy from the hub; the previous one stays in force.");
+                self.session.report_policy(running, Some(&e));
+            }
+        }
+        self.gate.refresh(policy);
+    }
+
+    /// Stopping, and everything committed was sent and acknowledged.
+    fn drained(&self, last: Seq) -> bool {
+        self.stopping && self.session.in_flight() == 0 && last <= self.cursor
+    }
+
+    /// Deletes what the hub acknowledged, one request at a time and without
+    /// waiting for it: acks that arrive meanwhile are merged into the next.
+    /// A delete lost in a crash only means a resend, which the hub drops.
+    fn start_delete(&mut self) {
+        if self.ack_job.is_none() && self.ack_wanted > self.ack_asked {
+            self.ack_asked = self.ack_wanted;
+            self.ack_job = Some(Box::pin(self.link.outbox.ack(self.ack_asked)));
+        }
+    }
+
+    /// Whether the session has room for events now: streaming, its window
+    /// open (wide enough while events are in flight), and no `hold` wait.
+    fn can_feed(&self) -> bool {
+        self.session.is_streaming()
+            && self.session.wants() > 0
+            && (self.session.in_flight() == 0 || self.session.wants() >= REFILL_AT)
+            && self.paced.is_none_or(|t| t <= tokio::time::Instant::now())
+    }
+
+    /// Reads events after the cursor and pushes what the policy lets
+    /// through; whether anything was pushed or skipped.
+    async fn feed_from_outbox(&mut self) -> Result<bool, UplinkError> {
+        self.paced = None;
+        self.gate.refresh(self.link.policy);
+        let n = self.session.wants().min(READ_CHUNK);
+        let events = self.link.outbox.read_batch(self.cursor, n).await?;
+        if events.is_empty() {
+            return Ok(false);
+        }
+        let (sent, skipped, too_large) = self.feed(events)?;
+        self.link.metrics.uplink_sent.inc_by(sent);
+        self.link.metrics.policy_dropped("denied_at_send", skipped);
+        Ok(sent + skipped + too_large > 0)
+    }
+
+    /// Pushes what the policy lets through of `events` (read after the
+    /// cursor) and moves the cursor past what it pushed or skipped; stops
+    /// early when a `hold` rate is exhausted, setting `paced`. Returns
+    /// (pushed, skipped by the policy, skipped as too large to send).
+    fn feed(&mut self, events: Vec<Event>) -> Result<(u64, u64, u64), UplinkError> {
+        let (mut sent, mut skipped, mut too_large) = (0u64, 0u64, 0u64);
+        let mut batch: Vec<(Seq, EventBody)> = Vec::with_capacity(events.len());
+        for e in events {
+            let mut body = e.body;
+            if let Some(reason) = self.gate.denies(&mut body) {
+                tracing::trace!(seq = e.seq.0, stream = %body.stream, reason = reason.name(), "Not sent: the policy in force denies it.");
+                skipped += 1;
+                self.cursor = e.seq;
+                continue;
+            }
+            let size = body.value.payload_len();
+            let wait = self.gate.wait(size);
+            if !wait.is_zero() {
+                self.paced = Some(tokio::time::Instant::now() + wait);
+                break;
+            }
+            self.gate.take(size);
+            self.cursor = e.seq;
+            batch.push((e.seq, body));
+        }
+        for (seq, body) in batch {
+            match self.session.push_event(seq, &body) {
+                Ok(()) => sent += 1,
+                // No session can ever send it (an outbox written by an agent
+                // that stored such events): closing the connection would only
+                // meet it again on the next one, and nothing behind it would
+                // ever leave. It is skipped and counted; the hub's
+                // acknowledgement of a later seq deletes it.
+                Err(UsageError::EventTooLarge { seq, len, max }) => {
+                    tracing::error!(seq = seq.0, stream = %body.stream, len, max, "Event too large for the uplink; not sent.");
+                    self.link.metrics.evicted("too_large", 1);
+                    too_large += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok((sent, skipped, too_large))
+    }
+
+    /// Waits for the next input and feeds it to the session.
+    async fn wait(&mut self, can_feed: bool) -> Result<(), UplinkError> {
+        let deadline = self
+            .session
+            .poll_timeout()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or_else(|| tokio::time::Instant::now() + NO_TIMER);
+        tokio::select! {
+            done = async {
+                match self.ack_job.as_mut() {
+                    Some(job) => job.await,
+                    None => std::future::pending().await,
+                }
+            }, if self.ack_job.is_some() => {
+                self.ack_job = None;
+                marks::deleted(self.link.metrics, done)?;
+            }
+            () = self.shutdown.cancelled(), if !self.stopping => {
+                // Give in-flight batches a moment to be acknowledged, so the
+                // next start does not resend them; the hub dedups anyway.
+                self.stopping = true;
+                self.stop_by = tokio::time::Instant::now() + DRAIN;
+                debug!(in_flight = self.session.in_flight(), "Uplink stopping.");
+            }
+            () = tokio::time::sleep_until(self.stop_by), if self.stopping => {
+                self.session.goodbye();
+            }
+            read = self.recv.read(&mut self.buf) => match read? {
+                Some(n) => self.session.handle_bytes(Instant::now(), &self.buf[..n])?,
+                None => return Err(UplinkError::StreamFinished),
+            },
+            () = tokio::time::sleep_until(self.paced.unwrap_or_else(tokio::time::Instant::now)), if self.paced.is_some() => {
+                self.paced = None;
+            }
+            changed = self.committed.changed(), if can_feed => {
+                if changed.is_err() {
+                    // The outbox writer is gone: the agent is stopping.
+                    self.stopping = true;
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => self.session.handle_timeout(Instant::now()),
+            _ = self.backlog.tick() => {
+                if let Ok(s) = self.link.outbox.stats().await {
+                    self.session.report_backlog(s.events, s.bytes, s.first_seq);
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,184 @@
+//! The accept loop, and one connection's life around its session: identify
+//! the agent, supersede its previous connection, run the driver, close with
+//! the code that says why, and log the end in the agent's span.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use outpost_protocols::wire::{ErrorCode, CLOSE_OK};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, warn, Instrument};
+
+use super::endpoint::{server_config, udp_socket};
+use super::enforcement::PolicyFeed;
+use super::error::{ConnError, ServerError};
+use super::identity::peer_agent_id;
+use super::live::Live;
+use super::reset::{endpoint_config, reset_secret_file};
+use super::session::session;
+use crate::config::HubConfig;
+use crate::store::StoreHandle;
+
+/// How long a stopping hub waits for its close frames to reach the agents.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// Serves agents until `shutdown`. `reset_secret` is the replicas' shared
+/// secret of stateless resets; without it, `<data_dir>/reset.key`.
+pub async fn serve(
+    cfg: &HubConfig,
+    base: &Path,
+    store: StoreHandle,
+    policy: PolicyFeed,
+    shutdown: CancellationToken,
+    bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+    reset_secret: Option<Vec<u8>>,
+) -> Result<(), ServerError> {
+    let (endpoint, addr) = bind(cfg, base, reset_secret)?;
+    let local = endpoint.local_addr().unwrap_or(addr);
+    info!(listen = %local, "Hub listening (QUIC).");
+    if let Some(tx) = bound {
+        let _ = tx.send(local);
+    }
+    let live = Arc::new(Live::default());
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let (store, live, policy) = (store.clone(), live.clone(), policy.clone());
+                let stop = shutdown.child_token();
+                tasks.spawn(async move {
+                    let remote = incoming.remote_address();
+                    if let Err(e) = connection(incoming, store, policy, live, stop).await {
+                        warn!(%remote, error = %e, "Agent connection ended.");
+                    }
+                });
+            }
+            Some(r) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = r {
+                    warn!(error = %e, "A connection task ended abnormally.");
+                }
+            }
+        }
+    }
+    info!("Hub stopping: closing agent connections.");
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r {
+            warn!(error = %e, "A connection task ended abnormally.");
+        }
+    }
+    endpoint.close(
+        quinn::VarInt::from_u32(ErrorCode::ShuttingDown.to_u32()),
+        b"hub shutting down",
+    );
+    let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
+    Ok(())
+}
+
+/// The QUIC endpoint `[hub]` describes, bound and ready to accept, and the
+/// address it was asked to bind.
+fn bind(
+    cfg: &HubConfig,
+    base: &Path,
+    reset_secret: Option<Vec<u8>>,
+) -> Result<(quinn::Endpoint, SocketAddr), ServerError> {
+    let resolve = |p: &Path| {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            base.join(p)
+        }
+    };
+    let config = server_config(
+        &resolve(&cfg.hub.ca),
+        &resolve(&cfg.hub.cert),
+        &resolve(&cfg.hub.key),
+    )?;
+    let addr: SocketAddr = cfg
+        .hub
+        .listen
+        .parse()
+        .map_err(|source| ServerError::ListenAddress {
+            value: cfg.hub.listen.clone(),
+            source,
+        })?;
+    // Replicas share one secret (from their store), so that a connection
+    // moved to another replica is reset at once rather than timed out.
+    let secret = match reset_secret {
+        Some(secret) => secret,
+        None => reset_secret_file(&resolve(&cfg.hub.data_dir))?,
+    };
+    let socket = udp_socket(addr).map_err(|source| ServerError::Listen { addr, source })?;
+    let runtime = quinn::default_runtime().ok_or(ServerError::NoRuntime)?;
+    let endpoint = quinn::Endpoint::new(endpoint_config(&secret), Some(config), socket, runtime)
+        .map_err(|source| ServerError::Listen { addr, source })?;
+    Ok((endpoint, addr))
+}
+
+/// One agent connection, from the handshake to the close.
+async fn connection(
+    incoming: quinn::Incoming,
+    store: StoreHandle,
+    policy: PolicyFeed,
+    live: Arc<Live>,
+    stop: CancellationToken,
+) -> Result<(), ConnError> {
+    let conn = incoming.await.map_err(ConnError::Handshake)?;
+    let id = match peer_agent_id(&conn) {
+        Ok(id) => id,
+        Err(e) => {
+            conn.close(
+                quinn::VarInt::from_u32(ErrorCode::Unauthorized.to_u32()),
+                b"unauthorized",
+            );
+            return Err(e.into());
+        }
+    };
+    let span = info_span!("agent", agent_id = %id, remote = %conn.remote_address());
+    async move {
+        let registration = live.take_over(&id, &stop).await?;
+        let mut registered = false;
+        let result = session(&conn, &id, &store, policy, &stop, &mut registered).await;
+        conn.close(close_code(&result), close_reason(&result).as_bytes());
+        if registered {
+            let _ = store.agent_disconnected(id.clone()).await;
+        }
+        live.finish(registration);
+        // Logged here, inside the agent's span, so the line names the agent
+        // and the wire's error code.
+        match &result {
+            Ok(()) => {}
+            Err(ConnError::Protocol(e)) => warn!(
+                code = %e.code().name(),
+                error = %e,
+                "Agent connection ended: the agent broke the protocol."
+            ),
+            Err(e) => warn!(error = %e, "Agent connection ended."),
+        }
+        Ok(())
+    }
+    .instrument(span)
+    .await
+}
+
+/// The QUIC close code for how a session ended: 0, the protocol error's
+/// code, or `internal`.
+fn close_code(result: &Result<(), ConnError>) -> quinn::VarInt {
+    quinn::VarInt::from_u32(match result {
+        Ok(()) => CLOSE_OK,
+        Err(ConnError::Protocol(e)) => e.code().to_u32(),
+        Err(_) => ErrorCode::Internal.to_u32(),
+    })
+}
+
+/// The close reason: the protocol error's text, or nothing.
+fn close_reason(result: &Result<(), ConnError>) -> String {
+    match result {
+        Err(ConnError::Protocol(e)) => e.to_string(),
+        _ => String::new(),
+    }
+}

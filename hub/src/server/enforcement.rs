@@ -1,0 +1,177 @@
+//! The hub's enforcement of the policy on what an agent sends, because the
+//! agent may be old or compromised: the policy in force compiled for the
+//! agent's labels, applied again to every batch, and the agent's `hold` rate
+//! paced here. Whether the policy is pushed to the agent is the session's
+//! decision; this module only hands it the version in force.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outpost_protocols::policy::{Catalog, Enforcer, Over, Stage, Verdict, STORE_SINK};
+use outpost_protocols::wire::HubSession;
+use outpost_protocols::{EventBody, Seq};
+use tokio::sync::watch;
+use tracing::debug;
+
+use crate::policy::FleetPolicy;
+use crate::store::{Forward, PolicyCounts};
+
+/// The policy in force and the sinks it is enforced against, for every
+/// session.
+#[derive(Debug, Clone)]
+pub struct PolicyFeed {
+    /// The version in force, replaced when an operator applies another.
+    pub current: watch::Receiver<Arc<FleetPolicy>>,
+    /// The hub's sinks and their regions.
+    pub catalog: Catalog,
+}
+
+impl PolicyFeed {
+    /// No policy, ever: for tests of the ingest alone.
+    pub fn none(catalog: Catalog) -> PolicyFeed {
+        let (tx, current) = watch::channel(Arc::new(FleetPolicy::none()));
+        // A receiver outlives its sender: it keeps the last value.
+        drop(tx);
+        PolicyFeed { current, catalog }
+    }
+}
+
+/// The longest the hub holds one batch of an agent above its `hold` rate:
+/// well under the agent's 30 s idle timeout, since the session sends nothing
+/// meanwhile, and the batches of an agent that keeps to its rate are a
+/// second's worth anyway.
+const MAX_HOLD: Duration = Duration::from_secs(10);
+
+/// The hub's enforcement for one session: the policy in force compiled for
+/// the agent's labels, and how much of its `hold` rate is used.
+pub(super) struct Enforcement {
+    catalog: Catalog,
+    labels: BTreeMap<String, String>,
+    current: Arc<FleetPolicy>,
+    enforcer: Enforcer,
+    /// Until when the agent's `hold` rate is used up. A batch above it waits
+    /// before it is stored and acknowledged, and nothing more is read
+    /// meanwhile, so QUIC flow control slows the agent and the events wait
+    /// in its outbox, as the policy says, even if the agent ignores it.
+    hold_until: Option<Instant>,
+}
+
+impl Enforcement {
+    pub(super) fn new(current: Arc<FleetPolicy>, catalog: Catalog) -> Enforcement {
+        let labels = BTreeMap::new();
+        let enforcer = Enforcer::new(Arc::new(current.policy.compile(&labels, &catalog)));
+        Enforcement {
+            catalog,
+            labels,
+            current,
+            enforcer,
+            hold_until: None,
+        }
+    }
+
+    /// Charges a batch of `events` events and `bytes` payload bytes to the
+    /// agent's `hold` rate, if it has one, and returns until when the batch
+    /// must wait before it is stored (a leaky bucket with one second of
+    /// burst; never longer than [`MAX_HOLD`]).
+    pub(super) fn pace(&mut self, events: usize, bytes: usize, now: Instant) -> Option<Instant> {
+        let rate = self
+            .enforcer
+            .compiled()
+            .agent_rate()
+            .filter(|r| r.over == Over::Hold)?;
+        let cost = |n: usize, per_sec: Option<f64>| {
+            per_sec.map_or(Duration::ZERO, |r| Duration::from_secs_f64(n as f64 / r))
+        };
+        let cost = cost(events, rate.events_per_sec).max(cost(bytes, rate.bytes_per_sec));
+        let target = self.hold_until.map_or(now, |t| t.max(now)) + cost;
+        self.hold_until = Some(target);
+        target
+            .checked_sub(Duration::from_secs(1))
+            .filter(|t| *t > now)
+            .map(|t| t.min(now + MAX_HOLD))
+    }
+
+    /// The version in force.
+    pub(super) fn version(&self) -> u64 {
+        self.current.version.0
+    }
+
+    /// The agent said `Hello` with these labels: the policy in force is
+    /// compiled for them.
+    pub(super) fn set_labels(&mut self, labels: BTreeMap<String, String>) {
+        self.labels = labels;
+        self.recompile();
+    }
+
+    /// An operator applied another version: it is compiled for the agent's
+    /// labels and handed to the session.
+    pub(super) fn replace(&mut self, current: Arc<FleetPolicy>, session: &mut HubSession) {
+        self.current = current;
+        self.recompile();
+        self.offer(session);
+    }
+
+    /// Compiles the policy in force for the agent's labels.
+    fn recompile(&mut self) {
+        let compiled = self.current.policy.compile(&self.labels, &self.catalog);
+        self.enforcer = Enforcer::new(Arc::new(compiled));
+    }
+
+    /// Hands the policy in force to the session, which decides whether and
+    /// when to push it.
+    pub(super) fn offer(&self, session: &mut HubSession) {
+        let (version, text) = (self.current.version.0, self.current.text.as_str());
+        if let Err(e) = session.set_policy(version, text) {
+            debug!(error = %e, "Policy not pushed.");
+        }
+    }
+
+    /// Applies the policy to a batch: what to store, what to queue for
+    /// sinks, and what it did.
+    pub(super) fn apply(
+        &mut self,
+        events: Vec<(Seq, EventBody)>,
+    ) -> (Vec<(Seq, EventBody)>, Vec<Forward>, PolicyCounts) {
+        let mut counts = PolicyCounts::default();
+        let mut kept = Vec::with_capacity(events.len());
+        let mut forward = Vec::new();
+        for (seq, mut body) in events {
+            match self.enforcer.apply(&mut body, Stage::Ingest) {
+                Verdict::Keep { modified, sinks } => {
+                    counts.modified += u64::from(modified);
+                    let to_store = sinks.iter().any(|s| s == STORE_SINK);
+                    let others: Vec<String> = sinks
+                        .iter()
+                        .filter(|s| s.as_str() != STORE_SINK)
+                        .cloned()
+                        .collect();
+                    match (to_store, others.is_empty()) {
+                        (true, true) => kept.push((seq, body)),
+                        (true, false) => {
+                            kept.push((seq, body.clone()));
+                            forward.push(Forward {
+                                seq,
+                                body,
+                                sinks: others,
+                            });
+                        }
+                        (false, false) => forward.push(Forward {
+                            seq,
+                            body,
+                            sinks: others,
+                        }),
+                        // A kept event always has a sink; without one it
+                        // goes nowhere, like a dropped one.
+                        (false, true) => counts.dropped += 1,
+                    }
+                }
+                Verdict::Drop(reason) => {
+                    tracing::trace!(seq = seq.0, stream = %body.stream, reason = reason.name(), "Event dropped by the policy.");
+                    counts.dropped += 1;
+                }
+            }
+        }
+        (kept, forward, counts)
+    }
+}

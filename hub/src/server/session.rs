@@ -1,0 +1,351 @@
+//! The driver of one agent's [`HubSession`]: it carries bytes between the
+//! QUIC stream and the session, store requests between the session and the
+//! store, and the policy in force and the sinks' deliveries into the
+//! session. Every protocol decision (what to store, what to acknowledge,
+//! when to push the policy) is the session's.
+//!
+//! The loop: write what the session queued, act on its events, then wait
+//! for the stream, a commit, a sink's delivery, a new policy, the stop
+//! signal or the session's timer, and feed what came.
+
+use std::future::Future;
+use std::ops::ControlFlow;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesOrdered, StreamExt};
+use outpost_protocols::wire::{
+    ErrorCode, HubConfig as SessionConfig, HubEvent, HubSession, ProtocolError,
+};
+use outpost_protocols::{AgentId, EventBody, Seq};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::enforcement::{Enforcement, PolicyFeed};
+use super::error::ConnError;
+use crate::store::{StoreError, StoreHandle};
+
+/// Batches whose commit a connection may wait on before it stops reading.
+const MAX_PENDING_BATCHES: usize = 8;
+
+/// How long the hub waits for the agent to receive its last frames (an
+/// `Error`, or the acks before a close) before it closes the connection.
+const LAST_WORDS: Duration = Duration::from_secs(2);
+
+/// How long the driver sleeps when the session has no timer (closed).
+const NO_TIMER: Duration = Duration::from_secs(3600);
+
+/// A queued insert: resolves to the last seq of its batch and what the store
+/// says may be acknowledged ([`HubSession::committed`] reconciles the two).
+type Commit = Pin<Box<dyn Future<Output = Result<(Seq, Seq), StoreError>> + Send>>;
+
+/// Runs the session of the agent `id` on `conn` until it ends or `stop`;
+/// `registered` is set once the agent is in the registry.
+pub(super) async fn session(
+    conn: &quinn::Connection,
+    id: &AgentId,
+    store: &StoreHandle,
+    policy: PolicyFeed,
+    stop: &CancellationToken,
+    registered: &mut bool,
+) -> Result<(), ConnError> {
+    let (send, recv) = tokio::select! {
+        () = stop.cancelled() => return Ok(()),
+        s = conn.accept_bi() => s.map_err(ConnError::Connection)?,
+    };
+    let mut driver = Driver::start(id, store, policy, stop, send, recv).await?;
+    let result = driver.run().await;
+    *registered = driver.registered;
+    result
+}
+
+/// One agent's session and everything its driver waits on.
+struct Driver<'a> {
+    id: &'a AgentId,
+    store: &'a StoreHandle,
+    stop: &'a CancellationToken,
+    session: HubSession,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    policy: PolicyFeed,
+    /// Whether new policy versions may still come.
+    watching_policy: bool,
+    enforcement: Enforcement,
+    /// Moves when a sink's queue shrank: an acknowledgement held back for a
+    /// sink may move then.
+    delivered: watch::Receiver<u64>,
+    /// Whether the sinks' delivery signal still has a sender.
+    watching_sinks: bool,
+    /// Where the previous batch of this session ended: the store refuses a
+    /// batch that does not follow what it holds (an earlier one failed).
+    after: Seq,
+    /// The inserts handed to the store, awaited in the order they were made.
+    commits: FuturesOrdered<Commit>,
+    /// Whether the session was told to close (stop, or superseded).
+    closing: bool,
+    /// Whether the agent was put in the registry (it said `Hello`).
+    registered: bool,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl<'a> Driver<'a> {
+    /// Reads where the agent resumes and starts its session with the policy
+    /// in force.
+    async fn start(
+        id: &'a AgentId,
+        store: &'a StoreHandle,
+        mut policy: PolicyFeed,
+        stop: &'a CancellationToken,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> Result<Driver<'a>, ConnError> {
+        // The agent resumes after what may be acknowledged; what it sends
+        // again up to the store's own watermark (events waiting for a sink)
+        // is not stored or queued twice.
+        let (received, watermark) = store.resume(id.clone()).await?;
+        let mut session = HubSession::new(
+            Instant::now(),
+            id.clone(),
+            watermark,
+            SessionConfig::default(),
+        )
+        .holding(received);
+        let current = policy.current.borrow_and_update().clone();
+        let enforcement = Enforcement::new(current, policy.catalog.clone());
+        enforcement.offer(&mut session);
+        Ok(Driver {
+            id,
+            store,
+            stop,
+            session,
+            send,
+            recv,
+            policy,
+            watching_policy: true,
+            enforcement,
+            delivered: store.delivered_signal(),
+            watching_sinks: true,
+            after: received,
+            commits: FuturesOrdered::new(),
+            closing: false,
+            registered: false,
+            buf: vec![0u8; 64 * 1024],
+            out: Vec::with_capacity(16 * 1024),
+        })
+    }
+
+    /// The loop, in the session's poll order.
+    async fn run(&mut self) -> Result<(), ConnError> {
+        loop {
+            self.transmit().await?;
+            if self.handle_events().await?.is_break() {
+                return Ok(());
+            }
+            if self.wait().await?.is_break() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Writes everything the session queued.
+    async fn transmit(&mut self) -> Result<(), ConnError> {
+        self.out.clear();
+        while self
+            .session
+            .poll_transmit(Instant::now(), &mut self.out)
+            .is_some()
+        {}
+        if !self.out.is_empty() {
+            self.send.write_all(&self.out).await?;
+        }
+        Ok(())
+    }
+
+    /// Acts on every event the session has; `Break` once it closed cleanly.
+    async fn handle_events(&mut self) -> Result<ControlFlow<()>, ConnError> {
+        while let Some(event) = self.session.poll_event() {
+            match event {
+                HubEvent::Hello {
+                    version,
+                    agent_version,
+                    labels,
+                } => {
+                    info!(version, %agent_version, policy_version = self.enforcement.version(), "Agent connected.");
+                    self.enforcement.set_labels(labels.clone());
+                    self.store
+                        .agent_connected(self.id.clone(), labels, agent_version, version)
+                        .await?;
+                    self.registered = true;
+                }
+                HubEvent::Store { events } => self.store_batch(events).await?,
+                HubEvent::PolicyStatus { version, error } => {
+                    match &error {
+                        Some(e) => {
+                            warn!(policy_version = version, error = %e, "The agent refused the policy pushed to it and runs its previous one.")
+                        }
+                        None => info!(policy_version = version, "The agent runs policy."),
+                    }
+                    self.store
+                        .policy_status(self.id.clone(), version, error)
+                        .await?;
+                }
+                HubEvent::PolicyPushed { version } => {
+                    info!(
+                        policy_version = version,
+                        "Pushing the policy in force to the agent."
+                    );
+                }
+                HubEvent::Backlog { events, bytes, .. } => {
+                    self.store
+                        .report_backlog(self.id.clone(), events, bytes)
+                        .await?;
+                }
+                HubEvent::Closed { error } => {
+                    // Commits already handed to the store finish; their acks
+                    // cannot be sent any more, and the agent resends.
+                    self.finish_commits().await;
+                    last_words(&mut self.send).await;
+                    return match error {
+                        None => Ok(ControlFlow::Break(())),
+                        Some(e) if e.is_from_peer() => {
+                            debug!(error = %e, "Agent closed with an error.");
+                            Ok(ControlFlow::Break(()))
+                        }
+                        Some(e) => Err(e.into()),
+                    };
+                }
+                _ => {}
+            }
+        }
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// Paces a batch to the agent's `hold` rate, applies the policy to it
+    /// again, and queues what is kept in the store; its commit is awaited in
+    /// [`wait`](Self::wait).
+    async fn store_batch(&mut self, events: Vec<(Seq, EventBody)>) -> Result<(), ConnError> {
+        let Some(last) = events.last().map(|(seq, _)| *seq) else {
+            return Ok(());
+        };
+        let bytes: usize = events.iter().map(|(_, b)| b.value.payload_len()).sum();
+        if let Some(until) = self.enforcement.pace(events.len(), bytes, Instant::now()) {
+            debug!(
+                held_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64,
+                "Above the agent's hold rate: holding the batch."
+            );
+            tokio::select! {
+                () = tokio::time::sleep_until(tokio::time::Instant::from_std(until)) => {}
+                () = self.stop.cancelled() => {}
+            }
+        }
+        // The same policy again, because the agent may be old or
+        // compromised; what it drops still moves the watermark.
+        let (kept, forward, counts) = self.enforcement.apply(events);
+        if counts.dropped > 0 {
+            debug!(
+                dropped = counts.dropped,
+                modified = counts.modified,
+                last = last.0,
+                "The hub's policy dropped events the agent sent."
+            );
+        }
+        // Queued now, in the order the batches arrived; awaited in that
+        // order.
+        let pending = self
+            .store
+            .insert_routed_nowait(self.id.clone(), kept, forward, (self.after, last), counts)
+            .await?;
+        self.after = last;
+        self.commits.push_back(Box::pin(
+            async move { pending.await.map(|o| (last, o.acked)) },
+        ));
+        Ok(())
+    }
+
+    /// Waits for the next input and feeds it to the session; `Break` once
+    /// the agent finished the stream.
+    async fn wait(&mut self) -> Result<ControlFlow<()>, ConnError> {
+        let deadline = self
+            .session
+            .poll_timeout()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or_else(|| tokio::time::Instant::now() + NO_TIMER);
+        let awaits_sinks = self.watching_sinks && self.session.awaits_sinks();
+        tokio::select! {
+            biased;
+            () = self.stop.cancelled(), if !self.closing => {
+                self.closing = true;
+                self.session.close(ErrorCode::Superseded, "another connection of this agent took over, or the hub is stopping");
+            }
+            Some(r) = self.commits.next(), if !self.commits.is_empty() => {
+                let (upto, acked) = r?;
+                self.session.committed(upto, acked)?;
+            }
+            changed = self.delivered.changed(), if awaits_sinks => {
+                if changed.is_err() {
+                    self.watching_sinks = false;
+                } else {
+                    let acked = self.store.acked(self.id.clone()).await?;
+                    self.session.sinks_accepted(acked)?;
+                }
+            }
+            changed = self.policy.current.changed(), if self.watching_policy => {
+                if changed.is_ok() {
+                    let current = self.policy.current.borrow_and_update().clone();
+                    self.enforcement.replace(current, &mut self.session);
+                } else {
+                    // No more versions will come (the hub is stopping, or
+                    // runs without a watch): the last one stays in force.
+                    self.watching_policy = false;
+                }
+            }
+            read = self.recv.read(&mut self.buf), if self.commits.len() < MAX_PENDING_BATCHES => match read {
+                Ok(Some(n)) => {
+                    if let Err(e) = self.session.handle_bytes(Instant::now(), &self.buf[..n]) {
+                        return Err(self.refuse(e).await);
+                    }
+                }
+                Ok(None) => {
+                    self.finish_commits().await;
+                    return Ok(ControlFlow::Break(()));
+                }
+                Err(e) => {
+                    self.finish_commits().await;
+                    return Err(e.into());
+                }
+            },
+            () = tokio::time::sleep_until(deadline) => self.session.handle_timeout(Instant::now()),
+        }
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// The agent broke the protocol: the session queued an `Error` frame
+    /// naming the code, which is sent before the connection closes with it.
+    async fn refuse(&mut self, error: ProtocolError) -> ConnError {
+        self.out.clear();
+        while self
+            .session
+            .poll_transmit(Instant::now(), &mut self.out)
+            .is_some()
+        {}
+        let _ = tokio::time::timeout(LAST_WORDS, self.send.write_all(&self.out)).await;
+        last_words(&mut self.send).await;
+        error.into()
+    }
+
+    /// Lets the commits already handed to the store finish.
+    async fn finish_commits(&mut self) {
+        while self.commits.next().await.is_some() {}
+    }
+}
+
+/// Finishes the send stream and waits, at most [`LAST_WORDS`], until the
+/// agent has received all of it: closing the connection at once would throw
+/// away stream data still in flight, such as the `Error` frame that says why.
+async fn last_words(send: &mut quinn::SendStream) {
+    if send.finish().is_ok() {
+        let _ = tokio::time::timeout(LAST_WORDS, send.stopped()).await;
+    }
+}
