@@ -334,7 +334,7 @@ impl PolicySource {
                 .await
                 .map_err(|_| StoreError::Closed)?
             }
-            PolicySource::JetStream(js) => Ok(js.policies().await?.pop()),
+            PolicySource::JetStream(js) => Ok(js.policies::<PolicyRecord>().await?.pop()),
         }
     }
 }
@@ -421,7 +421,7 @@ pub async fn apply_jetstream(
         });
     }
     loop {
-        let all = js.policies().await?;
+        let all: Vec<PolicyRecord> = js.policies().await?;
         if let Some(cur) = all.last() {
             if cur.digest == d {
                 return Ok(Applied::Unchanged {
@@ -438,7 +438,7 @@ pub async fn apply_jetstream(
             digest: d.clone(),
             text: text.to_owned(),
         };
-        if js.create_policy(&record).await? {
+        if js.create_policy(version, &record).await? {
             return Ok(Applied::New { version, digest: d });
         }
     }

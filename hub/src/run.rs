@@ -11,7 +11,7 @@ use std::path::Path;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::config::HubConfig;
+use crate::config::{HubConfig, StoreKind};
 use crate::metrics::MetricsSource;
 use crate::policy::PolicySource;
 use crate::server::{self, ServerError};
@@ -53,14 +53,22 @@ pub async fn run(
     shutdown: CancellationToken,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<(), RunError> {
-    if let Some(js) = cfg
-        .store
-        .jetstream
-        .clone()
-        .filter(|_| cfg.store.kind == "jetstream")
-    {
-        return run_jetstream(cfg, &js, config_file, shutdown, bound).await;
+    match cfg.store.clone() {
+        StoreKind::Sqlite { synchronous } => {
+            run_sqlite(cfg, synchronous, config_file, shutdown, bound).await
+        }
+        StoreKind::JetStream(js) => run_jetstream(cfg, &js, config_file, shutdown, bound).await,
     }
+}
+
+/// Runs the hub on its SQLite store in `data_dir`.
+async fn run_sqlite(
+    cfg: HubConfig,
+    synchronous: Synchronous,
+    config_file: &Path,
+    shutdown: CancellationToken,
+    bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> Result<(), RunError> {
     let path = store::store_path(config_file, &cfg.hub.data_dir);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| RunError::DataDir {
@@ -68,7 +76,6 @@ pub async fn run(
             message: e.to_string(),
         })?;
     }
-    let synchronous = Synchronous::parse(&cfg.store.synchronous).unwrap_or_default();
     let mut store = Store::open(&path, synchronous)?;
     let configured: Vec<String> = cfg.sinks.iter().map(|s| s.id.clone()).collect();
     for (sink, events) in store.drop_unconfigured_sinks(&configured)? {
@@ -180,7 +187,7 @@ async fn run_jetstream(
     let closed = stop_store(watch_stop, watcher, handle, writer_stop, writer).await;
     served?;
     closed?;
-    info!(url = %js.url, %replica, "Hub stopped.");
+    info!(url = %js.url(), %replica, "Hub stopped.");
     Ok(())
 }
 

@@ -150,25 +150,9 @@ pub enum PayloadFormat {
     Raw,
 }
 
-/// TLS to a sink: the CA that signs its certificate (else the system's
-/// roots... none are bundled: a CA is required for TLS), and an optional
-/// client certificate.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SinkTls {
-    /// PEM file of the CA(s) the far end's certificate must chain to.
-    pub ca: PathBuf,
-    /// PEM client certificate (chain), with `key`.
-    #[serde(default)]
-    pub cert: Option<PathBuf>,
-    /// PEM private key of `cert`.
-    #[serde(default)]
-    pub key: Option<PathBuf>,
-    /// The name the far end's certificate is checked against; default: the
-    /// host of the address.
-    #[serde(default)]
-    pub server_name: Option<String>,
-}
+/// TLS to a sink's far end (`[sinks.<kind>.tls]`): the table every client
+/// connection of the hub shares.
+pub use crate::client_tls::ClientTls as SinkTls;
 
 /// `[sinks.mqtt]`.
 #[derive(Debug, Clone, Deserialize)]
