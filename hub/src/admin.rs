@@ -167,10 +167,10 @@ pub fn policy(
             let actor = args.actor.clone().unwrap_or_else(|| login_name(env));
             let outcome = match (&args.file, args.version) {
                 (Some(file), _) => {
-                    let text = std::fs::read_to_string(file).map_err(|e| {
+                    let text = std::fs::read_to_string(file).map_err(|source| {
                         VerbError::Policy(ApplyError::Read {
                             path: file.clone(),
-                            message: e.to_string(),
+                            source,
                         })
                     })?;
                     let mut conn = admin(&store)?;
@@ -321,10 +321,10 @@ fn apply_on_jetstream(
         }
     };
     let text = match (&source, text) {
-        (Some(file), _) => Some(std::fs::read_to_string(file).map_err(|e| {
+        (Some(file), _) => Some(std::fs::read_to_string(file).map_err(|source| {
             VerbError::Policy(ApplyError::Read {
                 path: file.clone(),
-                message: e.to_string(),
+                source,
             })
         })?),
         (None, t) => t,

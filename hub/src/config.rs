@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 pub use outpost_protocols::settings::ConfigError;
 
+use crate::sinks::config::{RawSinkConfig, SinkConfig};
 use crate::store::jetstream::{JetStreamStoreConfig, RawJetStreamStoreConfig};
 use crate::store::Synchronous;
 
@@ -35,7 +36,7 @@ pub struct RawConfig {
     pub observability: ObservabilitySection,
     /// `[[sinks]]`: where stored events are forwarded.
     #[serde(default)]
-    pub sinks: Vec<crate::sinks::SinkConfig>,
+    pub sinks: Vec<RawSinkConfig>,
 }
 
 /// `[hub]`.
@@ -157,8 +158,8 @@ pub struct HubConfig {
     pub api: ApiSection,
     /// `[observability]`.
     pub observability: ObservabilitySection,
-    /// `[[sinks]]`: where stored events are forwarded.
-    pub sinks: Vec<crate::sinks::SinkConfig>,
+    /// `[[sinks]]`: where stored events are forwarded, each with its kind.
+    pub sinks: Vec<SinkConfig>,
 }
 
 /// `[store]`, validated: which store holds events, watermarks, the registry
@@ -326,21 +327,21 @@ impl RawStoreSection {
     }
 }
 
-/// `[[sinks]]`: each entry checked, ids unique.
-fn validate_sinks(
-    sinks: Vec<crate::sinks::SinkConfig>,
-) -> Result<Vec<crate::sinks::SinkConfig>, Invalid> {
+/// `[[sinks]]`: each entry validated, ids unique.
+fn validate_sinks(raw: Vec<RawSinkConfig>) -> Result<Vec<SinkConfig>, Invalid> {
     let mut ids = std::collections::BTreeSet::new();
-    for (i, sink) in sinks.iter().enumerate() {
-        if let Err((key, message)) = crate::sinks::check(sink) {
-            return Err(invalid(&format!("sinks[{i}].{key}"), message));
-        }
-        if !ids.insert(sink.id.as_str()) {
+    let mut sinks = Vec::with_capacity(raw.len());
+    for (i, r) in raw.into_iter().enumerate() {
+        let sink = r
+            .validate()
+            .map_err(|e| invalid(&format!("sinks[{i}].{}", e.key), e.message))?;
+        if !ids.insert(sink.id.clone()) {
             return Err(invalid(
                 &format!("sinks[{i}].id"),
                 format!("{:?} is the id of an earlier sink", sink.id),
             ));
         }
+        sinks.push(sink);
     }
     Ok(sinks)
 }

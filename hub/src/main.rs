@@ -149,7 +149,7 @@ fn main() -> ExitCode {
                     println!(
                         "sink {} {} region {} batch_max {}",
                         s.id,
-                        s.kind,
+                        s.kind.name(),
                         s.region.as_deref().unwrap_or("not set"),
                         s.batch_max
                     );

@@ -77,10 +77,9 @@ use tracing::{debug, info, warn, Instrument as _};
 
 use crate::nats::{self, Endpoint};
 
-use super::{
-    check_template, expand, payload, JetStreamSinkConfig, PayloadFormat, Sink, SinkConfig,
-    SinkError, SinkEvent,
-};
+use super::config::{JetStreamSinkConfig, SinkConfig};
+use super::format::{check_template, expand, payload, PayloadFormat};
+use super::sink::{unrecorded_max, Sink, SinkError, SinkEvent};
 
 /// The longest subject published, in bytes. The server's default
 /// `max_control_line` (4096 bytes) bounds the whole `HPUB` line, which also
@@ -95,30 +94,25 @@ const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// How long the supervisor waits for a connection to drain on stop.
 const DRAIN_WAIT: Duration = Duration::from_secs(1);
 
-/// What [`build`] checks of `c`, without connecting.
-pub(super) fn check_files(c: &SinkConfig, base: &Path) -> Result<(), SinkError> {
-    settings(c, base).map(drop)
-}
-
-/// What the `[sinks.jetstream]` table of `c` says, its files read.
-fn settings(c: &SinkConfig, base: &Path) -> Result<Settings, SinkError> {
-    let Some(cfg) = c.jetstream.as_ref() else {
-        return Err(SinkError::Config {
-            id: c.id.clone(),
-            key: "jetstream".into(),
-            message: "kind = \"jetstream\" needs a [sinks.jetstream] table".into(),
-        });
-    };
-    Settings::read(&c.id, cfg, c.batch_max, base)
-}
-
-/// Builds the sink; see [`super::build`].
-pub async fn build(
+/// What [`build`] checks of `c` (its `[sinks.jetstream]` table `cfg`),
+/// without connecting.
+pub(super) fn check_files(
     c: &SinkConfig,
+    cfg: &JetStreamSinkConfig,
+    base: &Path,
+) -> Result<(), SinkError> {
+    Settings::read(&c.id, cfg, c.batch_max, base).map(drop)
+}
+
+/// Builds the sink of `c` (its `[sinks.jetstream]` table `cfg`): its
+/// connection is made by a supervisor task, in the background.
+pub(super) async fn build(
+    c: &SinkConfig,
+    cfg: &JetStreamSinkConfig,
     base: &Path,
     stop: CancellationToken,
 ) -> Result<Arc<dyn Sink>, SinkError> {
-    let mut settings = settings(c, base)?;
+    let mut settings = Settings::read(&c.id, cfg, c.batch_max, base)?;
     // A far end that is back is found as soon as the sink's own retries
     // would look again.
     settings.reconnect_max = RECONNECT_MAX.min(c.retry_max.0);
@@ -132,7 +126,7 @@ pub async fn build(
         stop,
         sending: tokio::sync::Mutex::new(()),
         chain: std::sync::Mutex::new(Chain {
-            started: super::runner::unrecorded_max(OVERLAP),
+            started: unrecorded_max(OVERLAP),
             ..Chain::default()
         }),
     }))
