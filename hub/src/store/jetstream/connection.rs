@@ -112,12 +112,20 @@ impl JetStreamStore {
     }
 
     /// The store's error: what the hub was doing, and what the server or
-    /// the client said.
-    pub(super) fn fail(&self, what: impl Into<String>, message: impl ToString) -> StoreError {
+    /// the client said (an async-nats error, or a sentence of ours).
+    ///
+    /// The error is taken whole so that `StoreError::JetStream` can keep it
+    /// as its source once that variant holds one; it keeps its message
+    /// today.
+    pub(super) fn fail(
+        &self,
+        what: impl Into<String>,
+        error: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> StoreError {
         StoreError::JetStream {
             url: self.cfg.url.clone(),
             what: what.into(),
-            message: message.to_string(),
+            message: error.into().to_string(),
         }
     }
 
