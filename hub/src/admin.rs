@@ -11,7 +11,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::audit::{self, Verdict};
-use crate::config::{self, HubConfig};
+use crate::config::{self, HubConfig, StoreKind};
 use crate::policy::{self, Applied, ApplyError, PolicyRecord};
 use crate::store::{now, open_admin, store_path, AtPath as _, StoreReader};
 use crate::verbs::VerbError;
@@ -141,10 +141,10 @@ pub fn login_name(env: &[(String, String)]) -> String {
 
 fn load(config: &Path, env: &[(String, String)]) -> Result<(HubConfig, PathBuf), VerbError> {
     let cfg = config::load(config, env.iter().cloned())?;
-    if cfg.store.kind != "sqlite" {
+    if let StoreKind::JetStream(_) = cfg.store {
         return Err(VerbError::NotSqlite {
             path: config.to_owned(),
-            kind: cfg.store.kind,
+            kind: cfg.store.name(),
         });
     }
     let store = store_path(config, &cfg.hub.data_dir);
@@ -167,10 +167,10 @@ pub fn policy(
             let actor = args.actor.clone().unwrap_or_else(|| login_name(env));
             let outcome = match (&args.file, args.version) {
                 (Some(file), _) => {
-                    let text = std::fs::read_to_string(file).map_err(|e| {
+                    let text = std::fs::read_to_string(file).map_err(|source| {
                         VerbError::Policy(ApplyError::Read {
                             path: file.clone(),
-                            message: e.to_string(),
+                            source,
                         })
                     })?;
                     let mut conn = admin(&store)?;
@@ -306,7 +306,7 @@ fn apply_on_jetstream(
     env: &[(String, String)],
 ) -> Result<Option<Applied>, VerbError> {
     let cfg = config::load(&args.config, env.iter().cloned())?;
-    if cfg.store.kind != "jetstream" {
+    if cfg.store.jetstream().is_none() {
         return Ok(None);
     }
     let catalog = policy::catalog(&cfg);
@@ -321,10 +321,10 @@ fn apply_on_jetstream(
         }
     };
     let text = match (&source, text) {
-        (Some(file), _) => Some(std::fs::read_to_string(file).map_err(|e| {
+        (Some(file), _) => Some(std::fs::read_to_string(file).map_err(|source| {
             VerbError::Policy(ApplyError::Read {
                 path: file.clone(),
-                message: e.to_string(),
+                source,
             })
         })?),
         (None, t) => t,
@@ -336,7 +336,7 @@ fn apply_on_jetstream(
             _ => {
                 let v = version.unwrap_or(0);
                 let old = js
-                    .policies()
+                    .policies::<PolicyRecord>()
                     .await?
                     .into_iter()
                     .find(|r| r.version == v)

@@ -1,5 +1,13 @@
 //! The hub's configuration: one TOML file, `OUTPOST_SECTION__KEY` overrides,
 //! unknown keys refused.
+//!
+//! Loading happens in two steps, as the agent's: [`parse`] deserialises the
+//! file into a [`RawConfig`] (unknown keys are errors, so a typo never
+//! silently disables a feature), then [`RawConfig::validate`] checks every
+//! rule that needs no file and no server and returns a [`HubConfig`], whose
+//! kinds are enums ([`StoreKind`]) so that every use is an exhaustive match.
+//! Each component owns its settings (`store::jetstream`'s table, the
+//! sinks'); this module assembles them and names the key path in each error.
 
 use std::path::{Path, PathBuf};
 
@@ -7,15 +15,19 @@ use serde::Deserialize;
 
 pub use outpost_protocols::settings::ConfigError;
 
-/// The hub's config file.
+use crate::sinks::config::{RawSinkConfig, SinkConfig};
+use crate::store::jetstream::{JetStreamStoreConfig, RawJetStreamStoreConfig};
+use crate::store::Synchronous;
+
+/// The hub's config file as written, before validation.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HubConfig {
+pub struct RawConfig {
     /// `[hub]`.
     pub hub: HubSection,
     /// `[store]`.
     #[serde(default)]
-    pub store: StoreSection,
+    pub store: RawStoreSection,
     /// `[api]`.
     #[serde(default)]
     pub api: ApiSection,
@@ -24,7 +36,7 @@ pub struct HubConfig {
     pub observability: ObservabilitySection,
     /// `[[sinks]]`: where stored events are forwarded.
     #[serde(default)]
-    pub sinks: Vec<crate::sinks::SinkConfig>,
+    pub sinks: Vec<RawSinkConfig>,
 }
 
 /// `[hub]`.
@@ -54,10 +66,10 @@ fn default_listen() -> String {
     "0.0.0.0:7443".into()
 }
 
-/// `[store]`.
+/// `[store]` as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StoreSection {
+pub struct RawStoreSection {
     /// `sqlite` or `jetstream`.
     #[serde(default = "default_kind")]
     pub kind: String,
@@ -66,7 +78,7 @@ pub struct StoreSection {
     pub synchronous: String,
     /// `[store.jetstream]`, for `kind = "jetstream"`.
     #[serde(default)]
-    pub jetstream: Option<crate::store::jetstream::JetStreamStoreConfig>,
+    pub jetstream: Option<RawJetStreamStoreConfig>,
 }
 
 fn default_kind() -> String {
@@ -76,9 +88,9 @@ fn default_sync() -> String {
     "full".into()
 }
 
-impl Default for StoreSection {
+impl Default for RawStoreSection {
     fn default() -> Self {
-        StoreSection {
+        RawStoreSection {
             kind: default_kind(),
             synchronous: default_sync(),
             jetstream: None,
@@ -135,6 +147,52 @@ impl Default for ObservabilitySection {
     }
 }
 
+/// The hub's configuration, validated.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// `[hub]`.
+    pub hub: HubSection,
+    /// `[store]`: which store, with its settings.
+    pub store: StoreKind,
+    /// `[api]`.
+    pub api: ApiSection,
+    /// `[observability]`.
+    pub observability: ObservabilitySection,
+    /// `[[sinks]]`: where stored events are forwarded, each with its kind.
+    pub sinks: Vec<SinkConfig>,
+}
+
+/// `[store]`, validated: which store holds events, watermarks, the registry
+/// and the policy versions.
+#[derive(Debug, Clone)]
+pub enum StoreKind {
+    /// `kind = "sqlite"`: the embedded file in `data_dir`.
+    Sqlite {
+        /// `synchronous`.
+        synchronous: Synchronous,
+    },
+    /// `kind = "jetstream"`: NATS JetStream, for several replicas.
+    JetStream(Box<JetStreamStoreConfig>),
+}
+
+impl StoreKind {
+    /// The kind as `[store] kind` names it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StoreKind::Sqlite { .. } => "sqlite",
+            StoreKind::JetStream(_) => "jetstream",
+        }
+    }
+
+    /// The JetStream store's settings, on that store.
+    pub fn jetstream(&self) -> Option<&JetStreamStoreConfig> {
+        match self {
+            StoreKind::JetStream(js) => Some(js),
+            StoreKind::Sqlite { .. } => None,
+        }
+    }
+}
+
 /// Reads, applies environment overrides from `env`, and validates.
 pub fn load(
     path: &Path,
@@ -154,7 +212,7 @@ pub fn parse(
     env: impl IntoIterator<Item = (String, String)>,
     path: &Path,
 ) -> Result<HubConfig, ConfigError> {
-    let cfg: HubConfig = outpost_protocols::settings::parse(
+    let raw: RawConfig = outpost_protocols::settings::parse(
         text,
         env,
         &["hub", "store", "api", "observability", "sinks"],
@@ -163,92 +221,127 @@ pub fn parse(
         path: path.to_owned(),
         message,
     })?;
-    let invalid = |key: &str, message: String| ConfigError::Invalid {
-        path: path.to_owned(),
-        key: key.to_owned(),
-        message,
-    };
-    if cfg.hub.listen.parse::<std::net::SocketAddr>().is_err() {
-        return Err(invalid(
-            "hub.listen",
-            format!("{:?} is not ip:port", cfg.hub.listen),
-        ));
+    raw.validate()
+        .map_err(|(key, message)| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        })
+}
+
+/// A rule broken: the key path and what is wrong.
+type Invalid = (String, String);
+
+fn invalid(key: &str, message: String) -> Invalid {
+    (key.to_owned(), message)
+}
+
+impl RawConfig {
+    /// Checks every rule that needs no file and no server; the error is
+    /// the first broken one, with its key path.
+    pub fn validate(self) -> Result<HubConfig, Invalid> {
+        self.check_addresses()?;
+        let store = self.store.validate()?;
+        let sinks = validate_sinks(self.sinks)?;
+        Ok(HubConfig {
+            hub: self.hub,
+            store,
+            api: self.api,
+            observability: self.observability,
+            sinks,
+        })
     }
-    if cfg.api.listen.parse::<std::net::SocketAddr>().is_err() {
-        return Err(invalid(
-            "api.listen",
-            format!("{:?} is not ip:port", cfg.api.listen),
-        ));
-    }
-    if !cfg.observability.metrics.is_empty()
-        && cfg
-            .observability
-            .metrics
-            .parse::<std::net::SocketAddr>()
-            .is_err()
-    {
-        return Err(invalid(
-            "observability.metrics",
-            format!(
-                "{:?} is not ip:port (leave it empty for no metrics)",
-                cfg.observability.metrics
-            ),
-        ));
-    }
-    if cfg
-        .hub
-        .region
-        .as_deref()
-        .is_some_and(|r| r.trim().is_empty())
-    {
-        return Err(invalid(
-            "hub.region",
-            "must not be empty; leave it out instead".into(),
-        ));
-    }
-    if !matches!(cfg.store.kind.as_str(), "sqlite" | "jetstream") {
-        return Err(invalid(
-            "store.kind",
-            format!("{:?} is not one of sqlite, jetstream", cfg.store.kind),
-        ));
-    }
-    if !matches!(cfg.store.synchronous.as_str(), "full" | "normal") {
-        return Err(invalid(
-            "store.synchronous",
-            format!("{:?} is not one of full, normal", cfg.store.synchronous),
-        ));
-    }
-    match (cfg.store.kind.as_str(), &cfg.store.jetstream) {
-        ("jetstream", None) => {
+
+    /// The listening addresses and the region.
+    fn check_addresses(&self) -> Result<(), Invalid> {
+        if self.hub.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(
+                "hub.listen",
+                format!("{:?} is not ip:port", self.hub.listen),
+            ));
+        }
+        if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "api.listen",
+                format!("{:?} is not ip:port", self.api.listen),
+            ));
+        }
+        let metrics = &self.observability.metrics;
+        if !metrics.is_empty() && metrics.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "observability.metrics",
+                format!("{metrics:?} is not ip:port (leave it empty for no metrics)"),
+            ));
+        }
+        if self
+            .hub
+            .region
+            .as_deref()
+            .is_some_and(|r| r.trim().is_empty())
+        {
+            return Err(invalid(
+                "hub.region",
+                "must not be empty; leave it out instead".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl RawStoreSection {
+    /// `[store]` into its kind: `synchronous` is checked on either kind
+    /// (it is read only by SQLite), `[store.jetstream]` is required with
+    /// `jetstream` and refused without it.
+    fn validate(self) -> Result<StoreKind, Invalid> {
+        let jetstream = match self.kind.as_str() {
+            "sqlite" => false,
+            "jetstream" => true,
+            other => {
+                return Err(invalid(
+                    "store.kind",
+                    format!("{other:?} is not one of sqlite, jetstream"),
+                ))
+            }
+        };
+        let Some(synchronous) = Synchronous::parse(&self.synchronous) else {
+            return Err(invalid(
+                "store.synchronous",
+                format!("{:?} is not one of full, normal", self.synchronous),
+            ));
+        };
+        match (jetstream, self.jetstream) {
+            (true, None) => Err(invalid(
                 "store.jetstream",
                 "kind = \"jetstream\" needs a [store.jetstream] table with at least `url`".into(),
-            ))
-        }
-        ("jetstream", Some(js)) => {
-            if let Err((key, message)) = js.check() {
-                return Err(invalid(&format!("store.jetstream.{key}"), message));
-            }
-        }
-        (_, Some(_)) => {
-            return Err(invalid(
+            )),
+            (true, Some(js)) => js
+                .validate()
+                .map(|js| StoreKind::JetStream(Box::new(js)))
+                .map_err(|(key, message)| invalid(&format!("store.jetstream.{key}"), message)),
+            (false, Some(_)) => Err(invalid(
                 "store.jetstream",
                 "is only read with [store] kind = \"jetstream\"".into(),
-            ))
+            )),
+            (false, None) => Ok(StoreKind::Sqlite { synchronous }),
         }
-        _ => {}
     }
+}
+
+/// `[[sinks]]`: each entry validated, ids unique.
+fn validate_sinks(raw: Vec<RawSinkConfig>) -> Result<Vec<SinkConfig>, Invalid> {
     let mut ids = std::collections::BTreeSet::new();
-    for (i, sink) in cfg.sinks.iter().enumerate() {
-        if let Err((key, message)) = crate::sinks::check(sink) {
-            return Err(invalid(&format!("sinks[{i}].{key}"), message));
-        }
-        if !ids.insert(sink.id.as_str()) {
+    let mut sinks = Vec::with_capacity(raw.len());
+    for (i, r) in raw.into_iter().enumerate() {
+        let sink = r
+            .validate()
+            .map_err(|e| invalid(&format!("sinks[{i}].{}", e.key), e.message))?;
+        if !ids.insert(sink.id.clone()) {
             return Err(invalid(
                 &format!("sinks[{i}].id"),
                 format!("{:?} is the id of an earlier sink", sink.id),
             ));
         }
+        sinks.push(sink);
     }
-    Ok(cfg)
+    Ok(sinks)
 }

@@ -11,9 +11,11 @@
 pub mod admin;
 pub mod audit;
 pub mod ca;
+pub mod client_tls;
 pub mod config;
 pub mod logging;
 pub mod metrics;
+pub mod nats;
 pub mod policy;
 pub mod run;
 pub mod server;

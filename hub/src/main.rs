@@ -7,6 +7,8 @@ use clap::builder::NonEmptyStringValueParser;
 use clap::error::ErrorKind;
 use clap::{ArgGroup, Parser, Subcommand};
 use outpost_hub::ca::{self, Validity};
+use outpost_hub::config::StoreKind;
+use outpost_hub::store::Synchronous;
 use outpost_protocols::AgentId;
 
 #[derive(Parser)]
@@ -128,7 +130,16 @@ fn main() -> ExitCode {
                     c.hub.listen,
                     c.hub.data_dir.display()
                 );
-                println!("store {} synchronous={}", c.store.kind, c.store.synchronous);
+                match &c.store {
+                    StoreKind::Sqlite { synchronous } => println!(
+                        "store sqlite synchronous={}",
+                        match synchronous {
+                            Synchronous::Full => "full",
+                            Synchronous::Normal => "normal",
+                        }
+                    ),
+                    StoreKind::JetStream(js) => println!("store jetstream url {}", js.url()),
+                }
                 println!(
                     "region {} (policy residency: the store is in this region)",
                     c.hub.region.as_deref().unwrap_or("not set")
@@ -138,7 +149,7 @@ fn main() -> ExitCode {
                     println!(
                         "sink {} {} region {} batch_max {}",
                         s.id,
-                        s.kind,
+                        s.kind.name(),
                         s.region.as_deref().unwrap_or("not set"),
                         s.batch_max
                     );

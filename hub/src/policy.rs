@@ -81,12 +81,13 @@ impl FleetPolicy {
 #[non_exhaustive]
 pub enum ApplyError {
     /// The file could not be read.
-    #[error("{path}: cannot read: {message}")]
+    #[error("{path}: cannot read: {source}")]
     Read {
         /// The file.
         path: PathBuf,
         /// What the OS said.
-        message: String,
+        #[source]
+        source: std::io::Error,
     },
     /// The document was refused; nothing changed but the audit log, which
     /// records the refusal.
@@ -310,33 +311,32 @@ pub enum PolicySource {
 impl PolicySource {
     async fn newest(&self) -> Result<u64, StoreError> {
         match self {
-            PolicySource::Sqlite(path) => {
-                let path = path.clone();
-                tokio::task::spawn_blocking(move || {
-                    let reader = StoreReader::open(&path)?;
-                    newest_version(reader.connection(), &path)
-                })
-                .await
-                .map_err(|_| StoreError::Closed)?
-            }
+            PolicySource::Sqlite(path) => on_sqlite(path, newest_version).await,
             PolicySource::JetStream(js) => js.newest_policy().await,
         }
     }
 
     async fn current(&self) -> Result<Option<PolicyRecord>, StoreError> {
         match self {
-            PolicySource::Sqlite(path) => {
-                let path = path.clone();
-                tokio::task::spawn_blocking(move || {
-                    let reader = StoreReader::open(&path)?;
-                    current(reader.connection(), &path)
-                })
-                .await
-                .map_err(|_| StoreError::Closed)?
-            }
-            PolicySource::JetStream(js) => Ok(js.policies().await?.pop()),
+            PolicySource::Sqlite(path) => on_sqlite(path, current).await,
+            PolicySource::JetStream(js) => Ok(js.policies::<PolicyRecord>().await?.pop()),
         }
     }
+}
+
+/// Runs `read` on a reader of the SQLite store at `path`, on the blocking
+/// pool (the running hub's runtime must not wait on the file).
+async fn on_sqlite<T: Send + 'static>(
+    path: &Path,
+    read: fn(&Connection, &Path) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let reader = StoreReader::open(&path)?;
+        read(reader.connection(), &path)
+    })
+    .await
+    .map_err(|_| StoreError::Closed)?
 }
 
 /// Reads the version in force now and starts a task that publishes every
@@ -421,7 +421,7 @@ pub async fn apply_jetstream(
         });
     }
     loop {
-        let all = js.policies().await?;
+        let all: Vec<PolicyRecord> = js.policies().await?;
         if let Some(cur) = all.last() {
             if cur.digest == d {
                 return Ok(Applied::Unchanged {
@@ -438,7 +438,7 @@ pub async fn apply_jetstream(
             digest: d.clone(),
             text: text.to_owned(),
         };
-        if js.create_policy(&record).await? {
+        if js.create_policy(version, &record).await? {
             return Ok(Applied::New { version, digest: d });
         }
     }

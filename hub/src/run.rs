@@ -11,7 +11,7 @@ use std::path::Path;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::config::HubConfig;
+use crate::config::{HubConfig, StoreKind};
 use crate::metrics::MetricsSource;
 use crate::policy::PolicySource;
 use crate::server::{self, ServerError};
@@ -24,12 +24,13 @@ use crate::store::{self, spawn_store_writer, Store, StoreError, Synchronous, Wri
 #[non_exhaustive]
 pub enum RunError {
     /// The data directory could not be created.
-    #[error("{path}: cannot create data directory: {message}")]
+    #[error("{path}: cannot create data directory: {source}")]
     DataDir {
         /// The directory.
         path: std::path::PathBuf,
         /// What the OS said.
-        message: String,
+        #[source]
+        source: std::io::Error,
     },
     /// The store failed.
     #[error(transparent)]
@@ -39,7 +40,7 @@ pub enum RunError {
     Server(#[from] ServerError),
     /// The store writer thread died.
     #[error("store writer failed: {0}")]
-    Writer(String),
+    Writer(#[source] tokio::task::JoinError),
     /// A sink's settings cannot work.
     #[error(transparent)]
     Sink(#[from] crate::sinks::SinkError),
@@ -53,22 +54,29 @@ pub async fn run(
     shutdown: CancellationToken,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<(), RunError> {
-    if let Some(js) = cfg
-        .store
-        .jetstream
-        .clone()
-        .filter(|_| cfg.store.kind == "jetstream")
-    {
-        return run_jetstream(cfg, &js, config_file, shutdown, bound).await;
+    match cfg.store.clone() {
+        StoreKind::Sqlite { synchronous } => {
+            run_sqlite(cfg, synchronous, config_file, shutdown, bound).await
+        }
+        StoreKind::JetStream(js) => run_jetstream(cfg, &js, config_file, shutdown, bound).await,
     }
+}
+
+/// Runs the hub on its SQLite store in `data_dir`.
+async fn run_sqlite(
+    cfg: HubConfig,
+    synchronous: Synchronous,
+    config_file: &Path,
+    shutdown: CancellationToken,
+    bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> Result<(), RunError> {
     let path = store::store_path(config_file, &cfg.hub.data_dir);
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| RunError::DataDir {
+        std::fs::create_dir_all(dir).map_err(|source| RunError::DataDir {
             path: dir.to_owned(),
-            message: e.to_string(),
+            source,
         })?;
     }
-    let synchronous = Synchronous::parse(&cfg.store.synchronous).unwrap_or_default();
     let mut store = Store::open(&path, synchronous)?;
     let configured: Vec<String> = cfg.sinks.iter().map(|s| s.id.clone()).collect();
     for (sink, events) in store.drop_unconfigured_sinks(&configured)? {
@@ -89,30 +97,24 @@ pub async fn run(
         watch_stop.clone(),
     )
     .await?;
-    let source = QueueSource::Sqlite(path.clone());
-    let (sinks_stop, runners) = match start_sinks(&cfg, base, &handle, source, &current).await {
-        Ok(started) => started,
-        Err(e) => {
-            let _ = stop_store(watch_stop, watcher, handle, writer_stop, writer).await;
-            return Err(e.into());
-        }
+    let running = Running {
+        handle,
+        writer,
+        writer_stop,
+        watch_stop,
+        watcher,
+        current,
+        catalog,
     };
-    let feed = server::PolicyFeed { current, catalog };
-    let metrics = start_metrics(
-        &cfg,
-        MetricsSource::Sqlite {
+    let sources = Sources {
+        queue: QueueSource::Sqlite(path.clone()),
+        metrics: MetricsSource::Sqlite {
             path: path.clone(),
             sinks: configured,
         },
-        shutdown.child_token(),
-    )
-    .await;
-    let served = server::serve(&cfg, base, handle.clone(), feed, shutdown, bound, None).await;
-    stop_metrics(metrics).await;
-    stop_sinks(sinks_stop, runners).await;
-    let closed = stop_store(watch_stop, watcher, handle, writer_stop, writer).await;
-    served?;
-    closed?;
+        reset: None,
+    };
+    serve_on(&cfg, base, running, sources, shutdown, bound).await?;
     info!(store = %path.display(), "Hub stopped.");
     Ok(())
 }
@@ -147,41 +149,86 @@ async fn run_jetstream(
         configured.clone(),
         writer_stop.clone(),
     );
-    let source = QueueSource::JetStream(Box::new(store.clone()));
-    let (sinks_stop, runners) = match start_sinks(&cfg, base, &handle, source, &current).await {
-        Ok(started) => started,
-        Err(e) => {
-            let _ = stop_store(watch_stop, watcher, handle, writer_stop, writer).await;
-            return Err(e.into());
-        }
+    let running = Running {
+        handle,
+        writer,
+        writer_stop,
+        watch_stop,
+        watcher,
+        current,
+        catalog,
     };
-    let feed = server::PolicyFeed { current, catalog };
-    let metrics = start_metrics(
-        &cfg,
-        MetricsSource::JetStream {
+    let sources = Sources {
+        queue: QueueSource::JetStream(Box::new(store.clone())),
+        metrics: MetricsSource::JetStream {
             store: Box::new(store),
             sinks: configured,
         },
-        shutdown.child_token(),
-    )
-    .await;
+        reset: Some(reset),
+    };
+    serve_on(&cfg, base, running, sources, shutdown, bound).await?;
+    info!(url = %js.url(), %replica, "Hub stopped.");
+    Ok(())
+}
+
+/// A store backend and the policy watch, running.
+struct Running<T> {
+    handle: store::StoreHandle,
+    writer: tokio::task::JoinHandle<Result<T, StoreError>>,
+    writer_stop: CancellationToken,
+    watch_stop: CancellationToken,
+    watcher: tokio::task::JoinHandle<()>,
+    current: tokio::sync::watch::Receiver<std::sync::Arc<crate::policy::FleetPolicy>>,
+    catalog: outpost_protocols::policy::Catalog,
+}
+
+/// What the sinks and the metrics read on this store, and the replicas'
+/// shared stateless-reset secret (JetStream).
+struct Sources {
+    queue: QueueSource,
+    metrics: MetricsSource,
+    reset: Option<Vec<u8>>,
+}
+
+/// On either store, once its backend runs: starts the sinks and the
+/// metrics, serves agents until `shutdown`, then stops everything in order
+/// (see the module doc).
+async fn serve_on<T>(
+    cfg: &HubConfig,
+    base: &Path,
+    r: Running<T>,
+    sources: Sources,
+    shutdown: CancellationToken,
+    bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> Result<(), RunError> {
+    let started = start_sinks(cfg, base, &r.handle, sources.queue, &r.current).await;
+    let (sinks_stop, runners) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            let _ = stop_store(r.watch_stop, r.watcher, r.handle, r.writer_stop, r.writer).await;
+            return Err(e.into());
+        }
+    };
+    let feed = server::PolicyFeed {
+        current: r.current,
+        catalog: r.catalog,
+    };
+    let metrics = start_metrics(cfg, sources.metrics, shutdown.child_token()).await;
     let served = server::serve(
-        &cfg,
+        cfg,
         base,
-        handle.clone(),
+        r.handle.clone(),
         feed,
         shutdown,
         bound,
-        Some(reset),
+        sources.reset,
     )
     .await;
     stop_metrics(metrics).await;
     stop_sinks(sinks_stop, runners).await;
-    let closed = stop_store(watch_stop, watcher, handle, writer_stop, writer).await;
+    let closed = stop_store(r.watch_stop, r.watcher, r.handle, r.writer_stop, r.writer).await;
     served?;
-    closed?;
-    info!(url = %js.url, %replica, "Hub stopped.");
-    Ok(())
+    closed
 }
 
 /// Starts a runner per `[[sinks]]` entry, reading its queue from `source`,
@@ -241,7 +288,7 @@ async fn stop_store<T>(
     writer_stop.cancel();
     writer
         .await
-        .map_err(|e| RunError::Writer(e.to_string()))?
+        .map_err(RunError::Writer)?
         .map(drop)
         .map_err(RunError::from)
 }

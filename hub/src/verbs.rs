@@ -19,7 +19,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use outpost_protocols::event::{AgentId, Event, EventError, Quality, Seq, Timestamp};
 use outpost_protocols::topic::{TopicError, TopicFilter};
 
-use crate::config::{self, ConfigError};
+use crate::config::{self, ConfigError, StoreKind};
 use crate::store::{store_path, AgentEventStats, AgentRecord, SinkStatus, StoreError, StoreReader};
 
 /// `outpost-hub fleet …`.
@@ -120,7 +120,7 @@ pub enum VerbError {
         /// The config file.
         path: PathBuf,
         /// The configured kind.
-        kind: String,
+        kind: &'static str,
     },
     /// `--agent` is not a valid agent id.
     #[error("--agent: {0}")]
@@ -359,12 +359,7 @@ where
     F: FnOnce(crate::store::jetstream::JetStreamStore) -> Fut,
     Fut: std::future::Future<Output = Result<T, VerbError>>,
 {
-    let Some(js) = cfg
-        .store
-        .jetstream
-        .as_ref()
-        .filter(|_| cfg.store.kind == "jetstream")
-    else {
+    let Some(js) = cfg.store.jetstream() else {
         return Ok(None);
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -385,10 +380,10 @@ fn load(
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<PathBuf, VerbError> {
     let cfg = config::load(config, env)?;
-    if cfg.store.kind != "sqlite" {
+    if let StoreKind::JetStream(_) = cfg.store {
         return Err(VerbError::NotSqlite {
             path: config.to_owned(),
-            kind: cfg.store.kind,
+            kind: cfg.store.name(),
         });
     }
     Ok(store_path(config, &cfg.hub.data_dir))

@@ -367,7 +367,10 @@ fn store_config(url: &str) -> Result<JetStreamStoreConfig> {
         store_table(url, WINDOW)
     );
     let cfg = outpost_hub::config::parse(&text, Vec::new(), Path::new("hub.toml"))?;
-    cfg.store.jetstream.context("no [store.jetstream]")
+    cfg.store
+        .jetstream()
+        .cloned()
+        .context("no [store.jetstream]")
 }
 
 fn agent(id: &str) -> Result<AgentId> {

@@ -7,7 +7,7 @@
 //! certificate, settings that cannot work, and the stop token ending the
 //! sink's connections.
 //!
-//! The sink is driven directly through `outpost_hub::sinks::build` and
+//! The sink is driven directly through `SinkConfig::build` and
 //! `Sink::deliver`; every wait is bounded by a deadline, none is a fixed sleep
 //! that correctness depends on.
 
@@ -27,7 +27,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{HeaderMap, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use outpost_hub::sinks::{self, Sink, SinkConfig, SinkError, SinkEvent};
+use outpost_hub::sinks::{Sink, SinkConfig, SinkError, SinkEvent};
 use outpost_protocols::{AgentId, Event, EventBody, Quality, Seq, StreamName, Timestamp, Value};
 use outpost_tests::free_port;
 use outpost_tests::test_ca::{Ca, CertFiles};
@@ -237,7 +237,8 @@ fn config(http: serde_json::Value) -> Result<SinkConfig> {
 
 async fn build(http: serde_json::Value, base: &Path) -> Result<(Arc<dyn Sink>, CancellationToken)> {
     let stop = CancellationToken::new();
-    let sink = sinks::build(&config(http)?, base, stop.clone())
+    let sink = config(http)?
+        .build(base, stop.clone())
         .await
         .map_err(|e| anyhow::anyhow!("build: {e}"))?;
     Ok((sink, stop))
@@ -245,7 +246,7 @@ async fn build(http: serde_json::Value, base: &Path) -> Result<(Arc<dyn Sink>, C
 
 /// The config error building `http` gives; fails if it builds.
 async fn config_error(http: serde_json::Value, base: &Path) -> Result<(String, String)> {
-    match sinks::build(&config(http)?, base, CancellationToken::new()).await {
+    match config(http)?.build(base, CancellationToken::new()).await {
         Err(SinkError::Config { id, key, message }) => {
             ensure!(id == "hook", "the error names the sink: {id}");
             Ok((key, message))

@@ -1,5 +1,5 @@
 //! The NATS JetStream sink against a real nats-server (JetStream, file
-//! store in the test's temp dir): built with `outpost_hub::sinks::build` and
+//! store in the test's temp dir): built with `SinkConfig::build` and
 //! driven through `Sink::deliver` with real `SinkEvent`s. The streams are made
 //! by the test (the hub creates none) and read back with an independent
 //! async-nats consumer.
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use async_nats::jetstream::{self, stream};
-use outpost_hub::sinks::{self, Sink, SinkConfig, SinkError, SinkEvent};
+use outpost_hub::sinks::{Sink, SinkConfig, SinkError, SinkEvent};
 use outpost_protocols::{AgentId, Event, EventBody, Quality, Seq, StreamName, Timestamp, Value};
 use outpost_tests::{free_port, Nats};
 use rcgen::ExtendedKeyUsagePurpose;
@@ -68,7 +68,7 @@ fn table(url: &str, stream: &str) -> serde_json::Value {
 }
 
 async fn build(c: &SinkConfig, base: &Path, stop: &CancellationToken) -> Arc<dyn Sink> {
-    match sinks::build(c, base, stop.clone()).await {
+    match c.build(base, stop.clone()).await {
         Ok(s) => s,
         Err(e) => panic!("build: {e}"),
     }
@@ -715,7 +715,7 @@ async fn delivers_over_mutual_tls_checking_the_server_against_server_name() -> R
 /// Builds `table` and expects a Config error naming `key`; its message.
 async fn config_error(dir: &Path, table: serde_json::Value, key: &str) -> String {
     let stop = CancellationToken::new();
-    let r = sinks::build(&config(table), dir, stop.clone()).await;
+    let r = config(table).build(dir, stop.clone()).await;
     stop.cancel();
     match r {
         Err(SinkError::Config {

@@ -1,5 +1,5 @@
 //! The hub's MQTT sink against a real Mosquitto: events delivered through
-//! `outpost_hub::sinks::build` and `Sink::deliver`, read back by an
+//! `SinkConfig::build` and `Sink::deliver`, read back by an
 //! independent rumqttc subscriber; TLS with certificates made here with
 //! rcgen; the broker down at build time, killed in the middle of a batch and
 //! restarted on the same port.
@@ -64,7 +64,7 @@ fn sink_config(id: &str, mqtt: serde_json::Value) -> Result<SinkConfig> {
 }
 
 async fn build(c: &SinkConfig, stop: &CancellationToken) -> Result<Arc<dyn Sink>> {
-    outpost_hub::sinks::build(c, Path::new("/"), stop.clone())
+    c.build(Path::new("/"), stop.clone())
         .await
         .map_err(|e| anyhow::anyhow!("build: {e}"))
 }
@@ -750,7 +750,7 @@ async fn files_that_cannot_work_are_config_errors() -> Result<()> {
             }
         }
         let c = sink_config("cloud", mqtt)?;
-        match outpost_hub::sinks::build(&c, dir.path(), stop.clone()).await {
+        match c.build(dir.path(), stop.clone()).await {
             Err(SinkError::Config { id, key, message }) => {
                 ensure!(id == "cloud", "id {id}");
                 ensure!(key == want_key, "{extra}: key {key} ({message})");

@@ -57,7 +57,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use super::{payload, HttpSinkConfig, PayloadFormat, Sink, SinkConfig, SinkError, SinkEvent};
+use super::config::{HttpSinkConfig, SinkConfig};
+use super::format::{payload, PayloadFormat};
+use super::sink::{Sink, SinkError, SinkEvent};
 
 /// The header that carries [`idempotency_key`].
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -80,30 +82,26 @@ const RESERVED: [&str; 7] = [
     "user-agent",
 ];
 
-/// What [`build`] checks of `c`, without connecting.
-pub(super) fn check_files(c: &SinkConfig, base: &Path) -> Result<(), SinkError> {
-    settings(c, base).map(drop)
-}
-
-/// What the `[sinks.http]` table of `c` says, its files read.
-fn settings(c: &SinkConfig, base: &Path) -> Result<Settings, SinkError> {
-    let cfg = c.http.as_ref().ok_or_else(|| SinkError::Config {
-        id: c.id.clone(),
-        key: "http".into(),
-        message: "kind = \"http\" needs a [sinks.http] table".into(),
-    })?;
-    Settings::read(&c.id, cfg, base)
-}
-
-/// Builds an HTTP sink from `c.http` (the caller checked that it is there).
-/// Files (the auth value, the TLS CA and client certificate) are read here,
-/// once; nothing is connected until the first delivery.
-pub async fn build(
+/// What [`build`] checks of `c` (its `[sinks.http]` table `cfg`), without
+/// connecting.
+pub(super) fn check_files(
     c: &SinkConfig,
+    cfg: &HttpSinkConfig,
+    base: &Path,
+) -> Result<(), SinkError> {
+    Settings::read(&c.id, cfg, base).map(drop)
+}
+
+/// Builds the HTTP sink of `c` (its `[sinks.http]` table `cfg`). Files (the
+/// auth value, the TLS CA and client certificate) are read here, once;
+/// nothing is connected until the first delivery.
+pub(super) async fn build(
+    c: &SinkConfig,
+    cfg: &HttpSinkConfig,
     base: &Path,
     stop: CancellationToken,
 ) -> Result<Arc<dyn Sink>, SinkError> {
-    let settings = settings(c, base)?;
+    let settings = Settings::read(&c.id, cfg, base)?;
     let sink = HttpSink::new(c.id.clone(), settings, stop);
     tracing::debug!(sink = %sink.id, url = %sink.uri, "HTTP sink built.");
     Ok(Arc::new(sink))

@@ -61,14 +61,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::IntoFuture as _;
 use std::path::Path;
-use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::context::{ContextBuilder, PublishErrorKind};
-use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::ErrorCode;
-use async_nats::{ConnectOptions, Event as NatsEvent, ServerAddr};
+use async_nats::{ConnectOptions, Event as NatsEvent};
 use futures::future::BoxFuture;
 use futures::StreamExt as _;
 use outpost_protocols::{AgentId, Event, EventBody, StreamName, Value};
@@ -77,10 +75,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument as _};
 
-use super::{
-    check_template, expand, payload, JetStreamSinkConfig, PayloadFormat, Sink, SinkConfig,
-    SinkError, SinkEvent,
-};
+use crate::nats::{self, Endpoint};
+
+use super::config::{JetStreamSinkConfig, SinkConfig};
+use super::format::{check_template, expand, payload, PayloadFormat};
+use super::sink::{unrecorded_max, Sink, SinkError, SinkEvent};
 
 /// The longest subject published, in bytes. The server's default
 /// `max_control_line` (4096 bytes) bounds the whole `HPUB` line, which also
@@ -95,30 +94,25 @@ const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// How long the supervisor waits for a connection to drain on stop.
 const DRAIN_WAIT: Duration = Duration::from_secs(1);
 
-/// What [`build`] checks of `c`, without connecting.
-pub(super) fn check_files(c: &SinkConfig, base: &Path) -> Result<(), SinkError> {
-    settings(c, base).map(drop)
-}
-
-/// What the `[sinks.jetstream]` table of `c` says, its files read.
-fn settings(c: &SinkConfig, base: &Path) -> Result<Settings, SinkError> {
-    let Some(cfg) = c.jetstream.as_ref() else {
-        return Err(SinkError::Config {
-            id: c.id.clone(),
-            key: "jetstream".into(),
-            message: "kind = \"jetstream\" needs a [sinks.jetstream] table".into(),
-        });
-    };
-    Settings::read(&c.id, cfg, c.batch_max, base)
-}
-
-/// Builds the sink; see [`super::build`].
-pub async fn build(
+/// What [`build`] checks of `c` (its `[sinks.jetstream]` table `cfg`),
+/// without connecting.
+pub(super) fn check_files(
     c: &SinkConfig,
+    cfg: &JetStreamSinkConfig,
+    base: &Path,
+) -> Result<(), SinkError> {
+    Settings::read(&c.id, cfg, c.batch_max, base).map(drop)
+}
+
+/// Builds the sink of `c` (its `[sinks.jetstream]` table `cfg`): its
+/// connection is made by a supervisor task, in the background.
+pub(super) async fn build(
+    c: &SinkConfig,
+    cfg: &JetStreamSinkConfig,
     base: &Path,
     stop: CancellationToken,
 ) -> Result<Arc<dyn Sink>, SinkError> {
-    let mut settings = settings(c, base)?;
+    let mut settings = Settings::read(&c.id, cfg, c.batch_max, base)?;
     // A far end that is back is found as soon as the sink's own retries
     // would look again.
     settings.reconnect_max = RECONNECT_MAX.min(c.retry_max.0);
@@ -132,7 +126,7 @@ pub async fn build(
         stop,
         sending: tokio::sync::Mutex::new(()),
         chain: std::sync::Mutex::new(Chain {
-            started: super::runner::unrecorded_max(OVERLAP),
+            started: unrecorded_max(OVERLAP),
             ..Chain::default()
         }),
     }))
@@ -141,15 +135,12 @@ pub async fn build(
 /// Everything a connection and a delivery need, checked once at build.
 struct Settings {
     id: String,
-    addr: ServerAddr,
-    url: String,
+    /// The server, its credentials and TLS, read once at build.
+    endpoint: Endpoint,
     stream: String,
     subject: String,
     payload: PayloadFormat,
     timeout: Duration,
-    /// The `.creds` file's text, parsed once at build to be sure it can be.
-    credentials: Option<String>,
-    tls: Option<rustls::ClientConfig>,
     /// Publishes awaiting their ack at once, across deliveries.
     max_inflight: usize,
     /// The longest wait between connection attempts: [`RECONNECT_MAX`], or
@@ -169,8 +160,8 @@ impl Settings {
             key: format!("jetstream.{key}"),
             message,
         };
-        let addr = parse_url(&c.url).map_err(|m| bad("url", m))?;
-        check_stream_name(&c.stream).map_err(|m| bad("stream", m))?;
+        let addr = nats::parse_url(&c.url).map_err(|m| bad("url", m))?;
+        nats::check_stream_name(&c.stream).map_err(|m| bad("stream", m))?;
         check_template(&c.subject).map_err(|m| bad("subject", m))?;
         // The template's own text reaches the subject unchanged, so a probe
         // expansion finds wildcards, spaces and empty tokens in it now.
@@ -180,48 +171,31 @@ impl Settings {
         if c.timeout.0.is_zero() {
             return Err(bad("timeout", "must be longer than zero".into()));
         }
-        let credentials = match &c.credentials {
-            None => None,
-            Some(p) => {
-                let path = base.join(p);
-                let text = std::fs::read_to_string(&path).map_err(|e| {
-                    bad(
-                        "credentials",
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?;
-                ConnectOptions::new().credentials(&text).map_err(|e| {
-                    bad(
-                        "credentials",
-                        format!("{} is not a NATS credentials file: {e}", path.display()),
-                    )
-                })?;
-                Some(text)
-            }
-        };
-        let tls = match &c.tls {
-            Some(t) => Some(super::tls::client_config(id, "jetstream", Some(t), base)?),
-            None if addr.tls_required() => {
-                return Err(bad(
-                    "tls",
-                    format!(
-                        "{:?} needs a [sinks.jetstream.tls] table with the CA of the server (none are bundled)",
-                        c.url
-                    ),
-                ))
-            }
-            None => None,
-        };
+        let endpoint = Endpoint::read(
+            &c.url,
+            vec![addr],
+            c.credentials.as_deref(),
+            c.tls.as_ref(),
+            id,
+            base,
+        )
+        .map_err(|e| bad(e.key(), e.to_string()))?;
+        if endpoint.tls_required() && !endpoint.has_tls() {
+            return Err(bad(
+                "tls",
+                format!(
+                    "{:?} needs a [sinks.jetstream.tls] table with the CA of the server (none are bundled)",
+                    c.url
+                ),
+            ));
+        }
         Ok(Settings {
             id: id.to_owned(),
-            addr,
-            url: c.url.clone(),
+            endpoint,
             stream: c.stream.clone(),
             subject: c.subject.clone(),
             payload: c.payload,
             timeout: c.timeout.0,
-            credentials,
-            tls,
             max_inflight: batch_max.saturating_mul(2).max(64),
             reconnect_max: RECONNECT_MAX,
         })
@@ -230,9 +204,10 @@ impl Settings {
     /// Options for one connection: one connect attempt, no reconnecting of
     /// its own (see the module doc); its events go to `events`.
     fn options(&self, events: mpsc::UnboundedSender<NatsEvent>) -> Result<ConnectOptions, String> {
-        let mut o = ConnectOptions::new()
-            .name(format!("outpost-hub sink {}", self.id))
-            .connection_timeout(self.timeout)
+        let mut o = self
+            .endpoint
+            .options(&format!("outpost-hub sink {}", self.id), self.timeout)
+            .map_err(|e| format!("{}: {e}", e.key()))?
             .max_reconnects(1)
             .reconnect_delay_callback(|_| Duration::ZERO)
             .ignore_discovered_servers()
@@ -242,19 +217,11 @@ impl Settings {
                     let _ = events.send(e);
                 }
             });
-        if let Some(creds) = &self.credentials {
-            o = o
-                .credentials(creds)
-                .map_err(|e| format!("credentials: {e}"))?;
-        }
-        match &self.tls {
-            Some(t) => o = o.require_tls(true).tls_client_config(t.clone()),
-            // A server that asks for TLS gets a handshake that trusts no
-            // one, rather than the system's roots: a CA must be configured.
-            None => {
-                if let Ok(t) = super::tls::client_config("", "jetstream", None, Path::new("")) {
-                    o = o.tls_client_config(t);
-                }
+        // A server that asks for TLS gets a handshake that trusts no one,
+        // rather than the system's roots: a CA must be configured.
+        if !self.endpoint.has_tls() {
+            if let Ok(t) = super::tls::client_config("", "jetstream", None, Path::new("")) {
+                o = o.tls_client_config(t);
             }
         }
         Ok(o)
@@ -304,16 +271,16 @@ async fn supervise(settings: Arc<Settings>, tx: watch::Sender<Link>, stop: Cance
         let attempt = tokio::select! {
             _ = stop.cancelled() => break,
             _ = tx.closed() => break,
-            r = options.connect(settings.addr.clone()) => r,
+            r = options.connect(settings.endpoint.servers().to_vec()) => r,
         };
         let client = match attempt {
             Ok(c) => c,
             Err(e) => {
-                let m = format!("cannot connect to {}: {e}", settings.url);
+                let m = format!("cannot connect to {}: {e}", settings.endpoint.url());
                 if last_error.as_deref() != Some(m.as_str()) {
-                    warn!(url = %settings.url, error = %e, "Cannot connect to the NATS server; retrying.");
+                    warn!(url = %settings.endpoint.url(), error = %e, "Cannot connect to the NATS server; retrying.");
                 } else {
-                    debug!(url = %settings.url, error = %e, "Still cannot connect to the NATS server.");
+                    debug!(url = %settings.endpoint.url(), error = %e, "Still cannot connect to the NATS server.");
                 }
                 last_error = Some(m.clone());
                 tx.send_replace(Link::Down(Some(m)));
@@ -329,13 +296,8 @@ async fn supervise(settings: Arc<Settings>, tx: watch::Sender<Link>, stop: Cance
         backoff = first;
         last_error = None;
         let max_payload = client.server_info().max_payload;
-        info!(url = %settings.url, max_payload, "Connected to the NATS server.");
-        let js = ContextBuilder::new()
-            .timeout(settings.timeout)
-            .ack_timeout(settings.timeout)
-            .max_ack_inflight(settings.max_inflight)
-            .backpressure_on_inflight(true)
-            .build(client.clone());
+        info!(url = %settings.endpoint.url(), max_payload, "Connected to the NATS server.");
+        let js = nats::jetstream(client.clone(), settings.timeout, settings.max_inflight);
         links += 1;
         tx.send_replace(Link::Up(Arc::new(Up {
             link: links,
@@ -365,10 +327,10 @@ async fn supervise(settings: Arc<Settings>, tx: watch::Sender<Link>, stop: Cance
                 },
             }
         };
-        warn!(url = %settings.url, %reason, "Lost the NATS server; reconnecting.");
+        warn!(url = %settings.endpoint.url(), %reason, "Lost the NATS server; reconnecting.");
         tx.send_replace(Link::Down(Some(format!(
             "lost the connection to {}: {reason}",
-            settings.url
+            settings.endpoint.url()
         ))));
     }
     tx.send_replace(Link::Stopped);
@@ -625,10 +587,7 @@ impl JetStreamSink {
                 ));
                 continue;
             }
-            let msg = PublishMessage::build()
-                .payload(body.into())
-                .message_id(&id)
-                .expected_stream(&s.stream);
+            let msg = nats::message(body.into(), &id, &s.stream);
             let sent = tokio::time::timeout_at(deadline, up.js.send_publish(subject.clone(), msg))
                 .await
                 .map_err(|_| self.timed_out(events.len()))?;
@@ -841,7 +800,7 @@ impl JetStreamSink {
             Link::Stopped => Err(self.stopped()),
             Link::Down(why) => Err(SinkError::Transient(format!(
                 "not connected to {} within {:?}: {}",
-                self.settings.url,
+                self.settings.endpoint.url(),
                 self.settings.timeout,
                 why.as_deref().unwrap_or("connecting")
             ))),
@@ -899,7 +858,7 @@ impl JetStreamSink {
             ))),
             (PublishErrorKind::BrokenPipe, _) => Err(Refusal::Transient(format!(
                 "the connection to {} was lost before {id} was acknowledged",
-                self.settings.url
+                self.settings.endpoint.url()
             ))),
             _ => Err(Refusal::Transient(format!("publishing {id} to {subject:?}: {err}"))),
         }
@@ -953,13 +912,8 @@ pub fn subject_of(template: &str, e: &SinkEvent) -> Result<String, String> {
     Ok(subject)
 }
 
-/// Whether `c` cannot be part of a subject token.
-fn unsafe_char(c: char) -> bool {
-    matches!(c, '.' | '*' | '>') || c.is_whitespace() || c.is_control()
-}
-
 fn is_token(v: &str) -> bool {
-    !v.is_empty() && !v.chars().any(unsafe_char)
+    !v.is_empty() && !v.chars().any(nats::unsafe_subject_char)
 }
 
 /// `v` as one subject token: unsafe characters become `_`, and so does an
@@ -969,7 +923,7 @@ fn token(v: &str) -> String {
         return "_".into();
     }
     v.chars()
-        .map(|c| if unsafe_char(c) { '_' } else { c })
+        .map(|c| if nats::unsafe_subject_char(c) { '_' } else { c })
         .collect()
 }
 
@@ -987,25 +941,11 @@ fn check_subject(s: &str) -> Result<(), String> {
         if t.is_empty() {
             return Err(format!("subject {s:?} has an empty token"));
         }
-        if let Some(c) = t.chars().find(|&c| unsafe_char(c)) {
+        if let Some(c) = t.chars().find(|&c| nats::unsafe_subject_char(c)) {
             return Err(format!(
                 "subject {s:?} holds {c:?}, which NATS subjects cannot"
             ));
         }
-    }
-    Ok(())
-}
-
-/// A JetStream stream name, as the server takes it: no whitespace, `.`, `*`,
-/// `>` or path separators.
-pub(crate) fn check_stream_name(s: &str) -> Result<(), String> {
-    let bad = s.is_empty()
-        || s.len() > 255
-        || s.chars().any(|c| unsafe_char(c) || matches!(c, '/' | '\\'));
-    if bad {
-        return Err(format!(
-            "{s:?} is not a stream name: 1 to 255 characters, none of '.', '*', '>', '/', '\\' or whitespace"
-        ));
     }
     Ok(())
 }
@@ -1027,29 +967,6 @@ fn probe_event() -> Option<SinkEvent> {
         },
         labels: Arc::new(BTreeMap::new()),
     })
-}
-
-/// `nats://host:port` or `tls://host:port` (a bare `host:port` is `nats://`);
-/// no user or password in it.
-pub(crate) fn parse_url(url: &str) -> Result<ServerAddr, String> {
-    let addr = ServerAddr::from_str(url).map_err(|e| format!("{url:?}: {e}"))?;
-    match addr.scheme() {
-        "nats" | "tls" => {}
-        other => {
-            return Err(format!(
-                "{url:?}: scheme {other:?} is not supported; use nats:// or tls://"
-            ))
-        }
-    }
-    if addr.has_user_pass() {
-        return Err(format!(
-            "{url:?}: no user or password in the URL; use `credentials`"
-        ));
-    }
-    if addr.host().is_empty() {
-        return Err(format!("{url:?}: no host"));
-    }
-    Ok(addr)
 }
 
 #[cfg(test)]
@@ -1122,20 +1039,5 @@ mod tests {
         let e = event("gw", &long, &[]);
         let m = subject_of("o.{stream}", &e).expect_err("too long");
         assert!(m.contains("longer"), "{m}");
-    }
-
-    #[test]
-    fn urls_and_stream_names_are_checked() {
-        assert!(parse_url("nats://127.0.0.1:4222").is_ok());
-        assert!(parse_url("tls://nats.example:4222").is_ok());
-        assert!(parse_url("127.0.0.1:4222").is_ok());
-        assert!(parse_url("http://127.0.0.1:4222").is_err());
-        assert!(parse_url("ws://127.0.0.1:4222").is_err());
-        assert!(parse_url("nats://u:p@127.0.0.1:4222").is_err());
-        assert!(parse_url("nats://").is_err());
-        assert!(check_stream_name("EVENTS").is_ok());
-        assert!(check_stream_name("a.b").is_err());
-        assert!(check_stream_name("").is_err());
-        assert!(check_stream_name("a/b").is_err());
     }
 }

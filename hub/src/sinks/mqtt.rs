@@ -56,10 +56,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use super::{
-    check_template, expand, payload, MqttSinkConfig, PayloadFormat, Sink, SinkConfig, SinkError,
-    SinkEvent,
-};
+use super::config::{MqttSinkConfig, SinkConfig};
+use super::format::{check_template, expand, payload, PayloadFormat};
+use super::sink::{Sink, SinkError, SinkEvent};
 
 /// How long a connection attempt (TCP, TLS, CONNECT/CONNACK) may take, and
 /// a write to the broker; rumqttc counts it in whole seconds.
@@ -83,32 +82,26 @@ const JOB_QUEUE: usize = 16;
 /// warning (every attempt is logged at debug).
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
-/// What [`build`] checks of `c`, without connecting.
-pub(super) fn check_files(c: &SinkConfig, base: &Path) -> Result<(), SinkError> {
-    settings(c, base).map(drop)
-}
-
-/// The `[sinks.mqtt]` table of `c` and what it says, its files read.
-fn settings<'a>(
-    c: &'a SinkConfig,
-    base: &Path,
-) -> Result<(&'a super::MqttSinkConfig, Settings), SinkError> {
-    let cfg = c.mqtt.as_ref().ok_or_else(|| SinkError::Config {
-        id: c.id.clone(),
-        key: "mqtt".into(),
-        message: "kind = \"mqtt\" needs a [sinks.mqtt] table".into(),
-    })?;
-    Ok((cfg, Settings::read(&c.id, cfg, base)?))
-}
-
-/// Builds the MQTT sink of `c` and starts its driver, which connects in the
-/// background and ends when `stop` is cancelled.
-pub async fn build(
+/// What [`build`] checks of `c` (its `[sinks.mqtt]` table `cfg`), without
+/// connecting.
+pub(super) fn check_files(
     c: &SinkConfig,
+    cfg: &MqttSinkConfig,
+    base: &Path,
+) -> Result<(), SinkError> {
+    Settings::read(&c.id, cfg, base).map(drop)
+}
+
+/// Builds the MQTT sink of `c` (its `[sinks.mqtt]` table `cfg`) and starts
+/// its driver, which connects in the background and ends when `stop` is
+/// cancelled.
+pub(super) async fn build(
+    c: &SinkConfig,
+    cfg: &MqttSinkConfig,
     base: &Path,
     stop: CancellationToken,
 ) -> Result<Arc<dyn Sink>, SinkError> {
-    let (cfg, settings) = settings(c, base)?;
+    let settings = Settings::read(&c.id, cfg, base)?;
     let (jobs_tx, jobs_rx) = mpsc::channel(JOB_QUEUE);
     let span = tracing::info_span!("sink", sink = %c.id, kind = "mqtt", broker = %settings.broker);
     let driver = Driver {
@@ -727,6 +720,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::sinks::config::SinkKind;
 
     fn config(extra: &str) -> SinkConfig {
         toml::from_str(&format!(
@@ -736,7 +730,10 @@ mod tests {
     }
 
     fn config_error(c: &SinkConfig, base: &Path) -> (String, String) {
-        match Settings::read(&c.id, c.mqtt.as_ref().expect("mqtt"), base) {
+        let SinkKind::Mqtt(table) = &c.kind else {
+            panic!("mqtt");
+        };
+        match Settings::read(&c.id, table, base) {
             Err(SinkError::Config { key, message, .. }) => (key, message),
             Err(e) => panic!("not a config error: {e}"),
             Ok(_) => panic!("accepted"),
@@ -832,11 +829,11 @@ mod tests {
         let (_, message) = config_error(&config("[mqtt.tls]\nca = \"not-pem.pem\""), dir.path());
         assert!(message.contains("not-pem.pem"), "{message}");
         let mut c = config("");
-        if let Some(m) = c.mqtt.as_mut() {
+        if let SinkKind::Mqtt(m) = &mut c.kind {
             m.broker = "nope".into();
         }
         assert_eq!(config_error(&c, dir.path()).0, "mqtt.broker");
-        if let Some(m) = c.mqtt.as_mut() {
+        if let SinkKind::Mqtt(m) = &mut c.kind {
             m.broker = "127.0.0.1:1".into();
             m.client_id = String::new();
         }

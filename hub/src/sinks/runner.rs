@@ -68,7 +68,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument as _};
 
-use super::{Sink, SinkError, SinkEvent};
+use super::config::SinkConfig;
+use super::sink::{Sink, SinkError, SinkEvent, MAX_OVERLAP, RECORDS_WAITING};
+
+pub use super::sink::unrecorded_max;
 use crate::policy::FleetPolicy;
 use crate::store::jetstream::{
     JetStreamStore, LeaseLost, SinkQueueReader, LEASE_HOLD, LEASE_REFRESH,
@@ -79,23 +82,6 @@ use crate::store::{Queued, SinkProgress, StoreError, StoreHandle, StoreReader};
 /// without a signal (a signal is missed only if the store was written by
 /// another process).
 const IDLE_POLL: Duration = Duration::from_secs(1);
-
-/// The most first attempts under way at once, whatever a sink asks for.
-const MAX_OVERLAP: usize = 4;
-
-/// How many delivered batches may wait for their record (the one under way
-/// included) before no new attempt starts. Records are slower than
-/// deliveries (each is a durable transaction), so several wait, and the
-/// ones waiting are recorded together, in one transaction.
-const RECORDS_WAITING: usize = 4;
-
-/// The most batches a runner may have delivered without having recorded
-/// them yet, for a sink of that [`Sink::overlap`]: those under way, and
-/// those waiting for their record. A hub that crashes may have delivered
-/// that many batches it delivers again after the restart.
-pub fn unrecorded_max(overlap: usize) -> usize {
-    overlap.clamp(1, MAX_OVERLAP) + RECORDS_WAITING
-}
 
 /// What a runner needs besides its sink.
 #[derive(Debug, Clone)]
@@ -146,7 +132,7 @@ pub async fn run(
 /// What a runner on the JetStream store needs to build its sink.
 struct Leased {
     cfg: RunnerConfig,
-    sink: super::SinkConfig,
+    sink: SinkConfig,
     base: PathBuf,
     store: StoreHandle,
     js: Box<JetStreamStore>,
@@ -190,7 +176,7 @@ async fn run_leased(l: Leased, stop: CancellationToken) {
         };
         standing_by = false;
         let lease = stop.child_token();
-        let sink = match super::build(&l.sink, &l.base, lease.clone()).await {
+        let sink = match l.sink.build(&l.base, lease.clone()).await {
             Ok(sink) => sink,
             Err(e) => {
                 warn!(error = %e, "Cannot build the sink; letting its lease go and retrying.");
@@ -281,13 +267,13 @@ impl SinkThread {
     }
 }
 
-/// Builds the sink `c` describes ([`super::build`]; relative paths from
+/// Builds the sink `c` describes ([`SinkConfig::build`]; relative paths from
 /// `base`) and runs it ([`run`]) until `stop`, on a thread of its own that
 /// runs a one-thread tokio runtime: the runner, the sink's client and its
 /// connection tasks all live there. Returns once the sink is built, with its
 /// error if it cannot be. On the JetStream store the sink is built only
 /// while this replica holds its lease (`run_leased`); its files are
-/// checked before this returns ([`super::check_files`]).
+/// checked before this returns ([`SinkConfig::check_files`]).
 ///
 /// Why a thread per sink: a sink's work is a stream of small steps that
 /// wake each other (a publish handed to the client's connection task, an
@@ -300,7 +286,7 @@ impl SinkThread {
 /// sessions off the other cores, and a sink that is busy or slow cannot
 /// delay them.
 pub async fn start(
-    c: &super::SinkConfig,
+    c: &SinkConfig,
     base: &Path,
     store: StoreHandle,
     source: QueueSource,
@@ -308,9 +294,9 @@ pub async fn start(
     stop: CancellationToken,
 ) -> Result<SinkThread, SinkError> {
     let id = c.id.clone();
-    let failed = |e: std::io::Error| SinkError::Thread {
+    let failed = |source: std::io::Error| SinkError::Thread {
         id: id.clone(),
-        message: e.to_string(),
+        source,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -332,7 +318,7 @@ pub async fn start(
             rt.block_on(async move {
                 match source {
                     QueueSource::Sqlite(path) => {
-                        let sink = match super::build(&c, &base, stop.clone()).await {
+                        let sink = match c.build(&base, stop.clone()).await {
                             Ok(sink) => sink,
                             Err(e) => {
                                 let _ = built_tx.send(Err(e));
@@ -347,7 +333,7 @@ pub async fn start(
                     // files are checked now, so that a bad certificate
                     // still fails the start.
                     QueueSource::JetStream(js) => {
-                        if let Err(e) = super::check_files(&c, &base) {
+                        if let Err(e) = c.check_files(&base) {
                             let _ = built_tx.send(Err(e));
                             return;
                         }
@@ -390,10 +376,7 @@ pub async fn start(
         Err(_) => {
             let id = sink.id.clone();
             sink.join().await;
-            Err(SinkError::Thread {
-                id,
-                message: "it ended before the sink was built".into(),
-            })
+            Err(SinkError::ThreadEnded { id })
         }
     }
 }
@@ -1127,7 +1110,7 @@ impl Runner {
                     if let Err(e) = self.store.sink_progress(self.cfg.id.clone(), p).await {
                         debug!(error = %e, "Sink failure not recorded.");
                     }
-                    if sleep(stop, super::jitter(backoff)).await {
+                    if sleep(stop, jitter(backoff)).await {
                         return None;
                     }
                     backoff = (backoff * 2).min(self.cfg.retry_max);
@@ -1169,4 +1152,14 @@ async fn sleep(stop: &CancellationToken, d: Duration) -> bool {
         () = stop.cancelled() => true,
         () = tokio::time::sleep(d) => false,
     }
+}
+
+/// `d` ± 25 %, so that sinks failing together do not retry in lockstep.
+fn jitter(d: std::time::Duration) -> std::time::Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.subsec_nanos());
+    // 0.75 .. 1.25 from the clock's low bits: enough spread, no RNG needed.
+    let f = 0.75 + f64::from(nanos % 1000) / 2000.0;
+    d.mul_f64(f)
 }

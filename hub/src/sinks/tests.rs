@@ -72,7 +72,9 @@ client_id = "hub-1"
     )
     .expect("config");
     assert_eq!(c.batch_max, 500);
-    let m = c.mqtt.expect("mqtt table");
+    let SinkKind::Mqtt(m) = c.kind else {
+        panic!("mqtt table");
+    };
     assert_eq!(m.topic, "outpost/{agent_id}/{stream}");
     assert_eq!(m.payload, PayloadFormat::Json);
     let unknown = toml::from_str::<SinkConfig>("id = \"x\"\nkind = \"mqtt\"\nbogus = 1\n");

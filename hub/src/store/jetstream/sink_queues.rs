@@ -10,7 +10,8 @@
 //!   payload:      postcard EventBody       minimised as the policy says
 //! KV <prefix>_sinks        key <sink> → JSON counters for `sinks status`
 //! KV <prefix>_sink_leases  key <sink> → the replica that runs the sink;
-//!                          max_age LEASE_TTL: a replica killed lets go
+//!                          max_age LEASE_TTL (15 s): a replica killed
+//!                          lets go
 //! ```
 //!
 //! Why these shapes:
@@ -31,11 +32,11 @@
 //!   whole queue. The lease is a key that its holder refreshes by
 //!   compare-and-set on its revision; a holder that cannot refresh it for
 //!   [`LEASE_HOLD`] stops delivering, and the bucket's `max_age` drops the
-//!   key of one killed, so another replica takes the sink over within
-//!   [`LEASE_TTL`]. A holder paused past its lease may deliver a batch the
-//!   next holder delivers too: at least once, as after any crash.
+//!   key of one killed, so another replica takes the sink over within its
+//!   time to live (`setup::LEASE_TTL`). A holder paused past its lease may
+//!   deliver a batch the next holder delivers too: at least once, as after
+//!   any crash.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{self, pull};
@@ -46,16 +47,18 @@ use outpost_protocols::event::{AgentId, Event, EventBody, Seq};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use super::{JetStreamStore, KvAgent};
-use crate::store::{Forward, Queued, SinkProgress, SinkStatus, StoreError};
+use super::connection::JetStreamStore;
+use crate::nats;
+use crate::store::error::StoreError;
+use crate::store::sinkq::{Forward, Queued, SinkProgress, SinkStatus};
+use crate::store::writer::now;
 
-/// How long a sink's lease outlives its last refresh.
-pub const LEASE_TTL: Duration = Duration::from_secs(15);
-/// How often its holder refreshes it.
+/// How often a lease's holder refreshes it.
 pub const LEASE_REFRESH: Duration = Duration::from_secs(3);
 /// How long its holder goes on without a refresh that succeeded before it
-/// stops delivering: well inside [`LEASE_TTL`], so that it has stopped
-/// before another replica may take the sink.
+/// stops delivering: well inside the lease's time to live
+/// (`setup::LEASE_TTL`), so that it has stopped before another replica may
+/// take the sink.
 pub const LEASE_HOLD: Duration = Duration::from_secs(8);
 
 /// A sink's counters as `<prefix>_sinks` holds them.
@@ -93,10 +96,8 @@ impl JetStreamStore {
         let body: bytes::Bytes = f.body.encode().into();
         let mut acks = Vec::with_capacity(f.sinks.len());
         for sink in &f.sinks {
-            let msg = jetstream::message::PublishMessage::build()
-                .payload(body.clone())
-                .message_id(format!("{sink}:{agent_id}:{}", f.seq.0))
-                .expected_stream(&self.cfg.sinks_stream);
+            let id = format!("{sink}:{agent_id}:{}", f.seq.0);
+            let msg = nats::message(body.clone(), &id, &self.cfg.sinks_stream);
             let ack = self
                 .js
                 .send_publish(self.sink_subject(sink, agent_id), msg)
@@ -152,7 +153,7 @@ impl JetStreamStore {
                 .await
                 .map_err(|e| self.fail(format!("recording what sink {sink} accepted"), e))?;
         }
-        let t = crate::store::now().0;
+        let t = now().0;
         let what = || format!("counting the deliveries of sink {sink}");
         self.update_json(&self.sink_counters, sink, what, |c: &mut KvSink| {
             c.delivered += p.delivered;
@@ -276,17 +277,6 @@ impl JetStreamStore {
         }
     }
 
-    /// The labels of `agent_id`'s latest `Hello`.
-    pub async fn labels(&self, agent_id: &AgentId) -> Result<BTreeMap<String, String>, StoreError> {
-        match self.agents.get(agent_id.as_str()).await {
-            Ok(Some(v)) => Ok(serde_json::from_slice::<KvAgent>(&v)
-                .map(|r| r.labels)
-                .unwrap_or_default()),
-            Ok(None) => Ok(BTreeMap::new()),
-            Err(e) => Err(self.fail(format!("reading the labels of {agent_id}"), e)),
-        }
-    }
-
     /// A reader of `sink`'s queue.
     pub fn queue_reader(&self, sink: &str) -> SinkQueueReader {
         SinkQueueReader {
@@ -308,7 +298,10 @@ pub struct SinkQueueReader {
 
 impl SinkQueueReader {
     /// The labels of `agent_id`'s latest `Hello` ([`JetStreamStore::labels`]).
-    pub async fn labels(&self, agent_id: &AgentId) -> Result<BTreeMap<String, String>, StoreError> {
+    pub async fn labels(
+        &self,
+        agent_id: &AgentId,
+    ) -> Result<std::collections::BTreeMap<String, String>, StoreError> {
         self.store.labels(agent_id).await
     }
 
@@ -377,13 +370,14 @@ impl SinkQueueReader {
                 warn!(sink = %self.sink, n, subject = %m.subject, "A message in the sinks' stream that the hub did not queue; left alone.");
                 continue;
             };
-            let body = EventBody::decode(&m.payload).map_err(|e| StoreError::JetStream {
-                url: s.cfg.url.clone(),
-                what: format!(
-                    "decoding {agent_id}:{} queued for sink {}",
-                    seq.0, self.sink
-                ),
-                message: e.to_string(),
+            let body = EventBody::decode(&m.payload).map_err(|e| {
+                s.fail(
+                    format!(
+                        "decoding {agent_id}:{} queued for sink {}",
+                        seq.0, self.sink
+                    ),
+                    e,
+                )
             })?;
             out.push(Queued {
                 n: i64::try_from(n).unwrap_or(i64::MAX),

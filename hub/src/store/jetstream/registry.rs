@@ -1,0 +1,187 @@
+//! The fleet registry on JetStream: one JSON record per agent in
+//! `<prefix>_agents`, and one key per live replica in `<prefix>_replicas`.
+//!
+//! The registry is informational (`fleet list`); it is updated by
+//! compare-and-set too, so that two replicas never overwrite each other's
+//! change. Sessions are counted per replica, and a replica that stopped
+//! refreshing its key in `<prefix>_replicas` (killed) no longer counts.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use outpost_protocols::event::{AgentId, Timestamp};
+use serde::{Deserialize, Serialize};
+
+use super::connection::JetStreamStore;
+use crate::store::error::StoreError;
+use crate::store::registry::AgentRecord;
+use crate::store::writer::{now, Write};
+
+/// How often a replica refreshes its key in `<prefix>_replicas`.
+pub(super) const HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// An agent's registry record as the `<prefix>_agents` bucket holds it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(super) struct KvAgent {
+    labels: BTreeMap<String, String>,
+    first_seen: i64,
+    pub(super) last_seen: i64,
+    agent_version: Option<String>,
+    protocol_version: Option<u16>,
+    backlog_events: Option<u64>,
+    backlog_bytes: Option<u64>,
+    /// Open sessions by replica.
+    sessions: BTreeMap<String, u64>,
+    policy_version: Option<u64>,
+    policy_error: Option<String>,
+    pub(super) policy_dropped: u64,
+    pub(super) policy_modified: u64,
+}
+
+impl JetStreamStore {
+    /// Read-modify-write of `agent_id`'s registry record by compare-and-set.
+    pub(super) async fn update_agent(
+        &self,
+        agent_id: &AgentId,
+        change: impl Fn(&mut KvAgent),
+    ) -> Result<(), StoreError> {
+        let what = || format!("updating the registry record of {agent_id}");
+        self.update_json(&self.agents, agent_id.as_str(), what, change)
+            .await
+    }
+
+    /// Applies a registry change (a session opened or closed, a backlog or
+    /// policy status reported, a touch); `Ok` for any other write.
+    pub(super) async fn apply_registry(&self, w: &Write) -> Result<(), StoreError> {
+        let t = now().0;
+        let replica = &self.replica;
+        match w {
+            Write::Connected {
+                agent_id,
+                labels,
+                agent_version,
+                protocol_version,
+                ..
+            } => {
+                self.update_agent(agent_id, |r| {
+                    if r.first_seen == 0 {
+                        r.first_seen = t;
+                    }
+                    r.last_seen = r.last_seen.max(t);
+                    r.labels = labels.clone();
+                    r.agent_version = Some(agent_version.clone());
+                    r.protocol_version = Some(*protocol_version);
+                    *r.sessions.entry(replica.clone()).or_default() += 1;
+                })
+                .await
+            }
+            Write::Disconnected { agent_id, .. } => {
+                self.update_agent(agent_id, |r| {
+                    r.last_seen = r.last_seen.max(t);
+                    if let Some(n) = r.sessions.get_mut(replica) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            r.sessions.remove(replica);
+                        }
+                    }
+                })
+                .await
+            }
+            Write::Backlog {
+                agent_id,
+                events,
+                bytes,
+                ..
+            } => {
+                self.update_agent(agent_id, |r| {
+                    r.backlog_events = Some(*events);
+                    r.backlog_bytes = Some(*bytes);
+                })
+                .await
+            }
+            Write::Touch { agent_id, .. } => {
+                self.update_agent(agent_id, |r| r.last_seen = r.last_seen.max(t))
+                    .await
+            }
+            Write::PolicyStatus {
+                agent_id,
+                version,
+                error,
+                ..
+            } => {
+                self.update_agent(agent_id, |r| {
+                    r.policy_version = Some(*version);
+                    r.policy_error = error.clone();
+                })
+                .await
+            }
+            Write::SinkProgress { .. } | Write::Insert { .. } => Ok(()),
+        }
+    }
+
+    /// Refreshes this replica's key in `<prefix>_replicas`.
+    pub(super) async fn heartbeat(&self) -> Result<(), StoreError> {
+        let value = serde_json::json!({ "since": now().0 }).to_string();
+        self.replicas
+            .put(&self.replica, value.into())
+            .await
+            .map(drop)
+            .map_err(|e| self.fail("refreshing this replica's key", e))
+    }
+
+    /// Every agent in the registry with its watermark, sessions counted only
+    /// on replicas that are alive, in id order.
+    pub async fn fleet(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        let alive = self.keys_of(&self.replicas, "listing replicas").await?;
+        let ids = self.keys_of(&self.agents, "listing agents").await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Ok(agent_id) = AgentId::parse(&id) else {
+                continue;
+            };
+            let Some(v) = self
+                .agents
+                .get(id.clone())
+                .await
+                .map_err(|e| self.fail("reading agents", e))?
+            else {
+                continue;
+            };
+            let rec: KvAgent = serde_json::from_slice(&v).unwrap_or_default();
+            let watermark = self.watermark(&agent_id).await?;
+            out.push(AgentRecord {
+                agent_id,
+                labels: rec.labels,
+                first_seen: Timestamp(rec.first_seen),
+                last_seen: Timestamp(rec.last_seen),
+                agent_version: rec.agent_version,
+                protocol_version: rec.protocol_version,
+                watermark,
+                backlog_events: rec.backlog_events,
+                backlog_bytes: rec.backlog_bytes,
+                sessions: rec
+                    .sessions
+                    .iter()
+                    .filter(|(r, _)| alive.contains(*r))
+                    .map(|(_, n)| n)
+                    .sum(),
+                policy_version: rec.policy_version,
+                policy_error: rec.policy_error,
+                policy_dropped: rec.policy_dropped,
+                policy_modified: rec.policy_modified,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The labels of `agent_id`'s latest `Hello`.
+    pub async fn labels(&self, agent_id: &AgentId) -> Result<BTreeMap<String, String>, StoreError> {
+        match self.agents.get(agent_id.as_str()).await {
+            Ok(Some(v)) => Ok(serde_json::from_slice::<KvAgent>(&v)
+                .map(|r| r.labels)
+                .unwrap_or_default()),
+            Ok(None) => Ok(BTreeMap::new()),
+            Err(e) => Err(self.fail(format!("reading the labels of {agent_id}"), e)),
+        }
+    }
+}
