@@ -17,7 +17,7 @@ use async_nats::jetstream::context::ContextBuilder;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::{ConnectOptions, ServerAddr};
 
-use crate::client_tls::ClientTls;
+use crate::client_tls::{self, ClientTls, ClientTlsError};
 
 /// `nats://host:port` or `tls://host:port` (a bare `host:port` is `nats://`);
 /// no user or password in it.
@@ -91,24 +91,19 @@ pub enum EndpointError {
     },
     /// The `tls` table cannot work (a CA that does not parse, a key without
     /// its certificate).
-    #[error("{message}")]
-    Tls {
-        /// The key within the connection's table (`tls.ca`).
-        key: String,
-        /// What is wrong.
-        message: String,
-    },
+    #[error(transparent)]
+    Tls(ClientTlsError),
 }
 
 impl EndpointError {
     /// The key at fault, relative to the table that configures the
     /// connection (`credentials`, `tls.ca`).
-    pub fn key(&self) -> &str {
+    pub fn key(&self) -> String {
         match self {
             EndpointError::CredentialsUnreadable { .. } | EndpointError::NotCredentials { .. } => {
-                "credentials"
+                "credentials".into()
             }
-            EndpointError::Tls { key, .. } => key,
+            EndpointError::Tls(e) => format!("tls.{}", e.key()),
         }
     }
 }
@@ -138,20 +133,18 @@ impl std::fmt::Debug for Endpoint {
 
 impl Endpoint {
     /// Reads `credentials` and `tls` (paths relative to `base`) for a
-    /// connection to `servers` (`url` as configured). `owner` names who
-    /// connects in TLS errors (a sink's id, or `store`).
+    /// connection to `servers` (`url` as configured).
     pub fn read(
         url: &str,
         servers: Vec<ServerAddr>,
         credentials: Option<&Path>,
         tls: Option<&ClientTls>,
-        owner: &str,
         base: &Path,
     ) -> Result<Endpoint, EndpointError> {
         let credentials = credentials
             .map(|p| read_credentials(&base.join(p)))
             .transpose()?;
-        let tls = tls.map(|t| tls_config(owner, t, base)).transpose()?;
+        let tls = tls.map(|t| tls_config(t, base)).transpose()?;
         Ok(Endpoint {
             url: url.to_owned(),
             servers,
@@ -215,25 +208,9 @@ fn read_credentials(path: &Path) -> Result<(PathBuf, String), EndpointError> {
     Ok((path.to_owned(), text))
 }
 
-/// `tls` as a rustls client configuration, by the sinks' TLS loader (keys
-/// named `jetstream.tls.<key>` there).
-fn tls_config(
-    owner: &str,
-    tls: &ClientTls,
-    base: &Path,
-) -> Result<rustls::ClientConfig, EndpointError> {
-    crate::sinks::tls::client_config(owner, "jetstream", Some(tls), base).map_err(|e| match e {
-        crate::sinks::SinkError::Config { key, message, .. } => EndpointError::Tls {
-            key: key
-                .strip_prefix("jetstream.")
-                .map_or_else(|| key.clone(), str::to_owned),
-            message,
-        },
-        other => EndpointError::Tls {
-            key: "tls".into(),
-            message: other.to_string(),
-        },
-    })
+/// `tls` as a rustls client configuration.
+fn tls_config(tls: &ClientTls, base: &Path) -> Result<rustls::ClientConfig, EndpointError> {
+    client_tls::client_config(Some(tls), base).map_err(EndpointError::Tls)
 }
 
 /// A JetStream context on `client` that waits `timeout` for each request and

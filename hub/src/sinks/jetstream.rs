@@ -176,10 +176,9 @@ impl Settings {
             vec![addr],
             c.credentials.as_deref(),
             c.tls.as_ref(),
-            id,
             base,
         )
-        .map_err(|e| bad(e.key(), e.to_string()))?;
+        .map_err(|e| bad(&e.key(), e.to_string()))?;
         if endpoint.tls_required() && !endpoint.has_tls() {
             return Err(bad(
                 "tls",
@@ -220,7 +219,7 @@ impl Settings {
         // A server that asks for TLS gets a handshake that trusts no one,
         // rather than the system's roots: a CA must be configured.
         if !self.endpoint.has_tls() {
-            if let Ok(t) = super::tls::client_config("", "jetstream", None, Path::new("")) {
+            if let Ok(t) = crate::client_tls::client_config(None, Path::new("")) {
                 o = o.tls_client_config(t);
             }
         }

@@ -48,7 +48,6 @@ pub(super) async fn connect(
         cfg.servers.clone(),
         cfg.credentials.as_deref(),
         cfg.tls.as_ref(),
-        "store",
         base,
     )
     .map_err(|e| fail(cfg, &format!("store.jetstream.{}", e.key()), e.to_string()))?;
