@@ -602,15 +602,7 @@ impl AgentSession {
 
     /// Takes one event; see [`push_events`](Self::push_events).
     pub fn push_event(&mut self, seq: Seq, body: &EventBody) -> Result<(), UsageError> {
-        if !matches!(self.state, State::Streaming { .. }) {
-            return Err(UsageError::NotStreaming);
-        }
-        if seq <= self.pushed {
-            return Err(UsageError::SeqNotIncreasing {
-                previous: self.pushed,
-                got: seq,
-            });
-        }
+        self.check_next(seq)?;
         if self.wants() == 0 {
             return Err(UsageError::WindowFull {
                 window: self.window,
@@ -645,6 +637,15 @@ impl AgentSession {
     /// resumes after it, and a stop need not wait for it. Seqs go in
     /// increasing order with the pushed ones.
     pub fn skip(&mut self, seq: Seq) -> Result<(), UsageError> {
+        self.check_next(seq)?;
+        self.pushed = seq;
+        self.asked = false;
+        Ok(())
+    }
+
+    /// Whether `seq` may be pushed or skipped now: streaming, and after
+    /// [`read_after`](Self::read_after).
+    fn check_next(&self, seq: Seq) -> Result<(), UsageError> {
         if !matches!(self.state, State::Streaming { .. }) {
             return Err(UsageError::NotStreaming);
         }
@@ -654,8 +655,6 @@ impl AgentSession {
                 got: seq,
             });
         }
-        self.pushed = seq;
-        self.asked = false;
         Ok(())
     }
 

@@ -828,15 +828,19 @@ fn an_agent_closing_on_an_outbox_failure_tells_the_hub() {
 // What the agent's session decides for its driver: the drained stop, the
 // refill threshold and the backlog timer.
 
-#[test]
-fn a_drained_stop_says_goodbye_only_after_the_last_ack() {
+/// A pair whose hub received `n` events and committed none of them.
+fn pair_awaiting_commit(n: i64) -> Pair {
     let mut pair = Pair::new();
     pair.auto_commit = false;
-    for i in 0..10 {
-        pair.outbox.append(0, body(i));
-    }
+    pair.fill(n);
     pair.drive();
-    assert_eq!(pair.hub.highest_received(), Seq(10));
+    assert_eq!(pair.hub.highest_received(), Seq(n as u64));
+    pair
+}
+
+#[test]
+fn a_drained_stop_says_goodbye_only_after_the_last_ack() {
+    let mut pair = pair_awaiting_commit(10);
     pair.stop(Duration::from_secs(2));
     pair.drive();
     // Everything was sent, nothing acknowledged: the agent waits.
@@ -857,9 +861,7 @@ fn a_stop_sends_what_the_outbox_committed_before_saying_goodbye() {
     // Stopped before the hub even welcomed it, with events committed and
     // none read yet.
     let mut pair = Pair::new();
-    for i in 0..25 {
-        pair.outbox.append(0, body(i));
-    }
+    pair.fill(25);
     pair.stop(Duration::from_secs(2));
     pair.drive();
     assert_eq!(pair.closed, [("agent", None), ("hub", None)]);
@@ -869,12 +871,7 @@ fn a_stop_sends_what_the_outbox_committed_before_saying_goodbye() {
 
 #[test]
 fn a_stop_that_cannot_drain_says_goodbye_at_its_deadline() {
-    let mut pair = Pair::new();
-    pair.auto_commit = false;
-    for i in 0..10 {
-        pair.outbox.append(0, body(i));
-    }
-    pair.drive();
+    let mut pair = pair_awaiting_commit(10);
     pair.stop(Duration::from_secs(2));
     pair.advance(Duration::from_millis(1990));
     assert!(!pair.agent.is_closed());
@@ -1071,9 +1068,7 @@ fn the_pair_refills_only_at_the_threshold() {
     let mut pair = Pair::with_configs(agent_config, hub_config);
     pair.auto_commit = false;
     pair.read_chunk = 1000;
-    for i in 0..300 {
-        pair.outbox.append(0, body(i));
-    }
+    pair.fill(300);
     pair.drive();
     assert_eq!(pair.needs, [100]);
     assert_eq!(pair.hub.highest_received(), Seq(100));
@@ -1120,9 +1115,7 @@ fn the_agent_asks_for_a_backlog_report_on_its_interval() {
 #[test]
 fn backlog_reports_reach_the_hub_on_their_interval() {
     let mut pair = Pair::new();
-    for i in 0..3 {
-        pair.outbox.append(0, body(i));
-    }
+    pair.fill(3);
     pair.drive();
     assert_eq!(pair.backlogs_reported, 0);
     pair.advance(Duration::from_secs(30));

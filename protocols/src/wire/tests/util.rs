@@ -252,6 +252,13 @@ impl Pair {
         }
     }
 
+    /// The sources hand the agent `n` events, without gaps.
+    pub(crate) fn fill(&mut self, n: i64) {
+        for i in 0..n {
+            self.outbox.append(0, body(i));
+        }
+    }
+
     /// Seeds the generator behind `loss`.
     pub(crate) fn seed(&mut self, seed: u64) {
         self.rng = seed | 1;
