@@ -1,11 +1,14 @@
-//! One connection's loop around the [`AgentSession`]: write what the
-//! session queued, act on its events, feed it events from the outbox while
-//! it has room, then wait for the stream, a delete, the outbox, the backlog
-//! timer, shutdown or the session's timer.
+//! One connection's loop around the [`AgentSession`]: tell it the outbox's
+//! last committed seq, write what it queued, act on its events (read the
+//! outbox when it asks, report the backlog when it asks, apply the hub's
+//! marks), then wait for the stream, a delete, the outbox, shutdown or the
+//! session's timer.
 //!
-//! A stop is drained: what is committed is sent and its acknowledgements
-//! awaited (at most [`DRAIN`]) before `Goodbye`, so the next start does not
-//! resend it; the hub drops what is resent anyway.
+//! The decisions are the session's, so the wire tests' `Pair` checks them:
+//! when to read more (`NeedEvents`), when to report the backlog
+//! (`ReportBacklog`), and when a stop is drained and says `Goodbye`. The
+//! driver only gives a stop its deadline ([`DRAIN`]) and applies the policy
+//! to what it reads (skipping what it denies, deferring for a `hold` rate).
 
 use std::future::Future;
 use std::ops::ControlFlow;
@@ -13,7 +16,7 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use outpost_protocols::wire::{AgentConfig, AgentEvent, AgentInfo, AgentSession, UsageError};
-use outpost_protocols::{Event, EventBody, Seq};
+use outpost_protocols::{Event, Seq};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -28,16 +31,8 @@ use crate::policy::PolicyStore;
 /// Events read from the outbox per request.
 const READ_CHUNK: usize = 4096;
 
-/// While events are in flight, the session is refilled only once the window
-/// has this much room: one large read instead of one per acknowledged
-/// batch, which during a drain kept the uplink in lock step with the
-/// outbox thread.
-const REFILL_AT: usize = 2048;
-
-/// How often the backlog is reported to the hub.
-const BACKLOG_EVERY: Duration = Duration::from_secs(5);
-
-/// How long a stop waits for in-flight events to be acknowledged.
+/// How long a stop may wait for in-flight events to be acknowledged, so the
+/// next start does not resend them (the hub drops what is resent anyway).
 const DRAIN: Duration = Duration::from_secs(2);
 
 /// How long the driver sleeps when the session has no timer (closed).
@@ -81,17 +76,11 @@ struct Driver<'a> {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     gate: SendGate,
-    /// The last seq read from the outbox and either pushed or, denied by the
-    /// policy, skipped: reading resumes after it.
-    cursor: Seq,
-    /// While a `hold` rate is exhausted: when sending may go on.
-    paced: Option<tokio::time::Instant>,
     /// The outbox's last committed seq.
     committed: watch::Receiver<Seq>,
-    backlog: tokio::time::Interval,
-    /// Whether the agent is stopping, and until when it drains.
+    /// Whether the agent is stopping (the session drains, then says
+    /// `Goodbye`).
     stopping: bool,
-    stop_by: tokio::time::Instant,
     /// The highest seq the hub acknowledged, the highest whose delete was
     /// asked for, and that delete while it runs.
     ack_wanted: Seq,
@@ -118,12 +107,8 @@ impl<'a> Driver<'a> {
             send,
             recv,
             gate: SendGate::new(link.policy),
-            cursor: Seq(0),
-            paced: None,
             committed: link.outbox.committed(),
-            backlog: tokio::time::interval(BACKLOG_EVERY),
             stopping: false,
-            stop_by: tokio::time::Instant::now(),
             ack_wanted: Seq(0),
             ack_asked: Seq(0),
             ack_job: None,
@@ -134,23 +119,26 @@ impl<'a> Driver<'a> {
 
     /// The loop, in the session's poll order.
     async fn run(mut self) -> Result<Ended, UplinkError> {
+        // `Hello` first; then the first backlog report, which the session
+        // sends once welcomed, as it does the policy version. The session
+        // asks for the next ones.
+        self.transmit().await?;
+        self.report_backlog().await;
         loop {
+            let last = *self.committed.borrow_and_update();
+            self.session.outbox_committed(last);
             self.transmit().await?;
-            if let ControlFlow::Break(ended) = self.handle_events().await? {
-                return Ok(ended);
-            }
-            let last = *self.committed.borrow();
-            self.cursor = self.cursor.max(self.session.read_after());
-            if self.drained(last) {
-                self.session.goodbye();
-                continue;
-            }
+            let need = match self.handle_events().await? {
+                ControlFlow::Break(ended) => return Ok(ended),
+                ControlFlow::Continue(need) => need,
+            };
             self.start_delete();
-            let can_feed = self.can_feed();
-            if can_feed && last > self.cursor && self.feed_from_outbox().await? {
-                continue;
+            if let Some(room) = need {
+                if self.feed_from_outbox(room).await? {
+                    continue;
+                }
             }
-            self.wait(can_feed).await?;
+            self.wait().await?;
         }
     }
 
@@ -168,8 +156,10 @@ impl<'a> Driver<'a> {
         Ok(())
     }
 
-    /// Acts on every event the session has; `Break` once it closed cleanly.
-    async fn handle_events(&mut self) -> Result<ControlFlow<Ended>, UplinkError> {
+    /// Acts on every event the session has; `Break` once it closed cleanly,
+    /// else how many events the session asked to be read, if it asked.
+    async fn handle_events(&mut self) -> Result<ControlFlow<Ended, Option<usize>>, UplinkError> {
+        let mut need = None;
         while let Some(event) = self.session.poll_event() {
             match event {
                 AgentEvent::Connected { version, watermark } => {
@@ -195,6 +185,8 @@ impl<'a> Driver<'a> {
                     self.ack_wanted = self.ack_wanted.max(upto.min(*self.committed.borrow()));
                 }
                 AgentEvent::Policy { version, text } => self.install_policy(version, &text),
+                AgentEvent::NeedEvents { room } => need = Some(room),
+                AgentEvent::ReportBacklog => self.report_backlog().await,
                 AgentEvent::Closed { error } => {
                     let _ = self.send.finish();
                     if let Some(job) = self.ack_job.take() {
@@ -209,7 +201,15 @@ impl<'a> Driver<'a> {
                 _ => {}
             }
         }
-        Ok(ControlFlow::Continue(()))
+        Ok(ControlFlow::Continue(need))
+    }
+
+    /// Reports the outbox's backlog to the hub; a failed count is skipped,
+    /// and the next report comes on the session's interval.
+    async fn report_backlog(&mut self) {
+        if let Ok(s) = self.link.outbox.stats().await {
+            self.session.report_backlog(s.events, s.bytes, s.first_seq);
+        }
     }
 
     /// Puts a policy from the hub in force, or keeps the previous one if it
@@ -238,11 +238,6 @@ impl<'a> Driver<'a> {
         self.gate.refresh(policy);
     }
 
-    /// Stopping, and everything committed was sent and acknowledged.
-    fn drained(&self, last: Seq) -> bool {
-        self.stopping && self.session.in_flight() == 0 && last <= self.cursor
-    }
-
     /// Deletes what the hub acknowledged, one request at a time and without
     /// waiting for it: acks that arrive meanwhile are merged into the next.
     /// A delete lost in a crash only means a resend, which the hub drops.
@@ -253,22 +248,14 @@ impl<'a> Driver<'a> {
         }
     }
 
-    /// Whether the session has room for events now: streaming, its window
-    /// open (wide enough while events are in flight), and no `hold` wait.
-    fn can_feed(&self) -> bool {
-        self.session.is_streaming()
-            && self.session.wants() > 0
-            && (self.session.in_flight() == 0 || self.session.wants() >= REFILL_AT)
-            && self.paced.is_none_or(|t| t <= tokio::time::Instant::now())
-    }
-
-    /// Reads events after the cursor and pushes what the policy lets
-    /// through; whether anything was pushed or skipped.
-    async fn feed_from_outbox(&mut self) -> Result<bool, UplinkError> {
-        self.paced = None;
+    /// Reads up to `room` events after where the session reads from and
+    /// pushes what the policy lets through; whether anything was pushed or
+    /// skipped.
+    async fn feed_from_outbox(&mut self, room: usize) -> Result<bool, UplinkError> {
         self.gate.refresh(self.link.policy);
-        let n = self.session.wants().min(READ_CHUNK);
-        let events = self.link.outbox.read_batch(self.cursor, n).await?;
+        let n = room.min(READ_CHUNK);
+        let after = self.session.read_after();
+        let events = self.link.outbox.read_batch(after, n).await?;
         if events.is_empty() {
             return Ok(false);
         }
@@ -278,33 +265,29 @@ impl<'a> Driver<'a> {
         Ok(sent + skipped + too_large > 0)
     }
 
-    /// Pushes what the policy lets through of `events` (read after the
-    /// cursor) and moves the cursor past what it pushed or skipped; stops
-    /// early when a `hold` rate is exhausted, setting `paced`. Returns
-    /// (pushed, skipped by the policy, skipped as too large to send).
+    /// Pushes what the policy lets through of `events` (read after where
+    /// the session reads from) and skips the rest in the session; stops
+    /// early when a `hold` rate is exhausted, deferring the session's next
+    /// `NeedEvents`. Returns (pushed, skipped by the policy, skipped as too
+    /// large to send).
     fn feed(&mut self, events: Vec<Event>) -> Result<(u64, u64, u64), UplinkError> {
         let (mut sent, mut skipped, mut too_large) = (0u64, 0u64, 0u64);
-        let mut batch: Vec<(Seq, EventBody)> = Vec::with_capacity(events.len());
         for e in events {
             let mut body = e.body;
             if let Some(reason) = self.gate.denies(&mut body) {
                 tracing::trace!(seq = e.seq.0, stream = %body.stream, reason = reason.name(), "Not sent: the policy in force denies it.");
+                self.session.skip(e.seq)?;
                 skipped += 1;
-                self.cursor = e.seq;
                 continue;
             }
             let size = body.value.payload_len();
             let wait = self.gate.wait(size);
             if !wait.is_zero() {
-                self.paced = Some(tokio::time::Instant::now() + wait);
+                self.session.defer_events(Instant::now() + wait);
                 break;
             }
             self.gate.take(size);
-            self.cursor = e.seq;
-            batch.push((e.seq, body));
-        }
-        for (seq, body) in batch {
-            match self.session.push_event(seq, &body) {
+            match self.session.push_event(e.seq, &body) {
                 Ok(()) => sent += 1,
                 // No session can ever send it (an outbox written by an agent
                 // that stored such events): closing the connection would only
@@ -314,6 +297,7 @@ impl<'a> Driver<'a> {
                 Err(UsageError::EventTooLarge { seq, len, max }) => {
                     tracing::error!(seq = seq.0, stream = %body.stream, len, max, "Event too large for the uplink; not sent.");
                     self.link.metrics.evicted("too_large", 1);
+                    self.session.skip(seq)?;
                     too_large += 1;
                 }
                 Err(e) => return Err(e.into()),
@@ -323,12 +307,13 @@ impl<'a> Driver<'a> {
     }
 
     /// Waits for the next input and feeds it to the session.
-    async fn wait(&mut self, can_feed: bool) -> Result<(), UplinkError> {
+    async fn wait(&mut self) -> Result<(), UplinkError> {
         let deadline = self
             .session
             .poll_timeout()
             .map(tokio::time::Instant::from_std)
             .unwrap_or_else(|| tokio::time::Instant::now() + NO_TIMER);
+        let awaits_events = self.session.awaits_events();
         tokio::select! {
             done = async {
                 match self.ack_job.as_mut() {
@@ -340,34 +325,25 @@ impl<'a> Driver<'a> {
                 marks::deleted(self.link.metrics, done)?;
             }
             () = self.shutdown.cancelled(), if !self.stopping => {
-                // Give in-flight batches a moment to be acknowledged, so the
-                // next start does not resend them; the hub dedups anyway.
                 self.stopping = true;
-                self.stop_by = tokio::time::Instant::now() + DRAIN;
                 debug!(in_flight = self.session.in_flight(), "Uplink stopping.");
-            }
-            () = tokio::time::sleep_until(self.stop_by), if self.stopping => {
-                self.session.goodbye();
+                let now = Instant::now();
+                self.session.stop(now, now + DRAIN);
             }
             read = self.recv.read(&mut self.buf) => match read? {
                 Some(n) => self.session.handle_bytes(Instant::now(), &self.buf[..n])?,
                 None => return Err(UplinkError::StreamFinished),
             },
-            () = tokio::time::sleep_until(self.paced.unwrap_or_else(tokio::time::Instant::now)), if self.paced.is_some() => {
-                self.paced = None;
-            }
-            changed = self.committed.changed(), if can_feed => {
+            changed = self.committed.changed(), if awaits_events => {
                 if changed.is_err() {
-                    // The outbox writer is gone: the agent is stopping.
+                    // The outbox writer is gone: the agent is stopping, and
+                    // nothing more can be read or deleted.
                     self.stopping = true;
+                    let now = Instant::now();
+                    self.session.stop(now, now);
                 }
             }
             () = tokio::time::sleep_until(deadline) => self.session.handle_timeout(Instant::now()),
-            _ = self.backlog.tick() => {
-                if let Ok(s) = self.link.outbox.stats().await {
-                    self.session.report_backlog(s.events, s.bytes, s.first_seq);
-                }
-            }
         }
         Ok(())
     }

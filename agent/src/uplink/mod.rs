@@ -3,8 +3,9 @@
 //!
 //! It makes no protocol decisions. It dials the hub over QUIC with the agent's
 //! certificate, opens one bidirectional stream, feeds the session what the hub
-//! sends and the time, hands it events read from the outbox after the hub's
-//! watermark, and deletes from the outbox what the hub acknowledged. A lost
+//! sends, the time and the outbox's last committed seq, reads the outbox and
+//! reports its backlog when the session asks, gives a stop its deadline, and
+//! deletes from the outbox what the hub acknowledged. A lost
 //! connection is redialled with exponential backoff and jitter; the new session
 //! resumes from the watermark the hub sends in its `Welcome`.
 //!

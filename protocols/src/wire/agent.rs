@@ -19,6 +19,15 @@
 //! routed to: delete) and, in version 3, `Stored` (stored, a sink still owes
 //! it: keep, but stop counting it against the window). A sink that is down
 //! then holds back only the deletes, and the upload goes on.
+//!
+//! The session also decides what the agent's driver would otherwise decide
+//! on its own, so that the in-memory `Pair` tests the real decisions: when to
+//! read more events from the outbox (`NeedEvents`, once the window has room
+//! for a large read), when to report the outbox's backlog (`ReportBacklog`,
+//! on an interval), and when a graceful stop says `Goodbye` (once everything
+//! the outbox committed was sent and the hub acknowledged or stored it, or
+//! at the stop's deadline). The driver feeds it the outbox's last committed
+//! seq and the seqs it read but will not send, and carries the bytes.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -50,6 +59,15 @@ pub struct AgentConfig {
     /// [`PROTOCOL_VERSION`](super::version::PROTOCOL_VERSION)); lower only to behave
     /// like an older agent, as the tests of the hub's enforcement do.
     pub max_version: u16,
+    /// While events are in flight, ask for more ([`AgentEvent::NeedEvents`])
+    /// only once the window has this much room: one large read of the outbox
+    /// instead of one per acknowledged batch, which during a drain kept the
+    /// uplink in lock step with the outbox's thread. With nothing in flight
+    /// any room is enough.
+    pub refill_at: usize,
+    /// Ask for a backlog report ([`AgentEvent::ReportBacklog`]) this often
+    /// while streaming.
+    pub backlog_every: Duration,
 }
 
 impl Default for AgentConfig {
@@ -60,6 +78,8 @@ impl Default for AgentConfig {
             max_batch_events: 1024,
             max_batch_bytes: 256 * 1024,
             max_version: super::version::PROTOCOL_VERSION,
+            refill_at: 2048,
+            backlog_every: Duration::from_secs(5),
         }
     }
 }
@@ -106,6 +126,24 @@ pub enum AgentEvent {
         /// The highest seq stored.
         upto: Seq,
     },
+    /// Read up to `room` events from the outbox after
+    /// [`AgentSession::read_after`] and push them
+    /// ([`AgentSession::push_event`]), or [`AgentSession::skip`] those that
+    /// will not be sent. Asked once the window has room for a refill
+    /// ([`AgentConfig::refill_at`], or any room with nothing in flight) and
+    /// the outbox committed events beyond `read_after`
+    /// ([`AgentSession::outbox_committed`]); asked again only after a push or
+    /// skip, a rise of the outbox's committed seq, or the end of a
+    /// [`AgentSession::defer_events`]. A read that finds nothing (the events
+    /// were evicted) needs no answer.
+    NeedEvents {
+        /// How many events the window has room for.
+        room: usize,
+    },
+    /// Time to tell the hub the outbox's backlog: call
+    /// [`AgentSession::report_backlog`] with its figures. Asked every
+    /// [`AgentConfig::backlog_every`] while streaming.
+    ReportBacklog,
     /// The hub sent the policy to run (version 2): validate it, persist it,
     /// put it in force, then [`AgentSession::report_policy`] the outcome.
     Policy {
@@ -115,7 +153,7 @@ pub enum AgentEvent {
         text: String,
     },
     /// The session is over; make a new one on a new connection. `None` after a
-    /// `goodbye()`.
+    /// `goodbye()` or a drained [`AgentSession::stop`].
     Closed {
         /// Why, if it was not a clean goodbye.
         error: Option<ProtocolError>,
@@ -143,15 +181,23 @@ impl State {
 ///
 /// Inputs: [`handle_bytes`](Self::handle_bytes) with what the stream yields,
 /// [`handle_timeout`](Self::handle_timeout) when [`poll_timeout`](Self::poll_timeout)
-/// passes, and the driver's [`push_events`](Self::push_events),
-/// [`report_backlog`](Self::report_backlog), [`goodbye`](Self::goodbye) and
-/// [`close`](Self::close).
+/// passes, and the driver's news from the outbox and the agent:
+/// [`outbox_committed`](Self::outbox_committed), [`push_events`](Self::push_events)
+/// and [`skip`](Self::skip), [`defer_events`](Self::defer_events),
+/// [`report_backlog`](Self::report_backlog), [`report_policy`](Self::report_policy),
+/// [`stop`](Self::stop) and [`close`](Self::close).
+///
+/// Every protocol decision is the session's: when to read more events from
+/// the outbox (`NeedEvents`), when to report the backlog (`ReportBacklog`),
+/// when to send a heartbeat, and when a stop is drained and says `Goodbye`.
+/// The driver carries bytes, timers and outbox requests.
 ///
 /// Poll order after every input: [`poll_transmit`](Self::poll_transmit) until
 /// `None` (write the bytes to the stream), then [`poll_event`](Self::poll_event)
-/// until `None` (an `Acked` deletes from the outbox; then, while
-/// [`wants`](Self::wants) is above 0, read the outbox after
-/// [`read_after`](Self::read_after) and push), then wait for bytes or for
+/// until `None` (an `Acked` deletes from the outbox; a `NeedEvents` reads the
+/// outbox after [`read_after`](Self::read_after) and pushes; a
+/// `ReportBacklog` reports), then wait for bytes, a rise of the outbox's
+/// committed seq (while [`awaits_events`](Self::awaits_events)), or
 /// [`poll_timeout`](Self::poll_timeout). Pushing is an input: poll again after it.
 #[derive(Debug)]
 pub struct AgentSession {
@@ -169,7 +215,8 @@ pub struct AgentSession {
     acked: Seq,
     /// The highest seq the hub stored or acknowledged.
     held: Seq,
-    /// The highest seq pushed (at least the watermark).
+    /// The highest seq pushed or skipped (at least the watermark, and at
+    /// least what the hub stored): the outbox is read after it.
     pushed: Seq,
     /// The highest seq handed to the driver by `poll_transmit`.
     sent: Seq,
@@ -183,6 +230,17 @@ pub struct AgentSession {
     policy_status: Option<Frame>,
     /// The versions offered in `Hello`, newest first.
     offered: Vec<u16>,
+    /// The outbox's last committed seq, as the driver last reported it.
+    committed: Seq,
+    /// Whether `NeedEvents` was asked since the last push or skip, rise of
+    /// `committed` or end of a deferral.
+    asked: bool,
+    /// While a `hold` rate is exhausted: when pushing may go on.
+    deferred: Option<Instant>,
+    /// When to ask for the next backlog report.
+    next_backlog: Instant,
+    /// After [`stop`](Self::stop): when `Goodbye` goes at the latest.
+    stop_by: Option<Instant>,
     last_received: Instant,
     last_sent: Instant,
 }
@@ -200,6 +258,7 @@ impl AgentSession {
             max_batch_bytes: config.max_batch_bytes.clamp(1, MAX_EVENT_LEN),
             ..config
         };
+        let next_backlog = now + config.backlog_every;
         let offered: Vec<u16> = SUPPORTED_VERSIONS
             .rev()
             .filter(|v| *v <= config.max_version)
@@ -221,6 +280,11 @@ impl AgentSession {
             backlog: None,
             policy_status: None,
             offered,
+            committed: Seq(0),
+            asked: false,
+            deferred: None,
+            next_backlog,
+            stop_by: None,
             last_received: now,
             last_sent: now,
         };
@@ -373,7 +437,9 @@ impl AgentSession {
     }
 
     /// Processes the passage of time: closes with [`ErrorCode::Timeout`] after
-    /// the idle timeout, queues a `Heartbeat` after the heartbeat interval.
+    /// the idle timeout, says `Goodbye` at a stop's deadline, queues a
+    /// `Heartbeat` after the heartbeat interval, asks for a backlog report on
+    /// its interval, and ends a [`defer_events`](Self::defer_events).
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.state == State::Closed {
             return;
@@ -383,8 +449,14 @@ impl AgentSession {
             self.fail(ProtocolError::IdleTimeout { silent });
             return;
         }
-        if matches!(self.state, State::Streaming { .. })
-            && self.transmit.is_empty()
+        if self.stop_by.is_some_and(|by| now >= by) {
+            self.goodbye();
+            return;
+        }
+        if !matches!(self.state, State::Streaming { .. }) {
+            return;
+        }
+        if self.transmit.is_empty()
             && self.open.is_empty()
             && now.saturating_duration_since(self.last_sent) >= self.config.heartbeat
         {
@@ -393,12 +465,31 @@ impl AgentSession {
             // polls the frame a little later.
             self.last_sent = now;
         }
+        if now >= self.next_backlog {
+            self.events.push_back(AgentEvent::ReportBacklog);
+            // On the interval's beat, without a burst to catch up after a
+            // late call.
+            self.next_backlog += self.config.backlog_every;
+            if self.next_backlog <= now {
+                self.next_backlog = now + self.config.backlog_every;
+            }
+        }
+        if self.deferred.is_some_and(|until| until <= now) {
+            self.deferred = None;
+            self.asked = false;
+        }
     }
 
     /// Appends the next frame to `buf` and returns its length, or `None` when
     /// nothing is waiting. Call until `None`.
+    ///
+    /// After a [`stop`](Self::stop), this is where a drained session says
+    /// `Goodbye` (and closes): here rather than in the inputs, so that a
+    /// driver pushing or skipping a read's events one by one never finds the
+    /// session closed halfway through.
     #[must_use]
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<usize> {
+        self.goodbye_if_stopped(now);
         if !self.open.is_empty() {
             self.seal();
         }
@@ -416,17 +507,63 @@ impl AgentSession {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let idle = self.last_received + self.config.idle_timeout;
-        match self.state {
-            State::Closed => None,
-            State::Handshake => Some(idle),
-            State::Streaming { .. } => Some(idle.min(self.last_sent + self.config.heartbeat)),
+        let timer = match self.state {
+            State::Closed => return None,
+            State::Handshake => idle,
+            State::Streaming { .. } => [
+                Some(self.last_sent + self.config.heartbeat),
+                Some(self.next_backlog),
+                self.deferred,
+            ]
+            .into_iter()
+            .flatten()
+            .fold(idle, Instant::min),
+        };
+        Some(self.stop_by.map_or(timer, |by| timer.min(by)))
+    }
+
+    /// The next event for the driver. Once the queue is empty, a
+    /// [`AgentEvent::NeedEvents`] if the session wants events from the outbox
+    /// and has not asked for them yet.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<AgentEvent> {
+        if let Some(event) = self.events.pop_front() {
+            return Some(event);
+        }
+        if self.asked || self.committed <= self.pushed || !self.awaits_events() {
+            return None;
+        }
+        self.asked = true;
+        Some(AgentEvent::NeedEvents { room: self.wants() })
+    }
+
+    /// Whether the window has room for a refill and pushing is not deferred,
+    /// so that a rise of the outbox's committed seq
+    /// ([`outbox_committed`](Self::outbox_committed)) would be answered with
+    /// `NeedEvents`: the driver watches the outbox's commits only while this
+    /// holds.
+    #[must_use]
+    pub fn awaits_events(&self) -> bool {
+        let room = self.wants();
+        room > 0
+            && (self.in_flight.is_empty() || room >= self.config.refill_at)
+            && self.deferred.is_none()
+    }
+
+    /// Tells the session the outbox's last committed seq: events after
+    /// [`read_after`](Self::read_after) up to it wait to be read. Call it
+    /// before polling, whenever it may have risen.
+    pub fn outbox_committed(&mut self, last: Seq) {
+        if last > self.committed {
+            self.committed = last;
+            self.asked = false;
         }
     }
 
-    /// The next event for the driver.
-    #[must_use]
-    pub fn poll_event(&mut self) -> Option<AgentEvent> {
-        self.events.pop_front()
+    /// Defers pushing until `until`: the agent's `hold` rate is exhausted. No
+    /// `NeedEvents` is asked for before then.
+    pub fn defer_events(&mut self, until: Instant) {
+        self.deferred = Some(until);
     }
 
     /// How many more events the session accepts now: the window's room. 0
@@ -439,8 +576,9 @@ impl AgentSession {
         }
     }
 
-    /// The seq to read the outbox after: the last seq pushed, or the `Welcome`
-    /// watermark before any push. Push only events with greater seqs.
+    /// The seq to read the outbox after: the last seq pushed or skipped, or
+    /// the `Welcome` watermark (or the hub's `Stored` mark) beyond them. Push
+    /// only events with greater seqs.
     #[must_use]
     pub fn read_after(&self) -> Seq {
         self.pushed
@@ -464,15 +602,7 @@ impl AgentSession {
 
     /// Takes one event; see [`push_events`](Self::push_events).
     pub fn push_event(&mut self, seq: Seq, body: &EventBody) -> Result<(), UsageError> {
-        if !matches!(self.state, State::Streaming { .. }) {
-            return Err(UsageError::NotStreaming);
-        }
-        if seq <= self.pushed {
-            return Err(UsageError::SeqNotIncreasing {
-                previous: self.pushed,
-                got: seq,
-            });
-        }
+        self.check_next(seq)?;
         if self.wants() == 0 {
             return Err(UsageError::WindowFull {
                 window: self.window,
@@ -497,7 +627,34 @@ impl AgentSession {
             Err((_, Some(_))) => return Err(UsageError::Unencodable { seq }),
         }
         self.pushed = seq;
+        self.asked = false;
         self.in_flight.push_back(seq);
+        Ok(())
+    }
+
+    /// Passes over an event read from the outbox that will not be sent (the
+    /// policy in force denies it, or it is too large for a frame): reading
+    /// resumes after it, and a stop need not wait for it. Seqs go in
+    /// increasing order with the pushed ones.
+    pub fn skip(&mut self, seq: Seq) -> Result<(), UsageError> {
+        self.check_next(seq)?;
+        self.pushed = seq;
+        self.asked = false;
+        Ok(())
+    }
+
+    /// Whether `seq` may be pushed or skipped now: streaming, and after
+    /// [`read_after`](Self::read_after).
+    fn check_next(&self, seq: Seq) -> Result<(), UsageError> {
+        if !matches!(self.state, State::Streaming { .. }) {
+            return Err(UsageError::NotStreaming);
+        }
+        if seq <= self.pushed {
+            return Err(UsageError::SeqNotIncreasing {
+                previous: self.pushed,
+                got: seq,
+            });
+        }
         Ok(())
     }
 
@@ -531,11 +688,46 @@ impl AgentSession {
         }
     }
 
-    /// Leaves on purpose: sends what was pushed, then `Goodbye`, and closes
-    /// with `Closed { error: None }`. Events not yet acknowledged stay in the
-    /// outbox and are sent again by the next session (unless the hub says it
-    /// stored them). For a drained stop, wait until
-    /// [`in_flight`](Self::in_flight) is 0 (with a deadline) first.
+    /// Stops gracefully: keeps sending what the outbox committed, then, once
+    /// everything was sent and nothing is in flight (the hub acknowledged or
+    /// stored it), or at `deadline` at the latest, says `Goodbye` as
+    /// [`goodbye`](Self::goodbye) does. The next start then does not resend
+    /// what this one delivered; the hub drops what is resent anyway. A
+    /// deadline already passed says `Goodbye` now; whether the session is
+    /// drained is decided at the next [`poll_transmit`](Self::poll_transmit),
+    /// against the outbox's committed seq as reported before it.
+    pub fn stop(&mut self, now: Instant, deadline: Instant) {
+        if self.state == State::Closed {
+            return;
+        }
+        let by = self.stop_by.map_or(deadline, |by| by.min(deadline));
+        self.stop_by = Some(by);
+        if now >= by {
+            self.goodbye();
+        }
+    }
+
+    /// Whether [`stop`](Self::stop) was called.
+    #[must_use]
+    pub fn is_stopping(&self) -> bool {
+        self.stop_by.is_some()
+    }
+
+    /// After a stop, says `Goodbye` once drained or at the deadline.
+    fn goodbye_if_stopped(&mut self, now: Instant) {
+        let Some(by) = self.stop_by else {
+            return;
+        };
+        let drained = self.in_flight.is_empty() && self.committed <= self.pushed;
+        if drained || now >= by {
+            self.goodbye();
+        }
+    }
+
+    /// Leaves on purpose, now: sends what was pushed, then `Goodbye`, and
+    /// closes with `Closed { error: None }`. Events not yet acknowledged stay
+    /// in the outbox and are sent again by the next session (unless the hub
+    /// says it stored them). For a drained stop, call [`stop`](Self::stop).
     pub fn goodbye(&mut self) {
         if self.state == State::Closed {
             return;

@@ -825,6 +825,304 @@ fn an_agent_closing_on_an_outbox_failure_tells_the_hub() {
 }
 
 // ---------------------------------------------------------------------------
+// What the agent's session decides for its driver: the drained stop, the
+// refill threshold and the backlog timer.
+
+/// A pair whose hub received `n` events and committed none of them.
+fn pair_awaiting_commit(n: i64) -> Pair {
+    let mut pair = Pair::new();
+    pair.auto_commit = false;
+    pair.fill(n);
+    pair.drive();
+    assert_eq!(pair.hub.highest_received(), Seq(n as u64));
+    pair
+}
+
+#[test]
+fn a_drained_stop_says_goodbye_only_after_the_last_ack() {
+    let mut pair = pair_awaiting_commit(10);
+    pair.stop(Duration::from_secs(2));
+    pair.drive();
+    // Everything was sent, nothing acknowledged: the agent waits.
+    assert!(!pair.agent.is_closed() && !pair.hub.is_closed());
+    assert!(pair.closed.is_empty(), "{:?}", pair.closed);
+    pair.commit();
+    pair.drive();
+    assert_eq!(pair.closed, [("agent", None), ("hub", None)]);
+    assert!(
+        pair.outbox.is_empty(),
+        "the goodbye came before the last ack"
+    );
+    assert_exactly_once(&pair);
+}
+
+#[test]
+fn a_stop_sends_what_the_outbox_committed_before_saying_goodbye() {
+    // Stopped before the hub even welcomed it, with events committed and
+    // none read yet.
+    let mut pair = Pair::new();
+    pair.fill(25);
+    pair.stop(Duration::from_secs(2));
+    pair.drive();
+    assert_eq!(pair.closed, [("agent", None), ("hub", None)]);
+    assert!(pair.outbox.is_empty());
+    assert_exactly_once(&pair);
+}
+
+#[test]
+fn a_stop_that_cannot_drain_says_goodbye_at_its_deadline() {
+    let mut pair = pair_awaiting_commit(10);
+    pair.stop(Duration::from_secs(2));
+    pair.advance(Duration::from_millis(1990));
+    assert!(!pair.agent.is_closed());
+    pair.advance(Duration::from_millis(20));
+    assert!(pair.agent.is_closed() && pair.hub.is_closed());
+    assert_eq!(pair.closed, [("agent", None), ("hub", None)]);
+    // Not acknowledged: they stay for the next session.
+    assert_eq!(pair.outbox.len(), 10);
+    pair.connect();
+    pair.auto_commit = true;
+    pair.commit();
+    pair.drive();
+    assert_exactly_once(&pair);
+}
+
+#[test]
+fn a_stop_past_its_deadline_says_goodbye_at_once() {
+    let now = origin();
+    let mut agent = streaming_agent(now, 0, 10, AgentConfig::default());
+    agent.outbox_committed(Seq(5));
+    agent.stop(now, now);
+    assert!(agent.is_closed());
+    assert_eq!(agent_sent(&mut agent, now), [Frame::Goodbye]);
+    assert_eq!(
+        agent_events(&mut agent),
+        [AgentEvent::Closed { error: None }]
+    );
+}
+
+#[test]
+fn a_stop_does_not_wait_for_events_the_driver_skipped() {
+    let now = origin();
+    let mut agent = streaming_agent(now, 0, 10, AgentConfig::default());
+    agent.outbox_committed(Seq(3));
+    agent
+        .push_events(vec![(Seq(1), body(1)), (Seq(2), body(2))])
+        .expect("pushed");
+    // The policy in force denies seq 3.
+    agent.skip(Seq(3)).expect("skipped");
+    assert_eq!(agent.read_after(), Seq(3));
+    agent.stop(now, now + Duration::from_secs(2));
+    assert_eq!(agent_sent(&mut agent, now), [batch(&[1, 2])]);
+    assert!(!agent.is_closed());
+    let ack = Frame::Ack {
+        upto: Seq(2),
+        window: 10,
+    };
+    agent.handle_bytes(now, &encode(&[ack])).expect("fine");
+    assert_eq!(agent_sent(&mut agent, now), [Frame::Goodbye]);
+    assert_eq!(
+        agent_events(&mut agent),
+        [
+            AgentEvent::Acked { upto: Seq(2) },
+            AgentEvent::Closed { error: None }
+        ]
+    );
+}
+
+#[test]
+fn skipping_out_of_order_or_before_welcome_is_a_usage_error() {
+    let now = origin();
+    let mut agent = AgentSession::new(now, AgentInfo::default(), AgentConfig::default());
+    assert_eq!(agent.skip(Seq(1)), Err(UsageError::NotStreaming));
+    let mut agent = streaming_agent(now, 5, 10, AgentConfig::default());
+    assert_eq!(
+        agent.skip(Seq(5)),
+        Err(UsageError::SeqNotIncreasing {
+            previous: Seq(5),
+            got: Seq(5)
+        })
+    );
+    agent.skip(Seq(7)).expect("skipped");
+    assert_eq!(
+        agent.push_event(Seq(6), &body(6)),
+        Err(UsageError::SeqNotIncreasing {
+            previous: Seq(7),
+            got: Seq(6)
+        })
+    );
+}
+
+#[test]
+fn the_agent_asks_for_events_once_the_window_has_room_for_a_refill() {
+    let now = origin();
+    let config = AgentConfig {
+        refill_at: 4,
+        ..AgentConfig::default()
+    };
+    let mut agent = streaming_agent(now, 0, 10, config);
+    // Nothing committed beyond what was read: nothing to ask for.
+    assert!(agent_events(&mut agent).is_empty());
+    agent.outbox_committed(Seq(100));
+    assert!(agent.awaits_events());
+    assert_eq!(
+        agent_events(&mut agent),
+        [AgentEvent::NeedEvents { room: 10 }]
+    );
+    // Asked once, until the driver answers.
+    assert!(agent_events(&mut agent).is_empty());
+    agent
+        .push_events((1..=10).map(|i| (Seq(i), body(i as i64))).collect())
+        .expect("pushed");
+    assert!(!agent.awaits_events());
+    assert!(agent_events(&mut agent).is_empty());
+    let _ = agent_sent(&mut agent, now);
+    // Room for 3 while 7 are in flight: below the threshold.
+    let ack = |upto| Frame::Ack {
+        upto: Seq(upto),
+        window: 10,
+    };
+    agent.handle_bytes(now, &encode(&[ack(3)])).expect("fine");
+    assert_eq!(
+        agent_events(&mut agent),
+        [AgentEvent::Acked { upto: Seq(3) }]
+    );
+    assert!(!agent.awaits_events());
+    // Room for 4: at the threshold.
+    agent.handle_bytes(now, &encode(&[ack(4)])).expect("fine");
+    assert_eq!(
+        agent_events(&mut agent),
+        [
+            AgentEvent::Acked { upto: Seq(4) },
+            AgentEvent::NeedEvents { room: 4 }
+        ]
+    );
+    agent
+        .push_events((11..=14).map(|i| (Seq(i), body(i as i64))).collect())
+        .expect("pushed");
+    let _ = agent_sent(&mut agent, now);
+    // Nothing in flight: any room is enough.
+    agent.handle_bytes(now, &encode(&[ack(14)])).expect("fine");
+    assert_eq!(
+        agent_events(&mut agent),
+        [
+            AgentEvent::Acked { upto: Seq(14) },
+            AgentEvent::NeedEvents { room: 10 }
+        ]
+    );
+}
+
+#[test]
+fn a_read_that_finds_nothing_is_asked_again_only_when_the_outbox_commits_more() {
+    let now = origin();
+    let mut agent = streaming_agent(now, 0, 10, AgentConfig::default());
+    agent.outbox_committed(Seq(3));
+    assert_eq!(
+        agent_events(&mut agent),
+        [AgentEvent::NeedEvents { room: 10 }]
+    );
+    // The driver read nothing (seqs 1 to 3 were evicted).
+    agent.outbox_committed(Seq(3));
+    assert!(agent_events(&mut agent).is_empty());
+    agent.outbox_committed(Seq(4));
+    assert_eq!(
+        agent_events(&mut agent),
+        [AgentEvent::NeedEvents { room: 10 }]
+    );
+}
+
+#[test]
+fn a_deferred_agent_asks_for_events_when_the_deferral_ends() {
+    let now = origin();
+    let mut agent = streaming_agent(now, 0, 10, AgentConfig::default());
+    agent.outbox_committed(Seq(3));
+    assert_eq!(
+        agent_events(&mut agent),
+        [AgentEvent::NeedEvents { room: 10 }]
+    );
+    // The driver read, but a `hold` rate is exhausted for a second: it
+    // pushed nothing.
+    let until = now + Duration::from_secs(1);
+    agent.defer_events(until);
+    assert!(!agent.awaits_events());
+    assert!(agent_events(&mut agent).is_empty());
+    assert_eq!(agent.poll_timeout(), Some(until));
+    agent.handle_timeout(until);
+    assert_eq!(
+        agent_events(&mut agent),
+        [AgentEvent::NeedEvents { room: 10 }]
+    );
+}
+
+#[test]
+fn the_pair_refills_only_at_the_threshold() {
+    let agent_config = AgentConfig {
+        refill_at: 40,
+        max_batch_events: 10,
+        ..AgentConfig::default()
+    };
+    let hub_config = HubConfig {
+        window: 100,
+        ..HubConfig::default()
+    };
+    let mut pair = Pair::with_configs(agent_config, hub_config);
+    pair.auto_commit = false;
+    pair.read_chunk = 1000;
+    pair.fill(300);
+    pair.drive();
+    assert_eq!(pair.needs, [100]);
+    assert_eq!(pair.hub.highest_received(), Seq(100));
+    // The hub acknowledges 30: room below the threshold, no read.
+    pair.commit_upto(Seq(30));
+    pair.drive();
+    assert_eq!(pair.needs, [100]);
+    // And 10 more: room for 40, one read.
+    pair.commit_upto(Seq(40));
+    pair.drive();
+    assert_eq!(pair.needs, [100, 40]);
+    assert_eq!(pair.hub.highest_received(), Seq(140));
+}
+
+#[test]
+fn the_agent_asks_for_a_backlog_report_on_its_interval() {
+    let now = origin();
+    let config = AgentConfig {
+        backlog_every: Duration::from_secs(3),
+        ..AgentConfig::default()
+    };
+    let mut agent = streaming_agent(now, 0, 10, config);
+    let every = Duration::from_secs(3);
+    assert_eq!(agent.poll_timeout(), Some(now + every));
+    agent.handle_timeout(now + every - Duration::from_millis(1));
+    assert!(agent_events(&mut agent).is_empty());
+    agent.handle_timeout(now + every);
+    assert_eq!(agent_events(&mut agent), [AgentEvent::ReportBacklog]);
+    agent.report_backlog(7, 700, Some(Seq(3)));
+    assert_eq!(
+        agent_sent(&mut agent, now + every),
+        [Frame::Backlog {
+            events: 7,
+            bytes: 700,
+            oldest_seq: Some(Seq(3))
+        }]
+    );
+    // The next on the beat, even when the call comes late.
+    agent.handle_timeout(now + every * 2 + Duration::from_millis(500));
+    assert_eq!(agent_events(&mut agent), [AgentEvent::ReportBacklog]);
+    assert!(agent.poll_timeout() <= Some(now + every * 3));
+}
+
+#[test]
+fn backlog_reports_reach_the_hub_on_their_interval() {
+    let mut pair = Pair::new();
+    pair.fill(3);
+    pair.drive();
+    assert_eq!(pair.backlogs_reported, 0);
+    pair.advance(Duration::from_secs(30));
+    assert_eq!(pair.backlogs_reported, 6);
+}
+
+// ---------------------------------------------------------------------------
 // A sink that is down (version 3: `Stored`).
 
 /// A pair whose one sink is down, with `n` events waiting in the outbox.

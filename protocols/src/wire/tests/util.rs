@@ -86,6 +86,26 @@ impl Outbox {
     pub(crate) fn is_empty(&self) -> bool {
         self.events.is_empty()
     }
+
+    /// The last seq given out: the mark the real outbox's commits raise.
+    pub(crate) fn last(&self) -> Seq {
+        Seq(self.last)
+    }
+
+    /// What waits, as the agent's driver reports it: events, their payload
+    /// bytes and the oldest seq.
+    fn backlog(&self) -> (u64, u64, Option<Seq>) {
+        let bytes = self
+            .events
+            .values()
+            .map(|b| b.value.payload_len())
+            .sum::<usize>();
+        (
+            self.events.len() as u64,
+            bytes as u64,
+            self.events.first_key_value().map(|(s, _)| *s),
+        )
+    }
 }
 
 /// The hub's store for one agent: events keyed by seq, inserted idempotently
@@ -169,6 +189,10 @@ pub(crate) struct Pair {
     pub(crate) sink_down: bool,
     /// How many `Stored` events the agent saw.
     pub(crate) stored_seen: usize,
+    /// How many `NeedEvents` the agent's session asked, and the room of each.
+    pub(crate) needs: Vec<usize>,
+    /// How many `Backlog` reports reached the hub.
+    pub(crate) backlogs_reported: usize,
     to_hub: Link,
     to_agent: Link,
     /// Events handed to the store and not yet committed, with the connection
@@ -218,11 +242,20 @@ impl Pair {
             policies_received: 0,
             sink_down: false,
             stored_seen: 0,
+            needs: Vec::new(),
+            backlogs_reported: 0,
             to_hub: Link::new(),
             to_agent: Link::new(),
             uncommitted: Vec::new(),
             broken: false,
             rng: 0x9e37_79b9_7f4a_7c15,
+        }
+    }
+
+    /// The sources hand the agent `n` events, without gaps.
+    pub(crate) fn fill(&mut self, n: i64) {
+        for i in 0..n {
+            self.outbox.append(0, body(i));
         }
     }
 
@@ -264,6 +297,12 @@ impl Pair {
         self.hub
             .set_policy(version, text)
             .expect("a policy within its limit");
+    }
+
+    /// The agent is told to stop: its session drains until `deadline` from
+    /// now at the latest, as the agent's driver asks at shutdown.
+    pub(crate) fn stop(&mut self, deadline: Duration) {
+        self.agent.stop(self.now, self.now + deadline);
     }
 
     /// The connection breaks. The hub's old connection finishes the commits it
@@ -324,8 +363,18 @@ impl Pair {
     /// The store commits everything it was handed; the session that handed it
     /// is told, if it still exists.
     pub(crate) fn commit(&mut self) {
+        self.commit_upto(Seq(u64::MAX));
+    }
+
+    /// The store commits what it was handed up to `upto`, and the rest
+    /// waits; the session that handed it is told, if it still exists.
+    pub(crate) fn commit_upto(&mut self, upto: Seq) {
         let mut last = None;
-        for (connection, seq, body) in std::mem::take(&mut self.uncommitted) {
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.uncommitted)
+            .into_iter()
+            .partition(|(_, seq, _)| *seq <= upto);
+        self.uncommitted = later;
+        for (connection, seq, body) in due {
             self.store.insert(seq, body);
             if connection == self.connections {
                 last = Some(seq);
@@ -370,6 +419,7 @@ impl Pair {
     fn pump(&mut self) {
         loop {
             let mut busy = false;
+            self.agent.outbox_committed(self.outbox.last());
             let mut buf = Vec::new();
             while self.agent.poll_transmit(self.now, &mut buf).is_some() {}
             if !buf.is_empty() {
@@ -410,6 +460,21 @@ impl Pair {
                         self.agent_policy = version;
                         self.agent.report_policy(version, None);
                     }
+                    AgentEvent::NeedEvents { room } => {
+                        self.needs.push(room);
+                        let events = self
+                            .outbox
+                            .read_after(self.agent.read_after(), room.min(self.read_chunk));
+                        if !events.is_empty() {
+                            self.agent
+                                .push_events(events)
+                                .expect("pushes what it asked for");
+                        }
+                    }
+                    AgentEvent::ReportBacklog => {
+                        let (events, bytes, oldest) = self.outbox.backlog();
+                        self.agent.report_backlog(events, bytes, oldest);
+                    }
                     AgentEvent::Closed { error } => self.closed.push(("agent", error)),
                 }
             }
@@ -429,17 +494,8 @@ impl Pair {
                         self.reported_policy = Some(version);
                     }
                     HubEvent::PolicyPushed { .. } => self.policies_pushed += 1,
-                    HubEvent::Hello { .. } | HubEvent::Backlog { .. } => {}
-                }
-            }
-            let room = self.agent.wants().min(self.read_chunk);
-            if room > 0 {
-                let events = self.outbox.read_after(self.agent.read_after(), room);
-                if !events.is_empty() {
-                    busy = true;
-                    self.agent
-                        .push_events(events)
-                        .expect("pushes what it wants");
+                    HubEvent::Backlog { .. } => self.backlogs_reported += 1,
+                    HubEvent::Hello { .. } => {}
                 }
             }
             if !busy {
