@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use outpost_protocols::settings::ConfigError;
+pub use outpost_settings::ConfigError;
 
 /// The hub's config file.
 #[derive(Debug, Clone, Deserialize)]
@@ -154,7 +154,7 @@ pub fn parse(
     env: impl IntoIterator<Item = (String, String)>,
     path: &Path,
 ) -> Result<HubConfig, ConfigError> {
-    let cfg: HubConfig = outpost_protocols::settings::parse(
+    let cfg: HubConfig = outpost_settings::parse(
         text,
         env,
         &["hub", "store", "api", "observability", "sinks"],

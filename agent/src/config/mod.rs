@@ -19,11 +19,11 @@ use outpost_protocols::topic::{TopicFilter, TopicTemplate};
 use outpost_protocols::{AgentId, StreamName};
 use serde::Deserialize;
 
-pub use outpost_protocols::units::{HumanDuration, HumanSize};
+pub use outpost_settings::{HumanDuration, HumanSize};
 
 use crate::outbox::{Eviction, OnCorruption, Synchronous};
 
-pub use outpost_protocols::settings::ConfigError;
+pub use outpost_settings::ConfigError;
 
 /// The file as written, before validation.
 #[derive(Debug, Clone, Deserialize)]
@@ -496,7 +496,7 @@ pub fn parse(
     env: impl IntoIterator<Item = (String, String)>,
     path: &Path,
 ) -> Result<RawConfig, ConfigError> {
-    outpost_protocols::settings::parse(
+    outpost_settings::parse(
         text,
         env,
         &[

@@ -15,8 +15,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use outpost_protocols::units::HumanDuration;
 use outpost_protocols::{Event, Value};
+use outpost_settings::HumanDuration;
 use serde::Deserialize;
 
 pub mod http;

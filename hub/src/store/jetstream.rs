@@ -68,7 +68,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, kv, stream};
 use async_nats::{ConnectOptions, ServerAddr};
 use outpost_protocols::event::{AgentId, EventBody, Seq, Timestamp};
-use outpost_protocols::units::HumanDuration;
+use outpost_settings::HumanDuration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;

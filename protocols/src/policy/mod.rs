@@ -30,10 +30,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
+use outpost_settings::{one_line, HumanDuration, HumanSize};
 use serde::{Deserialize, Serialize};
 
 use crate::topic::TopicFilter;
-use crate::units::{HumanDuration, HumanSize};
 
 pub use eval::{Compiled, DropReason, Enforcer, Stage, TokenBucket, Verdict};
 pub use fields::{HASH_PREFIX, REDACTED};
@@ -603,8 +603,8 @@ impl Policy {
                 max: MAX_POLICY_LEN,
             });
         }
-        let raw: RawPolicy = toml::from_str(text)
-            .map_err(|e| PolicyError::Syntax(crate::settings::one_line(&e.to_string())))?;
+        let raw: RawPolicy =
+            toml::from_str(text).map_err(|e| PolicyError::Syntax(one_line(&e.to_string())))?;
         let policy = Policy::validate(raw, catalog)?;
         policy.check_residency(catalog)?;
         Ok(policy)
