@@ -142,7 +142,7 @@ pub fn load(
 ) -> Result<HubConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
         path: path.to_owned(),
-        message: e.to_string(),
+        source: e,
     })?;
     parse(&text, env, path)
 }

@@ -9,12 +9,12 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{path}: cannot read: {message}")]
+    #[error("{path}: cannot read: {source}")]
     Read {
         /// The config file.
         path: PathBuf,
         /// What the OS said.
-        message: String,
+        source: std::io::Error,
     },
     /// The file is not valid TOML, or a key is unknown or has the wrong type.
     #[error("{path}: {message}")]
