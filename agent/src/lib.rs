@@ -17,7 +17,6 @@ pub mod outbox;
 pub mod policy;
 pub mod report;
 pub mod run;
-pub mod sim;
 pub mod sources;
 pub mod tls;
 pub mod uplink;
