@@ -949,158 +949,198 @@ fn validate_devices(cx: &Ctx<'_>, m: &ModbusSection) -> Result<Vec<DeviceSetting
                 format!("duplicate device name {:?}", d.name),
             ));
         }
-        let transport = match d.transport.as_str() {
-            "tcp" => {
-                let address = d.address.clone().ok_or_else(|| {
-                    cx.err(format!("{k}.address"), "required for transport \"tcp\"")
-                })?;
-                if split_host_port(&address).is_none() {
-                    return Err(cx.err(
-                        format!("{k}.address"),
-                        format!("{address:?} is not host:port"),
-                    ));
-                }
-                Transport::Tcp { address }
-            }
-            "rtu" => {
-                let port = d.port.clone().ok_or_else(|| {
-                    cx.err(
-                        format!("{k}.port"),
-                        "required for transport \"rtu\" (a serial device such as /dev/ttyUSB0)",
-                    )
-                })?;
-                if !matches!(d.parity.as_str(), "none" | "even" | "odd") {
-                    return Err(cx.err(
-                        format!("{k}.parity"),
-                        format!("{:?} is not one of none, even, odd", d.parity),
-                    ));
-                }
-                if !matches!(d.data_bits, 7 | 8) {
-                    return Err(cx.err(format!("{k}.data_bits"), "must be 7 or 8"));
-                }
-                if !matches!(d.stop_bits, 1 | 2) {
-                    return Err(cx.err(format!("{k}.stop_bits"), "must be 1 or 2"));
-                }
-                if d.baud == 0 {
-                    return Err(cx.err(format!("{k}.baud"), "must be above zero"));
-                }
-                Transport::Rtu {
-                    port,
-                    baud: d.baud,
-                    parity: d.parity.clone(),
-                    data_bits: d.data_bits,
-                    stop_bits: d.stop_bits,
-                }
-            }
-            other => {
-                return Err(cx.err(
-                    format!("{k}.transport"),
-                    format!("{other:?} is not one of tcp, rtu"),
-                ))
-            }
-        };
-        if d.unit > 247 {
-            return Err(cx.err(
-                format!("{k}.unit"),
-                format!("{} is out of range 0..=247", d.unit),
-            ));
-        }
-        if d.poll.0 < Duration::from_millis(10) {
-            return Err(cx.err(format!("{k}.poll"), "must be at least 10ms"));
-        }
-        if d.timeout.0.is_zero() {
-            return Err(cx.err(format!("{k}.timeout"), "must be longer than zero"));
-        }
-        if d.backoff.0 > d.backoff_max.0 {
-            return Err(cx.err(format!("{k}.backoff"), "must not exceed backoff_max"));
-        }
-        if !(1..=125).contains(&d.max_registers) {
-            return Err(cx.err(
-                format!("{k}.max_registers"),
-                format!("{} is out of range 1..=125", d.max_registers),
-            ));
-        }
-        if !(1..=2000).contains(&d.max_bits) {
-            return Err(cx.err(
-                format!("{k}.max_bits"),
-                format!("{} is out of range 1..=2000", d.max_bits),
-            ));
-        }
-        let mut tag_names = BTreeSet::new();
-        let mut tags = Vec::new();
-        for (j, t) in d.tags.iter().enumerate() {
-            let tk = format!("{k}.tags[{j}]");
-            validate_name(cx, format!("{tk}.name"), &t.name)?;
-            if !tag_names.insert(t.name.clone()) {
-                return Err(cx.err(
-                    format!("{tk}.name"),
-                    format!("duplicate tag name {:?} in device {:?}", t.name, d.name),
-                ));
-            }
-            let address = u16::try_from(t.address).map_err(|_| {
-                cx.err(
-                    format!("{tk}.address"),
-                    format!("{} is out of range 0..=65535", t.address),
-                )
-            })?;
-            let spec = TagSpec {
-                table: t.table,
-                address: RegisterAddress(address),
-                data_type: t.data_type,
-                order: t.order,
-                bit: t.bit,
-                length: t.length.unwrap_or(0),
-                scale: t.scale,
-                offset: t.offset,
-            };
-            spec.validate()
-                .map_err(|e| cx.err(tk.clone(), e.to_string()))?;
-            if let Some(db) = t.deadband {
-                if !db.is_finite() || db < 0.0 {
-                    return Err(cx.err(
-                        format!("{tk}.deadband"),
-                        "must be a finite number at least 0",
-                    ));
-                }
-            }
-            if t.writable && !t.table.is_writable() {
-                return Err(cx.err(
-                    format!("{tk}.writable"),
-                    format!("the {:?} table is read-only in Modbus", t.table),
-                ));
-            }
-            let stream = StreamName::parse(&format!("{}/{}", d.name, t.name))
-                .map_err(|e| cx.err(format!("{tk}.name"), e.to_string()))?;
-            tags.push(TagSettings {
-                name: t.name.clone(),
-                stream,
-                spec,
-                deadband: t.deadband,
-                writable: t.writable,
-            });
-        }
-        let limits = PlanLimits {
-            max_registers: d.max_registers,
-            max_bits: d.max_bits,
-            max_gap: d.max_gap,
-        };
-        let specs: Vec<TagSpec> = tags.iter().map(|t| t.spec.clone()).collect();
-        let plan = plan(&specs, &limits).map_err(|e| cx.err(format!("{k}.tags"), e.to_string()))?;
-        out.push(DeviceSettings {
-            name: d.name.clone(),
-            transport,
-            unit: d.unit,
-            poll: d.poll.0,
-            timeout: d.timeout.0,
-            retries: d.retries,
-            backoff: d.backoff.0,
-            backoff_max: d.backoff_max.0,
-            tags,
-            specs,
-            plan,
-        });
+        out.push(validate_device(cx, &k, d)?);
     }
     Ok(out)
+}
+
+/// One `[[modbus.devices]]` entry (at key `k`), its tags and its read plan.
+fn validate_device(
+    cx: &Ctx<'_>,
+    k: &str,
+    d: &DeviceSection,
+) -> Result<DeviceSettings, ConfigError> {
+    let transport = validate_transport(cx, k, d)?;
+    validate_polling(cx, k, d)?;
+    let tags = validate_tags(cx, k, d)?;
+    let limits = PlanLimits {
+        max_registers: d.max_registers,
+        max_bits: d.max_bits,
+        max_gap: d.max_gap,
+    };
+    let specs: Vec<TagSpec> = tags.iter().map(|t| t.spec.clone()).collect();
+    let plan = plan(&specs, &limits).map_err(|e| cx.err(format!("{k}.tags"), e.to_string()))?;
+    Ok(DeviceSettings {
+        name: d.name.clone(),
+        transport,
+        unit: d.unit,
+        poll: d.poll.0,
+        timeout: d.timeout.0,
+        retries: d.retries,
+        backoff: d.backoff.0,
+        backoff_max: d.backoff_max.0,
+        tags,
+        specs,
+        plan,
+    })
+}
+
+/// A device's `transport` with the keys it needs: `address` for TCP; `port`
+/// and the serial line's settings for RTU.
+fn validate_transport(cx: &Ctx<'_>, k: &str, d: &DeviceSection) -> Result<Transport, ConfigError> {
+    match d.transport.as_str() {
+        "tcp" => {
+            let address = d
+                .address
+                .clone()
+                .ok_or_else(|| cx.err(format!("{k}.address"), "required for transport \"tcp\""))?;
+            if split_host_port(&address).is_none() {
+                return Err(cx.err(
+                    format!("{k}.address"),
+                    format!("{address:?} is not host:port"),
+                ));
+            }
+            Ok(Transport::Tcp { address })
+        }
+        "rtu" => {
+            let port = d.port.clone().ok_or_else(|| {
+                cx.err(
+                    format!("{k}.port"),
+                    "required for transport \"rtu\" (a serial device such as /dev/ttyUSB0)",
+                )
+            })?;
+            if !matches!(d.parity.as_str(), "none" | "even" | "odd") {
+                return Err(cx.err(
+                    format!("{k}.parity"),
+                    format!("{:?} is not one of none, even, odd", d.parity),
+                ));
+            }
+            if !matches!(d.data_bits, 7 | 8) {
+                return Err(cx.err(format!("{k}.data_bits"), "must be 7 or 8"));
+            }
+            if !matches!(d.stop_bits, 1 | 2) {
+                return Err(cx.err(format!("{k}.stop_bits"), "must be 1 or 2"));
+            }
+            if d.baud == 0 {
+                return Err(cx.err(format!("{k}.baud"), "must be above zero"));
+            }
+            Ok(Transport::Rtu {
+                port,
+                baud: d.baud,
+                parity: d.parity.clone(),
+                data_bits: d.data_bits,
+                stop_bits: d.stop_bits,
+            })
+        }
+        other => Err(cx.err(
+            format!("{k}.transport"),
+            format!("{other:?} is not one of tcp, rtu"),
+        )),
+    }
+}
+
+/// A device's unit id, timing (poll, timeout, backoff) and request sizes.
+fn validate_polling(cx: &Ctx<'_>, k: &str, d: &DeviceSection) -> Result<(), ConfigError> {
+    if d.unit > 247 {
+        return Err(cx.err(
+            format!("{k}.unit"),
+            format!("{} is out of range 0..=247", d.unit),
+        ));
+    }
+    if d.poll.0 < Duration::from_millis(10) {
+        return Err(cx.err(format!("{k}.poll"), "must be at least 10ms"));
+    }
+    if d.timeout.0.is_zero() {
+        return Err(cx.err(format!("{k}.timeout"), "must be longer than zero"));
+    }
+    if d.backoff.0 > d.backoff_max.0 {
+        return Err(cx.err(format!("{k}.backoff"), "must not exceed backoff_max"));
+    }
+    if !(1..=125).contains(&d.max_registers) {
+        return Err(cx.err(
+            format!("{k}.max_registers"),
+            format!("{} is out of range 1..=125", d.max_registers),
+        ));
+    }
+    if !(1..=2000).contains(&d.max_bits) {
+        return Err(cx.err(
+            format!("{k}.max_bits"),
+            format!("{} is out of range 1..=2000", d.max_bits),
+        ));
+    }
+    Ok(())
+}
+
+/// A device's `[[...tags]]`: unique names, each a valid register spec.
+fn validate_tags(
+    cx: &Ctx<'_>,
+    k: &str,
+    d: &DeviceSection,
+) -> Result<Vec<TagSettings>, ConfigError> {
+    let mut tag_names = BTreeSet::new();
+    let mut tags = Vec::new();
+    for (j, t) in d.tags.iter().enumerate() {
+        let tk = format!("{k}.tags[{j}]");
+        validate_name(cx, format!("{tk}.name"), &t.name)?;
+        if !tag_names.insert(t.name.clone()) {
+            return Err(cx.err(
+                format!("{tk}.name"),
+                format!("duplicate tag name {:?} in device {:?}", t.name, d.name),
+            ));
+        }
+        tags.push(validate_tag(cx, &tk, &d.name, t)?);
+    }
+    Ok(tags)
+}
+
+/// One tag (at key `tk`) of device `device`: its register spec, deadband,
+/// writability and stream name.
+fn validate_tag(
+    cx: &Ctx<'_>,
+    tk: &str,
+    device: &str,
+    t: &TagSection,
+) -> Result<TagSettings, ConfigError> {
+    let address = u16::try_from(t.address).map_err(|_| {
+        cx.err(
+            format!("{tk}.address"),
+            format!("{} is out of range 0..=65535", t.address),
+        )
+    })?;
+    let spec = TagSpec {
+        table: t.table,
+        address: RegisterAddress(address),
+        data_type: t.data_type,
+        order: t.order,
+        bit: t.bit,
+        length: t.length.unwrap_or(0),
+        scale: t.scale,
+        offset: t.offset,
+    };
+    spec.validate().map_err(|e| cx.err(tk, e.to_string()))?;
+    if let Some(db) = t.deadband {
+        if !db.is_finite() || db < 0.0 {
+            return Err(cx.err(
+                format!("{tk}.deadband"),
+                "must be a finite number at least 0",
+            ));
+        }
+    }
+    if t.writable && !t.table.is_writable() {
+        return Err(cx.err(
+            format!("{tk}.writable"),
+            format!("the {:?} table is read-only in Modbus", t.table),
+        ));
+    }
+    let stream = StreamName::parse(&format!("{device}/{}", t.name))
+        .map_err(|e| cx.err(format!("{tk}.name"), e.to_string()))?;
+    Ok(TagSettings {
+        name: t.name.clone(),
+        stream,
+        spec,
+        deadband: t.deadband,
+        writable: t.writable,
+    })
 }
 
 fn validate_mqtt(
