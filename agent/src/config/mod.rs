@@ -772,111 +772,13 @@ impl RawConfig {
             }
         };
 
-        let agent_id = match &self.agent.id {
-            Some(id) => AgentId::parse(id).map_err(|e| cx.err("agent.id", e.to_string()))?,
-            None => AgentId::parse("local").map_err(|e| cx.err("agent.id", e.to_string()))?,
-        };
-        if self.agent.data_dir.as_os_str().is_empty() {
-            return Err(cx.err("agent.data_dir", "must not be empty"));
-        }
+        let agent_id = validate_agent(&cx, &self.agent)?;
         let data_dir = resolve(&self.agent.data_dir);
-        for (k, v) in &self.agent.labels {
-            if k.is_empty() || v.is_empty() {
-                return Err(cx.err(
-                    format!("agent.labels.{k}"),
-                    "label names and values must not be empty",
-                ));
-            }
-        }
-
         let uplink = match self.uplink {
-            Some(u) => {
-                let Some((host, _)) = split_host_port(&u.hub) else {
-                    return Err(cx.err("uplink.hub", format!("{:?} is not host:port", u.hub)));
-                };
-                if u.reconnect_min.0.is_zero() || u.reconnect_min.0 > u.reconnect_max.0 {
-                    return Err(cx.err(
-                        "uplink.reconnect_min",
-                        "must be longer than zero and not exceed uplink.reconnect_max",
-                    ));
-                }
-                let server_name = u.server_name.unwrap_or(host);
-                if rustls::pki_types::ServerName::try_from(server_name.clone()).is_err() {
-                    return Err(cx.err(
-                        "uplink.server_name",
-                        format!("{server_name:?} is not a DNS name or IP address"),
-                    ));
-                }
-                Some(UplinkSection {
-                    hub: u.hub,
-                    ca: resolve(&u.ca),
-                    cert: resolve(&u.cert),
-                    key: resolve(&u.key),
-                    server_name: Some(server_name),
-                    reconnect_min: u.reconnect_min,
-                    reconnect_max: u.reconnect_max,
-                })
-            }
+            Some(u) => Some(validate_uplink(&cx, u, &resolve)?),
             None => None,
         };
-
-        let o = &self.outbox;
-        let synchronous = match o.synchronous.as_str() {
-            "full" => Synchronous::Full,
-            "normal" => Synchronous::Normal,
-            other => {
-                return Err(cx.err(
-                    "outbox.synchronous",
-                    format!("{other:?} is not one of full, normal"),
-                ))
-            }
-        };
-        let eviction = match o.eviction.as_str() {
-            "drop-oldest" => Eviction::DropOldest,
-            "refuse-new" => Eviction::RefuseNew,
-            other => {
-                return Err(cx.err(
-                    "outbox.eviction",
-                    format!("{other:?} is not one of drop-oldest, refuse-new"),
-                ))
-            }
-        };
-        let on_corruption = match o.on_corruption.as_str() {
-            "move-aside" => OnCorruption::MoveAside,
-            "stop" => OnCorruption::Stop,
-            other => {
-                return Err(cx.err(
-                    "outbox.on_corruption",
-                    format!("{other:?} is not one of move-aside, stop"),
-                ))
-            }
-        };
-        if o.max_bytes.0 < 64 * 1024 {
-            return Err(cx.err("outbox.max_bytes", "must be at least 64KiB"));
-        }
-        if o.max_age.0.is_zero() {
-            return Err(cx.err("outbox.max_age", "must be longer than zero"));
-        }
-        if o.commit_batch == 0 || o.commit_batch > 1_000_000 {
-            return Err(cx.err("outbox.commit_batch", "must be between 1 and 1000000"));
-        }
-        if o.commit_window.0 > Duration::from_secs(1) {
-            return Err(cx.err(
-                "outbox.commit_window",
-                "must be at most 1s: MQTT acknowledgements wait for it",
-            ));
-        }
-        let outbox = OutboxSettings {
-            path: data_dir.join("outbox.db"),
-            synchronous,
-            max_bytes: o.max_bytes.0,
-            max_age: o.max_age.0,
-            eviction,
-            commit_batch: o.commit_batch,
-            commit_window: o.commit_window.0,
-            on_corruption,
-        };
-
+        let outbox = validate_outbox(&cx, &self.outbox, &data_dir)?;
         let devices = validate_devices(&cx, &self.modbus)?;
         let mqtt = match self.mqtt {
             Some(m) => Some(validate_mqtt(&cx, m, &resolve)?),
@@ -884,26 +786,7 @@ impl RawConfig {
         };
         let (publish_bridges, write_bridges) =
             validate_bridges(&cx, &self.bridges, &devices, mqtt.is_some())?;
-
-        let obs = self.observability;
-        if !matches!(obs.log_format.as_str(), "text" | "json") {
-            return Err(cx.err(
-                "observability.log_format",
-                format!("{:?} is not one of text, json", obs.log_format),
-            ));
-        }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&obs.log) {
-            return Err(cx.err(
-                "observability.log",
-                format!("invalid filter {:?}: {e}", obs.log),
-            ));
-        }
-        if !obs.metrics.is_empty() && obs.metrics.parse::<std::net::SocketAddr>().is_err() {
-            return Err(cx.err(
-                "observability.metrics",
-                format!("{:?} is not ip:port (or empty to disable)", obs.metrics),
-            ));
-        }
+        validate_observability(&cx, &self.observability)?;
 
         Ok(AgentConfig {
             source: path.to_owned(),
@@ -916,9 +799,150 @@ impl RawConfig {
             devices,
             publish_bridges,
             write_bridges,
-            observability: obs,
+            observability: self.observability,
         })
     }
+}
+
+/// `[agent]`: the id (or `local` without one), a data folder, and labels.
+fn validate_agent(cx: &Ctx<'_>, a: &AgentSection) -> Result<AgentId, ConfigError> {
+    let agent_id = match &a.id {
+        Some(id) => AgentId::parse(id).map_err(|e| cx.err("agent.id", e.to_string()))?,
+        None => AgentId::parse("local").map_err(|e| cx.err("agent.id", e.to_string()))?,
+    };
+    if a.data_dir.as_os_str().is_empty() {
+        return Err(cx.err("agent.data_dir", "must not be empty"));
+    }
+    for (k, v) in &a.labels {
+        if k.is_empty() || v.is_empty() {
+            return Err(cx.err(
+                format!("agent.labels.{k}"),
+                "label names and values must not be empty",
+            ));
+        }
+    }
+    Ok(agent_id)
+}
+
+/// `[uplink]`, with its files resolved and the server name defaulted to the
+/// hub's host.
+fn validate_uplink(
+    cx: &Ctx<'_>,
+    u: UplinkSection,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<UplinkSection, ConfigError> {
+    let Some((host, _)) = split_host_port(&u.hub) else {
+        return Err(cx.err("uplink.hub", format!("{:?} is not host:port", u.hub)));
+    };
+    if u.reconnect_min.0.is_zero() || u.reconnect_min.0 > u.reconnect_max.0 {
+        return Err(cx.err(
+            "uplink.reconnect_min",
+            "must be longer than zero and not exceed uplink.reconnect_max",
+        ));
+    }
+    let server_name = u.server_name.unwrap_or(host);
+    if rustls::pki_types::ServerName::try_from(server_name.clone()).is_err() {
+        return Err(cx.err(
+            "uplink.server_name",
+            format!("{server_name:?} is not a DNS name or IP address"),
+        ));
+    }
+    Ok(UplinkSection {
+        hub: u.hub,
+        ca: resolve(&u.ca),
+        cert: resolve(&u.cert),
+        key: resolve(&u.key),
+        server_name: Some(server_name),
+        reconnect_min: u.reconnect_min,
+        reconnect_max: u.reconnect_max,
+    })
+}
+
+/// `[outbox]`: its modes parsed, its limits checked, the database in
+/// `data_dir`.
+fn validate_outbox(
+    cx: &Ctx<'_>,
+    o: &OutboxSection,
+    data_dir: &Path,
+) -> Result<OutboxSettings, ConfigError> {
+    let synchronous = match o.synchronous.as_str() {
+        "full" => Synchronous::Full,
+        "normal" => Synchronous::Normal,
+        other => {
+            return Err(cx.err(
+                "outbox.synchronous",
+                format!("{other:?} is not one of full, normal"),
+            ))
+        }
+    };
+    let eviction = match o.eviction.as_str() {
+        "drop-oldest" => Eviction::DropOldest,
+        "refuse-new" => Eviction::RefuseNew,
+        other => {
+            return Err(cx.err(
+                "outbox.eviction",
+                format!("{other:?} is not one of drop-oldest, refuse-new"),
+            ))
+        }
+    };
+    let on_corruption = match o.on_corruption.as_str() {
+        "move-aside" => OnCorruption::MoveAside,
+        "stop" => OnCorruption::Stop,
+        other => {
+            return Err(cx.err(
+                "outbox.on_corruption",
+                format!("{other:?} is not one of move-aside, stop"),
+            ))
+        }
+    };
+    if o.max_bytes.0 < 64 * 1024 {
+        return Err(cx.err("outbox.max_bytes", "must be at least 64KiB"));
+    }
+    if o.max_age.0.is_zero() {
+        return Err(cx.err("outbox.max_age", "must be longer than zero"));
+    }
+    if o.commit_batch == 0 || o.commit_batch > 1_000_000 {
+        return Err(cx.err("outbox.commit_batch", "must be between 1 and 1000000"));
+    }
+    if o.commit_window.0 > Duration::from_secs(1) {
+        return Err(cx.err(
+            "outbox.commit_window",
+            "must be at most 1s: MQTT acknowledgements wait for it",
+        ));
+    }
+    Ok(OutboxSettings {
+        path: data_dir.join("outbox.db"),
+        synchronous,
+        max_bytes: o.max_bytes.0,
+        max_age: o.max_age.0,
+        eviction,
+        commit_batch: o.commit_batch,
+        commit_window: o.commit_window.0,
+        on_corruption,
+    })
+}
+
+/// `[observability]`: a log format, a valid filter, a metrics address.
+fn validate_observability(cx: &Ctx<'_>, obs: &ObservabilitySection) -> Result<(), ConfigError> {
+    if !matches!(obs.log_format.as_str(), "text" | "json") {
+        return Err(cx.err(
+            "observability.log_format",
+            format!("{:?} is not one of text, json", obs.log_format),
+        ));
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&obs.log) {
+        return Err(cx.err(
+            "observability.log",
+            format!("invalid filter {:?}: {e}", obs.log),
+        ));
+    }
+    if !obs.metrics.is_empty() && obs.metrics.parse::<std::net::SocketAddr>().is_err() {
+        return Err(cx.err(
+            "observability.metrics",
+            format!("{:?} is not ip:port (or empty to disable)", obs.metrics),
+        ));
+    }
+    Ok(())
 }
 
 fn validate_name(cx: &Ctx<'_>, key: String, name: &str) -> Result<(), ConfigError> {
