@@ -206,7 +206,7 @@ impl ModbusSource {
                     debug!(
                         start = read.start.0,
                         count = read.count,
-                        ?fail,
+                        fail = %fail,
                         "Retrying read on a new connection."
                     );
                 }
