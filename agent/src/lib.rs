@@ -17,6 +17,5 @@ pub mod outbox;
 pub mod policy;
 pub mod report;
 pub mod run;
-pub mod sim;
 pub mod sources;
 pub mod uplink;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use outpost_protocols::settings::ConfigError;
+pub use outpost_settings::ConfigError;
 
 use crate::sinks::config::{RawSinkConfig, SinkConfig};
 use crate::store::jetstream::{JetStreamStoreConfig, RawJetStreamStoreConfig};
@@ -200,7 +200,7 @@ pub fn load(
 ) -> Result<HubConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
         path: path.to_owned(),
-        message: e.to_string(),
+        source: e,
     })?;
     parse(&text, env, path)
 }
@@ -212,7 +212,7 @@ pub fn parse(
     env: impl IntoIterator<Item = (String, String)>,
     path: &Path,
 ) -> Result<HubConfig, ConfigError> {
-    let raw: RawConfig = outpost_protocols::settings::parse(
+    let raw: RawConfig = outpost_settings::parse(
         text,
         env,
         &["hub", "store", "api", "observability", "sinks"],

@@ -13,9 +13,7 @@
 pub mod event;
 pub mod modbus;
 pub mod policy;
-pub mod settings;
 pub mod topic;
-pub mod units;
 pub mod wire;
 
 pub use event::{

@@ -19,11 +19,11 @@ use outpost_protocols::topic::{TopicFilter, TopicTemplate};
 use outpost_protocols::{AgentId, StreamName};
 use serde::Deserialize;
 
-pub use outpost_protocols::units::{HumanDuration, HumanSize};
+pub use outpost_settings::{HumanDuration, HumanSize};
 
 use crate::outbox::{Eviction, OnCorruption, Synchronous};
 
-pub use outpost_protocols::settings::ConfigError;
+pub use outpost_settings::ConfigError;
 
 /// The file as written, before validation.
 #[derive(Debug, Clone, Deserialize)]
@@ -482,9 +482,9 @@ pub fn load(
     path: &Path,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<RawConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
-        message: e.to_string(),
+        source,
     })?;
     parse(&text, env, path)
 }
@@ -496,7 +496,7 @@ pub fn parse(
     env: impl IntoIterator<Item = (String, String)>,
     path: &Path,
 ) -> Result<RawConfig, ConfigError> {
-    outpost_protocols::settings::parse(
+    outpost_settings::parse(
         text,
         env,
         &[
@@ -772,111 +772,13 @@ impl RawConfig {
             }
         };
 
-        let agent_id = match &self.agent.id {
-            Some(id) => AgentId::parse(id).map_err(|e| cx.err("agent.id", e.to_string()))?,
-            None => AgentId::parse("local").map_err(|e| cx.err("agent.id", e.to_string()))?,
-        };
-        if self.agent.data_dir.as_os_str().is_empty() {
-            return Err(cx.err("agent.data_dir", "must not be empty"));
-        }
+        let agent_id = validate_agent(&cx, &self.agent)?;
         let data_dir = resolve(&self.agent.data_dir);
-        for (k, v) in &self.agent.labels {
-            if k.is_empty() || v.is_empty() {
-                return Err(cx.err(
-                    format!("agent.labels.{k}"),
-                    "label names and values must not be empty",
-                ));
-            }
-        }
-
         let uplink = match self.uplink {
-            Some(u) => {
-                let Some((host, _)) = split_host_port(&u.hub) else {
-                    return Err(cx.err("uplink.hub", format!("{:?} is not host:port", u.hub)));
-                };
-                if u.reconnect_min.0.is_zero() || u.reconnect_min.0 > u.reconnect_max.0 {
-                    return Err(cx.err(
-                        "uplink.reconnect_min",
-                        "must be longer than zero and not exceed uplink.reconnect_max",
-                    ));
-                }
-                let server_name = u.server_name.unwrap_or(host);
-                if rustls::pki_types::ServerName::try_from(server_name.clone()).is_err() {
-                    return Err(cx.err(
-                        "uplink.server_name",
-                        format!("{server_name:?} is not a DNS name or IP address"),
-                    ));
-                }
-                Some(UplinkSection {
-                    hub: u.hub,
-                    ca: resolve(&u.ca),
-                    cert: resolve(&u.cert),
-                    key: resolve(&u.key),
-                    server_name: Some(server_name),
-                    reconnect_min: u.reconnect_min,
-                    reconnect_max: u.reconnect_max,
-                })
-            }
+            Some(u) => Some(validate_uplink(&cx, u, &resolve)?),
             None => None,
         };
-
-        let o = &self.outbox;
-        let synchronous = match o.synchronous.as_str() {
-            "full" => Synchronous::Full,
-            "normal" => Synchronous::Normal,
-            other => {
-                return Err(cx.err(
-                    "outbox.synchronous",
-                    format!("{other:?} is not one of full, normal"),
-                ))
-            }
-        };
-        let eviction = match o.eviction.as_str() {
-            "drop-oldest" => Eviction::DropOldest,
-            "refuse-new" => Eviction::RefuseNew,
-            other => {
-                return Err(cx.err(
-                    "outbox.eviction",
-                    format!("{other:?} is not one of drop-oldest, refuse-new"),
-                ))
-            }
-        };
-        let on_corruption = match o.on_corruption.as_str() {
-            "move-aside" => OnCorruption::MoveAside,
-            "stop" => OnCorruption::Stop,
-            other => {
-                return Err(cx.err(
-                    "outbox.on_corruption",
-                    format!("{other:?} is not one of move-aside, stop"),
-                ))
-            }
-        };
-        if o.max_bytes.0 < 64 * 1024 {
-            return Err(cx.err("outbox.max_bytes", "must be at least 64KiB"));
-        }
-        if o.max_age.0.is_zero() {
-            return Err(cx.err("outbox.max_age", "must be longer than zero"));
-        }
-        if o.commit_batch == 0 || o.commit_batch > 1_000_000 {
-            return Err(cx.err("outbox.commit_batch", "must be between 1 and 1000000"));
-        }
-        if o.commit_window.0 > Duration::from_secs(1) {
-            return Err(cx.err(
-                "outbox.commit_window",
-                "must be at most 1s: MQTT acknowledgements wait for it",
-            ));
-        }
-        let outbox = OutboxSettings {
-            path: data_dir.join("outbox.db"),
-            synchronous,
-            max_bytes: o.max_bytes.0,
-            max_age: o.max_age.0,
-            eviction,
-            commit_batch: o.commit_batch,
-            commit_window: o.commit_window.0,
-            on_corruption,
-        };
-
+        let outbox = validate_outbox(&cx, &self.outbox, &data_dir)?;
         let devices = validate_devices(&cx, &self.modbus)?;
         let mqtt = match self.mqtt {
             Some(m) => Some(validate_mqtt(&cx, m, &resolve)?),
@@ -884,26 +786,7 @@ impl RawConfig {
         };
         let (publish_bridges, write_bridges) =
             validate_bridges(&cx, &self.bridges, &devices, mqtt.is_some())?;
-
-        let obs = self.observability;
-        if !matches!(obs.log_format.as_str(), "text" | "json") {
-            return Err(cx.err(
-                "observability.log_format",
-                format!("{:?} is not one of text, json", obs.log_format),
-            ));
-        }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&obs.log) {
-            return Err(cx.err(
-                "observability.log",
-                format!("invalid filter {:?}: {e}", obs.log),
-            ));
-        }
-        if !obs.metrics.is_empty() && obs.metrics.parse::<std::net::SocketAddr>().is_err() {
-            return Err(cx.err(
-                "observability.metrics",
-                format!("{:?} is not ip:port (or empty to disable)", obs.metrics),
-            ));
-        }
+        validate_observability(&cx, &self.observability)?;
 
         Ok(AgentConfig {
             source: path.to_owned(),
@@ -916,9 +799,150 @@ impl RawConfig {
             devices,
             publish_bridges,
             write_bridges,
-            observability: obs,
+            observability: self.observability,
         })
     }
+}
+
+/// `[agent]`: the id (or `local` without one), a data folder, and labels.
+fn validate_agent(cx: &Ctx<'_>, a: &AgentSection) -> Result<AgentId, ConfigError> {
+    let agent_id = match &a.id {
+        Some(id) => AgentId::parse(id).map_err(|e| cx.err("agent.id", e.to_string()))?,
+        None => AgentId::parse("local").map_err(|e| cx.err("agent.id", e.to_string()))?,
+    };
+    if a.data_dir.as_os_str().is_empty() {
+        return Err(cx.err("agent.data_dir", "must not be empty"));
+    }
+    for (k, v) in &a.labels {
+        if k.is_empty() || v.is_empty() {
+            return Err(cx.err(
+                format!("agent.labels.{k}"),
+                "label names and values must not be empty",
+            ));
+        }
+    }
+    Ok(agent_id)
+}
+
+/// `[uplink]`, with its files resolved and the server name defaulted to the
+/// hub's host.
+fn validate_uplink(
+    cx: &Ctx<'_>,
+    u: UplinkSection,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<UplinkSection, ConfigError> {
+    let Some((host, _)) = split_host_port(&u.hub) else {
+        return Err(cx.err("uplink.hub", format!("{:?} is not host:port", u.hub)));
+    };
+    if u.reconnect_min.0.is_zero() || u.reconnect_min.0 > u.reconnect_max.0 {
+        return Err(cx.err(
+            "uplink.reconnect_min",
+            "must be longer than zero and not exceed uplink.reconnect_max",
+        ));
+    }
+    let server_name = u.server_name.unwrap_or(host);
+    if rustls::pki_types::ServerName::try_from(server_name.clone()).is_err() {
+        return Err(cx.err(
+            "uplink.server_name",
+            format!("{server_name:?} is not a DNS name or IP address"),
+        ));
+    }
+    Ok(UplinkSection {
+        hub: u.hub,
+        ca: resolve(&u.ca),
+        cert: resolve(&u.cert),
+        key: resolve(&u.key),
+        server_name: Some(server_name),
+        reconnect_min: u.reconnect_min,
+        reconnect_max: u.reconnect_max,
+    })
+}
+
+/// `[outbox]`: its modes parsed, its limits checked, the database in
+/// `data_dir`.
+fn validate_outbox(
+    cx: &Ctx<'_>,
+    o: &OutboxSection,
+    data_dir: &Path,
+) -> Result<OutboxSettings, ConfigError> {
+    let synchronous = match o.synchronous.as_str() {
+        "full" => Synchronous::Full,
+        "normal" => Synchronous::Normal,
+        other => {
+            return Err(cx.err(
+                "outbox.synchronous",
+                format!("{other:?} is not one of full, normal"),
+            ))
+        }
+    };
+    let eviction = match o.eviction.as_str() {
+        "drop-oldest" => Eviction::DropOldest,
+        "refuse-new" => Eviction::RefuseNew,
+        other => {
+            return Err(cx.err(
+                "outbox.eviction",
+                format!("{other:?} is not one of drop-oldest, refuse-new"),
+            ))
+        }
+    };
+    let on_corruption = match o.on_corruption.as_str() {
+        "move-aside" => OnCorruption::MoveAside,
+        "stop" => OnCorruption::Stop,
+        other => {
+            return Err(cx.err(
+                "outbox.on_corruption",
+                format!("{other:?} is not one of move-aside, stop"),
+            ))
+        }
+    };
+    if o.max_bytes.0 < 64 * 1024 {
+        return Err(cx.err("outbox.max_bytes", "must be at least 64KiB"));
+    }
+    if o.max_age.0.is_zero() {
+        return Err(cx.err("outbox.max_age", "must be longer than zero"));
+    }
+    if o.commit_batch == 0 || o.commit_batch > 1_000_000 {
+        return Err(cx.err("outbox.commit_batch", "must be between 1 and 1000000"));
+    }
+    if o.commit_window.0 > Duration::from_secs(1) {
+        return Err(cx.err(
+            "outbox.commit_window",
+            "must be at most 1s: MQTT acknowledgements wait for it",
+        ));
+    }
+    Ok(OutboxSettings {
+        path: data_dir.join("outbox.db"),
+        synchronous,
+        max_bytes: o.max_bytes.0,
+        max_age: o.max_age.0,
+        eviction,
+        commit_batch: o.commit_batch,
+        commit_window: o.commit_window.0,
+        on_corruption,
+    })
+}
+
+/// `[observability]`: a log format, a valid filter, a metrics address.
+fn validate_observability(cx: &Ctx<'_>, obs: &ObservabilitySection) -> Result<(), ConfigError> {
+    if !matches!(obs.log_format.as_str(), "text" | "json") {
+        return Err(cx.err(
+            "observability.log_format",
+            format!("{:?} is not one of text, json", obs.log_format),
+        ));
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&obs.log) {
+        return Err(cx.err(
+            "observability.log",
+            format!("invalid filter {:?}: {e}", obs.log),
+        ));
+    }
+    if !obs.metrics.is_empty() && obs.metrics.parse::<std::net::SocketAddr>().is_err() {
+        return Err(cx.err(
+            "observability.metrics",
+            format!("{:?} is not ip:port (or empty to disable)", obs.metrics),
+        ));
+    }
+    Ok(())
 }
 
 fn validate_name(cx: &Ctx<'_>, key: String, name: &str) -> Result<(), ConfigError> {
@@ -949,158 +973,198 @@ fn validate_devices(cx: &Ctx<'_>, m: &ModbusSection) -> Result<Vec<DeviceSetting
                 format!("duplicate device name {:?}", d.name),
             ));
         }
-        let transport = match d.transport.as_str() {
-            "tcp" => {
-                let address = d.address.clone().ok_or_else(|| {
-                    cx.err(format!("{k}.address"), "required for transport \"tcp\"")
-                })?;
-                if split_host_port(&address).is_none() {
-                    return Err(cx.err(
-                        format!("{k}.address"),
-                        format!("{address:?} is not host:port"),
-                    ));
-                }
-                Transport::Tcp { address }
-            }
-            "rtu" => {
-                let port = d.port.clone().ok_or_else(|| {
-                    cx.err(
-                        format!("{k}.port"),
-                        "required for transport \"rtu\" (a serial device such as /dev/ttyUSB0)",
-                    )
-                })?;
-                if !matches!(d.parity.as_str(), "none" | "even" | "odd") {
-                    return Err(cx.err(
-                        format!("{k}.parity"),
-                        format!("{:?} is not one of none, even, odd", d.parity),
-                    ));
-                }
-                if !matches!(d.data_bits, 7 | 8) {
-                    return Err(cx.err(format!("{k}.data_bits"), "must be 7 or 8"));
-                }
-                if !matches!(d.stop_bits, 1 | 2) {
-                    return Err(cx.err(format!("{k}.stop_bits"), "must be 1 or 2"));
-                }
-                if d.baud == 0 {
-                    return Err(cx.err(format!("{k}.baud"), "must be above zero"));
-                }
-                Transport::Rtu {
-                    port,
-                    baud: d.baud,
-                    parity: d.parity.clone(),
-                    data_bits: d.data_bits,
-                    stop_bits: d.stop_bits,
-                }
-            }
-            other => {
-                return Err(cx.err(
-                    format!("{k}.transport"),
-                    format!("{other:?} is not one of tcp, rtu"),
-                ))
-            }
-        };
-        if d.unit > 247 {
-            return Err(cx.err(
-                format!("{k}.unit"),
-                format!("{} is out of range 0..=247", d.unit),
-            ));
-        }
-        if d.poll.0 < Duration::from_millis(10) {
-            return Err(cx.err(format!("{k}.poll"), "must be at least 10ms"));
-        }
-        if d.timeout.0.is_zero() {
-            return Err(cx.err(format!("{k}.timeout"), "must be longer than zero"));
-        }
-        if d.backoff.0 > d.backoff_max.0 {
-            return Err(cx.err(format!("{k}.backoff"), "must not exceed backoff_max"));
-        }
-        if !(1..=125).contains(&d.max_registers) {
-            return Err(cx.err(
-                format!("{k}.max_registers"),
-                format!("{} is out of range 1..=125", d.max_registers),
-            ));
-        }
-        if !(1..=2000).contains(&d.max_bits) {
-            return Err(cx.err(
-                format!("{k}.max_bits"),
-                format!("{} is out of range 1..=2000", d.max_bits),
-            ));
-        }
-        let mut tag_names = BTreeSet::new();
-        let mut tags = Vec::new();
-        for (j, t) in d.tags.iter().enumerate() {
-            let tk = format!("{k}.tags[{j}]");
-            validate_name(cx, format!("{tk}.name"), &t.name)?;
-            if !tag_names.insert(t.name.clone()) {
-                return Err(cx.err(
-                    format!("{tk}.name"),
-                    format!("duplicate tag name {:?} in device {:?}", t.name, d.name),
-                ));
-            }
-            let address = u16::try_from(t.address).map_err(|_| {
-                cx.err(
-                    format!("{tk}.address"),
-                    format!("{} is out of range 0..=65535", t.address),
-                )
-            })?;
-            let spec = TagSpec {
-                table: t.table,
-                address: RegisterAddress(address),
-                data_type: t.data_type,
-                order: t.order,
-                bit: t.bit,
-                length: t.length.unwrap_or(0),
-                scale: t.scale,
-                offset: t.offset,
-            };
-            spec.validate()
-                .map_err(|e| cx.err(tk.clone(), e.to_string()))?;
-            if let Some(db) = t.deadband {
-                if !db.is_finite() || db < 0.0 {
-                    return Err(cx.err(
-                        format!("{tk}.deadband"),
-                        "must be a finite number at least 0",
-                    ));
-                }
-            }
-            if t.writable && !t.table.is_writable() {
-                return Err(cx.err(
-                    format!("{tk}.writable"),
-                    format!("the {:?} table is read-only in Modbus", t.table),
-                ));
-            }
-            let stream = StreamName::parse(&format!("{}/{}", d.name, t.name))
-                .map_err(|e| cx.err(format!("{tk}.name"), e.to_string()))?;
-            tags.push(TagSettings {
-                name: t.name.clone(),
-                stream,
-                spec,
-                deadband: t.deadband,
-                writable: t.writable,
-            });
-        }
-        let limits = PlanLimits {
-            max_registers: d.max_registers,
-            max_bits: d.max_bits,
-            max_gap: d.max_gap,
-        };
-        let specs: Vec<TagSpec> = tags.iter().map(|t| t.spec.clone()).collect();
-        let plan = plan(&specs, &limits).map_err(|e| cx.err(format!("{k}.tags"), e.to_string()))?;
-        out.push(DeviceSettings {
-            name: d.name.clone(),
-            transport,
-            unit: d.unit,
-            poll: d.poll.0,
-            timeout: d.timeout.0,
-            retries: d.retries,
-            backoff: d.backoff.0,
-            backoff_max: d.backoff_max.0,
-            tags,
-            specs,
-            plan,
-        });
+        out.push(validate_device(cx, &k, d)?);
     }
     Ok(out)
+}
+
+/// One `[[modbus.devices]]` entry (at key `k`), its tags and its read plan.
+fn validate_device(
+    cx: &Ctx<'_>,
+    k: &str,
+    d: &DeviceSection,
+) -> Result<DeviceSettings, ConfigError> {
+    let transport = validate_transport(cx, k, d)?;
+    validate_polling(cx, k, d)?;
+    let tags = validate_tags(cx, k, d)?;
+    let limits = PlanLimits {
+        max_registers: d.max_registers,
+        max_bits: d.max_bits,
+        max_gap: d.max_gap,
+    };
+    let specs: Vec<TagSpec> = tags.iter().map(|t| t.spec.clone()).collect();
+    let plan = plan(&specs, &limits).map_err(|e| cx.err(format!("{k}.tags"), e.to_string()))?;
+    Ok(DeviceSettings {
+        name: d.name.clone(),
+        transport,
+        unit: d.unit,
+        poll: d.poll.0,
+        timeout: d.timeout.0,
+        retries: d.retries,
+        backoff: d.backoff.0,
+        backoff_max: d.backoff_max.0,
+        tags,
+        specs,
+        plan,
+    })
+}
+
+/// A device's `transport` with the keys it needs: `address` for TCP; `port`
+/// and the serial line's settings for RTU.
+fn validate_transport(cx: &Ctx<'_>, k: &str, d: &DeviceSection) -> Result<Transport, ConfigError> {
+    match d.transport.as_str() {
+        "tcp" => {
+            let address = d
+                .address
+                .clone()
+                .ok_or_else(|| cx.err(format!("{k}.address"), "required for transport \"tcp\""))?;
+            if split_host_port(&address).is_none() {
+                return Err(cx.err(
+                    format!("{k}.address"),
+                    format!("{address:?} is not host:port"),
+                ));
+            }
+            Ok(Transport::Tcp { address })
+        }
+        "rtu" => {
+            let port = d.port.clone().ok_or_else(|| {
+                cx.err(
+                    format!("{k}.port"),
+                    "required for transport \"rtu\" (a serial device such as /dev/ttyUSB0)",
+                )
+            })?;
+            if !matches!(d.parity.as_str(), "none" | "even" | "odd") {
+                return Err(cx.err(
+                    format!("{k}.parity"),
+                    format!("{:?} is not one of none, even, odd", d.parity),
+                ));
+            }
+            if !matches!(d.data_bits, 7 | 8) {
+                return Err(cx.err(format!("{k}.data_bits"), "must be 7 or 8"));
+            }
+            if !matches!(d.stop_bits, 1 | 2) {
+                return Err(cx.err(format!("{k}.stop_bits"), "must be 1 or 2"));
+            }
+            if d.baud == 0 {
+                return Err(cx.err(format!("{k}.baud"), "must be above zero"));
+            }
+            Ok(Transport::Rtu {
+                port,
+                baud: d.baud,
+                parity: d.parity.clone(),
+                data_bits: d.data_bits,
+                stop_bits: d.stop_bits,
+            })
+        }
+        other => Err(cx.err(
+            format!("{k}.transport"),
+            format!("{other:?} is not one of tcp, rtu"),
+        )),
+    }
+}
+
+/// A device's unit id, timing (poll, timeout, backoff) and request sizes.
+fn validate_polling(cx: &Ctx<'_>, k: &str, d: &DeviceSection) -> Result<(), ConfigError> {
+    if d.unit > 247 {
+        return Err(cx.err(
+            format!("{k}.unit"),
+            format!("{} is out of range 0..=247", d.unit),
+        ));
+    }
+    if d.poll.0 < Duration::from_millis(10) {
+        return Err(cx.err(format!("{k}.poll"), "must be at least 10ms"));
+    }
+    if d.timeout.0.is_zero() {
+        return Err(cx.err(format!("{k}.timeout"), "must be longer than zero"));
+    }
+    if d.backoff.0 > d.backoff_max.0 {
+        return Err(cx.err(format!("{k}.backoff"), "must not exceed backoff_max"));
+    }
+    if !(1..=125).contains(&d.max_registers) {
+        return Err(cx.err(
+            format!("{k}.max_registers"),
+            format!("{} is out of range 1..=125", d.max_registers),
+        ));
+    }
+    if !(1..=2000).contains(&d.max_bits) {
+        return Err(cx.err(
+            format!("{k}.max_bits"),
+            format!("{} is out of range 1..=2000", d.max_bits),
+        ));
+    }
+    Ok(())
+}
+
+/// A device's `[[...tags]]`: unique names, each a valid register spec.
+fn validate_tags(
+    cx: &Ctx<'_>,
+    k: &str,
+    d: &DeviceSection,
+) -> Result<Vec<TagSettings>, ConfigError> {
+    let mut tag_names = BTreeSet::new();
+    let mut tags = Vec::new();
+    for (j, t) in d.tags.iter().enumerate() {
+        let tk = format!("{k}.tags[{j}]");
+        validate_name(cx, format!("{tk}.name"), &t.name)?;
+        if !tag_names.insert(t.name.clone()) {
+            return Err(cx.err(
+                format!("{tk}.name"),
+                format!("duplicate tag name {:?} in device {:?}", t.name, d.name),
+            ));
+        }
+        tags.push(validate_tag(cx, &tk, &d.name, t)?);
+    }
+    Ok(tags)
+}
+
+/// One tag (at key `tk`) of device `device`: its register spec, deadband,
+/// writability and stream name.
+fn validate_tag(
+    cx: &Ctx<'_>,
+    tk: &str,
+    device: &str,
+    t: &TagSection,
+) -> Result<TagSettings, ConfigError> {
+    let address = u16::try_from(t.address).map_err(|_| {
+        cx.err(
+            format!("{tk}.address"),
+            format!("{} is out of range 0..=65535", t.address),
+        )
+    })?;
+    let spec = TagSpec {
+        table: t.table,
+        address: RegisterAddress(address),
+        data_type: t.data_type,
+        order: t.order,
+        bit: t.bit,
+        length: t.length.unwrap_or(0),
+        scale: t.scale,
+        offset: t.offset,
+    };
+    spec.validate().map_err(|e| cx.err(tk, e.to_string()))?;
+    if let Some(db) = t.deadband {
+        if !db.is_finite() || db < 0.0 {
+            return Err(cx.err(
+                format!("{tk}.deadband"),
+                "must be a finite number at least 0",
+            ));
+        }
+    }
+    if t.writable && !t.table.is_writable() {
+        return Err(cx.err(
+            format!("{tk}.writable"),
+            format!("the {:?} table is read-only in Modbus", t.table),
+        ));
+    }
+    let stream = StreamName::parse(&format!("{device}/{}", t.name))
+        .map_err(|e| cx.err(format!("{tk}.name"), e.to_string()))?;
+    Ok(TagSettings {
+        name: t.name.clone(),
+        stream,
+        spec,
+        deadband: t.deadband,
+        writable: t.writable,
+    })
 }
 
 fn validate_mqtt(

@@ -12,7 +12,7 @@
 
 use std::path::PathBuf;
 
-use outpost_protocols::units::HumanDuration;
+use outpost_settings::HumanDuration;
 use serde::Deserialize;
 
 use super::format::{check_template, PayloadFormat};

@@ -15,7 +15,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use super::{fields, Action, Catalog, Downsample, Over, Policy, Rate};
+use super::fields;
+use super::model::{Action, Catalog, Downsample, Over, Policy, Rate};
 use crate::event::{EventBody, JsonText, Value};
 use crate::topic::TopicFilter;
 
@@ -180,12 +181,18 @@ pub struct Compiled {
     agent_rate: Option<Rate>,
 }
 
+impl Policy {
+    /// Compiles the rules that select an agent with `labels` into an
+    /// evaluator, with the regions of `catalog` for the last-step residency
+    /// check.
+    #[must_use]
+    pub fn compile(&self, labels: &BTreeMap<String, String>, catalog: &Catalog) -> Compiled {
+        Compiled::new(self, labels, catalog)
+    }
+}
+
 impl Compiled {
-    pub(super) fn new(
-        policy: &Policy,
-        labels: &BTreeMap<String, String>,
-        catalog: &Catalog,
-    ) -> Compiled {
+    fn new(policy: &Policy, labels: &BTreeMap<String, String>, catalog: &Catalog) -> Compiled {
         let mut rules = Vec::new();
         let mut by_first: HashMap<String, Vec<u32>> = HashMap::new();
         let mut wild = Vec::new();

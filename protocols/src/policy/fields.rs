@@ -80,7 +80,7 @@ fn is_hash(s: &str) -> bool {
 pub(crate) fn keyed_hash(key: &[u8], text: &str) -> String {
     let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
     let tag = ring::hmac::sign(&k, text.as_bytes());
-    format!("{HASH_PREFIX}{}", super::hex(tag.as_ref()))
+    format!("{HASH_PREFIX}{}", hex(tag.as_ref()))
 }
 
 /// Replaces the field's value with its keyed hash (of its JSON text, or of
@@ -146,4 +146,14 @@ pub(crate) fn round_number(target: Option<&mut J>, decimals: u8) -> bool {
         }
         _ => false,
     }
+}
+
+/// Lowercase hex, for hashes and digests.
+pub(super) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
 }

@@ -3,8 +3,10 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 
+use super::model::glob;
 use super::*;
 use crate::event::{EventBody, JsonText, Quality, StreamName, Timestamp, Value};
+use crate::topic::TopicFilter;
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs

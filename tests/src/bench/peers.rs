@@ -7,7 +7,7 @@
 //! so this measurement runs two of them — the ThingsBoard IoT Gateway (PyPI
 //! `thingsboard-gateway` 3.8.5) and Node-RED 4 with `node-red-contrib-modbus`
 //! 5.23.3 — against the same in-process Modbus TCP simulator
-//! (`outpost_agent::sim`, the code `outpost-devsim` serves) and the same
+//! (`outpost_devsim`, the code the `outpost-devsim` binary serves) and the same
 //! Mosquitto, one tool at a time, each alone on the machine:
 //!
 //! - CPU and memory: 1,000 u16 holding registers polled at 1 Hz, every value
@@ -52,7 +52,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
-use outpost_agent::sim::{self, SimConfig, Tables};
+use outpost_devsim::{self as sim, SimConfig, Tables};
 use outpost_tests::{Agent, Mosquitto};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
@@ -509,7 +509,7 @@ fn tree_rss(root: u32) -> u64 {
 // ---------------------------------------------------------------------------
 // The simulator and the observer.
 
-/// `outpost_agent::sim` serving `0..tags` on a runtime of its own.
+/// `outpost_devsim` serving `0..tags` on a runtime of its own.
 struct Simulator {
     _rt: Runtime,
     addr: SocketAddr,

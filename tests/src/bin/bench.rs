@@ -646,7 +646,7 @@ How each row is measured (medians of the runs; every run's numbers are on stderr
 - Peer gateways: ours, the ThingsBoard IoT Gateway 3.8.5 (PyPI, its own venv) and
   Node-RED 4 + node-red-contrib-modbus 5.23.3 (npm), installed once into
   target/bench-peers, run one at a time against the same in-process Modbus TCP
-  simulator (`outpost_agent::sim`) and the same Mosquitto. CPU: 1,000 u16 holding
+  simulator (`outpost_devsim`) and the same Mosquitto. CPU: 1,000 u16 holding
   registers polled at 1 Hz, every value published at QoS 1 on every poll (ours: a
   `[[bridges]]` with `on = \"poll\"`, one JSON message per tag; ThingsBoard: one request
   per tag, one telemetry message per poll, report strategy ON_RECEIVED, stdout to

@@ -15,24 +15,62 @@ use outpost_protocols::{EventBody, Quality, Reason, Timestamp, Value};
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 use tokio_modbus::client::{Client, Context};
-use tokio_modbus::{Request, Response, Slave};
+use tokio_modbus::{Request, Response};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::config::{DeviceSettings, Transport};
+use super::connect::connect;
+use crate::config::DeviceSettings;
 use crate::metrics::{DeviceErrorLabels, DeviceLabels, Metrics};
 use crate::outbox::OutboxHandle;
 use crate::sources::WriteCommand;
 
-/// Why one request produced no data.
-#[derive(Debug)]
+/// Why one request produced no data. The message is the one the log shows;
+/// a transport error stays the source.
+#[derive(Debug, thiserror::Error)]
 enum Fail {
     /// No connection, and the connect attempt (counted where it failed) is
     /// over or backing off.
+    #[error("not connected")]
     NotConnected,
+    /// The device answered with a Modbus exception: data, not a failure.
+    #[error("exception {0}")]
     Exception(u8),
+    /// No answer within the device's timeout.
+    #[error("timeout")]
     Timeout,
-    Transport(String),
+    /// The connection broke, or the reply did not fit the request.
+    #[error("{0}")]
+    Transport(#[source] tokio_modbus::Error),
+    /// A reply of another function than the request's.
+    #[error("unexpected response {0:?}")]
+    Unexpected(Box<Response>),
+}
+
+impl Fail {
+    /// Whether the connection must be dropped: a late reply could otherwise
+    /// answer the next request.
+    fn drops_connection(&self) -> bool {
+        matches!(
+            self,
+            Fail::Timeout | Fail::Transport(_) | Fail::Unexpected(_) | Fail::NotConnected
+        )
+    }
+}
+
+/// The connection to the device, and when the next attempt may be made.
+struct Link {
+    ctx: Option<Context>,
+    /// How long to wait after the next failed connect.
+    backoff: Duration,
+    next_connect: Instant,
+}
+
+impl Link {
+    /// Whether there is no connection and the next attempt must still wait.
+    fn backing_off(&self) -> bool {
+        self.ctx.is_none() && Instant::now() < self.next_connect
+    }
 }
 
 /// A Modbus device being polled.
@@ -73,63 +111,12 @@ impl ModbusSource {
         self.run_inner(shutdown).instrument(span).await
     }
 
-    async fn connect(&self) -> Result<Context, String> {
-        let slave = Slave(self.device.unit);
-        let fut = async {
-            match &self.device.transport {
-                Transport::Tcp { address } => {
-                    let addr = tokio::net::lookup_host(address)
-                        .await
-                        .map_err(|e| format!("resolve {address}: {e}"))?
-                        .next()
-                        .ok_or_else(|| format!("resolve {address}: no address"))?;
-                    tokio_modbus::client::tcp::connect_slave(addr, slave)
-                        .await
-                        .map_err(|e| format!("connect {address}: {e}"))
-                }
-                Transport::Rtu {
-                    port,
-                    baud,
-                    parity,
-                    data_bits,
-                    stop_bits,
-                } => {
-                    use tokio_serial::SerialPortBuilderExt as _;
-                    let parity = match parity.as_str() {
-                        "even" => tokio_serial::Parity::Even,
-                        "odd" => tokio_serial::Parity::Odd,
-                        _ => tokio_serial::Parity::None,
-                    };
-                    let data_bits = if *data_bits == 7 {
-                        tokio_serial::DataBits::Seven
-                    } else {
-                        tokio_serial::DataBits::Eight
-                    };
-                    let stop_bits = if *stop_bits == 2 {
-                        tokio_serial::StopBits::Two
-                    } else {
-                        tokio_serial::StopBits::One
-                    };
-                    let stream = tokio_serial::new(port, *baud)
-                        .parity(parity)
-                        .data_bits(data_bits)
-                        .stop_bits(stop_bits)
-                        .open_native_async()
-                        .map_err(|e| format!("open {port}: {e}"))?;
-                    Ok(tokio_modbus::client::rtu::attach_slave(stream, slave))
-                }
-            }
-        };
-        match tokio::time::timeout(self.device.timeout.max(Duration::from_secs(1)), fut).await {
-            Ok(r) => r,
-            Err(_) => Err("connect timed out".into()),
-        }
-    }
-
     async fn run_inner(mut self, shutdown: CancellationToken) {
-        let mut ctx: Option<Context> = None;
-        let mut backoff = self.device.backoff;
-        let mut next_connect = Instant::now();
+        let mut link = Link {
+            ctx: None,
+            backoff: self.device.backoff,
+            next_connect: Instant::now(),
+        };
         let mut tags: Vec<TagState> = self
             .device
             .tags
@@ -144,132 +131,165 @@ impl ModbusSource {
                 () = shutdown.cancelled() => break,
                 _ = ticker.tick() => {}
                 Some(cmd) = self.writes.recv() => {
-                    self.write(&mut ctx, cmd).await;
+                    self.write(&mut link.ctx, cmd).await;
                     continue;
                 }
             }
             let ts = now_nanos();
-            let mut samples: Vec<(usize, Result<Value, Reason>)> =
-                Vec::with_capacity(self.device.tags.len());
-            // A read that fails drops the connection (a late reply could
-            // answer the next request), and the next read reconnects: a range
-            // the device never answers must not starve the reads after it.
-            // Two reads failing in a row means the device itself is gone; the
-            // rest of the poll is then marked with the same reason.
-            let mut gone: Option<Reason> = None;
-            let mut failed_in_a_row = 0;
-            for read in &self.device.plan.reads {
-                if let Some(reason) = &gone {
-                    samples.extend(read.tags.iter().map(|&t| (t, Err(reason.clone()))));
-                    continue;
-                }
-                let mut tries = 0;
-                let result = loop {
-                    if ctx.is_none() {
-                        if Instant::now() < next_connect {
-                            break Err(Fail::NotConnected);
-                        }
-                        match self.connect().await {
-                            Ok(c) => {
-                                debug!("Connected to device.");
-                                ctx = Some(c);
-                                backoff = self.device.backoff;
-                            }
-                            Err(e) => {
-                                warn!(error = %e, retry_in = ?backoff, "Cannot reach device.");
-                                self.metrics.modbus_error(&self.device.name, "disconnected");
-                                next_connect = Instant::now() + backoff;
-                                backoff = (backoff * 2).min(self.device.backoff_max);
-                                break Err(Fail::NotConnected);
-                            }
-                        }
-                    }
-                    let Some(c) = ctx.as_mut() else { continue };
-                    match self.read_once(c, read).await {
-                        Err(fail @ (Fail::Timeout | Fail::Transport(_) | Fail::NotConnected)) => {
-                            ctx = None;
-                            if tries >= self.device.retries {
-                                break Err(fail);
-                            }
-                            tries += 1;
-                            debug!(
-                                start = read.start.0,
-                                count = read.count,
-                                ?fail,
-                                "Retrying read on a new connection."
-                            );
-                        }
-                        other => break other,
-                    }
-                };
-                match result {
-                    Ok(reply) => {
-                        failed_in_a_row = 0;
-                        samples.extend(read.decode(&self.device.specs, &reply));
-                    }
-                    Err(Fail::Exception(code)) => {
-                        failed_in_a_row = 0;
-                        self.metrics.modbus_error(&self.device.name, "exception");
-                        samples.extend(
-                            read.tags
-                                .iter()
-                                .map(|&t| (t, Err(Reason::ModbusException(code)))),
-                        );
-                    }
-                    Err(fail) => {
-                        let (kind, reason, error) = match fail {
-                            Fail::NotConnected => {
-                                ("", Reason::Disconnected, "not connected".to_owned())
-                            }
-                            Fail::Timeout => ("timeout", Reason::Timeout, "timeout".to_owned()),
-                            Fail::Transport(e) => ("disconnected", Reason::Disconnected, e),
-                            Fail::Exception(code) => {
-                                ("exception", Reason::ModbusException(code), String::new())
-                            }
-                        };
-                        if !kind.is_empty() {
-                            self.metrics.modbus_error(&self.device.name, kind);
-                        }
-                        debug!(start = read.start.0, count = read.count, %error, "Read failed.");
-                        samples.extend(read.tags.iter().map(|&t| (t, Err(reason.clone()))));
-                        failed_in_a_row += 1;
-                        if failed_in_a_row >= 2 || ctx.is_none() && Instant::now() < next_connect {
-                            gone = Some(reason);
-                        }
-                    }
-                }
-            }
-            let bodies = self.to_bodies(ts, samples, &mut tags);
-            if bodies.is_empty() {
-                continue;
-            }
-            if let Some(tx) = &self.samples {
-                if tx.try_send(bodies.clone()).is_err() {
-                    self.metrics.bridge_dropped.inc();
-                    debug!("Bridge queue full; this poll is not bridged.");
-                }
-            }
-            let n = bodies.len();
-            match self.outbox.append(bodies, Vec::new()).await {
-                Ok(outcome) => {
-                    self.metrics.accepted("modbus", outcome.accepted as u64);
-                }
-                Err(e) => {
-                    // A full or failing disk must not end polling: the samples
-                    // of this poll are lost (and said so), the next poll tries
-                    // again, and every tag is recorded afresh once it works.
-                    self.metrics.outbox_errors.inc();
-                    warn!(error = %e, samples = n, "Outbox could not store this poll's samples.");
-                    for t in tags.iter_mut() {
-                        t.last = None;
-                    }
-                }
-            }
+            let samples = self.poll(&mut link).await;
+            self.record(ts, samples, &mut tags).await;
         }
-        if let Some(mut c) = ctx {
+        if let Some(mut c) = link.ctx {
             let _ = c.disconnect().await;
         }
         info!("Device stopped.");
+    }
+
+    /// Reads every planned range once and returns each tag's value or why
+    /// it has none.
+    ///
+    /// A read that fails drops the connection (a late reply could answer the
+    /// next request), and the next read reconnects: a range the device never
+    /// answers must not starve the reads after it. Two reads failing in a row
+    /// means the device itself is gone; the rest of the poll is then marked
+    /// with the same reason.
+    async fn poll(&self, link: &mut Link) -> Vec<(usize, Result<Value, Reason>)> {
+        let mut samples: Vec<(usize, Result<Value, Reason>)> =
+            Vec::with_capacity(self.device.tags.len());
+        let mut gone: Option<Reason> = None;
+        let mut failed_in_a_row = 0;
+        for read in &self.device.plan.reads {
+            if let Some(reason) = &gone {
+                samples.extend(read.tags.iter().map(|&t| (t, Err(reason.clone()))));
+                continue;
+            }
+            match self.read_with_retries(link, read).await {
+                Ok(reply) => {
+                    failed_in_a_row = 0;
+                    samples.extend(read.decode(&self.device.specs, &reply));
+                }
+                Err(Fail::Exception(code)) => {
+                    failed_in_a_row = 0;
+                    self.metrics.modbus_error(&self.device.name, "exception");
+                    samples.extend(
+                        read.tags
+                            .iter()
+                            .map(|&t| (t, Err(Reason::ModbusException(code)))),
+                    );
+                }
+                Err(fail) => {
+                    let reason = self.count_failure(read, &fail);
+                    samples.extend(read.tags.iter().map(|&t| (t, Err(reason.clone()))));
+                    failed_in_a_row += 1;
+                    if failed_in_a_row >= 2 || link.backing_off() {
+                        gone = Some(reason);
+                    }
+                }
+            }
+        }
+        samples
+    }
+
+    /// One planned read, retried on a new connection up to the device's
+    /// `retries` when the connection fails; an exception is not retried.
+    async fn read_with_retries(&self, link: &mut Link, read: &Read) -> Result<ReadReply, Fail> {
+        let mut tries = 0;
+        loop {
+            let ctx = self.connected(link).await?;
+            match self.read_once(ctx, read).await {
+                Err(fail) if fail.drops_connection() => {
+                    link.ctx = None;
+                    if tries >= self.device.retries {
+                        return Err(fail);
+                    }
+                    tries += 1;
+                    debug!(
+                        start = read.start.0,
+                        count = read.count,
+                        fail = %fail,
+                        "Retrying read on a new connection."
+                    );
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The connection, made now if there is none and the backoff allows; a
+    /// failed attempt is logged, counted and doubles the backoff.
+    async fn connected<'l>(&self, link: &'l mut Link) -> Result<&'l mut Context, Fail> {
+        if link.ctx.is_none() {
+            if Instant::now() < link.next_connect {
+                return Err(Fail::NotConnected);
+            }
+            match connect(&self.device).await {
+                Ok(c) => {
+                    debug!("Connected to device.");
+                    link.ctx = Some(c);
+                    link.backoff = self.device.backoff;
+                }
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?link.backoff, "Cannot reach device.");
+                    self.metrics.modbus_error(&self.device.name, "disconnected");
+                    link.next_connect = Instant::now() + link.backoff;
+                    link.backoff = (link.backoff * 2).min(self.device.backoff_max);
+                    return Err(Fail::NotConnected);
+                }
+            }
+        }
+        link.ctx.as_mut().ok_or(Fail::NotConnected)
+    }
+
+    /// Counts a failed read under its kind and names the reason its tags
+    /// get. A failed connect was counted where it failed.
+    fn count_failure(&self, read: &Read, fail: &Fail) -> Reason {
+        let (kind, reason) = match fail {
+            Fail::NotConnected => ("", Reason::Disconnected),
+            Fail::Timeout => ("timeout", Reason::Timeout),
+            Fail::Transport(_) | Fail::Unexpected(_) => ("disconnected", Reason::Disconnected),
+            Fail::Exception(code) => ("exception", Reason::ModbusException(*code)),
+        };
+        if !kind.is_empty() {
+            self.metrics.modbus_error(&self.device.name, kind);
+        }
+        debug!(start = read.start.0, count = read.count, error = %fail, "Read failed.");
+        reason
+    }
+
+    /// Records what changed since the last poll: to the bridges, if they
+    /// keep up, and to the outbox.
+    async fn record(
+        &self,
+        ts: i64,
+        samples: Vec<(usize, Result<Value, Reason>)>,
+        tags: &mut [TagState],
+    ) {
+        let bodies = self.to_bodies(ts, samples, tags);
+        if bodies.is_empty() {
+            return;
+        }
+        if let Some(tx) = &self.samples {
+            if tx.try_send(bodies.clone()).is_err() {
+                self.metrics.bridge_dropped.inc();
+                debug!("Bridge queue full; this poll is not bridged.");
+            }
+        }
+        let n = bodies.len();
+        match self.outbox.append(bodies, Vec::new()).await {
+            Ok(outcome) => {
+                self.metrics.accepted("modbus", outcome.accepted as u64);
+            }
+            Err(e) => {
+                // A full or failing disk must not end polling: the samples
+                // of this poll are lost (and said so), the next poll tries
+                // again, and every tag is recorded afresh once it works.
+                self.metrics.outbox_errors.inc();
+                warn!(error = %e, samples = n, "Outbox could not store this poll's samples.");
+                for t in tags.iter_mut() {
+                    t.last = None;
+                }
+            }
+        }
     }
 
     async fn read_once(&self, ctx: &mut Context, read: &Read) -> Result<ReadReply, Fail> {
@@ -293,7 +313,7 @@ impl ModbusSource {
             .observe(started.elapsed().as_secs_f64());
         match res {
             Err(_) => Err(Fail::Timeout),
-            Ok(Err(e)) => Err(Fail::Transport(e.to_string())),
+            Ok(Err(e)) => Err(Fail::Transport(e)),
             Ok(Ok(Err(exc))) => Err(Fail::Exception(u8::from(exc))),
             Ok(Ok(Ok(resp))) => match resp {
                 Response::ReadCoils(mut bits) | Response::ReadDiscreteInputs(mut bits) => {
@@ -303,7 +323,7 @@ impl ModbusSource {
                 Response::ReadHoldingRegisters(words) | Response::ReadInputRegisters(words) => {
                     Ok(ReadReply::Registers(words))
                 }
-                other => Err(Fail::Transport(format!("unexpected response {other:?}"))),
+                other => Err(Fail::Unexpected(Box::new(other))),
             },
         }
     }

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::ServerAddr;
-use outpost_protocols::units::HumanDuration;
+use outpost_settings::HumanDuration;
 use serde::Deserialize;
 
 use crate::client_tls::ClientTls;

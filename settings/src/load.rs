@@ -1,45 +1,10 @@
-//! The configuration convention both binaries share: TOML text plus
-//! `OUTPOST_SECTION__KEY` overrides, deserialised into a binary's own types.
+//! TOML text plus `OUTPOST_SECTION__KEY` overrides, deserialised into a
+//! binary's own types.
 //!
 //! This is pure (text and a map in, a value or an error out): each binary reads
 //! its file and passes its environment, so tests never touch the process's.
 
-use std::path::PathBuf;
-
 use serde::de::DeserializeOwned;
-
-/// Why a configuration file could not be used; its message is the one line the
-/// command-line contract prints before exiting with status 2.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{path}: cannot read: {message}")]
-    Read {
-        /// The config file.
-        path: PathBuf,
-        /// What the OS said.
-        message: String,
-    },
-    /// The file is not valid TOML, or a key is unknown or has the wrong type.
-    #[error("{path}: {message}")]
-    Parse {
-        /// The config file.
-        path: PathBuf,
-        /// The parser's message, which names the key.
-        message: String,
-    },
-    /// A value parsed but breaks a rule.
-    #[error("{path}: {key}: {message}")]
-    Invalid {
-        /// The config file.
-        path: PathBuf,
-        /// The key path, such as `modbus.devices[0].tags[3].address`.
-        key: String,
-        /// What is wrong.
-        message: String,
-    },
-}
 
 /// Parses `text` as TOML, applies the `OUTPOST_<SECTION>__<KEY>` variables of
 /// `env` whose section is one of `sections`, and deserialises the result.

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use outpost_agent::sim::{self, SimConfig};
+use outpost_devsim::{self as sim, SimConfig};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]

@@ -8,6 +8,14 @@
 //!
 //! tokio-modbus's server spawns one task per connection that it does not hand
 //! back; that is acceptable for a simulator, never for the agent.
+//!
+//! It is a crate of its own, not a module of the agent, so that the shipped
+//! agent does not link a Modbus server; and not a part of `outpost-tests`, so
+//! that the demo and `cross/smoke` build a small device without the test
+//! harness (the hub, NATS, plotters). The tests and the benchmark harness use
+//! it as a library ([`bind`], [`serve`]) or run its binary, `outpost-devsim`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
 use std::future;
 use std::net::SocketAddr;
@@ -17,14 +25,13 @@ use std::time::{Duration, Instant};
 
 use outpost_protocols::modbus::{ByteOrder, DataType, RegisterAddress, Table, TagSpec, WriteData};
 use outpost_protocols::Value;
+use outpost_settings::HumanDuration;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_modbus::server::tcp::{accept_tcp_connection, Server};
 use tokio_modbus::server::Service;
 use tokio_modbus::{ExceptionCode, Request, Response};
 use tokio_util::sync::CancellationToken;
-
-use crate::config::HumanDuration;
 
 /// The simulator's config file.
 #[derive(Debug, Clone, Deserialize)]
