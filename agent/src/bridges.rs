@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::clock;
 use crate::config::{MqttSettings, PayloadFormat, PublishBridge};
 use crate::metrics::Metrics;
 
@@ -126,7 +127,7 @@ impl Publisher {
                         let quiet = last_warning.is_some_and(|t| t.elapsed() < Duration::from_secs(60));
                         if connected || !quiet {
                             warn!(error = %e, "Bridge publisher cannot reach the broker; retrying.");
-                            last_warning = Some(std::time::Instant::now());
+                            last_warning = Some(clock::now());
                         }
                         connected = false;
                         tokio::select! {

@@ -41,6 +41,8 @@ use time::{Duration, OffsetDateTime};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 
+use crate::clock;
+
 /// The CA certificate's file name, in the CA folder and in every issued folder.
 pub const CA_CERT: &str = "ca.pem";
 /// The CA private key's file name in the CA folder.
@@ -233,7 +235,7 @@ pub fn init(dir: &Path, name: &str, validity: Validity, force: bool) -> Result<(
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    set_validity(&mut params, OffsetDateTime::now_utc(), validity, None);
+    set_validity(&mut params, clock::utc_now(), validity, None);
     let cert = params.self_signed(&key)?;
 
     // The key first: a certificate without its key is useless, a key without
@@ -368,12 +370,7 @@ fn issue(ca_dir: &Path, out: &Path, validity: Validity, leaf: Leaf) -> Result<()
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![leaf.eku];
     params.use_authority_key_identifier_extension = true;
-    set_validity(
-        &mut params,
-        OffsetDateTime::now_utc(),
-        validity,
-        Some(ca.not_after),
-    );
+    set_validity(&mut params, clock::utc_now(), validity, Some(ca.not_after));
     let cert = params.signed_by(&key, &issuer)?;
 
     create_dir(out)?;
@@ -418,7 +415,7 @@ fn load_ca(dir: &Path) -> Result<LoadedCa, CaError> {
         ));
     }
     let not_after = cert.validity().not_after.to_datetime();
-    if not_after <= OffsetDateTime::now_utc() {
+    if not_after <= clock::utc_now() {
         return Err(CaError::CaExpired {
             path: cert_path,
             not_after,

@@ -12,6 +12,7 @@ pub mod admin;
 pub mod audit;
 pub mod ca;
 pub mod client_tls;
+pub mod clock;
 pub mod config;
 pub mod logging;
 pub mod metrics;

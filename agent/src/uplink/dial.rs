@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use outpost_protocols::wire::{AgentInfo, ALPN, CLOSE_OK};
 use tokio_util::sync::CancellationToken;
@@ -11,6 +11,7 @@ use tracing::{info, info_span, warn, Instrument};
 
 use super::driver::{serve, Ended, Link};
 use super::error::UplinkError;
+use crate::clock;
 use crate::config::UplinkSection;
 use crate::metrics::Metrics;
 use crate::outbox::OutboxHandle;
@@ -89,7 +90,7 @@ impl Uplink {
         let max = self.settings.reconnect_max.0;
         let mut backoff = min;
         loop {
-            let started = Instant::now();
+            let started = clock::now();
             match self.connect_and_serve(&config, &shutdown).await {
                 Ok(Ended::Shutdown) => return,
                 Ok(Ended::Closed) => info!("Hub closed the connection; reconnecting."),
@@ -103,7 +104,7 @@ impl Uplink {
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(jitter(backoff)) => {}
+                () = tokio::time::sleep(clock::jitter(backoff)) => {}
             }
             backoff = (backoff * 2).min(max);
         }
@@ -159,15 +160,4 @@ impl Uplink {
         self.metrics.uplink_connected.set(0);
         result
     }
-}
-
-/// Up to ±25 % around `d`, so a fleet that lost its hub does not reconnect in
-/// lockstep. The clock's nanoseconds are random enough for spreading load.
-fn jitter(d: Duration) -> Duration {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|t| t.subsec_nanos())
-        .unwrap_or(0);
-    let factor = 0.75 + f64::from(nanos % 1000) / 2000.0;
-    d.mul_f64(factor)
 }

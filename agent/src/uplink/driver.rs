@@ -13,7 +13,7 @@
 use std::future::Future;
 use std::ops::ControlFlow;
 use std::pin::Pin;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use outpost_protocols::wire::{AgentConfig, AgentEvent, AgentInfo, AgentSession, UsageError};
 use outpost_protocols::{Event, Seq};
@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 use super::error::UplinkError;
 use super::gate::SendGate;
 use super::marks;
+use crate::clock;
 use crate::metrics::Metrics;
 use crate::outbox::{OutboxError, OutboxHandle};
 use crate::policy::PolicyStore;
@@ -98,7 +99,7 @@ impl<'a> Driver<'a> {
         shutdown: &'a CancellationToken,
     ) -> Driver<'a> {
         let mut session =
-            AgentSession::new(Instant::now(), link.info.clone(), AgentConfig::default());
+            AgentSession::new(clock::now(), link.info.clone(), AgentConfig::default());
         session.report_policy(link.policy.current().version.0, None);
         Driver {
             link,
@@ -147,7 +148,7 @@ impl<'a> Driver<'a> {
         self.out.clear();
         while self
             .session
-            .poll_transmit(Instant::now(), &mut self.out)
+            .poll_transmit(clock::now(), &mut self.out)
             .is_some()
         {}
         if !self.out.is_empty() {
@@ -283,7 +284,7 @@ impl<'a> Driver<'a> {
             let size = body.value.payload_len();
             let wait = self.gate.wait(size);
             if !wait.is_zero() {
-                self.session.defer_events(Instant::now() + wait);
+                self.session.defer_events(clock::now() + wait);
                 break;
             }
             self.gate.take(size);
@@ -312,7 +313,7 @@ impl<'a> Driver<'a> {
             .session
             .poll_timeout()
             .map(tokio::time::Instant::from_std)
-            .unwrap_or_else(|| tokio::time::Instant::now() + NO_TIMER);
+            .unwrap_or_else(|| clock::tokio_now() + NO_TIMER);
         let awaits_events = self.session.awaits_events();
         tokio::select! {
             done = async {
@@ -327,11 +328,11 @@ impl<'a> Driver<'a> {
             () = self.shutdown.cancelled(), if !self.stopping => {
                 self.stopping = true;
                 debug!(in_flight = self.session.in_flight(), "Uplink stopping.");
-                let now = Instant::now();
+                let now = clock::now();
                 self.session.stop(now, now + DRAIN);
             }
             read = self.recv.read(&mut self.buf) => match read? {
-                Some(n) => self.session.handle_bytes(Instant::now(), &self.buf[..n])?,
+                Some(n) => self.session.handle_bytes(clock::now(), &self.buf[..n])?,
                 None => return Err(UplinkError::StreamFinished),
             },
             changed = self.committed.changed(), if awaits_events => {
@@ -339,11 +340,11 @@ impl<'a> Driver<'a> {
                     // The outbox writer is gone: the agent is stopping, and
                     // nothing more can be read or deleted.
                     self.stopping = true;
-                    let now = Instant::now();
+                    let now = clock::now();
                     self.session.stop(now, now);
                 }
             }
-            () = tokio::time::sleep_until(deadline) => self.session.handle_timeout(Instant::now()),
+            () = tokio::time::sleep_until(deadline) => self.session.handle_timeout(clock::now()),
         }
         Ok(())
     }

@@ -9,6 +9,7 @@ use outpost_protocols::policy::{
 };
 use outpost_protocols::EventBody;
 
+use crate::clock;
 use crate::policy::PolicyStore;
 
 /// The policy as the uplink applies it to what leaves: the stateless part
@@ -31,7 +32,7 @@ impl SendGate {
             recheck: (!p.is_permissive()).then(|| Enforcer::new(p.compiled.clone())),
             events: hold.and_then(|r| r.events_per_sec.map(TokenBucket::new)),
             bytes: hold.and_then(|r| r.bytes_per_sec.map(TokenBucket::new)),
-            clock: Instant::now(),
+            clock: clock::now(),
         }
     }
 

@@ -11,7 +11,7 @@
 use std::future::Future;
 use std::ops::ControlFlow;
 use std::pin::Pin;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::stream::{FuturesOrdered, StreamExt};
 use outpost_protocols::wire::{
@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 
 use super::enforcement::{Enforcement, PolicyFeed};
 use super::error::ConnError;
+use crate::clock;
 use crate::store::{StoreError, StoreHandle};
 
 /// Batches whose commit a connection may wait on before it stops reading.
@@ -106,7 +107,7 @@ impl<'a> Driver<'a> {
         // is not stored or queued twice.
         let (received, watermark) = store.resume(id.clone()).await?;
         let mut session = HubSession::new(
-            Instant::now(),
+            clock::now(),
             id.clone(),
             watermark,
             SessionConfig::default(),
@@ -154,7 +155,7 @@ impl<'a> Driver<'a> {
         self.out.clear();
         while self
             .session
-            .poll_transmit(Instant::now(), &mut self.out)
+            .poll_transmit(clock::now(), &mut self.out)
             .is_some()
         {}
         if !self.out.is_empty() {
@@ -230,9 +231,9 @@ impl<'a> Driver<'a> {
             return Ok(());
         };
         let bytes: usize = events.iter().map(|(_, b)| b.value.payload_len()).sum();
-        if let Some(until) = self.enforcement.pace(events.len(), bytes, Instant::now()) {
+        if let Some(until) = self.enforcement.pace(events.len(), bytes, clock::now()) {
             debug!(
-                held_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64,
+                held_ms = until.saturating_duration_since(clock::now()).as_millis() as u64,
                 "Above the agent's hold rate: holding the batch."
             );
             tokio::select! {
@@ -271,7 +272,7 @@ impl<'a> Driver<'a> {
             .session
             .poll_timeout()
             .map(tokio::time::Instant::from_std)
-            .unwrap_or_else(|| tokio::time::Instant::now() + NO_TIMER);
+            .unwrap_or_else(|| clock::tokio_now() + NO_TIMER);
         let awaits_sinks = self.watching_sinks && self.session.awaits_sinks();
         tokio::select! {
             biased;
@@ -303,7 +304,7 @@ impl<'a> Driver<'a> {
             }
             read = self.recv.read(&mut self.buf), if self.commits.len() < MAX_PENDING_BATCHES => match read {
                 Ok(Some(n)) => {
-                    if let Err(e) = self.session.handle_bytes(Instant::now(), &self.buf[..n]) {
+                    if let Err(e) = self.session.handle_bytes(clock::now(), &self.buf[..n]) {
                         return Err(self.refuse(e).await);
                     }
                 }
@@ -316,7 +317,7 @@ impl<'a> Driver<'a> {
                     return Err(e.into());
                 }
             },
-            () = tokio::time::sleep_until(deadline) => self.session.handle_timeout(Instant::now()),
+            () = tokio::time::sleep_until(deadline) => self.session.handle_timeout(clock::now()),
         }
         Ok(ControlFlow::Continue(()))
     }
@@ -327,7 +328,7 @@ impl<'a> Driver<'a> {
         self.out.clear();
         while self
             .session
-            .poll_transmit(Instant::now(), &mut self.out)
+            .poll_transmit(clock::now(), &mut self.out)
             .is_some()
         {}
         let _ = tokio::time::timeout(LAST_WORDS, self.send.write_all(&self.out)).await;

@@ -60,6 +60,7 @@ use tracing::Instrument as _;
 use super::config::{HttpSinkConfig, SinkConfig};
 use super::format::{payload, PayloadFormat};
 use super::sink::{Sink, SinkError, SinkEvent};
+use crate::clock;
 
 /// The header that carries [`idempotency_key`].
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -362,7 +363,7 @@ impl HttpSink {
         if let Some((name, value)) = &self.auth {
             req.headers_mut().insert(name.clone(), value.clone());
         }
-        let deadline = Instant::now() + self.timeout;
+        let deadline = clock::tokio_now() + self.timeout;
         let outcome = tokio::select! {
             biased;
             () = self.stop.cancelled() => {

@@ -75,6 +75,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument as _};
 
+use crate::clock;
 use crate::nats::{self, Endpoint};
 
 use super::config::{JetStreamSinkConfig, SinkConfig};
@@ -487,7 +488,7 @@ impl JetStreamSink {
     /// larger batch.
     async fn deliver_batch(&self, events: &[SinkEvent]) -> Result<(), SinkError> {
         let s = &self.settings;
-        let deadline = Instant::now() + s.timeout;
+        let deadline = clock::tokio_now() + s.timeout;
         let sending = self.sending.lock().await;
         let up = self.connected(deadline).await?;
         let check = {
@@ -501,7 +502,7 @@ impl JetStreamSink {
             if c.in_doubt == 0 {
                 c.broken = false;
                 c.link = up.link;
-                c.doubt_since = Some(Instant::now());
+                c.doubt_since = Some(clock::tokio_now());
             }
             c.in_doubt += 1;
             if c.started > 0 {

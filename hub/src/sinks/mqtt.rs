@@ -59,6 +59,7 @@ use tracing::Instrument as _;
 use super::config::{MqttSinkConfig, SinkConfig};
 use super::format::{check_template, expand, payload, PayloadFormat};
 use super::sink::{Sink, SinkError, SinkEvent};
+use crate::clock;
 
 /// How long a connection attempt (TCP, TLS, CONNECT/CONNACK) may take, and
 /// a write to the broker; rumqttc counts it in whole seconds.
@@ -514,17 +515,17 @@ impl Driver {
                     backoff = self.retry_min;
                 }
                 tracing::warn!(error = %why, "Connection to the sink's broker lost; reconnecting.");
-                last_warning = Some(Instant::now());
+                last_warning = Some(clock::tokio_now());
             } else if last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
                 tracing::warn!(error = %why, "Sink's broker unreachable; retrying.");
-                last_warning = Some(Instant::now());
+                last_warning = Some(clock::tokio_now());
             } else {
                 tracing::debug!(error = %why, "Sink's broker unreachable; retrying.");
             }
             self.last_error = why;
             // Batches that come while the broker is away fail at once: the
             // runner has its own backoff, and holds the events meanwhile.
-            let wake = Instant::now() + backoff;
+            let wake = clock::tokio_now() + backoff;
             loop {
                 tokio::select! {
                     biased;
@@ -569,7 +570,7 @@ impl Driver {
             }
         }
         tracing::info!("Connected to the sink's broker.");
-        let up = Instant::now();
+        let up = clock::tokio_now();
         let end = self.serve(&client, &mut rx, pump.as_mut()).await;
         let lived = up.elapsed();
         if matches!(end, End::Stop | End::Closed) {
@@ -640,7 +641,7 @@ impl Driver {
                         }
                     }
                     Some(Wire::Ack(pkid)) => {
-                        stall.as_mut().reset(Instant::now() + ACK_STALL);
+                        stall.as_mut().reset(clock::tokio_now() + ACK_STALL);
                         let Some(id) = owners.remove(&pkid) else {
                             // Not ours to count; rumqttc already refuses
                             // a PUBACK for a packet id it did not send.
@@ -680,14 +681,14 @@ impl Driver {
                             continue;
                         }
                         if flights.is_empty() {
-                            stall.as_mut().reset(Instant::now() + ACK_STALL);
+                            stall.as_mut().reset(clock::tokio_now() + ACK_STALL);
                         }
                         let Job { items, reply } = job;
                         flights.insert(next, InFlight {
                             n: items.len(),
                             sent: 0,
                             acked: 0,
-                            started: Instant::now(),
+                            started: clock::tokio_now(),
                             reply,
                         });
                         next += 1;

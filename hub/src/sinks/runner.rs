@@ -70,6 +70,7 @@ use tracing::{debug, info, info_span, warn, Instrument as _};
 
 use super::config::SinkConfig;
 use super::sink::{Sink, SinkError, SinkEvent, MAX_OVERLAP, RECORDS_WAITING};
+use crate::clock;
 
 pub use super::sink::unrecorded_max;
 use crate::policy::FleetPolicy;
@@ -197,7 +198,7 @@ async fn run_leased(l: Leased, stop: CancellationToken) {
             policy: l.policy.clone(),
         };
         let refresh = async {
-            let mut renewed = Instant::now();
+            let mut renewed = clock::tokio_now();
             loop {
                 tokio::select! {
                     () = lease.cancelled() => return (revision, false),
@@ -207,7 +208,7 @@ async fn run_leased(l: Leased, stop: CancellationToken) {
                 match r {
                     Ok(Ok(Ok(r))) => {
                         revision = r;
-                        renewed = Instant::now();
+                        renewed = clock::tokio_now();
                     }
                     Ok(Ok(Err(LeaseLost))) => {
                         warn!("Another replica took the sink's lease; stopping deliveries here.");
@@ -355,8 +356,8 @@ pub async fn start(
                 // connections cleanly (a NATS drain, an MQTT DISCONNECT):
                 // they get the moment they had on the hub's runtime.
                 let tasks = tokio::runtime::Handle::current().metrics();
-                let deadline = Instant::now() + TASKS_WAIT;
-                while tasks.num_alive_tasks() > 0 && Instant::now() < deadline {
+                let deadline = clock::tokio_now() + TASKS_WAIT;
+                while tasks.num_alive_tasks() > 0 && clock::tokio_now() < deadline {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             });
@@ -435,7 +436,7 @@ impl ReadState {
                 .is_none_or(|at| at.elapsed() >= LABELS_FRESH)
         {
             self.labels.clear();
-            self.labels_read = Some(std::time::Instant::now());
+            self.labels_read = Some(clock::now());
         }
     }
 }
@@ -696,7 +697,7 @@ impl Pipe<'_> {
                 if let Reader::Sqlite { reader, .. } = &mut state.reader {
                     *reader = None;
                 }
-                self.read_retry = Some(Instant::now() + self.read_backoff);
+                self.read_retry = Some(clock::tokio_now() + self.read_backoff);
                 self.read_backoff = (self.read_backoff * 2).min(cfg.retry_max);
             }
         }
@@ -770,7 +771,9 @@ impl Runner {
                 }
             }
             let idle = p.flights.is_empty() && p.records.is_empty() && p.recording.is_none();
-            let wake = p.read_retry.unwrap_or_else(|| Instant::now() + IDLE_POLL);
+            let wake = p
+                .read_retry
+                .unwrap_or_else(|| clock::tokio_now() + IDLE_POLL);
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
@@ -1110,7 +1113,7 @@ impl Runner {
                     if let Err(e) = self.store.sink_progress(self.cfg.id.clone(), p).await {
                         debug!(error = %e, "Sink failure not recorded.");
                     }
-                    if sleep(stop, jitter(backoff)).await {
+                    if sleep(stop, clock::jitter(backoff)).await {
                         return None;
                     }
                     backoff = (backoff * 2).min(self.cfg.retry_max);
@@ -1152,14 +1155,4 @@ async fn sleep(stop: &CancellationToken, d: Duration) -> bool {
         () = stop.cancelled() => true,
         () = tokio::time::sleep(d) => false,
     }
-}
-
-/// `d` ± 25 %, so that sinks failing together do not retry in lockstep.
-fn jitter(d: std::time::Duration) -> std::time::Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |t| t.subsec_nanos());
-    // 0.75 .. 1.25 from the clock's low bits: enough spread, no RNG needed.
-    let f = 0.75 + f64::from(nanos % 1000) / 2000.0;
-    d.mul_f64(f)
 }

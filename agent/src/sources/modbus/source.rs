@@ -8,7 +8,7 @@
 //! unplugged device does not fill the outbox with identical errors.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use outpost_protocols::modbus::{Read, ReadReply, Table, WriteData};
 use outpost_protocols::{EventBody, Quality, Reason, Timestamp, Value};
@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::connect::connect;
+use crate::clock;
 use crate::config::DeviceSettings;
 use crate::metrics::{DeviceErrorLabels, DeviceLabels, Metrics};
 use crate::outbox::OutboxHandle;
@@ -69,7 +70,7 @@ struct Link {
 impl Link {
     /// Whether there is no connection and the next attempt must still wait.
     fn backing_off(&self) -> bool {
-        self.ctx.is_none() && Instant::now() < self.next_connect
+        self.ctx.is_none() && clock::now() < self.next_connect
     }
 }
 
@@ -115,7 +116,7 @@ impl ModbusSource {
         let mut link = Link {
             ctx: None,
             backoff: self.device.backoff,
-            next_connect: Instant::now(),
+            next_connect: clock::now(),
         };
         let mut tags: Vec<TagState> = self
             .device
@@ -135,7 +136,7 @@ impl ModbusSource {
                     continue;
                 }
             }
-            let ts = now_nanos();
+            let ts = clock::unix_now().0;
             let samples = self.poll(&mut link).await;
             self.record(ts, samples, &mut tags).await;
         }
@@ -219,7 +220,7 @@ impl ModbusSource {
     /// failed attempt is logged, counted and doubles the backoff.
     async fn connected<'l>(&self, link: &'l mut Link) -> Result<&'l mut Context, Fail> {
         if link.ctx.is_none() {
-            if Instant::now() < link.next_connect {
+            if clock::now() < link.next_connect {
                 return Err(Fail::NotConnected);
             }
             match connect(&self.device).await {
@@ -231,7 +232,7 @@ impl ModbusSource {
                 Err(e) => {
                     warn!(error = %e, retry_in = ?link.backoff, "Cannot reach device.");
                     self.metrics.modbus_error(&self.device.name, "disconnected");
-                    link.next_connect = Instant::now() + link.backoff;
+                    link.next_connect = clock::now() + link.backoff;
                     link.backoff = (link.backoff * 2).min(self.device.backoff_max);
                     return Err(Fail::NotConnected);
                 }
@@ -305,7 +306,7 @@ impl ModbusSource {
             device: self.device.name.clone(),
         };
         self.metrics.modbus_requests.get_or_create(&labels).inc();
-        let started = Instant::now();
+        let started = clock::now();
         let res = tokio::time::timeout(self.device.timeout, ctx.call(request)).await;
         self.metrics
             .modbus_latency
@@ -496,13 +497,6 @@ fn normalise_command(v: Value) -> Value {
         }
         other => other,
     }
-}
-
-fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -395,7 +395,7 @@ mod tests {
     }
 
     fn connected(pending: &[u16]) -> (Session, Instant) {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let mut s = Session::new(opts(false), pending.iter().copied().collect(), now);
         assert!(matches!(s.poll_transmit(now), Some(Packet::Connect(_))));
         s.handle_packet(
@@ -481,7 +481,7 @@ mod tests {
 
     #[test]
     fn a_lost_session_forgets_remembered_packet_ids() {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let mut s = Session::new(opts(false), [3u16].into_iter().collect(), now);
         let _ = s.poll_transmit(now);
         s.handle_packet(
@@ -494,7 +494,7 @@ mod tests {
 
     #[test]
     fn a_refused_connection_is_an_error() {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let mut s = Session::new(opts(false), BTreeSet::new(), now);
         let r = s.handle_packet(
             now,

@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use futures::stream::{FuturesOrdered, StreamExt};
@@ -24,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::session::{Ack, Session, SessionError, SessionEvent, SessionOptions};
+use crate::clock;
 use crate::config::{MqttSettings, WriteBridge};
 use crate::metrics::{Metrics, QosLabels};
 use crate::outbox::{OutboxError, OutboxHandle, Qos2Op};
@@ -185,7 +185,7 @@ impl MqttSource {
             if shutdown.is_cancelled() {
                 return;
             }
-            let started = Instant::now();
+            let started = clock::now();
             match self.connect_and_serve(&addr, &shutdown).await {
                 Ok(()) => return,
                 Err(e) => {
@@ -255,7 +255,7 @@ impl MqttSource {
             clean_session: self.settings.clean_session,
             subscriptions: self.subscriptions(),
         };
-        let mut session = Session::new(opts, pending, Instant::now());
+        let mut session = Session::new(opts, pending, clock::now());
         // A packet must be read whole to be acknowledged, and one that is never
         // acknowledged is redelivered forever; so the read limit is MQTT's own
         // maximum (3.1.1 section 2.2.3) and `max_payload` decides what is
@@ -303,7 +303,7 @@ impl MqttSource {
                     }
                 }
                 () = tokio::time::sleep_until(deadline) => {
-                    if let Err(e) = session.handle_timeout(Instant::now()) {
+                    if let Err(e) = session.handle_timeout(clock::now()) {
                         break Err(e.into());
                     }
                 }
@@ -338,7 +338,7 @@ impl MqttSource {
         wbuf: &mut BytesMut,
     ) -> Result<(), MqttError> {
         wbuf.clear();
-        while let Some(p) = session.poll_transmit(Instant::now()) {
+        while let Some(p) = session.poll_transmit(clock::now()) {
             p.write(wbuf, usize::MAX)
                 .map_err(|e| MqttError::Codec(e.to_string()))?;
         }
@@ -359,7 +359,7 @@ impl MqttSource {
     ) -> Result<(), MqttError> {
         loop {
             match Packet::read(rbuf, hard_limit) {
-                Ok(p) => session.handle_packet(Instant::now(), p)?,
+                Ok(p) => session.handle_packet(clock::now(), p)?,
                 Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => return Ok(()),
                 Err(e) => return Err(MqttError::Codec(e.to_string())),
             }
@@ -415,10 +415,7 @@ impl MqttSource {
             .subscriptions
             .iter()
             .find(|s| s.filter.matches(&publish.topic))?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i64)
-            .unwrap_or(0);
+        let now = clock::unix_now().0;
         let stream = match StreamName::parse(&publish.topic) {
             Ok(s) => s,
             Err(e) => {

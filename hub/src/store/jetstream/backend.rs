@@ -24,6 +24,7 @@ use tracing::{debug, warn};
 use super::connection::JetStreamStore;
 use super::events::Known;
 use super::registry::HEARTBEAT;
+use crate::clock;
 use crate::store::error::StoreError;
 use crate::store::sqlite::InsertOutcome;
 use crate::store::writer::StoreHandle;
@@ -446,7 +447,7 @@ impl Backend {
         for ((agent_id, _, _), r) in due.iter().zip(updated) {
             match r {
                 Ok(()) => {
-                    self.seen_at.insert((*agent_id).clone(), Instant::now());
+                    self.seen_at.insert((*agent_id).clone(), clock::now());
                 }
                 Err(e) => warn!(error = %e, "Cannot update the registry after a batch."),
             }
