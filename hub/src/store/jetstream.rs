@@ -79,9 +79,9 @@ mod sinkq;
 
 pub use sinkq::{LeaseLost, SinkQueueReader, LEASE_HOLD, LEASE_REFRESH, LEASE_TTL};
 
+use super::clock::now;
+use super::handle::{self, InsertOutcome, Read, Request, Write};
 use super::registry::AgentRecord;
-use super::sqlite::InsertOutcome;
-use super::writer::{self, now, Request, Write};
 use super::{StoreError, StoreHandle, WriterOptions};
 use crate::policy::PolicyRecord;
 use crate::sinks::SinkTls;
@@ -837,7 +837,7 @@ pub fn spawn_jetstream_writer(
     sinks: Vec<String>,
     shutdown: CancellationToken,
 ) -> (StoreHandle, JoinHandle<Result<(), StoreError>>) {
-    let (handle, rx, done) = writer::channel(shutdown);
+    let (handle, rx, done) = handle::channel(shutdown);
     let signals = handle.signals();
     let join = tokio::spawn(async move {
         let _done = done.drop_guard();
@@ -874,7 +874,7 @@ struct Backend {
     /// once this replica queued some, or when it has not looked since the
     /// agent's session began; false once it looked and found nothing.
     held: HashMap<AgentId, bool>,
-    signals: writer::Signals,
+    signals: handle::Signals,
 }
 
 impl Backend {
@@ -925,17 +925,17 @@ impl Backend {
                     }
                     self.commit(group).await;
                 }
-                Request::Watermark { agent_id, reply } => {
+                Request::Call(Read::Watermark { agent_id, reply }) => {
                     let _ = reply.send(self.watermark(agent_id).await);
                 }
-                Request::Acked { agent_id, reply } => {
+                Request::Call(Read::Acked { agent_id, reply }) => {
                     let r = match self.watermark(agent_id.clone()).await {
                         Ok(w) => self.acked(&agent_id, w).await,
                         Err(e) => Err(e),
                     };
                     let _ = reply.send(r);
                 }
-                Request::Resume { agent_id, reply } => {
+                Request::Call(Read::Resume { agent_id, reply }) => {
                     // Another replica may have queued for it since.
                     self.held.remove(&agent_id);
                     let r = match self.watermark(agent_id.clone()).await {
@@ -999,7 +999,7 @@ impl Backend {
         }
         // A batch must follow what the stream holds, or what an earlier
         // request of this group will (see `StoreHandle::insert_routed_nowait`).
-        let mut order = writer::OrderCheck::default();
+        let mut order = handle::OrderCheck::default();
         let mut ordered = Vec::with_capacity(inserts.len());
         for w in inserts {
             let Write::Insert {
