@@ -88,8 +88,13 @@ pub enum OutboxError {
     Corrupt {
         /// The file.
         path: PathBuf,
-        /// What SQLite found.
+        /// What SQLite found: its error message, or the integrity check's
+        /// first complaint.
         detail: String,
+        /// SQLite's error, when it was one (not for a failed integrity
+        /// check, which is a finding rather than an error).
+        #[source]
+        source: Option<Arc<rusqlite::Error>>,
     },
     /// A damaged outbox could not be moved aside (`on_corruption =
     /// "move-aside"`): the data directory is not writable, or the file
@@ -142,6 +147,7 @@ impl From<outpost_storage::Error> for OutboxError {
                 OutboxError::Corrupt {
                     path,
                     detail: source.to_string(),
+                    source: Some(source),
                 }
             }
             E::Sqlite { path, source } => OutboxError::Sqlite { path, source },

@@ -1,8 +1,6 @@
-//! Reading the outbox: the queries both the writer's connection ([`Outbox`])
+//! Reading the outbox: the queries both the writer's connection (`Outbox`)
 //! and a read-only one ([`OutboxReader`]) run, and the read-only view for
 //! the CLI verbs.
-//!
-//! [`Outbox`]: super::store::Outbox
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

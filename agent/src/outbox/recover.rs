@@ -15,11 +15,11 @@ use std::sync::Arc;
 
 use outpost_protocols::event::{AgentId, EventBody};
 use outpost_storage::AtPath;
-use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
+use rusqlite::{params, Connection, OpenFlags};
 use serde::Serialize;
 
 use super::error::OutboxError;
-use super::schema::{row_size, Meta};
+use super::schema::{begin, row_size, Meta};
 use super::store::{Outbox, OutboxConfig};
 
 /// What the agent does with an outbox it finds damaged at start
@@ -181,11 +181,7 @@ impl Outbox {
         qos2: &[u16],
     ) -> Result<(), OutboxError> {
         let path = self.cfg.path.clone();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .at(&path)?;
-        let mut meta = Meta::load(&tx, &path)?;
+        let (tx, mut meta) = begin(&mut self.conn, &path)?;
         {
             let mut insert = tx
                 .prepare("INSERT INTO events (seq, ts, stream, body) VALUES (?1, ?2, ?3, ?4)")

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use outpost_storage::{AtPath, Synchronous};
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 
 use super::error::OutboxError;
 
@@ -138,4 +138,18 @@ impl Meta {
         self.events = self.events.saturating_sub(count);
         self.total_bytes = self.total_bytes.saturating_sub(bytes);
     }
+}
+
+/// Starts a write transaction and reads the counters inside it. IMMEDIATE:
+/// the write lock is taken at once, so the counters cannot change under the
+/// transaction before it commits (a second writer on the file waits).
+pub(super) fn begin<'c>(
+    conn: &'c mut Connection,
+    path: &Path,
+) -> Result<(Transaction<'c>, Meta), OutboxError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .at(path)?;
+    let meta = Meta::load(&tx, path)?;
+    Ok((tx, meta))
 }

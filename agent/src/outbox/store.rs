@@ -14,7 +14,7 @@ use tracing::{debug, trace};
 use super::error::OutboxError;
 use super::evict::{count_and_size, cutoff, evict_oldest, expire};
 use super::reads::{self, OutboxStats};
-use super::schema::{row_size, Meta, SCHEMA, SCHEMA_VERSION};
+use super::schema::{begin, row_size, Meta, SCHEMA, SCHEMA_VERSION};
 
 /// What happens when an append would take the outbox past `max_bytes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -128,6 +128,7 @@ impl Outbox {
             return Err(OutboxError::Corrupt {
                 path: path.to_owned(),
                 detail,
+                source: None,
             });
         }
 
@@ -214,11 +215,7 @@ impl Outbox {
         requests: &[(&[EventBody], &[Qos2Op])],
     ) -> Result<Vec<AppendOutcome>, OutboxError> {
         let path = self.cfg.path.as_path();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .at(path)?;
-        let mut meta = Meta::load(&tx, path)?;
+        let (tx, mut meta) = begin(&mut self.conn, path)?;
         let mut outcomes = Vec::with_capacity(requests.len());
         for (bodies, qos2) in requests {
             outcomes.push(append_one(&tx, &self.cfg, &mut meta, now, bodies, qos2)?);
@@ -248,11 +245,7 @@ impl Outbox {
             return Ok(0);
         };
         let path = self.cfg.path.as_path();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .at(path)?;
-        let mut meta = Meta::load(&tx, path)?;
+        let (tx, mut meta) = begin(&mut self.conn, path)?;
         let n = expire(&tx, path, &mut meta, cutoff(now, max_age))?;
         if n > 0 {
             meta.store(&tx, path)?;
@@ -271,11 +264,7 @@ impl Outbox {
     /// Returns how many events were deleted.
     pub fn ack(&mut self, upto: Seq) -> Result<u64, OutboxError> {
         let path = self.cfg.path.as_path();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .at(path)?;
-        let mut meta = Meta::load(&tx, path)?;
+        let (tx, mut meta) = begin(&mut self.conn, path)?;
         let n = delete_acked(&tx, path, &mut meta, upto)?;
         tx.commit().at(path)?;
         Ok(n)
@@ -313,11 +302,7 @@ impl Outbox {
     /// `delete` (a watermark); beyond: renumbered to follow it.
     fn apply_hub_mark(&mut self, mark: Seq, delete: bool) -> Result<Resumed, OutboxError> {
         let path = self.cfg.path.as_path();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .at(path)?;
-        let mut meta = Meta::load(&tx, path)?;
+        let (tx, mut meta) = begin(&mut self.conn, path)?;
         let resumed = if mark.0 >= meta.next_seq {
             renumber_after(&tx, path, &mut meta, mark)?
         } else if delete {

@@ -123,7 +123,7 @@ pub enum StoreError {
         path: PathBuf,
         /// Its `user_version`.
         found: i64,
-        /// [`SCHEMA_VERSION`](super::SCHEMA_VERSION).
+        /// The schema version this build writes (`SCHEMA_VERSION`).
         supported: i64,
     },
     /// The group-commit writer has stopped (shutdown, or every handle

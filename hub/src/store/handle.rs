@@ -350,7 +350,7 @@ impl StoreHandle {
     }
 
     /// Records that a session of `agent_id` started (after its `Hello`); see
-    /// [`Store::agent_connected`](super::sqlite::Store::agent_connected).
+    /// `Store::agent_connected`.
     pub async fn agent_connected(
         &self,
         agent_id: AgentId,
@@ -371,14 +371,14 @@ impl StoreHandle {
     }
 
     /// Records that a session of `agent_id` ended; see
-    /// [`Store::agent_disconnected`](super::sqlite::Store::agent_disconnected). Call it once for every
+    /// `Store::agent_disconnected`. Call it once for every
     /// [`agent_connected`](Self::agent_connected).
     pub async fn agent_disconnected(&self, agent_id: AgentId) -> Result<(), StoreError> {
         self.call(|reply| Message::Write(Write::Disconnected { agent_id, reply }))
             .await
     }
 
-    /// Records the backlog `agent_id` reported; see [`Store::report_backlog`](super::sqlite::Store::report_backlog).
+    /// Records the backlog `agent_id` reported; see `Store::report_backlog`.
     pub async fn report_backlog(
         &self,
         agent_id: AgentId,
@@ -396,7 +396,7 @@ impl StoreHandle {
         .await
     }
 
-    /// Sets `agent_id`'s `last_seen` to now; see [`Store::touch`](super::sqlite::Store::touch). Inserts
+    /// Sets `agent_id`'s `last_seen` to now; see `Store::touch`. Inserts
     /// already do this, so only an idle session needs it.
     pub async fn touch(&self, agent_id: AgentId) -> Result<(), StoreError> {
         self.call(|reply| Message::Write(Write::Touch { agent_id, reply }))
