@@ -327,14 +327,9 @@ async fn pace<W, C>(
     done: CancellationToken,
     ticks: Option<(Duration, fn() -> C)>,
 ) {
-    let Some((every, tick)) = ticks else {
-        tokio::select! {
-            () = done.cancelled() => {}
-            () = shutdown.cancelled() => send_shutdown(&tx).await,
-        }
-        return;
-    };
-    let mut interval = tokio::time::interval(every);
+    // Without ticks the interval is never polled; one loop serves both, so
+    // that the binary carries one state machine.
+    let mut interval = tokio::time::interval(ticks.map_or(Duration::from_secs(3600), |t| t.0));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -343,10 +338,10 @@ async fn pace<W, C>(
                 send_shutdown(&tx).await;
                 return;
             }
-            _ = interval.tick() => match tx.upgrade() {
+            _ = interval.tick(), if ticks.is_some() => match (tx.upgrade(), ticks) {
                 // A full queue means the writer is busy; the next tick will do.
-                Some(tx) => { let _ = tx.try_send(Message::Call(tick())); }
-                None => return,
+                (Some(tx), Some((_, tick))) => { let _ = tx.try_send(Message::Call(tick())); }
+                _ => return,
             },
         }
     }

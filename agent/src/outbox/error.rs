@@ -91,10 +91,6 @@ pub enum OutboxError {
         /// What SQLite found: its error message, or the integrity check's
         /// first complaint.
         detail: String,
-        /// SQLite's error, when it was one (not for a failed integrity
-        /// check, which is a finding rather than an error).
-        #[source]
-        source: Option<Arc<rusqlite::Error>>,
     },
     /// A damaged outbox could not be moved aside (`on_corruption =
     /// "move-aside"`): the data directory is not writable, or the file
@@ -147,7 +143,6 @@ impl From<outpost_storage::Error> for OutboxError {
                 OutboxError::Corrupt {
                     path,
                     detail: source.to_string(),
-                    source: Some(source),
                 }
             }
             E::Sqlite { path, source } => OutboxError::Sqlite { path, source },

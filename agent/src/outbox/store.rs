@@ -128,7 +128,6 @@ impl Outbox {
             return Err(OutboxError::Corrupt {
                 path: path.to_owned(),
                 detail,
-                source: None,
             });
         }
 

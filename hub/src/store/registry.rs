@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use outpost_protocols::event::{AgentId, Seq, Timestamp};
+use outpost_storage::AtPath;
 use rusqlite::{params, Connection, OptionalExtension as _, Row};
 use serde::Serialize;
 
 use super::error::StoreError;
 use super::rows::{agent_from, seq_from};
-use outpost_storage::AtPath;
 
 /// What the registry knows about one agent, for `fleet list`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

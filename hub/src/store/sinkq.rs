@@ -14,12 +14,12 @@
 use std::path::Path;
 
 use outpost_protocols::event::{AgentId, Event, EventBody, Seq, Timestamp};
+use outpost_storage::AtPath;
 use rusqlite::{params, OptionalExtension as _, Transaction};
 use serde::Serialize;
 
 use super::error::StoreError;
 use super::rows::{agent_from, seq_from};
-use outpost_storage::AtPath;
 
 /// From schema version 2 to 3: the sinks' queue and their counters.
 pub(super) const MIGRATE_3: &str = "
