@@ -11,9 +11,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::audit::{self, Verdict};
+use crate::clock;
 use crate::config::{self, HubConfig, StoreKind};
 use crate::policy::{self, Applied, ApplyError, PolicyRecord};
-use crate::store::{now, open_admin, store_path, AtPath as _, StoreReader};
+use crate::store::{open_admin, store_path, AtPath as _, StoreReader};
 use crate::verbs::VerbError;
 
 /// `outpost-hub policy …`.
@@ -536,7 +537,7 @@ impl AuditTarget {
             &tx,
             &self.store,
             &audit::Entry {
-                ts: now(),
+                ts: clock::unix_now(),
                 actor,
                 action,
                 target,

@@ -28,8 +28,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::clock;
 use crate::store::jetstream::JetStreamStore;
-use crate::store::{now, AgentRecord, SinkStatus, StoreError, StoreReader};
+use crate::store::{AgentRecord, SinkStatus, StoreError, StoreReader};
 
 /// How long one scrape may take, reading included.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -186,7 +187,7 @@ pub async fn serve(listener: TcpListener, source: MetricsSource, shutdown: Cance
             let source = source.clone();
             async move {
                 let (status, body) = match source.read().await {
-                    Ok((sinks, fleet)) => (200, render(&sinks, &fleet, now().0)),
+                    Ok((sinks, fleet)) => (200, render(&sinks, &fleet, clock::unix_now().0)),
                     Err(e) => {
                         warn!(error = %e, "Cannot read the store for a metrics scrape.");
                         (503, format!("cannot read the store: {e}\n"))

@@ -20,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::audit;
+use crate::clock;
 use crate::config::HubConfig;
-use crate::store::{now, AtPath as _, StoreError, StoreReader};
+use crate::store::{AtPath as _, StoreError, StoreReader};
 
 /// How often the running hub looks for a newly applied version.
 pub const POLL: Duration = Duration::from_secs(1);
@@ -138,7 +139,7 @@ pub fn apply(
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .at(path)?;
-    let ts = now();
+    let ts = clock::unix_now();
     let d = digest(text);
     if let Err(error) = Policy::parse(text, catalog) {
         audit::append(
@@ -432,7 +433,7 @@ pub async fn apply_jetstream(
         let version = all.last().map_or(0, |r| r.version) + 1;
         let record = PolicyRecord {
             version,
-            applied_at: now().0,
+            applied_at: clock::unix_now().0,
             actor: actor.to_owned(),
             source: source.to_owned(),
             digest: d.clone(),

@@ -19,6 +19,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use outpost_protocols::event::{AgentId, Event, EventError, Quality, Seq, Timestamp};
 use outpost_protocols::topic::{TopicError, TopicFilter};
 
+use crate::clock;
 use crate::config::{self, ConfigError, StoreKind};
 use crate::store::{store_path, AgentEventStats, AgentRecord, SinkStatus, StoreError, StoreReader};
 
@@ -228,7 +229,7 @@ pub fn sinks(
                 Some(status) => status,
                 None => open(&args.config, env)?.sinks_status(&configured)?,
             };
-            let now = crate::store::now().0;
+            let now = clock::unix_now().0;
             if args.json {
                 writeln!(out, "{}", sinks_json(&status, &configured, now))?;
             } else {

@@ -1,9 +1,15 @@
-//! The outbox's errors.
+//! The outbox's errors: what the agent's operator reads about its outbox.
+//!
+//! The storage layer reports SQLite failures with the file they happened on
+//! ([`outpost_storage::Error`]); they become an [`OutboxError`] with the
+//! outbox's wording and hints through one `From`, keeping SQLite's error as
+//! the source.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use outpost_protocols::event::Seq;
+use outpost_storage::{BodyError, Stopped};
 
 /// Everything that can go wrong in the outbox.
 ///
@@ -66,14 +72,15 @@ pub enum OutboxError {
     },
     /// A stored body did not decode as an `EventBody`: the file was damaged or
     /// edited by hand.
-    #[error("outbox {}: event {seq} has a corrupt body: {reason}", .path.display())]
+    #[error("outbox {}: event {seq} has a corrupt body: {source}", .path.display())]
     CorruptBody {
         /// The file.
         path: PathBuf,
         /// The event whose body is damaged.
         seq: Seq,
-        /// The decoder's complaint.
-        reason: String,
+        /// What is wrong with the stored body.
+        #[source]
+        source: BodyError,
     },
     /// The file is damaged: SQLite says it is not a database, or its
     /// integrity check (`PRAGMA quick_check`, run on every start) failed.
@@ -81,8 +88,20 @@ pub enum OutboxError {
     Corrupt {
         /// The file.
         path: PathBuf,
-        /// What SQLite found.
+        /// What SQLite found: its error message, or the integrity check's
+        /// first complaint.
         detail: String,
+    },
+    /// A damaged outbox could not be moved aside (`on_corruption =
+    /// "move-aside"`): the data directory is not writable, or the file
+    /// system failed.
+    #[error("outbox {}: cannot move the damaged file aside: {source}", .path.display())]
+    MoveAside {
+        /// The file (or its `-wal`/`-shm` companion) that was to be moved.
+        path: PathBuf,
+        /// What the file system said.
+        #[source]
+        source: Arc<std::io::Error>,
     },
     /// An ack named a seq that was never assigned; the peer is confused or
     /// talking about another outbox.
@@ -110,36 +129,41 @@ impl OutboxError {
     /// Whether SQLite found the file system full (`SQLITE_FULL`).
     pub fn is_disk_full(&self) -> bool {
         matches!(self, OutboxError::Sqlite { source, .. }
-            if source.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull))
+            if outpost_storage::error::is_disk_full(source))
     }
 }
 
-/// Attaches the outbox path to a SQLite error.
-pub(crate) trait AtPath<T> {
-    /// Maps a SQLite error to [`OutboxError::Sqlite`] naming `path`.
-    fn at(self, path: &Path) -> Result<T, OutboxError>;
-}
-
-impl<T> AtPath<T> for rusqlite::Result<T> {
-    fn at(self, path: &Path) -> Result<T, OutboxError> {
-        self.map_err(|source| {
+impl From<outpost_storage::Error> for OutboxError {
+    fn from(e: outpost_storage::Error) -> OutboxError {
+        use outpost_storage::Error as E;
+        match e {
             // A damaged file is its own error, so that the agent can move it
             // aside instead of failing the same way at every start.
-            let damaged = matches!(
-                source.sqlite_error_code(),
-                Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
-            );
-            if damaged {
+            E::Sqlite { path, source } if outpost_storage::error::is_damaged(&source) => {
                 OutboxError::Corrupt {
-                    path: path.to_owned(),
+                    path,
                     detail: source.to_string(),
                 }
-            } else {
-                OutboxError::Sqlite {
-                    path: path.to_owned(),
-                    source: Arc::new(source),
-                }
             }
-        })
+            E::Sqlite { path, source } => OutboxError::Sqlite { path, source },
+            E::NotFound { path } => OutboxError::NotFound { path },
+            E::Uninitialised { path } => OutboxError::NotAnOutbox { path },
+            E::NewerSchema {
+                path,
+                found,
+                supported,
+            } => OutboxError::NewerSchema {
+                path,
+                found,
+                supported,
+            },
+            E::NoWal { path, mode } => OutboxError::NoWal { path, mode },
+        }
+    }
+}
+
+impl From<Stopped> for OutboxError {
+    fn from(_: Stopped) -> OutboxError {
+        OutboxError::Closed
     }
 }

@@ -73,6 +73,12 @@
 //!   on both sides of a transaction and the same on every platform.
 
 mod error;
+mod evict;
+mod gate;
+mod handle;
+mod reads;
+mod recover;
+mod schema;
 mod store;
 mod writer;
 
@@ -80,10 +86,11 @@ mod writer;
 mod tests;
 
 pub use error::OutboxError;
-pub use store::{
-    AppendOutcome, Eviction, OnCorruption, Outbox, OutboxConfig, OutboxReader, OutboxStats, Qos2Op,
-    Recovered, Resumed, Synchronous, ROW_OVERHEAD, SCHEMA_VERSION,
-};
-pub use writer::{
-    spawn_writer, spawn_writer_with_policy, OutboxHandle, PendingAppend, PolicyGate, WriterOptions,
-};
+pub use gate::PolicyGate;
+pub use handle::{OutboxHandle, PendingAppend};
+pub use outpost_storage::Synchronous;
+pub use reads::{OutboxReader, OutboxStats};
+pub use recover::{OnCorruption, Recovered};
+pub use schema::{ROW_OVERHEAD, SCHEMA_VERSION};
+pub use store::{AppendOutcome, Eviction, Outbox, OutboxConfig, Qos2Op, Resumed};
+pub use writer::{spawn_writer, spawn_writer_with_policy, WriterOptions};

@@ -9,7 +9,7 @@ use outpost_protocols::event::{AgentId, EventBody, Quality, Seq, StreamName, Tim
 use proptest::prelude::*;
 use proptest::sample::Index;
 
-use super::store::row_size;
+use super::schema::row_size;
 use super::*;
 
 fn agent() -> AgentId {

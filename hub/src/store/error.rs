@@ -1,9 +1,15 @@
-//! The store's errors.
+//! The store's errors: what the hub's operator reads about its store.
+//!
+//! The storage layer reports SQLite failures with the file they happened on
+//! ([`outpost_storage::Error`]); they become a [`StoreError`] with the hub
+//! store's wording and hints through one `From`, keeping SQLite's error as
+//! the source.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use outpost_protocols::event::{AgentId, Seq};
+use outpost_storage::{BodyError, Stopped};
 
 /// Everything that can go wrong in the hub's store.
 ///
@@ -70,7 +76,7 @@ pub enum StoreError {
     },
     /// A stored event body did not decode as an `EventBody`: the file was
     /// damaged or edited by hand.
-    #[error("hub store {}: event {seq} of agent {agent_id} has a corrupt body: {reason}", .path.display())]
+    #[error("hub store {}: event {seq} of agent {agent_id} has a corrupt body: {source}", .path.display())]
     CorruptBody {
         /// The file.
         path: PathBuf,
@@ -78,8 +84,9 @@ pub enum StoreError {
         agent_id: AgentId,
         /// The event whose body is damaged.
         seq: Seq,
-        /// The decoder's complaint.
-        reason: String,
+        /// What is wrong with the stored body.
+        #[source]
+        source: BodyError,
     },
     /// A stored row holds a value this hub cannot have written (an invalid
     /// agent id, a negative seq or counter, labels that are not a JSON object
@@ -116,7 +123,7 @@ pub enum StoreError {
         path: PathBuf,
         /// Its `user_version`.
         found: i64,
-        /// [`SCHEMA_VERSION`](super::SCHEMA_VERSION).
+        /// The schema version this build writes (`SCHEMA_VERSION`).
         supported: i64,
     },
     /// The group-commit writer has stopped (shutdown, or every handle
@@ -155,7 +162,38 @@ pub enum StoreError {
     Unsupported(String),
 }
 
-/// Attaches the store path to a SQLite error.
+impl From<outpost_storage::Error> for StoreError {
+    fn from(e: outpost_storage::Error) -> StoreError {
+        use outpost_storage::Error as E;
+        match e {
+            E::Sqlite { path, source } => StoreError::Sqlite { path, source },
+            E::NotFound { path } => StoreError::NotFound { path },
+            E::Uninitialised { path } => StoreError::NotAStore { path },
+            E::NewerSchema {
+                path,
+                found,
+                supported,
+            } => StoreError::NewerSchema {
+                path,
+                found,
+                supported,
+            },
+            E::NoWal { path, mode } => StoreError::NoWal { path, mode },
+        }
+    }
+}
+
+impl From<Stopped> for StoreError {
+    fn from(_: Stopped) -> StoreError {
+        StoreError::Closed
+    }
+}
+
+/// [`outpost_storage::AtPath`] with the error already a [`StoreError`], for
+/// the modules outside the store (`audit`, `policy`, `admin`, `verbs`) whose
+/// functions hand a SQLite result back as a `StoreError` without `?`. It adds
+/// nothing to the storage layer's trait; inside the store, use that one and
+/// `?`.
 pub(crate) trait AtPath<T> {
     /// Maps a SQLite error to [`StoreError::Sqlite`] naming `path`.
     fn at(self, path: &Path) -> Result<T, StoreError>;
@@ -163,9 +201,6 @@ pub(crate) trait AtPath<T> {
 
 impl<T> AtPath<T> for rusqlite::Result<T> {
     fn at(self, path: &Path) -> Result<T, StoreError> {
-        self.map_err(|source| StoreError::Sqlite {
-            path: path.to_owned(),
-            source: Arc::new(source),
-        })
+        Ok(outpost_storage::AtPath::at(self, path)?)
     }
 }

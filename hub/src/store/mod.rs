@@ -2,7 +2,8 @@
 //! fleet registry, in one SQLite file.
 //!
 //! Agent sessions hand their new events to the group-commit writer
-//! ([`spawn_store_writer`]); it gathers the requests of every session, stores
+//! ([`spawn_store_writer`], on `outpost_storage`'s group commit) through a
+//! [`StoreHandle`]; it gathers the requests of every session, stores
 //! them and raises each agent's watermark in ONE transaction, and only then
 //! answers each request with its agent's new watermark. A session
 //! acknowledges nothing to its agent before that answer. The registry
@@ -139,22 +140,28 @@
 //! are lost, never duplicated. That is why FULL is the default.
 
 mod error;
+mod events;
+mod handle;
 pub mod jetstream;
+mod reader;
 mod registry;
+mod rows;
+mod schema;
 mod sinkq;
 mod sqlite;
-mod writer;
+mod sqlite_writer;
 
 #[cfg(test)]
 mod tests;
 
 pub(crate) use error::AtPath;
 pub use error::StoreError;
+pub use events::AgentEventStats;
+pub use handle::{InsertOutcome, PendingInsert, PolicyCounts, StoreHandle, WriterOptions};
+pub use outpost_storage::Synchronous;
+pub use reader::StoreReader;
 pub use registry::AgentRecord;
+pub use schema::SCHEMA_VERSION;
 pub use sinkq::{Forward, Queued, SinkProgress, SinkStatus};
-pub use sqlite::{
-    open_admin, store_path, AgentEventStats, InsertOutcome, PolicyCounts, Store, StoreReader,
-    Synchronous, FILE_NAME, SCHEMA_VERSION,
-};
-pub(crate) use writer::now;
-pub use writer::{spawn_store_writer, PendingInsert, StoreHandle, WriterOptions};
+pub use sqlite::{open_admin, store_path, Store, FILE_NAME};
+pub use sqlite_writer::spawn_store_writer;

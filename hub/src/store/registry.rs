@@ -5,11 +5,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use outpost_protocols::event::{AgentId, Seq, Timestamp};
+use outpost_storage::AtPath;
 use rusqlite::{params, Connection, OptionalExtension as _, Row};
 use serde::Serialize;
 
-use super::error::{AtPath, StoreError};
-use super::sqlite::{agent_from, seq_from};
+use super::error::StoreError;
+use super::rows::{agent_from, seq_from};
 
 /// What the registry knows about one agent, for `fleet list`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -66,9 +67,10 @@ fn clamp(v: u64) -> i64 {
 /// Sets every agent's session count to 0 and returns how many agents had
 /// sessions recorded.
 pub(crate) fn reset_connections(conn: &Connection, path: &Path) -> Result<usize, StoreError> {
-    conn.prepare_cached("UPDATE agents SET connected = 0 WHERE connected <> 0")
+    Ok(conn
+        .prepare_cached("UPDATE agents SET connected = 0 WHERE connected <> 0")
         .and_then(|mut s| s.execute([]))
-        .at(path)
+        .at(path)?)
 }
 
 pub(crate) fn watermark(
@@ -135,7 +137,7 @@ pub(crate) fn count_policy(
     conn: &Connection,
     path: &Path,
     agent_id: &AgentId,
-    counts: super::sqlite::PolicyCounts,
+    counts: super::handle::PolicyCounts,
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
         "UPDATE agents SET policy_dropped = policy_dropped + ?2,

@@ -14,11 +14,12 @@
 use std::path::Path;
 
 use outpost_protocols::event::{AgentId, Event, EventBody, Seq, Timestamp};
+use outpost_storage::AtPath;
 use rusqlite::{params, OptionalExtension as _, Transaction};
 use serde::Serialize;
 
-use super::error::{AtPath, StoreError};
-use super::sqlite::{agent_from, seq_from};
+use super::error::StoreError;
+use super::rows::{agent_from, seq_from};
 
 /// From schema version 2 to 3: the sinks' queue and their counters.
 pub(super) const MIGRATE_3: &str = "
@@ -311,7 +312,7 @@ pub(super) fn batch(
             path: path.to_owned(),
             agent_id: agent_id.clone(),
             seq,
-            reason: e.to_string(),
+            source: outpost_storage::BodyError::Decode(e),
         })?;
         out.push(Queued {
             n,

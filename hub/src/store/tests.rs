@@ -699,7 +699,7 @@ fn layout_without_rowid_against_a_rowid_table_with_a_unique_index() {
         // A fixed interleaving: each transaction takes `per_tx` agents in turn,
         // as a group commit of that many sessions would.
         let mut turn = 0usize;
-        let start = std::time::Instant::now();
+        let start = crate::clock::now();
         let mut rows = 0u64;
         for _ in 0..txs {
             let tx = conn.transaction().expect("begins");
@@ -757,7 +757,7 @@ fn a_version_1_store_is_migrated_keeping_its_events_and_agents() {
     let path = dir.path().join("hub.db");
     {
         let conn = rusqlite::Connection::open(&path).expect("creates");
-        conn.execute_batch(super::sqlite::SCHEMA)
+        conn.execute_batch(super::schema::SCHEMA)
             .expect("v1 schema");
         conn.pragma_update(None, "user_version", 1).expect("v1");
         conn.execute(

@@ -26,9 +26,7 @@ use super::events::Known;
 use super::registry::HEARTBEAT;
 use crate::clock;
 use crate::store::error::StoreError;
-use crate::store::sqlite::InsertOutcome;
-use crate::store::writer::StoreHandle;
-use crate::store::writer::{self, now, Request, Write, WriterOptions};
+use crate::store::handle::{self, InsertOutcome, Read, Request, StoreHandle, Write, WriterOptions};
 
 /// The longest a batch's `last_seen` waits before it is written.
 pub const SEEN_EVERY: Duration = Duration::from_secs(5);
@@ -47,7 +45,7 @@ pub fn spawn_jetstream_writer(
     sinks: Vec<String>,
     shutdown: CancellationToken,
 ) -> (StoreHandle, JoinHandle<Result<(), StoreError>>) {
-    let (handle, rx, done) = writer::channel(shutdown);
+    let (handle, rx, done) = handle::channel(shutdown);
     let signals = handle.signals();
     let join = tokio::spawn(async move {
         let _done = done.drop_guard();
@@ -84,7 +82,7 @@ struct Backend {
     /// once this replica queued some, or when it has not looked since the
     /// agent's session began; false once it looked and found nothing.
     held: HashMap<AgentId, bool>,
-    signals: writer::Signals,
+    signals: handle::Signals,
 }
 
 /// A group's publishes awaiting their acknowledgements.
@@ -130,17 +128,17 @@ impl Backend {
                     next = after;
                     self.commit(group).await;
                 }
-                Request::Watermark { agent_id, reply } => {
+                Request::Call(Read::Watermark { agent_id, reply }) => {
                     let _ = reply.send(self.watermark(agent_id).await);
                 }
-                Request::Acked { agent_id, reply } => {
+                Request::Call(Read::Acked { agent_id, reply }) => {
                     let r = match self.watermark(agent_id.clone()).await {
                         Ok(w) => self.acked(&agent_id, w).await,
                         Err(e) => Err(e),
                     };
                     let _ = reply.send(r);
                 }
-                Request::Resume { agent_id, reply } => {
+                Request::Call(Read::Resume { agent_id, reply }) => {
                     // Another replica may have queued for it since.
                     self.held.remove(&agent_id);
                     let r = match self.watermark(agent_id.clone()).await {
@@ -225,7 +223,7 @@ impl Backend {
     /// request of this group will (see `StoreHandle::insert_routed_nowait`);
     /// the others are answered with their refusal.
     async fn in_order(&mut self, inserts: Vec<Write>) -> Vec<Write> {
-        let mut order = writer::OrderCheck::default();
+        let mut order = handle::OrderCheck::default();
         let mut ordered = Vec::with_capacity(inserts.len());
         for w in inserts {
             let Write::Insert {
@@ -423,7 +421,7 @@ impl Backend {
     /// [`SEEN_EVERY`] per agent.
     async fn count_in_registry(&mut self, counts: &BTreeMap<AgentId, (u64, u64)>) {
         let s = &self.store;
-        let t = now().0;
+        let t = clock::unix_now().0;
         let due: Vec<(&AgentId, u64, u64)> = counts
             .iter()
             .filter(|(agent_id, (dropped, modified))| {

@@ -13,9 +13,10 @@ use outpost_protocols::event::{AgentId, Timestamp};
 use serde::{Deserialize, Serialize};
 
 use super::connection::JetStreamStore;
+use crate::clock;
 use crate::store::error::StoreError;
+use crate::store::handle::Write;
 use crate::store::registry::AgentRecord;
-use crate::store::writer::{now, Write};
 
 /// How often a replica refreshes its key in `<prefix>_replicas`.
 pub(super) const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -53,7 +54,7 @@ impl JetStreamStore {
     /// Applies a registry change (a session opened or closed, a backlog or
     /// policy status reported, a touch); `Ok` for any other write.
     pub(super) async fn apply_registry(&self, w: &Write) -> Result<(), StoreError> {
-        let t = now().0;
+        let t = clock::unix_now().0;
         let replica = &self.replica;
         match w {
             Write::Connected {
@@ -121,7 +122,7 @@ impl JetStreamStore {
 
     /// Refreshes this replica's key in `<prefix>_replicas`.
     pub(super) async fn heartbeat(&self) -> Result<(), StoreError> {
-        let value = serde_json::json!({ "since": now().0 }).to_string();
+        let value = serde_json::json!({ "since": clock::unix_now().0 }).to_string();
         self.replicas
             .put(&self.replica, value.into())
             .await

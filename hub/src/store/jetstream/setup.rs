@@ -13,9 +13,9 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv, stream};
 
 use super::settings::JetStreamStoreConfig;
+use crate::clock;
 use crate::nats::{self, Endpoint};
 use crate::store::error::StoreError;
-use crate::store::writer::now;
 
 /// How long a replica's key in `<prefix>_replicas` outlives its last
 /// refresh.
@@ -192,7 +192,7 @@ pub(super) fn replica_name() -> String {
         "{}-{}-{:x}",
         hostname(),
         std::process::id(),
-        now().0 as u64 & 0xff_ffff
+        clock::unix_now().0 as u64 & 0xff_ffff
     )
 }
 

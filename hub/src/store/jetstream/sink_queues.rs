@@ -48,10 +48,10 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use super::connection::JetStreamStore;
+use crate::clock;
 use crate::nats;
 use crate::store::error::StoreError;
 use crate::store::sinkq::{Forward, Queued, SinkProgress, SinkStatus};
-use crate::store::writer::now;
 
 /// How often a lease's holder refreshes it.
 pub const LEASE_REFRESH: Duration = Duration::from_secs(3);
@@ -153,7 +153,7 @@ impl JetStreamStore {
                 .await
                 .map_err(|e| self.fail(format!("recording what sink {sink} accepted"), e))?;
         }
-        let t = now().0;
+        let t = clock::unix_now().0;
         let what = || format!("counting the deliveries of sink {sink}");
         self.update_json(&self.sink_counters, sink, what, |c: &mut KvSink| {
             c.delivered += p.delivered;

@@ -1,0 +1,40 @@
+//! Values read back from rows that the store only ever writes valid: a
+//! value that does not read back is a damaged or hand-edited file
+//! ([`StoreError::CorruptRow`]), never a panic.
+
+use std::path::Path;
+
+use outpost_protocols::event::{AgentId, Seq};
+
+use super::error::StoreError;
+
+/// A stored seq, which the store only ever writes in `1..=i64::MAX`.
+pub(crate) fn seq_from(
+    path: &Path,
+    agent_id: &str,
+    column: &'static str,
+    v: i64,
+) -> Result<Seq, StoreError> {
+    u64::try_from(v)
+        .map(Seq)
+        .map_err(|_| StoreError::CorruptRow {
+            path: path.to_owned(),
+            agent_id: agent_id.to_owned(),
+            column,
+            reason: format!("{v} is negative"),
+        })
+}
+
+/// An agent id read from a row.
+pub(crate) fn agent_from(
+    path: &Path,
+    column: &'static str,
+    s: String,
+) -> Result<AgentId, StoreError> {
+    AgentId::parse(&s).map_err(|e| StoreError::CorruptRow {
+        path: path.to_owned(),
+        agent_id: s,
+        column,
+        reason: e.to_string(),
+    })
+}

@@ -1,0 +1,89 @@
+//! The hub store's schema and its migrations (the on-disk format is
+//! described in the module above).
+
+use std::path::Path;
+
+use rusqlite::Transaction;
+
+use super::error::StoreError;
+
+/// The schema version this build writes, kept in `PRAGMA user_version`.
+/// Version 2 added the policy versions, the audit log and the agents'
+/// policy columns, version 3 the sinks' queues; an older file is migrated
+/// when the hub opens it.
+pub const SCHEMA_VERSION: i64 = 3;
+
+/// The schema, created in one transaction when `user_version` is 0.
+pub(super) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    agent_id TEXT    NOT NULL,
+    seq      INTEGER NOT NULL,
+    ts       INTEGER NOT NULL,
+    stream   TEXT    NOT NULL,
+    body     BLOB    NOT NULL,
+    PRIMARY KEY (agent_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id         TEXT    NOT NULL PRIMARY KEY,
+    labels           TEXT    NOT NULL DEFAULT '{}',
+    first_seen       INTEGER NOT NULL,
+    last_seen        INTEGER NOT NULL,
+    agent_version    TEXT,
+    protocol_version INTEGER,
+    watermark        INTEGER NOT NULL DEFAULT 0,
+    backlog_events   INTEGER,
+    backlog_bytes    INTEGER,
+    connected        INTEGER NOT NULL DEFAULT 0,
+    policy_version   INTEGER
+) WITHOUT ROWID;
+";
+
+/// From schema version 1 to 2: policies, the audit log, per-agent policy
+/// counters.
+const MIGRATE_2: &str = "
+ALTER TABLE agents ADD COLUMN policy_error TEXT;
+ALTER TABLE agents ADD COLUMN policy_dropped INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE agents ADD COLUMN policy_modified INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS policies (
+    version    INTEGER PRIMARY KEY,
+    applied_at INTEGER NOT NULL,
+    actor      TEXT    NOT NULL,
+    source     TEXT    NOT NULL,
+    digest     TEXT    NOT NULL,
+    text       TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id     INTEGER PRIMARY KEY,
+    ts     INTEGER NOT NULL,
+    actor  TEXT    NOT NULL,
+    action TEXT    NOT NULL,
+    target TEXT    NOT NULL,
+    result TEXT    NOT NULL,
+    detail TEXT    NOT NULL,
+    prev   TEXT    NOT NULL,
+    hash   TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+";
+
+/// Creates or migrates the schema inside `tx` (an IMMEDIATE transaction, so
+/// that two processes opening one file do not both do it). Refuses a newer
+/// schema.
+pub(crate) fn prepare_schema(tx: &Transaction<'_>, path: &Path) -> Result<(), StoreError> {
+    outpost_storage::prepare_schema(tx, path, SCHEMA_VERSION, |tx, found| {
+        if found < 1 {
+            tx.execute_batch(SCHEMA)?;
+        }
+        if found < 2 {
+            tx.execute_batch(MIGRATE_2)?;
+        }
+        if found < 3 {
+            tx.execute_batch(super::sinkq::MIGRATE_3)?;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
