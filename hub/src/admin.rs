@@ -10,10 +10,10 @@ use std::fmt::Write as _;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::audit::{self, Verdict};
 use crate::clock;
 use crate::config::{self, HubConfig, StoreKind};
 use crate::policy::{self, Applied, ApplyError, PolicyRecord};
+use crate::store::audit::{self, Verdict};
 use crate::store::{open_admin, store_path, AtPath as _, StoreReader};
 use crate::verbs::VerbError;
 

@@ -19,9 +19,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::audit;
 use crate::clock;
 use crate::config::HubConfig;
+use crate::store::audit;
 use crate::store::{AtPath as _, StoreError, StoreReader};
 
 /// How often the running hub looks for a newly applied version.

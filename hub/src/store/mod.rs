@@ -59,7 +59,7 @@
 //!          digest     TEXT NOT NULL,         SHA-256 of text, hex
 //!          text       TEXT NOT NULL)         the document as applied
 //!
-//! audit(...), meta(key, value)               see `crate::audit`
+//! audit(...), meta(key, value)               see `audit`
 //!
 //! sink_pending(n INTEGER PRIMARY KEY,        queue order
 //!              sink, agent_id, seq,          what waits for which sink
@@ -139,6 +139,7 @@
 //! last commits after their ack, and the agent has deleted those events: they
 //! are lost, never duplicated. That is why FULL is the default.
 
+pub mod audit;
 mod error;
 mod events;
 mod handle;

@@ -171,10 +171,10 @@ pub(crate) fn connected(
         .and_then(|mut s| s.query_row([agent_id.as_str()], |r| r.get(0)).optional())
         .at(path)?;
     if known.is_none() {
-        crate::audit::append(
+        super::audit::append(
             conn,
             path,
-            &crate::audit::Entry {
+            &super::audit::Entry {
                 ts: now,
                 actor: "hub",
                 action: "agent.first_seen",

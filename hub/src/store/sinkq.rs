@@ -213,10 +213,10 @@ pub(super) fn progress(
         ("sink.refused", &p.refused_detail),
     ] {
         if let Some(detail) = detail {
-            crate::audit::append(
+            super::audit::append(
                 tx,
                 path,
-                &crate::audit::Entry {
+                &super::audit::Entry {
                     ts: now,
                     actor: "hub",
                     action,
@@ -262,10 +262,10 @@ pub(super) fn drop_unconfigured(
         let detail = format!(
             "sink {sink:?} is no longer configured: {n} event(s) queued for it were dropped (they are in the store if the policy routed them there too)"
         );
-        crate::audit::append(
+        super::audit::append(
             tx,
             path,
-            &crate::audit::Entry {
+            &super::audit::Entry {
                 ts: now,
                 actor: "hub",
                 action: "sink.removed",

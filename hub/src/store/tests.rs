@@ -958,7 +958,7 @@ fn the_queue_of_a_sink_no_longer_configured_is_dropped_and_audited_and_releases_
     assert_eq!(gone, vec![("gone".to_owned(), 2)]);
     assert_eq!(store.acked(&agent(1)).expect("acked"), Seq(3));
     let reader = StoreReader::open(&path).expect("reader");
-    let audit = crate::audit::list(reader.connection(), &path, None).expect("audit");
+    let audit = super::audit::list(reader.connection(), &path, None).expect("audit");
     assert!(
         audit
             .iter()
