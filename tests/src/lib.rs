@@ -853,13 +853,67 @@ pub fn agent_outbox_stats(config: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&out).with_context(|| format!("outbox stats said {out:?}"))
 }
 
+/// Runs the request `attempt` until it succeeds or `deadline` passes, 200 ms
+/// apart, and returns the last error if it never does.
+///
+/// For a check that reads a result from a peer right after a fault: a
+/// JetStream request may time out while the cluster elects leaders (or a
+/// server that came back is still recovering its streams), most often under
+/// the whole suite's load. Such a failure means "not yet", not "wrong"; what
+/// the caller then checks on the result is unchanged.
+pub async fn retry_until<T, F, Fut>(deadline: Duration, what: &str, mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= until => {
+                return Err(e.context(format!("{what}: still failing after {deadline:?}")))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// How many messages the JetStream stream `name` holds, asking again until
+/// `deadline` while the request fails (see [`retry_until`]).
+pub async fn stream_len(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    deadline: Duration,
+) -> Result<u64> {
+    retry_until(deadline, &format!("stream {name}'s info"), || async {
+        Ok(js.get_stream(name).await?.get_info().await?.state.messages)
+    })
+    .await
+}
+
 /// Every message of the JetStream stream `name`, in order, read with a
 /// fresh pull consumer that acknowledges nothing (so it changes nothing),
-/// within `deadline`.
+/// within `deadline`. A read that fails (a request timing out while the
+/// cluster elects leaders) or stalls starts over with a new consumer until
+/// the deadline (see [`retry_until`]).
 pub async fn stream_messages(
     js: &async_nats::jetstream::Context,
     name: &str,
     deadline: Duration,
+) -> Result<Vec<async_nats::jetstream::Message>> {
+    let until = Instant::now() + deadline;
+    retry_until(deadline, &format!("reading stream {name}"), || {
+        read_stream(js, name, until)
+    })
+    .await
+}
+
+/// One attempt of [`stream_messages`]: gives up when `until` passes or the
+/// consumer delivers nothing for [`STALLED`] (its leader may have moved).
+async fn read_stream(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    until: Instant,
 ) -> Result<Vec<async_nats::jetstream::Message>> {
     use async_nats::jetstream::consumer;
     use futures::StreamExt as _;
@@ -872,13 +926,15 @@ pub async fn stream_messages(
         })
         .await?;
     let mut out = Vec::new();
-    let until = std::time::Instant::now() + deadline;
+    let mut progressed = Instant::now();
     while out.len() < expected {
+        anyhow::ensure!(Instant::now() < until, "read {} of {expected}", out.len());
         anyhow::ensure!(
-            std::time::Instant::now() < until,
-            "read {} of {expected}",
+            progressed.elapsed() < STALLED,
+            "read {} of {expected}, then nothing for {STALLED:?}",
             out.len()
         );
+        let before = out.len();
         let mut batch = c
             .batch()
             .max_messages(expected - out.len())
@@ -888,9 +944,16 @@ pub async fn stream_messages(
         while let Some(m) = batch.next().await {
             out.push(m.map_err(|e| anyhow::anyhow!("{e}"))?);
         }
+        if out.len() > before {
+            progressed = Instant::now();
+        }
     }
     Ok(out)
 }
+
+/// How long [`stream_messages`] waits on a consumer that delivers nothing
+/// before it starts over with a new one.
+const STALLED: Duration = Duration::from_secs(15);
 
 /// A JetStream message's `Nats-Msg-Id`.
 pub fn msg_id(m: &async_nats::jetstream::Message) -> Option<String> {

@@ -21,8 +21,8 @@ use outpost_hub::store::WriterOptions;
 use outpost_protocols::{AgentId, EventBody, Quality, Seq, StreamName, Timestamp, Value};
 use outpost_tests::udp_proxy::UdpProxy;
 use outpost_tests::{
-    agent_outbox_stats, bin, fill_outbox, free_udp_port, msg_id, run_cli, stream_messages,
-    wait_until, Agent, Devsim, Hub, Nats, Pki,
+    agent_outbox_stats, bin, fill_outbox, free_udp_port, msg_id, retry_until, run_cli, stream_len,
+    stream_messages, wait_until, Agent, Devsim, Hub, Nats, Pki,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -100,14 +100,10 @@ async fn client(url: &str) -> Result<jetstream::Context> {
     Ok(jetstream::new(async_nats::connect(url).await?))
 }
 
+/// How many messages the events stream holds; asks again while a request
+/// fails (a replica or a NATS node was just killed).
 async fn count(js: &jetstream::Context) -> Result<u64> {
-    Ok(js
-        .get_stream(STREAM)
-        .await?
-        .get_info()
-        .await?
-        .state
-        .messages)
+    stream_len(js, STREAM, DEADLINE).await
 }
 
 /// How often each seq of `agent` is in the stream.
@@ -155,7 +151,9 @@ fn check_once_and_after(seen: &BTreeMap<u64, usize>, last: u64) -> Result<u64> {
     Ok(top)
 }
 
-/// Polls `f` (async) until it is true.
+/// Polls `f` (async) until it is true. A failing read (a JetStream request
+/// timing out while the cluster elects leaders after a kill) is "not yet";
+/// the last error is reported if the deadline passes.
 async fn wait_for<F, Fut>(what: &str, mut f: F) -> Result<()>
 where
     F: FnMut() -> Fut,
@@ -163,10 +161,17 @@ where
 {
     let until = Instant::now() + DEADLINE;
     loop {
-        if f().await? {
-            return Ok(());
+        let last = match f().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => None,
+            Err(e) => Some(e),
+        };
+        if Instant::now() >= until {
+            return match last {
+                Some(e) => Err(e.context(format!("timed out waiting for {what}"))),
+                None => Err(anyhow::anyhow!("timed out waiting for {what}")),
+            };
         }
-        ensure!(Instant::now() < until, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -675,9 +680,22 @@ async fn a_nats_cluster_node_killed_under_a_replica_loses_and_duplicates_nothing
         Ok(made.is_ok())
     })
     .await?;
-    js.delete_stream("PROBE")
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The cluster may still be settling under load: ask until it is done
+    // (a repeat after a delete whose answer was lost finds no stream).
+    retry_until(DEADLINE, "deleting the probe stream", || async {
+        match js.delete_stream("PROBE").await {
+            Ok(_) => Ok(()),
+            Err(e) => match e.kind() {
+                jetstream::context::DeleteStreamErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    Ok(())
+                }
+                _ => Err(anyhow::anyhow!("{e}")),
+            },
+        }
+    })
+    .await?;
     drop(js);
     // Not the first node: the test's own reads go there.
     let victim = std::cell::RefCell::new(nodes[1].take());
@@ -815,6 +833,31 @@ impl SinkFleet {
         ensure!(code == 0, "sinks status exited {code}: {out}{err}");
         outpost_tests::sinks_by_id(&out)
     }
+
+    /// Waits until replica `i`'s `sinks status` satisfies `ok`: a delivery
+    /// is recorded a moment after the far end has it, later still when a
+    /// replica that took the sink over is under load. The last status read
+    /// is in the error.
+    fn wait_sinks_status(
+        &self,
+        i: usize,
+        what: &str,
+        ok: impl Fn(&BTreeMap<String, serde_json::Value>) -> bool,
+    ) -> Result<()> {
+        let mut last = None;
+        let done = wait_until(DEADLINE, what, || match self.sinks_status(i) {
+            Ok(s) => {
+                let held = ok(&s);
+                last = Some(Ok(s));
+                held
+            }
+            Err(e) => {
+                last = Some(Err(e));
+                false
+            }
+        });
+        done.with_context(|| format!("last status: {last:?}"))
+    }
 }
 
 /// An MQTT sink configured on two replicas of a JetStream hub, its broker
@@ -904,20 +947,20 @@ async fn a_sink_on_two_replicas_is_run_by_one_and_holds_the_acks_back_while_down
         *got.entry(j["seq"].as_u64().unwrap_or(0)).or_default() += 1;
     }
     check_once(&got, N)?;
-    let status = f.sinks_status(0)?;
-    ensure!(
-        status["cloud"]["pending"] == 0 && status["cloud"]["delivered"] == N,
-        "{status:?}"
-    );
+    f.wait_sinks_status(0, "the sink's deliveries recorded", |s| {
+        s["cloud"]["pending"] == 0 && s["cloud"]["delivered"] == N
+    })?;
     // Each replica's metrics show the fleet's figures for the sink,
     // whichever replica runs it.
+    // The replica standing by learns them from the store a moment later.
     for h in f.hubs.iter().flatten() {
-        let metrics = h.metrics()?;
         let line = format!("outpost_hub_sink_delivered_events_total{{sink=\"cloud\"}} {N}");
-        ensure!(
-            metrics.lines().any(|l| l == line),
-            "no {line:?} in:\n{metrics}"
-        );
+        let mut metrics = String::new();
+        wait_until(DEADLINE, &format!("{line:?} in the metrics"), || {
+            metrics = h.metrics().unwrap_or_else(|e| e.to_string());
+            metrics.lines().any(|l| l == line)
+        })
+        .with_context(|| format!("last read:\n{metrics}"))?;
     }
     watcher.disconnect()?;
     f.hubs = [None, None];
@@ -943,9 +986,7 @@ async fn the_replica_running_a_sink_killed_mid_delivery_leaves_every_seq_in_it_o
     let policy = "[defaults]\nsinks = [\"store\", \"lake\"]\n";
     let mut f = SinkFleet::start(policy, sinks, N, Some((LAKE, "lake.>"))).await?;
     let js = client(&f.nats.url()).await?;
-    let lake = |js: jetstream::Context| async move {
-        Ok::<u64, anyhow::Error>(js.get_stream(LAKE).await?.get_info().await?.state.messages)
-    };
+    let lake = |js: jetstream::Context| async move { stream_len(&js, LAKE, DEADLINE).await };
     wait_until(DEADLINE, "one replica running the sink", || {
         f.roles().0.len() == 1
     })?;
@@ -983,7 +1024,8 @@ async fn the_replica_running_a_sink_killed_mid_delivery_leaves_every_seq_in_it_o
     }
     check_once(&seen, N)?;
     check_once(&seqs_of(&js, "line1").await?, N)?;
-    let status = f.sinks_status(survivor)?;
-    ensure!(status["lake"]["pending"] == 0, "{status:?}");
+    f.wait_sinks_status(survivor, "the sink's deliveries recorded", |s| {
+        s["lake"]["pending"] == 0
+    })?;
     Ok(())
 }

@@ -136,8 +136,10 @@ async fn read_all(js: &jetstream::Context, name: &str) -> Result<Vec<jetstream::
     outpost_tests::stream_messages(js, name, DEADLINE).await
 }
 
+/// How many messages stream `name` holds; asks again while the request
+/// fails (a server just restarted or resumed may not answer at once).
 async fn count(js: &jetstream::Context, name: &str) -> Result<u64> {
-    Ok(js.get_stream(name).await?.get_info().await?.state.messages)
+    outpost_tests::stream_len(js, name, DEADLINE).await
 }
 
 use outpost_tests::msg_id;
@@ -406,13 +408,19 @@ async fn a_batch_sent_again_within_the_window_is_not_checked_so_a_hole_below_a_l
     // Meanwhile a later seq of the same agent landed on the same subject,
     // as when a cluster refused a batch's middle and stored its end: the
     // stream holds no prefix of what was sent.
-    js.send_publish(
-        "outpost.gw-1.plc1.temp",
-        jetstream::message::PublishMessage::build()
-            .payload("{}".into())
-            .message_id("gw-1:100"),
-    )
-    .await?
+    // Published until acknowledged: the server just restarted may not
+    // answer at once, and a repeat is dropped by its id.
+    outpost_tests::retry_until(DEADLINE, "publishing gw-1:100", || async {
+        js.send_publish(
+            "outpost.gw-1.plc1.temp",
+            jetstream::message::PublishMessage::build()
+                .payload("{}".into())
+                .message_id("gw-1:100"),
+        )
+        .await?
+        .await?;
+        Ok(())
+    })
     .await?;
     // Sent again well within the window: no check, every event stored (the
     // stream would drop any repeat by its id). With the check, the events
