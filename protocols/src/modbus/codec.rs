@@ -25,7 +25,7 @@
 
 use crate::event::Value;
 
-use super::{ByteOrder, DataType, RegisterAddress, Table, TagSpec};
+use super::tag::{ByteOrder, DataType, RegisterAddress, Table, TagSpec};
 
 /// The longest string tag, in registers: one read of holding or input registers
 /// asks for at most 125 (sections 6.3 and 6.4).

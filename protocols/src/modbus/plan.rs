@@ -21,7 +21,7 @@ use std::cmp;
 use crate::event::{Reason, Value};
 
 use super::codec::MapError;
-use super::{RegisterAddress, Table, TagSpec};
+use super::tag::{RegisterAddress, Table, TagSpec};
 
 /// How reads may be shaped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -326,7 +326,8 @@ pub fn plan(tags: &[TagSpec], limits: &PlanLimits) -> Result<Plan, PlanError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::modbus::{ByteOrder, DataType, WriteData};
+    use crate::modbus::codec::WriteData;
+    use crate::modbus::tag::{ByteOrder, DataType};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
