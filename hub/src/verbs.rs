@@ -1,5 +1,5 @@
 //! The operator verbs that read the hub's store, while the hub runs or not:
-//! `fleet list`, `events tail` and `events stats`.
+//! `fleet list`, `events tail`, `events stats` and `sinks status`.
 //!
 //! Each verb loads the hub's config (`--config FILE`, with the same
 //! environment overrides as `run`), opens `<data_dir>/hub.db` read-only

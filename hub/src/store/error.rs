@@ -134,14 +134,17 @@ pub enum StoreError {
     /// server is unreachable, did not acknowledge in time, or refused. A
     /// batch whose publishes or watermark update failed is not
     /// acknowledged; the agent sends it again.
-    #[error("hub store {url}: {what}: {message}")]
+    #[error("hub store {url}: {what}: {source}")]
     JetStream {
         /// The server(s), as configured.
         url: String,
         /// What the hub was doing.
         what: String,
-        /// What the server or client said.
-        message: String,
+        /// What the server or client said: an async-nats error, or a
+        /// sentence of ours. Shared, like the SQLite error, because every
+        /// request of a failed group gets it.
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
     },
     /// A batch that follows an earlier batch of its session which the store
     /// does not hold (that one failed): storing it would raise the agent's

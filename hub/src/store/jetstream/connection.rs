@@ -114,9 +114,7 @@ impl JetStreamStore {
     /// The store's error: what the hub was doing, and what the server or
     /// the client said (an async-nats error, or a sentence of ours).
     ///
-    /// The error is taken whole so that `StoreError::JetStream` can keep it
-    /// as its source once that variant holds one; it keeps its message
-    /// today.
+    /// The error is kept whole, as the `StoreError`'s source.
     pub(super) fn fail(
         &self,
         what: impl Into<String>,
@@ -125,7 +123,7 @@ impl JetStreamStore {
         StoreError::JetStream {
             url: self.cfg.url.clone(),
             what: what.into(),
-            message: error.into().to_string(),
+            source: std::sync::Arc::from(error.into()),
         }
     }
 

@@ -28,11 +28,15 @@ pub const LEASE_TTL: Duration = Duration::from_secs(15);
 const MAX_ACK_INFLIGHT: usize = 65_536;
 
 /// The error of a step of opening: `what` the hub was doing.
-fn fail(cfg: &JetStreamStoreConfig, what: &str, message: String) -> StoreError {
+fn fail(
+    cfg: &JetStreamStoreConfig,
+    what: &str,
+    error: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> StoreError {
     StoreError::JetStream {
         url: cfg.url.clone(),
         what: what.to_owned(),
-        message,
+        source: std::sync::Arc::from(error.into()),
     }
 }
 
@@ -50,17 +54,17 @@ pub(super) async fn connect(
         cfg.tls.as_ref(),
         base,
     )
-    .map_err(|e| fail(cfg, &format!("store.jetstream.{}", e.key()), e.to_string()))?;
+    .map_err(|e| fail(cfg, &format!("store.jetstream.{}", e.key()), e))?;
     if endpoint.tls_required() && !endpoint.has_tls() {
         return Err(fail(
             cfg,
             "store.jetstream.tls",
-            "a tls:// server needs a [store.jetstream.tls] table with its CA".into(),
+            "a tls:// server needs a [store.jetstream.tls] table with its CA",
         ));
     }
     let options = endpoint
         .options("outpost-hub store", cfg.timeout)
-        .map_err(|e| fail(cfg, &format!("store.jetstream.{}", e.key()), e.to_string()))?
+        .map_err(|e| fail(cfg, &format!("store.jetstream.{}", e.key()), e))?
         .request_timeout(Some(cfg.timeout))
         .reconnect_delay_callback(|n| {
             Duration::from_millis(50u64.saturating_mul(1 << n.min(6))).min(Duration::from_secs(2))
@@ -68,7 +72,7 @@ pub(super) async fn connect(
     let client = options
         .connect(endpoint.servers().to_vec())
         .await
-        .map_err(|e| fail(cfg, "connecting", e.to_string()))?;
+        .map_err(|e| fail(cfg, "connecting", e))?;
     let js = nats::jetstream(client.clone(), cfg.timeout, MAX_ACK_INFLIGHT);
     Ok((client, js))
 }
