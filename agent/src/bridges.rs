@@ -124,7 +124,7 @@ impl Publisher {
                     Err(e) => {
                         // Losing the broker is said at once; failing to reach
                         // it (a wrong certificate, say) once a minute.
-                        let quiet = last_warning.is_some_and(|t| t.elapsed() < Duration::from_secs(60));
+                        let quiet = last_warning.is_some_and(|t| clock::elapsed(t) < Duration::from_secs(60));
                         if connected || !quiet {
                             warn!(error = %e, "Bridge publisher cannot reach the broker; retrying.");
                             last_warning = Some(clock::now());

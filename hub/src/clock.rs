@@ -5,7 +5,8 @@
 //! doing. They all come through here: the wall clock's edge cases (a clock set
 //! before 1970, nanoseconds past `i64`) are handled once, a test or a review
 //! finds every reading in one file, and `hub/clippy.toml` refuses
-//! `Instant::now` and `SystemTime::now` everywhere else.
+//! `Instant::now`, `Instant::elapsed` and `SystemTime::now` everywhere
+//! else.
 #![allow(clippy::disallowed_methods)]
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -23,6 +24,18 @@ pub fn now() -> Instant {
 #[must_use]
 pub fn tokio_now() -> tokio::time::Instant {
     tokio::time::Instant::now()
+}
+
+/// How long ago `since` was on the monotonic clock (zero if it is ahead).
+#[must_use]
+pub fn elapsed(since: Instant) -> Duration {
+    since.elapsed()
+}
+
+/// [`elapsed`] for tokio's `Instant`.
+#[must_use]
+pub fn tokio_elapsed(since: tokio::time::Instant) -> Duration {
+    since.elapsed()
 }
 
 /// The wall clock in Unix nanoseconds: event times and stored timestamps. A

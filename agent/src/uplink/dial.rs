@@ -99,7 +99,7 @@ impl Uplink {
                     warn!(error = %e, retry_in = ?backoff, "Uplink lost; reconnecting.");
                 }
             }
-            if started.elapsed() > max {
+            if clock::elapsed(started) > max {
                 backoff = min;
             }
             tokio::select! {

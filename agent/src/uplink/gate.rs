@@ -53,7 +53,7 @@ impl SendGate {
     }
 
     fn now(&self) -> i64 {
-        i64::try_from(self.clock.elapsed().as_nanos()).unwrap_or(i64::MAX)
+        i64::try_from(clock::elapsed(self.clock).as_nanos()).unwrap_or(i64::MAX)
     }
 
     /// How long until one more event of `size` bytes may be sent.

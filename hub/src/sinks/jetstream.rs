@@ -716,7 +716,7 @@ impl JetStreamSink {
             }
         };
         let window = stream.cached_info().config.duplicate_window;
-        if since.is_some_and(|t| t.elapsed() + s.timeout < window) {
+        if since.is_some_and(|t| clock::tokio_elapsed(t) + s.timeout < window) {
             debug!(sink = %s.id, "Sent again within the stream's duplicate window: no check.");
             return Ok(BTreeMap::new());
         }

@@ -516,7 +516,7 @@ impl Driver {
                 }
                 tracing::warn!(error = %why, "Connection to the sink's broker lost; reconnecting.");
                 last_warning = Some(clock::tokio_now());
-            } else if last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+            } else if last_warning.is_none_or(|t| clock::tokio_elapsed(t) >= WARN_EVERY) {
                 tracing::warn!(error = %why, "Sink's broker unreachable; retrying.");
                 last_warning = Some(clock::tokio_now());
             } else {
@@ -572,7 +572,7 @@ impl Driver {
         tracing::info!("Connected to the sink's broker.");
         let up = clock::tokio_now();
         let end = self.serve(&client, &mut rx, pump.as_mut()).await;
-        let lived = up.elapsed();
+        let lived = clock::tokio_elapsed(up);
         if matches!(end, End::Stop | End::Closed) {
             // A DISCONNECT tells the broker the close is on purpose; the
             // pump ends when the broker closes the connection, or we give up.
@@ -654,7 +654,7 @@ impl Driver {
                         if let Some(f) = done.then(|| flights.remove(&id)).flatten() {
                             tracing::debug!(
                                 events = f.n,
-                                ms = f.started.elapsed().as_millis() as u64,
+                                ms = clock::tokio_elapsed(f.started).as_millis() as u64,
                                 "Batch acknowledged by the broker."
                             );
                             let _ = f.reply.send(Ok(()));

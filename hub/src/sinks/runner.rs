@@ -220,7 +220,7 @@ async fn run_leased(l: Leased, stop: CancellationToken) {
                             Ok(Err(e)) => e.to_string(),
                             _ => "timed out".into(),
                         };
-                        if renewed.elapsed() >= LEASE_HOLD {
+                        if clock::tokio_elapsed(renewed) >= LEASE_HOLD {
                             warn!(%error, "The sink's lease could not be refreshed; stopping deliveries here before it lapses.");
                             lease.cancel();
                             return (revision, true);
@@ -433,7 +433,7 @@ impl ReadState {
         if self.labels.len() > 100_000
             || self
                 .labels_read
-                .is_none_or(|at| at.elapsed() >= LABELS_FRESH)
+                .is_none_or(|at| clock::elapsed(at) >= LABELS_FRESH)
         {
             self.labels.clear();
             self.labels_read = Some(clock::now());

@@ -726,7 +726,7 @@ fn layout_without_rowid_against_a_rowid_table_with_a_unique_index() {
             }
             tx.commit().expect("commits");
         }
-        let rate = rows as f64 / start.elapsed().as_secs_f64();
+        let rate = rows as f64 / crate::clock::elapsed(start).as_secs_f64();
         drop(conn);
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         (rate, size)

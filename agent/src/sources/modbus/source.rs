@@ -311,7 +311,7 @@ impl ModbusSource {
         self.metrics
             .modbus_latency
             .get_or_create(&labels)
-            .observe(started.elapsed().as_secs_f64());
+            .observe(clock::elapsed(started).as_secs_f64());
         match res {
             Err(_) => Err(Fail::Timeout),
             Ok(Err(e)) => Err(Fail::Transport(e)),

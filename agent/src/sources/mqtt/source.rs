@@ -194,7 +194,7 @@ impl MqttSource {
                 }
             }
             // A connection that lived a while resets the backoff.
-            if started.elapsed() > self.settings.reconnect_max {
+            if clock::elapsed(started) > self.settings.reconnect_max {
                 backoff = self.settings.reconnect_min;
             }
             tokio::select! {

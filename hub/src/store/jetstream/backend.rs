@@ -430,7 +430,7 @@ impl Backend {
                     || self
                         .seen_at
                         .get(*agent_id)
-                        .is_none_or(|at| at.elapsed() >= SEEN_EVERY)
+                        .is_none_or(|at| clock::elapsed(*at) >= SEEN_EVERY)
             })
             .map(|(agent_id, (dropped, modified))| (agent_id, *dropped, *modified))
             .collect();
