@@ -4,7 +4,7 @@
 //! order check of a group's inserts, the signals after a commit).
 //!
 //! A backend serves the queue [`channel`] makes: the SQLite writer through
-//! `outpost_storage`'s group commit (`sqlite_writer`), the JetStream store
+//! `outpost_storage`'s group commit (`sqlite::writer`), the JetStream store
 //! through its own task (`jetstream`). Sessions do not know which one they
 //! talk to. The handle never touches a file or a connection; an insert is
 //! answered once the backend has made it durable, and only then may a
@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::error::StoreError;
-use super::sinkq::{Forward, SinkProgress};
+use super::records::{Forward, SinkProgress};
 
 /// Requests that may wait for the writer before a sender waits too: the
 /// backpressure that keeps ingest from filling memory when the disk is slow.

@@ -59,14 +59,14 @@
 //!          digest     TEXT NOT NULL,         SHA-256 of text, hex
 //!          text       TEXT NOT NULL)         the document as applied
 //!
-//! audit(...), meta(key, value)               see `audit`
+//! audit(...), meta(key, value)               see `sqlite::audit`
 //!
 //! sink_pending(n INTEGER PRIMARY KEY,        queue order
 //!              sink, agent_id, seq,          what waits for which sink
 //!              queued_at, body)              its own copy of the body
 //! sinks(sink, delivered, rejected, refused,  counters for `sinks status`
 //!       failures, last_delivered_at, last_error, last_error_at)
-//!                                            see `sinkq`
+//!                                            see `sqlite::sink_queue`
 //! ```
 //!
 //! Why this shape:
@@ -139,30 +139,22 @@
 //! last commits after their ack, and the agent has deleted those events: they
 //! are lost, never duplicated. That is why FULL is the default.
 
-pub mod audit;
 mod error;
-mod events;
 mod handle;
 pub mod jetstream;
-mod reader;
-mod registry;
-mod rows;
-mod schema;
-mod sinkq;
+mod records;
 mod sqlite;
-mod sqlite_writer;
 
 #[cfg(test)]
 mod tests;
 
 pub(crate) use error::AtPath;
 pub use error::StoreError;
-pub use events::AgentEventStats;
 pub use handle::{InsertOutcome, PendingInsert, PolicyCounts, StoreHandle, WriterOptions};
 pub use outpost_storage::Synchronous;
-pub use reader::StoreReader;
-pub use registry::AgentRecord;
-pub use schema::SCHEMA_VERSION;
-pub use sinkq::{Forward, Queued, SinkProgress, SinkStatus};
-pub use sqlite::{open_admin, store_path, Store, FILE_NAME};
-pub use sqlite_writer::spawn_store_writer;
+pub use records::{AgentRecord, Forward, Queued, SinkProgress, SinkStatus};
+pub use sqlite::audit;
+pub use sqlite::{
+    open_admin, spawn_store_writer, store_path, AgentEventStats, Store, StoreReader, FILE_NAME,
+    SCHEMA_VERSION,
+};

@@ -757,7 +757,7 @@ fn a_version_1_store_is_migrated_keeping_its_events_and_agents() {
     let path = dir.path().join("hub.db");
     {
         let conn = rusqlite::Connection::open(&path).expect("creates");
-        conn.execute_batch(super::schema::SCHEMA)
+        conn.execute_batch(super::sqlite::schema::SCHEMA)
             .expect("v1 schema");
         conn.pragma_update(None, "user_version", 1).expect("v1");
         conn.execute(

@@ -16,7 +16,7 @@ use super::connection::JetStreamStore;
 use crate::clock;
 use crate::store::error::StoreError;
 use crate::store::handle::Write;
-use crate::store::registry::AgentRecord;
+use crate::store::records::AgentRecord;
 
 /// How often a replica refreshes its key in `<prefix>_replicas`.
 pub(super) const HEARTBEAT: Duration = Duration::from_secs(10);

@@ -51,7 +51,7 @@ use super::connection::JetStreamStore;
 use crate::clock;
 use crate::nats;
 use crate::store::error::StoreError;
-use crate::store::sinkq::{Forward, Queued, SinkProgress, SinkStatus};
+use crate::store::records::{Forward, Queued, SinkProgress, SinkStatus};
 
 /// How often a lease's holder refreshes it.
 pub const LEASE_REFRESH: Duration = Duration::from_secs(3);

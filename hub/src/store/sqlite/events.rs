@@ -10,9 +10,9 @@ use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection};
 use serde::Serialize;
 
-use super::error::StoreError;
 use super::registry;
 use super::rows::{agent_from, seq_from};
+use crate::store::error::StoreError;
 
 /// What the store holds for one agent, for `events stats`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -16,10 +16,10 @@ use std::path::Path;
 use outpost_protocols::event::{AgentId, Event, EventBody, Seq, Timestamp};
 use outpost_storage::AtPath;
 use rusqlite::{params, OptionalExtension as _, Transaction};
-use serde::Serialize;
 
-use super::error::StoreError;
 use super::rows::{agent_from, seq_from};
+use crate::store::error::StoreError;
+use crate::store::records::{Forward, Queued, SinkProgress, SinkStatus};
 
 /// From schema version 2 to 3: the sinks' queue and their counters.
 pub(super) const MIGRATE_3: &str = "
@@ -44,74 +44,6 @@ CREATE TABLE IF NOT EXISTS sinks (
     last_error_at     INTEGER
 ) WITHOUT ROWID;
 ";
-
-/// An event the policy routes to sinks besides (or instead of) the store.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Forward {
-    /// Its seq.
-    pub seq: Seq,
-    /// The body, minimised as the policy says.
-    pub body: EventBody,
-    /// The sink ids (never `store`).
-    pub sinks: Vec<String>,
-}
-
-/// An event waiting for one sink, with its place in that sink's queue.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Queued {
-    /// Its place: deliveries record progress up to an `n`.
-    pub n: i64,
-    /// The event.
-    pub event: Event,
-}
-
-/// What a sink runner reports after a delivery attempt.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct SinkProgress {
-    /// The queue is done up to this `n` (delivered, rejected or refused);
-    /// `None` when the attempt failed and is retried.
-    pub through: Option<i64>,
-    /// Events the sink accepted.
-    pub delivered: u64,
-    /// Events the sink refused for good.
-    pub rejected: u64,
-    /// Events the last-step residency check kept from the sink.
-    pub refused: u64,
-    /// Whether this attempt failed (to be retried).
-    pub failed: bool,
-    /// The error of a failed attempt or of a rejection, for `sinks status`.
-    pub error: Option<String>,
-    /// For the audit log: what the sink rejected (`sink.rejected`) and what
-    /// residency kept from it (`sink.refused`), one line each.
-    pub rejected_detail: Option<String>,
-    /// See `rejected_detail`.
-    pub refused_detail: Option<String>,
-}
-
-/// One sink as `sinks status` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct SinkStatus {
-    /// The sink's id.
-    pub sink: String,
-    /// Events waiting for it.
-    pub pending: u64,
-    /// When the oldest waiting event was queued (Unix ns).
-    pub oldest_queued_at: Option<i64>,
-    /// Events it accepted, since the store was created.
-    pub delivered: u64,
-    /// Events it refused for good.
-    pub rejected: u64,
-    /// Events residency kept from it at the last step.
-    pub refused: u64,
-    /// Failed delivery attempts (each retried).
-    pub failures: u64,
-    /// When it last accepted a batch.
-    pub last_delivered_at: Option<i64>,
-    /// The last error, and when.
-    pub last_error: Option<String>,
-    /// When the last error happened (Unix ns).
-    pub last_error_at: Option<i64>,
-}
 
 /// Queues `forward` (already filtered to seqs above the watermark) in the
 /// open transaction.
@@ -371,21 +303,4 @@ pub(super) fn status(
         s.oldest_queued_at = row.get(2).at(path)?;
     }
     Ok(by_id.into_values().collect())
-}
-
-impl SinkStatus {
-    fn empty(id: &str) -> SinkStatus {
-        SinkStatus {
-            sink: id.to_owned(),
-            pending: 0,
-            oldest_queued_at: None,
-            delivered: 0,
-            rejected: 0,
-            refused: 0,
-            failures: 0,
-            last_delivered_at: None,
-            last_error: None,
-            last_error_at: None,
-        }
-    }
 }

@@ -9,11 +9,13 @@ use outpost_protocols::topic::TopicFilter;
 use outpost_storage::AtPath;
 use rusqlite::Connection;
 
-use super::error::StoreError;
 use super::events::{events_stats, events_tail, AgentEventStats};
-use super::registry::{self, AgentRecord};
+use super::registry;
 use super::schema::SCHEMA_VERSION;
-use super::sinkq::{self, Queued, SinkStatus};
+use super::sink_queue;
+use crate::store::error::StoreError;
+use crate::store::records::AgentRecord;
+use crate::store::records::{Queued, SinkStatus};
 
 /// A read-only view of a store that the running hub may be writing: WAL lets
 /// it read the last committed state without taking or waiting for the write
@@ -93,7 +95,7 @@ impl StoreReader {
 
     /// The first at most `limit` events waiting for `sink`, oldest first.
     pub fn sink_batch(&self, sink: &str, limit: usize) -> Result<Vec<Queued>, StoreError> {
-        sinkq::batch(&self.conn, &self.path, sink, None, limit)
+        sink_queue::batch(&self.conn, &self.path, sink, None, limit)
     }
 
     /// The first at most `limit` events waiting for `sink` after its queue
@@ -107,13 +109,13 @@ impl StoreReader {
         after: i64,
         limit: usize,
     ) -> Result<Vec<Queued>, StoreError> {
-        sinkq::batch(&self.conn, &self.path, sink, Some(after), limit)
+        sink_queue::batch(&self.conn, &self.path, sink, Some(after), limit)
     }
 
     /// Every sink's queue and counters (with `configured` sinks that have
     /// neither), by id.
     pub fn sinks_status(&self, configured: &[String]) -> Result<Vec<SinkStatus>, StoreError> {
-        sinkq::status(&self.conn, &self.path, configured)
+        sink_queue::status(&self.conn, &self.path, configured)
     }
 
     /// The labels of `agent_id`'s latest `Hello` (empty for an agent the

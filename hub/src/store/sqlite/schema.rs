@@ -5,7 +5,7 @@ use std::path::Path;
 
 use rusqlite::Transaction;
 
-use super::error::StoreError;
+use crate::store::error::StoreError;
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
 /// Version 2 added the policy versions, the audit log and the agents'
@@ -14,7 +14,7 @@ use super::error::StoreError;
 pub const SCHEMA_VERSION: i64 = 3;
 
 /// The schema, created in one transaction when `user_version` is 0.
-pub(super) const SCHEMA: &str = "
+pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
     agent_id TEXT    NOT NULL,
     seq      INTEGER NOT NULL,
@@ -81,7 +81,7 @@ pub(crate) fn prepare_schema(tx: &Transaction<'_>, path: &Path) -> Result<(), St
             tx.execute_batch(MIGRATE_2)?;
         }
         if found < 3 {
-            tx.execute_batch(super::sinkq::MIGRATE_3)?;
+            tx.execute_batch(super::sink_queue::MIGRATE_3)?;
         }
         Ok(())
     })?;

@@ -36,7 +36,7 @@ use outpost_protocols::event::Timestamp;
 use rusqlite::{params, Connection, OptionalExtension as _};
 use serde::Serialize;
 
-use super::error::{AtPath as _, StoreError};
+use crate::store::error::{AtPath as _, StoreError};
 
 /// The `prev` of the first entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use outpost_protocols::event::{AgentId, Seq};
 
-use super::error::StoreError;
+use crate::store::error::StoreError;
 
 /// A stored seq, which the store only ever writes in `1..=i64::MAX`.
 pub(crate) fn seq_from(

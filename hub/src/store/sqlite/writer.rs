@@ -16,12 +16,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::error::StoreError;
-use super::handle::{
+use super::store::{Op, Store};
+use crate::clock;
+use crate::store::error::StoreError;
+use crate::store::handle::{
     self, InsertOutcome, OrderCheck, Read, Signals, StoreHandle, Write, WriterOptions,
 };
-use super::sqlite::{Op, Store};
-use crate::clock;
 
 /// Starts the group-commit writer for `store` on tokio's blocking pool.
 ///

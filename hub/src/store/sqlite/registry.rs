@@ -7,56 +7,10 @@ use std::path::Path;
 use outpost_protocols::event::{AgentId, Seq, Timestamp};
 use outpost_storage::AtPath;
 use rusqlite::{params, Connection, OptionalExtension as _, Row};
-use serde::Serialize;
 
-use super::error::StoreError;
 use super::rows::{agent_from, seq_from};
-
-/// What the registry knows about one agent, for `fleet list`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AgentRecord {
-    /// The agent, from its certificate.
-    pub agent_id: AgentId,
-    /// The labels of its latest `Hello` (empty until it said one).
-    pub labels: BTreeMap<String, String>,
-    /// When the hub first heard of it, Unix ns.
-    pub first_seen: Timestamp,
-    /// When the hub last heard from it (a session starting or ending, a batch,
-    /// a touch), Unix ns.
-    pub last_seen: Timestamp,
-    /// Its software version from its latest `Hello`.
-    pub agent_version: Option<String>,
-    /// The protocol version negotiated in its latest session.
-    pub protocol_version: Option<u16>,
-    /// The highest seq the store holds for it: what the hub has acknowledged
-    /// or is about to, and where its next session resumes.
-    pub watermark: Seq,
-    /// The outbox backlog it last reported, in events; `None` before its first
-    /// report.
-    pub backlog_events: Option<u64>,
-    /// The same backlog in bytes.
-    pub backlog_bytes: Option<u64>,
-    /// Its open sessions, as this hub recorded them (normally 0 or 1; 2 while a
-    /// reconnect supersedes a session that has not closed yet).
-    pub sessions: u64,
-    /// The policy version it last reported running (0: none); `None` for an
-    /// agent that never reported one (protocol version 1).
-    pub policy_version: Option<u64>,
-    /// Why it refused the last policy pushed to it, if it did.
-    pub policy_error: Option<String>,
-    /// Events the hub dropped from what it sent, by the policy (the agent
-    /// should have dropped them itself: an old or misbehaving agent).
-    pub policy_dropped: u64,
-    /// Events the hub had to minimise before storing them.
-    pub policy_modified: u64,
-}
-
-impl AgentRecord {
-    /// Whether the agent has an open session.
-    pub fn connected(&self) -> bool {
-        self.sessions > 0
-    }
-}
+use crate::store::error::StoreError;
+use crate::store::records::AgentRecord;
 
 /// A counter for an INTEGER column: SQLite integers are signed, and a
 /// reported value beyond `i64::MAX` is kept as `i64::MAX` rather than refused.
@@ -137,7 +91,7 @@ pub(crate) fn count_policy(
     conn: &Connection,
     path: &Path,
     agent_id: &AgentId,
-    counts: super::handle::PolicyCounts,
+    counts: crate::store::handle::PolicyCounts,
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
         "UPDATE agents SET policy_dropped = policy_dropped + ?2,

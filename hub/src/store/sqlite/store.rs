@@ -11,13 +11,15 @@ use outpost_storage::{AtPath, Synchronous};
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use tracing::debug;
 
-use super::error::StoreError;
 use super::events::{events_stats, events_tail, AgentEventStats};
-use super::handle::{InsertOutcome, PolicyCounts};
-use super::registry::{self, AgentRecord};
+use super::registry;
 use super::schema::prepare_schema;
-use super::sinkq::{self, Forward, SinkProgress};
+use super::sink_queue;
 use crate::clock;
+use crate::store::error::StoreError;
+use crate::store::handle::{InsertOutcome, PolicyCounts};
+use crate::store::records::AgentRecord;
+use crate::store::records::{Forward, SinkProgress};
 
 /// The store's file name inside the hub's `data_dir`.
 pub const FILE_NAME: &str = "hub.db";
@@ -287,7 +289,7 @@ impl Store {
     /// one of its events waits for a sink. Where its next session resumes.
     pub fn acked(&self, agent_id: &AgentId) -> Result<Seq, StoreError> {
         let w = self.watermark(agent_id)?;
-        sinkq::acked(&self.conn, &self.path, agent_id, w)
+        sink_queue::acked(&self.conn, &self.path, agent_id, w)
     }
 
     /// See [`StoreReader::events_tail`].
@@ -346,7 +348,7 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .at(&path)?;
-        let gone = sinkq::drop_unconfigured(&tx, &path, clock::unix_now(), configured)?;
+        let gone = sink_queue::drop_unconfigured(&tx, &path, clock::unix_now(), configured)?;
         tx.commit().at(&path)?;
         Ok(gone)
     }
@@ -375,7 +377,7 @@ fn apply_one(
             policy,
         } => insert_one(tx, path, now, agent_id, events, forward, *through, *policy).map(Some),
         Op::SinkProgress { sink, progress } => {
-            sinkq::progress(tx, path, now, sink, progress).map(|()| None)
+            sink_queue::progress(tx, path, now, sink, progress).map(|()| None)
         }
         Op::PolicyStatus {
             agent_id,
@@ -434,7 +436,7 @@ fn insert_one(
     if max_seq == Seq(0) {
         return Ok(InsertOutcome {
             watermark: before,
-            acked: sinkq::acked(tx, path, agent_id, before)?,
+            acked: sink_queue::acked(tx, path, agent_id, before)?,
             ..InsertOutcome::default()
         });
     }
@@ -442,7 +444,7 @@ fn insert_one(
     // queued (or delivered) before, unlike a stored row, which the primary
     // key deduplicates.
     let fresh: Vec<&Forward> = forward.iter().filter(|f| f.seq > before).collect();
-    sinkq::queue(tx, path, now, agent_id, &fresh)?;
+    sink_queue::queue(tx, path, now, agent_id, &fresh)?;
     let mut out = InsertOutcome::default();
     let mut insert = tx
         .prepare_cached(
@@ -467,6 +469,6 @@ fn insert_one(
         }
     }
     out.watermark = registry::raise_watermark(tx, path, agent_id, max_seq, now)?;
-    out.acked = sinkq::acked(tx, path, agent_id, out.watermark)?;
+    out.acked = sink_queue::acked(tx, path, agent_id, out.watermark)?;
     Ok(out)
 }

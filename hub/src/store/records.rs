@@ -1,0 +1,143 @@
+//! What both backends store and report, in their own words: an agent's
+//! registry record, an event forwarded to sinks, a sink's queue entry,
+//! progress and status.
+//!
+//! A room of its own because the backend-neutral handle, the SQLite store and
+//! the JetStream store all speak these types, and neither backend may import
+//! the other.
+
+use std::collections::BTreeMap;
+
+use outpost_protocols::event::{AgentId, Event, EventBody, Seq, Timestamp};
+use serde::Serialize;
+
+/// What the registry knows about one agent, for `fleet list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentRecord {
+    /// The agent, from its certificate.
+    pub agent_id: AgentId,
+    /// The labels of its latest `Hello` (empty until it said one).
+    pub labels: BTreeMap<String, String>,
+    /// When the hub first heard of it, Unix ns.
+    pub first_seen: Timestamp,
+    /// When the hub last heard from it (a session starting or ending, a batch,
+    /// a touch), Unix ns.
+    pub last_seen: Timestamp,
+    /// Its software version from its latest `Hello`.
+    pub agent_version: Option<String>,
+    /// The protocol version negotiated in its latest session.
+    pub protocol_version: Option<u16>,
+    /// The highest seq the store holds for it: what the hub has acknowledged
+    /// or is about to, and where its next session resumes.
+    pub watermark: Seq,
+    /// The outbox backlog it last reported, in events; `None` before its first
+    /// report.
+    pub backlog_events: Option<u64>,
+    /// The same backlog in bytes.
+    pub backlog_bytes: Option<u64>,
+    /// Its open sessions, as this hub recorded them (normally 0 or 1; 2 while a
+    /// reconnect supersedes a session that has not closed yet).
+    pub sessions: u64,
+    /// The policy version it last reported running (0: none); `None` for an
+    /// agent that never reported one (protocol version 1).
+    pub policy_version: Option<u64>,
+    /// Why it refused the last policy pushed to it, if it did.
+    pub policy_error: Option<String>,
+    /// Events the hub dropped from what it sent, by the policy (the agent
+    /// should have dropped them itself: an old or misbehaving agent).
+    pub policy_dropped: u64,
+    /// Events the hub had to minimise before storing them.
+    pub policy_modified: u64,
+}
+
+impl AgentRecord {
+    /// Whether the agent has an open session.
+    pub fn connected(&self) -> bool {
+        self.sessions > 0
+    }
+}
+
+/// An event the policy routes to sinks besides (or instead of) the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Forward {
+    /// Its seq.
+    pub seq: Seq,
+    /// The body, minimised as the policy says.
+    pub body: EventBody,
+    /// The sink ids (never `store`).
+    pub sinks: Vec<String>,
+}
+
+/// An event waiting for one sink, with its place in that sink's queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Queued {
+    /// Its place: deliveries record progress up to an `n`.
+    pub n: i64,
+    /// The event.
+    pub event: Event,
+}
+
+/// What a sink runner reports after a delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SinkProgress {
+    /// The queue is done up to this `n` (delivered, rejected or refused);
+    /// `None` when the attempt failed and is retried.
+    pub through: Option<i64>,
+    /// Events the sink accepted.
+    pub delivered: u64,
+    /// Events the sink refused for good.
+    pub rejected: u64,
+    /// Events the last-step residency check kept from the sink.
+    pub refused: u64,
+    /// Whether this attempt failed (to be retried).
+    pub failed: bool,
+    /// The error of a failed attempt or of a rejection, for `sinks status`.
+    pub error: Option<String>,
+    /// For the audit log: what the sink rejected (`sink.rejected`) and what
+    /// residency kept from it (`sink.refused`), one line each.
+    pub rejected_detail: Option<String>,
+    /// See `rejected_detail`.
+    pub refused_detail: Option<String>,
+}
+
+/// One sink as `sinks status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SinkStatus {
+    /// The sink's id.
+    pub sink: String,
+    /// Events waiting for it.
+    pub pending: u64,
+    /// When the oldest waiting event was queued (Unix ns).
+    pub oldest_queued_at: Option<i64>,
+    /// Events it accepted, since the store was created.
+    pub delivered: u64,
+    /// Events it refused for good.
+    pub rejected: u64,
+    /// Events residency kept from it at the last step.
+    pub refused: u64,
+    /// Failed delivery attempts (each retried).
+    pub failures: u64,
+    /// When it last accepted a batch.
+    pub last_delivered_at: Option<i64>,
+    /// The last error, and when.
+    pub last_error: Option<String>,
+    /// When the last error happened (Unix ns).
+    pub last_error_at: Option<i64>,
+}
+
+impl SinkStatus {
+    pub(crate) fn empty(id: &str) -> SinkStatus {
+        SinkStatus {
+            sink: id.to_owned(),
+            pending: 0,
+            oldest_queued_at: None,
+            delivered: 0,
+            rejected: 0,
+            refused: 0,
+            failures: 0,
+            last_delivered_at: None,
+            last_error: None,
+            last_error_at: None,
+        }
+    }
+}
