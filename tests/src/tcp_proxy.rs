@@ -264,10 +264,10 @@ async fn carry(
                     let room = FIRST_BYTES.saturating_sub(f.len());
                     f.extend_from_slice(&buf[..n.min(room)]);
                 }
+                to_server.fetch_add(n as u64, Ordering::Relaxed);
                 if sw.write_all(&buf[..n]).await.is_err() {
                     return;
                 }
-                to_server.fetch_add(n as u64, Ordering::Relaxed);
             }
         };
         let down = async {
@@ -277,10 +277,12 @@ async fn carry(
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
+                // Counted before the write, so that a client that has read
+                // the bytes never sees a count without them.
+                to_client.fetch_add(n as u64, Ordering::Relaxed);
                 if cw.write_all(&buf[..n]).await.is_err() {
                     return;
                 }
-                to_client.fetch_add(n as u64, Ordering::Relaxed);
             }
         };
         // Either side ending ends the connection for both.
