@@ -62,6 +62,17 @@ enum Command {
         #[command(subcommand)]
         command: outpost_hub::admin::AuditCommand,
     },
+    /// The operator HTTP API's contract.
+    Api {
+        #[command(subcommand)]
+        command: ApiCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApiCommand {
+    /// Print the OpenAPI 3.1 document (docs/api/openapi.json).
+    Openapi,
 }
 
 #[derive(Subcommand)]
@@ -183,6 +194,12 @@ fn main() -> ExitCode {
                 &env,
                 &mut std::io::stdout().lock(),
             ))
+        }
+        Command::Api {
+            command: ApiCommand::Openapi,
+        } => {
+            print!("{}", outpost_hub::api::openapi::document());
+            ExitCode::SUCCESS
         }
         Command::Fleet { command } => verb_exit(outpost_hub::verbs::fleet(
             &command,
