@@ -10,11 +10,16 @@ use std::fmt::Write as _;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::api::types::{
+    AuditList, AuditVerdict, PolicyApplied, PolicyApply, PolicyDiff, PolicyVersionDoc,
+};
 use crate::clock;
 use crate::config::{self, HubConfig, StoreKind};
 use crate::policy::{self, Applied, ApplyError, PolicyRecord};
+use crate::remote::{query, Remote, RemoteArgs};
 use crate::store::audit::{self, Verdict};
 use crate::store::{open_admin, store_path, AtPath as _, StoreReader};
+use crate::verbs::config_path;
 use crate::verbs::VerbError;
 
 /// `outpost-hub policy …`.
@@ -42,11 +47,20 @@ pub struct PolicyApplyArgs {
     /// Apply this stored version's text again instead of a file.
     #[arg(long, value_name = "N")]
     pub version: Option<u64>,
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
-    /// Who applies it, for the audit log (default: the login name).
-    #[arg(long, value_name = "NAME")]
+    /// The hub's TOML config file (to use its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+    /// Who applies it, for the audit log, as `local:NAME` (default: the
+    /// login name); with --api the token's subject is recorded instead.
+    #[arg(long, value_name = "NAME", conflicts_with = "api")]
     pub actor: Option<String>,
     /// Print one JSON document.
     #[arg(long)]
@@ -56,9 +70,17 @@ pub struct PolicyApplyArgs {
 /// `outpost-hub policy show`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PolicyShowArgs {
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The hub's TOML config file (to use its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// This version instead of the one in force.
     #[arg(long, value_name = "N")]
     pub version: Option<u64>,
@@ -70,9 +92,17 @@ pub struct PolicyShowArgs {
 /// `outpost-hub policy history`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PolicyHistoryArgs {
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The hub's TOML config file (to use its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// Print one JSON document (an array, without the texts).
     #[arg(long)]
     pub json: bool,
@@ -87,9 +117,17 @@ pub struct PolicyDiffArgs {
     /// The newer version.
     #[arg(value_name = "B")]
     pub b: u64,
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The hub's TOML config file (to use its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// `outpost-hub audit …`.
@@ -105,9 +143,17 @@ pub enum AuditCommand {
 /// `outpost-hub audit list`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuditListArgs {
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The hub's TOML config file (to use its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// How many entries (all when not given).
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
@@ -119,12 +165,30 @@ pub struct AuditListArgs {
 /// `outpost-hub audit verify`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuditVerifyArgs {
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The hub's TOML config file (to use its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// Print one JSON document.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The actor of an audit entry written on the hub's own store (the
+/// break-glass path): `local:<--actor or the login name>`, so that it can
+/// never pass for an API token's subject.
+pub fn local_actor(actor: Option<&str>, env: &[(String, String)]) -> String {
+    format!(
+        "local:{}",
+        actor.map_or_else(|| login_name(env), str::to_owned)
+    )
 }
 
 /// The login name, for the audit log.
@@ -160,12 +224,33 @@ pub fn policy(
 ) -> Result<(), VerbError> {
     match command {
         PolicyCommand::Apply(args) => {
+            if let Some(api) = Remote::from_args(&args.remote)? {
+                let req = match (&args.file, args.version) {
+                    (Some(file), _) => PolicyApply {
+                        text: Some(std::fs::read_to_string(file).map_err(|source| {
+                            VerbError::Policy(ApplyError::Read {
+                                path: file.clone(),
+                                source,
+                            })
+                        })?),
+                        source: Some(file.display().to_string()),
+                        version: None,
+                    },
+                    (None, v) => PolicyApply {
+                        text: None,
+                        source: None,
+                        version: v,
+                    },
+                };
+                let applied: PolicyApplied = api.post("/policy", &req)?;
+                return print_applied(&applied.applied(), args.json, out);
+            }
             if let Some(outcome) = apply_on_jetstream(args, env)? {
                 return print_applied(&outcome, args.json, out);
             }
-            let (cfg, store) = load(&args.config, env)?;
+            let (cfg, store) = load(config_path(args.config.as_deref())?, env)?;
             let catalog = policy::catalog(&cfg);
-            let actor = args.actor.clone().unwrap_or_else(|| login_name(env));
+            let actor = local_actor(args.actor.as_deref(), env);
             let outcome = match (&args.file, args.version) {
                 (Some(file), _) => {
                     let text = std::fs::read_to_string(file).map_err(|source| {
@@ -202,19 +287,16 @@ pub fn policy(
             print_applied(&outcome, args.json, out)?;
         }
         PolicyCommand::Show(args) => {
-            let (found, wanted) = match jetstream_policies(&args.config, env)? {
-                Some(all) => match args.version {
-                    Some(v) => (all.into_iter().find(|r| r.version == v), Some(v)),
-                    None => (all.into_iter().last(), None),
-                },
-                None => {
-                    let (_, store) = load(&args.config, env)?;
-                    let reader = StoreReader::open(&store)?;
-                    match args.version {
-                        Some(v) => (policy::get(reader.connection(), &store, v)?, Some(v)),
-                        None => (policy::current(reader.connection(), &store)?, None),
-                    }
+            let remote = Remote::from_args(&args.remote)?;
+            let (found, wanted) = match remote {
+                Some(api) => {
+                    let path = format!(
+                        "/policy{}",
+                        query(&[("version", args.version.map(|v| v.to_string()))])
+                    );
+                    (api.get::<PolicyVersionDoc>(&path)?.record(), args.version)
                 }
+                None => local_show(args, env)?,
             };
             let rec = match wanted {
                 Some(v) => found.ok_or(VerbError::Policy(ApplyError::UnknownVersion(v)))?,
@@ -252,12 +334,22 @@ pub fn policy(
             }
         }
         PolicyCommand::History(args) => {
-            let all = match jetstream_policies(&args.config, env)? {
-                Some(all) => all,
+            let all = match Remote::from_args(&args.remote)? {
+                Some(api) => api
+                    .get::<Vec<PolicyVersionDoc>>("/policy/history")?
+                    .iter()
+                    .filter_map(PolicyVersionDoc::record)
+                    .collect(),
                 None => {
-                    let (_, store) = load(&args.config, env)?;
-                    let reader = StoreReader::open(&store)?;
-                    policy::history(reader.connection(), &store)?
+                    let config = config_path(args.config.as_deref())?;
+                    match jetstream_policies(config, env)? {
+                        Some(all) => all,
+                        None => {
+                            let (_, store) = load(config, env)?;
+                            let reader = StoreReader::open(&store)?;
+                            policy::history(reader.connection(), &store)?
+                        }
+                    }
                 }
             };
             if args.json {
@@ -279,26 +371,48 @@ pub fn policy(
             }
         }
         PolicyCommand::Diff(args) => {
-            let (_, store) = load(&args.config, env)?;
-            let reader = StoreReader::open(&store)?;
-            let get = |v: u64| -> Result<PolicyRecord, VerbError> {
-                policy::get(reader.connection(), &store, v)?
-                    .ok_or(VerbError::Policy(ApplyError::UnknownVersion(v)))
+            let diff = match Remote::from_args(&args.remote)? {
+                Some(api) => {
+                    let path = format!("/policy/diff?from={}&to={}", args.a, args.b);
+                    api.get::<PolicyDiff>(&path)?.diff
+                }
+                None => {
+                    let (_, store) = load(config_path(args.config.as_deref())?, env)?;
+                    let reader = StoreReader::open(&store)?;
+                    let get = |v: u64| -> Result<PolicyRecord, VerbError> {
+                        policy::get(reader.connection(), &store, v)?
+                            .ok_or(VerbError::Policy(ApplyError::UnknownVersion(v)))
+                    };
+                    crate::api::policy::unified_diff(&get(args.a)?, &get(args.b)?)
+                }
             };
-            let (a, b) = (get(args.a)?, get(args.b)?);
-            let diff = similar::TextDiff::from_lines(&a.text, &b.text);
-            write!(
-                out,
-                "{}",
-                diff.unified_diff().header(
-                    &format!("policy v{}", a.version),
-                    &format!("policy v{}", b.version)
-                )
-            )?;
+            write!(out, "{diff}")?;
         }
     }
     out.flush()?;
     Ok(())
+}
+
+/// `policy show` on the store itself: the version found and the one asked for.
+fn local_show(
+    args: &PolicyShowArgs,
+    env: &[(String, String)],
+) -> Result<(Option<PolicyRecord>, Option<u64>), VerbError> {
+    let config = config_path(args.config.as_deref())?;
+    Ok(match jetstream_policies(config, env)? {
+        Some(all) => match args.version {
+            Some(v) => (all.into_iter().find(|r| r.version == v), Some(v)),
+            None => (all.into_iter().last(), None),
+        },
+        None => {
+            let (_, store) = load(config, env)?;
+            let reader = StoreReader::open(&store)?;
+            match args.version {
+                Some(v) => (policy::get(reader.connection(), &store, v)?, Some(v)),
+                None => (policy::current(reader.connection(), &store)?, None),
+            }
+        }
+    })
 }
 
 /// `policy apply` on a hub whose store is JetStream; `None` for sqlite.
@@ -306,12 +420,13 @@ fn apply_on_jetstream(
     args: &PolicyApplyArgs,
     env: &[(String, String)],
 ) -> Result<Option<Applied>, VerbError> {
-    let cfg = config::load(&args.config, env.iter().cloned())?;
+    let config = config_path(args.config.as_deref())?;
+    let cfg = config::load(config, env.iter().cloned())?;
     if cfg.store.jetstream().is_none() {
         return Ok(None);
     }
     let catalog = policy::catalog(&cfg);
-    let actor = args.actor.clone().unwrap_or_else(|| login_name(env));
+    let actor = local_actor(args.actor.as_deref(), env);
     let (text, source) = match (&args.file, args.version) {
         (Some(file), _) => (None, Some(file.clone())),
         (None, Some(_)) => (None, None),
@@ -331,7 +446,7 @@ fn apply_on_jetstream(
         (None, t) => t,
     };
     let version = args.version;
-    crate::verbs::on_jetstream(&args.config, &cfg, |js| async move {
+    crate::verbs::on_jetstream(config, &cfg, |js| async move {
         let (text, source) = match (text, source) {
             (Some(t), Some(f)) => (t, f.display().to_string()),
             _ => {
@@ -447,9 +562,24 @@ pub fn audit(
 ) -> Result<(), VerbError> {
     match command {
         AuditCommand::List(args) => {
-            let (_, store) = load(&args.config, env)?;
-            let reader = StoreReader::open(&store)?;
-            let entries = audit::list(reader.connection(), &store, args.limit)?;
+            let entries: Vec<crate::api::types::AuditEntry> = match Remote::from_args(&args.remote)?
+            {
+                Some(api) => {
+                    let path = format!(
+                        "/audit{}",
+                        query(&[("limit", args.limit.map(|l| l.to_string()))])
+                    );
+                    api.get::<AuditList>(&path)?.entries
+                }
+                None => {
+                    let (_, store) = load(config_path(args.config.as_deref())?, env)?;
+                    let reader = StoreReader::open(&store)?;
+                    audit::list(reader.connection(), &store, args.limit)?
+                        .iter()
+                        .map(crate::api::types::AuditEntry::from)
+                        .collect()
+                }
+            };
             if args.json {
                 let head = entries.last().map_or(audit::GENESIS, |e| e.hash.as_str());
                 writeln!(
@@ -476,9 +606,14 @@ pub fn audit(
             }
         }
         AuditCommand::Verify(args) => {
-            let (_, store) = load(&args.config, env)?;
-            let reader = StoreReader::open(&store)?;
-            let verdict = audit::verify(reader.connection(), &store)?;
+            let verdict = match Remote::from_args(&args.remote)? {
+                Some(api) => api.get::<AuditVerdict>("/audit/verify")?.verdict(),
+                None => {
+                    let (_, store) = load(config_path(args.config.as_deref())?, env)?;
+                    let reader = StoreReader::open(&store)?;
+                    audit::verify(reader.connection(), &store)?
+                }
+            };
             if args.json {
                 writeln!(
                     out,

@@ -18,6 +18,7 @@ pub mod logging;
 pub mod metrics;
 pub mod nats;
 pub mod policy;
+pub mod remote;
 pub mod run;
 pub mod server;
 pub mod sinks;

@@ -114,7 +114,8 @@ enum CaCommand {
         /// The hub's config file: record the issue in that hub's audit log.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// Who issues it, for the audit log (default: the login name).
+        /// Who issues it, for the audit log, as `local:NAME` (default: the
+        /// login name).
         #[arg(long, value_name = "NAME")]
         actor: Option<String>,
     },
@@ -261,7 +262,7 @@ fn run_ca(command: CaCommand) -> Result<(), anyhow::Error> {
             };
             if let Some(a) = audit {
                 let env: Vec<(String, String)> = std::env::vars().collect();
-                let actor = actor.unwrap_or_else(|| outpost_hub::admin::login_name(&env));
+                let actor = outpost_hub::admin::local_actor(actor.as_deref(), &env);
                 a.record(
                     &actor,
                     "ca.issued",

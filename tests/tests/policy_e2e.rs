@@ -544,7 +544,7 @@ fn bad_and_residency_breaking_policies_are_refused_and_an_edited_audit_log_is_fo
     );
     ensure!(entries
         .iter()
-        .any(|e| e["action"] == "policy.applied" && e["actor"] == "e2e"));
+        .any(|e| e["action"] == "policy.applied" && e["actor"] == "local:e2e"));
     let (code, out, err) = hub.cli(&["audit", "verify"])?;
     ensure!(code == 0 && out.contains("intact"), "{out} {err}");
 

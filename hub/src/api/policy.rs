@@ -68,10 +68,21 @@ fn apply_problem(e: ApplyError) -> Problem {
     }
 }
 
-/// The version in force (`{"version": 0}` when none was applied).
-#[utoipa::path(get, path = "/api/v1/policy", tag = "policy",
+/// Which version to show.
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ShowParams {
+    /// This version instead of the one in force.
+    pub version: Option<u64>,
+}
+
+/// The version in force (`{"version": 0}` when none was applied), or the
+/// one asked for.
+#[utoipa::path(get, path = "/api/v1/policy", tag = "policy", params(ShowParams),
     responses(
-        (status = 200, description = "The version in force, with its text", body = PolicyVersionDoc),
+        (status = 200, description = "The version, with its text", body = PolicyVersionDoc),
+        (status = 404, description = "No such version", body = Problem, content_type = "application/problem+json"),
         (status = "4XX", description = "Refused", body = Problem, content_type = "application/problem+json"),
         (status = "5XX", description = "The hub failed", body = Problem, content_type = "application/problem+json"),
     ),
@@ -79,9 +90,18 @@ fn apply_problem(e: ApplyError) -> Problem {
 pub async fn show(
     State(state): State<ApiState>,
     caller: Authed,
+    Query(p): Query<ShowParams>,
 ) -> Result<Json<PolicyVersionDoc>, Problem> {
     caller.require(Role::Viewer)?;
-    Ok(Json(match all(&state).await?.last() {
+    let all = all(&state).await?;
+    if let Some(v) = p.version {
+        return all
+            .iter()
+            .find(|r| r.version == v)
+            .map(|r| Json(PolicyVersionDoc::new(r, true)))
+            .ok_or_else(|| apply_problem(ApplyError::UnknownVersion(v)));
+    }
+    Ok(Json(match all.last() {
         Some(r) => PolicyVersionDoc::new(r, true),
         None => PolicyVersionDoc {
             version: 0,

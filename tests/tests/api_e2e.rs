@@ -1,0 +1,514 @@
+//! The hub's HTTP API against a real `outpost-hub run` on real sockets:
+//! problem+json for every kind of error; events paged with cursors through
+//! a store seeded with thousands of events; a policy dry run and a policy
+//! applied through the API (and through `policy apply --api`) that reaches
+//! a running agent; and the CLI with `--api` printing exactly what it
+//! prints when it reads the store itself.
+//!
+//! Tokens: `token()` is the one place that makes a caller's token. Until
+//! the `auth` branch is merged it is the stand-in's `dev.<role>.<subject>`;
+//! the merge changes it to `outpost-hub token create`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _, Result};
+use outpost_hub::store::{Store, Synchronous};
+use outpost_protocols::{AgentId, EventBody, Quality, Seq, StreamName, Timestamp, Value};
+use outpost_tests::{bin, http, run_cli, wait_until, Agent, Hub, Pki};
+
+const DEADLINE: Duration = Duration::from_secs(90);
+
+/// A caller's bearer token with `role` and `subject`.
+fn token(role: &str, subject: &str) -> String {
+    format!("dev.{role}.{subject}")
+}
+
+/// Writes `token(role, subject)` to a file for `--token-file`.
+fn token_file(dir: &Path, role: &str, subject: &str) -> Result<String> {
+    let p = dir.join(format!("{subject}.token"));
+    std::fs::write(&p, format!("{}\n", token(role, subject)))?;
+    Ok(p.display().to_string())
+}
+
+/// Seeds `dir/hub-data/hub.db` with `agents` agents (`gw-0`..), each with
+/// `per_agent` events on streams `plant/<i % 3>/temp` at ts = seq * 1000.
+fn seed(dir: &Path, agents: usize, per_agent: u64) -> Result<()> {
+    let data = dir.join("hub-data");
+    std::fs::create_dir_all(&data)?;
+    let mut store = Store::open(&data.join("hub.db"), Synchronous::Normal)?;
+    for a in 0..agents {
+        let id = AgentId::parse(&format!("gw-{a}"))?;
+        let labels = BTreeMap::from([("site".to_owned(), format!("site-{}", a % 2))]);
+        store.agent_connected(&id, &labels, "0.1.0", 3, Timestamp(1_000))?;
+        let events: Vec<(Seq, EventBody)> = (1..=per_agent)
+            .map(|s| {
+                Ok((
+                    Seq(s),
+                    EventBody {
+                        stream: StreamName::parse(&format!("plant/{}/temp", s % 3))?,
+                        ts: Timestamp(i64::try_from(s)? * 1000),
+                        value: if s % 5 == 0 {
+                            Value::Json(outpost_protocols::event::JsonText::parse(
+                                r#"{"b": 2, "a": [1, 2.5]}"#,
+                            )?)
+                        } else {
+                            Value::F64(s as f64 / 4.0)
+                        },
+                        quality: if s % 7 == 0 {
+                            Quality::Bad(outpost_protocols::event::Reason::Timeout)
+                        } else {
+                            Quality::Good
+                        },
+                        attrs: BTreeMap::new(),
+                    },
+                ))
+            })
+            .collect::<Result<_>>()?;
+        store.insert(Timestamp(2_000), &[(id.clone(), events)])?;
+        store.agent_disconnected(&id, Timestamp(3_000))?;
+    }
+    Ok(())
+}
+
+/// Asserts `a` is a problem document with `status`.
+fn problem(a: &outpost_tests::HttpAnswer, status: u16) -> Result<serde_json::Value> {
+    ensure!(
+        a.status == status,
+        "wanted {status}, got {} {:?}",
+        a.status,
+        String::from_utf8_lossy(&a.body)
+    );
+    ensure!(
+        a.header("content-type") == Some("application/problem+json"),
+        "{status}: content-type {:?}",
+        a.header("content-type")
+    );
+    let j = a.json()?;
+    ensure!(
+        j["status"] == status && j["type"].is_string() && j["title"].is_string(),
+        "{status}: not a problem document: {j}"
+    );
+    Ok(j)
+}
+
+#[test]
+fn every_error_is_a_problem_document() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    let hub = Hub::start_with_tables(
+        dir.path(),
+        &pki,
+        "",
+        "[api]\nlisten = \"127.0.0.1:0\"\nrate = 1\nburst = 3\n",
+    )?;
+    let api = hub.api_url()?;
+    let viewer = token("viewer", "vic");
+    // 401: no token, and a token nobody issued.
+    let a = http(&api, "GET", "/api/v1/fleet", None, None)?;
+    problem(&a, 401)?;
+    ensure!(a.header("www-authenticate") == Some("Bearer"));
+    problem(
+        &http(&api, "GET", "/api/v1/fleet", Some("nonsense"), None)?,
+        401,
+    )?;
+    // 403: a viewer applying a policy; nothing is stored.
+    let body = br#"{"text": "[[rules]]\nstreams = [\"a/#\"]\naction = \"deny\"\n"}"#;
+    problem(
+        &http(&api, "POST", "/api/v1/policy", Some(&viewer), Some(body))?,
+        403,
+    )?;
+    let shown = http(
+        &api,
+        "GET",
+        "/api/v1/policy",
+        Some(&token("viewer", "v2")),
+        None,
+    )?;
+    ensure!(shown.json()?["version"] == 0, "{:?}", shown.json());
+    // 404: a path no route has, and an agent the registry does not know.
+    let t = token("viewer", "v3");
+    problem(&http(&api, "GET", "/api/v1/nothing", Some(&t), None)?, 404)?;
+    problem(&http(&api, "GET", "/nowhere", None, None)?, 404)?;
+    problem(
+        &http(&api, "GET", "/api/v1/agents/gw-404", Some(&t), None)?,
+        404,
+    )?;
+    // 405, with the methods that are allowed.
+    let a = http(&api, "DELETE", "/api/v1/fleet", Some(&t), None)?;
+    problem(&a, 405)?;
+    ensure!(
+        a.header("allow").is_some_and(|v| v.contains("GET")),
+        "{:?}",
+        a.headers
+    );
+    // 400: a forged cursor, a limit out of range, an unknown parameter.
+    let t = token("viewer", "v4");
+    problem(
+        &http(&api, "GET", "/api/v1/events?cursor=zz", Some(&t), None)?,
+        400,
+    )?;
+    problem(
+        &http(&api, "GET", "/api/v1/events?limit=0", Some(&t), None)?,
+        400,
+    )?;
+    problem(
+        &http(&api, "GET", "/api/v1/events?colour=red", Some(&t), None)?,
+        400,
+    )?;
+    // 422: a policy that does not parse is refused, and audited as refused.
+    let author = token("policy-author", "alice");
+    let bad = br#"{"text": "[[rules]]\nstreams = [\"a/#\"]\naction = \"explode\"\n"}"#;
+    let j = problem(
+        &http(&api, "POST", "/api/v1/policy", Some(&author), Some(bad))?,
+        422,
+    )?;
+    ensure!(j["type"] == "urn:outpost:problem:policy-refused", "{j}");
+    // 413: a body over the limit.
+    let big = vec![b' '; 3 * 1024 * 1024];
+    problem(
+        &http(
+            &api,
+            "POST",
+            "/api/v1/policy/dry-run",
+            Some(&token("policy-author", "big")),
+            Some(&big),
+        )?,
+        413,
+    )?;
+    // 429: one caller over its burst, with Retry-After; another is served.
+    let hammer = token("viewer", "hammer");
+    let mut limited = None;
+    for _ in 0..10 {
+        let a = http(&api, "GET", "/api/v1/sinks", Some(&hammer), None)?;
+        if a.status == 429 {
+            limited = Some(a);
+            break;
+        }
+    }
+    let a = limited.context("10 requests at rate 1/s with a burst of 3 were never limited")?;
+    problem(&a, 429)?;
+    ensure!(a.header("retry-after").is_some(), "{:?}", a.headers);
+    ensure!(
+        http(
+            &api,
+            "GET",
+            "/api/v1/sinks",
+            Some(&token("viewer", "other")),
+            None
+        )?
+        .status
+            == 200
+    );
+    // The audit log has the refusal, with the caller's subject.
+    let audit = http(
+        &api,
+        "GET",
+        "/api/v1/audit",
+        Some(&token("viewer", "auditor")),
+        None,
+    )?
+    .json()?;
+    ensure!(
+        audit["entries"]
+            .as_array()
+            .context("entries")?
+            .iter()
+            .any(|e| e["action"] == "policy.refused" && e["actor"] == "alice"),
+        "{audit}"
+    );
+    Ok(())
+}
+
+#[test]
+fn events_page_through_a_seeded_store_and_the_cli_says_the_same_with_api() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    seed(dir.path(), 3, 1000)?;
+    let hub = Hub::start(dir.path(), &pki)?;
+    let api = hub.api_url()?;
+    let t = token("viewer", "pager");
+    // Every event once, in store order, 100 a page.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/v1/events?limit=100&cursor={c}"),
+            None => "/api/v1/events?limit=100".into(),
+        };
+        let page = http(&api, "GET", &path, Some(&t), None)?.json()?;
+        pages += 1;
+        for e in page["events"].as_array().context("events")? {
+            seen.push((
+                e["agent_id"].as_str().context("agent")?.to_owned(),
+                e["seq"].as_u64().context("seq")?,
+            ));
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+        ensure!(pages < 100, "paging does not end");
+    }
+    ensure!(seen.len() == 3000, "{} events", seen.len());
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    ensure!(sorted == seen, "pages out of order or with duplicates");
+    // Filters: one agent, a stream pattern, a time range.
+    let path = "/api/v1/events?agent=gw-1&stream=plant/2/%2B&from=100000&to=200000&limit=1000";
+    let page = http(&api, "GET", path, Some(&t), None)?.json()?;
+    let events = page["events"].as_array().context("events")?;
+    let want = (100..200u64).filter(|s| s % 3 == 2).count();
+    ensure!(events.len() == want, "{} events, want {want}", events.len());
+    ensure!(events.iter().all(|e| e["agent_id"] == "gw-1"
+        && e["stream"] == "plant/2/temp"
+        && (100_000..200_000).contains(&e["ts"].as_i64().unwrap_or(0))));
+    ensure!(page.get("next_cursor").is_none(), "{page}");
+    // The export: JSON lines, every matching event.
+    let a = http(
+        &api,
+        "GET",
+        "/api/v1/events/export?agent=gw-2",
+        Some(&t),
+        None,
+    )?;
+    ensure!(a.status == 200 && a.header("content-type") == Some("application/jsonl"));
+    let lines: Vec<&[u8]> = a
+        .body
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    ensure!(lines.len() == 1000, "{} lines", lines.len());
+    // The CLI with --api prints what it prints reading the store.
+    let exe = bin("outpost-hub")?;
+    let cfg = hub.config.display().to_string();
+    let tf = token_file(dir.path(), "admin", "ops")?;
+    // A policy or two, so that show, history, diff and the audit log have
+    // something to print; applied directly (break-glass, local:) and
+    // through the API.
+    let p1 = dir.path().join("p1.toml");
+    std::fs::write(
+        &p1,
+        "[[rules]]\nname = \"no debug\"\nstreams = [\"plant/+/debug\"]\naction = \"deny\"\n",
+    )?;
+    let p2 = dir.path().join("p2.toml");
+    std::fs::write(
+        &p2,
+        "[[rules]]\nname = \"no debug\"\nstreams = [\"plant/#\"]\naction = \"deny\"\n",
+    )?;
+    let (code, out, err) = run_cli(
+        &exe,
+        &[
+            "policy",
+            "apply",
+            p1.to_str().context("utf-8")?,
+            "--config",
+            &cfg,
+        ],
+    )?;
+    ensure!(code == 0, "{out}{err}");
+    let (code, out, err) = run_cli(
+        &exe,
+        &[
+            "policy",
+            "apply",
+            p2.to_str().context("utf-8")?,
+            "--api",
+            &api,
+            "--token-file",
+            &tf,
+        ],
+    )?;
+    ensure!(
+        code == 0 && out.starts_with("policy version 2 applied"),
+        "{out}{err}"
+    );
+    let verbs: &[&[&str]] = &[
+        &["fleet", "list"],
+        &["fleet", "list", "--json"],
+        &["events", "tail", "--limit", "25"],
+        &["events", "tail", "--limit", "25", "--json"],
+        &[
+            "events", "tail", "--agent", "gw-0", "--stream", "plant/#", "--limit", "7", "--json",
+        ],
+        &["events", "stats"],
+        &["events", "stats", "--json", "--agent", "gw-2"],
+        &["sinks", "status", "--json"],
+        &["policy", "show"],
+        &["policy", "show", "--json", "--version", "1"],
+        &["policy", "history"],
+        &["policy", "history", "--json"],
+        &["policy", "diff", "1", "2"],
+        &["audit", "list"],
+        &["audit", "list", "--json", "--limit", "1"],
+        &["audit", "verify", "--json"],
+    ];
+    for args in verbs {
+        let mut direct = args.to_vec();
+        direct.extend(["--config", &cfg]);
+        let mut remote = args.to_vec();
+        remote.extend(["--api", &api, "--token-file", &tf]);
+        let (dc, dout, derr) = run_cli(&exe, &direct)?;
+        let (rc, rout, rerr) = run_cli(&exe, &remote)?;
+        ensure!(
+            dc == 0 && rc == 0,
+            "{args:?}: exit {dc} / {rc}: {derr} / {rerr}"
+        );
+        ensure!(!dout.is_empty(), "{args:?}: no output");
+        ensure!(
+            dout == rout,
+            "{args:?} differs:\n--- direct\n{dout}\n--- --api\n{rout}"
+        );
+    }
+    // Who applied what: the break-glass path as local:<login>, the API as
+    // the token's subject.
+    let (_, audit, _) = run_cli(
+        &exe,
+        &[
+            "audit",
+            "list",
+            "--json",
+            "--api",
+            &api,
+            "--token-file",
+            &tf,
+        ],
+    )?;
+    let audit: serde_json::Value = serde_json::from_str(&audit)?;
+    let actors: Vec<&str> = audit["entries"]
+        .as_array()
+        .context("entries")?
+        .iter()
+        .filter(|e| e["action"] == "policy.applied")
+        .filter_map(|e| e["actor"].as_str())
+        .collect();
+    ensure!(
+        actors.len() == 2 && actors[0].starts_with("local:") && actors[1] == "ops",
+        "{actors:?}"
+    );
+    // Errors through --api: the problem's detail on one line, exit 2.
+    let (code, _, err) = run_cli(
+        &exe,
+        &[
+            "policy",
+            "diff",
+            "1",
+            "9",
+            "--api",
+            &api,
+            "--token-file",
+            &tf,
+        ],
+    )?;
+    ensure!(
+        code == 2 && err.contains("no policy version 9"),
+        "{code} {err}"
+    );
+    let viewer_file = token_file(dir.path(), "viewer", "vera")?;
+    let (code, _, err) = run_cli(
+        &exe,
+        &[
+            "policy",
+            "apply",
+            p1.to_str().context("utf-8")?,
+            "--api",
+            &api,
+            "--token-file",
+            &viewer_file,
+        ],
+    )?;
+    ensure!(code == 2 && err.contains("403"), "{code} {err}");
+    Ok(())
+}
+
+fn agent_config(hub: &Hub, creds: &Path) -> String {
+    format!(
+        "[agent]\ndata_dir = \"data\"\nlabels = {{ site = \"depot-17\" }}\n\n[uplink]\nhub = \"{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nreconnect_min = \"100ms\"\nreconnect_max = \"1s\"\n\n[observability]\nmetrics = \"\"\n",
+        hub.addr,
+        creds.join("ca.pem").display(),
+        creds.join("agent.pem").display(),
+        creds.join("agent.key").display(),
+    )
+}
+
+#[test]
+fn a_policy_dry_run_then_applied_through_the_api_reaches_a_running_agent() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    let hub = Hub::start_with(dir.path(), &pki, "region = \"eu-west\"")?;
+    let api = hub.api_url()?;
+    let creds = pki.issue_agent("gw-1")?;
+    let agent_dir = dir.path().join("agent");
+    std::fs::create_dir_all(&agent_dir)?;
+    let _agent = Agent::start(&agent_dir, &agent_config(&hub, &creds))?;
+    let viewer = token("viewer", "watcher");
+    let agent_policy = || -> Option<u64> {
+        http(&api, "GET", "/api/v1/agents/gw-1", Some(&viewer), None)
+            .ok()
+            .filter(|a| a.status == 200)
+            .and_then(|a| a.json().ok())
+            .and_then(|j| j["policy_version"].as_u64())
+    };
+    wait_until(
+        DEADLINE,
+        "the agent to connect and report its policy",
+        || agent_policy() == Some(0),
+    )?;
+    let author = token("policy-author", "alice");
+    let text = "[[rules]]\nname = \"depot debug\"\nagents = { site = \"depot-17\" }\nstreams = [\"plant/+/debug\"]\naction = \"deny\"\n";
+    // Dry run: the agent is selected, nothing is stored.
+    let req = serde_json::to_vec(&serde_json::json!({ "text": text }))?;
+    let a = http(
+        &api,
+        "POST",
+        "/api/v1/policy/dry-run",
+        Some(&author),
+        Some(&req),
+    )?;
+    let run = a.json()?;
+    ensure!(
+        a.status == 200 && run["valid"] == true && run["residency"]["verdict"] == "ok",
+        "{run}"
+    );
+    ensure!(
+        run["agents"][0]["agent_id"] == "gw-1" && run["agents"][0]["rules_after"] == 1,
+        "{run}"
+    );
+    let shown = http(&api, "GET", "/api/v1/policy", Some(&viewer), None)?.json()?;
+    ensure!(shown["version"] == 0, "a dry run stored something: {shown}");
+    // A residency breach is reported by the dry run and refused by apply.
+    let breach =
+        "[[residency]]\nstreams = [\"hr/#\"]\nclassification = \"personal\"\nhome = \"us-east\"\n";
+    let req2 = serde_json::to_vec(&serde_json::json!({ "text": breach }))?;
+    let run = http(
+        &api,
+        "POST",
+        "/api/v1/policy/dry-run",
+        Some(&author),
+        Some(&req2),
+    )?
+    .json()?;
+    ensure!(
+        run["valid"] == false && run["residency"]["verdict"] == "refused",
+        "{run}"
+    );
+    problem(
+        &http(&api, "POST", "/api/v1/policy", Some(&author), Some(&req2))?,
+        422,
+    )?;
+    // Apply: in force at the agent within seconds.
+    let applied = http(&api, "POST", "/api/v1/policy", Some(&author), Some(&req))?.json()?;
+    ensure!(
+        applied["outcome"] == "new" && applied["version"] == 1,
+        "{applied}"
+    );
+    wait_until(DEADLINE, "the agent to run policy version 1", || {
+        agent_policy() == Some(1)
+    })?;
+    let saved = std::fs::read_to_string(agent_dir.join("data").join("policy.json"))?;
+    ensure!(saved.contains("depot debug"), "{saved}");
+    Ok(())
+}
