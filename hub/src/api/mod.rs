@@ -1,0 +1,3 @@
+//! The operator HTTP API.
+
+pub mod auth;
