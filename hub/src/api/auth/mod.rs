@@ -16,6 +16,7 @@
 pub mod caller;
 pub mod jwks;
 pub mod jwt;
+pub mod proposals;
 pub mod role;
 pub mod settings;
 pub mod store;
