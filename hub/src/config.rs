@@ -102,7 +102,7 @@ impl Default for RawStoreSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiSection {
-    /// The operator HTTP API.
+    /// The operator HTTP API (empty: no API).
     #[serde(default = "default_api")]
     pub listen: String,
     /// `[api.oidc]` as written: the OIDC issuer whose JWTs the API accepts.
@@ -115,10 +115,35 @@ pub struct ApiSection {
     /// is a proposal until another subject approves it).
     #[serde(default)]
     pub policy_approval: crate::api::auth::PolicyApproval,
+    /// PEM certificate (chain) the API serves with TLS; required, with `key`,
+    /// unless `listen` is a loopback address.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Requests per second each caller (token subject) may make, sustained.
+    #[serde(default = "default_api_rate")]
+    pub rate: u32,
+    /// Requests a caller may make at once above `rate`.
+    #[serde(default = "default_api_burst")]
+    pub burst: u32,
+    /// How long one request may take before it is answered 408.
+    #[serde(default = "default_api_timeout")]
+    pub timeout: outpost_settings::HumanDuration,
 }
 
 fn default_api() -> String {
     "127.0.0.1:8080".into()
+}
+fn default_api_rate() -> u32 {
+    50
+}
+fn default_api_burst() -> u32 {
+    100
+}
+fn default_api_timeout() -> outpost_settings::HumanDuration {
+    outpost_settings::HumanDuration(std::time::Duration::from_secs(30))
 }
 
 impl Default for ApiSection {
@@ -128,7 +153,64 @@ impl Default for ApiSection {
             raw_oidc: None,
             oidc: None,
             policy_approval: Default::default(),
+            cert: None,
+            key: None,
+            rate: default_api_rate(),
+            burst: default_api_burst(),
+            timeout: default_api_timeout(),
         }
+    }
+}
+
+impl ApiSection {
+    /// The checks of `[api]` that need no file: an address, TLS for any
+    /// address but loopback, positive limits.
+    fn validate(&self) -> Result<(), Invalid> {
+        if self.listen.is_empty() {
+            return Ok(());
+        }
+        let Ok(addr) = self.listen.parse::<std::net::SocketAddr>() else {
+            return Err(invalid(
+                "api.listen",
+                format!(
+                    "{:?} is not ip:port (leave it empty for no API)",
+                    self.listen
+                ),
+            ));
+        };
+        match (&self.cert, &self.key) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "api.key",
+                    "api.cert is set: its private key is needed too".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "api.cert",
+                    "api.key is set: its certificate is needed too".into(),
+                ))
+            }
+            (None, None) if !addr.ip().is_loopback() => {
+                return Err(invalid(
+                    "api.cert",
+                    format!(
+                        "api.listen {addr} is not a loopback address: the API serves it only with TLS, so set api.cert and api.key (plain HTTP is for 127.0.0.1 or ::1 only)"
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        if self.rate == 0 {
+            return Err(invalid("api.rate", "must be at least 1".into()));
+        }
+        if self.burst == 0 {
+            return Err(invalid("api.burst", "must be at least 1".into()));
+        }
+        if self.timeout.0.is_zero() {
+            return Err(invalid("api.timeout", "must be longer than 0s".into()));
+        }
+        Ok(())
     }
 }
 
@@ -281,12 +363,7 @@ impl RawConfig {
                 format!("{:?} is not ip:port", self.hub.listen),
             ));
         }
-        if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(invalid(
-                "api.listen",
-                format!("{:?} is not ip:port", self.api.listen),
-            ));
-        }
+        self.api.validate()?;
         let metrics = &self.observability.metrics;
         if !metrics.is_empty() && metrics.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(

@@ -67,6 +67,17 @@ enum Command {
         #[command(subcommand)]
         command: outpost_hub::api::auth::verbs::TokenCommand,
     },
+    /// The operator HTTP API's contract.
+    Api {
+        #[command(subcommand)]
+        command: ApiCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApiCommand {
+    /// Print the OpenAPI 3.1 document (docs/api/openapi.json).
+    Openapi,
 }
 
 #[derive(Subcommand)]
@@ -203,6 +214,12 @@ fn main() -> ExitCode {
                     ExitCode::from(e.exit_code())
                 }
             }
+        }
+        Command::Api {
+            command: ApiCommand::Openapi,
+        } => {
+            print!("{}", outpost_hub::api::openapi::document());
+            ExitCode::SUCCESS
         }
         Command::Fleet { command } => verb_exit(outpost_hub::verbs::fleet(
             &command,

@@ -11,6 +11,7 @@ use std::path::Path;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::api::state::ApiStore;
 use crate::config::{HubConfig, StoreKind};
 use crate::metrics::MetricsSource;
 use crate::policy::PolicySource;
@@ -44,6 +45,9 @@ pub enum RunError {
     /// A sink's settings cannot work.
     #[error(transparent)]
     Sink(#[from] crate::sinks::SinkError),
+    /// The API's TLS files cannot be used.
+    #[error(transparent)]
+    Api(#[from] crate::api::server::ApiError),
 }
 
 /// Runs the hub until `shutdown`; `bound` receives the QUIC address once it
@@ -112,6 +116,7 @@ async fn run_sqlite(
             path: path.clone(),
             sinks: configured,
         },
+        api: ApiStore::Sqlite(path.clone()),
         reset: None,
     };
     serve_on(&cfg, base, running, sources, shutdown, bound).await?;
@@ -160,6 +165,7 @@ async fn run_jetstream(
     };
     let sources = Sources {
         queue: QueueSource::JetStream(Box::new(store.clone())),
+        api: ApiStore::JetStream(Box::new(store.clone())),
         metrics: MetricsSource::JetStream {
             store: Box::new(store),
             sinks: configured,
@@ -187,6 +193,7 @@ struct Running<T> {
 struct Sources {
     queue: QueueSource,
     metrics: MetricsSource,
+    api: ApiStore,
     reset: Option<Vec<u8>>,
 }
 
@@ -214,6 +221,16 @@ async fn serve_on<T>(
         catalog: r.catalog,
     };
     let metrics = start_metrics(cfg, sources.metrics, shutdown.child_token()).await;
+    let api = match crate::api::server::start(cfg, base, sources.api, shutdown.child_token()).await
+    {
+        Ok(api) => api,
+        Err(e) => {
+            stop_metrics(metrics).await;
+            stop_sinks(sinks_stop, runners).await;
+            let _ = stop_store(r.watch_stop, r.watcher, r.handle, r.writer_stop, r.writer).await;
+            return Err(e.into());
+        }
+    };
     let served = server::serve(
         cfg,
         base,
@@ -224,6 +241,9 @@ async fn serve_on<T>(
         sources.reset,
     )
     .await;
+    if let Some(api) = api {
+        api.stop().await;
+    }
     stop_metrics(metrics).await;
     stop_sinks(sinks_stop, runners).await;
     let closed = stop_store(r.watch_stop, r.watcher, r.handle, r.writer_stop, r.writer).await;

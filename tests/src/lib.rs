@@ -635,7 +635,7 @@ impl Hub {
         std::fs::write(
             &config,
             format!(
-                "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{hub_keys}\n\n[store]\nsynchronous = \"full\"\n\n[observability]\nlog = \"info\"\nmetrics = \"127.0.0.1:0\"\n\n{tables}\n",
+                "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{hub_keys}\n\n[store]\nsynchronous = \"full\"\n\n[observability]\nlog = \"info\"\nmetrics = \"127.0.0.1:0\"\n\n[api]\nlisten = \"127.0.0.1:0\"\n\n{tables}\n",
                 pki.hub_dir.join("ca.pem").display(),
                 pki.hub_dir.join("hub.pem").display(),
                 pki.hub_dir.join("hub.key").display(),
@@ -720,6 +720,20 @@ impl Hub {
         let (head, body) = out.split_once("\r\n\r\n").context("no HTTP head")?;
         anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
         Ok(body.to_owned())
+    }
+
+    /// The address of the hub's HTTP API (from the latest "API listening"
+    /// line of its log), as `http://ip:port`.
+    pub fn api_url(&self) -> Result<String> {
+        let log = self.log();
+        let addr: SocketAddr = log
+            .lines()
+            .rfind(|l| l.contains("API listening"))
+            .and_then(|l| l.split("listen=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .context("no \"API listening\" line in the hub's log")?
+            .parse()?;
+        Ok(format!("http://{addr}"))
     }
 
     /// Everything the hub (and its earlier runs on this config) logged.

@@ -162,6 +162,6 @@ pub use outpost_storage::Synchronous;
 pub use records::{AgentRecord, Forward, Queued, SinkProgress, SinkStatus};
 pub use sqlite::audit;
 pub use sqlite::{
-    open_admin, spawn_store_writer, store_path, AgentEventStats, Store, StoreReader, FILE_NAME,
-    SCHEMA_VERSION,
+    open_admin, spawn_store_writer, store_path, AgentEventStats, EventQuery, Store, StoreReader,
+    FILE_NAME, SCHEMA_VERSION,
 };

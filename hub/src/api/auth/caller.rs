@@ -204,14 +204,13 @@ impl std::fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
-    /// From the hub's config (read from `config`, for relative paths) and
-    /// its store. A JWKS file is read now.
+    /// From the hub's config (relative paths from `base`, the config
+    /// file's folder) and its store. A JWKS file is read now.
     pub async fn new(
         cfg: &HubConfig,
-        config: &Path,
+        base: &Path,
         store: AuthStore,
     ) -> Result<Authenticator, AuthSetupError> {
-        let base = config.parent().unwrap_or(Path::new(""));
         let oidc = match &cfg.api.oidc {
             Some(o) => Some((o.clone(), Jwks::open(o, base).await?)),
             None => None,

@@ -18,7 +18,7 @@ mod sink_queue;
 mod store;
 mod writer;
 
-pub use events::AgentEventStats;
+pub use events::{AgentEventStats, EventQuery};
 pub use reader::StoreReader;
 pub use schema::SCHEMA_VERSION;
 pub use store::{open_admin, store_path, Store, FILE_NAME};
