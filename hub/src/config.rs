@@ -105,6 +105,16 @@ pub struct ApiSection {
     /// The operator HTTP API (empty: no API).
     #[serde(default = "default_api")]
     pub listen: String,
+    /// `[api.oidc]` as written: the OIDC issuer whose JWTs the API accepts.
+    #[serde(default, rename = "oidc")]
+    pub raw_oidc: Option<crate::api::auth::RawOidcConfig>,
+    /// `[api.oidc]`, validated (by [`RawConfig::validate`]).
+    #[serde(skip)]
+    pub oidc: Option<crate::api::auth::OidcConfig>,
+    /// `single` (a policy author's apply takes effect) or `two-person` (it
+    /// is a proposal until another subject approves it).
+    #[serde(default)]
+    pub policy_approval: crate::api::auth::PolicyApproval,
     /// PEM certificate (chain) the API serves with TLS; required, with `key`,
     /// unless `listen` is a loopback address.
     #[serde(default)]
@@ -140,6 +150,9 @@ impl Default for ApiSection {
     fn default() -> Self {
         ApiSection {
             listen: default_api(),
+            raw_oidc: None,
+            oidc: None,
+            policy_approval: Default::default(),
             cert: None,
             key: None,
             rate: default_api_rate(),
@@ -325,10 +338,18 @@ impl RawConfig {
         self.check_addresses()?;
         let store = self.store.validate()?;
         let sinks = validate_sinks(self.sinks)?;
+        let mut api = self.api;
+        api.oidc = match api.raw_oidc.clone() {
+            Some(o) => Some(
+                o.validate()
+                    .map_err(|(key, message)| invalid(&format!("api.oidc.{key}"), message))?,
+            ),
+            None => None,
+        };
         Ok(HubConfig {
             hub: self.hub,
             store,
-            api: self.api,
+            api,
             observability: self.observability,
             sinks,
         })

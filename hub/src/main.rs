@@ -62,6 +62,11 @@ enum Command {
         #[command(subcommand)]
         command: outpost_hub::admin::AuditCommand,
     },
+    /// Static API tokens: create (printed once), list, revoke.
+    Token {
+        #[command(subcommand)]
+        command: outpost_hub::api::auth::verbs::TokenCommand,
+    },
     /// The operator HTTP API's contract.
     Api {
         #[command(subcommand)]
@@ -195,6 +200,21 @@ fn main() -> ExitCode {
                 &env,
                 &mut std::io::stdout().lock(),
             ))
+        }
+        Command::Token { command } => {
+            let env: Vec<(String, String)> = std::env::vars().collect();
+            match outpost_hub::api::auth::verbs::token(
+                &command,
+                &env,
+                &mut std::io::stdout().lock(),
+            ) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
         }
         Command::Api {
             command: ApiCommand::Openapi,

@@ -139,11 +139,31 @@ pub fn apply(
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .at(path)?;
+    let outcome = apply_in(&tx, path, text, source, actor, catalog);
+    // A refusal commits its audit entry; an error of the store commits
+    // nothing.
+    if matches!(outcome, Ok(_) | Err(ApplyError::Refused { .. })) {
+        tx.commit().at(path)?;
+    }
+    outcome
+}
+
+/// [`apply`] inside the caller's write transaction (an approval commits the
+/// proposal's state with the version it became). On
+/// [`ApplyError::Refused`] the `policy.refused` entry is in `tx`: commit it.
+pub fn apply_in(
+    tx: &rusqlite::Transaction<'_>,
+    path: &Path,
+    text: &str,
+    source: &str,
+    actor: &str,
+    catalog: &Catalog,
+) -> Result<Applied, ApplyError> {
     let ts = clock::unix_now();
     let d = digest(text);
     if let Err(error) = Policy::parse(text, catalog) {
         audit::append(
-            &tx,
+            tx,
             path,
             &audit::Entry {
                 ts,
@@ -154,13 +174,12 @@ pub fn apply(
                 detail: &format!("digest {d}: {error}"),
             },
         )?;
-        tx.commit().at(path)?;
         return Err(ApplyError::Refused {
             source_name: source.to_owned(),
             error,
         });
     }
-    if let Some(cur) = current(&tx, path)? {
+    if let Some(cur) = current(tx, path)? {
         if cur.digest == d {
             return Ok(Applied::Unchanged {
                 version: cur.version,
@@ -181,7 +200,7 @@ pub fn apply(
     )
     .at(path)?;
     audit::append(
-        &tx,
+        tx,
         path,
         &audit::Entry {
             ts,
@@ -192,7 +211,6 @@ pub fn apply(
             detail: &format!("from {source}, digest {d}"),
         },
     )?;
-    tx.commit().at(path)?;
     Ok(Applied::New {
         version: u64::try_from(version).unwrap_or(0),
         digest: d,

@@ -5,9 +5,8 @@
 //! a running agent; and the CLI with `--api` printing exactly what it
 //! prints when it reads the store itself.
 //!
-//! Tokens: `token()` is the one place that makes a caller's token. Until
-//! the `auth` branch is merged it is the stand-in's `dev.<role>.<subject>`;
-//! the merge changes it to `outpost-hub token create`.
+//! Tokens are real static API tokens, made by `outpost-hub token create`
+//! (the caller's subject is `token:<name>`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,15 +19,23 @@ use outpost_tests::{bin, http, run_cli, wait_until, Agent, Hub, Pki};
 
 const DEADLINE: Duration = Duration::from_secs(90);
 
-/// A caller's bearer token with `role` and `subject`.
-fn token(role: &str, subject: &str) -> String {
-    format!("dev.{role}.{subject}")
+/// A new static API token of `hub` named `name` with `role` (its caller's
+/// subject is `token:<name>`).
+fn token(hub: &Hub, role: &str, name: &str) -> Result<String> {
+    let (code, out, err) = hub.cli(&["token", "create", "--name", name, "--role", role])?;
+    ensure!(code == 0, "token create: {err}");
+    Ok(out
+        .lines()
+        .next()
+        .context("no token printed")?
+        .trim()
+        .to_owned())
 }
 
-/// Writes `token(role, subject)` to a file for `--token-file`.
-fn token_file(dir: &Path, role: &str, subject: &str) -> Result<String> {
-    let p = dir.join(format!("{subject}.token"));
-    std::fs::write(&p, format!("{}\n", token(role, subject)))?;
+/// [`token`] in a file, for `--token-file`.
+fn token_file(hub: &Hub, dir: &Path, role: &str, name: &str) -> Result<String> {
+    let p = dir.join(format!("{name}.token"));
+    std::fs::write(&p, format!("{}\n", token(hub, role, name)?))?;
     Ok(p.display().to_string())
 }
 
@@ -104,11 +111,13 @@ fn every_error_is_a_problem_document() -> Result<()> {
         "[api]\nlisten = \"127.0.0.1:0\"\nrate = 1\nburst = 3\n",
     )?;
     let api = hub.api_url()?;
-    let viewer = token("viewer", "vic");
+    let viewer = token(&hub, "viewer", "vic")?;
     // 401: no token, and a token nobody issued.
     let a = http(&api, "GET", "/api/v1/fleet", None, None)?;
     problem(&a, 401)?;
-    ensure!(a.header("www-authenticate") == Some("Bearer"));
+    ensure!(a
+        .header("www-authenticate")
+        .is_some_and(|v| v.starts_with("Bearer")));
     problem(
         &http(&api, "GET", "/api/v1/fleet", Some("nonsense"), None)?,
         401,
@@ -123,12 +132,12 @@ fn every_error_is_a_problem_document() -> Result<()> {
         &api,
         "GET",
         "/api/v1/policy",
-        Some(&token("viewer", "v2")),
+        Some(&token(&hub, "viewer", "v2")?),
         None,
     )?;
     ensure!(shown.json()?["version"] == 0, "{:?}", shown.json());
     // 404: a path no route has, and an agent the registry does not know.
-    let t = token("viewer", "v3");
+    let t = token(&hub, "viewer", "v3")?;
     problem(&http(&api, "GET", "/api/v1/nothing", Some(&t), None)?, 404)?;
     problem(&http(&api, "GET", "/nowhere", None, None)?, 404)?;
     problem(
@@ -144,7 +153,7 @@ fn every_error_is_a_problem_document() -> Result<()> {
         a.headers
     );
     // 400: a forged cursor, a limit out of range, an unknown parameter.
-    let t = token("viewer", "v4");
+    let t = token(&hub, "viewer", "v4")?;
     problem(
         &http(&api, "GET", "/api/v1/events?cursor=zz", Some(&t), None)?,
         400,
@@ -158,7 +167,7 @@ fn every_error_is_a_problem_document() -> Result<()> {
         400,
     )?;
     // 422: a policy that does not parse is refused, and audited as refused.
-    let author = token("policy-author", "alice");
+    let author = token(&hub, "policy-author", "alice")?;
     let bad = br#"{"text": "[[rules]]\nstreams = [\"a/#\"]\naction = \"explode\"\n"}"#;
     let j = problem(
         &http(&api, "POST", "/api/v1/policy", Some(&author), Some(bad))?,
@@ -172,13 +181,13 @@ fn every_error_is_a_problem_document() -> Result<()> {
             &api,
             "POST",
             "/api/v1/policy/dry-run",
-            Some(&token("policy-author", "big")),
+            Some(&token(&hub, "policy-author", "big")?),
             Some(&big),
         )?,
         413,
     )?;
     // 429: one caller over its burst, with Retry-After; another is served.
-    let hammer = token("viewer", "hammer");
+    let hammer = token(&hub, "viewer", "hammer")?;
     let mut limited = None;
     for _ in 0..10 {
         let a = http(&api, "GET", "/api/v1/sinks", Some(&hammer), None)?;
@@ -195,7 +204,7 @@ fn every_error_is_a_problem_document() -> Result<()> {
             &api,
             "GET",
             "/api/v1/sinks",
-            Some(&token("viewer", "other")),
+            Some(&token(&hub, "viewer", "other")?),
             None
         )?
         .status
@@ -206,7 +215,7 @@ fn every_error_is_a_problem_document() -> Result<()> {
         &api,
         "GET",
         "/api/v1/audit",
-        Some(&token("viewer", "auditor")),
+        Some(&token(&hub, "viewer", "auditor")?),
         None,
     )?
     .json()?;
@@ -215,7 +224,7 @@ fn every_error_is_a_problem_document() -> Result<()> {
             .as_array()
             .context("entries")?
             .iter()
-            .any(|e| e["action"] == "policy.refused" && e["actor"] == "alice"),
+            .any(|e| e["action"] == "policy.refused" && e["actor"] == "token:alice"),
         "{audit}"
     );
     Ok(())
@@ -228,7 +237,7 @@ fn events_page_through_a_seeded_store_and_the_cli_says_the_same_with_api() -> Re
     seed(dir.path(), 3, 1000)?;
     let hub = Hub::start(dir.path(), &pki)?;
     let api = hub.api_url()?;
-    let t = token("viewer", "pager");
+    let t = token(&hub, "viewer", "pager")?;
     // Every event once, in store order, 100 a page.
     let mut seen = Vec::new();
     let mut cursor: Option<String> = None;
@@ -285,7 +294,7 @@ fn events_page_through_a_seeded_store_and_the_cli_says_the_same_with_api() -> Re
     // The CLI with --api prints what it prints reading the store.
     let exe = bin("outpost-hub")?;
     let cfg = hub.config.display().to_string();
-    let tf = token_file(dir.path(), "admin", "ops")?;
+    let tf = token_file(&hub, dir.path(), "policy-author", "ops")?;
     // A policy or two, so that show, history, diff and the audit log have
     // something to print; applied directly (break-glass, local:) and
     // through the API.
@@ -386,7 +395,7 @@ fn events_page_through_a_seeded_store_and_the_cli_says_the_same_with_api() -> Re
         .filter_map(|e| e["actor"].as_str())
         .collect();
     ensure!(
-        actors.len() == 2 && actors[0].starts_with("local:") && actors[1] == "ops",
+        actors.len() == 2 && actors[0].starts_with("local:") && actors[1] == "token:ops",
         "{actors:?}"
     );
     // Errors through --api: the problem's detail on one line, exit 2.
@@ -407,7 +416,7 @@ fn events_page_through_a_seeded_store_and_the_cli_says_the_same_with_api() -> Re
         code == 2 && err.contains("no policy version 9"),
         "{code} {err}"
     );
-    let viewer_file = token_file(dir.path(), "viewer", "vera")?;
+    let viewer_file = token_file(&hub, dir.path(), "viewer", "vera")?;
     let (code, _, err) = run_cli(
         &exe,
         &[
@@ -444,7 +453,7 @@ fn a_policy_dry_run_then_applied_through_the_api_reaches_a_running_agent() -> Re
     let agent_dir = dir.path().join("agent");
     std::fs::create_dir_all(&agent_dir)?;
     let _agent = Agent::start(&agent_dir, &agent_config(&hub, &creds))?;
-    let viewer = token("viewer", "watcher");
+    let viewer = token(&hub, "viewer", "watcher")?;
     let agent_policy = || -> Option<u64> {
         http(&api, "GET", "/api/v1/agents/gw-1", Some(&viewer), None)
             .ok()
@@ -457,7 +466,7 @@ fn a_policy_dry_run_then_applied_through_the_api_reaches_a_running_agent() -> Re
         "the agent to connect and report its policy",
         || agent_policy() == Some(0),
     )?;
-    let author = token("policy-author", "alice");
+    let author = token(&hub, "policy-author", "alice")?;
     let text = "[[rules]]\nname = \"depot debug\"\nagents = { site = \"depot-17\" }\nstreams = [\"plant/+/debug\"]\naction = \"deny\"\n";
     // Dry run: the agent is selected, nothing is stored.
     let req = serde_json::to_vec(&serde_json::json!({ "text": text }))?;

@@ -7,7 +7,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use crate::api::auth::Role;
+use crate::api::auth::Permission;
 use crate::api::caller::Authed;
 use crate::api::problem::Problem;
 use crate::api::state::{store_problem, ApiState};
@@ -43,7 +43,7 @@ pub async fn list(
     caller: Authed,
     Query(p): Query<AuditParams>,
 ) -> Result<Json<AuditList>, Problem> {
-    caller.require(Role::Viewer)?;
+    caller.require(Permission::Read).await?;
     let entries = state
         .read("the audit log", move |r| {
             audit::list(r.connection(), r.path(), p.limit).map_err(store_problem)
@@ -71,7 +71,7 @@ pub async fn verify(
     State(state): State<ApiState>,
     caller: Authed,
 ) -> Result<Json<AuditVerdict>, Problem> {
-    caller.require(Role::Viewer)?;
+    caller.require(Permission::Read).await?;
     let verdict = state
         .read("the audit log", |r| {
             audit::verify(r.connection(), r.path()).map_err(store_problem)

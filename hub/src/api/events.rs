@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use utoipa::IntoParams;
 
-use crate::api::auth::Role;
+use crate::api::auth::Permission;
 use crate::api::caller::Authed;
 use crate::api::problem::Problem;
 use crate::api::state::{blocking, store_problem, ApiState};
@@ -157,7 +157,7 @@ pub async fn page(
     caller: Authed,
     Query(p): Query<EventsParams>,
 ) -> Result<Json<EventsPage>, Problem> {
-    caller.require(Role::Viewer)?;
+    caller.require(Permission::Read).await?;
     let limit = p.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
         return Err(Problem::bad_request(format!(
@@ -195,7 +195,7 @@ pub async fn tail(
     caller: Authed,
     Query(p): Query<TailParams>,
 ) -> Result<Json<EventsTail>, Problem> {
-    caller.require(Role::Viewer)?;
+    caller.require(Permission::Read).await?;
     let limit = p.limit.unwrap_or(10);
     if limit > MAX_LIMIT {
         return Err(Problem::bad_request(format!(
@@ -228,7 +228,7 @@ pub async fn stats(
     caller: Authed,
     Query(p): Query<StatsParams>,
 ) -> Result<Json<Vec<EventStats>>, Problem> {
-    caller.require(Role::Viewer)?;
+    caller.require(Permission::Read).await?;
     let a = agent(p.agent.as_deref())?;
     let stats = state
         .read("events", move |r| {
@@ -252,7 +252,7 @@ pub async fn export(
     caller: Authed,
     Query(p): Query<EventsParams>,
 ) -> Result<Response, Problem> {
-    caller.require(Role::Viewer)?;
+    caller.require(Permission::Read).await?;
     let q = query(&p)?;
     let path = state.sqlite("events")?.to_owned();
     // The first page is read before answering, so a store that cannot be

@@ -5,7 +5,7 @@ use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
 
-use crate::api::auth::Role;
+use crate::api::auth::Permission;
 use crate::api::caller::Authed;
 use crate::api::problem::Problem;
 use crate::api::state::{store_problem, ApiState, ApiStore};
@@ -43,7 +43,7 @@ pub async fn list(
     State(state): State<ApiState>,
     caller: Authed,
 ) -> Result<Json<Vec<Agent>>, Problem> {
-    caller.require(Role::Viewer)?;
+    caller.require(Permission::Read).await?;
     Ok(Json(fleet(&state).await?.iter().map(Agent::from).collect()))
 }
 
@@ -62,7 +62,7 @@ pub async fn agent(
     caller: Authed,
     Path(id): Path<String>,
 ) -> Result<Json<Agent>, Problem> {
-    caller.require(Role::Viewer)?;
+    caller.require(Permission::Read).await?;
     let fleet = fleet(&state).await?;
     fleet
         .iter()

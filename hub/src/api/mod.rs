@@ -23,6 +23,7 @@ pub mod limit;
 pub mod openapi;
 pub mod policy;
 pub mod problem;
+pub mod proposals;
 pub mod server;
 pub mod sinks;
 pub mod state;
@@ -49,6 +50,7 @@ pub fn router(state: state::ApiState, timeout: Duration) -> Router {
         .merge(fleet::router())
         .merge(events::router())
         .merge(policy::router())
+        .merge(proposals::router())
         .merge(sinks::router())
         .merge(audit::router())
         .route("/openapi.json", get(openapi::serve));

@@ -17,7 +17,7 @@ use outpost_protocols::policy::{Catalog, Policy, PolicyError};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use crate::api::auth::Role;
+use crate::api::auth::{Permission, PolicyApproval};
 use crate::api::caller::Authed;
 use crate::api::problem::Problem;
 use crate::api::state::{blocking, store_problem, ApiState, ApiStore};
@@ -92,7 +92,7 @@ pub async fn show(
     caller: Authed,
     Query(p): Query<ShowParams>,
 ) -> Result<Json<PolicyVersionDoc>, Problem> {
-    caller.require(Role::Viewer)?;
+    caller.require(Permission::Read).await?;
     let all = all(&state).await?;
     if let Some(v) = p.version {
         return all
@@ -126,7 +126,7 @@ pub async fn history(
     State(state): State<ApiState>,
     caller: Authed,
 ) -> Result<Json<Vec<PolicyVersionDoc>>, Problem> {
-    caller.require(Role::Viewer)?;
+    caller.require(Permission::Read).await?;
     Ok(Json(
         all(&state)
             .await?
@@ -161,7 +161,7 @@ pub async fn diff(
     caller: Authed,
     Query(p): Query<DiffParams>,
 ) -> Result<Json<PolicyDiff>, Problem> {
-    caller.require(Role::Viewer)?;
+    caller.require(Permission::Read).await?;
     let all = all(&state).await?;
     let get = |v: u64| {
         all.iter()
@@ -192,6 +192,7 @@ pub fn unified_diff(a: &PolicyRecord, b: &PolicyRecord) -> String {
 #[utoipa::path(post, path = "/api/v1/policy", tag = "policy", request_body = PolicyApply,
     responses(
         (status = 200, description = "Applied, or unchanged (the text is in force already)", body = PolicyApplied),
+        (status = 202, description = "Proposed: with [api] policy_approval = \"two-person\", an approver who is not the author applies it", body = crate::api::proposals::ProposalDoc),
         (status = 404, description = "No such version to apply again", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The policy was refused (audited)", body = Problem, content_type = "application/problem+json"),
         (status = "4XX", description = "Refused", body = Problem, content_type = "application/problem+json"),
@@ -202,8 +203,36 @@ pub async fn apply(
     State(state): State<ApiState>,
     caller: Authed,
     Json(req): Json<PolicyApply>,
-) -> Result<Json<PolicyApplied>, Problem> {
-    let actor = caller.require(Role::PolicyAuthor)?.subject.clone();
+) -> Result<axum::response::Response, Problem> {
+    use axum::response::IntoResponse as _;
+    let actor = caller
+        .require(Permission::ProposePolicy)
+        .await?
+        .subject
+        .clone();
+    if state.auth.policy_approval() == PolicyApproval::TwoPerson {
+        // Under the two-person rule the text (or the old version's, for a
+        // rollback) becomes a proposal; an approver applies it.
+        let (text, source) = match (req.text, req.version) {
+            (Some(text), None) => (text, req.source.unwrap_or_else(|| "api".into())),
+            (None, Some(v)) => {
+                let old = all(&state)
+                    .await?
+                    .into_iter()
+                    .find(|r| r.version == v)
+                    .ok_or_else(|| apply_problem(ApplyError::UnknownVersion(v)))?;
+                (old.text, format!("rollback to {v}"))
+            }
+            _ => {
+                return Err(Problem::bad_request(
+                    "give either `text` or `version`, not both",
+                ))
+            }
+        };
+        return Ok(crate::api::proposals::propose(&state, text, source, actor)
+            .await?
+            .into_response());
+    }
     let catalog = state.catalog.clone();
     let outcome = match (req.text, req.version) {
         (Some(_), Some(_)) | (None, None) => {
@@ -260,7 +289,7 @@ pub async fn apply(
     if let Applied::New { version, .. } = &outcome {
         tracing::info!(version, subject = %caller.0.subject, "Policy applied through the API.");
     }
-    Ok(Json(PolicyApplied::from(&outcome)))
+    Ok(Json(PolicyApplied::from(&outcome)).into_response())
 }
 
 /// Which agents and streams a text would change, and its residency
@@ -277,7 +306,7 @@ pub async fn dry_run(
     caller: Authed,
     Json(req): Json<PolicyDryRunRequest>,
 ) -> Result<Json<PolicyDryRun>, Problem> {
-    caller.require(Role::PolicyAuthor)?;
+    caller.require(Permission::ProposePolicy).await?;
     let current = all(&state).await?.pop();
     let fleet = crate::api::fleet::fleet(&state).await?;
     let catalog = state.catalog.clone();

@@ -43,6 +43,9 @@ pub enum ApiError {
     /// rustls refused the certificate and key.
     #[error("api.cert/api.key: {0}")]
     Rustls(#[source] rustls::Error),
+    /// `[api.oidc]` cannot be put to work (its JWKS file).
+    #[error(transparent)]
+    Auth(#[from] crate::api::auth::AuthSetupError),
 }
 
 /// The running API: its address, task and stop token.
@@ -98,6 +101,7 @@ pub async fn start(
         return Ok(None);
     };
     let tls = tls_config(cfg, base)?;
+    let auth = crate::api::auth::Authenticator::new(cfg, base, store.auth_store()).await?;
     let listener = match TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -106,7 +110,7 @@ pub async fn start(
         }
     };
     let addr = listener.local_addr().unwrap_or(addr);
-    let app = crate::api::router(ApiState::new(cfg, store), cfg.api.timeout.0);
+    let app = crate::api::router(ApiState::new(cfg, store, auth), cfg.api.timeout.0);
     info!(listen = %addr, tls = tls.is_some(), "API listening.");
     let task = tokio::spawn(serve(
         listener,

@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 
-use crate::api::auth::Role;
+use crate::api::auth::Permission;
 use crate::api::caller::Authed;
 use crate::api::problem::Problem;
 use crate::api::state::{store_problem, ApiState, ApiStore};
@@ -28,7 +28,7 @@ pub async fn list(
     State(state): State<ApiState>,
     caller: Authed,
 ) -> Result<Json<Vec<Sink>>, Problem> {
-    caller.require(Role::Viewer)?;
+    caller.require(Permission::Read).await?;
     let configured: Vec<String> = state.cfg.sinks.iter().map(|s| s.id.clone()).collect();
     let ids = configured.clone();
     let status = match &state.store {

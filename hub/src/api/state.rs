@@ -26,6 +26,16 @@ pub enum ApiStore {
     JetStream(Box<JetStreamStore>),
 }
 
+impl ApiStore {
+    /// The same store, as authentication reads it.
+    pub fn auth_store(&self) -> crate::api::auth::AuthStore {
+        match self {
+            ApiStore::Sqlite(p) => crate::api::auth::AuthStore::Sqlite(p.clone()),
+            ApiStore::JetStream(js) => crate::api::auth::AuthStore::JetStream(js.clone()),
+        }
+    }
+}
+
 /// The handlers' shared state (cheap to clone).
 #[derive(Clone)]
 pub struct ApiState {
@@ -42,11 +52,12 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    /// The state for the hub configured by `cfg`, on `store`.
-    pub fn new(cfg: &HubConfig, store: ApiStore) -> ApiState {
+    /// The state for the hub configured by `cfg`, on `store`, with its
+    /// authenticator (built by [`ApiStore::auth_store`]'s store).
+    pub fn new(cfg: &HubConfig, store: ApiStore, auth: Authenticator) -> ApiState {
         ApiState {
             catalog: crate::policy::catalog(cfg),
-            auth: Authenticator::new(cfg),
+            auth,
             limiter: Arc::new(Limiter::new(cfg.api.rate, cfg.api.burst)),
             cfg: Arc::new(cfg.clone()),
             store,

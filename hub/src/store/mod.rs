@@ -25,7 +25,7 @@
 //!                                   block ingest, nor it them
 //! PRAGMA synchronous  = FULL|NORMAL `[store] synchronous`; FULL by default: a
 //!                                   commit is on disk before anything is acked
-//! PRAGMA user_version = 3           the schema version; a newer one is refused,
+//! PRAGMA user_version = 4           the schema version; a newer one is refused,
 //!                                   an older one migrated by the hub
 //!
 //! events(agent_id TEXT    NOT NULL,  from the agent's certificate
@@ -67,6 +67,13 @@
 //! sinks(sink, delivered, rejected, refused,  counters for `sinks status`
 //!       failures, last_delivered_at, last_error, last_error_at)
 //!                                            see `sqlite::sink_queue`
+//! api_tokens(name, role, hash, created_at,   the API's static tokens, by
+//!            created_by, expires_at,         SHA-256 only; see
+//!            revoked_at, revoked_by)         `api::auth::tokens`
+//! policy_proposals(id, proposed_at,          two-person policy approval;
+//!   proposed_by, source, digest, text,       see `api::auth::proposals`
+//!   status, decided_at, decided_by,
+//!   reason, version)
 //! ```
 //!
 //! Why this shape:

@@ -39,6 +39,9 @@ pub struct JetStreamStore {
     /// Which replica runs each sink.
     pub(super) sink_leases: kv::Store,
     pub(super) replica: String,
+    /// Buckets of the layers above the store (`buckets`), opened on first
+    /// use.
+    pub(super) extra: super::buckets::Extra,
 }
 
 impl std::fmt::Debug for JetStreamStore {
@@ -80,6 +83,7 @@ impl JetStreamStore {
             sink_counters: b.sink_counters,
             sink_leases: b.sink_leases,
             replica,
+            extra: super::buckets::Extra::default(),
         })
     }
 

@@ -15,6 +15,9 @@
 //! KV <prefix>_agents      key <agent_id> → JSON registry record
 //! KV <prefix>_policy      key v.<version, 20 digits> → JSON policy version
 //! KV <prefix>_replicas    key <replica>  → JSON, max_age 30 s: who is alive
+//! KV <prefix>_api_tokens, <prefix>_policy_proposals: the API's tokens
+//!                                        and proposals (`api::auth`),
+//!                                        through `buckets`
 //! KV <prefix>_hub         key quic-reset-secret → 32 bytes shared by the
 //!                                        replicas' QUIC endpoints
 //! stream  <sinks_stream> (OUTPOST_SINKS), KV <prefix>_sinks and
@@ -62,6 +65,7 @@
 //! `policy_versions` and `sink_queues`.
 
 mod backend;
+mod buckets;
 mod connection;
 mod events;
 mod policy_versions;

@@ -9,9 +9,9 @@ use crate::store::error::StoreError;
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
 /// Version 2 added the policy versions, the audit log and the agents'
-/// policy columns, version 3 the sinks' queues; an older file is migrated
-/// when the hub opens it.
-pub const SCHEMA_VERSION: i64 = 3;
+/// policy columns, version 3 the sinks' queues, version 4 the API's tokens
+/// and policy proposals; an older file is migrated when the hub opens it.
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The schema, created in one transaction when `user_version` is 0.
 pub(crate) const SCHEMA: &str = "
@@ -69,6 +69,38 @@ CREATE TABLE IF NOT EXISTS meta (
 ) WITHOUT ROWID;
 ";
 
+/// From schema version 3 to 4 (this wave's one migration: every new table
+/// or column of version 4 goes here).
+///
+/// `api_tokens`: the API's static tokens (`api::auth::tokens`), stored only
+/// as the SHA-256 of the token. `policy_proposals`: policies proposed under
+/// `[api] policy_approval = "two-person"` (`api::auth::proposals`).
+pub(crate) const MIGRATE_4: &str = "
+CREATE TABLE IF NOT EXISTS api_tokens (
+    name       TEXT    NOT NULL PRIMARY KEY,
+    role       TEXT    NOT NULL,
+    hash       TEXT    NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    created_by TEXT    NOT NULL,
+    expires_at INTEGER NOT NULL,
+    revoked_at INTEGER,
+    revoked_by TEXT
+);
+CREATE TABLE IF NOT EXISTS policy_proposals (
+    id          INTEGER PRIMARY KEY,
+    proposed_at INTEGER NOT NULL,
+    proposed_by TEXT    NOT NULL,
+    source      TEXT    NOT NULL,
+    digest      TEXT    NOT NULL,
+    text        TEXT    NOT NULL,
+    status      TEXT    NOT NULL DEFAULT 'pending',
+    decided_at  INTEGER,
+    decided_by  TEXT,
+    reason      TEXT,
+    version     INTEGER
+);
+";
+
 /// Creates or migrates the schema inside `tx` (an IMMEDIATE transaction, so
 /// that two processes opening one file do not both do it). Refuses a newer
 /// schema.
@@ -82,6 +114,9 @@ pub(crate) fn prepare_schema(tx: &Transaction<'_>, path: &Path) -> Result<(), St
         }
         if found < 3 {
             tx.execute_batch(super::sink_queue::MIGRATE_3)?;
+        }
+        if found < 4 {
+            tx.execute_batch(MIGRATE_4)?;
         }
         Ok(())
     })?;
