@@ -421,3 +421,157 @@ fn a_revocation_through_one_replica_cuts_the_agent_off_on_the_other() -> Result<
     })?;
     Ok(())
 }
+
+/// Publishes `secret/recipe` and `public/temp` every 50 ms until dropped.
+struct Publisher {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Publisher {
+    fn start(port: u16) -> Publisher {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || -> Result<()> {
+            runtime()?.block_on(async move {
+                let mut o = rumqttc::MqttOptions::new("trust-publisher", "127.0.0.1", port);
+                o.set_keep_alive(Duration::from_secs(5));
+                let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
+                let driver = tokio::spawn(async move { while el.poll().await.is_ok() {} });
+                let mut n = 0u64;
+                while !flag.load(Ordering::Relaxed) {
+                    n += 1;
+                    for topic in ["secret/recipe", "public/temp"] {
+                        client
+                            .publish(topic, rumqttc::QoS::AtLeastOnce, false, format!("{n}"))
+                            .await?;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                driver.abort();
+                Ok(())
+            })
+        });
+        Publisher {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn a_real_agent_selects_its_rules_by_the_labels_the_hub_told_it() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    let hub = Hub::start(dir.path(), &pki)?;
+    let broker = outpost_tests::Mosquitto::start(dir.path())?;
+    let creds = pki.issue_agent("gw-1")?;
+    ok(
+        "agent label",
+        hub.cli(&["agent", "label", "gw-1", "site=plant-a"])?,
+    )?;
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[rules]]\nagents = { site = \"plant-a\" }\nstreams = [\"secret/#\"]\naction = \"deny\"\n",
+    )?;
+    ok(
+        "policy apply",
+        hub.cli(&["policy", "apply", policy.to_str().context("path")?])?,
+    )?;
+    let agent_dir = dir.path().join("agent");
+    std::fs::create_dir_all(&agent_dir)?;
+    // Its config says plant-b, where nothing is denied.
+    let config = format!(
+        r##"
+[agent]
+data_dir = "data"
+id = "gw-1"
+labels = {{ site = "plant-b" }}
+
+[outbox]
+commit_window = "1ms"
+
+[uplink]
+hub = "{hub}"
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+reconnect_min = "100ms"
+reconnect_max = "1s"
+
+[mqtt]
+broker = "127.0.0.1:{port}"
+client_id = "trust-e2e"
+
+[[mqtt.subscribe]]
+filter = "#"
+qos = 1
+
+[observability]
+metrics = ""
+log = "info"
+"##,
+        hub = hub.addr,
+        port = broker.port,
+        ca = creds.join("ca.pem").display(),
+        cert = creds.join("agent.pem").display(),
+        key = creds.join("agent.key").display(),
+    );
+    let data = agent_dir.join("data");
+    let labels_file = data.join("labels.json");
+    let mut agent = outpost_tests::Agent::start(&agent_dir, &config)?;
+    wait_until(
+        Duration::from_secs(60),
+        "the hub's labels and policy at the agent",
+        || {
+            std::fs::read_to_string(&labels_file).is_ok_and(|t| t.contains("plant-a"))
+                && data.join("policy.json").exists()
+        },
+    )?;
+    let publisher = Publisher::start(broker.port);
+    wait_until(
+        Duration::from_secs(60),
+        "20 public events at the hub",
+        || hub.events_of("public/#", 100).is_ok_and(|e| e.len() >= 20),
+    )?;
+    drop(publisher);
+    assert!(hub.events_of("secret/#", 100)?.is_empty());
+    // The agent dropped the secrets itself: the hub had nothing to drop.
+    let fleet = hub.fleet()?;
+    assert_eq!(fleet[0]["policy_dropped"], 0, "{fleet:?}");
+    assert_eq!(fleet[0]["labels_ignored"], 1, "{fleet:?}");
+    let (_, shown, _) = outpost_tests::run_cli(
+        &outpost_tests::bin("outpost-agent")?,
+        &[
+            "policy",
+            "show",
+            "--config",
+            agent.config.to_str().context("path")?,
+            "--json",
+        ],
+    )?;
+    assert!(shown.contains(r#""labels":{"site":"plant-a"}"#), "{shown}");
+
+    // Restarted, it states the hub's labels: nothing more is ignored.
+    agent.proc.term(Duration::from_secs(30))?;
+    let agent = outpost_tests::Agent::start_file(&agent.config)?;
+    wait_until(Duration::from_secs(60), "the agent back", || {
+        hub.fleet()
+            .is_ok_and(|f| f[0]["connected"] == true && f[0]["sessions"] == 1)
+    })?;
+    let fleet = hub.fleet()?;
+    assert_eq!(fleet[0]["labels_ignored"], 1, "{fleet:?}");
+    drop(agent);
+    Ok(())
+}

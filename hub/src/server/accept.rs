@@ -182,6 +182,7 @@ fn close_code(result: &Result<(), ConnError>) -> quinn::VarInt {
     quinn::VarInt::from_u32(match result {
         Ok(()) => CLOSE_OK,
         Err(ConnError::Protocol(e)) => e.code().to_u32(),
+        Err(ConnError::Revoked) => ErrorCode::Revoked.to_u32(),
         Err(_) => ErrorCode::Internal.to_u32(),
     })
 }
