@@ -1069,3 +1069,29 @@ fn operators_set_labels_revoke_and_reinstate_audited_and_each_raises_the_generat
         .expect("first connection");
     assert_eq!(store.labels(&agent(2)).expect("reads"), Some(site("c")));
 }
+
+#[test]
+fn upgrading_to_version_4_gives_each_agent_the_labels_it_was_first_seen_with() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(FILE_NAME);
+    let mut store = open(dir.path());
+    // Before version 4: first seen at site a, then every Hello replaced
+    // the labels, so a gateway that later claimed site b holds site b.
+    store
+        .agent_connected(&agent(1), &site("a"), "0.1.0", 3, NOW)
+        .expect("first seen");
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).expect("opens");
+    conn.execute_batch(
+        "UPDATE agents SET labels = '{\"site\":\"b\"}';
+         ALTER TABLE agents DROP COLUMN labels_ignored;
+         ALTER TABLE agents DROP COLUMN revoked_at;
+         ALTER TABLE agents DROP COLUMN revoked_by;
+         ALTER TABLE agents DROP COLUMN revoked_reason;
+         PRAGMA user_version = 3;",
+    )
+    .expect("back to version 3");
+    drop(conn);
+    let store = open(dir.path());
+    assert_eq!(store.labels(&agent(1)).expect("reads"), Some(site("a")));
+}
