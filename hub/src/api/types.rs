@@ -48,6 +48,21 @@ pub struct Agent {
     pub backlog_events: Option<u64>,
     /// The same backlog, in bytes.
     pub backlog_bytes: Option<u64>,
+    /// How many of its `Hello`s stated other labels than the hub's (ignored).
+    pub labels_ignored: u64,
+    /// Whether, when and why an operator revoked it.
+    pub revoked: Option<Revoked>,
+}
+
+/// An operator's revocation of an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Revoked {
+    /// When, Unix ns.
+    pub at: i64,
+    /// Who revoked it.
+    pub by: String,
+    /// Why.
+    pub reason: String,
 }
 
 impl From<&AgentRecord> for Agent {
@@ -68,6 +83,12 @@ impl From<&AgentRecord> for Agent {
             policy_modified: a.policy_modified,
             backlog_events: a.backlog_events,
             backlog_bytes: a.backlog_bytes,
+            labels_ignored: a.labels_ignored,
+            revoked: a.revoked.as_ref().map(|r| Revoked {
+                at: r.at.0,
+                by: r.by.clone(),
+                reason: r.reason.clone(),
+            }),
         }
     }
 }
@@ -79,6 +100,12 @@ impl Agent {
         Some(AgentRecord {
             agent_id: AgentId::parse(&self.agent_id).ok()?,
             labels: self.labels.clone(),
+            labels_ignored: self.labels_ignored,
+            revoked: self.revoked.as_ref().map(|r| crate::store::Revocation {
+                at: Timestamp(r.at),
+                by: r.by.clone(),
+                reason: r.reason.clone(),
+            }),
             first_seen: Timestamp(self.first_seen),
             last_seen: Timestamp(self.last_seen),
             agent_version: self.agent_version.clone(),
@@ -535,5 +562,42 @@ impl AuditVerdict {
                 reason: self.reason.clone().unwrap_or_default(),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_document_is_fleet_list_json_and_reads_back_to_its_record() {
+        let r = AgentRecord {
+            agent_id: AgentId::parse("gw-1").expect("valid"),
+            labels: BTreeMap::from([("site".to_owned(), "a".to_owned())]),
+            labels_ignored: 2,
+            revoked: Some(crate::store::Revocation {
+                at: Timestamp(5),
+                by: "token:ops".into(),
+                reason: "stolen".into(),
+            }),
+            first_seen: Timestamp(1),
+            last_seen: Timestamp(2),
+            agent_version: Some("0.1.0".into()),
+            protocol_version: Some(4),
+            watermark: Seq(9),
+            backlog_events: None,
+            backlog_bytes: Some(3),
+            sessions: 1,
+            policy_version: Some(2),
+            policy_error: None,
+            policy_dropped: 4,
+            policy_modified: 5,
+        };
+        let doc = Agent::from(&r);
+        assert_eq!(
+            serde_json::to_value(&doc).expect("serialises"),
+            crate::verbs::fleet_json(std::slice::from_ref(&r))[0]
+        );
+        assert_eq!(doc.record(), Some(r));
     }
 }
