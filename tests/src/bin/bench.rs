@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use clap::Parser;
 
+#[path = "../bench/api.rs"]
+mod api;
 #[path = "../bench/append.rs"]
 mod append;
 #[path = "../bench/modbus.rs"]
@@ -118,10 +120,13 @@ enum Measurement {
     Peers,
     /// Sizes of the static builds.
     Sizes,
+    /// The hub's HTTP API: fleet and events latency with 1,000 agents.
+    Api,
 }
 
 /// The sizes of a run.
 struct Plan {
+    api: api::Params,
     append: append::Params,
     mqtt: mqtt::Params,
     policy: policy::Params,
@@ -137,6 +142,12 @@ impl Plan {
     fn new(quick: bool) -> Plan {
         if quick {
             Plan {
+                api: api::Params {
+                    agents: 1000,
+                    per_agent: 20,
+                    rate: 200,
+                    window: Duration::from_secs(5),
+                },
                 append: append::Params {
                     events: 200_000,
                     batch: 1000,
@@ -182,6 +193,12 @@ impl Plan {
             }
         } else {
             Plan {
+                api: api::Params {
+                    agents: 1000,
+                    per_agent: 20,
+                    rate: 200,
+                    window: Duration::from_secs(30),
+                },
                 append: append::Params {
                     events: 1_000_000,
                     batch: 1000,
@@ -420,6 +437,11 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
             latencies.extend(l);
             Ok(r)
         },
+    );
+    measure(
+        Measurement::Api,
+        "Hub API latency, 1,000 agents",
+        &mut || api::run(&bins, &dir, plan.api),
     );
     measure(Measurement::Sizes, "Static build sizes", &mut || {
         Ok(sizes::rows(&target_dir()))
