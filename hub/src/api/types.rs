@@ -79,6 +79,10 @@ impl Agent {
         Some(AgentRecord {
             agent_id: AgentId::parse(&self.agent_id).ok()?,
             labels: self.labels.clone(),
+            // Not in this document yet (main's trust columns arrived after
+            // it was written); the API's owner adds them.
+            labels_ignored: 0,
+            revoked: None,
             first_seen: Timestamp(self.first_seen),
             last_seen: Timestamp(self.last_seen),
             agent_version: self.agent_version.clone(),
