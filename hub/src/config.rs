@@ -107,14 +107,14 @@ pub struct ApiSection {
     pub listen: String,
     /// `[api.oidc]` as written: the OIDC issuer whose JWTs the API accepts.
     #[serde(default, rename = "oidc")]
-    pub raw_oidc: Option<crate::api::auth::RawOidcConfig>,
+    pub raw_oidc: Option<crate::api::auth::settings::RawOidcConfig>,
     /// `[api.oidc]`, validated (by [`RawConfig::validate`]).
     #[serde(skip)]
-    pub oidc: Option<crate::api::auth::OidcConfig>,
+    pub oidc: Option<crate::api::auth::settings::OidcConfig>,
     /// `single` (a policy author's apply takes effect) or `two-person` (it
     /// is a proposal until another subject approves it).
     #[serde(default)]
-    pub policy_approval: crate::api::auth::PolicyApproval,
+    pub policy_approval: crate::api::auth::settings::PolicyApproval,
     /// PEM certificate (chain) the API serves with TLS; required, with `key`,
     /// unless `listen` is a loopback address.
     #[serde(default)]

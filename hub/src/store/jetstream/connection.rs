@@ -41,7 +41,7 @@ pub struct JetStreamStore {
     pub(super) replica: String,
     /// Buckets of the layers above the store (`buckets`), opened on first
     /// use.
-    pub(super) extra: super::buckets::Extra,
+    pub(super) extra: Extra,
 }
 
 impl std::fmt::Debug for JetStreamStore {
@@ -83,7 +83,7 @@ impl JetStreamStore {
             sink_counters: b.sink_counters,
             sink_leases: b.sink_leases,
             replica,
-            extra: super::buckets::Extra::default(),
+            extra: Extra::default(),
         })
     }
 
@@ -237,6 +237,13 @@ impl JetStreamStore {
         let _ = tokio::time::timeout(self.cfg.timeout, self.client.drain()).await;
     }
 }
+
+/// The buckets of the layers above the store opened so far (`buckets`),
+/// shared by the store's clones.
+#[derive(Clone, Default)]
+pub(super) struct Extra(
+    pub(super) std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, kv::Store>>>,
+);
 
 /// Why a compare-and-set write did not happen.
 pub(super) enum Conflict {
