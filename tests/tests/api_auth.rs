@@ -590,3 +590,99 @@ fn two_person_approval_puts_a_policy_in_force_at_a_running_agent_and_refuses_the
     }
     Ok(())
 }
+
+/// A replica's config on the JetStream store at `url`, in `dir`.
+fn replica(dir: &Path, pki: &Pki, url: &str) -> Result<Hub> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("jwks.json"), fixture("jwks-1.json")?)?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], outpost_tests::free_udp_port()?));
+    let config = dir.join("hub.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[store]\nkind = \"jetstream\"\n\n[store.jetstream]\nurl = \"{url}\"\ntimeout = \"5s\"\n\n[observability]\nlog = \"info\"\nmetrics = \"\"\n\n[api]\nlisten = \"127.0.0.1:0\"\npolicy_approval = \"two-person\"\n\n[api.oidc]\nissuer = \"{ISSUER}\"\naudience = \"{AUDIENCE}\"\njwks = \"jwks.json\"\n",
+            pki.hub_dir.join("ca.pem").display(),
+            pki.hub_dir.join("hub.pem").display(),
+            pki.hub_dir.join("hub.key").display(),
+        ),
+    )?;
+    Hub::start_file(&config, addr)
+}
+
+#[test]
+fn on_jetstream_a_token_and_a_proposal_hold_across_replicas() -> Result<()> {
+    if !outpost_tests::have("nats-server") {
+        bail!("nats-server is not installed (tests/run installs it)");
+    }
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    let nats = outpost_tests::Nats::start_with(
+        dir.path(),
+        outpost_tests::free_port()?,
+        "max_payload: 8MB",
+    )?;
+    let a = replica(&dir.path().join("a"), &pki, &nats.url())?;
+    let b = replica(&dir.path().join("b"), &pki, &nats.url())?;
+    let (api_a, api_b) = (api_addr(&a)?, api_addr(&b)?);
+
+    // Made through one replica's config, honoured by both.
+    let author = token(&a, "policy-bot", "policy-author")?;
+    for api in [api_a, api_b] {
+        let r = call(api, "GET", "/api/v1/fleet", Some(&author), None)?;
+        ensure!(r.status == 200, "{api}: {} {}", r.status, r.body);
+    }
+    let (code, out, err) = b.cli(&["token", "list", "--json"])?;
+    ensure!(code == 0, "token list: {err}");
+    let listed: Value = serde_json::from_str(&out)?;
+    ensure!(
+        listed[0]["name"] == "policy-bot"
+            && listed[0]["state"] == "active"
+            && !out.contains("opt_"),
+        "{listed}"
+    );
+
+    // Proposed at one replica, approved at the other by another subject.
+    let p = call(
+        api_a,
+        "POST",
+        "/api/v1/policy",
+        Some(&author),
+        Some(&apply_body()),
+    )?;
+    ensure!(p.status == 202, "propose: {} {}", p.status, p.body);
+    let id = p.json()?["id"].as_u64().context("no id")?;
+    let approve = format!("/api/v1/policy/proposals/{id}/approve");
+    let own = call(api_b, "POST", &approve, Some(&author), None)?;
+    ensure!(
+        own.status == 403,
+        "author approving: {} {}",
+        own.status,
+        own.body
+    );
+    let ok = call(
+        api_b,
+        "POST",
+        &approve,
+        Some(&jwt("bob", "approver")?),
+        None,
+    )?;
+    ensure!(ok.status == 200, "bob approving: {} {}", ok.status, ok.body);
+    let (code, out, err) = a.cli(&["policy", "history", "--json"])?;
+    ensure!(code == 0, "policy history: {err}");
+    let history: Value = serde_json::from_str(&out)?;
+    ensure!(
+        history.as_array().map(Vec::len) == Some(1) && history[0]["actor"] == "oidc:bob",
+        "{history}"
+    );
+
+    // Revoked through the other replica's config: refused by both at once.
+    let (code, _, err) = b.cli(&["token", "revoke", "policy-bot"])?;
+    ensure!(code == 0, "token revoke: {err}");
+    for api in [api_a, api_b] {
+        ensure_401(
+            &call(api, "GET", "/api/v1/fleet", Some(&author), None)?,
+            "revoked",
+        )?;
+    }
+    Ok(())
+}
