@@ -429,6 +429,13 @@ pub fn issue_from_csr(
     })
 }
 
+/// Checks a CSR for `expected` as [`issue_from_csr`] does (signature, key
+/// type, names), without signing anything: the enrollment checks a request
+/// before it spends the token.
+pub fn verify_csr(csr_der: &[u8], expected: &AgentId) -> Result<(), CaError> {
+    check_csr(csr_der, expected).map(drop)
+}
+
 /// Parses and checks a CSR for `expected`: signature, key type, names.
 fn check_csr(
     csr_der: &[u8],
