@@ -188,7 +188,12 @@ impl Enroller {
             rec.id(),
             issued.serial_hex,
             issued.fingerprint_sha256_hex,
-            issued.not_after
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH
+                    + std::time::Duration::from_secs(
+                        u64::try_from(issued.not_after.unix_timestamp()).unwrap_or(0)
+                    )
+            )
         );
         if let Err(e) = tokens
             .complete(
@@ -213,7 +218,7 @@ impl Enroller {
     async fn internal(
         &self,
         id: &AgentId,
-        e: &dyn std::error::Error,
+        e: &(dyn std::error::Error + Send + Sync),
         remote: std::net::SocketAddr,
     ) -> Answer {
         warn!(agent_id = %id, %remote, error = %e, "Enrollment failed at the hub.");
