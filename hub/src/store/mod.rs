@@ -157,10 +157,12 @@ pub use error::StoreError;
 pub use handle::{InsertOutcome, PendingInsert, PolicyCounts, StoreHandle, WriterOptions};
 pub use outpost_storage::Synchronous;
 pub use records::{
-    AgentRecord, EnrollmentRecord, Forward, Queued, SinkProgress, SinkStatus, TokenRefusal,
+    AgentRecord, EnrollmentRecord, Forward, LabelChange, Queued, Revocation, SinkProgress,
+    SinkStatus, TokenRefusal,
 };
 pub use sqlite::audit;
 pub use sqlite::enrollments;
+pub use sqlite::trust;
 pub use sqlite::{
     open_admin, spawn_store_writer, store_path, AgentEventStats, Store, StoreReader, FILE_NAME,
     SCHEMA_VERSION,
