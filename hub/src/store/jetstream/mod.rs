@@ -15,6 +15,8 @@
 //! KV <prefix>_agents      key <agent_id> → JSON registry record
 //! KV <prefix>_policy      key v.<version, 20 digits> → JSON policy version
 //! KV <prefix>_replicas    key <replica>  → JSON, max_age 30 s: who is alive
+//! KV <prefix>_enrollments key <SHA-256 of a token> → JSON enrollment
+//!                                        token; taken by compare-and-set
 //! KV <prefix>_hub         key quic-reset-secret → 32 bytes shared by the
 //!                                        replicas' QUIC endpoints;
 //!                          key trust-generation → raised by each label
@@ -65,6 +67,7 @@
 
 mod backend;
 mod connection;
+mod enrollments;
 mod events;
 mod policy_versions;
 mod registry;
