@@ -38,6 +38,8 @@ pub struct JetStreamStore {
     pub(super) sink_counters: kv::Store,
     /// Which replica runs each sink.
     pub(super) sink_leases: kv::Store,
+    /// One-time enrollment tokens (see `enrollments`).
+    pub(super) enrollments: kv::Store,
     pub(super) replica: String,
     /// Buckets of the layers above the store (`buckets`), opened on first
     /// use.
@@ -82,6 +84,7 @@ impl JetStreamStore {
             sinks,
             sink_counters: b.sink_counters,
             sink_leases: b.sink_leases,
+            enrollments: b.enrollments,
             replica,
             extra: Extra::default(),
         })
