@@ -37,6 +37,9 @@ pub struct RawConfig {
     /// `[[sinks]]`: where stored events are forwarded.
     #[serde(default)]
     pub sinks: Vec<RawSinkConfig>,
+    /// `[enroll]`: devices enrolling with one-time tokens.
+    #[serde(default)]
+    pub enroll: EnrollSection,
 }
 
 /// `[hub]`.
@@ -60,6 +63,22 @@ pub struct HubSection {
     /// to the store.
     #[serde(default)]
     pub region: Option<String>,
+}
+
+/// `[enroll]`: enrollment with one-time tokens (`outpost-hub enroll
+/// create`, `outpost-agent enroll`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollSection {
+    /// The fleet CA's folder (`ca.pem` and `ca.key`, as `ca init` made it),
+    /// which the hub signs enrolling devices' certificates with. Without it
+    /// the hub enrolls nobody and refuses every attempt with `disabled`.
+    #[serde(default)]
+    pub ca_dir: Option<PathBuf>,
+    /// How long an enrolled device's certificate is valid, in days (default
+    /// 825).
+    #[serde(default)]
+    pub validity_days: Option<u32>,
 }
 
 fn default_listen() -> String {
@@ -107,14 +126,14 @@ pub struct ApiSection {
     pub listen: String,
     /// `[api.oidc]` as written: the OIDC issuer whose JWTs the API accepts.
     #[serde(default, rename = "oidc")]
-    pub raw_oidc: Option<crate::api::auth::RawOidcConfig>,
+    pub raw_oidc: Option<crate::api::auth::settings::RawOidcConfig>,
     /// `[api.oidc]`, validated (by [`RawConfig::validate`]).
     #[serde(skip)]
-    pub oidc: Option<crate::api::auth::OidcConfig>,
+    pub oidc: Option<crate::api::auth::settings::OidcConfig>,
     /// `single` (a policy author's apply takes effect) or `two-person` (it
     /// is a proposal until another subject approves it).
     #[serde(default)]
-    pub policy_approval: crate::api::auth::PolicyApproval,
+    pub policy_approval: crate::api::auth::settings::PolicyApproval,
     /// PEM certificate (chain) the API serves with TLS; required, with `key`,
     /// unless `listen` is a loopback address.
     #[serde(default)]
@@ -255,6 +274,8 @@ pub struct HubConfig {
     pub observability: ObservabilitySection,
     /// `[[sinks]]`: where stored events are forwarded, each with its kind.
     pub sinks: Vec<SinkConfig>,
+    /// `[enroll]`.
+    pub enroll: EnrollSection,
 }
 
 /// `[store]`, validated: which store holds events, watermarks, the registry
@@ -310,7 +331,7 @@ pub fn parse(
     let raw: RawConfig = outpost_settings::parse(
         text,
         env,
-        &["hub", "store", "api", "observability", "sinks"],
+        &["hub", "store", "api", "observability", "sinks", "enroll"],
     )
     .map_err(|message| ConfigError::Parse {
         path: path.to_owned(),
@@ -338,6 +359,10 @@ impl RawConfig {
         self.check_addresses()?;
         let store = self.store.validate()?;
         let sinks = validate_sinks(self.sinks)?;
+        if let Some(days) = self.enroll.validity_days {
+            crate::ca::Validity::days(days)
+                .map_err(|e| invalid("enroll.validity_days", e.to_string()))?;
+        }
         let mut api = self.api;
         api.oidc = match api.raw_oidc.clone() {
             Some(o) => Some(
@@ -352,6 +377,7 @@ impl RawConfig {
             api,
             observability: self.observability,
             sinks,
+            enroll: self.enroll,
         })
     }
 

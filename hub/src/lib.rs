@@ -15,6 +15,7 @@ pub mod ca;
 pub mod client_tls;
 pub mod clock;
 pub mod config;
+pub mod enroll;
 pub mod logging;
 pub mod metrics;
 pub mod nats;

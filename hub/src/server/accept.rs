@@ -14,12 +14,14 @@ use tracing::{info, info_span, warn, Instrument};
 
 use super::endpoint::{server_config, udp_socket};
 use super::enforcement::PolicyFeed;
+use super::enroll::enrollment;
 use super::error::{ConnError, ServerError};
 use super::identity::peer_agent_id;
 use super::live::Live;
 use super::reset::{endpoint_config, reset_secret_file};
 use super::session::session;
 use crate::config::HubConfig;
+use crate::enroll::service::Enroller;
 use crate::store::StoreHandle;
 
 /// How long a stopping hub waits for its close frames to reach the agents.
@@ -43,6 +45,7 @@ pub async fn serve(
         let _ = tx.send(local);
     }
     let live = Arc::new(Live::default());
+    let enroller = Arc::new(Enroller::new(cfg, base));
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
@@ -50,10 +53,11 @@ pub async fn serve(
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 let (store, live, policy) = (store.clone(), live.clone(), policy.clone());
+                let enroller = enroller.clone();
                 let stop = shutdown.child_token();
                 tasks.spawn(async move {
                     let remote = incoming.remote_address();
-                    if let Err(e) = connection(incoming, store, policy, live, stop).await {
+                    if let Err(e) = connection(incoming, store, policy, live, enroller, stop).await {
                         warn!(%remote, error = %e, "Agent connection ended.");
                     }
                 });
@@ -125,9 +129,14 @@ async fn connection(
     store: StoreHandle,
     policy: PolicyFeed,
     live: Arc<Live>,
+    enroller: Arc<Enroller>,
     stop: CancellationToken,
 ) -> Result<(), ConnError> {
     let conn = incoming.await.map_err(ConnError::Handshake)?;
+    if negotiated_alpn(&conn).as_deref() == Some(outpost_protocols::enroll::ALPN) {
+        enrollment(conn, enroller, stop).await;
+        return Ok(());
+    }
     let id = match peer_agent_id(&conn) {
         Ok(id) => id,
         Err(e) => {
@@ -174,6 +183,14 @@ async fn connection(
     }
     .instrument(span)
     .await
+}
+
+/// The ALPN the handshake settled on.
+fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
 }
 
 /// The QUIC close code for how a session ended: 0, the protocol error's

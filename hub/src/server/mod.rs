@@ -22,11 +22,13 @@
 //! `reset` (the stateless-reset secret), `accept` (the accept loop and a
 //! connection's life), `live` (which connection of an agent is current),
 //! `identity` (the agent id from the certificate), `enforcement` (the policy
-//! applied again on ingest) and `session` (the driver).
+//! applied again on ingest), `session` (the driver) and `enroll` (a
+//! connection on the enrollment ALPN, which needs no client certificate).
 
 mod accept;
 mod endpoint;
 mod enforcement;
+mod enroll;
 mod error;
 mod identity;
 mod live;

@@ -67,6 +67,10 @@
 //! sinks(sink, delivered, rejected, refused,  counters for `sinks status`
 //!       failures, last_delivered_at, last_error, last_error_at)
 //!                                            see `sqlite::sink_queue`
+//! enrollments(token_hash, agent_id, labels,  one-time enrollment tokens, by
+//!             created_at, created_by,        the SHA-256 of the token (never
+//!             expires_at, used_at, used_from, the token); see
+//!             revoked_at, serial, fingerprint) `sqlite::enrollments`
 //! api_tokens(name, role, hash, created_at,   the API's static tokens, by
 //!            created_by, expires_at,         SHA-256 only; see
 //!            revoked_at, revoked_by)         `api::auth::tokens`
@@ -160,9 +164,11 @@ pub use error::StoreError;
 pub use handle::{InsertOutcome, PendingInsert, PolicyCounts, StoreHandle, WriterOptions};
 pub use outpost_storage::Synchronous;
 pub use records::{
-    AgentRecord, Forward, LabelChange, Queued, Revocation, SinkProgress, SinkStatus,
+    AgentRecord, EnrollmentRecord, Forward, LabelChange, Queued, Revocation, SinkProgress,
+    SinkStatus, TokenRefusal,
 };
 pub use sqlite::audit;
+pub use sqlite::enrollments;
 pub use sqlite::trust;
 pub use sqlite::{
     open_admin, spawn_store_writer, store_path, AgentEventStats, EventQuery, Store, StoreReader,

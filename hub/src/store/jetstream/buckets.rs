@@ -7,8 +7,6 @@
 //! above the store; the store only names the bucket (`<prefix>_<name>`, made
 //! by the same convention as its own) and does the compare-and-set.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
@@ -16,10 +14,6 @@ use async_nats::jetstream::kv;
 use super::connection::JetStreamStore;
 use super::setup;
 use crate::store::error::StoreError;
-
-/// The buckets opened so far, shared by the store's clones.
-#[derive(Clone, Default)]
-pub(crate) struct Extra(Arc<Mutex<HashMap<String, kv::Store>>>);
 
 impl JetStreamStore {
     async fn bucket(&self, name: &str) -> Result<kv::Store, StoreError> {

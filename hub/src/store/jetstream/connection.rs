@@ -38,10 +38,12 @@ pub struct JetStreamStore {
     pub(super) sink_counters: kv::Store,
     /// Which replica runs each sink.
     pub(super) sink_leases: kv::Store,
+    /// One-time enrollment tokens (see `enrollments`).
+    pub(super) enrollments: kv::Store,
     pub(super) replica: String,
     /// Buckets of the layers above the store (`buckets`), opened on first
     /// use.
-    pub(super) extra: super::buckets::Extra,
+    pub(super) extra: Extra,
 }
 
 impl std::fmt::Debug for JetStreamStore {
@@ -82,8 +84,9 @@ impl JetStreamStore {
             sinks,
             sink_counters: b.sink_counters,
             sink_leases: b.sink_leases,
+            enrollments: b.enrollments,
             replica,
-            extra: super::buckets::Extra::default(),
+            extra: Extra::default(),
         })
     }
 
@@ -237,6 +240,13 @@ impl JetStreamStore {
         let _ = tokio::time::timeout(self.cfg.timeout, self.client.drain()).await;
     }
 }
+
+/// The buckets of the layers above the store opened so far (`buckets`),
+/// shared by the store's clones.
+#[derive(Clone, Default)]
+pub(super) struct Extra(
+    pub(super) std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, kv::Store>>>,
+);
 
 /// Why a compare-and-set write did not happen.
 pub(super) enum Conflict {

@@ -15,6 +15,8 @@
 //! KV <prefix>_agents      key <agent_id> → JSON registry record
 //! KV <prefix>_policy      key v.<version, 20 digits> → JSON policy version
 //! KV <prefix>_replicas    key <replica>  → JSON, max_age 30 s: who is alive
+//! KV <prefix>_enrollments key <SHA-256 of a token> → JSON enrollment
+//!                                        token; taken by compare-and-set
 //! KV <prefix>_api_tokens, <prefix>_policy_proposals: the API's tokens
 //!                                        and proposals (`api::auth`),
 //!                                        through `buckets`
@@ -69,6 +71,7 @@
 mod backend;
 mod buckets;
 mod connection;
+mod enrollments;
 mod events;
 mod policy_versions;
 mod registry;

@@ -136,6 +136,7 @@ pub(super) struct Buckets {
     pub(super) shared: kv::Store,
     pub(super) sink_counters: kv::Store,
     pub(super) sink_leases: kv::Store,
+    pub(super) enrollments: kv::Store,
 }
 
 impl Buckets {
@@ -152,6 +153,7 @@ impl Buckets {
             shared: open_bucket(cfg, js, "hub", Duration::ZERO).await?,
             sink_counters: open_bucket(cfg, js, "sinks", Duration::ZERO).await?,
             sink_leases: open_bucket(cfg, js, "sink_leases", LEASE_TTL).await?,
+            enrollments: open_bucket(cfg, js, "enrollments", Duration::ZERO).await?,
         })
     }
 }

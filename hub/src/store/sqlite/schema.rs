@@ -10,8 +10,9 @@ use crate::store::error::StoreError;
 /// The schema version this build writes, kept in `PRAGMA user_version`.
 /// Version 2 added the policy versions, the audit log and the agents'
 /// policy columns, version 3 the sinks' queues, version 4 the trust
-/// columns (labels owned by the hub, revocation), the API's tokens and
-/// policy proposals; an older file is migrated when the hub opens it.
+/// columns (labels owned by the hub, revocation), the enrollment tokens,
+/// the API's tokens and policy proposals; an older file is migrated when
+/// the hub opens it.
 pub const SCHEMA_VERSION: i64 = 4;
 
 /// The schema, created in one transaction when `user_version` is 0.
@@ -73,7 +74,8 @@ CREATE TABLE IF NOT EXISTS meta (
 /// From schema version 3 to 4: the registry's labels become the hub's (a
 /// `Hello` that states others is counted in `labels_ignored`), and agents
 /// can be revoked. Each existing agent gets back the labels it was first
-/// seen with ([`first_seen_labels`]).
+/// seen with ([`first_seen_labels`]). And the one-time enrollment tokens
+/// (`sqlite::enrollments`).
 ///
 /// `api_tokens`: the API's static tokens (`api::auth::tokens`), stored only
 /// as the SHA-256 of the token. `policy_proposals`: policies proposed under
@@ -83,6 +85,19 @@ ALTER TABLE agents ADD COLUMN labels_ignored INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE agents ADD COLUMN revoked_at INTEGER;
 ALTER TABLE agents ADD COLUMN revoked_by TEXT;
 ALTER TABLE agents ADD COLUMN revoked_reason TEXT;
+CREATE TABLE IF NOT EXISTS enrollments (
+    token_hash  TEXT    NOT NULL PRIMARY KEY,
+    agent_id    TEXT    NOT NULL,
+    labels      TEXT    NOT NULL DEFAULT '{}',
+    created_at  INTEGER NOT NULL,
+    created_by  TEXT    NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    used_at     INTEGER,
+    used_from   TEXT,
+    revoked_at  INTEGER,
+    serial      TEXT,
+    fingerprint TEXT
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS api_tokens (
     name       TEXT    NOT NULL PRIMARY KEY,
     role       TEXT    NOT NULL,

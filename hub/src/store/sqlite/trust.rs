@@ -38,7 +38,8 @@ pub fn generation(conn: &Connection, path: &Path) -> Result<u64, StoreError> {
     Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
-fn raise_generation(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+/// Raises the trust generation, inside the caller's transaction.
+pub(crate) fn raise_generation(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT INTO meta (key, value) VALUES (?1, '1')
          ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)",
