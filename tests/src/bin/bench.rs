@@ -681,4 +681,13 @@ How each row is measured (medians of the runs; every run's numbers are on stderr
 - Static build sizes: the files `bash cross/build` leaves in
   `target/<triple>/release/` (nothing is built here); the agent's budget is the one
   `cross/build` checks.
+- Hub API latency: a store seeded through the hub's library with 1,000 agents (20
+  events each), a fresh hub on it (`[api]` on loopback, rate limit out of the way) and
+  a viewer token from `token create`; 8 client threads with one keep-alive connection
+  each send 200 requests/s in all, open loop (each request has its due time and its
+  latency runs from then, so a server that falls behind shows its queue): every other
+  one `GET /api/v1/fleet` (all 1,000 agents), the rest `GET /api/v1/events` pages of
+  100 (all agents, or one agent with a `plc1/+` pattern). p50 / p99 / max by query
+  kind (nearest rank), after one warm-up request of each. No baseline; the target is
+  ours (p99 under 100 ms).
 ";
