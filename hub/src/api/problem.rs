@@ -213,3 +213,85 @@ pub async fn problem_for_bare_errors(req: Request, next: Next) -> Response {
 pub fn parse(body: &[u8]) -> Option<Problem> {
     serde_json::from_slice(body).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use axum::routing::{get, post};
+    use axum::Router;
+    use http::{Request, StatusCode};
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    /// The layers of `api::router` around routes that are slow, take a
+    /// body, or exist only for GET.
+    fn app() -> Router {
+        Router::new()
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    "late"
+                }),
+            )
+            .route(
+                "/body",
+                post(|b: axum::body::Bytes| async move { b.len().to_string() }),
+            )
+            .fallback(unknown_route)
+            .layer(axum::extract::DefaultBodyLimit::max(16))
+            .layer(tower_http::limit::RequestBodyLimitLayer::new(16))
+            .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+                StatusCode::REQUEST_TIMEOUT,
+                Duration::from_millis(50),
+            ))
+            .layer(axum::middleware::from_fn(problem_for_bare_errors))
+    }
+
+    async fn call(
+        method: &str,
+        uri: &str,
+        body: &'static str,
+    ) -> (StatusCode, Option<String>, Problem) {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::from(body))
+            .expect("request");
+        let r = app().oneshot(req).await.expect("infallible");
+        let status = r.status();
+        let ct = r
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let bytes = r.into_body().collect().await.expect("body").to_bytes();
+        let p = parse(&bytes).unwrap_or_else(|| panic!("not a problem: {bytes:?}"));
+        (status, ct, p)
+    }
+
+    #[tokio::test]
+    async fn timeouts_wrong_methods_big_bodies_and_unknown_paths_are_problems() {
+        for (method, uri, body, want) in [
+            ("GET", "/slow", "", StatusCode::REQUEST_TIMEOUT),
+            ("DELETE", "/body", "", StatusCode::METHOD_NOT_ALLOWED),
+            (
+                "POST",
+                "/body",
+                "more than sixteen bytes",
+                StatusCode::PAYLOAD_TOO_LARGE,
+            ),
+            ("GET", "/nowhere", "", StatusCode::NOT_FOUND),
+        ] {
+            let (status, ct, p) = call(method, uri, body).await;
+            assert_eq!(status, want, "{method} {uri}");
+            assert_eq!(ct.as_deref(), Some(PROBLEM_JSON), "{method} {uri}");
+            assert_eq!(p.status, want.as_u16());
+            assert!(p.detail.is_some(), "{method} {uri}: {p:?}");
+        }
+    }
+}
