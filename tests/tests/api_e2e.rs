@@ -521,3 +521,68 @@ fn a_policy_dry_run_then_applied_through_the_api_reaches_a_running_agent() -> Re
     ensure!(saved.contains("depot debug"), "{saved}");
     Ok(())
 }
+
+#[test]
+fn the_api_serves_tls_with_its_own_certificate_and_the_cli_trusts_only_api_ca() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    seed(dir.path(), 2, 10)?;
+    // The hub's certificate (valid for 127.0.0.1) serves the API here; a
+    // deployment would give the API a certificate of its own.
+    let tables = format!(
+        "[api]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        pki.hub_dir.join("hub.pem").display(),
+        pki.hub_dir.join("hub.key").display()
+    );
+    let hub = Hub::start_with_tables(dir.path(), &pki, "", &tables)?;
+    let api = hub.api_url()?.replace("http://", "https://");
+    let exe = bin("outpost-hub")?;
+    let tf = token_file(&hub, dir.path(), "viewer", "tls")?;
+    let ca = pki.hub_dir.join("ca.pem").display().to_string();
+    let cfg = hub.config.display().to_string();
+    let (code, direct, err) = run_cli(&exe, &["fleet", "list", "--json", "--config", &cfg])?;
+    ensure!(code == 0, "{err}");
+    let (code, remote, err) = run_cli(
+        &exe,
+        &[
+            "fleet",
+            "list",
+            "--json",
+            "--api",
+            &api,
+            "--token-file",
+            &tf,
+            "--api-ca",
+            &ca,
+        ],
+    )?;
+    ensure!(
+        code == 0 && remote == direct,
+        "{code} {err}\n{remote}\n{direct}"
+    );
+    // Plain HTTP to the TLS port gets no answer it can use; a CA that did
+    // not sign the certificate is refused.
+    let plain = api.replace("https://", "http://");
+    let (code, _, _) = run_cli(
+        &exe,
+        &["fleet", "list", "--api", &plain, "--token-file", &tf],
+    )?;
+    ensure!(code == 1, "plain HTTP to the TLS port: exit {code}");
+    let other = Pki::new(&dir.path().join("other"))?;
+    let wrong = other.hub_dir.join("ca.pem").display().to_string();
+    let (code, _, err) = run_cli(
+        &exe,
+        &[
+            "fleet",
+            "list",
+            "--api",
+            &api,
+            "--token-file",
+            &tf,
+            "--api-ca",
+            &wrong,
+        ],
+    )?;
+    ensure!(code == 1 && err.contains("TLS"), "{code} {err}");
+    Ok(())
+}
