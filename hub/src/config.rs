@@ -37,6 +37,21 @@ pub struct RawConfig {
     /// `[[sinks]]`: where stored events are forwarded.
     #[serde(default)]
     pub sinks: Vec<RawSinkConfig>,
+    /// `[audit]`.
+    #[serde(default)]
+    pub audit: AuditSection,
+}
+
+/// `[audit]`: the audit log's signing key.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// The Ed25519 private key (PEM, mode 0600) that signs every audit
+    /// entry; made on first use if missing, refused if group or others may
+    /// read it. Default `<data_dir>/audit.key`. On a JetStream store every
+    /// replica needs the same key.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
 }
 
 /// `[hub]`.
@@ -160,6 +175,21 @@ pub struct HubConfig {
     pub observability: ObservabilitySection,
     /// `[[sinks]]`: where stored events are forwarded, each with its kind.
     pub sinks: Vec<SinkConfig>,
+    /// `[audit]`.
+    pub audit: AuditSection,
+}
+
+impl HubConfig {
+    /// The audit key file of the hub whose config file is `config_file`:
+    /// `[audit] key`, or `<data_dir>/audit.key`, relative paths taken from
+    /// the config file's folder.
+    pub fn audit_key_path(&self, config_file: &Path) -> PathBuf {
+        let base = config_file.parent().unwrap_or(Path::new(""));
+        match &self.audit.key {
+            Some(k) => base.join(k),
+            None => base.join(&self.hub.data_dir).join("audit.key"),
+        }
+    }
 }
 
 /// `[store]`, validated: which store holds events, watermarks, the registry
@@ -215,7 +245,7 @@ pub fn parse(
     let raw: RawConfig = outpost_settings::parse(
         text,
         env,
-        &["hub", "store", "api", "observability", "sinks"],
+        &["hub", "store", "api", "observability", "sinks", "audit"],
     )
     .map_err(|message| ConfigError::Parse {
         path: path.to_owned(),
@@ -249,6 +279,7 @@ impl RawConfig {
             api: self.api,
             observability: self.observability,
             sinks,
+            audit: self.audit,
         })
     }
 

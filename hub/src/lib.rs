@@ -9,6 +9,7 @@
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
 pub mod admin;
+pub mod audit;
 pub mod ca;
 pub mod client_tls;
 pub mod clock;

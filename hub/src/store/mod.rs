@@ -25,7 +25,7 @@
 //!                                   block ingest, nor it them
 //! PRAGMA synchronous  = FULL|NORMAL `[store] synchronous`; FULL by default: a
 //!                                   commit is on disk before anything is acked
-//! PRAGMA user_version = 3           the schema version; a newer one is refused,
+//! PRAGMA user_version = 4           the schema version; a newer one is refused,
 //!                                   an older one migrated by the hub
 //!
 //! events(agent_id TEXT    NOT NULL,  from the agent's certificate

@@ -34,8 +34,12 @@ fn events(seqs: &[u64]) -> Vec<(Seq, EventBody)> {
     seqs.iter().map(|&s| (Seq(s), body(s))).collect()
 }
 
+fn test_key() -> crate::audit::key::AuditKey {
+    crate::audit::key::AuditKey::generate().expect("key")
+}
+
 fn open(dir: &Path) -> Store {
-    Store::open(&dir.join(FILE_NAME), Synchronous::Normal).expect("opens")
+    Store::open(&dir.join(FILE_NAME), Synchronous::Normal, test_key()).expect("opens")
 }
 
 const NOW: Timestamp = Timestamp(1_718_000_000_000_000_000);
@@ -413,7 +417,7 @@ fn the_reader_refuses_a_missing_file_and_a_file_that_is_not_a_store() {
         Err(StoreError::NewerSchema { found: 99, .. })
     ));
     assert!(matches!(
-        Store::open(&path, Synchronous::Full),
+        Store::open(&path, Synchronous::Full, test_key()),
         Err(StoreError::NewerSchema { found: 99, .. })
     ));
 }
@@ -769,7 +773,7 @@ fn a_version_1_store_is_migrated_keeping_its_events_and_agents() {
     // A read-only verb cannot migrate, and says how to.
     let e = StoreReader::open(&path).expect_err("older").to_string();
     assert!(e.contains("start the hub once"), "{e}");
-    let store = Store::open(&path, Synchronous::Normal).expect("migrates");
+    let store = Store::open(&path, Synchronous::Normal, test_key()).expect("migrates");
     assert_eq!(
         store
             .watermark(&AgentId::parse("gw-1").expect("valid"))
@@ -781,6 +785,47 @@ fn a_version_1_store_is_migrated_keeping_its_events_and_agents() {
     assert_eq!((fleet[0].watermark, fleet[0].policy_dropped), (Seq(7), 0));
     drop(store);
     StoreReader::open(&path).expect("a migrated store reads");
+}
+
+#[test]
+fn a_version_3_audit_log_is_migrated_and_its_old_entries_verify_as_unsigned_before_the_first_signed(
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hub.db");
+    let key = test_key();
+    let entry = |action| super::audit::Entry {
+        ts: Timestamp(1),
+        actor: "ops",
+        action,
+        target: "policy v1",
+        result: "ok",
+        detail: "from a.toml",
+    };
+    {
+        // A version 3 file with one entry, as an older hub wrote it.
+        let mut conn = open_admin(&path).expect("creates");
+        let tx = conn.transaction().expect("tx");
+        super::audit::append(&tx, &path, &key, &entry("policy.applied")).expect("appends");
+        tx.commit().expect("commits");
+        conn.execute_batch("ALTER TABLE audit DROP COLUMN sig; PRAGMA user_version = 3;")
+            .expect("back to version 3");
+    }
+    let mut conn = open_admin(&path).expect("migrates");
+    let tx = conn.transaction().expect("tx");
+    super::audit::append(&tx, &path, &key, &entry("ca.issued")).expect("appends");
+    tx.commit().expect("commits");
+    let v = super::audit::verify(&conn, &path, &key.public_key(), None).expect("reads");
+    assert!(
+        matches!(
+            v,
+            super::audit::Verdict::Intact {
+                entries: 2,
+                first_signed: Some(2),
+                ..
+            }
+        ),
+        "{v:?}"
+    );
 }
 
 /// One step of the sinks' queue model.

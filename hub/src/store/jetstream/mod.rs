@@ -17,6 +17,10 @@
 //! KV <prefix>_replicas    key <replica>  → JSON, max_age 30 s: who is alive
 //! KV <prefix>_hub         key quic-reset-secret → 32 bytes shared by the
 //!                                        replicas' QUIC endpoints
+//! stream  <PREFIX>_AUDIT (OUTPOST_AUDIT), subject <prefix>_audit: the
+//!   audit log, one chain appended by every replica (`audit`)
+//! KV <prefix>_hub         key audit-public-key → the fleet's audit public
+//!                                        key (hex), set by the first replica
 //! stream  <sinks_stream> (OUTPOST_SINKS), KV <prefix>_sinks and
 //!   KV <prefix>_sink_leases: the sinks' queues, counters and leases
 //!   (`sink_queues`)
@@ -59,8 +63,9 @@
 //! (connecting, the streams and buckets), `connection` (the store's handle
 //! and what every part shares), `events` (events and watermarks),
 //! `backend` (the writer backend that stores groups of them), `registry`,
-//! `policy_versions` and `sink_queues`.
+//! `policy_versions`, `sink_queues` and `audit`.
 
+mod audit;
 mod backend;
 mod connection;
 mod events;

@@ -9,6 +9,7 @@ use outpost_storage::AtPath;
 use rusqlite::{params, Connection, OptionalExtension as _, Row};
 
 use super::rows::{agent_from, seq_from};
+use crate::audit::key::AuditKey;
 use crate::store::error::StoreError;
 use crate::store::records::AgentRecord;
 
@@ -109,9 +110,11 @@ pub(crate) fn count_policy(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn connected(
     conn: &Connection,
     path: &Path,
+    key: &AuditKey,
     agent_id: &AgentId,
     labels: &BTreeMap<String, String>,
     agent_version: &str,
@@ -128,6 +131,7 @@ pub(crate) fn connected(
         super::audit::append(
             conn,
             path,
+            key,
             &super::audit::Entry {
                 ts: now,
                 actor: "hub",

@@ -9,9 +9,10 @@ use crate::store::error::StoreError;
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
 /// Version 2 added the policy versions, the audit log and the agents'
-/// policy columns, version 3 the sinks' queues; an older file is migrated
-/// when the hub opens it.
-pub const SCHEMA_VERSION: i64 = 3;
+/// policy columns, version 3 the sinks' queues, version 4 (this wave's,
+/// see [`MIGRATE_4`]) the audit entries' signatures; an older file is
+/// migrated when the hub opens it.
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The schema, created in one transaction when `user_version` is 0.
 pub(crate) const SCHEMA: &str = "
@@ -69,6 +70,16 @@ CREATE TABLE IF NOT EXISTS meta (
 ) WITHOUT ROWID;
 ";
 
+/// From schema version 3 to 4 (every part of this wave's schema change is
+/// one statement list here).
+///
+/// `audit.sig`: the hub's Ed25519 signature of each entry's hash
+/// (`crate::audit`); entries written before are left NULL and verify as
+/// unsigned, before the first signed one.
+pub(crate) const MIGRATE_4: &str = "
+ALTER TABLE audit ADD COLUMN sig TEXT;
+";
+
 /// Creates or migrates the schema inside `tx` (an IMMEDIATE transaction, so
 /// that two processes opening one file do not both do it). Refuses a newer
 /// schema.
@@ -82,6 +93,9 @@ pub(crate) fn prepare_schema(tx: &Transaction<'_>, path: &Path) -> Result<(), St
         }
         if found < 3 {
             tx.execute_batch(super::sink_queue::MIGRATE_3)?;
+        }
+        if found < 4 {
+            tx.execute_batch(MIGRATE_4)?;
         }
         Ok(())
     })?;
