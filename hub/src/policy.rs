@@ -352,11 +352,13 @@ pub fn tampered(
         ));
     }
     match &e.sig {
-        Some(sig) if !key.verifies(&e.hash, sig) => return Some(format!(
+        Some(sig) if !key.verifies(&e.hash, sig) => {
+            return Some(format!(
             "its policy.applied audit entry {}'s signature does not verify with the audit key {}",
             e.id,
             key.fingerprint()
-        )),
+        ))
+        }
         Some(_) => {}
         None if unsigned_ok => {}
         None => {
