@@ -480,17 +480,29 @@ impl PolicySource {
         }
     }
 
-    /// The version in force now, checked against its audit entry: `Ok(None)`
-    /// for none; `Err(Refused)` for a tampered one, logged and audited.
+    /// The version in force now, checked against its audit entry: `None`
+    /// for none; `Err(Tampered)` for a tampered one, logged and audited.
+    /// On JetStream and unless `strict`, a version applied less than
+    /// [`PENDING`] ago whose entry is not there yet is [`Loaded::Pending`]:
+    /// there the version is stored before its entry is appended.
     async fn load_checked(
         &self,
         key: &AuditKey,
         catalog: &Catalog,
-    ) -> Result<Option<FleetPolicy>, WatchError> {
+        strict: bool,
+    ) -> Result<Loaded, WatchError> {
         let Some(record) = self.current().await? else {
-            return Ok(None);
+            return Ok(Loaded::None);
         };
         let (entry, unsigned_ok) = self.applied_entry(record.version).await?;
+        let young = clock::unix_now().0.saturating_sub(record.applied_at)
+            < i64::try_from(PENDING.as_nanos()).unwrap_or(i64::MAX);
+        // On SQLite a version and its entry commit together: nothing to
+        // wait for.
+        let apart = matches!(self, PolicySource::JetStream(_));
+        if apart && !strict && entry.is_none() && young && digest(&record.text) == record.digest {
+            return Ok(Loaded::Pending);
+        }
         if let Some(reason) = tampered(&record, entry.as_ref(), unsigned_ok, &key.public_key()) {
             let version = record.version;
             error!(version, %reason, "POLICY TAMPERED: the stored policy version is not the one that was applied; refusing it.");
@@ -513,8 +525,23 @@ impl PolicySource {
             }
             return Err(WatchError::Tampered { version, reason });
         }
-        Ok(load(record, catalog))
+        Ok(load(record, catalog).map_or(Loaded::None, |p| Loaded::Good(Box::new(p))))
     }
+}
+
+/// How long a new version may wait for its `policy.applied` entry before it
+/// is refused as tampered: an applier on JetStream stores the version, then
+/// appends the entry.
+pub const PENDING: Duration = Duration::from_secs(30);
+
+/// What [`PolicySource::load_checked`] found.
+enum Loaded {
+    /// No version, or one this build cannot parse (logged).
+    None,
+    /// A version that holds.
+    Good(Box<FleetPolicy>),
+    /// A version whose audit entry may still come.
+    Pending,
 }
 
 /// Why the policy watch could not start.
@@ -565,12 +592,22 @@ pub async fn watch(
     ),
     WatchError,
 > {
-    let initial = Arc::new(
-        source
-            .load_checked(&key, &catalog)
-            .await?
-            .unwrap_or_else(FleetPolicy::none),
-    );
+    let started = clock::tokio_now();
+    let initial = loop {
+        let strict = clock::tokio_elapsed(started) >= PENDING;
+        match source.load_checked(&key, &catalog, strict).await? {
+            Loaded::Good(p) => break *p,
+            Loaded::None => break FleetPolicy::none(),
+            Loaded::Pending => {
+                info!("The newest policy version's audit entry is not there yet; waiting for it.");
+                tokio::select! {
+                    () = shutdown.cancelled() => break FleetPolicy::none(),
+                    () = tokio::time::sleep(POLL) => {}
+                }
+            }
+        }
+    };
+    let initial = Arc::new(initial);
     if initial.version.0 > 0 {
         info!(
             version = initial.version.0,
@@ -592,14 +629,15 @@ pub async fn watch(
             let seen = tx.borrow().version.0;
             let found = match source.newest().await {
                 Ok(n) if n <= seen || n == refused => Ok(None),
-                Ok(n) => match source.load_checked(&key, &catalog).await {
+                Ok(n) => match source.load_checked(&key, &catalog, false).await {
                     Err(WatchError::Tampered { .. }) => {
                         refused = n;
                         warn!(version = seen, "Keeping the policy version in force.");
                         Ok(None)
                     }
                     Err(WatchError::Store(e)) => Err(e),
-                    Ok(p) => Ok(p),
+                    Ok(Loaded::Good(p)) => Ok(Some(*p)),
+                    Ok(Loaded::None | Loaded::Pending) => Ok(None),
                 },
                 Err(e) => Err(e),
             };
