@@ -9,9 +9,9 @@ use crate::store::error::StoreError;
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
 /// Version 2 added the policy versions, the audit log and the agents'
-/// policy columns, version 3 the sinks' queues, version 4 (this wave's,
-/// see [`MIGRATE_4`]) the audit entries' signatures; an older file is
-/// migrated when the hub opens it.
+/// policy columns, version 3 the sinks' queues, version 4 the trust
+/// columns (labels owned by the hub, revocation) and the audit entries'
+/// signatures; an older file is migrated when the hub opens it.
 pub const SCHEMA_VERSION: i64 = 4;
 
 /// The schema, created in one transaction when `user_version` is 0.
@@ -70,13 +70,19 @@ CREATE TABLE IF NOT EXISTS meta (
 ) WITHOUT ROWID;
 ";
 
-/// From schema version 3 to 4 (every part of this wave's schema change is
-/// one statement list here).
+/// From schema version 3 to 4: the registry's labels become the hub's (a
+/// `Hello` that states others is counted in `labels_ignored`), and agents
+/// can be revoked. Existing rows keep the labels they hold, which are those
+/// of each agent's latest connection before the upgrade.
 ///
 /// `audit.sig`: the hub's Ed25519 signature of each entry's hash
 /// (`crate::audit`); entries written before are left NULL and verify as
 /// unsigned, before the first signed one.
 pub(crate) const MIGRATE_4: &str = "
+ALTER TABLE agents ADD COLUMN labels_ignored INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE agents ADD COLUMN revoked_at INTEGER;
+ALTER TABLE agents ADD COLUMN revoked_by TEXT;
+ALTER TABLE agents ADD COLUMN revoked_reason TEXT;
 ALTER TABLE audit ADD COLUMN sig TEXT;
 ";
 
