@@ -40,6 +40,21 @@ pub struct RawConfig {
     /// `[enroll]`: devices enrolling with one-time tokens.
     #[serde(default)]
     pub enroll: EnrollSection,
+    /// `[audit]`.
+    #[serde(default)]
+    pub audit: AuditSection,
+}
+
+/// `[audit]`: the audit log's signing key.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// The Ed25519 private key (PEM, mode 0600) that signs every audit
+    /// entry; made on first use if missing, refused if group or others may
+    /// read it. Default `<data_dir>/audit.key`. On a JetStream store every
+    /// replica needs the same key.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
 }
 
 /// `[hub]`.
@@ -181,6 +196,21 @@ pub struct HubConfig {
     pub sinks: Vec<SinkConfig>,
     /// `[enroll]`.
     pub enroll: EnrollSection,
+    /// `[audit]`.
+    pub audit: AuditSection,
+}
+
+impl HubConfig {
+    /// The audit key file of the hub whose config file is `config_file`:
+    /// `[audit] key`, or `<data_dir>/audit.key`, relative paths taken from
+    /// the config file's folder.
+    pub fn audit_key_path(&self, config_file: &Path) -> PathBuf {
+        let base = config_file.parent().unwrap_or(Path::new(""));
+        match &self.audit.key {
+            Some(k) => base.join(k),
+            None => base.join(&self.hub.data_dir).join("audit.key"),
+        }
+    }
 }
 
 /// `[store]`, validated: which store holds events, watermarks, the registry
@@ -236,7 +266,15 @@ pub fn parse(
     let raw: RawConfig = outpost_settings::parse(
         text,
         env,
-        &["hub", "store", "api", "observability", "sinks", "enroll"],
+        &[
+            "hub",
+            "store",
+            "api",
+            "observability",
+            "sinks",
+            "enroll",
+            "audit",
+        ],
     )
     .map_err(|message| ConfigError::Parse {
         path: path.to_owned(),
@@ -275,6 +313,7 @@ impl RawConfig {
             observability: self.observability,
             sinks,
             enroll: self.enroll,
+            audit: self.audit,
         })
     }
 

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod agents;
+pub mod audit;
 pub mod ca;
 pub mod client_tls;
 pub mod clock;

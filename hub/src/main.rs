@@ -365,7 +365,7 @@ fn run(cfg: outpost_hub::config::HubConfig, path: PathBuf) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "Hub failed.");
             eprintln!("error: {e}");
-            ExitCode::from(1)
+            ExitCode::from(e.exit_code())
         }
     }
 }

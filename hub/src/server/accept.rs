@@ -20,6 +20,7 @@ use super::identity::peer_agent_id;
 use super::live::Live;
 use super::reset::{endpoint_config, reset_secret_file};
 use super::session::session;
+use crate::audit::key::AuditKey;
 use crate::config::HubConfig;
 use crate::enroll::service::Enroller;
 use crate::store::StoreHandle;
@@ -27,8 +28,17 @@ use crate::store::StoreHandle;
 /// How long a stopping hub waits for its close frames to reach the agents.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
-/// Serves agents until `shutdown`. `reset_secret` is the replicas' shared
-/// secret of stateless resets; without it, `<data_dir>/reset.key`.
+/// The keys the server needs besides its TLS files.
+#[derive(Debug)]
+pub struct ServeKeys {
+    /// The replicas' shared secret of stateless resets; without it,
+    /// `<data_dir>/reset.key`.
+    pub reset: Option<Vec<u8>>,
+    /// The hub's audit key, which signs the `enroll.*` entries.
+    pub audit: AuditKey,
+}
+
+/// Serves agents until `shutdown`.
 pub async fn serve(
     cfg: &HubConfig,
     base: &Path,
@@ -36,16 +46,16 @@ pub async fn serve(
     policy: PolicyFeed,
     shutdown: CancellationToken,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
-    reset_secret: Option<Vec<u8>>,
+    keys: ServeKeys,
 ) -> Result<(), ServerError> {
-    let (endpoint, addr) = bind(cfg, base, reset_secret)?;
+    let (endpoint, addr) = bind(cfg, base, keys.reset)?;
     let local = endpoint.local_addr().unwrap_or(addr);
     info!(listen = %local, "Hub listening (QUIC).");
     if let Some(tx) = bound {
         let _ = tx.send(local);
     }
     let live = Arc::new(Live::default());
-    let enroller = Arc::new(Enroller::new(cfg, base));
+    let enroller = Arc::new(Enroller::new(cfg, base, keys.audit));
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {

@@ -35,7 +35,7 @@ mod live;
 mod reset;
 mod session;
 
-pub use accept::serve;
+pub use accept::{serve, ServeKeys};
 pub use endpoint::server_config;
 pub use enforcement::PolicyFeed;
 pub use error::ServerError;

@@ -10,8 +10,9 @@ use crate::store::error::StoreError;
 /// The schema version this build writes, kept in `PRAGMA user_version`.
 /// Version 2 added the policy versions, the audit log and the agents'
 /// policy columns, version 3 the sinks' queues, version 4 the trust
-/// columns (labels owned by the hub, revocation) and the enrollment tokens;
-/// an older file is migrated when the hub opens it.
+/// columns (labels owned by the hub, revocation), the enrollment tokens and
+/// the audit entries' signatures; an older file is migrated when the hub
+/// opens it.
 pub const SCHEMA_VERSION: i64 = 4;
 
 /// The schema, created in one transaction when `user_version` is 0.
@@ -75,6 +76,10 @@ CREATE TABLE IF NOT EXISTS meta (
 /// can be revoked. Each existing agent gets back the labels it was first
 /// seen with ([`first_seen_labels`]). And the one-time enrollment tokens
 /// (`sqlite::enrollments`).
+///
+/// `audit.sig`: the hub's Ed25519 signature of each entry's hash
+/// (`crate::audit`); entries written before are left NULL and verify as
+/// unsigned, before the first signed one.
 pub(crate) const MIGRATE_4: &str = "
 ALTER TABLE agents ADD COLUMN labels_ignored INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE agents ADD COLUMN revoked_at INTEGER;
@@ -93,6 +98,7 @@ CREATE TABLE IF NOT EXISTS enrollments (
     serial      TEXT,
     fingerprint TEXT
 ) WITHOUT ROWID;
+ALTER TABLE audit ADD COLUMN sig TEXT;
 ";
 
 /// Before version 4 every `Hello` replaced an agent's labels, so a gateway
