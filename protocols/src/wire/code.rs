@@ -50,6 +50,10 @@ pub enum ErrorCode {
     ShuttingDown,
     /// 12: a newer connection of the same agent replaced this one.
     Superseded,
+    /// 14: the certificate names a registered agent but is not the one the
+    /// registry binds to it (nor the previous one within its grace period):
+    /// a second certificate for the same id, or one replaced by a renewal.
+    CertificateNotCurrent,
     /// A code this build does not know; never one of the values above.
     Unknown(u16),
 }
@@ -71,6 +75,7 @@ impl ErrorCode {
             ErrorCode::Internal => 10,
             ErrorCode::ShuttingDown => 11,
             ErrorCode::Superseded => 12,
+            ErrorCode::CertificateNotCurrent => 14,
             ErrorCode::Unknown(code) => code,
         }
     }
@@ -92,6 +97,7 @@ impl ErrorCode {
             10 => ErrorCode::Internal,
             11 => ErrorCode::ShuttingDown,
             12 => ErrorCode::Superseded,
+            14 => ErrorCode::CertificateNotCurrent,
             other => ErrorCode::Unknown(other),
         }
     }
@@ -129,6 +135,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Superseded => "superseded",
+            ErrorCode::CertificateNotCurrent => "certificate_not_current",
             ErrorCode::Unknown(_) => "unknown",
         }
     }
