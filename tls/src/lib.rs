@@ -14,11 +14,13 @@
 
 mod client;
 mod error;
+mod fingerprint;
 mod pem;
 mod server;
 
 pub use client::{client_config, ClientFiles};
 pub use error::{PemError, TlsError};
+pub use fingerprint::fingerprint_sha256;
 pub use pem::{load_certs, load_key, load_roots};
 pub use server::mtls_server_config;
 
