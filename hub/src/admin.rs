@@ -508,6 +508,8 @@ pub fn audit(
 #[derive(Debug)]
 pub struct AuditTarget {
     store: PathBuf,
+    /// `[hub] renew_grace`: how long a replaced certificate stays accepted.
+    grace: std::time::Duration,
 }
 
 impl AuditTarget {
@@ -517,8 +519,58 @@ impl AuditTarget {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<AuditTarget, VerbError> {
         let env: Vec<(String, String)> = env.into_iter().collect();
-        let (_, store) = load(config, &env)?;
-        Ok(AuditTarget { store })
+        let (cfg, store) = load(config, &env)?;
+        Ok(AuditTarget {
+            store,
+            grace: cfg.hub.renew_grace.0,
+        })
+    }
+
+    /// Records the certificate in `cert_pem` as the one the hub accepts for
+    /// `agent_id` (the one it replaces stays accepted for `[hub]
+    /// renew_grace`), and `ca.issued` with `detail` and the certificate's
+    /// serial and fingerprint, in one transaction. Returns the serial and
+    /// fingerprint.
+    pub fn record_agent_certificate(
+        &self,
+        actor: &str,
+        agent_id: &outpost_protocols::AgentId,
+        cert_pem: &Path,
+        detail: &str,
+    ) -> Result<(String, String), VerbError> {
+        let (serial, fingerprint, not_after) = crate::ca::cert_facts_pem(cert_pem)?;
+        let now = clock::unix_now();
+        let cert = crate::store::CertInfo {
+            serial: serial.clone(),
+            fingerprint: fingerprint.clone(),
+            not_after: outpost_protocols::Timestamp(
+                i64::try_from(not_after.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+            ),
+        };
+        let grace = i64::try_from(self.grace.as_nanos()).unwrap_or(i64::MAX);
+        let how = crate::store::Rebind::Replace {
+            grace_until: outpost_protocols::Timestamp(now.0.saturating_add(grace)),
+            actor: None,
+        };
+        let mut conn = admin(&self.store)?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .at(&self.store)?;
+        crate::store::bind_certificate(&tx, &self.store, now, agent_id, &cert, &how)?;
+        audit::append(
+            &tx,
+            &self.store,
+            &audit::Entry {
+                ts: now,
+                actor,
+                action: "ca.issued",
+                target: &format!("agent {agent_id}"),
+                result: "ok",
+                detail: &format!("{detail}; serial {serial}, fingerprint sha256:{fingerprint}, now the agent's bound certificate"),
+            },
+        )?;
+        tx.commit().at(&self.store)?;
+        Ok((serial, fingerprint))
     }
 
     /// Appends one entry in its own transaction.

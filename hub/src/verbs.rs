@@ -155,6 +155,9 @@ pub enum VerbError {
     /// A combination of flags the verb cannot use.
     #[error("{0}")]
     Usage(String),
+    /// A certificate just issued could not be read back for the registry.
+    #[error(transparent)]
+    Certificate(#[from] crate::ca::CaError),
 }
 
 impl VerbError {
@@ -169,7 +172,10 @@ impl VerbError {
             | VerbError::Usage(_) => 2,
             VerbError::Policy(crate::policy::ApplyError::Store(_)) => 1,
             VerbError::Policy(_) => 2,
-            VerbError::Store(_) | VerbError::Output(_) | VerbError::AuditBroken { .. } => 1,
+            VerbError::Store(_)
+            | VerbError::Output(_)
+            | VerbError::AuditBroken { .. }
+            | VerbError::Certificate(_) => 1,
         }
     }
 
@@ -424,6 +430,8 @@ pub fn fleet_json(fleet: &[AgentRecord]) -> serde_json::Value {
                 "policy_modified": a.policy_modified,
                 "backlog_events": a.backlog_events,
                 "backlog_bytes": a.backlog_bytes,
+                "cert_not_after": a.cert_not_after.map(|t| t.0),
+                "cert_serial": a.cert_serial,
             })
         })
         .collect()
@@ -478,6 +486,7 @@ pub fn fleet_text(fleet: &[AgentRecord]) -> String {
                     )
                 },
                 time_text(a.first_seen),
+                a.cert_not_after.map_or_else(dash, time_text),
                 labels,
             ]
         })
@@ -494,6 +503,7 @@ pub fn fleet_text(fleet: &[AgentRecord]) -> String {
             ("POLICY", true),
             ("ENFORCED AT HUB", true),
             ("FIRST SEEN", false),
+            ("CERT EXPIRES", false),
             ("LABELS", false),
         ],
         &rows,
@@ -634,6 +644,8 @@ mod tests {
             policy_error: None,
             policy_dropped: 0,
             policy_modified: 0,
+            cert_not_after: Some(Timestamp(1_790_000_000_000_000_000)),
+            cert_serial: Some("0a1b".into()),
         }
     }
 
@@ -651,6 +663,8 @@ mod tests {
         assert!(lines[1].contains("connected") && lines[2].contains("disconnected"));
         assert!(text.contains("2024-06-10T06:13:20Z"), "{text}");
         assert!(text.contains("site=depot-17"), "{text}");
+        assert!(lines[0].contains("CERT EXPIRES"), "{text}");
+        assert!(text.contains("2026-09-21T"), "{text}");
     }
 
     #[test]
@@ -673,9 +687,12 @@ mod tests {
             "policy_modified",
             "backlog_events",
             "backlog_bytes",
+            "cert_not_after",
+            "cert_serial",
         ] {
             assert!(a.get(k).is_some(), "missing {k}: {a}");
         }
+        assert_eq!(a["cert_not_after"], 1_790_000_000_000_000_000_i64);
         assert_eq!(a["connected"], true);
         assert_eq!(a["watermark"], 1523);
         assert!(a["policy_version"].is_null());

@@ -25,7 +25,7 @@
 //!                                   block ingest, nor it them
 //! PRAGMA synchronous  = FULL|NORMAL `[store] synchronous`; FULL by default: a
 //!                                   commit is on disk before anything is acked
-//! PRAGMA user_version = 3           the schema version; a newer one is refused,
+//! PRAGMA user_version = 4           the schema version; a newer one is refused,
 //!                                   an older one migrated by the hub
 //!
 //! events(agent_id TEXT    NOT NULL,  from the agent's certificate
@@ -49,7 +49,11 @@
 //!        policy_version   INTEGER NULL,      the policy it reported running
 //!        policy_error     TEXT NULL,         why it refused the last one pushed
 //!        policy_dropped   INTEGER NOT NULL,  events the hub's enforcement dropped
-//!        policy_modified  INTEGER NOT NULL)  events the hub's enforcement changed
+//!        policy_modified  INTEGER NOT NULL,  events the hub's enforcement changed
+//!        cert_serial, cert_fingerprint,      the certificate the hub accepts for it
+//!        cert_not_after,                     and the previous one until
+//!        cert_prev_fingerprint,              cert_prev_until (version 4, see
+//!        cert_prev_until)                    `sqlite::binding`)
 //!        WITHOUT ROWID
 //!
 //! policies(version    INTEGER PRIMARY KEY,   1, 2, ...; the newest is in force
@@ -152,9 +156,12 @@ pub(crate) use error::AtPath;
 pub use error::StoreError;
 pub use handle::{InsertOutcome, PendingInsert, PolicyCounts, StoreHandle, WriterOptions};
 pub use outpost_storage::Synchronous;
-pub use records::{AgentRecord, Forward, Queued, SinkProgress, SinkStatus};
+pub(crate) use records::rfc3339;
+pub use records::{
+    AgentRecord, CertBinding, CertInfo, Forward, Queued, Rebind, SinkProgress, SinkStatus,
+};
 pub use sqlite::audit;
 pub use sqlite::{
-    open_admin, spawn_store_writer, store_path, AgentEventStats, Store, StoreReader, FILE_NAME,
-    SCHEMA_VERSION,
+    bind_certificate, open_admin, spawn_store_writer, store_path, AgentEventStats, Store,
+    StoreReader, FILE_NAME, SCHEMA_VERSION,
 };

@@ -16,7 +16,7 @@ use super::connection::JetStreamStore;
 use crate::clock;
 use crate::store::error::StoreError;
 use crate::store::handle::Write;
-use crate::store::records::AgentRecord;
+use crate::store::records::{AgentRecord, CertBinding, CertInfo, Rebind};
 
 /// How often a replica refreshes its key in `<prefix>_replicas`.
 pub(super) const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -37,6 +37,51 @@ pub(super) struct KvAgent {
     policy_error: Option<String>,
     pub(super) policy_dropped: u64,
     pub(super) policy_modified: u64,
+    /// The certificate binding (see `sqlite::binding`); absent in records
+    /// written before it.
+    #[serde(default)]
+    cert_serial: Option<String>,
+    #[serde(default)]
+    cert_fingerprint: Option<String>,
+    #[serde(default)]
+    cert_not_after: Option<i64>,
+    #[serde(default)]
+    cert_prev_fingerprint: Option<String>,
+    #[serde(default)]
+    cert_prev_until: Option<i64>,
+}
+
+impl KvAgent {
+    fn binding(&self) -> Option<CertBinding> {
+        Some(CertBinding {
+            current: CertInfo {
+                serial: self.cert_serial.clone().unwrap_or_default(),
+                fingerprint: self.cert_fingerprint.clone()?,
+                not_after: Timestamp(self.cert_not_after.unwrap_or(0)),
+            },
+            previous: self
+                .cert_prev_fingerprint
+                .clone()
+                .zip(self.cert_prev_until.map(Timestamp)),
+        })
+    }
+
+    /// Binds `cert` as `how` says (the same rules as the SQLite store).
+    fn bind(&mut self, cert: &CertInfo, how: &Rebind) {
+        let (prev, prev_until) = match (how, &self.cert_fingerprint) {
+            (Rebind::FirstUse, Some(_)) => return,
+            (Rebind::Replace { .. }, Some(f)) if *f == cert.fingerprint => return,
+            (Rebind::Replace { grace_until, .. }, Some(f)) => {
+                (Some(f.clone()), Some(grace_until.0))
+            }
+            (_, None) => (None, None),
+        };
+        self.cert_serial = Some(cert.serial.clone());
+        self.cert_fingerprint = Some(cert.fingerprint.clone());
+        self.cert_not_after = Some(cert.not_after.0);
+        self.cert_prev_fingerprint = prev;
+        self.cert_prev_until = prev_until;
+    }
 }
 
 impl JetStreamStore {
@@ -116,7 +161,24 @@ impl JetStreamStore {
                 })
                 .await
             }
-            Write::SinkProgress { .. } | Write::Insert { .. } => Ok(()),
+            Write::Bind {
+                agent_id,
+                cert,
+                how,
+                ..
+            } => {
+                self.update_agent(agent_id, |r| {
+                    if r.first_seen == 0 {
+                        r.first_seen = t;
+                        r.last_seen = t;
+                    }
+                    r.bind(cert, how);
+                })
+                .await
+            }
+            // No audit log on this store yet: the hub's log line is the
+            // record.
+            Write::SinkProgress { .. } | Write::Insert { .. } | Write::CertRefused { .. } => Ok(()),
         }
     }
 
@@ -170,9 +232,27 @@ impl JetStreamStore {
                 policy_error: rec.policy_error,
                 policy_dropped: rec.policy_dropped,
                 policy_modified: rec.policy_modified,
+                cert_not_after: rec.cert_not_after.map(Timestamp),
+                cert_serial: rec.cert_serial,
             });
         }
         Ok(out)
+    }
+
+    /// The certificate bound to `agent_id`, if any.
+    pub(super) async fn binding(
+        &self,
+        agent_id: &AgentId,
+    ) -> Result<Option<CertBinding>, StoreError> {
+        match self.agents.get(agent_id.as_str()).await {
+            Ok(Some(v)) => serde_json::from_slice::<KvAgent>(&v)
+                .map(|r| r.binding())
+                .map_err(|e| {
+                    self.fail(format!("reading the certificate binding of {agent_id}"), e)
+                }),
+            Ok(None) => Ok(None),
+            Err(e) => Err(self.fail(format!("reading the registry record of {agent_id}"), e)),
+        }
     }
 
     /// The labels of `agent_id`'s latest `Hello`.

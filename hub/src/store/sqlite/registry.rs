@@ -120,8 +120,10 @@ pub(crate) fn connected(
 ) -> Result<(), StoreError> {
     // A map of strings always serialises.
     let labels = serde_json::to_string(labels).unwrap_or_else(|_| "{}".into());
+    // A row made by a certificate binding (`ca issue --config`, or the
+    // handshake's first use) has not said `Hello` yet.
     let known: Option<i64> = conn
-        .prepare_cached("SELECT 1 FROM agents WHERE agent_id = ?1")
+        .prepare_cached("SELECT 1 FROM agents WHERE agent_id = ?1 AND agent_version IS NOT NULL")
         .and_then(|mut s| s.query_row([agent_id.as_str()], |r| r.get(0)).optional())
         .at(path)?;
     if known.is_none() {
@@ -224,7 +226,7 @@ pub(crate) fn fleet(conn: &Connection, path: &Path) -> Result<Vec<AgentRecord>, 
         .prepare_cached(
             "SELECT agent_id, labels, first_seen, last_seen, agent_version, protocol_version,
                     watermark, backlog_events, backlog_bytes, connected, policy_version,
-                    policy_error, policy_dropped, policy_modified
+                    policy_error, policy_dropped, policy_modified, cert_not_after, cert_serial
              FROM agents ORDER BY agent_id",
         )
         .at(path)?;
@@ -297,6 +299,8 @@ fn record(path: &Path, row: &Row<'_>) -> Result<AgentRecord, StoreError> {
         backlog_bytes,
         sessions,
         policy_version,
+        cert_not_after: row.get::<_, Option<i64>>(14).at(path)?.map(Timestamp),
+        cert_serial: row.get(15).at(path)?,
         agent_id: agent_from(path, "agents.agent_id", id.clone())?,
     })
 }

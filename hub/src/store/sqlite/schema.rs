@@ -9,9 +9,9 @@ use crate::store::error::StoreError;
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
 /// Version 2 added the policy versions, the audit log and the agents'
-/// policy columns, version 3 the sinks' queues; an older file is migrated
-/// when the hub opens it.
-pub const SCHEMA_VERSION: i64 = 3;
+/// policy columns, version 3 the sinks' queues, version 4 the agents'
+/// certificate bindings; an older file is migrated when the hub opens it.
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The schema, created in one transaction when `user_version` is 0.
 pub(crate) const SCHEMA: &str = "
@@ -69,6 +69,16 @@ CREATE TABLE IF NOT EXISTS meta (
 ) WITHOUT ROWID;
 ";
 
+/// From schema version 3 to 4: each agent's certificate binding (see
+/// `sqlite::binding`).
+const MIGRATE_4: &str = "
+ALTER TABLE agents ADD COLUMN cert_serial TEXT;
+ALTER TABLE agents ADD COLUMN cert_fingerprint TEXT;
+ALTER TABLE agents ADD COLUMN cert_not_after INTEGER;
+ALTER TABLE agents ADD COLUMN cert_prev_fingerprint TEXT;
+ALTER TABLE agents ADD COLUMN cert_prev_until INTEGER;
+";
+
 /// Creates or migrates the schema inside `tx` (an IMMEDIATE transaction, so
 /// that two processes opening one file do not both do it). Refuses a newer
 /// schema.
@@ -82,6 +92,9 @@ pub(crate) fn prepare_schema(tx: &Transaction<'_>, path: &Path) -> Result<(), St
         }
         if found < 3 {
             tx.execute_batch(super::sink_queue::MIGRATE_3)?;
+        }
+        if found < 4 {
+            tx.execute_batch(MIGRATE_4)?;
         }
         Ok(())
     })?;
