@@ -181,7 +181,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ru
             cfg.labels.clone(),
             metrics.clone(),
             policy.clone(),
-        );
+        )
+        .renewing_in(&cfg.data_dir);
         uplink_task.spawn(u.run(uplink_stop.clone()));
     }
     tasks.spawn(housekeeping(
