@@ -149,6 +149,8 @@ impl<'a> Driver<'a> {
                 ControlFlow::Break(ended) => return Ok(ended),
                 ControlFlow::Continue(need) => need,
             };
+            // What acting on the events queued (a `Renew`) goes now.
+            self.transmit().await?;
             self.start_delete();
             if let Some(room) = need {
                 if self.feed_from_outbox(room).await? {

@@ -151,6 +151,9 @@ impl<'a> Driver<'a> {
             if self.handle_events().await?.is_break() {
                 return Ok(());
             }
+            // What acting on the events queued (a `Renewed`) goes now, not
+            // after the next input.
+            self.transmit().await?;
             if self.wait().await?.is_break() {
                 return Ok(());
             }
