@@ -203,17 +203,28 @@ fn policy_show(cfg: &AgentConfig, json: bool) -> ExitCode {
             serde_json::json!({
                 "version": p.version.0,
                 "rules": p.compiled.rules(),
+                "labels": p.labels,
                 "text": p.text,
             })
         );
     } else if p.version.0 == 0 {
         println!("no policy from the hub yet: every stream is allowed");
     } else {
+        let labels: Vec<String> = p
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.escape_debug()))
+            .collect();
         println!(
-            "# policy version {} in force; {} of its {} rules select this agent",
+            "# policy version {} in force; {} of its {} rules select this agent (labels {})",
             p.version.0,
             p.compiled.rules(),
-            p.policy.rules.len()
+            p.policy.rules.len(),
+            if labels.is_empty() {
+                "none".to_owned()
+            } else {
+                labels.join(",")
+            }
         );
         print!("{}", p.text);
         if !p.text.ends_with('\n') {

@@ -169,6 +169,21 @@ pub fn render(sinks: &[SinkStatus], fleet: &[AgentRecord], now_ns: i64) -> Strin
     );
     let sum: u64 = fleet.iter().filter_map(|a| a.backlog_events).sum();
     backlog.set(i64::try_from(sum).unwrap_or(i64::MAX));
+    let revoked = Gauge::<i64>::default();
+    registry.register(
+        "agents_revoked",
+        "Agents an operator revoked (refused until reinstated).",
+        revoked.clone(),
+    );
+    let n = fleet.iter().filter(|a| a.revoked.is_some()).count();
+    revoked.set(i64::try_from(n).unwrap_or(i64::MAX));
+    let ignored = Counter::<u64>::default();
+    registry.register(
+        "hello_labels_ignored",
+        "Hellos whose labels differed from the registry's (ignored), summed over the fleet.",
+        ignored.clone(),
+    );
+    ignored.inc_by(fleet.iter().map(|a| a.labels_ignored).sum());
     let expiry = Family::<AgentLabels, Gauge>::default();
     registry.register(
         "agent_cert_expiry_seconds",
@@ -257,6 +272,8 @@ mod tests {
         AgentRecord {
             agent_id: AgentId::parse(id).expect("id"),
             labels: Default::default(),
+            labels_ignored: 0,
+            revoked: None,
             first_seen: Timestamp(0),
             last_seen: Timestamp(0),
             agent_version: None,

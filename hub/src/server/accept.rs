@@ -151,6 +151,17 @@ async fn connection(
         }
     };
     let span = info_span!("agent", agent_id = %id, remote = %conn.remote_address());
+    // Refused before it can supersede the live connection of its id.
+    let revoked = policy.trust.borrow().revocation(&id).cloned();
+    if let Some(r) = revoked {
+        conn.close(
+            quinn::VarInt::from_u32(ErrorCode::Revoked.to_u32()),
+            b"revoked",
+        );
+        let _enter = span.enter();
+        warn!(by = %r.by, reason = %r.reason, "Refused a revoked agent.");
+        return Ok(());
+    }
     async move {
         // Before `take_over`: a certificate that is not the agent's must not
         // displace the live session.
@@ -198,6 +209,7 @@ fn close_code(result: &Result<(), ConnError>) -> quinn::VarInt {
     quinn::VarInt::from_u32(match result {
         Ok(()) => CLOSE_OK,
         Err(ConnError::Protocol(e)) => e.code().to_u32(),
+        Err(ConnError::Revoked) => ErrorCode::Revoked.to_u32(),
         Err(_) => ErrorCode::Internal.to_u32(),
     })
 }

@@ -57,6 +57,8 @@ pub(super) enum ConnError {
     Handshake(#[source] quinn::ConnectionError),
     #[error("unauthorized: {0}")]
     Unauthorized(#[from] IdentityError),
+    #[error("refused: an operator revoked the agent")]
+    Revoked,
     #[error("connection: {0}")]
     Connection(#[source] quinn::ConnectionError),
     #[error("connection: {0}")]

@@ -49,11 +49,7 @@
 //!        policy_version   INTEGER NULL,      the policy it reported running
 //!        policy_error     TEXT NULL,         why it refused the last one pushed
 //!        policy_dropped   INTEGER NOT NULL,  events the hub's enforcement dropped
-//!        policy_modified  INTEGER NOT NULL,  events the hub's enforcement changed
-//!        cert_serial, cert_fingerprint,      the certificate the hub accepts for it
-//!        cert_not_after,                     and the previous one until
-//!        cert_prev_fingerprint,              cert_prev_until (version 4, see
-//!        cert_prev_until)                    `sqlite::binding`)
+//!        policy_modified  INTEGER NOT NULL)  events the hub's enforcement changed
 //!        WITHOUT ROWID
 //!
 //! policies(version    INTEGER PRIMARY KEY,   1, 2, ...; the newest is in force
@@ -64,6 +60,9 @@
 //!          text       TEXT NOT NULL)         the document as applied
 //!
 //! audit(...), meta(key, value)               see `sqlite::audit`
+//! agent_certs(agent_id, serial, fingerprint, the certificate the hub accepts for
+//!             not_after, prev_fingerprint,   each agent, and the one before it
+//!             prev_until)                    until then; see `sqlite::binding`
 //!
 //! sink_pending(n INTEGER PRIMARY KEY,        queue order
 //!              sink, agent_id, seq,          what waits for which sink
@@ -158,9 +157,11 @@ pub use handle::{InsertOutcome, PendingInsert, PolicyCounts, StoreHandle, Writer
 pub use outpost_storage::Synchronous;
 pub(crate) use records::rfc3339;
 pub use records::{
-    AgentRecord, CertBinding, CertInfo, Forward, Queued, Rebind, SinkProgress, SinkStatus,
+    AgentRecord, CertBinding, CertInfo, Forward, LabelChange, Queued, Rebind, Revocation,
+    SinkProgress, SinkStatus,
 };
 pub use sqlite::audit;
+pub use sqlite::trust;
 pub use sqlite::{
     bind_certificate, open_admin, spawn_store_writer, store_path, AgentEventStats, Store,
     StoreReader, FILE_NAME, SCHEMA_VERSION,

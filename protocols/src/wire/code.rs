@@ -50,6 +50,9 @@ pub enum ErrorCode {
     ShuttingDown,
     /// 12: a newer connection of the same agent replaced this one.
     Superseded,
+    /// 13: an operator revoked the agent (`outpost-hub agent revoke`): it is
+    /// refused until reinstated. Retrying soon does not help.
+    Revoked,
     /// 14: the certificate names a registered agent but is not the one the
     /// registry binds to it (nor the previous one within its grace period):
     /// a second certificate for the same id, or one replaced by a renewal.
@@ -75,6 +78,7 @@ impl ErrorCode {
             ErrorCode::Internal => 10,
             ErrorCode::ShuttingDown => 11,
             ErrorCode::Superseded => 12,
+            ErrorCode::Revoked => 13,
             ErrorCode::CertificateNotCurrent => 14,
             ErrorCode::Unknown(code) => code,
         }
@@ -97,6 +101,7 @@ impl ErrorCode {
             10 => ErrorCode::Internal,
             11 => ErrorCode::ShuttingDown,
             12 => ErrorCode::Superseded,
+            13 => ErrorCode::Revoked,
             14 => ErrorCode::CertificateNotCurrent,
             other => ErrorCode::Unknown(other),
         }
@@ -135,6 +140,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Superseded => "superseded",
+            ErrorCode::Revoked => "revoked",
             ErrorCode::CertificateNotCurrent => "certificate_not_current",
             ErrorCode::Unknown(_) => "unknown",
         }

@@ -368,6 +368,11 @@ pub(crate) fn check_hello(
             agent_version.len()
         ));
     }
+    check_labels(labels)
+}
+
+/// Checks labels (of a `Hello` or a `Labels` frame) against the limits.
+pub(crate) fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
     if labels.len() > MAX_LABELS {
         return Err(format!("{} labels; at most {MAX_LABELS}", labels.len()));
     }

@@ -37,8 +37,8 @@ use std::time::{Duration, Instant};
 use super::code::ErrorCode;
 use super::error::{ProtocolError, UsageError};
 use super::frame::{
-    check_hello, truncate, Frame, FrameDecoder, Renewal, MAX_CERT_PEM_LEN, MAX_CSR_LEN,
-    MAX_ERROR_MESSAGE_LEN,
+    check_hello, check_labels, truncate, Frame, FrameDecoder, Renewal, MAX_CERT_PEM_LEN,
+    MAX_CSR_LEN, MAX_ERROR_MESSAGE_LEN,
 };
 use super::version::{negotiate, SUPPORTED_VERSIONS};
 use crate::event::{AgentId, EventBody, Seq};
@@ -672,6 +672,27 @@ impl HubSession {
             text: text.to_owned(),
         });
         Ok(())
+    }
+
+    /// Tells the agent the labels the hub's registry holds for it, which
+    /// select the rules both ends enforce: after `Hello`, and whenever an
+    /// operator changes them. Returns whether a `Labels` frame was queued:
+    /// an agent of version 3 or older has no such frame and goes on
+    /// selecting by its config; the hub's enforcement, which selects by the
+    /// registry's labels, is what holds it to them.
+    pub fn tell_labels(&mut self, labels: &BTreeMap<String, String>) -> Result<bool, UsageError> {
+        let negotiated = match self.state {
+            State::Streaming { version } => version,
+            _ => return Err(UsageError::NotStreaming),
+        };
+        if negotiated < 4 {
+            return Ok(false);
+        }
+        check_labels(labels).map_err(|reason| UsageError::InvalidLabels { reason })?;
+        self.queue(&Frame::Labels {
+            labels: labels.clone(),
+        });
+        Ok(true)
     }
 
     /// Answers the outstanding `Renew` with a new certificate or a refusal

@@ -1,15 +1,21 @@
-//! Each agent's certificate binding in its `agents` row: the certificate the
-//! hub accepts for it, and the previous one until its grace period ends.
-//! Written in the writer's transactions with the audit entries that record
-//! a change (`cert.renewed`) or a refusal (`cert.refused`).
+//! Each agent's certificate binding: the certificate the hub accepts for
+//! it, and the previous one until its grace period ends. Written in the
+//! writer's transactions with the audit entries that record a change
+//! (`cert.renewed`) or a refusal (`cert.refused`).
+//!
+//! A table of its own rather than columns of `agents`, because a binding
+//! may come before the agent's first `Hello` (`ca issue --config`, the
+//! handshake's first use), and an `agents` row is what makes a `Hello` the
+//! agent's first (its labels then become the registry's).
 //!
 //! ```text
-//! agents(...,
-//!        cert_serial           TEXT NULL,     current certificate: serial, hex
-//!        cert_fingerprint      TEXT NULL,     SHA-256 of its DER, hex; NULL: not bound
-//!        cert_not_after        INTEGER NULL,  its expiry, Unix ns
-//!        cert_prev_fingerprint TEXT NULL,     the one before it, accepted
-//!        cert_prev_until       INTEGER NULL)  until then, Unix ns
+//! agent_certs(agent_id         TEXT PRIMARY KEY,
+//!             serial           TEXT NOT NULL,     current certificate: serial, hex
+//!             fingerprint      TEXT NOT NULL,     SHA-256 of its DER, hex
+//!             not_after        INTEGER NOT NULL,  its expiry, Unix ns
+//!             prev_fingerprint TEXT NULL,         the one before it, accepted
+//!             prev_until       INTEGER NULL)      until then, Unix ns
+//!             WITHOUT ROWID
 //! ```
 
 use std::path::Path;
@@ -28,18 +34,11 @@ pub(crate) fn binding(
     path: &Path,
     agent_id: &AgentId,
 ) -> Result<Option<CertBinding>, StoreError> {
-    type Row = (
-        Option<String>,
-        Option<String>,
-        Option<i64>,
-        Option<String>,
-        Option<i64>,
-    );
+    type Row = (String, String, i64, Option<String>, Option<i64>);
     let row: Option<Row> = conn
         .prepare_cached(
-            "SELECT cert_serial, cert_fingerprint, cert_not_after, cert_prev_fingerprint,
-                    cert_prev_until
-             FROM agents WHERE agent_id = ?1",
+            "SELECT serial, fingerprint, not_after, prev_fingerprint, prev_until
+             FROM agent_certs WHERE agent_id = ?1",
         )
         .and_then(|mut s| {
             s.query_row([agent_id.as_str()], |r| {
@@ -48,21 +47,20 @@ pub(crate) fn binding(
             .optional()
         })
         .at(path)?;
-    let Some((serial, Some(fingerprint), not_after, prev, prev_until)) = row else {
+    let Some((serial, fingerprint, not_after, prev, prev_until)) = row else {
         return Ok(None);
     };
     Ok(Some(CertBinding {
         current: CertInfo {
-            serial: serial.unwrap_or_default(),
+            serial,
             fingerprint,
-            not_after: Timestamp(not_after.unwrap_or(0)),
+            not_after: Timestamp(not_after),
         },
         previous: prev.zip(prev_until.map(Timestamp)),
     }))
 }
 
-/// Binds `cert` to `agent_id` as `how` says; creates the agent's row if
-/// the registry does not know it yet.
+/// Binds `cert` to `agent_id` as `how` says.
 pub(crate) fn bind(
     conn: &Connection,
     path: &Path,
@@ -71,12 +69,6 @@ pub(crate) fn bind(
     cert: &CertInfo,
     how: &Rebind,
 ) -> Result<(), StoreError> {
-    conn.prepare_cached(
-        "INSERT INTO agents (agent_id, first_seen, last_seen) VALUES (?1, ?2, ?2)
-         ON CONFLICT (agent_id) DO NOTHING",
-    )
-    .and_then(|mut s| s.execute(params![agent_id.as_str(), now.0]))
-    .at(path)?;
     let old = binding(conn, path, agent_id)?;
     let (prev, prev_until) = match (how, &old) {
         // Someone bound it first: that binding stands.
@@ -91,9 +83,15 @@ pub(crate) fn bind(
         (Rebind::Replace { .. }, None) => (None, None),
     };
     conn.prepare_cached(
-        "UPDATE agents SET cert_serial = ?2, cert_fingerprint = ?3, cert_not_after = ?4,
-                           cert_prev_fingerprint = ?5, cert_prev_until = ?6
-         WHERE agent_id = ?1",
+        "INSERT INTO agent_certs
+             (agent_id, serial, fingerprint, not_after, prev_fingerprint, prev_until)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (agent_id) DO UPDATE SET
+             serial = excluded.serial,
+             fingerprint = excluded.fingerprint,
+             not_after = excluded.not_after,
+             prev_fingerprint = excluded.prev_fingerprint,
+             prev_until = excluded.prev_until",
     )
     .and_then(|mut s| {
         s.execute(params![

@@ -489,6 +489,7 @@ impl Pair {
                         let (events, bytes, oldest) = self.outbox.backlog();
                         self.agent.report_backlog(events, bytes, oldest);
                     }
+                    AgentEvent::Labels { .. } => {}
                     AgentEvent::RenewDue => {
                         self.renewals_due.push(self.now);
                         let csr = format!("csr {}", self.renewals_due.len()).into_bytes();
