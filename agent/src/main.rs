@@ -53,6 +53,19 @@ enum Command {
     /// Enroll this device: make its key here, and trade a one-time token for
     /// its certificate (written where [uplink] names cert, key and ca).
     Enroll(EnrollArgs),
+    /// The agent's certificate.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Ask the running agent to renew its certificate with a new key over its
+    /// hub session now (or at its next start), rather than two thirds into
+    /// its validity.
+    Renew(ConfigArg),
 }
 
 #[derive(Args)]
@@ -137,6 +150,12 @@ fn main() -> ExitCode {
             command: PolicyCommand::Show { config, json },
         } => match load(&config.config) {
             Ok(c) => return policy_show(&c, json),
+            Err(e) => Err(e),
+        },
+        Command::Cert {
+            command: CertCommand::Renew(config),
+        } => match load(&config.config) {
+            Ok(c) => return cert_renew(&c),
             Err(e) => Err(e),
         },
     };
@@ -307,6 +326,30 @@ fn policy_show(cfg: &AgentConfig, json: bool) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+fn cert_renew(cfg: &AgentConfig) -> ExitCode {
+    let Some(uplink) = &cfg.uplink else {
+        eprintln!(
+            "error: {}: uplink: not configured, so there is no hub certificate to renew",
+            cfg.source.display()
+        );
+        return ExitCode::from(2);
+    };
+    match outpost_agent::cert::request_renewal(&cfg.data_dir) {
+        Ok(path) => {
+            println!(
+                "renewal requested ({}): the running agent asks the hub within 5 s while connected, or at its next connection; {} is replaced when the hub's certificate arrives",
+                path.display(),
+                uplink.cert.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn run(cfg: AgentConfig) -> ExitCode {

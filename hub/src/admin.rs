@@ -705,6 +705,65 @@ impl AuditTarget {
         })
     }
 
+    /// Records the certificate in `cert_pem` as the one the hub accepts for
+    /// `agent_id` (the one it replaces stays accepted for `[hub]
+    /// renew_grace`), and `ca.issued` with `detail` and the certificate's
+    /// serial and fingerprint (in one transaction on SQLite). Returns the
+    /// serial and fingerprint.
+    pub fn record_agent_certificate(
+        &self,
+        actor: &str,
+        agent_id: &outpost_protocols::AgentId,
+        cert_pem: &Path,
+        detail: &str,
+    ) -> Result<(String, String), VerbError> {
+        let (serial, fingerprint, not_after) = crate::ca::cert_facts_pem(cert_pem)?;
+        let now = clock::unix_now();
+        let cert = crate::store::CertInfo {
+            serial: serial.clone(),
+            fingerprint: fingerprint.clone(),
+            not_after: outpost_protocols::Timestamp(
+                i64::try_from(not_after.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+            ),
+        };
+        let grace = i64::try_from(self.cfg.hub.renew_grace.0.as_nanos()).unwrap_or(i64::MAX);
+        let how = crate::store::Rebind::Replace {
+            grace_until: outpost_protocols::Timestamp(now.0.saturating_add(grace)),
+            actor: None,
+        };
+        let detail = format!(
+            "{detail}; serial {serial}, fingerprint sha256:{fingerprint}, now the agent's bound certificate"
+        );
+        let target = format!("agent {agent_id}");
+        let entry = audit::Entry {
+            ts: now,
+            actor,
+            action: "ca.issued",
+            target: &target,
+            result: "ok",
+            detail: &detail,
+        };
+        let key = &self.key;
+        let (c, h) = (&cert, &how);
+        if crate::verbs::on_jetstream(&self.config, &self.cfg, |js| async move {
+            js.bind_certificate(agent_id, c, h).await?;
+            Ok(js.audit_append(key, &entry).await?)
+        })?
+        .is_some()
+        {
+            return Ok((serial, fingerprint));
+        }
+        let store = store_path(&self.config, &self.cfg.hub.data_dir);
+        let mut conn = admin(&store)?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .at(&store)?;
+        crate::store::bind_certificate(&tx, &store, &self.key, now, agent_id, &cert, &how)?;
+        audit::append(&tx, &store, &self.key, &entry)?;
+        tx.commit().at(&store)?;
+        Ok((serial, fingerprint))
+    }
+
     /// Appends one entry in its own transaction.
     pub fn record(
         &self,

@@ -186,38 +186,77 @@ pub enum CaError {
 }
 
 /// How long a certificate is valid, in whole days from 1 to
-/// [`Validity::MAX_DAYS`].
+/// [`Validity::MAX_DAYS`] (or, for tests of renewal and expiry, in seconds:
+/// [`Validity::seconds`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Validity {
     days: u32,
+    /// Set only by [`Validity::seconds`]; then `days` is 0.
+    seconds: Option<u32>,
 }
 
 impl Validity {
     /// The longest validity accepted, a hundred years.
     pub const MAX_DAYS: u32 = 36_500;
     /// The CA's validity unless told otherwise: ten years.
-    pub const CA_DEFAULT: Validity = Validity { days: 3650 };
+    pub const CA_DEFAULT: Validity = Validity {
+        days: 3650,
+        seconds: None,
+    };
     /// An issued certificate's validity unless told otherwise: 825 days, the
     /// longest that browsers and most TLS stacks have accepted for a leaf.
-    pub const LEAF_DEFAULT: Validity = Validity { days: 825 };
+    pub const LEAF_DEFAULT: Validity = Validity {
+        days: 825,
+        seconds: None,
+    };
 
     /// A validity of `days` days.
     pub fn days(days: u32) -> Result<Validity, CaError> {
         if (1..=Self::MAX_DAYS).contains(&days) {
-            Ok(Validity { days })
+            Ok(Validity {
+                days,
+                seconds: None,
+            })
         } else {
             Err(CaError::BadValidity(days.to_string()))
         }
     }
 
-    /// The number of days.
+    /// A validity of `seconds` seconds (1 to a day), for certificates that
+    /// must expire or renew within a test (`ca issue --validity-secs`, a
+    /// hidden flag). Such a certificate is still backdated an hour, so its
+    /// whole life is `seconds` plus an hour.
+    pub fn seconds(seconds: u32) -> Result<Validity, CaError> {
+        if (1..=86_400).contains(&seconds) {
+            Ok(Validity {
+                days: 0,
+                seconds: Some(seconds),
+            })
+        } else {
+            Err(CaError::BadValidity(format!("{seconds} seconds")))
+        }
+    }
+
+    /// The number of whole days (0 for a validity in seconds).
     #[must_use]
     pub fn get(self) -> u32 {
         self.days
     }
 
     fn duration(self) -> Duration {
-        Duration::days(i64::from(self.days))
+        match self.seconds {
+            Some(s) => Duration::seconds(i64::from(s)),
+            None => Duration::days(i64::from(self.days)),
+        }
+    }
+}
+
+impl std::fmt::Display for Validity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.seconds {
+            Some(s) => write!(f, "{s} seconds"),
+            None => write!(f, "{} days", self.days),
+        }
     }
 }
 
@@ -519,6 +558,30 @@ fn random_serial() -> Result<rcgen::SerialNumber, CaError> {
     // 16 bytes exactly.
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
     Ok(rcgen::SerialNumber::from_slice(&bytes))
+}
+
+/// What the registry binds of a certificate (DER): its serial number
+/// (lowercase hex), its SHA-256 fingerprint (lowercase hex) and when it
+/// expires. Reads the certificate only.
+pub fn cert_facts(der: &[u8]) -> Result<(String, String, OffsetDateTime), CaError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| CaError::NotACertificate(e.to_string()))?;
+    Ok((
+        hex(cert.tbs_certificate.raw_serial()),
+        outpost_tls::fingerprint_sha256(der),
+        cert.validity().not_after.to_datetime(),
+    ))
+}
+
+/// [`cert_facts`] of the first certificate in a PEM file.
+pub fn cert_facts_pem(path: &Path) -> Result<(String, String, OffsetDateTime), CaError> {
+    let pem = read_text(path)?;
+    let (_, block) =
+        x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| CaError::Read {
+            path: path.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        })?;
+    cert_facts(&block.contents)
 }
 
 fn hex(bytes: &[u8]) -> String {

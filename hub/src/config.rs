@@ -78,6 +78,21 @@ pub struct HubSection {
     /// to the store.
     #[serde(default)]
     pub region: Option<String>,
+    /// The fleet CA's folder (`ca.pem` and `ca.key`, as `ca init` made
+    /// them), so that the hub can sign the agents' certificate renewals
+    /// over their sessions. Without it, renewals are refused and agents
+    /// keep their certificates until an operator reissues them.
+    #[serde(default)]
+    pub ca_dir: Option<PathBuf>,
+    /// How long the certificate an agent renewed (or that `ca issue
+    /// --config` replaced) is still accepted at the handshake, so that a
+    /// connection made just before the agent swapped its files still works.
+    #[serde(default = "default_renew_grace")]
+    pub renew_grace: outpost_settings::HumanDuration,
+    /// Days a certificate signed for a renewal is valid (1 to 36500; never
+    /// beyond the CA's own expiry).
+    #[serde(default = "default_renew_days")]
+    pub renew_days: u32,
 }
 
 /// `[enroll]`: enrollment with one-time tokens (`outpost-hub enroll
@@ -98,6 +113,14 @@ pub struct EnrollSection {
 
 fn default_listen() -> String {
     "0.0.0.0:7443".into()
+}
+
+fn default_renew_grace() -> outpost_settings::HumanDuration {
+    outpost_settings::HumanDuration(std::time::Duration::from_secs(3600))
+}
+
+fn default_renew_days() -> u32 {
+    crate::ca::Validity::LEAF_DEFAULT.get()
 }
 
 /// `[store]` as written.
@@ -336,6 +359,16 @@ impl RawConfig {
             return Err(invalid(
                 "observability.metrics",
                 format!("{metrics:?} is not ip:port (leave it empty for no metrics)"),
+            ));
+        }
+        if crate::ca::Validity::days(self.hub.renew_days).is_err() {
+            return Err(invalid(
+                "hub.renew_days",
+                format!(
+                    "{} is not a number of days from 1 to {}",
+                    self.hub.renew_days,
+                    crate::ca::Validity::MAX_DAYS
+                ),
             ));
         }
         if self

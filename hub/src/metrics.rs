@@ -60,6 +60,11 @@ struct SinkLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentLabels {
+    agent: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: String,
 }
@@ -179,6 +184,21 @@ pub fn render(sinks: &[SinkStatus], fleet: &[AgentRecord], now_ns: i64) -> Strin
         ignored.clone(),
     );
     ignored.inc_by(fleet.iter().map(|a| a.labels_ignored).sum());
+    let expiry = Family::<AgentLabels, Gauge>::default();
+    registry.register(
+        "agent_cert_expiry_seconds",
+        "Seconds until the certificate the registry binds to an agent expires (negative: expired).",
+        expiry.clone(),
+    );
+    for a in fleet {
+        if let Some(not_after) = a.cert_not_after {
+            expiry
+                .get_or_create(&AgentLabels {
+                    agent: a.agent_id.to_string(),
+                })
+                .set(not_after.0.saturating_sub(now_ns) / 1_000_000_000);
+        }
+    }
     let mut out = String::new();
     // Encoding into a String fails only if a label cannot be written, which
     // derive-generated label sets never do.
@@ -266,6 +286,8 @@ mod tests {
             policy_error: None,
             policy_dropped: 0,
             policy_modified: 0,
+            cert_not_after: None,
+            cert_serial: None,
         }
     }
 
@@ -275,7 +297,10 @@ mod tests {
         let text = render(
             &[sink("cloud", 5, Some(10 * s)), sink("idle", 0, None)],
             &[
-                agent("a", 1, Some(40)),
+                AgentRecord {
+                    cert_not_after: Some(Timestamp(125 * s)),
+                    ..agent("a", 1, Some(40))
+                },
                 agent("b", 0, Some(2)),
                 agent("c", 0, None),
             ],
@@ -292,8 +317,11 @@ mod tests {
             "outpost_hub_agents{state=\"connected\"} 1",
             "outpost_hub_agents{state=\"disconnected\"} 2",
             "outpost_hub_agents_backlog_events 42",
+            "outpost_hub_agent_cert_expiry_seconds{agent=\"a\"} 100",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
+        // An agent never bound has no gauge rather than a made-up one.
+        assert!(!text.contains("cert_expiry_seconds{agent=\"b\"}"), "{text}");
     }
 }

@@ -159,6 +159,9 @@ pub enum VerbError {
     /// or made, or others may read it.
     #[error(transparent)]
     AuditKey(#[from] crate::audit::key::KeyError),
+    /// A certificate just issued could not be read back for the registry.
+    #[error(transparent)]
+    Certificate(#[from] crate::ca::CaError),
 }
 
 impl VerbError {
@@ -174,7 +177,10 @@ impl VerbError {
             | VerbError::AuditKey(_) => 2,
             VerbError::Policy(crate::policy::ApplyError::Store(_)) => 1,
             VerbError::Policy(_) => 2,
-            VerbError::Store(_) | VerbError::Output(_) | VerbError::AuditBroken { .. } => 1,
+            VerbError::Store(_)
+            | VerbError::Output(_)
+            | VerbError::AuditBroken { .. }
+            | VerbError::Certificate(_) => 1,
         }
     }
 
@@ -435,6 +441,8 @@ pub fn fleet_json(fleet: &[AgentRecord]) -> serde_json::Value {
                     "by": r.by,
                     "reason": r.reason,
                 })),
+                "cert_not_after": a.cert_not_after.map(|t| t.0),
+                "cert_serial": a.cert_serial,
             })
         })
         .collect()
@@ -490,6 +498,7 @@ pub fn fleet_text(fleet: &[AgentRecord]) -> String {
                     )
                 },
                 time_text(a.first_seen),
+                a.cert_not_after.map_or_else(dash, time_text),
                 labels,
             ]
         })
@@ -506,6 +515,7 @@ pub fn fleet_text(fleet: &[AgentRecord]) -> String {
             ("POLICY", true),
             ("ENFORCED AT HUB", true),
             ("FIRST SEEN", false),
+            ("CERT EXPIRES", false),
             ("LABELS", false),
         ],
         &rows,
@@ -648,6 +658,8 @@ mod tests {
             policy_error: None,
             policy_dropped: 0,
             policy_modified: 0,
+            cert_not_after: Some(Timestamp(1_790_000_000_000_000_000)),
+            cert_serial: Some("0a1b".into()),
         }
     }
 
@@ -665,6 +677,8 @@ mod tests {
         assert!(lines[1].contains("connected") && lines[2].contains("disconnected"));
         assert!(text.contains("2024-06-10T06:13:20Z"), "{text}");
         assert!(text.contains("site=depot-17"), "{text}");
+        assert!(lines[0].contains("CERT EXPIRES"), "{text}");
+        assert!(text.contains("2026-09-21T"), "{text}");
     }
 
     #[test]
@@ -687,9 +701,12 @@ mod tests {
             "policy_modified",
             "backlog_events",
             "backlog_bytes",
+            "cert_not_after",
+            "cert_serial",
         ] {
             assert!(a.get(k).is_some(), "missing {k}: {a}");
         }
+        assert_eq!(a["cert_not_after"], 1_790_000_000_000_000_000_i64);
         assert_eq!(a["connected"], true);
         assert_eq!(a["watermark"], 1523);
         assert!(a["policy_version"].is_null());

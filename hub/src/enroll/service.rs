@@ -60,7 +60,14 @@ impl Enroller {
     /// `key` signs the `enroll.*` audit entries (the hub's audit key).
     #[must_use]
     pub fn new(cfg: &HubConfig, base: &Path, key: AuditKey) -> Enroller {
-        let ca_dir = cfg.enroll.ca_dir.as_ref().map(|d| base.join(d));
+        // Either key names the CA the hub signs with, for enrollments and
+        // renewals alike.
+        let ca_dir = cfg
+            .enroll
+            .ca_dir
+            .as_ref()
+            .or(cfg.hub.ca_dir.as_ref())
+            .map(|d| base.join(d));
         let validity = cfg
             .enroll
             .validity_days

@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
+use super::binding::{BindingError, Certs};
 use super::endpoint::{server_config, udp_socket};
 use super::enforcement::PolicyFeed;
 use super::enroll::enrollment;
@@ -56,6 +57,7 @@ pub async fn serve(
     }
     let live = Arc::new(Live::default());
     let enroller = Arc::new(Enroller::new(cfg, base, keys.audit));
+    let certs = Arc::new(certs(cfg, base));
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
@@ -63,11 +65,11 @@ pub async fn serve(
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 let (store, live, policy) = (store.clone(), live.clone(), policy.clone());
-                let enroller = enroller.clone();
+                let (enroller, certs) = (enroller.clone(), certs.clone());
                 let stop = shutdown.child_token();
                 tasks.spawn(async move {
                     let remote = incoming.remote_address();
-                    if let Err(e) = connection(incoming, store, policy, live, enroller, stop).await {
+                    if let Err(e) = connection(incoming, store, policy, live, (enroller, certs), stop).await {
                         warn!(%remote, error = %e, "Agent connection ended.");
                     }
                 });
@@ -133,13 +135,28 @@ fn bind(
     Ok((endpoint, addr))
 }
 
+/// The certificate settings of `[hub]`, paths resolved against `base`.
+fn certs(cfg: &HubConfig, base: &Path) -> Certs {
+    // Either key names the CA the hub signs with, for renewals and
+    // enrollments alike.
+    let ca_dir = cfg
+        .hub
+        .ca_dir
+        .as_ref()
+        .or(cfg.enroll.ca_dir.as_ref())
+        .map(|p| base.join(p));
+    let validity =
+        crate::ca::Validity::days(cfg.hub.renew_days).unwrap_or(crate::ca::Validity::LEAF_DEFAULT);
+    Certs::new(ca_dir, validity, cfg.hub.renew_grace.0)
+}
+
 /// One agent connection, from the handshake to the close.
 async fn connection(
     incoming: quinn::Incoming,
     store: StoreHandle,
     policy: PolicyFeed,
     live: Arc<Live>,
-    enroller: Arc<Enroller>,
+    (enroller, certs): (Arc<Enroller>, Arc<Certs>),
     stop: CancellationToken,
 ) -> Result<(), ConnError> {
     let conn = incoming.await.map_err(ConnError::Handshake)?;
@@ -147,7 +164,7 @@ async fn connection(
         enrollment(conn, enroller, stop).await;
         return Ok(());
     }
-    let id = match peer_agent_id(&conn) {
+    let (id, cert) = match peer_agent_id(&conn) {
         Ok(id) => id,
         Err(e) => {
             conn.close(
@@ -170,9 +187,24 @@ async fn connection(
         return Ok(());
     }
     async move {
+        // Before `take_over`: a certificate that is not the agent's must not
+        // displace the live session.
+        if let Err(e) = certs.admit(&store, &id, &cert).await {
+            let code = match e {
+                BindingError::NotCurrent { .. } => ErrorCode::CertificateNotCurrent,
+                BindingError::Store(_) => ErrorCode::Internal,
+            };
+            conn.close(
+                quinn::VarInt::from_u32(code.to_u32()),
+                e.to_string().as_bytes(),
+            );
+            warn!(code = %code.name(), error = %e, "Agent connection refused.");
+            return Ok(());
+        }
         let registration = live.take_over(&id, &stop).await?;
         let mut registered = false;
-        let result = session(&conn, &id, &store, policy, &stop, &mut registered).await;
+        let link = (&*certs, &cert);
+        let result = session(&conn, &id, &store, policy, link, &stop, &mut registered).await;
         conn.close(close_code(&result), close_reason(&result).as_bytes());
         if registered {
             let _ = store.agent_disconnected(id.clone()).await;

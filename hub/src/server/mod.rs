@@ -21,11 +21,13 @@
 //! The rooms, one job each: `endpoint` (the QUIC and socket settings),
 //! `reset` (the stateless-reset secret), `accept` (the accept loop and a
 //! connection's life), `live` (which connection of an agent is current),
-//! `identity` (the agent id from the certificate), `enforcement` (the policy
-//! applied again on ingest), `session` (the driver) and `enroll` (a
+//! `identity` (the agent id from the certificate), `binding` (which
+//! certificate of an agent is accepted, and renewing it), `enforcement` (the
+//! policy applied again on ingest), `session` (the driver) and `enroll` (a
 //! connection on the enrollment ALPN, which needs no client certificate).
 
 mod accept;
+mod binding;
 mod endpoint;
 mod enforcement;
 mod enroll;

@@ -23,10 +23,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::binding::Certs;
 use super::enforcement::{Enforcement, PolicyFeed};
 use super::error::ConnError;
 use crate::clock;
-use crate::store::{StoreError, StoreHandle};
+use crate::store::{CertInfo, StoreError, StoreHandle};
 
 /// Batches whose commit a connection may wait on before it stops reading.
 const MAX_PENDING_BATCHES: usize = 8;
@@ -49,6 +50,7 @@ pub(super) async fn session(
     id: &AgentId,
     store: &StoreHandle,
     policy: PolicyFeed,
+    (certs, cert): (&Certs, &CertInfo),
     stop: &CancellationToken,
     registered: &mut bool,
 ) -> Result<(), ConnError> {
@@ -70,6 +72,7 @@ pub(super) async fn session(
         }
     };
     let mut driver = Driver::start(id, store, policy, stop, send, recv).await?;
+    driver.certs = Some((certs, cert));
     let result = driver.run().await;
     *registered = driver.registered;
     result
@@ -103,6 +106,9 @@ struct Driver<'a> {
     closing: bool,
     /// Whether the agent was put in the registry (it said `Hello`).
     registered: bool,
+    /// The hub's certificate settings and the session's certificate, for
+    /// renewals.
+    certs: Option<(&'a Certs, &'a CertInfo)>,
     buf: Vec<u8>,
     out: Vec<u8>,
 }
@@ -149,6 +155,7 @@ impl<'a> Driver<'a> {
             commits: FuturesOrdered::new(),
             closing: false,
             registered: false,
+            certs: None,
             buf: vec![0u8; 64 * 1024],
             out: Vec::with_capacity(16 * 1024),
         })
@@ -161,6 +168,9 @@ impl<'a> Driver<'a> {
             if self.handle_events().await?.is_break() {
                 return Ok(());
             }
+            // What acting on the events queued (a `Renewed`) goes now, not
+            // after the next input.
+            self.transmit().await?;
             if self.wait().await?.is_break() {
                 return Ok(());
             }
@@ -234,6 +244,15 @@ impl<'a> Driver<'a> {
                     self.store
                         .report_backlog(self.id.clone(), events, bytes)
                         .await?;
+                }
+                HubEvent::Renew { csr } => {
+                    let result = match self.certs {
+                        Some((certs, old)) => certs.renew(self.store, self.id, old, csr).await,
+                        None => outpost_protocols::wire::Renewal::Refused {
+                            reason: "certificate renewal is not configured at the hub".into(),
+                        },
+                    };
+                    self.session.renewed(result)?;
                 }
                 HubEvent::Closed { error } => {
                     // Commits already handed to the store finish; their acks

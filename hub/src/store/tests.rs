@@ -249,6 +249,57 @@ fn sessions_are_counted_so_a_superseded_session_does_not_disconnect_the_agent() 
 }
 
 #[test]
+fn a_binding_is_made_on_first_use_only_and_a_renewal_keeps_the_previous_within_grace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(FILE_NAME);
+    let mut store = open(dir.path());
+    let t = |s: i64| Timestamp(NOW.0 + s * 1_000_000_000);
+    let cert = |f: &str, exp: i64| CertInfo {
+        serial: format!("{f}{f}"),
+        fingerprint: f.repeat(64),
+        not_after: t(exp),
+    };
+    assert_eq!(store.binding(&agent(1)).expect("reads"), None);
+    store
+        .bind(t(0), &agent(1), &cert("a", 100), &Rebind::FirstUse)
+        .expect("binds");
+    // A second first use (another certificate racing in) changes nothing.
+    store
+        .bind(t(1), &agent(1), &cert("b", 100), &Rebind::FirstUse)
+        .expect("no-op");
+    let b = store.binding(&agent(1)).expect("reads").expect("bound");
+    assert_eq!((b.current, b.previous), (cert("a", 100), None));
+    // The binding made the row, but the agent is seen first at its Hello.
+    store
+        .agent_connected(&agent(1), &BTreeMap::new(), "0.1.0", 4, t(2))
+        .expect("connects");
+    let renewed = Rebind::Replace {
+        grace_until: t(3600),
+        actor: Some("hub".into()),
+    };
+    store
+        .bind(t(3), &agent(1), &cert("c", 900), &renewed)
+        .expect("renews");
+    let b = store.binding(&agent(1)).expect("reads").expect("bound");
+    assert_eq!(b.current, cert("c", 900));
+    assert_eq!(b.previous, Some(("a".repeat(64), t(3600))));
+    let a = store.fleet().expect("fleet").remove(0);
+    assert_eq!(a.cert_not_after, Some(t(900)));
+    assert_eq!(a.cert_serial.as_deref(), Some("cc"));
+    drop(store);
+    let conn = open_admin(&path).expect("admin");
+    let actions: Vec<(String, String)> = audit::list(&conn, &path, None)
+        .expect("audit")
+        .into_iter()
+        .map(|r| (r.action, r.detail))
+        .collect();
+    assert_eq!(actions.len(), 2, "{actions:?}");
+    assert_eq!(actions[0].0, "agent.first_seen");
+    assert_eq!(actions[1].0, "cert.renewed");
+    assert!(actions[1].1.starts_with("serial aa -> cc"), "{actions:?}");
+}
+
+#[test]
 fn tail_filters_by_agent_and_stream_and_returns_the_newest_oldest_first() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = open(dir.path());

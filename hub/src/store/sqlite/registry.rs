@@ -269,7 +269,9 @@ pub(crate) fn fleet(conn: &Connection, path: &Path) -> Result<Vec<AgentRecord>, 
             "SELECT agent_id, labels, first_seen, last_seen, agent_version, protocol_version,
                     watermark, backlog_events, backlog_bytes, connected, policy_version,
                     policy_error, policy_dropped, policy_modified, labels_ignored,
-                    revoked_at, revoked_by, revoked_reason
+                    revoked_at, revoked_by, revoked_reason,
+                    (SELECT not_after FROM agent_certs c WHERE c.agent_id = agents.agent_id),
+                    (SELECT serial FROM agent_certs c WHERE c.agent_id = agents.agent_id)
              FROM agents ORDER BY agent_id",
         )
         .at(path)?;
@@ -354,6 +356,8 @@ fn record(path: &Path, row: &Row<'_>) -> Result<AgentRecord, StoreError> {
         backlog_bytes,
         sessions,
         policy_version,
+        cert_not_after: row.get::<_, Option<i64>>(18).at(path)?.map(Timestamp),
+        cert_serial: row.get(19).at(path)?,
         agent_id: agent_from(path, "agents.agent_id", id.clone())?,
     })
 }

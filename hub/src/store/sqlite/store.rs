@@ -11,6 +11,7 @@ use outpost_storage::{AtPath, Synchronous};
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use tracing::debug;
 
+use super::binding;
 use super::events::{events_stats, events_tail, AgentEventStats};
 use super::registry;
 use super::schema::prepare_schema;
@@ -20,7 +21,22 @@ use crate::clock;
 use crate::store::error::StoreError;
 use crate::store::handle::{InsertOutcome, PolicyCounts};
 use crate::store::records::AgentRecord;
-use crate::store::records::{Forward, SinkProgress};
+use crate::store::records::{CertBinding, CertInfo, Forward, Rebind, SinkProgress};
+
+/// Binds `cert` to `agent_id` as `how` says, on a connection of the
+/// operator verbs ([`open_admin`]), inside the caller's transaction: `ca
+/// issue --config` records the certificate it issued.
+pub fn bind_certificate(
+    conn: &Connection,
+    path: &Path,
+    key: &AuditKey,
+    now: Timestamp,
+    agent_id: &AgentId,
+    cert: &CertInfo,
+    how: &Rebind,
+) -> Result<(), StoreError> {
+    binding::bind(conn, path, key, now, agent_id, cert, how)
+}
 
 /// The store's file name inside the hub's `data_dir`.
 pub const FILE_NAME: &str = "hub.db";
@@ -90,6 +106,18 @@ pub(crate) enum Op<'a> {
     },
     /// The agent was heard from.
     Touch { agent_id: &'a AgentId },
+    /// A certificate is bound to the agent.
+    Bind {
+        agent_id: &'a AgentId,
+        cert: &'a CertInfo,
+        how: &'a Rebind,
+    },
+    /// A certificate of the agent was refused at the handshake.
+    CertRefused {
+        agent_id: &'a AgentId,
+        fingerprint: &'a str,
+        reason: &'a str,
+    },
 }
 
 /// The durable store: the one writer of its SQLite file.
@@ -310,6 +338,31 @@ impl Store {
         sink_queue::acked(&self.conn, &self.path, agent_id, w)
     }
 
+    /// The certificate bound to `agent_id`, if any.
+    pub fn binding(&self, agent_id: &AgentId) -> Result<Option<CertBinding>, StoreError> {
+        binding::binding(&self.conn, &self.path, agent_id)
+    }
+
+    /// Binds `cert` to `agent_id` in its own transaction, as the hub's
+    /// sessions do through the writer (tests and tools).
+    pub fn bind(
+        &mut self,
+        now: Timestamp,
+        agent_id: &AgentId,
+        cert: &CertInfo,
+        how: &Rebind,
+    ) -> Result<(), StoreError> {
+        self.apply(
+            now,
+            &[Op::Bind {
+                agent_id,
+                cert,
+                how,
+            }],
+        )
+        .map(drop)
+    }
+
     /// See [`StoreReader::events_tail`].
     pub fn events_tail(
         &self,
@@ -434,6 +487,16 @@ fn apply_one(
             bytes,
         } => registry::backlog(tx, path, agent_id, *events, *bytes).map(|()| None),
         Op::Touch { agent_id } => registry::touch(tx, path, agent_id, now).map(|()| None),
+        Op::Bind {
+            agent_id,
+            cert,
+            how,
+        } => binding::bind(tx, path, key, now, agent_id, cert, how).map(|()| None),
+        Op::CertRefused {
+            agent_id,
+            fingerprint,
+            reason,
+        } => binding::refused(tx, path, key, now, agent_id, fingerprint, reason).map(|()| None),
     }
 }
 
