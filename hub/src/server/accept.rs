@@ -1,6 +1,7 @@
-//! The accept loop, and one connection's life around its session: identify
-//! the agent, supersede its previous connection, run the driver, close with
-//! the code that says why, and log the end in the agent's span.
+//! The accept loop, and one connection's life around its session: decide at
+//! the door (`door`), identify the agent, supersede its previous connection,
+//! run the driver, close with the code that says why, and log the end in the
+//! agent's span.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -10,8 +11,9 @@ use std::time::Duration;
 use outpost_protocols::wire::{ErrorCode, CLOSE_OK};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
+use super::door::{Admission, Door, DoorCounters, Handshake, Limits};
 use super::endpoint::{server_config, udp_socket};
 use super::enforcement::PolicyFeed;
 use super::error::{ConnError, ServerError};
@@ -19,6 +21,7 @@ use super::identity::peer_agent_id;
 use super::live::Live;
 use super::reset::{endpoint_config, reset_secret_file};
 use super::session::session;
+use crate::clock;
 use crate::config::HubConfig;
 use crate::store::StoreHandle;
 
@@ -26,7 +29,10 @@ use crate::store::StoreHandle;
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Serves agents until `shutdown`. `reset_secret` is the replicas' shared
-/// secret of stateless resets; without it, `<data_dir>/reset.key`.
+/// secret of stateless resets; without it, `<data_dir>/reset.key`. What the
+/// door decides is counted in `door`.
+// One more than clippy's seven: each is a separate piece of the wiring.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     cfg: &HubConfig,
     base: &Path,
@@ -35,6 +41,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
     reset_secret: Option<Vec<u8>>,
+    door: Arc<DoorCounters>,
 ) -> Result<(), ServerError> {
     let (endpoint, addr) = bind(cfg, base, reset_secret)?;
     let local = endpoint.local_addr().unwrap_or(addr);
@@ -43,17 +50,23 @@ pub async fn serve(
         let _ = tx.send(local);
     }
     let live = Arc::new(Live::default());
+    let door = Door::new(Limits::from_config(&cfg.hub), door);
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                let Some(handshake) = at_the_door(&door, incoming) else { continue };
                 let (store, live, policy) = (store.clone(), live.clone(), policy.clone());
                 let stop = shutdown.child_token();
+                let counters = door.counters().clone();
+                let deadline = clock::tokio_now() + door.limits().stream_deadline;
                 tasks.spawn(async move {
+                    let (incoming, handshake) = handshake;
                     let remote = incoming.remote_address();
-                    if let Err(e) = connection(incoming, store, policy, live, stop).await {
+                    let opening = Opening { handshake, deadline, counters };
+                    if let Err(e) = connection(incoming, opening, store, policy, live, stop).await {
                         warn!(%remote, error = %e, "Agent connection ended.");
                     }
                 });
@@ -77,6 +90,49 @@ pub async fn serve(
     );
     let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
     Ok(())
+}
+
+/// Carries out the door's decision about `incoming`: the Incoming and its
+/// place among the handshakes if it may go on, nothing if it was answered
+/// with a Retry or refused.
+fn at_the_door(door: &Door, incoming: quinn::Incoming) -> Option<(quinn::Incoming, Handshake)> {
+    let remote = incoming.remote_address();
+    match door.admit(
+        remote.ip(),
+        incoming.remote_address_validated(),
+        clock::now(),
+    ) {
+        Admission::Accept(handshake) => Some((incoming, handshake)),
+        Admission::Retry => {
+            // An unvalidated address may always be retried (quinn's
+            // contract); should it not be, refusing is the safe answer.
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().refuse();
+            }
+            None
+        }
+        Admission::RateLimited => {
+            debug!(%remote, "Connection refused: the address opened too many.");
+            incoming.refuse();
+            None
+        }
+        Admission::Busy => {
+            debug!(%remote, "Connection refused: too many handshakes in flight.");
+            incoming.refuse();
+            None
+        }
+    }
+}
+
+/// What an admitted connection carries until it has opened its stream.
+struct Opening {
+    /// Its place among the handshakes in flight, given back when the
+    /// handshake ends.
+    handshake: Handshake,
+    /// When it must have opened its stream.
+    deadline: tokio::time::Instant,
+    /// Where a passed deadline is counted.
+    counters: Arc<DoorCounters>,
 }
 
 /// The QUIC endpoint `[hub]` describes, bound and ready to accept, and the
@@ -122,12 +178,27 @@ fn bind(
 /// One agent connection, from the handshake to the close.
 async fn connection(
     incoming: quinn::Incoming,
+    opening: Opening,
     store: StoreHandle,
     policy: PolicyFeed,
     live: Arc<Live>,
     stop: CancellationToken,
 ) -> Result<(), ConnError> {
-    let conn = incoming.await.map_err(ConnError::Handshake)?;
+    let Opening {
+        handshake,
+        deadline,
+        counters,
+    } = opening;
+    // Dropping the handshake at the deadline abandons the connection (quinn
+    // closes it); it never had a session to name a code in.
+    let conn = match tokio::time::timeout_at(deadline, incoming).await {
+        Ok(conn) => conn.map_err(ConnError::Handshake)?,
+        Err(_) => {
+            counters.stream_deadline_passed();
+            return Err(ConnError::StreamDeadline);
+        }
+    };
+    drop(handshake);
     let id = match peer_agent_id(&conn) {
         Ok(id) => id,
         Err(e) => {
@@ -142,7 +213,10 @@ async fn connection(
     async move {
         let registration = live.take_over(&id, &stop).await?;
         let mut registered = false;
-        let result = session(&conn, &id, &store, policy, &stop, &mut registered).await;
+        let result = session(&conn, &id, &store, policy, &stop, deadline, &mut registered).await;
+        if matches!(result, Err(ConnError::StreamDeadline)) {
+            counters.stream_deadline_passed();
+        }
         conn.close(close_code(&result), close_reason(&result).as_bytes());
         if registered {
             let _ = store.agent_disconnected(id.clone()).await;
@@ -171,6 +245,7 @@ fn close_code(result: &Result<(), ConnError>) -> quinn::VarInt {
     quinn::VarInt::from_u32(match result {
         Ok(()) => CLOSE_OK,
         Err(ConnError::Protocol(e)) => e.code().to_u32(),
+        Err(ConnError::StreamDeadline) => ErrorCode::Timeout.to_u32(),
         Err(_) => ErrorCode::Internal.to_u32(),
     })
 }
@@ -179,6 +254,7 @@ fn close_code(result: &Result<(), ConnError>) -> quinn::VarInt {
 fn close_reason(result: &Result<(), ConnError>) -> String {
     match result {
         Err(ConnError::Protocol(e)) => e.to_string(),
+        Err(e @ ConnError::StreamDeadline) => e.to_string(),
         _ => String::new(),
     }
 }

@@ -71,4 +71,6 @@ pub(super) enum ConnError {
     Usage(#[from] UsageError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("no stream opened before the deadline (hub.stream_deadline)")]
+    StreamDeadline,
 }

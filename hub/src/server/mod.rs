@@ -19,12 +19,14 @@
 //! never stale.
 //!
 //! The rooms, one job each: `endpoint` (the QUIC and socket settings),
-//! `reset` (the stateless-reset secret), `accept` (the accept loop and a
+//! `reset` (the stateless-reset secret), `door` (the limits a new
+//! connection meets before its handshake), `accept` (the accept loop and a
 //! connection's life), `live` (which connection of an agent is current),
 //! `identity` (the agent id from the certificate), `enforcement` (the policy
 //! applied again on ingest) and `session` (the driver).
 
 mod accept;
+mod door;
 mod endpoint;
 mod enforcement;
 mod error;
@@ -34,6 +36,7 @@ mod reset;
 mod session;
 
 pub use accept::serve;
+pub use door::{DoorCounters, DoorCounts};
 pub use endpoint::server_config;
 pub use enforcement::PolicyFeed;
 pub use error::ServerError;

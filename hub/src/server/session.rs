@@ -42,6 +42,8 @@ const NO_TIMER: Duration = Duration::from_secs(3600);
 type Commit = Pin<Box<dyn Future<Output = Result<(Seq, Seq), StoreError>> + Send>>;
 
 /// Runs the session of the agent `id` on `conn` until it ends or `stop`;
+/// the agent must open its stream before `deadline` (the hub's keep-alives
+/// would otherwise keep a connection without one open for ever).
 /// `registered` is set once the agent is in the registry.
 pub(super) async fn session(
     conn: &quinn::Connection,
@@ -49,11 +51,16 @@ pub(super) async fn session(
     store: &StoreHandle,
     policy: PolicyFeed,
     stop: &CancellationToken,
+    deadline: tokio::time::Instant,
     registered: &mut bool,
 ) -> Result<(), ConnError> {
+    // Biased: a stream that is already open wins over a deadline that
+    // passed while this connection waited to supersede the previous one.
     let (send, recv) = tokio::select! {
+        biased;
         () = stop.cancelled() => return Ok(()),
         s = conn.accept_bi() => s.map_err(ConnError::Connection)?,
+        () = tokio::time::sleep_until(deadline) => return Err(ConnError::StreamDeadline),
     };
     let mut driver = Driver::start(id, store, policy, stop, send, recv).await?;
     let result = driver.run().await;
