@@ -75,8 +75,8 @@ pub struct HubSection {
     /// New connections a second one source IP earns back.
     #[serde(default = "default_per_address_rate")]
     pub per_address_rate: f64,
-    /// How long a connection may take from its first packet to opening its
-    /// stream before it is closed with `Timeout`.
+    /// How long a connection may take, once its handshake is done, to open
+    /// its stream before it is closed with `Timeout`.
     #[serde(default = "default_stream_deadline")]
     pub stream_deadline: HumanDuration,
 }

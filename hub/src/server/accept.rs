@@ -28,6 +28,11 @@ use crate::store::StoreHandle;
 /// How long a stopping hub waits for its close frames to reach the agents.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
+/// The longest a TLS handshake may hold its place among those in flight
+/// (QUIC's idle timeout alone would let a peer that keeps sending hold it
+/// for ever).
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(60);
+
 /// Serves agents until `shutdown`. `reset_secret` is the replicas' shared
 /// secret of stateless resets; without it, `<data_dir>/reset.key`. What the
 /// door decides is counted in `door`.
@@ -61,11 +66,11 @@ pub async fn serve(
                 let (store, live, policy) = (store.clone(), live.clone(), policy.clone());
                 let stop = shutdown.child_token();
                 let counters = door.counters().clone();
-                let deadline = clock::tokio_now() + door.limits().stream_deadline;
+                let stream_deadline = door.limits().stream_deadline;
                 tasks.spawn(async move {
                     let (incoming, handshake) = handshake;
                     let remote = incoming.remote_address();
-                    let opening = Opening { handshake, deadline, counters };
+                    let opening = Opening { handshake, stream_deadline, counters };
                     if let Err(e) = connection(incoming, opening, store, policy, live, stop).await {
                         warn!(%remote, error = %e, "Agent connection ended.");
                     }
@@ -129,8 +134,9 @@ struct Opening {
     /// Its place among the handshakes in flight, given back when the
     /// handshake ends.
     handshake: Handshake,
-    /// When it must have opened its stream.
-    deadline: tokio::time::Instant,
+    /// How long it may take, once its handshake is done, to open its
+    /// stream.
+    stream_deadline: Duration,
     /// Where a passed deadline is counted.
     counters: Arc<DoorCounters>,
 }
@@ -186,19 +192,20 @@ async fn connection(
 ) -> Result<(), ConnError> {
     let Opening {
         handshake,
-        deadline,
+        stream_deadline,
         counters,
     } = opening;
-    // Dropping the handshake at the deadline abandons the connection (quinn
-    // closes it); it never had a session to name a code in.
-    let conn = match tokio::time::timeout_at(deadline, incoming).await {
-        Ok(conn) => conn.map_err(ConnError::Handshake)?,
-        Err(_) => {
-            counters.stream_deadline_passed();
-            return Err(ConnError::StreamDeadline);
-        }
-    };
+    // The handshake has a bound of its own, longer than the stream
+    // deadline: a thousand agents redialling at once on a slow machine may
+    // take longer than that to be served, and cutting them off would only
+    // make them dial again. Dropping it abandons the connection (quinn
+    // closes it).
+    let conn = tokio::time::timeout(HANDSHAKE_LIMIT, incoming)
+        .await
+        .map_err(|_| ConnError::HandshakeTimeout)?
+        .map_err(ConnError::Handshake)?;
     drop(handshake);
+    let deadline = clock::tokio_now() + stream_deadline;
     let id = match peer_agent_id(&conn) {
         Ok(id) => id,
         Err(e) => {

@@ -21,8 +21,8 @@
 //! 3. With `max_handshakes` handshakes in flight, an Incoming is refused.
 //!
 //! What is admitted holds a [`Handshake`] until its TLS handshake ends, and
-//! must then open its stream before `stream_deadline` (counted from the
-//! Incoming), or it is closed with `Timeout`.
+//! must then open its stream within `stream_deadline`, or it is closed with
+//! `Timeout`.
 //!
 //! The decision takes `now` and touches no socket, so it is tested without
 //! either; the accept loop carries it out and counts it.

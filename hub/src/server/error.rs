@@ -55,6 +55,8 @@ pub enum ServerError {
 pub(super) enum ConnError {
     #[error("handshake: {0}")]
     Handshake(#[source] quinn::ConnectionError),
+    #[error("handshake: not done within a minute")]
+    HandshakeTimeout,
     #[error("unauthorized: {0}")]
     Unauthorized(#[from] IdentityError),
     #[error("connection: {0}")]
