@@ -4,9 +4,16 @@
 //! uplink (which applies its stateless part again to what waits from before
 //! a change, so denied data never crosses the wire).
 //!
+//! The labels its rules are selected by are the hub's: the hub tells the
+//! agent the labels its registry holds (`Labels`, protocol version 4), and
+//! they replace the `[agent] labels` of the config from then on, here, in
+//! the `Hello` and in the outbox's buffer limits, so that both ends select
+//! the same rules. They are kept beside the policy for the next start.
+//!
 //! ```text
 //! <data_dir>/policy.json   {"version": N, "text": "<the TOML document>"}
 //!                          written to policy.json.tmp, fsynced, renamed
+//! <data_dir>/labels.json   {"site": "...", ...}: the hub's labels, the same way
 //! ```
 
 use std::collections::BTreeMap;
@@ -21,6 +28,9 @@ use tokio::sync::watch;
 /// The file name inside the data directory.
 pub const FILE_NAME: &str = "policy.json";
 
+/// The file of the hub's labels inside the data directory.
+pub const LABELS_FILE_NAME: &str = "labels.json";
+
 /// The policy in force at this agent, compiled for its labels.
 #[derive(Debug)]
 pub struct AgentPolicy {
@@ -32,6 +42,8 @@ pub struct AgentPolicy {
     pub policy: Policy,
     /// Its rules for this agent's labels.
     pub compiled: Arc<Compiled>,
+    /// The labels it was compiled for.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl AgentPolicy {
@@ -44,6 +56,7 @@ impl AgentPolicy {
             text: String::new(),
             policy,
             compiled,
+            labels: labels.clone(),
         }
     }
 
@@ -70,6 +83,7 @@ impl AgentPolicy {
             text: text.to_owned(),
             policy,
             compiled,
+            labels: labels.clone(),
         })
     }
 }
@@ -118,16 +132,37 @@ struct OnDisk {
 #[derive(Debug, Clone)]
 pub struct PolicyStore {
     path: PathBuf,
-    labels: BTreeMap<String, String>,
+    labels_path: PathBuf,
     tx: Arc<watch::Sender<Arc<AgentPolicy>>>,
 }
 
 impl PolicyStore {
-    /// Loads `<data_dir>/policy.json` (none: no policy yet).
+    /// Loads `<data_dir>/policy.json` (none: no policy yet), compiled for
+    /// the hub's labels in `<data_dir>/labels.json`, or for `configured`
+    /// (the config's `[agent] labels`) until the hub has told it any.
     pub fn open(
         data_dir: &Path,
-        labels: &BTreeMap<String, String>,
+        configured: &BTreeMap<String, String>,
     ) -> Result<PolicyStore, PolicyFileError> {
+        let labels_path = data_dir.join(LABELS_FILE_NAME);
+        let hubs = match std::fs::read_to_string(&labels_path) {
+            Ok(text) => Some(
+                serde_json::from_str::<BTreeMap<String, String>>(&text).map_err(|e| {
+                    PolicyFileError::Corrupt {
+                        path: labels_path.clone(),
+                        message: e.to_string(),
+                    }
+                })?,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(PolicyFileError::Io {
+                    path: labels_path,
+                    message: e.to_string(),
+                })
+            }
+        };
+        let labels = hubs.as_ref().unwrap_or(configured);
         let path = data_dir.join(FILE_NAME);
         let current = match std::fs::read_to_string(&path) {
             Ok(text) => {
@@ -155,9 +190,39 @@ impl PolicyStore {
         let (tx, _) = watch::channel(Arc::new(current));
         Ok(PolicyStore {
             path,
-            labels: labels.clone(),
+            labels_path,
             tx: Arc::new(tx),
         })
+    }
+
+    /// The labels the policy in force is selected by (the hub's, once it
+    /// told them), which the agent states in its `Hello`.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        self.current().labels.clone()
+    }
+
+    /// Puts the labels the hub told in force: persists them, then compiles
+    /// the policy in force for them. Returns whether they changed anything.
+    /// On error nothing changes.
+    pub fn set_labels(&self, labels: BTreeMap<String, String>) -> Result<bool, PolicyFileError> {
+        let current = self.current();
+        if current.labels == labels {
+            return Ok(false);
+        }
+        let body = serde_json::to_vec(&labels).map_err(|e| PolicyFileError::Corrupt {
+            path: self.labels_path.clone(),
+            message: e.to_string(),
+        })?;
+        write_durably(&self.labels_path, &body)?;
+        let compiled = Arc::new(current.policy.compile(&labels, &Catalog::trusting()));
+        self.tx.send_replace(Arc::new(AgentPolicy {
+            version: current.version,
+            text: current.text.clone(),
+            policy: current.policy.clone(),
+            compiled,
+            labels,
+        }));
+        Ok(true)
     }
 
     /// The policy in force.
@@ -173,7 +238,8 @@ impl PolicyStore {
     /// Validates a pushed policy, persists it, then puts it in force. On any
     /// error the policy in force stays as it was.
     pub fn install(&self, version: u64, text: &str) -> Result<Arc<AgentPolicy>, String> {
-        let new = AgentPolicy::parse(version, text, &self.labels).map_err(|e| e.to_string())?;
+        let labels = self.labels();
+        let new = AgentPolicy::parse(version, text, &labels).map_err(|e| e.to_string())?;
         self.persist(version, text).map_err(|e| e.to_string())?;
         let new = Arc::new(new);
         self.tx.send_replace(new.clone());
@@ -181,10 +247,6 @@ impl PolicyStore {
     }
 
     fn persist(&self, version: u64, text: &str) -> Result<(), PolicyFileError> {
-        let io = |e: std::io::Error| PolicyFileError::Io {
-            path: self.path.clone(),
-            message: e.to_string(),
-        };
         let body = serde_json::to_vec(&OnDisk {
             version,
             text: text.to_owned(),
@@ -193,20 +255,32 @@ impl PolicyStore {
             path: self.path.clone(),
             message: e.to_string(),
         })?;
-        let tmp = self.path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&body).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        drop(f);
-        std::fs::rename(&tmp, &self.path).map_err(io)?;
-        // The rename is durable once the directory is flushed.
-        if let Some(dir) = self.path.parent() {
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
-        Ok(())
+        write_durably(&self.path, &body)
     }
+}
+
+/// Writes `body` to `path` so that a crash leaves the old file or the new
+/// one: to `<path>.tmp`, fsynced, renamed, and the folder flushed.
+fn write_durably(path: &Path, body: &[u8]) -> Result<(), PolicyFileError> {
+    let io = |e: std::io::Error| PolicyFileError::Io {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(body).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io)?;
+    // The rename is durable once the directory is flushed.
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -229,6 +303,33 @@ mod tests {
         std::fs::write(dir.path().join(FILE_NAME), "{").expect("damages");
         assert!(matches!(
             PolicyStore::open(dir.path(), &labels),
+            Err(PolicyFileError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn the_hubs_labels_select_the_rules_and_outlive_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let configured = BTreeMap::from([("site".to_owned(), "a".to_owned())]);
+        let store = PolicyStore::open(dir.path(), &configured).expect("opens");
+        let text = "[[rules]]\nstreams = [\"x/#\"]\naction = \"deny\"\nagents = { site = \"b\" }\n";
+        store.install(1, text).expect("installs");
+        assert_eq!(store.current().compiled.rule_for("x/y"), None);
+        let hubs = BTreeMap::from([("site".to_owned(), "b".to_owned())]);
+        assert!(store.set_labels(hubs.clone()).expect("persists"));
+        assert!(!store.set_labels(hubs.clone()).expect("same"));
+        assert_eq!(store.labels(), hubs);
+        assert_eq!(store.current().compiled.rule_for("x/y"), Some("rules[0]"));
+        // A policy installed later is compiled for the hub's labels too.
+        store.install(2, text).expect("installs");
+        assert_eq!(store.current().compiled.rule_for("x/y"), Some("rules[0]"));
+        // After a restart the hub's labels win over the config's.
+        let again = PolicyStore::open(dir.path(), &configured).expect("reopens");
+        assert_eq!(again.labels(), hubs);
+        assert_eq!(again.current().compiled.rule_for("x/y"), Some("rules[0]"));
+        std::fs::write(dir.path().join(LABELS_FILE_NAME), "[").expect("damages");
+        assert!(matches!(
+            PolicyStore::open(dir.path(), &configured),
             Err(PolicyFileError::Corrupt { .. })
         ));
     }

@@ -110,11 +110,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ru
             max_batch: cfg.outbox.commit_batch,
             window: cfg.outbox.commit_window,
         },
-        Some(PolicyGate::new(
-            policy.subscribe(),
-            cfg.labels.clone(),
-            metrics.clone(),
-        )),
+        Some(PolicyGate::new(policy.subscribe(), metrics.clone())),
         writer_stop.clone(),
     );
     let mut tasks = JoinSet::new();
@@ -178,7 +174,6 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ru
         let u = Uplink::new(
             uplink.clone(),
             handle.clone(),
-            cfg.labels.clone(),
             metrics.clone(),
             policy.clone(),
         );

@@ -9,6 +9,7 @@
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
 pub mod admin;
+pub mod agents;
 pub mod ca;
 pub mod client_tls;
 pub mod clock;
@@ -22,4 +23,5 @@ pub mod run;
 pub mod server;
 pub mod sinks;
 pub mod store;
+pub mod trust;
 pub mod verbs;

@@ -57,6 +57,11 @@ enum Command {
         #[command(subcommand)]
         command: outpost_hub::admin::PolicyCommand,
     },
+    /// An agent's standing: its labels, revocation (works while the hub runs).
+    Agent {
+        #[command(subcommand)]
+        command: outpost_hub::agents::AgentCommand,
+    },
     /// The tamper-evident audit log: list, verify.
     Audit {
         #[command(subcommand)]
@@ -171,6 +176,14 @@ fn main() -> ExitCode {
         Command::Policy { command } => {
             let env: Vec<(String, String)> = std::env::vars().collect();
             verb_exit(outpost_hub::admin::policy(
+                &command,
+                &env,
+                &mut std::io::stdout().lock(),
+            ))
+        }
+        Command::Agent { command } => {
+            let env: Vec<(String, String)> = std::env::vars().collect();
+            verb_exit(outpost_hub::agents::agent(
                 &command,
                 &env,
                 &mut std::io::stdout().lock(),

@@ -296,6 +296,8 @@ mod tests {
         AgentRecord {
             agent_id: AgentId::parse(id).expect("id"),
             labels: Default::default(),
+            labels_ignored: 0,
+            revoked: None,
             first_seen: Timestamp(0),
             last_seen: Timestamp(0),
             agent_version: None,

@@ -18,6 +18,7 @@ use crate::server::{self, ServerError};
 use crate::sinks::runner::{QueueSource, SinkThread};
 use crate::store::jetstream::{spawn_jetstream_writer, JetStreamStore, JetStreamStoreConfig};
 use crate::store::{self, spawn_store_writer, Store, StoreError, Synchronous, WriterOptions};
+use crate::trust::TrustSource;
 
 /// Why the hub could not run.
 #[derive(Debug, thiserror::Error)]
@@ -97,13 +98,16 @@ async fn run_sqlite(
         watch_stop.clone(),
     )
     .await?;
+    let (trust, trust_watcher) =
+        crate::trust::watch(TrustSource::Sqlite(path.clone()), watch_stop.clone()).await?;
     let running = Running {
         handle,
         writer,
         writer_stop,
         watch_stop,
-        watcher,
+        watchers: vec![watcher, trust_watcher],
         current,
+        trust,
         catalog,
     };
     let sources = Sources {
@@ -140,6 +144,11 @@ async fn run_jetstream(
         watch_stop.clone(),
     )
     .await?;
+    let (trust, trust_watcher) = crate::trust::watch(
+        TrustSource::JetStream(Box::new(store.clone())),
+        watch_stop.clone(),
+    )
+    .await?;
     let writer_stop = CancellationToken::new();
     let replica = store.replica().to_owned();
     let configured: Vec<String> = cfg.sinks.iter().map(|s| s.id.clone()).collect();
@@ -154,8 +163,9 @@ async fn run_jetstream(
         writer,
         writer_stop,
         watch_stop,
-        watcher,
+        watchers: vec![watcher, trust_watcher],
         current,
+        trust,
         catalog,
     };
     let sources = Sources {
@@ -171,14 +181,15 @@ async fn run_jetstream(
     Ok(())
 }
 
-/// A store backend and the policy watch, running.
+/// A store backend and the policy and trust watches, running.
 struct Running<T> {
     handle: store::StoreHandle,
     writer: tokio::task::JoinHandle<Result<T, StoreError>>,
     writer_stop: CancellationToken,
     watch_stop: CancellationToken,
-    watcher: tokio::task::JoinHandle<()>,
+    watchers: Vec<tokio::task::JoinHandle<()>>,
     current: tokio::sync::watch::Receiver<std::sync::Arc<crate::policy::FleetPolicy>>,
+    trust: tokio::sync::watch::Receiver<std::sync::Arc<crate::trust::TrustView>>,
     catalog: outpost_protocols::policy::Catalog,
 }
 
@@ -205,12 +216,13 @@ async fn serve_on<T>(
     let (sinks_stop, runners) = match started {
         Ok(started) => started,
         Err(e) => {
-            let _ = stop_store(r.watch_stop, r.watcher, r.handle, r.writer_stop, r.writer).await;
+            let _ = stop_store(r.watch_stop, r.watchers, r.handle, r.writer_stop, r.writer).await;
             return Err(e.into());
         }
     };
     let feed = server::PolicyFeed {
         current: r.current,
+        trust: r.trust,
         catalog: r.catalog,
     };
     let door = std::sync::Arc::new(server::DoorCounters::default());
@@ -228,7 +240,7 @@ async fn serve_on<T>(
     .await;
     stop_metrics(metrics).await;
     stop_sinks(sinks_stop, runners).await;
-    let closed = stop_store(r.watch_stop, r.watcher, r.handle, r.writer_stop, r.writer).await;
+    let closed = stop_store(r.watch_stop, r.watchers, r.handle, r.writer_stop, r.writer).await;
     served?;
     closed
 }
@@ -275,17 +287,20 @@ async fn stop_sinks(stop: CancellationToken, runners: Vec<SinkThread>) {
     }
 }
 
-/// After the QUIC side: stops the policy watch, then the store backend once
-/// it has answered everything queued, and says how the backend ended.
+/// After the QUIC side: stops the policy and trust watches, then the store
+/// backend once it has answered everything queued, and says how the backend
+/// ended.
 async fn stop_store<T>(
     watch_stop: CancellationToken,
-    watcher: tokio::task::JoinHandle<()>,
+    watchers: Vec<tokio::task::JoinHandle<()>>,
     handle: store::StoreHandle,
     writer_stop: CancellationToken,
     writer: tokio::task::JoinHandle<Result<T, StoreError>>,
 ) -> Result<(), RunError> {
     watch_stop.cancel();
-    let _ = watcher.await;
+    for w in watchers {
+        let _ = w.await;
+    }
     drop(handle);
     writer_stop.cancel();
     writer

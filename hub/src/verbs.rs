@@ -426,6 +426,12 @@ pub fn fleet_json(fleet: &[AgentRecord]) -> serde_json::Value {
                 "policy_modified": a.policy_modified,
                 "backlog_events": a.backlog_events,
                 "backlog_bytes": a.backlog_bytes,
+                "labels_ignored": a.labels_ignored,
+                "revoked": a.revoked.as_ref().map(|r| serde_json::json!({
+                    "at": r.at.0,
+                    "by": r.by,
+                    "reason": r.reason,
+                })),
             })
         })
         .collect()
@@ -440,10 +446,11 @@ pub fn fleet_text(fleet: &[AgentRecord]) -> String {
     let rows: Vec<Vec<String>> = fleet
         .iter()
         .map(|a| {
-            let state = match a.sessions {
-                0 => "disconnected".to_owned(),
-                1 => "connected".to_owned(),
-                n => format!("connected ({n} sessions)"),
+            let state = match (a.sessions, &a.revoked) {
+                (_, Some(_)) => "revoked".to_owned(),
+                (0, None) => "disconnected".to_owned(),
+                (1, None) => "connected".to_owned(),
+                (n, None) => format!("connected ({n} sessions)"),
             };
             let backlog = match (a.backlog_events, a.backlog_bytes) {
                 (Some(e), Some(b)) => format!("{e} ev / {b} B"),
@@ -632,6 +639,8 @@ mod tests {
         AgentRecord {
             agent_id: AgentId::parse(id).expect("valid"),
             labels: BTreeMap::from([("site".to_owned(), "depot-17".to_owned())]),
+            labels_ignored: 0,
+            revoked: None,
             first_seen: Timestamp(1_718_000_000_000_000_000),
             last_seen: Timestamp(1_718_000_060_000_000_000),
             agent_version: Some("0.1.0".into()),

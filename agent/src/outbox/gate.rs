@@ -25,7 +25,6 @@ use crate::policy::AgentPolicy;
 /// writer, which owns the outbox).
 pub struct PolicyGate {
     rx: watch::Receiver<Arc<AgentPolicy>>,
-    labels: std::collections::BTreeMap<String, String>,
     metrics: Arc<Metrics>,
     /// The outbox limits of the local config, restored when a policy sets
     /// none.
@@ -33,17 +32,13 @@ pub struct PolicyGate {
 }
 
 impl PolicyGate {
-    /// A gate following `rx`, for an agent with `labels`.
-    pub fn new(
-        mut rx: watch::Receiver<Arc<AgentPolicy>>,
-        labels: std::collections::BTreeMap<String, String>,
-        metrics: Arc<Metrics>,
-    ) -> PolicyGate {
+    /// A gate following `rx` (each policy carries the labels it selects
+    /// by).
+    pub fn new(mut rx: watch::Receiver<Arc<AgentPolicy>>, metrics: Arc<Metrics>) -> PolicyGate {
         // The first refresh applies the policy in force now.
         rx.mark_changed();
         PolicyGate {
             rx,
-            labels,
             metrics,
             local: (0, None, Eviction::DropOldest),
         }
@@ -71,7 +66,7 @@ impl PolicyGate {
         }
         let p = self.rx.borrow_and_update().clone();
         let (max_bytes, max_age, eviction) = self.local;
-        let limits = p.policy.buffer_for(&self.labels);
+        let limits = p.policy.buffer_for(&p.labels);
         let eviction_of = |e: &str| match e {
             "refuse-new" => Eviction::RefuseNew,
             _ => Eviction::DropOldest,

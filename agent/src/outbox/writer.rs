@@ -407,7 +407,7 @@ mod tests {
         let labels = BTreeMap::from([("site".to_owned(), "a".to_owned())]);
         let policy = crate::policy::PolicyStore::open(dir.path(), &labels).expect("policy");
         let metrics = Metrics::new();
-        let gate = PolicyGate::new(policy.subscribe(), labels, metrics.clone());
+        let gate = PolicyGate::new(policy.subscribe(), metrics.clone());
         let (handle, join) = spawn_writer_with_policy(
             open(&dir),
             WriterOptions::default(),

@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use outpost_protocols::wire::{AgentInfo, ALPN, CLOSE_OK};
+use outpost_protocols::wire::{AgentInfo, ErrorCode, ALPN, CLOSE_OK};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{error, info, info_span, warn, Instrument};
 
 use super::driver::{serve, Ended, Link};
 use super::error::UplinkError;
@@ -29,27 +29,22 @@ const CLOSE_WAIT: Duration = Duration::from_secs(1);
 pub struct Uplink {
     settings: UplinkSection,
     outbox: OutboxHandle,
-    info: AgentInfo,
     metrics: Arc<Metrics>,
     policy: PolicyStore,
 }
 
 impl Uplink {
-    /// An uplink for these settings; `labels` travel in the handshake.
+    /// An uplink for these settings. The `Hello` states the labels the
+    /// policy in force is selected by (`policy`'s: the hub's, once told).
     pub fn new(
         settings: UplinkSection,
         outbox: OutboxHandle,
-        labels: std::collections::BTreeMap<String, String>,
         metrics: Arc<Metrics>,
         policy: PolicyStore,
     ) -> Uplink {
         Uplink {
             settings,
             outbox,
-            info: AgentInfo {
-                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-                labels,
-            },
             metrics,
             policy,
         }
@@ -94,6 +89,13 @@ impl Uplink {
             match self.connect_and_serve(&config, &shutdown).await {
                 Ok(Ended::Shutdown) => return,
                 Ok(Ended::Closed) => info!("Hub closed the connection; reconnecting."),
+                Err(e) if e.hub_code() == Some(ErrorCode::Revoked) => {
+                    self.metrics.uplink_connected.set(0);
+                    // Only an operator's `agent reinstate` helps: retry
+                    // at the longest interval.
+                    backoff = max;
+                    error!(retry_in = ?backoff, "The hub refused this agent: an operator revoked it. Events stay in the outbox.");
+                }
                 Err(e) => {
                     self.metrics.uplink_connected.set(0);
                     warn!(error = %e, retry_in = ?backoff, "Uplink lost; reconnecting.");
@@ -140,11 +142,15 @@ impl Uplink {
             () = shutdown.cancelled() => return Ok(Ended::Shutdown),
             c = connecting => c?,
         };
+        let info = AgentInfo {
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            labels: self.policy.labels(),
+        };
         let link = Link {
             outbox: &self.outbox,
             metrics: &self.metrics,
             policy: &self.policy,
-            info: &self.info,
+            info: &info,
         };
         let result = serve(link, &conn, shutdown).await;
         match &result {

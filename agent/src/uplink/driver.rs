@@ -186,6 +186,7 @@ impl<'a> Driver<'a> {
                     self.ack_wanted = self.ack_wanted.max(upto.min(*self.committed.borrow()));
                 }
                 AgentEvent::Policy { version, text } => self.install_policy(version, &text),
+                AgentEvent::Labels { labels } => self.set_labels(labels),
                 AgentEvent::NeedEvents { room } => need = Some(room),
                 AgentEvent::ReportBacklog => self.report_backlog().await,
                 AgentEvent::Closed { error } => {
@@ -210,6 +211,24 @@ impl<'a> Driver<'a> {
     async fn report_backlog(&mut self) {
         if let Ok(s) = self.link.outbox.stats().await {
             self.session.report_backlog(s.events, s.bytes, s.first_seq);
+        }
+    }
+
+    /// Selects the policy's rules by the labels the hub's registry holds
+    /// from now on (the hub selects by them too). A failure to keep them
+    /// for the next start leaves the labels in force as they were; the hub
+    /// tells them again at the next connection.
+    fn set_labels(&mut self, labels: std::collections::BTreeMap<String, String>) {
+        let policy = self.link.policy;
+        match policy.set_labels(labels) {
+            Ok(true) => {
+                info!(labels = ?policy.labels(), "The hub's labels are in force; the policy's rules are selected by them.");
+                self.gate.refresh(policy);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                warn!(error = %e, "Cannot keep the labels the hub told; the previous ones stay in force.")
+            }
         }
     }
 

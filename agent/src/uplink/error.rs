@@ -1,7 +1,7 @@
 //! Why a connection to the hub ended, keeping the quinn, io or outbox error
 //! as the source; the uplink logs it as one line and redials.
 
-use outpost_protocols::wire::{ProtocolError, UsageError};
+use outpost_protocols::wire::{ErrorCode, ProtocolError, UsageError};
 
 use crate::outbox::OutboxError;
 
@@ -58,4 +58,26 @@ pub enum UplinkError {
     /// The outbox failed.
     #[error(transparent)]
     Outbox(#[from] OutboxError),
+}
+
+impl UplinkError {
+    /// The code the hub closed with, when it closed the connection or the
+    /// session for a named reason.
+    pub fn hub_code(&self) -> Option<ErrorCode> {
+        let closed = |e: &quinn::ConnectionError| match e {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                u32::try_from(c.error_code.into_inner())
+                    .ok()
+                    .and_then(ErrorCode::from_u32)
+            }
+            _ => None,
+        };
+        match self {
+            UplinkError::Connection(e) => closed(e),
+            UplinkError::Write(quinn::WriteError::ConnectionLost(e))
+            | UplinkError::Read(quinn::ReadError::ConnectionLost(e)) => closed(e),
+            UplinkError::Protocol(e) if e.is_from_peer() => Some(e.code()),
+            _ => None,
+        }
+    }
 }

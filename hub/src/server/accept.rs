@@ -217,6 +217,17 @@ async fn connection(
         }
     };
     let span = info_span!("agent", agent_id = %id, remote = %conn.remote_address());
+    // Refused before it can supersede the live connection of its id.
+    let revoked = policy.trust.borrow().revocation(&id).cloned();
+    if let Some(r) = revoked {
+        conn.close(
+            quinn::VarInt::from_u32(ErrorCode::Revoked.to_u32()),
+            b"revoked",
+        );
+        let _enter = span.enter();
+        warn!(by = %r.by, reason = %r.reason, "Refused a revoked agent.");
+        return Ok(());
+    }
     async move {
         let registration = live.take_over(&id, &stop).await?;
         let mut registered = false;

@@ -16,24 +16,34 @@ use tracing::debug;
 
 use crate::policy::FleetPolicy;
 use crate::store::{Forward, PolicyCounts};
+use crate::trust::TrustView;
 
-/// The policy in force and the sinks it is enforced against, for every
+/// The policy in force, the agents' standing (revocations, and when their
+/// labels change) and the sinks the policy is enforced against, for every
 /// session.
 #[derive(Debug, Clone)]
 pub struct PolicyFeed {
     /// The version in force, replaced when an operator applies another.
     pub current: watch::Receiver<Arc<FleetPolicy>>,
+    /// Which agents are revoked; a new view whenever an operator changes
+    /// labels or revocations.
+    pub trust: watch::Receiver<Arc<TrustView>>,
     /// The hub's sinks and their regions.
     pub catalog: Catalog,
 }
 
 impl PolicyFeed {
-    /// No policy, ever: for tests of the ingest alone.
+    /// No policy and no revocation, ever: for tests of the ingest alone.
     pub fn none(catalog: Catalog) -> PolicyFeed {
         let (tx, current) = watch::channel(Arc::new(FleetPolicy::none()));
+        let (trust_tx, trust) = watch::channel(Arc::new(TrustView::empty()));
         // A receiver outlives its sender: it keeps the last value.
-        drop(tx);
-        PolicyFeed { current, catalog }
+        drop((tx, trust_tx));
+        PolicyFeed {
+            current,
+            trust,
+            catalog,
+        }
     }
 }
 
@@ -97,11 +107,16 @@ impl Enforcement {
         self.current.version.0
     }
 
-    /// The agent said `Hello` with these labels: the policy in force is
-    /// compiled for them.
+    /// The registry's labels of the agent (never what its `Hello` states):
+    /// the policy in force is compiled for them.
     pub(super) fn set_labels(&mut self, labels: BTreeMap<String, String>) {
         self.labels = labels;
         self.recompile();
+    }
+
+    /// The labels the policy is compiled for.
+    pub(super) fn labels(&self) -> &BTreeMap<String, String> {
+        &self.labels
     }
 
     /// An operator applied another version: it is compiled for the agent's

@@ -8,6 +8,7 @@
 //! for the stream, a commit, a sink's delivery, a new policy, the stop
 //! signal or the session's timer, and feed what came.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::ops::ControlFlow;
 use std::pin::Pin;
@@ -79,6 +80,8 @@ struct Driver<'a> {
     policy: PolicyFeed,
     /// Whether new policy versions may still come.
     watching_policy: bool,
+    /// Whether new trust views may still come.
+    watching_trust: bool,
     enforcement: Enforcement,
     /// Moves when a sink's queue shrank: an acknowledgement held back for a
     /// sink may move then.
@@ -121,6 +124,8 @@ impl<'a> Driver<'a> {
         )
         .holding(received);
         let current = policy.current.borrow_and_update().clone();
+        // The connection was checked against this view at the handshake.
+        policy.trust.borrow_and_update();
         let enforcement = Enforcement::new(current, policy.catalog.clone());
         enforcement.offer(&mut session);
         Ok(Driver {
@@ -132,6 +137,7 @@ impl<'a> Driver<'a> {
             recv,
             policy,
             watching_policy: true,
+            watching_trust: true,
             enforcement,
             delivered: store.delivered_signal(),
             watching_sinks: true,
@@ -181,11 +187,26 @@ impl<'a> Driver<'a> {
                     labels,
                 } => {
                     info!(version, %agent_version, policy_version = self.enforcement.version(), "Agent connected.");
-                    self.enforcement.set_labels(labels.clone());
                     self.store
-                        .agent_connected(self.id.clone(), labels, agent_version, version)
+                        .agent_connected(self.id.clone(), labels.clone(), agent_version, version)
                         .await?;
                     self.registered = true;
+                    // The registry's labels select the rules, never the
+                    // `Hello`'s: they are the registry's only for an agent
+                    // it did not know (registered just now).
+                    let held = self
+                        .store
+                        .labels(self.id.clone())
+                        .await?
+                        .unwrap_or_else(|| labels.clone());
+                    if held != labels {
+                        warn!(
+                            stated = ?labels,
+                            registry = ?held,
+                            "The agent's Hello states other labels than the registry holds; ignored (counted in labels_ignored)."
+                        );
+                    }
+                    self.use_labels(held);
                 }
                 HubEvent::Store { events } => self.store_batch(events).await?,
                 HubEvent::PolicyStatus { version, error } => {
@@ -228,6 +249,44 @@ impl<'a> Driver<'a> {
             }
         }
         Ok(ControlFlow::Continue(()))
+    }
+
+    /// Selects the policy's rules by `labels` (the registry's) and tells the
+    /// agent, so that its own enforcement selects the same.
+    fn use_labels(&mut self, labels: BTreeMap<String, String>) {
+        if let Err(e) = self.session.tell_labels(&labels) {
+            warn!(error = %e, "Cannot tell the agent its labels.");
+        }
+        self.enforcement.set_labels(labels);
+    }
+
+    /// An operator changed labels or revocations: closes the session of a
+    /// revoked agent, and selects the rules by the agent's labels again.
+    async fn trust_changed(&mut self) -> Result<(), ConnError> {
+        let view = self.policy.trust.borrow_and_update().clone();
+        if let Some(r) = view.revocation(self.id) {
+            warn!(by = %r.by, reason = %r.reason, "The agent was revoked; closing its session.");
+            self.closing = true;
+            self.session.close(
+                ErrorCode::Revoked,
+                &format!("revoked by an operator: {}", r.reason),
+            );
+            return Ok(());
+        }
+        if !self.registered {
+            return Ok(());
+        }
+        if let Some(labels) = self.store.labels(self.id.clone()).await? {
+            if labels != *self.enforcement.labels() {
+                info!(
+                    old = ?self.enforcement.labels(),
+                    new = ?labels,
+                    "An operator changed the agent's labels; its rules are selected by the new ones."
+                );
+                self.use_labels(labels);
+            }
+        }
+        Ok(())
     }
 
     /// Paces a batch to the agent's `hold` rate, applies the policy to it
@@ -297,6 +356,13 @@ impl<'a> Driver<'a> {
                 } else {
                     let acked = self.store.acked(self.id.clone()).await?;
                     self.session.sinks_accepted(acked)?;
+                }
+            }
+            changed = self.policy.trust.changed(), if self.watching_trust => {
+                if changed.is_ok() {
+                    self.trust_changed().await?;
+                } else {
+                    self.watching_trust = false;
                 }
             }
             changed = self.policy.current.changed(), if self.watching_policy => {

@@ -189,6 +189,11 @@ pub(super) enum Read {
         agent_id: AgentId,
         reply: Reply<(Seq, Seq)>,
     },
+    /// The registry's labels of the agent (`None`: not registered).
+    Labels {
+        agent_id: AgentId,
+        reply: Reply<Option<BTreeMap<String, String>>>,
+    },
 }
 
 impl Read {
@@ -197,7 +202,8 @@ impl Read {
         match self {
             Read::Watermark { agent_id, .. }
             | Read::Acked { agent_id, .. }
-            | Read::Resume { agent_id, .. } => agent_id,
+            | Read::Resume { agent_id, .. }
+            | Read::Labels { agent_id, .. } => agent_id,
         }
     }
 }
@@ -423,6 +429,18 @@ impl StoreHandle {
     /// request, read like them: where a new session starts.
     pub async fn resume(&self, agent_id: AgentId) -> Result<(Seq, Seq), StoreError> {
         self.call(|reply| Message::Call(Read::Resume { agent_id, reply }))
+            .await
+    }
+
+    /// The registry's labels of `agent_id`, read after every request queued
+    /// before this one has committed (so after its `agent_connected`):
+    /// the labels the hub selects its rules by. `None` for an agent the
+    /// registry does not know.
+    pub async fn labels(
+        &self,
+        agent_id: AgentId,
+    ) -> Result<Option<BTreeMap<String, String>>, StoreError> {
+        self.call(|reply| Message::Call(Read::Labels { agent_id, reply }))
             .await
     }
 

@@ -152,8 +152,11 @@ pub(crate) use error::AtPath;
 pub use error::StoreError;
 pub use handle::{InsertOutcome, PendingInsert, PolicyCounts, StoreHandle, WriterOptions};
 pub use outpost_storage::Synchronous;
-pub use records::{AgentRecord, Forward, Queued, SinkProgress, SinkStatus};
+pub use records::{
+    AgentRecord, Forward, LabelChange, Queued, Revocation, SinkProgress, SinkStatus,
+};
 pub use sqlite::audit;
+pub use sqlite::trust;
 pub use sqlite::{
     open_admin, spawn_store_writer, store_path, AgentEventStats, Store, StoreReader, FILE_NAME,
     SCHEMA_VERSION,

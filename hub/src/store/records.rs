@@ -16,8 +16,15 @@ use serde::Serialize;
 pub struct AgentRecord {
     /// The agent, from its certificate.
     pub agent_id: AgentId,
-    /// The labels of its latest `Hello` (empty until it said one).
+    /// Its labels, which select the policy's rules, limits and sink topics:
+    /// set at enrollment or by `outpost-hub agent label`, else those of its
+    /// first `Hello`. Never changed by what a later `Hello` states.
     pub labels: BTreeMap<String, String>,
+    /// How many of its `Hello`s stated other labels than these (ignored).
+    pub labels_ignored: u64,
+    /// Whether, when and why an operator revoked it; `None` while it may
+    /// connect.
+    pub revoked: Option<Revocation>,
     /// When the hub first heard of it, Unix ns.
     pub first_seen: Timestamp,
     /// When the hub last heard from it (a session starting or ending, a batch,
@@ -55,6 +62,28 @@ impl AgentRecord {
     pub fn connected(&self) -> bool {
         self.sessions > 0
     }
+}
+
+/// An operator's revocation of an agent: refused at the handshake, its live
+/// sessions closed, until reinstated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Revocation {
+    /// When, Unix ns.
+    pub at: Timestamp,
+    /// Who revoked it.
+    pub by: String,
+    /// Why, as the operator wrote it.
+    pub reason: String,
+}
+
+/// An operator's change of an agent's labels: before (`None`: the agent
+/// was not in the registry) and after.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelChange {
+    /// Before.
+    pub old: Option<BTreeMap<String, String>>,
+    /// After.
+    pub new: BTreeMap<String, String>,
 }
 
 /// An event the policy routes to sinks besides (or instead of) the store.

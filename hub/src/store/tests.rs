@@ -972,3 +972,100 @@ fn the_queue_of_a_sink_no_longer_configured_is_dropped_and_audited_and_releases_
         vec![]
     );
 }
+
+fn site(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([("site".to_owned(), name.to_owned())])
+}
+
+#[test]
+fn a_hello_cannot_change_the_labels_the_registry_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(dir.path());
+    store
+        .agent_connected(&agent(1), &site("a"), "0.1.0", 4, NOW)
+        .expect("first seen");
+    assert_eq!(store.labels(&agent(1)).expect("reads"), Some(site("a")));
+    // A later Hello states another site: ignored, and counted.
+    store
+        .agent_connected(&agent(1), &site("b"), "0.1.0", 4, NOW)
+        .expect("connects");
+    store
+        .agent_connected(&agent(1), &site("a"), "0.1.0", 4, NOW)
+        .expect("connects");
+    let a = &store.fleet().expect("fleet")[0];
+    assert_eq!(a.labels, site("a"));
+    assert_eq!(a.labels_ignored, 1);
+    assert_eq!(store.labels(&agent(2)).expect("reads"), None);
+}
+
+#[test]
+fn operators_set_labels_revoke_and_reinstate_audited_and_each_raises_the_generation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(FILE_NAME);
+    let mut store = open(dir.path());
+    store
+        .agent_connected(&agent(1), &site("a"), "0.1.0", 4, NOW)
+        .expect("first seen");
+    drop(store);
+    let mut conn = open_admin(&path).expect("opens");
+    assert_eq!(trust::generation(&conn, &path).expect("reads"), 0);
+
+    let change =
+        trust::set_labels(&mut conn, &path, &agent(1), &site("b"), "ops", NOW).expect("labels");
+    assert_eq!((change.old, change.new), (Some(site("a")), site("b")));
+    assert_eq!(trust::generation(&conn, &path).expect("reads"), 1);
+    // The same labels again change nothing and record nothing.
+    trust::set_labels(&mut conn, &path, &agent(1), &site("b"), "ops", NOW).expect("labels");
+    assert_eq!(trust::generation(&conn, &path).expect("reads"), 1);
+    // Labels for an agent never seen register it; its first Hello then
+    // does not replace them.
+    trust::set_labels(&mut conn, &path, &agent(2), &site("c"), "ops", NOW).expect("labels");
+
+    let (r, new) =
+        trust::revoke(&mut conn, &path, &agent(1), "stolen", "ops", NOW).expect("revokes");
+    assert!(new);
+    assert_eq!((r.by.as_str(), r.reason.as_str()), ("ops", "stolen"));
+    let (again, new) =
+        trust::revoke(&mut conn, &path, &agent(1), "other", "ops2", NOW).expect("revokes");
+    assert!(!new, "a second revoke keeps the first");
+    assert_eq!(again.reason, "stolen");
+    let revoked = trust::revoked(&conn, &path).expect("reads");
+    assert_eq!(revoked.keys().collect::<Vec<_>>(), vec![&agent(1)]);
+    assert_eq!(trust::generation(&conn, &path).expect("reads"), 3);
+
+    let lifted = trust::reinstate(&mut conn, &path, &agent(1), "ops", NOW).expect("reinstates");
+    assert_eq!(lifted.map(|r| r.reason), Some("stolen".to_owned()));
+    assert_eq!(
+        trust::reinstate(&mut conn, &path, &agent(1), "ops", NOW).expect("reinstates"),
+        None
+    );
+    assert!(trust::revoked(&conn, &path).expect("reads").is_empty());
+    assert_eq!(trust::generation(&conn, &path).expect("reads"), 4);
+
+    let actions: Vec<String> = audit::list(&conn, &path, None)
+        .expect("lists")
+        .into_iter()
+        .map(|e| format!("{} {}", e.action, e.target))
+        .collect();
+    for want in [
+        "agent.labels_changed gw-1",
+        "agent.labels_changed gw-2",
+        "agent.revoked gw-1",
+        "agent.reinstated gw-1",
+    ] {
+        assert!(actions.contains(&want.to_owned()), "{want} in {actions:?}");
+    }
+    assert_eq!(
+        actions
+            .iter()
+            .filter(|a| a.starts_with("agent.revoked"))
+            .count(),
+        1
+    );
+    drop(conn);
+    let mut store = open(dir.path());
+    store
+        .agent_connected(&agent(2), &site("z"), "0.1.0", 4, NOW)
+        .expect("first connection");
+    assert_eq!(store.labels(&agent(2)).expect("reads"), Some(site("c")));
+}

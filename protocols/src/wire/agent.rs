@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 use super::code::ErrorCode;
 use super::error::{ProtocolError, UsageError};
 use super::frame::{
-    check_hello, truncate, BatchEncoder, Frame, FrameDecoder, Pushed, MAX_ERROR_MESSAGE_LEN,
-    MAX_EVENT_LEN,
+    check_hello, check_labels, truncate, BatchEncoder, Frame, FrameDecoder, Pushed,
+    MAX_ERROR_MESSAGE_LEN, MAX_EVENT_LEN,
 };
 use super::version::SUPPORTED_VERSIONS;
 use crate::event::{EventBody, Seq};
@@ -151,6 +151,13 @@ pub enum AgentEvent {
         version: u64,
         /// The document's text.
         text: String,
+    },
+    /// The hub told the agent the labels its registry holds (version 4):
+    /// select the policy's rules by these from now on, and keep them for
+    /// the next start.
+    Labels {
+        /// The labels.
+        labels: BTreeMap<String, String>,
     },
     /// The session is over; make a new one on a new connection. `None` after a
     /// `goodbye()` or a drained [`AgentSession::stop`].
@@ -386,6 +393,11 @@ impl AgentSession {
                 }
                 self.events
                     .push_back(AgentEvent::Policy { version: v, text });
+                Ok(())
+            }
+            (State::Streaming { version }, Frame::Labels { labels }) if version >= 4 => {
+                check_labels(&labels).map_err(|reason| ProtocolError::InvalidLabels { reason })?;
+                self.events.push_back(AgentEvent::Labels { labels });
                 Ok(())
             }
             (State::Streaming { .. }, Frame::Ack { upto, window }) => {

@@ -50,6 +50,9 @@ pub enum ErrorCode {
     ShuttingDown,
     /// 12: a newer connection of the same agent replaced this one.
     Superseded,
+    /// 13: an operator revoked the agent (`outpost-hub agent revoke`): it is
+    /// refused until reinstated. Retrying soon does not help.
+    Revoked,
     /// A code this build does not know; never one of the values above.
     Unknown(u16),
 }
@@ -71,6 +74,7 @@ impl ErrorCode {
             ErrorCode::Internal => 10,
             ErrorCode::ShuttingDown => 11,
             ErrorCode::Superseded => 12,
+            ErrorCode::Revoked => 13,
             ErrorCode::Unknown(code) => code,
         }
     }
@@ -92,6 +96,7 @@ impl ErrorCode {
             10 => ErrorCode::Internal,
             11 => ErrorCode::ShuttingDown,
             12 => ErrorCode::Superseded,
+            13 => ErrorCode::Revoked,
             other => ErrorCode::Unknown(other),
         }
     }
@@ -129,6 +134,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Superseded => "superseded",
+            ErrorCode::Revoked => "revoked",
             ErrorCode::Unknown(_) => "unknown",
         }
     }

@@ -36,6 +36,12 @@ pub enum ProtocolError {
         /// Which limit.
         reason: String,
     },
+    /// A `Labels` frame broke the same limits as `Hello`'s labels.
+    #[error("invalid labels: {reason}")]
+    InvalidLabels {
+        /// Which limit.
+        reason: String,
+    },
     /// A field of a frame is longer than its limit (a `Policy` text over
     /// [`MAX_POLICY_LEN`](crate::policy::MAX_POLICY_LEN), a `PolicyStatus`
     /// error over [`MAX_ERROR_MESSAGE_LEN`](super::frame::MAX_ERROR_MESSAGE_LEN)).
@@ -133,6 +139,7 @@ impl ProtocolError {
             ProtocolError::Frame(FrameError::TooLarge { .. }) => ErrorCode::FrameTooLarge,
             ProtocolError::Frame(_)
             | ProtocolError::InvalidHello { .. }
+            | ProtocolError::InvalidLabels { .. }
             | ProtocolError::FieldTooLong { .. } => ErrorCode::Malformed,
             ProtocolError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
             ProtocolError::UnexpectedFrame { .. } => ErrorCode::UnexpectedFrame,
@@ -176,6 +183,12 @@ pub enum UsageError {
         len: usize,
         /// The limit.
         max: usize,
+    },
+    /// Labels that break the `Hello` limits were to be told to the agent.
+    #[error("labels cannot be sent: {reason}")]
+    InvalidLabels {
+        /// Which limit.
+        reason: String,
     },
     /// A pushed seq was not greater than the last one pushed (or the watermark).
     #[error("pushed seq {got} does not follow seq {previous}")]

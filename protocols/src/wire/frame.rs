@@ -198,11 +198,19 @@ pub enum Frame {
         /// The highest seq durable at the hub (cumulative).
         upto: Seq,
     },
+    /// 11, hub → agent, version 4: the labels the hub's registry holds for
+    /// this agent, which select the policy's rules, limits and sink topics.
+    /// Sent after `Welcome` and whenever an operator changes them; the
+    /// agent's own enforcement selects by these, not by its config.
+    Labels {
+        /// The agent's labels, within the same limits as `Hello`'s.
+        labels: BTreeMap<String, String>,
+    },
 }
 
 /// The frames' names by variant index, for errors about bodies that did not
 /// decode.
-const KINDS: [&str; 11] = [
+const KINDS: [&str; 12] = [
     "Hello",
     "Welcome",
     "Error",
@@ -214,6 +222,7 @@ const KINDS: [&str; 11] = [
     "Policy",
     "PolicyStatus",
     "Stored",
+    "Labels",
 ];
 
 /// What a body that did not decode looked like, for [`FrameError::Malformed`].
@@ -243,6 +252,7 @@ impl Frame {
             Frame::Policy { .. } => "Policy",
             Frame::PolicyStatus { .. } => "PolicyStatus",
             Frame::Stored { .. } => "Stored",
+            Frame::Labels { .. } => "Labels",
         }
     }
 
@@ -314,6 +324,11 @@ pub(crate) fn check_hello(
             agent_version.len()
         ));
     }
+    check_labels(labels)
+}
+
+/// Checks labels (of a `Hello` or a `Labels` frame) against the limits.
+pub(crate) fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
     if labels.len() > MAX_LABELS {
         return Err(format!("{} labels; at most {MAX_LABELS}", labels.len()));
     }
@@ -626,6 +641,8 @@ pub(crate) mod tests {
             (any::<u64>(), prop::option::of(".{0,16}"))
                 .prop_map(|(version, error)| Frame::PolicyStatus { version, error }),
             any::<u64>().prop_map(|upto| Frame::Stored { upto: Seq(upto) }),
+            prop::collection::btree_map(".{0,6}", ".{0,6}", 0..4)
+                .prop_map(|labels| Frame::Labels { labels }),
         ]
     }
 
@@ -779,6 +796,12 @@ pub(crate) mod tests {
                 },
             ),
             (10, Frame::Stored { upto: Seq(0) }),
+            (
+                11,
+                Frame::Labels {
+                    labels: BTreeMap::new(),
+                },
+            ),
         ];
         for (index, frame) in frames {
             let bytes = encode(&frame);
@@ -918,6 +941,9 @@ pub(crate) mod tests {
                 error: None,
             },
             Frame::Stored { upto: Seq(0) },
+            Frame::Labels {
+                labels: BTreeMap::new(),
+            },
         ];
         assert_eq!(frames.len(), KINDS.len());
         for f in &frames {

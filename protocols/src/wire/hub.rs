@@ -32,7 +32,9 @@ use std::time::{Duration, Instant};
 
 use super::code::ErrorCode;
 use super::error::{ProtocolError, UsageError};
-use super::frame::{check_hello, truncate, Frame, FrameDecoder, MAX_ERROR_MESSAGE_LEN};
+use super::frame::{
+    check_hello, check_labels, truncate, Frame, FrameDecoder, MAX_ERROR_MESSAGE_LEN,
+};
 use super::version::{negotiate, SUPPORTED_VERSIONS};
 use crate::event::{AgentId, EventBody, Seq};
 use crate::policy::MAX_POLICY_LEN;
@@ -636,6 +638,27 @@ impl HubSession {
             text: text.to_owned(),
         });
         Ok(())
+    }
+
+    /// Tells the agent the labels the hub's registry holds for it, which
+    /// select the rules both ends enforce: after `Hello`, and whenever an
+    /// operator changes them. Returns whether a `Labels` frame was queued:
+    /// an agent of version 3 or older has no such frame and goes on
+    /// selecting by its config; the hub's enforcement, which selects by the
+    /// registry's labels, is what holds it to them.
+    pub fn tell_labels(&mut self, labels: &BTreeMap<String, String>) -> Result<bool, UsageError> {
+        let negotiated = match self.state {
+            State::Streaming { version } => version,
+            _ => return Err(UsageError::NotStreaming),
+        };
+        if negotiated < 4 {
+            return Ok(false);
+        }
+        check_labels(labels).map_err(|reason| UsageError::InvalidLabels { reason })?;
+        self.queue(&Frame::Labels {
+            labels: labels.clone(),
+        });
+        Ok(true)
     }
 
     /// Closes the session for a reason found on the hub's side

@@ -207,7 +207,9 @@ fn a_version_1_hub_serves_a_newer_agent_in_version_1() {
     let mut agent = AgentSession::new(now, AgentInfo::default(), AgentConfig::default());
     agent.report_policy(4, None);
     let sent = agent_sent(&mut agent, now);
-    assert!(matches!(sent.as_slice(), [Frame::Hello { versions, .. }] if versions == &[3, 2, 1]));
+    assert!(
+        matches!(sent.as_slice(), [Frame::Hello { versions, .. }] if versions == &[4, 3, 2, 1])
+    );
     let welcome = Frame::Welcome {
         version: 1,
         watermark: Seq(0),
@@ -352,6 +354,69 @@ fn policy_frames_over_their_limits_close_the_session_as_malformed() {
     ));
 }
 
+fn site(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([("site".to_owned(), name.to_owned())])
+}
+
+#[test]
+fn the_hub_tells_a_version_4_agent_its_registry_labels() {
+    let now = origin();
+    let mut hub = welcomed_hub(now, 0, 10);
+    assert_eq!(hub.tell_labels(&site("plant-a")), Ok(true));
+    let frames = hub_sent(&mut hub, now);
+    assert_eq!(
+        frames,
+        vec![Frame::Labels {
+            labels: site("plant-a")
+        }]
+    );
+    let mut agent = streaming_agent(now, 0, 10, AgentConfig::default());
+    agent.handle_bytes(now, &encode(&frames)).expect("accepted");
+    assert_eq!(
+        agent_events(&mut agent),
+        vec![AgentEvent::Labels {
+            labels: site("plant-a")
+        }]
+    );
+}
+
+#[test]
+fn labels_are_not_told_to_an_older_agent_nor_before_hello() {
+    let now = origin();
+    let mut hub = HubSession::new(now, agent_id(), Seq(0), HubConfig::default());
+    assert_eq!(hub.tell_labels(&site("a")), Err(UsageError::NotStreaming));
+    hub.handle_bytes(now, &encode(&[hello(vec![3, 2, 1])]))
+        .expect("accepted");
+    let _ = hub_sent(&mut hub, now);
+    assert_eq!(hub.tell_labels(&site("a")), Ok(false));
+    assert!(hub_sent(&mut hub, now).is_empty());
+}
+
+#[test]
+fn labels_over_the_limits_are_refused_at_both_ends() {
+    let now = origin();
+    let too_many: BTreeMap<String, String> = (0..=MAX_LABELS)
+        .map(|i| (format!("k{i}"), "v".to_owned()))
+        .collect();
+    let mut hub = welcomed_hub(now, 0, 10);
+    assert!(matches!(
+        hub.tell_labels(&too_many),
+        Err(UsageError::InvalidLabels { .. })
+    ));
+    assert!(hub_sent(&mut hub, now).is_empty());
+    let mut agent = streaming_agent(now, 0, 10, AgentConfig::default());
+    let err = agent
+        .handle_bytes(now, &encode(&[Frame::Labels { labels: too_many }]))
+        .expect_err("refused");
+    assert_eq!(err.code(), ErrorCode::Malformed);
+    // Before `Welcome`, a `Labels` frame is out of place.
+    let mut agent = AgentSession::new(now, AgentInfo::default(), AgentConfig::default());
+    let err = agent
+        .handle_bytes(now, &encode(&[Frame::Labels { labels: site("a") }]))
+        .expect_err("refused");
+    assert_eq!(err.code(), ErrorCode::UnexpectedFrame);
+}
+
 #[test]
 fn an_agent_with_no_common_version_is_refused_with_unsupported_version() {
     let now = origin();
@@ -362,7 +427,7 @@ fn an_agent_with_no_common_version_is_refused_with_unsupported_version() {
     assert_eq!(
         err,
         ProtocolError::UnsupportedVersion {
-            ours: vec![3, 2, 1],
+            ours: vec![4, 3, 2, 1],
             theirs: vec![7, 8]
         }
     );
@@ -419,6 +484,7 @@ fn error_codes_map_to_quic_close_codes_and_back() {
         ErrorCode::Internal,
         ErrorCode::ShuttingDown,
         ErrorCode::Superseded,
+        ErrorCode::Revoked,
     ];
     let mut seen = std::collections::BTreeSet::new();
     for code in named {

@@ -138,6 +138,9 @@ impl Backend {
                     };
                     let _ = reply.send(r);
                 }
+                Request::Call(Read::Labels { agent_id, reply }) => {
+                    let _ = reply.send(self.store.labels(&agent_id).await);
+                }
                 Request::Call(Read::Resume { agent_id, reply }) => {
                     // Another replica may have queued for it since.
                     self.held.remove(&agent_id);

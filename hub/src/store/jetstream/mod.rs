@@ -16,7 +16,9 @@
 //! KV <prefix>_policy      key v.<version, 20 digits> → JSON policy version
 //! KV <prefix>_replicas    key <replica>  → JSON, max_age 30 s: who is alive
 //! KV <prefix>_hub         key quic-reset-secret → 32 bytes shared by the
-//!                                        replicas' QUIC endpoints
+//!                                        replicas' QUIC endpoints;
+//!                          key trust-generation → raised by each label
+//!                                        change and revocation (`trust`)
 //! stream  <sinks_stream> (OUTPOST_SINKS), KV <prefix>_sinks and
 //!   KV <prefix>_sink_leases: the sinks' queues, counters and leases
 //!   (`sink_queues`)
@@ -59,7 +61,7 @@
 //! (connecting, the streams and buckets), `connection` (the store's handle
 //! and what every part shares), `events` (events and watermarks),
 //! `backend` (the writer backend that stores groups of them), `registry`,
-//! `policy_versions` and `sink_queues`.
+//! `policy_versions`, `sink_queues` and `trust` (labels and revocation).
 
 mod backend;
 mod connection;
@@ -69,6 +71,7 @@ mod registry;
 mod settings;
 mod setup;
 mod sink_queues;
+mod trust;
 
 pub use backend::{spawn_jetstream_writer, SEEN_EVERY};
 pub use connection::JetStreamStore;

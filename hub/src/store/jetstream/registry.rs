@@ -16,16 +16,21 @@ use super::connection::JetStreamStore;
 use crate::clock;
 use crate::store::error::StoreError;
 use crate::store::handle::Write;
-use crate::store::records::AgentRecord;
+use crate::store::records::{AgentRecord, Revocation};
 
 /// How often a replica refreshes its key in `<prefix>_replicas`.
 pub(super) const HEARTBEAT: Duration = Duration::from_secs(10);
 
 /// An agent's registry record as the `<prefix>_agents` bucket holds it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub(super) struct KvAgent {
-    labels: BTreeMap<String, String>,
-    first_seen: i64,
+    pub(super) labels: BTreeMap<String, String>,
+    /// `Hello`s that stated other labels (ignored).
+    pub(super) labels_ignored: u64,
+    /// Set by `agent revoke`, cleared by `agent reinstate`.
+    pub(super) revoked: Option<Revocation>,
+    pub(super) first_seen: i64,
     pub(super) last_seen: i64,
     agent_version: Option<String>,
     protocol_version: Option<u16>,
@@ -64,12 +69,16 @@ impl JetStreamStore {
                 protocol_version,
                 ..
             } => {
+                // The labels of a `Hello` are the registry's only for an
+                // agent it does not know yet (see the SQLite registry).
                 self.update_agent(agent_id, |r| {
                     if r.first_seen == 0 {
                         r.first_seen = t;
+                        r.labels = labels.clone();
+                    } else if r.labels != *labels {
+                        r.labels_ignored += 1;
                     }
                     r.last_seen = r.last_seen.max(t);
-                    r.labels = labels.clone();
                     r.agent_version = Some(agent_version.clone());
                     r.protocol_version = Some(*protocol_version);
                     *r.sessions.entry(replica.clone()).or_default() += 1;
@@ -153,6 +162,8 @@ impl JetStreamStore {
             out.push(AgentRecord {
                 agent_id,
                 labels: rec.labels,
+                labels_ignored: rec.labels_ignored,
+                revoked: rec.revoked,
                 first_seen: Timestamp(rec.first_seen),
                 last_seen: Timestamp(rec.last_seen),
                 agent_version: rec.agent_version,
@@ -175,14 +186,25 @@ impl JetStreamStore {
         Ok(out)
     }
 
-    /// The labels of `agent_id`'s latest `Hello`.
-    pub async fn labels(&self, agent_id: &AgentId) -> Result<BTreeMap<String, String>, StoreError> {
-        match self.agents.get(agent_id.as_str()).await {
-            Ok(Some(v)) => Ok(serde_json::from_slice::<KvAgent>(&v)
-                .map(|r| r.labels)
-                .unwrap_or_default()),
-            Ok(None) => Ok(BTreeMap::new()),
-            Err(e) => Err(self.fail(format!("reading the labels of {agent_id}"), e)),
+    /// The registry's labels of `agent_id`; `None` for an agent it does
+    /// not know.
+    pub async fn labels(
+        &self,
+        agent_id: &AgentId,
+    ) -> Result<Option<BTreeMap<String, String>>, StoreError> {
+        Ok(self.agent(agent_id).await?.map(|r| r.labels))
+    }
+
+    /// `agent_id`'s registry record, `None` if it has none (or a deleted
+    /// one); a record that does not read is an empty one, as everywhere in
+    /// this registry.
+    pub(super) async fn agent(&self, agent_id: &AgentId) -> Result<Option<KvAgent>, StoreError> {
+        match self.agents.entry(agent_id.as_str()).await {
+            Ok(Some(e)) if e.operation == async_nats::jetstream::kv::Operation::Put => Ok(Some(
+                serde_json::from_slice::<KvAgent>(&e.value).unwrap_or_default(),
+            )),
+            Ok(_) => Ok(None),
+            Err(e) => Err(self.fail(format!("reading the registry record of {agent_id}"), e)),
         }
     }
 }

@@ -297,12 +297,13 @@ pub struct SinkQueueReader {
 }
 
 impl SinkQueueReader {
-    /// The labels of `agent_id`'s latest `Hello` ([`JetStreamStore::labels`]).
+    /// The registry's labels of `agent_id` ([`JetStreamStore::labels`]),
+    /// empty for an agent it does not know.
     pub async fn labels(
         &self,
         agent_id: &AgentId,
     ) -> Result<std::collections::BTreeMap<String, String>, StoreError> {
-        self.store.labels(agent_id).await
+        Ok(self.store.labels(agent_id).await?.unwrap_or_default())
     }
 
     /// Up to `limit` events of the queue: after position `after`, or from

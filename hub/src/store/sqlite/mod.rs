@@ -16,6 +16,7 @@ mod rows;
 pub(crate) mod schema;
 mod sink_queue;
 mod store;
+pub mod trust;
 mod writer;
 
 pub use events::AgentEventStats;

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use outpost_protocols::event::{AgentId, Event, Seq};
 use outpost_protocols::topic::TopicFilter;
-use outpost_storage::AtPath;
 use rusqlite::Connection;
 
 use super::events::{events_stats, events_tail, AgentEventStats};
@@ -118,19 +117,9 @@ impl StoreReader {
         sink_queue::status(&self.conn, &self.path, configured)
     }
 
-    /// The labels of `agent_id`'s latest `Hello` (empty for an agent the
-    /// registry does not know, or with labels that do not read as JSON).
+    /// The registry's labels of `agent_id` (empty for an agent the
+    /// registry does not know).
     pub fn labels(&self, agent_id: &AgentId) -> Result<BTreeMap<String, String>, StoreError> {
-        use rusqlite::OptionalExtension as _;
-        let text: Option<String> = self
-            .conn
-            .prepare_cached("SELECT labels FROM agents WHERE agent_id = ?1")
-            .at(&self.path)?
-            .query_row([agent_id.as_str()], |r| r.get(0))
-            .optional()
-            .at(&self.path)?;
-        Ok(text
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default())
+        Ok(registry::labels(&self.conn, &self.path, agent_id)?.unwrap_or_default())
     }
 }

@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension as _, Row};
 
 use super::rows::{agent_from, seq_from};
 use crate::store::error::StoreError;
-use crate::store::records::AgentRecord;
+use crate::store::records::{AgentRecord, Revocation};
 
 /// A counter for an INTEGER column: SQLite integers are signed, and a
 /// reported value beyond `i64::MAX` is kept as `i64::MAX` rather than refused.
@@ -109,6 +109,12 @@ pub(crate) fn count_policy(
     Ok(())
 }
 
+/// Records that a session of the agent started. The labels of its `Hello`
+/// become the registry's only for an agent the registry does not know yet
+/// (its first connection, when it was not enrolled); for a known agent they
+/// change nothing, and a `Hello` that states others is counted in
+/// `labels_ignored`. Returns the registry's labels, which are the ones the
+/// hub selects rules, limits and sink topics by.
 pub(crate) fn connected(
     conn: &Connection,
     path: &Path,
@@ -119,13 +125,9 @@ pub(crate) fn connected(
     now: Timestamp,
 ) -> Result<(), StoreError> {
     // A map of strings always serialises.
-    let labels = serde_json::to_string(labels).unwrap_or_else(|_| "{}".into());
-    let known: Option<i64> = conn
-        .prepare_cached("SELECT 1 FROM agents WHERE agent_id = ?1")
-        .and_then(|mut s| s.query_row([agent_id.as_str()], |r| r.get(0)).optional())
-        .at(path)?;
-    if known.is_none() {
-        super::audit::append(
+    let text = serde_json::to_string(labels).unwrap_or_else(|_| "{}".into());
+    match self::labels(conn, path, agent_id)? {
+        None => super::audit::append(
             conn,
             path,
             &super::audit::Entry {
@@ -135,17 +137,25 @@ pub(crate) fn connected(
                 target: agent_id.as_str(),
                 result: "ok",
                 detail: &format!(
-                    "labels {labels}, agent version {agent_version}, protocol {protocol_version}"
+                    "labels {text}, agent version {agent_version}, protocol {protocol_version}"
                 ),
             },
-        )?;
+        )
+        .map(drop)?,
+        Some(held) if held != *labels => {
+            conn.prepare_cached(
+                "UPDATE agents SET labels_ignored = labels_ignored + 1 WHERE agent_id = ?1",
+            )
+            .and_then(|mut s| s.execute([agent_id.as_str()]))
+            .at(path)?;
+        }
+        Some(_) => {}
     }
     conn.prepare_cached(
         "INSERT INTO agents
              (agent_id, labels, first_seen, last_seen, agent_version, protocol_version, connected)
          VALUES (?1, ?2, ?3, ?3, ?4, ?5, 1)
          ON CONFLICT (agent_id) DO UPDATE SET
-             labels = excluded.labels,
              last_seen = excluded.last_seen,
              agent_version = excluded.agent_version,
              protocol_version = excluded.protocol_version,
@@ -154,7 +164,7 @@ pub(crate) fn connected(
     .and_then(|mut s| {
         s.execute(params![
             agent_id.as_str(),
-            labels,
+            text,
             now.0,
             agent_version,
             protocol_version
@@ -162,6 +172,36 @@ pub(crate) fn connected(
     })
     .at(path)?;
     Ok(())
+}
+
+/// The registry's labels of `agent_id`, `None` for an agent it does not
+/// know; labels that do not read as a JSON object of strings are a
+/// [`StoreError::CorruptRow`].
+pub(crate) fn labels(
+    conn: &Connection,
+    path: &Path,
+    agent_id: &AgentId,
+) -> Result<Option<BTreeMap<String, String>>, StoreError> {
+    let text: Option<String> = conn
+        .prepare_cached("SELECT labels FROM agents WHERE agent_id = ?1")
+        .and_then(|mut s| s.query_row([agent_id.as_str()], |r| r.get(0)).optional())
+        .at(path)?;
+    text.map(|t| parse_labels(path, agent_id.as_str(), &t))
+        .transpose()
+}
+
+/// The `labels` column's JSON object of strings.
+pub(crate) fn parse_labels(
+    path: &Path,
+    agent_id: &str,
+    text: &str,
+) -> Result<BTreeMap<String, String>, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::CorruptRow {
+        path: path.to_owned(),
+        agent_id: agent_id.to_owned(),
+        column: "agents.labels",
+        reason: format!("not a JSON object of strings: {e}"),
+    })
 }
 
 pub(crate) fn disconnected(
@@ -224,7 +264,8 @@ pub(crate) fn fleet(conn: &Connection, path: &Path) -> Result<Vec<AgentRecord>, 
         .prepare_cached(
             "SELECT agent_id, labels, first_seen, last_seen, agent_version, protocol_version,
                     watermark, backlog_events, backlog_bytes, connected, policy_version,
-                    policy_error, policy_dropped, policy_modified
+                    policy_error, policy_dropped, policy_modified, labels_ignored,
+                    revoked_at, revoked_by, revoked_reason
              FROM agents ORDER BY agent_id",
         )
         .at(path)?;
@@ -250,12 +291,7 @@ fn record(path: &Path, row: &Row<'_>) -> Result<AgentRecord, StoreError> {
         u64::try_from(v).map_err(|_| corrupt(column, format!("{v} is negative")))
     };
     let labels: String = row.get(1).at(path)?;
-    let labels: BTreeMap<String, String> = serde_json::from_str(&labels).map_err(|e| {
-        corrupt(
-            "agents.labels",
-            format!("not a JSON object of strings: {e}"),
-        )
-    })?;
+    let labels = parse_labels(path, &id, &labels)?;
     let protocol_version = row
         .get::<_, Option<i64>>(5)
         .at(path)?
@@ -283,7 +319,24 @@ fn record(path: &Path, row: &Row<'_>) -> Result<AgentRecord, StoreError> {
         .transpose()?;
     let policy_dropped = unsigned("agents.policy_dropped", row.get(12).at(path)?)?;
     let policy_modified = unsigned("agents.policy_modified", row.get(13).at(path)?)?;
+    let labels_ignored = unsigned("agents.labels_ignored", row.get(14).at(path)?)?;
+    let revoked = match row.get::<_, Option<i64>>(15).at(path)? {
+        None => None,
+        Some(at) => Some(Revocation {
+            at: Timestamp(at),
+            by: row
+                .get::<_, Option<String>>(16)
+                .at(path)?
+                .unwrap_or_default(),
+            reason: row
+                .get::<_, Option<String>>(17)
+                .at(path)?
+                .unwrap_or_default(),
+        }),
+    };
     Ok(AgentRecord {
+        labels_ignored,
+        revoked,
         policy_error: row.get(11).at(path)?,
         policy_dropped,
         policy_modified,

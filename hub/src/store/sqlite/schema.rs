@@ -9,9 +9,10 @@ use crate::store::error::StoreError;
 
 /// The schema version this build writes, kept in `PRAGMA user_version`.
 /// Version 2 added the policy versions, the audit log and the agents'
-/// policy columns, version 3 the sinks' queues; an older file is migrated
+/// policy columns, version 3 the sinks' queues, version 4 the trust
+/// columns (labels owned by the hub, revocation); an older file is migrated
 /// when the hub opens it.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The schema, created in one transaction when `user_version` is 0.
 pub(crate) const SCHEMA: &str = "
@@ -69,6 +70,17 @@ CREATE TABLE IF NOT EXISTS meta (
 ) WITHOUT ROWID;
 ";
 
+/// From schema version 3 to 4: the registry's labels become the hub's (a
+/// `Hello` that states others is counted in `labels_ignored`), and agents
+/// can be revoked. Existing rows keep the labels they hold, which are those
+/// of each agent's latest connection before the upgrade.
+pub(crate) const MIGRATE_4: &str = "
+ALTER TABLE agents ADD COLUMN labels_ignored INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE agents ADD COLUMN revoked_at INTEGER;
+ALTER TABLE agents ADD COLUMN revoked_by TEXT;
+ALTER TABLE agents ADD COLUMN revoked_reason TEXT;
+";
+
 /// Creates or migrates the schema inside `tx` (an IMMEDIATE transaction, so
 /// that two processes opening one file do not both do it). Refuses a newer
 /// schema.
@@ -82,6 +94,9 @@ pub(crate) fn prepare_schema(tx: &Transaction<'_>, path: &Path) -> Result<(), St
         }
         if found < 3 {
             tx.execute_batch(super::sink_queue::MIGRATE_3)?;
+        }
+        if found < 4 {
+            tx.execute_batch(MIGRATE_4)?;
         }
         Ok(())
     })?;

@@ -171,9 +171,10 @@ impl Store {
             .collect())
     }
 
-    /// Records that a session of `agent_id` started: its labels and versions
-    /// replace the old ones, `last_seen` becomes `now` (and `first_seen` too
-    /// for a new agent), and the agent counts as connected until as many
+    /// Records that a session of `agent_id` started: its versions replace
+    /// the old ones, its labels are the registry's only if it is new (see
+    /// [`labels`](Self::labels)), `last_seen` becomes `now` (and `first_seen`
+    /// too for a new agent), and the agent counts as connected until as many
     /// [`agent_disconnected`](Self::agent_disconnected) calls.
     pub fn agent_connected(
         &mut self,
@@ -283,6 +284,14 @@ impl Store {
     /// ignores what the agent sends again.
     pub fn watermark(&self, agent_id: &AgentId) -> Result<Seq, StoreError> {
         registry::watermark(&self.conn, &self.path, agent_id)
+    }
+
+    /// The registry's labels of `agent_id`; `None` if it is not registered.
+    pub fn labels(
+        &self,
+        agent_id: &AgentId,
+    ) -> Result<Option<std::collections::BTreeMap<String, String>>, StoreError> {
+        registry::labels(&self.conn, &self.path, agent_id)
     }
 
     /// What may be acknowledged to `agent_id`: its watermark, or less while

@@ -60,6 +60,9 @@ impl SqliteWriter {
             Read::Resume { agent_id, reply } => {
                 let _ = reply.send(resume(&self.store, &agent_id));
             }
+            Read::Labels { agent_id, reply } => {
+                let _ = reply.send(self.store.labels(&agent_id));
+            }
         }
     }
 }

@@ -475,6 +475,7 @@ impl Pair {
                         let (events, bytes, oldest) = self.outbox.backlog();
                         self.agent.report_backlog(events, bytes, oldest);
                     }
+                    AgentEvent::Labels { .. } => {}
                     AgentEvent::Closed { error } => self.closed.push(("agent", error)),
                 }
             }

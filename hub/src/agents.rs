@@ -1,0 +1,396 @@
+//! The operator verbs for an agent's standing: `agent label`, `agent revoke`
+//! and `agent reinstate`.
+//!
+//! Labels select the policy's rules, limits and sink topics, so they are the
+//! hub's to set, never the agent's to claim: these verbs write them (and
+//! revocations) into the registry, audited, and raise the trust generation
+//! that the running hub (every replica, on JetStream) polls, so that live
+//! sessions follow within a second or two: a revoked agent's session is
+//! closed, a relabelled agent's rules are selected again and it is told its
+//! new labels. They work on both stores, while the hub runs.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+
+use outpost_protocols::wire::{MAX_LABELS, MAX_LABEL_LEN};
+use outpost_protocols::AgentId;
+
+use crate::admin::login_name;
+use crate::clock;
+use crate::config;
+use crate::store::{open_admin, store_path, trust, LabelChange, Revocation, StoreReader};
+use crate::verbs::{on_jetstream, VerbError};
+
+/// `outpost-hub agent …`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum AgentCommand {
+    /// Set (`KEY=VALUE`) or remove (`KEY-`) an agent's labels; they select
+    /// its rules, limits and sink topics from then on (audited).
+    Label(LabelArgs),
+    /// Refuse an agent from now on, and close its live sessions within 5 s
+    /// (audited).
+    Revoke(RevokeArgs),
+    /// Lift an agent's revocation (audited).
+    Reinstate(ReinstateArgs),
+}
+
+/// `outpost-hub agent label`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LabelArgs {
+    /// The agent's id.
+    #[arg(value_name = "ID", value_parser = AgentId::parse)]
+    pub agent: AgentId,
+    /// `KEY=VALUE` sets a label, `KEY-` removes one.
+    #[arg(value_name = "KEY=VALUE|KEY-", required = true)]
+    pub changes: Vec<String>,
+    /// The hub's TOML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Who changes them, for the audit log (default: the login name).
+    #[arg(long, value_name = "NAME")]
+    pub actor: Option<String>,
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `outpost-hub agent revoke`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RevokeArgs {
+    /// The agent's id.
+    #[arg(value_name = "ID", value_parser = AgentId::parse)]
+    pub agent: AgentId,
+    /// Why, for the audit log and the fleet list.
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    pub reason: String,
+    /// The hub's TOML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Who revokes it, for the audit log (default: the login name).
+    #[arg(long, value_name = "NAME")]
+    pub actor: Option<String>,
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `outpost-hub agent reinstate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReinstateArgs {
+    /// The agent's id.
+    #[arg(value_name = "ID", value_parser = AgentId::parse)]
+    pub agent: AgentId,
+    /// The hub's TOML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Who reinstates it, for the audit log (default: the login name).
+    #[arg(long, value_name = "NAME")]
+    pub actor: Option<String>,
+    /// Print one JSON document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The longest revocation reason kept, in bytes.
+pub const MAX_REASON_LEN: usize = 512;
+
+/// One label change asked for on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Edit {
+    Set(String, String),
+    Remove(String),
+}
+
+/// Parses `KEY=VALUE` and `KEY-`, checking each against the limits the wire
+/// enforces (the agent is told its labels in a `Labels` frame).
+fn parse_edit(s: &str) -> Result<Edit, VerbError> {
+    let bad = |why: &str| VerbError::Usage(format!("label {s:?}: {why}"));
+    let edit = match s.split_once('=') {
+        Some((k, v)) => {
+            if v.is_empty() {
+                return Err(bad("the value is empty (remove a label with KEY-)"));
+            }
+            if v.len() > MAX_LABEL_LEN {
+                return Err(bad(&format!("values are at most {MAX_LABEL_LEN} bytes")));
+            }
+            Edit::Set(k.to_owned(), v.to_owned())
+        }
+        None => match s.strip_suffix('-') {
+            Some(k) => Edit::Remove(k.to_owned()),
+            None => return Err(bad("write KEY=VALUE to set a label or KEY- to remove one")),
+        },
+    };
+    let key = match &edit {
+        Edit::Set(k, _) | Edit::Remove(k) => k,
+    };
+    if key.is_empty() || key.len() > MAX_LABEL_LEN {
+        return Err(bad(&format!("names are 1 to {MAX_LABEL_LEN} bytes")));
+    }
+    if key.chars().any(|c| c.is_control() || c == '=') {
+        return Err(bad("names hold no control characters and no '='"));
+    }
+    Ok(edit)
+}
+
+/// `labels` with `edits` applied, within [`MAX_LABELS`].
+fn edited(
+    mut labels: BTreeMap<String, String>,
+    edits: &[Edit],
+) -> Result<BTreeMap<String, String>, VerbError> {
+    for e in edits {
+        match e {
+            Edit::Set(k, v) => {
+                labels.insert(k.clone(), v.clone());
+            }
+            Edit::Remove(k) => {
+                labels.remove(k);
+            }
+        }
+    }
+    if labels.len() > MAX_LABELS {
+        return Err(VerbError::Usage(format!(
+            "{} labels; an agent has at most {MAX_LABELS}",
+            labels.len()
+        )));
+    }
+    Ok(labels)
+}
+
+/// Runs an `agent` verb.
+pub fn agent(
+    command: &AgentCommand,
+    env: &[(String, String)],
+    out: &mut dyn io::Write,
+) -> Result<(), VerbError> {
+    match command {
+        AgentCommand::Label(args) => {
+            let edits = args
+                .changes
+                .iter()
+                .map(|c| parse_edit(c))
+                .collect::<Result<Vec<_>, _>>()?;
+            let actor = args.actor.clone().unwrap_or_else(|| login_name(env));
+            let change = label(args, &edits, &actor, env)?;
+            print_labels(&args.agent, &change, args.json, out)?;
+        }
+        AgentCommand::Revoke(args) => {
+            if args.reason.len() > MAX_REASON_LEN {
+                return Err(VerbError::Usage(format!(
+                    "--reason: at most {MAX_REASON_LEN} bytes"
+                )));
+            }
+            let actor = args.actor.clone().unwrap_or_else(|| login_name(env));
+            let (r, new) = revoke(args, &actor, env)?;
+            if args.json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({
+                        "agent_id": args.agent.as_str(),
+                        "revoked": true,
+                        "new": new,
+                        "at": r.at.0,
+                        "by": r.by,
+                        "reason": r.reason,
+                    })
+                )?;
+            } else if new {
+                writeln!(
+                    out,
+                    "agent {} revoked: refused from now on, live sessions closed within 5 s",
+                    args.agent
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "agent {} was already revoked by {} ({})",
+                    args.agent, r.by, r.reason
+                )?;
+            }
+        }
+        AgentCommand::Reinstate(args) => {
+            let actor = args.actor.clone().unwrap_or_else(|| login_name(env));
+            let lifted = reinstate(args, &actor, env)?;
+            if args.json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({
+                        "agent_id": args.agent.as_str(),
+                        "reinstated": lifted.is_some(),
+                    })
+                )?;
+            } else if lifted.is_some() {
+                writeln!(out, "agent {} reinstated: it may connect again", args.agent)?;
+            } else {
+                writeln!(out, "agent {} was not revoked; nothing changed", args.agent)?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn label(
+    args: &LabelArgs,
+    edits: &[Edit],
+    actor: &str,
+    env: &[(String, String)],
+) -> Result<LabelChange, VerbError> {
+    let cfg = config::load(&args.config, env.iter().cloned())?;
+    let now = clock::unix_now();
+    let id = args.agent.clone();
+    let js = on_jetstream(&args.config, &cfg, |js| async move {
+        let held = js.labels(&id).await?.unwrap_or_default();
+        Ok(js.set_labels(&id, &edited(held, edits)?, now).await?)
+    })?;
+    if let Some(change) = js {
+        return Ok(change);
+    }
+    let path = store_path(&args.config, &cfg.hub.data_dir);
+    let mut conn = open_admin(&path)?;
+    let held = match StoreReader::open(&path) {
+        Ok(r) => r.labels(&args.agent)?,
+        Err(e) => return Err(e.into()),
+    };
+    let labels = edited(held, edits)?;
+    Ok(trust::set_labels(
+        &mut conn,
+        &path,
+        &args.agent,
+        &labels,
+        actor,
+        now,
+    )?)
+}
+
+fn revoke(
+    args: &RevokeArgs,
+    actor: &str,
+    env: &[(String, String)],
+) -> Result<(Revocation, bool), VerbError> {
+    let cfg = config::load(&args.config, env.iter().cloned())?;
+    let now = clock::unix_now();
+    let id = args.agent.clone();
+    let reason = args.reason.clone();
+    let js = on_jetstream(&args.config, &cfg, |js| async move {
+        Ok(js.revoke(&id, &reason, actor, now).await?)
+    })?;
+    if let Some(r) = js {
+        return Ok(r);
+    }
+    let path = store_path(&args.config, &cfg.hub.data_dir);
+    let mut conn = open_admin(&path)?;
+    Ok(trust::revoke(
+        &mut conn,
+        &path,
+        &args.agent,
+        &args.reason,
+        actor,
+        now,
+    )?)
+}
+
+fn reinstate(
+    args: &ReinstateArgs,
+    actor: &str,
+    env: &[(String, String)],
+) -> Result<Option<Revocation>, VerbError> {
+    let cfg = config::load(&args.config, env.iter().cloned())?;
+    let id = args.agent.clone();
+    let js = on_jetstream(&args.config, &cfg, |js| async move {
+        Ok(js.reinstate(&id).await?)
+    })?;
+    if let Some(r) = js {
+        return Ok(r);
+    }
+    let path = store_path(&args.config, &cfg.hub.data_dir);
+    let mut conn = open_admin(&path)?;
+    Ok(trust::reinstate(
+        &mut conn,
+        &path,
+        &args.agent,
+        actor,
+        clock::unix_now(),
+    )?)
+}
+
+fn print_labels(
+    id: &AgentId,
+    change: &LabelChange,
+    json: bool,
+    out: &mut dyn io::Write,
+) -> Result<(), VerbError> {
+    let text = |l: &BTreeMap<String, String>| {
+        if l.is_empty() {
+            "(none)".to_owned()
+        } else {
+            l.iter()
+                .map(|(k, v)| format!("{k}={}", v.escape_debug()))
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+    };
+    if json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({
+                "agent_id": id.as_str(),
+                "old": change.old,
+                "new": change.new,
+                "changed": change.old.as_ref() != Some(&change.new),
+            })
+        )?;
+    } else if change.old.as_ref() == Some(&change.new) {
+        writeln!(out, "agent {id} labels unchanged: {}", text(&change.new))?;
+    } else {
+        writeln!(
+            out,
+            "agent {id} labels {} -> {}",
+            change
+                .old
+                .as_ref()
+                .map_or_else(|| "(not registered)".to_owned(), text),
+            text(&change.new)
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn edits_set_and_remove_labels() {
+        let edits: Vec<Edit> = ["site=b", "line-", "zone=north"]
+            .iter()
+            .map(|s| parse_edit(s).expect("valid"))
+            .collect();
+        let out = edited(labels(&[("site", "a"), ("line", "3")]), &edits).expect("fits");
+        assert_eq!(out, labels(&[("site", "b"), ("zone", "north")]));
+    }
+
+    #[test]
+    fn bad_edits_are_refused_with_a_reason() {
+        for bad in ["site", "=a", "site=", "-", "a\u{1b}b=c"] {
+            let e = parse_edit(bad).expect_err(bad).to_string();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+        let long = format!("k={}", "v".repeat(MAX_LABEL_LEN + 1));
+        assert!(parse_edit(&long).is_err());
+        let many: Vec<Edit> = (0..=MAX_LABELS)
+            .map(|i| Edit::Set(format!("k{i}"), "v".into()))
+            .collect();
+        assert!(edited(BTreeMap::new(), &many).is_err());
+    }
+}
