@@ -12,6 +12,7 @@
 pub mod bridges;
 pub mod clock;
 pub mod config;
+pub mod enroll;
 pub mod logging;
 pub mod metrics;
 pub mod outbox;

@@ -50,6 +50,31 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Enroll this device: make its key here, and trade a one-time token for
+    /// its certificate (written where [uplink] names cert, key and ca).
+    Enroll(EnrollArgs),
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("trust").required(true).args(["ca_fingerprint", "ca_file"])))]
+struct EnrollArgs {
+    /// The hub's host:port (UDP), as the device reaches it.
+    #[arg(long, value_name = "HOST:PORT")]
+    hub: String,
+    /// The file holding the token from `outpost-hub enroll create`.
+    #[arg(long, value_name = "FILE")]
+    token_file: PathBuf,
+    /// The fleet CA certificate's SHA-256 fingerprint (64 hex digits).
+    #[arg(long, value_name = "SHA256HEX")]
+    ca_fingerprint: Option<String>,
+    /// The fleet CA certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// Replace an existing key (its certificate stops working).
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    config: ConfigArg,
 }
 
 #[derive(Subcommand)]
@@ -107,6 +132,7 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Outbox { command } => return outbox(command),
+        Command::Enroll(args) => return enroll(args),
         Command::Policy {
             command: PolicyCommand::Show { config, json },
         } => match load(&config.config) {
@@ -119,6 +145,74 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn enroll(args: EnrollArgs) -> ExitCode {
+    use outpost_agent::enroll::{CaPin, EnrollRequest};
+    let path = &args.config.config;
+    let raw = match config::load(path, std::env::vars()) {
+        Ok(raw) => raw,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let has_id = raw.agent.id.is_some();
+    let cfg = match raw.validate(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(uplink) = cfg.uplink.clone().filter(|_| has_id) else {
+        eprintln!(
+            "error: {}: enrolling needs [agent] id and an [uplink] section (where the certificate, key and CA go)",
+            path.display()
+        );
+        return ExitCode::from(2);
+    };
+    let ca = match (args.ca_fingerprint, args.ca_file) {
+        (Some(fp), _) => CaPin::Fingerprint(fp),
+        (None, Some(file)) => CaPin::File(file),
+        (None, None) => {
+            eprintln!("error: give --ca-fingerprint or --ca-file");
+            return ExitCode::from(2);
+        }
+    };
+    let req = EnrollRequest {
+        hub: args.hub,
+        token_file: args.token_file,
+        ca,
+        force: args.force,
+        agent_id: cfg.agent_id.clone(),
+        uplink,
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(outpost_agent::enroll::enroll(&req)) {
+        Ok(done) => {
+            println!(
+                "enrolled {} at {}: certificate in {}",
+                req.agent_id,
+                req.hub,
+                done.cert.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }
@@ -184,17 +278,28 @@ fn policy_show(cfg: &AgentConfig, json: bool) -> ExitCode {
             serde_json::json!({
                 "version": p.version.0,
                 "rules": p.compiled.rules(),
+                "labels": p.labels,
                 "text": p.text,
             })
         );
     } else if p.version.0 == 0 {
         println!("no policy from the hub yet: every stream is allowed");
     } else {
+        let labels: Vec<String> = p
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.escape_debug()))
+            .collect();
         println!(
-            "# policy version {} in force; {} of its {} rules select this agent",
+            "# policy version {} in force; {} of its {} rules select this agent (labels {})",
             p.version.0,
             p.compiled.rules(),
-            p.policy.rules.len()
+            p.policy.rules.len(),
+            if labels.is_empty() {
+                "none".to_owned()
+            } else {
+                labels.join(",")
+            }
         );
         print!("{}", p.text);
         if !p.text.ends_with('\n') {

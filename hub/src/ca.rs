@@ -14,6 +14,13 @@
 //!                                 O/hub.key  mode 0600
 //! ```
 //!
+//! `issue_from_csr` signs a certificate for a key made elsewhere (on the
+//! device, at enrollment): the CSR proves possession of the key and nothing
+//! else. The certificate carries only what the hub decides (CN and SAN URI of
+//! the id the enrollment token names, EKU clientAuth), never the extensions
+//! the CSR asks for, so a CSR cannot obtain a CA certificate, a server
+//! certificate or a second identity.
+//!
 //! An agent's identity is the SAN URI of its certificate and nothing else: the
 //! hub calls [`agent_id_from_cert_der`] on the peer certificate that TLS has
 //! verified against the fleet CA.
@@ -157,6 +164,25 @@ pub enum CaError {
     /// A certificate's SAN URI is not `urn:outpost:agent:<id>` with a valid id.
     #[error("the certificate's SAN URI {0:?} is not {AGENT_URI_PREFIX}<id> with a valid agent id")]
     ForeignUri(String),
+    /// A certificate signing request that does not parse, or whose signature
+    /// does not verify with its own key.
+    #[error("invalid certificate signing request: {0}")]
+    CsrInvalid(String),
+    /// A certificate signing request whose subject CN or SAN names something
+    /// other than the agent it is issued for.
+    #[error("the certificate signing request names {named:?}, not agent {expected}")]
+    CsrForAnotherId {
+        /// The agent the certificate would be issued for.
+        expected: AgentId,
+        /// What the CSR names instead (a CN or a SAN).
+        named: String,
+    },
+    /// A certificate signing request for a key other than ECDSA P-256.
+    #[error("the certificate signing request's key is {0}; only ECDSA P-256 keys are issued")]
+    CsrKeyNotP256(String),
+    /// The system's random number generator failed (a serial number needs it).
+    #[error("the system's random number generator failed")]
+    NoRandomness,
 }
 
 /// How long a certificate is valid, in whole days from 1 to
@@ -337,6 +363,170 @@ pub fn agent_id_from_cert_der(der: &[u8]) -> Result<AgentId, CaError> {
             several.iter().map(|u| (*u).to_owned()).collect(),
         )),
     }
+}
+
+/// A certificate [`issue_from_csr`] issued, and what the registry and the
+/// audit log record of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCert {
+    /// The certificate, PEM.
+    pub pem: String,
+    /// Its serial number, lowercase hex of the DER integer's bytes.
+    pub serial_hex: String,
+    /// SHA-256 of its DER, lowercase hex ([`outpost_tls::fingerprint_sha256`]).
+    pub fingerprint_sha256_hex: String,
+    /// When it expires.
+    pub not_after: OffsetDateTime,
+}
+
+/// The OID of an elliptic-curve public key (id-ecPublicKey, RFC 5480).
+const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
+/// The OID of the P-256 curve (secp256r1, prime256v1).
+const OID_P256: &str = "1.2.840.10045.3.1.7";
+
+/// Issues an agent certificate for the public key of `csr_der` (a DER
+/// PKCS#10 request), signed by the CA in `ca_dir`, for `expected` only.
+///
+/// The request's signature must verify with its own key, the key must be
+/// ECDSA P-256, and its subject CN and SAN URIs, if any, must name
+/// `expected`. The certificate is built here from nothing the request asks
+/// for: CN = the id, the single SAN URI `urn:outpost:agent:<id>`, EKU
+/// clientAuth, a random serial, valid for `validity` or until the CA
+/// expires. Nothing is written to disk.
+pub fn issue_from_csr(
+    ca_dir: &Path,
+    csr_der: &[u8],
+    expected: &AgentId,
+    validity: Validity,
+) -> Result<IssuedCert, CaError> {
+    let requested = check_csr(csr_der, expected)?;
+    let ca = load_ca(ca_dir)?;
+    let issuer = Issuer::from_ca_cert_der(&ca.der.as_slice().into(), &ca.key)?;
+
+    let uri = rcgen::string::Ia5String::try_from(agent_uri(expected))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, expected.as_str().to_owned());
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial()?);
+    set_validity(&mut params, clock::utc_now(), validity, Some(ca.not_after));
+    let cert = params.signed_by(&requested.public_key, &issuer)?;
+
+    let der = cert.der().as_ref();
+    let (_, parsed) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| CaError::NotACertificate(e.to_string()))?;
+    Ok(IssuedCert {
+        pem: cert.pem(),
+        serial_hex: hex(parsed.tbs_certificate.raw_serial()),
+        fingerprint_sha256_hex: outpost_tls::fingerprint_sha256(der),
+        not_after: parsed.validity().not_after.to_datetime(),
+    })
+}
+
+/// Checks a CSR for `expected` as [`issue_from_csr`] does (signature, key
+/// type, names), without signing anything: the enrollment checks a request
+/// before it spends the token.
+pub fn verify_csr(csr_der: &[u8], expected: &AgentId) -> Result<(), CaError> {
+    check_csr(csr_der, expected).map(drop)
+}
+
+/// Parses and checks a CSR for `expected`: signature, key type, names.
+fn check_csr(
+    csr_der: &[u8],
+    expected: &AgentId,
+) -> Result<rcgen::CertificateSigningRequestParams, CaError> {
+    use x509_parser::prelude::FromDer as _;
+
+    let (rest, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
+            .map_err(|e| CaError::CsrInvalid(format!("not a DER PKCS#10 request ({e})")))?;
+    if !rest.is_empty() {
+        return Err(CaError::CsrInvalid(format!(
+            "{} bytes after the request",
+            rest.len()
+        )));
+    }
+    let spki = &csr.certification_request_info.subject_pki;
+    let key_oid = spki.algorithm.algorithm.to_id_string();
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok())
+        .map(|o| o.to_id_string());
+    if key_oid != OID_EC_PUBLIC_KEY || curve.as_deref() != Some(OID_P256) {
+        let what = match curve {
+            Some(c) if key_oid == OID_EC_PUBLIC_KEY => format!("an EC key on curve {c}"),
+            _ => format!("a key of algorithm {key_oid}"),
+        };
+        return Err(CaError::CsrKeyNotP256(what));
+    }
+    // rcgen checks the signature with the request's own key (proof of
+    // possession) and refuses extensions it does not know.
+    let requested = rcgen::CertificateSigningRequestParams::from_der(&csr_der.into())
+        .map_err(|e| CaError::CsrInvalid(e.to_string()))?;
+
+    let another = |named: String| CaError::CsrForAnotherId {
+        expected: expected.clone(),
+        named,
+    };
+    for (ty, value) in requested.params.distinguished_name.iter() {
+        if *ty == DnType::CommonName {
+            let cn = dn_text(value);
+            if cn != expected.as_str() {
+                return Err(another(format!("CN={cn}")));
+            }
+        }
+    }
+    let wanted = agent_uri(expected);
+    for san in &requested.params.subject_alt_names {
+        if let SanType::URI(uri) = san {
+            if uri.as_str() != wanted {
+                return Err(another(uri.as_str().to_owned()));
+            }
+        }
+    }
+    Ok(requested)
+}
+
+/// The text of a distinguished-name value; a string type that no agent's
+/// CSR uses (BMP, universal) shows as its debug form, which names no id.
+fn dn_text(value: &rcgen::DnValue) -> String {
+    match value {
+        rcgen::DnValue::Utf8String(s) => s.clone(),
+        rcgen::DnValue::PrintableString(s) => s.as_str().to_owned(),
+        rcgen::DnValue::Ia5String(s) => s.as_str().to_owned(),
+        rcgen::DnValue::TeletexString(s) => s.as_str().to_owned(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// A random positive 128-bit serial number (RFC 5280 allows up to 20 bytes;
+/// CA/B Forum asks for at least 64 random bits).
+fn random_serial() -> Result<rcgen::SerialNumber, CaError> {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| CaError::NoRandomness)?;
+    // Positive and without a leading zero byte, so the DER integer is these
+    // 16 bytes exactly.
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    Ok(rcgen::SerialNumber::from_slice(&bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// What distinguishes one kind of issued certificate from another.
@@ -749,5 +939,196 @@ mod tests {
         assert!(servers
             .verify_server_cert(&agent, &[], &name, &[], now)
             .is_err());
+    }
+
+    /// A CSR as an agent makes it (CN and SAN URI of `id`), plus `extra`
+    /// changes to its parameters, signed by a new key of `alg`.
+    fn csr(
+        id: &str,
+        alg: &'static rcgen::SignatureAlgorithm,
+        extra: impl FnOnce(&mut CertificateParams),
+    ) -> Vec<u8> {
+        let key = KeyPair::generate_for(alg).expect("key");
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, id);
+        params.subject_alt_names = vec![uri(&format!("urn:outpost:agent:{id}"))];
+        extra(&mut params);
+        params.serialize_request(&key).expect("csr").der().to_vec()
+    }
+
+    fn new_ca(dir: &Path) -> PathBuf {
+        let ca = dir.join("ca");
+        init(&ca, DEFAULT_CA_NAME, Validity::CA_DEFAULT, false).expect("init");
+        ca
+    }
+
+    #[test]
+    fn a_csr_gets_a_client_certificate_for_the_expected_id_and_nothing_it_asked_for() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = new_ca(dir.path());
+        let id = AgentId::parse("gw-1").expect("id");
+        // Everything a hostile CSR could ask for besides its id.
+        let request = csr("gw-1", &PKCS_ECDSA_P256_SHA256, |p| {
+            p.subject_alt_names.push(dns("hub.example"));
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        });
+        let issued =
+            issue_from_csr(&ca, &request, &id, Validity::days(30).expect("30")).expect("issue");
+
+        let (_, block) = x509_parser::pem::parse_x509_pem(issued.pem.as_bytes()).expect("pem");
+        let (_, cert) = x509_parser::parse_x509_certificate(&block.contents).expect("der");
+        assert_eq!(agent_id_from_cert_der(&block.contents).expect("id"), id);
+        let names: Vec<String> = cert
+            .subject_alternative_name()
+            .expect("san")
+            .expect("has san")
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(names, ["URI(urn:outpost:agent:gw-1)"]);
+        let cns: Vec<&str> = cert
+            .subject()
+            .iter_common_name()
+            .map(|c| c.as_str().expect("cn"))
+            .collect();
+        assert_eq!(cns, ["gw-1"]);
+        assert!(!cert.is_ca());
+        let eku = cert
+            .extended_key_usage()
+            .expect("eku")
+            .expect("has eku")
+            .value;
+        assert!(eku.client_auth && !eku.server_auth && !eku.any);
+        assert_eq!(
+            issued.fingerprint_sha256_hex,
+            outpost_tls::fingerprint_sha256(&block.contents)
+        );
+        assert_eq!(issued.serial_hex, hex(cert.tbs_certificate.raw_serial()));
+        assert_eq!(issued.serial_hex.len(), 32);
+        assert_eq!(issued.not_after, cert.validity().not_after.to_datetime());
+        let days = (issued.not_after - clock::utc_now()).whole_days();
+        assert!((29..=30).contains(&days), "{days}");
+
+        // rustls takes it as a client certificate of the fleet CA.
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der(&ca.join(CA_CERT))).expect("root");
+        let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            provider,
+        )
+        .build()
+        .expect("verifier");
+        let leaf: rustls::pki_types::CertificateDer<'_> = block.contents.clone().into();
+        clients
+            .verify_client_cert(&leaf, &[], rustls::pki_types::UnixTime::now())
+            .expect("a valid client certificate");
+
+        // Two issues for one key have two serials.
+        let again = issue_from_csr(&ca, &request, &id, Validity::LEAF_DEFAULT).expect("again");
+        assert_ne!(again.serial_hex, issued.serial_hex);
+    }
+
+    #[test]
+    fn a_csr_that_names_no_one_is_issued_for_the_expected_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = new_ca(dir.path());
+        let id = AgentId::parse("gw-1").expect("id");
+        let der = csr("gw-1", &PKCS_ECDSA_P256_SHA256, |p| {
+            p.distinguished_name = DistinguishedName::new();
+            p.subject_alt_names.clear();
+        });
+        let issued = issue_from_csr(&ca, &der, &id, Validity::LEAF_DEFAULT).expect("issue");
+        let (_, block) = x509_parser::pem::parse_x509_pem(issued.pem.as_bytes()).expect("pem");
+        assert_eq!(agent_id_from_cert_der(&block.contents).expect("id"), id);
+    }
+
+    #[test]
+    fn a_csr_for_another_id_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = new_ca(dir.path());
+        let id = AgentId::parse("gw-1").expect("id");
+        // By its CN and SAN, by its SAN alone, by its CN alone.
+        let both = csr("gw-2", &PKCS_ECDSA_P256_SHA256, |_| {});
+        let san = csr("gw-1", &PKCS_ECDSA_P256_SHA256, |p| {
+            p.subject_alt_names.push(uri("urn:outpost:agent:gw-2"));
+        });
+        let cn = csr("gw-1", &PKCS_ECDSA_P256_SHA256, |p| {
+            p.distinguished_name = DistinguishedName::new();
+            p.distinguished_name.push(DnType::CommonName, "gw-2");
+        });
+        for (what, der, named) in [
+            ("both", both, "CN=gw-2"),
+            ("san", san, "urn:outpost:agent:gw-2"),
+            ("cn", cn, "CN=gw-2"),
+        ] {
+            let err = issue_from_csr(&ca, &der, &id, Validity::LEAF_DEFAULT).expect_err(what);
+            assert!(
+                matches!(&err, CaError::CsrForAnotherId { expected, named: n } if expected == &id && n == named),
+                "{what}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_csr_whose_signature_does_not_verify_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = new_ca(dir.path());
+        let id = AgentId::parse("gw-1").expect("id");
+        let mut der = csr("gw-1", &PKCS_ECDSA_P256_SHA256, |_| {});
+        // The request's info is signed: change one byte of the CN's text.
+        let at = der
+            .windows(4)
+            .position(|w| w == b"gw-1")
+            .expect("the CN is in the request");
+        der[at + 3] = b'9';
+        let err = issue_from_csr(&ca, &der, &id, Validity::LEAF_DEFAULT).expect_err("tampered");
+        assert!(matches!(err, CaError::CsrInvalid(_)), "{err}");
+    }
+
+    #[test]
+    fn bytes_that_are_not_one_csr_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = new_ca(dir.path());
+        let id = AgentId::parse("gw-1").expect("id");
+        let mut trailing = csr("gw-1", &PKCS_ECDSA_P256_SHA256, |_| {});
+        trailing.push(0);
+        let cert = cert_with(vec![uri("urn:outpost:agent:gw-1")]);
+        for (what, der) in [
+            ("empty", Vec::new()),
+            ("garbage", b"not a request".to_vec()),
+            ("trailing", trailing),
+            ("a certificate", cert),
+        ] {
+            let err = issue_from_csr(&ca, &der, &id, Validity::LEAF_DEFAULT).expect_err(what);
+            assert!(matches!(err, CaError::CsrInvalid(_)), "{what}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_csr_for_a_key_other_than_p256_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = new_ca(dir.path());
+        let id = AgentId::parse("gw-1").expect("id");
+        for alg in [&rcgen::PKCS_ECDSA_P384_SHA384, &rcgen::PKCS_ED25519] {
+            let der = csr("gw-1", alg, |_| {});
+            let err = issue_from_csr(&ca, &der, &id, Validity::LEAF_DEFAULT).expect_err("alg");
+            assert!(matches!(err, CaError::CsrKeyNotP256(_)), "{err}");
+        }
+    }
+
+    #[test]
+    fn no_csr_is_signed_without_a_usable_ca() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let id = AgentId::parse("gw-1").expect("id");
+        let der = csr("gw-1", &PKCS_ECDSA_P256_SHA256, |_| {});
+        let err = issue_from_csr(&dir.path().join("none"), &der, &id, Validity::LEAF_DEFAULT)
+            .expect_err("no ca");
+        assert!(matches!(err, CaError::Missing(_)), "{err}");
     }
 }

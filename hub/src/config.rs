@@ -38,6 +38,24 @@ pub struct RawConfig {
     /// `[[sinks]]`: where stored events are forwarded.
     #[serde(default)]
     pub sinks: Vec<RawSinkConfig>,
+    /// `[enroll]`: devices enrolling with one-time tokens.
+    #[serde(default)]
+    pub enroll: EnrollSection,
+    /// `[audit]`.
+    #[serde(default)]
+    pub audit: AuditSection,
+}
+
+/// `[audit]`: the audit log's signing key.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// The Ed25519 private key (PEM, mode 0600) that signs every audit
+    /// entry; made on first use if missing, refused if group or others may
+    /// read it. Default `<data_dir>/audit.key`. On a JetStream store every
+    /// replica needs the same key.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
 }
 
 /// `[hub]`.
@@ -79,6 +97,22 @@ pub struct HubSection {
     /// its stream before it is closed with `Timeout`.
     #[serde(default = "default_stream_deadline")]
     pub stream_deadline: HumanDuration,
+}
+
+/// `[enroll]`: enrollment with one-time tokens (`outpost-hub enroll
+/// create`, `outpost-agent enroll`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollSection {
+    /// The fleet CA's folder (`ca.pem` and `ca.key`, as `ca init` made it),
+    /// which the hub signs enrolling devices' certificates with. Without it
+    /// the hub enrolls nobody and refuses every attempt with `disabled`.
+    #[serde(default)]
+    pub ca_dir: Option<PathBuf>,
+    /// How long an enrolled device's certificate is valid, in days (default
+    /// 825).
+    #[serde(default)]
+    pub validity_days: Option<u32>,
 }
 
 fn default_listen() -> String {
@@ -194,6 +228,23 @@ pub struct HubConfig {
     pub observability: ObservabilitySection,
     /// `[[sinks]]`: where stored events are forwarded, each with its kind.
     pub sinks: Vec<SinkConfig>,
+    /// `[enroll]`.
+    pub enroll: EnrollSection,
+    /// `[audit]`.
+    pub audit: AuditSection,
+}
+
+impl HubConfig {
+    /// The audit key file of the hub whose config file is `config_file`:
+    /// `[audit] key`, or `<data_dir>/audit.key`, relative paths taken from
+    /// the config file's folder.
+    pub fn audit_key_path(&self, config_file: &Path) -> PathBuf {
+        let base = config_file.parent().unwrap_or(Path::new(""));
+        match &self.audit.key {
+            Some(k) => base.join(k),
+            None => base.join(&self.hub.data_dir).join("audit.key"),
+        }
+    }
 }
 
 /// `[store]`, validated: which store holds events, watermarks, the registry
@@ -249,7 +300,15 @@ pub fn parse(
     let raw: RawConfig = outpost_settings::parse(
         text,
         env,
-        &["hub", "store", "api", "observability", "sinks"],
+        &[
+            "hub",
+            "store",
+            "api",
+            "observability",
+            "sinks",
+            "enroll",
+            "audit",
+        ],
     )
     .map_err(|message| ConfigError::Parse {
         path: path.to_owned(),
@@ -278,12 +337,18 @@ impl RawConfig {
         self.check_door()?;
         let store = self.store.validate()?;
         let sinks = validate_sinks(self.sinks)?;
+        if let Some(days) = self.enroll.validity_days {
+            crate::ca::Validity::days(days)
+                .map_err(|e| invalid("enroll.validity_days", e.to_string()))?;
+        }
         Ok(HubConfig {
             hub: self.hub,
             store,
             api: self.api,
             observability: self.observability,
             sinks,
+            enroll: self.enroll,
+            audit: self.audit,
         })
     }
 

@@ -10,10 +10,12 @@
 
 pub mod admin;
 pub mod agents;
+pub mod audit;
 pub mod ca;
 pub mod client_tls;
 pub mod clock;
 pub mod config;
+pub mod enroll;
 pub mod logging;
 pub mod metrics;
 pub mod nats;

@@ -67,6 +67,11 @@ enum Command {
         #[command(subcommand)]
         command: outpost_hub::admin::AuditCommand,
     },
+    /// One-time enrollment tokens: create, list, revoke (works while the hub runs).
+    Enroll {
+        #[command(subcommand)]
+        command: outpost_hub::enroll::verbs::EnrollCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -212,6 +217,18 @@ fn main() -> ExitCode {
             std::env::vars(),
             &mut std::io::stdout().lock(),
         )),
+        Command::Enroll { command } => {
+            let env: Vec<(String, String)> = std::env::vars().collect();
+            match outpost_hub::enroll::verbs::enroll(&command, &env, &mut std::io::stdout().lock())
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
     }
 }
 
@@ -348,7 +365,7 @@ fn run(cfg: outpost_hub::config::HubConfig, path: PathBuf) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "Hub failed.");
             eprintln!("error: {e}");
-            ExitCode::from(1)
+            ExitCode::from(e.exit_code())
         }
     }
 }

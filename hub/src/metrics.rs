@@ -177,6 +177,21 @@ pub fn render(
     );
     let sum: u64 = fleet.iter().filter_map(|a| a.backlog_events).sum();
     backlog.set(i64::try_from(sum).unwrap_or(i64::MAX));
+    let revoked = Gauge::<i64>::default();
+    registry.register(
+        "agents_revoked",
+        "Agents an operator revoked (refused until reinstated).",
+        revoked.clone(),
+    );
+    let n = fleet.iter().filter(|a| a.revoked.is_some()).count();
+    revoked.set(i64::try_from(n).unwrap_or(i64::MAX));
+    let ignored = Counter::<u64>::default();
+    registry.register(
+        "hello_labels_ignored",
+        "Hellos whose labels differed from the registry's (ignored), summed over the fleet.",
+        ignored.clone(),
+    );
+    ignored.inc_by(fleet.iter().map(|a| a.labels_ignored).sum());
     let mut out = String::new();
     // Encoding into a String fails only if a label cannot be written, which
     // derive-generated label sets never do.

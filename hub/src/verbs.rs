@@ -156,6 +156,10 @@ pub enum VerbError {
     /// A combination of flags the verb cannot use.
     #[error("{0}")]
     Usage(String),
+    /// The audit key (or a public key given to check with) cannot be read
+    /// or made, or others may read it.
+    #[error(transparent)]
+    AuditKey(#[from] crate::audit::key::KeyError),
 }
 
 impl VerbError {
@@ -167,7 +171,8 @@ impl VerbError {
             | VerbError::NotSqlite { .. }
             | VerbError::Agent(_)
             | VerbError::Stream { .. }
-            | VerbError::Usage(_) => 2,
+            | VerbError::Usage(_)
+            | VerbError::AuditKey(_) => 2,
             VerbError::Policy(crate::policy::ApplyError::Store(_)) => 1,
             VerbError::Policy(_) => 2,
             VerbError::Store(_) | VerbError::Output(_) | VerbError::AuditBroken { .. } => 1,

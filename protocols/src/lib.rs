@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
+pub mod enroll;
 pub mod event;
 pub mod modbus;
 pub mod policy;

@@ -266,6 +266,9 @@ async fn connection(
                     progressed = true;
                 }
                 AgentEvent::Acked { .. } => progressed = true,
+                // The registry's labels (protocol version 4): nothing
+                // here selects by them.
+                AgentEvent::Labels { .. } => progressed = true,
                 AgentEvent::Closed { error: None } => {
                     let _ = send.finish();
                     let acked = acked_at.context("goodbye before the last ack")?;

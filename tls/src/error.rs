@@ -69,6 +69,9 @@ impl PemError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TlsError {
+    /// A CA fingerprint is not 64 hex digits (SHA-256).
+    #[error("{0:?} is not a SHA-256 fingerprint (64 hex digits, colons allowed)")]
+    Fingerprint(String),
     /// The CA file is unusable.
     #[error(transparent)]
     Ca(PemError),
@@ -121,7 +124,10 @@ impl TlsError {
     #[must_use]
     pub fn setting(&self) -> &'static str {
         match self {
-            TlsError::Ca(_) | TlsError::Verifier { .. } | TlsError::Config(_) => "ca",
+            TlsError::Ca(_)
+            | TlsError::Verifier { .. }
+            | TlsError::Config(_)
+            | TlsError::Fingerprint(_) => "ca",
             TlsError::Cert(_) => "cert",
             TlsError::Key(_) | TlsError::KeyPair { .. } => "key",
             TlsError::ServerName { .. } => "server_name",

@@ -14,13 +14,17 @@
 
 mod client;
 mod error;
+mod fingerprint;
 mod pem;
+mod pinned;
 mod server;
 
 pub use client::{client_config, ClientFiles};
 pub use error::{PemError, TlsError};
+pub use fingerprint::fingerprint_sha256;
 pub use pem::{load_certs, load_key, load_roots};
-pub use server::mtls_server_config;
+pub use pinned::{normalize as normalize_fingerprint, pinned_ca_client_config, PinnedCa};
+pub use server::{enrolling_server_config, mtls_server_config};
 
 #[cfg(test)]
 mod tests;

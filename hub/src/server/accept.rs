@@ -16,13 +16,16 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use super::door::{Admission, Door, DoorCounters, Handshake, Limits};
 use super::endpoint::{server_config, udp_socket};
 use super::enforcement::PolicyFeed;
+use super::enroll::enrollment;
 use super::error::{ConnError, ServerError};
 use super::identity::peer_agent_id;
 use super::live::Live;
 use super::reset::{endpoint_config, reset_secret_file};
 use super::session::session;
+use crate::audit::key::AuditKey;
 use crate::clock;
 use crate::config::HubConfig;
+use crate::enroll::service::Enroller;
 use crate::store::StoreHandle;
 
 /// How long a stopping hub waits for its close frames to reach the agents.
@@ -33,9 +36,18 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// for ever).
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(60);
 
-/// Serves agents until `shutdown`. `reset_secret` is the replicas' shared
-/// secret of stateless resets; without it, `<data_dir>/reset.key`. What the
-/// door decides is counted in `door`.
+/// The keys the server needs besides its TLS files.
+#[derive(Debug)]
+pub struct ServeKeys {
+    /// The replicas' shared secret of stateless resets; without it,
+    /// `<data_dir>/reset.key`.
+    pub reset: Option<Vec<u8>>,
+    /// The hub's audit key, which signs the `enroll.*` entries.
+    pub audit: AuditKey,
+}
+
+/// Serves agents until `shutdown`. What the door decides is counted in
+/// `door`.
 // One more than clippy's seven: each is a separate piece of the wiring.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve(
@@ -45,10 +57,10 @@ pub async fn serve(
     policy: PolicyFeed,
     shutdown: CancellationToken,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
-    reset_secret: Option<Vec<u8>>,
+    keys: ServeKeys,
     door: Arc<DoorCounters>,
 ) -> Result<(), ServerError> {
-    let (endpoint, addr) = bind(cfg, base, reset_secret)?;
+    let (endpoint, addr) = bind(cfg, base, keys.reset)?;
     let local = endpoint.local_addr().unwrap_or(addr);
     info!(listen = %local, "Hub listening (QUIC).");
     if let Some(tx) = bound {
@@ -56,6 +68,7 @@ pub async fn serve(
     }
     let live = Arc::new(Live::default());
     let door = Door::new(Limits::from_config(&cfg.hub), door);
+    let enroller = Arc::new(Enroller::new(cfg, base, keys.audit));
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
@@ -64,6 +77,7 @@ pub async fn serve(
                 let Some(incoming) = incoming else { break };
                 let Some(handshake) = at_the_door(&door, incoming) else { continue };
                 let (store, live, policy) = (store.clone(), live.clone(), policy.clone());
+                let enroller = enroller.clone();
                 let stop = shutdown.child_token();
                 let counters = door.counters().clone();
                 let stream_deadline = door.limits().stream_deadline;
@@ -71,7 +85,9 @@ pub async fn serve(
                     let (incoming, handshake) = handshake;
                     let remote = incoming.remote_address();
                     let opening = Opening { handshake, stream_deadline, counters };
-                    if let Err(e) = connection(incoming, opening, store, policy, live, stop).await {
+                    if let Err(e) =
+                        connection(incoming, opening, store, policy, live, enroller, stop).await
+                    {
                         warn!(%remote, error = %e, "Agent connection ended.");
                     }
                 });
@@ -188,6 +204,7 @@ async fn connection(
     store: StoreHandle,
     policy: PolicyFeed,
     live: Arc<Live>,
+    enroller: Arc<Enroller>,
     stop: CancellationToken,
 ) -> Result<(), ConnError> {
     let Opening {
@@ -206,6 +223,10 @@ async fn connection(
         .map_err(ConnError::Handshake)?;
     drop(handshake);
     let deadline = clock::tokio_now() + stream_deadline;
+    if negotiated_alpn(&conn).as_deref() == Some(outpost_protocols::enroll::ALPN) {
+        enrollment(conn, enroller, stop).await;
+        return Ok(());
+    }
     let id = match peer_agent_id(&conn) {
         Ok(id) => id,
         Err(e) => {
@@ -257,6 +278,14 @@ async fn connection(
     .await
 }
 
+/// The ALPN the handshake settled on.
+fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
+
 /// The QUIC close code for how a session ended: 0, the protocol error's
 /// code, or `internal`.
 fn close_code(result: &Result<(), ConnError>) -> quinn::VarInt {
@@ -264,6 +293,7 @@ fn close_code(result: &Result<(), ConnError>) -> quinn::VarInt {
         Ok(()) => CLOSE_OK,
         Err(ConnError::Protocol(e)) => e.code().to_u32(),
         Err(ConnError::StreamDeadline) => ErrorCode::Timeout.to_u32(),
+        Err(ConnError::Revoked) => ErrorCode::Revoked.to_u32(),
         Err(_) => ErrorCode::Internal.to_u32(),
     })
 }

@@ -15,16 +15,20 @@ use super::error::ServerError;
 /// it with a named code first.
 const IDLE_TIMEOUT_MS: u32 = 60_000;
 
-/// The QUIC server configuration: the hub's certificate, client certificates
-/// required and checked against the fleet CA, ALPN `outpost/1`, one
-/// bidirectional stream per connection.
+/// The QUIC server configuration: the hub's certificate followed by the
+/// fleet CA's, client certificates checked against the fleet CA, ALPNs
+/// `outpost/1` and `outpost-enroll/1`, one bidirectional stream per
+/// connection.
+///
+/// A client certificate is optional at TLS, so that a device can enroll
+/// before it has one; `accept` requires one on `outpost/1`.
 pub fn server_config(
     ca: &Path,
     cert: &Path,
     key: &Path,
 ) -> Result<quinn::ServerConfig, ServerError> {
-    let mut tls = outpost_tls::mtls_server_config(ca, cert, key)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let mut tls = outpost_tls::enrolling_server_config(ca, cert, key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec(), outpost_protocols::enroll::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();

@@ -59,6 +59,8 @@ pub(super) enum ConnError {
     HandshakeTimeout,
     #[error("unauthorized: {0}")]
     Unauthorized(#[from] IdentityError),
+    #[error("refused: an operator revoked the agent")]
+    Revoked,
     #[error("connection: {0}")]
     Connection(#[source] quinn::ConnectionError),
     #[error("connection: {0}")]

@@ -23,19 +23,21 @@
 //! connection meets before its handshake), `accept` (the accept loop and a
 //! connection's life), `live` (which connection of an agent is current),
 //! `identity` (the agent id from the certificate), `enforcement` (the policy
-//! applied again on ingest) and `session` (the driver).
+//! applied again on ingest), `session` (the driver) and `enroll` (a
+//! connection on the enrollment ALPN, which needs no client certificate).
 
 mod accept;
 mod door;
 mod endpoint;
 mod enforcement;
+mod enroll;
 mod error;
 mod identity;
 mod live;
 mod reset;
 mod session;
 
-pub use accept::serve;
+pub use accept::{serve, ServeKeys};
 pub use door::{DoorCounters, DoorCounts};
 pub use endpoint::server_config;
 pub use enforcement::PolicyFeed;

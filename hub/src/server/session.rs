@@ -55,13 +55,26 @@ pub(super) async fn session(
     deadline: tokio::time::Instant,
     registered: &mut bool,
 ) -> Result<(), ConnError> {
-    // Biased: a stream that is already open wins over a deadline that
-    // passed while this connection waited to supersede the previous one.
-    let (send, recv) = tokio::select! {
-        biased;
-        () = stop.cancelled() => return Ok(()),
-        s = conn.accept_bi() => s.map_err(ConnError::Connection)?,
-        () = tokio::time::sleep_until(deadline) => return Err(ConnError::StreamDeadline),
+    let mut policy = policy;
+    let mut watching_trust = true;
+    // Until the agent opens its stream, a revocation closes the connection
+    // too: it may have passed the handshake on a view a moment old. Biased:
+    // a stream that is already open wins over a deadline that passed while
+    // this connection waited to supersede the previous one.
+    let (send, recv) = loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return Ok(()),
+            s = conn.accept_bi() => break s.map_err(ConnError::Connection)?,
+            changed = policy.trust.changed(), if watching_trust => {
+                if changed.is_err() {
+                    watching_trust = false;
+                } else if policy.trust.borrow_and_update().revocation(id).is_some() {
+                    return Err(ConnError::Revoked);
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => return Err(ConnError::StreamDeadline),
+        }
     };
     let mut driver = Driver::start(id, store, policy, stop, send, recv).await?;
     let result = driver.run().await;
@@ -124,8 +137,6 @@ impl<'a> Driver<'a> {
         )
         .holding(received);
         let current = policy.current.borrow_and_update().clone();
-        // The connection was checked against this view at the handshake.
-        policy.trust.borrow_and_update();
         let enforcement = Enforcement::new(current, policy.catalog.clone());
         enforcement.offer(&mut session);
         Ok(Driver {

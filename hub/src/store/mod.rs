@@ -25,7 +25,7 @@
 //!                                   block ingest, nor it them
 //! PRAGMA synchronous  = FULL|NORMAL `[store] synchronous`; FULL by default: a
 //!                                   commit is on disk before anything is acked
-//! PRAGMA user_version = 3           the schema version; a newer one is refused,
+//! PRAGMA user_version = 4           the schema version; a newer one is refused,
 //!                                   an older one migrated by the hub
 //!
 //! events(agent_id TEXT    NOT NULL,  from the agent's certificate
@@ -67,6 +67,10 @@
 //! sinks(sink, delivered, rejected, refused,  counters for `sinks status`
 //!       failures, last_delivered_at, last_error, last_error_at)
 //!                                            see `sqlite::sink_queue`
+//! enrollments(token_hash, agent_id, labels,  one-time enrollment tokens, by
+//!             created_at, created_by,        the SHA-256 of the token (never
+//!             expires_at, used_at, used_from, the token); see
+//!             revoked_at, serial, fingerprint) `sqlite::enrollments`
 //! ```
 //!
 //! Why this shape:
@@ -153,9 +157,11 @@ pub use error::StoreError;
 pub use handle::{InsertOutcome, PendingInsert, PolicyCounts, StoreHandle, WriterOptions};
 pub use outpost_storage::Synchronous;
 pub use records::{
-    AgentRecord, Forward, LabelChange, Queued, Revocation, SinkProgress, SinkStatus,
+    AgentRecord, EnrollmentRecord, Forward, LabelChange, Queued, Revocation, SinkProgress,
+    SinkStatus, TokenRefusal,
 };
 pub use sqlite::audit;
+pub use sqlite::enrollments;
 pub use sqlite::trust;
 pub use sqlite::{
     open_admin, spawn_store_writer, store_path, AgentEventStats, Store, StoreReader, FILE_NAME,

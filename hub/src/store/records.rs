@@ -170,3 +170,78 @@ impl SinkStatus {
         }
     }
 }
+
+/// A one-time enrollment token as the store keeps it: its hash, never its
+/// value (`enroll list`, and what a use checks).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct EnrollmentRecord {
+    /// Lowercase hex SHA-256 of the token: the key.
+    pub token_hash: String,
+    /// The only agent id the token enrolls.
+    pub agent_id: String,
+    /// The labels the agent gets in the registry when it enrolls.
+    pub labels: BTreeMap<String, String>,
+    /// When it was made, Unix ns.
+    pub created_at: i64,
+    /// Who made it.
+    pub created_by: String,
+    /// When it stops working, Unix ns.
+    pub expires_at: i64,
+    /// When it was used, Unix ns.
+    pub used_at: Option<i64>,
+    /// From which address.
+    pub used_from: Option<String>,
+    /// When an operator revoked it, Unix ns.
+    pub revoked_at: Option<i64>,
+    /// The serial of the certificate it issued, lowercase hex.
+    pub serial: Option<String>,
+    /// The SHA-256 fingerprint of that certificate, lowercase hex.
+    pub fingerprint: Option<String>,
+}
+
+/// Why a token cannot be used (now, for this agent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefusal {
+    /// No token has this hash.
+    Unknown,
+    /// It was used.
+    Used,
+    /// It expired.
+    Expired,
+    /// It was revoked.
+    Revoked,
+    /// It is for another agent id.
+    ForAnotherAgent,
+}
+
+impl EnrollmentRecord {
+    /// The token's id for people: the first 12 hex digits of its hash,
+    /// enough to name it in `enroll revoke` and useless for enrolling.
+    pub fn id(&self) -> &str {
+        self.token_hash.get(..12).unwrap_or(&self.token_hash)
+    }
+
+    /// `pending`, `used`, `expired` or `revoked` at `now` (Unix ns).
+    pub fn state(&self, now: i64) -> &'static str {
+        if self.used_at.is_some() {
+            "used"
+        } else if self.revoked_at.is_some() {
+            "revoked"
+        } else if self.expires_at <= now {
+            "expired"
+        } else {
+            "pending"
+        }
+    }
+
+    /// Whether `agent_id` may use the token at `now`; why not otherwise.
+    pub fn check(&self, agent_id: &str, now: i64) -> Result<(), TokenRefusal> {
+        match self.state(now) {
+            "used" => Err(TokenRefusal::Used),
+            "revoked" => Err(TokenRefusal::Revoked),
+            "expired" => Err(TokenRefusal::Expired),
+            _ if self.agent_id != agent_id => Err(TokenRefusal::ForAnotherAgent),
+            _ => Ok(()),
+        }
+    }
+}

@@ -44,6 +44,18 @@ pub(super) struct KvAgent {
     pub(super) policy_modified: u64,
 }
 
+impl KvAgent {
+    /// The labels an enrollment token gave the agent; the record is created
+    /// by its first change.
+    pub(super) fn enrolled(&mut self, labels: &BTreeMap<String, String>, now: i64) {
+        if self.first_seen == 0 {
+            self.first_seen = now;
+            self.last_seen = now;
+        }
+        self.labels = labels.clone();
+    }
+}
+
 impl JetStreamStore {
     /// Read-modify-write of `agent_id`'s registry record by compare-and-set.
     pub(super) async fn update_agent(

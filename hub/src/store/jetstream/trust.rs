@@ -35,7 +35,8 @@ impl JetStreamStore {
         }
     }
 
-    async fn raise_trust_generation(&self) -> Result<(), StoreError> {
+    /// Raises the trust generation: every replica's sessions look again.
+    pub(super) async fn raise_trust_generation(&self) -> Result<(), StoreError> {
         self.update_json(
             &self.shared,
             GENERATION,

@@ -9,6 +9,7 @@
 //! (`reader`). This root only gathers their names.
 
 pub mod audit;
+pub mod enrollments;
 mod events;
 mod reader;
 mod registry;

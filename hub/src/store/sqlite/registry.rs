@@ -9,6 +9,7 @@ use outpost_storage::AtPath;
 use rusqlite::{params, Connection, OptionalExtension as _, Row};
 
 use super::rows::{agent_from, seq_from};
+use crate::audit::key::AuditKey;
 use crate::store::error::StoreError;
 use crate::store::records::{AgentRecord, Revocation};
 
@@ -115,9 +116,11 @@ pub(crate) fn count_policy(
 /// change nothing, and a `Hello` that states others is counted in
 /// `labels_ignored`. Returns the registry's labels, which are the ones the
 /// hub selects rules, limits and sink topics by.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn connected(
     conn: &Connection,
     path: &Path,
+    key: &AuditKey,
     agent_id: &AgentId,
     labels: &BTreeMap<String, String>,
     agent_version: &str,
@@ -130,6 +133,7 @@ pub(crate) fn connected(
         None => super::audit::append(
             conn,
             path,
+            key,
             &super::audit::Entry {
                 ts: now,
                 actor: "hub",

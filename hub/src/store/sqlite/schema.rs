@@ -10,8 +10,9 @@ use crate::store::error::StoreError;
 /// The schema version this build writes, kept in `PRAGMA user_version`.
 /// Version 2 added the policy versions, the audit log and the agents'
 /// policy columns, version 3 the sinks' queues, version 4 the trust
-/// columns (labels owned by the hub, revocation); an older file is migrated
-/// when the hub opens it.
+/// columns (labels owned by the hub, revocation), the enrollment tokens and
+/// the audit entries' signatures; an older file is migrated when the hub
+/// opens it.
 pub const SCHEMA_VERSION: i64 = 4;
 
 /// The schema, created in one transaction when `user_version` is 0.
@@ -72,14 +73,66 @@ CREATE TABLE IF NOT EXISTS meta (
 
 /// From schema version 3 to 4: the registry's labels become the hub's (a
 /// `Hello` that states others is counted in `labels_ignored`), and agents
-/// can be revoked. Existing rows keep the labels they hold, which are those
-/// of each agent's latest connection before the upgrade.
+/// can be revoked. Each existing agent gets back the labels it was first
+/// seen with ([`first_seen_labels`]). And the one-time enrollment tokens
+/// (`sqlite::enrollments`).
+///
+/// `audit.sig`: the hub's Ed25519 signature of each entry's hash
+/// (`crate::audit`); entries written before are left NULL and verify as
+/// unsigned, before the first signed one.
 pub(crate) const MIGRATE_4: &str = "
 ALTER TABLE agents ADD COLUMN labels_ignored INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE agents ADD COLUMN revoked_at INTEGER;
 ALTER TABLE agents ADD COLUMN revoked_by TEXT;
 ALTER TABLE agents ADD COLUMN revoked_reason TEXT;
+CREATE TABLE IF NOT EXISTS enrollments (
+    token_hash  TEXT    NOT NULL PRIMARY KEY,
+    agent_id    TEXT    NOT NULL,
+    labels      TEXT    NOT NULL DEFAULT '{}',
+    created_at  INTEGER NOT NULL,
+    created_by  TEXT    NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    used_at     INTEGER,
+    used_from   TEXT,
+    revoked_at  INTEGER,
+    serial      TEXT,
+    fingerprint TEXT
+) WITHOUT ROWID;
+ALTER TABLE audit ADD COLUMN sig TEXT;
 ";
+
+/// Before version 4 every `Hello` replaced an agent's labels, so a gateway
+/// that changed its claim after its first connection holds the claimed ones.
+/// The labels it was first seen with are in its `agent.first_seen` audit
+/// entry (`labels {json}, agent version …`): those become its labels. An
+/// entry that does not read that way (none, or an agent version that
+/// confuses the split) leaves the row as it is; `fleet list` shows it, and
+/// `agent label` corrects it.
+fn first_seen_labels(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    let firsts: Vec<(String, String)> = tx
+        .prepare(
+            "SELECT target, detail FROM audit WHERE action = 'agent.first_seen'
+             AND id IN (SELECT min(id) FROM audit WHERE action = 'agent.first_seen' GROUP BY target)",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (agent, detail) in firsts {
+        let labels = detail
+            .strip_prefix("labels ")
+            .and_then(|rest| rest.rfind(", agent version ").map(|end| &rest[..end]))
+            .and_then(|json| {
+                serde_json::from_str::<std::collections::BTreeMap<String, String>>(json).ok()
+            });
+        if let Some(labels) = labels {
+            let text = serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into());
+            tx.execute(
+                "UPDATE agents SET labels = ?2 WHERE agent_id = ?1",
+                rusqlite::params![agent, text],
+            )?;
+        }
+    }
+    Ok(())
+}
 
 /// Creates or migrates the schema inside `tx` (an IMMEDIATE transaction, so
 /// that two processes opening one file do not both do it). Refuses a newer
@@ -97,6 +150,7 @@ pub(crate) fn prepare_schema(tx: &Transaction<'_>, path: &Path) -> Result<(), St
         }
         if found < 4 {
             tx.execute_batch(MIGRATE_4)?;
+            first_seen_labels(tx)?;
         }
         Ok(())
     })?;

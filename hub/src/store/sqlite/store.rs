@@ -15,6 +15,7 @@ use super::events::{events_stats, events_tail, AgentEventStats};
 use super::registry;
 use super::schema::prepare_schema;
 use super::sink_queue;
+use crate::audit::key::AuditKey;
 use crate::clock;
 use crate::store::error::StoreError;
 use crate::store::handle::{InsertOutcome, PolicyCounts};
@@ -99,17 +100,24 @@ pub(crate) enum Op<'a> {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// Signs the audit entries the hub appends itself.
+    audit_key: AuditKey,
     transactions: u64,
 }
 
 impl Store {
     /// Opens the store at `path`, creating the file (not its directory) and the
-    /// schema if needed.
+    /// schema if needed; the audit entries it appends are signed with
+    /// `audit_key`.
     ///
     /// Opening for writing also declares every agent disconnected: only the
     /// hub writes the store, and a hub that is starting has no sessions yet,
     /// whatever a killed predecessor left behind.
-    pub fn open(path: &Path, synchronous: Synchronous) -> Result<Store, StoreError> {
+    pub fn open(
+        path: &Path,
+        synchronous: Synchronous,
+        audit_key: AuditKey,
+    ) -> Result<Store, StoreError> {
         let mut conn = outpost_storage::open(path, synchronous)?;
 
         // IMMEDIATE: two processes opening one file must not both create the
@@ -124,6 +132,7 @@ impl Store {
         Ok(Store {
             conn,
             path: path.to_owned(),
+            audit_key,
             transactions: 0,
         })
     }
@@ -273,7 +282,7 @@ impl Store {
             .at(path)?;
         let mut outcomes = Vec::with_capacity(ops.len());
         for op in ops {
-            outcomes.push(apply_one(&tx, path, now, op)?);
+            outcomes.push(apply_one(&tx, path, &self.audit_key, now, op)?);
         }
         tx.commit().at(path)?;
         self.transactions += 1;
@@ -357,7 +366,13 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .at(&path)?;
-        let gone = sink_queue::drop_unconfigured(&tx, &path, clock::unix_now(), configured)?;
+        let gone = sink_queue::drop_unconfigured(
+            &tx,
+            &path,
+            &self.audit_key,
+            clock::unix_now(),
+            configured,
+        )?;
         tx.commit().at(&path)?;
         Ok(gone)
     }
@@ -374,6 +389,7 @@ impl Store {
 fn apply_one(
     tx: &Transaction<'_>,
     path: &Path,
+    key: &AuditKey,
     now: Timestamp,
     op: &Op<'_>,
 ) -> Result<Option<InsertOutcome>, StoreError> {
@@ -386,7 +402,7 @@ fn apply_one(
             policy,
         } => insert_one(tx, path, now, agent_id, events, forward, *through, *policy).map(Some),
         Op::SinkProgress { sink, progress } => {
-            sink_queue::progress(tx, path, now, sink, progress).map(|()| None)
+            sink_queue::progress(tx, path, key, now, sink, progress).map(|()| None)
         }
         Op::PolicyStatus {
             agent_id,
@@ -401,6 +417,7 @@ fn apply_one(
         } => registry::connected(
             tx,
             path,
+            key,
             agent_id,
             labels,
             agent_version,

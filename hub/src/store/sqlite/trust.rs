@@ -22,6 +22,7 @@ use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
 use super::audit::{self, Entry};
 use super::registry;
 use super::rows::agent_from;
+use crate::audit::key::AuditKey;
 use crate::store::error::StoreError;
 use crate::store::records::{LabelChange, Revocation};
 
@@ -38,7 +39,8 @@ pub fn generation(conn: &Connection, path: &Path) -> Result<u64, StoreError> {
     Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
-fn raise_generation(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+/// Raises the trust generation, inside the caller's transaction.
+pub(crate) fn raise_generation(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT INTO meta (key, value) VALUES (?1, '1')
          ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)",
@@ -81,6 +83,7 @@ pub fn revoked(conn: &Connection, path: &Path) -> Result<HashMap<AgentId, Revoca
 pub fn set_labels(
     conn: &mut Connection,
     path: &Path,
+    key: &AuditKey,
     agent_id: &AgentId,
     labels: &BTreeMap<String, String>,
     actor: &str,
@@ -105,6 +108,7 @@ pub fn set_labels(
     audit::append(
         &tx,
         path,
+        key,
         &Entry {
             ts: now,
             actor,
@@ -130,6 +134,7 @@ pub fn set_labels(
 pub fn revoke(
     conn: &mut Connection,
     path: &Path,
+    key: &AuditKey,
     agent_id: &AgentId,
     reason: &str,
     actor: &str,
@@ -151,6 +156,7 @@ pub fn revoke(
     audit::append(
         &tx,
         path,
+        key,
         &Entry {
             ts: now,
             actor,
@@ -177,6 +183,7 @@ pub fn revoke(
 pub fn reinstate(
     conn: &mut Connection,
     path: &Path,
+    key: &AuditKey,
     agent_id: &AgentId,
     actor: &str,
     now: Timestamp,
@@ -196,6 +203,7 @@ pub fn reinstate(
     audit::append(
         &tx,
         path,
+        key,
         &Entry {
             ts: now,
             actor,
