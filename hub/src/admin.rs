@@ -19,6 +19,7 @@ use crate::audit::key::{AuditKey, PublicKey};
 use crate::clock;
 use crate::config::{self, HubConfig, StoreKind};
 use crate::policy::{self, Applied, ApplyError, PolicyRecord};
+use crate::printable::printable;
 use crate::store::audit::{self, Verdict};
 use crate::store::{open_admin, store_path, AtPath as _, StoreReader};
 use crate::verbs::VerbError;
@@ -553,11 +554,11 @@ pub fn audit(
                         "{:>5} {} {:<10} {:<17} {:<8} {} — {}{}",
                         e.id,
                         crate::verbs::time_text(outpost_protocols::event::Timestamp(e.ts)),
-                        e.actor,
+                        printable(&e.actor),
                         e.action,
                         e.result,
-                        e.target,
-                        e.detail,
+                        printable(&e.target),
+                        printable(&e.detail),
                         if e.sig.is_none() { " (unsigned)" } else { "" }
                     )?;
                 }

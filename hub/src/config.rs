@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
+use outpost_settings::HumanDuration;
 use serde::Deserialize;
 
 pub use outpost_settings::ConfigError;
@@ -93,6 +94,24 @@ pub struct HubSection {
     /// beyond the CA's own expiry).
     #[serde(default = "default_renew_days")]
     pub renew_days: u32,
+    /// The most QUIC handshakes in flight at once; more are refused.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// With this many handshakes in flight, a connection whose source
+    /// address is not yet validated is answered with a QUIC Retry.
+    #[serde(default = "default_retry_above")]
+    pub retry_above: usize,
+    /// New connections one source IP may open at once (the bucket's size);
+    /// 0: no per-address limit.
+    #[serde(default = "default_per_address_burst")]
+    pub per_address_burst: u32,
+    /// New connections a second one source IP earns back.
+    #[serde(default = "default_per_address_rate")]
+    pub per_address_rate: f64,
+    /// How long a connection may take, once its handshake is done, to open
+    /// its stream before it is closed with `Timeout`.
+    #[serde(default = "default_stream_deadline")]
+    pub stream_deadline: HumanDuration,
 }
 
 /// `[enroll]`: enrollment with one-time tokens (`outpost-hub enroll
@@ -113,6 +132,21 @@ pub struct EnrollSection {
 
 fn default_listen() -> String {
     "0.0.0.0:7443".into()
+}
+fn default_max_handshakes() -> usize {
+    1024
+}
+fn default_retry_above() -> usize {
+    256
+}
+fn default_per_address_burst() -> u32 {
+    64
+}
+fn default_per_address_rate() -> f64 {
+    16.0
+}
+fn default_stream_deadline() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(10))
 }
 
 fn default_renew_grace() -> outpost_settings::HumanDuration {
@@ -323,6 +357,7 @@ impl RawConfig {
     /// the first broken one, with its key path.
     pub fn validate(self) -> Result<HubConfig, Invalid> {
         self.check_addresses()?;
+        self.check_door()?;
         let store = self.store.validate()?;
         let sinks = validate_sinks(self.sinks)?;
         if let Some(days) = self.enroll.validity_days {
@@ -386,6 +421,41 @@ impl RawConfig {
     }
 }
 
+impl RawConfig {
+    /// The limits at the door (`server::door`).
+    fn check_door(&self) -> Result<(), Invalid> {
+        let h = &self.hub;
+        if h.max_handshakes == 0 {
+            return Err(invalid("hub.max_handshakes", "must be at least 1".into()));
+        }
+        if h.retry_above > h.max_handshakes {
+            return Err(invalid(
+                "hub.retry_above",
+                format!(
+                    "{} is above max_handshakes ({}): a Retry must come before a refusal",
+                    h.retry_above, h.max_handshakes
+                ),
+            ));
+        }
+        if !(h.per_address_rate.is_finite() && h.per_address_rate > 0.0) {
+            return Err(invalid(
+                "hub.per_address_rate",
+                format!("{} is not a number above 0", h.per_address_rate),
+            ));
+        }
+        let deadline = h.stream_deadline.0;
+        if deadline < std::time::Duration::from_secs(1)
+            || deadline > std::time::Duration::from_secs(300)
+        {
+            return Err(invalid(
+                "hub.stream_deadline",
+                format!("{} is not between 1s and 300s", h.stream_deadline),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl RawStoreSection {
     /// `[store]` into its kind: `synchronous` is checked on either kind
     /// (it is read only by SQLite), `[store.jetstream]` is required with
@@ -442,4 +512,70 @@ fn validate_sinks(raw: Vec<RawSinkConfig>) -> Result<Vec<SinkConfig>, Invalid> {
         sinks.push(sink);
     }
     Ok(sinks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_hub(keys: &str) -> Result<HubConfig, ConfigError> {
+        let text = format!(
+            "[hub]\ndata_dir = \"d\"\nca = \"ca.pem\"\ncert = \"hub.pem\"\nkey = \"hub.key\"\n{keys}\n"
+        );
+        parse(&text, Vec::new(), Path::new("hub.toml"))
+    }
+
+    fn invalid_key(keys: &str) -> String {
+        match parse_hub(keys) {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected an invalid key for {keys:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_door_has_limits_by_default() -> Result<(), ConfigError> {
+        let c = parse_hub("")?;
+        assert_eq!(c.hub.max_handshakes, 1024);
+        assert_eq!(c.hub.retry_above, 256);
+        assert_eq!(c.hub.per_address_burst, 64);
+        assert!((c.hub.per_address_rate - 16.0).abs() < f64::EPSILON);
+        assert_eq!(c.hub.stream_deadline.0, std::time::Duration::from_secs(10));
+        Ok(())
+    }
+
+    #[test]
+    fn door_limits_that_cannot_work_are_refused_with_their_key() {
+        assert_eq!(invalid_key("max_handshakes = 0"), "hub.max_handshakes");
+        assert_eq!(
+            invalid_key("max_handshakes = 10\nretry_above = 11"),
+            "hub.retry_above"
+        );
+        assert_eq!(
+            invalid_key("per_address_rate = 0.0"),
+            "hub.per_address_rate"
+        );
+        assert_eq!(
+            invalid_key("per_address_rate = -1.0"),
+            "hub.per_address_rate"
+        );
+        assert_eq!(
+            invalid_key("stream_deadline = \"0s\""),
+            "hub.stream_deadline"
+        );
+        assert_eq!(
+            invalid_key("stream_deadline = \"1h\""),
+            "hub.stream_deadline"
+        );
+    }
+
+    #[test]
+    fn door_limits_may_be_set() -> Result<(), ConfigError> {
+        let c = parse_hub(
+            "max_handshakes = 10\nretry_above = 0\nper_address_burst = 0\nper_address_rate = 0.5\nstream_deadline = \"3s\"",
+        )?;
+        assert_eq!((c.hub.max_handshakes, c.hub.retry_above), (10, 0));
+        assert_eq!(c.hub.per_address_burst, 0);
+        assert_eq!(c.hub.stream_deadline.0, std::time::Duration::from_secs(3));
+        Ok(())
+    }
 }

@@ -20,6 +20,7 @@ pub mod logging;
 pub mod metrics;
 pub mod nats;
 pub mod policy;
+pub mod printable;
 pub mod run;
 pub mod server;
 pub mod sinks;

@@ -264,7 +264,8 @@ async fn serve_on<T>(
         trust: r.trust,
         catalog: r.catalog,
     };
-    let metrics = start_metrics(cfg, sources.metrics, shutdown.child_token()).await;
+    let door = std::sync::Arc::new(server::DoorCounters::default());
+    let metrics = start_metrics(cfg, sources.metrics, door.clone(), shutdown.child_token()).await;
     let served = server::serve(
         cfg,
         base,
@@ -273,6 +274,7 @@ async fn serve_on<T>(
         shutdown,
         bound,
         sources.keys,
+        door,
     )
     .await;
     stop_metrics(metrics).await;
@@ -367,13 +369,14 @@ struct Metrics {
 async fn start_metrics(
     cfg: &HubConfig,
     source: MetricsSource,
+    door: std::sync::Arc<server::DoorCounters>,
     stop: CancellationToken,
 ) -> Option<Metrics> {
     let addr = cfg.observability.metrics.parse::<SocketAddr>().ok()?;
     match tokio::net::TcpListener::bind(addr).await {
         Ok(listener) => {
             info!(listen = %listener.local_addr().unwrap_or(addr), "Metrics listening (Prometheus).");
-            let task = tokio::spawn(crate::metrics::serve(listener, source, stop.clone()));
+            let task = tokio::spawn(crate::metrics::serve(listener, source, door, stop.clone()));
             Some(Metrics { task, stop })
         }
         Err(e) => {

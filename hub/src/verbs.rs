@@ -21,6 +21,7 @@ use outpost_protocols::topic::{TopicError, TopicFilter};
 
 use crate::clock;
 use crate::config::{self, ConfigError, StoreKind};
+use crate::printable::printable;
 use crate::store::{store_path, AgentEventStats, AgentRecord, SinkStatus, StoreError, StoreReader};
 
 /// `outpost-hub fleet …`.
@@ -306,7 +307,8 @@ pub fn sinks_text(status: &[SinkStatus], configured: &[String], now: i64) -> Str
         if let Some(e) = &s.last_error {
             let ago =
                 age_s(s.last_error_at, now).map_or(String::new(), |a| format!(" ({a:.0}s ago)"));
-            let _ = write!(t, "  last error{ago}: {e}");
+            // The sink's far end wrote part of this text.
+            let _ = write!(t, "  last error{ago}: {}", printable(e));
         }
         t.push('\n');
     }
@@ -576,14 +578,16 @@ pub fn event_text(e: &Event) -> String {
         Quality::Uncertain(r) => format!(" [uncertain] {r}"),
         _ => String::new(),
     };
-    format!(
+    // The agent named the stream and wrote the reasons.
+    let line = format!(
         "{} {:>10} {} {} = {}{quality}",
         e.agent_id,
         e.seq.0,
         e.body.ts.0,
         e.body.stream,
         e.body.value.to_json()
-    )
+    );
+    printable(&line).into_owned()
 }
 
 /// A Unix-ns time as RFC 3339 in UTC, to the second; the number itself when it
@@ -599,8 +603,14 @@ pub fn time_text(ts: Timestamp) -> String {
 }
 
 /// Renders rows under a header, each column as wide as its widest cell, two
-/// spaces apart; columns flagged `true` are right-aligned.
+/// spaces apart; columns flagged `true` are right-aligned. Every cell is
+/// made [`printable`]: agents choose their versions and labels.
 fn table(header: &[(&str, bool)], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| printable(c).into_owned()).collect())
+        .collect();
+    let rows = rows.as_slice();
     let width = |i: usize| {
         rows.iter()
             .filter_map(|r| r.get(i))
@@ -730,6 +740,51 @@ mod tests {
             event_text(&e),
             "gw-1       1522 1718000005000198114 plc1/level = 42.1 [bad] timeout"
         );
+    }
+
+    #[test]
+    fn what_agents_and_sinks_wrote_reaches_the_terminal_escaped() {
+        let esc = "\u{1b}]0;owned\u{7}\u{1b}[2J\u{9b}1A";
+        let mut a = record("gw-1", 1);
+        a.agent_version = Some(format!("1.0{esc}"));
+        a.labels = BTreeMap::from([(format!("site{esc}"), format!("x\n{esc}"))]);
+        let e = Event {
+            agent_id: AgentId::parse("gw-1").expect("valid"),
+            seq: Seq(1),
+            body: EventBody {
+                stream: StreamName::parse(&format!("plc1/{esc}")).expect("valid"),
+                ts: Timestamp(0),
+                value: Value::F64(1.0),
+                quality: Quality::Bad(Reason::Other(format!("r{esc}"))),
+                attrs: BTreeMap::new(),
+            },
+        };
+        let mut sink = SinkStatus {
+            sink: "cloud".into(),
+            pending: 0,
+            oldest_queued_at: None,
+            delivered: 0,
+            rejected: 0,
+            refused: 0,
+            failures: 1,
+            last_delivered_at: None,
+            last_error: Some(format!("503 {esc}")),
+            last_error_at: None,
+        };
+        sink.last_error_at = Some(0);
+        for text in [
+            fleet_text(&[a]),
+            event_text(&e),
+            sinks_text(&[sink], &["cloud".into()], 0),
+        ] {
+            // One line per row, each free of what a terminal would obey.
+            assert!(
+                text.lines()
+                    .all(|l| !l.chars().any(crate::printable::is_unsafe)),
+                "{text:?}"
+            );
+            assert!(text.contains("\\u{1b}]0;owned"), "{text:?}");
+        }
     }
 
     #[test]

@@ -19,7 +19,8 @@
 //! never stale.
 //!
 //! The rooms, one job each: `endpoint` (the QUIC and socket settings),
-//! `reset` (the stateless-reset secret), `accept` (the accept loop and a
+//! `reset` (the stateless-reset secret), `door` (the limits a new
+//! connection meets before its handshake), `accept` (the accept loop and a
 //! connection's life), `live` (which connection of an agent is current),
 //! `identity` (the agent id from the certificate), `binding` (which
 //! certificate of an agent is accepted, and renewing it), `enforcement` (the
@@ -28,6 +29,7 @@
 
 mod accept;
 mod binding;
+mod door;
 mod endpoint;
 mod enforcement;
 mod enroll;
@@ -38,6 +40,7 @@ mod reset;
 mod session;
 
 pub use accept::{serve, ServeKeys};
+pub use door::{DoorCounters, DoorCounts};
 pub use endpoint::server_config;
 pub use enforcement::PolicyFeed;
 pub use error::ServerError;

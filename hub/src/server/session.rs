@@ -44,22 +44,32 @@ const NO_TIMER: Duration = Duration::from_secs(3600);
 type Commit = Pin<Box<dyn Future<Output = Result<(Seq, Seq), StoreError>> + Send>>;
 
 /// Runs the session of the agent `id` on `conn` until it ends or `stop`;
+/// the agent must open its stream before `deadline` (the hub's keep-alives
+/// would otherwise keep a connection without one open for ever).
 /// `registered` is set once the agent is in the registry.
 pub(super) async fn session(
     conn: &quinn::Connection,
     id: &AgentId,
     store: &StoreHandle,
     policy: PolicyFeed,
-    (certs, cert): (&Certs, &CertInfo),
+    link: Link<'_>,
     stop: &CancellationToken,
     registered: &mut bool,
 ) -> Result<(), ConnError> {
+    let Link {
+        certs,
+        cert,
+        deadline,
+    } = link;
     let mut policy = policy;
     let mut watching_trust = true;
     // Until the agent opens its stream, a revocation closes the connection
-    // too: it may have passed the handshake on a view a moment old.
+    // too: it may have passed the handshake on a view a moment old. Biased:
+    // a stream that is already open wins over a deadline that passed while
+    // this connection waited to supersede the previous one.
     let (send, recv) = loop {
         tokio::select! {
+            biased;
             () = stop.cancelled() => return Ok(()),
             s = conn.accept_bi() => break s.map_err(ConnError::Connection)?,
             changed = policy.trust.changed(), if watching_trust => {
@@ -69,6 +79,7 @@ pub(super) async fn session(
                     return Err(ConnError::Revoked);
                 }
             }
+            () = tokio::time::sleep_until(deadline) => return Err(ConnError::StreamDeadline),
         }
     };
     let mut driver = Driver::start(id, store, policy, stop, send, recv).await?;
@@ -76,6 +87,18 @@ pub(super) async fn session(
     let result = driver.run().await;
     *registered = driver.registered;
     result
+}
+
+/// What the connection brings to its session: the hub's certificate
+/// settings, the certificate it was made with, and when it must have opened
+/// its stream.
+pub(super) struct Link<'a> {
+    /// The binding and renewal settings.
+    pub(super) certs: &'a Certs,
+    /// The agent's certificate on this connection.
+    pub(super) cert: &'a CertInfo,
+    /// The stream deadline.
+    pub(super) deadline: tokio::time::Instant,
 }
 
 /// One agent's session and everything its driver waits on.
