@@ -23,9 +23,7 @@
 //! renamed into place, a key created with mode 0600 from the start.
 //! Architecture invariant: this module never logs or prints a private key.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -262,28 +260,14 @@ fn rename(from: &Path, to: &Path) -> Result<(), CertError> {
     })
 }
 
-/// Writes `bytes` to `path` through a temporary file created with `mode`
-/// in the same folder, synced, then renamed over `path`.
+/// Writes `bytes` to `path` with exactly `mode`, atomically
+/// (`outpost_tls::write_atomically`).
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertError> {
-    let tmp = with_suffix(path, &format!(".tmp.{}", std::process::id()));
-    let _ = fs::remove_file(&tmp);
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(|source| CertError::Write {
+    let err = |source| CertError::Write {
         path: path.to_owned(),
         source,
-    })
+    };
+    outpost_tls::write_atomically(path, bytes, mode).map_err(err)
 }
 
 #[cfg(test)]

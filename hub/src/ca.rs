@@ -31,10 +31,9 @@
 //!
 //! Architecture invariant: this module never logs or prints a private key.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write as _;
+use std::fs;
 use std::net::IpAddr;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -749,37 +748,14 @@ fn create_dir(dir: &Path) -> Result<(), CaError> {
         })
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder,
-/// created exclusively with `mode`, then renamed over `path`: the file is
-/// never visible half-written, and a key never exists with a wider mode,
-/// whatever mode an older file at `path` had.
+/// Writes `bytes` to `path` with exactly `mode`, atomically
+/// (`outpost_tls::write_atomically`).
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
     let err = |source| CaError::Write {
         path: path.to_owned(),
         source,
     };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp.{}", std::process::id()));
-    // A leftover from a crashed run of this same process id; create_new below
-    // refuses anything that is still there, symlinks included.
-    let _ = fs::remove_file(&tmp);
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(err)
+    outpost_tls::write_atomically(path, bytes, mode).map_err(err)
 }
 
 #[cfg(test)]
