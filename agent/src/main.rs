@@ -291,26 +291,26 @@ fn policy_show(cfg: &AgentConfig, json: bool) -> ExitCode {
         }
     };
     let p = store.current();
-    if json {
-        println!(
-            "{}",
+    let text = if json {
+        format!(
+            "{}\n",
             serde_json::json!({
                 "version": p.version.0,
                 "rules": p.compiled.rules(),
                 "labels": p.labels,
                 "text": p.text,
             })
-        );
+        )
     } else if p.version.0 == 0 {
-        println!("no policy from the hub yet: every stream is allowed");
+        "no policy from the hub yet: every stream is allowed\n".to_owned()
     } else {
         let labels: Vec<String> = p
             .labels
             .iter()
             .map(|(k, v)| format!("{k}={}", v.escape_debug()))
             .collect();
-        println!(
-            "# policy version {} in force; {} of its {} rules select this agent (labels {})",
+        let mut text = format!(
+            "# policy version {} in force; {} of its {} rules select this agent (labels {})\n{}",
             p.version.0,
             p.compiled.rules(),
             p.policy.rules.len(),
@@ -318,14 +318,30 @@ fn policy_show(cfg: &AgentConfig, json: bool) -> ExitCode {
                 "none".to_owned()
             } else {
                 labels.join(",")
-            }
+            },
+            p.text
         );
-        print!("{}", p.text);
-        if !p.text.ends_with('\n') {
-            println!();
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text
+    };
+    write_stdout(&text)
+}
+
+/// Writes `text` to stdout. A reader that went away (`| head -1`) is not an
+/// error; any other failure is one line on stderr and exit 1, never a panic.
+fn write_stdout(text: &str) -> ExitCode {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: writing to stdout: {e}");
+            ExitCode::from(1)
         }
     }
-    ExitCode::SUCCESS
 }
 
 fn cert_renew(cfg: &AgentConfig) -> ExitCode {
