@@ -20,10 +20,8 @@
 //! error or the network (only the CSR and the token, on the verified
 //! connection).
 
-use std::fs::{self, OpenOptions};
-use std::io::Write as _;
+use std::fs;
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -443,37 +441,15 @@ fn printable(s: &str) -> String {
         .collect()
 }
 
-/// Writes `bytes` to `path` through a temporary file created with `mode`
-/// (never wider, whatever the umask or an older file), renamed into place.
+/// Writes `bytes` to `path` with exactly `mode`, atomically
+/// (`outpost_tls::write_atomically`).
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), EnrollError> {
     let err = |source| EnrollError::Write {
         path: path.to_owned(),
         source,
     };
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(err)?;
+        std::fs::create_dir_all(dir).map_err(err)?;
     }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp.{}", std::process::id()));
-    let _ = fs::remove_file(&tmp);
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // The umask may have narrowed the mode, never widened it; set it
-        // exactly.
-        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(err)
+    outpost_tls::write_atomically(path, bytes, mode).map_err(err)
 }

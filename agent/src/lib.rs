@@ -10,6 +10,7 @@
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
 pub mod bridges;
+pub mod cert;
 pub mod clock;
 pub mod config;
 pub mod enroll;

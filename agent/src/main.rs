@@ -53,6 +53,19 @@ enum Command {
     /// Enroll this device: make its key here, and trade a one-time token for
     /// its certificate (written where [uplink] names cert, key and ca).
     Enroll(EnrollArgs),
+    /// The agent's certificate.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Ask the running agent to renew its certificate with a new key over its
+    /// hub session now (or at its next start), rather than two thirds into
+    /// its validity.
+    Renew(ConfigArg),
 }
 
 #[derive(Args)]
@@ -137,6 +150,12 @@ fn main() -> ExitCode {
             command: PolicyCommand::Show { config, json },
         } => match load(&config.config) {
             Ok(c) => return policy_show(&c, json),
+            Err(e) => Err(e),
+        },
+        Command::Cert {
+            command: CertCommand::Renew(config),
+        } => match load(&config.config) {
+            Ok(c) => return cert_renew(&c),
             Err(e) => Err(e),
         },
     };
@@ -272,26 +291,26 @@ fn policy_show(cfg: &AgentConfig, json: bool) -> ExitCode {
         }
     };
     let p = store.current();
-    if json {
-        println!(
-            "{}",
+    let text = if json {
+        format!(
+            "{}\n",
             serde_json::json!({
                 "version": p.version.0,
                 "rules": p.compiled.rules(),
                 "labels": p.labels,
                 "text": p.text,
             })
-        );
+        )
     } else if p.version.0 == 0 {
-        println!("no policy from the hub yet: every stream is allowed");
+        "no policy from the hub yet: every stream is allowed\n".to_owned()
     } else {
         let labels: Vec<String> = p
             .labels
             .iter()
             .map(|(k, v)| format!("{k}={}", v.escape_debug()))
             .collect();
-        println!(
-            "# policy version {} in force; {} of its {} rules select this agent (labels {})",
+        let mut text = format!(
+            "# policy version {} in force; {} of its {} rules select this agent (labels {})\n{}",
             p.version.0,
             p.compiled.rules(),
             p.policy.rules.len(),
@@ -299,14 +318,54 @@ fn policy_show(cfg: &AgentConfig, json: bool) -> ExitCode {
                 "none".to_owned()
             } else {
                 labels.join(",")
-            }
+            },
+            p.text
         );
-        print!("{}", p.text);
-        if !p.text.ends_with('\n') {
-            println!();
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text
+    };
+    write_stdout(&text)
+}
+
+/// Writes `text` to stdout. A reader that went away (`| head -1`) is not an
+/// error; any other failure is one line on stderr and exit 1, never a panic.
+fn write_stdout(text: &str) -> ExitCode {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: writing to stdout: {e}");
+            ExitCode::from(1)
         }
     }
-    ExitCode::SUCCESS
+}
+
+fn cert_renew(cfg: &AgentConfig) -> ExitCode {
+    let Some(uplink) = &cfg.uplink else {
+        eprintln!(
+            "error: {}: uplink: not configured, so there is no hub certificate to renew",
+            cfg.source.display()
+        );
+        return ExitCode::from(2);
+    };
+    match outpost_agent::cert::request_renewal(&cfg.data_dir) {
+        Ok(path) => {
+            println!(
+                "renewal requested ({}): the running agent asks the hub within 5 s while connected, or at its next connection; {} is replaced when the hub's certificate arrives",
+                path.display(),
+                uplink.cert.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn run(cfg: AgentConfig) -> ExitCode {

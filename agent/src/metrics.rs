@@ -83,6 +83,8 @@ pub struct Metrics {
     pub bridge_published: Counter,
     /// 1 while a session with the hub is up.
     pub uplink_connected: Gauge,
+    /// Seconds until the agent's certificate expires.
+    pub cert_expiry_seconds: Gauge,
     /// Events handed to the hub session (resends after a reconnect included).
     pub uplink_sent: Counter,
     /// Events the hub acknowledged and the outbox deleted.
@@ -187,6 +189,12 @@ impl Metrics {
             "1 while a session with the hub is up",
             uplink_connected.clone(),
         );
+        let cert_expiry_seconds = Gauge::default();
+        registry.register(
+            "agent_cert_expiry_seconds",
+            "Seconds until the agent's certificate expires (negative: expired)",
+            cert_expiry_seconds.clone(),
+        );
         let uplink_sent = Counter::default();
         registry.register(
             "uplink_sent",
@@ -275,6 +283,7 @@ impl Metrics {
             mqtt_connected,
             bridge_published,
             uplink_connected,
+            cert_expiry_seconds,
             uplink_sent,
             uplink_acked,
             outbox_renumbered,

@@ -12,12 +12,18 @@
 //!
 //! ```text
 //! <data_dir>/policy.json   {"version": N, "text": "<the TOML document>"}
-//!                          written to policy.json.tmp, fsynced, renamed
+//!                          written to policy.json.tmp, fsynced, renamed;
+//!                          mode 0600 whatever the umask
 //! <data_dir>/labels.json   {"site": "...", ...}: the hub's labels, the same way
 //! ```
+//!
+//! Why 0600: the text may hold what the fleet keeps from others (the rules of
+//! other sites, a hashing key), and the agent's user is the only reader it
+//! needs. A file left wider by an older agent is narrowed when it is opened.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -164,6 +170,10 @@ impl PolicyStore {
         };
         let labels = hubs.as_ref().unwrap_or(configured);
         let path = data_dir.join(FILE_NAME);
+        narrow_mode(&path).map_err(|e| PolicyFileError::Io {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         let current = match std::fs::read_to_string(&path) {
             Ok(text) => {
                 let d: OnDisk =
@@ -260,7 +270,8 @@ impl PolicyStore {
 }
 
 /// Writes `body` to `path` so that a crash leaves the old file or the new
-/// one: to `<path>.tmp`, fsynced, renamed, and the folder flushed.
+/// one: to `<path>.tmp` (made afresh with mode 0600 whatever the umask),
+/// fsynced, renamed, and the folder flushed.
 fn write_durably(path: &Path, body: &[u8]) -> Result<(), PolicyFileError> {
     let io = |e: std::io::Error| PolicyFileError::Io {
         path: path.to_owned(),
@@ -269,7 +280,19 @@ fn write_durably(path: &Path, body: &[u8]) -> Result<(), PolicyFileError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    // A leftover of a crash may have another mode: start afresh, so the
+    // file is created with 0600 below.
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    // The umask only clears bits; 0600 is what the file must have, so say
+    // it once more in case the umask cleared the owner's.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io)?;
     f.write_all(body).map_err(io)?;
     f.sync_all().map_err(io)?;
     drop(f);
@@ -281,6 +304,19 @@ fn write_durably(path: &Path, body: &[u8]) -> Result<(), PolicyFileError> {
         }
     }
     Ok(())
+}
+
+/// Sets an existing file at `path` that group or others may read to 0600;
+/// nothing if there is no file.
+fn narrow_mode(path: &Path) -> std::io::Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
@@ -305,6 +341,24 @@ mod tests {
             PolicyStore::open(dir.path(), &labels),
             Err(PolicyFileError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn the_policy_file_is_0600_and_an_older_wider_one_is_narrowed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let labels = BTreeMap::new();
+        let path = dir.path().join(FILE_NAME);
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        // A leftover temporary file with a wide mode is not reused as it is.
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, "x").expect("leftover");
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        let store = PolicyStore::open(dir.path(), &labels).expect("opens");
+        store.install(1, "").expect("installs");
+        assert_eq!(mode(&path), 0o600);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        PolicyStore::open(dir.path(), &labels).expect("reopens");
+        assert_eq!(mode(&path), 0o600);
     }
 
     #[test]

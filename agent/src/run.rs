@@ -176,7 +176,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ru
             handle.clone(),
             metrics.clone(),
             policy.clone(),
-        );
+        )
+        .renewing_in(&cfg.data_dir);
         uplink_task.spawn(u.run(uplink_stop.clone()));
     }
     tasks.spawn(housekeeping(

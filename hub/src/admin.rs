@@ -1,15 +1,21 @@
 //! The operator verbs for the fleet's policy and the audit log:
-//! `policy apply|show|history|diff` and `audit list|verify`.
+//! `policy apply|show|history|diff` and `audit list|verify|anchor|key`.
 //!
 //! They work while the hub runs: `policy apply` writes the store through its
 //! own connection (SQLite's lock orders it with the hub's commits), and the
 //! running hub picks the new version up within a second. The actor recorded
 //! in the audit log is `--actor`, or the login name (`$SUDO_USER`, `$USER`).
+//!
+//! The verbs that append to the audit log sign their entries with the hub's
+//! audit key (`[audit] key`), which they read as the hub does: they run as
+//! the hub's user, and are the break-glass path beside the running hub (see
+//! `crate::audit::key`).
 
 use std::fmt::Write as _;
 use std::io;
 use std::path::{Path, PathBuf};
 
+<<<<<<< HEAD
 use crate::api::types::{
     AuditList, AuditVerdict, PolicyApplied, PolicyApply, PolicyDiff, PolicyVersionDoc,
 };
@@ -17,6 +23,13 @@ use crate::clock;
 use crate::config::{self, HubConfig, StoreKind};
 use crate::policy::{self, Applied, ApplyError, PolicyRecord};
 use crate::remote::{query, Remote, RemoteArgs};
+=======
+use crate::audit::key::{AuditKey, PublicKey};
+use crate::clock;
+use crate::config::{self, HubConfig, StoreKind};
+use crate::policy::{self, Applied, ApplyError, PolicyRecord};
+use crate::printable::printable;
+>>>>>>> origin/main
 use crate::store::audit::{self, Verdict};
 use crate::store::{open_admin, store_path, AtPath as _, StoreReader};
 use crate::verbs::config_path;
@@ -135,9 +148,15 @@ pub struct PolicyDiffArgs {
 pub enum AuditCommand {
     /// The newest entries, oldest first.
     List(AuditListArgs),
-    /// Check the whole chain; exit 1 naming the first entry that was edited
-    /// or removed.
+    /// Check the whole chain and every signature (and an anchor); exit 1
+    /// naming the first entry that was edited, forged or removed.
     Verify(AuditVerifyArgs),
+    /// Print `ID:HASH` of the newest entry, to keep somewhere else and give
+    /// to `audit verify --anchor` later.
+    Anchor(AuditAnchorArgs),
+    /// Print the audit public key (PEM), which checks the entries'
+    /// signatures.
+    Key(AuditKeyArgs),
 }
 
 /// `outpost-hub audit list`.
@@ -165,6 +184,7 @@ pub struct AuditListArgs {
 /// `outpost-hub audit verify`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuditVerifyArgs {
+<<<<<<< HEAD
     /// The hub's TOML config file (to use its store directly).
     #[arg(
         long,
@@ -176,11 +196,25 @@ pub struct AuditVerifyArgs {
     /// Or call a hub's API instead.
     #[command(flatten)]
     pub remote: RemoteArgs,
+=======
+    /// The hub's TOML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// An `ID:HASH` printed by `audit anchor` earlier: entry ID must still be
+    /// there with that hash (catches the newest entries cut off).
+    #[arg(long, value_name = "ID:HASH", value_parser = parse_anchor)]
+    pub anchor: Option<audit::Anchor>,
+    /// Check the signatures with this public key (PEM, as `audit key`
+    /// prints it) instead of the one of the hub's `[audit] key`.
+    #[arg(long, value_name = "FILE")]
+    pub public_key: Option<PathBuf>,
+>>>>>>> origin/main
     /// Print one JSON document.
     #[arg(long)]
     pub json: bool,
 }
 
+<<<<<<< HEAD
 /// The actor of an audit entry written on the hub's own store (the
 /// break-glass path): `local:<--actor or the login name>`, so that it can
 /// never pass for an API token's subject.
@@ -189,6 +223,49 @@ pub fn local_actor(actor: Option<&str>, env: &[(String, String)]) -> String {
         "local:{}",
         actor.map_or_else(|| login_name(env), str::to_owned)
     )
+=======
+fn parse_anchor(s: &str) -> Result<audit::Anchor, String> {
+    audit::Anchor::parse(s)
+}
+
+/// `outpost-hub audit anchor`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuditAnchorArgs {
+    /// The hub's TOML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Print one JSON document: `{"id": N, "hash": "...", "anchor": "N:..."}`.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `outpost-hub audit key`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuditKeyArgs {
+    /// The hub's TOML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Print one JSON document: `{"algorithm": "ed25519", "public_key":
+    /// "<hex>", "fingerprint": "...", "pem": "..."}`.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The audit key of the hub configured in `config` (made if missing): what
+/// the verbs that append sign with.
+pub fn audit_key(config: &Path, cfg: &HubConfig) -> Result<AuditKey, VerbError> {
+    Ok(AuditKey::load_or_create(&cfg.audit_key_path(config))?)
+}
+
+/// The audit public key of the hub configured in `config` (the HTTP API
+/// serves it; `audit key` prints it). Reads, never makes, the key file.
+pub fn audit_public_key(
+    config: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<PublicKey, VerbError> {
+    let cfg = config::load(config, env)?;
+    Ok(AuditKey::load(&cfg.audit_key_path(config))?.public_key())
+>>>>>>> origin/main
 }
 
 /// The login name, for the audit log.
@@ -259,10 +336,12 @@ pub fn policy(
                             source,
                         })
                     })?;
+                    let key = audit_key(&args.config, &cfg)?;
                     let mut conn = admin(&store)?;
                     policy::apply(
                         &mut conn,
                         &store,
+                        &key,
                         &text,
                         &file.display().to_string(),
                         &actor,
@@ -270,8 +349,9 @@ pub fn policy(
                     )?
                 }
                 (None, Some(v)) => {
+                    let key = audit_key(&args.config, &cfg)?;
                     let mut conn = admin(&store)?;
-                    policy::rollback(&mut conn, &store, v, &actor, &catalog)?
+                    policy::rollback(&mut conn, &store, &key, v, &actor, &catalog)?
                 }
                 (None, None) => {
                     return Err(VerbError::Usage(
@@ -446,7 +526,12 @@ fn apply_on_jetstream(
         (None, t) => t,
     };
     let version = args.version;
+<<<<<<< HEAD
     crate::verbs::on_jetstream(config, &cfg, |js| async move {
+=======
+    let key = audit_key(&args.config, &cfg)?;
+    crate::verbs::on_jetstream(&args.config, &cfg, |js| async move {
+>>>>>>> origin/main
         let (text, source) = match (text, source) {
             (Some(t), Some(f)) => (t, f.display().to_string()),
             _ => {
@@ -460,7 +545,7 @@ fn apply_on_jetstream(
                 (old.text, format!("rollback to {v}"))
             }
         };
-        Ok(policy::apply_jetstream(&js, &text, &source, &actor, &catalog).await?)
+        Ok(policy::apply_jetstream(&js, &key, &text, &source, &actor, &catalog).await?)
     })
 }
 
@@ -554,6 +639,28 @@ fn history_text(all: &[PolicyRecord]) -> String {
     s
 }
 
+/// Every entry (or the newest `limit`) of the hub's audit log, on either
+/// store.
+fn audit_entries(
+    config: &Path,
+    env: &[(String, String)],
+    limit: Option<usize>,
+) -> Result<Vec<audit::Record>, VerbError> {
+    let cfg = config::load(config, env.iter().cloned())?;
+    if let Some(all) =
+        crate::verbs::on_jetstream(
+            config,
+            &cfg,
+            |js| async move { Ok(js.audit_list(limit).await?) },
+        )?
+    {
+        return Ok(all);
+    }
+    let (_, store) = load(config, env)?;
+    let reader = StoreReader::open(&store)?;
+    Ok(audit::list(reader.connection(), &store, limit)?)
+}
+
 /// Runs an `audit` verb.
 pub fn audit(
     command: &AuditCommand,
@@ -562,6 +669,7 @@ pub fn audit(
 ) -> Result<(), VerbError> {
     match command {
         AuditCommand::List(args) => {
+<<<<<<< HEAD
             let entries: Vec<crate::api::types::AuditEntry> = match Remote::from_args(&args.remote)?
             {
                 Some(api) => {
@@ -580,6 +688,9 @@ pub fn audit(
                         .collect()
                 }
             };
+=======
+            let entries = audit_entries(&args.config, env, args.limit)?;
+>>>>>>> origin/main
             if args.json {
                 let head = entries.last().map_or(audit::GENESIS, |e| e.hash.as_str());
                 writeln!(
@@ -593,25 +704,44 @@ pub fn audit(
                 for e in &entries {
                     writeln!(
                         out,
-                        "{:>5} {} {:<10} {:<17} {:<8} {} — {}",
+                        "{:>5} {} {:<10} {:<17} {:<8} {} — {}{}",
                         e.id,
                         crate::verbs::time_text(outpost_protocols::event::Timestamp(e.ts)),
-                        e.actor,
+                        printable(&e.actor),
                         e.action,
                         e.result,
-                        e.target,
-                        e.detail
+                        printable(&e.target),
+                        printable(&e.detail),
+                        if e.sig.is_none() { " (unsigned)" } else { "" }
                     )?;
                 }
             }
         }
         AuditCommand::Verify(args) => {
+<<<<<<< HEAD
             let verdict = match Remote::from_args(&args.remote)? {
                 Some(api) => api.get::<AuditVerdict>("/audit/verify")?.verdict(),
                 None => {
                     let (_, store) = load(config_path(args.config.as_deref())?, env)?;
                     let reader = StoreReader::open(&store)?;
                     audit::verify(reader.connection(), &store)?
+=======
+            let cfg = config::load(&args.config, env.iter().cloned())?;
+            let key = match &args.public_key {
+                Some(f) => PublicKey::read(f)?,
+                None => AuditKey::load(&cfg.audit_key_path(&args.config))?.public_key(),
+            };
+            let anchor = args.anchor.clone();
+            let verdict = match crate::verbs::on_jetstream(&args.config, &cfg, |js| async move {
+                let all = js.audit_list(None).await?;
+                Ok(walk(&all, &key, anchor.as_ref()))
+            })? {
+                Some(v) => v,
+                None => {
+                    let (_, store) = load(&args.config, env)?;
+                    let reader = StoreReader::open(&store)?;
+                    audit::verify(reader.connection(), &store, &key, args.anchor.as_ref())?
+>>>>>>> origin/main
                 }
             };
             if args.json {
@@ -622,9 +752,22 @@ pub fn audit(
                 )?;
             }
             match verdict {
-                Verdict::Intact { entries, head } => {
+                Verdict::Intact {
+                    entries,
+                    head,
+                    first_signed,
+                    anchor,
+                } => {
                     if !args.json {
-                        writeln!(out, "audit log intact: {entries} entries, head {head}")?;
+                        writeln!(
+                            out,
+                            "audit log intact: {entries} entries, head {head}; {}{}",
+                            signed_text(entries, first_signed),
+                            anchor.map_or(String::new(), |a| format!(
+                                "; anchor {} holds",
+                                a.split(':').next().unwrap_or("")
+                            ))
+                        )?;
                     }
                 }
                 Verdict::Broken { id, reason } => {
@@ -633,16 +776,81 @@ pub fn audit(
                 }
             }
         }
+        AuditCommand::Anchor(args) => {
+            let newest = audit_entries(&args.config, env, Some(1))?;
+            let Some(e) = newest.last() else {
+                return Err(VerbError::Usage(format!(
+                    "{}: the audit log is empty: nothing to anchor yet",
+                    args.config.display()
+                )));
+            };
+            let anchor = audit::Anchor {
+                id: e.id,
+                hash: e.hash.clone(),
+            };
+            if args.json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"id": e.id, "hash": e.hash, "anchor": anchor.to_string(), "ts": e.ts})
+                )?;
+            } else {
+                writeln!(out, "{anchor}")?;
+            }
+        }
+        AuditCommand::Key(args) => {
+            let key = audit_public_key(&args.config, env.iter().cloned())?;
+            if args.json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({
+                        "algorithm": "ed25519",
+                        "public_key": key.to_hex(),
+                        "fingerprint": key.fingerprint(),
+                        "pem": key.to_pem(),
+                    })
+                )?;
+            } else {
+                out.write_all(key.to_pem().as_bytes())?;
+            }
+        }
     }
     out.flush()?;
     Ok(())
 }
 
+/// Walks `records` (oldest first) with `key` and `anchor`.
+fn walk(records: &[audit::Record], key: &PublicKey, anchor: Option<&audit::Anchor>) -> Verdict {
+    let mut w = crate::audit::chain::Walk::new(key, anchor);
+    for r in records {
+        if let Err(b) = w.next(r) {
+            return b.into();
+        }
+    }
+    w.finish()
+}
+
+/// Which entries are signed, for `audit verify`'s line.
+fn signed_text(entries: u64, first_signed: Option<u64>) -> String {
+    match first_signed {
+        _ if entries == 0 => "nothing to sign yet".into(),
+        None => format!("all {entries} unsigned (written before the hub had an audit key)"),
+        Some(1) => format!("all {entries} signed"),
+        Some(f) => format!(
+            "entries 1-{} unsigned (before {f}), {f}-{entries} signed",
+            f - 1
+        ),
+    }
+}
+
 /// A hub's audit log, for the verbs that are not policy verbs (`ca issue
-/// --config`).
+/// --config`), on either store; entries signed with the hub's audit key.
 #[derive(Debug)]
 pub struct AuditTarget {
-    store: PathBuf,
+    config: PathBuf,
+    cfg: HubConfig,
+    key: AuditKey,
 }
 
 impl AuditTarget {
@@ -651,9 +859,72 @@ impl AuditTarget {
         config: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<AuditTarget, VerbError> {
-        let env: Vec<(String, String)> = env.into_iter().collect();
-        let (_, store) = load(config, &env)?;
-        Ok(AuditTarget { store })
+        let cfg = config::load(config, env)?;
+        let key = audit_key(config, &cfg)?;
+        Ok(AuditTarget {
+            config: config.to_owned(),
+            cfg,
+            key,
+        })
+    }
+
+    /// Records the certificate in `cert_pem` as the one the hub accepts for
+    /// `agent_id` (the one it replaces stays accepted for `[hub]
+    /// renew_grace`), and `ca.issued` with `detail` and the certificate's
+    /// serial and fingerprint (in one transaction on SQLite). Returns the
+    /// serial and fingerprint.
+    pub fn record_agent_certificate(
+        &self,
+        actor: &str,
+        agent_id: &outpost_protocols::AgentId,
+        cert_pem: &Path,
+        detail: &str,
+    ) -> Result<(String, String), VerbError> {
+        let (serial, fingerprint, not_after) = crate::ca::cert_facts_pem(cert_pem)?;
+        let now = clock::unix_now();
+        let cert = crate::store::CertInfo {
+            serial: serial.clone(),
+            fingerprint: fingerprint.clone(),
+            not_after: outpost_protocols::Timestamp(
+                i64::try_from(not_after.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+            ),
+        };
+        let grace = i64::try_from(self.cfg.hub.renew_grace.0.as_nanos()).unwrap_or(i64::MAX);
+        let how = crate::store::Rebind::Replace {
+            grace_until: outpost_protocols::Timestamp(now.0.saturating_add(grace)),
+            actor: None,
+        };
+        let detail = format!(
+            "{detail}; serial {serial}, fingerprint sha256:{fingerprint}, now the agent's bound certificate"
+        );
+        let target = format!("agent {agent_id}");
+        let entry = audit::Entry {
+            ts: now,
+            actor,
+            action: "ca.issued",
+            target: &target,
+            result: "ok",
+            detail: &detail,
+        };
+        let key = &self.key;
+        let (c, h) = (&cert, &how);
+        if crate::verbs::on_jetstream(&self.config, &self.cfg, |js| async move {
+            js.bind_certificate(agent_id, c, h).await?;
+            Ok(js.audit_append(key, &entry).await?)
+        })?
+        .is_some()
+        {
+            return Ok((serial, fingerprint));
+        }
+        let store = store_path(&self.config, &self.cfg.hub.data_dir);
+        let mut conn = admin(&store)?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .at(&store)?;
+        crate::store::bind_certificate(&tx, &store, &self.key, now, agent_id, &cert, &how)?;
+        audit::append(&tx, &store, &self.key, &entry)?;
+        tx.commit().at(&store)?;
+        Ok((serial, fingerprint))
     }
 
     /// Appends one entry in its own transaction.
@@ -664,23 +935,27 @@ impl AuditTarget {
         target: &str,
         detail: &str,
     ) -> Result<u64, VerbError> {
-        let mut conn = admin(&self.store)?;
+        let entry = audit::Entry {
+            ts: clock::unix_now(),
+            actor,
+            action,
+            target,
+            result: "ok",
+            detail,
+        };
+        let key = &self.key;
+        if let Some(id) = crate::verbs::on_jetstream(&self.config, &self.cfg, |js| async move {
+            Ok(js.audit_append(key, &entry).await?)
+        })? {
+            return Ok(id);
+        }
+        let store = store_path(&self.config, &self.cfg.hub.data_dir);
+        let mut conn = admin(&store)?;
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .at(&self.store)?;
-        let id = audit::append(
-            &tx,
-            &self.store,
-            &audit::Entry {
-                ts: clock::unix_now(),
-                actor,
-                action,
-                target,
-                result: "ok",
-                detail,
-            },
-        )?;
-        tx.commit().at(&self.store)?;
+            .at(&store)?;
+        let id = audit::append(&tx, &store, &self.key, &entry)?;
+        tx.commit().at(&store)?;
         Ok(id)
     }
 }

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use outpost_protocols::wire::{MAX_LABELS, MAX_LABEL_LEN};
 use outpost_protocols::AgentId;
 
-use crate::admin::login_name;
+use crate::admin::{audit_key, login_name};
 use crate::clock;
 use crate::config;
 use crate::store::{open_admin, store_path, trust, LabelChange, Revocation, StoreReader};
@@ -239,11 +239,37 @@ fn label(
     env: &[(String, String)],
 ) -> Result<LabelChange, VerbError> {
     let cfg = config::load(&args.config, env.iter().cloned())?;
+    let key = audit_key(&args.config, &cfg)?;
+    let signer = key.clone();
     let now = clock::unix_now();
     let id = args.agent.clone();
     let js = on_jetstream(&args.config, &cfg, |js| async move {
         let held = js.labels(&id).await?.unwrap_or_default();
-        Ok(js.set_labels(&id, &edited(held, edits)?, now).await?)
+        let change = js.set_labels(&id, &edited(held, edits)?, now).await?;
+        if change.old.as_ref() != Some(&change.new) {
+            let json = |l: &BTreeMap<String, String>| {
+                serde_json::to_string(l).unwrap_or_else(|_| "{}".into())
+            };
+            let detail = format!(
+                "labels {} -> {}",
+                change
+                    .old
+                    .as_ref()
+                    .map_or_else(|| "(not registered)".to_owned(), json),
+                json(&change.new)
+            );
+            audit_on_jetstream(
+                &js,
+                &signer,
+                actor,
+                "agent.labels_changed",
+                &id,
+                &detail,
+                now,
+            )
+            .await?;
+        }
+        Ok(change)
     })?;
     if let Some(change) = js {
         return Ok(change);
@@ -258,6 +284,7 @@ fn label(
     Ok(trust::set_labels(
         &mut conn,
         &path,
+        &key,
         &args.agent,
         &labels,
         actor,
@@ -271,11 +298,18 @@ fn revoke(
     env: &[(String, String)],
 ) -> Result<(Revocation, bool), VerbError> {
     let cfg = config::load(&args.config, env.iter().cloned())?;
+    let key = audit_key(&args.config, &cfg)?;
+    let signer = key.clone();
     let now = clock::unix_now();
     let id = args.agent.clone();
     let reason = args.reason.clone();
     let js = on_jetstream(&args.config, &cfg, |js| async move {
-        Ok(js.revoke(&id, &reason, actor, now).await?)
+        let (revocation, newly) = js.revoke(&id, &reason, actor, now).await?;
+        if newly {
+            let detail = format!("reason: {reason}");
+            audit_on_jetstream(&js, &signer, actor, "agent.revoked", &id, &detail, now).await?;
+        }
+        Ok((revocation, newly))
     })?;
     if let Some(r) = js {
         return Ok(r);
@@ -285,6 +319,7 @@ fn revoke(
     Ok(trust::revoke(
         &mut conn,
         &path,
+        &key,
         &args.agent,
         &args.reason,
         actor,
@@ -298,9 +333,17 @@ fn reinstate(
     env: &[(String, String)],
 ) -> Result<Option<Revocation>, VerbError> {
     let cfg = config::load(&args.config, env.iter().cloned())?;
+    let key = audit_key(&args.config, &cfg)?;
+    let signer = key.clone();
     let id = args.agent.clone();
     let js = on_jetstream(&args.config, &cfg, |js| async move {
-        Ok(js.reinstate(&id).await?)
+        let lifted = js.reinstate(&id).await?;
+        if let Some(l) = &lifted {
+            let detail = format!("revoked by {} (reason: {})", l.by, l.reason);
+            let now = clock::unix_now();
+            audit_on_jetstream(&js, &signer, actor, "agent.reinstated", &id, &detail, now).await?;
+        }
+        Ok(lifted)
     })?;
     if let Some(r) = js {
         return Ok(r);
@@ -310,10 +353,36 @@ fn reinstate(
     Ok(trust::reinstate(
         &mut conn,
         &path,
+        &key,
         &args.agent,
         actor,
         clock::unix_now(),
     )?)
+}
+
+/// Appends one entry about agent `id` to a JetStream store's audit log (on
+/// SQLite the trust functions append theirs in their own transactions).
+async fn audit_on_jetstream(
+    js: &crate::store::jetstream::JetStreamStore,
+    key: &crate::audit::key::AuditKey,
+    actor: &str,
+    action: &str,
+    id: &AgentId,
+    detail: &str,
+    now: outpost_protocols::event::Timestamp,
+) -> Result<u64, crate::store::StoreError> {
+    js.audit_append(
+        key,
+        &crate::store::audit::Entry {
+            ts: now,
+            actor,
+            action,
+            target: id.as_str(),
+            result: "ok",
+            detail,
+        },
+    )
+    .await
 }
 
 fn print_labels(

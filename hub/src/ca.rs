@@ -31,10 +31,9 @@
 //!
 //! Architecture invariant: this module never logs or prints a private key.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write as _;
+use std::fs;
 use std::net::IpAddr;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -186,38 +185,77 @@ pub enum CaError {
 }
 
 /// How long a certificate is valid, in whole days from 1 to
-/// [`Validity::MAX_DAYS`].
+/// [`Validity::MAX_DAYS`] (or, for tests of renewal and expiry, in seconds:
+/// [`Validity::seconds`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Validity {
     days: u32,
+    /// Set only by [`Validity::seconds`]; then `days` is 0.
+    seconds: Option<u32>,
 }
 
 impl Validity {
     /// The longest validity accepted, a hundred years.
     pub const MAX_DAYS: u32 = 36_500;
     /// The CA's validity unless told otherwise: ten years.
-    pub const CA_DEFAULT: Validity = Validity { days: 3650 };
+    pub const CA_DEFAULT: Validity = Validity {
+        days: 3650,
+        seconds: None,
+    };
     /// An issued certificate's validity unless told otherwise: 825 days, the
     /// longest that browsers and most TLS stacks have accepted for a leaf.
-    pub const LEAF_DEFAULT: Validity = Validity { days: 825 };
+    pub const LEAF_DEFAULT: Validity = Validity {
+        days: 825,
+        seconds: None,
+    };
 
     /// A validity of `days` days.
     pub fn days(days: u32) -> Result<Validity, CaError> {
         if (1..=Self::MAX_DAYS).contains(&days) {
-            Ok(Validity { days })
+            Ok(Validity {
+                days,
+                seconds: None,
+            })
         } else {
             Err(CaError::BadValidity(days.to_string()))
         }
     }
 
-    /// The number of days.
+    /// A validity of `seconds` seconds (1 to a day), for certificates that
+    /// must expire or renew within a test (`ca issue --validity-secs`, a
+    /// hidden flag). Such a certificate is still backdated an hour, so its
+    /// whole life is `seconds` plus an hour.
+    pub fn seconds(seconds: u32) -> Result<Validity, CaError> {
+        if (1..=86_400).contains(&seconds) {
+            Ok(Validity {
+                days: 0,
+                seconds: Some(seconds),
+            })
+        } else {
+            Err(CaError::BadValidity(format!("{seconds} seconds")))
+        }
+    }
+
+    /// The number of whole days (0 for a validity in seconds).
     #[must_use]
     pub fn get(self) -> u32 {
         self.days
     }
 
     fn duration(self) -> Duration {
-        Duration::days(i64::from(self.days))
+        match self.seconds {
+            Some(s) => Duration::seconds(i64::from(s)),
+            None => Duration::days(i64::from(self.days)),
+        }
+    }
+}
+
+impl std::fmt::Display for Validity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.seconds {
+            Some(s) => write!(f, "{s} seconds"),
+            None => write!(f, "{} days", self.days),
+        }
     }
 }
 
@@ -521,6 +559,30 @@ fn random_serial() -> Result<rcgen::SerialNumber, CaError> {
     Ok(rcgen::SerialNumber::from_slice(&bytes))
 }
 
+/// What the registry binds of a certificate (DER): its serial number
+/// (lowercase hex), its SHA-256 fingerprint (lowercase hex) and when it
+/// expires. Reads the certificate only.
+pub fn cert_facts(der: &[u8]) -> Result<(String, String, OffsetDateTime), CaError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| CaError::NotACertificate(e.to_string()))?;
+    Ok((
+        hex(cert.tbs_certificate.raw_serial()),
+        outpost_tls::fingerprint_sha256(der),
+        cert.validity().not_after.to_datetime(),
+    ))
+}
+
+/// [`cert_facts`] of the first certificate in a PEM file.
+pub fn cert_facts_pem(path: &Path) -> Result<(String, String, OffsetDateTime), CaError> {
+    let pem = read_text(path)?;
+    let (_, block) =
+        x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| CaError::Read {
+            path: path.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        })?;
+    cert_facts(&block.contents)
+}
+
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
     bytes.iter().fold(String::new(), |mut s, b| {
@@ -686,37 +748,14 @@ fn create_dir(dir: &Path) -> Result<(), CaError> {
         })
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder,
-/// created exclusively with `mode`, then renamed over `path`: the file is
-/// never visible half-written, and a key never exists with a wider mode,
-/// whatever mode an older file at `path` had.
+/// Writes `bytes` to `path` with exactly `mode`, atomically
+/// (`outpost_tls::write_atomically`).
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
     let err = |source| CaError::Write {
         path: path.to_owned(),
         source,
     };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp.{}", std::process::id()));
-    // A leftover from a crashed run of this same process id; create_new below
-    // refuses anything that is still there, symlinks included.
-    let _ = fs::remove_file(&tmp);
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(err)
+    outpost_tls::write_atomically(path, bytes, mode).map_err(err)
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
+use outpost_settings::HumanDuration;
 use serde::Deserialize;
 
 pub use outpost_settings::ConfigError;
@@ -40,6 +41,21 @@ pub struct RawConfig {
     /// `[enroll]`: devices enrolling with one-time tokens.
     #[serde(default)]
     pub enroll: EnrollSection,
+    /// `[audit]`.
+    #[serde(default)]
+    pub audit: AuditSection,
+}
+
+/// `[audit]`: the audit log's signing key.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// The Ed25519 private key (PEM, mode 0600) that signs every audit
+    /// entry; made on first use if missing, refused if group or others may
+    /// read it. Default `<data_dir>/audit.key`. On a JetStream store every
+    /// replica needs the same key.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
 }
 
 /// `[hub]`.
@@ -63,6 +79,39 @@ pub struct HubSection {
     /// to the store.
     #[serde(default)]
     pub region: Option<String>,
+    /// The fleet CA's folder (`ca.pem` and `ca.key`, as `ca init` made
+    /// them), so that the hub can sign the agents' certificate renewals
+    /// over their sessions. Without it, renewals are refused and agents
+    /// keep their certificates until an operator reissues them.
+    #[serde(default)]
+    pub ca_dir: Option<PathBuf>,
+    /// How long the certificate an agent renewed (or that `ca issue
+    /// --config` replaced) is still accepted at the handshake, so that a
+    /// connection made just before the agent swapped its files still works.
+    #[serde(default = "default_renew_grace")]
+    pub renew_grace: outpost_settings::HumanDuration,
+    /// Days a certificate signed for a renewal is valid (1 to 36500; never
+    /// beyond the CA's own expiry).
+    #[serde(default = "default_renew_days")]
+    pub renew_days: u32,
+    /// The most QUIC handshakes in flight at once; more are refused.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// With this many handshakes in flight, a connection whose source
+    /// address is not yet validated is answered with a QUIC Retry.
+    #[serde(default = "default_retry_above")]
+    pub retry_above: usize,
+    /// New connections one source IP may open at once (the bucket's size);
+    /// 0: no per-address limit.
+    #[serde(default = "default_per_address_burst")]
+    pub per_address_burst: u32,
+    /// New connections a second one source IP earns back.
+    #[serde(default = "default_per_address_rate")]
+    pub per_address_rate: f64,
+    /// How long a connection may take, once its handshake is done, to open
+    /// its stream before it is closed with `Timeout`.
+    #[serde(default = "default_stream_deadline")]
+    pub stream_deadline: HumanDuration,
 }
 
 /// `[enroll]`: enrollment with one-time tokens (`outpost-hub enroll
@@ -83,6 +132,29 @@ pub struct EnrollSection {
 
 fn default_listen() -> String {
     "0.0.0.0:7443".into()
+}
+fn default_max_handshakes() -> usize {
+    1024
+}
+fn default_retry_above() -> usize {
+    256
+}
+fn default_per_address_burst() -> u32 {
+    64
+}
+fn default_per_address_rate() -> f64 {
+    16.0
+}
+fn default_stream_deadline() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(10))
+}
+
+fn default_renew_grace() -> outpost_settings::HumanDuration {
+    outpost_settings::HumanDuration(std::time::Duration::from_secs(3600))
+}
+
+fn default_renew_days() -> u32 {
+    crate::ca::Validity::LEAF_DEFAULT.get()
 }
 
 /// `[store]` as written.
@@ -276,6 +348,21 @@ pub struct HubConfig {
     pub sinks: Vec<SinkConfig>,
     /// `[enroll]`.
     pub enroll: EnrollSection,
+    /// `[audit]`.
+    pub audit: AuditSection,
+}
+
+impl HubConfig {
+    /// The audit key file of the hub whose config file is `config_file`:
+    /// `[audit] key`, or `<data_dir>/audit.key`, relative paths taken from
+    /// the config file's folder.
+    pub fn audit_key_path(&self, config_file: &Path) -> PathBuf {
+        let base = config_file.parent().unwrap_or(Path::new(""));
+        match &self.audit.key {
+            Some(k) => base.join(k),
+            None => base.join(&self.hub.data_dir).join("audit.key"),
+        }
+    }
 }
 
 /// `[store]`, validated: which store holds events, watermarks, the registry
@@ -331,7 +418,15 @@ pub fn parse(
     let raw: RawConfig = outpost_settings::parse(
         text,
         env,
-        &["hub", "store", "api", "observability", "sinks", "enroll"],
+        &[
+            "hub",
+            "store",
+            "api",
+            "observability",
+            "sinks",
+            "enroll",
+            "audit",
+        ],
     )
     .map_err(|message| ConfigError::Parse {
         path: path.to_owned(),
@@ -357,6 +452,7 @@ impl RawConfig {
     /// the first broken one, with its key path.
     pub fn validate(self) -> Result<HubConfig, Invalid> {
         self.check_addresses()?;
+        self.check_door()?;
         let store = self.store.validate()?;
         let sinks = validate_sinks(self.sinks)?;
         if let Some(days) = self.enroll.validity_days {
@@ -378,6 +474,7 @@ impl RawConfig {
             observability: self.observability,
             sinks,
             enroll: self.enroll,
+            audit: self.audit,
         })
     }
 
@@ -397,6 +494,16 @@ impl RawConfig {
                 format!("{metrics:?} is not ip:port (leave it empty for no metrics)"),
             ));
         }
+        if crate::ca::Validity::days(self.hub.renew_days).is_err() {
+            return Err(invalid(
+                "hub.renew_days",
+                format!(
+                    "{} is not a number of days from 1 to {}",
+                    self.hub.renew_days,
+                    crate::ca::Validity::MAX_DAYS
+                ),
+            ));
+        }
         if self
             .hub
             .region
@@ -406,6 +513,41 @@ impl RawConfig {
             return Err(invalid(
                 "hub.region",
                 "must not be empty; leave it out instead".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl RawConfig {
+    /// The limits at the door (`server::door`).
+    fn check_door(&self) -> Result<(), Invalid> {
+        let h = &self.hub;
+        if h.max_handshakes == 0 {
+            return Err(invalid("hub.max_handshakes", "must be at least 1".into()));
+        }
+        if h.retry_above > h.max_handshakes {
+            return Err(invalid(
+                "hub.retry_above",
+                format!(
+                    "{} is above max_handshakes ({}): a Retry must come before a refusal",
+                    h.retry_above, h.max_handshakes
+                ),
+            ));
+        }
+        if !(h.per_address_rate.is_finite() && h.per_address_rate > 0.0) {
+            return Err(invalid(
+                "hub.per_address_rate",
+                format!("{} is not a number above 0", h.per_address_rate),
+            ));
+        }
+        let deadline = h.stream_deadline.0;
+        if deadline < std::time::Duration::from_secs(1)
+            || deadline > std::time::Duration::from_secs(300)
+        {
+            return Err(invalid(
+                "hub.stream_deadline",
+                format!("{} is not between 1s and 300s", h.stream_deadline),
             ));
         }
         Ok(())
@@ -468,4 +610,70 @@ fn validate_sinks(raw: Vec<RawSinkConfig>) -> Result<Vec<SinkConfig>, Invalid> {
         sinks.push(sink);
     }
     Ok(sinks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_hub(keys: &str) -> Result<HubConfig, ConfigError> {
+        let text = format!(
+            "[hub]\ndata_dir = \"d\"\nca = \"ca.pem\"\ncert = \"hub.pem\"\nkey = \"hub.key\"\n{keys}\n"
+        );
+        parse(&text, Vec::new(), Path::new("hub.toml"))
+    }
+
+    fn invalid_key(keys: &str) -> String {
+        match parse_hub(keys) {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected an invalid key for {keys:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_door_has_limits_by_default() -> Result<(), ConfigError> {
+        let c = parse_hub("")?;
+        assert_eq!(c.hub.max_handshakes, 1024);
+        assert_eq!(c.hub.retry_above, 256);
+        assert_eq!(c.hub.per_address_burst, 64);
+        assert!((c.hub.per_address_rate - 16.0).abs() < f64::EPSILON);
+        assert_eq!(c.hub.stream_deadline.0, std::time::Duration::from_secs(10));
+        Ok(())
+    }
+
+    #[test]
+    fn door_limits_that_cannot_work_are_refused_with_their_key() {
+        assert_eq!(invalid_key("max_handshakes = 0"), "hub.max_handshakes");
+        assert_eq!(
+            invalid_key("max_handshakes = 10\nretry_above = 11"),
+            "hub.retry_above"
+        );
+        assert_eq!(
+            invalid_key("per_address_rate = 0.0"),
+            "hub.per_address_rate"
+        );
+        assert_eq!(
+            invalid_key("per_address_rate = -1.0"),
+            "hub.per_address_rate"
+        );
+        assert_eq!(
+            invalid_key("stream_deadline = \"0s\""),
+            "hub.stream_deadline"
+        );
+        assert_eq!(
+            invalid_key("stream_deadline = \"1h\""),
+            "hub.stream_deadline"
+        );
+    }
+
+    #[test]
+    fn door_limits_may_be_set() -> Result<(), ConfigError> {
+        let c = parse_hub(
+            "max_handshakes = 10\nretry_above = 0\nper_address_burst = 0\nper_address_rate = 0.5\nstream_deadline = \"3s\"",
+        )?;
+        assert_eq!((c.hub.max_handshakes, c.hub.retry_above), (10, 0));
+        assert_eq!(c.hub.per_address_burst, 0);
+        assert_eq!(c.hub.stream_deadline.0, std::time::Duration::from_secs(3));
+        Ok(())
+    }
 }

@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod agents;
 pub mod api;
+pub mod audit;
 pub mod ca;
 pub mod client_tls;
 pub mod clock;
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod nats;
 pub mod policy;
 pub mod remote;
+pub mod printable;
 pub mod run;
 pub mod server;
 pub mod sinks;

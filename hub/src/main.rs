@@ -126,7 +126,12 @@ enum CaCommand {
         /// Days the certificate is valid (never beyond the CA's own expiry).
         #[arg(long, value_name = "N", default_value = "825")]
         days: Validity,
-        /// The hub's config file: record the issue in that hub's audit log.
+        /// Seconds the certificate is valid instead of --days (1 to 86400),
+        /// for tests of renewal and expiry; hidden from --help.
+        #[arg(long, value_name = "SECONDS", hide = true, conflicts_with = "days", value_parser = validity_secs)]
+        validity_secs: Option<Validity>,
+        /// The hub's config file: record the issue in that hub's audit log
+        /// and, for an agent, bind the new certificate to it in the registry.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// Who issues it, for the audit log, as `local:NAME` (default: the
@@ -270,6 +275,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--validity-secs`: a validity in seconds.
+fn validity_secs(s: &str) -> Result<Validity, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number of seconds"))?;
+    Validity::seconds(n).map_err(|e| e.to_string())
+}
+
 fn run_ca(command: CaCommand) -> Result<(), anyhow::Error> {
     match command {
         CaCommand::Init {
@@ -292,9 +305,11 @@ fn run_ca(command: CaCommand) -> Result<(), anyhow::Error> {
             hub,
             out,
             days,
+            validity_secs,
             config,
             actor,
         } => {
+            let days = validity_secs.unwrap_or(days);
             // The hub's config is read first, so a bad one refuses the issue.
             let audit = match &config {
                 Some(c) => Some(outpost_hub::admin::AuditTarget::open(c, std::env::vars())?),
@@ -303,6 +318,26 @@ fn run_ca(command: CaCommand) -> Result<(), anyhow::Error> {
             let (cert, key, subject) = match &agent {
                 Some(id) => {
                     ca::issue_agent(&dir, id, &out, days)?;
+                    if let Some(a) = &audit {
+                        let env: Vec<(String, String)> = std::env::vars().collect();
+                        let actor = actor
+                            .clone()
+                            .unwrap_or_else(|| outpost_hub::admin::login_name(&env));
+                        let detail = format!(
+                            "{} valid {days}, from CA {}",
+                            out.join(ca::AGENT_CERT).display(),
+                            dir.display()
+                        );
+                        let (serial, fingerprint) = a.record_agent_certificate(
+                            &actor,
+                            id,
+                            &out.join(ca::AGENT_CERT),
+                            &detail,
+                        )?;
+                        println!(
+                            "bound agent {id} to serial {serial}, fingerprint sha256:{fingerprint}"
+                        );
+                    }
                     (ca::AGENT_CERT, ca::AGENT_KEY, format!("agent {id}"))
                 }
                 None => {
@@ -310,7 +345,7 @@ fn run_ca(command: CaCommand) -> Result<(), anyhow::Error> {
                     (ca::HUB_CERT, ca::HUB_KEY, format!("hub {}", hub.join(",")))
                 }
             };
-            if let Some(a) = audit {
+            if let (Some(a), None) = (audit, &agent) {
                 let env: Vec<(String, String)> = std::env::vars().collect();
                 let actor = outpost_hub::admin::local_actor(actor.as_deref(), &env);
                 a.record(
@@ -318,9 +353,8 @@ fn run_ca(command: CaCommand) -> Result<(), anyhow::Error> {
                     "ca.issued",
                     &subject,
                     &format!(
-                        "{} valid {} days, from CA {}",
+                        "{} valid {days}, from CA {}",
                         out.join(cert).display(),
-                        days.get(),
                         dir.display()
                     ),
                 )?;
@@ -403,7 +437,7 @@ fn run(cfg: outpost_hub::config::HubConfig, path: PathBuf) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "Hub failed.");
             eprintln!("error: {e}");
-            ExitCode::from(1)
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::clock;
+use crate::server::{DoorCounters, DoorCounts};
 use crate::store::jetstream::JetStreamStore;
 use crate::store::{AgentRecord, SinkStatus, StoreError, StoreReader};
 
@@ -60,6 +61,11 @@ struct SinkLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentLabels {
+    agent: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: String,
 }
@@ -83,9 +89,21 @@ impl MetricsSource {
     }
 }
 
-/// The text exposition of what `sinks` and `fleet` say now.
-pub fn render(sinks: &[SinkStatus], fleet: &[AgentRecord], now_ns: i64) -> String {
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+/// The text exposition of what `sinks` and `fleet` say now, and what the
+/// door decided.
+pub fn render(
+    sinks: &[SinkStatus],
+    fleet: &[AgentRecord],
+    door: &DoorCounts,
+    now_ns: i64,
+) -> String {
     let mut registry = Registry::with_prefix("outpost_hub");
+    render_door(&mut registry, door);
     let counter = |registry: &mut Registry, name: &str, help: &str| {
         let f = Family::<SinkLabels, Counter>::default();
         registry.register(name, help, f.clone());
@@ -179,6 +197,21 @@ pub fn render(sinks: &[SinkStatus], fleet: &[AgentRecord], now_ns: i64) -> Strin
         ignored.clone(),
     );
     ignored.inc_by(fleet.iter().map(|a| a.labels_ignored).sum());
+    let expiry = Family::<AgentLabels, Gauge>::default();
+    registry.register(
+        "agent_cert_expiry_seconds",
+        "Seconds until the certificate the registry binds to an agent expires (negative: expired).",
+        expiry.clone(),
+    );
+    for a in fleet {
+        if let Some(not_after) = a.cert_not_after {
+            expiry
+                .get_or_create(&AgentLabels {
+                    agent: a.agent_id.to_string(),
+                })
+                .set(not_after.0.saturating_sub(now_ns) / 1_000_000_000);
+        }
+    }
     let mut out = String::new();
     // Encoding into a String fails only if a label cannot be written, which
     // derive-generated label sets never do.
@@ -186,8 +219,51 @@ pub fn render(sinks: &[SinkStatus], fleet: &[AgentRecord], now_ns: i64) -> Strin
     out
 }
 
+/// The QUIC door's counters (`server::door`).
+fn render_door(registry: &mut Registry, door: &DoorCounts) {
+    let refused = Family::<ReasonLabels, Counter>::default();
+    registry.register(
+        "connections_refused",
+        "New QUIC connections refused at the door, by reason: `rate` (the source address opened too many), `busy` (hub.max_handshakes in flight).",
+        refused.clone(),
+    );
+    for (reason, n) in [("rate", door.refused_rate), ("busy", door.refused_busy)] {
+        refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc_by(n);
+    }
+    let retried = Counter::<u64>::default();
+    registry.register(
+        "connections_retried",
+        "New QUIC connections answered with a Retry to validate their address (above hub.retry_above handshakes in flight).",
+        retried.clone(),
+    );
+    retried.inc_by(door.retried);
+    let deadline = Counter::<u64>::default();
+    registry.register(
+        "connections_stream_deadline",
+        "Connections closed with Timeout because they opened no stream within hub.stream_deadline.",
+        deadline.clone(),
+    );
+    deadline.inc_by(door.stream_deadline);
+    let in_flight = Gauge::<i64>::default();
+    registry.register(
+        "handshakes_in_flight",
+        "QUIC handshakes in flight now.",
+        in_flight.clone(),
+    );
+    in_flight.set(i64::try_from(door.in_flight).unwrap_or(i64::MAX));
+}
+
 /// Serves the metrics until `shutdown`.
-pub async fn serve(listener: TcpListener, source: MetricsSource, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    source: MetricsSource,
+    door: Arc<DoorCounters>,
+    shutdown: CancellationToken,
+) {
     let source = Arc::new(source);
     loop {
         let accepted = tokio::select! {
@@ -197,12 +273,15 @@ pub async fn serve(listener: TcpListener, source: MetricsSource, shutdown: Cance
         let Ok((stream, _)) = accepted else {
             continue;
         };
-        let source = source.clone();
+        let (source, door) = (source.clone(), door.clone());
         let service = hyper::service::service_fn(move |_req| {
-            let source = source.clone();
+            let (source, door) = (source.clone(), door.clone());
             async move {
                 let (status, body) = match source.read().await {
-                    Ok((sinks, fleet)) => (200, render(&sinks, &fleet, clock::unix_now().0)),
+                    Ok((sinks, fleet)) => (
+                        200,
+                        render(&sinks, &fleet, &door.read(), clock::unix_now().0),
+                    ),
                     Err(e) => {
                         warn!(error = %e, "Cannot read the store for a metrics scrape.");
                         (503, format!("cannot read the store: {e}\n"))
@@ -266,6 +345,8 @@ mod tests {
             policy_error: None,
             policy_dropped: 0,
             policy_modified: 0,
+            cert_not_after: None,
+            cert_serial: None,
         }
     }
 
@@ -275,10 +356,20 @@ mod tests {
         let text = render(
             &[sink("cloud", 5, Some(10 * s)), sink("idle", 0, None)],
             &[
-                agent("a", 1, Some(40)),
+                AgentRecord {
+                    cert_not_after: Some(Timestamp(125 * s)),
+                    ..agent("a", 1, Some(40))
+                },
                 agent("b", 0, Some(2)),
                 agent("c", 0, None),
             ],
+            &DoorCounts {
+                refused_busy: 4,
+                refused_rate: 9,
+                retried: 6,
+                stream_deadline: 2,
+                in_flight: 3,
+            },
             25 * s,
         );
         for line in [
@@ -292,8 +383,16 @@ mod tests {
             "outpost_hub_agents{state=\"connected\"} 1",
             "outpost_hub_agents{state=\"disconnected\"} 2",
             "outpost_hub_agents_backlog_events 42",
+            "outpost_hub_agent_cert_expiry_seconds{agent=\"a\"} 100",
+            "outpost_hub_connections_refused_total{reason=\"rate\"} 9",
+            "outpost_hub_connections_refused_total{reason=\"busy\"} 4",
+            "outpost_hub_connections_retried_total 6",
+            "outpost_hub_connections_stream_deadline_total 2",
+            "outpost_hub_handshakes_in_flight 3",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
+        // An agent never bound has no gauge rather than a made-up one.
+        assert!(!text.contains("cert_expiry_seconds{agent=\"b\"}"), "{text}");
     }
 }

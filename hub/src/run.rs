@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::api::state::ApiStore;
+use crate::audit::key::AuditKey;
 use crate::config::{HubConfig, StoreKind};
 use crate::metrics::MetricsSource;
 use crate::policy::PolicySource;
@@ -49,6 +50,24 @@ pub enum RunError {
     /// The API's TLS files cannot be used.
     #[error(transparent)]
     Api(#[from] crate::api::server::ApiError),
+    /// The audit key cannot be read or made, or is readable by others.
+    #[error(transparent)]
+    AuditKey(#[from] crate::audit::key::KeyError),
+    /// The policy in force could not be read, or was tampered with.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::WatchError),
+}
+
+impl RunError {
+    /// The exit status: 2 for what the operator must fix in files (the
+    /// audit key, a tampered policy), 1 for the rest.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::AuditKey(_)
+            | RunError::Policy(crate::policy::WatchError::Tampered { .. }) => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// Runs the hub until `shutdown`; `bound` receives the QUIC address once it
@@ -82,7 +101,8 @@ async fn run_sqlite(
             source,
         })?;
     }
-    let mut store = Store::open(&path, synchronous)?;
+    let audit_key = AuditKey::load_or_create(&cfg.audit_key_path(config_file))?;
+    let mut store = Store::open(&path, synchronous, audit_key.clone())?;
     let configured: Vec<String> = cfg.sinks.iter().map(|s| s.id.clone()).collect();
     for (sink, events) in store.drop_unconfigured_sinks(&configured)? {
         tracing::warn!(
@@ -96,12 +116,22 @@ async fn run_sqlite(
     let base = config_file.parent().unwrap_or(Path::new(""));
     let catalog = crate::policy::catalog(&cfg);
     let watch_stop = shutdown.child_token();
-    let (current, watcher) = crate::policy::watch(
+    let watched = crate::policy::watch(
         PolicySource::Sqlite(path.clone()),
         catalog.clone(),
+        audit_key.clone(),
         watch_stop.clone(),
     )
-    .await?;
+    .await;
+    let (current, watcher) = match watched {
+        Ok(w) => w,
+        Err(e) => {
+            drop(handle);
+            writer_stop.cancel();
+            let _ = writer.await;
+            return Err(e.into());
+        }
+    };
     let (trust, trust_watcher) =
         crate::trust::watch(TrustSource::Sqlite(path.clone()), watch_stop.clone()).await?;
     let running = Running {
@@ -121,7 +151,10 @@ async fn run_sqlite(
             sinks: configured,
         },
         api: ApiStore::Sqlite(path.clone()),
-        reset: None,
+        keys: server::ServeKeys {
+            reset: None,
+            audit: audit_key,
+        },
     };
     serve_on(&cfg, base, running, sources, shutdown, bound).await?;
     info!(store = %path.display(), "Hub stopped.");
@@ -139,13 +172,16 @@ async fn run_jetstream(
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<(), RunError> {
     let base = config_file.parent().unwrap_or(Path::new(""));
+    let audit_key = AuditKey::load_or_create(&cfg.audit_key_path(config_file))?;
     let store = JetStreamStore::open(js, base).await?;
+    store.claim_audit_key(&audit_key).await?;
     let reset = store.reset_secret().await?;
     let catalog = crate::policy::catalog(&cfg);
     let watch_stop = shutdown.child_token();
     let (current, watcher) = crate::policy::watch(
         PolicySource::JetStream(Box::new(store.clone())),
         catalog.clone(),
+        audit_key.clone(),
         watch_stop.clone(),
     )
     .await?;
@@ -180,7 +216,10 @@ async fn run_jetstream(
             store: Box::new(store),
             sinks: configured,
         },
-        reset: Some(reset),
+        keys: server::ServeKeys {
+            reset: Some(reset),
+            audit: audit_key,
+        },
     };
     serve_on(&cfg, base, running, sources, shutdown, bound).await?;
     info!(url = %js.url(), %replica, "Hub stopped.");
@@ -205,7 +244,7 @@ struct Sources {
     queue: QueueSource,
     metrics: MetricsSource,
     api: ApiStore,
-    reset: Option<Vec<u8>>,
+    keys: server::ServeKeys,
 }
 
 /// On either store, once its backend runs: starts the sinks and the
@@ -232,7 +271,8 @@ async fn serve_on<T>(
         trust: r.trust,
         catalog: r.catalog,
     };
-    let metrics = start_metrics(cfg, sources.metrics, shutdown.child_token()).await;
+    let door = std::sync::Arc::new(server::DoorCounters::default());
+    let metrics = start_metrics(cfg, sources.metrics, door.clone(), shutdown.child_token()).await;
     let api = match crate::api::server::start(cfg, base, sources.api, shutdown.child_token()).await
     {
         Ok(api) => api,
@@ -250,7 +290,8 @@ async fn serve_on<T>(
         feed,
         shutdown,
         bound,
-        sources.reset,
+        sources.keys,
+        door,
     )
     .await;
     if let Some(api) = api {
@@ -348,13 +389,14 @@ struct Metrics {
 async fn start_metrics(
     cfg: &HubConfig,
     source: MetricsSource,
+    door: std::sync::Arc<server::DoorCounters>,
     stop: CancellationToken,
 ) -> Option<Metrics> {
     let addr = cfg.observability.metrics.parse::<SocketAddr>().ok()?;
     match tokio::net::TcpListener::bind(addr).await {
         Ok(listener) => {
             info!(listen = %listener.local_addr().unwrap_or(addr), "Metrics listening (Prometheus).");
-            let task = tokio::spawn(crate::metrics::serve(listener, source, stop.clone()));
+            let task = tokio::spawn(crate::metrics::serve(listener, source, door, stop.clone()));
             Some(Metrics { task, stop })
         }
         Err(e) => {

@@ -23,6 +23,7 @@ use crate::api::types::{Agent, EventDoc, EventStats, EventsTail, Sink};
 use crate::clock;
 use crate::config::{self, ConfigError, StoreKind};
 use crate::remote::{query, Remote, RemoteArgs, RemoteError};
+use crate::printable::printable;
 use crate::store::{store_path, AgentEventStats, AgentRecord, SinkStatus, StoreError, StoreReader};
 
 /// `outpost-hub fleet …`.
@@ -192,6 +193,13 @@ pub enum VerbError {
     /// A call to the hub's API failed (`--api`).
     #[error(transparent)]
     Remote(Box<RemoteError>),
+    /// The audit key (or a public key given to check with) cannot be read
+    /// or made, or others may read it.
+    #[error(transparent)]
+    AuditKey(#[from] crate::audit::key::KeyError),
+    /// A certificate just issued could not be read back for the registry.
+    #[error(transparent)]
+    Certificate(#[from] crate::ca::CaError),
 }
 
 impl From<RemoteError> for VerbError {
@@ -209,10 +217,14 @@ impl VerbError {
             | VerbError::NotSqlite { .. }
             | VerbError::Agent(_)
             | VerbError::Stream { .. }
-            | VerbError::Usage(_) => 2,
+            | VerbError::Usage(_)
+            | VerbError::AuditKey(_) => 2,
             VerbError::Policy(crate::policy::ApplyError::Store(_)) => 1,
             VerbError::Policy(_) => 2,
-            VerbError::Store(_) | VerbError::Output(_) | VerbError::AuditBroken { .. } => 1,
+            VerbError::Store(_)
+            | VerbError::Output(_)
+            | VerbError::AuditBroken { .. }
+            | VerbError::Certificate(_) => 1,
             VerbError::Remote(e) => e.exit_code(),
         }
     }
@@ -355,7 +367,8 @@ pub fn sinks_text(status: &[SinkStatus], configured: &[String], now: i64) -> Str
         if let Some(e) = &s.last_error {
             let ago =
                 age_s(s.last_error_at, now).map_or(String::new(), |a| format!(" ({a:.0}s ago)"));
-            let _ = write!(t, "  last error{ago}: {e}");
+            // The sink's far end wrote part of this text.
+            let _ = write!(t, "  last error{ago}: {}", printable(e));
         }
         t.push('\n');
     }
@@ -541,6 +554,8 @@ pub fn fleet_json(fleet: &[AgentRecord]) -> serde_json::Value {
                     "by": r.by,
                     "reason": r.reason,
                 })),
+                "cert_not_after": a.cert_not_after.map(|t| t.0),
+                "cert_serial": a.cert_serial,
             })
         })
         .collect()
@@ -596,6 +611,7 @@ pub fn fleet_text(fleet: &[AgentRecord]) -> String {
                     )
                 },
                 time_text(a.first_seen),
+                a.cert_not_after.map_or_else(dash, time_text),
                 labels,
             ]
         })
@@ -612,6 +628,7 @@ pub fn fleet_text(fleet: &[AgentRecord]) -> String {
             ("POLICY", true),
             ("ENFORCED AT HUB", true),
             ("FIRST SEEN", false),
+            ("CERT EXPIRES", false),
             ("LABELS", false),
         ],
         &rows,
@@ -672,14 +689,16 @@ pub fn event_text(e: &Event) -> String {
         Quality::Uncertain(r) => format!(" [uncertain] {r}"),
         _ => String::new(),
     };
-    format!(
+    // The agent named the stream and wrote the reasons.
+    let line = format!(
         "{} {:>10} {} {} = {}{quality}",
         e.agent_id,
         e.seq.0,
         e.body.ts.0,
         e.body.stream,
         e.body.value.to_json()
-    )
+    );
+    printable(&line).into_owned()
 }
 
 /// [`event_text`] of an event as the API sends it: the same line.
@@ -707,8 +726,14 @@ pub fn time_text(ts: Timestamp) -> String {
 }
 
 /// Renders rows under a header, each column as wide as its widest cell, two
-/// spaces apart; columns flagged `true` are right-aligned.
+/// spaces apart; columns flagged `true` are right-aligned. Every cell is
+/// made [`printable`]: agents choose their versions and labels.
 fn table(header: &[(&str, bool)], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| printable(c).into_owned()).collect())
+        .collect();
+    let rows = rows.as_slice();
     let width = |i: usize| {
         rows.iter()
             .filter_map(|r| r.get(i))
@@ -766,6 +791,8 @@ mod tests {
             policy_error: None,
             policy_dropped: 0,
             policy_modified: 0,
+            cert_not_after: Some(Timestamp(1_790_000_000_000_000_000)),
+            cert_serial: Some("0a1b".into()),
         }
     }
 
@@ -783,6 +810,8 @@ mod tests {
         assert!(lines[1].contains("connected") && lines[2].contains("disconnected"));
         assert!(text.contains("2024-06-10T06:13:20Z"), "{text}");
         assert!(text.contains("site=depot-17"), "{text}");
+        assert!(lines[0].contains("CERT EXPIRES"), "{text}");
+        assert!(text.contains("2026-09-21T"), "{text}");
     }
 
     #[test]
@@ -805,9 +834,12 @@ mod tests {
             "policy_modified",
             "backlog_events",
             "backlog_bytes",
+            "cert_not_after",
+            "cert_serial",
         ] {
             assert!(a.get(k).is_some(), "missing {k}: {a}");
         }
+        assert_eq!(a["cert_not_after"], 1_790_000_000_000_000_000_i64);
         assert_eq!(a["connected"], true);
         assert_eq!(a["watermark"], 1523);
         assert!(a["policy_version"].is_null());
@@ -831,6 +863,51 @@ mod tests {
             event_text(&e),
             "gw-1       1522 1718000005000198114 plc1/level = 42.1 [bad] timeout"
         );
+    }
+
+    #[test]
+    fn what_agents_and_sinks_wrote_reaches_the_terminal_escaped() {
+        let esc = "\u{1b}]0;owned\u{7}\u{1b}[2J\u{9b}1A";
+        let mut a = record("gw-1", 1);
+        a.agent_version = Some(format!("1.0{esc}"));
+        a.labels = BTreeMap::from([(format!("site{esc}"), format!("x\n{esc}"))]);
+        let e = Event {
+            agent_id: AgentId::parse("gw-1").expect("valid"),
+            seq: Seq(1),
+            body: EventBody {
+                stream: StreamName::parse(&format!("plc1/{esc}")).expect("valid"),
+                ts: Timestamp(0),
+                value: Value::F64(1.0),
+                quality: Quality::Bad(Reason::Other(format!("r{esc}"))),
+                attrs: BTreeMap::new(),
+            },
+        };
+        let mut sink = SinkStatus {
+            sink: "cloud".into(),
+            pending: 0,
+            oldest_queued_at: None,
+            delivered: 0,
+            rejected: 0,
+            refused: 0,
+            failures: 1,
+            last_delivered_at: None,
+            last_error: Some(format!("503 {esc}")),
+            last_error_at: None,
+        };
+        sink.last_error_at = Some(0);
+        for text in [
+            fleet_text(&[a]),
+            event_text(&e),
+            sinks_text(&[sink], &["cloud".into()], 0),
+        ] {
+            // One line per row, each free of what a terminal would obey.
+            assert!(
+                text.lines()
+                    .all(|l| !l.chars().any(crate::printable::is_unsafe)),
+                "{text:?}"
+            );
+            assert!(text.contains("\\u{1b}]0;owned"), "{text:?}");
+        }
     }
 
     #[test]

@@ -33,6 +33,7 @@ fn store(dir: &Path) -> Result<Store> {
     Ok(Store::open(
         &dir.join("data").join(FILE_NAME),
         Synchronous::Normal,
+        outpost_hub::audit::key::AuditKey::generate()?,
     )?)
 }
 

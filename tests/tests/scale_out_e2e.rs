@@ -84,13 +84,15 @@ fn replica_config(
     std::fs::write(
         &config,
         format!(
-            "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n{}\n[observability]\nlog = \"info\"\nmetrics = \"127.0.0.1:0\"\n",
+            "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n{}\n[observability]\nlog = \"info\"\nmetrics = \"127.0.0.1:0\"\n\n[audit]\nkey = \"{}\"\n",
             pki.hub_dir.join("ca.pem").display(),
             pki.hub_dir.join("hub.pem").display(),
             pki.hub_dir.join("hub.key").display(),
             // The window must outlast a failover, or the events of a group a
             // replica took to its death are stored twice (scale-out.md).
             store_table(url, Duration::from_secs(120)),
+            // Every replica signs the one audit chain with the same key.
+            pki.hub_dir.with_file_name("audit.key").display(),
         ),
     )?;
     Ok(config)

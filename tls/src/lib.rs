@@ -14,6 +14,7 @@
 
 mod client;
 mod error;
+mod files;
 mod fingerprint;
 mod pem;
 mod pinned;
@@ -21,6 +22,7 @@ mod server;
 
 pub use client::{client_config, ClientFiles};
 pub use error::{PemError, TlsError};
+pub use files::write_atomically;
 pub use fingerprint::fingerprint_sha256;
 pub use pem::{load_certs, load_key, load_roots};
 pub use pinned::{normalize as normalize_fingerprint, pinned_ca_client_config, PinnedCa};

@@ -11,6 +11,8 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 use super::driver::{serve, Ended, Link};
 use super::error::UplinkError;
+use super::renew::Renewer;
+use crate::cert::CertFiles;
 use crate::clock;
 use crate::config::UplinkSection;
 use crate::metrics::Metrics;
@@ -31,6 +33,7 @@ pub struct Uplink {
     outbox: OutboxHandle,
     metrics: Arc<Metrics>,
     policy: PolicyStore,
+    renewer: Renewer,
 }
 
 impl Uplink {
@@ -42,12 +45,29 @@ impl Uplink {
         metrics: Arc<Metrics>,
         policy: PolicyStore,
     ) -> Uplink {
+        let files = CertFiles {
+            cert: settings.cert.clone(),
+            key: settings.key.clone(),
+        };
         Uplink {
+            renewer: Renewer::new(files, None),
             settings,
             outbox,
             metrics,
             policy,
         }
+    }
+
+    /// Watches `data_dir` for an operator's request to renew the
+    /// certificate (`outpost-agent cert renew`).
+    #[must_use]
+    pub fn renewing_in(mut self, data_dir: &std::path::Path) -> Uplink {
+        let files = CertFiles {
+            cert: self.settings.cert.clone(),
+            key: self.settings.key.clone(),
+        };
+        self.renewer = Renewer::new(files, Some(data_dir));
+        self
     }
 
     fn client_config(&self) -> Result<quinn::ClientConfig, UplinkError> {
@@ -74,19 +94,26 @@ impl Uplink {
     }
 
     async fn run_inner(self, shutdown: CancellationToken) {
-        let config = match self.client_config() {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, "Uplink cannot start; events stay in the outbox.");
-                return;
-            }
-        };
+        // Read once at start: files that are unusable now stop the uplink,
+        // as before renewal existed.
+        if let Err(e) = self.client_config() {
+            warn!(error = %e, "Uplink cannot start; events stay in the outbox.");
+            return;
+        }
         let min = self.settings.reconnect_min.0;
         let max = self.settings.reconnect_max.0;
         let mut backoff = min;
         loop {
             let started = clock::now();
-            match self.connect_and_serve(&config, &shutdown).await {
+            // Read again for every connection: a renewal swaps the files,
+            // and the next connection uses the new certificate.
+            self.renewer.recover();
+            self.renewer.watch_expiry(&self.metrics);
+            let served = match self.client_config() {
+                Ok(config) => self.connect_and_serve(&config, &shutdown).await,
+                Err(e) => Err(e),
+            };
+            match served {
                 Ok(Ended::Shutdown) => return,
                 Ok(Ended::Closed) => info!("Hub closed the connection; reconnecting."),
                 Err(e) if e.hub_code() == Some(ErrorCode::Revoked) => {
@@ -151,6 +178,7 @@ impl Uplink {
             metrics: &self.metrics,
             policy: &self.policy,
             info: &info,
+            renewer: &self.renewer,
         };
         let result = serve(link, &conn, shutdown).await;
         match &result {

@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 use super::error::UplinkError;
 use super::gate::SendGate;
 use super::marks;
+use super::renew::Renewer;
 use crate::clock;
 use crate::metrics::Metrics;
 use crate::outbox::{OutboxError, OutboxHandle};
@@ -39,6 +40,14 @@ const DRAIN: Duration = Duration::from_secs(2);
 /// How long the driver sleeps when the session has no timer (closed).
 const NO_TIMER: Duration = Duration::from_secs(3600);
 
+/// How often the driver looks for an operator's renewal request and
+/// updates the certificate's expiry gauge.
+const CERT_CHECK: Duration = Duration::from_secs(5);
+
+/// After a renewal failed on this side (a key that cannot be written, a
+/// certificate that does not fit it), when to try again.
+const RENEW_RETRY: Duration = Duration::from_secs(3600);
+
 /// What a connection works with, lent by the uplink.
 #[derive(Clone, Copy)]
 pub(super) struct Link<'a> {
@@ -46,6 +55,7 @@ pub(super) struct Link<'a> {
     pub(super) metrics: &'a Metrics,
     pub(super) policy: &'a PolicyStore,
     pub(super) info: &'a AgentInfo,
+    pub(super) renewer: &'a Renewer,
 }
 
 /// How a connection ended without an error.
@@ -87,6 +97,10 @@ struct Driver<'a> {
     ack_wanted: Seq,
     ack_asked: Seq,
     ack_job: Option<AckJob<'a>>,
+    /// When to look for an operator's renewal request next.
+    next_cert_check: tokio::time::Instant,
+    /// Whether this connection already acted on an operator's request.
+    request_seen: bool,
     buf: Vec<u8>,
     out: Vec<u8>,
 }
@@ -113,6 +127,8 @@ impl<'a> Driver<'a> {
             ack_wanted: Seq(0),
             ack_asked: Seq(0),
             ack_job: None,
+            next_cert_check: clock::tokio_now() + CERT_CHECK,
+            request_seen: false,
             buf: vec![0u8; 64 * 1024],
             out: Vec::with_capacity(64 * 1024),
         }
@@ -133,6 +149,8 @@ impl<'a> Driver<'a> {
                 ControlFlow::Break(ended) => return Ok(ended),
                 ControlFlow::Continue(need) => need,
             };
+            // What acting on the events queued (a `Renew`) goes now.
+            self.transmit().await?;
             self.start_delete();
             if let Some(room) = need {
                 if self.feed_from_outbox(room).await? {
@@ -167,6 +185,8 @@ impl<'a> Driver<'a> {
                     self.link.metrics.uplink_connected.set(1);
                     info!(version, watermark = watermark.0, "Connected to the hub.");
                     marks::resume(self.link.outbox, self.link.metrics, watermark).await?;
+                    self.request_seen = self.link.renewer.requested();
+                    self.session.set_renewal(self.link.renewer.due());
                 }
                 AgentEvent::Stored { upto } => {
                     // Kept until acknowledged; read on after it. Beyond the
@@ -189,6 +209,32 @@ impl<'a> Driver<'a> {
                 AgentEvent::Labels { labels } => self.set_labels(labels),
                 AgentEvent::NeedEvents { room } => need = Some(room),
                 AgentEvent::ReportBacklog => self.report_backlog().await,
+                AgentEvent::RenewDue => match self.link.renewer.request() {
+                    Ok(csr) => {
+                        info!("Asking the hub to renew the certificate, with a new key.");
+                        self.session.renew(csr)?;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "Cannot make a key for the certificate's renewal; trying again later.");
+                        let at = self.link.renewer.retry(RENEW_RETRY);
+                        self.session.set_renewal(Some(at));
+                    }
+                },
+                AgentEvent::Renewed { cert_pem } => {
+                    let at = match self.link.renewer.install(&cert_pem) {
+                        Ok(at) => at,
+                        Err(e) => {
+                            warn!(error = %e, "Cannot use the renewed certificate; keeping the current one and trying again later.");
+                            self.link.renewer.retry(RENEW_RETRY)
+                        }
+                    };
+                    self.session.set_renewal(Some(at));
+                    self.link.renewer.watch_expiry(self.link.metrics);
+                }
+                AgentEvent::RenewRefused { reason } => {
+                    warn!(%reason, "The hub refused to renew the certificate; keeping the current one and asking again later.");
+                    self.link.renewer.forget_request();
+                }
                 AgentEvent::Closed { error } => {
                     let _ = self.send.finish();
                     if let Some(job) = self.ack_job.take() {
@@ -362,6 +408,15 @@ impl<'a> Driver<'a> {
                     let now = clock::now();
                     self.session.stop(now, now);
                 }
+            }
+            () = tokio::time::sleep_until(self.next_cert_check) => {
+                self.next_cert_check = clock::tokio_now() + CERT_CHECK;
+                if !self.request_seen && self.link.renewer.requested() {
+                    self.request_seen = true;
+                    info!("An operator asked to renew the certificate.");
+                    self.session.set_renewal(Some(clock::now()));
+                }
+                self.link.renewer.watch_expiry(self.link.metrics);
             }
             () = tokio::time::sleep_until(deadline) => self.session.handle_timeout(clock::now()),
         }

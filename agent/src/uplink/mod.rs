@@ -12,7 +12,7 @@
 //! The rooms: `dial` (the reconnect loop and the QUIC client), `driver` (one
 //! connection's loop around the session), `gate` (the policy applied again
 //! at send, and `hold` pacing), `marks` (the hub's marks applied to the
-//! outbox) and `error`.
+//! outbox), `renew` (the certificate's renewal and expiry) and `error`.
 //!
 //! Architecture invariant: the outbox deletes a row only after the hub
 //! acknowledged its seq, which the hub does only after its store committed it.
@@ -22,6 +22,7 @@ mod driver;
 mod error;
 mod gate;
 mod marks;
+mod renew;
 
 pub use dial::Uplink;
 pub use error::UplinkError;

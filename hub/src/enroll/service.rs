@@ -24,6 +24,7 @@ use tracing::{info, warn};
 
 use super::limiter::Limiter;
 use super::tokens::{TokenError, Tokens};
+use crate::audit::key::AuditKey;
 use crate::ca::{self, CaError, Validity};
 use crate::clock;
 use crate::config::{HubConfig, StoreKind};
@@ -38,6 +39,7 @@ enum Source {
     JetStream {
         cfg: Box<JetStreamStoreConfig>,
         base: PathBuf,
+        key: AuditKey,
         opened: tokio::sync::OnceCell<Tokens>,
     },
 }
@@ -55,9 +57,17 @@ pub struct Enroller {
 impl Enroller {
     /// The enrollment `cfg` describes; relative paths are taken from `base`
     /// (the config file's folder).
+    /// `key` signs the `enroll.*` audit entries (the hub's audit key).
     #[must_use]
-    pub fn new(cfg: &HubConfig, base: &Path) -> Enroller {
-        let ca_dir = cfg.enroll.ca_dir.as_ref().map(|d| base.join(d));
+    pub fn new(cfg: &HubConfig, base: &Path, key: AuditKey) -> Enroller {
+        // Either key names the CA the hub signs with, for enrollments and
+        // renewals alike.
+        let ca_dir = cfg
+            .enroll
+            .ca_dir
+            .as_ref()
+            .or(cfg.hub.ca_dir.as_ref())
+            .map(|d| base.join(d));
         let validity = cfg
             .enroll
             .validity_days
@@ -66,14 +76,15 @@ impl Enroller {
         let source = match &cfg.store {
             StoreKind::Sqlite { .. } => {
                 // `store_path` takes the config file; any name in `base` will do.
-                Source::Ready(Tokens::Sqlite(store_path(
-                    &base.join("hub.toml"),
-                    &cfg.hub.data_dir,
-                )))
+                Source::Ready(Tokens::Sqlite(
+                    store_path(&base.join("hub.toml"), &cfg.hub.data_dir),
+                    key.clone(),
+                ))
             }
             StoreKind::JetStream(js) => Source::JetStream {
                 cfg: js.clone(),
                 base: base.to_owned(),
+                key: key.clone(),
                 opened: tokio::sync::OnceCell::new(),
             },
         };
@@ -99,11 +110,16 @@ impl Enroller {
     async fn tokens(&self) -> Result<&Tokens, TokenError> {
         match &self.source {
             Source::Ready(tokens) => Ok(tokens),
-            Source::JetStream { cfg, base, opened } => {
+            Source::JetStream {
+                cfg,
+                base,
+                key,
+                opened,
+            } => {
                 opened
                     .get_or_try_init(|| async {
                         let js = crate::store::jetstream::JetStreamStore::open(cfg, base).await?;
-                        Ok::<_, TokenError>(Tokens::JetStream(Box::new(js)))
+                        Ok::<_, TokenError>(Tokens::JetStream(Box::new(js), key.clone()))
                     })
                     .await
             }

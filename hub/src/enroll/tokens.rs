@@ -3,8 +3,8 @@
 //!
 //! On SQLite, `store::enrollments` writes each change in one transaction
 //! with its audit entry. On JetStream, the `<prefix>_enrollments` bucket
-//! holds them; the audit log is SQLite's alone in this version, so there
-//! the `enroll.*` actions are logged (tracing), not audited.
+//! holds them, and each change's entry is appended to the store's audit
+//! stream after it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,6 +14,7 @@ use outpost_protocols::event::{AgentId, Timestamp};
 use ring::rand::SecureRandom as _;
 use tracing::info;
 
+use crate::audit::key::AuditKey;
 use crate::store::jetstream::JetStreamStore;
 use crate::store::{enrollments, open_admin, EnrollmentRecord, StoreError, TokenRefusal};
 
@@ -54,13 +55,39 @@ pub fn hash(token: &str) -> String {
     outpost_tls::fingerprint_sha256(token.as_bytes())
 }
 
-/// Where a hub keeps its tokens.
+/// Where a hub keeps its tokens, and the key that signs their audit
+/// entries.
 #[derive(Debug, Clone)]
 pub enum Tokens {
     /// The SQLite store file.
-    Sqlite(PathBuf),
+    Sqlite(PathBuf, AuditKey),
     /// The JetStream store.
-    JetStream(Box<JetStreamStore>),
+    JetStream(Box<JetStreamStore>, AuditKey),
+}
+
+/// Appends one `enroll.*` entry to a JetStream store's audit stream.
+async fn audit_js(
+    js: &JetStreamStore,
+    key: &AuditKey,
+    actor: &str,
+    action: &str,
+    target: &str,
+    result: &str,
+    detail: &str,
+) -> Result<(), TokenError> {
+    js.audit_append(
+        key,
+        &crate::store::audit::Entry {
+            ts: crate::clock::unix_now(),
+            actor,
+            action,
+            target,
+            result,
+            detail,
+        },
+    )
+    .await?;
+    Ok(())
 }
 
 impl Tokens {
@@ -82,13 +109,28 @@ impl Tokens {
     /// Stores a new token and audits `enroll.created`.
     pub async fn create(&self, rec: EnrollmentRecord) -> Result<(), TokenError> {
         match self {
-            Tokens::Sqlite(path) => {
-                Self::sqlite(path, move |c, p| enrollments::create(c, p, &rec)).await
+            Tokens::Sqlite(path, key) => {
+                let key = key.clone();
+                Self::sqlite(path, move |c, p| enrollments::create(c, p, &key, &rec)).await
             }
-            Tokens::JetStream(js) => {
+            Tokens::JetStream(js, key) => {
                 js.enrollment_create(&rec).await?;
                 info!(agent_id = %rec.agent_id, token = rec.id(), actor = %rec.created_by, "enroll.created");
-                Ok(())
+                let detail = format!(
+                    "token {}, labels {}",
+                    rec.id(),
+                    serde_json::to_string(&rec.labels).unwrap_or_default()
+                );
+                audit_js(
+                    js,
+                    key,
+                    &rec.created_by,
+                    "enroll.created",
+                    &rec.agent_id,
+                    "ok",
+                    &detail,
+                )
+                .await
             }
         }
     }
@@ -96,8 +138,8 @@ impl Tokens {
     /// Every token, newest first.
     pub async fn list(&self) -> Result<Vec<EnrollmentRecord>, TokenError> {
         match self {
-            Tokens::Sqlite(path) => Self::sqlite(path, |c, p| enrollments::list(c, p)).await,
-            Tokens::JetStream(js) => Ok(js.enrollments().await?),
+            Tokens::Sqlite(path, _) => Self::sqlite(path, |c, p| enrollments::list(c, p)).await,
+            Tokens::JetStream(js, _) => Ok(js.enrollments().await?),
         }
     }
 
@@ -109,17 +151,19 @@ impl Tokens {
         matches: impl Fn(&EnrollmentRecord) -> bool + Send + 'static,
     ) -> Result<Vec<EnrollmentRecord>, TokenError> {
         match self {
-            Tokens::Sqlite(path) => {
-                let actor = actor.to_owned();
+            Tokens::Sqlite(path, key) => {
+                let (actor, key) = (actor.to_owned(), key.clone());
                 Self::sqlite(path, move |c, p| {
-                    enrollments::revoke(c, p, &actor, now, matches)
+                    enrollments::revoke(c, p, &key, &actor, now, matches)
                 })
                 .await
             }
-            Tokens::JetStream(js) => {
+            Tokens::JetStream(js, key) => {
                 let revoked = js.enrollment_revoke(now, matches).await?;
                 for r in &revoked {
                     info!(agent_id = %r.agent_id, token = r.id(), %actor, "enroll.revoked");
+                    let detail = format!("token {}", r.id());
+                    audit_js(js, key, actor, "enroll.revoked", &r.agent_id, "ok", &detail).await?;
                 }
                 Ok(revoked)
             }
@@ -136,14 +180,14 @@ impl Tokens {
     ) -> Result<Result<EnrollmentRecord, TokenRefusal>, TokenError> {
         let h = hash(token);
         match self {
-            Tokens::Sqlite(path) => {
+            Tokens::Sqlite(path, _) => {
                 let (agent, from) = (agent_id.to_string(), from.to_owned());
                 Self::sqlite(path, move |c, p| {
                     enrollments::take(c, p, &h, &agent, &from, now)
                 })
                 .await
             }
-            Tokens::JetStream(js) => {
+            Tokens::JetStream(js, _) => {
                 Ok(js.enrollment_take(&h, agent_id.as_str(), from, now).await?)
             }
         }
@@ -161,7 +205,8 @@ impl Tokens {
         now: Timestamp,
     ) -> Result<(), TokenError> {
         match self {
-            Tokens::Sqlite(path) => {
+            Tokens::Sqlite(path, key) => {
+                let key = key.clone();
                 let (h, agent, labels) = (
                     rec.token_hash.clone(),
                     agent_id.to_string(),
@@ -173,6 +218,7 @@ impl Tokens {
                     enrollments::complete(
                         c,
                         p,
+                        &key,
                         &h,
                         &agent,
                         &labels,
@@ -184,7 +230,7 @@ impl Tokens {
                 })
                 .await
             }
-            Tokens::JetStream(js) => {
+            Tokens::JetStream(js, key) => {
                 js.enrollment_complete(
                     &rec.token_hash,
                     agent_id,
@@ -195,7 +241,16 @@ impl Tokens {
                 )
                 .await?;
                 info!(%agent_id, %detail, "enroll.used");
-                Ok(())
+                audit_js(
+                    js,
+                    key,
+                    "hub",
+                    "enroll.used",
+                    agent_id.as_str(),
+                    "ok",
+                    detail,
+                )
+                .await
             }
         }
     }
@@ -203,16 +258,25 @@ impl Tokens {
     /// Audits `enroll.refused` for `agent_id` (the id claimed, or `-`).
     pub async fn refused(&self, agent_id: &str, detail: &str) -> Result<(), TokenError> {
         match self {
-            Tokens::Sqlite(path) => {
-                let (agent, detail) = (agent_id.to_owned(), detail.to_owned());
+            Tokens::Sqlite(path, key) => {
+                let (agent, detail, key) = (agent_id.to_owned(), detail.to_owned(), key.clone());
                 Self::sqlite(path, move |c, p| {
-                    enrollments::refused(c, p, &agent, &detail)
+                    enrollments::refused(c, p, &key, &agent, &detail)
                 })
                 .await
             }
-            Tokens::JetStream(_) => {
+            Tokens::JetStream(js, key) => {
                 info!(agent_id, detail, "enroll.refused");
-                Ok(())
+                audit_js(
+                    js,
+                    key,
+                    "hub",
+                    "enroll.refused",
+                    agent_id,
+                    "refused",
+                    detail,
+                )
+                .await
             }
         }
     }

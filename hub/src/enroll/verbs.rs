@@ -283,9 +283,10 @@ where
     F: FnOnce(Tokens) -> Fut,
     Fut: std::future::Future<Output = Result<T, TokenError>>,
 {
+    let key = crate::admin::audit_key(config, cfg)?;
     if cfg.store.jetstream().is_some() {
         let out = crate::verbs::on_jetstream(config, cfg, |js| async move {
-            Ok(f(Tokens::JetStream(Box::new(js))).await)
+            Ok(f(Tokens::JetStream(Box::new(js), key)).await)
         })?;
         return match out {
             Some(r) => Ok(r?),
@@ -304,7 +305,7 @@ where
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    Ok(rt.block_on(f(Tokens::Sqlite(path)))?)
+    Ok(rt.block_on(f(Tokens::Sqlite(path, key)))?)
 }
 
 /// `KEY=VALUE` flags into labels, within the protocol's limits.

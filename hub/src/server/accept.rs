@@ -1,6 +1,7 @@
-//! The accept loop, and one connection's life around its session: identify
-//! the agent, supersede its previous connection, run the driver, close with
-//! the code that says why, and log the end in the agent's span.
+//! The accept loop, and one connection's life around its session: decide at
+//! the door (`door`), identify the agent, supersede its previous connection,
+//! run the driver, close with the code that says why, and log the end in the
+//! agent's span.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -10,8 +11,10 @@ use std::time::Duration;
 use outpost_protocols::wire::{ErrorCode, CLOSE_OK};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
+use super::binding::{BindingError, Certs};
+use super::door::{Admission, Door, DoorCounters, Handshake, Limits};
 use super::endpoint::{server_config, udp_socket};
 use super::enforcement::PolicyFeed;
 use super::enroll::enrollment;
@@ -19,7 +22,9 @@ use super::error::{ConnError, ServerError};
 use super::identity::peer_agent_id;
 use super::live::Live;
 use super::reset::{endpoint_config, reset_secret_file};
-use super::session::session;
+use super::session::{session, Link};
+use crate::audit::key::AuditKey;
+use crate::clock;
 use crate::config::HubConfig;
 use crate::enroll::service::Enroller;
 use crate::store::StoreHandle;
@@ -27,8 +32,25 @@ use crate::store::StoreHandle;
 /// How long a stopping hub waits for its close frames to reach the agents.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
-/// Serves agents until `shutdown`. `reset_secret` is the replicas' shared
-/// secret of stateless resets; without it, `<data_dir>/reset.key`.
+/// The longest a TLS handshake may hold its place among those in flight
+/// (QUIC's idle timeout alone would let a peer that keeps sending hold it
+/// for ever).
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(60);
+
+/// The keys the server needs besides its TLS files.
+#[derive(Debug)]
+pub struct ServeKeys {
+    /// The replicas' shared secret of stateless resets; without it,
+    /// `<data_dir>/reset.key`.
+    pub reset: Option<Vec<u8>>,
+    /// The hub's audit key, which signs the `enroll.*` entries.
+    pub audit: AuditKey,
+}
+
+/// Serves agents until `shutdown`. What the door decides is counted in
+/// `door`.
+// One more than clippy's seven: each is a separate piece of the wiring.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     cfg: &HubConfig,
     base: &Path,
@@ -36,28 +58,39 @@ pub async fn serve(
     policy: PolicyFeed,
     shutdown: CancellationToken,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
-    reset_secret: Option<Vec<u8>>,
+    keys: ServeKeys,
+    door: Arc<DoorCounters>,
 ) -> Result<(), ServerError> {
-    let (endpoint, addr) = bind(cfg, base, reset_secret)?;
+    let (endpoint, addr) = bind(cfg, base, keys.reset)?;
     let local = endpoint.local_addr().unwrap_or(addr);
     info!(listen = %local, "Hub listening (QUIC).");
     if let Some(tx) = bound {
         let _ = tx.send(local);
     }
     let live = Arc::new(Live::default());
-    let enroller = Arc::new(Enroller::new(cfg, base));
+    let door = Door::new(Limits::from_config(&cfg.hub), door);
+    let enroller = Arc::new(Enroller::new(cfg, base, keys.audit));
+    let certs = Arc::new(certs(cfg, base));
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                let Some(handshake) = at_the_door(&door, incoming) else { continue };
                 let (store, live, policy) = (store.clone(), live.clone(), policy.clone());
-                let enroller = enroller.clone();
+                let (enroller, certs) = (enroller.clone(), certs.clone());
                 let stop = shutdown.child_token();
+                let counters = door.counters().clone();
+                let stream_deadline = door.limits().stream_deadline;
                 tasks.spawn(async move {
+                    let (incoming, handshake) = handshake;
                     let remote = incoming.remote_address();
-                    if let Err(e) = connection(incoming, store, policy, live, enroller, stop).await {
+                    let opening = Opening { handshake, stream_deadline, counters };
+                    let signing = (enroller, certs);
+                    if let Err(e) =
+                        connection(incoming, opening, store, policy, live, signing, stop).await
+                    {
                         warn!(%remote, error = %e, "Agent connection ended.");
                     }
                 });
@@ -81,6 +114,50 @@ pub async fn serve(
     );
     let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
     Ok(())
+}
+
+/// Carries out the door's decision about `incoming`: the Incoming and its
+/// place among the handshakes if it may go on, nothing if it was answered
+/// with a Retry or refused.
+fn at_the_door(door: &Door, incoming: quinn::Incoming) -> Option<(quinn::Incoming, Handshake)> {
+    let remote = incoming.remote_address();
+    match door.admit(
+        remote.ip(),
+        incoming.remote_address_validated(),
+        clock::now(),
+    ) {
+        Admission::Accept(handshake) => Some((incoming, handshake)),
+        Admission::Retry => {
+            // An unvalidated address may always be retried (quinn's
+            // contract); should it not be, refusing is the safe answer.
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().refuse();
+            }
+            None
+        }
+        Admission::RateLimited => {
+            debug!(%remote, "Connection refused: the address opened too many.");
+            incoming.refuse();
+            None
+        }
+        Admission::Busy => {
+            debug!(%remote, "Connection refused: too many handshakes in flight.");
+            incoming.refuse();
+            None
+        }
+    }
+}
+
+/// What an admitted connection carries until it has opened its stream.
+struct Opening {
+    /// Its place among the handshakes in flight, given back when the
+    /// handshake ends.
+    handshake: Handshake,
+    /// How long it may take, once its handshake is done, to open its
+    /// stream.
+    stream_deadline: Duration,
+    /// Where a passed deadline is counted.
+    counters: Arc<DoorCounters>,
 }
 
 /// The QUIC endpoint `[hub]` describes, bound and ready to accept, and the
@@ -123,21 +200,52 @@ fn bind(
     Ok((endpoint, addr))
 }
 
+/// The certificate settings of `[hub]`, paths resolved against `base`.
+fn certs(cfg: &HubConfig, base: &Path) -> Certs {
+    // Either key names the CA the hub signs with, for renewals and
+    // enrollments alike.
+    let ca_dir = cfg
+        .hub
+        .ca_dir
+        .as_ref()
+        .or(cfg.enroll.ca_dir.as_ref())
+        .map(|p| base.join(p));
+    let validity =
+        crate::ca::Validity::days(cfg.hub.renew_days).unwrap_or(crate::ca::Validity::LEAF_DEFAULT);
+    Certs::new(ca_dir, validity, cfg.hub.renew_grace.0)
+}
+
 /// One agent connection, from the handshake to the close.
 async fn connection(
     incoming: quinn::Incoming,
+    opening: Opening,
     store: StoreHandle,
     policy: PolicyFeed,
     live: Arc<Live>,
-    enroller: Arc<Enroller>,
+    (enroller, certs): (Arc<Enroller>, Arc<Certs>),
     stop: CancellationToken,
 ) -> Result<(), ConnError> {
-    let conn = incoming.await.map_err(ConnError::Handshake)?;
+    let Opening {
+        handshake,
+        stream_deadline,
+        counters,
+    } = opening;
+    // The handshake has a bound of its own, longer than the stream
+    // deadline: a thousand agents redialling at once on a slow machine may
+    // take longer than that to be served, and cutting them off would only
+    // make them dial again. Dropping it abandons the connection (quinn
+    // closes it).
+    let conn = tokio::time::timeout(HANDSHAKE_LIMIT, incoming)
+        .await
+        .map_err(|_| ConnError::HandshakeTimeout)?
+        .map_err(ConnError::Handshake)?;
+    drop(handshake);
+    let deadline = clock::tokio_now() + stream_deadline;
     if negotiated_alpn(&conn).as_deref() == Some(outpost_protocols::enroll::ALPN) {
         enrollment(conn, enroller, stop).await;
         return Ok(());
     }
-    let id = match peer_agent_id(&conn) {
+    let (id, cert) = match peer_agent_id(&conn) {
         Ok(id) => id,
         Err(e) => {
             conn.close(
@@ -160,9 +268,31 @@ async fn connection(
         return Ok(());
     }
     async move {
+        // Before `take_over`: a certificate that is not the agent's must not
+        // displace the live session.
+        if let Err(e) = certs.admit(&store, &id, &cert).await {
+            let code = match e {
+                BindingError::NotCurrent { .. } => ErrorCode::CertificateNotCurrent,
+                BindingError::Store(_) => ErrorCode::Internal,
+            };
+            conn.close(
+                quinn::VarInt::from_u32(code.to_u32()),
+                e.to_string().as_bytes(),
+            );
+            warn!(code = %code.name(), error = %e, "Agent connection refused.");
+            return Ok(());
+        }
         let registration = live.take_over(&id, &stop).await?;
         let mut registered = false;
-        let result = session(&conn, &id, &store, policy, &stop, &mut registered).await;
+        let link = Link {
+            certs: &certs,
+            cert: &cert,
+            deadline,
+        };
+        let result = session(&conn, &id, &store, policy, link, &stop, &mut registered).await;
+        if matches!(result, Err(ConnError::StreamDeadline)) {
+            counters.stream_deadline_passed();
+        }
         conn.close(close_code(&result), close_reason(&result).as_bytes());
         if registered {
             let _ = store.agent_disconnected(id.clone()).await;
@@ -199,6 +329,7 @@ fn close_code(result: &Result<(), ConnError>) -> quinn::VarInt {
     quinn::VarInt::from_u32(match result {
         Ok(()) => CLOSE_OK,
         Err(ConnError::Protocol(e)) => e.code().to_u32(),
+        Err(ConnError::StreamDeadline) => ErrorCode::Timeout.to_u32(),
         Err(ConnError::Revoked) => ErrorCode::Revoked.to_u32(),
         Err(_) => ErrorCode::Internal.to_u32(),
     })
@@ -208,6 +339,7 @@ fn close_code(result: &Result<(), ConnError>) -> quinn::VarInt {
 fn close_reason(result: &Result<(), ConnError>) -> String {
     match result {
         Err(ConnError::Protocol(e)) => e.to_string(),
+        Err(e @ ConnError::StreamDeadline) => e.to_string(),
         _ => String::new(),
     }
 }

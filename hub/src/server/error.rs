@@ -55,6 +55,8 @@ pub enum ServerError {
 pub(super) enum ConnError {
     #[error("handshake: {0}")]
     Handshake(#[source] quinn::ConnectionError),
+    #[error("handshake: not done within a minute")]
+    HandshakeTimeout,
     #[error("unauthorized: {0}")]
     Unauthorized(#[from] IdentityError),
     #[error("refused: an operator revoked the agent")]
@@ -73,4 +75,6 @@ pub(super) enum ConnError {
     Usage(#[from] UsageError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("no stream opened before the deadline (hub.stream_deadline)")]
+    StreamDeadline,
 }

@@ -19,13 +19,17 @@
 //! never stale.
 //!
 //! The rooms, one job each: `endpoint` (the QUIC and socket settings),
-//! `reset` (the stateless-reset secret), `accept` (the accept loop and a
+//! `reset` (the stateless-reset secret), `door` (the limits a new
+//! connection meets before its handshake), `accept` (the accept loop and a
 //! connection's life), `live` (which connection of an agent is current),
-//! `identity` (the agent id from the certificate), `enforcement` (the policy
-//! applied again on ingest), `session` (the driver) and `enroll` (a
+//! `identity` (the agent id from the certificate), `binding` (which
+//! certificate of an agent is accepted, and renewing it), `enforcement` (the
+//! policy applied again on ingest), `session` (the driver) and `enroll` (a
 //! connection on the enrollment ALPN, which needs no client certificate).
 
 mod accept;
+mod binding;
+mod door;
 mod endpoint;
 mod enforcement;
 mod enroll;
@@ -35,7 +39,8 @@ mod live;
 mod reset;
 mod session;
 
-pub use accept::serve;
+pub use accept::{serve, ServeKeys};
+pub use door::{DoorCounters, DoorCounts};
 pub use endpoint::server_config;
 pub use enforcement::PolicyFeed;
 pub use error::ServerError;

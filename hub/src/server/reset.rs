@@ -11,7 +11,7 @@
 //! replicas through their store.
 
 use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -89,7 +89,13 @@ pub(super) fn endpoint_config(secret: &[u8]) -> quinn::EndpointConfig {
 pub(super) fn reset_secret_file(data_dir: &Path) -> Result<Vec<u8>, ResetKeyError> {
     let path = data_dir.join("reset.key");
     match std::fs::read(&path) {
-        Ok(bytes) if bytes.len() == 32 => Ok(bytes),
+        Ok(bytes) if bytes.len() == 32 => {
+            // An older hub made it with the umask's mode: a secret is 0600.
+            if let Err(source) = narrow_mode(&path) {
+                return Err(ResetKeyError::Write { path, source });
+            }
+            Ok(bytes)
+        }
         Ok(_) => Err(ResetKeyError::WrongLength { path }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => new_secret(data_dir, path),
         Err(source) => Err(ResetKeyError::Read { path, source }),
@@ -114,8 +120,38 @@ fn new_secret(data_dir: &Path, path: PathBuf) -> Result<Vec<u8>, ResetKeyError> 
         Ok(f) => f,
         Err(source) => return Err(ResetKeyError::Create { path, source }),
     };
-    match f.write_all(&bytes).and_then(|()| f.sync_all()) {
+    let written = f
+        .set_permissions(std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| f.write_all(&bytes))
+        .and_then(|()| f.sync_all());
+    match written {
         Ok(()) => Ok(bytes),
         Err(source) => Err(ResetKeyError::Write { path, source }),
+    }
+}
+
+/// Sets the existing file at `path` to 0600 if group or others may read it.
+fn narrow_mode(path: &Path) -> std::io::Result<()> {
+    let mode = std::fs::metadata(path)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reset_key_is_0600_and_an_older_wider_one_is_narrowed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("reset.key");
+        let mode = || std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        let made = reset_secret_file(dir.path()).expect("makes");
+        assert_eq!(mode(), 0o600);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert_eq!(reset_secret_file(dir.path()).expect("reads"), made);
+        assert_eq!(mode(), 0o600);
     }
 }

@@ -23,10 +23,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::binding::Certs;
 use super::enforcement::{Enforcement, PolicyFeed};
 use super::error::ConnError;
 use crate::clock;
-use crate::store::{StoreError, StoreHandle};
+use crate::store::{CertInfo, StoreError, StoreHandle};
 
 /// Batches whose commit a connection may wait on before it stops reading.
 const MAX_PENDING_BATCHES: usize = 8;
@@ -43,21 +44,32 @@ const NO_TIMER: Duration = Duration::from_secs(3600);
 type Commit = Pin<Box<dyn Future<Output = Result<(Seq, Seq), StoreError>> + Send>>;
 
 /// Runs the session of the agent `id` on `conn` until it ends or `stop`;
+/// the agent must open its stream before `deadline` (the hub's keep-alives
+/// would otherwise keep a connection without one open for ever).
 /// `registered` is set once the agent is in the registry.
 pub(super) async fn session(
     conn: &quinn::Connection,
     id: &AgentId,
     store: &StoreHandle,
     policy: PolicyFeed,
+    link: Link<'_>,
     stop: &CancellationToken,
     registered: &mut bool,
 ) -> Result<(), ConnError> {
+    let Link {
+        certs,
+        cert,
+        deadline,
+    } = link;
     let mut policy = policy;
     let mut watching_trust = true;
     // Until the agent opens its stream, a revocation closes the connection
-    // too: it may have passed the handshake on a view a moment old.
+    // too: it may have passed the handshake on a view a moment old. Biased:
+    // a stream that is already open wins over a deadline that passed while
+    // this connection waited to supersede the previous one.
     let (send, recv) = loop {
         tokio::select! {
+            biased;
             () = stop.cancelled() => return Ok(()),
             s = conn.accept_bi() => break s.map_err(ConnError::Connection)?,
             changed = policy.trust.changed(), if watching_trust => {
@@ -67,12 +79,26 @@ pub(super) async fn session(
                     return Err(ConnError::Revoked);
                 }
             }
+            () = tokio::time::sleep_until(deadline) => return Err(ConnError::StreamDeadline),
         }
     };
     let mut driver = Driver::start(id, store, policy, stop, send, recv).await?;
+    driver.certs = Some((certs, cert));
     let result = driver.run().await;
     *registered = driver.registered;
     result
+}
+
+/// What the connection brings to its session: the hub's certificate
+/// settings, the certificate it was made with, and when it must have opened
+/// its stream.
+pub(super) struct Link<'a> {
+    /// The binding and renewal settings.
+    pub(super) certs: &'a Certs,
+    /// The agent's certificate on this connection.
+    pub(super) cert: &'a CertInfo,
+    /// The stream deadline.
+    pub(super) deadline: tokio::time::Instant,
 }
 
 /// One agent's session and everything its driver waits on.
@@ -103,6 +129,9 @@ struct Driver<'a> {
     closing: bool,
     /// Whether the agent was put in the registry (it said `Hello`).
     registered: bool,
+    /// The hub's certificate settings and the session's certificate, for
+    /// renewals.
+    certs: Option<(&'a Certs, &'a CertInfo)>,
     buf: Vec<u8>,
     out: Vec<u8>,
 }
@@ -149,6 +178,7 @@ impl<'a> Driver<'a> {
             commits: FuturesOrdered::new(),
             closing: false,
             registered: false,
+            certs: None,
             buf: vec![0u8; 64 * 1024],
             out: Vec::with_capacity(16 * 1024),
         })
@@ -161,6 +191,9 @@ impl<'a> Driver<'a> {
             if self.handle_events().await?.is_break() {
                 return Ok(());
             }
+            // What acting on the events queued (a `Renewed`) goes now, not
+            // after the next input.
+            self.transmit().await?;
             if self.wait().await?.is_break() {
                 return Ok(());
             }
@@ -234,6 +267,15 @@ impl<'a> Driver<'a> {
                     self.store
                         .report_backlog(self.id.clone(), events, bytes)
                         .await?;
+                }
+                HubEvent::Renew { csr } => {
+                    let result = match self.certs {
+                        Some((certs, old)) => certs.renew(self.store, self.id, old, csr).await,
+                        None => outpost_protocols::wire::Renewal::Refused {
+                            reason: "certificate renewal is not configured at the hub".into(),
+                        },
+                    };
+                    self.session.renewed(result)?;
                 }
                 HubEvent::Closed { error } => {
                     // Commits already handed to the store finish; their acks

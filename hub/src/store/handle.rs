@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::error::StoreError;
-use super::records::{Forward, SinkProgress};
+use super::records::{CertBinding, CertInfo, Forward, Rebind, SinkProgress};
 
 /// Requests that may wait for the writer before a sender waits too: the
 /// backpressure that keeps ingest from filling memory when the disk is slow.
@@ -123,6 +123,20 @@ pub(super) enum Write {
         agent_id: AgentId,
         reply: Reply<()>,
     },
+    /// Binds a certificate to the agent (see [`Rebind`]).
+    Bind {
+        agent_id: AgentId,
+        cert: CertInfo,
+        how: Rebind,
+        reply: Reply<()>,
+    },
+    /// A certificate was refused at the handshake: audited `cert.refused`.
+    CertRefused {
+        agent_id: AgentId,
+        fingerprint: String,
+        reason: String,
+        reply: Reply<()>,
+    },
 }
 
 impl Write {
@@ -135,7 +149,9 @@ impl Write {
             | Write::Connected { agent_id, .. }
             | Write::Disconnected { agent_id, .. }
             | Write::Backlog { agent_id, .. }
-            | Write::Touch { agent_id, .. } => Some(agent_id),
+            | Write::Touch { agent_id, .. }
+            | Write::Bind { agent_id, .. }
+            | Write::CertRefused { agent_id, .. } => Some(agent_id),
             Write::SinkProgress { .. } => None,
         }
     }
@@ -166,7 +182,9 @@ impl Write {
             | Write::PolicyStatus { reply, .. }
             | Write::Disconnected { reply, .. }
             | Write::Backlog { reply, .. }
-            | Write::Touch { reply, .. } => {
+            | Write::Touch { reply, .. }
+            | Write::Bind { reply, .. }
+            | Write::CertRefused { reply, .. } => {
                 let _ = reply.send(result.map(drop));
             }
         }
@@ -194,6 +212,11 @@ pub(super) enum Read {
         agent_id: AgentId,
         reply: Reply<Option<BTreeMap<String, String>>>,
     },
+    /// The agent's certificate binding, for the handshake.
+    Binding {
+        agent_id: AgentId,
+        reply: Reply<Option<CertBinding>>,
+    },
 }
 
 impl Read {
@@ -203,7 +226,8 @@ impl Read {
             Read::Watermark { agent_id, .. }
             | Read::Acked { agent_id, .. }
             | Read::Resume { agent_id, .. }
-            | Read::Labels { agent_id, .. } => agent_id,
+            | Read::Labels { agent_id, .. }
+            | Read::Binding { agent_id, .. } => agent_id,
         }
     }
 }
@@ -442,6 +466,54 @@ impl StoreHandle {
     ) -> Result<Option<BTreeMap<String, String>>, StoreError> {
         self.call(|reply| Message::Call(Read::Labels { agent_id, reply }))
             .await
+    }
+
+    /// The certificate the registry binds to `agent_id`, and the previous
+    /// one within its grace period; `None` for an agent never bound. Read
+    /// after every request queued before it has committed.
+    pub async fn binding(&self, agent_id: AgentId) -> Result<Option<CertBinding>, StoreError> {
+        self.call(|reply| Message::Call(Read::Binding { agent_id, reply }))
+            .await
+    }
+
+    /// Binds `cert` to `agent_id` as `how` says: on first use only if no
+    /// certificate is bound yet (read [`binding`](Self::binding) again to
+    /// learn which one won), or in place of the current one after a
+    /// renewal, audited `cert.renewed` in the same transaction.
+    pub async fn bind(
+        &self,
+        agent_id: AgentId,
+        cert: CertInfo,
+        how: Rebind,
+    ) -> Result<(), StoreError> {
+        self.call(|reply| {
+            Message::Write(Write::Bind {
+                agent_id,
+                cert,
+                how,
+                reply,
+            })
+        })
+        .await
+    }
+
+    /// Audits `cert.refused`: a certificate for `agent_id` with
+    /// `fingerprint` was refused at the handshake, for `reason`.
+    pub async fn cert_refused(
+        &self,
+        agent_id: AgentId,
+        fingerprint: String,
+        reason: String,
+    ) -> Result<(), StoreError> {
+        self.call(|reply| {
+            Message::Write(Write::CertRefused {
+                agent_id,
+                fingerprint,
+                reason,
+                reply,
+            })
+        })
+        .await
     }
 
     /// Records a sink runner's delivery attempt: the sink's queue up to

@@ -60,6 +60,9 @@
 //!          text       TEXT NOT NULL)         the document as applied
 //!
 //! audit(...), meta(key, value)               see `sqlite::audit`
+//! agent_certs(agent_id, serial, fingerprint, the certificate the hub accepts for
+//!             not_after, prev_fingerprint,   each agent, and the one before it
+//!             prev_until)                    until then; see `sqlite::binding`
 //!
 //! sink_pending(n INTEGER PRIMARY KEY,        queue order
 //!              sink, agent_id, seq,          what waits for which sink
@@ -163,14 +166,15 @@ pub(crate) use error::AtPath;
 pub use error::StoreError;
 pub use handle::{InsertOutcome, PendingInsert, PolicyCounts, StoreHandle, WriterOptions};
 pub use outpost_storage::Synchronous;
+pub(crate) use records::rfc3339;
 pub use records::{
-    AgentRecord, EnrollmentRecord, Forward, LabelChange, Queued, Revocation, SinkProgress,
-    SinkStatus, TokenRefusal,
+    AgentRecord, CertBinding, CertInfo, EnrollmentRecord, Forward, LabelChange, Queued, Rebind,
+    Revocation, SinkProgress, SinkStatus, TokenRefusal,
 };
 pub use sqlite::audit;
 pub use sqlite::enrollments;
 pub use sqlite::trust;
 pub use sqlite::{
-    open_admin, spawn_store_writer, store_path, AgentEventStats, EventQuery, Store, StoreReader,
-    FILE_NAME, SCHEMA_VERSION,
+    bind_certificate, open_admin, spawn_store_writer, store_path, AgentEventStats, EventQuery,
+    Store, StoreReader, FILE_NAME, SCHEMA_VERSION,
 };

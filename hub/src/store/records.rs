@@ -55,6 +55,11 @@ pub struct AgentRecord {
     pub policy_dropped: u64,
     /// Events the hub had to minimise before storing them.
     pub policy_modified: u64,
+    /// When its current certificate (the registry's binding) expires, Unix
+    /// ns; `None` before it was bound.
+    pub cert_not_after: Option<Timestamp>,
+    /// Its current certificate's serial number, lowercase hex.
+    pub cert_serial: Option<String>,
 }
 
 impl AgentRecord {
@@ -244,4 +249,51 @@ impl EnrollmentRecord {
             _ => Ok(()),
         }
     }
+}
+
+/// A certificate as the registry binds it to an agent: what the handshake
+/// compares and `fleet list` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CertInfo {
+    /// Its serial number, lowercase hex.
+    pub serial: String,
+    /// SHA-256 of its DER, lowercase hex (`outpost_tls::fingerprint_sha256`).
+    pub fingerprint: String,
+    /// When it expires, Unix ns.
+    pub not_after: Timestamp,
+}
+
+/// An agent's certificate binding: the one certificate the hub accepts for
+/// it, and the one before it while its grace period lasts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CertBinding {
+    /// The current certificate.
+    pub current: CertInfo,
+    /// The previous certificate's fingerprint and until when (Unix ns) it is
+    /// still accepted, after a renewal or a reissue.
+    pub previous: Option<(String, Timestamp)>,
+}
+
+/// How a binding changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rebind {
+    /// Trust on first use: bind `cert` only if the agent has no binding yet.
+    FirstUse,
+    /// A new certificate replaces the current one, which stays accepted
+    /// until `grace_until` (Unix ns); audited `cert.renewed` by `actor`.
+    Replace {
+        /// Until when the replaced certificate is accepted.
+        grace_until: Timestamp,
+        /// Who renewed it, audited `cert.renewed` in the same transaction
+        /// (`hub` for a renewal over the session); `None` for a reissue by
+        /// `ca issue`, which its own `ca.issued` entry records.
+        actor: Option<String>,
+    },
+}
+
+/// A Unix ns timestamp as RFC 3339 to the second, for audit details.
+pub(crate) fn rfc3339(ts: Timestamp) -> String {
+    let secs = u64::try_from(ts.0.div_euclid(1_000_000_000)).unwrap_or(0);
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        .to_string()
 }

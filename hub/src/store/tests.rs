@@ -34,8 +34,12 @@ fn events(seqs: &[u64]) -> Vec<(Seq, EventBody)> {
     seqs.iter().map(|&s| (Seq(s), body(s))).collect()
 }
 
+fn test_key() -> crate::audit::key::AuditKey {
+    crate::audit::key::AuditKey::generate().expect("key")
+}
+
 fn open(dir: &Path) -> Store {
-    Store::open(&dir.join(FILE_NAME), Synchronous::Normal).expect("opens")
+    Store::open(&dir.join(FILE_NAME), Synchronous::Normal, test_key()).expect("opens")
 }
 
 const NOW: Timestamp = Timestamp(1_718_000_000_000_000_000);
@@ -245,6 +249,57 @@ fn sessions_are_counted_so_a_superseded_session_does_not_disconnect_the_agent() 
 }
 
 #[test]
+fn a_binding_is_made_on_first_use_only_and_a_renewal_keeps_the_previous_within_grace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(FILE_NAME);
+    let mut store = open(dir.path());
+    let t = |s: i64| Timestamp(NOW.0 + s * 1_000_000_000);
+    let cert = |f: &str, exp: i64| CertInfo {
+        serial: format!("{f}{f}"),
+        fingerprint: f.repeat(64),
+        not_after: t(exp),
+    };
+    assert_eq!(store.binding(&agent(1)).expect("reads"), None);
+    store
+        .bind(t(0), &agent(1), &cert("a", 100), &Rebind::FirstUse)
+        .expect("binds");
+    // A second first use (another certificate racing in) changes nothing.
+    store
+        .bind(t(1), &agent(1), &cert("b", 100), &Rebind::FirstUse)
+        .expect("no-op");
+    let b = store.binding(&agent(1)).expect("reads").expect("bound");
+    assert_eq!((b.current, b.previous), (cert("a", 100), None));
+    // The binding made the row, but the agent is seen first at its Hello.
+    store
+        .agent_connected(&agent(1), &BTreeMap::new(), "0.1.0", 4, t(2))
+        .expect("connects");
+    let renewed = Rebind::Replace {
+        grace_until: t(3600),
+        actor: Some("hub".into()),
+    };
+    store
+        .bind(t(3), &agent(1), &cert("c", 900), &renewed)
+        .expect("renews");
+    let b = store.binding(&agent(1)).expect("reads").expect("bound");
+    assert_eq!(b.current, cert("c", 900));
+    assert_eq!(b.previous, Some(("a".repeat(64), t(3600))));
+    let a = store.fleet().expect("fleet").remove(0);
+    assert_eq!(a.cert_not_after, Some(t(900)));
+    assert_eq!(a.cert_serial.as_deref(), Some("cc"));
+    drop(store);
+    let conn = open_admin(&path).expect("admin");
+    let actions: Vec<(String, String)> = audit::list(&conn, &path, None)
+        .expect("audit")
+        .into_iter()
+        .map(|r| (r.action, r.detail))
+        .collect();
+    assert_eq!(actions.len(), 2, "{actions:?}");
+    assert_eq!(actions[0].0, "agent.first_seen");
+    assert_eq!(actions[1].0, "cert.renewed");
+    assert!(actions[1].1.starts_with("serial aa -> cc"), "{actions:?}");
+}
+
+#[test]
 fn tail_filters_by_agent_and_stream_and_returns_the_newest_oldest_first() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = open(dir.path());
@@ -413,7 +468,7 @@ fn the_reader_refuses_a_missing_file_and_a_file_that_is_not_a_store() {
         Err(StoreError::NewerSchema { found: 99, .. })
     ));
     assert!(matches!(
-        Store::open(&path, Synchronous::Full),
+        Store::open(&path, Synchronous::Full, test_key()),
         Err(StoreError::NewerSchema { found: 99, .. })
     ));
 }
@@ -769,7 +824,7 @@ fn a_version_1_store_is_migrated_keeping_its_events_and_agents() {
     // A read-only verb cannot migrate, and says how to.
     let e = StoreReader::open(&path).expect_err("older").to_string();
     assert!(e.contains("start the hub once"), "{e}");
-    let store = Store::open(&path, Synchronous::Normal).expect("migrates");
+    let store = Store::open(&path, Synchronous::Normal, test_key()).expect("migrates");
     assert_eq!(
         store
             .watermark(&AgentId::parse("gw-1").expect("valid"))
@@ -781,6 +836,56 @@ fn a_version_1_store_is_migrated_keeping_its_events_and_agents() {
     assert_eq!((fleet[0].watermark, fleet[0].policy_dropped), (Seq(7), 0));
     drop(store);
     StoreReader::open(&path).expect("a migrated store reads");
+}
+
+#[test]
+fn a_version_3_audit_log_is_migrated_and_its_old_entries_verify_as_unsigned_before_the_first_signed(
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hub.db");
+    let key = test_key();
+    let entry = |action| super::audit::Entry {
+        ts: Timestamp(1),
+        actor: "ops",
+        action,
+        target: "policy v1",
+        result: "ok",
+        detail: "from a.toml",
+    };
+    {
+        // A version 3 file with one entry, as an older hub wrote it.
+        let mut conn = open_admin(&path).expect("creates");
+        let tx = conn.transaction().expect("tx");
+        super::audit::append(&tx, &path, &key, &entry("policy.applied")).expect("appends");
+        tx.commit().expect("commits");
+        // Undo every column version 4 added (tables it creates would need
+        // more; it creates none yet).
+        for line in super::sqlite::schema::MIGRATE_4.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if let ["ALTER", "TABLE", table, "ADD", "COLUMN", column, ..] = words[..] {
+                conn.execute_batch(&format!("ALTER TABLE {table} DROP COLUMN {column}"))
+                    .expect("drops");
+            }
+        }
+        conn.execute_batch("PRAGMA user_version = 3;")
+            .expect("back to version 3");
+    }
+    let mut conn = open_admin(&path).expect("migrates");
+    let tx = conn.transaction().expect("tx");
+    super::audit::append(&tx, &path, &key, &entry("ca.issued")).expect("appends");
+    tx.commit().expect("commits");
+    let v = super::audit::verify(&conn, &path, &key.public_key(), None).expect("reads");
+    assert!(
+        matches!(
+            v,
+            super::audit::Verdict::Intact {
+                entries: 2,
+                first_signed: Some(2),
+                ..
+            }
+        ),
+        "{v:?}"
+    );
 }
 
 /// One step of the sinks' queue model.
@@ -1010,33 +1115,76 @@ fn operators_set_labels_revoke_and_reinstate_audited_and_each_raises_the_generat
     let mut conn = open_admin(&path).expect("opens");
     assert_eq!(trust::generation(&conn, &path).expect("reads"), 0);
 
-    let change =
-        trust::set_labels(&mut conn, &path, &agent(1), &site("b"), "ops", NOW).expect("labels");
+    let change = trust::set_labels(
+        &mut conn,
+        &path,
+        &test_key(),
+        &agent(1),
+        &site("b"),
+        "ops",
+        NOW,
+    )
+    .expect("labels");
     assert_eq!((change.old, change.new), (Some(site("a")), site("b")));
     assert_eq!(trust::generation(&conn, &path).expect("reads"), 1);
     // The same labels again change nothing and record nothing.
-    trust::set_labels(&mut conn, &path, &agent(1), &site("b"), "ops", NOW).expect("labels");
+    trust::set_labels(
+        &mut conn,
+        &path,
+        &test_key(),
+        &agent(1),
+        &site("b"),
+        "ops",
+        NOW,
+    )
+    .expect("labels");
     assert_eq!(trust::generation(&conn, &path).expect("reads"), 1);
     // Labels for an agent never seen register it; its first Hello then
     // does not replace them.
-    trust::set_labels(&mut conn, &path, &agent(2), &site("c"), "ops", NOW).expect("labels");
+    trust::set_labels(
+        &mut conn,
+        &path,
+        &test_key(),
+        &agent(2),
+        &site("c"),
+        "ops",
+        NOW,
+    )
+    .expect("labels");
 
-    let (r, new) =
-        trust::revoke(&mut conn, &path, &agent(1), "stolen", "ops", NOW).expect("revokes");
+    let (r, new) = trust::revoke(
+        &mut conn,
+        &path,
+        &test_key(),
+        &agent(1),
+        "stolen",
+        "ops",
+        NOW,
+    )
+    .expect("revokes");
     assert!(new);
     assert_eq!((r.by.as_str(), r.reason.as_str()), ("ops", "stolen"));
-    let (again, new) =
-        trust::revoke(&mut conn, &path, &agent(1), "other", "ops2", NOW).expect("revokes");
+    let (again, new) = trust::revoke(
+        &mut conn,
+        &path,
+        &test_key(),
+        &agent(1),
+        "other",
+        "ops2",
+        NOW,
+    )
+    .expect("revokes");
     assert!(!new, "a second revoke keeps the first");
     assert_eq!(again.reason, "stolen");
     let revoked = trust::revoked(&conn, &path).expect("reads");
     assert_eq!(revoked.keys().collect::<Vec<_>>(), vec![&agent(1)]);
     assert_eq!(trust::generation(&conn, &path).expect("reads"), 3);
 
-    let lifted = trust::reinstate(&mut conn, &path, &agent(1), "ops", NOW).expect("reinstates");
+    let lifted =
+        trust::reinstate(&mut conn, &path, &test_key(), &agent(1), "ops", NOW).expect("reinstates");
     assert_eq!(lifted.map(|r| r.reason), Some("stolen".to_owned()));
     assert_eq!(
-        trust::reinstate(&mut conn, &path, &agent(1), "ops", NOW).expect("reinstates"),
+        trust::reinstate(&mut conn, &path, &test_key(), &agent(1), "ops", NOW).expect("reinstates"),
         None
     );
     assert!(trust::revoked(&conn, &path).expect("reads").is_empty());
@@ -1082,16 +1230,30 @@ fn upgrading_to_version_4_gives_each_agent_the_labels_it_was_first_seen_with() {
         .expect("first seen");
     drop(store);
     let conn = rusqlite::Connection::open(&path).expect("opens");
-    conn.execute_batch(
-        "UPDATE agents SET labels = '{\"site\":\"b\"}';
-         ALTER TABLE agents DROP COLUMN labels_ignored;
-         ALTER TABLE agents DROP COLUMN revoked_at;
-         ALTER TABLE agents DROP COLUMN revoked_by;
-         ALTER TABLE agents DROP COLUMN revoked_reason;
-         PRAGMA user_version = 3;",
-    )
-    .expect("back to version 3");
+    conn.execute_batch("UPDATE agents SET labels = '{\"site\":\"b\"}';")
+        .expect("claimed later");
+    undo_version_4(&conn);
     drop(conn);
     let store = open(dir.path());
     assert_eq!(store.labels(&agent(1)).expect("reads"), Some(site("a")));
+}
+
+/// Takes a store back to schema version 3: drops every column and table
+/// `MIGRATE_4` adds, however many branches add to it.
+fn undo_version_4(conn: &rusqlite::Connection) {
+    for line in super::sqlite::schema::MIGRATE_4.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            ["ALTER", "TABLE", table, "ADD", "COLUMN", column, ..] => conn
+                .execute_batch(&format!("ALTER TABLE {table} DROP COLUMN {column}"))
+                .expect("drops a column"),
+            ["CREATE", "TABLE", "IF", "NOT", "EXISTS", table, ..]
+            | ["CREATE", "TABLE", table, ..] => conn
+                .execute_batch(&format!("DROP TABLE {table}"))
+                .expect("drops a table"),
+            _ => {}
+        }
+    }
+    conn.execute_batch("PRAGMA user_version = 3;")
+        .expect("back to version 3");
 }

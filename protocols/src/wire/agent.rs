@@ -28,6 +28,14 @@
 //! the outbox committed was sent and the hub acknowledged or stored it, or
 //! at the stop's deadline). The driver feeds it the outbox's last committed
 //! seq and the seqs it read but will not send, and carries the bytes.
+//!
+//! Certificate renewal (version 4) is decided here too: the driver says when
+//! its certificate is due ([`AgentSession::set_renewal`], two thirds into its
+//! validity, or now on an operator's request); once streaming and due, the
+//! session asks for a request (`RenewDue`), sends it as `Renew`, and hands
+//! the driver the hub's answer (`Renewed` or `RenewRefused`, after which it
+//! asks again [`AgentConfig::renew_retry`] later). One renewal at a time;
+//! the data path goes on meanwhile.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -35,8 +43,8 @@ use std::time::{Duration, Instant};
 use super::code::ErrorCode;
 use super::error::{ProtocolError, UsageError};
 use super::frame::{
-    check_hello, check_labels, truncate, BatchEncoder, Frame, FrameDecoder, Pushed,
-    MAX_ERROR_MESSAGE_LEN, MAX_EVENT_LEN,
+    check_hello, check_labels, truncate, BatchEncoder, Frame, FrameDecoder, Pushed, Renewal,
+    MAX_CERT_PEM_LEN, MAX_CSR_LEN, MAX_ERROR_MESSAGE_LEN, MAX_EVENT_LEN,
 };
 use super::version::SUPPORTED_VERSIONS;
 use crate::event::{EventBody, Seq};
@@ -68,6 +76,9 @@ pub struct AgentConfig {
     /// Ask for a backlog report ([`AgentEvent::ReportBacklog`]) this often
     /// while streaming.
     pub backlog_every: Duration,
+    /// After the hub refused a renewal, ask for the next one
+    /// ([`AgentEvent::RenewDue`]) this much later.
+    pub renew_retry: Duration,
 }
 
 impl Default for AgentConfig {
@@ -80,6 +91,7 @@ impl Default for AgentConfig {
             max_version: super::version::PROTOCOL_VERSION,
             refill_at: 2048,
             backlog_every: Duration::from_secs(5),
+            renew_retry: Duration::from_secs(3600),
         }
     }
 }
@@ -158,6 +170,24 @@ pub enum AgentEvent {
     Labels {
         /// The labels.
         labels: BTreeMap<String, String>,
+    },
+    /// The certificate is due for renewal and the hub can renew it (version
+    /// 4): make a new key, write it beside the current one, and give the
+    /// session a signing request for it ([`AgentSession::renew`]).
+    RenewDue,
+    /// The hub signed the request: write the certificate, then put it and
+    /// the new key in place of the old ones; the next connection uses them.
+    /// Then tell the session when the new one is due
+    /// ([`AgentSession::set_renewal`]).
+    Renewed {
+        /// The new certificate, PEM.
+        cert_pem: String,
+    },
+    /// The hub refused the request; the session asks again
+    /// [`AgentConfig::renew_retry`] later. The current certificate stays.
+    RenewRefused {
+        /// The hub's reason.
+        reason: String,
     },
     /// The session is over; make a new one on a new connection. `None` after a
     /// `goodbye()` or a drained [`AgentSession::stop`].
@@ -248,6 +278,12 @@ pub struct AgentSession {
     next_backlog: Instant,
     /// After [`stop`](Self::stop): when `Goodbye` goes at the latest.
     stop_by: Option<Instant>,
+    /// When the certificate is due for renewal, as the driver set it.
+    renew_at: Option<Instant>,
+    /// Whether `RenewDue` was asked and not answered with a `renew`.
+    renew_asked: bool,
+    /// Whether a `Renew` was queued and its `Renewed` has not arrived.
+    renewing: bool,
     last_received: Instant,
     last_sent: Instant,
 }
@@ -292,6 +328,9 @@ impl AgentSession {
             deferred: None,
             next_backlog,
             stop_by: None,
+            renew_at: None,
+            renew_asked: false,
+            renewing: false,
             last_received: now,
             last_sent: now,
         };
@@ -440,6 +479,33 @@ impl AgentSession {
                 }
                 Ok(())
             }
+            (State::Streaming { version }, Frame::Renewed { result })
+                if version >= 4 && self.renewing =>
+            {
+                self.renewing = false;
+                match result {
+                    Renewal::Issued { cert_pem } => {
+                        if cert_pem.len() > MAX_CERT_PEM_LEN {
+                            return Err(ProtocolError::FieldTooLong {
+                                frame: "Renewed",
+                                field: "cert_pem",
+                                len: cert_pem.len(),
+                                max: MAX_CERT_PEM_LEN,
+                            });
+                        }
+                        // The driver sets when the new certificate is due.
+                        self.renew_at = None;
+                        self.events.push_back(AgentEvent::Renewed { cert_pem });
+                    }
+                    Renewal::Refused { reason } => {
+                        self.renew_at = Some(self.last_received + self.config.renew_retry);
+                        self.events.push_back(AgentEvent::RenewRefused {
+                            reason: truncate(&reason, MAX_ERROR_MESSAGE_LEN),
+                        });
+                    }
+                }
+                Ok(())
+            }
             (State::Streaming { .. }, Frame::Heartbeat) => Ok(()),
             (state, frame) => Err(ProtocolError::UnexpectedFrame {
                 frame: frame.kind(),
@@ -490,6 +556,65 @@ impl AgentSession {
             self.deferred = None;
             self.asked = false;
         }
+        if self.renewal_timer().is_some_and(|at| at <= now) {
+            self.renew_asked = true;
+            self.events.push_back(AgentEvent::RenewDue);
+        }
+    }
+
+    /// When to ask for a renewal: set, not asked or in flight, and the hub
+    /// speaks renewal (version 4).
+    fn renewal_timer(&self) -> Option<Instant> {
+        match self.state {
+            State::Streaming { version } if version >= 4 && !self.renew_asked && !self.renewing => {
+                self.renew_at
+            }
+            _ => None,
+        }
+    }
+
+    /// Sets when the certificate is due for renewal (`None`: never, such as
+    /// a certificate the driver cannot read), replacing what was set. The
+    /// driver sets it from the certificate's validity at each connection
+    /// and after a renewal, and to now on an operator's request. Once it
+    /// passes while streaming in version 4, the session asks for a request
+    /// ([`AgentEvent::RenewDue`]).
+    pub fn set_renewal(&mut self, at: Option<Instant>) {
+        self.renew_at = at;
+        self.renew_asked = false;
+    }
+
+    /// Sends a certificate signing request (DER) for a new key: the answer
+    /// to [`AgentEvent::RenewDue`]. Refused, changing nothing, before version
+    /// 4, while another renewal is outstanding, or over [`MAX_CSR_LEN`].
+    pub fn renew(&mut self, csr: Vec<u8>) -> Result<(), UsageError> {
+        let version = match self.state {
+            State::Streaming { version } => version,
+            _ => return Err(UsageError::NotStreaming),
+        };
+        if version < 4 {
+            return Err(UsageError::NoRenewFrames { version });
+        }
+        if self.renewing {
+            return Err(UsageError::Renewal("already outstanding"));
+        }
+        if csr.len() > MAX_CSR_LEN {
+            return Err(UsageError::TooLarge {
+                what: "certificate signing request",
+                len: csr.len(),
+                max: MAX_CSR_LEN,
+            });
+        }
+        self.renewing = true;
+        self.renew_asked = false;
+        self.queue(&Frame::Renew { csr });
+        Ok(())
+    }
+
+    /// Whether a `Renew` was sent and its answer has not arrived.
+    #[must_use]
+    pub fn is_renewing(&self) -> bool {
+        self.renewing
     }
 
     /// Appends the next frame to `buf` and returns its length, or `None` when
@@ -526,6 +651,7 @@ impl AgentSession {
                 Some(self.last_sent + self.config.heartbeat),
                 Some(self.next_backlog),
                 self.deferred,
+                self.renewal_timer(),
             ]
             .into_iter()
             .flatten()

@@ -53,6 +53,10 @@ pub enum ErrorCode {
     /// 13: an operator revoked the agent (`outpost-hub agent revoke`): it is
     /// refused until reinstated. Retrying soon does not help.
     Revoked,
+    /// 14: the certificate names a registered agent but is not the one the
+    /// registry binds to it (nor the previous one within its grace period):
+    /// a second certificate for the same id, or one replaced by a renewal.
+    CertificateNotCurrent,
     /// A code this build does not know; never one of the values above.
     Unknown(u16),
 }
@@ -75,6 +79,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => 11,
             ErrorCode::Superseded => 12,
             ErrorCode::Revoked => 13,
+            ErrorCode::CertificateNotCurrent => 14,
             ErrorCode::Unknown(code) => code,
         }
     }
@@ -97,6 +102,7 @@ impl ErrorCode {
             11 => ErrorCode::ShuttingDown,
             12 => ErrorCode::Superseded,
             13 => ErrorCode::Revoked,
+            14 => ErrorCode::CertificateNotCurrent,
             other => ErrorCode::Unknown(other),
         }
     }
@@ -135,6 +141,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Superseded => "superseded",
             ErrorCode::Revoked => "revoked",
+            ErrorCode::CertificateNotCurrent => "certificate_not_current",
             ErrorCode::Unknown(_) => "unknown",
         }
     }

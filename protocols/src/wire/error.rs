@@ -222,6 +222,29 @@ pub enum UsageError {
         /// The event's seq.
         seq: Seq,
     },
+    /// A renewal was asked of a session whose negotiated version has no
+    /// renewal frames (before version 4).
+    #[error("protocol version {version} carries no certificate renewal")]
+    NoRenewFrames {
+        /// The negotiated version.
+        version: u16,
+    },
+    /// A `Renew` was started while one is outstanding, or a `Renewed`
+    /// answered when none is.
+    #[error("a renewal is {0}")]
+    Renewal(&'static str),
+    /// A certificate signing request or a certificate over its limit
+    /// ([`MAX_CSR_LEN`](super::frame::MAX_CSR_LEN),
+    /// [`MAX_CERT_PEM_LEN`](super::frame::MAX_CERT_PEM_LEN)).
+    #[error("{what} of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// What.
+        what: &'static str,
+        /// Its size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// `stored` named a seq beyond every seq the session handed out.
     #[error("stored seq {got} is beyond the last seq received, {received}")]
     StoredBeyondReceived {

@@ -55,6 +55,14 @@ pub const MAX_LABEL_LEN: usize = 256;
 /// (at a character boundary) before they are sent and when they are received.
 pub const MAX_ERROR_MESSAGE_LEN: usize = 1024;
 
+/// The longest certificate signing request in a `Renew` frame, in bytes
+/// (a P-256 request is about 300).
+pub const MAX_CSR_LEN: usize = 16 * 1024;
+
+/// The longest certificate in a `Renewed` frame, PEM, in bytes (a P-256
+/// agent certificate is about 700).
+pub const MAX_CERT_PEM_LEN: usize = 16 * 1024;
+
 /// The size of the length prefix.
 const PREFIX_LEN: usize = 4;
 
@@ -206,11 +214,43 @@ pub enum Frame {
         /// The agent's labels, within the same limits as `Hello`'s.
         labels: BTreeMap<String, String>,
     },
+    /// 12, agent → hub, version 4: a request for a new certificate for a key
+    /// the agent just made, over the session its current certificate
+    /// authenticates. At most one is outstanding per session.
+    Renew {
+        /// A PKCS#10 certificate signing request, DER, at most
+        /// [`MAX_CSR_LEN`] bytes. The hub takes the id from the session's
+        /// certificate, never from the request.
+        csr: Vec<u8>,
+    },
+    /// 13, hub → agent, version 4: the answer to `Renew`.
+    Renewed {
+        /// The new certificate, or why there is none.
+        result: Renewal,
+    },
+}
+
+/// What a `Renewed` frame says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Renewal {
+    /// 0: the new certificate, PEM, at most [`MAX_CERT_PEM_LEN`] bytes; the
+    /// agent uses it from its next connection.
+    Issued {
+        /// The certificate.
+        cert_pem: String,
+    },
+    /// 1: the hub signs nothing now (renewal is not configured, the request
+    /// is not for this agent or not valid); the agent tries again later.
+    Refused {
+        /// Why, at most [`MAX_ERROR_MESSAGE_LEN`] bytes.
+        reason: String,
+    },
 }
 
 /// The frames' names by variant index, for errors about bodies that did not
 /// decode.
-const KINDS: [&str; 12] = [
+const KINDS: [&str; 14] = [
     "Hello",
     "Welcome",
     "Error",
@@ -223,6 +263,8 @@ const KINDS: [&str; 12] = [
     "PolicyStatus",
     "Stored",
     "Labels",
+    "Renew",
+    "Renewed",
 ];
 
 /// What a body that did not decode looked like, for [`FrameError::Malformed`].
@@ -253,6 +295,8 @@ impl Frame {
             Frame::PolicyStatus { .. } => "PolicyStatus",
             Frame::Stored { .. } => "Stored",
             Frame::Labels { .. } => "Labels",
+            Frame::Renew { .. } => "Renew",
+            Frame::Renewed { .. } => "Renewed",
         }
     }
 
@@ -643,6 +687,12 @@ pub(crate) mod tests {
             any::<u64>().prop_map(|upto| Frame::Stored { upto: Seq(upto) }),
             prop::collection::btree_map(".{0,6}", ".{0,6}", 0..4)
                 .prop_map(|labels| Frame::Labels { labels }),
+            prop::collection::vec(any::<u8>(), 0..512).prop_map(|csr| Frame::Renew { csr }),
+            prop_oneof![
+                ".{0,64}".prop_map(|cert_pem| Renewal::Issued { cert_pem }),
+                ".{0,32}".prop_map(|reason| Renewal::Refused { reason }),
+            ]
+            .prop_map(|result| Frame::Renewed { result }),
         ]
     }
 
@@ -802,11 +852,26 @@ pub(crate) mod tests {
                     labels: BTreeMap::new(),
                 },
             ),
+            (12, Frame::Renew { csr: vec![] }),
+            (
+                13,
+                Frame::Renewed {
+                    result: Renewal::Refused {
+                        reason: String::new(),
+                    },
+                },
+            ),
         ];
         for (index, frame) in frames {
             let bytes = encode(&frame);
             assert_eq!(bytes[PREFIX_LEN], index, "{}", frame.kind());
         }
+        // A `Renewed`'s result travels as its own variant index: Issued 0,
+        // Refused 1.
+        let refused = encode(&Frame::Renewed {
+            result: Renewal::Refused { reason: "x".into() },
+        });
+        assert_eq!(refused, [0, 0, 0, 4, 13, 1, 1, b'x']);
         // And the exact bytes of two frames, as docs/protocol.md shows them.
         assert_eq!(encode(&Frame::Heartbeat), [0, 0, 0, 1, 6]);
         assert_eq!(
@@ -943,6 +1008,12 @@ pub(crate) mod tests {
             Frame::Stored { upto: Seq(0) },
             Frame::Labels {
                 labels: BTreeMap::new(),
+            },
+            Frame::Renew { csr: vec![1, 2] },
+            Frame::Renewed {
+                result: Renewal::Issued {
+                    cert_pem: String::new(),
+                },
             },
         ];
         assert_eq!(frames.len(), KINDS.len());

@@ -25,6 +25,10 @@
 //! that is down holds back only the deletes at the agent, not its upload; in
 //! versions 1 and 2 only the second exists on the wire, and the window waits
 //! for it.
+//!
+//! Certificate renewal (version 4): a `Renew` is handed to the driver
+//! (`HubEvent::Renew`), which signs it or not and answers with
+//! [`HubSession::renewed`]; one renewal may be outstanding per session.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -33,7 +37,8 @@ use std::time::{Duration, Instant};
 use super::code::ErrorCode;
 use super::error::{ProtocolError, UsageError};
 use super::frame::{
-    check_hello, check_labels, truncate, Frame, FrameDecoder, MAX_ERROR_MESSAGE_LEN,
+    check_hello, check_labels, truncate, Frame, FrameDecoder, Renewal, MAX_CERT_PEM_LEN,
+    MAX_CSR_LEN, MAX_ERROR_MESSAGE_LEN,
 };
 use super::version::{negotiate, SUPPORTED_VERSIONS};
 use crate::event::{AgentId, EventBody, Seq};
@@ -108,6 +113,13 @@ pub enum HubEvent {
     PolicyPushed {
         /// The version pushed.
         version: u64,
+    },
+    /// The agent asked for a certificate for a new key (version 4): check
+    /// that the request names this session's agent, sign it (or not), record
+    /// the binding, and answer with [`HubSession::renewed`].
+    Renew {
+        /// The PKCS#10 request, DER, at most [`MAX_CSR_LEN`] bytes.
+        csr: Vec<u8>,
     },
     /// The session is over. `None` after the agent's `Goodbye`.
     Closed {
@@ -185,6 +197,8 @@ pub struct HubSession {
     reported: Option<u64>,
     /// The policy version last pushed in this session.
     pushed: Option<u64>,
+    /// Whether a `Renew` was handed out and not answered yet.
+    renewing: bool,
     last_heard: Instant,
     last_sent: Instant,
 }
@@ -218,6 +232,7 @@ impl HubSession {
             policy: None,
             reported: None,
             pushed: None,
+            renewing: false,
             last_heard: now,
             last_sent: now,
         }
@@ -337,6 +352,25 @@ impl HubSession {
                     .push_back(HubEvent::PolicyStatus { version: v, error });
                 self.reported = Some(v);
                 self.push_policy_if_due();
+                Ok(())
+            }
+            (State::Streaming { version }, Frame::Renew { csr }) if version >= 4 => {
+                if self.renewing {
+                    return Err(ProtocolError::UnexpectedFrame {
+                        frame: "Renew",
+                        state: "renewing",
+                    });
+                }
+                if csr.len() > MAX_CSR_LEN {
+                    return Err(ProtocolError::FieldTooLong {
+                        frame: "Renew",
+                        field: "csr",
+                        len: csr.len(),
+                        max: MAX_CSR_LEN,
+                    });
+                }
+                self.renewing = true;
+                self.events.push_back(HubEvent::Renew { csr });
                 Ok(())
             }
             (State::Streaming { .. }, Frame::Heartbeat) => Ok(()),
@@ -659,6 +693,35 @@ impl HubSession {
             labels: labels.clone(),
         });
         Ok(true)
+    }
+
+    /// Answers the outstanding `Renew` with a new certificate or a refusal
+    /// (its reason cut to [`MAX_ERROR_MESSAGE_LEN`]). After `Closed` it does
+    /// nothing; with no `Renew` outstanding, or a certificate over
+    /// [`MAX_CERT_PEM_LEN`], it is refused and changes nothing.
+    pub fn renewed(&mut self, result: Renewal) -> Result<(), UsageError> {
+        if self.state == State::Closed {
+            return Ok(());
+        }
+        if !self.renewing {
+            return Err(UsageError::Renewal("not outstanding"));
+        }
+        let result = match result {
+            Renewal::Issued { cert_pem } if cert_pem.len() > MAX_CERT_PEM_LEN => {
+                return Err(UsageError::TooLarge {
+                    what: "certificate",
+                    len: cert_pem.len(),
+                    max: MAX_CERT_PEM_LEN,
+                })
+            }
+            Renewal::Refused { reason } => Renewal::Refused {
+                reason: truncate(&reason, MAX_ERROR_MESSAGE_LEN),
+            },
+            issued => issued,
+        };
+        self.renewing = false;
+        self.queue(&Frame::Renewed { result });
+        Ok(())
     }
 
     /// Closes the session for a reason found on the hub's side

@@ -24,6 +24,10 @@
 //!   7 Goodbye   agent -> hub
 //!   8 Policy        hub -> agent   version, text                 (version 2)
 //!   9 PolicyStatus  agent -> hub   version, error                (version 2)
+//!  10 Stored        hub -> agent   upto                          (version 3)
+//!  11 Labels        hub -> agent   labels                        (version 4)
+//!  12 Renew         agent -> hub   csr (PKCS#10, DER)            (version 4)
+//!  13 Renewed       hub -> agent   Issued{cert_pem} | Refused{reason} (version 4)
 //!
 //! agent                                   hub
 //!   | Hello{versions:[1], ...}  ---------->  |  id from the certificate,
@@ -61,8 +65,9 @@ pub use agent::{AgentConfig, AgentEvent, AgentInfo, AgentSession};
 pub use code::{ErrorCode, CLOSE_OK};
 pub use error::{ProtocolError, UsageError};
 pub use frame::{
-    Frame, FrameDecoder, FrameError, MAX_AGENT_VERSION_LEN, MAX_BODY_LEN, MAX_ERROR_MESSAGE_LEN,
-    MAX_EVENT_LEN, MAX_FRAME_LEN, MAX_LABELS, MAX_LABEL_LEN, MAX_VERSIONS,
+    Frame, FrameDecoder, FrameError, Renewal, MAX_AGENT_VERSION_LEN, MAX_BODY_LEN,
+    MAX_CERT_PEM_LEN, MAX_CSR_LEN, MAX_ERROR_MESSAGE_LEN, MAX_EVENT_LEN, MAX_FRAME_LEN, MAX_LABELS,
+    MAX_LABEL_LEN, MAX_VERSIONS,
 };
 pub use hub::{HubConfig, HubEvent, HubSession};
 pub use version::{negotiate, PROTOCOL_VERSION, SUPPORTED_VERSIONS};

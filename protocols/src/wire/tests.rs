@@ -485,6 +485,7 @@ fn error_codes_map_to_quic_close_codes_and_back() {
         ErrorCode::ShuttingDown,
         ErrorCode::Superseded,
         ErrorCode::Revoked,
+        ErrorCode::CertificateNotCurrent,
     ];
     let mut seen = std::collections::BTreeSet::new();
     for code in named {
@@ -1888,6 +1889,8 @@ enum Action {
     HubRestart,
     /// The agent restarts; its outbox stays.
     AgentRestart,
+    /// The agent's certificate is due for renewal now.
+    RenewNow,
     /// The store commits.
     Commit,
     /// The sink goes down: commits are stored, not acknowledged.
@@ -1911,6 +1914,7 @@ fn arb_action() -> impl Strategy<Value = Action> {
         2 => Just(Action::Commit),
         1 => Just(Action::SinkDown),
         1 => Just(Action::SinkUp),
+        1 => Just(Action::RenewNow),
     ]
 }
 
@@ -1968,6 +1972,10 @@ proptest! {
                 Action::Commit => pair.commit(),
                 Action::SinkDown => pair.sink_down = true,
                 Action::SinkUp => pair.sink_up(),
+                Action::RenewNow => {
+                    let now = pair.now;
+                    pair.agent.set_renewal(Some(now));
+                }
             }
             prop_assert!(pair.errors().is_empty(), "{:?}", pair.errors());
         }
@@ -2072,5 +2080,196 @@ fn stream_names_in_batches_are_checked_on_decode() {
     let now = origin();
     let mut hub = welcomed_hub(now, 0, 10);
     let err = hub.handle_bytes(now, &bytes).expect_err("refused");
+    assert_eq!(err.code(), ErrorCode::Malformed);
+}
+
+// ---------------------------------------------------------------------------
+// Certificate renewal (version 4).
+
+#[test]
+fn the_agent_renews_when_due_while_its_events_keep_flowing() {
+    let mut pair = Pair::new();
+    pair.fill(50);
+    pair.drive();
+    let due = pair.now + Duration::from_secs(3);
+    pair.agent.set_renewal(Some(due));
+    pair.advance(Duration::from_secs(2));
+    assert!(pair.renewals_due.is_empty(), "not due yet");
+    pair.fill(50);
+    pair.advance(Duration::from_secs(2));
+    pair.fill(50);
+    pair.drive();
+    assert_eq!(pair.renewals_due.len(), 1, "asked once, when due");
+    assert!(pair.renewals_due[0] >= due);
+    assert_eq!(pair.renew_requests, [b"csr 1".to_vec()]);
+    assert_eq!(pair.renewed, ["cert for csr 1"]);
+    // The session did not end, and every event arrived once.
+    assert_eq!(pair.connections, 1);
+    assert!(pair.closed.is_empty(), "{:?}", pair.closed);
+    assert_exactly_once(&pair);
+    // The new certificate is due far ahead: nothing more is asked.
+    pair.advance(Duration::from_secs(60));
+    assert_eq!(pair.renewals_due.len(), 1);
+}
+
+#[test]
+fn a_renewal_due_before_welcome_is_asked_once_streaming() {
+    let now = origin();
+    let mut agent = AgentSession::new(now, AgentInfo::default(), AgentConfig::default());
+    agent.set_renewal(Some(now));
+    let _ = agent_sent(&mut agent, now);
+    agent.handle_timeout(now);
+    assert!(!agent_events(&mut agent).contains(&AgentEvent::RenewDue));
+    let welcome = Frame::Welcome {
+        version: PROTOCOL_VERSION,
+        watermark: Seq(0),
+        window: 10,
+    };
+    agent
+        .handle_bytes(now, &encode(&[welcome]))
+        .expect("welcome");
+    let _ = agent_events(&mut agent);
+    assert!(agent.poll_timeout().expect("a timer") <= now);
+    agent.handle_timeout(now);
+    assert_eq!(agent_events(&mut agent), [AgentEvent::RenewDue]);
+    // Asked once until answered.
+    agent.handle_timeout(now);
+    assert!(agent_events(&mut agent).is_empty());
+    agent.renew(vec![1, 2, 3]).expect("renew");
+    assert_eq!(
+        agent_sent(&mut agent, now),
+        [Frame::Renew { csr: vec![1, 2, 3] }]
+    );
+    assert!(agent.is_renewing());
+    assert!(matches!(agent.renew(vec![4]), Err(UsageError::Renewal(_))));
+}
+
+#[test]
+fn a_refused_renewal_is_asked_again_after_the_retry_interval() {
+    let config = AgentConfig {
+        renew_retry: Duration::from_secs(30),
+        heartbeat: Duration::from_secs(5),
+        ..AgentConfig::default()
+    };
+    let mut pair = Pair::with_configs(config, HubConfig::default());
+    pair.hub_signs = false;
+    pair.drive();
+    let start = pair.now;
+    pair.agent.set_renewal(Some(start));
+    pair.advance(Duration::from_secs(10));
+    assert_eq!(pair.renewals_due.len(), 1);
+    assert_eq!(pair.renew_refused, ["renewal is not configured"]);
+    assert!(pair.renewed.is_empty());
+    pair.advance(Duration::from_secs(15));
+    assert_eq!(pair.renewals_due.len(), 1, "not before the retry interval");
+    pair.hub_signs = true;
+    pair.advance(Duration::from_secs(10));
+    assert_eq!(pair.renewals_due.len(), 2);
+    assert!(pair.renewals_due[1] >= start + Duration::from_secs(30));
+    assert_eq!(pair.renewed, ["cert for csr 2"]);
+    assert!(pair.closed.is_empty(), "{:?}", pair.closed);
+}
+
+#[test]
+fn peers_before_version_4_never_see_renewal_frames() {
+    // An agent that speaks version 3 at most is never asked to renew, and
+    // cannot send a request.
+    let config = AgentConfig {
+        max_version: 3,
+        ..AgentConfig::default()
+    };
+    let mut pair = Pair::with_configs(config, HubConfig::default());
+    pair.drive();
+    assert_eq!(pair.agent.version(), Some(3));
+    pair.agent.set_renewal(Some(pair.now));
+    pair.advance(Duration::from_secs(10));
+    assert!(pair.renewals_due.is_empty());
+    assert!(matches!(
+        pair.agent.renew(vec![1]),
+        Err(UsageError::NoRenewFrames { version: 3 })
+    ));
+    assert!(pair.closed.is_empty(), "{:?}", pair.closed);
+    // A hub that negotiated version 3 refuses a `Renew` as unexpected.
+    let now = origin();
+    let mut hub = HubSession::new(now, agent_id(), Seq(0), HubConfig::default());
+    hub.handle_bytes(now, &encode(&[hello(vec![3])]))
+        .expect("hello");
+    let err = hub
+        .handle_bytes(now, &encode(&[Frame::Renew { csr: vec![1] }]))
+        .expect_err("refused");
+    assert_eq!(err.code(), ErrorCode::UnexpectedFrame);
+}
+
+#[test]
+fn renewal_frames_out_of_turn_or_over_their_limits_close_the_session() {
+    let now = origin();
+    // A second `Renew` while one is outstanding.
+    let mut hub = welcomed_hub(now, 0, 10);
+    hub.handle_bytes(now, &encode(&[Frame::Renew { csr: vec![1] }]))
+        .expect("first");
+    assert_eq!(hub_events(&mut hub), [HubEvent::Renew { csr: vec![1] }]);
+    let err = hub
+        .handle_bytes(now, &encode(&[Frame::Renew { csr: vec![2] }]))
+        .expect_err("second");
+    assert_eq!(err.code(), ErrorCode::UnexpectedFrame);
+    // A request over the limit.
+    let mut hub = welcomed_hub(now, 0, 10);
+    let err = hub
+        .handle_bytes(
+            now,
+            &encode(&[Frame::Renew {
+                csr: vec![0; MAX_CSR_LEN + 1],
+            }]),
+        )
+        .expect_err("too long");
+    assert_eq!(err.code(), ErrorCode::Malformed);
+    // The driver cannot answer what was not asked, nor with too much.
+    let mut hub = welcomed_hub(now, 0, 10);
+    assert!(matches!(
+        hub.renewed(Renewal::Refused {
+            reason: "no".into()
+        }),
+        Err(UsageError::Renewal(_))
+    ));
+    hub.handle_bytes(now, &encode(&[Frame::Renew { csr: vec![1] }]))
+        .expect("asked");
+    assert!(matches!(
+        hub.renewed(Renewal::Issued {
+            cert_pem: "x".repeat(MAX_CERT_PEM_LEN + 1)
+        }),
+        Err(UsageError::TooLarge { .. })
+    ));
+    hub.renewed(Renewal::Refused {
+        reason: "é".repeat(MAX_ERROR_MESSAGE_LEN),
+    })
+    .expect("answered");
+    match hub_sent(&mut hub, now).as_slice() {
+        [Frame::Renewed {
+            result: Renewal::Refused { reason },
+        }] => assert!(reason.len() <= MAX_ERROR_MESSAGE_LEN),
+        other => panic!("{other:?}"),
+    }
+    // An agent that asked nothing refuses a `Renewed`.
+    let mut agent = streaming_agent(now, 0, 10, AgentConfig::default());
+    let renewed = Frame::Renewed {
+        result: Renewal::Issued {
+            cert_pem: "pem".into(),
+        },
+    };
+    let err = agent
+        .handle_bytes(now, &encode(&[renewed]))
+        .expect_err("unasked");
+    assert_eq!(err.code(), ErrorCode::UnexpectedFrame);
+    // And one that asked refuses a certificate over the limit.
+    let mut agent = streaming_agent(now, 0, 10, AgentConfig::default());
+    agent.renew(vec![1]).expect("renew");
+    let renewed = Frame::Renewed {
+        result: Renewal::Issued {
+            cert_pem: "x".repeat(MAX_CERT_PEM_LEN + 1),
+        },
+    };
+    let err = agent
+        .handle_bytes(now, &encode(&[renewed]))
+        .expect_err("too long");
     assert_eq!(err.code(), ErrorCode::Malformed);
 }

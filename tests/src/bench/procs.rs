@@ -77,15 +77,29 @@ impl Bins {
     }
 
     /// [`Bins::start_hub`] with `tables` (`[[sinks]]` entries, say) at the
-    /// end of the config.
+    /// end of the config. The simulated fleets dial from 127.0.0.1 alone,
+    /// where a real fleet dials from as many addresses as it has gateways,
+    /// so the per-address limit is off ([`Bins::start_hub_keys`] keeps it).
     pub(crate) fn start_hub_with(&self, dir: &Path, creds: &Path, tables: &str) -> Result<Hub> {
+        self.start_hub_keys(dir, creds, "per_address_burst = 0\n", tables)
+    }
+
+    /// [`Bins::start_hub_with`] with `hub_keys` in `[hub]` and nothing else
+    /// changed from the defaults.
+    pub(crate) fn start_hub_keys(
+        &self,
+        dir: &Path,
+        creds: &Path,
+        hub_keys: &str,
+        tables: &str,
+    ) -> Result<Hub> {
         std::fs::create_dir_all(dir)?;
         let addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
         let config = dir.join("hub.toml");
         std::fs::write(
             &config,
             format!(
-                "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n{tables}",
+                "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{hub_keys}\n{tables}",
                 creds.join("ca.pem").display(),
                 creds.join("hub.pem").display(),
                 creds.join("hub.key").display(),

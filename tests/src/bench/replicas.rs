@@ -48,10 +48,12 @@ fn run_timeout(n: u64) -> Duration {
     Duration::from_secs(60 + n / 2000)
 }
 
-/// The `[store]` tables of a replica on `url`.
-fn jetstream_tables(url: &str) -> String {
+/// The `[store]` tables of a replica on `url`; the replicas in `dir` share
+/// one audit key, as every replica of a fleet must.
+fn jetstream_tables(url: &str, dir: &Path) -> String {
     format!(
-        "[store]\nkind = \"jetstream\"\n\n[store.jetstream]\nurl = \"{url}\"\n\n[observability]\nmetrics = \"\"\n"
+        "[store]\nkind = \"jetstream\"\n\n[store.jetstream]\nurl = \"{url}\"\n\n[observability]\nmetrics = \"\"\n\n[audit]\nkey = \"{}\"\n",
+        dir.join("audit.key").display()
     )
 }
 
@@ -158,7 +160,7 @@ fn round(
         hubs.push(bins.start_hub_with(
             &dir.join(format!("replica-{r}")),
             hub_creds,
-            &jetstream_tables(&url),
+            &jetstream_tables(&url, dir),
         )?);
     }
     let chunk = creds.len().div_ceil(replicas);

@@ -26,6 +26,8 @@ use clap::Parser;
 mod api;
 #[path = "../bench/append.rs"]
 mod append;
+#[path = "../bench/door.rs"]
+mod door;
 #[path = "../bench/modbus.rs"]
 mod modbus;
 #[path = "../bench/mqtt.rs"]
@@ -122,6 +124,9 @@ enum Measurement {
     Sizes,
     /// The hub's HTTP API: fleet and events latency with 1,000 agents.
     Api,
+    /// The hub's door: 10,000 handshakes without a valid certificate while a
+    /// real agent connects.
+    Door,
 }
 
 /// The sizes of a run.
@@ -136,6 +141,7 @@ struct Plan {
     sinks: sinks::Params,
     replicas: replicas::Params,
     peers: peers::Params,
+    door: door::Params,
 }
 
 impl Plan {
@@ -190,6 +196,11 @@ impl Plan {
                     cpu_window: Duration::from_secs(8),
                     latency_window: Duration::from_secs(5),
                 },
+                door: door::Params {
+                    handshakes: 2_000,
+                    sources: 50,
+                    concurrency: 500,
+                },
             }
         } else {
             Plan {
@@ -240,6 +251,11 @@ impl Plan {
                 peers: peers::Params {
                     cpu_window: Duration::from_secs(20),
                     latency_window: Duration::from_secs(20),
+                },
+                door: door::Params {
+                    handshakes: 10_000,
+                    sources: 100,
+                    concurrency: 1_000,
                 },
             }
         }
@@ -442,6 +458,11 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
         Measurement::Api,
         "Hub API latency, 1,000 agents",
         &mut || api::run(&bins, &dir, plan.api),
+    );
+    measure(
+        Measurement::Door,
+        "The hub's door under bad handshakes",
+        &mut || door::run(&bins, &dir, plan.door),
     );
     measure(Measurement::Sizes, "Static build sizes", &mut || {
         Ok(sizes::rows(&target_dir()))
@@ -678,6 +699,16 @@ How each row is measured (medians of the runs; every run's numbers are on stderr
   tool; the bench sets one register every 47 ms at a recorded instant and a
   subscriber in the bench times the first message carrying the new value; p50 / p99
   (nearest rank) and the messages/s arriving. Ratio = ours / peer.
+- Door: a release hub with its default limits (`max_handshakes` 1024, `retry_above`
+  256, `per_address_burst` 64 at 16/s) takes N QUIC connection attempts from the bench
+  process, at most C in flight, from S loopback addresses (127.0.1.1 ...): half without
+  a client certificate, half with one from another CA; each attempt ends when the hub
+  refuses it, or fails or closes it after the TLS handshake (30 s at most). Once a
+  quarter are fired, a release `outpost-agent` with a valid certificate starts from
+  127.0.0.1 (its default reconnect backoff); connect = its process start → the hub's
+  `agents` row saying connected (read-only rusqlite, every 5 ms). Peak RSS = the hub's
+  VmHWM after the flood; idle = its VmRSS 2 s after it listened. The counts of
+  refusals and Retries are the hub's own metrics.
 - Static build sizes: the files `bash cross/build` leaves in
   `target/<triple>/release/` (nothing is built here); the agent's budget is the one
   `cross/build` checks.

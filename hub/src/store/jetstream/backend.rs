@@ -150,6 +150,9 @@ impl Backend {
                     };
                     let _ = reply.send(r);
                 }
+                Request::Call(Read::Binding { agent_id, reply }) => {
+                    let _ = reply.send(self.store.binding(&agent_id).await);
+                }
                 Request::Shutdown => {
                     debug!("Hub store (JetStream) shutting down.");
                     rx.close();

@@ -40,6 +40,8 @@ pub struct JetStreamStore {
     pub(super) sink_leases: kv::Store,
     /// One-time enrollment tokens (see `enrollments`).
     pub(super) enrollments: kv::Store,
+    /// The audit log (see `audit`).
+    pub(super) audit: stream::Stream,
     pub(super) replica: String,
     /// Buckets of the layers above the store (`buckets`), opened on first
     /// use.
@@ -70,6 +72,7 @@ impl JetStreamStore {
         setup::check_max_payload(cfg, &client)?;
         let sinks = setup::open_streams(cfg, &js).await?;
         let b = setup::Buckets::open(cfg, &js).await?;
+        let audit = setup::open_audit_stream(cfg, &js).await?;
         let replica = setup::replica_name();
         info!(url = %cfg.url, stream = %cfg.stream, %replica, "Hub store on NATS JetStream.");
         Ok(JetStreamStore {
@@ -85,6 +88,7 @@ impl JetStreamStore {
             sink_counters: b.sink_counters,
             sink_leases: b.sink_leases,
             enrollments: b.enrollments,
+            audit,
             replica,
             extra: Extra::default(),
         })

@@ -23,7 +23,11 @@
 //! KV <prefix>_hub         key quic-reset-secret → 32 bytes shared by the
 //!                                        replicas' QUIC endpoints;
 //!                          key trust-generation → raised by each label
-//!                                        change and revocation (`trust`)
+//!                                        change and revocation (`trust`);
+//!                          key audit-public-key → the fleet's audit public
+//!                                        key (hex), set by the first replica
+//! stream  <PREFIX>_AUDIT (OUTPOST_AUDIT), subject <prefix>_audit: the
+//!   audit log, one chain appended by every replica (`audit`)
 //! stream  <sinks_stream> (OUTPOST_SINKS), KV <prefix>_sinks and
 //!   KV <prefix>_sink_leases: the sinks' queues, counters and leases
 //!   (`sink_queues`)
@@ -66,8 +70,10 @@
 //! (connecting, the streams and buckets), `connection` (the store's handle
 //! and what every part shares), `events` (events and watermarks),
 //! `backend` (the writer backend that stores groups of them), `registry`,
-//! `policy_versions`, `sink_queues` and `trust` (labels and revocation).
+//! `policy_versions`, `sink_queues`, `trust` (labels and revocation) and
+//! `audit`.
 
+mod audit;
 mod backend;
 mod buckets;
 mod connection;

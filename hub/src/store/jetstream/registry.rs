@@ -16,7 +16,7 @@ use super::connection::JetStreamStore;
 use crate::clock;
 use crate::store::error::StoreError;
 use crate::store::handle::Write;
-use crate::store::records::{AgentRecord, Revocation};
+use crate::store::records::{AgentRecord, CertBinding, CertInfo, Rebind, Revocation};
 
 /// How often a replica refreshes its key in `<prefix>_replicas`.
 pub(super) const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -42,6 +42,51 @@ pub(super) struct KvAgent {
     policy_error: Option<String>,
     pub(super) policy_dropped: u64,
     pub(super) policy_modified: u64,
+    /// The certificate binding (see `sqlite::binding`); absent in records
+    /// written before it.
+    #[serde(default)]
+    cert_serial: Option<String>,
+    #[serde(default)]
+    cert_fingerprint: Option<String>,
+    #[serde(default)]
+    cert_not_after: Option<i64>,
+    #[serde(default)]
+    cert_prev_fingerprint: Option<String>,
+    #[serde(default)]
+    cert_prev_until: Option<i64>,
+}
+
+impl KvAgent {
+    fn binding(&self) -> Option<CertBinding> {
+        Some(CertBinding {
+            current: CertInfo {
+                serial: self.cert_serial.clone().unwrap_or_default(),
+                fingerprint: self.cert_fingerprint.clone()?,
+                not_after: Timestamp(self.cert_not_after.unwrap_or(0)),
+            },
+            previous: self
+                .cert_prev_fingerprint
+                .clone()
+                .zip(self.cert_prev_until.map(Timestamp)),
+        })
+    }
+
+    /// Binds `cert` as `how` says (the same rules as the SQLite store).
+    fn bind(&mut self, cert: &CertInfo, how: &Rebind) {
+        let (prev, prev_until) = match (how, &self.cert_fingerprint) {
+            (Rebind::FirstUse, Some(_)) => return,
+            (Rebind::Replace { .. }, Some(f)) if *f == cert.fingerprint => return,
+            (Rebind::Replace { grace_until, .. }, Some(f)) => {
+                (Some(f.clone()), Some(grace_until.0))
+            }
+            (_, None) => (None, None),
+        };
+        self.cert_serial = Some(cert.serial.clone());
+        self.cert_fingerprint = Some(cert.fingerprint.clone());
+        self.cert_not_after = Some(cert.not_after.0);
+        self.cert_prev_fingerprint = prev;
+        self.cert_prev_until = prev_until;
+    }
 }
 
 impl KvAgent {
@@ -137,7 +182,19 @@ impl JetStreamStore {
                 })
                 .await
             }
-            Write::SinkProgress { .. } | Write::Insert { .. } => Ok(()),
+            Write::Bind {
+                agent_id,
+                cert,
+                how,
+                ..
+            } => {
+                // `first_seen` stays 0 until the agent's first `Hello`,
+                // which then gives the registry its labels.
+                self.update_agent(agent_id, |r| r.bind(cert, how)).await
+            }
+            // No audit log on this store yet: the hub's log line is the
+            // record.
+            Write::SinkProgress { .. } | Write::Insert { .. } | Write::CertRefused { .. } => Ok(()),
         }
     }
 
@@ -193,9 +250,30 @@ impl JetStreamStore {
                 policy_error: rec.policy_error,
                 policy_dropped: rec.policy_dropped,
                 policy_modified: rec.policy_modified,
+                cert_not_after: rec.cert_not_after.map(Timestamp),
+                cert_serial: rec.cert_serial,
             });
         }
         Ok(out)
+    }
+
+    /// Binds `cert` to `agent_id` as `how` says, outside a session (`ca
+    /// issue --config`); the same rules as the SQLite store.
+    pub async fn bind_certificate(
+        &self,
+        agent_id: &AgentId,
+        cert: &CertInfo,
+        how: &Rebind,
+    ) -> Result<(), StoreError> {
+        self.update_agent(agent_id, |r| r.bind(cert, how)).await
+    }
+
+    /// The certificate bound to `agent_id`, if any.
+    pub(super) async fn binding(
+        &self,
+        agent_id: &AgentId,
+    ) -> Result<Option<CertBinding>, StoreError> {
+        Ok(self.agent(agent_id).await?.and_then(|r| r.binding()))
     }
 
     /// The registry's labels of `agent_id`; `None` for an agent it does

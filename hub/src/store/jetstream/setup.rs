@@ -127,6 +127,40 @@ async fn open_stream(
         .map_err(|e| fail(cfg, &format!("stream {name}"), e.to_string()))
 }
 
+/// The audit stream's name and subject (`<PREFIX>_AUDIT`, `<prefix>_audit`;
+/// see `audit`): one subject, so that the stream's last sequence is the
+/// chain's head.
+pub(super) fn audit_names(cfg: &JetStreamStoreConfig) -> (String, String) {
+    let prefix = &cfg.bucket_prefix;
+    (
+        format!("{}_AUDIT", prefix.to_ascii_uppercase()),
+        format!("{prefix}_audit"),
+    )
+}
+
+/// The audit stream, created if missing: no message removed through the
+/// API, reads from the leader (an appender must chain to the newest entry,
+/// not a lagging follower's).
+pub(super) async fn open_audit_stream(
+    cfg: &JetStreamStoreConfig,
+    js: &jetstream::Context,
+) -> Result<stream::Stream, StoreError> {
+    let (name, subject) = audit_names(cfg);
+    let config = stream::Config {
+        name: name.clone(),
+        subjects: vec![subject],
+        num_replicas: cfg.replicas,
+        storage: stream::StorageType::File,
+        deny_delete: true,
+        deny_purge: true,
+        allow_direct: false,
+        ..Default::default()
+    };
+    js.get_or_create_stream(config)
+        .await
+        .map_err(|e| fail(cfg, &format!("stream {name}"), e.to_string()))
+}
+
 /// The key-value buckets (`<prefix>_<name>`).
 pub(super) struct Buckets {
     pub(super) watermarks: kv::Store,

@@ -13,6 +13,7 @@ use outpost_protocols::event::Timestamp;
 use rusqlite::{params, Connection, OptionalExtension as _, Row, TransactionBehavior};
 
 use super::audit;
+use crate::audit::key::AuditKey;
 use crate::store::error::{AtPath as _, StoreError};
 use crate::store::records::{EnrollmentRecord, TokenRefusal};
 
@@ -57,6 +58,7 @@ fn entry<'a>(
 pub fn create(
     conn: &mut Connection,
     path: &Path,
+    key: &AuditKey,
     rec: &EnrollmentRecord,
 ) -> Result<(), StoreError> {
     let tx = conn
@@ -85,6 +87,7 @@ pub fn create(
     audit::append(
         &tx,
         path,
+        key,
         &entry(
             &rec.created_by,
             "enroll.created",
@@ -113,6 +116,7 @@ pub fn list(conn: &Connection, path: &Path) -> Result<Vec<EnrollmentRecord>, Sto
 pub fn revoke(
     conn: &mut Connection,
     path: &Path,
+    key: &AuditKey,
     actor: &str,
     now: Timestamp,
     matches: impl Fn(&EnrollmentRecord) -> bool,
@@ -134,6 +138,7 @@ pub fn revoke(
         audit::append(
             &tx,
             path,
+            key,
             &entry(actor, "enroll.revoked", &r.agent_id, "ok", &detail),
         )?;
     }
@@ -192,6 +197,7 @@ pub fn take(
 pub fn complete(
     conn: &mut Connection,
     path: &Path,
+    key: &AuditKey,
     token_hash: &str,
     agent_id: &str,
     labels: &BTreeMap<String, String>,
@@ -221,6 +227,7 @@ pub fn complete(
     audit::append(
         &tx,
         path,
+        key,
         &entry("hub", "enroll.used", agent_id, "ok", detail),
     )?;
     tx.commit().at(path)?;
@@ -231,6 +238,7 @@ pub fn complete(
 pub fn refused(
     conn: &mut Connection,
     path: &Path,
+    key: &AuditKey,
     agent_id: &str,
     detail: &str,
 ) -> Result<(), StoreError> {
@@ -240,6 +248,7 @@ pub fn refused(
     audit::append(
         &tx,
         path,
+        key,
         &entry("hub", "enroll.refused", agent_id, "refused", detail),
     )?;
     tx.commit().at(path)?;
@@ -272,9 +281,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("hub.db");
         let mut conn = open_admin(&path).expect("opens");
-        create(&mut conn, &path, &token("aa", "gw-1", 100)).expect("a");
-        create(&mut conn, &path, &token("bb", "gw-1", 10)).expect("b");
-        create(&mut conn, &path, &token("cc", "gw-1", 100)).expect("c");
+        let key = AuditKey::generate().expect("key");
+        create(&mut conn, &path, &key, &token("aa", "gw-1", 100)).expect("a");
+        create(&mut conn, &path, &key, &token("bb", "gw-1", 10)).expect("b");
+        create(&mut conn, &path, &key, &token("cc", "gw-1", 100)).expect("c");
         let now = Timestamp(50);
         assert_eq!(
             take(&mut conn, &path, "zz", "gw-1", "x", now).expect("db"),
@@ -296,7 +306,8 @@ mod tests {
             take(&mut conn, &path, "bb", "gw-1", "x", now).expect("db"),
             Err(TokenRefusal::Expired)
         );
-        let revoked = revoke(&mut conn, &path, "ops", now, |r| r.id() == "cc").expect("revoke");
+        let revoked =
+            revoke(&mut conn, &path, &key, "ops", now, |r| r.id() == "cc").expect("revoke");
         assert_eq!(revoked.len(), 1);
         assert_eq!(
             take(&mut conn, &path, "cc", "gw-1", "x", now).expect("db"),
@@ -314,6 +325,7 @@ mod tests {
         complete(
             &mut conn,
             &path,
+            &key,
             "aa",
             "gw-1",
             &taken.labels,

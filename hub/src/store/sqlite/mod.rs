@@ -9,6 +9,7 @@
 //! (`reader`). This root only gathers their names.
 
 pub mod audit;
+mod binding;
 pub mod enrollments;
 mod events;
 mod reader;
@@ -23,5 +24,5 @@ mod writer;
 pub use events::{AgentEventStats, EventQuery};
 pub use reader::StoreReader;
 pub use schema::SCHEMA_VERSION;
-pub use store::{open_admin, store_path, Store, FILE_NAME};
+pub use store::{bind_certificate, open_admin, store_path, Store, FILE_NAME};
 pub use writer::spawn_store_writer;

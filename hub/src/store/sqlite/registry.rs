@@ -9,6 +9,7 @@ use outpost_storage::AtPath;
 use rusqlite::{params, Connection, OptionalExtension as _, Row};
 
 use super::rows::{agent_from, seq_from};
+use crate::audit::key::AuditKey;
 use crate::store::error::StoreError;
 use crate::store::records::{AgentRecord, Revocation};
 
@@ -115,9 +116,11 @@ pub(crate) fn count_policy(
 /// change nothing, and a `Hello` that states others is counted in
 /// `labels_ignored`. Returns the registry's labels, which are the ones the
 /// hub selects rules, limits and sink topics by.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn connected(
     conn: &Connection,
     path: &Path,
+    key: &AuditKey,
     agent_id: &AgentId,
     labels: &BTreeMap<String, String>,
     agent_version: &str,
@@ -130,6 +133,7 @@ pub(crate) fn connected(
         None => super::audit::append(
             conn,
             path,
+            key,
             &super::audit::Entry {
                 ts: now,
                 actor: "hub",
@@ -265,7 +269,9 @@ pub(crate) fn fleet(conn: &Connection, path: &Path) -> Result<Vec<AgentRecord>, 
             "SELECT agent_id, labels, first_seen, last_seen, agent_version, protocol_version,
                     watermark, backlog_events, backlog_bytes, connected, policy_version,
                     policy_error, policy_dropped, policy_modified, labels_ignored,
-                    revoked_at, revoked_by, revoked_reason
+                    revoked_at, revoked_by, revoked_reason,
+                    (SELECT not_after FROM agent_certs c WHERE c.agent_id = agents.agent_id),
+                    (SELECT serial FROM agent_certs c WHERE c.agent_id = agents.agent_id)
              FROM agents ORDER BY agent_id",
         )
         .at(path)?;
@@ -350,6 +356,8 @@ fn record(path: &Path, row: &Row<'_>) -> Result<AgentRecord, StoreError> {
         backlog_bytes,
         sessions,
         policy_version,
+        cert_not_after: row.get::<_, Option<i64>>(18).at(path)?.map(Timestamp),
+        cert_serial: row.get(19).at(path)?,
         agent_id: agent_from(path, "agents.agent_id", id.clone())?,
     })
 }

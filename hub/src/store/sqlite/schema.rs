@@ -10,9 +10,9 @@ use crate::store::error::StoreError;
 /// The schema version this build writes, kept in `PRAGMA user_version`.
 /// Version 2 added the policy versions, the audit log and the agents'
 /// policy columns, version 3 the sinks' queues, version 4 the trust
-/// columns (labels owned by the hub, revocation), the enrollment tokens,
-/// the API's tokens and policy proposals; an older file is migrated when
-/// the hub opens it.
+/// columns (labels owned by the hub, revocation), the certificate bindings,
+/// the enrollment tokens, the audit entries' signatures, the API's tokens and
+/// policy proposals; an older file is migrated when the hub opens it.
 pub const SCHEMA_VERSION: i64 = 4;
 
 /// The schema, created in one transaction when `user_version` is 0.
@@ -74,12 +74,16 @@ CREATE TABLE IF NOT EXISTS meta (
 /// From schema version 3 to 4: the registry's labels become the hub's (a
 /// `Hello` that states others is counted in `labels_ignored`), and agents
 /// can be revoked. Each existing agent gets back the labels it was first
-/// seen with ([`first_seen_labels`]). And the one-time enrollment tokens
+/// seen with ([`first_seen_labels`]). `agent_certs` binds each agent to its
+/// certificate (see `sqlite::binding`). And the one-time enrollment tokens
 /// (`sqlite::enrollments`).
 ///
 /// `api_tokens`: the API's static tokens (`api::auth::tokens`), stored only
 /// as the SHA-256 of the token. `policy_proposals`: policies proposed under
 /// `[api] policy_approval = "two-person"` (`api::auth::proposals`).
+/// `audit.sig`: the hub's Ed25519 signature of each entry's hash
+/// (`crate::audit`); entries written before are left NULL and verify as
+/// unsigned, before the first signed one.
 pub(crate) const MIGRATE_4: &str = "
 ALTER TABLE agents ADD COLUMN labels_ignored INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE agents ADD COLUMN revoked_at INTEGER;
@@ -97,6 +101,15 @@ CREATE TABLE IF NOT EXISTS enrollments (
     revoked_at  INTEGER,
     serial      TEXT,
     fingerprint TEXT
+) WITHOUT ROWID;
+ALTER TABLE audit ADD COLUMN sig TEXT;
+CREATE TABLE IF NOT EXISTS agent_certs (
+    agent_id         TEXT    NOT NULL PRIMARY KEY,
+    serial           TEXT    NOT NULL,
+    fingerprint      TEXT    NOT NULL,
+    not_after        INTEGER NOT NULL,
+    prev_fingerprint TEXT,
+    prev_until       INTEGER
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS api_tokens (
     name       TEXT    NOT NULL PRIMARY KEY,

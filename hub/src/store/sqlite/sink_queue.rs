@@ -18,6 +18,7 @@ use outpost_storage::AtPath;
 use rusqlite::{params, OptionalExtension as _, Transaction};
 
 use super::rows::{agent_from, seq_from};
+use crate::audit::key::AuditKey;
 use crate::store::error::StoreError;
 use crate::store::records::{Forward, Queued, SinkProgress, SinkStatus};
 
@@ -102,6 +103,7 @@ pub(super) fn acked(
 pub(super) fn progress(
     tx: &Transaction<'_>,
     path: &Path,
+    key: &AuditKey,
     now: Timestamp,
     sink: &str,
     p: &SinkProgress,
@@ -148,6 +150,7 @@ pub(super) fn progress(
             super::audit::append(
                 tx,
                 path,
+                key,
                 &super::audit::Entry {
                     ts: now,
                     actor: "hub",
@@ -169,6 +172,7 @@ pub(super) fn progress(
 pub(super) fn drop_unconfigured(
     tx: &Transaction<'_>,
     path: &Path,
+    key: &AuditKey,
     now: Timestamp,
     configured: &[String],
 ) -> Result<Vec<(String, u64)>, StoreError> {
@@ -197,6 +201,7 @@ pub(super) fn drop_unconfigured(
         super::audit::append(
             tx,
             path,
+            key,
             &super::audit::Entry {
                 ts: now,
                 actor: "hub",

@@ -11,15 +11,32 @@ use outpost_storage::{AtPath, Synchronous};
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use tracing::debug;
 
+use super::binding;
 use super::events::{events_stats, events_tail, AgentEventStats};
 use super::registry;
 use super::schema::prepare_schema;
 use super::sink_queue;
+use crate::audit::key::AuditKey;
 use crate::clock;
 use crate::store::error::StoreError;
 use crate::store::handle::{InsertOutcome, PolicyCounts};
 use crate::store::records::AgentRecord;
-use crate::store::records::{Forward, SinkProgress};
+use crate::store::records::{CertBinding, CertInfo, Forward, Rebind, SinkProgress};
+
+/// Binds `cert` to `agent_id` as `how` says, on a connection of the
+/// operator verbs ([`open_admin`]), inside the caller's transaction: `ca
+/// issue --config` records the certificate it issued.
+pub fn bind_certificate(
+    conn: &Connection,
+    path: &Path,
+    key: &AuditKey,
+    now: Timestamp,
+    agent_id: &AgentId,
+    cert: &CertInfo,
+    how: &Rebind,
+) -> Result<(), StoreError> {
+    binding::bind(conn, path, key, now, agent_id, cert, how)
+}
 
 /// The store's file name inside the hub's `data_dir`.
 pub const FILE_NAME: &str = "hub.db";
@@ -89,6 +106,18 @@ pub(crate) enum Op<'a> {
     },
     /// The agent was heard from.
     Touch { agent_id: &'a AgentId },
+    /// A certificate is bound to the agent.
+    Bind {
+        agent_id: &'a AgentId,
+        cert: &'a CertInfo,
+        how: &'a Rebind,
+    },
+    /// A certificate of the agent was refused at the handshake.
+    CertRefused {
+        agent_id: &'a AgentId,
+        fingerprint: &'a str,
+        reason: &'a str,
+    },
 }
 
 /// The durable store: the one writer of its SQLite file.
@@ -99,17 +128,24 @@ pub(crate) enum Op<'a> {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// Signs the audit entries the hub appends itself.
+    audit_key: AuditKey,
     transactions: u64,
 }
 
 impl Store {
     /// Opens the store at `path`, creating the file (not its directory) and the
-    /// schema if needed.
+    /// schema if needed; the audit entries it appends are signed with
+    /// `audit_key`.
     ///
     /// Opening for writing also declares every agent disconnected: only the
     /// hub writes the store, and a hub that is starting has no sessions yet,
     /// whatever a killed predecessor left behind.
-    pub fn open(path: &Path, synchronous: Synchronous) -> Result<Store, StoreError> {
+    pub fn open(
+        path: &Path,
+        synchronous: Synchronous,
+        audit_key: AuditKey,
+    ) -> Result<Store, StoreError> {
         let mut conn = outpost_storage::open(path, synchronous)?;
 
         // IMMEDIATE: two processes opening one file must not both create the
@@ -124,6 +160,7 @@ impl Store {
         Ok(Store {
             conn,
             path: path.to_owned(),
+            audit_key,
             transactions: 0,
         })
     }
@@ -273,7 +310,7 @@ impl Store {
             .at(path)?;
         let mut outcomes = Vec::with_capacity(ops.len());
         for op in ops {
-            outcomes.push(apply_one(&tx, path, now, op)?);
+            outcomes.push(apply_one(&tx, path, &self.audit_key, now, op)?);
         }
         tx.commit().at(path)?;
         self.transactions += 1;
@@ -299,6 +336,31 @@ impl Store {
     pub fn acked(&self, agent_id: &AgentId) -> Result<Seq, StoreError> {
         let w = self.watermark(agent_id)?;
         sink_queue::acked(&self.conn, &self.path, agent_id, w)
+    }
+
+    /// The certificate bound to `agent_id`, if any.
+    pub fn binding(&self, agent_id: &AgentId) -> Result<Option<CertBinding>, StoreError> {
+        binding::binding(&self.conn, &self.path, agent_id)
+    }
+
+    /// Binds `cert` to `agent_id` in its own transaction, as the hub's
+    /// sessions do through the writer (tests and tools).
+    pub fn bind(
+        &mut self,
+        now: Timestamp,
+        agent_id: &AgentId,
+        cert: &CertInfo,
+        how: &Rebind,
+    ) -> Result<(), StoreError> {
+        self.apply(
+            now,
+            &[Op::Bind {
+                agent_id,
+                cert,
+                how,
+            }],
+        )
+        .map(drop)
     }
 
     /// See [`StoreReader::events_tail`].
@@ -357,7 +419,13 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .at(&path)?;
-        let gone = sink_queue::drop_unconfigured(&tx, &path, clock::unix_now(), configured)?;
+        let gone = sink_queue::drop_unconfigured(
+            &tx,
+            &path,
+            &self.audit_key,
+            clock::unix_now(),
+            configured,
+        )?;
         tx.commit().at(&path)?;
         Ok(gone)
     }
@@ -374,6 +442,7 @@ impl Store {
 fn apply_one(
     tx: &Transaction<'_>,
     path: &Path,
+    key: &AuditKey,
     now: Timestamp,
     op: &Op<'_>,
 ) -> Result<Option<InsertOutcome>, StoreError> {
@@ -386,7 +455,7 @@ fn apply_one(
             policy,
         } => insert_one(tx, path, now, agent_id, events, forward, *through, *policy).map(Some),
         Op::SinkProgress { sink, progress } => {
-            sink_queue::progress(tx, path, now, sink, progress).map(|()| None)
+            sink_queue::progress(tx, path, key, now, sink, progress).map(|()| None)
         }
         Op::PolicyStatus {
             agent_id,
@@ -401,6 +470,7 @@ fn apply_one(
         } => registry::connected(
             tx,
             path,
+            key,
             agent_id,
             labels,
             agent_version,
@@ -417,6 +487,16 @@ fn apply_one(
             bytes,
         } => registry::backlog(tx, path, agent_id, *events, *bytes).map(|()| None),
         Op::Touch { agent_id } => registry::touch(tx, path, agent_id, now).map(|()| None),
+        Op::Bind {
+            agent_id,
+            cert,
+            how,
+        } => binding::bind(tx, path, key, now, agent_id, cert, how).map(|()| None),
+        Op::CertRefused {
+            agent_id,
+            fingerprint,
+            reason,
+        } => binding::refused(tx, path, key, now, agent_id, fingerprint, reason).map(|()| None),
     }
 }
 

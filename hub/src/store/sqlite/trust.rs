@@ -22,6 +22,7 @@ use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
 use super::audit::{self, Entry};
 use super::registry;
 use super::rows::agent_from;
+use crate::audit::key::AuditKey;
 use crate::store::error::StoreError;
 use crate::store::records::{LabelChange, Revocation};
 
@@ -82,6 +83,7 @@ pub fn revoked(conn: &Connection, path: &Path) -> Result<HashMap<AgentId, Revoca
 pub fn set_labels(
     conn: &mut Connection,
     path: &Path,
+    key: &AuditKey,
     agent_id: &AgentId,
     labels: &BTreeMap<String, String>,
     actor: &str,
@@ -106,6 +108,7 @@ pub fn set_labels(
     audit::append(
         &tx,
         path,
+        key,
         &Entry {
             ts: now,
             actor,
@@ -131,6 +134,7 @@ pub fn set_labels(
 pub fn revoke(
     conn: &mut Connection,
     path: &Path,
+    key: &AuditKey,
     agent_id: &AgentId,
     reason: &str,
     actor: &str,
@@ -152,6 +156,7 @@ pub fn revoke(
     audit::append(
         &tx,
         path,
+        key,
         &Entry {
             ts: now,
             actor,
@@ -178,6 +183,7 @@ pub fn revoke(
 pub fn reinstate(
     conn: &mut Connection,
     path: &Path,
+    key: &AuditKey,
     agent_id: &AgentId,
     actor: &str,
     now: Timestamp,
@@ -197,6 +203,7 @@ pub fn reinstate(
     audit::append(
         &tx,
         path,
+        key,
         &Entry {
             ts: now,
             actor,

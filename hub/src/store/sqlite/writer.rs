@@ -63,6 +63,9 @@ impl SqliteWriter {
             Read::Labels { agent_id, reply } => {
                 let _ = reply.send(self.store.labels(&agent_id));
             }
+            Read::Binding { agent_id, reply } => {
+                let _ = reply.send(self.store.binding(&agent_id));
+            }
         }
     }
 }
@@ -221,5 +224,25 @@ fn op(write: &Write) -> Op<'_> {
             bytes: *bytes,
         },
         Write::Touch { agent_id, .. } => Op::Touch { agent_id },
+        Write::Bind {
+            agent_id,
+            cert,
+            how,
+            ..
+        } => Op::Bind {
+            agent_id,
+            cert,
+            how,
+        },
+        Write::CertRefused {
+            agent_id,
+            fingerprint,
+            reason,
+            ..
+        } => Op::CertRefused {
+            agent_id,
+            fingerprint,
+            reason,
+        },
     }
 }

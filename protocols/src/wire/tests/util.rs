@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::event::{AgentId, EventBody, Quality, Seq, StreamName, Timestamp, Value};
 use crate::wire::{
     AgentConfig, AgentEvent, AgentInfo, AgentSession, Frame, HubConfig, HubEvent, HubSession,
-    ProtocolError,
+    ProtocolError, Renewal,
 };
 
 /// The one reading of the clock in this crate: an arbitrary origin for the
@@ -193,6 +193,15 @@ pub(crate) struct Pair {
     pub(crate) needs: Vec<usize>,
     /// How many `Backlog` reports reached the hub.
     pub(crate) backlogs_reported: usize,
+    /// Whether the hub's driver signs renewal requests (else it refuses).
+    pub(crate) hub_signs: bool,
+    /// Every `RenewDue` the agent's session asked, by instant.
+    pub(crate) renewals_due: Vec<Instant>,
+    /// The requests the hub's driver was handed.
+    pub(crate) renew_requests: Vec<Vec<u8>>,
+    /// The certificates the agent received, and the refusals.
+    pub(crate) renewed: Vec<String>,
+    pub(crate) renew_refused: Vec<String>,
     to_hub: Link,
     to_agent: Link,
     /// Events handed to the store and not yet committed, with the connection
@@ -244,6 +253,11 @@ impl Pair {
             stored_seen: 0,
             needs: Vec::new(),
             backlogs_reported: 0,
+            hub_signs: true,
+            renewals_due: Vec::new(),
+            renew_requests: Vec::new(),
+            renewed: Vec::new(),
+            renew_refused: Vec::new(),
             to_hub: Link::new(),
             to_agent: Link::new(),
             uncommitted: Vec::new(),
@@ -476,6 +490,18 @@ impl Pair {
                         self.agent.report_backlog(events, bytes, oldest);
                     }
                     AgentEvent::Labels { .. } => {}
+                    AgentEvent::RenewDue => {
+                        self.renewals_due.push(self.now);
+                        let csr = format!("csr {}", self.renewals_due.len()).into_bytes();
+                        self.agent.renew(csr).expect("due once, in version 4");
+                    }
+                    AgentEvent::Renewed { cert_pem } => {
+                        self.renewed.push(cert_pem);
+                        // The new certificate is due far ahead.
+                        self.agent
+                            .set_renewal(Some(self.now + Duration::from_secs(86_400)));
+                    }
+                    AgentEvent::RenewRefused { reason } => self.renew_refused.push(reason),
                     AgentEvent::Closed { error } => self.closed.push(("agent", error)),
                 }
             }
@@ -497,6 +523,19 @@ impl Pair {
                     HubEvent::PolicyPushed { .. } => self.policies_pushed += 1,
                     HubEvent::Backlog { .. } => self.backlogs_reported += 1,
                     HubEvent::Hello { .. } => {}
+                    HubEvent::Renew { csr } => {
+                        let result = if self.hub_signs {
+                            Renewal::Issued {
+                                cert_pem: format!("cert for {}", String::from_utf8_lossy(&csr)),
+                            }
+                        } else {
+                            Renewal::Refused {
+                                reason: "renewal is not configured".into(),
+                            }
+                        };
+                        self.renew_requests.push(csr);
+                        self.hub.renewed(result).expect("one outstanding");
+                    }
                 }
             }
             if !busy {
