@@ -15,21 +15,16 @@ use std::fmt::Write as _;
 use std::io;
 use std::path::{Path, PathBuf};
 
-<<<<<<< HEAD
 use crate::api::types::{
-    AuditList, AuditVerdict, PolicyApplied, PolicyApply, PolicyDiff, PolicyVersionDoc,
+    AuditAnchor, AuditList, AuditPublicKey, PolicyApplied, PolicyApply, PolicyDiff,
+    PolicyVersionDoc,
 };
-use crate::clock;
-use crate::config::{self, HubConfig, StoreKind};
-use crate::policy::{self, Applied, ApplyError, PolicyRecord};
-use crate::remote::{query, Remote, RemoteArgs};
-=======
 use crate::audit::key::{AuditKey, PublicKey};
 use crate::clock;
 use crate::config::{self, HubConfig, StoreKind};
 use crate::policy::{self, Applied, ApplyError, PolicyRecord};
 use crate::printable::printable;
->>>>>>> origin/main
+use crate::remote::{query, Remote, RemoteArgs};
 use crate::store::audit::{self, Verdict};
 use crate::store::{open_admin, store_path, AtPath as _, StoreReader};
 use crate::verbs::config_path;
@@ -184,7 +179,6 @@ pub struct AuditListArgs {
 /// `outpost-hub audit verify`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuditVerifyArgs {
-<<<<<<< HEAD
     /// The hub's TOML config file (to use its store directly).
     #[arg(
         long,
@@ -196,25 +190,20 @@ pub struct AuditVerifyArgs {
     /// Or call a hub's API instead.
     #[command(flatten)]
     pub remote: RemoteArgs,
-=======
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
     /// An `ID:HASH` printed by `audit anchor` earlier: entry ID must still be
     /// there with that hash (catches the newest entries cut off).
     #[arg(long, value_name = "ID:HASH", value_parser = parse_anchor)]
     pub anchor: Option<audit::Anchor>,
     /// Check the signatures with this public key (PEM, as `audit key`
-    /// prints it) instead of the one of the hub's `[audit] key`.
+    /// prints it) instead of the one of the hub's `[audit] key` (with
+    /// --api: instead of the one the hub's API serves).
     #[arg(long, value_name = "FILE")]
     pub public_key: Option<PathBuf>,
->>>>>>> origin/main
     /// Print one JSON document.
     #[arg(long)]
     pub json: bool,
 }
 
-<<<<<<< HEAD
 /// The actor of an audit entry written on the hub's own store (the
 /// break-glass path): `local:<--actor or the login name>`, so that it can
 /// never pass for an API token's subject.
@@ -223,7 +212,8 @@ pub fn local_actor(actor: Option<&str>, env: &[(String, String)]) -> String {
         "local:{}",
         actor.map_or_else(|| login_name(env), str::to_owned)
     )
-=======
+}
+
 fn parse_anchor(s: &str) -> Result<audit::Anchor, String> {
     audit::Anchor::parse(s)
 }
@@ -231,9 +221,17 @@ fn parse_anchor(s: &str) -> Result<audit::Anchor, String> {
 /// `outpost-hub audit anchor`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuditAnchorArgs {
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The hub's TOML config file (to use its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// Print one JSON document: `{"id": N, "hash": "...", "anchor": "N:..."}`.
     #[arg(long)]
     pub json: bool,
@@ -242,9 +240,17 @@ pub struct AuditAnchorArgs {
 /// `outpost-hub audit key`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuditKeyArgs {
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The hub's TOML config file (to use its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// Print one JSON document: `{"algorithm": "ed25519", "public_key":
     /// "<hex>", "fingerprint": "...", "pem": "..."}`.
     #[arg(long)]
@@ -265,7 +271,6 @@ pub fn audit_public_key(
 ) -> Result<PublicKey, VerbError> {
     let cfg = config::load(config, env)?;
     Ok(AuditKey::load(&cfg.audit_key_path(config))?.public_key())
->>>>>>> origin/main
 }
 
 /// The login name, for the audit log.
@@ -336,7 +341,7 @@ pub fn policy(
                             source,
                         })
                     })?;
-                    let key = audit_key(&args.config, &cfg)?;
+                    let key = audit_key(config_path(args.config.as_deref())?, &cfg)?;
                     let mut conn = admin(&store)?;
                     policy::apply(
                         &mut conn,
@@ -349,7 +354,7 @@ pub fn policy(
                     )?
                 }
                 (None, Some(v)) => {
-                    let key = audit_key(&args.config, &cfg)?;
+                    let key = audit_key(config_path(args.config.as_deref())?, &cfg)?;
                     let mut conn = admin(&store)?;
                     policy::rollback(&mut conn, &store, &key, v, &actor, &catalog)?
                 }
@@ -526,12 +531,8 @@ fn apply_on_jetstream(
         (None, t) => t,
     };
     let version = args.version;
-<<<<<<< HEAD
+    let key = audit_key(config, &cfg)?;
     crate::verbs::on_jetstream(config, &cfg, |js| async move {
-=======
-    let key = audit_key(&args.config, &cfg)?;
-    crate::verbs::on_jetstream(&args.config, &cfg, |js| async move {
->>>>>>> origin/main
         let (text, source) = match (text, source) {
             (Some(t), Some(f)) => (t, f.display().to_string()),
             _ => {
@@ -669,7 +670,6 @@ pub fn audit(
 ) -> Result<(), VerbError> {
     match command {
         AuditCommand::List(args) => {
-<<<<<<< HEAD
             let entries: Vec<crate::api::types::AuditEntry> = match Remote::from_args(&args.remote)?
             {
                 Some(api) => {
@@ -679,18 +679,11 @@ pub fn audit(
                     );
                     api.get::<AuditList>(&path)?.entries
                 }
-                None => {
-                    let (_, store) = load(config_path(args.config.as_deref())?, env)?;
-                    let reader = StoreReader::open(&store)?;
-                    audit::list(reader.connection(), &store, args.limit)?
-                        .iter()
-                        .map(crate::api::types::AuditEntry::from)
-                        .collect()
-                }
+                None => audit_entries(config_path(args.config.as_deref())?, env, args.limit)?
+                    .iter()
+                    .map(crate::api::types::AuditEntry::from)
+                    .collect(),
             };
-=======
-            let entries = audit_entries(&args.config, env, args.limit)?;
->>>>>>> origin/main
             if args.json {
                 let head = entries.last().map_or(audit::GENESIS, |e| e.hash.as_str());
                 writeln!(
@@ -718,30 +711,54 @@ pub fn audit(
             }
         }
         AuditCommand::Verify(args) => {
-<<<<<<< HEAD
-            let verdict = match Remote::from_args(&args.remote)? {
-                Some(api) => api.get::<AuditVerdict>("/audit/verify")?.verdict(),
-                None => {
-                    let (_, store) = load(config_path(args.config.as_deref())?, env)?;
-                    let reader = StoreReader::open(&store)?;
-                    audit::verify(reader.connection(), &store)?
-=======
-            let cfg = config::load(&args.config, env.iter().cloned())?;
-            let key = match &args.public_key {
-                Some(f) => PublicKey::read(f)?,
-                None => AuditKey::load(&cfg.audit_key_path(&args.config))?.public_key(),
+            let given = match &args.public_key {
+                Some(f) => Some(PublicKey::read(f)?),
+                None => None,
             };
-            let anchor = args.anchor.clone();
-            let verdict = match crate::verbs::on_jetstream(&args.config, &cfg, |js| async move {
-                let all = js.audit_list(None).await?;
-                Ok(walk(&all, &key, anchor.as_ref()))
-            })? {
-                Some(v) => v,
+            let verdict = match Remote::from_args(&args.remote)? {
+                Some(api) => {
+                    // The hub's own verdict, and a walk here with the key the
+                    // operator trusts: a hub that lies about its chain is
+                    // caught by the second.
+                    let key = match given {
+                        Some(k) => k,
+                        None => {
+                            PublicKey::from_hex(&api.get::<AuditPublicKey>("/audit/key")?.public_key)
+                                .ok_or_else(|| {
+                                    VerbError::Usage(
+                                        "the hub's API served an audit key that is not an Ed25519 public key in hex".into(),
+                                    )
+                                })?
+                        }
+                    };
+                    let all = api.get::<AuditList>("/audit")?;
+                    let records: Vec<audit::Record> = all
+                        .entries
+                        .iter()
+                        .map(crate::api::types::AuditEntry::record)
+                        .collect();
+                    crate::audit::chain::walk(&records, &key, args.anchor.as_ref())
+                }
                 None => {
-                    let (_, store) = load(&args.config, env)?;
-                    let reader = StoreReader::open(&store)?;
-                    audit::verify(reader.connection(), &store, &key, args.anchor.as_ref())?
->>>>>>> origin/main
+                    let config = config_path(args.config.as_deref())?;
+                    let cfg = config::load(config, env.iter().cloned())?;
+                    let key = match given {
+                        Some(k) => k,
+                        None => AuditKey::load(&cfg.audit_key_path(config))?.public_key(),
+                    };
+                    let anchor = args.anchor.clone();
+                    let k = key;
+                    match crate::verbs::on_jetstream(config, &cfg, |js| async move {
+                        let all = js.audit_list(None).await?;
+                        Ok(crate::audit::chain::walk(&all, &k, anchor.as_ref()))
+                    })? {
+                        Some(v) => v,
+                        None => {
+                            let (_, store) = load(config, env)?;
+                            let reader = StoreReader::open(&store)?;
+                            audit::verify(reader.connection(), &store, &key, args.anchor.as_ref())?
+                        }
+                    }
                 }
             };
             if args.json {
@@ -777,58 +794,42 @@ pub fn audit(
             }
         }
         AuditCommand::Anchor(args) => {
-            let newest = audit_entries(&args.config, env, Some(1))?;
-            let Some(e) = newest.last() else {
-                return Err(VerbError::Usage(format!(
-                    "{}: the audit log is empty: nothing to anchor yet",
-                    args.config.display()
-                )));
-            };
-            let anchor = audit::Anchor {
-                id: e.id,
-                hash: e.hash.clone(),
+            let anchor = match Remote::from_args(&args.remote)? {
+                Some(api) => api.get::<AuditAnchor>("/audit/anchor")?,
+                None => {
+                    let config = config_path(args.config.as_deref())?;
+                    let newest = audit_entries(config, env, Some(1))?;
+                    AuditAnchor::of(newest.last()).ok_or_else(|| {
+                        VerbError::Usage(format!(
+                            "{}: the audit log is empty: nothing to anchor yet",
+                            config.display()
+                        ))
+                    })?
+                }
             };
             if args.json {
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::json!({"id": e.id, "hash": e.hash, "anchor": anchor.to_string(), "ts": e.ts})
-                )?;
+                writeln!(out, "{}", serde_json::to_value(&anchor).unwrap_or_default())?;
             } else {
-                writeln!(out, "{anchor}")?;
+                writeln!(out, "{}", anchor.anchor)?;
             }
         }
         AuditCommand::Key(args) => {
-            let key = audit_public_key(&args.config, env.iter().cloned())?;
+            let doc = match Remote::from_args(&args.remote)? {
+                Some(api) => api.get::<AuditPublicKey>("/audit/key")?,
+                None => AuditPublicKey::of(&audit_public_key(
+                    config_path(args.config.as_deref())?,
+                    env.iter().cloned(),
+                )?),
+            };
             if args.json {
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::json!({
-                        "algorithm": "ed25519",
-                        "public_key": key.to_hex(),
-                        "fingerprint": key.fingerprint(),
-                        "pem": key.to_pem(),
-                    })
-                )?;
+                writeln!(out, "{}", serde_json::to_value(&doc).unwrap_or_default())?;
             } else {
-                out.write_all(key.to_pem().as_bytes())?;
+                out.write_all(doc.pem.as_bytes())?;
             }
         }
     }
     out.flush()?;
     Ok(())
-}
-
-/// Walks `records` (oldest first) with `key` and `anchor`.
-fn walk(records: &[audit::Record], key: &PublicKey, anchor: Option<&audit::Anchor>) -> Verdict {
-    let mut w = crate::audit::chain::Walk::new(key, anchor);
-    for r in records {
-        if let Err(b) = w.next(r) {
-            return b.into();
-        }
-    }
-    w.finish()
 }
 
 /// Which entries are signed, for `audit verify`'s line.

@@ -152,7 +152,7 @@ pub fn apply(
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .at(path)?;
-    let outcome = apply_in(&tx, path, text, source, actor, catalog);
+    let outcome = apply_in(&tx, path, key, text, source, actor, catalog);
     // A refusal commits its audit entry; an error of the store commits
     // nothing.
     if matches!(outcome, Ok(_) | Err(ApplyError::Refused { .. })) {
@@ -167,6 +167,7 @@ pub fn apply(
 pub fn apply_in(
     tx: &rusqlite::Transaction<'_>,
     path: &Path,
+    key: &AuditKey,
     text: &str,
     source: &str,
     actor: &str,

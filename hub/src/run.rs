@@ -273,7 +273,14 @@ async fn serve_on<T>(
     };
     let door = std::sync::Arc::new(server::DoorCounters::default());
     let metrics = start_metrics(cfg, sources.metrics, door.clone(), shutdown.child_token()).await;
-    let api = match crate::api::server::start(cfg, base, sources.api, shutdown.child_token()).await
+    let api = match crate::api::server::start(
+        cfg,
+        base,
+        sources.api,
+        sources.keys.audit.clone(),
+        shutdown.child_token(),
+    )
+    .await
     {
         Ok(api) => api,
         Err(e) => {

@@ -22,8 +22,8 @@ use outpost_protocols::topic::{TopicError, TopicFilter};
 use crate::api::types::{Agent, EventDoc, EventStats, EventsTail, Sink};
 use crate::clock;
 use crate::config::{self, ConfigError, StoreKind};
-use crate::remote::{query, Remote, RemoteArgs, RemoteError};
 use crate::printable::printable;
+use crate::remote::{query, Remote, RemoteArgs, RemoteError};
 use crate::store::{store_path, AgentEventStats, AgentRecord, SinkStatus, StoreError, StoreReader};
 
 /// `outpost-hub fleet …`.

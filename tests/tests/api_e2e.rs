@@ -44,7 +44,9 @@ fn token_file(hub: &Hub, dir: &Path, role: &str, name: &str) -> Result<String> {
 fn seed(dir: &Path, agents: usize, per_agent: u64) -> Result<()> {
     let data = dir.join("hub-data");
     std::fs::create_dir_all(&data)?;
-    let mut store = Store::open(&data.join("hub.db"), Synchronous::Normal)?;
+    // Signed with the key the hub started on this directory will use.
+    let key = outpost_hub::audit::key::AuditKey::load_or_create(&data.join("audit.key"))?;
+    let mut store = Store::open(&data.join("hub.db"), Synchronous::Normal, key)?;
     for a in 0..agents {
         let id = AgentId::parse(&format!("gw-{a}"))?;
         let labels = BTreeMap::from([("site".to_owned(), format!("site-{}", a % 2))]);

@@ -38,6 +38,8 @@ use utoipa::{Modify, OpenApi};
         crate::api::sinks::list,
         crate::api::audit::list,
         crate::api::audit::verify,
+        crate::api::audit::anchor,
+        crate::api::audit::key,
     ),
     modifiers(&Bearer),
     tags(

@@ -233,7 +233,7 @@ pub async fn apply(
             .await?
             .into_response());
     }
-    let catalog = state.catalog.clone();
+    let (catalog, key) = (state.catalog.clone(), state.key.clone());
     let outcome = match (req.text, req.version) {
         (Some(_), Some(_)) | (None, None) => {
             return Err(Problem::bad_request(
@@ -247,13 +247,13 @@ pub async fn apply(
                     let path = path.clone();
                     blocking(move || {
                         let mut conn = open_admin(&path).map_err(store_problem)?;
-                        versions::apply(&mut conn, &path, &text, &source, &actor, &catalog)
+                        versions::apply(&mut conn, &path, &key, &text, &source, &actor, &catalog)
                             .map_err(apply_problem)
                     })
                     .await?
                 }
                 ApiStore::JetStream(js) => {
-                    versions::apply_jetstream(js, &text, &source, &actor, &catalog)
+                    versions::apply_jetstream(js, &state.key, &text, &source, &actor, &catalog)
                         .await
                         .map_err(apply_problem)?
                 }
@@ -264,7 +264,8 @@ pub async fn apply(
                 let path = path.clone();
                 blocking(move || {
                     let mut conn = open_admin(&path).map_err(store_problem)?;
-                    versions::rollback(&mut conn, &path, v, &actor, &catalog).map_err(apply_problem)
+                    versions::rollback(&mut conn, &path, &key, v, &actor, &catalog)
+                        .map_err(apply_problem)
                 })
                 .await?
             }
@@ -276,6 +277,7 @@ pub async fn apply(
                     .ok_or_else(|| apply_problem(ApplyError::UnknownVersion(v)))?;
                 versions::apply_jetstream(
                     js,
+                    &state.key,
                     &old.text,
                     &format!("rollback to {v}"),
                     &actor,

@@ -135,20 +135,22 @@ pub async fn propose(
     source: String,
     actor: String,
 ) -> Result<(StatusCode, Json<ProposalDoc>), Problem> {
-    let catalog = state.catalog.clone();
+    let (catalog, key) = (state.catalog.clone(), state.key.clone());
     let p = match &state.store {
         ApiStore::Sqlite(path) => {
             let path = path.clone();
             blocking(move || {
                 let mut conn = open_admin(&path).map_err(store_problem)?;
-                rules::propose_sqlite(&mut conn, &path, &text, &source, &actor, &catalog)
+                rules::propose_sqlite(&mut conn, &path, &key, &text, &source, &actor, &catalog)
                     .map_err(problem)
             })
             .await?
         }
-        ApiStore::JetStream(js) => rules::propose_jetstream(js, &text, &source, &actor, &catalog)
-            .await
-            .map_err(problem)?,
+        ApiStore::JetStream(js) => {
+            rules::propose_jetstream(js, &state.key, &text, &source, &actor, &catalog)
+                .await
+                .map_err(problem)?
+        }
     };
     tracing::info!(proposal = p.id, subject = %p.proposed_by, "Policy proposed through the API.");
     Ok((StatusCode::ACCEPTED, Json(p.into())))
@@ -236,17 +238,17 @@ pub async fn approve(
         .await?
         .subject
         .clone();
-    let catalog = state.catalog.clone();
+    let (catalog, key) = (state.catalog.clone(), state.key.clone());
     let approved = match &state.store {
         ApiStore::Sqlite(path) => {
             let path = path.clone();
             blocking(move || {
                 let mut conn = open_admin(&path).map_err(store_problem)?;
-                rules::approve_sqlite(&mut conn, &path, id, &actor, &catalog).map_err(problem)
+                rules::approve_sqlite(&mut conn, &path, &key, id, &actor, &catalog).map_err(problem)
             })
             .await?
         }
-        ApiStore::JetStream(js) => rules::approve_jetstream(js, id, &actor, &catalog)
+        ApiStore::JetStream(js) => rules::approve_jetstream(js, &state.key, id, &actor, &catalog)
             .await
             .map_err(problem)?,
     };
@@ -282,16 +284,17 @@ pub async fn reject(
         .subject
         .clone();
     let reason = body.and_then(|Json(b)| b.reason).unwrap_or_default();
+    let key = state.key.clone();
     let p = match &state.store {
         ApiStore::Sqlite(path) => {
             let path = path.clone();
             blocking(move || {
                 let mut conn = open_admin(&path).map_err(store_problem)?;
-                rules::reject_sqlite(&mut conn, &path, id, &actor, &reason).map_err(problem)
+                rules::reject_sqlite(&mut conn, &path, &key, id, &actor, &reason).map_err(problem)
             })
             .await?
         }
-        ApiStore::JetStream(js) => rules::reject_jetstream(js, id, &actor, &reason)
+        ApiStore::JetStream(js) => rules::reject_jetstream(js, &state.key, id, &actor, &reason)
             .await
             .map_err(problem)?,
     };

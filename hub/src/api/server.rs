@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::state::{ApiState, ApiStore};
+use crate::audit::key::AuditKey;
 use crate::config::HubConfig;
 
 /// Connections served at once; more wait in the kernel's backlog.
@@ -95,13 +96,14 @@ pub async fn start(
     cfg: &HubConfig,
     base: &Path,
     store: ApiStore,
+    key: AuditKey,
     stop: CancellationToken,
 ) -> Result<Option<ApiServer>, ApiError> {
     let Ok(addr) = cfg.api.listen.parse::<SocketAddr>() else {
         return Ok(None);
     };
     let tls = tls_config(cfg, base)?;
-    let auth = crate::api::auth::Authenticator::new(cfg, base, store.auth_store()).await?;
+    let auth = crate::api::auth::Authenticator::new(cfg, base, store.auth_store(&key)).await?;
     let listener = match TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -110,7 +112,7 @@ pub async fn start(
         }
     };
     let addr = listener.local_addr().unwrap_or(addr);
-    let app = crate::api::router(ApiState::new(cfg, store, auth), cfg.api.timeout.0);
+    let app = crate::api::router(ApiState::new(cfg, store, auth, key), cfg.api.timeout.0);
     info!(listen = %addr, tls = tls.is_some(), "API listening.");
     let task = tokio::spawn(serve(
         listener,

@@ -12,6 +12,7 @@ use outpost_protocols::policy::Catalog;
 use crate::api::auth::Authenticator;
 use crate::api::limit::Limiter;
 use crate::api::problem::Problem;
+use crate::audit::key::AuditKey;
 use crate::config::HubConfig;
 use crate::store::jetstream::JetStreamStore;
 use crate::store::{StoreError, StoreReader};
@@ -28,10 +29,12 @@ pub enum ApiStore {
 
 impl ApiStore {
     /// The same store, as authentication reads it.
-    pub fn auth_store(&self) -> crate::api::auth::AuthStore {
+    pub fn auth_store(&self, key: &AuditKey) -> crate::api::auth::AuthStore {
         match self {
-            ApiStore::Sqlite(p) => crate::api::auth::AuthStore::Sqlite(p.clone()),
-            ApiStore::JetStream(js) => crate::api::auth::AuthStore::JetStream(js.clone()),
+            ApiStore::Sqlite(p) => crate::api::auth::AuthStore::sqlite(p.clone(), key.clone()),
+            ApiStore::JetStream(js) => {
+                crate::api::auth::AuthStore::jetstream(js.clone(), key.clone())
+            }
         }
     }
 }
@@ -49,13 +52,16 @@ pub struct ApiState {
     pub auth: Authenticator,
     /// The per-caller rate limit.
     pub limiter: Arc<Limiter>,
+    /// The key that signs the audit entries the API appends.
+    pub key: AuditKey,
 }
 
 impl ApiState {
     /// The state for the hub configured by `cfg`, on `store`, with its
     /// authenticator (built by [`ApiStore::auth_store`]'s store).
-    pub fn new(cfg: &HubConfig, store: ApiStore, auth: Authenticator) -> ApiState {
+    pub fn new(cfg: &HubConfig, store: ApiStore, auth: Authenticator, key: AuditKey) -> ApiState {
         ApiState {
+            key,
             catalog: crate::policy::catalog(cfg),
             auth,
             limiter: Arc::new(Limiter::new(cfg.api.rate, cfg.api.burst)),

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
-use crate::store::{AgentEventStats, AgentRecord, SinkStatus};
+use crate::store::{audit, AgentEventStats, AgentRecord, SinkStatus};
 
 /// One agent of the fleet registry (`fleet list --json`'s objects).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -52,6 +52,11 @@ pub struct Agent {
     pub labels_ignored: u64,
     /// Whether, when and why an operator revoked it.
     pub revoked: Option<Revoked>,
+    /// When its bound certificate expires, Unix ns (unknown for an agent
+    /// not seen since the hub began recording certificates).
+    pub cert_not_after: Option<i64>,
+    /// Its bound certificate's serial, hex.
+    pub cert_serial: Option<String>,
 }
 
 /// An operator's revocation of an agent.
@@ -89,6 +94,8 @@ impl From<&AgentRecord> for Agent {
                 by: r.by.clone(),
                 reason: r.reason.clone(),
             }),
+            cert_not_after: a.cert_not_after.map(|t| t.0),
+            cert_serial: a.cert_serial.clone(),
         }
     }
 }
@@ -118,6 +125,8 @@ impl Agent {
             policy_error: self.policy_error.clone(),
             policy_dropped: self.policy_dropped,
             policy_modified: self.policy_modified,
+            cert_not_after: self.cert_not_after.map(Timestamp),
+            cert_serial: self.cert_serial.clone(),
         })
     }
 }
@@ -482,10 +491,14 @@ pub struct AuditEntry {
     pub prev: String,
     /// This entry's hash.
     pub hash: String,
+    /// The hub's Ed25519 signature of `hash` (hex); null on entries written
+    /// before the hub had an audit key.
+    #[serde(default)]
+    pub sig: Option<String>,
 }
 
-impl From<&crate::store::audit::Record> for AuditEntry {
-    fn from(r: &crate::store::audit::Record) -> AuditEntry {
+impl From<&audit::Record> for AuditEntry {
+    fn from(r: &audit::Record) -> AuditEntry {
         AuditEntry {
             id: r.id,
             ts: r.ts,
@@ -496,6 +509,26 @@ impl From<&crate::store::audit::Record> for AuditEntry {
             detail: r.detail.clone(),
             prev: r.prev.clone(),
             hash: r.hash.clone(),
+            sig: r.sig.clone(),
+        }
+    }
+}
+
+impl AuditEntry {
+    /// The stored record this document shows (to walk the chain at the
+    /// client with a key it trusts).
+    pub fn record(&self) -> audit::Record {
+        audit::Record {
+            id: self.id,
+            ts: self.ts,
+            actor: self.actor.clone(),
+            action: self.action.clone(),
+            target: self.target.clone(),
+            result: self.result.clone(),
+            detail: self.detail.clone(),
+            prev: self.prev.clone(),
+            hash: self.hash.clone(),
+            sig: self.sig.clone(),
         }
     }
 }
@@ -520,6 +553,13 @@ pub struct AuditVerdict {
     /// The last hash (intact).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head: Option<String>,
+    /// The first signed entry (intact; the ones before it were written
+    /// before the hub had an audit key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_signed: Option<u64>,
+    /// The anchor checked, `ID:HASH` (intact, when one was given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor: Option<String>,
     /// The first entry that does not hold (broken).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<u64>,
@@ -528,39 +568,92 @@ pub struct AuditVerdict {
     pub reason: Option<String>,
 }
 
-impl From<&crate::store::audit::Verdict> for AuditVerdict {
-    fn from(v: &crate::store::audit::Verdict) -> AuditVerdict {
+impl From<&audit::Verdict> for AuditVerdict {
+    fn from(v: &audit::Verdict) -> AuditVerdict {
+        let none = AuditVerdict {
+            status: String::new(),
+            entries: None,
+            head: None,
+            first_signed: None,
+            anchor: None,
+            id: None,
+            reason: None,
+        };
         match v {
-            crate::store::audit::Verdict::Intact { entries, head } => AuditVerdict {
+            audit::Verdict::Intact {
+                entries,
+                head,
+                first_signed,
+                anchor,
+            } => AuditVerdict {
                 status: "intact".into(),
                 entries: Some(*entries),
                 head: Some(head.clone()),
-                id: None,
-                reason: None,
+                first_signed: *first_signed,
+                anchor: anchor.clone(),
+                ..none
             },
-            crate::store::audit::Verdict::Broken { id, reason } => AuditVerdict {
+            audit::Verdict::Broken { id, reason } => AuditVerdict {
                 status: "broken".into(),
-                entries: None,
-                head: None,
                 id: Some(*id),
                 reason: Some(reason.clone()),
+                ..none
             },
         }
     }
 }
 
-impl AuditVerdict {
-    /// The store's verdict (for the CLI's output).
-    pub fn verdict(&self) -> crate::store::audit::Verdict {
-        match (self.status.as_str(), self.entries, &self.head) {
-            ("intact", Some(entries), Some(head)) => crate::store::audit::Verdict::Intact {
-                entries,
-                head: head.clone(),
-            },
-            _ => crate::store::audit::Verdict::Broken {
-                id: self.id.unwrap_or(0),
-                reason: self.reason.clone().unwrap_or_default(),
-            },
+/// The newest entry's id and hash, to keep somewhere the hub cannot reach
+/// and give to `audit verify --anchor` later.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AuditAnchor {
+    /// The entry's id.
+    pub id: u64,
+    /// Its hash.
+    pub hash: String,
+    /// `ID:HASH`, as `audit verify --anchor` takes it.
+    pub anchor: String,
+    /// When the entry was written, Unix ns.
+    pub ts: i64,
+}
+
+impl AuditAnchor {
+    /// The anchor of `newest`; `None` for an empty log.
+    pub fn of(newest: Option<&audit::Record>) -> Option<AuditAnchor> {
+        newest.map(|e| AuditAnchor {
+            id: e.id,
+            hash: e.hash.clone(),
+            anchor: audit::Anchor {
+                id: e.id,
+                hash: e.hash.clone(),
+            }
+            .to_string(),
+            ts: e.ts,
+        })
+    }
+}
+
+/// The hub's audit public key, which checks the entries' signatures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AuditPublicKey {
+    /// Always `ed25519`.
+    pub algorithm: String,
+    /// The 32-byte public key, hex.
+    pub public_key: String,
+    /// Its SHA-256 fingerprint.
+    pub fingerprint: String,
+    /// The key as PEM (SubjectPublicKeyInfo).
+    pub pem: String,
+}
+
+impl AuditPublicKey {
+    /// The document of `key`.
+    pub fn of(key: &crate::audit::key::PublicKey) -> AuditPublicKey {
+        AuditPublicKey {
+            algorithm: "ed25519".into(),
+            public_key: key.to_hex(),
+            fingerprint: key.fingerprint(),
+            pem: key.to_pem(),
         }
     }
 }
@@ -592,6 +685,8 @@ mod tests {
             policy_error: None,
             policy_dropped: 4,
             policy_modified: 5,
+            cert_not_after: Some(Timestamp(7)),
+            cert_serial: Some("0a1b".into()),
         };
         let doc = Agent::from(&r);
         assert_eq!(

@@ -35,7 +35,8 @@ const CLIENTS: usize = 8;
 
 fn seed(data: &Path, p: Params) -> Result<()> {
     std::fs::create_dir_all(data)?;
-    let mut store = Store::open(&data.join("hub.db"), Synchronous::Normal)?;
+    let key = outpost_hub::audit::key::AuditKey::load_or_create(&data.join("audit.key"))?;
+    let mut store = Store::open(&data.join("hub.db"), Synchronous::Normal, key)?;
     for a in 0..p.agents {
         let id = AgentId::parse(&format!("bench-{a:04}"))?;
         let labels = BTreeMap::from([

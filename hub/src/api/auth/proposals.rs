@@ -36,6 +36,7 @@ use outpost_protocols::policy::{digest, Catalog, Policy};
 use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 
+use crate::audit::key::AuditKey;
 use crate::clock;
 use crate::policy::{self, Applied, ApplyError};
 use crate::store::audit;
@@ -211,6 +212,7 @@ pub fn list_sqlite(conn: &Connection, path: &Path) -> Result<Vec<Proposal>, Stor
 pub fn propose_sqlite(
     conn: &mut Connection,
     path: &Path,
+    key: &AuditKey,
     text: &str,
     source: &str,
     actor: &str,
@@ -225,6 +227,7 @@ pub fn propose_sqlite(
         audit::append(
             &tx,
             path,
+            key,
             &audit::Entry {
                 ts,
                 actor,
@@ -247,6 +250,7 @@ pub fn propose_sqlite(
     audit::append(
         &tx,
         path,
+        key,
         &audit::Entry {
             ts,
             actor,
@@ -267,6 +271,7 @@ pub fn propose_sqlite(
 fn decidable(
     tx: &rusqlite::Transaction<'_>,
     path: &Path,
+    key: &AuditKey,
     id: u64,
     actor: &str,
     verb: &str,
@@ -282,6 +287,7 @@ fn decidable(
         audit::append(
             tx,
             path,
+            key,
             &audit::Entry {
                 ts: clock::unix_now(),
                 actor,
@@ -305,6 +311,7 @@ fn decidable(
 pub fn approve_sqlite(
     conn: &mut Connection,
     path: &Path,
+    key: &AuditKey,
     id: u64,
     actor: &str,
     catalog: &Catalog,
@@ -312,7 +319,7 @@ pub fn approve_sqlite(
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .at(path)?;
-    let p = match decidable(&tx, path, id, actor, "approving") {
+    let p = match decidable(&tx, path, key, id, actor, "approving") {
         Ok(p) => p,
         Err(e @ ProposalError::OwnProposal { .. }) => {
             tx.commit().at(path)?;
@@ -321,7 +328,7 @@ pub fn approve_sqlite(
         Err(e) => return Err(e),
     };
     let source = format!("proposal {id} by {}", p.proposed_by);
-    let applied = match policy::apply_in(&tx, path, &p.text, &source, actor, catalog) {
+    let applied = match policy::apply_in(&tx, path, key, &p.text, &source, actor, catalog) {
         Ok(a) => a,
         Err(e @ ApplyError::Refused { .. }) => {
             // The refusal's entry is kept; the proposal stays pending.
@@ -346,6 +353,7 @@ pub fn approve_sqlite(
     audit::append(
         &tx,
         path,
+        key,
         &audit::Entry {
             ts,
             actor,
@@ -368,6 +376,7 @@ pub fn approve_sqlite(
 pub fn reject_sqlite(
     conn: &mut Connection,
     path: &Path,
+    key: &AuditKey,
     id: u64,
     actor: &str,
     reason: &str,
@@ -375,7 +384,7 @@ pub fn reject_sqlite(
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .at(path)?;
-    let p = match decidable(&tx, path, id, actor, "rejecting") {
+    let p = match decidable(&tx, path, key, id, actor, "rejecting") {
         Ok(p) => p,
         Err(e @ ProposalError::OwnProposal { .. }) => {
             tx.commit().at(path)?;
@@ -393,6 +402,7 @@ pub fn reject_sqlite(
     audit::append(
         &tx,
         path,
+        key,
         &audit::Entry {
             ts,
             actor,
@@ -418,7 +428,7 @@ pub fn reject_sqlite(
 
 // ---- JetStream ----
 
-fn key(id: u64) -> String {
+fn entry_key(id: u64) -> String {
     format!("p.{id:020}")
 }
 
@@ -441,11 +451,14 @@ async fn entry_jetstream(
     js: &JetStreamStore,
     id: u64,
 ) -> Result<Option<(Proposal, u64)>, StoreError> {
-    Ok(js.kv_entry(BUCKET, &key(id)).await?.and_then(|(v, rev)| {
-        serde_json::from_slice::<Proposal>(&v)
-            .ok()
-            .map(|p| (p, rev))
-    }))
+    Ok(js
+        .kv_entry(BUCKET, &entry_key(id))
+        .await?
+        .and_then(|(v, rev)| {
+            serde_json::from_slice::<Proposal>(&v)
+                .ok()
+                .map(|p| (p, rev))
+        }))
 }
 
 /// One proposal on the JetStream store.
@@ -453,10 +466,10 @@ pub async fn get_jetstream(js: &JetStreamStore, id: u64) -> Result<Option<Propos
     Ok(entry_jetstream(js, id).await?.map(|(p, _)| p))
 }
 
-/// [`propose_sqlite`] on the JetStream store (no audit log there yet: the
-/// step is logged).
+/// [`propose_sqlite`] on the JetStream store.
 pub async fn propose_jetstream(
     js: &JetStreamStore,
+    key: &AuditKey,
     text: &str,
     source: &str,
     actor: &str,
@@ -480,8 +493,19 @@ pub async fn propose_jetstream(
             version: None,
         };
         let value = serde_json::to_vec(&p).unwrap_or_default();
-        if js.kv_create(BUCKET, &key(next), value).await? {
-            tracing::info!(actor, action = "policy.proposed", target = %format!("proposal {next}"), digest = %d, "Policy proposed.");
+        if js.kv_create(BUCKET, &entry_key(next), value).await? {
+            js.audit_append(
+                key,
+                &audit::Entry {
+                    ts: clock::unix_now(),
+                    actor,
+                    action: "policy.proposed",
+                    target: &format!("proposal {next}"),
+                    result: "ok",
+                    detail: &format!("from {source}, digest {d}"),
+                },
+            )
+            .await?;
             return Ok(p);
         }
     }
@@ -491,6 +515,7 @@ pub async fn propose_jetstream(
 /// and writes `change` by compare-and-set.
 async fn decide_jetstream(
     js: &JetStreamStore,
+    key: &AuditKey,
     id: u64,
     actor: &str,
     change: impl Fn(&mut Proposal),
@@ -506,7 +531,18 @@ async fn decide_jetstream(
             });
         }
         if p.proposed_by == actor {
-            tracing::warn!(actor, action = "api.refused", target = %format!("proposal {id}"), "Deciding their own proposal (two-person rule).");
+            js.audit_append(
+                key,
+                &audit::Entry {
+                    ts: clock::unix_now(),
+                    actor,
+                    action: "api.refused",
+                    target: &format!("proposal {id}"),
+                    result: "refused",
+                    detail: "deciding their own proposal (two-person rule)",
+                },
+            )
+            .await?;
             return Err(ProposalError::OwnProposal {
                 id,
                 subject: actor.to_owned(),
@@ -518,7 +554,7 @@ async fn decide_jetstream(
         next.decided_by = Some(actor.to_owned());
         let value = serde_json::to_vec(&next).unwrap_or_default();
         if let Some(new_rev) = js
-            .kv_update(BUCKET, &key(id), value, rev)
+            .kv_update(BUCKET, &entry_key(id), value, rev)
             .await?
             .then_some(rev + 1)
         {
@@ -534,21 +570,38 @@ async fn decide_jetstream(
 /// [`approve_sqlite`] on the JetStream store.
 pub async fn approve_jetstream(
     js: &JetStreamStore,
+    key: &AuditKey,
     id: u64,
     actor: &str,
     catalog: &Catalog,
 ) -> Result<Approved, ProposalError> {
     let (before, mut claimed, _) =
-        decide_jetstream(js, id, actor, |p| p.status = Status::Approved).await?;
+        decide_jetstream(js, key, id, actor, |p| p.status = Status::Approved).await?;
     let source = format!("proposal {id} by {}", before.proposed_by);
-    match policy::apply_jetstream(js, &before.text, &source, actor, catalog).await {
+    match policy::apply_jetstream(js, key, &before.text, &source, actor, catalog).await {
         Ok(applied) => {
             claimed.version = Some(version_of(&applied));
             // Record the version; a failure here leaves it approved without
             // its number, which `policy history` still shows.
             let value = serde_json::to_vec(&claimed).unwrap_or_default();
-            js.kv_put(BUCKET, &key(id), value).await?;
-            tracing::info!(actor, action = "policy.approved", target = %format!("proposal {id}"), version = claimed.version, "Policy proposal approved and applied.");
+            js.kv_put(BUCKET, &entry_key(id), value).await?;
+            js.audit_append(
+                key,
+                &audit::Entry {
+                    ts: clock::unix_now(),
+                    actor,
+                    action: "policy.approved",
+                    target: &format!("proposal {id}"),
+                    result: "ok",
+                    detail: &format!(
+                        "proposed by {}, digest {}, in force as policy v{}",
+                        before.proposed_by,
+                        before.digest,
+                        version_of(&applied)
+                    ),
+                },
+            )
+            .await?;
             Ok(Approved {
                 proposal: claimed,
                 applied,
@@ -557,7 +610,7 @@ pub async fn approve_jetstream(
         Err(e) => {
             // Put it back: the hub refused the text (its sinks changed).
             let value = serde_json::to_vec(&before).unwrap_or_default();
-            js.kv_put(BUCKET, &key(id), value).await?;
+            js.kv_put(BUCKET, &entry_key(id), value).await?;
             Err(e.into())
         }
     }
@@ -566,17 +619,38 @@ pub async fn approve_jetstream(
 /// [`reject_sqlite`] on the JetStream store.
 pub async fn reject_jetstream(
     js: &JetStreamStore,
+    key: &AuditKey,
     id: u64,
     actor: &str,
     reason: &str,
 ) -> Result<Proposal, ProposalError> {
     let reason = reason.to_owned();
-    let (_, p, _) = decide_jetstream(js, id, actor, |p| {
+    let (_, p, _) = decide_jetstream(js, key, id, actor, |p| {
         p.status = Status::Rejected;
         p.reason = Some(reason.clone());
     })
     .await?;
-    tracing::info!(actor, action = "policy.rejected", target = %format!("proposal {id}"), "Policy proposal rejected.");
+    js.audit_append(
+        key,
+        &audit::Entry {
+            ts: clock::unix_now(),
+            actor,
+            action: "policy.rejected",
+            target: &format!("proposal {id}"),
+            result: "ok",
+            detail: &format!(
+                "proposed by {}, digest {}: {}",
+                p.proposed_by,
+                p.digest,
+                if reason.is_empty() {
+                    "no reason given"
+                } else {
+                    &reason
+                }
+            ),
+        },
+    )
+    .await?;
     Ok(p)
 }
 
@@ -605,21 +679,22 @@ mod tests {
     #[test]
     fn a_proposal_is_applied_only_when_another_subject_approves_it() {
         let (_d, path, mut conn) = open();
+        let k = AuditKey::generate().expect("key");
         let c = Catalog::hub(Some("eu-west"));
-        let p = propose_sqlite(&mut conn, &path, DENY, "api", "oidc:alice", &c).expect("proposes");
+        let p = propose_sqlite(&mut conn, &path, &k, DENY, "api", "oidc:alice", &c).expect("proposes");
         assert_eq!((p.id, p.status), (1, Status::Pending));
         assert!(policy::current(&conn, &path).expect("reads").is_none());
-        let own = approve_sqlite(&mut conn, &path, 1, "oidc:alice", &c).expect_err("own");
+        let own = approve_sqlite(&mut conn, &path, &k, 1, "oidc:alice", &c).expect_err("own");
         assert!(
             matches!(own, ProposalError::OwnProposal { id: 1, .. }),
             "{own}"
         );
         assert!(matches!(
-            reject_sqlite(&mut conn, &path, 1, "oidc:alice", "no"),
+            reject_sqlite(&mut conn, &path, &k, 1, "oidc:alice", "no"),
             Err(ProposalError::OwnProposal { .. })
         ));
         assert!(policy::current(&conn, &path).expect("reads").is_none());
-        let a = approve_sqlite(&mut conn, &path, 1, "oidc:bob", &c).expect("approves");
+        let a = approve_sqlite(&mut conn, &path, &k, 1, "oidc:bob", &c).expect("approves");
         assert!(matches!(a.applied, Applied::New { version: 1, .. }));
         assert_eq!(
             (
@@ -634,14 +709,14 @@ mod tests {
             .expect("in force");
         assert_eq!((cur.version, cur.text.as_str()), (1, DENY));
         assert!(matches!(
-            approve_sqlite(&mut conn, &path, 1, "oidc:carol", &c),
+            approve_sqlite(&mut conn, &path, &k, 1, "oidc:carol", &c),
             Err(ProposalError::Decided {
                 id: 1,
                 status: "approved"
             })
         ));
         assert!(matches!(
-            approve_sqlite(&mut conn, &path, 7, "oidc:carol", &c),
+            approve_sqlite(&mut conn, &path, &k, 7, "oidc:carol", &c),
             Err(ProposalError::NotFound(7))
         ));
         let s = |a: &str, b: &str, c: &str| (a.to_owned(), b.to_owned(), c.to_owned());
@@ -656,7 +731,7 @@ mod tests {
             ]
         );
         assert!(matches!(
-            audit::verify(&conn, &path).expect("reads"),
+            audit::verify(&conn, &path, &k.public_key(), None).expect("reads"),
             audit::Verdict::Intact { entries: 5, .. }
         ));
     }
@@ -664,21 +739,22 @@ mod tests {
     #[test]
     fn a_rejected_or_invalid_proposal_never_applies() {
         let (_d, path, mut conn) = open();
+        let k = AuditKey::generate().expect("key");
         let c = Catalog::hub(Some("eu-west"));
         let bad = "[[rules]]\nstreams = [\"#\"]\naction = \"explode\"\n";
         assert!(matches!(
-            propose_sqlite(&mut conn, &path, bad, "api", "token:a", &c),
+            propose_sqlite(&mut conn, &path, &k, bad, "api", "token:a", &c),
             Err(ProposalError::Policy(ApplyError::Refused { .. }))
         ));
         assert!(list_sqlite(&conn, &path).expect("lists").is_empty());
-        propose_sqlite(&mut conn, &path, DENY, "api", "token:a", &c).expect("proposes");
-        let r = reject_sqlite(&mut conn, &path, 1, "token:b", "too broad").expect("rejects");
+        propose_sqlite(&mut conn, &path, &k, DENY, "api", "token:a", &c).expect("proposes");
+        let r = reject_sqlite(&mut conn, &path, &k, 1, "token:b", "too broad").expect("rejects");
         assert_eq!(
             (r.status, r.reason.as_deref()),
             (Status::Rejected, Some("too broad"))
         );
         assert!(matches!(
-            approve_sqlite(&mut conn, &path, 1, "token:c", &c),
+            approve_sqlite(&mut conn, &path, &k, 1, "token:c", &c),
             Err(ProposalError::Decided {
                 status: "rejected",
                 ..

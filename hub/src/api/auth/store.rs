@@ -7,23 +7,30 @@
 //! (`api.refused`, `policy.*`) are rare operator actions, each committed in
 //! a transaction of its own like an operator verb's.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use rusqlite::TransactionBehavior;
 
 use crate::api::auth::tokens::{self, TokenRecord};
+use crate::audit::key::AuditKey;
 use crate::clock;
-use crate::config::{HubConfig, StoreKind};
 use crate::store::audit;
 use crate::store::jetstream::JetStreamStore;
-use crate::store::{open_admin, store_path, AtPath as _, StoreError, StoreReader};
+use crate::store::{open_admin, AtPath as _, StoreError, StoreReader};
 
-/// The store authentication uses.
+/// The store authentication uses, and the key its audit entries are signed
+/// with.
 #[derive(Debug, Clone)]
-pub enum AuthStore {
+pub struct AuthStore {
+    at: At,
+    key: AuditKey,
+}
+
+#[derive(Debug, Clone)]
+enum At {
     /// `<data_dir>/hub.db`.
     Sqlite(PathBuf),
-    /// The JetStream store (it has no audit log yet: entries are logged).
+    /// The JetStream store.
     JetStream(Box<JetStreamStore>),
 }
 
@@ -43,26 +50,26 @@ pub struct Audit<'a> {
 }
 
 impl AuthStore {
-    /// The store `cfg` names (read from `config`); JetStream is connected
-    /// now.
-    pub async fn open(cfg: &HubConfig, config: &Path) -> Result<AuthStore, StoreError> {
-        match &cfg.store {
-            StoreKind::Sqlite { .. } => {
-                Ok(AuthStore::Sqlite(store_path(config, &cfg.hub.data_dir)))
-            }
-            StoreKind::JetStream(js) => {
-                let base = config.parent().unwrap_or(Path::new(""));
-                Ok(AuthStore::JetStream(Box::new(
-                    JetStreamStore::open(js, base).await?,
-                )))
-            }
+    /// The SQLite store at `path`.
+    pub fn sqlite(path: PathBuf, key: AuditKey) -> AuthStore {
+        AuthStore {
+            at: At::Sqlite(path),
+            key,
+        }
+    }
+
+    /// The JetStream store `js`.
+    pub fn jetstream(js: Box<JetStreamStore>, key: AuditKey) -> AuthStore {
+        AuthStore {
+            at: At::JetStream(js),
+            key,
         }
     }
 
     /// The token whose hash is `hash`.
     pub async fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
-        match self {
-            AuthStore::Sqlite(path) => {
+        match &self.at {
+            At::Sqlite(path) => {
                 let (path, hash) = (path.clone(), hash.to_owned());
                 blocking(move || {
                     let reader = StoreReader::open(&path)?;
@@ -70,15 +77,15 @@ impl AuthStore {
                 })
                 .await
             }
-            AuthStore::JetStream(js) => tokens::lookup_jetstream(js, hash).await,
+            At::JetStream(js) => tokens::lookup_jetstream(js, hash).await,
         }
     }
 
     /// Appends `entry` to the audit log, in a transaction of its own.
     pub async fn audit(&self, entry: Audit<'_>) -> Result<(), StoreError> {
-        match self {
-            AuthStore::Sqlite(path) => {
-                let path = path.clone();
+        match &self.at {
+            At::Sqlite(path) => {
+                let (path, key) = (path.clone(), self.key.clone());
                 let owned = [
                     entry.actor,
                     entry.action,
@@ -96,6 +103,7 @@ impl AuthStore {
                     audit::append(
                         &tx,
                         &path,
+                        &key,
                         &audit::Entry {
                             ts: clock::unix_now(),
                             actor,
@@ -109,18 +117,27 @@ impl AuthStore {
                 })
                 .await
             }
-            AuthStore::JetStream(_) => {
-                tracing::info!(
-                    actor = entry.actor,
-                    action = entry.action,
-                    target = entry.target,
-                    result = entry.result,
-                    detail = entry.detail,
-                    "Audit (the JetStream store has no audit log yet)."
-                );
+            At::JetStream(js) => {
+                js.audit_append(
+                    &self.key,
+                    &audit::Entry {
+                        ts: clock::unix_now(),
+                        actor: entry.actor,
+                        action: entry.action,
+                        target: entry.target,
+                        result: entry.result,
+                        detail: entry.detail,
+                    },
+                )
+                .await?;
                 Ok(())
             }
         }
+    }
+
+    /// The key the API's audit entries are signed with.
+    pub fn key(&self) -> &AuditKey {
+        &self.key
     }
 }
 

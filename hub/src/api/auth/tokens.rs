@@ -29,6 +29,7 @@ use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 
 use crate::api::auth::role::Role;
+use crate::audit::key::AuditKey;
 use crate::clock;
 use crate::store::audit;
 use crate::store::jetstream::JetStreamStore;
@@ -239,6 +240,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
 pub fn create_sqlite(
     conn: &mut Connection,
     path: &Path,
+    key: &AuditKey,
     name: &str,
     role: Role,
     ttl: Duration,
@@ -274,6 +276,7 @@ pub fn create_sqlite(
     audit::append(
         &tx,
         path,
+        key,
         &audit::Entry {
             ts: Timestamp(record.created_at),
             actor,
@@ -292,6 +295,7 @@ pub fn create_sqlite(
 pub fn revoke_sqlite(
     conn: &mut Connection,
     path: &Path,
+    key: &AuditKey,
     name: &str,
     actor: &str,
 ) -> Result<bool, TokenError> {
@@ -319,6 +323,7 @@ pub fn revoke_sqlite(
     audit::append(
         &tx,
         path,
+        key,
         &audit::Entry {
             ts: now,
             actor,
@@ -363,10 +368,10 @@ fn hash_key(hash: &str) -> String {
     format!("h.{hash}")
 }
 
-/// [`create_sqlite`] on the JetStream store. There is no audit log on
-/// JetStream yet: the creation is logged instead.
+/// [`create_sqlite`] on the JetStream store.
 pub async fn create_jetstream(
     js: &JetStreamStore,
+    key: &AuditKey,
     name: &str,
     role: Role,
     ttl: Duration,
@@ -385,19 +390,31 @@ pub async fn create_jetstream(
     }
     js.kv_put(BUCKET, &hash_key(&h), name.as_bytes().to_vec())
         .await?;
-    tracing::info!(actor, action = "token.created", target = %record.subject(), role = %role, "API token created.");
+    js.audit_append(
+        key,
+        &audit::Entry {
+            ts: Timestamp(record.created_at),
+            actor,
+            action: "token.created",
+            target: &record.subject(),
+            result: "ok",
+            detail: &format!("role {}, expires {}", record.role, expiry_text(&record)),
+        },
+    )
+    .await?;
     Ok(Created { token, record })
 }
 
 /// [`revoke_sqlite`] on the JetStream store.
 pub async fn revoke_jetstream(
     js: &JetStreamStore,
+    key: &AuditKey,
     name: &str,
     actor: &str,
 ) -> Result<bool, TokenError> {
-    let key = name_key(name);
+    let entry = name_key(name);
     for _ in 0..32 {
-        let Some((value, revision)) = js.kv_entry(BUCKET, &key).await? else {
+        let Some((value, revision)) = js.kv_entry(BUCKET, &entry).await? else {
             return Err(TokenError::Unknown(name.to_owned()));
         };
         let Ok(mut stored) = serde_json::from_slice::<StoredToken>(&value) else {
@@ -409,8 +426,19 @@ pub async fn revoke_jetstream(
         stored.record.revoked_at = Some(clock::unix_now().0);
         stored.record.revoked_by = Some(actor.to_owned());
         let value = serde_json::to_vec(&stored).unwrap_or_default();
-        if js.kv_update(BUCKET, &key, value, revision).await? {
-            tracing::info!(actor, action = "token.revoked", target = %stored.record.subject(), "API token revoked.");
+        if js.kv_update(BUCKET, &entry, value, revision).await? {
+            js.audit_append(
+                key,
+                &audit::Entry {
+                    ts: clock::unix_now(),
+                    actor,
+                    action: "token.revoked",
+                    target: &stored.record.subject(),
+                    result: "ok",
+                    detail: &format!("role {}", stored.record.role),
+                },
+            )
+            .await?;
             return Ok(true);
         }
     }
@@ -465,7 +493,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("hub.db");
         let mut conn = open_admin(&path).expect("opens");
-        let made = create_sqlite(&mut conn, &path, "ci", Role::Operator, DEFAULT_TTL, "ops")
+        let k = AuditKey::generate().expect("key");
+        let made = create_sqlite(&mut conn, &path, &k, "ci", Role::Operator, DEFAULT_TTL, "ops")
             .expect("creates");
         assert!(looks_like_token(&made.token), "{}", made.token);
         let stored: String = conn
@@ -485,7 +514,7 @@ mod tests {
             .expect("reads")
             .is_none());
         // Two tokens never share a secret.
-        let other = create_sqlite(&mut conn, &path, "ci-2", Role::Viewer, DEFAULT_TTL, "ops")
+        let other = create_sqlite(&mut conn, &path, &k, "ci-2", Role::Viewer, DEFAULT_TTL, "ops")
             .expect("creates");
         assert_ne!(other.token, made.token);
     }
@@ -495,23 +524,25 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("hub.db");
         let mut conn = open_admin(&path).expect("opens");
+        let k = AuditKey::generate().expect("key");
         create_sqlite(
             &mut conn,
             &path,
+            &k,
             "ci",
             Role::Admin,
             Duration::from_secs(60),
             "ops",
         )
         .expect("creates");
-        assert!(revoke_sqlite(&mut conn, &path, "ci", "sec").expect("revokes"));
-        assert!(!revoke_sqlite(&mut conn, &path, "ci", "sec").expect("again"));
+        assert!(revoke_sqlite(&mut conn, &path, &k, "ci", "sec").expect("revokes"));
+        assert!(!revoke_sqlite(&mut conn, &path, &k, "ci", "sec").expect("again"));
         assert!(matches!(
-            revoke_sqlite(&mut conn, &path, "nobody", "sec"),
+            revoke_sqlite(&mut conn, &path, &k, "nobody", "sec"),
             Err(TokenError::Unknown(_))
         ));
         assert!(matches!(
-            create_sqlite(&mut conn, &path, "ci", Role::Viewer, DEFAULT_TTL, "ops"),
+            create_sqlite(&mut conn, &path, &k, "ci", Role::Viewer, DEFAULT_TTL, "ops"),
             Err(TokenError::NameTaken(_))
         ));
         let all = list_sqlite(&conn, &path).expect("lists");

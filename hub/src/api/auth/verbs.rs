@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use outpost_settings::HumanDuration;
 
-use crate::admin::login_name;
+use crate::admin::{audit_key, local_actor};
 use crate::api::auth::role::Role;
 use crate::api::auth::tokens::{self, Created, TokenError, TokenRecord, DEFAULT_TTL};
 use crate::clock;
@@ -120,11 +120,9 @@ impl TokenVerbError {
     }
 }
 
-/// The break-glass actor: `local:<login>`, or `--actor` as given.
+/// The break-glass actor, as every verb on the store records it.
 fn actor(given: &Option<String>, env: &[(String, String)]) -> String {
-    given
-        .clone()
-        .unwrap_or_else(|| format!("local:{}", login_name(env)))
+    local_actor(given.as_deref(), env)
 }
 
 /// Runs a `token` verb.
@@ -137,10 +135,12 @@ pub fn token(
         TokenCommand::Create(args) => {
             let cfg = config::load(&args.config, env.iter().cloned())?;
             let who = actor(&args.actor, env);
+            let key = audit_key(&args.config, &cfg)?;
             let ttl = args.ttl.map_or(DEFAULT_TTL, |t| t.0);
             let made = match on_jetstream(&args.config, &cfg, |js| {
-                let (name, role, who) = (args.name.clone(), args.role, who.clone());
-                async move { Ok(tokens::create_jetstream(&js, &name, role, ttl, &who).await) }
+                let (name, role, who, key) =
+                    (args.name.clone(), args.role, who.clone(), key.clone());
+                async move { Ok(tokens::create_jetstream(&js, &key, &name, role, ttl, &who).await) }
             })? {
                 Some(r) => r?,
                 None => {
@@ -154,7 +154,7 @@ pub fn token(
                         })?;
                     }
                     let mut conn = open_admin(&path)?;
-                    tokens::create_sqlite(&mut conn, &path, &args.name, args.role, ttl, &who)?
+                    tokens::create_sqlite(&mut conn, &path, &key, &args.name, args.role, ttl, &who)?
                 }
             };
             print_created(&made, args.json, out)?;
@@ -176,15 +176,16 @@ pub fn token(
         TokenCommand::Revoke(args) => {
             let cfg = config::load(&args.config, env.iter().cloned())?;
             let who = actor(&args.actor, env);
+            let key = audit_key(&args.config, &cfg)?;
             let now = match on_jetstream(&args.config, &cfg, |js| {
-                let (name, who) = (args.name.clone(), who.clone());
-                async move { Ok(tokens::revoke_jetstream(&js, &name, &who).await) }
+                let (name, who, key) = (args.name.clone(), who.clone(), key.clone());
+                async move { Ok(tokens::revoke_jetstream(&js, &key, &name, &who).await) }
             })? {
                 Some(r) => r?,
                 None => {
                     let path = store_path(&args.config, &cfg.hub.data_dir);
                     let mut conn = open_admin(&path)?;
-                    tokens::revoke_sqlite(&mut conn, &path, &args.name, &who)?
+                    tokens::revoke_sqlite(&mut conn, &path, &key, &args.name, &who)?
                 }
             };
             if args.json {
