@@ -591,7 +591,8 @@ fn two_person_approval_puts_a_policy_in_force_at_a_running_agent_and_refuses_the
     Ok(())
 }
 
-/// A replica's config on the JetStream store at `url`, in `dir`.
+/// A replica's config on the JetStream store at `url`, in `dir`; every
+/// replica signs the one audit chain with the same key, `dir/../audit.key`.
 fn replica(dir: &Path, pki: &Pki, url: &str) -> Result<Hub> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("jwks.json"), fixture("jwks-1.json")?)?;
@@ -600,10 +601,11 @@ fn replica(dir: &Path, pki: &Pki, url: &str) -> Result<Hub> {
     std::fs::write(
         &config,
         format!(
-            "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[store]\nkind = \"jetstream\"\n\n[store.jetstream]\nurl = \"{url}\"\ntimeout = \"5s\"\n\n[observability]\nlog = \"info\"\nmetrics = \"\"\n\n[api]\nlisten = \"127.0.0.1:0\"\npolicy_approval = \"two-person\"\n\n[api.oidc]\nissuer = \"{ISSUER}\"\naudience = \"{AUDIENCE}\"\njwks = \"jwks.json\"\n",
+            "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[store]\nkind = \"jetstream\"\n\n[store.jetstream]\nurl = \"{url}\"\ntimeout = \"5s\"\n\n[observability]\nlog = \"info\"\nmetrics = \"\"\n\n[api]\nlisten = \"127.0.0.1:0\"\npolicy_approval = \"two-person\"\n\n[api.oidc]\nissuer = \"{ISSUER}\"\naudience = \"{AUDIENCE}\"\njwks = \"jwks.json\"\n\n[audit]\nkey = \"{}\"\n",
             pki.hub_dir.join("ca.pem").display(),
             pki.hub_dir.join("hub.pem").display(),
             pki.hub_dir.join("hub.key").display(),
+            dir.parent().unwrap_or(dir).join("audit.key").display(),
         ),
     )?;
     Hub::start_file(&config, addr)
@@ -683,6 +685,49 @@ fn on_jetstream_a_token_and_a_proposal_hold_across_replicas() -> Result<()> {
             &call(api, "GET", "/api/v1/fleet", Some(&author), None)?,
             "revoked",
         )?;
+    }
+
+    // Every step is in the one signed chain both replicas append to.
+    let (code, out, err) = a.cli(&["audit", "list", "--json"])?;
+    ensure!(code == 0, "audit list: {err}");
+    let trail: Vec<(String, String, String)> = serde_json::from_str::<Value>(&out)?["entries"]
+        .as_array()
+        .context("entries")?
+        .iter()
+        .filter(|e| e["action"] != "agent.first_seen")
+        .map(|e| {
+            // The break-glass verbs record `local:<login>`; the login is
+            // whoever runs the tests.
+            let actor = e["actor"].as_str().unwrap_or("");
+            (
+                if actor.starts_with("local:") {
+                    "local:"
+                } else {
+                    actor
+                }
+                .to_owned(),
+                e["action"].as_str().unwrap_or("").to_owned(),
+                e["result"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    let s = |a: &str, b: &str, c: &str| (a.to_owned(), b.to_owned(), c.to_owned());
+    let local = "local:";
+    let want = vec![
+        s(local, "token.created", "ok"),
+        s("token:policy-bot", "policy.proposed", "ok"),
+        s("token:policy-bot", "api.refused", "refused"),
+        s("oidc:bob", "policy.applied", "ok"),
+        s("oidc:bob", "policy.approved", "ok"),
+        s(local, "token.revoked", "ok"),
+    ];
+    ensure!(trail == want, "{trail:?}");
+    for h in [&a, &b] {
+        let (code, out, err) = h.cli(&["audit", "verify"])?;
+        ensure!(
+            code == 0 && out.contains("signed"),
+            "audit verify: {out}{err}"
+        );
     }
     Ok(())
 }

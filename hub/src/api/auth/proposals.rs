@@ -681,7 +681,8 @@ mod tests {
         let (_d, path, mut conn) = open();
         let k = AuditKey::generate().expect("key");
         let c = Catalog::hub(Some("eu-west"));
-        let p = propose_sqlite(&mut conn, &path, &k, DENY, "api", "oidc:alice", &c).expect("proposes");
+        let p =
+            propose_sqlite(&mut conn, &path, &k, DENY, "api", "oidc:alice", &c).expect("proposes");
         assert_eq!((p.id, p.status), (1, Status::Pending));
         assert!(policy::current(&conn, &path).expect("reads").is_none());
         let own = approve_sqlite(&mut conn, &path, &k, 1, "oidc:alice", &c).expect_err("own");

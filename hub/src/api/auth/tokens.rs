@@ -494,8 +494,16 @@ mod tests {
         let path = dir.path().join("hub.db");
         let mut conn = open_admin(&path).expect("opens");
         let k = AuditKey::generate().expect("key");
-        let made = create_sqlite(&mut conn, &path, &k, "ci", Role::Operator, DEFAULT_TTL, "ops")
-            .expect("creates");
+        let made = create_sqlite(
+            &mut conn,
+            &path,
+            &k,
+            "ci",
+            Role::Operator,
+            DEFAULT_TTL,
+            "ops",
+        )
+        .expect("creates");
         assert!(looks_like_token(&made.token), "{}", made.token);
         let stored: String = conn
             .query_row("SELECT hash FROM api_tokens", [], |r| r.get(0))
@@ -514,8 +522,16 @@ mod tests {
             .expect("reads")
             .is_none());
         // Two tokens never share a secret.
-        let other = create_sqlite(&mut conn, &path, &k, "ci-2", Role::Viewer, DEFAULT_TTL, "ops")
-            .expect("creates");
+        let other = create_sqlite(
+            &mut conn,
+            &path,
+            &k,
+            "ci-2",
+            Role::Viewer,
+            DEFAULT_TTL,
+            "ops",
+        )
+        .expect("creates");
         assert_ne!(other.token, made.token);
     }
 
