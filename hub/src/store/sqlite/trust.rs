@@ -89,22 +89,48 @@ pub fn set_labels(
     actor: &str,
     now: Timestamp,
 ) -> Result<LabelChange, StoreError> {
+    edit_labels(
+        conn,
+        path,
+        key,
+        agent_id,
+        |_| Ok(labels.clone()),
+        actor,
+        now,
+    )
+}
+
+/// [`set_labels`] to what `edit` makes of the labels held (empty for an
+/// agent not registered), read in the same transaction as the write, so two
+/// operators' edits at once both count. An error of `edit` changes nothing.
+pub fn edit_labels<E: From<StoreError>>(
+    conn: &mut Connection,
+    path: &Path,
+    key: &AuditKey,
+    agent_id: &AgentId,
+    edit: impl FnOnce(BTreeMap<String, String>) -> Result<BTreeMap<String, String>, E>,
+    actor: &str,
+    now: Timestamp,
+) -> Result<LabelChange, E> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
-        .at(path)?;
+        .at(path)
+        .map_err(StoreError::from)?;
     let old = registry::labels(&tx, path, agent_id)?;
+    let labels = edit(old.clone().unwrap_or_default())?;
     let change = LabelChange {
         old: old.clone(),
         new: labels.clone(),
     };
-    if old.as_ref() == Some(labels) {
+    if old.as_ref() == Some(&labels) {
         return Ok(change);
     }
-    let text = json(labels);
+    let text = json(&labels);
     ensure_row(&tx, path, agent_id, now)?;
     tx.prepare_cached("UPDATE agents SET labels = ?2 WHERE agent_id = ?1")
         .and_then(|mut s| s.execute(params![agent_id.as_str(), text]))
-        .at(path)?;
+        .at(path)
+        .map_err(StoreError::from)?;
     audit::append(
         &tx,
         path,
@@ -123,7 +149,7 @@ pub fn set_labels(
         },
     )?;
     raise_generation(&tx, path)?;
-    tx.commit().at(path)?;
+    tx.commit().at(path).map_err(StoreError::from)?;
     Ok(change)
 }
 
