@@ -21,7 +21,7 @@ use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
 
 use super::audit::{self, Entry};
 use super::registry;
-use super::rows::agent_from;
+use super::rows::{agent_from, revocation_at};
 use crate::audit::key::AuditKey;
 use crate::store::error::StoreError;
 use crate::store::records::{LabelChange, Revocation};
@@ -52,27 +52,19 @@ pub(crate) fn raise_generation(conn: &Connection, path: &Path) -> Result<(), Sto
 
 /// Every revoked agent and its revocation.
 pub fn revoked(conn: &Connection, path: &Path) -> Result<HashMap<AgentId, Revocation>, StoreError> {
-    let rows: Vec<(String, i64, Option<String>, Option<String>)> = conn
+    let rows: Vec<(String, Option<Revocation>)> = conn
         .prepare_cached(
             "SELECT agent_id, revoked_at, revoked_by, revoked_reason FROM agents
              WHERE revoked_at IS NOT NULL",
         )
         .and_then(|mut s| {
-            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            s.query_map([], |r| Ok((r.get(0)?, revocation_at(r, 1)?)))
                 .and_then(|rows| rows.collect())
         })
         .at(path)?;
     rows.into_iter()
-        .map(|(id, at, by, reason)| {
-            Ok((
-                agent_from(path, "agents.agent_id", id)?,
-                Revocation {
-                    at: Timestamp(at),
-                    by: by.unwrap_or_default(),
-                    reason: reason.unwrap_or_default(),
-                },
-            ))
-        })
+        .filter_map(|(id, r)| r.map(|r| (id, r)))
+        .map(|(id, r)| Ok((agent_from(path, "agents.agent_id", id)?, r)))
         .collect()
 }
 
@@ -250,24 +242,16 @@ fn revocation(
     path: &Path,
     agent_id: &AgentId,
 ) -> Result<Option<Revocation>, StoreError> {
-    let row: Option<(Option<i64>, Option<String>, Option<String>)> = conn
+    let row: Option<Option<Revocation>> = conn
         .prepare_cached(
             "SELECT revoked_at, revoked_by, revoked_reason FROM agents WHERE agent_id = ?1",
         )
         .and_then(|mut s| {
-            s.query_row([agent_id.as_str()], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .optional()
+            s.query_row([agent_id.as_str()], |r| revocation_at(r, 0))
+                .optional()
         })
         .at(path)?;
-    Ok(row.and_then(|(at, by, reason)| {
-        at.map(|at| Revocation {
-            at: Timestamp(at),
-            by: by.unwrap_or_default(),
-            reason: reason.unwrap_or_default(),
-        })
-    }))
+    Ok(row.flatten())
 }
 
 /// Creates `agent_id`'s registry row, empty, if it has none.
