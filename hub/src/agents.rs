@@ -19,7 +19,7 @@ use outpost_protocols::AgentId;
 use crate::admin::{audit_key, login_name};
 use crate::clock;
 use crate::config;
-use crate::store::{open_admin, store_path, trust, LabelChange, Revocation, StoreReader};
+use crate::store::{open_admin, store_path, trust, LabelChange, Revocation};
 use crate::verbs::{on_jetstream, VerbError};
 
 /// `outpost-hub agent …`.
@@ -102,34 +102,40 @@ enum Edit {
     Remove(String),
 }
 
-/// Parses `KEY=VALUE` and `KEY-`, checking each against the limits the wire
-/// enforces (the agent is told its labels in a `Labels` frame).
+/// Whether one label may be given to an agent: the wire's limits (the agent
+/// is told its labels in a `Labels` frame), and text an operator can read
+/// back. `agent label` and `enroll create --label` both check by this.
+pub(crate) fn check_label(key: &str, value: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > MAX_LABEL_LEN {
+        return Err(format!("names are 1 to {MAX_LABEL_LEN} bytes"));
+    }
+    if value.is_empty() || value.len() > MAX_LABEL_LEN {
+        return Err(format!(
+            "values are 1 to {MAX_LABEL_LEN} bytes (remove a label with KEY-)"
+        ));
+    }
+    if key.contains('=') || key.chars().chain(value.chars()).any(char::is_control) {
+        return Err("names hold no '=', and names and values no control characters".into());
+    }
+    Ok(())
+}
+
+/// Parses `KEY=VALUE` and `KEY-`, each checked by [`check_label`].
 fn parse_edit(s: &str) -> Result<Edit, VerbError> {
     let bad = |why: &str| VerbError::Usage(format!("label {s:?}: {why}"));
     let edit = match s.split_once('=') {
         Some((k, v)) => {
-            if v.is_empty() {
-                return Err(bad("the value is empty (remove a label with KEY-)"));
-            }
-            if v.len() > MAX_LABEL_LEN {
-                return Err(bad(&format!("values are at most {MAX_LABEL_LEN} bytes")));
-            }
+            check_label(k, v).map_err(|why| bad(&why))?;
             Edit::Set(k.to_owned(), v.to_owned())
         }
         None => match s.strip_suffix('-') {
-            Some(k) => Edit::Remove(k.to_owned()),
+            Some(k) => {
+                check_label(k, "-").map_err(|why| bad(&why))?;
+                Edit::Remove(k.to_owned())
+            }
             None => return Err(bad("write KEY=VALUE to set a label or KEY- to remove one")),
         },
     };
-    let key = match &edit {
-        Edit::Set(k, _) | Edit::Remove(k) => k,
-    };
-    if key.is_empty() || key.len() > MAX_LABEL_LEN {
-        return Err(bad(&format!("names are 1 to {MAX_LABEL_LEN} bytes")));
-    }
-    if key.chars().any(|c| c.is_control() || c == '=') {
-        return Err(bad("names hold no control characters and no '='"));
-    }
     Ok(edit)
 }
 
@@ -244,8 +250,7 @@ fn label(
     let now = clock::unix_now();
     let id = args.agent.clone();
     let js = on_jetstream(&args.config, &cfg, |js| async move {
-        let held = js.labels(&id).await?.unwrap_or_default();
-        let change = js.set_labels(&id, &edited(held, edits)?, now).await?;
+        let change = js.edit_labels(&id, |held| edited(held, edits), now).await?;
         if change.old.as_ref() != Some(&change.new) {
             let json = |l: &BTreeMap<String, String>| {
                 serde_json::to_string(l).unwrap_or_else(|_| "{}".into())
@@ -276,20 +281,15 @@ fn label(
     }
     let path = store_path(&args.config, &cfg.hub.data_dir);
     let mut conn = open_admin(&path)?;
-    let held = match StoreReader::open(&path) {
-        Ok(r) => r.labels(&args.agent)?,
-        Err(e) => return Err(e.into()),
-    };
-    let labels = edited(held, edits)?;
-    Ok(trust::set_labels(
+    trust::edit_labels(
         &mut conn,
         &path,
         &key,
         &args.agent,
-        &labels,
+        |held| edited(held, edits),
         actor,
         now,
-    )?)
+    )
 }
 
 fn revoke(
@@ -451,7 +451,7 @@ mod tests {
 
     #[test]
     fn bad_edits_are_refused_with_a_reason() {
-        for bad in ["site", "=a", "site=", "-", "a\u{1b}b=c"] {
+        for bad in ["site", "=a", "site=", "-", "a\u{1b}b=c", "site=a\u{7}b"] {
             let e = parse_edit(bad).expect_err(bad).to_string();
             assert!(e.contains(&format!("{bad:?}")), "{e}");
         }

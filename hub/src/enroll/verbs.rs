@@ -11,7 +11,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
-use outpost_protocols::wire::{MAX_LABELS, MAX_LABEL_LEN};
+use outpost_protocols::wire::MAX_LABELS;
 use outpost_protocols::AgentId;
 
 use super::tokens::{labels_text, new_token, TokenError, Tokens};
@@ -314,14 +314,7 @@ fn parse_labels(flags: &[String]) -> Result<BTreeMap<String, String>, EnrollVerb
     for f in flags {
         let bad = |why: &str| EnrollVerbError::Usage(format!("--label {f:?}: {why}"));
         let (k, v) = f.split_once('=').ok_or_else(|| bad("give KEY=VALUE"))?;
-        if k.is_empty() || k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN {
-            return Err(bad(&format!(
-                "the key must be 1 to {MAX_LABEL_LEN} bytes and the value at most {MAX_LABEL_LEN}"
-            )));
-        }
-        if k.chars().chain(v.chars()).any(char::is_control) {
-            return Err(bad("control characters are not allowed"));
-        }
+        crate::agents::check_label(k, v).map_err(|why| bad(&why))?;
         if labels.insert(k.to_owned(), v.to_owned()).is_some() {
             return Err(bad("this key is given twice"));
         }

@@ -61,33 +61,46 @@ impl JetStreamStore {
         Ok(out)
     }
 
-    /// Sets `agent_id`'s labels (the whole set), creating its record if it
-    /// has none; see the SQLite store's `trust::set_labels`.
-    pub async fn set_labels(
+    /// Sets `agent_id`'s labels to what `edit` makes of those held (empty
+    /// for an agent not registered), creating its record if it has none;
+    /// see the SQLite store's `trust::edit_labels`. `edit` runs on the
+    /// record each compare-and-set attempt read, so two operators' edits at
+    /// once both count; an error of `edit` on what is held writes nothing.
+    pub async fn edit_labels<E: From<StoreError>>(
         &self,
         agent_id: &AgentId,
-        labels: &BTreeMap<String, String>,
+        edit: impl Fn(BTreeMap<String, String>) -> Result<BTreeMap<String, String>, E>,
         now: Timestamp,
-    ) -> Result<LabelChange, StoreError> {
-        let old = Mutex::new(None);
+    ) -> Result<LabelChange, E> {
+        edit(self.labels(agent_id).await?.unwrap_or_default())?;
+        let outcome = Mutex::new(None);
         self.update_agent(agent_id, |r: &mut KvAgent| {
             let registered = r.first_seen != 0;
-            *old.lock().unwrap_or_else(|e| e.into_inner()) = registered.then(|| r.labels.clone());
-            if !registered {
-                r.first_seen = now.0;
-                r.last_seen = now.0;
-            }
-            r.labels = labels.clone();
+            let held = if registered {
+                r.labels.clone()
+            } else {
+                BTreeMap::new()
+            };
+            let done = edit(held).map(|new| {
+                let old = registered.then(|| r.labels.clone());
+                if !registered {
+                    r.first_seen = now.0;
+                    r.last_seen = now.0;
+                }
+                r.labels = new.clone();
+                LabelChange { old, new }
+            });
+            *outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(done);
         })
         .await?;
-        let old = old.into_inner().unwrap_or_else(|e| e.into_inner());
-        if old.as_ref() != Some(labels) {
+        let change = outcome
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .ok_or_else(|| self.fail("editing labels", "no compare-and-set attempt ran"))??;
+        if change.old.as_ref() != Some(&change.new) {
             self.raise_trust_generation().await?;
         }
-        Ok(LabelChange {
-            old,
-            new: labels.clone(),
-        })
+        Ok(change)
     }
 
     /// Revokes `agent_id` (creating its record if it has none); the

@@ -8,10 +8,10 @@ use outpost_protocols::event::{AgentId, Seq, Timestamp};
 use outpost_storage::AtPath;
 use rusqlite::{params, Connection, OptionalExtension as _, Row};
 
-use super::rows::{agent_from, seq_from};
+use super::rows::{agent_from, revocation_at, seq_from};
 use crate::audit::key::AuditKey;
 use crate::store::error::StoreError;
-use crate::store::records::{AgentRecord, Revocation};
+use crate::store::records::AgentRecord;
 
 /// A counter for an INTEGER column: SQLite integers are signed, and a
 /// reported value beyond `i64::MAX` is kept as `i64::MAX` rather than refused.
@@ -326,20 +326,7 @@ fn record(path: &Path, row: &Row<'_>) -> Result<AgentRecord, StoreError> {
     let policy_dropped = unsigned("agents.policy_dropped", row.get(12).at(path)?)?;
     let policy_modified = unsigned("agents.policy_modified", row.get(13).at(path)?)?;
     let labels_ignored = unsigned("agents.labels_ignored", row.get(14).at(path)?)?;
-    let revoked = match row.get::<_, Option<i64>>(15).at(path)? {
-        None => None,
-        Some(at) => Some(Revocation {
-            at: Timestamp(at),
-            by: row
-                .get::<_, Option<String>>(16)
-                .at(path)?
-                .unwrap_or_default(),
-            reason: row
-                .get::<_, Option<String>>(17)
-                .at(path)?
-                .unwrap_or_default(),
-        }),
-    };
+    let revoked = revocation_at(row, 15).at(path)?;
     Ok(AgentRecord {
         labels_ignored,
         revoked,

@@ -38,3 +38,19 @@ pub(crate) fn agent_from(
         reason: e.to_string(),
     })
 }
+
+/// The revocation in the `revoked_at`, `revoked_by` and `revoked_reason`
+/// columns of `row`, from column `first` on; `None` while not revoked.
+pub(crate) fn revocation_at(
+    row: &rusqlite::Row<'_>,
+    first: usize,
+) -> rusqlite::Result<Option<crate::store::records::Revocation>> {
+    let Some(at) = row.get::<_, Option<i64>>(first)? else {
+        return Ok(None);
+    };
+    Ok(Some(crate::store::records::Revocation {
+        at: outpost_protocols::event::Timestamp(at),
+        by: row.get::<_, Option<String>>(first + 1)?.unwrap_or_default(),
+        reason: row.get::<_, Option<String>>(first + 2)?.unwrap_or_default(),
+    }))
+}

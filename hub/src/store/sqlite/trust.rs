@@ -21,7 +21,7 @@ use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
 
 use super::audit::{self, Entry};
 use super::registry;
-use super::rows::agent_from;
+use super::rows::{agent_from, revocation_at};
 use crate::audit::key::AuditKey;
 use crate::store::error::StoreError;
 use crate::store::records::{LabelChange, Revocation};
@@ -52,27 +52,19 @@ pub(crate) fn raise_generation(conn: &Connection, path: &Path) -> Result<(), Sto
 
 /// Every revoked agent and its revocation.
 pub fn revoked(conn: &Connection, path: &Path) -> Result<HashMap<AgentId, Revocation>, StoreError> {
-    let rows: Vec<(String, i64, Option<String>, Option<String>)> = conn
+    let rows: Vec<(String, Option<Revocation>)> = conn
         .prepare_cached(
             "SELECT agent_id, revoked_at, revoked_by, revoked_reason FROM agents
              WHERE revoked_at IS NOT NULL",
         )
         .and_then(|mut s| {
-            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            s.query_map([], |r| Ok((r.get(0)?, revocation_at(r, 1)?)))
                 .and_then(|rows| rows.collect())
         })
         .at(path)?;
     rows.into_iter()
-        .map(|(id, at, by, reason)| {
-            Ok((
-                agent_from(path, "agents.agent_id", id)?,
-                Revocation {
-                    at: Timestamp(at),
-                    by: by.unwrap_or_default(),
-                    reason: reason.unwrap_or_default(),
-                },
-            ))
-        })
+        .filter_map(|(id, r)| r.map(|r| (id, r)))
+        .map(|(id, r)| Ok((agent_from(path, "agents.agent_id", id)?, r)))
         .collect()
 }
 
@@ -89,22 +81,48 @@ pub fn set_labels(
     actor: &str,
     now: Timestamp,
 ) -> Result<LabelChange, StoreError> {
+    edit_labels(
+        conn,
+        path,
+        key,
+        agent_id,
+        |_| Ok(labels.clone()),
+        actor,
+        now,
+    )
+}
+
+/// [`set_labels`] to what `edit` makes of the labels held (empty for an
+/// agent not registered), read in the same transaction as the write, so two
+/// operators' edits at once both count. An error of `edit` changes nothing.
+pub fn edit_labels<E: From<StoreError>>(
+    conn: &mut Connection,
+    path: &Path,
+    key: &AuditKey,
+    agent_id: &AgentId,
+    edit: impl FnOnce(BTreeMap<String, String>) -> Result<BTreeMap<String, String>, E>,
+    actor: &str,
+    now: Timestamp,
+) -> Result<LabelChange, E> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
-        .at(path)?;
+        .at(path)
+        .map_err(StoreError::from)?;
     let old = registry::labels(&tx, path, agent_id)?;
+    let labels = edit(old.clone().unwrap_or_default())?;
     let change = LabelChange {
         old: old.clone(),
         new: labels.clone(),
     };
-    if old.as_ref() == Some(labels) {
+    if old.as_ref() == Some(&labels) {
         return Ok(change);
     }
-    let text = json(labels);
+    let text = json(&labels);
     ensure_row(&tx, path, agent_id, now)?;
     tx.prepare_cached("UPDATE agents SET labels = ?2 WHERE agent_id = ?1")
         .and_then(|mut s| s.execute(params![agent_id.as_str(), text]))
-        .at(path)?;
+        .at(path)
+        .map_err(StoreError::from)?;
     audit::append(
         &tx,
         path,
@@ -123,7 +141,7 @@ pub fn set_labels(
         },
     )?;
     raise_generation(&tx, path)?;
-    tx.commit().at(path)?;
+    tx.commit().at(path).map_err(StoreError::from)?;
     Ok(change)
 }
 
@@ -224,24 +242,16 @@ fn revocation(
     path: &Path,
     agent_id: &AgentId,
 ) -> Result<Option<Revocation>, StoreError> {
-    let row: Option<(Option<i64>, Option<String>, Option<String>)> = conn
+    let row: Option<Option<Revocation>> = conn
         .prepare_cached(
             "SELECT revoked_at, revoked_by, revoked_reason FROM agents WHERE agent_id = ?1",
         )
         .and_then(|mut s| {
-            s.query_row([agent_id.as_str()], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .optional()
+            s.query_row([agent_id.as_str()], |r| revocation_at(r, 0))
+                .optional()
         })
         .at(path)?;
-    Ok(row.and_then(|(at, by, reason)| {
-        at.map(|at| Revocation {
-            at: Timestamp(at),
-            by: by.unwrap_or_default(),
-            reason: reason.unwrap_or_default(),
-        })
-    }))
+    Ok(row.flatten())
 }
 
 /// Creates `agent_id`'s registry row, empty, if it has none.
