@@ -588,3 +588,115 @@ fn the_api_serves_tls_with_its_own_certificate_and_the_cli_trusts_only_api_ca() 
     ensure!(code == 1 && err.contains("TLS"), "{code} {err}");
     Ok(())
 }
+
+#[test]
+fn the_audit_trail_through_the_api_is_signed_and_its_anchor_catches_a_cut_tail() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    let hub = Hub::start_with(dir.path(), &pki, "")?;
+    let api = hub.api_url()?;
+    let exe = bin("outpost-hub")?;
+    let cfg = hub.config.display().to_string();
+    let author = token(&hub, "policy-author", "alice")?;
+    for (i, text) in [
+        "[[rules]]\nstreams = [\"plant/+/debug\"]\naction = \"deny\"\n",
+        "[[rules]]\nstreams = [\"#\"]\naction = \"allow\"\n",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let req = serde_json::to_vec(
+            &serde_json::json!({ "text": text, "source": format!("p{i}.toml") }),
+        )?;
+        let a = http(&api, "POST", "/api/v1/policy", Some(&author), Some(&req))?;
+        ensure!(
+            a.status == 200,
+            "apply {i}: {} {}",
+            a.status,
+            String::from_utf8_lossy(&a.body)
+        );
+    }
+    let viewer = token(&hub, "viewer", "auditor")?;
+    let tf = token_file(&hub, dir.path(), "viewer", "auditor-cli")?;
+    let remote = |args: &[&str]| -> Result<(i32, String, String)> {
+        let mut all = args.to_vec();
+        all.extend(["--api", &api, "--token-file", &tf]);
+        run_cli(&exe, &all)
+    };
+
+    // The public key: the API's, the CLI's through the API and on the store
+    // are one key.
+    let key = http(&api, "GET", "/api/v1/audit/key", Some(&viewer), None)?.json()?;
+    let (code, direct_pem, err) = run_cli(&exe, &["audit", "key", "--config", &cfg])?;
+    ensure!(code == 0, "{err}");
+    let (code, remote_pem, err) = remote(&["audit", "key"])?;
+    ensure!(
+        code == 0 && remote_pem == direct_pem && key["pem"] == direct_pem.as_str(),
+        "{code} {err}\n{remote_pem}\n{direct_pem}\n{key}"
+    );
+    let kept = dir.path().join("kept-elsewhere.pem");
+    std::fs::write(&kept, &direct_pem)?;
+    let kept = kept.display().to_string();
+
+    // Every entry the API wrote is signed; the anchor is the newest entry.
+    let list = http(&api, "GET", "/api/v1/audit", Some(&viewer), None)?.json()?;
+    let entries = list["entries"].as_array().context("entries")?;
+    ensure!(
+        entries.len() >= 4 && entries.iter().all(|e| e["sig"].is_string()),
+        "{list}"
+    );
+    let anchor = http(&api, "GET", "/api/v1/audit/anchor", Some(&viewer), None)?.json()?;
+    let anchored = anchor["anchor"].as_str().context("anchor")?.to_owned();
+    ensure!(
+        anchor["id"] == entries.len() as u64 && anchor["hash"] == list["head"],
+        "{anchor} {list}"
+    );
+    let (code, out, err) = remote(&["audit", "anchor"])?;
+    ensure!(code == 0 && out.trim() == anchored, "{code} {err} {out}");
+    let verify_path = format!("/api/v1/audit/verify?anchor={anchored}");
+    let v = http(&api, "GET", &verify_path, Some(&viewer), None)?.json()?;
+    ensure!(v["status"] == "intact" && v["first_signed"] == 1, "{v}");
+    let (code, out, err) = remote(&[
+        "audit",
+        "verify",
+        "--anchor",
+        &anchored,
+        "--public-key",
+        &kept,
+    ])?;
+    ensure!(code == 0 && out.contains("anchor"), "{code} {out} {err}");
+    problem(
+        &http(
+            &api,
+            "GET",
+            "/api/v1/audit/verify?anchor=2:nothex",
+            Some(&viewer),
+            None,
+        )?,
+        400,
+    )?;
+
+    // The newest entries cut off with `meta` rewritten: the chain alone
+    // holds, the anchor catches it, through the API and through the CLI
+    // walking the API's entries itself.
+    let db = rusqlite::Connection::open(dir.path().join("hub-data").join("hub.db"))?;
+    db.execute_batch(
+        "BEGIN IMMEDIATE;
+         DELETE FROM audit WHERE id > 2;
+         UPDATE meta SET value = '2' WHERE key = 'audit.count';
+         UPDATE meta SET value = (SELECT hash FROM audit WHERE id = 2) WHERE key = 'audit.head';
+         COMMIT;",
+    )?;
+    let v = http(&api, "GET", "/api/v1/audit/verify", Some(&viewer), None)?.json()?;
+    ensure!(v["status"] == "intact" && v["entries"] == 2, "{v}");
+    let v = http(&api, "GET", &verify_path, Some(&viewer), None)?.json()?;
+    ensure!(v["status"] == "broken", "a cut tail passed the anchor: {v}");
+    let (code, _, err) = remote(&["audit", "verify", "--anchor", &anchored])?;
+    ensure!(code == 1 && err.contains("anchored"), "{code} {err}");
+
+    // An edited entry is caught with the key kept elsewhere.
+    db.execute("UPDATE audit SET actor = 'mallory' WHERE id = 2", [])?;
+    let (code, _, err) = remote(&["audit", "verify", "--public-key", &kept])?;
+    ensure!(code == 1 && err.contains("entry 2"), "{code} {err}");
+    Ok(())
+}
