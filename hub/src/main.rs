@@ -320,9 +320,7 @@ fn run_ca(command: CaCommand) -> Result<(), anyhow::Error> {
                     ca::issue_agent(&dir, id, &out, days)?;
                     if let Some(a) = &audit {
                         let env: Vec<(String, String)> = std::env::vars().collect();
-                        let actor = actor
-                            .clone()
-                            .unwrap_or_else(|| outpost_hub::admin::login_name(&env));
+                        let actor = outpost_hub::admin::local_actor(actor.as_deref(), &env);
                         let detail = format!(
                             "{} valid {days}, from CA {}",
                             out.join(ca::AGENT_CERT).display(),

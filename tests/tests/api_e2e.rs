@@ -700,3 +700,191 @@ fn the_audit_trail_through_the_api_is_signed_and_its_anchor_catches_a_cut_tail()
     ensure!(code == 1 && err.contains("entry 2"), "{code} {err}");
     Ok(())
 }
+
+#[test]
+fn labels_revocation_and_enrollment_are_api_resources_with_roles() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path())?;
+    seed(dir.path(), 2, 1)?;
+    let hub = Hub::start_with(dir.path(), &pki, "")?;
+    let api = hub.api_url()?;
+    let admin = token(&hub, "admin", "root")?;
+    let operator = token(&hub, "operator", "ops")?;
+    let viewer = token(&hub, "viewer", "watcher")?;
+    let body = |v: serde_json::Value| serde_json::to_vec(&v).unwrap_or_default();
+    let agent = |id: &str| -> Result<serde_json::Value> {
+        http(
+            &api,
+            "GET",
+            &format!("/api/v1/agents/{id}"),
+            Some(&viewer),
+            None,
+        )?
+        .json()
+    };
+
+    // Labels: an operator's; a viewer is refused and nothing changes.
+    let edit = body(serde_json::json!({"set": {"line": "3"}, "remove": ["site"]}));
+    problem(
+        &http(
+            &api,
+            "POST",
+            "/api/v1/agents/gw-0/labels",
+            Some(&viewer),
+            Some(&edit),
+        )?,
+        403,
+    )?;
+    ensure!(agent("gw-0")?["labels"] == serde_json::json!({"site": "site-0"}));
+    let a = http(
+        &api,
+        "POST",
+        "/api/v1/agents/gw-0/labels",
+        Some(&operator),
+        Some(&edit),
+    )?;
+    let changed = a.json()?;
+    ensure!(
+        a.status == 200
+            && changed["changed"] == true
+            && changed["new"] == serde_json::json!({"line": "3"}),
+        "{changed}"
+    );
+    ensure!(agent("gw-0")?["labels"] == serde_json::json!({"line": "3"}));
+    let bad = body(serde_json::json!({"set": {"a=b": "c"}}));
+    problem(
+        &http(
+            &api,
+            "POST",
+            "/api/v1/agents/gw-0/labels",
+            Some(&operator),
+            Some(&bad),
+        )?,
+        400,
+    )?;
+
+    // Revocation: an administrator's; an operator is refused.
+    let why = body(serde_json::json!({"reason": "stolen"}));
+    problem(
+        &http(
+            &api,
+            "POST",
+            "/api/v1/agents/gw-1/revoke",
+            Some(&operator),
+            Some(&why),
+        )?,
+        403,
+    )?;
+    let r = http(
+        &api,
+        "POST",
+        "/api/v1/agents/gw-1/revoke",
+        Some(&admin),
+        Some(&why),
+    )?
+    .json()?;
+    ensure!(r["new"] == true && r["by"] == "token:root", "{r}");
+    ensure!(agent("gw-1")?["revoked"]["reason"] == "stolen");
+    let r = http(
+        &api,
+        "POST",
+        "/api/v1/agents/gw-1/reinstate",
+        Some(&admin),
+        None,
+    )?
+    .json()?;
+    ensure!(r["reinstated"] == true, "{r}");
+    ensure!(agent("gw-1")?["revoked"].is_null());
+
+    // Enrollment: made, listed without its secret, revoked.
+    let req =
+        body(serde_json::json!({"agent_id": "gw-9", "labels": {"site": "depot-9"}, "ttl": "10m"}));
+    problem(
+        &http(
+            &api,
+            "POST",
+            "/api/v1/enrollments",
+            Some(&operator),
+            Some(&req),
+        )?,
+        403,
+    )?;
+    let made = http(
+        &api,
+        "POST",
+        "/api/v1/enrollments",
+        Some(&admin),
+        Some(&req),
+    )?;
+    let doc = made.json()?;
+    let secret = doc["token"].as_str().context("token")?.to_owned();
+    ensure!(made.status == 201 && doc["agent_id"] == "gw-9", "{doc}");
+    let listed = http(&api, "GET", "/api/v1/enrollments", Some(&admin), None)?;
+    let text = String::from_utf8_lossy(&listed.body).into_owned();
+    ensure!(
+        text.contains("\"pending\"") && !text.contains(&secret),
+        "{text}"
+    );
+    let gone = http(
+        &api,
+        "DELETE",
+        "/api/v1/enrollments/gw-9",
+        Some(&admin),
+        None,
+    )?
+    .json()?;
+    ensure!(gone[0]["state"] == "revoked", "{gone}");
+    problem(
+        &http(
+            &api,
+            "DELETE",
+            "/api/v1/enrollments/gw-9",
+            Some(&admin),
+            None,
+        )?,
+        404,
+    )?;
+    let bad_ttl = body(serde_json::json!({"agent_id": "gw-9", "ttl": "90d"}));
+    problem(
+        &http(
+            &api,
+            "POST",
+            "/api/v1/enrollments",
+            Some(&admin),
+            Some(&bad_ttl),
+        )?,
+        400,
+    )?;
+
+    // Every change is audited with the caller's subject.
+    let (code, out, err) = hub.cli(&["audit", "list", "--json"])?;
+    ensure!(code == 0, "{err}");
+    let trail: Vec<(String, String)> = serde_json::from_str::<serde_json::Value>(&out)?["entries"]
+        .as_array()
+        .context("entries")?
+        .iter()
+        .filter(|e| e["actor"].as_str().is_some_and(|a| a.starts_with("token:")))
+        .map(|e| {
+            (
+                e["actor"].as_str().unwrap_or("").to_owned(),
+                e["action"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    let s = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+    ensure!(
+        trail
+            == vec![
+                s("token:watcher", "api.refused"),
+                s("token:ops", "agent.labels_changed"),
+                s("token:ops", "api.refused"),
+                s("token:root", "agent.revoked"),
+                s("token:root", "agent.reinstated"),
+                s("token:ops", "api.refused"),
+                s("token:root", "enroll.created"),
+                s("token:root", "enroll.revoked"),
+            ],
+        "{trail:?}"
+    );
+    Ok(())
+}

@@ -27,6 +27,7 @@ pub mod proposals;
 pub mod server;
 pub mod sinks;
 pub mod state;
+pub mod trust;
 pub mod types;
 
 use std::time::Duration;
@@ -53,6 +54,7 @@ pub fn router(state: state::ApiState, timeout: Duration) -> Router {
         .merge(proposals::router())
         .merge(sinks::router())
         .merge(audit::router())
+        .merge(trust::router())
         .route("/openapi.json", get(openapi::serve));
     Router::new()
         .nest("/api/v1", v1)

@@ -40,6 +40,12 @@ use utoipa::{Modify, OpenApi};
         crate::api::audit::verify,
         crate::api::audit::anchor,
         crate::api::audit::key,
+        crate::api::trust::labels,
+        crate::api::trust::revoke,
+        crate::api::trust::reinstate,
+        crate::api::trust::enroll,
+        crate::api::trust::enrollments,
+        crate::api::trust::unenroll,
     ),
     modifiers(&Bearer),
     tags(
