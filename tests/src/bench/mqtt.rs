@@ -516,10 +516,16 @@ fn baseline_drain(port: u16, run: usize, n: usize) -> Result<f64> {
     }
     preload(port, &publisher_id, &prefix, n)?;
 
+    drain_bare(port, &id, n, run_timeout(n))
+}
+
+/// Reconnects the bare subscriber of persistent session `id` and times it
+/// from there to the `n`-th message the broker had queued for it: msg/s.
+pub(crate) fn drain_bare(port: u16, id: &str, n: usize, timeout: Duration) -> Result<f64> {
     let sub_rt = runtime("subscriber")?;
     let started = Instant::now();
-    let sub = Client::connect(sub_rt.handle().clone(), port, &id, false, None, n as u64)?;
-    let deadline = started + run_timeout(n);
+    let sub = Client::connect(sub_rt.handle().clone(), port, id, false, None, n as u64)?;
+    let deadline = started + timeout;
     let finished = loop {
         if let Some(at) = sub.finished() {
             break at;
@@ -527,9 +533,8 @@ fn baseline_drain(port: u16, run: usize, n: usize) -> Result<f64> {
         sub.check()?;
         if Instant::now() > deadline {
             bail!(
-                "the bare subscriber drained {} of {n} queued messages in {:?}",
+                "the bare subscriber drained {} of {n} queued messages in {timeout:?}",
                 sub.count(),
-                run_timeout(n)
             );
         }
         std::thread::sleep(Duration::from_millis(1));

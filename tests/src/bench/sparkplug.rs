@@ -21,7 +21,7 @@ use outpost_protocols::sparkplug::payload::{Metric, MetricValue, Payload};
 use outpost_tests::Mosquitto;
 use rumqttc::QoS;
 
-use super::mqtt::{run_timeout, runtime, Client};
+use super::mqtt::{drain_bare, run_timeout, runtime, Client};
 use super::procfs::{clock_ticks, CpuWindow};
 use super::procs::{outbox_reader, Bins};
 use super::report::{median, per_sec, samples, thousands, Row, Verdict};
@@ -169,33 +169,7 @@ fn baseline(port: u16, run: usize, n: usize) -> Result<f64> {
         sub.close();
     }
     preload(port, &publisher_id, &group, n)?;
-    let sub_rt = runtime("subscriber")?;
-    let started = Instant::now();
-    let sub = Client::connect(
-        sub_rt.handle().clone(),
-        port,
-        &id,
-        false,
-        None,
-        n as u64 + 1,
-    )?;
-    let deadline = started + run_timeout(n * METRICS);
-    let finished = loop {
-        if let Some(at) = sub.finished() {
-            break at;
-        }
-        sub.check()?;
-        if Instant::now() > deadline {
-            bail!(
-                "the bare subscriber drained {} of {} queued messages",
-                sub.count(),
-                n + 1
-            );
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    };
-    sub.close();
-    Ok(per_sec(n as u64 + 1, finished.duration_since(started)))
+    drain_bare(port, &id, n + 1, run_timeout(n * METRICS))
 }
 
 /// The agent draining the queued session: (msg/s, % of one core).
