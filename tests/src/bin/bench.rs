@@ -50,6 +50,8 @@ mod report;
 mod sinks;
 #[path = "../bench/sizes.rs"]
 mod sizes;
+#[path = "../bench/sparkplug.rs"]
+mod sparkplug;
 #[path = "../bench/uplink.rs"]
 mod uplink;
 #[path = "../bench/workload.rs"]
@@ -99,6 +101,8 @@ enum Measurement {
     Append,
     /// MQTT QoS 1 ingest against a bare subscriber.
     Mqtt,
+    /// Sparkplug B ingest against a bare subscriber.
+    Sparkplug,
     /// The fleet policy: evaluation against the empty policy, and MQTT ingest
     /// with a 1,000-rule policy against none.
     Policy,
@@ -134,6 +138,7 @@ struct Plan {
     api: api::Params,
     append: append::Params,
     mqtt: mqtt::Params,
+    sparkplug: sparkplug::Params,
     policy: policy::Params,
     modbus: modbus::Params,
     uplink: uplink::Params,
@@ -163,6 +168,10 @@ impl Plan {
                 },
                 mqtt: mqtt::Params {
                     messages: 20_000,
+                    reps: 1,
+                },
+                sparkplug: sparkplug::Params {
+                    messages: 2_000,
                     reps: 1,
                 },
                 policy: policy::Params {
@@ -219,6 +228,10 @@ impl Plan {
                 },
                 mqtt: mqtt::Params {
                     messages: 200_000,
+                    reps: 3,
+                },
+                sparkplug: sparkplug::Params {
+                    messages: 20_000,
                     reps: 3,
                 },
                 policy: policy::Params {
@@ -389,6 +402,11 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
         let d = dir.join("mqtt");
         std::fs::create_dir_all(&d)?;
         mqtt::run(&bins, &d, plan.mqtt)
+    });
+    measure(Measurement::Sparkplug, "Sparkplug B ingest", &mut || {
+        let d = dir.join("sparkplug");
+        std::fs::create_dir_all(&d)?;
+        sparkplug::run(&bins, &d, plan.sparkplug)
     });
     measure(
         Measurement::Policy,
@@ -610,6 +628,13 @@ How each row is measured (medians of the runs; every run's numbers are on stderr
   publisher in the way. Probe messages before each clock make sure the subscriber is
   connected and subscribed. For scale, shared/PEERS.md measured ~65k msg/s QoS 1 live
   (one publisher, in-flight 100) on a quiet machine of this type.
+- Sparkplug B: the MQTT drain shape with an edge node's session queued at Mosquitto (an
+  NBIRTH of 10 metrics with aliases, then N NDATA of the 10 metrics by alias only, seq
+  1, 2, ... modulo 256, QoS 1); the bare subscriber counts messages and decodes nothing,
+  the agent (`[[mqtt.sparkplug]]`) decodes each payload, resolves the aliases, checks
+  the seq and stores one event per metric. Clock from the subscriber's (re)start to the
+  last message received or the last metric counted in `accepted_total`. Info only: the
+  agent writes ten events per message the bare subscriber merely counts.
 - Policy evaluation: a generated document of 1,000 rules with distinct patterns over
   `site-S/line-L/tag-T` (exact names, `+` over lines, `#` under a line; one in ten a deny,
   one in a hundred a 10 s downsample, most of the rest redact `/unit`, hash `/pad`, round
