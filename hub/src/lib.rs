@@ -16,6 +16,7 @@ pub mod client_tls;
 pub mod clock;
 pub mod config;
 pub mod enroll;
+pub mod hashing;
 pub mod logging;
 pub mod metrics;
 pub mod nats;
