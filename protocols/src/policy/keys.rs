@@ -41,6 +41,12 @@ impl fmt::Debug for HashingKey {
     }
 }
 
+impl From<[u8; 32]> for HashingKey {
+    fn from(bytes: [u8; 32]) -> HashingKey {
+        HashingKey(bytes)
+    }
+}
+
 impl HashingKey {
     /// The key's length in bytes.
     pub const LEN: usize = 32;
