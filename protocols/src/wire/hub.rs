@@ -607,9 +607,9 @@ impl HubSession {
     /// did), whatever that version is, since the part it holds may be
     /// another (its labels changed while it was away), and at most once a
     /// text per session, so a policy the agent refused is not pushed again
-    /// until its next connection. A version 1 agent, which has no policy
-    /// frames, is pushed nothing: the hub enforces the policy on what it
-    /// sends.
+    /// until its next connection. Version 0 (no policy) is not pushed to an
+    /// agent that runs it. A version 1 agent, which has no policy frames, is
+    /// pushed nothing: the hub enforces the policy on what it sends.
     ///
     /// A text over [`MAX_POLICY_LEN`] is refused, and the session then
     /// pushes nothing until another policy is set.
@@ -644,6 +644,11 @@ impl HubSession {
             return;
         };
         if self.reported.is_none() || self.pushed.as_ref() == Some(&(version, text.clone())) {
+            return;
+        }
+        // Version 0 (no policy) is the same for every agent, so an agent that
+        // runs it cannot hold a stale part of it.
+        if version == 0 && self.reported == Some(0) {
             return;
         }
         if self.push_policy(version, &text).is_ok() {

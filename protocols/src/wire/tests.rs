@@ -320,6 +320,27 @@ fn the_hub_pushes_a_version_once_a_session_even_when_the_agent_refuses_it() {
 }
 
 #[test]
+fn the_hub_does_not_push_no_policy_to_an_agent_that_runs_none() {
+    let now = origin();
+    let mut hub = welcomed_hub(now, 0, 10);
+    hub.set_policy(0, "").expect("within the limit");
+    let status = |version| Frame::PolicyStatus {
+        version,
+        error: None,
+    };
+    hub.handle_bytes(now, &encode(&[status(0)]))
+        .expect("accepted");
+    assert!(hub_sent(&mut hub, now).is_empty());
+    // An agent that runs a version the hub no longer has gets version 0.
+    hub.handle_bytes(now, &encode(&[status(3)]))
+        .expect("accepted");
+    assert!(matches!(
+        hub_sent(&mut hub, now).as_slice(),
+        [Frame::Policy { version: 0, .. }]
+    ));
+}
+
+#[test]
 fn the_hub_pushes_nothing_to_a_version_1_agent() {
     let now = origin();
     let mut hub = HubSession::new(now, agent_id(), Seq(0), HubConfig::default());
