@@ -400,6 +400,12 @@ pub fn policy(
                     }
                 },
             };
+            // Never a key: a version of before the key moved to the hub's
+            // file shows its `[hashing] key` redacted.
+            let rec = PolicyRecord {
+                text: outpost_protocols::policy::redact_keys(&rec.text),
+                ..rec
+            };
             if args.json {
                 writeln!(out, "{}", serde_json::to_value(&rec).unwrap_or_default())?;
             } else {
@@ -587,7 +593,7 @@ fn warn_unselected(store: &Path, version: u64) {
     let Ok(Some(rec)) = policy::get(reader.connection(), store, version) else {
         return;
     };
-    let Ok(p) = outpost_protocols::policy::Policy::parse(
+    let Ok(p) = outpost_protocols::policy::Policy::parse_stored(
         &rec.text,
         &outpost_protocols::policy::Catalog::trusting(),
     ) else {

@@ -44,6 +44,22 @@ pub struct RawConfig {
     /// `[audit]`.
     #[serde(default)]
     pub audit: AuditSection,
+    /// `[policy]`.
+    #[serde(default)]
+    pub policy: PolicySection,
+}
+
+/// `[policy]`: what the hub keeps for the fleet policy and never sends.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// The hub's hashing key (32 random bytes as 64 hex digits, mode 0600)
+    /// from which the key of each policy rule that hashes is derived; made
+    /// on first start if missing, refused if group or others may read it.
+    /// Default `<data_dir>/hashing.key`. On a JetStream store every replica
+    /// needs the same key.
+    #[serde(default)]
+    pub hashing_key: Option<PathBuf>,
 }
 
 /// `[audit]`: the audit log's signing key.
@@ -350,9 +366,22 @@ pub struct HubConfig {
     pub enroll: EnrollSection,
     /// `[audit]`.
     pub audit: AuditSection,
+    /// `[policy]`.
+    pub policy: PolicySection,
 }
 
 impl HubConfig {
+    /// The hashing key file of the hub whose config file is `config_file`:
+    /// `[policy] hashing_key`, or `<data_dir>/hashing.key`, relative paths
+    /// taken from the config file's folder.
+    pub fn hashing_key_path(&self, config_file: &Path) -> PathBuf {
+        let base = config_file.parent().unwrap_or(Path::new(""));
+        match &self.policy.hashing_key {
+            Some(k) => base.join(k),
+            None => base.join(&self.hub.data_dir).join("hashing.key"),
+        }
+    }
+
     /// The audit key file of the hub whose config file is `config_file`:
     /// `[audit] key`, or `<data_dir>/audit.key`, relative paths taken from
     /// the config file's folder.
@@ -426,6 +455,7 @@ pub fn parse(
             "sinks",
             "enroll",
             "audit",
+            "policy",
         ],
     )
     .map_err(|message| ConfigError::Parse {
@@ -475,6 +505,7 @@ impl RawConfig {
             sinks,
             enroll: self.enroll,
             audit: self.audit,
+            policy: self.policy,
         })
     }
 

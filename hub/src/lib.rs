@@ -17,6 +17,7 @@ pub mod client_tls;
 pub mod clock;
 pub mod config;
 pub mod enroll;
+pub mod hashing;
 pub mod logging;
 pub mod metrics;
 pub mod nats;

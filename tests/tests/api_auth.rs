@@ -592,7 +592,8 @@ fn two_person_approval_puts_a_policy_in_force_at_a_running_agent_and_refuses_the
 }
 
 /// A replica's config on the JetStream store at `url`, in `dir`; every
-/// replica signs the one audit chain with the same key, `dir/../audit.key`.
+/// replica signs the one audit chain with the same key, `dir/../audit.key`,
+/// and shares the fleet's hashing key, `dir/../hashing.key`.
 fn replica(dir: &Path, pki: &Pki, url: &str) -> Result<Hub> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("jwks.json"), fixture("jwks-1.json")?)?;
@@ -601,11 +602,12 @@ fn replica(dir: &Path, pki: &Pki, url: &str) -> Result<Hub> {
     std::fs::write(
         &config,
         format!(
-            "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[store]\nkind = \"jetstream\"\n\n[store.jetstream]\nurl = \"{url}\"\ntimeout = \"5s\"\n\n[observability]\nlog = \"info\"\nmetrics = \"\"\n\n[api]\nlisten = \"127.0.0.1:0\"\npolicy_approval = \"two-person\"\n\n[api.oidc]\nissuer = \"{ISSUER}\"\naudience = \"{AUDIENCE}\"\njwks = \"jwks.json\"\n\n[audit]\nkey = \"{}\"\n",
+            "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[store]\nkind = \"jetstream\"\n\n[store.jetstream]\nurl = \"{url}\"\ntimeout = \"5s\"\n\n[observability]\nlog = \"info\"\nmetrics = \"\"\n\n[api]\nlisten = \"127.0.0.1:0\"\npolicy_approval = \"two-person\"\n\n[api.oidc]\nissuer = \"{ISSUER}\"\naudience = \"{AUDIENCE}\"\njwks = \"jwks.json\"\n\n[audit]\nkey = \"{}\"\n\n[policy]\nhashing_key = \"{}\"\n",
             pki.hub_dir.join("ca.pem").display(),
             pki.hub_dir.join("hub.pem").display(),
             pki.hub_dir.join("hub.key").display(),
             dir.parent().unwrap_or(dir).join("audit.key").display(),
+            dir.parent().unwrap_or(dir).join("hashing.key").display(),
         ),
     )?;
     Hub::start_file(&config, addr)

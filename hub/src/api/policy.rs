@@ -7,6 +7,7 @@
 //! one applied on the hub's machine; the audit entry's actor is the
 //! caller's subject.
 
+use outpost_protocols::policy::redact_keys;
 use std::collections::BTreeMap;
 
 use axum::extract::{Query, State};
@@ -178,7 +179,10 @@ pub async fn diff(
 
 /// `policy diff`'s output: a unified diff of two versions' texts.
 pub fn unified_diff(a: &PolicyRecord, b: &PolicyRecord) -> String {
-    similar::TextDiff::from_lines(&a.text, &b.text)
+    // A version stored before the hashing key left the policy text may
+    // still carry one: never shown.
+    let (a_text, b_text) = (redact_keys(&a.text), redact_keys(&b.text));
+    similar::TextDiff::from_lines(&a_text, &b_text)
         .unified_diff()
         .header(
             &format!("policy v{}", a.version),

@@ -318,7 +318,8 @@ impl PolicyVersionDoc {
             actor: Some(r.actor.clone()),
             source: Some(r.source.clone()),
             digest: Some(r.digest.clone()),
-            text: with_text.then(|| r.text.clone()),
+            // Never a key, even of a version stored with one.
+            text: with_text.then(|| outpost_protocols::policy::redact_keys(&r.text)),
         }
     }
 
