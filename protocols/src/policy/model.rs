@@ -258,6 +258,8 @@ pub struct CommandGrant {
     pub write: Vec<TopicFilter>,
     /// MQTT topics they may publish to.
     pub publish: Vec<TopicFilter>,
+    /// Tag streams (`device/tag`) they may read now.
+    pub read: Vec<TopicFilter>,
 }
 
 /// A command an operator asks to send, for [`Policy::authorize`].
@@ -267,6 +269,8 @@ pub enum Command<'a> {
     Write(&'a str),
     /// Publish on the site broker.
     Publish(&'a str),
+    /// Read a Modbus tag now, named by its stream `device/tag`.
+    Read(&'a str),
 }
 
 /// A parsed and validated policy document.
@@ -346,6 +350,7 @@ impl Policy {
                 && match command {
                     Command::Write(stream) => g.write.iter().any(|f| f.matches(stream)),
                     Command::Publish(topic) => g.publish.iter().any(|f| f.matches(topic)),
+                    Command::Read(stream) => g.read.iter().any(|f| f.matches(stream)),
                 }
         })
     }
