@@ -90,6 +90,13 @@ impl Catalog {
 pub struct Selector(pub(super) BTreeMap<String, String>);
 
 impl Selector {
+    /// A selector of these label patterns (`*` globs), as an operator's
+    /// `--select KEY=PATTERN` gives them.
+    #[must_use]
+    pub fn from_patterns(patterns: BTreeMap<String, String>) -> Selector {
+        Selector(patterns)
+    }
+
     /// Whether it selects every agent.
     #[must_use]
     pub fn is_everyone(&self) -> bool {

@@ -525,12 +525,9 @@ impl AgentSession {
                 Ok(())
             }
             (State::Streaming { version }, Frame::Command { command }) if version >= 4 => {
-                command
-                    .action
-                    .check()
-                    .map_err(|e| ProtocolError::InvalidCommand {
-                        reason: e.to_string(),
-                    })?;
+                command.check().map_err(|e| ProtocolError::InvalidCommand {
+                    reason: e.to_string(),
+                })?;
                 if self.commands.contains(&command.id) {
                     return Err(ProtocolError::UnexpectedCommand {
                         frame: "Command",

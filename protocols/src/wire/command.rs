@@ -10,6 +10,7 @@
 //! Command (14), hub -> agent
 //!   id          string, 1..=64 of [A-Za-z0-9_-], unique per agent and command
 //!   expires_at  i64, Unix nanoseconds: not executed after this
+//!   role        string, <= 64 bytes: the operator's role, authorised again
 //!   action      0 Write   { stream: "device/tag", value: Value }
 //!               1 Publish { topic, payload: bytes, qos: 0..=2, retain }
 //!               2 Read    { stream: "device/tag" }
@@ -66,6 +67,9 @@ pub enum CommandError {
         /// The limit.
         max: usize,
     },
+    /// Stored bytes are not an encoded outcome or action.
+    #[error("stored command data does not decode: {0}")]
+    Undecodable(String),
     /// A `Publish` with a QoS other than 0, 1 or 2.
     #[error("command qos {0}: must be 0, 1 or 2")]
     InvalidQos(u8),
@@ -156,6 +160,20 @@ pub enum Action {
     },
 }
 
+impl CommandRequest {
+    /// Checks the fields against their limits.
+    pub fn check(&self) -> Result<(), CommandError> {
+        if self.role.len() > MAX_ROLE_LEN {
+            return Err(CommandError::TooLong {
+                field: "role",
+                len: self.role.len(),
+                max: MAX_ROLE_LEN,
+            });
+        }
+        self.action.check()
+    }
+}
+
 impl Action {
     /// `write`, `publish` or `read`.
     #[must_use]
@@ -174,6 +192,17 @@ impl Action {
             Action::Write { stream, .. } | Action::Read { stream } => stream.as_str(),
             Action::Publish { topic, .. } => topic,
         }
+    }
+
+    /// The action as bytes, for a store (postcard, as on the wire).
+    #[must_use]
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    /// An action stored with [`to_bytes`](Self::to_bytes).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Action, CommandError> {
+        postcard::from_bytes(bytes).map_err(|e| CommandError::Undecodable(e.to_string()))
     }
 
     /// Checks the fields against their limits.
@@ -228,6 +257,9 @@ fn check_value(field: &'static str, value: &Value) -> Result<(), CommandError> {
     Ok(())
 }
 
+/// The longest role name in a command, in bytes.
+pub const MAX_ROLE_LEN: usize = 64;
+
 /// One command as the hub sends it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CommandRequest {
@@ -235,6 +267,10 @@ pub struct CommandRequest {
     pub id: CommandId,
     /// Not executed after this (Unix nanoseconds, the agent's clock).
     pub expires_at: Timestamp,
+    /// The role the operator sent it in (at most [`MAX_ROLE_LEN`] bytes):
+    /// the agent asks its own copy of the policy's `[[commands]]` again
+    /// with it.
+    pub role: String,
     /// What to do.
     pub action: Action,
 }
@@ -326,6 +362,18 @@ impl Outcome {
             },
             other => other,
         }
+    }
+
+    /// The outcome as bytes, for a ledger or a store (postcard, as on the
+    /// wire).
+    #[must_use]
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    /// An outcome stored with [`to_bytes`](Self::to_bytes).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Outcome, CommandError> {
+        postcard::from_bytes(bytes).map_err(|e| CommandError::Undecodable(e.to_string()))
     }
 
     /// Checks the fields against their limits.

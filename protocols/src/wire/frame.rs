@@ -866,6 +866,7 @@ pub(crate) mod tests {
             command: CommandRequest {
                 id: CommandId::parse("c1").expect("valid"),
                 expires_at: Timestamp(0),
+                role: String::new(),
                 action: super::super::command::Action::Read {
                     stream: StreamName::parse("d/t").expect("valid"),
                 },
@@ -980,6 +981,7 @@ pub(crate) mod tests {
             command: CommandRequest {
                 id: CommandId::parse("c1").expect("valid"),
                 expires_at: Timestamp(1),
+                role: "r".into(),
                 action: super::super::command::Action::Read {
                     stream: StreamName::parse("d/t").expect("valid"),
                 },

@@ -453,7 +453,7 @@ impl HubSession {
         if negotiated < 4 {
             return Ok(false);
         }
-        command.action.check()?;
+        command.check()?;
         if self.commands_open.insert(command.id.clone()) {
             self.commands_queued.push_back(command);
             self.send_queued_commands();

@@ -2281,6 +2281,7 @@ fn read_command(id: &str) -> command::CommandRequest {
     command::CommandRequest {
         id: command::CommandId::parse(id).expect("valid id"),
         expires_at: Timestamp(i64::MAX),
+        role: "operator".into(),
         action: command::Action::Read {
             stream: StreamName::parse("plc1/setpoint").expect("valid"),
         },

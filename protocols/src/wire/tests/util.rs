@@ -728,6 +728,7 @@ pub(crate) fn read_command(id: &CommandId) -> CommandRequest {
     CommandRequest {
         id: id.clone(),
         expires_at: Timestamp(i64::MAX),
+        role: "operator".into(),
         action: Action::Read {
             stream: StreamName::parse("plc1/setpoint").expect("valid"),
         },
