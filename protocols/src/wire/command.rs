@@ -44,6 +44,10 @@ pub const MAX_COMMAND_TOPIC_LEN: usize = 1024;
 /// `Write` or in an `Applied` outcome, in bytes.
 pub const MAX_COMMAND_PAYLOAD_LEN: usize = 256 * 1024;
 
+/// The longest reason of an outcome, in bytes: the same as an `Error`
+/// frame's message (`MAX_ERROR_MESSAGE_LEN`).
+pub const MAX_REASON_LEN: usize = 1024;
+
 /// How many commands the hub keeps outstanding (sent, not yet answered) on
 /// one session; more wait at the hub until results come back. The agent
 /// closes a session that goes beyond it.
@@ -95,7 +99,7 @@ impl CommandId {
             Ok(CommandId(s.to_owned()))
         } else {
             Err(CommandError::InvalidId(
-                super::frame::truncate(s, MAX_COMMAND_ID_LEN + 1)
+                truncate(s, MAX_COMMAND_ID_LEN + 1)
                     .escape_debug()
                     .to_string(),
             ))
@@ -225,7 +229,7 @@ impl Action {
                 }
                 if topic.is_empty() || topic.contains(['+', '#', '\0']) {
                     return Err(CommandError::InvalidTopic(
-                        super::frame::truncate(topic, 64).escape_debug().to_string(),
+                        truncate(topic, 64).escape_debug().to_string(),
                     ));
                 }
                 if payload.len() > MAX_COMMAND_PAYLOAD_LEN {
@@ -242,6 +246,20 @@ impl Action {
             }
         }
     }
+}
+
+/// `s` cut to at most `max` bytes at a character boundary. Its own copy of
+/// the frame codec's, which needs this module's types: the codec depends
+/// on commands, not commands on the codec.
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
 }
 
 /// A value's payload within [`MAX_COMMAND_PAYLOAD_LEN`].
@@ -346,10 +364,10 @@ impl Outcome {
     }
 
     /// The same outcome with its reason cut to
-    /// [`MAX_ERROR_MESSAGE_LEN`](super::frame::MAX_ERROR_MESSAGE_LEN) bytes.
+    /// [`MAX_REASON_LEN`] bytes.
     #[must_use]
     pub fn bounded(self) -> Outcome {
-        let cut = |r: String| super::frame::truncate(&r, super::frame::MAX_ERROR_MESSAGE_LEN);
+        let cut = |r: String| truncate(&r, MAX_REASON_LEN);
         match self {
             Outcome::Refused { reason } => Outcome::Refused {
                 reason: cut(reason),
@@ -379,11 +397,11 @@ impl Outcome {
     /// Checks the fields against their limits.
     pub fn check(&self) -> Result<(), CommandError> {
         if let Some(r) = self.reason() {
-            if r.len() > super::frame::MAX_ERROR_MESSAGE_LEN {
+            if r.len() > MAX_REASON_LEN {
                 return Err(CommandError::TooLong {
                     field: "reason",
                     len: r.len(),
-                    max: super::frame::MAX_ERROR_MESSAGE_LEN,
+                    max: MAX_REASON_LEN,
                 });
             }
         }
@@ -408,6 +426,17 @@ mod tests {
         // An id that fails to parse also fails to decode.
         let bytes = postcard::to_stdvec("a b").expect("encodes");
         assert!(postcard::from_bytes::<CommandId>(&bytes).is_err());
+    }
+
+    #[test]
+    fn the_reason_limit_is_the_error_message_limit() {
+        assert_eq!(MAX_REASON_LEN, crate::wire::MAX_ERROR_MESSAGE_LEN);
+        let long = Outcome::Failed {
+            reason: "é".repeat(MAX_REASON_LEN),
+        }
+        .bounded();
+        assert!(long.reason().is_some_and(|r| r.len() <= MAX_REASON_LEN));
+        assert_eq!(long.check(), Ok(()));
     }
 
     #[test]

@@ -755,11 +755,14 @@ pub(crate) mod tests {
                 }),
             stream.prop_map(|stream| Action::Read { stream }),
         ];
-        ("[A-Za-z0-9_-]{1,64}", any::<i64>(), action).prop_map(|(id, ts, action)| CommandRequest {
-            id: CommandId::parse(&id).expect("generated ids are valid"),
-            expires_at: Timestamp(ts),
-            action,
-        })
+        ("[A-Za-z0-9_-]{1,64}", any::<i64>(), "[a-z-]{0,64}", action).prop_map(
+            |(id, ts, role, action)| CommandRequest {
+                id: CommandId::parse(&id).expect("generated ids are valid"),
+                expires_at: Timestamp(ts),
+                role,
+                action,
+            },
+        )
     }
 
     pub(crate) fn arb_outcome() -> impl Strategy<Value = Outcome> {
@@ -989,7 +992,7 @@ pub(crate) mod tests {
         });
         assert_eq!(
             read,
-            [0, 0, 0, 10, 14, 2, b'c', b'1', 2, 2, 3, b'd', b'/', b't']
+            [0, 0, 0, 12, 14, 2, b'c', b'1', 2, 1, b'r', 2, 3, b'd', b'/', b't']
         );
         // And the exact bytes of two frames, as docs/protocol.md shows them.
         assert_eq!(encode(&Frame::Heartbeat), [0, 0, 0, 1, 6]);
