@@ -7,9 +7,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use outpost_protocols::wire::command::Action;
-use outpost_protocols::{AgentId, StreamName, Value};
+use outpost_protocols::{AgentId, Value};
 
-use super::{CommandStore, CommandsError, SendRequest, Targets, DEFAULT_TTL};
+use super::{CommandStore, CommandsError, SendRequest, Targets};
 use crate::config::{self, HubConfig};
 use crate::store::commands::CommandRecord;
 use crate::store::store_path;
@@ -214,12 +214,8 @@ fn send_request(args: &SendArgs) -> Result<SendRequest, CommandVerbError> {
             Targets::Select(patterns)
         }
     };
-    let stream = |s: &str, flag: &str| {
-        StreamName::parse(s)
-            .ok()
-            .filter(|n| n.as_str().contains('/'))
-            .ok_or_else(|| usage(format!("{flag} {s:?}: give DEVICE/TAG")))
-    };
+    let stream =
+        |s: &str, flag: &str| super::tag_stream(s).map_err(|e| usage(format!("{flag} {e}")));
     let action = if let Some(w) = &args.write {
         let (tag, value) = w
             .split_once('=')
@@ -248,17 +244,7 @@ fn send_request(args: &SendArgs) -> Result<SendRequest, CommandVerbError> {
     action
         .check()
         .map_err(|e| usage(format!("the command: {e}")))?;
-    let ttl = humantime::parse_duration(&args.ttl).map_err(|_| {
-        usage(format!(
-            "--ttl {:?}: give a duration (`30s`, `10m`, `2d`)",
-            args.ttl
-        ))
-    })?;
-    let ttl = if args.ttl.is_empty() {
-        DEFAULT_TTL
-    } else {
-        ttl
-    };
+    let ttl = super::parse_ttl(Some(&args.ttl)).map_err(|e| usage(format!("--ttl {e}")))?;
     Ok(SendRequest {
         targets,
         action,

@@ -200,6 +200,26 @@ pub fn get(conn: &Connection, path: &Path, id: &str) -> Result<Option<CommandRec
     .at(path)
 }
 
+/// How many commands the table holds, by kind and state, ordered: the
+/// hub's command counters (a command is counted once, in its latest state).
+pub fn counts(conn: &Connection, path: &Path) -> Result<Vec<(String, String, u64)>, StoreError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT kind, state, COUNT(*) FROM commands GROUP BY kind, state ORDER BY kind, state",
+        )
+        .at(path)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+            ))
+        })
+        .at(path)?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().at(path)
+}
+
 /// The newest commands first, of one agent or all, at most `limit`.
 pub fn list(
     conn: &Connection,
