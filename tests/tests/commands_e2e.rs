@@ -121,6 +121,11 @@ log = "info"
     )
 }
 
+/// `outpost-hub ARGS` without `--config` (the `--api` verbs).
+fn run_hub_cli(args: &[&str]) -> Result<(i32, String, String)> {
+    outpost_tests::run_cli(&outpost_tests::bin("outpost-hub")?, args)
+}
+
 fn json(out: &str) -> Result<Value> {
     serde_json::from_str(out.trim()).with_context(|| format!("not JSON: {out}"))
 }
@@ -422,12 +427,61 @@ fn the_api_sends_in_the_callers_role_and_the_hub_counts_what_became_of_each() ->
     let (_, sent, _) = send(&hub, &["--agent", AGENT, "--read", "plc1/setpoint"])?;
     let read = outcome(&hub, &id_of(&sent)?)?;
     ensure!(read["value"].as_u64() == Some(33), "{read}");
+    // The CLI through the API prints what it prints from the store, and
+    // sends as the token's subject.
+    let token_file = dir.path().join("ops.token");
+    std::fs::write(&token_file, format!("{operator}\n"))?;
+    let tf = token_file.to_str().context("utf-8")?;
+    let (code, direct, err) = hub.cli(&["command", "list", "--json"])?;
+    ensure!(code == 0, "command list: {err}");
+    let (code, remote, err) = run_hub_cli(&[
+        "command",
+        "list",
+        "--json",
+        "--api",
+        &api,
+        "--token-file",
+        tf,
+    ])?;
+    ensure!(
+        code == 0 && json(&remote)? == json(&direct)?,
+        "{err}\n{remote}\n{direct}"
+    );
+    let (code, remote, err) =
+        run_hub_cli(&["command", "status", &id, "--api", &api, "--token-file", tf])?;
+    let (_, direct, _) = hub.cli(&["command", "status", &id])?;
+    ensure!(code == 0 && remote == direct, "{err}\n{remote}\n{direct}");
+    let (code, out, err) = run_hub_cli(&[
+        "command",
+        "send",
+        "--json",
+        "--agent",
+        AGENT,
+        "--read",
+        "plc1/setpoint",
+        "--api",
+        &api,
+        "--token-file",
+        tf,
+    ])?;
+    ensure!(code == 0, "send --api: {err}");
+    let via = json(&out)?;
+    ensure!(
+        via[0]["actor"] == "token:ops" && via[0]["role"] == "operator",
+        "{via}"
+    );
+    let read = outcome(&hub, via[0]["id"].as_str().context("id")?)?;
+    ensure!(read["value"].as_u64() == Some(33), "{read}");
+    let (code, _, err) =
+        run_hub_cli(&["command", "status", "00", "--api", &api, "--token-file", tf])?;
+    ensure!(code == 2, "status of no command: {code} {err}");
+
     // The hub's counters say the same as the table.
     let metrics = hub.metrics()?;
     for line in [
         "outpost_hub_commands{kind=\"write\",state=\"applied\"} 1",
         "outpost_hub_commands{kind=\"write\",state=\"refused\"} 1",
-        "outpost_hub_commands{kind=\"read\",state=\"applied\"} 1",
+        "outpost_hub_commands{kind=\"read\",state=\"applied\"} 2",
     ] {
         ensure!(
             metrics.lines().any(|l| l == line),

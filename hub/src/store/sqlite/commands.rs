@@ -19,7 +19,7 @@ use std::path::Path;
 use outpost_protocols::event::Timestamp;
 use outpost_protocols::wire::command::{Action, CommandId, CommandRequest, Outcome};
 use rusqlite::{params, Connection, OptionalExtension as _, Row, TransactionBehavior};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::audit;
 use crate::audit::key::AuditKey;
@@ -49,7 +49,7 @@ pub struct NewCommand {
 }
 
 /// A stored command, as `command status` and `command list` print it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CommandRecord {
     /// Its id.
     pub id: String,
