@@ -132,6 +132,11 @@ impl StreamName {
         &self.0
     }
 
+    /// [`BRIDGE_WRITES_STREAM`], which is valid by construction.
+    pub fn bridge_writes() -> StreamName {
+        StreamName(BRIDGE_WRITES_STREAM.to_owned())
+    }
+
     /// Whether the name is in the namespace the agent keeps for its own
     /// records ([`RESERVED_PREFIX`]).
     pub fn is_reserved(&self) -> bool {

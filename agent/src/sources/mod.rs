@@ -6,7 +6,7 @@
 pub mod modbus;
 pub mod mqtt;
 
-use outpost_protocols::Value;
+use outpost_protocols::{EventBody, Quality, StreamName, Timestamp, Value};
 use tokio::sync::oneshot;
 
 /// A request to a Modbus device's own task, which alone talks to the
@@ -22,7 +22,10 @@ pub struct WriteCommand {
     pub op: DeviceOp,
     /// Where it came from (a topic, or `command <id>`), for the log.
     pub topic: String,
-    /// Where the outcome goes (a command's); `None` for a bridge's write.
+    /// Where the outcome goes (a command's); `None` for a bridge's write,
+    /// whose outcome the device's task records on
+    /// [`BRIDGE_WRITES_STREAM`](outpost_protocols::event::BRIDGE_WRITES_STREAM) instead (a command's outcome reaches the
+    /// hub as its result).
     pub reply: Option<oneshot::Sender<DeviceReply>>,
 }
 
@@ -45,4 +48,47 @@ pub enum DeviceReply {
     Refused(String),
     /// Attempted and failed, or the device was not reachable: why.
     Failed(String),
+}
+
+/// The longest value, as JSON text, a bridge write's record carries; a
+/// longer payload (it cannot have been a register's value) is recorded by
+/// its size.
+const MAX_RECORDED_VALUE: usize = 256;
+
+/// The record of one write an MQTT → Modbus bridge asked for, on
+/// [`BRIDGE_WRITES_STREAM`](outpost_protocols::event::BRIDGE_WRITES_STREAM): sent to the hub through the outbox like any
+/// event, so the site's local writes are seen where the fleet's commands
+/// are. `outcome` is `applied`, `refused` or `failed`, with `reason` unless
+/// applied.
+pub fn bridge_write_record(
+    ts: Timestamp,
+    topic: &str,
+    device: &str,
+    tag: &str,
+    value: &Value,
+    outcome: &str,
+    reason: Option<&str>,
+) -> EventBody {
+    let mut value = value.to_json();
+    let len = value.to_string().len();
+    if len > MAX_RECORDED_VALUE {
+        value = serde_json::json!({ "omitted_bytes": len });
+    }
+    let mut doc = serde_json::json!({
+        "topic": topic,
+        "device": device,
+        "tag": tag,
+        "value": value,
+        "outcome": outcome,
+    });
+    if let Some(r) = reason {
+        doc["reason"] = r.into();
+    }
+    EventBody {
+        stream: StreamName::bridge_writes(),
+        ts,
+        value: Value::Json(outpost_protocols::JsonText::from_value(&doc)),
+        quality: Quality::Good,
+        attrs: Default::default(),
+    }
 }
