@@ -92,3 +92,47 @@ pub fn bridge_write_record(
         attrs: Default::default(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(body: &EventBody) -> serde_json::Value {
+        match &body.value {
+            Value::Json(j) => j.to_value(),
+            other => panic!("not JSON: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_bridge_write_record_names_topic_tag_value_and_outcome_on_the_reserved_stream() {
+        let b = bridge_write_record(
+            Timestamp(9),
+            "cmd/plc1/setpoint",
+            "plc1",
+            "setpoint",
+            &Value::U64(77),
+            "applied",
+            None,
+        );
+        assert_eq!(b.stream.as_str(), "$outpost/bridge/writes");
+        assert!(b.stream.is_reserved());
+        assert_eq!(b.ts, Timestamp(9));
+        assert_eq!(
+            doc(&b),
+            serde_json::json!({"topic": "cmd/plc1/setpoint", "device": "plc1", "tag": "setpoint", "value": 77, "outcome": "applied"})
+        );
+        let b = bridge_write_record(
+            Timestamp(9),
+            "t",
+            "plc1",
+            "setpoint",
+            &Value::String("x".repeat(1000)),
+            "refused",
+            Some("not a number"),
+        );
+        let d = doc(&b);
+        assert_eq!(d["value"], serde_json::json!({"omitted_bytes": 1002}));
+        assert_eq!(d["reason"], "not a number");
+    }
+}
