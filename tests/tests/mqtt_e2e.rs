@@ -351,6 +351,11 @@ allow_unauthenticated_writes = true
         anyhow::Ok(seen)
     })?;
     assert_eq!(seen.first().map(String::as_str), Some("42"), "{seen:?}");
+    // The waiver is repeated at start, naming the bridge.
+    assert!(log_contains(
+        dir.path(),
+        "bridges[1].allow_unauthenticated_writes"
+    ));
     // The write is recorded in the outbox, for the hub, on the reserved
     // stream: what, where, from which topic, and that it was applied.
     let mut record = None;
