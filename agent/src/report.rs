@@ -180,6 +180,7 @@ pub fn check_json(c: &AgentConfig) -> serde_json::Value {
             "publish": c.publish_bridges.len(),
             "write": c.write_bridges.len(),
         },
+        "warnings": c.warnings,
     })
 }
 

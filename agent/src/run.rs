@@ -76,6 +76,9 @@ pub fn outbox_config(cfg: &AgentConfig) -> OutboxConfig {
 
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), RunError> {
+    for w in &cfg.warnings {
+        warn!(agent_id = %cfg.agent_id, warning = %w, "Config allows something risky.");
+    }
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| RunError::DataDir {
         path: cfg.data_dir.clone(),
         message: e.to_string(),
