@@ -57,9 +57,12 @@ struct Times {
     finished: i64,
 }
 
+/// A `commands` row: state, value, created, delivered and finished at.
+type CommandRow = (String, Option<String>, i64, Option<i64>, Option<i64>);
+
 /// The state and times of command `id` once it has an outcome.
 fn finished(db: &Connection, id: &str) -> Result<Option<(String, Option<String>, Times)>> {
-    let row: Option<(String, Option<String>, i64, Option<i64>, Option<i64>)> = db
+    let row: Option<CommandRow> = db
         .prepare_cached(
             "SELECT state, value, created_at, delivered_at, finished_at FROM commands WHERE id = ?1",
         )?
