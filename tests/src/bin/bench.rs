@@ -26,6 +26,8 @@ use clap::Parser;
 mod api;
 #[path = "../bench/append.rs"]
 mod append;
+#[path = "../bench/commands.rs"]
+mod commands;
 #[path = "../bench/door.rs"]
 mod door;
 #[path = "../bench/modbus.rs"]
@@ -131,6 +133,8 @@ enum Measurement {
     /// The hub's door: 10,000 handshakes without a valid certificate while a
     /// real agent connects.
     Door,
+    /// A command's round trip: hub → agent → device → result at the hub.
+    Commands,
 }
 
 /// The sizes of a run.
@@ -147,6 +151,7 @@ struct Plan {
     replicas: replicas::Params,
     peers: peers::Params,
     door: door::Params,
+    commands: commands::Params,
 }
 
 impl Plan {
@@ -210,6 +215,7 @@ impl Plan {
                     sources: 50,
                     concurrency: 500,
                 },
+                commands: commands::Params { commands: 30 },
             }
         } else {
             Plan {
@@ -270,6 +276,7 @@ impl Plan {
                     sources: 100,
                     concurrency: 1_000,
                 },
+                commands: commands::Params { commands: 200 },
             }
         }
     }
@@ -482,6 +489,9 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
         "The hub's door under bad handshakes",
         &mut || door::run(&bins, &dir, plan.door),
     );
+    measure(Measurement::Commands, "Command round trip", &mut || {
+        commands::run(&bins, &dir, plan.commands)
+    });
     measure(Measurement::Sizes, "Static build sizes", &mut || {
         Ok(sizes::rows(&target_dir()))
     });
@@ -746,4 +756,13 @@ How each row is measured (medians of the runs; every run's numbers are on stderr
   100 (all agents, or one agent with a `plc1/+` pattern). p50 / p99 / max by query
   kind (nearest rank), after one warm-up request of each. No baseline; the target is
   ours (p99 under 100 ms).
+- Command round trip: a hub, an agent and `outpost-devsim` on loopback; N writes of
+  one writable u16 tag sent one at a time with `outpost-hub command send` (the
+  break-glass CLI), each after a random pause of 0 to 1 s so that it arrives at a random
+  moment of the session's one-second check for new commands, and each awaited (its row
+  in `hub.db`, read-only, every 2 ms) before the next. Round trip = the hub's own
+  `finished_at − created_at` (stored → result stored: delivery, the agent's ledger
+  fsyncs, the Modbus write and read-back, the result recorded); every command must be
+  `applied` with the value written. p50 / p99 nearest rank. No baseline; the goal is
+  ours: p99 ≤ 1.5 s, the one-second check plus half a second.
 ";
