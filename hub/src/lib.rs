@@ -18,6 +18,7 @@ pub mod clock;
 pub mod config;
 pub mod enroll;
 pub mod hashing;
+pub mod kpis;
 pub mod logging;
 pub mod metrics;
 pub mod nats;

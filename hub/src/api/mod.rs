@@ -19,6 +19,7 @@ pub mod auth;
 pub mod caller;
 pub mod events;
 pub mod fleet;
+pub mod kpis;
 pub mod limit;
 pub mod openapi;
 pub mod policy;
@@ -55,6 +56,7 @@ pub fn router(state: state::ApiState, timeout: Duration) -> Router {
         .merge(sinks::router())
         .merge(audit::router())
         .merge(trust::router())
+        .merge(kpis::router())
         .route("/openapi.json", get(openapi::serve));
     Router::new()
         .nest("/api/v1", v1)

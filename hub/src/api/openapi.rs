@@ -46,6 +46,7 @@ use utoipa::{Modify, OpenApi};
         crate::api::trust::enroll,
         crate::api::trust::enrollments,
         crate::api::trust::unenroll,
+        crate::api::kpis::show,
     ),
     modifiers(&Bearer),
     tags(
@@ -54,6 +55,7 @@ use utoipa::{Modify, OpenApi};
         (name = "policy", description = "The fleet policy's versions"),
         (name = "sinks", description = "The sinks' queues and counters"),
         (name = "audit", description = "The tamper-evident audit log"),
+        (name = "kpis", description = "The delivery KPIs, as the metrics show them"),
     )
 )]
 pub struct ApiDoc;
