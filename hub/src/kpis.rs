@@ -1,7 +1,9 @@
 //! The hub's delivery KPIs, counted in memory at the moment they happen:
-//! what an ingest commit stored and dropped for each agent, how long its
-//! events took from the agent's outbox to that commit, and how long from
-//! that commit to each sink's acceptance.
+//! what an ingest commit stored and dropped for each agent, and how long
+//! each event took from that commit to each sink's acceptance. (The other
+//! half of the end-to-end latency, from the agent's outbox to the hub's
+//! commit, is timed by the agent, on its own clock, when the hub's `Stored`
+//! or `Ack` says the commit happened: no frame had to change.)
 //!
 //! Why in memory, when the rest of the hub's metrics are read from the store
 //! at each scrape (`metrics`): a latency exists only at the instant the
@@ -18,8 +20,8 @@
 //! The histograms are [`Latency`], a fixed-bucket histogram of our own
 //! rather than `prometheus_client`'s: the JSON summary (`GET /api/v1/kpis`)
 //! reads its buckets to give the same quantiles a PromQL
-//! `histogram_quantile` would, and a group commit of N events accepted at
-//! one instant is one `observe_n`, not N.
+//! `histogram_quantile` would, and N events committed at one instant are
+//! one `observe_n`, not N.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -193,7 +195,6 @@ pub struct Kpis {
     start_time: i64,
     stored: Family<AgentLabels, Counter>,
     dropped: Family<AgentLabels, Counter>,
-    ingest: Family<AgentLabels, Latency>,
     sink: Family<SinkLabels, Latency>,
     /// The agents with a series of their own, and the sinks seen.
     agents: Mutex<BTreeSet<String>>,
@@ -207,7 +208,6 @@ impl Kpis {
             start_time: start_ns / 1_000_000_000,
             stored: Family::default(),
             dropped: Family::default(),
-            ingest: Family::default(),
             sink: Family::default(),
             agents: Mutex::new(BTreeSet::new()),
             sinks: Mutex::new(BTreeSet::new()),
@@ -229,32 +229,15 @@ impl Kpis {
         AgentLabels { agent }
     }
 
-    /// An ingest commit for `id` completed at `now_ns`: `stored` events are
-    /// new in the store, `dropped` were dropped by the hub's policy, and
-    /// `accepted_at` holds, for stored events, runs of (events, the Unix
-    /// nanoseconds the agent's outbox committed them); events without a
-    /// stamp (an agent that sends none) are counted but not timed.
-    pub fn committed(
-        &self,
-        id: &AgentId,
-        stored: u64,
-        dropped: u64,
-        accepted_at: &[(u64, i64)],
-        now_ns: i64,
-    ) {
+    /// An ingest commit for `id` completed: `stored` events are new in the
+    /// store, `dropped` were dropped by the hub's policy.
+    pub fn committed(&self, id: &AgentId, stored: u64, dropped: u64) {
         if stored == 0 && dropped == 0 {
             return;
         }
         let l = self.agent(id);
         self.stored.get_or_create(&l).inc_by(stored);
         self.dropped.get_or_create(&l).inc_by(dropped);
-        if accepted_at.is_empty() {
-            return;
-        }
-        let h = self.ingest.get_or_create(&l);
-        for &(n, at) in accepted_at {
-            h.observe_n(now_ns.saturating_sub(at), n);
-        }
     }
 
     /// `sink` accepted events at `now_ns`, which the hub had committed (and
@@ -305,11 +288,6 @@ impl Kpis {
             self.dropped.clone(),
         );
         registry.register(
-            "ingest_latency_seconds",
-            "Edge accept (the agent's outbox commit) to hub commit, per stored event, by agent.",
-            self.ingest.clone(),
-        );
-        registry.register(
             "sink_latency_seconds",
             "Hub commit to sink acceptance, per delivered event, by sink.",
             self.sink.clone(),
@@ -330,23 +308,14 @@ impl Kpis {
             start_time_seconds: self.start_time,
             events_stored: 0,
             policy_dropped_events: 0,
-            ingest_latency: LatencySummary::empty(),
             agents: BTreeMap::new(),
             sink_latency: BTreeMap::new(),
         };
-        let all = Latency::default();
         for agent in agents {
             let l = AgentLabels { agent };
             let stored = self.stored.get(&l).map_or(0, |c| c.get());
             let dropped = self.dropped.get(&l).map_or(0, |c| c.get());
-            let latency = match self.ingest.get(&l) {
-                Some(h) => {
-                    all.add(&h);
-                    h.summary()
-                }
-                None => LatencySummary::empty(),
-            };
-            if stored == 0 && dropped == 0 && latency.count == 0 {
+            if stored == 0 && dropped == 0 {
                 continue;
             }
             out.events_stored += stored;
@@ -356,35 +325,15 @@ impl Kpis {
                 AgentKpis {
                     events_stored: stored,
                     policy_dropped_events: dropped,
-                    ingest_latency: latency,
                 },
             );
         }
-        out.ingest_latency = all.summary();
         for sink in sinks {
             if let Some(h) = self.sink.get(&SinkLabels { sink: sink.clone() }) {
                 out.sink_latency.insert(sink, h.summary());
             }
         }
         out
-    }
-}
-
-impl Latency {
-    /// Adds `other`'s observations to these (for fleet-wide quantiles).
-    fn add(&self, other: &Latency) {
-        for (mine, theirs) in self.buckets.iter().zip(other.buckets.iter()) {
-            mine.fetch_add(theirs.load(Ordering::Relaxed), Ordering::Relaxed);
-        }
-        self.count.fetch_add(other.count(), Ordering::Relaxed);
-        self.sum_ns
-            .fetch_add(other.sum_ns.load(Ordering::Relaxed), Ordering::Relaxed);
-    }
-}
-
-impl LatencySummary {
-    fn empty() -> LatencySummary {
-        Latency::default().summary()
     }
 }
 
@@ -397,8 +346,6 @@ pub struct KpiCounts {
     pub events_stored: u64,
     /// `outpost_hub_policy_dropped_events_total`, summed over agents.
     pub policy_dropped_events: u64,
-    /// `outpost_hub_ingest_latency_seconds`, over every agent.
-    pub ingest_latency: LatencySummary,
     /// The same by agent (the label's values: at most 1000 ids and `_other`).
     pub agents: BTreeMap<String, AgentKpis>,
     /// `outpost_hub_sink_latency_seconds`, by sink.
@@ -412,8 +359,6 @@ pub struct AgentKpis {
     pub events_stored: u64,
     /// `outpost_hub_policy_dropped_events_total{agent}`.
     pub policy_dropped_events: u64,
-    /// `outpost_hub_ingest_latency_seconds{agent}`.
-    pub ingest_latency: LatencySummary,
 }
 
 #[cfg(test)]
@@ -425,11 +370,10 @@ mod tests {
     }
 
     #[test]
-    fn a_commit_counts_its_events_and_times_each_run() {
+    fn a_commit_counts_its_events_by_agent() {
         let k = Kpis::new(7_000_000_000);
-        let s = 1_000_000_000;
-        k.committed(&id("a"), 5, 2, &[(3, 10 * s), (2, 11 * s)], 12 * s);
-        k.committed(&id("a"), 1, 0, &[], 12 * s);
+        k.committed(&id("a"), 5, 2);
+        k.committed(&id("a"), 1, 0);
         let mut r = Registry::with_prefix("outpost_hub");
         k.register(&mut r);
         let mut text = String::new();
@@ -438,26 +382,20 @@ mod tests {
             "outpost_hub_start_time_seconds 7",
             "outpost_hub_events_stored_total{agent=\"a\"} 6",
             "outpost_hub_policy_dropped_events_total{agent=\"a\"} 2",
-            "outpost_hub_ingest_latency_seconds_count{agent=\"a\"} 5",
-            "outpost_hub_ingest_latency_seconds_sum{agent=\"a\"} 8.0",
-            "outpost_hub_ingest_latency_seconds_bucket{le=\"1.0\",agent=\"a\"} 2",
-            "outpost_hub_ingest_latency_seconds_bucket{le=\"2.5\",agent=\"a\"} 5",
-            "outpost_hub_ingest_latency_seconds_bucket{le=\"+Inf\",agent=\"a\"} 5",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
         let sum = k.summary();
         assert_eq!(sum.events_stored, 6);
         assert_eq!(sum.policy_dropped_events, 2);
-        assert_eq!(sum.ingest_latency.count, 5);
-        assert_eq!(sum.agents["a"].ingest_latency.count, 5);
+        assert_eq!(sum.agents["a"].events_stored, 6);
     }
 
     #[test]
     fn agents_past_the_limit_share_one_series() {
         let k = Kpis::new(0);
         for i in 0..AGENT_SERIES + 5 {
-            k.committed(&id(&format!("a{i}")), 1, 0, &[], 0);
+            k.committed(&id(&format!("a{i}")), 1, 0);
         }
         let sum = k.summary();
         assert_eq!(sum.agents.len(), AGENT_SERIES + 1);
@@ -473,6 +411,19 @@ mod tests {
         let h = k.summary().sink_latency["cloud"].clone();
         assert_eq!(h.count, 3);
         assert!((h.sum_seconds - 5.0).abs() < 1e-9, "{h:?}");
+        let mut r = Registry::with_prefix("outpost_hub");
+        k.register(&mut r);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &r).expect("encode");
+        for line in [
+            "outpost_hub_sink_latency_seconds_count{sink=\"cloud\"} 3",
+            "outpost_hub_sink_latency_seconds_sum{sink=\"cloud\"} 5.0",
+            "outpost_hub_sink_latency_seconds_bucket{le=\"1.0\",sink=\"cloud\"} 1",
+            "outpost_hub_sink_latency_seconds_bucket{le=\"2.5\",sink=\"cloud\"} 3",
+            "outpost_hub_sink_latency_seconds_bucket{le=\"+Inf\",sink=\"cloud\"} 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
     }
 
     #[test]

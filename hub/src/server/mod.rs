@@ -24,8 +24,7 @@
 //! connection's life), `live` (which connection of an agent is current),
 //! `identity` (the agent id from the certificate), `binding` (which
 //! certificate of an agent is accepted, and renewing it), `enforcement` (the
-//! policy applied again on ingest), `session` (the driver), `stamps` (the
-//! agent's accept times, for the latency KPI) and `enroll` (a
+//! policy applied again on ingest), `session` (the driver) and `enroll` (a
 //! connection on the enrollment ALPN, which needs no client certificate).
 
 mod accept;
@@ -39,7 +38,6 @@ mod identity;
 mod live;
 mod reset;
 mod session;
-mod stamps;
 
 pub use accept::{serve, ServeKeys};
 pub use door::{DoorCounters, DoorCounts};

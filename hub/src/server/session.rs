@@ -129,8 +129,6 @@ struct Driver<'a> {
     after: Seq,
     /// The inserts handed to the store, awaited in the order they were made.
     commits: FuturesOrdered<Commit>,
-    /// When the agent's outbox accepted what it sends.
-    stamps: super::stamps::Stamps,
     /// Whether the session was told to close (stop, or superseded).
     closing: bool,
     /// Whether the agent was put in the registry (it said `Hello`).
@@ -185,7 +183,6 @@ impl<'a> Driver<'a> {
             watching_sinks: true,
             after: received,
             commits: FuturesOrdered::new(),
-            stamps: super::stamps::Stamps::default(),
             closing: false,
             registered: false,
             certs: None,
@@ -439,21 +436,16 @@ impl<'a> Driver<'a> {
         }
         // Queued now, in the order the batches arrived; awaited in that
         // order.
-        let stamps = self.stamps.runs(kept.iter().map(|(seq, _)| *seq));
         let dropped = counts.dropped;
         let pending = self
             .store
             .insert_routed_nowait(self.id.clone(), kept, forward, (self.after, last), counts)
             .await?;
         self.after = last;
-        self.stamps.forget_before(last);
         let (kpis, id) = (self.store.kpis().clone(), self.id.clone());
         self.commits.push_back(Box::pin(async move {
             let o = pending.await?;
-            // Replays the store already held (two overlapping sessions)
-            // are the oldest of the batch: the stamps of the newest count.
-            let stamps = super::stamps::newest(stamps, o.inserted);
-            kpis.committed(&id, o.inserted, dropped, &stamps, clock::unix_now().0);
+            kpis.committed(&id, o.inserted, dropped);
             Ok((last, o.acked))
         }));
         Ok(())
