@@ -47,6 +47,9 @@ use utoipa::{Modify, OpenApi};
         crate::api::trust::enrollments,
         crate::api::trust::unenroll,
         crate::api::kpis::show,
+        crate::api::commands::send,
+        crate::api::commands::list,
+        crate::api::commands::one,
     ),
     modifiers(&Bearer),
     tags(
@@ -56,6 +59,7 @@ use utoipa::{Modify, OpenApi};
         (name = "sinks", description = "The sinks' queues and counters"),
         (name = "audit", description = "The tamper-evident audit log"),
         (name = "kpis", description = "The delivery KPIs, as the metrics show them"),
+        (name = "commands", description = "Commands to agents and their results"),
     )
 )]
 pub struct ApiDoc;
