@@ -99,6 +99,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ru
     }
     let policy = PolicyStore::open(&cfg.data_dir, &cfg.labels)?;
     let metrics = Metrics::new();
+    metrics
+        .kpi
+        .start_time
+        .set(crate::clock::unix_now().0 / 1_000_000_000);
     let in_force = policy.current();
     metrics
         .policy_version
@@ -253,6 +257,10 @@ async fn housekeeping(handle: OutboxHandle, metrics: Arc<Metrics>, shutdown: Can
         match handle.stats().await {
             Ok(s) => {
                 metrics.outbox_backlog_events.set(s.events as i64);
+                let age = s.oldest_accepted_at.map_or(0, |t| {
+                    crate::clock::unix_now().0.saturating_sub(t).max(0) / 1_000_000_000
+                });
+                metrics.kpi.backlog_age.set(age);
                 metrics.outbox_backlog_bytes.set(s.bytes as i64);
                 for (reason, n) in &s.evicted {
                     let before = evicted_seen.get(reason).copied().unwrap_or(0);

@@ -20,6 +20,7 @@ pub mod caller;
 pub mod commands;
 pub mod events;
 pub mod fleet;
+pub mod kpis;
 pub mod limit;
 pub mod openapi;
 pub mod policy;
@@ -56,6 +57,7 @@ pub fn router(state: state::ApiState, timeout: Duration) -> Router {
         .merge(sinks::router())
         .merge(audit::router())
         .merge(trust::router())
+        .merge(kpis::router())
         .merge(commands::router())
         .route("/openapi.json", get(openapi::serve));
     Router::new()

@@ -46,6 +46,7 @@ use utoipa::{Modify, OpenApi};
         crate::api::trust::enroll,
         crate::api::trust::enrollments,
         crate::api::trust::unenroll,
+        crate::api::kpis::show,
         crate::api::commands::send,
         crate::api::commands::list,
         crate::api::commands::one,
@@ -57,6 +58,7 @@ use utoipa::{Modify, OpenApi};
         (name = "policy", description = "The fleet policy's versions"),
         (name = "sinks", description = "The sinks' queues and counters"),
         (name = "audit", description = "The tamper-evident audit log"),
+        (name = "kpis", description = "The delivery KPIs, as the metrics show them"),
         (name = "commands", description = "Commands to agents and their results"),
     )
 )]

@@ -222,6 +222,7 @@ impl Fixture {
                 stored.len()
             );
             events.extend(stored.into_iter().map(|event| SinkEvent {
+                queued_at: 0,
                 event,
                 labels: labels.clone(),
             }));

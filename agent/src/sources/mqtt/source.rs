@@ -220,6 +220,7 @@ impl MqttSource {
                 () = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(self.settings.reconnect_max);
+            self.metrics.kpi.mqtt_reconnects.inc();
         }
     }
 
