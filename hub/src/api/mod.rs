@@ -17,6 +17,7 @@
 pub mod audit;
 pub mod auth;
 pub mod caller;
+pub mod dashboard;
 pub mod events;
 pub mod fleet;
 pub mod limit;
@@ -29,6 +30,7 @@ pub mod sinks;
 pub mod state;
 pub mod trust;
 pub mod types;
+pub mod whoami;
 
 use std::time::Duration;
 
@@ -55,9 +57,11 @@ pub fn router(state: state::ApiState, timeout: Duration) -> Router {
         .merge(sinks::router())
         .merge(audit::router())
         .merge(trust::router())
+        .merge(whoami::router())
         .route("/openapi.json", get(openapi::serve));
     Router::new()
         .nest("/api/v1", v1)
+        .merge(dashboard::router())
         .fallback(problem::unknown_route)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(RequestBodyLimitLayer::new(MAX_BODY))

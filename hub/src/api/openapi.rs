@@ -46,6 +46,8 @@ use utoipa::{Modify, OpenApi};
         crate::api::trust::enroll,
         crate::api::trust::enrollments,
         crate::api::trust::unenroll,
+        crate::api::fleet::summary,
+        crate::api::whoami::whoami,
     ),
     modifiers(&Bearer),
     tags(
@@ -126,6 +128,8 @@ mod tests {
             "/api/v1/sinks",
             "/api/v1/audit",
             "/api/v1/audit/verify",
+            "/api/v1/fleet/summary",
+            "/api/v1/whoami",
         ] {
             assert!(doc["paths"].get(p).is_some(), "missing {p}");
         }
