@@ -327,7 +327,7 @@
           h('td', {}, e.stream), h('td', {}, typeof e.value === 'object' ? JSON.stringify(e.value) : String(e.value)),
           h('td', {}, e.quality && e.quality.status === 'good' ? 'good' : badge(e.quality ? e.quality.status : '?', 'stale')),
           h('td', {}, when(e.ts))));
-        streams.replaceChildren(h('p', { class: 'muted' }, `${num(s.events || 0)} events stored; the newest 500 read.`),
+        streams.replaceChildren(h('p', { class: 'muted' }, `${num(s.count || 0)} events stored; the last value of each stream among the newest 500.`),
           table(['Stream', 'Last value', 'Quality', 'Event time'], rows, { 'aria-label': 'Streams' }));
       });
       await attempt(audit, async () => {
@@ -429,7 +429,7 @@
         inForce = await get('/policy');
         current.replaceChildren(inForce.version
           ? h('div', {}, h('p', { id: 'policy-version' }, `Version ${inForce.version} in force, applied ${when(inForce.applied_at)} by ${inForce.actor} from ${inForce.source}.`),
-            h('pre', { 'aria-label': 'Policy text in force' }, inForce.text))
+            h('pre', { 'aria-label': 'The text in force' }, inForce.text))
           : h('p', { id: 'policy-version' }, 'No policy applied: every stream is stored, nothing is routed elsewhere.'));
       });
       await attempt(proposals, async () => {
@@ -486,8 +486,11 @@
       });
     }
 
+    await load();
     if (can('propose-policy')) {
+      // Built after the first load, so the text in force is there to edit.
       const text = h('textarea', { id: 'policy-text', spellcheck: 'false' });
+      text.value = (inForce && inForce.text) || '';
       const source = h('input', { id: 'policy-source', value: 'dashboard' });
       edit.append(h('h2', {}, twoPerson ? 'Propose a new version' : 'Apply a new version'),
         h('label', { for: 'policy-text' }, 'Policy text (TOML, docs/policy.md)', text),
@@ -498,10 +501,6 @@
           }) }, 'Dry run'),
           h('button', { type: 'button', onclick: () => submit({ text: text.value, source: source.value }) }, twoPerson ? 'Propose' : 'Apply')),
         result);
-      await load();
-      if (inForce && inForce.text) text.value = inForce.text;
-    } else {
-      await load();
     }
   };
 

@@ -24,8 +24,9 @@ URL = os.environ["HUB_URL"]
 SHOTS = os.environ.get("SHOTS", ".")
 
 # How long the page may take to show an agent offline after its process was
-# killed: docs/dashboard.md promises idle_timeout (30 s) plus one refresh
-# (5 s); 10 s more for a loaded test machine.
+# killed: docs/dashboard.md promises idle_timeout (30 s: a killed agent
+# closes no QUIC connection, the hub times it out) plus one refresh (5 s);
+# 10 s more for a loaded test machine.
 OFFLINE_WITHIN_MS = 45_000
 # Anything that waits on agents reconnecting or a policy push.
 SLOW_MS = 90_000
@@ -122,7 +123,7 @@ def operator(page):
 
     # The policy author proposes (two-person approval) after a dry run.
     go(page, "policy")
-    expect(page.locator("#policy-version")).to_contain_text("No policy applied")
+    expect(page.locator("#policy-version")).to_contain_text("Version 1 in force")
     page.get_by_label("Policy text").fill(POLICY)
     page.get_by_role("button", name="Dry run").click()
     expect(page.locator("#dry-run")).to_contain_text("valid")
@@ -138,12 +139,17 @@ def operator(page):
     sign_in(page, os.environ["TOKEN_APPROVER"], "token:bob · approver")
     go(page, "policy")
     page.get_by_role("button", name="Approve proposal 1").click()
-    expect(page.locator("#policy-version")).to_contain_text("Version 1 in force")
+    expect(page.locator("#policy-version")).to_contain_text("Version 2 in force")
+    # What changed from the version before.
+    page.locator("#diff-from").select_option("1")
+    page.locator("#diff-to").select_option("2")
+    page.get_by_role("button", name="Show diff").click()
+    expect(page.locator("pre.diff")).to_contain_text('+streams = ["plant/+/debug"]')
     shot(page, "policy")
     go(page, "fleet")
     for a in agents:
         expect(page.locator(f'tr[data-agent="{a}"] td').nth(6)).to_have_text(
-            "v1 of v1", timeout=SLOW_MS
+            "v2 of v2", timeout=SLOW_MS
         )
     shot(page, "fleet")
 
@@ -180,7 +186,7 @@ def operator(page):
     # A viewer sees no button that changes anything...
     sign_in(page, os.environ["TOKEN_VIEWER"], "token:vera · viewer")
     go(page, "policy")
-    expect(page.locator("#policy-version")).to_contain_text("Version 1 in force")
+    expect(page.locator("#policy-version")).to_contain_text("Version 2 in force")
     for name in ["Propose", "Apply", "Dry run", "Approve proposal 1"]:
         expect(page.get_by_role("button", name=name)).to_have_count(0)
     expect(page.get_by_role("link", name="Enrollment")).to_be_hidden()

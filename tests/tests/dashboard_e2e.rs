@@ -353,6 +353,12 @@ fn an_operator_runs_the_fleet_from_the_dashboard() -> Result<()> {
         agents.insert(id.to_owned(), Agent::start(&adir, &cfg)?);
     }
     let _plant = Plant::start(broker.port);
+    // Version 1, applied on the hub's machine (break-glass), so that the
+    // page has two versions to compare once the approved one is in force.
+    let first = dir.path().join("first.toml");
+    std::fs::write(&first, "description = \"keep everything\"\n")?;
+    let (code, _, err) = hub.cli(&["policy", "apply", first.to_str().context("utf-8")?])?;
+    ensure!(code == 0, "policy apply: {err}");
     wait_until(DEADLINE, "every agent connected", || {
         hub.fleet()
             .is_ok_and(|f| f.len() == 3 && f.iter().all(|a| a["connected"] == true))
@@ -391,10 +397,10 @@ fn an_operator_runs_the_fleet_from_the_dashboard() -> Result<()> {
     // What the page did is in the store: the approved policy is in force and
     // reached every agent, and the viewer's refused call is audited.
     let shown = http(&api, "GET", "/api/v1/policy", Some(&viewer), None)?.json()?;
-    ensure!(shown["version"] == 1, "{shown}");
-    wait_until(DEADLINE, "every agent running policy version 1", || {
+    ensure!(shown["version"] == 2, "{shown}");
+    wait_until(DEADLINE, "every agent running policy version 2", || {
         hub.fleet()
-            .is_ok_and(|f| f.iter().all(|a| a["policy_version"] == 1))
+            .is_ok_and(|f| f.iter().all(|a| a["policy_version"] == 2))
     })?;
     let audit = http(&api, "GET", "/api/v1/audit", Some(&viewer), None)?.json()?;
     let entries = audit["entries"].as_array().context("entries")?;
