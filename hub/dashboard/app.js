@@ -297,8 +297,9 @@
     const streams = h('div', {});
     const audit = h('div', {});
     const actions = h('div', {});
+    const cmds = h('div', {});
     main.append(h('p', {}, h('a', { href: '#/fleet' }, '← Fleet')), h('h1', {}, `Agent ${id}`), info,
-      actions, h('h2', {}, 'Streams, last value'), streams, h('h2', {}, 'Recent audit entries'), audit);
+      actions, h('h2', {}, 'Streams, last value'), streams, h('h2', {}, 'Recent commands'), cmds, h('h2', {}, 'Recent audit entries'), audit);
     async function load() {
       await attempt(info, async () => {
         const [a, pol] = await Promise.all([get(`/agents/${enc(id)}`), get('/policy')]);
@@ -329,6 +330,11 @@
           h('td', {}, when(e.ts))));
         streams.replaceChildren(h('p', { class: 'muted' }, `${num(s.count || 0)} events stored; the last value of each stream among the newest 500.`),
           table(['Stream', 'Last value', 'Quality', 'Event time'], rows, { 'aria-label': 'Streams' }));
+      });
+      await attempt(cmds, async () => {
+        const c = await get(`/commands?agent=${enc(id)}&limit=20`);
+        const l = c.commands || c;
+        cmds.replaceChildren(l.length ? commandsTable(l) : h('p', { class: 'muted' }, 'None.'));
       });
       await attempt(audit, async () => {
         const log = await get('/audit?limit=2000');
@@ -587,6 +593,58 @@
       anchor.replaceChildren(...kids);
     });
     await loadTrail();
+  };
+
+  // ---- commands --------------------------------------------------------------
+
+  function commandsTable(list) {
+    return table(['Made', 'Agent', 'Kind', 'Target', 'Detail', 'By', 'State', 'Outcome'], list.map((c) => h('tr', { 'data-command': c.id },
+      h('td', {}, when(c.created_at)), h('td', {}, h('a', { href: `#/agent/${enc(c.agent_id)}` }, c.agent_id)),
+      h('td', {}, c.kind), h('td', {}, c.target), h('td', {}, c.detail), h('td', {}, `${c.actor} (${c.role})`),
+      h('td', {}, badge(c.state, c.state === 'succeeded' ? 'connected' : c.state === 'pending' || c.state === 'delivered' ? 'stale' : 'refused')),
+      h('td', {}, c.reason || (c.value === null || c.value === undefined ? '' : JSON.stringify(c.value))))),
+    { 'aria-label': 'Commands' });
+  }
+
+  pages.commands = async () => {
+    const list = h('div', {});
+    const out = h('div', { role: 'status' });
+    main.append(h('h1', {}, 'Commands'));
+    if (can('operate')) {
+      const agent = h('input', { id: 'c-agent', required: true, placeholder: 'gw-1' });
+      const kind = h('select', { id: 'c-kind' }, ['read', 'write', 'publish'].map((k) => h('option', { value: k }, k)));
+      const target = h('input', { id: 'c-target', required: true, placeholder: 'plc1/setpoint or a topic' });
+      const value = h('input', { id: 'c-value', placeholder: '21.5 (write), payload (publish)' });
+      const ttl = h('input', { id: 'c-ttl', value: '10m', size: 6 });
+      main.append(h('form', {
+        class: 'bar',
+        onsubmit: (ev) => {
+          ev.preventDefault();
+          attempt(out, async () => {
+            const body = { agent: agent.value.trim(), ttl: ttl.value.trim() };
+            if (kind.value === 'read') body.read = { tag: target.value.trim() };
+            else if (kind.value === 'write') {
+              let v = value.value.trim();
+              try { v = JSON.parse(v); } catch (_) { /* a string */ }
+              body.write = { tag: target.value.trim(), value: v };
+            } else body.publish = { topic: target.value.trim(), payload: value.value };
+            const r = await api('POST', '/commands', body);
+            const made = Array.isArray(r.data) ? r.data : (r.data.commands || [r.data]);
+            out.replaceChildren(h('p', {}, made.map((c) => `${c.agent_id}: ${c.state}${c.reason ? ` (${c.reason})` : ''}`).join('; ')));
+            load();
+          });
+        },
+      }, h('label', { for: 'c-agent' }, 'Agent', agent), h('label', { for: 'c-kind' }, 'Kind', kind),
+      h('label', { for: 'c-target' }, 'Tag or topic', target), h('label', { for: 'c-value' }, 'Value', value),
+      h('label', { for: 'c-ttl' }, 'Expires after', ttl), h('button', { type: 'submit' }, 'Send command')), out);
+    }
+    main.append(list);
+    const load = () => attempt(list, async () => {
+      const cmds = await get('/commands?limit=200');
+      list.replaceChildren(h('p', { class: 'muted' }, 'The newest 200, newest first.'), commandsTable(cmds.commands || cmds));
+    });
+    await load();
+    every(load);
   };
 
   // ---- enrollment tokens -----------------------------------------------------

@@ -190,6 +190,9 @@ def operator(page):
     for name in ["Propose", "Apply", "Dry run", "Approve proposal 1"]:
         expect(page.get_by_role("button", name=name)).to_have_count(0)
     expect(page.get_by_role("link", name="Enrollment")).to_be_hidden()
+    go(page, "commands")
+    expect(page.get_by_role("table", name="Commands")).to_be_visible()
+    expect(page.get_by_role("button", name="Send command")).to_have_count(0)
     go(page, "agent/gw-1")
     expect(page.locator("dl.kv")).to_contain_text("site=north")
     expect(page.get_by_role("button", name="Change labels")).to_have_count(0)
@@ -215,7 +218,19 @@ def operator(page):
     table = page.get_by_role("table", name="Enrollment tokens")
     expect(table.locator("tr", has_text="gw-9")).to_contain_text("pending")
     shot(page, "enrollments")
-    expect(page.get_by_role("button", name="Approve proposal 1")).to_have_count(0)
+
+    # The admin (who may operate) sends gw-3 a read of its register; the
+    # command is listed, with whatever the policy's [[commands]] made of it
+    # (this policy grants none: refused, stored and listed all the same).
+    go(page, "commands")
+    page.get_by_label("Agent", exact=True).fill("gw-3")
+    page.locator("#c-kind").select_option("read")
+    page.get_by_label("Tag or topic").fill("press/pressure")
+    page.get_by_role("button", name="Send command").click()
+    commands = page.get_by_role("table", name="Commands")
+    expect(commands.locator("tr", has_text="press/pressure")).to_contain_text("gw-3")
+    expect(commands.locator("tr", has_text="press/pressure")).to_contain_text("token:root")
+    shot(page, "commands")
 
 
 def large(page):

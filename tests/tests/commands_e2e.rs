@@ -121,6 +121,11 @@ log = "info"
     )
 }
 
+/// `outpost-hub ARGS` without `--config` (the `--api` verbs).
+fn run_hub_cli(args: &[&str]) -> Result<(i32, String, String)> {
+    outpost_tests::run_cli(&outpost_tests::bin("outpost-hub")?, args)
+}
+
 fn json(out: &str) -> Result<Value> {
     serde_json::from_str(out.trim()).with_context(|| format!("not JSON: {out}"))
 }
@@ -296,5 +301,192 @@ fn a_command_for_an_agent_that_is_away_expires_and_is_never_executed() -> Result
     let (_, sent, _) = send(&hub, &["--agent", AGENT, "--read", "plc1/setpoint"])?;
     let read = outcome(&hub, &id_of(&sent)?)?;
     ensure!(read["value"].as_u64() == Some(10), "{read}");
+    Ok(())
+}
+
+#[test]
+fn the_api_sends_in_the_callers_role_and_the_hub_counts_what_became_of_each() -> Result<()> {
+    use outpost_tests::http;
+    let dir = tempfile::tempdir()?;
+    let (_device, device) = pymodbus(dir.path())?;
+    let pki = Pki::new(dir.path())?;
+    let creds = pki.issue_agent(AGENT)?;
+    let hub = Hub::start(dir.path(), &pki)?;
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, POLICY)?;
+    let (code, _, err) = hub.cli(&["policy", "apply", policy.to_str().context("utf-8")?])?;
+    ensure!(code == 0, "policy apply: {err}");
+    let _agent = Agent::start(dir.path(), &agent_config(&hub, &creds, device))?;
+    wait_until(DEADLINE, "the agent to run policy 1", || {
+        hub.fleet().is_ok_and(|f| {
+            f.iter()
+                .any(|a| a["agent_id"] == AGENT && a["policy_version"].as_u64() == Some(1))
+        })
+    })?;
+    let token = |role: &str, name: &str| -> Result<String> {
+        let (code, out, err) = hub.cli(&["token", "create", "--name", name, "--role", role])?;
+        ensure!(code == 0, "token create: {err}");
+        Ok(out.lines().next().context("no token")?.trim().to_owned())
+    };
+    let (operator, author, viewer) = (
+        token("operator", "ops")?,
+        token("policy-author", "author")?,
+        token("viewer", "watcher")?,
+    );
+    let api = hub.api_url()?;
+    let write = serde_json::to_vec(&serde_json::json!({
+        "agent": AGENT, "write": {"tag": "plc1/setpoint", "value": 33}, "ttl": "5m"
+    }))?;
+
+    // A viewer may not send: 403, and nothing is stored.
+    let r = http(
+        &api,
+        "POST",
+        "/api/v1/commands",
+        Some(&viewer),
+        Some(&write),
+    )?;
+    ensure!(r.status == 403, "{} {:?}", r.status, r.json());
+    // An operator's write is applied with its read-back, as token:ops.
+    let r = http(
+        &api,
+        "POST",
+        "/api/v1/commands",
+        Some(&operator),
+        Some(&write),
+    )?;
+    ensure!(r.status == 201, "{} {:?}", r.status, r.json());
+    let sent = r.json()?;
+    let id = sent[0]["id"].as_str().context("id")?.to_owned();
+    ensure!(
+        sent[0]["actor"] == "token:ops" && sent[0]["role"] == "operator",
+        "{sent}"
+    );
+    let mut done = Value::Null;
+    wait_until(DEADLINE, "the write's outcome through the API", || {
+        done = http(
+            &api,
+            "GET",
+            &format!("/api/v1/commands/{id}"),
+            Some(&viewer),
+            None,
+        )
+        .and_then(|a| a.json())
+        .unwrap_or(Value::Null);
+        !matches!(done["state"].as_str(), None | Some("pending" | "delivered"))
+    })?;
+    ensure!(
+        done["state"] == "applied" && done["value"].as_u64() == Some(33),
+        "{done}"
+    );
+    // The policy grants policy authors no command: stored refused, with why.
+    let r = http(
+        &api,
+        "POST",
+        "/api/v1/commands",
+        Some(&author),
+        Some(&write),
+    )?;
+    ensure!(r.status == 201, "{} {:?}", r.status, r.json());
+    let refused = r.json()?;
+    ensure!(
+        refused[0]["state"] == "refused"
+            && refused[0]["reason"]
+                .as_str()
+                .is_some_and(|s| s.contains("policy-author")),
+        "{refused}"
+    );
+    // Both in the list, newest first; an unknown id is a 404.
+    let all = http(
+        &api,
+        "GET",
+        &format!("/api/v1/commands?agent={AGENT}"),
+        Some(&viewer),
+        None,
+    )?
+    .json()?;
+    ensure!(
+        all.as_array().map(Vec::len) == Some(2) && all[1]["id"] == id.as_str(),
+        "{all}"
+    );
+    let r = http(&api, "GET", "/api/v1/commands/00", Some(&viewer), None)?;
+    ensure!(r.status == 404, "{}", r.status);
+    // Neither a body with two kinds nor one without a target is accepted.
+    let both = serde_json::to_vec(&serde_json::json!({
+        "agent": AGENT, "write": {"tag": "plc1/setpoint", "value": 1}, "read": {"tag": "plc1/setpoint"}
+    }))?;
+    let r = http(
+        &api,
+        "POST",
+        "/api/v1/commands",
+        Some(&operator),
+        Some(&both),
+    )?;
+    ensure!(r.status == 400, "{}", r.status);
+    // The device holds what the one applied write wrote.
+    let (_, sent, _) = send(&hub, &["--agent", AGENT, "--read", "plc1/setpoint"])?;
+    let read = outcome(&hub, &id_of(&sent)?)?;
+    ensure!(read["value"].as_u64() == Some(33), "{read}");
+    // The CLI through the API prints what it prints from the store, and
+    // sends as the token's subject.
+    let token_file = dir.path().join("ops.token");
+    std::fs::write(&token_file, format!("{operator}\n"))?;
+    let tf = token_file.to_str().context("utf-8")?;
+    let (code, direct, err) = hub.cli(&["command", "list", "--json"])?;
+    ensure!(code == 0, "command list: {err}");
+    let (code, remote, err) = run_hub_cli(&[
+        "command",
+        "list",
+        "--json",
+        "--api",
+        &api,
+        "--token-file",
+        tf,
+    ])?;
+    ensure!(
+        code == 0 && json(&remote)? == json(&direct)?,
+        "{err}\n{remote}\n{direct}"
+    );
+    let (code, remote, err) =
+        run_hub_cli(&["command", "status", &id, "--api", &api, "--token-file", tf])?;
+    let (_, direct, _) = hub.cli(&["command", "status", &id])?;
+    ensure!(code == 0 && remote == direct, "{err}\n{remote}\n{direct}");
+    let (code, out, err) = run_hub_cli(&[
+        "command",
+        "send",
+        "--json",
+        "--agent",
+        AGENT,
+        "--read",
+        "plc1/setpoint",
+        "--api",
+        &api,
+        "--token-file",
+        tf,
+    ])?;
+    ensure!(code == 0, "send --api: {err}");
+    let via = json(&out)?;
+    ensure!(
+        via[0]["actor"] == "token:ops" && via[0]["role"] == "operator",
+        "{via}"
+    );
+    let read = outcome(&hub, via[0]["id"].as_str().context("id")?)?;
+    ensure!(read["value"].as_u64() == Some(33), "{read}");
+    let (code, _, err) =
+        run_hub_cli(&["command", "status", "00", "--api", &api, "--token-file", tf])?;
+    ensure!(code == 2, "status of no command: {code} {err}");
+
+    // The hub's counters say the same as the table.
+    let metrics = hub.metrics()?;
+    for line in [
+        "outpost_hub_commands{kind=\"write\",state=\"applied\"} 1",
+        "outpost_hub_commands{kind=\"write\",state=\"refused\"} 1",
+        "outpost_hub_commands{kind=\"read\",state=\"applied\"} 2",
+    ] {
+        ensure!(
+            metrics.lines().any(|l| l == line),
+            "no {line} in\n{metrics}"
+        );
+    }
     Ok(())
 }

@@ -17,6 +17,7 @@
 pub mod audit;
 pub mod auth;
 pub mod caller;
+pub mod commands;
 pub mod dashboard;
 pub mod events;
 pub mod fleet;
@@ -58,6 +59,7 @@ pub fn router(state: state::ApiState, timeout: Duration) -> Router {
         .merge(audit::router())
         .merge(trust::router())
         .merge(whoami::router())
+        .merge(commands::router())
         .route("/openapi.json", get(openapi::serve));
     Router::new()
         .nest("/api/v1", v1)

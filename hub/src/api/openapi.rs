@@ -48,6 +48,9 @@ use utoipa::{Modify, OpenApi};
         crate::api::trust::unenroll,
         crate::api::fleet::summary,
         crate::api::whoami::whoami,
+        crate::api::commands::send,
+        crate::api::commands::list,
+        crate::api::commands::one,
     ),
     modifiers(&Bearer),
     tags(
@@ -56,6 +59,7 @@ use utoipa::{Modify, OpenApi};
         (name = "policy", description = "The fleet policy's versions"),
         (name = "sinks", description = "The sinks' queues and counters"),
         (name = "audit", description = "The tamper-evident audit log"),
+        (name = "commands", description = "Commands to agents and their results"),
     )
 )]
 pub struct ApiDoc;

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use outpost_protocols::policy::{Catalog, Command as Grant, Policy, Selector};
 use outpost_protocols::wire::command::{Action, CommandError, CommandId, CommandRequest, Outcome};
-use outpost_protocols::AgentId;
+use outpost_protocols::{AgentId, StreamName};
 use rusqlite::{Connection, OptionalExtension as _};
 
 pub mod verbs;
@@ -146,6 +146,24 @@ impl CommandStore {
             outcome,
             crate::clock::unix_now().0,
         )
+    }
+}
+
+/// `DEVICE/TAG` as the stream of a tag; the error names the text.
+pub fn tag_stream(s: &str) -> Result<StreamName, String> {
+    StreamName::parse(s)
+        .ok()
+        .filter(|n| n.as_str().contains('/'))
+        .ok_or_else(|| format!("{s:?}: give DEVICE/TAG"))
+}
+
+/// A command's time to live: a duration (`30s`, `10m`, `2d`), [`DEFAULT_TTL`]
+/// when absent or empty; the range is checked by [`send`].
+pub fn parse_ttl(s: Option<&str>) -> Result<Duration, String> {
+    match s.map(str::trim) {
+        None | Some("") => Ok(DEFAULT_TTL),
+        Some(t) => humantime::parse_duration(t)
+            .map_err(|_| format!("{t:?}: give a duration (`30s`, `10m`, `2d`)")),
     }
 }
 

@@ -1,19 +1,22 @@
-//! `outpost-hub command send|status|list`: the break-glass path, on the
-//! store directly (SQLite), acting as `local:<login>` in the `admin` role.
-//! The same functions serve the HTTP API with the caller's subject and role.
+//! `outpost-hub command send|status|list`: with `--config`, the break-glass
+//! path, on the store directly (SQLite), acting as `local:<login>` in the
+//! `admin` role; with `--api`, a client of the hub's API, acting as the
+//! token's subject in its role. The API's handlers call the same functions
+//! as the direct path, so both print the same records.
 
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
 use outpost_protocols::wire::command::Action;
-use outpost_protocols::{AgentId, StreamName, Value};
+use outpost_protocols::{AgentId, Value};
 
-use super::{CommandStore, CommandsError, SendRequest, Targets, DEFAULT_TTL};
+use super::{CommandStore, CommandsError, SendRequest, Targets};
 use crate::config::{self, HubConfig};
+use crate::remote::{query, Remote, RemoteArgs};
 use crate::store::commands::CommandRecord;
 use crate::store::store_path;
-use crate::verbs::VerbError;
+use crate::verbs::{config_path, VerbError};
 
 /// `outpost-hub command`.
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -56,9 +59,17 @@ pub struct SendArgs {
     /// How long the command may wait for an agent that is away (at most 7d).
     #[arg(long, value_name = "DURATION", default_value = "10m")]
     pub ttl: String,
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The hub's TOML config file (to use its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead, as the token's subject and role.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// Print one JSON document (an array of the commands).
     #[arg(long)]
     pub json: bool,
@@ -70,9 +81,17 @@ pub struct StatusArgs {
     /// The command's id.
     #[arg(value_name = "ID")]
     pub id: String,
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The hub's TOML config file (to use its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead, as the token's subject and role.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -87,9 +106,17 @@ pub struct ListArgs {
     /// At most this many, newest first.
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub limit: usize,
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The hub's TOML config file (to use its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead, as the token's subject and role.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// Print one JSON document (an array).
     #[arg(long)]
     pub json: bool,
@@ -146,10 +173,17 @@ pub fn command(
 ) -> Result<(), CommandVerbError> {
     match verb {
         CommandVerb::Send(args) => {
-            let request = send_request(args)?;
-            let store = open(&args.config, env)?;
-            let actor = format!("local:{}", crate::admin::login_name(env));
-            let sent = super::send(&store, &actor, "admin", &request)?;
+            let sent = match Remote::from_args(&args.remote).map_err(VerbError::from)? {
+                Some(api) => api
+                    .post("/commands", &send_body(args)?)
+                    .map_err(VerbError::from)?,
+                None => {
+                    let request = send_request(args)?;
+                    let store = open(config_path(args.config.as_deref())?, env)?;
+                    let actor = format!("local:{}", crate::admin::login_name(env));
+                    super::send(&store, &actor, "admin", &request)?
+                }
+            };
             print(out, &sent, args.json)?;
             if sent.iter().all(|c| c.state == "refused") {
                 let why = sent
@@ -160,8 +194,24 @@ pub fn command(
             }
         }
         CommandVerb::Status(args) => {
-            let store = open(&args.config, env)?;
-            match super::status(&store, &args.id)? {
+            let found = match Remote::from_args(&args.remote).map_err(VerbError::from)? {
+                Some(api) => {
+                    match api.get(&format!("/commands/{}", crate::remote::encode(&args.id))) {
+                        Ok(c) => Some(c),
+                        Err(crate::remote::RemoteError::Problem { problem, .. })
+                            if problem.status == 404 =>
+                        {
+                            None
+                        }
+                        Err(e) => return Err(VerbError::from(e).into()),
+                    }
+                }
+                None => {
+                    let store = open(config_path(args.config.as_deref())?, env)?;
+                    super::status(&store, &args.id)?
+                }
+            };
+            match found {
                 Some(c) => print_one(out, &c, args.json)?,
                 None => {
                     return Err(CommandVerbError::Usage(format!(
@@ -172,8 +222,22 @@ pub fn command(
             }
         }
         CommandVerb::List(args) => {
-            let store = open(&args.config, env)?;
-            let all = super::list(&store, args.agent.as_ref(), args.limit)?;
+            let all: Vec<CommandRecord> =
+                match Remote::from_args(&args.remote).map_err(VerbError::from)? {
+                    Some(api) => api
+                        .get(&format!(
+                            "/commands{}",
+                            query(&[
+                                ("agent", args.agent.as_ref().map(ToString::to_string)),
+                                ("limit", Some(args.limit.to_string())),
+                            ])
+                        ))
+                        .map_err(VerbError::from)?,
+                    None => {
+                        let store = open(config_path(args.config.as_deref())?, env)?;
+                        super::list(&store, args.agent.as_ref(), args.limit)?
+                    }
+                };
             if !args.json && all.is_empty() {
                 writeln!(out, "no commands")?;
             } else {
@@ -197,6 +261,41 @@ fn open(config_file: &Path, env: &[(String, String)]) -> Result<CommandStore, Co
     Ok(CommandStore::open(&path, key).map_err(CommandsError::from)?)
 }
 
+/// The API's body for what the flags describe (checked by the API, which
+/// parses it into the same request as [`send_request`]).
+fn send_body(args: &SendArgs) -> Result<serde_json::Value, CommandVerbError> {
+    let request = send_request(args)?;
+    let mut body = serde_json::Map::new();
+    match &request.targets {
+        Targets::Agent(id) => body.insert("agent".into(), id.to_string().into()),
+        Targets::Select(p) => body.insert("select".into(), serde_json::json!(p)),
+    };
+    let (key, what) = match &request.action {
+        Action::Write { stream, value } => (
+            "write",
+            serde_json::json!({"tag": stream.as_str(), "value": value.to_json()}),
+        ),
+        Action::Publish {
+            topic,
+            payload,
+            qos,
+            retain,
+        } => (
+            "publish",
+            serde_json::json!({"topic": topic, "payload": String::from_utf8_lossy(payload), "qos": qos, "retain": retain}),
+        ),
+        Action::Read { stream } => ("read", serde_json::json!({"tag": stream.as_str()})),
+        _ => {
+            return Err(CommandVerbError::Usage(
+                "give --write, --publish or --read".into(),
+            ))
+        }
+    };
+    body.insert(key.into(), what);
+    body.insert("ttl".into(), args.ttl.clone().into());
+    Ok(body.into())
+}
+
 /// The request the flags describe.
 fn send_request(args: &SendArgs) -> Result<SendRequest, CommandVerbError> {
     let usage = CommandVerbError::Usage;
@@ -214,12 +313,8 @@ fn send_request(args: &SendArgs) -> Result<SendRequest, CommandVerbError> {
             Targets::Select(patterns)
         }
     };
-    let stream = |s: &str, flag: &str| {
-        StreamName::parse(s)
-            .ok()
-            .filter(|n| n.as_str().contains('/'))
-            .ok_or_else(|| usage(format!("{flag} {s:?}: give DEVICE/TAG")))
-    };
+    let stream =
+        |s: &str, flag: &str| super::tag_stream(s).map_err(|e| usage(format!("{flag} {e}")));
     let action = if let Some(w) = &args.write {
         let (tag, value) = w
             .split_once('=')
@@ -248,17 +343,7 @@ fn send_request(args: &SendArgs) -> Result<SendRequest, CommandVerbError> {
     action
         .check()
         .map_err(|e| usage(format!("the command: {e}")))?;
-    let ttl = humantime::parse_duration(&args.ttl).map_err(|_| {
-        usage(format!(
-            "--ttl {:?}: give a duration (`30s`, `10m`, `2d`)",
-            args.ttl
-        ))
-    })?;
-    let ttl = if args.ttl.is_empty() {
-        DEFAULT_TTL
-    } else {
-        ttl
-    };
+    let ttl = super::parse_ttl(Some(&args.ttl)).map_err(|e| usage(format!("--ttl {e}")))?;
     Ok(SendRequest {
         targets,
         action,

@@ -19,7 +19,7 @@ use std::path::Path;
 use outpost_protocols::event::Timestamp;
 use outpost_protocols::wire::command::{Action, CommandId, CommandRequest, Outcome};
 use rusqlite::{params, Connection, OptionalExtension as _, Row, TransactionBehavior};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::audit;
 use crate::audit::key::AuditKey;
@@ -49,7 +49,7 @@ pub struct NewCommand {
 }
 
 /// A stored command, as `command status` and `command list` print it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CommandRecord {
     /// Its id.
     pub id: String,
@@ -198,6 +198,26 @@ pub fn get(conn: &Connection, path: &Path, id: &str) -> Result<Option<CommandRec
     )
     .optional()
     .at(path)
+}
+
+/// How many commands the table holds, by kind and state, ordered: the
+/// hub's command counters (a command is counted once, in its latest state).
+pub fn counts(conn: &Connection, path: &Path) -> Result<Vec<(String, String, u64)>, StoreError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT kind, state, COUNT(*) FROM commands GROUP BY kind, state ORDER BY kind, state",
+        )
+        .at(path)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+            ))
+        })
+        .at(path)?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().at(path)
 }
 
 /// The newest commands first, of one agent or all, at most `limit`.
