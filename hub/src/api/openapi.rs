@@ -47,6 +47,8 @@ use utoipa::{Modify, OpenApi};
         crate::api::trust::enrollments,
         crate::api::trust::unenroll,
         crate::api::kpis::show,
+        crate::api::fleet::summary,
+        crate::api::whoami::whoami,
         crate::api::commands::send,
         crate::api::commands::list,
         crate::api::commands::one,
@@ -132,6 +134,8 @@ mod tests {
             "/api/v1/sinks",
             "/api/v1/audit",
             "/api/v1/audit/verify",
+            "/api/v1/fleet/summary",
+            "/api/v1/whoami",
         ] {
             assert!(doc["paths"].get(p).is_some(), "missing {p}");
         }
