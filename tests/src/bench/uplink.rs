@@ -94,12 +94,12 @@ fn run_timeout(n: u64) -> Duration {
 
 /// The hub's store, read-only, as another process may read it while the hub
 /// writes (WAL).
-struct HubStore {
+pub(crate) struct HubStore {
     conn: Connection,
 }
 
 impl HubStore {
-    fn open(path: &Path) -> Result<HubStore> {
+    pub(crate) fn open(path: &Path) -> Result<HubStore> {
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags)
             .with_context(|| format!("open {} read-only", path.display()))?;
@@ -108,7 +108,7 @@ impl HubStore {
     }
 
     /// The agent's durable watermark, 0 before it is known.
-    fn watermark(&self, agent: &str) -> Result<u64> {
+    pub(crate) fn watermark(&self, agent: &str) -> Result<u64> {
         let w: Option<i64> = self
             .conn
             .prepare_cached("SELECT watermark FROM agents WHERE agent_id = ?1")?

@@ -59,6 +59,10 @@ use report::{Row, Verdict};
 /// read here too, so that both agree.
 const BIN_DIR_VAR: &str = "OUTPOST_BIN_DIR";
 
+/// The static musl agent `cross/build x86_64` makes, under the target
+/// directory: what the memory rows measure unless `--memory-agent` says.
+const MUSL_AGENT: &str = "x86_64-unknown-linux-musl/release/outpost-agent";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "outpost-bench",
@@ -85,6 +89,11 @@ struct Cli {
     /// the committed figures.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// The agent the memory rows measure. Default: the static musl build
+    /// that `cross/build x86_64` makes,
+    /// target/x86_64-unknown-linux-musl/release/outpost-agent.
+    #[arg(long, value_name = "PATH")]
+    memory_agent: Option<PathBuf>,
     /// Take only these measurements (comma-separated); default: all.
     #[arg(long, value_enum, value_delimiter = ',', value_name = "NAME,...")]
     only: Vec<Measurement>,
@@ -102,7 +111,9 @@ enum Measurement {
     Policy,
     /// Modbus 10,000 tags at 1 Hz.
     Modbus,
-    /// Agent memory with a backlog.
+    /// Agent memory at 10,000 tags (the static musl build).
+    Tags,
+    /// Agent memory with a backlog draining to a hub (the static musl build).
     Backlog,
     /// Agent memory idle.
     Idle,
@@ -392,13 +403,33 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
         "Modbus 10,000 tags at 1 Hz",
         &mut || modbus::poll(&bins, &dir, plan.modbus),
     );
-    measure(Measurement::Idle, "Agent RSS idle", &mut || {
-        modbus::idle(&bins, &dir, plan.modbus)
+    // The memory rows measure the static musl agent (issue 24): the binary
+    // the packages ship, not the glibc one the other rows run.
+    let memory_agent = cli
+        .memory_agent
+        .clone()
+        .unwrap_or_else(|| target_dir().join(MUSL_AGENT));
+    let memory_agent = memory_agent.canonicalize().unwrap_or(memory_agent);
+    let memory_bins = || -> Result<procs::Bins> {
+        anyhow::ensure!(
+            memory_agent.exists(),
+            "{} not built: run `bash cross/build --agent-only x86_64` (or pass --memory-agent)",
+            memory_agent.display()
+        );
+        Ok(bins.with_agent(memory_agent.clone()))
+    };
+    measure(Measurement::Idle, "Agent memory idle", &mut || {
+        modbus::idle(&memory_bins()?, &dir, plan.modbus)
     });
     measure(
+        Measurement::Tags,
+        "Agent memory at 10,000 tags",
+        &mut || modbus::tags(&memory_bins()?, &dir, plan.modbus),
+    );
+    measure(
         Measurement::Backlog,
-        "Agent RSS with a backlog",
-        &mut || modbus::backlog(&bins, &dir, plan.modbus),
+        "Agent memory with a backlog draining to a hub",
+        &mut || modbus::backlog(&memory_bins()?, &dir, plan.modbus),
     );
     let mut single_drain = None;
     let mut drain_trace = Vec::new();
@@ -609,11 +640,23 @@ How each row is measured (medians of the runs; every run's numbers are on stderr
   stored. The window runs from the end of one poll to the end of the W-th poll after
   it, so it holds whole polls; CPU = utime+stime of the agent process (all threads)
   from /proc/PID/stat over the window.
-- Idle RSS: the agent with only `[agent] data_dir` (no device, broker or uplink),
-  VmRSS and VmHWM after the same settle time as the backlog row.
-- Backlog RSS: the outbox is filled with `Outbox::append` (as agent `local`) before the
-  agent starts; then the agent polls the same 10,000 tags (no uplink, so the backlog
-  stays); VmRSS and VmHWM from /proc/PID/status. MB = 10^6 bytes.
+- Memory rows (idle, 10,000 tags, backlog): the agent measured is `--memory-agent`, by
+  default the static musl build that `cross/build x86_64` makes
+  (target/x86_64-unknown-linux-musl/release/outpost-agent); each row names the build
+  (static or dynamic, read from the ELF file) and its path. VmRSS and VmHWM from
+  /proc/PID/status (VmHWM: the most the process ever had resident, so config parsing
+  is included). MB = 10^6 bytes. Goals: VmHWM ≤ 20 MB with 10,000 tags, with or
+  without a backlog draining; idle VmRSS ≤ 6 MB. A miss says by how much.
+- Idle: the agent with only `[agent] data_dir` (no device, broker or uplink), after the
+  settle time.
+- 10,000 tags: the Modbus row's agent config, no uplink, after two polls were stored
+  and the settle time.
+- Backlog: the outbox is filled with `Outbox::append` (as the agent of a certificate
+  from `outpost-hub ca issue`) before the agent starts; the agent polls the same
+  10,000 tags and has an `[uplink]` to a fresh `outpost-hub`, so the backlog drains
+  while it runs; VmRSS is sampled every 100 ms until the hub's watermark for the
+  agent reaches the backlog (read-only rusqlite on `hub.db`), then after the settle
+  time VmHWM and VmRSS are read.
 - Uplink drain: the outbox is filled with N of the MQTT rows' bodies (64-byte JSON
   payloads) before the agent starts; a fresh `outpost-hub` (store `synchronous = full`,
   its default) and a fresh copy of the outbox per run; certificates from
