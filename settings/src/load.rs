@@ -40,14 +40,13 @@ pub fn parse<T: DeserializeOwned>(
         let keys: Vec<&str> = path.split("__").collect();
         set(&mut root, &keys, Node::Env { var, value });
     }
-    serde_path_to_error::deserialize(NodeDe { node: root, text }).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let mut message = one_line(&inner.message);
-        if path != "." && !path.is_empty() {
+    T::deserialize(NodeDe { node: root, text }).map_err(|e| {
+        let path = e.path();
+        let mut message = one_line(&e.message);
+        if !path.is_empty() {
             message = format!("{message} for key `{path}`");
         }
-        if let Some(var) = inner.var {
+        if let Some(var) = e.var {
             message = format!("{message} (from the environment variable {var})");
         }
         message

@@ -7,7 +7,7 @@
 //! stays `007`, and the same text reads as a number where a key wants one.
 
 use std::collections::BTreeMap;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::ops::Range;
 
 use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, SeqAccess, Visitor};
@@ -62,12 +62,46 @@ impl Node {
     }
 }
 
-/// A deserialisation error: its message, and the environment variable the
-/// value came from if it did.
+/// A deserialisation error: its message, the key path where it happened,
+/// and the environment variable the value came from if it did.
 #[derive(Debug)]
 pub(crate) struct Error {
     pub(crate) message: String,
     pub(crate) var: Option<String>,
+    /// The path's parts, innermost first (each table or array adds its own
+    /// as the error passes up through it).
+    path: Vec<Part>,
+}
+
+#[derive(Debug)]
+enum Part {
+    Key(String),
+    Index(usize),
+}
+
+impl Error {
+    /// The key path: `modbus.devices[0].tags[3].address`; empty at the top.
+    pub(crate) fn path(&self) -> String {
+        let mut out = String::new();
+        for part in self.path.iter().rev() {
+            match part {
+                Part::Key(k) if out.is_empty() => out.push_str(k),
+                Part::Key(k) => {
+                    out.push('.');
+                    out.push_str(k);
+                }
+                Part::Index(i) => {
+                    let _ = write!(out, "[{i}]");
+                }
+            }
+        }
+        out
+    }
+
+    fn within(mut self, part: Part) -> Error {
+        self.path.push(part);
+        self
+    }
 }
 
 impl fmt::Display for Error {
@@ -83,6 +117,7 @@ impl de::Error for Error {
         Error {
             message: msg.to_string(),
             var: None,
+            path: Vec::new(),
         }
     }
 }
@@ -99,26 +134,36 @@ pub(crate) fn line_col(text: &str, at: usize) -> (usize, usize) {
 }
 
 /// A TOML error in the element at `offset` of `text`, with the line and
-/// column in the whole document.
+/// column in the whole document, and the key written on that line (the
+/// elements parsed on their own are flat tables of `key = value` lines).
 fn toml_error(text: &str, offset: usize, e: &toml::de::Error) -> Error {
-    let message = match e.span() {
-        Some(span) => {
-            let (line, col) = line_col(text, offset + span.start);
-            format!(
-                "TOML parse error at line {line}, column {col}: {}",
-                e.message().trim()
-            )
+    let mut error = <Error as de::Error>::custom(e.message().trim());
+    if let Some(span) = e.span() {
+        let at = offset + span.start;
+        let (line, col) = line_col(text, at);
+        error.message = format!(
+            "TOML parse error at line {line}, column {col}: {}",
+            error.message
+        );
+        let start = text
+            .get(..at)
+            .and_then(|t| t.rfind('\n'))
+            .map_or(0, |i| i + 1);
+        let key = text
+            .get(start..)
+            .and_then(|l| l.lines().next())
+            .and_then(|l| l.split_once('='))
+            .map(|(k, _)| k.trim().trim_matches('"'))
+            .filter(|k| !k.is_empty() && !k.starts_with('#') && !k.starts_with('['));
+        if let Some(k) = key {
+            error.path.push(Part::Key(k.to_owned()));
         }
-        None => e.message().trim().to_owned(),
-    };
-    Error { message, var: None }
+    }
+    error
 }
 
 fn value_error(e: toml::de::Error) -> Error {
-    Error {
-        message: e.message().trim().to_owned(),
-        var: None,
-    }
+    <Error as de::Error>::custom(e.message().trim())
 }
 
 /// A [`Node`] and the document its spans point into.
@@ -211,6 +256,7 @@ impl<'de> de::Deserializer<'de> for Composite<'de> {
             }),
             Node::Array(a) => visitor.visit_seq(ArrayAccess {
                 elements: a.into_iter(),
+                index: 0,
                 text: self.text,
             }),
             _ => Err(de::Error::custom("not a table or an array")),
@@ -238,7 +284,7 @@ impl<'de> de::Deserializer<'de> for Composite<'de> {
 
 struct TableAccess<'de> {
     entries: std::collections::btree_map::IntoIter<String, Node>,
-    value: Option<Node>,
+    value: Option<(String, Node)>,
     text: &'de str,
 }
 
@@ -251,7 +297,7 @@ impl<'de> MapAccess<'de> for TableAccess<'de> {
     ) -> Result<Option<K::Value>, Error> {
         match self.entries.next() {
             Some((k, v)) => {
-                self.value = Some(v);
+                self.value = Some((k.clone(), v));
                 seed.deserialize(k.into_deserializer()).map(Some)
             }
             None => Ok(None),
@@ -259,7 +305,7 @@ impl<'de> MapAccess<'de> for TableAccess<'de> {
     }
 
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Error> {
-        let node = self
+        let (key, node) = self
             .value
             .take()
             .ok_or_else(|| <Error as de::Error>::custom("a value without a key"))?;
@@ -267,6 +313,7 @@ impl<'de> MapAccess<'de> for TableAccess<'de> {
             node,
             text: self.text,
         })
+        .map_err(|e| e.within(Part::Key(key)))
     }
 
     fn size_hint(&self) -> Option<usize> {
@@ -276,6 +323,7 @@ impl<'de> MapAccess<'de> for TableAccess<'de> {
 
 struct ArrayAccess<'de> {
     elements: std::vec::IntoIter<Node>,
+    index: usize,
     text: &'de str,
 }
 
@@ -287,12 +335,16 @@ impl<'de> SeqAccess<'de> for ArrayAccess<'de> {
         seed: T,
     ) -> Result<Option<T::Value>, Error> {
         match self.elements.next() {
-            Some(node) => seed
-                .deserialize(NodeDe {
+            Some(node) => {
+                let index = self.index;
+                self.index += 1;
+                seed.deserialize(NodeDe {
                     node,
                     text: self.text,
                 })
-                .map(Some),
+                .map(Some)
+                .map_err(|e| e.within(Part::Index(index)))
+            }
             None => Ok(None),
         }
     }
