@@ -13,12 +13,16 @@ use outpost_tests::{wait_until, Agent};
 
 use super::procfs::{clock_ticks, mb, status_kib, CpuWindow};
 use super::procs::{build_name, hub_db, outbox_reader, Bins};
-use super::report::{thousands, Row, Verdict};
+use super::report::{thousands, Goal, Row, Verdict};
 use super::uplink::HubStore;
 use super::workload::{modbus_bodies, now_ns};
 
 /// Tags polled, at addresses `0..TAGS`.
 pub(crate) const TAGS: usize = 10_000;
+
+/// The agent's CPU polling `TAGS` tags at 1 Hz, % of one core: issue 24's
+/// "keep" of the 1.10 % it measured.
+const CPU_GOAL: Goal = Goal::AtMost(1.1);
 
 /// How big a run is.
 #[derive(Debug, Clone, Copy)]
@@ -151,8 +155,11 @@ pub(crate) fn poll(bins: &Bins, dir: &Path, p: Params) -> Result<Vec<Row>> {
             ours: format!("{pct:.2}%"),
             baseline: format!("devsim {sim_pct:.2}%"),
             ratio: "-".into(),
-            target: "< 10%".into(),
-            verdict: Verdict::from_bool(pct < 10.0),
+            target: format!(
+                "{} (issue 24: keep)",
+                CPU_GOAL.target(pct, |v| format!("{v:.2}%"))
+            ),
+            verdict: Verdict::from_bool(CPU_GOAL.met(pct)),
         },
         Row {
             what: "Modbus TCP, same window: samples stored in the outbox (events/s; ratio = vs 10,000/s)".into(),

@@ -387,13 +387,45 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
 
     let mut rows: Vec<Row> = Vec::new();
     let mut latencies: Vec<peers::LatencySamples> = Vec::new();
+    // Each row names the build it measured (issue 24): the agent's, the
+    // hub's, or the harness's own for what runs in-process. The memory rows
+    // name theirs (the static musl agent).
+    let agent_build = format!("agent {}", procs::build_name(&bins.agent));
+    let hub_build = bins.hub.as_ref().map_or("hub not found".into(), |h| {
+        format!("hub {}", procs::build_name(h))
+    });
+    let harness_build = format!(
+        "in the harness's process, {} profile",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "optimised"
+        }
+    );
+    let build_of = |m: Measurement| -> String {
+        use Measurement as M;
+        match m {
+            M::Append => harness_build.clone(),
+            M::Mqtt | M::Sparkplug | M::Modbus | M::Peers => agent_build.clone(),
+            M::Policy => format!("{agent_build}; evaluation {harness_build}"),
+            M::Uplink => format!("{agent_build}; {hub_build}"),
+            M::Fleet | M::Sinks | M::Replicas | M::Api | M::Door => hub_build.clone(),
+            M::Tags | M::Backlog | M::Idle | M::Sizes => String::new(),
+        }
+    };
     let mut measure = |m: Measurement, what: &str, f: &mut dyn FnMut() -> Result<Vec<Row>>| {
         if !(cli.only.is_empty() || cli.only.contains(&m)) {
             return;
         }
         let t = Instant::now();
+        let build = build_of(m);
         match f() {
-            Ok(r) => rows.extend(r),
+            Ok(r) => rows.extend(r.into_iter().map(|mut row| {
+                if !build.is_empty() && !row.what.contains("(build: ") {
+                    row.what = format!("{} (build: {build})", row.what);
+                }
+                row
+            })),
             Err(e) => {
                 eprintln!("{what}: could not be measured: {e:#}");
                 rows.push(Row::error(what, &e));
@@ -635,6 +667,18 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
 const NOTES: &str = "
 How each row is measured (medians of the runs; every run's numbers are on stderr):
 
+- Verdicts: every target is the goal in issue 24's table (where the table has none,
+  the row's own target, or info). A ratio is the median of the rounds' ratios, each
+  round measuring baseline and ours one after the other, and every round's ratio is
+  printed beside it; a verdict needs at least 3 rounds (a `--quick` run has 1 and gives
+  none). A miss says by how much. Each row names the build it measured: the agent's
+  or the hub's (static musl or dynamic glibc, and the path), or the harness's own
+  process for what runs in-process.
+- QoS 2: the MQTT drain with messages published, queued and delivered at QoS 2; the
+  bare subscriber (rumqttc, QoS 2 subscription, automatic PUBREC/PUBCOMP) against the
+  agent with `qos = 2`; the same Mosquitto. Goal ≥ 0.9; a message stored twice is a
+  FAIL row.
+
 - Outbox append: ours = `Outbox::append` with N pre-built `EventBody`s (64-byte JSON
   payloads), one call = one transaction per batch; it encodes each body, assigns seqs,
   probes for expired rows, maintains the `events_ts` index and the `meta` counters.
@@ -711,7 +755,10 @@ How each row is measured (medians of the runs; every run's numbers are on stderr
   FULL, 1024-event batches, the hub's 8192-event window). Clock from the agent process's
   start to the agent's watermark in the hub's `hub.db` reaching N (read-only rusqlite,
   polled every 2 ms; the hub commits it with the events), then the rows are counted.
-  CPU = utime+stime of each process over the drain. Baseline = raw quinn in the bench
+  CPU = utime+stime of each process over the drain. The ratio's baseline (issue 24's
+  goal ≥ 0.7) = rusqlite inserting the same events into a fresh file, WAL,
+  synchronous=FULL, batches of 1000 (the outbox-append row's baseline), once per round
+  beside the drain. Info row: raw quinn in the bench
   process: a server with the hub's own `server_config` (mTLS, transport settings) and
   socket buffers, a client with the agent's TLS and transport settings, each on a
   runtime of its own; the client writes exactly the `Batch` frames the agent sends for
