@@ -378,6 +378,18 @@ mod tests {
     }
 
     #[test]
+    fn a_ratio_row_takes_the_median_round_and_says_the_gap_of_a_miss() {
+        let rounds = [(80.0, 100.0), (95.0, 100.0), (85.0, 100.0)];
+        let r = ratio_row("x".into(), "/s", &rounds, Goal::AtLeast(0.9));
+        assert_eq!(r.verdict, Verdict::Fail);
+        assert_eq!(r.ratio, "0.850 (rounds 0.800 / 0.950 / 0.850)");
+        assert_eq!(r.target, "≥ 0.900: short by 0.050");
+        let r = ratio_row("x".into(), "/s", &rounds[1..2], Goal::AtLeast(0.9));
+        assert_eq!(r.verdict, Verdict::Info, "one round gives no verdict");
+        assert!(Goal::AtMost(50.0).met(50.0) && !Goal::AtMost(50.0).met(50.1));
+    }
+
+    #[test]
     fn median_takes_the_middle_sample() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
