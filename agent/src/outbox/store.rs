@@ -118,12 +118,20 @@ pub struct Outbox {
     agent_id: AgentId,
 }
 
+/// The outbox connection's page cache (`PRAGMA cache_size`; negative:
+/// KiB). SQLite's default is 2 MB; the outbox appends at the end of its
+/// tables and reads them in order, so a quarter of that holds the pages it
+/// touches, and the agent's whole peak has to stay under 20 MB.
+const CACHE_SIZE: i64 = -512;
+
 impl Outbox {
     /// Opens the outbox at `cfg.path`, creating the file (not its directory) and
     /// the schema if needed.
     pub fn open(cfg: &OutboxConfig, agent_id: AgentId) -> Result<Outbox, OutboxError> {
         let path = cfg.path.as_path();
         let mut conn = outpost_storage::open(path, cfg.synchronous)?;
+        conn.pragma_update(None, "cache_size", CACHE_SIZE)
+            .at(path)?;
         if let Some(detail) = outpost_storage::quick_check(&conn, path)? {
             return Err(OutboxError::Corrupt {
                 path: path.to_owned(),

@@ -13,6 +13,9 @@ use super::report::{Row, Verdict};
 /// The agent's budget, as `cross/build` checks it (`CROSS_MAX_AGENT_BYTES`).
 const AGENT_BUDGET: u64 = 10_000_000;
 
+/// The goal for the static aarch64 agent the packages ship (issue 24).
+const AGENT_GOAL: u64 = 6_000_000;
+
 /// What `cross/build` makes: (program, triple).
 const BUILDS: [(&str, &str); 5] = [
     ("outpost-agent", "x86_64-unknown-linux-musl"),
@@ -29,8 +32,16 @@ pub(crate) fn rows(target_dir: &Path) -> Vec<Row> {
         .map(|(program, triple)| {
             let path = target_dir.join(triple).join("release").join(program);
             let what = format!("Static build size: `{program}` for `{triple}` (stripped, LTO)");
-            let (target, budget) = if *program == "outpost-agent" {
-                (format!("< {}", mb(AGENT_BUDGET / 1024)), Some(AGENT_BUDGET))
+            let (target, budget) = if *program == "outpost-agent" && triple.starts_with("aarch64") {
+                (
+                    format!("≤ {} (issue 24)", mb(AGENT_GOAL / 1024)),
+                    Some(AGENT_GOAL + 1),
+                )
+            } else if *program == "outpost-agent" {
+                (
+                    format!("< {} (cross/build's budget)", mb(AGENT_BUDGET / 1024)),
+                    Some(AGENT_BUDGET),
+                )
             } else {
                 ("-".to_owned(), None)
             };
@@ -40,7 +51,12 @@ pub(crate) fn rows(target_dir: &Path) -> Vec<Row> {
                     ours: format!("{} ({} bytes)", mb(m.len() / 1024), m.len()),
                     baseline: "-".into(),
                     ratio: "-".into(),
-                    target,
+                    target: match budget {
+                        Some(b) if m.len() >= b => {
+                            format!("{target}: over by {} bytes", m.len() + 1 - b)
+                        }
+                        _ => target,
+                    },
                     verdict: budget.map_or(Verdict::Info, |b| Verdict::from_bool(m.len() < b)),
                 },
                 Err(_) => Row {
