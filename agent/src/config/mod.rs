@@ -23,6 +23,10 @@ pub use outpost_settings::{HumanDuration, HumanSize};
 
 use crate::outbox::{Eviction, OnCorruption, Synchronous};
 
+pub mod opcua;
+
+use opcua::{validate_opcua, OpcuaSection, ServerSettings};
+
 pub use outpost_settings::ConfigError;
 
 /// The file as written, before validation.
@@ -46,6 +50,9 @@ pub struct RawConfig {
     /// `[[bridges]]`: local routes between Modbus and MQTT.
     #[serde(default)]
     pub bridges: Vec<BridgeSection>,
+    /// `[opcua]`: the OPC UA servers to subscribe to.
+    #[serde(default)]
+    pub opcua: OpcuaSection,
     /// `[observability]`: logs and metrics.
     #[serde(default)]
     pub observability: ObservabilitySection,
@@ -507,6 +514,7 @@ pub fn parse(
             "modbus",
             "bridges",
             "observability",
+            "opcua",
         ],
     )
     .map_err(|message| ConfigError::Parse {
@@ -544,6 +552,8 @@ pub struct AgentConfig {
     pub publish_bridges: Vec<PublishBridge>,
     /// MQTT topics written to Modbus tags.
     pub write_bridges: Vec<WriteBridge>,
+    /// The OPC UA servers.
+    pub opcua_servers: Vec<ServerSettings>,
     /// Logs and metrics.
     pub observability: ObservabilitySection,
 }
@@ -787,6 +797,7 @@ impl RawConfig {
         let (publish_bridges, write_bridges) =
             validate_bridges(&cx, &self.bridges, &devices, mqtt.is_some())?;
         validate_observability(&cx, &self.observability)?;
+        let opcua_servers = validate_opcua(path, &self.opcua, &resolve)?;
 
         Ok(AgentConfig {
             source: path.to_owned(),
@@ -799,6 +810,7 @@ impl RawConfig {
             devices,
             publish_bridges,
             write_bridges,
+            opcua_servers,
             observability: self.observability,
         })
     }

@@ -30,6 +30,8 @@ mod door;
 mod modbus;
 #[path = "../bench/mqtt.rs"]
 mod mqtt;
+#[path = "../bench/opcua.rs"]
+mod opcua;
 #[path = "../bench/peers.rs"]
 mod peers;
 #[path = "../bench/plots.rs"]
@@ -102,6 +104,8 @@ enum Measurement {
     Policy,
     /// Modbus 10,000 tags at 1 Hz.
     Modbus,
+    /// OPC UA: 10,000 monitored items at 1 Hz from an asyncua server.
+    Opcua,
     /// Agent memory with a backlog.
     Backlog,
     /// Agent memory idle.
@@ -137,6 +141,7 @@ struct Plan {
     replicas: replicas::Params,
     peers: peers::Params,
     door: door::Params,
+    opcua: opcua::Params,
 }
 
 impl Plan {
@@ -190,6 +195,9 @@ impl Plan {
                     sources: 50,
                     concurrency: 500,
                 },
+                opcua: opcua::Params {
+                    window: Duration::from_secs(8),
+                },
             }
         } else {
             Plan {
@@ -239,6 +247,9 @@ impl Plan {
                     handshakes: 10_000,
                     sources: 100,
                     concurrency: 1_000,
+                },
+                opcua: opcua::Params {
+                    window: Duration::from_secs(20),
                 },
             }
         }
@@ -391,6 +402,11 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
         Measurement::Modbus,
         "Modbus 10,000 tags at 1 Hz",
         &mut || modbus::poll(&bins, &dir, plan.modbus),
+    );
+    measure(
+        Measurement::Opcua,
+        "OPC UA 10,000 monitored items at 1 Hz",
+        &mut || opcua::subscribe(&bins, &dir, plan.opcua),
     );
     measure(Measurement::Idle, "Agent RSS idle", &mut || {
         modbus::idle(&bins, &dir, plan.modbus)
