@@ -418,15 +418,25 @@ node_id = "ns=2;s=Counter"
     )?;
     // By now each refused entry has tried several times (reconnect_max 1s).
     let log = || std::fs::read_to_string(d.join("agent.log")).unwrap_or_default();
+    // Each refusal is logged with the status that says why: the server
+    // refuses the password and the certificate it does not trust; the agent
+    // refuses the server certificate it does not trust.
+    let refusals = [
+        ("wrong-password", "BadUserAccessDenied"),
+        ("untrusted-server", "BadCertificateUntrusted"),
+        ("untrusted-agent", "BadCertificateUntrusted"),
+    ];
     wait_until(DEADLINE, "the refused connections to be logged", || {
         let l = log();
-        ["wrong-password", "untrusted-server", "untrusted-agent"]
-            .iter()
-            .all(|n| {
-                l.lines()
-                    .any(|line| line.contains(&format!("server={n}")) && line.contains("WARN"))
+        refusals.iter().all(|(n, status)| {
+            l.lines().any(|line| {
+                line.contains(&format!("server={n}"))
+                    && line.contains("Cannot reconnect to the OPC UA server")
+                    && line.contains(&format!("status={status}"))
             })
-    })?;
+        })
+    })
+    .with_context(log)?;
     let m = by_stream(d)?;
     for refused in ["wrong-password", "untrusted-server", "untrusted-agent"] {
         let good_ones = m.get(&format!("{refused}/ns=2;s=Counter")).map_or(0, |v| {
