@@ -28,7 +28,7 @@ use opcua::types::{
     AttributeId, DataChangeFilter, DataChangeNotification, DataChangeTrigger, DeadbandType,
     EndpointDescription, ExtensionObject, MessageSecurityMode, MonitoredItemCreateRequest,
     MonitoringMode, MonitoringParameters, NodeId, NotificationMessage, ReadValueId, StatusCode,
-    TimestampsToReturn, UserTokenPolicy,
+    TimestampsToReturn,
 };
 use outpost_protocols::{AgentId, EventBody, Quality, Reason, Timestamp, Value};
 use tokio::sync::mpsc;
@@ -87,7 +87,7 @@ impl OnSubscriptionNotificationCore for Tap {
 
 /// What the agent last recorded for one node.
 struct NodeState {
-    last: Option<(Value, Quality)>,
+    last: Option<(Value, Quality, Timestamp)>,
 }
 
 /// An OPC UA server being subscribed to.
@@ -166,13 +166,6 @@ impl OpcuaSource {
                 return;
             }
         };
-        let wanted: EndpointDescription = (
-            s.endpoint.as_str(),
-            policy_uri(s.security_policy),
-            mode(s.security_mode),
-            UserTokenPolicy::anonymous(),
-        )
-            .into();
         info!(endpoint = %s.endpoint, policy = s.security_policy.name(), mode = s.security_mode.name(), nodes = s.nodes.len(), "Connecting to OPC UA server.");
 
         // The first connection finds the server's endpoint (and with it the
@@ -180,11 +173,17 @@ impl OpcuaSource {
         // that the library's event loop reconnects by itself.
         let mut backoff = s.reconnect_min;
         let (session, event_loop) = loop {
-            let attempt = client.connect_to_matching_endpoint(wanted.clone(), identity.clone());
+            let attempt = self.find_endpoint(&client);
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 r = attempt => match r {
-                    Ok(pair) => break pair,
+                    Ok(endpoint) => match client.connect_to_endpoint_directly(endpoint, identity.clone()) {
+                        Ok(pair) => break pair,
+                        Err(e) => {
+                            self.metrics.opcua_error(&s.name, "connect");
+                            warn!(error = %e, retry_in = ?backoff, "Cannot use the OPC UA server's endpoint.");
+                        }
+                    },
                     Err(e) => {
                         self.metrics.opcua_error(&s.name, "connect");
                         warn!(error = %e, retry_in = ?backoff, "Cannot reach the OPC UA server's endpoint.");
@@ -251,6 +250,42 @@ impl OpcuaSource {
         }
         rec.record(rest).await;
         info!("OPC UA server stopped.");
+    }
+}
+
+impl OpcuaSource {
+    /// Asks the server for its endpoints (GetEndpoints, on an unsecured
+    /// channel as OPC UA Part 4, 5.4.4 allows) and picks the one with the
+    /// configured policy and mode, to be reached at the configured URL: a
+    /// server behind a port forward or a proxy advertises an address the
+    /// agent cannot use.
+    async fn find_endpoint(
+        &self,
+        client: &opcua::client::Client,
+    ) -> Result<EndpointDescription, opcua::types::Error> {
+        let s = &self.server;
+        let endpoints = client
+            .get_server_endpoints_from_url(s.endpoint.as_str())
+            .await?;
+        let policy = UaPolicy::from_uri(policy_uri(s.security_policy));
+        let mut found = endpoints
+            .into_iter()
+            .find(|e| {
+                e.security_mode == mode(s.security_mode)
+                    && UaPolicy::from_uri(e.security_policy_uri.as_ref()) == policy
+            })
+            .ok_or_else(|| {
+                opcua::types::Error::new(
+                    StatusCode::BadSecurityPolicyRejected,
+                    format!(
+                        "the server offers no endpoint with security policy {} and mode {}",
+                        s.security_policy.name(),
+                        s.security_mode.name()
+                    ),
+                )
+            })?;
+        found.endpoint_url = s.endpoint.as_str().into();
+        Ok(found)
     }
 }
 
@@ -488,7 +523,7 @@ impl Recorder<'_> {
             .nodes
             .iter()
             .enumerate()
-            .filter(|(_, n)| matches!(&n.last, Some((_, Quality::Bad(Reason::Disconnected)))))
+            .filter(|(_, n)| matches!(&n.last, Some((_, Quality::Bad(Reason::Disconnected), _))))
             .map(|(i, _)| i)
             .collect();
         let received = clock::unix_now();
@@ -564,8 +599,10 @@ impl Recorder<'_> {
     }
 
     /// Node `i`'s event body, remembering it as the node's last; `None`
-    /// for an unknown node or a bad quality repeated (so an absent server
-    /// does not fill the outbox with the same error).
+    /// for an unknown node, a bad quality repeated (so an absent server
+    /// does not fill the outbox with the same error), or the very sample
+    /// recorded last (same value, quality and time: the read after a
+    /// reconnect and the change the server had queued can be one sample).
     fn body(
         &mut self,
         i: usize,
@@ -575,11 +612,12 @@ impl Recorder<'_> {
     ) -> Option<EventBody> {
         let node = self.source.server.nodes.get(i)?;
         let state = self.nodes.get_mut(i)?;
-        if quality != Quality::Good && value.is_none() {
-            if let Some((_, q)) = &state.last {
-                if *q == quality {
-                    return None;
-                }
+        if let Some((last_v, last_q, last_ts)) = &state.last {
+            if *last_q == quality
+                && (value.is_none() && quality != Quality::Good
+                    || (value.as_ref() == Some(last_v) && *last_ts == ts))
+            {
+                return None;
             }
         }
         // A sample without a value keeps the last one, so a bad sample
@@ -587,11 +625,11 @@ impl Recorder<'_> {
         let value = match value {
             Some(v) => v,
             None => match &state.last {
-                Some((v, _)) => v.clone(),
+                Some((v, _, _)) => v.clone(),
                 None => Value::Bytes(Vec::new()),
             },
         };
-        state.last = Some((value.clone(), quality.clone()));
+        state.last = Some((value.clone(), quality.clone(), ts));
         Some(EventBody {
             stream: node.stream.clone(),
             ts,
