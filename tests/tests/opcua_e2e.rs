@@ -270,7 +270,7 @@ fn every_data_type_reads_back_as_the_server_holds_it() -> Result<()> {
             "[[opcua.servers.nodes]]\nnode_id = \"ns=2;s={name}\"\nstream = \"ua/{name}\"\n"
         ));
     }
-    let _agent = Agent::start(
+    let mut agent = Agent::start(
         dir.path(),
         &agent_toml(&format!(
             "[[opcua.servers]]\nname = \"ua\"\nendpoint = \"{}\"\npublishing_interval = \"100ms\"\n{entries}",
@@ -302,6 +302,11 @@ fn every_data_type_reads_back_as_the_server_holds_it() -> Result<()> {
         nodes.len(),
         wrong.join("\n")
     );
+    // SIGTERM closes the session and ends the agent cleanly.
+    let status = agent.proc.term(Duration::from_secs(30))?;
+    let log = std::fs::read_to_string(dir.path().join("agent.log"))?;
+    ensure!(status.success(), "exit {status}:\n{log}");
+    ensure!(log.contains("OPC UA server stopped."), "{log}");
     Ok(())
 }
 
