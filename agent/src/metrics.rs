@@ -77,6 +77,11 @@ pub struct Metrics {
     pub mqtt_oversize: Counter,
     /// Messages received and not yet acknowledged.
     pub mqtt_inflight: Gauge,
+    /// Sparkplug B rebirth requests (NCMD) published.
+    pub sparkplug_rebirths: Counter,
+    /// Sparkplug B messages or metrics not stored (unknown alias, no name,
+    /// a topic outside the namespace).
+    pub sparkplug_skipped: Counter,
     /// 1 while connected to the site broker.
     pub mqtt_connected: Gauge,
     /// Messages published by bridges.
@@ -167,6 +172,18 @@ impl Metrics {
             "mqtt_oversize",
             "MQTT payloads over max_payload",
             mqtt_oversize.clone(),
+        );
+        let sparkplug_rebirths = Counter::default();
+        registry.register(
+            "sparkplug_rebirth_requests",
+            "Sparkplug B rebirth requests published",
+            sparkplug_rebirths.clone(),
+        );
+        let sparkplug_skipped = Counter::default();
+        registry.register(
+            "sparkplug_skipped",
+            "Sparkplug B messages or metrics not stored",
+            sparkplug_skipped.clone(),
         );
         let mqtt_inflight = Gauge::default();
         registry.register(
@@ -289,6 +306,8 @@ impl Metrics {
             mqtt_qos1_redelivered,
             mqtt_oversize,
             mqtt_inflight,
+            sparkplug_rebirths,
+            sparkplug_skipped,
             mqtt_connected,
             bridge_published,
             uplink_connected,

@@ -10,16 +10,28 @@
 //! the `Hello` and in the outbox's buffer limits, so that both ends select
 //! the same rules. They are kept beside the policy for the next start.
 //!
+//! What the hub sends is not the fleet's document but this agent's part of
+//! it (`Policy::scoped_text`): the rules that select it, and for each that
+//! hashes the key the hub derived for that rule. The hub's own key never
+//! reaches an agent.
+//!
 //! ```text
-//! <data_dir>/policy.json   {"version": N, "text": "<the TOML document>"}
+//! <data_dir>/policy.json   {"version": N, "text": "<the agent's part, TOML>"}
 //!                          written to policy.json.tmp, fsynced, renamed;
 //!                          mode 0600 whatever the umask
 //! <data_dir>/labels.json   {"site": "...", ...}: the hub's labels, the same way
 //! ```
 //!
-//! Why 0600: the text may hold what the fleet keeps from others (the rules of
-//! other sites, a hashing key), and the agent's user is the only reader it
-//! needs. A file left wider by an older agent is narrowed when it is opened.
+//! Why 0600: the text holds the keys of the rules that hash this agent's
+//! data, and the agent's user is the only reader it needs. A file left
+//! wider by an older agent is narrowed when it is opened. What the agent
+//! shows (`policy show`, [`AgentPolicy::text`]) has the keys redacted.
+//!
+//! A file or push from before the key moved to the hub (the fleet's whole
+//! document, with its `[hashing] key`) is still enforced, with its hashed
+//! fields redacted instead (no key is used that every gateway held), and
+//! is saved again at once without its key; the hub sends this agent's part
+//! at its next connection.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -27,7 +39,9 @@ use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use outpost_protocols::policy::{Catalog, Compiled, Policy, PolicyError, PolicyVersion};
+use outpost_protocols::policy::{
+    digest, redact_keys, Catalog, Compiled, Policy, PolicyError, PolicyVersion,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -42,8 +56,12 @@ pub const LABELS_FILE_NAME: &str = "labels.json";
 pub struct AgentPolicy {
     /// The version (0: none).
     pub version: PolicyVersion,
-    /// The document as the hub sent it.
+    /// The document as the hub sent it, with its keys redacted: what may
+    /// be shown.
     pub text: String,
+    /// The SHA-256 of the document as saved, keys included: a push of the
+    /// same document is not written again.
+    saved_digest: String,
     /// The parsed document.
     pub policy: Policy,
     /// Its rules for this agent's labels.
@@ -60,6 +78,7 @@ impl AgentPolicy {
         AgentPolicy {
             version: PolicyVersion(0),
             text: String::new(),
+            saved_digest: String::new(),
             policy,
             compiled,
             labels: labels.clone(),
@@ -75,22 +94,34 @@ impl AgentPolicy {
                 && !self.policy.default_sinks.is_empty())
     }
 
+    /// Parses a document from the hub (pushed, or read back from the
+    /// file), and says what to save: the document itself, or, for one of
+    /// before the key moved to the hub, the same with its key redacted.
     fn parse(
         version: u64,
         text: &str,
         labels: &BTreeMap<String, String>,
-    ) -> Result<AgentPolicy, PolicyError> {
+    ) -> Result<(AgentPolicy, String), PolicyError> {
         // The hub validated the sinks and residency against its own catalog;
         // the agent checks the language and compiles its rules.
-        let policy = Policy::parse(text, &Catalog::trusting())?;
+        let (policy, saved) = match Policy::parse_scoped(text) {
+            Ok(p) => (p, text.to_owned()),
+            Err(PolicyError::KeyInPolicy { .. }) => (
+                Policy::parse_stored(text, &Catalog::trusting())?,
+                redact_keys(text),
+            ),
+            Err(e) => return Err(e),
+        };
         let compiled = Arc::new(policy.compile(labels, &Catalog::trusting()));
-        Ok(AgentPolicy {
+        let p = AgentPolicy {
             version: PolicyVersion(version),
-            text: text.to_owned(),
+            text: redact_keys(&saved),
+            saved_digest: digest(&saved),
             policy,
             compiled,
             labels: labels.clone(),
-        })
+        };
+        Ok((p, saved))
     }
 }
 
@@ -181,13 +212,19 @@ impl PolicyStore {
                         path: path.clone(),
                         message: e.to_string(),
                     })?;
-                AgentPolicy::parse(d.version, &d.text, labels).map_err(|error| {
-                    PolicyFileError::Invalid {
-                        path: path.clone(),
-                        version: d.version,
-                        error,
-                    }
-                })?
+                let (p, saved) =
+                    AgentPolicy::parse(d.version, &d.text, labels).map_err(|error| {
+                        PolicyFileError::Invalid {
+                            path: path.clone(),
+                            version: d.version,
+                            error,
+                        }
+                    })?;
+                if saved != d.text {
+                    // An older file with the fleet's key: the key goes now.
+                    persist(&path, d.version, &saved)?;
+                }
+                p
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => AgentPolicy::none(labels),
             Err(e) => {
@@ -228,6 +265,7 @@ impl PolicyStore {
         self.tx.send_replace(Arc::new(AgentPolicy {
             version: current.version,
             text: current.text.clone(),
+            saved_digest: current.saved_digest.clone(),
             policy: current.policy.clone(),
             compiled,
             labels,
@@ -247,26 +285,32 @@ impl PolicyStore {
 
     /// Validates a pushed policy, persists it, then puts it in force. On any
     /// error the policy in force stays as it was.
+    /// The hub pushes this agent's part at every connection; the same
+    /// document again is put in force without writing the file.
     pub fn install(&self, version: u64, text: &str) -> Result<Arc<AgentPolicy>, String> {
         let labels = self.labels();
-        let new = AgentPolicy::parse(version, text, &labels).map_err(|e| e.to_string())?;
-        self.persist(version, text).map_err(|e| e.to_string())?;
+        let (new, saved) = AgentPolicy::parse(version, text, &labels).map_err(|e| e.to_string())?;
+        let current = self.current();
+        if current.version != new.version || current.saved_digest != new.saved_digest {
+            persist(&self.path, version, &saved).map_err(|e| e.to_string())?;
+        }
         let new = Arc::new(new);
         self.tx.send_replace(new.clone());
         Ok(new)
     }
+}
 
-    fn persist(&self, version: u64, text: &str) -> Result<(), PolicyFileError> {
-        let body = serde_json::to_vec(&OnDisk {
-            version,
-            text: text.to_owned(),
-        })
-        .map_err(|e| PolicyFileError::Corrupt {
-            path: self.path.clone(),
-            message: e.to_string(),
-        })?;
-        write_durably(&self.path, &body)
-    }
+/// Saves version `version`'s document to the policy file at `path`.
+fn persist(path: &Path, version: u64, text: &str) -> Result<(), PolicyFileError> {
+    let body = serde_json::to_vec(&OnDisk {
+        version,
+        text: text.to_owned(),
+    })
+    .map_err(|e| PolicyFileError::Corrupt {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    write_durably(path, &body)
 }
 
 /// Writes `body` to `path` so that a crash leaves the old file or the new
@@ -386,5 +430,39 @@ mod tests {
             PolicyStore::open(dir.path(), &configured),
             Err(PolicyFileError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn the_shown_text_has_no_key_and_an_older_files_key_is_removed_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let labels = BTreeMap::new();
+        let key = "ab".repeat(32);
+        let scoped = format!(
+            "[[rules]]\nname = \"ids\"\nstreams = [\"hr/#\"]\nhash = [\"/id\"]\nhash_key = \"{key}\"\n"
+        );
+        let store = PolicyStore::open(dir.path(), &labels).expect("opens");
+        let p = store.install(2, &scoped).expect("installs");
+        assert!(!p.text.contains(&key), "{}", p.text);
+        assert!(!format!("{p:?}").contains(&key));
+        // The same push again is not written again.
+        let path = dir.path().join(FILE_NAME);
+        std::fs::remove_file(&path).expect("removes");
+        store.install(2, &scoped).expect("installs");
+        assert!(!path.exists());
+        // A file of before: the fleet's whole document with its key.
+        let old = "[hashing]\nkey = \"the-fleet-key-every-gateway-had\"\n[[rules]]\nstreams = [\"hr/#\"]\nhash = [\"/id\"]\n";
+        let body = serde_json::to_vec(&OnDisk {
+            version: 1,
+            text: old.to_owned(),
+        })
+        .expect("json");
+        std::fs::write(&path, body).expect("writes");
+        let again = PolicyStore::open(dir.path(), &labels).expect("opens an older file");
+        assert_eq!(again.current().version, PolicyVersion(1));
+        assert_eq!(again.current().compiled.rules(), 1);
+        let saved = std::fs::read_to_string(&path).expect("reads");
+        assert!(!saved.contains("the-fleet-key"), "{saved}");
+        assert!(!again.current().text.contains("the-fleet-key"));
+        PolicyStore::open(dir.path(), &labels).expect("the scrubbed file opens");
     }
 }

@@ -64,6 +64,13 @@ pub fn check_text(c: &AgentConfig) -> String {
             for sub in &m.subscriptions {
                 let _ = writeln!(s, "  subscribe {} qos {}", sub.filter, sub.qos);
             }
+            for sp in &m.sparkplug {
+                let _ = writeln!(
+                    s,
+                    "  sparkplug {} qos {} rebirth {} every {:?}",
+                    sp.filter, sp.qos, sp.rebirth, sp.rebirth_interval
+                );
+            }
         }
         None => {
             let _ = writeln!(s, "mqtt none");
@@ -204,6 +211,7 @@ pub fn check_json(c: &AgentConfig) -> serde_json::Value {
             "broker": format!("{}:{}", m.host, m.port),
             "client_id": m.client_id,
             "subscriptions": m.subscriptions.iter().map(|s| serde_json::json!({"filter": s.filter.as_str(), "qos": s.qos})).collect::<Vec<_>>(),
+            "sparkplug": m.sparkplug.iter().map(|s| serde_json::json!({"filter": s.filter.as_str(), "qos": s.qos, "rebirth": s.rebirth, "rebirth_interval_ms": s.rebirth_interval.as_millis() as u64})).collect::<Vec<_>>(),
         })),
         "devices": devices,
         "bridges": {

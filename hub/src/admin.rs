@@ -15,13 +15,19 @@ use std::fmt::Write as _;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::api::types::{
+    AuditAnchor, AuditList, AuditPublicKey, PolicyApplied, PolicyApply, PolicyDiff,
+    PolicyVersionDoc,
+};
 use crate::audit::key::{AuditKey, PublicKey};
 use crate::clock;
 use crate::config::{self, HubConfig, StoreKind};
 use crate::policy::{self, Applied, ApplyError, PolicyRecord};
 use crate::printable::printable;
+use crate::remote::{query, Remote, RemoteArgs};
 use crate::store::audit::{self, Verdict};
 use crate::store::{open_admin, store_path, AtPath as _, StoreReader};
+use crate::verbs::config_path;
 use crate::verbs::VerbError;
 
 /// `outpost-hub policy …`.
@@ -49,11 +55,20 @@ pub struct PolicyApplyArgs {
     /// Apply this stored version's text again instead of a file.
     #[arg(long, value_name = "N")]
     pub version: Option<u64>,
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
-    /// Who applies it, for the audit log (default: the login name).
-    #[arg(long, value_name = "NAME")]
+    /// The hub's TOML config file (to use its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+    /// Who applies it, for the audit log, as `local:NAME` (default: the
+    /// login name); with --api the token's subject is recorded instead.
+    #[arg(long, value_name = "NAME", conflicts_with = "api")]
     pub actor: Option<String>,
     /// Print one JSON document.
     #[arg(long)]
@@ -63,9 +78,17 @@ pub struct PolicyApplyArgs {
 /// `outpost-hub policy show`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PolicyShowArgs {
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The hub's TOML config file (to use its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// This version instead of the one in force.
     #[arg(long, value_name = "N")]
     pub version: Option<u64>,
@@ -77,9 +100,17 @@ pub struct PolicyShowArgs {
 /// `outpost-hub policy history`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PolicyHistoryArgs {
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The hub's TOML config file (to use its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// Print one JSON document (an array, without the texts).
     #[arg(long)]
     pub json: bool,
@@ -94,9 +125,17 @@ pub struct PolicyDiffArgs {
     /// The newer version.
     #[arg(value_name = "B")]
     pub b: u64,
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The hub's TOML config file (to use its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// `outpost-hub audit …`.
@@ -118,9 +157,17 @@ pub enum AuditCommand {
 /// `outpost-hub audit list`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuditListArgs {
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The hub's TOML config file (to use its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// How many entries (all when not given).
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
@@ -132,20 +179,39 @@ pub struct AuditListArgs {
 /// `outpost-hub audit verify`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuditVerifyArgs {
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The hub's TOML config file (to use its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// An `ID:HASH` printed by `audit anchor` earlier: entry ID must still be
     /// there with that hash (catches the newest entries cut off).
     #[arg(long, value_name = "ID:HASH", value_parser = parse_anchor)]
     pub anchor: Option<audit::Anchor>,
     /// Check the signatures with this public key (PEM, as `audit key`
-    /// prints it) instead of the one of the hub's `[audit] key`.
+    /// prints it) instead of the one of the hub's `[audit] key` (with
+    /// --api: instead of the one the hub's API serves).
     #[arg(long, value_name = "FILE")]
     pub public_key: Option<PathBuf>,
     /// Print one JSON document.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The actor of an audit entry written on the hub's own store (the
+/// break-glass path): `local:<--actor or the login name>`, so that it can
+/// never pass for an API token's subject.
+pub fn local_actor(actor: Option<&str>, env: &[(String, String)]) -> String {
+    format!(
+        "local:{}",
+        actor.map_or_else(|| login_name(env), str::to_owned)
+    )
 }
 
 fn parse_anchor(s: &str) -> Result<audit::Anchor, String> {
@@ -155,9 +221,17 @@ fn parse_anchor(s: &str) -> Result<audit::Anchor, String> {
 /// `outpost-hub audit anchor`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuditAnchorArgs {
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The hub's TOML config file (to use its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// Print one JSON document: `{"id": N, "hash": "...", "anchor": "N:..."}`.
     #[arg(long)]
     pub json: bool,
@@ -166,9 +240,17 @@ pub struct AuditAnchorArgs {
 /// `outpost-hub audit key`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuditKeyArgs {
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The hub's TOML config file (to use its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// Print one JSON document: `{"algorithm": "ed25519", "public_key":
     /// "<hex>", "fingerprint": "...", "pem": "..."}`.
     #[arg(long)]
@@ -224,12 +306,33 @@ pub fn policy(
 ) -> Result<(), VerbError> {
     match command {
         PolicyCommand::Apply(args) => {
+            if let Some(api) = Remote::from_args(&args.remote)? {
+                let req = match (&args.file, args.version) {
+                    (Some(file), _) => PolicyApply {
+                        text: Some(std::fs::read_to_string(file).map_err(|source| {
+                            VerbError::Policy(ApplyError::Read {
+                                path: file.clone(),
+                                source,
+                            })
+                        })?),
+                        source: Some(file.display().to_string()),
+                        version: None,
+                    },
+                    (None, v) => PolicyApply {
+                        text: None,
+                        source: None,
+                        version: v,
+                    },
+                };
+                let applied: PolicyApplied = api.post("/policy", &req)?;
+                return print_applied(&applied.applied(), args.json, out);
+            }
             if let Some(outcome) = apply_on_jetstream(args, env)? {
                 return print_applied(&outcome, args.json, out);
             }
-            let (cfg, store) = load(&args.config, env)?;
+            let (cfg, store) = load(config_path(args.config.as_deref())?, env)?;
             let catalog = policy::catalog(&cfg);
-            let actor = args.actor.clone().unwrap_or_else(|| login_name(env));
+            let actor = local_actor(args.actor.as_deref(), env);
             let outcome = match (&args.file, args.version) {
                 (Some(file), _) => {
                     let text = std::fs::read_to_string(file).map_err(|source| {
@@ -238,7 +341,7 @@ pub fn policy(
                             source,
                         })
                     })?;
-                    let key = audit_key(&args.config, &cfg)?;
+                    let key = audit_key(config_path(args.config.as_deref())?, &cfg)?;
                     let mut conn = admin(&store)?;
                     policy::apply(
                         &mut conn,
@@ -251,7 +354,7 @@ pub fn policy(
                     )?
                 }
                 (None, Some(v)) => {
-                    let key = audit_key(&args.config, &cfg)?;
+                    let key = audit_key(config_path(args.config.as_deref())?, &cfg)?;
                     let mut conn = admin(&store)?;
                     policy::rollback(&mut conn, &store, &key, v, &actor, &catalog)?
                 }
@@ -269,19 +372,16 @@ pub fn policy(
             print_applied(&outcome, args.json, out)?;
         }
         PolicyCommand::Show(args) => {
-            let (found, wanted) = match jetstream_policies(&args.config, env)? {
-                Some(all) => match args.version {
-                    Some(v) => (all.into_iter().find(|r| r.version == v), Some(v)),
-                    None => (all.into_iter().last(), None),
-                },
-                None => {
-                    let (_, store) = load(&args.config, env)?;
-                    let reader = StoreReader::open(&store)?;
-                    match args.version {
-                        Some(v) => (policy::get(reader.connection(), &store, v)?, Some(v)),
-                        None => (policy::current(reader.connection(), &store)?, None),
-                    }
+            let remote = Remote::from_args(&args.remote)?;
+            let (found, wanted) = match remote {
+                Some(api) => {
+                    let path = format!(
+                        "/policy{}",
+                        query(&[("version", args.version.map(|v| v.to_string()))])
+                    );
+                    (api.get::<PolicyVersionDoc>(&path)?.record(), args.version)
                 }
+                None => local_show(args, env)?,
             };
             let rec = match wanted {
                 Some(v) => found.ok_or(VerbError::Policy(ApplyError::UnknownVersion(v)))?,
@@ -299,6 +399,12 @@ pub fn policy(
                         return Ok(out.flush()?);
                     }
                 },
+            };
+            // Never a key: a version of before the key moved to the hub's
+            // file shows its `[hashing] key` redacted.
+            let rec = PolicyRecord {
+                text: outpost_protocols::policy::redact_keys(&rec.text),
+                ..rec
             };
             if args.json {
                 writeln!(out, "{}", serde_json::to_value(&rec).unwrap_or_default())?;
@@ -319,12 +425,22 @@ pub fn policy(
             }
         }
         PolicyCommand::History(args) => {
-            let all = match jetstream_policies(&args.config, env)? {
-                Some(all) => all,
+            let all = match Remote::from_args(&args.remote)? {
+                Some(api) => api
+                    .get::<Vec<PolicyVersionDoc>>("/policy/history")?
+                    .iter()
+                    .filter_map(PolicyVersionDoc::record)
+                    .collect(),
                 None => {
-                    let (_, store) = load(&args.config, env)?;
-                    let reader = StoreReader::open(&store)?;
-                    policy::history(reader.connection(), &store)?
+                    let config = config_path(args.config.as_deref())?;
+                    match jetstream_policies(config, env)? {
+                        Some(all) => all,
+                        None => {
+                            let (_, store) = load(config, env)?;
+                            let reader = StoreReader::open(&store)?;
+                            policy::history(reader.connection(), &store)?
+                        }
+                    }
                 }
             };
             if args.json {
@@ -346,26 +462,48 @@ pub fn policy(
             }
         }
         PolicyCommand::Diff(args) => {
-            let (_, store) = load(&args.config, env)?;
-            let reader = StoreReader::open(&store)?;
-            let get = |v: u64| -> Result<PolicyRecord, VerbError> {
-                policy::get(reader.connection(), &store, v)?
-                    .ok_or(VerbError::Policy(ApplyError::UnknownVersion(v)))
+            let diff = match Remote::from_args(&args.remote)? {
+                Some(api) => {
+                    let path = format!("/policy/diff?from={}&to={}", args.a, args.b);
+                    api.get::<PolicyDiff>(&path)?.diff
+                }
+                None => {
+                    let (_, store) = load(config_path(args.config.as_deref())?, env)?;
+                    let reader = StoreReader::open(&store)?;
+                    let get = |v: u64| -> Result<PolicyRecord, VerbError> {
+                        policy::get(reader.connection(), &store, v)?
+                            .ok_or(VerbError::Policy(ApplyError::UnknownVersion(v)))
+                    };
+                    crate::api::policy::unified_diff(&get(args.a)?, &get(args.b)?)
+                }
             };
-            let (a, b) = (get(args.a)?, get(args.b)?);
-            let diff = similar::TextDiff::from_lines(&a.text, &b.text);
-            write!(
-                out,
-                "{}",
-                diff.unified_diff().header(
-                    &format!("policy v{}", a.version),
-                    &format!("policy v{}", b.version)
-                )
-            )?;
+            write!(out, "{diff}")?;
         }
     }
     out.flush()?;
     Ok(())
+}
+
+/// `policy show` on the store itself: the version found and the one asked for.
+fn local_show(
+    args: &PolicyShowArgs,
+    env: &[(String, String)],
+) -> Result<(Option<PolicyRecord>, Option<u64>), VerbError> {
+    let config = config_path(args.config.as_deref())?;
+    Ok(match jetstream_policies(config, env)? {
+        Some(all) => match args.version {
+            Some(v) => (all.into_iter().find(|r| r.version == v), Some(v)),
+            None => (all.into_iter().last(), None),
+        },
+        None => {
+            let (_, store) = load(config, env)?;
+            let reader = StoreReader::open(&store)?;
+            match args.version {
+                Some(v) => (policy::get(reader.connection(), &store, v)?, Some(v)),
+                None => (policy::current(reader.connection(), &store)?, None),
+            }
+        }
+    })
 }
 
 /// `policy apply` on a hub whose store is JetStream; `None` for sqlite.
@@ -373,12 +511,13 @@ fn apply_on_jetstream(
     args: &PolicyApplyArgs,
     env: &[(String, String)],
 ) -> Result<Option<Applied>, VerbError> {
-    let cfg = config::load(&args.config, env.iter().cloned())?;
+    let config = config_path(args.config.as_deref())?;
+    let cfg = config::load(config, env.iter().cloned())?;
     if cfg.store.jetstream().is_none() {
         return Ok(None);
     }
     let catalog = policy::catalog(&cfg);
-    let actor = args.actor.clone().unwrap_or_else(|| login_name(env));
+    let actor = local_actor(args.actor.as_deref(), env);
     let (text, source) = match (&args.file, args.version) {
         (Some(file), _) => (None, Some(file.clone())),
         (None, Some(_)) => (None, None),
@@ -398,8 +537,8 @@ fn apply_on_jetstream(
         (None, t) => t,
     };
     let version = args.version;
-    let key = audit_key(&args.config, &cfg)?;
-    crate::verbs::on_jetstream(&args.config, &cfg, |js| async move {
+    let key = audit_key(config, &cfg)?;
+    crate::verbs::on_jetstream(config, &cfg, |js| async move {
         let (text, source) = match (text, source) {
             (Some(t), Some(f)) => (t, f.display().to_string()),
             _ => {
@@ -454,7 +593,7 @@ fn warn_unselected(store: &Path, version: u64) {
     let Ok(Some(rec)) = policy::get(reader.connection(), store, version) else {
         return;
     };
-    let Ok(p) = outpost_protocols::policy::Policy::parse(
+    let Ok(p) = outpost_protocols::policy::Policy::parse_stored(
         &rec.text,
         &outpost_protocols::policy::Catalog::trusting(),
     ) else {
@@ -537,7 +676,20 @@ pub fn audit(
 ) -> Result<(), VerbError> {
     match command {
         AuditCommand::List(args) => {
-            let entries = audit_entries(&args.config, env, args.limit)?;
+            let entries: Vec<crate::api::types::AuditEntry> = match Remote::from_args(&args.remote)?
+            {
+                Some(api) => {
+                    let path = format!(
+                        "/audit{}",
+                        query(&[("limit", args.limit.map(|l| l.to_string()))])
+                    );
+                    api.get::<AuditList>(&path)?.entries
+                }
+                None => audit_entries(config_path(args.config.as_deref())?, env, args.limit)?
+                    .iter()
+                    .map(crate::api::types::AuditEntry::from)
+                    .collect(),
+            };
             if args.json {
                 let head = entries.last().map_or(audit::GENESIS, |e| e.hash.as_str());
                 writeln!(
@@ -565,21 +717,54 @@ pub fn audit(
             }
         }
         AuditCommand::Verify(args) => {
-            let cfg = config::load(&args.config, env.iter().cloned())?;
-            let key = match &args.public_key {
-                Some(f) => PublicKey::read(f)?,
-                None => AuditKey::load(&cfg.audit_key_path(&args.config))?.public_key(),
+            let given = match &args.public_key {
+                Some(f) => Some(PublicKey::read(f)?),
+                None => None,
             };
-            let anchor = args.anchor.clone();
-            let verdict = match crate::verbs::on_jetstream(&args.config, &cfg, |js| async move {
-                let all = js.audit_list(None).await?;
-                Ok(walk(&all, &key, anchor.as_ref()))
-            })? {
-                Some(v) => v,
+            let verdict = match Remote::from_args(&args.remote)? {
+                Some(api) => {
+                    // The hub's own verdict, and a walk here with the key the
+                    // operator trusts: a hub that lies about its chain is
+                    // caught by the second.
+                    let key = match given {
+                        Some(k) => k,
+                        None => {
+                            PublicKey::from_hex(&api.get::<AuditPublicKey>("/audit/key")?.public_key)
+                                .ok_or_else(|| {
+                                    VerbError::Usage(
+                                        "the hub's API served an audit key that is not an Ed25519 public key in hex".into(),
+                                    )
+                                })?
+                        }
+                    };
+                    let all = api.get::<AuditList>("/audit")?;
+                    let records: Vec<audit::Record> = all
+                        .entries
+                        .iter()
+                        .map(crate::api::types::AuditEntry::record)
+                        .collect();
+                    crate::audit::chain::walk(&records, &key, args.anchor.as_ref())
+                }
                 None => {
-                    let (_, store) = load(&args.config, env)?;
-                    let reader = StoreReader::open(&store)?;
-                    audit::verify(reader.connection(), &store, &key, args.anchor.as_ref())?
+                    let config = config_path(args.config.as_deref())?;
+                    let cfg = config::load(config, env.iter().cloned())?;
+                    let key = match given {
+                        Some(k) => k,
+                        None => AuditKey::load(&cfg.audit_key_path(config))?.public_key(),
+                    };
+                    let anchor = args.anchor.clone();
+                    let k = key;
+                    match crate::verbs::on_jetstream(config, &cfg, |js| async move {
+                        let all = js.audit_list(None).await?;
+                        Ok(crate::audit::chain::walk(&all, &k, anchor.as_ref()))
+                    })? {
+                        Some(v) => v,
+                        None => {
+                            let (_, store) = load(config, env)?;
+                            let reader = StoreReader::open(&store)?;
+                            audit::verify(reader.connection(), &store, &key, args.anchor.as_ref())?
+                        }
+                    }
                 }
             };
             if args.json {
@@ -615,58 +800,42 @@ pub fn audit(
             }
         }
         AuditCommand::Anchor(args) => {
-            let newest = audit_entries(&args.config, env, Some(1))?;
-            let Some(e) = newest.last() else {
-                return Err(VerbError::Usage(format!(
-                    "{}: the audit log is empty: nothing to anchor yet",
-                    args.config.display()
-                )));
-            };
-            let anchor = audit::Anchor {
-                id: e.id,
-                hash: e.hash.clone(),
+            let anchor = match Remote::from_args(&args.remote)? {
+                Some(api) => api.get::<AuditAnchor>("/audit/anchor")?,
+                None => {
+                    let config = config_path(args.config.as_deref())?;
+                    let newest = audit_entries(config, env, Some(1))?;
+                    AuditAnchor::of(newest.last()).ok_or_else(|| {
+                        VerbError::Usage(format!(
+                            "{}: the audit log is empty: nothing to anchor yet",
+                            config.display()
+                        ))
+                    })?
+                }
             };
             if args.json {
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::json!({"id": e.id, "hash": e.hash, "anchor": anchor.to_string(), "ts": e.ts})
-                )?;
+                writeln!(out, "{}", serde_json::to_value(&anchor).unwrap_or_default())?;
             } else {
-                writeln!(out, "{anchor}")?;
+                writeln!(out, "{}", anchor.anchor)?;
             }
         }
         AuditCommand::Key(args) => {
-            let key = audit_public_key(&args.config, env.iter().cloned())?;
+            let doc = match Remote::from_args(&args.remote)? {
+                Some(api) => api.get::<AuditPublicKey>("/audit/key")?,
+                None => AuditPublicKey::of(&audit_public_key(
+                    config_path(args.config.as_deref())?,
+                    env.iter().cloned(),
+                )?),
+            };
             if args.json {
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::json!({
-                        "algorithm": "ed25519",
-                        "public_key": key.to_hex(),
-                        "fingerprint": key.fingerprint(),
-                        "pem": key.to_pem(),
-                    })
-                )?;
+                writeln!(out, "{}", serde_json::to_value(&doc).unwrap_or_default())?;
             } else {
-                out.write_all(key.to_pem().as_bytes())?;
+                out.write_all(doc.pem.as_bytes())?;
             }
         }
     }
     out.flush()?;
     Ok(())
-}
-
-/// Walks `records` (oldest first) with `key` and `anchor`.
-fn walk(records: &[audit::Record], key: &PublicKey, anchor: Option<&audit::Anchor>) -> Verdict {
-    let mut w = crate::audit::chain::Walk::new(key, anchor);
-    for r in records {
-        if let Err(b) = w.next(r) {
-            return b.into();
-        }
-    }
-    w.finish()
 }
 
 /// Which entries are signed, for `audit verify`'s line.

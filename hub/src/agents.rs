@@ -11,15 +11,18 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use outpost_protocols::event::Timestamp;
 use outpost_protocols::wire::{MAX_LABELS, MAX_LABEL_LEN};
 use outpost_protocols::AgentId;
 
-use crate::admin::{audit_key, login_name};
+use crate::admin::{audit_key, local_actor};
+use crate::audit::key::AuditKey;
 use crate::clock;
 use crate::config;
-use crate::store::{open_admin, store_path, trust, LabelChange, Revocation};
+use crate::store::jetstream::JetStreamStore;
+use crate::store::{open_admin, store_path, trust, LabelChange, Revocation, StoreError};
 use crate::verbs::{on_jetstream, VerbError};
 
 /// `outpost-hub agent …`.
@@ -97,8 +100,10 @@ pub const MAX_REASON_LEN: usize = 512;
 
 /// One label change asked for on the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Edit {
+pub enum Edit {
+    /// `KEY=VALUE`: set it.
     Set(String, String),
+    /// `KEY-`: remove it.
     Remove(String),
 }
 
@@ -121,7 +126,7 @@ pub(crate) fn check_label(key: &str, value: &str) -> Result<(), String> {
 }
 
 /// Parses `KEY=VALUE` and `KEY-`, each checked by [`check_label`].
-fn parse_edit(s: &str) -> Result<Edit, VerbError> {
+pub fn parse_edit(s: &str) -> Result<Edit, VerbError> {
     let bad = |why: &str| VerbError::Usage(format!("label {s:?}: {why}"));
     let edit = match s.split_once('=') {
         Some((k, v)) => {
@@ -176,7 +181,7 @@ pub fn agent(
                 .iter()
                 .map(|c| parse_edit(c))
                 .collect::<Result<Vec<_>, _>>()?;
-            let actor = args.actor.clone().unwrap_or_else(|| login_name(env));
+            let actor = local_actor(args.actor.as_deref(), env);
             let change = label(args, &edits, &actor, env)?;
             print_labels(&args.agent, &change, args.json, out)?;
         }
@@ -186,7 +191,7 @@ pub fn agent(
                     "--reason: at most {MAX_REASON_LEN} bytes"
                 )));
             }
-            let actor = args.actor.clone().unwrap_or_else(|| login_name(env));
+            let actor = local_actor(args.actor.as_deref(), env);
             let (r, new) = revoke(args, &actor, env)?;
             if args.json {
                 writeln!(
@@ -216,7 +221,7 @@ pub fn agent(
             }
         }
         AgentCommand::Reinstate(args) => {
-            let actor = args.actor.clone().unwrap_or_else(|| login_name(env));
+            let actor = local_actor(args.actor.as_deref(), env);
             let lifted = reinstate(args, &actor, env)?;
             if args.json {
                 writeln!(
@@ -246,50 +251,63 @@ fn label(
 ) -> Result<LabelChange, VerbError> {
     let cfg = config::load(&args.config, env.iter().cloned())?;
     let key = audit_key(&args.config, &cfg)?;
-    let signer = key.clone();
     let now = clock::unix_now();
-    let id = args.agent.clone();
-    let js = on_jetstream(&args.config, &cfg, |js| async move {
-        let change = js.edit_labels(&id, |held| edited(held, edits), now).await?;
-        if change.old.as_ref() != Some(&change.new) {
-            let json = |l: &BTreeMap<String, String>| {
-                serde_json::to_string(l).unwrap_or_else(|_| "{}".into())
-            };
-            let detail = format!(
-                "labels {} -> {}",
-                change
-                    .old
-                    .as_ref()
-                    .map_or_else(|| "(not registered)".to_owned(), json),
-                json(&change.new)
-            );
-            audit_on_jetstream(
-                &js,
-                &signer,
-                actor,
-                "agent.labels_changed",
-                &id,
-                &detail,
-                now,
-            )
-            .await?;
-        }
-        Ok(change)
-    })?;
-    if let Some(change) = js {
+    let signer = &key;
+    if let Some(change) = on_jetstream(&args.config, &cfg, |js| async move {
+        label_jetstream(&js, signer, &args.agent, edits, actor, now).await
+    })? {
         return Ok(change);
     }
     let path = store_path(&args.config, &cfg.hub.data_dir);
-    let mut conn = open_admin(&path)?;
+    label_sqlite(&path, &key, &args.agent, edits, actor, now)
+}
+
+/// Applies `edits` to agent `id`'s registry labels on the SQLite store at
+/// `path`, audited `agent.labels_changed` by `actor` when they change.
+pub fn label_sqlite(
+    path: &Path,
+    key: &AuditKey,
+    id: &AgentId,
+    edits: &[Edit],
+    actor: &str,
+    now: Timestamp,
+) -> Result<LabelChange, VerbError> {
+    let mut conn = open_admin(path)?;
     trust::edit_labels(
         &mut conn,
-        &path,
-        &key,
-        &args.agent,
+        path,
+        key,
+        id,
         |held| edited(held, edits),
         actor,
         now,
     )
+}
+
+/// [`label_sqlite`] on the JetStream store.
+pub async fn label_jetstream(
+    js: &JetStreamStore,
+    key: &AuditKey,
+    id: &AgentId,
+    edits: &[Edit],
+    actor: &str,
+    now: Timestamp,
+) -> Result<LabelChange, VerbError> {
+    let change = js.edit_labels(id, |held| edited(held, edits), now).await?;
+    if change.old.as_ref() != Some(&change.new) {
+        let json =
+            |l: &BTreeMap<String, String>| serde_json::to_string(l).unwrap_or_else(|_| "{}".into());
+        let detail = format!(
+            "labels {} -> {}",
+            change
+                .old
+                .as_ref()
+                .map_or_else(|| "(not registered)".to_owned(), json),
+            json(&change.new)
+        );
+        audit_on_jetstream(js, key, actor, "agent.labels_changed", id, &detail, now).await?;
+    }
+    Ok(change)
 }
 
 fn revoke(
@@ -299,32 +317,46 @@ fn revoke(
 ) -> Result<(Revocation, bool), VerbError> {
     let cfg = config::load(&args.config, env.iter().cloned())?;
     let key = audit_key(&args.config, &cfg)?;
-    let signer = key.clone();
     let now = clock::unix_now();
-    let id = args.agent.clone();
-    let reason = args.reason.clone();
-    let js = on_jetstream(&args.config, &cfg, |js| async move {
-        let (revocation, newly) = js.revoke(&id, &reason, actor, now).await?;
-        if newly {
-            let detail = format!("reason: {reason}");
-            audit_on_jetstream(&js, &signer, actor, "agent.revoked", &id, &detail, now).await?;
-        }
-        Ok((revocation, newly))
-    })?;
-    if let Some(r) = js {
+    let (signer, reason) = (&key, args.reason.as_str());
+    if let Some(r) = on_jetstream(&args.config, &cfg, |js| async move {
+        Ok(revoke_jetstream(&js, signer, &args.agent, reason, actor, now).await?)
+    })? {
         return Ok(r);
     }
     let path = store_path(&args.config, &cfg.hub.data_dir);
-    let mut conn = open_admin(&path)?;
-    Ok(trust::revoke(
-        &mut conn,
-        &path,
-        &key,
-        &args.agent,
-        &args.reason,
-        actor,
-        now,
-    )?)
+    revoke_sqlite(&path, &key, &args.agent, &args.reason, actor, now)
+}
+
+/// Revokes agent `id` on the SQLite store at `path` (audited
+/// `agent.revoked`); the revocation and whether it is new.
+pub fn revoke_sqlite(
+    path: &Path,
+    key: &AuditKey,
+    id: &AgentId,
+    reason: &str,
+    actor: &str,
+    now: Timestamp,
+) -> Result<(Revocation, bool), VerbError> {
+    let mut conn = open_admin(path)?;
+    Ok(trust::revoke(&mut conn, path, key, id, reason, actor, now)?)
+}
+
+/// [`revoke_sqlite`] on the JetStream store.
+pub async fn revoke_jetstream(
+    js: &JetStreamStore,
+    key: &AuditKey,
+    id: &AgentId,
+    reason: &str,
+    actor: &str,
+    now: Timestamp,
+) -> Result<(Revocation, bool), StoreError> {
+    let (revocation, newly) = js.revoke(id, reason, actor, now).await?;
+    if newly {
+        let detail = format!("reason: {reason}");
+        audit_on_jetstream(js, key, actor, "agent.revoked", id, &detail, now).await?;
+    }
+    Ok((revocation, newly))
 }
 
 fn reinstate(
@@ -334,43 +366,57 @@ fn reinstate(
 ) -> Result<Option<Revocation>, VerbError> {
     let cfg = config::load(&args.config, env.iter().cloned())?;
     let key = audit_key(&args.config, &cfg)?;
-    let signer = key.clone();
-    let id = args.agent.clone();
-    let js = on_jetstream(&args.config, &cfg, |js| async move {
-        let lifted = js.reinstate(&id).await?;
-        if let Some(l) = &lifted {
-            let detail = format!("revoked by {} (reason: {})", l.by, l.reason);
-            let now = clock::unix_now();
-            audit_on_jetstream(&js, &signer, actor, "agent.reinstated", &id, &detail, now).await?;
-        }
-        Ok(lifted)
-    })?;
-    if let Some(r) = js {
+    let now = clock::unix_now();
+    let signer = &key;
+    if let Some(r) = on_jetstream(&args.config, &cfg, |js| async move {
+        Ok(reinstate_jetstream(&js, signer, &args.agent, actor, now).await?)
+    })? {
         return Ok(r);
     }
     let path = store_path(&args.config, &cfg.hub.data_dir);
-    let mut conn = open_admin(&path)?;
-    Ok(trust::reinstate(
-        &mut conn,
-        &path,
-        &key,
-        &args.agent,
-        actor,
-        clock::unix_now(),
-    )?)
+    reinstate_sqlite(&path, &key, &args.agent, actor, now)
+}
+
+/// Lifts agent `id`'s revocation on the SQLite store at `path` (audited
+/// `agent.reinstated`); the revocation lifted, `None` if it had none.
+pub fn reinstate_sqlite(
+    path: &Path,
+    key: &AuditKey,
+    id: &AgentId,
+    actor: &str,
+    now: Timestamp,
+) -> Result<Option<Revocation>, VerbError> {
+    let mut conn = open_admin(path)?;
+    Ok(trust::reinstate(&mut conn, path, key, id, actor, now)?)
+}
+
+/// [`reinstate_sqlite`] on the JetStream store.
+pub async fn reinstate_jetstream(
+    js: &JetStreamStore,
+    key: &AuditKey,
+    id: &AgentId,
+    actor: &str,
+    now: Timestamp,
+) -> Result<Option<Revocation>, StoreError> {
+    let lifted = js.reinstate(id).await?;
+    if let Some(l) = &lifted {
+        let detail = format!("revoked by {} (reason: {})", l.by, l.reason);
+        audit_on_jetstream(js, key, actor, "agent.reinstated", id, &detail, now).await?;
+    }
+    Ok(lifted)
 }
 
 /// Appends one entry about agent `id` to a JetStream store's audit log (on
 /// SQLite the trust functions append theirs in their own transactions).
 async fn audit_on_jetstream(
-    js: &crate::store::jetstream::JetStreamStore,
-    key: &crate::audit::key::AuditKey,
+    js: &JetStreamStore,
+    key: &AuditKey,
     actor: &str,
     action: &str,
     id: &AgentId,
     detail: &str,
-    now: outpost_protocols::event::Timestamp,
-) -> Result<u64, crate::store::StoreError> {
+    now: Timestamp,
+) -> Result<u64, StoreError> {
     js.audit_append(
         key,
         &crate::store::audit::Entry {

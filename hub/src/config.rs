@@ -44,6 +44,22 @@ pub struct RawConfig {
     /// `[audit]`.
     #[serde(default)]
     pub audit: AuditSection,
+    /// `[policy]`.
+    #[serde(default)]
+    pub policy: PolicySection,
+}
+
+/// `[policy]`: what the hub keeps for the fleet policy and never sends.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// The hub's hashing key (32 random bytes as 64 hex digits, mode 0600)
+    /// from which the key of each policy rule that hashes is derived; made
+    /// on first start if missing, refused if group or others may read it.
+    /// Default `<data_dir>/hashing.key`. On a JetStream store every replica
+    /// needs the same key.
+    #[serde(default)]
+    pub hashing_key: Option<PathBuf>,
 }
 
 /// `[audit]`: the audit log's signing key.
@@ -193,20 +209,115 @@ impl Default for RawStoreSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiSection {
-    /// The operator HTTP API.
+    /// The operator HTTP API (empty: no API).
     #[serde(default = "default_api")]
     pub listen: String,
+    /// `[api.oidc]` as written: the OIDC issuer whose JWTs the API accepts.
+    #[serde(default, rename = "oidc")]
+    pub raw_oidc: Option<crate::api::auth::settings::RawOidcConfig>,
+    /// `[api.oidc]`, validated (by [`RawConfig::validate`]).
+    #[serde(skip)]
+    pub oidc: Option<crate::api::auth::settings::OidcConfig>,
+    /// `single` (a policy author's apply takes effect) or `two-person` (it
+    /// is a proposal until another subject approves it).
+    #[serde(default)]
+    pub policy_approval: crate::api::auth::settings::PolicyApproval,
+    /// PEM certificate (chain) the API serves with TLS; required, with `key`,
+    /// unless `listen` is a loopback address.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Requests per second each caller (token subject) may make, sustained.
+    #[serde(default = "default_api_rate")]
+    pub rate: u32,
+    /// Requests a caller may make at once above `rate`.
+    #[serde(default = "default_api_burst")]
+    pub burst: u32,
+    /// How long one request may take before it is answered 408.
+    #[serde(default = "default_api_timeout")]
+    pub timeout: outpost_settings::HumanDuration,
 }
 
 fn default_api() -> String {
     "127.0.0.1:8080".into()
+}
+fn default_api_rate() -> u32 {
+    50
+}
+fn default_api_burst() -> u32 {
+    100
+}
+fn default_api_timeout() -> outpost_settings::HumanDuration {
+    outpost_settings::HumanDuration(std::time::Duration::from_secs(30))
 }
 
 impl Default for ApiSection {
     fn default() -> Self {
         ApiSection {
             listen: default_api(),
+            raw_oidc: None,
+            oidc: None,
+            policy_approval: Default::default(),
+            cert: None,
+            key: None,
+            rate: default_api_rate(),
+            burst: default_api_burst(),
+            timeout: default_api_timeout(),
         }
+    }
+}
+
+impl ApiSection {
+    /// The checks of `[api]` that need no file: an address, TLS for any
+    /// address but loopback, positive limits.
+    fn validate(&self) -> Result<(), Invalid> {
+        if self.listen.is_empty() {
+            return Ok(());
+        }
+        let Ok(addr) = self.listen.parse::<std::net::SocketAddr>() else {
+            return Err(invalid(
+                "api.listen",
+                format!(
+                    "{:?} is not ip:port (leave it empty for no API)",
+                    self.listen
+                ),
+            ));
+        };
+        match (&self.cert, &self.key) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "api.key",
+                    "api.cert is set: its private key is needed too".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "api.cert",
+                    "api.key is set: its certificate is needed too".into(),
+                ))
+            }
+            (None, None) if !addr.ip().is_loopback() => {
+                return Err(invalid(
+                    "api.cert",
+                    format!(
+                        "api.listen {addr} is not a loopback address: the API serves it only with TLS, so set api.cert and api.key (plain HTTP is for 127.0.0.1 or ::1 only)"
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        if self.rate == 0 {
+            return Err(invalid("api.rate", "must be at least 1".into()));
+        }
+        if self.burst == 0 {
+            return Err(invalid("api.burst", "must be at least 1".into()));
+        }
+        if self.timeout.0.is_zero() {
+            return Err(invalid("api.timeout", "must be longer than 0s".into()));
+        }
+        Ok(())
     }
 }
 
@@ -255,9 +366,22 @@ pub struct HubConfig {
     pub enroll: EnrollSection,
     /// `[audit]`.
     pub audit: AuditSection,
+    /// `[policy]`.
+    pub policy: PolicySection,
 }
 
 impl HubConfig {
+    /// The hashing key file of the hub whose config file is `config_file`:
+    /// `[policy] hashing_key`, or `<data_dir>/hashing.key`, relative paths
+    /// taken from the config file's folder.
+    pub fn hashing_key_path(&self, config_file: &Path) -> PathBuf {
+        let base = config_file.parent().unwrap_or(Path::new(""));
+        match &self.policy.hashing_key {
+            Some(k) => base.join(k),
+            None => base.join(&self.hub.data_dir).join("hashing.key"),
+        }
+    }
+
     /// The audit key file of the hub whose config file is `config_file`:
     /// `[audit] key`, or `<data_dir>/audit.key`, relative paths taken from
     /// the config file's folder.
@@ -331,6 +455,7 @@ pub fn parse(
             "sinks",
             "enroll",
             "audit",
+            "policy",
         ],
     )
     .map_err(|message| ConfigError::Parse {
@@ -364,14 +489,23 @@ impl RawConfig {
             crate::ca::Validity::days(days)
                 .map_err(|e| invalid("enroll.validity_days", e.to_string()))?;
         }
+        let mut api = self.api;
+        api.oidc = match api.raw_oidc.clone() {
+            Some(o) => Some(
+                o.validate()
+                    .map_err(|(key, message)| invalid(&format!("api.oidc.{key}"), message))?,
+            ),
+            None => None,
+        };
         Ok(HubConfig {
             hub: self.hub,
             store,
-            api: self.api,
+            api,
             observability: self.observability,
             sinks,
             enroll: self.enroll,
             audit: self.audit,
+            policy: self.policy,
         })
     }
 
@@ -383,12 +517,7 @@ impl RawConfig {
                 format!("{:?} is not ip:port", self.hub.listen),
             ));
         }
-        if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(invalid(
-                "api.listen",
-                format!("{:?} is not ip:port", self.api.listen),
-            ));
-        }
+        self.api.validate()?;
         let metrics = &self.observability.metrics;
         if !metrics.is_empty() && metrics.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(

@@ -10,17 +10,20 @@
 
 pub mod admin;
 pub mod agents;
+pub mod api;
 pub mod audit;
 pub mod ca;
 pub mod client_tls;
 pub mod clock;
 pub mod config;
 pub mod enroll;
+pub mod hashing;
 pub mod logging;
 pub mod metrics;
 pub mod nats;
 pub mod policy;
 pub mod printable;
+pub mod remote;
 pub mod run;
 pub mod server;
 pub mod sinks;

@@ -72,6 +72,22 @@ enum Command {
         #[command(subcommand)]
         command: outpost_hub::enroll::verbs::EnrollCommand,
     },
+    /// Static API tokens: create (printed once), list, revoke.
+    Token {
+        #[command(subcommand)]
+        command: outpost_hub::api::auth::verbs::TokenCommand,
+    },
+    /// The operator HTTP API's contract.
+    Api {
+        #[command(subcommand)]
+        command: ApiCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApiCommand {
+    /// Print the OpenAPI 3.1 document (docs/api/openapi.json).
+    Openapi,
 }
 
 #[derive(Subcommand)]
@@ -118,7 +134,8 @@ enum CaCommand {
         /// and, for an agent, bind the new certificate to it in the registry.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// Who issues it, for the audit log (default: the login name).
+        /// Who issues it, for the audit log, as `local:NAME` (default: the
+        /// login name).
         #[arg(long, value_name = "NAME")]
         actor: Option<String>,
     },
@@ -207,6 +224,27 @@ fn main() -> ExitCode {
                 &mut std::io::stdout().lock(),
             ))
         }
+        Command::Token { command } => {
+            let env: Vec<(String, String)> = std::env::vars().collect();
+            match outpost_hub::api::auth::verbs::token(
+                &command,
+                &env,
+                &mut std::io::stdout().lock(),
+            ) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
+        Command::Api {
+            command: ApiCommand::Openapi,
+        } => {
+            print!("{}", outpost_hub::api::openapi::document());
+            ExitCode::SUCCESS
+        }
         Command::Fleet { command } => verb_exit(outpost_hub::verbs::fleet(
             &command,
             std::env::vars(),
@@ -282,9 +320,7 @@ fn run_ca(command: CaCommand) -> Result<(), anyhow::Error> {
                     ca::issue_agent(&dir, id, &out, days)?;
                     if let Some(a) = &audit {
                         let env: Vec<(String, String)> = std::env::vars().collect();
-                        let actor = actor
-                            .clone()
-                            .unwrap_or_else(|| outpost_hub::admin::login_name(&env));
+                        let actor = outpost_hub::admin::local_actor(actor.as_deref(), &env);
                         let detail = format!(
                             "{} valid {days}, from CA {}",
                             out.join(ca::AGENT_CERT).display(),
@@ -309,7 +345,7 @@ fn run_ca(command: CaCommand) -> Result<(), anyhow::Error> {
             };
             if let (Some(a), None) = (audit, &agent) {
                 let env: Vec<(String, String)> = std::env::vars().collect();
-                let actor = actor.unwrap_or_else(|| outpost_hub::admin::login_name(&env));
+                let actor = outpost_hub::admin::local_actor(actor.as_deref(), &env);
                 a.record(
                     &actor,
                     "ca.issued",

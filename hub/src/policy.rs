@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use outpost_protocols::policy::{digest, Catalog, Policy, PolicyError, PolicyVersion};
+use outpost_protocols::policy::{digest, Catalog, HashingKey, Policy, PolicyError, PolicyVersion};
 use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -67,14 +67,15 @@ pub struct PolicyRecord {
 }
 
 /// The policy in force, compiled for nobody yet: each session compiles it for
-/// its agent's labels.
+/// its agent's labels, and cuts out the agent's part to push to it.
 #[derive(Debug)]
 pub struct FleetPolicy {
     /// Its version (0: none applied).
     pub version: PolicyVersion,
-    /// Its text, pushed to agents.
+    /// Its text, as applied: each agent is pushed its own part of it
+    /// ([`Policy::scoped_text`]), never the whole.
     pub text: String,
-    /// The parsed document.
+    /// The parsed document, with the hub's hashing key (in a running hub).
     pub policy: Policy,
 }
 
@@ -152,11 +153,32 @@ pub fn apply(
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .at(path)?;
+    let outcome = apply_in(&tx, path, key, text, source, actor, catalog);
+    // A refusal commits its audit entry; an error of the store commits
+    // nothing.
+    if matches!(outcome, Ok(_) | Err(ApplyError::Refused { .. })) {
+        tx.commit().at(path)?;
+    }
+    outcome
+}
+
+/// [`apply`] inside the caller's write transaction (an approval commits the
+/// proposal's state with the version it became). On
+/// [`ApplyError::Refused`] the `policy.refused` entry is in `tx`: commit it.
+pub fn apply_in(
+    tx: &rusqlite::Transaction<'_>,
+    path: &Path,
+    key: &AuditKey,
+    text: &str,
+    source: &str,
+    actor: &str,
+    catalog: &Catalog,
+) -> Result<Applied, ApplyError> {
     let ts = clock::unix_now();
     let d = digest(text);
     if let Err(error) = Policy::parse(text, catalog) {
         audit::append(
-            &tx,
+            tx,
             path,
             key,
             &audit::Entry {
@@ -168,13 +190,12 @@ pub fn apply(
                 detail: &format!("digest {d}: {error}"),
             },
         )?;
-        tx.commit().at(path)?;
         return Err(ApplyError::Refused {
             source_name: source.to_owned(),
             error,
         });
     }
-    if let Some(cur) = current(&tx, path)? {
+    if let Some(cur) = current(tx, path)? {
         if cur.digest == d {
             return Ok(Applied::Unchanged {
                 version: cur.version,
@@ -195,7 +216,7 @@ pub fn apply(
     )
     .at(path)?;
     audit::append(
-        &tx,
+        tx,
         path,
         key,
         &audit::Entry {
@@ -207,7 +228,6 @@ pub fn apply(
             detail: &format!("from {source}, digest {d}"),
         },
     )?;
-    tx.commit().at(path)?;
     Ok(Applied::New {
         version: u64::try_from(version).unwrap_or(0),
         digest: d,
@@ -291,16 +311,22 @@ fn newest_version(conn: &Connection, path: &Path) -> Result<u64, StoreError> {
     Ok(u64::try_from(v).unwrap_or(0))
 }
 
-/// Parses a stored version for the running hub. It was valid against the
-/// catalog when applied; if the hub's sinks changed since, it is still
-/// enforced (the last-step residency check keeps every event inside its
-/// regions) and the operator is told to apply a fixed one.
-fn load(record: PolicyRecord, catalog: &Catalog) -> Option<FleetPolicy> {
-    let policy = match Policy::parse(&record.text, catalog) {
+/// Parses a stored version for the running hub, with the hub's hashing
+/// key. It was valid against the catalog when applied; if the hub's sinks
+/// changed since, it is still enforced (the last-step residency check keeps
+/// every event inside its regions) and the operator is told to apply a
+/// fixed one.
+///
+/// A version applied before the hashing key moved to the hub's key file
+/// carries a `[hashing] key`: it is enforced, that key is never used (it
+/// was sent to every agent, so it counts as known), and the operator is
+/// told to apply the policy again without it.
+fn load(record: PolicyRecord, catalog: &Catalog, hashing: &HashingKey) -> Option<FleetPolicy> {
+    let policy = match Policy::parse_stored(&record.text, catalog) {
         Ok(p) => p,
         Err(e) => {
             warn!(version = record.version, error = %e, "The policy in force no longer validates against this hub's sinks; enforcing it anyway. Apply a corrected policy.");
-            match Policy::parse(&record.text, &Catalog::trusting()) {
+            match Policy::parse_stored(&record.text, &Catalog::trusting()) {
                 Ok(p) => p,
                 Err(e) => {
                     error!(version = record.version, error = %e, "The policy in force cannot be parsed by this build; keeping the previous one.");
@@ -309,10 +335,16 @@ fn load(record: PolicyRecord, catalog: &Catalog) -> Option<FleetPolicy> {
             }
         }
     };
+    if policy.carries_hashing_key() {
+        warn!(
+            version = record.version,
+            "The policy in force carries a [hashing] key from before the key moved to the hub's key file ([policy] hashing_key). That key is not used: it was sent to every agent. Rules hash with keys derived from the hub's key, so pseudonyms made from now on differ from earlier ones. Delete the [hashing] table and apply the policy again."
+        );
+    }
     Some(FleetPolicy {
         version: PolicyVersion(record.version),
         text: record.text,
-        policy,
+        policy: policy.with_hashing_key(hashing.clone()),
     })
 }
 
@@ -440,7 +472,11 @@ impl PolicySource {
     }
 
     /// Appends `entry` to the audit log of this store.
-    async fn audit(&self, key: &AuditKey, entry: audit::Entry<'_>) -> Result<u64, StoreError> {
+    pub(crate) async fn audit(
+        &self,
+        key: &AuditKey,
+        entry: audit::Entry<'_>,
+    ) -> Result<u64, StoreError> {
         match self {
             PolicySource::Sqlite(path) => {
                 let (path, key) = (path.clone(), key.clone());
@@ -489,6 +525,7 @@ impl PolicySource {
         &self,
         key: &AuditKey,
         catalog: &Catalog,
+        hashing: &HashingKey,
         strict: bool,
     ) -> Result<Loaded, WatchError> {
         let Some(record) = self.current().await? else {
@@ -525,7 +562,7 @@ impl PolicySource {
             }
             return Err(WatchError::Tampered { version, reason });
         }
-        Ok(load(record, catalog).map_or(Loaded::None, |p| Loaded::Good(Box::new(p))))
+        Ok(load(record, catalog, hashing).map_or(Loaded::None, |p| Loaded::Good(Box::new(p))))
     }
 }
 
@@ -580,10 +617,12 @@ async fn on_sqlite<T: Send + 'static>(
 /// Reads the version in force now (refusing a tampered one) and starts a
 /// task that publishes every newer one that holds, until `shutdown`; a
 /// newer one that does not hold is refused once and the one in force kept.
+/// Each is published with the hub's `hashing` key.
 pub async fn watch(
     source: PolicySource,
     catalog: Catalog,
     key: AuditKey,
+    hashing: HashingKey,
     shutdown: CancellationToken,
 ) -> Result<
     (
@@ -595,7 +634,10 @@ pub async fn watch(
     let started = clock::tokio_now();
     let initial = loop {
         let strict = clock::tokio_elapsed(started) >= PENDING;
-        match source.load_checked(&key, &catalog, strict).await? {
+        match source
+            .load_checked(&key, &catalog, &hashing, strict)
+            .await?
+        {
             Loaded::Good(p) => break *p,
             Loaded::None => break FleetPolicy::none(),
             Loaded::Pending => {
@@ -629,7 +671,7 @@ pub async fn watch(
             let seen = tx.borrow().version.0;
             let found = match source.newest().await {
                 Ok(n) if n <= seen || n == refused => Ok(None),
-                Ok(n) => match source.load_checked(&key, &catalog, false).await {
+                Ok(n) => match source.load_checked(&key, &catalog, &hashing, false).await {
                     Err(WatchError::Tampered { .. }) => {
                         refused = n;
                         warn!(version = seen, "Keeping the policy version in force.");

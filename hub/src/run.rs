@@ -11,6 +11,7 @@ use std::path::Path;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::api::state::ApiStore;
 use crate::audit::key::AuditKey;
 use crate::config::{HubConfig, StoreKind};
 use crate::metrics::MetricsSource;
@@ -46,12 +47,18 @@ pub enum RunError {
     /// A sink's settings cannot work.
     #[error(transparent)]
     Sink(#[from] crate::sinks::SinkError),
+    /// The API's TLS files cannot be used.
+    #[error(transparent)]
+    Api(#[from] crate::api::server::ApiError),
     /// The audit key cannot be read or made, or is readable by others.
     #[error(transparent)]
     AuditKey(#[from] crate::audit::key::KeyError),
     /// The policy in force could not be read, or was tampered with.
     #[error(transparent)]
     Policy(#[from] crate::policy::WatchError),
+    /// The hashing key cannot be read or made, or is readable by others.
+    #[error(transparent)]
+    HashingKey(#[from] crate::hashing::HashingKeyError),
 }
 
 impl RunError {
@@ -60,6 +67,7 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RunError::AuditKey(_)
+            | RunError::HashingKey(_)
             | RunError::Policy(crate::policy::WatchError::Tampered { .. }) => 2,
             _ => 1,
         }
@@ -112,13 +120,25 @@ async fn run_sqlite(
     let base = config_file.parent().unwrap_or(Path::new(""));
     let catalog = crate::policy::catalog(&cfg);
     let watch_stop = shutdown.child_token();
-    let watched = crate::policy::watch(
-        PolicySource::Sqlite(path.clone()),
-        catalog.clone(),
-        audit_key.clone(),
-        watch_stop.clone(),
-    )
-    .await;
+    let source = PolicySource::Sqlite(path.clone());
+    let watched = match hashing_key(&cfg, config_file, &source, &audit_key).await {
+        Ok(hashing) => {
+            crate::policy::watch(
+                source,
+                catalog.clone(),
+                audit_key.clone(),
+                hashing,
+                watch_stop.clone(),
+            )
+            .await
+        }
+        Err(e) => {
+            drop(handle);
+            writer_stop.cancel();
+            let _ = writer.await;
+            return Err(e);
+        }
+    };
     let (current, watcher) = match watched {
         Ok(w) => w,
         Err(e) => {
@@ -146,6 +166,7 @@ async fn run_sqlite(
             path: path.clone(),
             sinks: configured,
         },
+        api: ApiStore::Sqlite(path.clone()),
         keys: server::ServeKeys {
             reset: None,
             audit: audit_key,
@@ -173,10 +194,14 @@ async fn run_jetstream(
     let reset = store.reset_secret().await?;
     let catalog = crate::policy::catalog(&cfg);
     let watch_stop = shutdown.child_token();
+    let source = PolicySource::JetStream(Box::new(store.clone()));
+    let hashing = hashing_key(&cfg, config_file, &source, &audit_key).await?;
+    store.claim_hashing_key(&hashing).await?;
     let (current, watcher) = crate::policy::watch(
-        PolicySource::JetStream(Box::new(store.clone())),
+        source,
         catalog.clone(),
         audit_key.clone(),
+        hashing,
         watch_stop.clone(),
     )
     .await?;
@@ -206,6 +231,7 @@ async fn run_jetstream(
     };
     let sources = Sources {
         queue: QueueSource::JetStream(Box::new(store.clone())),
+        api: ApiStore::JetStream(Box::new(store.clone())),
         metrics: MetricsSource::JetStream {
             store: Box::new(store),
             sinks: configured,
@@ -218,6 +244,39 @@ async fn run_jetstream(
     serve_on(&cfg, base, running, sources, shutdown, bound).await?;
     info!(url = %js.url(), %replica, "Hub stopped.");
     Ok(())
+}
+
+/// Reads the hub's hashing key, or makes it and audits that as
+/// `hashing.key_created` (its fingerprint, never the key).
+async fn hashing_key(
+    cfg: &HubConfig,
+    config_file: &Path,
+    source: &PolicySource,
+    audit_key: &AuditKey,
+) -> Result<outpost_protocols::policy::HashingKey, RunError> {
+    let path = cfg.hashing_key_path(config_file);
+    let (key, created) = crate::hashing::load_or_create(&path)?;
+    if created {
+        let detail = format!(
+            "fingerprint {}; the key of each policy rule that hashes is derived from it",
+            key.fingerprint()
+        );
+        info!(path = %path.display(), fingerprint = %key.fingerprint(), "Made the hub's hashing key.");
+        source
+            .audit(
+                audit_key,
+                crate::store::audit::Entry {
+                    ts: crate::clock::unix_now(),
+                    actor: "hub",
+                    action: "hashing.key_created",
+                    target: &path.display().to_string(),
+                    result: "ok",
+                    detail: &detail,
+                },
+            )
+            .await?;
+    }
+    Ok(key)
 }
 
 /// A store backend and the policy and trust watches, running.
@@ -237,6 +296,7 @@ struct Running<T> {
 struct Sources {
     queue: QueueSource,
     metrics: MetricsSource,
+    api: ApiStore,
     keys: server::ServeKeys,
 }
 
@@ -266,6 +326,23 @@ async fn serve_on<T>(
     };
     let door = std::sync::Arc::new(server::DoorCounters::default());
     let metrics = start_metrics(cfg, sources.metrics, door.clone(), shutdown.child_token()).await;
+    let api = match crate::api::server::start(
+        cfg,
+        base,
+        sources.api,
+        sources.keys.audit.clone(),
+        shutdown.child_token(),
+    )
+    .await
+    {
+        Ok(api) => api,
+        Err(e) => {
+            stop_metrics(metrics).await;
+            stop_sinks(sinks_stop, runners).await;
+            let _ = stop_store(r.watch_stop, r.watchers, r.handle, r.writer_stop, r.writer).await;
+            return Err(e.into());
+        }
+    };
     let served = server::serve(
         cfg,
         base,
@@ -277,6 +354,9 @@ async fn serve_on<T>(
         door,
     )
     .await;
+    if let Some(api) = api {
+        api.stop().await;
+    }
     stop_metrics(metrics).await;
     stop_sinks(sinks_stop, runners).await;
     let closed = stop_store(r.watch_stop, r.watchers, r.handle, r.writer_stop, r.writer).await;

@@ -19,9 +19,11 @@ use std::time::{Duration, UNIX_EPOCH};
 use outpost_protocols::event::{AgentId, Event, EventError, Quality, Seq, Timestamp};
 use outpost_protocols::topic::{TopicError, TopicFilter};
 
+use crate::api::types::{Agent, EventDoc, EventStats, EventsTail, Sink};
 use crate::clock;
 use crate::config::{self, ConfigError, StoreKind};
 use crate::printable::printable;
+use crate::remote::{query, Remote, RemoteArgs, RemoteError};
 use crate::store::{store_path, AgentEventStats, AgentRecord, SinkStatus, StoreError, StoreReader};
 
 /// `outpost-hub fleet …`.
@@ -44,9 +46,17 @@ pub enum SinksCommand {
 /// `outpost-hub sinks status`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SinksStatusArgs {
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The hub's TOML config file (to read its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// Print one JSON document (an array of objects).
     #[arg(long)]
     pub json: bool,
@@ -55,9 +65,17 @@ pub struct SinksStatusArgs {
 /// `outpost-hub fleet list`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FleetListArgs {
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The hub's TOML config file (to read its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// Print one JSON document (an array of objects).
     #[arg(long)]
     pub json: bool,
@@ -75,9 +93,17 @@ pub enum EventsCommand {
 /// `outpost-hub events tail`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EventsTailArgs {
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The hub's TOML config file (to read its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// Only this agent's events.
     #[arg(long, value_name = "ID")]
     pub agent: Option<String>,
@@ -95,9 +121,17 @@ pub struct EventsTailArgs {
 /// `outpost-hub events stats`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EventsStatsArgs {
-    /// The hub's TOML config file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The hub's TOML config file (to read its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// Only this agent.
     #[arg(long, value_name = "ID")]
     pub agent: Option<String>,
@@ -156,6 +190,9 @@ pub enum VerbError {
     /// A combination of flags the verb cannot use.
     #[error("{0}")]
     Usage(String),
+    /// A call to the hub's API failed (`--api`).
+    #[error(transparent)]
+    Remote(Box<RemoteError>),
     /// The audit key (or a public key given to check with) cannot be read
     /// or made, or others may read it.
     #[error(transparent)]
@@ -163,6 +200,12 @@ pub enum VerbError {
     /// A certificate just issued could not be read back for the registry.
     #[error(transparent)]
     Certificate(#[from] crate::ca::CaError),
+}
+
+impl From<RemoteError> for VerbError {
+    fn from(e: RemoteError) -> VerbError {
+        VerbError::Remote(Box::new(e))
+    }
 }
 
 impl VerbError {
@@ -182,6 +225,7 @@ impl VerbError {
             | VerbError::Output(_)
             | VerbError::AuditBroken { .. }
             | VerbError::Certificate(_) => 1,
+            VerbError::Remote(e) => e.exit_code(),
         }
     }
 
@@ -200,17 +244,18 @@ pub fn fleet(
 ) -> Result<(), VerbError> {
     match command {
         FleetCommand::List(args) => {
-            let env: Vec<(String, String)> = env.into_iter().collect();
-            let cfg = config::load(&args.config, env.clone())?;
-            let fleet =
-                match on_jetstream(
-                    &args.config,
-                    &cfg,
-                    |js| async move { Ok(js.fleet().await?) },
-                )? {
-                    Some(fleet) => fleet,
-                    None => open(&args.config, env)?.fleet()?,
-                };
+            let fleet = match Remote::from_args(&args.remote)? {
+                Some(api) => records(api.get::<Vec<Agent>>("/fleet")?.iter().map(Agent::record))?,
+                None => {
+                    let path = config_path(args.config.as_deref())?;
+                    let env: Vec<(String, String)> = env.into_iter().collect();
+                    let cfg = config::load(path, env.clone())?;
+                    match on_jetstream(path, &cfg, |js| async move { Ok(js.fleet().await?) })? {
+                        Some(fleet) => fleet,
+                        None => open(path, env)?.fleet()?,
+                    }
+                }
+            };
             if args.json {
                 writeln!(out, "{}", fleet_json(&fleet))?;
             } else {
@@ -231,15 +276,30 @@ pub fn sinks(
 ) -> Result<(), VerbError> {
     match command {
         SinksCommand::Status(args) => {
-            let env: Vec<(String, String)> = env.into_iter().collect();
-            let cfg = config::load(&args.config, env.clone())?;
-            let configured: Vec<String> = cfg.sinks.iter().map(|s| s.id.clone()).collect();
-            let ids = configured.clone();
-            let status = match on_jetstream(&args.config, &cfg, |js| async move {
-                Ok(js.sinks_status(&ids).await?)
-            })? {
-                Some(status) => status,
-                None => open(&args.config, env)?.sinks_status(&configured)?,
+            let (status, configured) = match Remote::from_args(&args.remote)? {
+                Some(api) => {
+                    let sinks = api.get::<Vec<Sink>>("/sinks")?;
+                    let configured = sinks
+                        .iter()
+                        .filter(|s| s.configured)
+                        .map(|s| s.sink.clone())
+                        .collect();
+                    (sinks.iter().map(Sink::record).collect(), configured)
+                }
+                None => {
+                    let path = config_path(args.config.as_deref())?;
+                    let env: Vec<(String, String)> = env.into_iter().collect();
+                    let cfg = config::load(path, env.clone())?;
+                    let configured: Vec<String> = cfg.sinks.iter().map(|s| s.id.clone()).collect();
+                    let ids = configured.clone();
+                    let status = match on_jetstream(path, &cfg, |js| async move {
+                        Ok(js.sinks_status(&ids).await?)
+                    })? {
+                        Some(status) => status,
+                        None => open(path, env)?.sinks_status(&configured)?,
+                    };
+                    (status, configured)
+                }
             };
             let now = clock::unix_now().0;
             if args.json {
@@ -324,7 +384,31 @@ pub fn events(
 ) -> Result<(), VerbError> {
     match command {
         EventsCommand::Tail(args) => {
-            let cfg = load(&args.config, env)?;
+            if let Some(api) = Remote::from_args(&args.remote)? {
+                let path = format!(
+                    "/events/tail{}",
+                    query(&[
+                        ("agent", args.agent.clone()),
+                        ("stream", args.stream.clone()),
+                        ("limit", Some(args.limit.to_string())),
+                    ])
+                );
+                for raw in api.get::<EventsTail>(&path)?.events {
+                    if args.json {
+                        writeln!(out, "{}", raw.get())?;
+                    } else {
+                        let doc: EventDoc =
+                            serde_json::from_str(raw.get()).map_err(|e| RemoteError::Answer {
+                                url: path.clone(),
+                                why: e.to_string(),
+                            })?;
+                        writeln!(out, "{}", event_doc_text(&doc))?;
+                    }
+                }
+                out.flush()?;
+                return Ok(());
+            }
+            let cfg = load(config_path(args.config.as_deref())?, env)?;
             let agent = parse_agent(args.agent.as_deref())?;
             let pattern = args
                 .stream
@@ -346,10 +430,21 @@ pub fn events(
             }
         }
         EventsCommand::Stats(args) => {
-            let cfg = load(&args.config, env)?;
-            let agent = parse_agent(args.agent.as_deref())?;
-            let reader = StoreReader::open(&cfg)?;
-            let stats = reader.events_stats(agent.as_ref())?;
+            let stats = match Remote::from_args(&args.remote)? {
+                Some(api) => {
+                    let path = format!("/events/stats{}", query(&[("agent", args.agent.clone())]));
+                    records(
+                        api.get::<Vec<EventStats>>(&path)?
+                            .iter()
+                            .map(EventStats::record),
+                    )?
+                }
+                None => {
+                    let cfg = load(config_path(args.config.as_deref())?, env)?;
+                    let agent = parse_agent(args.agent.as_deref())?;
+                    StoreReader::open(&cfg)?.events_stats(agent.as_ref())?
+                }
+            };
             if args.json {
                 writeln!(out, "{}", stats_json(&stats))?;
             } else {
@@ -359,6 +454,22 @@ pub fn events(
     }
     out.flush()?;
     Ok(())
+}
+
+/// `--config`, which clap requires unless `--api` is given.
+pub(crate) fn config_path(config: Option<&Path>) -> Result<&Path, VerbError> {
+    config.ok_or_else(|| VerbError::Usage("give --config FILE, or --api URL".into()))
+}
+
+/// The API's documents as the store's records; an id the API sent that
+/// is not an agent id is an answer this client cannot use.
+fn records<T>(docs: impl Iterator<Item = Option<T>>) -> Result<Vec<T>, VerbError> {
+    docs.collect::<Option<Vec<T>>>().ok_or_else(|| {
+        VerbError::from(RemoteError::Answer {
+            url: "the API".into(),
+            why: "an agent id that is not valid".into(),
+        })
+    })
 }
 
 /// Runs `f` on the JetStream store that `cfg` (read from `config`) names,
@@ -588,6 +699,18 @@ pub fn event_text(e: &Event) -> String {
         e.body.value.to_json()
     );
     printable(&line).into_owned()
+}
+
+/// [`event_text`] of an event as the API sends it: the same line.
+pub fn event_doc_text(e: &EventDoc) -> String {
+    let quality = match (e.quality.status.as_str(), &e.quality.reason) {
+        ("good", _) => String::new(),
+        (status, reason) => format!(" [{status}] {}", reason.as_deref().unwrap_or("")),
+    };
+    format!(
+        "{} {:>10} {} {} = {}{quality}",
+        e.agent_id, e.seq, e.ts, e.stream, e.value
+    )
 }
 
 /// A Unix-ns time as RFC 3339 in UTC, to the second; the number itself when it

@@ -14,6 +14,7 @@ pub mod enroll;
 pub mod event;
 pub mod modbus;
 pub mod policy;
+pub mod sparkplug;
 pub mod topic;
 pub mod wire;
 

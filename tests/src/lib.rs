@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 
 /// The folder holding the workspace's built binaries (`target/debug` unless
 /// `OUTPOST_BIN_DIR` says otherwise).
@@ -632,10 +632,16 @@ impl Hub {
         netns: Option<&netns::Netns>,
     ) -> Result<Hub> {
         let config = dir.join("hub.toml");
+        // The API on a port of its own, unless the caller configures it.
+        let api = if tables.contains("[api]") {
+            ""
+        } else {
+            "[api]\nlisten = \"127.0.0.1:0\"\n\n"
+        };
         std::fs::write(
             &config,
             format!(
-                "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{hub_keys}\n\n[store]\nsynchronous = \"full\"\n\n[observability]\nlog = \"info\"\nmetrics = \"127.0.0.1:0\"\n\n{tables}\n",
+                "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{hub_keys}\n\n[store]\nsynchronous = \"full\"\n\n[observability]\nlog = \"info\"\nmetrics = \"127.0.0.1:0\"\n\n{api}{tables}\n",
                 pki.hub_dir.join("ca.pem").display(),
                 pki.hub_dir.join("hub.pem").display(),
                 pki.hub_dir.join("hub.key").display(),
@@ -720,6 +726,20 @@ impl Hub {
         let (head, body) = out.split_once("\r\n\r\n").context("no HTTP head")?;
         anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
         Ok(body.to_owned())
+    }
+
+    /// The address of the hub's HTTP API (from the latest "API listening"
+    /// line of its log), as `http://ip:port`.
+    pub fn api_url(&self) -> Result<String> {
+        let log = self.log();
+        let addr: SocketAddr = log
+            .lines()
+            .rfind(|l| l.contains("API listening"))
+            .and_then(|l| l.split("listen=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .context("no \"API listening\" line in the hub's log")?
+            .parse()?;
+        Ok(format!("http://{addr}"))
     }
 
     /// Everything the hub (and its earlier runs on this config) logged.
@@ -1050,4 +1070,128 @@ pub fn sinks_by_id(json: &str) -> Result<std::collections::BTreeMap<String, serd
         .iter()
         .map(|s| (s["sink"].as_str().unwrap_or("").to_owned(), s.clone()))
         .collect())
+}
+
+/// One answer of [`http`].
+#[derive(Debug, Clone)]
+pub struct HttpAnswer {
+    /// The status code.
+    pub status: u16,
+    /// The headers, names lowercased.
+    pub headers: Vec<(String, String)>,
+    /// The body, de-chunked.
+    pub body: Vec<u8>,
+}
+
+impl HttpAnswer {
+    /// The first header called `name` (lowercase).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_slice(&self.body).with_context(|| {
+            format!(
+                "{} answered {:?}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// One HTTP/1.1 request on its own connection (`Connection: close`) to
+/// `base` (`http://ip:port`), with a bearer `token` if given and a JSON
+/// `body` if given: the test's client of the hub's API, written against
+/// the socket so it shows exactly what the server sent.
+pub fn http(
+    base: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&[u8]>,
+) -> Result<HttpAnswer> {
+    use std::io::{Read as _, Write as _};
+    let addr: SocketAddr = base
+        .strip_prefix("http://")
+        .context("base must be http://ip:port")?
+        .parse()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    if let Some(b) = body {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes())?;
+    if let Some(b) = body {
+        // The server may answer (413) and close before it has read it all.
+        let _ = s.write_all(b);
+    }
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no HTTP head")?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .context("no status line")?
+        .parse()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let rest = &raw[split + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(rest)?
+    } else {
+        rest.to_vec()
+    };
+    Ok(HttpAnswer {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut raw: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = raw
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("chunk size line")?;
+        let size = usize::from_str_radix(
+            String::from_utf8_lossy(&raw[..eol])
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim(),
+            16,
+        )?;
+        raw = &raw[eol + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        ensure!(raw.len() >= size + 2, "short chunk");
+        out.extend_from_slice(&raw[..size]);
+        raw = &raw[size + 2..];
+    }
 }

@@ -196,7 +196,7 @@ fn edits_forged_signatures_and_a_tail_cut_with_meta_rewritten_are_caught() -> Re
     let config = hub_config(dir.path(), &pki, addr, "")?;
     let mut hub = start_hub(&config, addr)?;
     let data = dir.path().join("hub-data");
-    for f in ["audit.key", "reset.key"] {
+    for f in ["audit.key", "reset.key", "hashing.key"] {
         ensure!(mode(&data.join(f))? == 0o600, "{f} is not 0600");
     }
 
@@ -223,13 +223,15 @@ fn edits_forged_signatures_and_a_tail_cut_with_meta_rewritten_are_caught() -> Re
     std::fs::write(&public, &pem)?;
     let anchored = anchor(&config)?;
     let newest: u64 = anchored.split(':').next().unwrap_or("").parse()?;
-    ensure!(newest == 4, "four policy.applied entries: {anchored}");
+    // The hub's first start made its hashing key (`hashing.key_created`),
+    // then four policy.applied entries.
+    ensure!(newest == 5, "five entries: {anchored}");
     let (code, out, err) = verify(
         &config,
         &["--anchor", &anchored, "--public-key", path(&public)?],
     )?;
     ensure!(
-        code == 0 && out.contains("intact: 4 entries") && out.contains("all 4 signed"),
+        code == 0 && out.contains("intact: 5 entries") && out.contains("all 5 signed"),
         "{out} {err}"
     );
 
@@ -266,7 +268,7 @@ fn edits_forged_signatures_and_a_tail_cut_with_meta_rewritten_are_caught() -> Re
     db.execute("UPDATE audit SET sig = ?1 WHERE id = 3", [&sig])?;
     ensure!(verify(&config, &[])?.0 == 0, "restored");
 
-    // The newest two entries cut off and `meta` rewritten to match: the
+    // The newest three entries cut off and `meta` rewritten to match: the
     // chain alone holds, the anchor does not.
     db.execute_batch(
         "BEGIN IMMEDIATE;
@@ -282,8 +284,8 @@ fn edits_forged_signatures_and_a_tail_cut_with_meta_rewritten_are_caught() -> Re
     );
     ensure_broken(
         verify(&config, &["--anchor", &anchored])?,
-        4,
-        "the anchored entry 4 is missing",
+        5,
+        "the anchored entry 5 is missing",
     )?;
     let bad_anchor = hub_verb(&[
         "audit",
@@ -500,7 +502,7 @@ fn two_processes_appending_to_the_jetstream_audit_stream_at_once_keep_one_chain(
     let nats = Nats::start_with(dir.path(), outpost_tests::free_port()?, "max_payload: 8MB")?;
     let pki = Pki::new(dir.path())?;
     let store = format!(
-        "[store]\nkind = \"jetstream\"\n\n[store.jetstream]\nurl = \"{}\"\ntimeout = \"5s\"\n\n[audit]\nkey = \"../audit.key\"\n",
+        "[store]\nkind = \"jetstream\"\n\n[store.jetstream]\nurl = \"{}\"\ntimeout = \"5s\"\n\n[audit]\nkey = \"../audit.key\"\n\n[policy]\nhashing_key = \"../hashing.key\"\n",
         nats.url()
     );
     // Two replicas' configs on two "machines", sharing the audit key file.
@@ -569,7 +571,8 @@ fn two_processes_appending_to_the_jetstream_audit_stream_at_once_keep_one_chain(
     const BURST: u64 = 40;
     burst(&configs, BURST)?;
 
-    let total = 2 * 2 * EACH as u64 + 2 * BURST;
+    // And the first replica's hashing.key_created.
+    let total = 2 * 2 * EACH as u64 + 2 * BURST + 1;
     for config in &configs {
         let (code, out, err) = verify(config, &[])?;
         ensure!(

@@ -39,9 +39,6 @@ action = "deny"
 const MINIMISE: &str = r#"
 description = "no debug; badges pseudonymised; temperatures coarse"
 
-[hashing]
-key = "e2e-test-key-of-some-length"
-
 [[rules]]
 name = "no debug"
 streams = ["plant/+/debug"]
@@ -63,12 +60,17 @@ downsample = { interval = "1s" }
 "#;
 
 fn agent_config(broker: u16, hub: &Hub, creds: &Path) -> String {
+    agent_config_for(AGENT, "depot-17", broker, hub, creds)
+}
+
+/// The config of agent `id` at site `site`, forwarding all of `plant/#`.
+fn agent_config_for(id: &str, site: &str, broker: u16, hub: &Hub, creds: &Path) -> String {
     format!(
         r#"
 [agent]
 data_dir = "data"
-id = "{AGENT}"
-labels = {{ site = "depot-17", region = "eu-west" }}
+id = "{id}"
+labels = {{ site = "{site}", region = "eu-west" }}
 
 [outbox]
 commit_window = "1ms"
@@ -83,7 +85,7 @@ reconnect_max = "1s"
 
 [mqtt]
 broker = "127.0.0.1:{broker}"
-client_id = "policy-e2e"
+client_id = "policy-e2e-{id}"
 reconnect_min = "50ms"
 reconnect_max = "500ms"
 
@@ -365,7 +367,18 @@ fn a_policy_applied_while_the_agent_sends_is_enforced_within_seconds_and_survive
     ensure!(code == 0, "policy show: {err}");
     let shown: serde_json::Value = serde_json::from_str(&out)?;
     ensure!(shown["version"] == 2 && shown["rules"] == 3, "{shown}");
-    ensure!(shown["text"].as_str() == Some(MINIMISE), "{shown}");
+    // What the agent shows is its part as the hub sent it, its key redacted.
+    let text = shown["text"].as_str().context("text")?;
+    for line in text.lines().filter(|l| l.contains("hash_key")) {
+        ensure!(
+            line.contains(outpost_protocols::policy::KEY_REDACTED),
+            "a key shown: {line}"
+        );
+    }
+    ensure!(
+        text.contains("badges") && text.contains(outpost_protocols::policy::KEY_REDACTED),
+        "{shown}"
+    );
     Ok(())
 }
 
@@ -544,7 +557,7 @@ fn bad_and_residency_breaking_policies_are_refused_and_an_edited_audit_log_is_fo
     );
     ensure!(entries
         .iter()
-        .any(|e| e["action"] == "policy.applied" && e["actor"] == "e2e"));
+        .any(|e| e["action"] == "policy.applied" && e["actor"] == "local:e2e"));
     let (code, out, err) = hub.cli(&["audit", "verify"])?;
     ensure!(code == 0 && out.contains("intact"), "{out} {err}");
 
@@ -617,5 +630,262 @@ fn an_agent_that_ignores_its_hold_rate_is_slowed_by_the_hub_and_loses_nothing() 
         stats.count == 400 && stats.distinct_seqs == 400,
         "a hold never drops: {stats:?}"
     );
+    Ok(())
+}
+
+/// Two sites whose badge readings are pseudonymised by rules of the same
+/// name, and a rule only site B has.
+const SCOPED: &str = r#"
+description = "badges pseudonymised per site"
+
+[[rules]]
+name = "badges"
+agents = { site = "a" }
+streams = ["plant/badge"]
+hash = ["/employee"]
+drop = ["/photo"]
+
+[[rules]]
+name = "badges"
+agents = { site = "b" }
+streams = ["plant/badge"]
+hash = ["/employee"]
+drop = ["/photo"]
+
+[[rules]]
+name = "site b keeps its debug dumps"
+agents = { site = "b" }
+streams = ["plant/+/debug"]
+action = "deny"
+"#;
+
+/// The `hash_key` values of a scoped document.
+fn keys_in(scoped: &str) -> Vec<String> {
+    scoped
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("hash_key = \""))
+        .map(|l| l.trim_end_matches('"').to_owned())
+        .collect()
+}
+
+/// The pseudonyms of `plant/badge` readings agent `id` sent, once hashed.
+fn pseudonyms(hub: &Hub, id: &str) -> Result<std::collections::BTreeSet<String>> {
+    Ok(stored(hub, "plant/badge")?
+        .into_iter()
+        .filter(|e| e["agent_id"] == id)
+        .filter_map(|e| e["value"]["employee"].as_str().map(str::to_owned))
+        .filter(|h| h.starts_with("hmac-sha256:"))
+        .collect())
+}
+
+fn mode(p: &Path) -> Result<u32> {
+    use std::os::unix::fs::PermissionsExt as _;
+    Ok(std::fs::metadata(p)
+        .with_context(|| p.display().to_string())?
+        .permissions()
+        .mode()
+        & 0o777)
+}
+
+#[test]
+fn each_agent_gets_only_its_rules_and_keys_and_pseudonyms_agree_only_within_a_rules_scope(
+) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // The files below are 0600 although this umask lets others read what
+    // is made with the default mode.
+    let probe = dir.path().join("umask-probe");
+    std::fs::write(&probe, "")?;
+    ensure!(
+        mode(&probe)? & 0o044 != 0,
+        "run this test with a umask such as 022 that lets group or others read new files"
+    );
+    let pki = Pki::new(dir.path())?;
+    let hub = Hub::start_with(dir.path(), &pki, "region = \"eu-west\"")?;
+    let broker = Mosquitto::start(dir.path())?;
+    let mut agents = Vec::new();
+    for (id, site) in [("gw-a1", "a"), ("gw-a2", "a"), ("gw-b", "b")] {
+        let creds = pki.issue_agent(id)?;
+        let agent_dir = dir.path().join(id);
+        std::fs::create_dir_all(&agent_dir)?;
+        let config = agent_config_for(id, site, broker.port, &hub, &creds);
+        agents.push((id, agent_dir.clone(), Agent::start(&agent_dir, &config)?));
+    }
+    let plant = Plant::start(broker.port);
+
+    // The hub made its key on first start, 0600, and audited it.
+    let key_file = dir.path().join("hub-data").join("hashing.key");
+    ensure!(
+        mode(&key_file)? == 0o600,
+        "hashing.key is {:o}",
+        mode(&key_file)?
+    );
+    let master =
+        outpost_protocols::policy::HashingKey::from_hex(&std::fs::read_to_string(&key_file)?)
+            .context("hashing.key holds 64 hex digits")?;
+    let (code, audit, err) = hub.cli(&["audit", "list", "--json"])?;
+    ensure!(code == 0, "audit list: {err}");
+    ensure!(audit.contains("hashing.key_created"), "{audit}");
+    ensure!(
+        !audit.contains(&master.to_hex()),
+        "the key in the audit log"
+    );
+
+    // A policy with a key in it is refused, naming the line and what to do.
+    let legacy = dir.path().join("legacy.toml");
+    std::fs::write(
+        &legacy,
+        format!(
+            "description = \"old\"\n\n[hashing]\nkey = \"e2e-test-key-of-some-length\"\n{SCOPED}"
+        ),
+    )?;
+    let (code, _, err) = hub.cli(&["policy", "apply", path(&legacy)?, "--actor", "e2e"])?;
+    ensure!(code == 2, "policy apply of a key exited {code}: {err}");
+    ensure!(
+        err.lines().count() == 1
+            && err.contains("line 3: [hashing] key")
+            && err.contains("[policy] hashing_key"),
+        "{err}"
+    );
+
+    let v = apply(&hub, &dir.path().join("scoped.toml"), SCOPED)?;
+    wait_until(DEADLINE, "every agent to run the policy", || {
+        hub.fleet()
+            .map(|f| {
+                f.iter()
+                    .filter(|a| a["policy_version"].as_u64() == Some(v))
+                    .count()
+                    == 3
+            })
+            .unwrap_or(false)
+    })?;
+    wait_until(DEADLINE, "pseudonymised badges from every agent", || {
+        ["gw-a1", "gw-a2", "gw-b"]
+            .iter()
+            .all(|id| pseudonyms(&hub, id).map(|p| !p.is_empty()).unwrap_or(false))
+    })?;
+    let (a1, a2, b) = (
+        pseudonyms(&hub, "gw-a1")?,
+        pseudonyms(&hub, "gw-a2")?,
+        pseudonyms(&hub, "gw-b")?,
+    );
+    ensure!(
+        a1.len() == 1 && a1 == a2,
+        "one scope, one pseudonym: {a1:?} {a2:?}"
+    );
+    ensure!(
+        b.len() == 1 && b != a1,
+        "another scope, another pseudonym: {a1:?} {b:?}"
+    );
+
+    // The hub hashes with the same key as the agents of the rule's scope.
+    let fleet = outpost_protocols::policy::Policy::parse(
+        SCOPED,
+        &outpost_protocols::policy::Catalog::trusting(),
+    )?
+    .with_hashing_key(master.clone());
+    let site = |s: &str| BTreeMap::from([("site".to_owned(), s.to_owned())]);
+    let mut at_hub = outpost_protocols::policy::Enforcer::new(Arc::new(
+        fleet.compile(&site("a"), &outpost_protocols::policy::Catalog::trusting()),
+    ));
+    let mut raw = outpost_protocols::EventBody {
+        stream: outpost_protocols::StreamName::parse("plant/badge")?,
+        ts: outpost_protocols::Timestamp(0),
+        value: Value::Json(outpost_protocols::JsonText::parse(r#"{"employee":4711}"#)?),
+        quality: outpost_protocols::event::Quality::Good,
+        attrs: BTreeMap::new(),
+    };
+    let _ = at_hub.apply(&mut raw, outpost_protocols::policy::Stage::Ingest);
+    let Value::Json(j) = &raw.value else {
+        anyhow::bail!("not JSON")
+    };
+    ensure!(
+        a1.contains(j.to_value()["employee"].as_str().unwrap_or_default()),
+        "the hub's hash {j:?} is not site a's {a1:?}"
+    );
+
+    // What each agent received, saved and shows: its own rules and keys,
+    // none of another scope's, never the hub's key.
+    let key_a = keys_in(&fleet.scoped_text(SCOPED, &site("a"))?);
+    let key_b = keys_in(&fleet.scoped_text(SCOPED, &site("b"))?);
+    ensure!(key_a.len() == 1 && key_b.len() == 1 && key_a != key_b);
+    for (id, agent_dir, agent) in &agents {
+        let (mine, theirs) = if id.starts_with("gw-a") {
+            (&key_a[0], &key_b[0])
+        } else {
+            (&key_b[0], &key_a[0])
+        };
+        let file = agent_dir.join("data").join("policy.json");
+        ensure!(
+            mode(&file)? == 0o600,
+            "{id}: policy.json is {:o}",
+            mode(&file)?
+        );
+        let saved = std::fs::read_to_string(&file)?;
+        ensure!(
+            saved.contains(mine.as_str()),
+            "{id} has not its key: {saved}"
+        );
+        ensure!(
+            !saved.contains(theirs.as_str()),
+            "{id} has another scope's key: {saved}"
+        );
+        ensure!(!saved.contains(&master.to_hex()), "{id} has the hub's key");
+        ensure!(
+            saved.contains("site b keeps") == (*id == "gw-b"),
+            "{id} has another site's rule: {saved}"
+        );
+        for json in [true, false] {
+            let mut args = vec!["policy", "show", "--config", path(&agent.config)?];
+            if json {
+                args.push("--json");
+            }
+            let (code, out, err) =
+                outpost_tests::run_cli(&outpost_tests::bin("outpost-agent")?, &args)?;
+            ensure!(code == 0, "{id}: policy show: {err}");
+            for k in [mine, theirs, &master.to_hex()] {
+                ensure!(
+                    !out.contains(k.as_str()),
+                    "{id}: policy show prints a key: {out}"
+                );
+            }
+            ensure!(out.contains("badges"), "{id}: {out}");
+        }
+    }
+    for json in [true, false] {
+        let mut args = vec!["policy", "show"];
+        if json {
+            args.push("--json");
+        }
+        let (code, out, err) = hub.cli(&args)?;
+        ensure!(code == 0, "hub policy show: {err}");
+        for k in [&key_a[0], &key_b[0], &master.to_hex()] {
+            ensure!(
+                !out.contains(k.as_str()),
+                "hub policy show prints a key: {out}"
+            );
+        }
+    }
+
+    // Site B's gateway moves to site A: it gets site A's part (and key) in
+    // place of its own, and its pseudonyms from then on are site A's.
+    let (code, _, err) = hub.cli(&["agent", "label", "gw-b", "site=a", "--actor", "e2e"])?;
+    ensure!(code == 0, "agent label: {err}");
+    let b_file = agents[2].1.join("data").join("policy.json");
+    wait_until(DEADLINE, "gw-b to get site a's part", || {
+        std::fs::read_to_string(&b_file)
+            .map(|s| s.contains(key_a[0].as_str()) && !s.contains(key_b[0].as_str()))
+            .unwrap_or(false)
+    })?;
+    wait_until(DEADLINE, "gw-b to pseudonymise as site a", || {
+        pseudonyms(&hub, "gw-b")
+            .map(|p| p.is_superset(&a1))
+            .unwrap_or(false)
+    })?;
+    ensure!(
+        mode(&b_file)? == 0o600,
+        "policy.json rewritten as {:o}",
+        mode(&b_file)?
+    );
+    drop(plant);
     Ok(())
 }

@@ -84,7 +84,7 @@ fn replica_config(
     std::fs::write(
         &config,
         format!(
-            "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n{}\n[observability]\nlog = \"info\"\nmetrics = \"127.0.0.1:0\"\n\n[audit]\nkey = \"{}\"\n",
+            "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n{}\n[observability]\nlog = \"info\"\nmetrics = \"127.0.0.1:0\"\n\n[audit]\nkey = \"{}\"\n\n[policy]\nhashing_key = \"{}\"\n",
             pki.hub_dir.join("ca.pem").display(),
             pki.hub_dir.join("hub.pem").display(),
             pki.hub_dir.join("hub.key").display(),
@@ -93,6 +93,8 @@ fn replica_config(
             store_table(url, Duration::from_secs(120)),
             // Every replica signs the one audit chain with the same key.
             pki.hub_dir.with_file_name("audit.key").display(),
+            // And hashes with the same key.
+            pki.hub_dir.with_file_name("hashing.key").display(),
         ),
     )?;
     Ok(config)

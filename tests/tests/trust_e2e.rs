@@ -376,12 +376,14 @@ fn replica(dir: &Path, pki: &Pki, url: &str) -> Result<(PathBuf, SocketAddr)> {
     std::fs::write(
         &config,
         format!(
-            "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[store]\nkind = \"jetstream\"\n\n[store.jetstream]\nurl = \"{url}\"\ntimeout = \"5s\"\n\n[observability]\nlog = \"info\"\nmetrics = \"127.0.0.1:0\"\n\n[audit]\nkey = \"{}\"\n",
+            "[hub]\ndata_dir = \"hub-data\"\nlisten = \"{addr}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[store]\nkind = \"jetstream\"\n\n[store.jetstream]\nurl = \"{url}\"\ntimeout = \"5s\"\n\n[observability]\nlog = \"info\"\nmetrics = \"127.0.0.1:0\"\n\n[audit]\nkey = \"{}\"\n\n[policy]\nhashing_key = \"{}\"\n",
             pki.hub_dir.join("ca.pem").display(),
             pki.hub_dir.join("hub.pem").display(),
             pki.hub_dir.join("hub.key").display(),
             // Every replica signs the one audit chain with the same key.
             pki.hub_dir.with_file_name("audit.key").display(),
+            // And hashes with the same key.
+            pki.hub_dir.with_file_name("hashing.key").display(),
         ),
     )?;
     Ok((config, addr))

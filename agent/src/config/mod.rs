@@ -210,6 +210,9 @@ pub struct MqttSection {
     /// What to subscribe to and store.
     #[serde(default)]
     pub subscribe: Vec<SubscribeSection>,
+    /// Sparkplug B groups to read as a host application.
+    #[serde(default)]
+    pub sparkplug: Vec<SparkplugSection>,
 }
 
 fn default_keep_alive() -> HumanDuration {
@@ -261,6 +264,36 @@ pub struct SubscribeSection {
     /// The unit of `ts_field`: `s`, `ms` (default), `us` or `ns`.
     #[serde(default = "default_ts_unit")]
     pub ts_unit: String,
+}
+
+/// `[[mqtt.sparkplug]]`: the Sparkplug B edge nodes of one group (or every
+/// group), read as a host application.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SparkplugSection {
+    /// The group id, or `+` (the default) for every group.
+    #[serde(default = "default_sparkplug_group")]
+    pub group: String,
+    /// QoS of the subscription: 0 or 1 (Sparkplug publishes at 0 and 1).
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// Ask an edge node for a rebirth (NCMD `Node Control/Rebirth`) after a
+    /// seq gap, an unknown alias or data without a birth.
+    #[serde(default = "default_true")]
+    pub rebirth: bool,
+    /// The least time between two rebirth requests to one edge node.
+    #[serde(default = "default_rebirth_interval")]
+    pub rebirth_interval: HumanDuration,
+}
+
+fn default_sparkplug_group() -> String {
+    "+".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_rebirth_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
 }
 
 fn default_qos() -> u8 {
@@ -606,6 +639,21 @@ pub struct MqttSettings {
     pub reconnect_max: Duration,
     /// Subscriptions whose messages are stored.
     pub subscriptions: Vec<Subscription>,
+    /// Sparkplug B groups read as a host application.
+    pub sparkplug: Vec<SparkplugSettings>,
+}
+
+/// One validated `[[mqtt.sparkplug]]`.
+#[derive(Debug, Clone)]
+pub struct SparkplugSettings {
+    /// `spBv1.0/<group>/#`.
+    pub filter: TopicFilter,
+    /// Requested QoS.
+    pub qos: u8,
+    /// Whether rebirths are requested.
+    pub rebirth: bool,
+    /// The least time between two requests to one node.
+    pub rebirth_interval: Duration,
 }
 
 /// One validated subscription.
@@ -1263,6 +1311,31 @@ fn validate_mqtt(
             ts_field,
         });
     }
+    let mut sparkplug = Vec::new();
+    for (i, s) in m.sparkplug.iter().enumerate() {
+        let k = format!("mqtt.sparkplug[{i}]");
+        let g = s.group.as_str();
+        if g.is_empty() || g == "STATE" || (g != "+" && g.contains(['/', '+', '#', '\0'])) {
+            return Err(cx.err(
+                format!("{k}.group"),
+                format!("{g:?} is not a Sparkplug group id (one topic level, no wildcards, not STATE) or \"+\""),
+            ));
+        }
+        if s.qos > 1 {
+            return Err(cx.err(format!("{k}.qos"), format!("{} is not 0 or 1", s.qos)));
+        }
+        if s.rebirth_interval.0.is_zero() {
+            return Err(cx.err(format!("{k}.rebirth_interval"), "must be longer than zero"));
+        }
+        let filter = TopicFilter::parse(&format!("spBv1.0/{g}/#"))
+            .map_err(|e| cx.err(format!("{k}.group"), e.to_string()))?;
+        sparkplug.push(SparkplugSettings {
+            filter,
+            qos: s.qos,
+            rebirth: s.rebirth,
+            rebirth_interval: s.rebirth_interval.0,
+        });
+    }
     Ok(MqttSettings {
         host,
         port,
@@ -1276,6 +1349,7 @@ fn validate_mqtt(
         reconnect_min: m.reconnect_min.0,
         reconnect_max: m.reconnect_max.0,
         subscriptions,
+        sparkplug,
     })
 }
 

@@ -290,3 +290,42 @@ fn opcua_mistakes_name_their_key() {
         assert!(e.contains(key), "{from} -> {to}: {e}");
     }
 }
+
+#[test]
+fn sparkplug_groups_become_filters_and_bad_ones_name_their_key() {
+    let with = |entry: &str| {
+        GOOD.replace(
+            "[[modbus.devices]]",
+            &format!("{entry}\n[[modbus.devices]]"),
+        )
+    };
+    let c = load_str(
+        &with(
+            "[[mqtt.sparkplug]]\n[[mqtt.sparkplug]]\ngroup = \"plant1\"\nqos = 0\nrebirth = false",
+        ),
+        &[],
+    )
+    .expect("valid");
+    let sp = c.mqtt.expect("mqtt").sparkplug;
+    assert_eq!(sp[0].filter.as_str(), "spBv1.0/+/#");
+    assert!(sp[0].rebirth);
+    assert_eq!(sp[0].rebirth_interval, Duration::from_secs(5));
+    assert_eq!(sp[1].filter.as_str(), "spBv1.0/plant1/#");
+    assert_eq!(sp[1].qos, 0);
+    assert!(!sp[1].rebirth);
+    for (entry, key) in [
+        ("group = \"a/b\"", "mqtt.sparkplug[0].group"),
+        ("group = \"p#\"", "mqtt.sparkplug[0].group"),
+        ("group = \"STATE\"", "mqtt.sparkplug[0].group"),
+        ("group = \"\"", "mqtt.sparkplug[0].group"),
+        ("qos = 2", "mqtt.sparkplug[0].qos"),
+        (
+            "rebirth_interval = \"0s\"",
+            "mqtt.sparkplug[0].rebirth_interval",
+        ),
+        ("hostid = \"x\"", "hostid"),
+    ] {
+        let e = invalid(&with(&format!("[[mqtt.sparkplug]]\n{entry}")));
+        assert!(e.contains(key), "{entry}: {e}");
+    }
+}

@@ -358,6 +358,18 @@ pub fn short(h: &str) -> &str {
     h.get(..12).unwrap_or(h)
 }
 
+/// Walks `records` (oldest first) with `key` and `anchor`: the verdict of
+/// the whole chain.
+pub fn walk(records: &[Record], key: &PublicKey, anchor: Option<&Anchor>) -> Verdict {
+    let mut w = Walk::new(key, anchor);
+    for r in records {
+        if let Err(b) = w.next(r) {
+            return b.into();
+        }
+    }
+    w.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

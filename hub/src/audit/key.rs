@@ -275,7 +275,7 @@ impl PublicKey {
 /// Writes `bytes` to a new file at `path` with mode 0600 whatever the umask,
 /// failing if `path` exists: written to a temporary file first and hard
 /// linked into place, so nobody ever reads it half written.
-fn write_private_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

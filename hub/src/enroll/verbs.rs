@@ -170,10 +170,7 @@ pub fn enroll(
         }
         EnrollCommand::Revoke(args) => {
             let cfg = load(&args.config, env)?;
-            let actor = args
-                .actor
-                .clone()
-                .unwrap_or_else(|| crate::admin::login_name(env));
+            let actor = crate::admin::local_actor(args.actor.as_deref(), env);
             let (id, agent) = (args.id.clone(), args.agent.clone());
             if let Some(id) = &id {
                 if id.len() != 12 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -235,10 +232,7 @@ fn create(
         agent_id: args.agent.to_string(),
         labels,
         created_at: now,
-        created_by: args
-            .actor
-            .clone()
-            .unwrap_or_else(|| crate::admin::login_name(env)),
+        created_by: crate::admin::local_actor(args.actor.as_deref(), env),
         expires_at: now.saturating_add(ttl_ns),
         used_at: None,
         used_from: None,

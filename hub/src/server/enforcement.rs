@@ -2,7 +2,9 @@
 //! agent may be old or compromised: the policy in force compiled for the
 //! agent's labels, applied again to every batch, and the agent's `hold` rate
 //! paced here. Whether the policy is pushed to the agent is the session's
-//! decision; this module only hands it the version in force.
+//! decision; this module only hands it the agent's part of the version in
+//! force: the rules its labels select, with the keys derived for those
+//! that hash (`Policy::scoped_text`), never the fleet's whole document.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,7 +14,7 @@ use outpost_protocols::policy::{Catalog, Enforcer, Over, Stage, Verdict, STORE_S
 use outpost_protocols::wire::HubSession;
 use outpost_protocols::{EventBody, Seq};
 use tokio::sync::watch;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::policy::FleetPolicy;
 use crate::store::{Forward, PolicyCounts};
@@ -58,6 +60,9 @@ const MAX_HOLD: Duration = Duration::from_secs(10);
 pub(super) struct Enforcement {
     catalog: Catalog,
     labels: BTreeMap<String, String>,
+    /// Whether the registry's labels are known (after `Hello`): nothing is
+    /// offered to the session before.
+    labelled: bool,
     current: Arc<FleetPolicy>,
     enforcer: Enforcer,
     /// Until when the agent's `hold` rate is used up. A batch above it waits
@@ -74,6 +79,7 @@ impl Enforcement {
         Enforcement {
             catalog,
             labels,
+            labelled: false,
             current,
             enforcer,
             hold_until: None,
@@ -108,10 +114,17 @@ impl Enforcement {
     }
 
     /// The registry's labels of the agent (never what its `Hello` states):
-    /// the policy in force is compiled for them.
-    pub(super) fn set_labels(&mut self, labels: BTreeMap<String, String>) {
+    /// the policy in force is compiled for them, and the agent's part of it
+    /// handed to the session.
+    pub(super) fn set_labels(
+        &mut self,
+        labels: BTreeMap<String, String>,
+        session: &mut HubSession,
+    ) {
         self.labels = labels;
+        self.labelled = true;
         self.recompile();
+        self.offer(session);
     }
 
     /// The labels the policy is compiled for.
@@ -133,10 +146,24 @@ impl Enforcement {
         self.enforcer = Enforcer::new(Arc::new(compiled));
     }
 
-    /// Hands the policy in force to the session, which decides whether and
-    /// when to push it.
-    pub(super) fn offer(&self, session: &mut HubSession) {
-        let (version, text) = (self.current.version.0, self.current.text.as_str());
+    /// Hands the agent's part of the policy in force to the session, which
+    /// decides whether and when to push it.
+    fn offer(&self, session: &mut HubSession) {
+        if !self.labelled {
+            return;
+        }
+        let version = self.current.version.0;
+        let text = match self
+            .current
+            .policy
+            .scoped_text(&self.current.text, &self.labels)
+        {
+            Ok(text) => text,
+            Err(e) => {
+                warn!(policy_version = version, error = %e, "Cannot make the agent's part of the policy; it keeps the one it runs (the hub enforces this one).");
+                return;
+            }
+        };
         if let Err(e) = session.set_policy(version, text) {
             debug!(error = %e, "Policy not pushed.");
         }

@@ -151,7 +151,7 @@ impl<'a> Driver<'a> {
         // again up to the store's own watermark (events waiting for a sink)
         // is not stored or queued twice.
         let (received, watermark) = store.resume(id.clone()).await?;
-        let mut session = HubSession::new(
+        let session = HubSession::new(
             clock::now(),
             id.clone(),
             watermark,
@@ -159,8 +159,9 @@ impl<'a> Driver<'a> {
         )
         .holding(received);
         let current = policy.current.borrow_and_update().clone();
+        // The agent's part of the policy is handed to the session once its
+        // labels are known, at `Hello`.
         let enforcement = Enforcement::new(current, policy.catalog.clone());
-        enforcement.offer(&mut session);
         Ok(Driver {
             id,
             store,
@@ -303,7 +304,7 @@ impl<'a> Driver<'a> {
         if let Err(e) = self.session.tell_labels(&labels) {
             warn!(error = %e, "Cannot tell the agent its labels.");
         }
-        self.enforcement.set_labels(labels);
+        self.enforcement.set_labels(labels, &mut self.session);
     }
 
     /// An operator changed labels or revocations: closes the session of a

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use outpost_settings::HumanDuration;
 use serde::Deserialize;
 
+use super::cloudevents::CloudEventsMode;
 use super::format::{check_template, PayloadFormat};
 use crate::client_tls::ClientTls;
 
@@ -150,6 +151,20 @@ impl RawSinkConfig {
         if let Some((k, t)) = template {
             if let Err(m) = check_template(t) {
                 return bad(k, m);
+            }
+        }
+        if let SinkKind::Http(h) = &c.kind {
+            if h.payload == PayloadFormat::Raw {
+                return bad(
+                    "http.payload",
+                    "\"raw\" is not one of json, cloudevents: a request carries a batch, not one value".into(),
+                );
+            }
+            if h.cloudevents_mode.is_some() && h.payload != PayloadFormat::CloudEvents {
+                return bad(
+                    "http.cloudevents_mode",
+                    "applies only with payload = \"cloudevents\"".into(),
+                );
             }
         }
         Ok(c)
@@ -313,4 +328,12 @@ pub struct HttpSinkConfig {
     /// certificate.
     #[serde(default)]
     pub tls: Option<ClientTls>,
+    /// `json` (default: one `{"events":[…]}` per batch) or `cloudevents`.
+    #[serde(default)]
+    pub payload: PayloadFormat,
+    /// With `payload = "cloudevents"`: `structured` (default; one request
+    /// per event), `binary` (one request per event, attributes as `ce-`
+    /// headers) or `batch` (one request per batch, a JSON array).
+    #[serde(default)]
+    pub cloudevents_mode: Option<CloudEventsMode>,
 }

@@ -5,6 +5,7 @@
 use outpost_protocols::Value;
 use serde::Deserialize;
 
+use super::cloudevents;
 use super::sink::SinkEvent;
 
 /// How a payload is written: the event as JSON, or the value's own bytes.
@@ -17,6 +18,8 @@ pub enum PayloadFormat {
     /// The value as published (JSON text, a string's bytes, raw bytes);
     /// numbers and booleans as their JSON text.
     Raw,
+    /// A CloudEvents 1.0 event in structured mode (`super::cloudevents`).
+    CloudEvents,
 }
 
 /// Expands a topic or subject template for one event. `{label.x}` of a label
@@ -85,7 +88,8 @@ pub fn check_template(template: &str) -> Result<(), String> {
 }
 
 /// The payload of one event in `format`: `json` is the object `events tail`
-/// prints (`agent_id`, `seq`, `stream`, `ts`, `value`, `quality`, `attrs`).
+/// prints (`agent_id`, `seq`, `stream`, `ts`, `value`, `quality`, `attrs`);
+/// `cloudevents` is one structured CloudEvent.
 pub fn payload(event: &SinkEvent, format: PayloadFormat) -> Vec<u8> {
     match format {
         PayloadFormat::Json => {
@@ -103,5 +107,6 @@ pub fn payload(event: &SinkEvent, format: PayloadFormat) -> Vec<u8> {
                 out
             }
         },
+        PayloadFormat::CloudEvents => cloudevents::structured(event),
     }
 }

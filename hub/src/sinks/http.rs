@@ -23,6 +23,13 @@
 //! {"events":[{"agent_id":"gw-1","seq":1,"stream":"plc1/temp","ts":…,"value":…,"quality":…,"attrs":{…}},…]}
 //! ```
 //!
+//! With `payload = "cloudevents"` the body is CloudEvents 1.0
+//! (`super::cloudevents`): in `structured` and `binary` mode one request per
+//! event (the HTTP binding carries one event per message; the key then
+//! covers that event alone), in `batch` mode one per batch. A batch that
+//! fails part-way is delivered again whole: the events before the failure
+//! reach the far end twice, with the same CloudEvents `id`.
+//!
 //! Why the answers are sorted as they are: [`SinkError::Rejected`] makes the
 //! runner give up on the events, so it is kept for answers that say this
 //! request will never be taken (400, 413, 422, …); anything that waiting can
@@ -57,6 +64,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use super::cloudevents::{self, CloudEventsMode};
 use super::config::{HttpSinkConfig, SinkConfig};
 use super::format::{payload, PayloadFormat};
 use super::sink::{Sink, SinkError, SinkEvent};
@@ -153,6 +161,17 @@ struct Settings {
     tls: rustls::ClientConfig,
     /// The name the certificate is checked against, if not the URL's host.
     server_name: Option<ServerName<'static>>,
+    /// What a request carries.
+    body: BodyFormat,
+}
+
+/// What a request carries: `http.payload` and `http.cloudevents_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyFormat {
+    /// `{"events":[…]}`, one request per batch.
+    Json,
+    /// CloudEvents in this mode.
+    CloudEvents(CloudEventsMode),
 }
 
 impl Settings {
@@ -183,7 +202,7 @@ impl Settings {
             (Some(name), Some(file)) => {
                 let name = HeaderName::try_from(name.as_str())
                     .map_err(|_| bad("auth_header", format!("{name:?} is not a header name")))?;
-                if RESERVED.contains(&name.as_str()) {
+                if RESERVED.contains(&name.as_str()) || name.as_str().starts_with("ce-") {
                     return Err(bad(
                         "auth_header",
                         format!("{:?} is set by the sink itself", name.as_str()),
@@ -231,6 +250,18 @@ impl Settings {
             // which never reaches it.
             (false, None) => (super::tls::client_config(id, "http", None, base)?, None),
         };
+        let body = match c.payload {
+            PayloadFormat::CloudEvents => {
+                BodyFormat::CloudEvents(c.cloudevents_mode.unwrap_or_default())
+            }
+            PayloadFormat::Json => BodyFormat::Json,
+            PayloadFormat::Raw => {
+                return Err(bad(
+                    "payload",
+                    "\"raw\" is not one of json, cloudevents".into(),
+                ))
+            }
+        };
         Ok(Settings {
             uri,
             https,
@@ -238,6 +269,7 @@ impl Settings {
             timeout: c.timeout.0,
             tls,
             server_name,
+            body,
         })
     }
 }
@@ -310,6 +342,7 @@ struct HttpSink {
     timeout: Duration,
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     stop: CancellationToken,
+    body: BodyFormat,
 }
 
 impl HttpSink {
@@ -341,10 +374,64 @@ impl HttpSink {
             timeout: s.timeout,
             client,
             stop,
+            body: s.body,
         }
     }
 
+    /// Delivers a batch as the body format says: one request for it, or
+    /// one per event, in order, stopping at the first that fails.
     async fn post(&self, events: &[SinkEvent]) -> Result<(), SinkError> {
+        match self.body {
+            BodyFormat::Json => {
+                self.post_one(events, "application/json", batch_body(events), &[])
+                    .await
+            }
+            BodyFormat::CloudEvents(CloudEventsMode::Batch) => {
+                self.post_one(
+                    events,
+                    cloudevents::BATCH_CONTENT_TYPE,
+                    cloudevents::batch(events),
+                    &[],
+                )
+                .await
+            }
+            BodyFormat::CloudEvents(CloudEventsMode::Structured) => {
+                for e in events {
+                    self.post_one(
+                        std::slice::from_ref(e),
+                        cloudevents::STRUCTURED_CONTENT_TYPE,
+                        cloudevents::structured(e),
+                        &[],
+                    )
+                    .await?;
+                }
+                Ok(())
+            }
+            BodyFormat::CloudEvents(CloudEventsMode::Binary) => {
+                for e in events {
+                    let mut data = Vec::with_capacity(64 + e.event.body.value.payload_len());
+                    cloudevents::write_data(e, &mut data);
+                    self.post_one(
+                        std::slice::from_ref(e),
+                        cloudevents::DATA_CONTENT_TYPE,
+                        data,
+                        &cloudevents::binary_headers(e),
+                    )
+                    .await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// One request carrying `events` as `body`.
+    async fn post_one(
+        &self,
+        events: &[SinkEvent],
+        content_type: &'static str,
+        body: Vec<u8>,
+        headers: &[(&'static str, String)],
+    ) -> Result<(), SinkError> {
         if self.stop.is_cancelled() {
             return Err(SinkError::Transient("the hub is stopping".into()));
         }
@@ -352,14 +439,23 @@ impl HttpSink {
         let mut req = Request::builder()
             .method(Method::POST)
             .uri(self.uri.clone())
-            .header(CONTENT_TYPE, "application/json")
+            .header(CONTENT_TYPE, content_type)
             .header(
                 USER_AGENT,
                 concat!("outpost-hub/", env!("CARGO_PKG_VERSION")),
             )
             .header(IDEMPOTENCY_KEY, key.as_str())
-            .body(Full::new(Bytes::from(batch_body(events))))
+            .body(Full::new(Bytes::from(body)))
             .map_err(|e| SinkError::Transient(format!("cannot make the request: {e}")))?;
+        for (name, value) in headers {
+            // The values are percent-encoded printable ASCII, which a header
+            // always holds; one that did not would never go through.
+            let value = HeaderValue::try_from(value.as_str()).map_err(|_| {
+                SinkError::Rejected(format!("{name}: {value:?} cannot be a header value"))
+            })?;
+            req.headers_mut()
+                .insert(HeaderName::from_static(name), value);
+        }
         if let Some((name, value)) = &self.auth {
             req.headers_mut().insert(name.clone(), value.clone());
         }

@@ -12,11 +12,13 @@
 
 //!
 //! The rooms: `sink` (the trait and its errors), `config` (`[[sinks]]`),
-//! `format` (topics, subjects and payloads), `build` (one entry into a
+//! `format` (topics, subjects and payloads), `cloudevents` (the
+//! CloudEvents 1.0 envelope), `build` (one entry into a
 //! sink), the three kinds, `tls` (their TLS), and `runner` on top. This
 //! root only gathers their names.
 
 mod build;
+pub mod cloudevents;
 pub mod config;
 pub mod format;
 pub mod http;

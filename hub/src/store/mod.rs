@@ -74,6 +74,13 @@
 //!             created_at, created_by,        the SHA-256 of the token (never
 //!             expires_at, used_at, used_from, the token); see
 //!             revoked_at, serial, fingerprint) `sqlite::enrollments`
+//! api_tokens(name, role, hash, created_at,   the API's static tokens, by
+//!            created_by, expires_at,         SHA-256 only; see
+//!            revoked_at, revoked_by)         `api::auth::tokens`
+//! policy_proposals(id, proposed_at,          two-person policy approval;
+//!   proposed_by, source, digest, text,       see `api::auth::proposals`
+//!   status, decided_at, decided_by,
+//!   reason, version)
 //! ```
 //!
 //! Why this shape:
@@ -168,6 +175,6 @@ pub use sqlite::audit;
 pub use sqlite::enrollments;
 pub use sqlite::trust;
 pub use sqlite::{
-    bind_certificate, open_admin, spawn_store_writer, store_path, AgentEventStats, Store,
-    StoreReader, FILE_NAME, SCHEMA_VERSION,
+    bind_certificate, open_admin, spawn_store_writer, store_path, AgentEventStats, EventQuery,
+    Store, StoreReader, FILE_NAME, SCHEMA_VERSION,
 };

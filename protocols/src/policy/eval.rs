@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use super::fields;
+use super::keys::RuleKey;
 use super::model::{Action, Catalog, Downsample, Over, Policy, Rate};
 use crate::event::{EventBody, JsonText, Value};
 use crate::topic::TopicFilter;
@@ -149,6 +150,8 @@ struct CRule {
     drop: Vec<String>,
     redact: Vec<String>,
     hash: Vec<String>,
+    /// The rule's own hashing key; without one, `hash` fields are redacted.
+    hash_key: Option<RuleKey>,
     round: Option<u8>,
     round_fields: Vec<String>,
     downsample: Option<Downsample>,
@@ -177,7 +180,6 @@ pub struct Compiled {
     default_sinks: Arc<[String]>,
     residency: Vec<(Vec<TopicFilter>, BTreeSet<String>)>,
     catalog: Catalog,
-    hash_key: Vec<u8>,
     agent_rate: Option<Rate>,
 }
 
@@ -196,7 +198,12 @@ impl Compiled {
         let mut rules = Vec::new();
         let mut by_first: HashMap<String, Vec<u32>> = HashMap::new();
         let mut wild = Vec::new();
-        for r in policy.rules.iter().filter(|r| r.agents.selects(labels)) {
+        for (n, r) in policy
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.agents.selects(labels))
+        {
             let i = rules.len() as u32;
             for s in &r.streams {
                 let first = s.as_str().split('/').next().unwrap_or_default();
@@ -218,6 +225,7 @@ impl Compiled {
                 drop: r.drop.clone(),
                 redact: r.redact.clone(),
                 hash: r.hash.clone(),
+                hash_key: policy.rule_key(n),
                 round: r.round,
                 round_fields: r.round_fields.clone(),
                 downsample: r.downsample,
@@ -241,7 +249,6 @@ impl Compiled {
                 .map(|r| (r.streams.clone(), r.regions.clone()))
                 .collect(),
             catalog: catalog.clone(),
-            hash_key: policy.hash_key.clone().unwrap_or_default(),
             agent_rate: policy.limits_for(labels),
         }
     }
@@ -424,7 +431,7 @@ impl Enforcer {
             }
         };
         let modified = match rule {
-            Some(r) if r.edits() => edit(r, &self.compiled.hash_key, &mut body.value),
+            Some(r) if r.edits() => edit(r, &mut body.value),
             _ => false,
         };
         if stage == Stage::Recheck {
@@ -514,7 +521,7 @@ fn keeps(ds: &Downsample, last: &Kept, ts: i64, value: &Value) -> bool {
 }
 
 /// Applies a rule's field edits to a value; returns whether it changed.
-fn edit(rule: &CRule, key: &[u8], value: &mut Value) -> bool {
+fn edit(rule: &CRule, value: &mut Value) -> bool {
     match value {
         Value::F64(x) if rule.round_fields.is_empty() => match rule.round {
             Some(d) => {
@@ -536,7 +543,12 @@ fn edit(rule: &CRule, key: &[u8], value: &mut Value) -> bool {
                 changed |= fields::redact_field(&mut doc, p);
             }
             for p in &rule.hash {
-                changed |= fields::hash_field(&mut doc, p, key);
+                changed |= match &rule.hash_key {
+                    Some(key) => fields::hash_field(&mut doc, p, key.bytes()),
+                    // No key (a document read without the hub's): nothing
+                    // leaves under a key anyone could guess.
+                    None => fields::redact_field(&mut doc, p),
+                };
             }
             if let Some(d) = rule.round {
                 if rule.round_fields.is_empty() {

@@ -14,7 +14,15 @@
 //!        (syntax, keys,          (rules selecting       (per-event:
 //!         patterns, shadowed      this agent, index      verdict, edits,
 //!         rules, residency)       by first level)        state)
+//!
+//! hub:   Policy.with_hashing_key(hub's key).scoped_text(text, labels)
+//!          ──Policy frame──▶ agent: Policy::parse_scoped (its rules, its keys)
 //! ```
+//!
+//! The hashing key never leaves the hub: an agent gets only the rules that
+//! select it, and for each that hashes a key derived for that rule
+//! (`keys.rs`, `scope.rs`), so both ends hash alike and a stolen gateway
+//! learns nothing of other scopes.
 //!
 //! Rules are evaluated in order; the first whose `streams` match the event's
 //! stream decides (like a firewall). A rule that an earlier one shadows for
@@ -23,15 +31,19 @@
 
 mod eval;
 mod fields;
+mod keys;
 mod model;
 mod parse;
+mod scope;
 #[cfg(test)]
 mod tests;
 
 pub use eval::{Compiled, DropReason, Enforcer, Stage, TokenBucket, Verdict};
 pub use fields::{HASH_PREFIX, REDACTED};
+pub use keys::{HashingKey, RuleKey};
 pub use model::{
     digest, Action, AgentLimits, BufferLimits, Catalog, Command, CommandGrant, Downsample, Over,
     Policy, PolicyVersion, Rate, Residency, Rule, Selector, STORE_SINK,
 };
 pub use parse::{PolicyError, MAX_POLICY_LEN};
+pub use scope::{redact_keys, KEY_REDACTED};

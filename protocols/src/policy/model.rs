@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::fields::hex;
+use super::keys::{HashingKey, RuleKey};
 use crate::topic::TopicFilter;
 
 /// The sink id of the hub's own store; every catalog has it.
@@ -278,8 +279,11 @@ pub struct Policy {
     pub default_action: Action,
     /// Where events go when their rule names no sinks.
     pub default_sinks: Vec<String>,
-    /// The key of `hash` fields.
-    pub(super) hash_key: Option<Vec<u8>>,
+    /// Where the keys of `hash` fields come from.
+    pub(super) hashing: Hashing,
+    /// Whether the text carried the `[hashing]` table of older versions
+    /// (read from the hub's store, never used).
+    pub(super) legacy_hashing: bool,
     /// The residency entries.
     pub residency: Vec<Residency>,
     /// The rules, in order.
@@ -299,7 +303,8 @@ impl Default for Policy {
             description: String::new(),
             default_action: Action::Allow,
             default_sinks: vec![STORE_SINK.to_owned()],
-            hash_key: None,
+            hashing: Hashing::None,
+            legacy_hashing: false,
             residency: Vec::new(),
             rules: Vec::new(),
             limits: Vec::new(),
@@ -309,7 +314,48 @@ impl Default for Policy {
     }
 }
 
+/// Where the keys of a policy's `hash` fields come from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(super) enum Hashing {
+    /// No key: a `hash` field is redacted instead, so that nothing leaves
+    /// under a key anyone could guess.
+    #[default]
+    None,
+    /// The hub's key; each rule's is derived from it.
+    Hub(HashingKey),
+    /// A scoped document's keys, one per rule (`None` for a rule that does
+    /// not hash), as the hub derived them.
+    Scoped(Vec<Option<RuleKey>>),
+}
+
 impl Policy {
+    /// The policy with the hub's hashing key, from which the key of each
+    /// rule that hashes is derived (for the hub's own enforcement and for
+    /// the documents it sends agents).
+    #[must_use]
+    pub fn with_hashing_key(mut self, key: HashingKey) -> Policy {
+        self.hashing = Hashing::Hub(key);
+        self
+    }
+
+    /// Whether the text carried a `[hashing]` table, as versions applied
+    /// before the key moved to the hub's key file did. Only
+    /// [`Policy::parse_stored`] accepts one; its key is never used.
+    #[must_use]
+    pub fn carries_hashing_key(&self) -> bool {
+        self.legacy_hashing
+    }
+
+    /// The key of rule `i`, if it hashes and a key is known.
+    pub(super) fn rule_key(&self, i: usize) -> Option<RuleKey> {
+        let rule = self.rules.get(i).filter(|r| !r.hash.is_empty())?;
+        match &self.hashing {
+            Hashing::None => None,
+            Hashing::Hub(key) => Some(key.derive(&rule.name, &rule.agents.0)),
+            Hashing::Scoped(keys) => keys.get(i).cloned().flatten(),
+        }
+    }
+
     /// Every label selector of the document with its key path, for an
     /// operator's check against the fleet ("selects no known agent").
     #[must_use]

@@ -13,9 +13,10 @@ use outpost_settings::{one_line, HumanDuration, HumanSize};
 use serde::Deserialize;
 
 use super::fields;
+use super::keys::RuleKey;
 use super::model::{
-    Action, AgentLimits, BufferLimits, Catalog, CommandGrant, Downsample, Over, Policy, Rate,
-    Residency, Rule, Selector, STORE_SINK,
+    Action, AgentLimits, BufferLimits, Catalog, CommandGrant, Downsample, Hashing, Over, Policy,
+    Rate, Residency, Rule, Selector, STORE_SINK,
 };
 use crate::topic::TopicFilter;
 
@@ -49,6 +50,13 @@ pub enum PolicyError {
         /// Which streams, which sink, which regions.
         message: String,
     },
+    /// The document has a `[hashing]` table: the hashing key is the hub's
+    /// now, in its own file, and never part of a policy.
+    #[error("line {line}: [hashing] key: the hashing key is no longer part of the policy: the hub keeps it in its own file ([policy] hashing_key, made on first start) and gives each agent only keys derived for the rules that apply to it; delete the [hashing] table and apply again")]
+    KeyInPolicy {
+        /// The line of the table (1-based).
+        line: usize,
+    },
     /// The document is larger than [`MAX_POLICY_LEN`].
     #[error("policy of {len} bytes exceeds the limit of {max} bytes")]
     TooLarge {
@@ -77,7 +85,7 @@ struct RawPolicy {
     description: String,
     #[serde(default)]
     defaults: RawDefaults,
-    hashing: Option<RawHashing>,
+    hashing: Option<toml::Spanned<toml::Value>>,
     #[serde(default)]
     residency: Vec<RawResidency>,
     #[serde(default)]
@@ -95,12 +103,6 @@ struct RawPolicy {
 struct RawDefaults {
     action: Option<String>,
     sinks: Option<Vec<String>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawHashing {
-    key: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,6 +136,8 @@ struct RawRule {
     downsample: Option<RawDownsample>,
     rate: Option<RawRate>,
     sinks: Option<Vec<String>>,
+    /// Only in a scoped document: the rule's key, as the hub derived it.
+    hash_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -274,47 +278,104 @@ fn sinks(key: &str, ids: &[String], catalog: &Catalog) -> Result<(), PolicyError
     Ok(())
 }
 
+/// Which kind of document is read: they share the language and differ
+/// only in where hashing keys may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    /// What an operator applies: no key anywhere; a rule that hashes needs
+    /// a name (its key is derived from it).
+    Fleet,
+    /// A version from the hub's store: as `Fleet`, but one applied before
+    /// the key moved to the hub's file may still carry a `[hashing]`
+    /// table (ignored) and unnamed rules that hash.
+    Stored,
+    /// The document the hub sends one agent: every rule that hashes
+    /// carries its `hash_key`.
+    Scoped,
+}
+
 impl Policy {
     /// Parses and validates a document against the sinks of `catalog`.
     ///
     /// Refuses, with the key path: TOML errors and unknown keys; invalid
-    /// patterns, pointers, durations and sizes; unknown sinks; a `hash`
-    /// without `[hashing] key`; a rule that an earlier rule shadows for every
+    /// patterns, pointers, durations and sizes; unknown sinks; a
+    /// `[hashing]` table, with its line ([`PolicyError::KeyInPolicy`]: the
+    /// key is the hub's); a rule with `hash_key`, or one that hashes
+    /// without a `name`; a rule that an earlier rule shadows for every
     /// agent (it cannot match); and, with a catalog that knows regions, a
     /// route that would take streams of a residency to a sink outside its
     /// regions ([`PolicyError::Residency`]).
     pub fn parse(text: &str, catalog: &Catalog) -> Result<Policy, PolicyError> {
-        if text.len() > MAX_POLICY_LEN {
-            return Err(PolicyError::TooLarge {
-                len: text.len(),
-                max: MAX_POLICY_LEN,
-            });
-        }
-        let raw: RawPolicy =
-            toml::from_str(text).map_err(|e| PolicyError::Syntax(one_line(&e.to_string())))?;
-        let policy = validate(raw, catalog)?;
-        policy.check_residency(catalog)?;
-        Ok(policy)
+        parse(text, catalog, Dialect::Fleet)
     }
+
+    /// Parses a version the hub stored, as [`Policy::parse`] does, except
+    /// that a version applied before the hashing key moved to the hub's key
+    /// file may carry a `[hashing]` table (whose key is never used; see
+    /// [`Policy::carries_hashing_key`]) and unnamed rules that hash.
+    pub fn parse_stored(text: &str, catalog: &Catalog) -> Result<Policy, PolicyError> {
+        parse(text, catalog, Dialect::Stored)
+    }
+
+    /// Parses the document the hub sent one agent (see
+    /// [`Policy::scoped_text`]): the fleet's language, where every rule
+    /// that hashes carries the `hash_key` derived for it. Validated against
+    /// a trusting catalog, since the hub checked the sinks and residency.
+    pub fn parse_scoped(text: &str) -> Result<Policy, PolicyError> {
+        parse(text, &Catalog::trusting(), Dialect::Scoped)
+    }
+}
+
+fn parse(text: &str, catalog: &Catalog, dialect: Dialect) -> Result<Policy, PolicyError> {
+    if text.len() > MAX_POLICY_LEN {
+        return Err(PolicyError::TooLarge {
+            len: text.len(),
+            max: MAX_POLICY_LEN,
+        });
+    }
+    let raw: RawPolicy =
+        toml::from_str(text).map_err(|e| PolicyError::Syntax(one_line(&e.to_string())))?;
+    let legacy_hashing = match &raw.hashing {
+        Some(h) if dialect != Dialect::Stored => {
+            return Err(PolicyError::KeyInPolicy {
+                line: line_of(text, h.span().start),
+            })
+        }
+        Some(_) => true,
+        None => false,
+    };
+    let mut policy = validate(raw, catalog, dialect)?;
+    policy.legacy_hashing = legacy_hashing;
+    policy.check_residency(catalog)?;
+    Ok(policy)
+}
+
+/// The 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
 }
 
 /// Every table of the document, in the order an operator reads it; the
 /// residency check comes after, on the result.
-fn validate(raw: RawPolicy, catalog: &Catalog) -> Result<Policy, PolicyError> {
+fn validate(raw: RawPolicy, catalog: &Catalog, dialect: Dialect) -> Result<Policy, PolicyError> {
     let default_action = action("defaults.action", raw.defaults.action.as_deref())?;
     let default_sinks = raw
         .defaults
         .sinks
         .unwrap_or_else(|| vec![STORE_SINK.to_owned()]);
     sinks("defaults.sinks", &default_sinks, catalog)?;
-    let hash_key = hash_key(raw.hashing)?;
     let residency = raw
         .residency
         .into_iter()
         .enumerate()
         .map(|(i, r)| residency(i, r))
         .collect::<Result<_, _>>()?;
-    let rules = rules(raw.rules, catalog, hash_key.is_some())?;
+    let (rules, keys) = rules(raw.rules, catalog, dialect)?;
     let limits = raw
         .limits
         .into_iter()
@@ -337,7 +398,11 @@ fn validate(raw: RawPolicy, catalog: &Catalog) -> Result<Policy, PolicyError> {
         description: raw.description,
         default_action,
         default_sinks,
-        hash_key,
+        hashing: match dialect {
+            Dialect::Scoped => Hashing::Scoped(keys),
+            Dialect::Fleet | Dialect::Stored => Hashing::None,
+        },
+        legacy_hashing: false,
         residency,
         rules,
         limits,
@@ -355,18 +420,6 @@ fn action(key: &str, s: Option<&str>) -> Result<Action, PolicyError> {
             key,
             format!("unknown action {other:?}; use \"allow\" or \"deny\""),
         )),
-    }
-}
-
-/// `[hashing] key`: long enough that hashes cannot be guessed.
-fn hash_key(hashing: Option<RawHashing>) -> Result<Option<Vec<u8>>, PolicyError> {
-    match hashing {
-        Some(h) if h.key.len() < 16 => Err(PolicyError::invalid(
-            "hashing.key",
-            "must be at least 16 bytes; a short key makes hashes guessable",
-        )),
-        Some(h) => Ok(Some(h.key.into_bytes())),
-        None => Ok(None),
     }
 }
 
@@ -391,13 +444,15 @@ fn residency(i: usize, r: RawResidency) -> Result<Residency, PolicyError> {
     })
 }
 
-/// The `[[rules]]`, in order, each refused if an earlier one shadows it.
+/// The `[[rules]]`, in order, each refused if an earlier one shadows it,
+/// with the keys a scoped document carries (one per rule).
 fn rules(
     raw: Vec<RawRule>,
     catalog: &Catalog,
-    have_hash_key: bool,
-) -> Result<Vec<Rule>, PolicyError> {
+    dialect: Dialect,
+) -> Result<(Vec<Rule>, Vec<Option<RuleKey>>), PolicyError> {
     let mut rules: Vec<Rule> = Vec::new();
+    let mut keys = Vec::new();
     for (i, r) in raw.into_iter().enumerate() {
         let key = format!("rules[{i}]");
         let name = r.name.clone().unwrap_or_else(|| key.clone());
@@ -406,22 +461,49 @@ fn rules(
         } else {
             key.clone()
         };
-        let rule = rule(&label, name, r, catalog, have_hash_key)?;
+        keys.push(rule_key(&label, &r, dialect)?);
+        let rule = rule(&label, name, r, catalog)?;
         not_shadowed(&label, &rule, &rules)?;
         rules.push(rule);
     }
-    Ok(rules)
+    Ok((rules, keys))
+}
+
+/// A rule's `hash_key`: required on a scoped document's rules that hash,
+/// refused anywhere else; and the name a rule that hashes needs in an
+/// operator's document, since its key is derived from it.
+fn rule_key(label: &str, r: &RawRule, dialect: Dialect) -> Result<Option<RuleKey>, PolicyError> {
+    let hashes = !r.hash.is_empty();
+    match (dialect, &r.hash_key) {
+        (Dialect::Scoped, Some(k)) if hashes => RuleKey::from_hex(k).map(Some).ok_or_else(|| {
+            PolicyError::invalid(format!("{label}.hash_key"), "must be 64 hex digits")
+        }),
+        (Dialect::Scoped, None) if hashes => Err(PolicyError::invalid(
+            format!("{label}.hash"),
+            "needs hash_key (the hub sends it with the rule)",
+        )),
+        (Dialect::Scoped, None) => Ok(None),
+        (Dialect::Scoped, Some(_)) => Err(PolicyError::invalid(
+            format!("{label}.hash_key"),
+            "only a rule that hashes carries a key",
+        )),
+        (Dialect::Fleet | Dialect::Stored, Some(_)) => Err(PolicyError::invalid(
+            format!("{label}.hash_key"),
+            "hashing keys are the hub's: it derives one for each rule that hashes; delete hash_key",
+        )),
+        (Dialect::Fleet, None) if hashes && r.name.as_deref().is_none_or(str::is_empty) => {
+            Err(PolicyError::invalid(
+                format!("{label}.hash"),
+                "a rule that hashes needs a name: its hashing key is derived from the name and the agents selector, so that adding or moving rules keeps its pseudonyms",
+            ))
+        }
+        (Dialect::Fleet | Dialect::Stored, None) => Ok(None),
+    }
 }
 
 /// One rule, named `label` in messages (`rules[i]`, with its name if it
 /// has one).
-fn rule(
-    label: &str,
-    name: String,
-    r: RawRule,
-    catalog: &Catalog,
-    have_hash_key: bool,
-) -> Result<Rule, PolicyError> {
+fn rule(label: &str, name: String, r: RawRule, catalog: &Catalog) -> Result<Rule, PolicyError> {
     let streams = filters(&format!("{label}.streams"), &r.streams)?;
     let action = action(&format!("{label}.action"), r.action.as_deref())?;
     let shapes = !r.drop.is_empty()
@@ -437,7 +519,7 @@ fn rule(
             "a deny rule drops its streams; it takes no drop, redact, hash, round, downsample, rate or sinks",
         ));
     }
-    field_edits(label, &r, have_hash_key)?;
+    field_edits(label, &r)?;
     let round = round(label, r.round, &r.round_fields)?;
     let downsample = match r.downsample {
         None => None,
@@ -468,8 +550,8 @@ fn rule(
 }
 
 /// A rule's `drop`, `redact`, `hash` and `round_fields` pointers: valid,
-/// one edit per field, and `hash` only with a key.
-fn field_edits(label: &str, r: &RawRule, have_hash_key: bool) -> Result<(), PolicyError> {
+/// and one edit per field.
+fn field_edits(label: &str, r: &RawRule) -> Result<(), PolicyError> {
     pointers(&format!("{label}.drop"), &r.drop)?;
     // One field, one edit: redacting a hash and hashing "[redacted]"
     // would change the field on every pass, at the agent and again
@@ -489,12 +571,6 @@ fn field_edits(label: &str, r: &RawRule, have_hash_key: bool) -> Result<(), Poli
     pointers(&format!("{label}.redact"), &r.redact)?;
     pointers(&format!("{label}.hash"), &r.hash)?;
     pointers(&format!("{label}.round_fields"), &r.round_fields)?;
-    if !r.hash.is_empty() && !have_hash_key {
-        return Err(PolicyError::invalid(
-            format!("{label}.hash"),
-            "needs [hashing] key",
-        ));
-    }
     Ok(())
 }
 

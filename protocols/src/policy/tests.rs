@@ -29,8 +29,15 @@ fn json(text: &str) -> Value {
     Value::Json(JsonText::parse(text).expect("json"))
 }
 
+/// The hub's hashing key of these tests.
+fn hub_key() -> HashingKey {
+    HashingKey::from_bytes(&[7u8; 32]).expect("32 bytes")
+}
+
 fn enforcer(text: &str, labels: &BTreeMap<String, String>, catalog: &Catalog) -> Enforcer {
-    let p = Policy::parse(text, catalog).expect("policy parses");
+    let p = Policy::parse(text, catalog)
+        .expect("policy parses")
+        .with_hashing_key(hub_key());
     Enforcer::new(Arc::new(p.compile(labels, catalog)))
 }
 
@@ -107,9 +114,8 @@ fn label_globs_anchor_at_both_ends() {
 #[test]
 fn minimisation_drops_redacts_hashes_and_rounds_json_fields() {
     let text = r#"
-        [hashing]
-        key = "0123456789abcdef-secret"
         [[rules]]
+        name = "badges"
         streams = ["badge/#"]
         drop = ["/photo"]
         redact = ["/name"]
@@ -134,7 +140,8 @@ fn minimisation_drops_redacts_hashes_and_rounds_json_fields() {
     assert!(v.get("photo").is_none());
     assert_eq!(v["name"], REDACTED);
     let h = v["employee"].as_str().expect("hash is text");
-    assert_eq!(h, fields::keyed_hash(b"0123456789abcdef-secret", "4711"));
+    let key = hub_key().derive("badges", &BTreeMap::new());
+    assert_eq!(h, fields::keyed_hash(key.bytes(), "4711"));
     assert!(h.starts_with(HASH_PREFIX) && h.len() == HASH_PREFIX.len() + 64);
     assert_eq!(v["temp"], 36.7);
     assert_eq!(v["door"], "north");
@@ -340,14 +347,15 @@ fn bad_documents_are_refused_with_the_key_path() {
         ("[[rules]]\nstreams = [\"a/#/b\"]\n", "rules[0].streams[0]"),
         ("[[rules]]\nstreams = []\n", "rules[0].streams: must list"),
         ("[[rules]]\nstreams = [\"a\"]\nsinks = [\"nowhere\"]\n", "rules[0].sinks[0]: unknown sink \"nowhere\""),
-        ("[[rules]]\nstreams = [\"a\"]\nhash = [\"/x\"]\n", "needs [hashing] key"),
+        ("[[rules]]\nstreams = [\"a\"]\nhash = [\"/x\"]\n", "rules[0].hash: a rule that hashes needs a name"),
+        ("[[rules]]\nname = \"n\"\nstreams = [\"a\"]\nhash = [\"/x\"]\nhash_key = \"00\"\n", "rules[0] (\"n\").hash_key: hashing keys are the hub's"),
         ("[[rules]]\nstreams = [\"a\"]\ndrop = [\"x\"]\n", "rules[0].drop[0]"),
         ("[[rules]]\nstreams = [\"a\"]\naction = \"deny\"\nredact = [\"/x\"]\n", "a deny rule"),
         ("[[rules]]\nname = \"all\"\nstreams = [\"plant/#\"]\n[[rules]]\nname = \"late\"\nstreams = [\"plant/a/+\"]\n", "rules[1] (\"late\").streams[0]: pattern \"plant/a/+\" cannot match: rule \"all\""),
         ("[[rules]]\nstreams = [\"a\"]\nrate = { events_per_second = 5 }\n", "must say over = \"drop\""),
         ("[[rules]]\nstreams = [\"a\"]\ndownsample = { interval = \"soon\" }\n", "invalid duration"),
-        ("[hashing]\nkey = \"short\"\n", "hashing.key"),
-        ("[hashing]\nkey = \"0123456789abcdef0\"\n[[rules]]\nstreams = [\"a\"]\nredact = [\"/n\"]\nhash = [\"/n\"]\n", "rules[0].hash: \"/n\" is also in redact"),
+        ("[hashing]\nkey = \"short\"\n", "line 1: [hashing] key"),
+        ("[[rules]]\nname = \"n\"\nstreams = [\"a\"]\nredact = [\"/n\"]\nhash = [\"/n\"]\n", "rules[0] (\"n\").hash: \"/n\" is also in redact"),
         ("[[buffer]]\neviction = \"random\"\n", "buffer[0].eviction"),
         ("[[commands]]\nroles = [\"operator\"]\n", "commands[0]: grants nothing"),
     ];
@@ -618,9 +626,8 @@ proptest! {
         nested in any::<bool>(),
     ) {
         let text = r##"
-            [hashing]
-            key = "a key of sixteen bytes or more"
             [[rules]]
+            name = "all"
             streams = ["#"]
             drop = ["/photo", "/list/0"]
             redact = ["/name", "/inner/name"]
@@ -646,5 +653,245 @@ proptest! {
     #[test]
     fn parsing_arbitrary_text_never_panics(text in ".{0,256}") {
         let _ = Policy::parse(&text, &eu_catalog());
+    }
+}
+
+#[test]
+fn a_hashing_table_is_refused_with_its_line_and_what_to_do_but_read_from_the_store() {
+    let text = "description = \"old\"\n\n[hashing]\nkey = \"0123456789abcdef-secret\"\n\n[[rules]]\nstreams = [\"hr/#\"]\nhash = [\"/id\"]\n";
+    let e = Policy::parse(text, &eu_catalog()).expect_err("refused");
+    assert_eq!(e, PolicyError::KeyInPolicy { line: 3 });
+    let line = e.to_string();
+    assert!(line.starts_with("line 3: [hashing] key:"), "{line}");
+    assert!(line.contains("[policy] hashing_key"), "{line}");
+    assert!(line.contains("delete the [hashing] table"), "{line}");
+    assert!(Policy::parse_scoped(text).is_err());
+    // A stored version of before keeps being read (its key is never used,
+    // and its unnamed rule that hashes is known by its place).
+    let stored = Policy::parse_stored(text, &eu_catalog()).expect("stored version reads");
+    assert!(stored.carries_hashing_key());
+    assert!(!Policy::parse_stored("", &eu_catalog())
+        .expect("reads")
+        .carries_hashing_key());
+    let stored = stored.with_hashing_key(hub_key());
+    let mut e = Enforcer::new(Arc::new(stored.compile(&labels(&[]), &eu_catalog())));
+    let mut b = body("hr/x", 0.0, json(r#"{"id":"4711"}"#));
+    let _ = e.apply(&mut b, Stage::Ingest);
+    let key = hub_key().derive("rules[0]", &BTreeMap::new());
+    assert!(json_text(&b.value).contains(&fields::keyed_hash(key.bytes(), "4711")));
+}
+
+#[test]
+fn without_a_key_a_hashed_field_is_redacted_not_hashed_under_a_guessable_key() {
+    let text = "[[rules]]\nname = \"ids\"\nstreams = [\"hr/#\"]\nhash = [\"/id\"]\n";
+    let p = Policy::parse(text, &eu_catalog()).expect("parses");
+    let mut e = Enforcer::new(Arc::new(p.compile(&labels(&[]), &eu_catalog())));
+    let mut b = body("hr/x", 0.0, json(r#"{"id":"4711"}"#));
+    let _ = e.apply(&mut b, Stage::Ingest);
+    let Value::Json(j) = &b.value else {
+        panic!("still json")
+    };
+    assert_eq!(j.to_value()["id"], REDACTED);
+}
+
+fn json_text(v: &Value) -> String {
+    match v {
+        Value::Json(j) => j.to_value().to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The fleet document of the scope tests: site A's badges, site B's
+/// badges, a rule for every agent, and limits per site.
+const FLEET: &str = r#"
+description = "two sites"
+
+[[rules]]
+name = "badges"
+agents = { site = "a" }
+streams = ["badge/#"]
+hash = ["/employee"]
+
+[[rules]]
+name = "badges"
+agents = { site = "b" }
+streams = ["door/#"]
+hash = ["/employee"]
+
+[[rules]]
+streams = ["debug/#"]
+action = "deny"
+
+[[limits]]
+agents = { site = "b" }
+events_per_second = 5
+
+[[buffer]]
+agents = { site = "a" }
+max_bytes = "2MiB"
+"#;
+
+#[test]
+fn an_agent_gets_only_its_rules_and_their_keys_and_hashes_as_the_hub_does() {
+    let fleet = Policy::parse(FLEET, &eu_catalog())
+        .expect("parses")
+        .with_hashing_key(hub_key());
+    let a = labels(&[("site", "a")]);
+    let text = fleet.scoped_text(FLEET, &a).expect("scoped");
+    let key_a = hub_key().derive("badges", &labels(&[("site", "a")]));
+    let key_b = hub_key().derive("badges", &labels(&[("site", "b")]));
+    assert_ne!(key_a, key_b, "same name, another scope: another key");
+    assert!(text.contains(&key_a.to_hex()), "{text}");
+    assert!(!text.contains(&key_b.to_hex()), "{text}");
+    assert!(!text.contains(&hub_key().to_hex()), "{text}");
+    assert!(
+        !text.contains("door/#") && !text.contains("events_per_second"),
+        "{text}"
+    );
+    let agent = Policy::parse_scoped(&text).expect("the agent reads it");
+    let names: Vec<&str> = agent.rules.iter().map(|r| r.name.as_str()).collect();
+    // The unnamed rule keeps its fleet name, so both ends count it alike.
+    assert_eq!(names, ["badges", "rules[2]"]);
+    assert_eq!(agent.limits.len(), 0);
+    assert_eq!(agent.buffer.len(), 1);
+    // Both ends hash alike.
+    let mut at_agent = Enforcer::new(Arc::new(agent.compile(&a, &Catalog::trusting())));
+    let mut at_hub = Enforcer::new(Arc::new(fleet.compile(&a, &eu_catalog())));
+    let mut b1 = body("badge/gate", 0.0, json(r#"{"employee":4711}"#));
+    let mut b2 = b1.clone();
+    let _ = at_agent.apply(&mut b1, Stage::Ingest);
+    let _ = at_hub.apply(&mut b2, Stage::Ingest);
+    assert_eq!(b1, b2);
+    assert!(json_text(&b1.value).contains(HASH_PREFIX));
+    // A document to show has no key left.
+    let shown = redact_keys(&text);
+    assert!(!shown.contains(&key_a.to_hex()), "{shown}");
+    assert!(shown.contains(KEY_REDACTED), "{shown}");
+    assert!(
+        Policy::parse_scoped(&shown).is_err(),
+        "a redacted key is no key"
+    );
+    // An agent no hash rule selects gets no key at all.
+    let c = fleet
+        .scoped_text(FLEET, &labels(&[("site", "c")]))
+        .expect("scoped");
+    assert!(!c.contains("hash_key") && !c.contains("badge"), "{c}");
+    // Without the hub's key, a document for an agent a hash rule selects
+    // cannot be made.
+    let keyless = Policy::parse(FLEET, &eu_catalog()).expect("parses");
+    assert!(keyless.scoped_text(FLEET, &a).is_err());
+    assert!(keyless
+        .scoped_text(FLEET, &labels(&[("site", "c")]))
+        .is_ok());
+}
+
+#[test]
+fn redaction_hides_an_older_versions_key_and_keeps_the_rest_as_written() {
+    let text = "# comment kept\n[hashing]\nkey = \"0123456789abcdef-secret\"  # trailing\n[[rules]]\nstreams = [\"a\"]\naction = \"deny\"\n";
+    let shown = redact_keys(text);
+    assert_eq!(
+        shown,
+        format!("# comment kept\n[hashing]\nkey = {KEY_REDACTED}  # trailing\n[[rules]]\nstreams = [\"a\"]\naction = \"deny\"\n")
+    );
+    assert_eq!(redact_keys(FLEET), FLEET);
+    assert!(!redact_keys("hashing = { key = \"s3cr3t-s3cr3t-s3cr3t\" }\n").contains("s3cr3t"));
+    assert!(!redact_keys("[hashing\nkey = \"s3cr3t\"").contains("s3cr3t"));
+}
+
+/// A selector among a few, over the labels `site` and `line`.
+fn arb_selector() -> impl Strategy<Value = BTreeMap<String, String>> {
+    prop::collection::btree_map(
+        prop::sample::select(vec!["site", "line"]).prop_map(str::to_owned),
+        prop::sample::select(vec!["a", "b", "a*", "*"]).prop_map(str::to_owned),
+        0..=2,
+    )
+}
+
+fn selector_toml(s: &BTreeMap<String, String>) -> String {
+    let pairs: Vec<String> = s.iter().map(|(k, v)| format!("{k} = {v:?}")).collect();
+    format!("{{ {} }}", pairs.join(", "))
+}
+
+proptest! {
+    #[test]
+    fn rule_keys_are_equal_for_one_scope_and_differ_across_scopes(
+        name in "[a-z ]{0,12}",
+        other in "[a-z ]{0,12}",
+        sel in arb_selector(),
+        other_sel in arb_selector(),
+        master in prop::array::uniform32(any::<u8>()),
+        other_master in prop::array::uniform32(any::<u8>()),
+    ) {
+        let k = HashingKey::from_bytes(&master).expect("32 bytes");
+        prop_assert_eq!(k.derive(&name, &sel), k.derive(&name, &sel));
+        if (&name, &sel) != (&other, &other_sel) {
+            prop_assert_ne!(k.derive(&name, &sel), k.derive(&other, &other_sel));
+        }
+        if master != other_master {
+            let o = HashingKey::from_bytes(&other_master).expect("32 bytes");
+            prop_assert_ne!(k.derive(&name, &sel), o.derive(&name, &sel));
+            prop_assert_ne!(k.fingerprint(), o.fingerprint());
+        }
+        prop_assert_eq!(HashingKey::from_hex(&k.to_hex()), Some(k.clone()));
+        let shown = format!("{:?}", k);
+        prop_assert!(!shown.contains(&k.to_hex()));
+    }
+
+    #[test]
+    fn a_scoped_document_holds_exactly_the_rules_that_select_the_agent_with_their_keys(
+        rules in prop::collection::vec((arb_selector(), any::<bool>(), any::<bool>()), 0..8),
+        site in prop::option::of(prop::sample::select(vec!["a", "b", "ab", "c"])),
+        line in prop::option::of(prop::sample::select(vec!["a", "b"])),
+        employee in "[0-9]{1,6}",
+    ) {
+        let mut text = String::from("description = \"generated\"\n");
+        for (i, (sel, hashes, named)) in rules.iter().enumerate() {
+            text.push_str(&format!("\n[[rules]]\nstreams = [\"s{i}/#\"]\nagents = {}\n", selector_toml(sel)));
+            if *named || *hashes {
+                text.push_str(&format!("name = \"rule {}\"\n", i % 3));
+            }
+            if *hashes {
+                text.push_str("hash = [\"/employee\"]\n");
+            }
+        }
+        let mut agent_labels = BTreeMap::new();
+        if let Some(s) = site { agent_labels.insert("site".to_owned(), s.to_owned()); }
+        if let Some(l) = line { agent_labels.insert("line".to_owned(), l.to_owned()); }
+        let fleet = Policy::parse(&text, &eu_catalog()).expect("parses").with_hashing_key(hub_key());
+        let scoped = fleet.scoped_text(&text, &agent_labels).expect("scoped");
+        let agent = Policy::parse_scoped(&scoped).expect("the agent reads it");
+        let want: Vec<&str> = fleet.rules.iter().filter(|r| r.agents.selects(&agent_labels)).map(|r| r.name.as_str()).collect();
+        let got: Vec<&str> = agent.rules.iter().map(|r| r.name.as_str()).collect();
+        prop_assert_eq!(&got, &want);
+        let shown = redact_keys(&scoped);
+        prop_assert!(!scoped.contains(&hub_key().to_hex()));
+        for (i, r) in fleet.rules.iter().enumerate() {
+            let Some(key) = fleet.rule_key(i) else { continue };
+            let selects = r.agents.selects(&agent_labels);
+            // A key of another scope is never there (unless it is the same
+            // scope under another rule: same name and selector).
+            let shared = fleet.rules.iter().enumerate().any(|(j, o)| j != i && o.agents.selects(&agent_labels) && fleet.rule_key(j) == Some(key.clone()));
+            prop_assert_eq!(scoped.contains(&key.to_hex()), selects || shared);
+            prop_assert!(!shown.contains(&key.to_hex()));
+            // Where it applies, the agent hashes what the hub hashes.
+            if selects {
+                let stream = format!("s{i}/x");
+                let mut at_agent = Enforcer::new(Arc::new(agent.compile(&agent_labels, &Catalog::trusting())));
+                let mut at_hub = Enforcer::new(Arc::new(fleet.compile(&agent_labels, &eu_catalog())));
+                let mut b1 = body(&stream, 0.0, json(&format!(r#"{{"employee":"{employee}"}}"#)));
+                let mut b2 = b1.clone();
+                let _ = at_agent.apply(&mut b1, Stage::Ingest);
+                let _ = at_hub.apply(&mut b2, Stage::Ingest);
+                prop_assert_eq!(&b1, &b2);
+                prop_assert!(json_text(&b1.value).contains(&fields::keyed_hash(key.bytes(), &employee)));
+            }
+        }
+    }
+
+    #[test]
+    fn redacting_arbitrary_text_never_panics(text in ".{0,256}") {
+        let _ = redact_keys(&text);
+        let _ = Policy::parse_scoped(&text);
+        let _ = Policy::parse_stored(&text, &eu_catalog());
     }
 }

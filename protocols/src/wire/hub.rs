@@ -195,8 +195,8 @@ pub struct HubSession {
     policy: Option<(u64, Arc<str>)>,
     /// The policy version the agent last reported running, this session.
     reported: Option<u64>,
-    /// The policy version last pushed in this session.
-    pushed: Option<u64>,
+    /// The policy last pushed in this session (version and text).
+    pushed: Option<(u64, Arc<str>)>,
     /// Whether a `Renew` was handed out and not answered yet.
     renewing: bool,
     last_heard: Instant,
@@ -599,13 +599,17 @@ impl HubSession {
         self.events.pop_front()
     }
 
-    /// Sets the policy in force at the hub: at `Hello`, and whenever an
-    /// operator applies another version. The session pushes it to the agent
-    /// once the agent reported running another version (`PolicyStatus`, at
-    /// once if it already did), and at most once a version per session, so a
-    /// policy the agent refused is not pushed again until its next
-    /// connection. A version 1 agent, which has no policy frames, is pushed
-    /// nothing: the hub enforces the policy on what it sends.
+    /// Sets the agent's policy: after `Hello`, whenever an operator applies
+    /// another version, and whenever the agent's labels select other rules
+    /// (the text is the agent's own part of the fleet's document, so it can
+    /// change under the same version). The session pushes it once the agent
+    /// reported the version it runs (`PolicyStatus`, at once if it already
+    /// did), whatever that version is, since the part it holds may be
+    /// another (its labels changed while it was away), and at most once a
+    /// text per session, so a policy the agent refused is not pushed again
+    /// until its next connection. Version 0 (no policy) is not pushed to an
+    /// agent that runs it. A version 1 agent, which has no policy frames, is
+    /// pushed nothing: the hub enforces the policy on what it sends.
     ///
     /// A text over [`MAX_POLICY_LEN`] is refused, and the session then
     /// pushes nothing until another policy is set.
@@ -633,17 +637,22 @@ impl HubSession {
         self.policy.as_ref().map(|(version, _)| *version)
     }
 
-    /// Pushes the policy in force if the agent reported running another
-    /// version and it was not pushed in this session yet.
+    /// Pushes the agent's policy once the agent reported what it runs, if
+    /// this text was not pushed in this session yet.
     fn push_policy_if_due(&mut self) {
         let Some((version, text)) = self.policy.clone() else {
             return;
         };
-        if self.reported.is_none_or(|r| r == version) || self.pushed == Some(version) {
+        if self.reported.is_none() || self.pushed.as_ref() == Some(&(version, text.clone())) {
+            return;
+        }
+        // Version 0 (no policy) is the same for every agent, so an agent that
+        // runs it cannot hold a stale part of it.
+        if version == 0 && self.reported == Some(0) {
             return;
         }
         if self.push_policy(version, &text).is_ok() {
-            self.pushed = Some(version);
+            self.pushed = Some((version, text));
             self.events.push_back(HubEvent::PolicyPushed { version });
         }
     }

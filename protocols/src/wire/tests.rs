@@ -244,21 +244,22 @@ fn the_hub_pushes_its_policy_to_an_agent_that_reports_another_version() {
         "pushed after the agent's first report"
     );
     assert_eq!(pair.policies_received, 1);
-    // An agent that already runs it gets nothing on reconnect.
+    // An agent that already runs the version gets its part once more on
+    // reconnect: what selects it may have changed while it was away.
     pair.reset();
     pair.drive();
-    assert_eq!(pair.policies_received, 1);
+    assert_eq!(pair.policies_received, 2);
     assert_eq!(pair.reported_policy, Some(7));
     // A new version reaches a connected agent at once.
     pair.apply_policy(8, "description = \"v8\"\n");
     pair.drive();
-    assert_eq!((pair.agent_policy, pair.policies_received), (8, 2));
+    assert_eq!((pair.agent_policy, pair.policies_received), (8, 3));
     // Rolling back is a new push of the old text under a new version.
     pair.apply_policy(9, "description = \"v7\"\n");
     pair.drive();
     assert_eq!(pair.agent_policy, 9);
     assert_eq!(
-        pair.policies_pushed, 3,
+        pair.policies_pushed, 4,
         "the hub's session decided each push"
     );
     assert!(pair.closed.is_empty(), "{:?}", pair.closed);
@@ -299,6 +300,14 @@ fn the_hub_pushes_a_version_once_a_session_even_when_the_agent_refuses_it() {
     hub.set_policy(6, "description = \"v6\"\n")
         .expect("within the limit");
     assert!(hub_sent(&mut hub, now).is_empty());
+    // The agent's labels changed: its part of version 6 is another text,
+    // pushed under the same version.
+    hub.set_policy(6, "description = \"v6 for site b\"\n")
+        .expect("within the limit");
+    assert!(matches!(
+        hub_sent(&mut hub, now).as_slice(),
+        [Frame::Policy { version: 6, text }] if text.contains("site b")
+    ));
     // An oversized policy is refused, and nothing is pushed after it.
     assert!(matches!(
         hub.set_policy(7, "#".repeat(crate::policy::MAX_POLICY_LEN + 1)),
@@ -308,6 +317,27 @@ fn the_hub_pushes_a_version_once_a_session_even_when_the_agent_refuses_it() {
     hub.handle_bytes(now, &encode(&[status(6, None)]))
         .expect("accepted");
     assert!(hub_sent(&mut hub, now).is_empty());
+}
+
+#[test]
+fn the_hub_does_not_push_no_policy_to_an_agent_that_runs_none() {
+    let now = origin();
+    let mut hub = welcomed_hub(now, 0, 10);
+    hub.set_policy(0, "").expect("within the limit");
+    let status = |version| Frame::PolicyStatus {
+        version,
+        error: None,
+    };
+    hub.handle_bytes(now, &encode(&[status(0)]))
+        .expect("accepted");
+    assert!(hub_sent(&mut hub, now).is_empty());
+    // An agent that runs a version the hub no longer has gets version 0.
+    hub.handle_bytes(now, &encode(&[status(3)]))
+        .expect("accepted");
+    assert!(matches!(
+        hub_sent(&mut hub, now).as_slice(),
+        [Frame::Policy { version: 0, .. }]
+    ));
 }
 
 #[test]

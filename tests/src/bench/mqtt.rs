@@ -88,7 +88,7 @@ impl Setup<'_> {
 }
 
 /// A one-thread runtime standing in for a process of its own.
-fn runtime(name: &str) -> Result<Runtime> {
+pub(crate) fn runtime(name: &str) -> Result<Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name(name)
@@ -98,9 +98,9 @@ fn runtime(name: &str) -> Result<Runtime> {
 }
 
 /// A connected rumqttc client whose event loop runs on its runtime.
-struct Client {
-    rt: Handle,
-    client: AsyncClient,
+pub(crate) struct Client {
+    pub(crate) rt: Handle,
+    pub(crate) client: AsyncClient,
     task: JoinHandle<()>,
     /// Publishes received (subscriber) or PUBACKs received (publisher).
     count: Arc<AtomicU64>,
@@ -116,7 +116,7 @@ impl Client {
     /// Connects and waits for CONNACK (and SUBACK if `subscribe` is given).
     /// The instant `count` reaches `target` is recorded (see
     /// [`Client::finish_at`]).
-    fn connect(
+    pub(crate) fn connect(
         rt: Handle,
         port: u16,
         id: &str,
@@ -197,20 +197,20 @@ impl Client {
         })
     }
 
-    fn count(&self) -> u64 {
+    pub(crate) fn count(&self) -> u64 {
         self.count.load(Ordering::SeqCst)
     }
 
     /// Records the instant `count` reaches `n`.
-    fn finish_at(&self, n: u64) {
+    pub(crate) fn finish_at(&self, n: u64) {
         self.target.store(n, Ordering::SeqCst);
     }
 
-    fn finished(&self) -> Option<Instant> {
+    pub(crate) fn finished(&self) -> Option<Instant> {
         self.done.lock().ok().and_then(|d| *d)
     }
 
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         if let Some(e) = self.failed.lock().ok().and_then(|f| f.clone()) {
             bail!("MQTT connection failed: {e}");
         }
@@ -231,7 +231,7 @@ impl Client {
         })
     }
 
-    fn close(self) {
+    pub(crate) fn close(self) {
         let _ = self.rt.block_on(async {
             tokio::time::timeout(Duration::from_secs(2), self.client.disconnect()).await
         });
@@ -278,7 +278,7 @@ fn warm_up(
 }
 
 /// How long to wait for a run before calling it failed.
-fn run_timeout(n: usize) -> Duration {
+pub(crate) fn run_timeout(n: usize) -> Duration {
     // 1,000 msg/s is far below anything sane on loopback.
     Duration::from_secs(30 + n as u64 / 1000)
 }
@@ -516,10 +516,16 @@ fn baseline_drain(port: u16, run: usize, n: usize) -> Result<f64> {
     }
     preload(port, &publisher_id, &prefix, n)?;
 
+    drain_bare(port, &id, n, run_timeout(n))
+}
+
+/// Reconnects the bare subscriber of persistent session `id` and times it
+/// from there to the `n`-th message the broker had queued for it: msg/s.
+pub(crate) fn drain_bare(port: u16, id: &str, n: usize, timeout: Duration) -> Result<f64> {
     let sub_rt = runtime("subscriber")?;
     let started = Instant::now();
-    let sub = Client::connect(sub_rt.handle().clone(), port, &id, false, None, n as u64)?;
-    let deadline = started + run_timeout(n);
+    let sub = Client::connect(sub_rt.handle().clone(), port, id, false, None, n as u64)?;
+    let deadline = started + timeout;
     let finished = loop {
         if let Some(at) = sub.finished() {
             break at;
@@ -527,9 +533,8 @@ fn baseline_drain(port: u16, run: usize, n: usize) -> Result<f64> {
         sub.check()?;
         if Instant::now() > deadline {
             bail!(
-                "the bare subscriber drained {} of {n} queued messages in {:?}",
+                "the bare subscriber drained {} of {n} queued messages in {timeout:?}",
                 sub.count(),
-                run_timeout(n)
             );
         }
         std::thread::sleep(Duration::from_millis(1));

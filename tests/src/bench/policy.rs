@@ -16,8 +16,10 @@
 //!   starts, and a fresh enforcer (empty stream cache) is made per run.
 //! - MQTT ingest: the MQTT row's live and drain runs of the real agent
 //!   (`super::mqtt::ours`, `ours_drain`: the same Mosquitto and publisher)
-//!   with a `policy.json` of 1,000 rules in its data directory before it
-//!   starts, against the same runs with no policy. Here 100 of the rules
+//!   with a `policy.json` in its data directory before it starts that holds
+//!   its part of the 1,000 rules, as the hub sends it (the rules its labels
+//!   select, with their hashing keys), against the same runs with no policy.
+//!   Here 100 of the rules
 //!   take the published topics `bench/+/sensor/<k>` and each minimises them;
 //!   none denies or downsamples them, so both runs store every message and
 //!   the clocks stop at the same count.
@@ -30,7 +32,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context as _, Result};
 use outpost_agent::outbox::OutboxReader;
-use outpost_protocols::policy::{Catalog, Enforcer, Policy, Stage, Verdict};
+use outpost_protocols::policy::{Catalog, Enforcer, HashingKey, Policy, Stage, Verdict};
 use outpost_protocols::{AgentId, EventBody};
 use outpost_tests::Mosquitto;
 
@@ -132,13 +134,11 @@ fn labels() -> BTreeMap<String, String> {
 /// The generated document: `published` rules for the MQTT topics first (0
 /// or [`PUBLISHED`]), then site rules up to [`RULES`].
 fn document(published: usize) -> String {
-    let mut t = String::from(
-        "description = \"outpost-bench: 1,000 generated rules\"\n\n[hashing]\nkey = \"outpost-bench hashing key\"\n",
-    );
+    let mut t = String::from("description = \"outpost-bench: 1,000 generated rules\"\n");
     for k in 0..published {
         let _ = write!(
             t,
-            "\n[[rules]]\nstreams = [\"bench/+/sensor/{k}\"]\n{}",
+            "\n[[rules]]\nname = \"published {k}\"\nstreams = [\"bench/+/sensor/{k}\"]\n{}",
             EDITS[k % EDITS.len()]
         );
     }
@@ -158,16 +158,24 @@ fn document(published: usize) -> String {
         };
         let _ = write!(
             t,
-            "\n[[rules]]\nstreams = [{p:?}]\n{}{what}",
+            "\n[[rules]]\nname = \"site {i}\"\nstreams = [{p:?}]\n{}{what}",
             SELECTORS[i / 10 % SELECTORS.len()]
         );
     }
     t
 }
 
-/// The document parsed as the agent does, and how many rules select it.
+/// The hub's hashing key of the benchmark.
+fn hashing_key() -> HashingKey {
+    HashingKey::from([0x5a; HashingKey::LEN])
+}
+
+/// The document parsed as the hub does (with its hashing key), and how
+/// many rules select the measured agent.
 fn parse(text: &str) -> Result<(Policy, usize)> {
-    let policy = Policy::parse(text, &Catalog::trusting()).context("the generated policy")?;
+    let policy = Policy::parse(text, &Catalog::trusting())
+        .context("the generated policy")?
+        .with_hashing_key(hashing_key());
     ensure!(
         policy.rules.len() == RULES,
         "generated {} rules",
@@ -303,8 +311,12 @@ fn check_minimised(home: &Path, n: usize) -> Result<()> {
 /// Row (b): the agent's MQTT ingest with the 1,000-rule policy against the
 /// same runs without a policy.
 pub(crate) fn mqtt_ingest(bins: &Bins, dir: &Path, p: mqtt::Params) -> Result<Vec<Row>> {
-    let text = document(PUBLISHED);
-    let (_, selected) = parse(&text)?;
+    let fleet = document(PUBLISHED);
+    let (policy, selected) = parse(&fleet)?;
+    // What the hub sends the agent: its part, with its rules' keys.
+    let text = policy
+        .scoped_text(&fleet, &labels())
+        .context("the agent's part of the generated policy")?;
     let json = serde_json::json!({ "version": 1, "text": text }).to_string();
     let labels = labels_toml();
     let plain = Setup {

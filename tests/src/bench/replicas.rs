@@ -49,11 +49,12 @@ fn run_timeout(n: u64) -> Duration {
 }
 
 /// The `[store]` tables of a replica on `url`; the replicas in `dir` share
-/// one audit key, as every replica of a fleet must.
+/// one audit key and one hashing key, as every replica of a fleet must.
 fn jetstream_tables(url: &str, dir: &Path) -> String {
     format!(
-        "[store]\nkind = \"jetstream\"\n\n[store.jetstream]\nurl = \"{url}\"\n\n[observability]\nmetrics = \"\"\n\n[audit]\nkey = \"{}\"\n",
-        dir.join("audit.key").display()
+        "[store]\nkind = \"jetstream\"\n\n[store.jetstream]\nurl = \"{url}\"\n\n[observability]\nmetrics = \"\"\n\n[audit]\nkey = \"{}\"\n\n[policy]\nhashing_key = \"{}\"\n",
+        dir.join("audit.key").display(),
+        dir.join("hashing.key").display()
     )
 }
 

@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use clap::Parser;
 
+#[path = "../bench/api.rs"]
+mod api;
 #[path = "../bench/append.rs"]
 mod append;
 #[path = "../bench/door.rs"]
@@ -50,6 +52,8 @@ mod report;
 mod sinks;
 #[path = "../bench/sizes.rs"]
 mod sizes;
+#[path = "../bench/sparkplug.rs"]
+mod sparkplug;
 #[path = "../bench/uplink.rs"]
 mod uplink;
 #[path = "../bench/workload.rs"]
@@ -99,6 +103,8 @@ enum Measurement {
     Append,
     /// MQTT QoS 1 ingest against a bare subscriber.
     Mqtt,
+    /// Sparkplug B ingest against a bare subscriber.
+    Sparkplug,
     /// The fleet policy: evaluation against the empty policy, and MQTT ingest
     /// with a 1,000-rule policy against none.
     Policy,
@@ -124,6 +130,8 @@ enum Measurement {
     Peers,
     /// Sizes of the static builds.
     Sizes,
+    /// The hub's HTTP API: fleet and events latency with 1,000 agents.
+    Api,
     /// The hub's door: 10,000 handshakes without a valid certificate while a
     /// real agent connects.
     Door,
@@ -131,8 +139,10 @@ enum Measurement {
 
 /// The sizes of a run.
 struct Plan {
+    api: api::Params,
     append: append::Params,
     mqtt: mqtt::Params,
+    sparkplug: sparkplug::Params,
     policy: policy::Params,
     modbus: modbus::Params,
     uplink: uplink::Params,
@@ -148,6 +158,12 @@ impl Plan {
     fn new(quick: bool) -> Plan {
         if quick {
             Plan {
+                api: api::Params {
+                    agents: 1000,
+                    per_agent: 20,
+                    rate: 200,
+                    window: Duration::from_secs(5),
+                },
                 append: append::Params {
                     events: 200_000,
                     batch: 1000,
@@ -157,6 +173,10 @@ impl Plan {
                 },
                 mqtt: mqtt::Params {
                     messages: 20_000,
+                    reps: 1,
+                },
+                sparkplug: sparkplug::Params {
+                    messages: 2_000,
                     reps: 1,
                 },
                 policy: policy::Params {
@@ -201,6 +221,12 @@ impl Plan {
             }
         } else {
             Plan {
+                api: api::Params {
+                    agents: 1000,
+                    per_agent: 20,
+                    rate: 200,
+                    window: Duration::from_secs(30),
+                },
                 append: append::Params {
                     events: 1_000_000,
                     batch: 1000,
@@ -210,6 +236,10 @@ impl Plan {
                 },
                 mqtt: mqtt::Params {
                     messages: 200_000,
+                    reps: 3,
+                },
+                sparkplug: sparkplug::Params {
+                    messages: 20_000,
                     reps: 3,
                 },
                 policy: policy::Params {
@@ -384,6 +414,11 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
         std::fs::create_dir_all(&d)?;
         mqtt::run(&bins, &d, plan.mqtt)
     });
+    measure(Measurement::Sparkplug, "Sparkplug B ingest", &mut || {
+        let d = dir.join("sparkplug");
+        std::fs::create_dir_all(&d)?;
+        sparkplug::run(&bins, &d, plan.sparkplug)
+    });
     measure(
         Measurement::Policy,
         "Policy evaluation, 1,000 rules",
@@ -452,6 +487,11 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
             latencies.extend(l);
             Ok(r)
         },
+    );
+    measure(
+        Measurement::Api,
+        "Hub API latency, 1,000 agents",
+        &mut || api::run(&bins, &dir, plan.api),
     );
     measure(
         Measurement::Door,
@@ -604,6 +644,13 @@ How each row is measured (medians of the runs; every run's numbers are on stderr
   publisher in the way. Probe messages before each clock make sure the subscriber is
   connected and subscribed. For scale, shared/PEERS.md measured ~65k msg/s QoS 1 live
   (one publisher, in-flight 100) on a quiet machine of this type.
+- Sparkplug B: the MQTT drain shape with an edge node's session queued at Mosquitto (an
+  NBIRTH of 10 metrics with aliases, then N NDATA of the 10 metrics by alias only, seq
+  1, 2, ... modulo 256, QoS 1); the bare subscriber counts messages and decodes nothing,
+  the agent (`[[mqtt.sparkplug]]`) decodes each payload, resolves the aliases, checks
+  the seq and stores one event per metric. Clock from the subscriber's (re)start to the
+  last message received or the last metric counted in `accepted_total`. Info only: the
+  agent writes ten events per message the bare subscriber merely counts.
 - Policy evaluation: a generated document of 1,000 rules with distinct patterns over
   `site-S/line-L/tag-T` (exact names, `+` over lines, `#` under a line; one in ten a deny,
   one in a hundred a 10 s downsample, most of the rest redact `/unit`, hash `/pad`, round
@@ -706,4 +753,13 @@ How each row is measured (medians of the runs; every run's numbers are on stderr
 - Static build sizes: the files `bash cross/build` leaves in
   `target/<triple>/release/` (nothing is built here); the agent's budget is the one
   `cross/build` checks.
+- Hub API latency: a store seeded through the hub's library with 1,000 agents (20
+  events each), a fresh hub on it (`[api]` on loopback, rate limit out of the way) and
+  a viewer token from `token create`; 8 client threads with one keep-alive connection
+  each send 200 requests/s in all, open loop (each request has its due time and its
+  latency runs from then, so a server that falls behind shows its queue): every other
+  one `GET /api/v1/fleet` (all 1,000 agents), the rest `GET /api/v1/events` pages of
+  100 (all agents, or one agent with a `plc1/+` pattern). p50 / p99 / max by query
+  kind (nearest rank), after one warm-up request of each. No baseline; the target is
+  ours (p99 under 100 ms).
 ";

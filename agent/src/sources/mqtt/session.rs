@@ -228,8 +228,9 @@ impl Session {
                 }
             }
             Packet::PingResp => self.ping_outstanding = false,
-            // This session never publishes, so acknowledgements of publishes
-            // cannot refer to anything of ours; a broker sending them is broken.
+            // This session publishes at QoS 0 only, so acknowledgements of
+            // publishes cannot refer to anything of ours; a broker sending
+            // them is broken.
             other @ (Packet::PubAck(_)
             | Packet::PubRec(_)
             | Packet::PubComp(_)
@@ -305,6 +306,20 @@ impl Session {
                     })
                 }
             }
+        }
+    }
+
+    /// Queues a QoS 0 PUBLISH (not retained), if connected: a Sparkplug
+    /// host's NCMD. QoS 0 needs no packet id and no acknowledgement, so the
+    /// subscriber's state does not change; a request lost with the
+    /// connection is asked again after the next gap.
+    pub fn publish(&mut self, topic: String, payload: Vec<u8>) {
+        if self.state == State::Connected {
+            self.transmit.push_back(Packet::Publish(Publish::new(
+                topic,
+                QoS::AtMostOnce,
+                payload,
+            )));
         }
     }
 

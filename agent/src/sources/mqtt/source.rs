@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use futures::stream::{FuturesOrdered, StreamExt};
+use outpost_protocols::sparkplug::{Host, HostOptions, Output};
 use outpost_protocols::wire::MAX_BODY_LEN;
 use outpost_protocols::{EventBody, Quality, Reason, StreamName, Timestamp, Value};
 use rumqttc::mqttbytes::v4::{Packet, Publish};
@@ -174,6 +175,10 @@ impl MqttSource {
             let q = subs.entry(b.from.as_str().to_owned()).or_insert(0);
             *q = (*q).max(b.qos);
         }
+        for s in &self.settings.sparkplug {
+            let q = subs.entry(s.filter.as_str().to_owned()).or_insert(0);
+            *q = (*q).max(s.qos);
+        }
         subs.into_iter().collect()
     }
 
@@ -181,12 +186,25 @@ impl MqttSource {
     pub async fn run(self, shutdown: CancellationToken) {
         let addr = format!("{}:{}", self.settings.host, self.settings.port);
         let mut backoff = self.settings.reconnect_min;
+        // A Sparkplug host's state outlives a connection: a gap across a
+        // reconnect is a gap like any other.
+        let mut hosts: Vec<Host> = self
+            .settings
+            .sparkplug
+            .iter()
+            .map(|s| {
+                Host::new(HostOptions {
+                    rebirth: s.rebirth,
+                    rebirth_interval: s.rebirth_interval,
+                })
+            })
+            .collect();
         loop {
             if shutdown.is_cancelled() {
                 return;
             }
             let started = clock::now();
-            match self.connect_and_serve(&addr, &shutdown).await {
+            match self.connect_and_serve(&addr, &shutdown, &mut hosts).await {
                 Ok(()) => return,
                 Err(e) => {
                     self.metrics.mqtt_connected.set(0);
@@ -245,6 +263,7 @@ impl MqttSource {
         &self,
         addr: &str,
         shutdown: &CancellationToken,
+        hosts: &mut [Host],
     ) -> Result<(), MqttError> {
         let mut io = self.connect(addr).await?;
         let pending = self.outbox.qos2_pending().await?;
@@ -272,8 +291,19 @@ impl MqttSource {
             if let Err(e) = self.flush(&mut session, &mut io, &mut wbuf).await {
                 break Err(e);
             }
+            let mut ncmds = Vec::new();
             while let Some(ev) = session.poll_event() {
-                self.on_event(ev, &mut group).await;
+                self.on_event(ev, &mut group, hosts, &mut ncmds).await;
+            }
+            let publish_now = !ncmds.is_empty();
+            for (topic, payload) in ncmds {
+                session.publish(topic, payload);
+            }
+            if publish_now {
+                // The NCMDs go out before the next wait.
+                if let Err(e) = self.flush(&mut session, &mut io, &mut wbuf).await {
+                    break Err(e);
+                }
             }
             inflight += group.messages;
             group.flush(&self.outbox, &self.metrics, &mut commits);
@@ -366,7 +396,13 @@ impl MqttSource {
         }
     }
 
-    async fn on_event(&self, ev: SessionEvent, group: &mut Group) {
+    async fn on_event(
+        &self,
+        ev: SessionEvent,
+        group: &mut Group,
+        hosts: &mut [Host],
+        ncmds: &mut Vec<(String, Vec<u8>)>,
+    ) {
         match ev {
             SessionEvent::Connected { session_present } => {
                 self.metrics.mqtt_connected.set(1);
@@ -396,14 +432,68 @@ impl MqttSource {
                 if !self.write_bridges.is_empty() {
                     self.dispatch_writes(&publish).await;
                 }
-                if let Some(body) = self.to_event(&publish) {
-                    group.bodies.push(body);
+                let sparkplug = self
+                    .settings
+                    .sparkplug
+                    .iter()
+                    .position(|s| s.filter.matches(&publish.topic));
+                match sparkplug {
+                    Some(i) if publish.payload.len() <= self.settings.max_payload => {
+                        if let Some(host) = hosts.get_mut(i) {
+                            self.sparkplug(host, &publish, group, ncmds);
+                        }
+                    }
+                    _ => {
+                        if let Some(body) = self.to_event(&publish) {
+                            group.bodies.push(body);
+                        }
+                    }
                 }
                 if let Ack::PubRec(pkid) = ack {
                     group.qos2.push(Qos2Op::Received(pkid));
                 }
                 group.thens.push(Then::Ack(ack));
                 group.messages += 1;
+            }
+        }
+    }
+
+    /// Feeds a Sparkplug B message to its host: the events it makes go to
+    /// the group, its rebirth requests to `ncmds`.
+    fn sparkplug(
+        &self,
+        host: &mut Host,
+        publish: &Publish,
+        group: &mut Group,
+        ncmds: &mut Vec<(String, Vec<u8>)>,
+    ) {
+        let now_ns = clock::unix_now().0;
+        if let Err(e) = host.handle_message(clock::now(), now_ns, &publish.topic, &publish.payload)
+        {
+            self.metrics.sparkplug_skipped.inc();
+            debug!(topic = %publish.topic, error = %e, "Not a Sparkplug B topic; message not stored.");
+            return;
+        }
+        while let Some(out) = host.poll_output() {
+            match out {
+                Output::Sample(mut body) => {
+                    fit_uplink(&mut body, &self.metrics);
+                    group.bodies.push(body);
+                }
+                Output::Rebirth {
+                    topic,
+                    payload,
+                    reason,
+                } => {
+                    self.metrics.sparkplug_rebirths.inc();
+                    info!(%topic, %reason, "Asking a Sparkplug edge node for a rebirth.");
+                    ncmds.push((topic, payload));
+                }
+                Output::Skipped { topic, why } => {
+                    self.metrics.sparkplug_skipped.inc();
+                    debug!(%topic, %why, "Sparkplug metric not stored.");
+                }
+                _ => {}
             }
         }
     }
@@ -497,5 +587,23 @@ impl MqttSource {
                 warn!(topic = %publish.topic, "Modbus write queue full or device stopped; write dropped.");
             }
         }
+    }
+}
+
+/// Keeps a Sparkplug event the uplink could never send (possible only with
+/// a `max_payload` over the wire's limit) as `to_event` keeps an MQTT one:
+/// on its stream, bad quality, without its bytes.
+fn fit_uplink(body: &mut EventBody, metrics: &Metrics) {
+    if body.value.payload_len() + body.stream.as_str().len() + 64 <= MAX_BODY_LEN {
+        return;
+    }
+    let len = body.encode().len();
+    if len > MAX_BODY_LEN {
+        metrics.mqtt_oversize.inc();
+        warn!(stream = %body.stream, event = len, max = MAX_BODY_LEN, "Event over the uplink's size limit; recorded as bad quality without its bytes.");
+        body.value = Value::Bytes(Vec::new());
+        body.quality = Quality::Bad(Reason::Other(format!(
+            "an event of {len} bytes, over the uplink's limit of {MAX_BODY_LEN}"
+        )));
     }
 }

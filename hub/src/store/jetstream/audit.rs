@@ -204,3 +204,45 @@ impl JetStreamStore {
         Err(self.fail(what, "the fleet's audit key kept changing"))
     }
 }
+
+impl JetStreamStore {
+    /// Makes `key`'s fingerprint the fleet's hashing key in `<prefix>_hub`
+    /// if none is yet, and refuses a different one: replicas hashing with
+    /// different keys would give one badge number two pseudonyms. Only the
+    /// fingerprint is stored (an HMAC under the key), never the key.
+    pub async fn claim_hashing_key(
+        &self,
+        key: &outpost_protocols::policy::HashingKey,
+    ) -> Result<(), StoreError> {
+        const KEY: &str = "hashing-key-fingerprint";
+        let what = "checking the fleet's hashing key";
+        let mine = key.fingerprint();
+        for _ in 0..super::connection::CAS_TRIES {
+            if let Some(v) = self.shared.get(KEY).await.map_err(|e| self.fail(what, e))? {
+                if v.as_ref() == mine.as_bytes() {
+                    return Ok(());
+                }
+                return Err(self.fail(
+                    what,
+                    format!(
+                        "this hub's hashing key (fingerprint {mine}) is not the fleet's (fingerprint {} in bucket {}): copy the first replica's [policy] hashing_key file to every replica",
+                        String::from_utf8_lossy(&v),
+                        self.cfg.bucket("hub")
+                    ),
+                ));
+            }
+            match self
+                .shared
+                .create(KEY, mine.clone().into_bytes().into())
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
+                    continue
+                }
+                Err(e) => return Err(self.fail(what, e)),
+            }
+        }
+        Err(self.fail(what, "the fleet's hashing key kept changing"))
+    }
+}

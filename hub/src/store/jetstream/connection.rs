@@ -43,6 +43,9 @@ pub struct JetStreamStore {
     /// The audit log (see `audit`).
     pub(super) audit: stream::Stream,
     pub(super) replica: String,
+    /// Buckets of the layers above the store (`buckets`), opened on first
+    /// use.
+    pub(super) extra: Extra,
 }
 
 impl std::fmt::Debug for JetStreamStore {
@@ -87,6 +90,7 @@ impl JetStreamStore {
             enrollments: b.enrollments,
             audit,
             replica,
+            extra: Extra::default(),
         })
     }
 
@@ -240,6 +244,13 @@ impl JetStreamStore {
         let _ = tokio::time::timeout(self.cfg.timeout, self.client.drain()).await;
     }
 }
+
+/// The buckets of the layers above the store opened so far (`buckets`),
+/// shared by the store's clones.
+#[derive(Clone, Default)]
+pub(super) struct Extra(
+    pub(super) std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, kv::Store>>>,
+);
 
 /// Why a compare-and-set write did not happen.
 pub(super) enum Conflict {

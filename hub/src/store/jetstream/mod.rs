@@ -17,6 +17,9 @@
 //! KV <prefix>_replicas    key <replica>  → JSON, max_age 30 s: who is alive
 //! KV <prefix>_enrollments key <SHA-256 of a token> → JSON enrollment
 //!                                        token; taken by compare-and-set
+//! KV <prefix>_api_tokens, <prefix>_policy_proposals: the API's tokens
+//!                                        and proposals (`api::auth`),
+//!                                        through `buckets`
 //! KV <prefix>_hub         key quic-reset-secret → 32 bytes shared by the
 //!                                        replicas' QUIC endpoints;
 //!                          key trust-generation → raised by each label
@@ -72,6 +75,7 @@
 
 mod audit;
 mod backend;
+mod buckets;
 mod connection;
 mod enrollments;
 mod events;

@@ -194,7 +194,7 @@ impl Buckets {
 
 /// One bucket, its stream made by the key-value convention (see the module
 /// doc); keys older than `max_age` (zero: none) expire.
-async fn open_bucket(
+pub(super) async fn open_bucket(
     cfg: &JetStreamStoreConfig,
     js: &jetstream::Context,
     name: &str,

@@ -174,3 +174,115 @@ pub(super) fn events_stats(
     }
     Ok(out)
 }
+
+/// Which events a page holds: an agent or all, a stream pattern or all, a
+/// range of event times, and where the previous page ended.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    /// Only this agent's events.
+    pub agent: Option<AgentId>,
+    /// Only streams matching this filter.
+    pub stream: Option<TopicFilter>,
+    /// Only events at or after this event time (Unix ns).
+    pub from: Option<i64>,
+    /// Only events before this event time (Unix ns).
+    pub to: Option<i64>,
+    /// Only events after this `(agent_id, seq)`: the previous page's last.
+    pub after: Option<(AgentId, Seq)>,
+}
+
+/// At most `limit` events matching `q` in store order (by agent id, then
+/// seq), and whether more match after them.
+///
+/// Why store order and not event time: it is the primary key's, so a page
+/// is a range scan that starts where the previous one ended, and an event
+/// stored while a client pages through never shifts what it has seen.
+pub(super) fn events_page(
+    conn: &Connection,
+    path: &Path,
+    q: &EventQuery,
+    limit: usize,
+) -> Result<(Vec<Event>, bool), StoreError> {
+    let (after_agent, after_seq) = match (&q.after, &q.agent) {
+        (Some((a, s)), _) => (a.as_str(), i64::try_from(s.0).unwrap_or(i64::MAX)),
+        (None, Some(a)) => (a.as_str(), 0),
+        (None, None) => ("", 0),
+    };
+    let from = q.from.unwrap_or(i64::MIN);
+    let to = q.to.unwrap_or(i64::MAX);
+    let exact = q
+        .stream
+        .as_ref()
+        .filter(|f| f.is_exact())
+        .map(|f| f.as_str());
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT agent_id, seq, stream, body FROM events
+             WHERE (agent_id, seq) > (?1, ?2)
+               AND (?3 IS NULL OR agent_id = ?3)
+               AND (?4 IS NULL OR stream = ?4)
+               AND ts >= ?5 AND ts < ?6
+             ORDER BY agent_id, seq",
+        )
+        .at(path)?;
+    let mut rows = stmt
+        .query(params![
+            after_agent,
+            after_seq,
+            q.agent.as_ref().map(AgentId::as_str),
+            exact,
+            from,
+            to
+        ])
+        .at(path)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().at(path)? {
+        if let Some(f) = q.stream.as_ref().filter(|f| !f.is_exact()) {
+            let matches = match row.get_ref(2).at(path)? {
+                ValueRef::Text(t) => std::str::from_utf8(t).is_ok_and(|s| f.matches(s)),
+                _ => false,
+            };
+            if !matches {
+                continue;
+            }
+        }
+        if out.len() == limit {
+            return Ok((out, true));
+        }
+        let id: String = row.get(0).at(path)?;
+        let agent_id = agent_from(path, "events.agent_id", id)?;
+        let seq = seq_from(path, agent_id.as_str(), "events.seq", row.get(1).at(path)?)?;
+        let body = outpost_storage::event_body(row, 3, path)?.map_err(|source| {
+            StoreError::CorruptBody {
+                path: path.to_owned(),
+                agent_id: agent_id.clone(),
+                seq,
+                source,
+            }
+        })?;
+        out.push(Event {
+            agent_id,
+            seq,
+            body,
+        });
+    }
+    Ok((out, false))
+}
+
+/// The distinct streams `agent_id` has stored, at most `limit`, by name.
+pub(super) fn agent_streams(
+    conn: &Connection,
+    path: &Path,
+    agent_id: &AgentId,
+    limit: usize,
+) -> Result<Vec<String>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT DISTINCT stream FROM events WHERE agent_id = ?1 ORDER BY stream LIMIT ?2",
+        )
+        .at(path)?;
+    let rows = stmt
+        .query_map(params![agent_id.as_str(), limit_param(limit)], |r| r.get(0))
+        .at(path)?;
+    Ok(rows.collect::<Result<Vec<String>, _>>().at(path)?)
+}

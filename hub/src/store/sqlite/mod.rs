@@ -21,7 +21,7 @@ mod store;
 pub mod trust;
 mod writer;
 
-pub use events::AgentEventStats;
+pub use events::{AgentEventStats, EventQuery};
 pub use reader::StoreReader;
 pub use schema::SCHEMA_VERSION;
 pub use store::{bind_certificate, open_admin, store_path, Store, FILE_NAME};

@@ -8,7 +8,9 @@ use outpost_protocols::event::{AgentId, Event, Seq};
 use outpost_protocols::topic::TopicFilter;
 use rusqlite::Connection;
 
-use super::events::{events_stats, events_tail, AgentEventStats};
+use super::events::{
+    agent_streams, events_page, events_stats, events_tail, AgentEventStats, EventQuery,
+};
 use super::registry;
 use super::schema::SCHEMA_VERSION;
 use super::sink_queue;
@@ -74,6 +76,27 @@ impl StoreReader {
         limit: usize,
     ) -> Result<Vec<Event>, StoreError> {
         events_tail(&self.conn, &self.path, agent, stream_pattern, limit)
+    }
+
+    /// At most `limit` events matching `q` in store order (agent id, then
+    /// seq), and whether more match after them: a page of the API's
+    /// `GET /api/v1/events`.
+    pub fn events_page(
+        &self,
+        q: &EventQuery,
+        limit: usize,
+    ) -> Result<(Vec<Event>, bool), StoreError> {
+        events_page(&self.conn, &self.path, q, limit)
+    }
+
+    /// The distinct streams `agent_id` has stored, at most `limit`, by name
+    /// (what a policy dry run compares).
+    pub fn agent_streams(
+        &self,
+        agent_id: &AgentId,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        agent_streams(&self.conn, &self.path, agent_id, limit)
     }
 
     /// Per agent (or only `agent`), how many rows the store holds, how many

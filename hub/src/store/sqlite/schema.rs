@@ -11,8 +11,8 @@ use crate::store::error::StoreError;
 /// Version 2 added the policy versions, the audit log and the agents'
 /// policy columns, version 3 the sinks' queues, version 4 the trust
 /// columns (labels owned by the hub, revocation), the certificate bindings,
-/// the enrollment tokens and the audit entries' signatures; an older file is
-/// migrated when the hub opens it.
+/// the enrollment tokens, the audit entries' signatures, the API's tokens and
+/// policy proposals; an older file is migrated when the hub opens it.
 pub const SCHEMA_VERSION: i64 = 4;
 
 /// The schema, created in one transaction when `user_version` is 0.
@@ -78,6 +78,9 @@ CREATE TABLE IF NOT EXISTS meta (
 /// certificate (see `sqlite::binding`). And the one-time enrollment tokens
 /// (`sqlite::enrollments`).
 ///
+/// `api_tokens`: the API's static tokens (`api::auth::tokens`), stored only
+/// as the SHA-256 of the token. `policy_proposals`: policies proposed under
+/// `[api] policy_approval = "two-person"` (`api::auth::proposals`).
 /// `audit.sig`: the hub's Ed25519 signature of each entry's hash
 /// (`crate::audit`); entries written before are left NULL and verify as
 /// unsigned, before the first signed one.
@@ -108,6 +111,29 @@ CREATE TABLE IF NOT EXISTS agent_certs (
     prev_fingerprint TEXT,
     prev_until       INTEGER
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS api_tokens (
+    name       TEXT    NOT NULL PRIMARY KEY,
+    role       TEXT    NOT NULL,
+    hash       TEXT    NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    created_by TEXT    NOT NULL,
+    expires_at INTEGER NOT NULL,
+    revoked_at INTEGER,
+    revoked_by TEXT
+);
+CREATE TABLE IF NOT EXISTS policy_proposals (
+    id          INTEGER PRIMARY KEY,
+    proposed_at INTEGER NOT NULL,
+    proposed_by TEXT    NOT NULL,
+    source      TEXT    NOT NULL,
+    digest      TEXT    NOT NULL,
+    text        TEXT    NOT NULL,
+    status      TEXT    NOT NULL DEFAULT 'pending',
+    decided_at  INTEGER,
+    decided_by  TEXT,
+    reason      TEXT,
+    version     INTEGER
+);
 ";
 
 /// Before version 4 every `Hello` replaced an agent's labels, so a gateway
