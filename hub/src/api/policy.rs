@@ -388,7 +388,9 @@ pub fn dry_run_of(
     };
     let trusting = Catalog::trusting();
     let old = current
-        .and_then(|r| Policy::parse(&r.text, &trusting).ok())
+        // The version in force may be one from before the hashing key
+        // moved to the hub, with a `[hashing]` table.
+        .and_then(|r| Policy::parse_stored(&r.text, &trusting).ok())
         .unwrap_or_default();
     // Changes are worked out even for a text refused only for residency,
     // so the author sees what it would do once the route is fixed.

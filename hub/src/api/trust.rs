@@ -10,7 +10,6 @@
 //! administrator's (docs/api.md).
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -27,8 +26,8 @@ use crate::api::caller::Authed;
 use crate::api::problem::Problem;
 use crate::api::state::{blocking, store_problem, ApiState, ApiStore};
 use crate::clock;
-use crate::enroll::tokens::{new_token, TokenError, Tokens};
-use crate::store::{EnrollmentRecord, StoreError};
+use crate::enroll::tokens::{new_enrollment, parse_ttl, TokenError, Tokens};
+use crate::store::EnrollmentRecord;
 use crate::verbs::VerbError;
 
 /// This resource's routes.
@@ -40,10 +39,6 @@ pub fn router() -> Router<ApiState> {
         .route("/enrollments", get(enrollments).post(enroll))
         .route("/enrollments/{agent}", delete(unenroll))
 }
-
-/// The shortest and longest lifetime of an enrollment token.
-const TTL_RANGE: (Duration, Duration) =
-    (Duration::from_secs(60), Duration::from_secs(30 * 24 * 3600));
 
 /// A label edit: keys to set and keys to remove.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
@@ -194,10 +189,6 @@ fn token_problem(e: TokenError) -> Problem {
     }
 }
 
-fn js_problem(e: StoreError) -> Problem {
-    store_problem(e)
-}
-
 /// Changes an agent's registry labels (which select the policy's rules),
 /// audited `agent.labels_changed`; live sessions follow within seconds.
 #[utoipa::path(post, path = "/api/v1/agents/{id}/labels", tag = "fleet",
@@ -294,7 +285,7 @@ pub async fn revoke(
         ApiStore::JetStream(js) => {
             agents::revoke_jetstream(js, &state.key, &id, &reason, &actor, now)
                 .await
-                .map_err(js_problem)?
+                .map_err(store_problem)?
         }
     };
     Ok(Json(AgentRevoked {
@@ -337,7 +328,7 @@ pub async fn reinstate(
         }
         ApiStore::JetStream(js) => agents::reinstate_jetstream(js, &state.key, &id, &actor, now)
             .await
-            .map_err(js_problem)?,
+            .map_err(store_problem)?,
     };
     Ok(Json(AgentReinstated {
         agent_id: id.to_string(),
@@ -383,29 +374,12 @@ pub async fn enroll(
         check_label(k, v).map_err(|why| Problem::bad_request(format!("label {k:?}: {why}")))?;
     }
     let ttl_text = req.ttl.as_deref().unwrap_or("1h");
-    let ttl = humantime::parse_duration(ttl_text)
-        .ok()
-        .filter(|d| (TTL_RANGE.0..=TTL_RANGE.1).contains(d))
-        .ok_or_else(|| {
-            Problem::bad_request(format!(
-                "ttl {ttl_text:?}: give a duration from 1m to 30d (`1h`, `2d`)"
-            ))
-        })?;
-    let (token, token_hash) = new_token().map_err(token_problem)?;
-    let now = clock::unix_now().0;
-    let rec = EnrollmentRecord {
-        token_hash,
-        agent_id: id.to_string(),
-        labels: req.labels,
-        created_at: now,
-        created_by: actor,
-        expires_at: now.saturating_add(i64::try_from(ttl.as_nanos()).unwrap_or(i64::MAX)),
-        used_at: None,
-        used_from: None,
-        revoked_at: None,
-        serial: None,
-        fingerprint: None,
-    };
+    let ttl = parse_ttl(ttl_text).ok_or_else(|| {
+        Problem::bad_request(format!(
+            "ttl {ttl_text:?}: give a duration from 1m to 30d (`1h`, `2d`)"
+        ))
+    })?;
+    let (token, rec) = new_enrollment(&id, req.labels, actor, ttl).map_err(token_problem)?;
     tokens(&state)
         .create(rec.clone())
         .await

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use base64::Engine as _;
 use outpost_protocols::event::{AgentId, Timestamp};
@@ -46,6 +47,47 @@ pub fn new_token() -> Result<(String, String), TokenError> {
     let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
     let hash = hash(&token);
     Ok((token, hash))
+}
+
+/// The shortest and longest token lifetime.
+pub const TTL_RANGE: (Duration, Duration) =
+    (Duration::from_secs(60), Duration::from_secs(30 * 24 * 3600));
+
+/// A token lifetime as the operator writes it (`1h`, `2d`); `None` outside
+/// [`TTL_RANGE`] or unreadable.
+pub fn parse_ttl(text: &str) -> Option<Duration> {
+    humantime::parse_duration(text)
+        .ok()
+        .filter(|d| (TTL_RANGE.0..=TTL_RANGE.1).contains(d))
+}
+
+/// A new pending token for `agent_id` made by `actor` now, valid for `ttl`:
+/// its value (to hand over once) and the record to store.
+pub fn new_enrollment(
+    agent_id: &AgentId,
+    labels: BTreeMap<String, String>,
+    actor: String,
+    ttl: Duration,
+) -> Result<(String, EnrollmentRecord), TokenError> {
+    let (token, token_hash) = new_token()?;
+    let now = crate::clock::unix_now().0;
+    let ttl_ns = i64::try_from(ttl.as_nanos()).unwrap_or(i64::MAX);
+    Ok((
+        token,
+        EnrollmentRecord {
+            token_hash,
+            agent_id: agent_id.to_string(),
+            labels,
+            created_at: now,
+            created_by: actor,
+            expires_at: now.saturating_add(ttl_ns),
+            used_at: None,
+            used_from: None,
+            revoked_at: None,
+            serial: None,
+            fingerprint: None,
+        },
+    ))
 }
 
 /// The SHA-256 of a token, lowercase hex: how the store names it. A plain

@@ -14,15 +14,11 @@ use std::time::{Duration, UNIX_EPOCH};
 use outpost_protocols::wire::MAX_LABELS;
 use outpost_protocols::AgentId;
 
-use super::tokens::{labels_text, new_token, TokenError, Tokens};
+use super::tokens::{labels_text, new_enrollment, parse_ttl, TokenError, Tokens};
 use crate::clock;
 use crate::config::{self, HubConfig};
 use crate::store::{store_path, EnrollmentRecord};
 use crate::verbs::VerbError;
-
-/// The shortest and longest token lifetime.
-const TTL_RANGE: (Duration, Duration) =
-    (Duration::from_secs(60), Duration::from_secs(30 * 24 * 3600));
 
 /// `outpost-hub enroll …`.
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -215,31 +211,14 @@ fn create(
 ) -> Result<(), EnrollVerbError> {
     let cfg = load(&args.config, env)?;
     let labels = parse_labels(&args.label)?;
-    let ttl = humantime::parse_duration(&args.ttl)
-        .ok()
-        .filter(|d| (TTL_RANGE.0..=TTL_RANGE.1).contains(d))
-        .ok_or_else(|| {
-            EnrollVerbError::Usage(format!(
-                "--ttl {:?}: give a duration from 1m to 30d (`1h`, `2d`)",
-                args.ttl
-            ))
-        })?;
-    let (token, token_hash) = new_token()?;
-    let now = clock::unix_now().0;
-    let ttl_ns = i64::try_from(ttl.as_nanos()).unwrap_or(i64::MAX);
-    let rec = EnrollmentRecord {
-        token_hash,
-        agent_id: args.agent.to_string(),
-        labels,
-        created_at: now,
-        created_by: crate::admin::local_actor(args.actor.as_deref(), env),
-        expires_at: now.saturating_add(ttl_ns),
-        used_at: None,
-        used_from: None,
-        revoked_at: None,
-        serial: None,
-        fingerprint: None,
-    };
+    let ttl = parse_ttl(&args.ttl).ok_or_else(|| {
+        EnrollVerbError::Usage(format!(
+            "--ttl {:?}: give a duration from 1m to 30d (`1h`, `2d`)",
+            args.ttl
+        ))
+    })?;
+    let actor = crate::admin::local_actor(args.actor.as_deref(), env);
+    let (token, rec) = new_enrollment(&args.agent, labels, actor, ttl)?;
     let stored = rec.clone();
     with_tokens(
         &args.config,
