@@ -990,7 +990,7 @@ fn validate_observability(cx: &Ctx<'_>, obs: &ObservabilitySection) -> Result<()
             format!("{:?} is not one of text, json", obs.log_format),
         ));
     }
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&obs.log) {
+    if let Err(e) = crate::logging::parse_filter(&obs.log) {
         return Err(cx.err(
             "observability.log",
             format!("invalid filter {:?}: {e}", obs.log),

@@ -273,6 +273,15 @@ impl ServerSettings {
     }
 }
 
+/// Why a build without the `opcua` feature refuses `[[opcua.servers]]`, and
+/// where the build with it comes from: the packages ship the agent without
+/// OPC UA (it would more than double the binary) and `outpost-agent-opcua`
+/// with it, so the operator reading this needs the package's name.
+pub const WITHOUT_OPCUA: &str = "this outpost-agent was built without OPC UA: \
+install the package outpost-agent-opcua instead of outpost-agent (it replaces it, \
+keeping the configuration and the outbox), or build with `cargo build --release \
+-p outpost-agent --features opcua`";
+
 fn err(path: &Path, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         path: path.to_owned(),
@@ -289,11 +298,7 @@ pub fn validate_opcua(
     resolve: &dyn Fn(&Path) -> PathBuf,
 ) -> Result<Vec<ServerSettings>, ConfigError> {
     if !o.servers.is_empty() && !cfg!(feature = "opcua") {
-        return Err(err(
-            path,
-            "opcua.servers",
-            "this outpost-agent was built without OPC UA support (cargo feature \"opcua\")",
-        ));
+        return Err(err(path, "opcua.servers", WITHOUT_OPCUA));
     }
     let mut names = BTreeSet::new();
     let mut out = Vec::with_capacity(o.servers.len());

@@ -87,6 +87,21 @@ fn invalid(text: &str) -> String {
     }
 }
 
+/// `log` takes a level and levels per module (what the docs promise), and a
+/// level that is not one is an error naming the key.
+#[test]
+fn the_log_filter_takes_levels_per_module_and_names_a_bad_one() {
+    let good = load_str(
+        &format!("{GOOD}\n[observability]\nlog = \"warn,outpost_agent::sources::modbus=debug\"\n"),
+        &[],
+    );
+    assert!(good.is_ok(), "{:?}", good.err());
+    let e = invalid(&format!(
+        "{GOOD}\n[observability]\nlog = \"info,outpost_agent=loud\"\n"
+    ));
+    assert!(e.contains("observability.log"), "{e}");
+}
+
 #[test]
 fn unknown_keys_are_errors_naming_the_key() {
     let e = invalid(&GOOD.replace("[mqtt]\n", "[mqtt]\nbrokr = \"x\"\n"));
@@ -202,6 +217,7 @@ sampling_interval = "250ms"
 queue_size = 50
 "#;
 
+#[cfg(feature = "opcua")]
 #[test]
 fn an_opcua_server_validates_with_its_paths_resolved() {
     let c = load_str(OPCUA, &[]).expect("valid");
@@ -221,6 +237,7 @@ fn an_opcua_server_validates_with_its_paths_resolved() {
     ));
 }
 
+#[cfg(feature = "opcua")]
 #[test]
 fn opcua_mistakes_name_their_key() {
     for (from, to, key) in [
@@ -289,6 +306,23 @@ fn opcua_mistakes_name_their_key() {
         let e = invalid(&OPCUA.replacen(from, to, 1));
         assert!(e.contains(key), "{from} -> {to}: {e}");
     }
+}
+
+/// The packages ship the agent without OPC UA: a config that names a server
+/// must say so, and which package has it, rather than run without the data.
+#[cfg(not(feature = "opcua"))]
+#[test]
+fn an_opcua_server_is_refused_naming_the_package_with_opcua() {
+    let e = invalid(OPCUA);
+    assert!(e.contains("opcua.servers"), "{e}");
+    assert!(e.contains("outpost-agent-opcua"), "{e}");
+}
+
+/// An empty `[opcua]` costs nothing and is accepted by both builds.
+#[test]
+fn no_opcua_server_is_accepted_by_every_build() {
+    let c = load_str(&format!("{GOOD}\n[opcua]\n"), &[]).expect("valid");
+    assert!(c.opcua_servers.is_empty());
 }
 
 #[test]
