@@ -57,6 +57,35 @@ fn qos(q: u8) -> QoS {
     }
 }
 
+/// Options for a publishing connection of its own to the site broker
+/// (clean session), with the broker's login and TLS.
+pub fn client_options(
+    s: &MqttSettings,
+    client_id: String,
+) -> Result<MqttOptions, outpost_tls::TlsError> {
+    let mut o = MqttOptions::new(client_id, s.host.clone(), s.port);
+    o.set_keep_alive(s.keep_alive);
+    o.set_clean_session(true);
+    o.set_inflight(s.max_inflight);
+    o.set_max_packet_size(s.max_payload + 65_536, s.max_payload + 65_536);
+    if let Some((u, p)) = &s.login {
+        o.set_credentials(u.clone(), p.clone());
+    }
+    if let Some(tls) = &s.tls {
+        let client = match (&tls.cert, &tls.key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
+        };
+        let config = outpost_tls::client_config(outpost_tls::ClientFiles {
+            ca: &tls.ca,
+            client,
+            server_name: tls.server_name.as_deref(),
+        })?;
+        o.set_transport(Transport::Tls(TlsConfiguration::Rustls(Arc::new(config))));
+    }
+    Ok(o)
+}
+
 impl Publisher {
     /// A publisher for these bridges.
     pub fn new(
@@ -74,28 +103,10 @@ impl Publisher {
     }
 
     fn options(&self) -> Result<MqttOptions, outpost_tls::TlsError> {
-        let s = &self.settings;
-        let mut o = MqttOptions::new(format!("{}-bridge", s.client_id), s.host.clone(), s.port);
-        o.set_keep_alive(s.keep_alive);
-        o.set_clean_session(true);
-        o.set_inflight(s.max_inflight);
-        o.set_max_packet_size(s.max_payload + 65_536, s.max_payload + 65_536);
-        if let Some((u, p)) = &s.login {
-            o.set_credentials(u.clone(), p.clone());
-        }
-        if let Some(tls) = &s.tls {
-            let client = match (&tls.cert, &tls.key) {
-                (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
-                _ => None,
-            };
-            let config = outpost_tls::client_config(outpost_tls::ClientFiles {
-                ca: &tls.ca,
-                client,
-                server_name: tls.server_name.as_deref(),
-            })?;
-            o.set_transport(Transport::Tls(TlsConfiguration::Rustls(Arc::new(config))));
-        }
-        Ok(o)
+        client_options(
+            &self.settings,
+            format!("{}-bridge", self.settings.client_id),
+        )
     }
 
     /// Publishes until `shutdown`.

@@ -12,6 +12,7 @@
 pub mod bridges;
 pub mod cert;
 pub mod clock;
+pub mod commands;
 pub mod config;
 pub mod enroll;
 pub mod logging;

@@ -54,6 +54,15 @@ pub struct QosLabels {
     pub qos: String,
 }
 
+/// Labels of a command's outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLabels {
+    /// `write`, `publish` or `read`.
+    pub kind: String,
+    /// `applied`, `refused`, `failed`, `expired` or `unsupported`.
+    pub outcome: String,
+}
+
 /// Every metric the agent exposes.
 #[derive(Debug)]
 pub struct Metrics {
@@ -119,9 +128,23 @@ pub struct Metrics {
     /// OPC UA source faults and recoveries, by server (the `device` label)
     /// and kind.
     pub opcua_errors: Family<DeviceErrorLabels, Counter>,
+    /// Commands from the hub, by kind and outcome, counted once each.
+    pub commands: Family<CommandLabels, Counter>,
+    /// Commands sent again and answered from the ledger, not executed.
+    pub commands_replayed: Counter,
 }
 
 impl Metrics {
+    /// Counts a command's outcome.
+    pub fn command(&self, kind: &str, outcome: &str) {
+        self.commands
+            .get_or_create(&CommandLabels {
+                kind: kind.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
     /// A registry with every metric registered under `outpost_`.
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("outpost");
@@ -295,7 +318,21 @@ impl Metrics {
             "Modbus read latency",
             modbus_latency.clone(),
         );
+        let commands = Family::<CommandLabels, Counter>::default();
+        registry.register(
+            "commands",
+            "Commands from the hub by kind and outcome",
+            commands.clone(),
+        );
+        let commands_replayed = Counter::default();
+        registry.register(
+            "commands_replayed",
+            "Commands sent again and answered from the ledger without executing",
+            commands_replayed.clone(),
+        );
         Arc::new(Metrics {
+            commands,
+            commands_replayed,
             registry,
             events_accepted,
             events_evicted,

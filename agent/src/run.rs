@@ -45,6 +45,10 @@ pub enum RunError {
     /// rather than run without the rules it was given.
     #[error("{0}; delete the file to take the hub's policy at the next connection")]
     Policy(#[from] PolicyFileError),
+    /// The command ledger (`<data_dir>/commands.db`) cannot be opened: the
+    /// agent does not start rather than execute commands it cannot record.
+    #[error("command ledger: {0}")]
+    Ledger(#[from] crate::commands::ledger::LedgerError),
     /// The outbox writer thread died; what it had not committed was never
     /// acknowledged to anyone.
     #[error("outbox writer failed: {0}")]
@@ -147,6 +151,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ru
         tasks.spawn(src.run(shutdown.clone()));
     }
     drop(samples_tx);
+    let (commands, executor) =
+        crate::commands::open(&cfg, writers.clone(), policy.clone(), metrics.clone())?;
+    tasks.spawn(executor.run(shutdown.clone()));
+    let commands = Arc::new(commands);
     if let Some(mqtt) = &cfg.mqtt {
         let src = MqttSource::new(
             mqtt.clone(),
@@ -188,7 +196,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ru
             metrics.clone(),
             policy.clone(),
         )
-        .renewing_in(&cfg.data_dir);
+        .renewing_in(&cfg.data_dir)
+        .with_commands(commands);
         uplink_task.spawn(u.run(uplink_stop.clone()));
     }
     tasks.spawn(housekeeping(

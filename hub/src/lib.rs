@@ -15,6 +15,7 @@ pub mod audit;
 pub mod ca;
 pub mod client_tls;
 pub mod clock;
+pub mod commands;
 pub mod config;
 pub mod enroll;
 pub mod hashing;

@@ -77,6 +77,13 @@ enum Command {
         #[command(subcommand)]
         command: outpost_hub::api::auth::verbs::TokenCommand,
     },
+    /// Commands to agents: send, status, list (the break-glass path, as
+    /// local:<login> in the admin role; works while the hub runs).
+    #[command(name = "command")]
+    Cmd {
+        #[command(subcommand)]
+        command: outpost_hub::commands::verbs::CommandVerb,
+    },
     /// The operator HTTP API's contract.
     Api {
         #[command(subcommand)]
@@ -260,6 +267,21 @@ fn main() -> ExitCode {
             std::env::vars(),
             &mut std::io::stdout().lock(),
         )),
+        Command::Cmd { command } => {
+            let env: Vec<(String, String)> = std::env::vars().collect();
+            match outpost_hub::commands::verbs::command(
+                &command,
+                &env,
+                &mut std::io::stdout().lock(),
+            ) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
         Command::Enroll { command } => {
             let env: Vec<(String, String)> = std::env::vars().collect();
             match outpost_hub::enroll::verbs::enroll(&command, &env, &mut std::io::stdout().lock())

@@ -70,21 +70,44 @@ struct StateLabels {
     state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandLabels {
+    kind: String,
+    state: String,
+}
+
+/// What one scrape read from the store.
+#[derive(Debug, Default)]
+pub struct Scrape {
+    /// Every sink's queue and counters.
+    pub sinks: Vec<SinkStatus>,
+    /// The fleet registry.
+    pub fleet: Vec<AgentRecord>,
+    /// Commands by kind and state (SQLite store only).
+    pub commands: Vec<(String, String, u64)>,
+}
+
 impl MetricsSource {
-    async fn read(&self) -> Result<(Vec<SinkStatus>, Vec<AgentRecord>), StoreError> {
+    async fn read(&self) -> Result<Scrape, StoreError> {
         match self {
             MetricsSource::Sqlite { path, sinks } => {
                 let (path, sinks) = (path.clone(), sinks.clone());
                 tokio::task::spawn_blocking(move || {
                     let reader = StoreReader::open(&path)?;
-                    Ok((reader.sinks_status(&sinks)?, reader.fleet()?))
+                    Ok(Scrape {
+                        sinks: reader.sinks_status(&sinks)?,
+                        fleet: reader.fleet()?,
+                        commands: reader.command_counts()?,
+                    })
                 })
                 .await
                 .map_err(|_| StoreError::Closed)?
             }
-            MetricsSource::JetStream { store, sinks } => {
-                Ok((store.sinks_status(sinks).await?, store.fleet().await?))
-            }
+            MetricsSource::JetStream { store, sinks } => Ok(Scrape {
+                sinks: store.sinks_status(sinks).await?,
+                fleet: store.fleet().await?,
+                commands: Vec::new(),
+            }),
         }
     }
 }
@@ -96,14 +119,11 @@ struct ReasonLabels {
 
 /// The text exposition of what `sinks` and `fleet` say now, and what the
 /// door decided.
-pub fn render(
-    sinks: &[SinkStatus],
-    fleet: &[AgentRecord],
-    door: &DoorCounts,
-    now_ns: i64,
-) -> String {
+pub fn render(scrape: &Scrape, door: &DoorCounts, now_ns: i64) -> String {
+    let (sinks, fleet) = (&scrape.sinks, &scrape.fleet);
     let mut registry = Registry::with_prefix("outpost_hub");
     render_door(&mut registry, door);
+    render_commands(&mut registry, &scrape.commands);
     let counter = |registry: &mut Registry, name: &str, help: &str| {
         let f = Family::<SinkLabels, Counter>::default();
         registry.register(name, help, f.clone());
@@ -219,6 +239,25 @@ pub fn render(
     out
 }
 
+/// The commands table by kind and state: every command counted once, in
+/// its latest state (`pending`, `delivered`, then its outcome).
+fn render_commands(registry: &mut Registry, counts: &[(String, String, u64)]) {
+    let commands = Family::<CommandLabels, Gauge>::default();
+    registry.register(
+        "commands",
+        "Commands to agents the hub holds, by kind (write, publish, read) and state (pending, delivered, applied, refused, failed, expired, unsupported).",
+        commands.clone(),
+    );
+    for (kind, state, n) in counts {
+        commands
+            .get_or_create(&CommandLabels {
+                kind: kind.clone(),
+                state: state.clone(),
+            })
+            .set(i64::try_from(*n).unwrap_or(i64::MAX));
+    }
+}
+
 /// The QUIC door's counters (`server::door`).
 fn render_door(registry: &mut Registry, door: &DoorCounts) {
     let refused = Family::<ReasonLabels, Counter>::default();
@@ -278,10 +317,7 @@ pub async fn serve(
             let (source, door) = (source.clone(), door.clone());
             async move {
                 let (status, body) = match source.read().await {
-                    Ok((sinks, fleet)) => (
-                        200,
-                        render(&sinks, &fleet, &door.read(), clock::unix_now().0),
-                    ),
+                    Ok(scrape) => (200, render(&scrape, &door.read(), clock::unix_now().0)),
                     Err(e) => {
                         warn!(error = %e, "Cannot read the store for a metrics scrape.");
                         (503, format!("cannot read the store: {e}\n"))
@@ -353,9 +389,9 @@ mod tests {
     #[test]
     fn the_exposition_carries_every_sink_and_the_fleet() {
         let s = 1_000_000_000;
-        let text = render(
-            &[sink("cloud", 5, Some(10 * s)), sink("idle", 0, None)],
-            &[
+        let scrape = Scrape {
+            sinks: vec![sink("cloud", 5, Some(10 * s)), sink("idle", 0, None)],
+            fleet: vec![
                 AgentRecord {
                     cert_not_after: Some(Timestamp(125 * s)),
                     ..agent("a", 1, Some(40))
@@ -363,6 +399,13 @@ mod tests {
                 agent("b", 0, Some(2)),
                 agent("c", 0, None),
             ],
+            commands: vec![
+                ("read".into(), "applied".into(), 4),
+                ("write".into(), "refused".into(), 1),
+            ],
+        };
+        let text = render(
+            &scrape,
             &DoorCounts {
                 refused_busy: 4,
                 refused_rate: 9,
@@ -389,6 +432,8 @@ mod tests {
             "outpost_hub_connections_retried_total 6",
             "outpost_hub_connections_stream_deadline_total 2",
             "outpost_hub_handshakes_in_flight 3",
+            "outpost_hub_commands{kind=\"read\",state=\"applied\"} 4",
+            "outpost_hub_commands{kind=\"write\",state=\"refused\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }

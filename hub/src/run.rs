@@ -107,6 +107,10 @@ async fn run_sqlite(
     }
     let audit_key = AuditKey::load_or_create(&cfg.audit_key_path(config_file))?;
     let mut store = Store::open(&path, synchronous, audit_key.clone())?;
+    let commands = std::sync::Arc::new(crate::commands::CommandStore::open(
+        &path,
+        audit_key.clone(),
+    )?);
     let configured: Vec<String> = cfg.sinks.iter().map(|s| s.id.clone()).collect();
     for (sink, events) in store.drop_unconfigured_sinks(&configured)? {
         tracing::warn!(
@@ -159,6 +163,7 @@ async fn run_sqlite(
         current,
         trust,
         catalog,
+        commands: Some(commands),
     };
     let sources = Sources {
         queue: QueueSource::Sqlite(path.clone()),
@@ -228,6 +233,9 @@ async fn run_jetstream(
         current,
         trust,
         catalog,
+        // Commands need the SQLite store for now: a JetStream hub sends
+        // none, and `command send` refuses it (no commands bucket yet).
+        commands: None,
     };
     let sources = Sources {
         queue: QueueSource::JetStream(Box::new(store.clone())),
@@ -289,6 +297,7 @@ struct Running<T> {
     current: tokio::sync::watch::Receiver<std::sync::Arc<crate::policy::FleetPolicy>>,
     trust: tokio::sync::watch::Receiver<std::sync::Arc<crate::trust::TrustView>>,
     catalog: outpost_protocols::policy::Catalog,
+    commands: Option<std::sync::Arc<crate::commands::CommandStore>>,
 }
 
 /// What the sinks and the metrics read on this store, and the replicas'
@@ -323,6 +332,7 @@ async fn serve_on<T>(
         current: r.current,
         trust: r.trust,
         catalog: r.catalog,
+        commands: r.commands,
     };
     let door = std::sync::Arc::new(server::DoorCounters::default());
     let metrics = start_metrics(cfg, sources.metrics, door.clone(), shutdown.child_token()).await;

@@ -446,9 +446,19 @@ pub struct TagSection {
     /// than this.
     #[serde(default)]
     pub deadband: Option<f64>,
-    /// Whether bridges may write this tag.
+    /// Whether bridges and commands from the hub may write this tag.
     #[serde(default)]
     pub writable: bool,
+    /// The lowest value a write may set (writable tags; numbers).
+    #[serde(default)]
+    pub min: Option<f64>,
+    /// The highest value a write may set (writable tags; numbers).
+    #[serde(default)]
+    pub max: Option<f64>,
+    /// The only values a write may set (writable tags; numbers, or `true`
+    /// and `false` as 1 and 0).
+    #[serde(default)]
+    pub allowed: Option<Vec<f64>>,
 }
 
 fn default_scale() -> f64 {
@@ -720,8 +730,54 @@ pub struct TagSettings {
     pub spec: TagSpec,
     /// Report-by-exception threshold.
     pub deadband: Option<f64>,
-    /// Whether bridges may write it.
+    /// Whether bridges and commands may write it.
     pub writable: bool,
+    /// What a write may set.
+    pub limits: WriteLimits,
+}
+
+/// What a write to a writable tag may set, beyond what its type holds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WriteLimits {
+    /// The lowest value.
+    pub min: Option<f64>,
+    /// The highest value.
+    pub max: Option<f64>,
+    /// The only values (empty: any).
+    pub allowed: Vec<f64>,
+}
+
+impl WriteLimits {
+    /// Whether `value` may be written: a number (or a boolean, as 1 or 0)
+    /// within `min`, `max` and `allowed`; the error says which limit.
+    /// Without limits every value passes here (its type is checked when it
+    /// is encoded).
+    pub fn check(&self, value: &outpost_protocols::Value) -> Result<(), String> {
+        use outpost_protocols::Value;
+        if self.min.is_none() && self.max.is_none() && self.allowed.is_empty() {
+            return Ok(());
+        }
+        let v = match value {
+            Value::Bool(b) => f64::from(u8::from(*b)),
+            Value::I64(i) => *i as f64,
+            Value::U64(u) => *u as f64,
+            Value::F64(f) if f.is_finite() => *f,
+            other => return Err(format!("value {other:?} is not a finite number")),
+        };
+        if let Some(min) = self.min.filter(|m| v < *m) {
+            return Err(format!("value {v} is below min {min}"));
+        }
+        if let Some(max) = self.max.filter(|m| v > *m) {
+            return Err(format!("value {v} is above max {max}"));
+        }
+        if !self.allowed.is_empty() && !self.allowed.contains(&v) {
+            return Err(format!(
+                "value {v} is not one of allowed {:?}",
+                self.allowed
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A validated Modbus device with its read plan.
@@ -1216,6 +1272,44 @@ fn validate_tag(
             format!("the {:?} table is read-only in Modbus", t.table),
         ));
     }
+    let limits = WriteLimits {
+        min: t.min,
+        max: t.max,
+        allowed: t.allowed.clone().unwrap_or_default(),
+    };
+    for (key, set) in [
+        ("min", t.min.is_some()),
+        ("max", t.max.is_some()),
+        ("allowed", t.allowed.is_some()),
+    ] {
+        if set && !t.writable {
+            return Err(cx.err(
+                format!("{tk}.{key}"),
+                "limits a write: set only on a tag with writable = true",
+            ));
+        }
+    }
+    let finite = |v: &f64| v.is_finite();
+    if !t
+        .min
+        .iter()
+        .chain(t.max.iter())
+        .chain(limits.allowed.iter())
+        .all(finite)
+    {
+        return Err(cx.err(
+            tk.to_string(),
+            "min, max and allowed must be finite numbers",
+        ));
+    }
+    if let (Some(min), Some(max)) = (t.min, t.max) {
+        if min > max {
+            return Err(cx.err(format!("{tk}.min"), format!("{min} is above max {max}")));
+        }
+    }
+    if t.allowed.as_ref().is_some_and(Vec::is_empty) {
+        return Err(cx.err(format!("{tk}.allowed"), "must list at least one value"));
+    }
     let stream = StreamName::parse(&format!("{device}/{}", t.name))
         .map_err(|e| cx.err(format!("{tk}.name"), e.to_string()))?;
     Ok(TagSettings {
@@ -1224,6 +1318,7 @@ fn validate_tag(
         spec,
         deadband: t.deadband,
         writable: t.writable,
+        limits,
     })
 }
 

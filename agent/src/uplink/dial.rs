@@ -14,6 +14,7 @@ use super::error::UplinkError;
 use super::renew::Renewer;
 use crate::cert::CertFiles;
 use crate::clock;
+use crate::commands::Commands;
 use crate::config::UplinkSection;
 use crate::metrics::Metrics;
 use crate::outbox::OutboxHandle;
@@ -34,6 +35,7 @@ pub struct Uplink {
     metrics: Arc<Metrics>,
     policy: PolicyStore,
     renewer: Renewer,
+    commands: Option<Arc<Commands>>,
 }
 
 impl Uplink {
@@ -55,7 +57,15 @@ impl Uplink {
             outbox,
             metrics,
             policy,
+            commands: None,
         }
+    }
+
+    /// Hands the hub's commands to an executor, and its results back.
+    #[must_use]
+    pub fn with_commands(mut self, commands: Arc<Commands>) -> Uplink {
+        self.commands = Some(commands);
+        self
     }
 
     /// Watches `data_dir` for an operator's request to renew the
@@ -179,6 +189,7 @@ impl Uplink {
             policy: &self.policy,
             info: &info,
             renewer: &self.renewer,
+            commands: self.commands.as_deref(),
         };
         let result = serve(link, &conn, shutdown).await;
         match &result {

@@ -15,6 +15,7 @@ use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::time::Duration;
 
+use outpost_protocols::wire::command::Outcome;
 use outpost_protocols::wire::{AgentConfig, AgentEvent, AgentInfo, AgentSession, UsageError};
 use outpost_protocols::{Event, Seq};
 use tokio::sync::watch;
@@ -26,6 +27,7 @@ use super::gate::SendGate;
 use super::marks;
 use super::renew::Renewer;
 use crate::clock;
+use crate::commands::Commands;
 use crate::metrics::Metrics;
 use crate::outbox::{OutboxError, OutboxHandle};
 use crate::policy::PolicyStore;
@@ -56,6 +58,7 @@ pub(super) struct Link<'a> {
     pub(super) policy: &'a PolicyStore,
     pub(super) info: &'a AgentInfo,
     pub(super) renewer: &'a Renewer,
+    pub(super) commands: Option<&'a Commands>,
 }
 
 /// How a connection ended without an error.
@@ -230,6 +233,25 @@ impl<'a> Driver<'a> {
                     };
                     self.session.set_renewal(Some(at));
                     self.link.renewer.watch_expiry(self.link.metrics);
+                }
+                AgentEvent::Command { command } => {
+                    let id = command.id.clone();
+                    match self.link.commands {
+                        Some(c) if c.submit(command) => {
+                            debug!(command = %id, "Command handed to the executor.");
+                        }
+                        Some(_) => {
+                            // Unanswered: the hub sends it again on the next
+                            // connection, and the ledger keeps it single.
+                            warn!(command = %id, "Command queue full; the command waits for the next connection.");
+                        }
+                        None => {
+                            let outcome = Outcome::Unsupported {
+                                reason: "this agent executes no commands".into(),
+                            };
+                            self.session.command_result(&id, outcome)?;
+                        }
+                    }
                 }
                 AgentEvent::RenewRefused { reason } => {
                     warn!(%reason, "The hub refused to renew the certificate; keeping the current one and asking again later.");
@@ -409,6 +431,20 @@ impl<'a> Driver<'a> {
                     self.session.stop(now, now);
                 }
             }
+            Some((id, outcome)) = async {
+                match self.link.commands {
+                    Some(c) => c.next_result().await,
+                    None => std::future::pending().await,
+                }
+            } => match self.session.command_result(&id, outcome) {
+                Ok(()) => debug!(command = %id, "Command result sent."),
+                // Received on an earlier connection: recorded in the
+                // ledger, and answered when the hub sends it again.
+                Err(UsageError::UnknownCommand(_)) => {
+                    debug!(command = %id, "Command result for an earlier connection; kept in the ledger.")
+                }
+                Err(e) => warn!(command = %id, error = %e, "Command result not sent."),
+            },
             () = tokio::time::sleep_until(self.next_cert_check) => {
                 self.next_cert_check = clock::tokio_now() + CERT_CHECK;
                 if !self.request_seen && self.link.renewer.requested() {

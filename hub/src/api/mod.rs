@@ -17,6 +17,7 @@
 pub mod audit;
 pub mod auth;
 pub mod caller;
+pub mod commands;
 pub mod events;
 pub mod fleet;
 pub mod limit;
@@ -55,6 +56,7 @@ pub fn router(state: state::ApiState, timeout: Duration) -> Router {
         .merge(sinks::router())
         .merge(audit::router())
         .merge(trust::router())
+        .merge(commands::router())
         .route("/openapi.json", get(openapi::serve));
     Router::new()
         .nest("/api/v1", v1)

@@ -46,6 +46,9 @@ use utoipa::{Modify, OpenApi};
         crate::api::trust::enroll,
         crate::api::trust::enrollments,
         crate::api::trust::unenroll,
+        crate::api::commands::send,
+        crate::api::commands::list,
+        crate::api::commands::one,
     ),
     modifiers(&Bearer),
     tags(
@@ -54,6 +57,7 @@ use utoipa::{Modify, OpenApi};
         (name = "policy", description = "The fleet policy's versions"),
         (name = "sinks", description = "The sinks' queues and counters"),
         (name = "audit", description = "The tamper-evident audit log"),
+        (name = "commands", description = "Commands to agents and their results"),
     )
 )]
 pub struct ApiDoc;

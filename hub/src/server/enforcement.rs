@@ -32,6 +32,9 @@ pub struct PolicyFeed {
     pub trust: watch::Receiver<Arc<TrustView>>,
     /// The hub's sinks and their regions.
     pub catalog: Catalog,
+    /// The commands table (SQLite store), whose commands each session
+    /// delivers to its agent; `None` on a store without commands.
+    pub commands: Option<Arc<crate::commands::CommandStore>>,
 }
 
 impl PolicyFeed {
@@ -45,6 +48,7 @@ impl PolicyFeed {
             current,
             trust,
             catalog,
+            commands: None,
         }
     }
 }

@@ -36,6 +36,10 @@ const MAX_PENDING_BATCHES: usize = 8;
 /// `Error`, or the acks before a close) before it closes the connection.
 const LAST_WORDS: Duration = Duration::from_secs(2);
 
+/// How often a session looks for new commands for its agent (the CLI and
+/// the API write them to the store, maybe from another process).
+const COMMAND_CHECK: Duration = Duration::from_secs(1);
+
 /// How long the driver sleeps when the session has no timer (closed).
 const NO_TIMER: Duration = Duration::from_secs(3600);
 
@@ -132,6 +136,8 @@ struct Driver<'a> {
     /// The hub's certificate settings and the session's certificate, for
     /// renewals.
     certs: Option<(&'a Certs, &'a CertInfo)>,
+    /// When to look for new commands next.
+    next_command_check: tokio::time::Instant,
     buf: Vec<u8>,
     out: Vec<u8>,
 }
@@ -180,6 +186,7 @@ impl<'a> Driver<'a> {
             closing: false,
             registered: false,
             certs: None,
+            next_command_check: clock::tokio_now() + COMMAND_CHECK,
             buf: vec![0u8; 64 * 1024],
             out: Vec::with_capacity(16 * 1024),
         })
@@ -245,7 +252,22 @@ impl<'a> Driver<'a> {
                         );
                     }
                     self.use_labels(held);
+                    self.deliver_commands();
                 }
+                HubEvent::CommandResult { id, outcome } => match &self.policy.commands {
+                    Some(commands) => match commands.finish(self.id, &id, &outcome) {
+                        Ok(true) => {
+                            info!(command = %id, outcome = outcome.name(), reason = outcome.reason().unwrap_or(""), "Command result recorded.")
+                        }
+                        Ok(false) => {
+                            debug!(command = %id, "Command result for a command already finished; ignored.")
+                        }
+                        Err(e) => {
+                            warn!(command = %id, error = %e, "Cannot record the command's result; the agent reports it again when the command is sent again.")
+                        }
+                    },
+                    None => debug!(command = %id, "Command result on a store without commands."),
+                },
                 HubEvent::Store { events } => self.store_batch(events).await?,
                 HubEvent::PolicyStatus { version, error } => {
                     match &error {
@@ -296,6 +318,53 @@ impl<'a> Driver<'a> {
             }
         }
         Ok(ControlFlow::Continue(()))
+    }
+
+    /// Sends the agent the commands the store holds for it that this session
+    /// has not sent yet; an agent too old for commands gets each recorded
+    /// `unsupported`.
+    fn deliver_commands(&mut self) {
+        let Some(commands) = self.policy.commands.clone() else {
+            return;
+        };
+        if !self.session.is_streaming() {
+            return;
+        }
+        let open = match commands.deliverable(self.id) {
+            Ok(open) => open,
+            Err(e) => {
+                warn!(error = %e, "Cannot read the agent's commands; trying again shortly.");
+                return;
+            }
+        };
+        let mut sent = Vec::new();
+        for command in open {
+            if self.session.has_command(&command.id) {
+                continue;
+            }
+            let id = command.id.clone();
+            match self.session.send_command(command) {
+                Ok(true) => sent.push(id),
+                Ok(false) => {
+                    let outcome = outpost_protocols::wire::command::Outcome::Unsupported {
+                        reason: format!(
+                            "the agent speaks protocol version {}; commands need version 4",
+                            self.session.version().unwrap_or(0)
+                        ),
+                    };
+                    if let Err(e) = commands.finish(self.id, &id, &outcome) {
+                        warn!(command = %id, error = %e, "Cannot record the command as unsupported.");
+                    }
+                }
+                Err(e) => warn!(command = %id, error = %e, "Command not sent."),
+            }
+        }
+        if !sent.is_empty() {
+            debug!(commands = sent.len(), "Commands sent to the agent.");
+            if let Err(e) = commands.delivered(&sent) {
+                warn!(error = %e, "Cannot record the commands as delivered.");
+            }
+        }
     }
 
     /// Selects the policy's rules by `labels` (the registry's) and tells the
@@ -437,6 +506,10 @@ impl<'a> Driver<'a> {
                     return Err(e.into());
                 }
             },
+            () = tokio::time::sleep_until(self.next_command_check), if self.policy.commands.is_some() => {
+                self.next_command_check = clock::tokio_now() + COMMAND_CHECK;
+                self.deliver_commands();
+            }
             () = tokio::time::sleep_until(deadline) => self.session.handle_timeout(clock::now()),
         }
         Ok(ControlFlow::Continue(()))

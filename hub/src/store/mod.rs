@@ -172,6 +172,7 @@ pub use records::{
     Revocation, SinkProgress, SinkStatus, TokenRefusal,
 };
 pub use sqlite::audit;
+pub use sqlite::commands;
 pub use sqlite::enrollments;
 pub use sqlite::trust;
 pub use sqlite::{

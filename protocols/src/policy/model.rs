@@ -91,6 +91,13 @@ impl Catalog {
 pub struct Selector(pub(super) BTreeMap<String, String>);
 
 impl Selector {
+    /// A selector of these label patterns (`*` globs), as an operator's
+    /// `--select KEY=PATTERN` gives them.
+    #[must_use]
+    pub fn from_patterns(patterns: BTreeMap<String, String>) -> Selector {
+        Selector(patterns)
+    }
+
     /// Whether it selects every agent.
     #[must_use]
     pub fn is_everyone(&self) -> bool {
@@ -259,6 +266,8 @@ pub struct CommandGrant {
     pub write: Vec<TopicFilter>,
     /// MQTT topics they may publish to.
     pub publish: Vec<TopicFilter>,
+    /// Tag streams (`device/tag`) they may read now.
+    pub read: Vec<TopicFilter>,
 }
 
 /// A command an operator asks to send, for [`Policy::authorize`].
@@ -268,6 +277,8 @@ pub enum Command<'a> {
     Write(&'a str),
     /// Publish on the site broker.
     Publish(&'a str),
+    /// Read a Modbus tag now, named by its stream `device/tag`.
+    Read(&'a str),
 }
 
 /// A parsed and validated policy document.
@@ -392,6 +403,7 @@ impl Policy {
                 && match command {
                     Command::Write(stream) => g.write.iter().any(|f| f.matches(stream)),
                     Command::Publish(topic) => g.publish.iter().any(|f| f.matches(topic)),
+                    Command::Read(stream) => g.read.iter().any(|f| f.matches(stream)),
                 }
         })
     }

@@ -187,6 +187,8 @@ struct RawCommand {
     write: Vec<String>,
     #[serde(default)]
     publish: Vec<String>,
+    #[serde(default)]
+    read: Vec<String>,
 }
 
 fn filters(key: &str, patterns: &[String]) -> Result<Vec<TopicFilter>, PolicyError> {
@@ -705,7 +707,7 @@ fn buffer(i: usize, b: RawBuffer) -> Result<BufferLimits, PolicyError> {
     })
 }
 
-/// `[[commands]]` entry `i`: roles, and what they may write or publish.
+/// `[[commands]]` entry `i`: roles, and what they may write, publish or read.
 fn command_grant(i: usize, c: RawCommand) -> Result<CommandGrant, PolicyError> {
     let key = format!("commands[{i}]");
     if c.roles.is_empty() || c.roles.iter().any(String::is_empty) {
@@ -714,10 +716,10 @@ fn command_grant(i: usize, c: RawCommand) -> Result<CommandGrant, PolicyError> {
             "must name at least one role",
         ));
     }
-    if c.write.is_empty() && c.publish.is_empty() {
+    if c.write.is_empty() && c.publish.is_empty() && c.read.is_empty() {
         return Err(PolicyError::invalid(
             &key,
-            "grants nothing: give write, publish or both",
+            "grants nothing: give write, publish, read or several",
         ));
     }
     let write = if c.write.is_empty() {
@@ -730,11 +732,17 @@ fn command_grant(i: usize, c: RawCommand) -> Result<CommandGrant, PolicyError> {
     } else {
         filters(&format!("{key}.publish"), &c.publish)?
     };
+    let read = if c.read.is_empty() {
+        Vec::new()
+    } else {
+        filters(&format!("{key}.read"), &c.read)?
+    };
     Ok(CommandGrant {
         roles: c.roles.into_iter().collect(),
         agents: selector(&key, c.agents)?,
         write,
         publish,
+        read,
     })
 }
 

@@ -427,6 +427,15 @@ fn commands_are_denied_unless_granted() {
         Command::Write("plc1/setpoint")
     ));
     assert!(!Policy::default().authorize("admin", &depot, Command::Write("plc1/setpoint")));
+    // Reading now is a grant of its own: a write grant does not give it.
+    assert!(!p.authorize("operator", &depot, Command::Read("plc1/setpoint")));
+    let read = Policy::parse(
+        "[[commands]]\nroles = [\"viewer\"]\nread = [\"plc1/+\"]\n",
+        &eu_catalog(),
+    )
+    .expect("parses");
+    assert!(read.authorize("viewer", &depot, Command::Read("plc1/setpoint")));
+    assert!(!read.authorize("viewer", &depot, Command::Write("plc1/setpoint")));
 }
 
 #[test]

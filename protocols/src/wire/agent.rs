@@ -36,11 +36,19 @@
 //! the driver the hub's answer (`Renewed` or `RenewRefused`, after which it
 //! asks again [`AgentConfig::renew_retry`] later). One renewal at a time;
 //! the data path goes on meanwhile.
+//!
+//! Commands (version 4): each `Command` is handed to the driver
+//! (`AgentEvent::Command`), which looks it up in its ledger, executes it at
+//! most once and reports the outcome ([`AgentSession::command_result`]).
+//! A result goes only to the session that received the command: one that
+//! finishes after its connection closed waits in the ledger, and the hub,
+//! which sends an unanswered command again, gets it then.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::code::ErrorCode;
+use super::command::{CommandId, CommandRequest, Outcome, MAX_COMMANDS_IN_FLIGHT};
 use super::error::{ProtocolError, UsageError};
 use super::frame::{
     check_hello, check_labels, truncate, BatchEncoder, Frame, FrameDecoder, Pushed, Renewal,
@@ -189,6 +197,13 @@ pub enum AgentEvent {
         /// The hub's reason.
         reason: String,
     },
+    /// The hub sent a command (version 4): answer it from the ledger if it
+    /// was recorded before, else record its id durably, execute it, record
+    /// the outcome, and report it ([`AgentSession::command_result`]).
+    Command {
+        /// The command.
+        command: CommandRequest,
+    },
     /// The session is over; make a new one on a new connection. `None` after a
     /// `goodbye()` or a drained [`AgentSession::stop`].
     Closed {
@@ -284,6 +299,8 @@ pub struct AgentSession {
     renew_asked: bool,
     /// Whether a `Renew` was queued and its `Renewed` has not arrived.
     renewing: bool,
+    /// Commands received in this session and not yet answered.
+    commands: BTreeSet<CommandId>,
     last_received: Instant,
     last_sent: Instant,
 }
@@ -331,6 +348,7 @@ impl AgentSession {
             renew_at: None,
             renew_asked: false,
             renewing: false,
+            commands: BTreeSet::new(),
             last_received: now,
             last_sent: now,
         };
@@ -506,6 +524,26 @@ impl AgentSession {
                 }
                 Ok(())
             }
+            (State::Streaming { version }, Frame::Command { command }) if version >= 4 => {
+                command.check().map_err(|e| ProtocolError::InvalidCommand {
+                    reason: e.to_string(),
+                })?;
+                if self.commands.contains(&command.id) {
+                    return Err(ProtocolError::UnexpectedCommand {
+                        frame: "Command",
+                        id: command.id.to_string(),
+                        state: "already outstanding in this session",
+                    });
+                }
+                if self.commands.len() >= MAX_COMMANDS_IN_FLIGHT {
+                    return Err(ProtocolError::TooManyCommands {
+                        max: MAX_COMMANDS_IN_FLIGHT,
+                    });
+                }
+                self.commands.insert(command.id.clone());
+                self.events.push_back(AgentEvent::Command { command });
+                Ok(())
+            }
             (State::Streaming { .. }, Frame::Heartbeat) => Ok(()),
             (state, frame) => Err(ProtocolError::UnexpectedFrame {
                 frame: frame.kind(),
@@ -609,6 +647,33 @@ impl AgentSession {
         self.renew_asked = false;
         self.queue(&Frame::Renew { csr });
         Ok(())
+    }
+
+    /// Reports what became of a command received in this session (its
+    /// reason cut to [`MAX_ERROR_MESSAGE_LEN`]). Refused, changing nothing,
+    /// when not streaming, for a command not received in this session or
+    /// already answered, or for a value over its limit.
+    pub fn command_result(&mut self, id: &CommandId, outcome: Outcome) -> Result<(), UsageError> {
+        if !matches!(self.state, State::Streaming { .. }) {
+            return Err(UsageError::NotStreaming);
+        }
+        if !self.commands.contains(id) {
+            return Err(UsageError::UnknownCommand(id.clone()));
+        }
+        let outcome = outcome.bounded();
+        outcome.check()?;
+        self.commands.remove(id);
+        self.queue(&Frame::CommandResult {
+            id: id.clone(),
+            outcome,
+        });
+        Ok(())
+    }
+
+    /// How many commands were received in this session and not answered.
+    #[must_use]
+    pub fn commands_open(&self) -> usize {
+        self.commands.len()
     }
 
     /// Whether a `Renew` was sent and its answer has not arrived.

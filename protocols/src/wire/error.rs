@@ -107,6 +107,31 @@ pub enum ProtocolError {
         /// The seq in this `Stored`.
         got: Seq,
     },
+    /// A `Command` or `CommandResult` whose fields break their limits
+    /// (version 4).
+    #[error("invalid command: {reason}")]
+    InvalidCommand {
+        /// Which limit.
+        reason: String,
+    },
+    /// A `CommandResult` for a command not outstanding in this session, or
+    /// a `Command` whose id is already outstanding (version 4).
+    #[error("{frame} for command {id}, which is {state}")]
+    UnexpectedCommand {
+        /// The frame.
+        frame: &'static str,
+        /// The command's id.
+        id: String,
+        /// What the session knows of it.
+        state: &'static str,
+    },
+    /// The hub sent more commands than may be outstanding
+    /// ([`MAX_COMMANDS_IN_FLIGHT`](super::command::MAX_COMMANDS_IN_FLIGHT)).
+    #[error("more than {max} commands outstanding")]
+    TooManyCommands {
+        /// The limit.
+        max: usize,
+    },
     /// Nothing arrived from the peer for the idle timeout.
     #[error("nothing received for {silent:?}; idle timeout")]
     IdleTimeout {
@@ -140,7 +165,10 @@ impl ProtocolError {
             ProtocolError::Frame(_)
             | ProtocolError::InvalidHello { .. }
             | ProtocolError::InvalidLabels { .. }
-            | ProtocolError::FieldTooLong { .. } => ErrorCode::Malformed,
+            | ProtocolError::FieldTooLong { .. }
+            | ProtocolError::InvalidCommand { .. } => ErrorCode::Malformed,
+            ProtocolError::UnexpectedCommand { .. } => ErrorCode::UnexpectedFrame,
+            ProtocolError::TooManyCommands { .. } => ErrorCode::WindowExceeded,
             ProtocolError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
             ProtocolError::UnexpectedFrame { .. } => ErrorCode::UnexpectedFrame,
             ProtocolError::SeqNotIncreasing { .. } => ErrorCode::SeqNotIncreasing,
@@ -245,6 +273,15 @@ pub enum UsageError {
         /// The limit.
         max: usize,
     },
+    /// A command whose fields break their limits was to be sent, or an
+    /// outcome whose value is over its limit was to be reported.
+    #[error(transparent)]
+    InvalidCommand(#[from] super::command::CommandError),
+    /// A result was reported for a command not received in this session (it
+    /// came in an earlier one; the hub sends it again, and the agent answers
+    /// then).
+    #[error("command {0} was not received in this session")]
+    UnknownCommand(super::command::CommandId),
     /// `stored` named a seq beyond every seq the session handed out.
     #[error("stored seq {got} is beyond the last seq received, {received}")]
     StoredBeyondReceived {

@@ -23,6 +23,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::code::ErrorCode;
+use super::command::{CommandId, CommandRequest, Outcome};
 use crate::event::{EventBody, Seq};
 
 /// The largest frame body, in bytes. A peer that announces more is refused with
@@ -228,6 +229,23 @@ pub enum Frame {
         /// The new certificate, or why there is none.
         result: Renewal,
     },
+    /// 14, hub → agent, version 4: a command an operator sent; see
+    /// [`command`](super::command). At most
+    /// [`MAX_COMMANDS_IN_FLIGHT`](super::command::MAX_COMMANDS_IN_FLIGHT)
+    /// are outstanding per session.
+    Command {
+        /// The command.
+        command: CommandRequest,
+    },
+    /// 15, agent → hub, version 4: what became of a command sent in this
+    /// session. Sent again, from the agent's record, for a command sent
+    /// again.
+    CommandResult {
+        /// The command's id.
+        id: CommandId,
+        /// Its outcome.
+        outcome: Outcome,
+    },
 }
 
 /// What a `Renewed` frame says.
@@ -250,7 +268,7 @@ pub enum Renewal {
 
 /// The frames' names by variant index, for errors about bodies that did not
 /// decode.
-const KINDS: [&str; 14] = [
+const KINDS: [&str; 16] = [
     "Hello",
     "Welcome",
     "Error",
@@ -265,6 +283,8 @@ const KINDS: [&str; 14] = [
     "Labels",
     "Renew",
     "Renewed",
+    "Command",
+    "CommandResult",
 ];
 
 /// What a body that did not decode looked like, for [`FrameError::Malformed`].
@@ -297,6 +317,8 @@ impl Frame {
             Frame::Labels { .. } => "Labels",
             Frame::Renew { .. } => "Renew",
             Frame::Renewed { .. } => "Renewed",
+            Frame::Command { .. } => "Command",
+            Frame::CommandResult { .. } => "CommandResult",
         }
     }
 
@@ -693,6 +715,63 @@ pub(crate) mod tests {
                 ".{0,32}".prop_map(|reason| Renewal::Refused { reason }),
             ]
             .prop_map(|result| Frame::Renewed { result }),
+            arb_command().prop_map(|command| Frame::Command { command }),
+            ("[a-z0-9_-]{1,64}", arb_outcome()).prop_map(|(id, outcome)| Frame::CommandResult {
+                id: CommandId::parse(&id).expect("generated ids are valid"),
+                outcome
+            }),
+        ]
+    }
+
+    pub(crate) fn arb_value() -> impl Strategy<Value = crate::event::Value> {
+        use crate::event::Value;
+        prop_oneof![
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::I64),
+            any::<u64>().prop_map(Value::U64),
+            any::<f64>().prop_map(Value::F64),
+            ".{0,16}".prop_map(Value::String),
+        ]
+    }
+
+    pub(crate) fn arb_command() -> impl Strategy<Value = CommandRequest> {
+        use super::super::command::Action;
+        let stream = "[a-z0-9]{1,8}/[a-z0-9_]{1,8}"
+            .prop_map(|s| StreamName::parse(&s).expect("generated names are valid"));
+        let action = prop_oneof![
+            (stream.clone(), arb_value())
+                .prop_map(|(stream, value)| Action::Write { stream, value }),
+            (
+                "[a-z]{1,8}(/[a-z]{1,8}){0,3}",
+                prop::collection::vec(any::<u8>(), 0..64),
+                0u8..=2,
+                any::<bool>()
+            )
+                .prop_map(|(topic, payload, qos, retain)| Action::Publish {
+                    topic,
+                    payload,
+                    qos,
+                    retain
+                }),
+            stream.prop_map(|stream| Action::Read { stream }),
+        ];
+        ("[A-Za-z0-9_-]{1,64}", any::<i64>(), "[a-z-]{0,64}", action).prop_map(
+            |(id, ts, role, action)| CommandRequest {
+                id: CommandId::parse(&id).expect("generated ids are valid"),
+                expires_at: Timestamp(ts),
+                role,
+                action,
+            },
+        )
+    }
+
+    pub(crate) fn arb_outcome() -> impl Strategy<Value = Outcome> {
+        prop_oneof![
+            prop::option::of(arb_value()).prop_map(|value| Outcome::Applied { value }),
+            ".{0,32}".prop_map(|reason| Outcome::Refused { reason }),
+            ".{0,32}".prop_map(|reason| Outcome::Failed { reason }),
+            Just(Outcome::Expired),
+            ".{0,32}".prop_map(|reason| Outcome::Unsupported { reason }),
         ]
     }
 
@@ -785,6 +864,19 @@ pub(crate) mod tests {
         }
     }
 
+    fn command_frame() -> Frame {
+        Frame::Command {
+            command: CommandRequest {
+                id: CommandId::parse("c1").expect("valid"),
+                expires_at: Timestamp(0),
+                role: String::new(),
+                action: super::super::command::Action::Read {
+                    stream: StreamName::parse("d/t").expect("valid"),
+                },
+            },
+        }
+    }
+
     #[test]
     fn variant_indices_are_fixed() {
         // The first byte of a body is the variant index; changing any of these
@@ -861,6 +953,14 @@ pub(crate) mod tests {
                     },
                 },
             ),
+            (14, command_frame()),
+            (
+                15,
+                Frame::CommandResult {
+                    id: CommandId::parse("c1").expect("valid"),
+                    outcome: Outcome::Expired,
+                },
+            ),
         ];
         for (index, frame) in frames {
             let bytes = encode(&frame);
@@ -872,6 +972,28 @@ pub(crate) mod tests {
             result: Renewal::Refused { reason: "x".into() },
         });
         assert_eq!(refused, [0, 0, 0, 4, 13, 1, 1, b'x']);
+        // A result's outcome and a command's action travel as their own
+        // variant indices (Applied 0 .. Unsupported 4; Write 0, Publish 1,
+        // Read 2), as docs/protocol.md shows them.
+        let result = encode(&Frame::CommandResult {
+            id: CommandId::parse("c1").expect("valid"),
+            outcome: Outcome::Expired,
+        });
+        assert_eq!(result, [0, 0, 0, 5, 15, 2, b'c', b'1', 3]);
+        let read = encode(&Frame::Command {
+            command: CommandRequest {
+                id: CommandId::parse("c1").expect("valid"),
+                expires_at: Timestamp(1),
+                role: "r".into(),
+                action: super::super::command::Action::Read {
+                    stream: StreamName::parse("d/t").expect("valid"),
+                },
+            },
+        });
+        assert_eq!(
+            read,
+            [0, 0, 0, 12, 14, 2, b'c', b'1', 2, 1, b'r', 2, 3, b'd', b'/', b't']
+        );
         // And the exact bytes of two frames, as docs/protocol.md shows them.
         assert_eq!(encode(&Frame::Heartbeat), [0, 0, 0, 1, 6]);
         assert_eq!(
@@ -1014,6 +1136,11 @@ pub(crate) mod tests {
                 result: Renewal::Issued {
                     cert_pem: String::new(),
                 },
+            },
+            command_frame(),
+            Frame::CommandResult {
+                id: CommandId::parse("c").expect("valid"),
+                outcome: Outcome::Applied { value: None },
             },
         ];
         assert_eq!(frames.len(), KINDS.len());

@@ -29,12 +29,20 @@
 //! Certificate renewal (version 4): a `Renew` is handed to the driver
 //! (`HubEvent::Renew`), which signs it or not and answers with
 //! [`HubSession::renewed`]; one renewal may be outstanding per session.
+//!
+//! Commands (version 4): the driver hands the session every command the
+//! store holds for the agent ([`HubSession::send_command`]); the session
+//! sends at most [`MAX_COMMANDS_IN_FLIGHT`] at a time, each id once per
+//! session, and hands each result to the driver (`HubEvent::CommandResult`)
+//! to record. An agent of an older version gets none: `send_command` says
+//! so, and the driver records the command as unsupported.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::code::ErrorCode;
+use super::command::{CommandId, CommandRequest, Outcome, MAX_COMMANDS_IN_FLIGHT};
 use super::error::{ProtocolError, UsageError};
 use super::frame::{
     check_hello, check_labels, truncate, Frame, FrameDecoder, Renewal, MAX_CERT_PEM_LEN,
@@ -121,6 +129,14 @@ pub enum HubEvent {
         /// The PKCS#10 request, DER, at most [`MAX_CSR_LEN`] bytes.
         csr: Vec<u8>,
     },
+    /// The agent reported what became of a command sent in this session
+    /// (version 4): record it. The next queued command goes out.
+    CommandResult {
+        /// The command's id.
+        id: CommandId,
+        /// Its outcome.
+        outcome: Outcome,
+    },
     /// The session is over. `None` after the agent's `Goodbye`.
     Closed {
         /// Why, if the agent did not leave cleanly.
@@ -199,6 +215,12 @@ pub struct HubSession {
     pushed: Option<(u64, Arc<str>)>,
     /// Whether a `Renew` was handed out and not answered yet.
     renewing: bool,
+    /// Commands given by the driver and not sent yet, in order.
+    commands_queued: VecDeque<CommandRequest>,
+    /// Commands sent (or queued) in this session, and not yet answered.
+    commands_open: BTreeSet<CommandId>,
+    /// How many of `commands_open` were sent.
+    commands_sent: usize,
     last_heard: Instant,
     last_sent: Instant,
 }
@@ -233,6 +255,9 @@ impl HubSession {
             reported: None,
             pushed: None,
             renewing: false,
+            commands_queued: VecDeque::new(),
+            commands_open: BTreeSet::new(),
+            commands_sent: 0,
             last_heard: now,
             last_sent: now,
         }
@@ -373,12 +398,80 @@ impl HubSession {
                 self.events.push_back(HubEvent::Renew { csr });
                 Ok(())
             }
+            (State::Streaming { version }, Frame::CommandResult { id, outcome })
+                if version >= 4 =>
+            {
+                outcome.check().map_err(|e| ProtocolError::InvalidCommand {
+                    reason: e.to_string(),
+                })?;
+                let sent = !self.commands_queued.iter().any(|c| c.id == id);
+                if !sent || !self.commands_open.remove(&id) {
+                    return Err(ProtocolError::UnexpectedCommand {
+                        frame: "CommandResult",
+                        id: id.to_string(),
+                        state: "not outstanding in this session",
+                    });
+                }
+                self.commands_sent -= 1;
+                self.events
+                    .push_back(HubEvent::CommandResult { id, outcome });
+                self.send_queued_commands();
+                Ok(())
+            }
             (State::Streaming { .. }, Frame::Heartbeat) => Ok(()),
             (state, frame) => Err(ProtocolError::UnexpectedFrame {
                 frame: frame.kind(),
                 state: state.name(),
             }),
         }
+    }
+
+    /// Sends queued commands while fewer than [`MAX_COMMANDS_IN_FLIGHT`]
+    /// are outstanding.
+    fn send_queued_commands(&mut self) {
+        while self.commands_sent < MAX_COMMANDS_IN_FLIGHT {
+            let Some(command) = self.commands_queued.pop_front() else {
+                break;
+            };
+            self.commands_sent += 1;
+            self.queue(&Frame::Command { command });
+        }
+    }
+
+    /// Gives the session a command for its agent (version 4): sent now, or
+    /// once fewer than [`MAX_COMMANDS_IN_FLIGHT`] are outstanding. A command
+    /// whose id was given before in this session and not answered is not
+    /// sent twice. Returns `false`, changing nothing, when the agent's
+    /// negotiated version has no command frames (before 4): record the
+    /// command as unsupported. Refused, changing nothing, when not
+    /// streaming or when the command breaks a limit.
+    pub fn send_command(&mut self, command: CommandRequest) -> Result<bool, UsageError> {
+        let negotiated = match self.state {
+            State::Streaming { version } => version,
+            _ => return Err(UsageError::NotStreaming),
+        };
+        if negotiated < 4 {
+            return Ok(false);
+        }
+        command.check()?;
+        if self.commands_open.insert(command.id.clone()) {
+            self.commands_queued.push_back(command);
+            self.send_queued_commands();
+        }
+        Ok(true)
+    }
+
+    /// Whether the command was given in this session and not yet answered.
+    #[must_use]
+    pub fn has_command(&self, id: &CommandId) -> bool {
+        self.commands_open.contains(id)
+    }
+
+    /// How many commands were given in this session and not yet answered
+    /// (sent or waiting to be).
+    #[must_use]
+    pub fn commands_open(&self) -> usize {
+        self.commands_open.len()
     }
 
     /// Checks a whole batch before taking any of it, so that a refused batch

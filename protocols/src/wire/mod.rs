@@ -28,6 +28,8 @@
 //!  11 Labels        hub -> agent   labels                        (version 4)
 //!  12 Renew         agent -> hub   csr (PKCS#10, DER)            (version 4)
 //!  13 Renewed       hub -> agent   Issued{cert_pem} | Refused{reason} (version 4)
+//!  14 Command       hub -> agent   {id, expires_at, action}      (version 4)
+//!  15 CommandResult agent -> hub   id, outcome                   (version 4)
 //!
 //! agent                                   hub
 //!   | Hello{versions:[1], ...}  ---------->  |  id from the certificate,
@@ -52,6 +54,7 @@
 
 mod agent;
 mod code;
+pub mod command;
 mod error;
 mod frame;
 mod hub;

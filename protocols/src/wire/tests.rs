@@ -2303,3 +2303,287 @@ fn renewal_frames_out_of_turn_or_over_their_limits_close_the_session() {
         .expect_err("too long");
     assert_eq!(err.code(), ErrorCode::Malformed);
 }
+
+// ---------------------------------------------------------------------------
+// Commands (frames 14 and 15, version 4).
+
+fn read_command(id: &str) -> command::CommandRequest {
+    command::CommandRequest {
+        id: command::CommandId::parse(id).expect("valid id"),
+        expires_at: Timestamp(i64::MAX),
+        role: "operator".into(),
+        action: command::Action::Read {
+            stream: StreamName::parse("plc1/setpoint").expect("valid"),
+        },
+    }
+}
+
+fn hub_at_version(now: Instant, version: u16) -> HubSession {
+    let mut hub = HubSession::new(now, agent_id(), Seq(0), HubConfig::default());
+    hub.handle_bytes(now, &encode(&[hello(vec![version])]))
+        .expect("hello accepted");
+    let _ = hub_sent(&mut hub, now);
+    let _ = hub_events(&mut hub);
+    hub
+}
+
+fn commands_in(frames: &[Frame]) -> Vec<String> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Command { command } => Some(command.id.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_command_reaches_the_agent_and_its_result_the_hub() {
+    let now = origin();
+    let mut hub = welcomed_hub(now, 0, 10);
+    let mut agent = streaming_agent(now, 0, 10, AgentConfig::default());
+    assert_eq!(hub.send_command(read_command("c1")), Ok(true));
+    let frames = hub_sent(&mut hub, now);
+    assert_eq!(commands_in(&frames), ["c1"]);
+    agent.handle_bytes(now, &encode(&frames)).expect("command");
+    assert_eq!(
+        agent_events(&mut agent),
+        [AgentEvent::Command {
+            command: read_command("c1")
+        }]
+    );
+    assert_eq!(agent.commands_open(), 1);
+    let id = command::CommandId::parse("c1").expect("valid");
+    let outcome = command::Outcome::Applied {
+        value: Some(Value::I64(7)),
+    };
+    agent
+        .command_result(&id, outcome.clone())
+        .expect("reported");
+    // Answered once: a second report of the same command is refused.
+    assert_eq!(
+        agent.command_result(&id, outcome.clone()),
+        Err(UsageError::UnknownCommand(id.clone()))
+    );
+    let frames = agent_sent(&mut agent, now);
+    hub.handle_bytes(now, &encode(&frames)).expect("result");
+    assert_eq!(
+        hub_events(&mut hub),
+        [HubEvent::CommandResult {
+            id: id.clone(),
+            outcome
+        }]
+    );
+    assert!(!hub.has_command(&id));
+    // A result for a command no longer outstanding closes the hub's session.
+    let err = hub
+        .handle_bytes(now, &encode(&frames))
+        .expect_err("not outstanding");
+    assert_eq!(err.code(), ErrorCode::UnexpectedFrame);
+}
+
+#[test]
+fn an_agent_of_an_older_version_gets_no_command() {
+    let now = origin();
+    for version in 1..4 {
+        let mut hub = hub_at_version(now, version);
+        assert_eq!(hub.send_command(read_command("c1")), Ok(false));
+        assert!(commands_in(&hub_sent(&mut hub, now)).is_empty());
+        assert_eq!(hub.commands_open(), 0);
+    }
+    // And an agent session that negotiated version 3 refuses the frame.
+    let mut agent = AgentSession::new(
+        now,
+        AgentInfo::default(),
+        AgentConfig {
+            max_version: 3,
+            ..AgentConfig::default()
+        },
+    );
+    let _ = agent_sent(&mut agent, now);
+    let welcome = Frame::Welcome {
+        version: 3,
+        watermark: Seq(0),
+        window: 10,
+    };
+    agent
+        .handle_bytes(now, &encode(&[welcome]))
+        .expect("welcome");
+    let err = agent
+        .handle_bytes(
+            now,
+            &encode(&[Frame::Command {
+                command: read_command("c1"),
+            }]),
+        )
+        .expect_err("no commands in version 3");
+    assert_eq!(err.code(), ErrorCode::UnexpectedFrame);
+}
+
+#[test]
+fn a_command_given_twice_in_a_session_is_sent_once() {
+    let now = origin();
+    let mut hub = welcomed_hub(now, 0, 10);
+    assert_eq!(hub.send_command(read_command("c1")), Ok(true));
+    assert_eq!(hub.send_command(read_command("c1")), Ok(true));
+    assert_eq!(commands_in(&hub_sent(&mut hub, now)), ["c1"]);
+    // A command over its limits is refused and changes nothing.
+    let mut bad = read_command("c2");
+    bad.action = command::Action::Publish {
+        topic: "a/#".into(),
+        payload: vec![],
+        qos: 0,
+        retain: false,
+    };
+    assert!(matches!(
+        hub.send_command(bad),
+        Err(UsageError::InvalidCommand(_))
+    ));
+    assert_eq!(hub.commands_open(), 1);
+}
+
+#[test]
+fn commands_out_of_turn_or_over_their_limits_close_the_agents_session() {
+    let now = origin();
+    // The same id twice in one session.
+    let mut agent = streaming_agent(now, 0, 10, AgentConfig::default());
+    let twice = encode(&[
+        Frame::Command {
+            command: read_command("c1"),
+        },
+        Frame::Command {
+            command: read_command("c1"),
+        },
+    ]);
+    let err = agent.handle_bytes(now, &twice).expect_err("twice");
+    assert_eq!(err.code(), ErrorCode::UnexpectedFrame);
+    // More than may be outstanding.
+    let mut agent = streaming_agent(now, 0, 10, AgentConfig::default());
+    let many: Vec<Frame> = (0..=command::MAX_COMMANDS_IN_FLIGHT)
+        .map(|i| Frame::Command {
+            command: read_command(&format!("c{i}")),
+        })
+        .collect();
+    let err = agent.handle_bytes(now, &encode(&many)).expect_err("many");
+    assert_eq!(err.code(), ErrorCode::WindowExceeded);
+    // A publish with a wildcard topic (which the codec carries).
+    let mut agent = streaming_agent(now, 0, 10, AgentConfig::default());
+    let mut bad = read_command("c1");
+    bad.action = command::Action::Publish {
+        topic: "a/+".into(),
+        payload: vec![],
+        qos: 0,
+        retain: false,
+    };
+    let err = agent
+        .handle_bytes(now, &encode(&[Frame::Command { command: bad }]))
+        .expect_err("wildcard");
+    assert_eq!(err.code(), ErrorCode::Malformed);
+    // A result before any command, at the hub.
+    let mut hub = welcomed_hub(now, 0, 10);
+    let err = hub
+        .handle_bytes(
+            now,
+            &encode(&[Frame::CommandResult {
+                id: command::CommandId::parse("c9").expect("valid"),
+                outcome: command::Outcome::Expired,
+            }]),
+        )
+        .expect_err("unknown");
+    assert_eq!(err.code(), ErrorCode::UnexpectedFrame);
+}
+
+proptest! {
+    /// However many commands the driver gives and in whatever order the
+    /// agent answers them, each goes out once, at most
+    /// MAX_COMMANDS_IN_FLIGHT are outstanding, and every result arrives.
+    #[test]
+    fn commands_are_sent_once_and_every_result_arrives(
+        n in 1usize..200,
+        order in prop::collection::vec(any::<prop::sample::Index>(), 200),
+        repeats in prop::collection::vec(0usize..200, 0..20),
+    ) {
+        let now = origin();
+        let mut hub = welcomed_hub(now, 0, 10);
+        let mut agent = streaming_agent(now, 0, 10, AgentConfig::default());
+        for i in 0..n {
+            prop_assert_eq!(hub.send_command(read_command(&format!("c{i}"))), Ok(true));
+        }
+        for r in &repeats {
+            // Given again while open: not sent again.
+            let _ = hub.send_command(read_command(&format!("c{}", r % n)));
+        }
+        let mut sent = std::collections::BTreeSet::new();
+        let mut results = Vec::new();
+        let mut open: Vec<command::CommandId> = Vec::new();
+        let mut step = 0;
+        loop {
+            let frames = hub_sent(&mut hub, now);
+            for id in commands_in(&frames) {
+                prop_assert!(sent.insert(id), "sent twice");
+            }
+            agent.handle_bytes(now, &encode(&frames)).expect("agent accepts");
+            for e in agent_events(&mut agent) {
+                if let AgentEvent::Command { command } = e {
+                    open.push(command.id);
+                }
+            }
+            prop_assert!(open.len() <= command::MAX_COMMANDS_IN_FLIGHT);
+            if open.is_empty() {
+                break;
+            }
+            let pick = order[step % order.len()].index(open.len());
+            step += 1;
+            let id = open.swap_remove(pick);
+            agent.command_result(&id, command::Outcome::Expired).expect("reported");
+            hub.handle_bytes(now, &encode(&agent_sent(&mut agent, now))).expect("hub accepts");
+            for e in hub_events(&mut hub) {
+                if let HubEvent::CommandResult { id, .. } = e {
+                    results.push(id);
+                }
+            }
+        }
+        prop_assert_eq!(sent.len(), n);
+        prop_assert_eq!(results.len(), n);
+        prop_assert_eq!(hub.commands_open(), 0);
+    }
+}
+
+#[test]
+fn a_command_unanswered_when_the_connection_broke_is_answered_from_the_ledger() {
+    let mut p = Pair::new();
+    p.drive();
+    // The agent executes and records, then its connection breaks before
+    // the result leaves (as after a kill -9 between executing and
+    // reporting).
+    p.reports_commands = false;
+    p.send_command("c1");
+    p.drive();
+    assert_eq!(p.executions, 1);
+    let id = command::CommandId::parse("c1").expect("valid");
+    assert_eq!(p.commands.get(&id), Some(&None), "no result at the hub yet");
+    p.reports_commands = true;
+    p.reset();
+    p.drive();
+    // Sent again on the new connection, answered from the ledger, executed
+    // once.
+    assert_eq!(p.executions, 1);
+    assert_eq!(
+        p.commands.get(&id),
+        Some(&Some(command::Outcome::Applied { value: None }))
+    );
+}
+
+#[test]
+fn a_command_sent_while_the_agent_is_away_goes_out_at_its_next_connection() {
+    let mut p = Pair::new();
+    p.drive();
+    p.hub.close(ErrorCode::ShuttingDown, "restart");
+    p.drive();
+    p.send_command("c1");
+    p.send_command("c2");
+    p.reset();
+    p.drive();
+    assert_eq!(p.executions, 2);
+    assert!(p.commands.values().all(Option::is_some));
+}

@@ -9,8 +9,9 @@ use std::ops::RangeInclusive;
 /// The newest protocol version this build speaks. Version 2 added the policy
 /// push (`Policy`, `PolicyStatus`); a version 1 agent gets no policy and the
 /// hub enforces the policy on what it sends. Version 3 added `Stored`,
-/// version 4 `Labels` (the hub's registry labels, told to the agent) and
-/// certificate renewal over the session (`Renew`, `Renewed`).
+/// version 4 `Labels` (the hub's registry labels, told to the agent),
+/// certificate renewal over the session (`Renew`, `Renewed`) and commands
+/// (`Command`, `CommandResult`).
 pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Every protocol version this build speaks. A hub of version N keeps speaking

@@ -24,7 +24,7 @@ use crate::clock;
 use crate::config::DeviceSettings;
 use crate::metrics::{DeviceErrorLabels, DeviceLabels, Metrics};
 use crate::outbox::OutboxHandle;
-use crate::sources::WriteCommand;
+use crate::sources::{DeviceOp, DeviceReply, WriteCommand};
 
 /// Why one request produced no data. The message is the one the log shows;
 /// a transport error stays the source.
@@ -132,7 +132,7 @@ impl ModbusSource {
                 () = shutdown.cancelled() => break,
                 _ = ticker.tick() => {}
                 Some(cmd) = self.writes.recv() => {
-                    self.write(&mut link.ctx, cmd).await;
+                    self.request(&mut link, cmd).await;
                     continue;
                 }
             }
@@ -388,33 +388,78 @@ impl ModbusSource {
         out
     }
 
-    async fn write(&self, ctx: &mut Option<Context>, cmd: WriteCommand) {
-        let Some(tag) = self.device.tags.get(cmd.tag) else {
-            return;
+    /// Does what a bridge or a command asks of the device, and answers a
+    /// command.
+    async fn request(&self, link: &mut Link, cmd: WriteCommand) {
+        let reply = match &cmd.op {
+            DeviceOp::Write(value) => {
+                self.write(link, &cmd, value.clone(), cmd.reply.is_some())
+                    .await
+            }
+            DeviceOp::Read => self.read_tag(link, cmd.tag).await,
         };
-        let value = normalise_command(cmd.value);
+        if let Some(tx) = cmd.reply {
+            // A command whose executor went away (the agent stopping) has
+            // no one to tell; its ledger says it was interrupted.
+            let _ = tx.send(reply);
+        }
+    }
+
+    /// Writes a value, checked against the tag's type and limits first;
+    /// with `read_back`, reads the tag afterwards.
+    async fn write(
+        &self,
+        link: &mut Link,
+        cmd: &WriteCommand,
+        value: Value,
+        read_back: bool,
+    ) -> DeviceReply {
+        let Some(tag) = self.device.tags.get(cmd.tag) else {
+            return DeviceReply::Refused(format!(
+                "no tag {} on device {}",
+                cmd.tag, self.device.name
+            ));
+        };
+        let value = normalise_command(value);
         let labels = |kind: &str| DeviceErrorLabels {
             device: self.device.name.clone(),
             kind: kind.into(),
         };
-        let data = match tag.spec.encode_write(&value) {
+        if !tag.writable {
+            self.metrics
+                .modbus_writes
+                .get_or_create(&labels("refused"))
+                .inc();
+            return DeviceReply::Refused(format!("tag {} is not writable", tag.stream));
+        }
+        let data = match tag
+            .limits
+            .check(&value)
+            .and_then(|()| tag.spec.encode_write(&value).map_err(|e| e.to_string()))
+        {
             Ok(d) => d,
             Err(e) => {
                 self.metrics
                     .modbus_writes
                     .get_or_create(&labels("refused"))
                     .inc();
-                warn!(topic = %cmd.topic, tag = %tag.name, ?value, error = %e, "Bridge write refused.");
-                return;
+                warn!(from = %cmd.topic, tag = %tag.name, ?value, error = %e, "Write refused.");
+                return DeviceReply::Refused(format!("{}: {e}", tag.stream));
             }
         };
-        let Some(c) = ctx.as_mut() else {
-            self.metrics
-                .modbus_writes
-                .get_or_create(&labels("disconnected"))
-                .inc();
-            warn!(topic = %cmd.topic, tag = %tag.name, "Bridge write dropped: device not connected.");
-            return;
+        let c = match self.connected(link).await {
+            Ok(c) => c,
+            Err(_) => {
+                self.metrics
+                    .modbus_writes
+                    .get_or_create(&labels("disconnected"))
+                    .inc();
+                warn!(from = %cmd.topic, tag = %tag.name, "Write dropped: device not connected.");
+                return DeviceReply::Failed(format!(
+                    "device {} is not connected",
+                    self.device.name
+                ));
+            }
         };
         let addr = tag.spec.address.0;
         let request = match &data {
@@ -436,31 +481,69 @@ impl ModbusSource {
                     .modbus_writes
                     .get_or_create(&labels("ok"))
                     .inc();
-                info!(topic = %cmd.topic, tag = %tag.name, ?value, "Bridge wrote tag.");
+                info!(from = %cmd.topic, tag = %tag.name, ?value, "Wrote tag.");
             }
             Ok(Ok(Err(exc))) => {
                 self.metrics
                     .modbus_writes
                     .get_or_create(&labels("exception"))
                     .inc();
-                warn!(topic = %cmd.topic, tag = %tag.name, ?value, exception = %Reason::ModbusException(u8::from(exc)), "Bridge write failed.");
+                let reason = Reason::ModbusException(u8::from(exc));
+                warn!(from = %cmd.topic, tag = %tag.name, ?value, exception = %reason, "Write failed.");
+                return DeviceReply::Failed(format!("{}: {reason}", tag.stream));
             }
             Ok(Err(e)) => {
                 self.metrics
                     .modbus_writes
                     .get_or_create(&labels("disconnected"))
                     .inc();
-                warn!(topic = %cmd.topic, tag = %tag.name, error = %e, "Bridge write failed; reconnecting.");
-                *ctx = None;
+                warn!(from = %cmd.topic, tag = %tag.name, error = %e, "Write failed; reconnecting.");
+                link.ctx = None;
+                return DeviceReply::Failed(format!(
+                    "{}: {e}; the device may or may not hold the value",
+                    tag.stream
+                ));
             }
             Err(_) => {
                 self.metrics
                     .modbus_writes
                     .get_or_create(&labels("timeout"))
                     .inc();
-                warn!(topic = %cmd.topic, tag = %tag.name, "Bridge write timed out; reconnecting.");
-                *ctx = None;
+                warn!(from = %cmd.topic, tag = %tag.name, "Write timed out; reconnecting.");
+                link.ctx = None;
+                return DeviceReply::Failed(format!(
+                    "{}: no reply within {:?}; the device may or may not hold the value",
+                    tag.stream, self.device.timeout
+                ));
             }
+        }
+        if !read_back {
+            return DeviceReply::Done(None);
+        }
+        match self.read_tag(link, cmd.tag).await {
+            DeviceReply::Done(v) => DeviceReply::Done(v),
+            _ => DeviceReply::Done(None),
+        }
+    }
+
+    /// Reads one tag now, on its own request.
+    async fn read_tag(&self, link: &mut Link, index: usize) -> DeviceReply {
+        let Some(spec) = self.device.specs.get(index) else {
+            return DeviceReply::Refused(format!("no tag {index} on device {}", self.device.name));
+        };
+        let read = Read {
+            table: spec.table,
+            start: spec.address,
+            count: spec.width(),
+            tags: vec![index],
+        };
+        match self.read_with_retries(link, &read).await {
+            Ok(reply) => match read.decode(&self.device.specs, &reply).pop() {
+                Some((_, Ok(v))) => DeviceReply::Done(Some(v)),
+                Some((_, Err(reason))) => DeviceReply::Failed(reason.to_string()),
+                None => DeviceReply::Failed("nothing decoded".into()),
+            },
+            Err(fail) => DeviceReply::Failed(fail.to_string()),
         }
     }
 }

@@ -28,7 +28,7 @@ use crate::clock;
 use crate::config::{MqttSettings, WriteBridge};
 use crate::metrics::{Metrics, QosLabels};
 use crate::outbox::{OutboxError, OutboxHandle, Qos2Op};
-use crate::sources::WriteCommand;
+use crate::sources::{DeviceOp, WriteCommand};
 
 /// Errors that end one connection; the source reconnects after each.
 #[derive(Debug, thiserror::Error)]
@@ -577,8 +577,9 @@ impl MqttSource {
             };
             let cmd = WriteCommand {
                 tag: b.tag,
-                value: Value::from_payload(&publish.payload),
+                op: DeviceOp::Write(Value::from_payload(&publish.payload)),
                 topic: publish.topic.clone(),
+                reply: None,
             };
             // A full queue means the device is far behind; waiting here would
             // stall every subscription, so the write is refused and logged.

@@ -10,6 +10,7 @@
 
 pub mod audit;
 mod binding;
+pub mod commands;
 pub mod enrollments;
 mod events;
 mod reader;

@@ -110,6 +110,11 @@ impl StoreReader {
         events_stats(&self.conn, &self.path, agent)
     }
 
+    /// How many commands the store holds, by kind and state.
+    pub fn command_counts(&self) -> Result<Vec<(String, String, u64)>, StoreError> {
+        super::commands::counts(&self.conn, &self.path)
+    }
+
     /// The fleet registry, ordered by agent id.
     pub fn fleet(&self) -> Result<Vec<AgentRecord>, StoreError> {
         registry::fleet(&self.conn, &self.path)

@@ -12,8 +12,9 @@ use crate::store::error::StoreError;
 /// policy columns, version 3 the sinks' queues, version 4 the trust
 /// columns (labels owned by the hub, revocation), the certificate bindings,
 /// the enrollment tokens, the audit entries' signatures, the API's tokens and
-/// policy proposals; an older file is migrated when the hub opens it.
-pub const SCHEMA_VERSION: i64 = 4;
+/// policy proposals, version 5 the commands to agents; an older file is
+/// migrated when the hub opens it.
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// The schema, created in one transaction when `user_version` is 0.
 pub(crate) const SCHEMA: &str = "
@@ -136,6 +137,30 @@ CREATE TABLE IF NOT EXISTS policy_proposals (
 );
 ";
 
+/// Version 5: commands to agents (`outpost-hub command`, issue 21), each
+/// with its expiry, state and outcome; see `commands.rs`.
+pub(crate) const MIGRATE_5: &str = "
+CREATE TABLE IF NOT EXISTS commands (
+    id           TEXT    NOT NULL PRIMARY KEY,
+    agent_id     TEXT    NOT NULL,
+    actor        TEXT    NOT NULL,
+    role         TEXT    NOT NULL,
+    kind         TEXT    NOT NULL,
+    target       TEXT    NOT NULL,
+    action       BLOB    NOT NULL,
+    detail       TEXT    NOT NULL,
+    created_at   INTEGER NOT NULL,
+    expires_at   INTEGER NOT NULL,
+    state        TEXT    NOT NULL,
+    delivered_at INTEGER,
+    finished_at  INTEGER,
+    reason       TEXT,
+    value        TEXT
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS commands_by_agent ON commands (agent_id, state);
+CREATE INDEX IF NOT EXISTS commands_by_time ON commands (created_at);
+";
+
 /// Before version 4 every `Hello` replaced an agent's labels, so a gateway
 /// that changed its claim after its first connection holds the claimed ones.
 /// The labels it was first seen with are in its `agent.first_seen` audit
@@ -186,6 +211,9 @@ pub(crate) fn prepare_schema(tx: &Transaction<'_>, path: &Path) -> Result<(), St
         if found < 4 {
             tx.execute_batch(MIGRATE_4)?;
             first_seen_labels(tx)?;
+        }
+        if found < 5 {
+            tx.execute_batch(MIGRATE_5)?;
         }
         Ok(())
     })?;

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::event::{AgentId, EventBody, Quality, Seq, StreamName, Timestamp, Value};
+use crate::wire::command::{Action, CommandId, CommandRequest, Outcome};
 use crate::wire::{
     AgentConfig, AgentEvent, AgentInfo, AgentSession, Frame, HubConfig, HubEvent, HubSession,
     ProtocolError, Renewal,
@@ -202,6 +203,15 @@ pub(crate) struct Pair {
     /// The certificates the agent received, and the refusals.
     pub(crate) renewed: Vec<String>,
     pub(crate) renew_refused: Vec<String>,
+    /// The hub's durable commands: each id's outcome, `None` while pending.
+    pub(crate) commands: BTreeMap<CommandId, Option<Outcome>>,
+    /// The agent's durable ledger of commands, with their outcomes.
+    pub(crate) ledger: BTreeMap<CommandId, Outcome>,
+    /// How many commands the agent executed.
+    pub(crate) executions: usize,
+    /// Whether the agent reports outcomes (else it records and executes,
+    /// then "crashes" before reporting, until the next connection).
+    pub(crate) reports_commands: bool,
     to_hub: Link,
     to_agent: Link,
     /// Events handed to the store and not yet committed, with the connection
@@ -258,6 +268,10 @@ impl Pair {
             renew_requests: Vec::new(),
             renewed: Vec::new(),
             renew_refused: Vec::new(),
+            commands: BTreeMap::new(),
+            ledger: BTreeMap::new(),
+            executions: 0,
+            reports_commands: true,
             to_hub: Link::new(),
             to_agent: Link::new(),
             uncommitted: Vec::new(),
@@ -311,6 +325,16 @@ impl Pair {
         self.hub
             .set_policy(version, text)
             .expect("a policy within its limit");
+    }
+
+    /// The operator sends a read command: stored at the hub, sent if the
+    /// agent is connected, else at its next connection.
+    pub(crate) fn send_command(&mut self, id: &str) {
+        let id = CommandId::parse(id).expect("a valid id");
+        self.commands.insert(id.clone(), None);
+        if self.hub.is_streaming() {
+            self.hub.send_command(read_command(&id)).expect("streaming");
+        }
     }
 
     /// The agent is told to stop: its session drains until `deadline` from
@@ -502,6 +526,23 @@ impl Pair {
                             .set_renewal(Some(self.now + Duration::from_secs(86_400)));
                     }
                     AgentEvent::RenewRefused { reason } => self.renew_refused.push(reason),
+                    AgentEvent::Command { command } => {
+                        // Recorded before executing; executed at most once.
+                        let outcome = match self.ledger.get(&command.id) {
+                            Some(recorded) => recorded.clone(),
+                            None => {
+                                self.executions += 1;
+                                let outcome = Outcome::Applied { value: None };
+                                self.ledger.insert(command.id.clone(), outcome.clone());
+                                outcome
+                            }
+                        };
+                        if self.reports_commands {
+                            self.agent
+                                .command_result(&command.id, outcome)
+                                .expect("received in this session");
+                        }
+                    }
                     AgentEvent::Closed { error } => self.closed.push(("agent", error)),
                 }
             }
@@ -522,7 +563,21 @@ impl Pair {
                     }
                     HubEvent::PolicyPushed { .. } => self.policies_pushed += 1,
                     HubEvent::Backlog { .. } => self.backlogs_reported += 1,
-                    HubEvent::Hello { .. } => {}
+                    HubEvent::Hello { .. } => {
+                        // Every pending command goes out on the new session.
+                        for id in self
+                            .commands
+                            .iter()
+                            .filter(|(_, o)| o.is_none())
+                            .map(|(id, _)| id.clone())
+                            .collect::<Vec<_>>()
+                        {
+                            self.hub.send_command(read_command(&id)).expect("streaming");
+                        }
+                    }
+                    HubEvent::CommandResult { id, outcome } => {
+                        self.commands.insert(id, Some(outcome));
+                    }
                     HubEvent::Renew { csr } => {
                         let result = if self.hub_signs {
                             Renewal::Issued {
@@ -666,4 +721,16 @@ impl PopDue for Link {
 /// The agent's id, as its certificate would give it.
 pub(crate) fn agent_id() -> AgentId {
     AgentId::parse("depot-17.gw-1").expect("valid")
+}
+
+/// A read command with this id that never expires.
+pub(crate) fn read_command(id: &CommandId) -> CommandRequest {
+    CommandRequest {
+        id: id.clone(),
+        expires_at: Timestamp(i64::MAX),
+        role: "operator".into(),
+        action: Action::Read {
+            stream: StreamName::parse("plc1/setpoint").expect("valid"),
+        },
+    }
 }
