@@ -134,6 +134,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { config, json } => load(&config.config).map(|c| {
+            for w in &c.warnings {
+                eprintln!("warning: {w}");
+            }
             if json {
                 println!("{}", report::check_json(&c));
             } else {

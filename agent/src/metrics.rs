@@ -132,6 +132,8 @@ pub struct Metrics {
     pub commands: Family<CommandLabels, Counter>,
     /// Commands sent again and answered from the ledger, not executed.
     pub commands_replayed: Counter,
+    /// The delivery KPIs (`outpost_agent_*`).
+    pub kpi: Kpis,
 }
 
 impl Metrics {
@@ -330,7 +332,9 @@ impl Metrics {
             "Commands sent again and answered from the ledger without executing",
             commands_replayed.clone(),
         );
+        let kpi = Kpis::new(&mut registry);
         Arc::new(Metrics {
+            kpi,
             commands,
             commands_replayed,
             registry,
@@ -423,6 +427,98 @@ impl Metrics {
                 kind: kind.into(),
             })
             .inc();
+    }
+}
+
+/// The delivery KPIs the agent measures where they happen: the left side
+/// of the books (what the sources handed over), how long after its accept
+/// the hub's commit of each event was confirmed, the backlog's age, how long
+/// a reconnect took to drain what waited, reconnects, and when the process
+/// started. Named `outpost_agent_*` (docs/metrics.md).
+#[derive(Debug)]
+pub struct Kpis {
+    /// Events the sources handed to the outbox, before the policy and the
+    /// limits.
+    pub events_received: Counter,
+    /// When the process started, Unix seconds.
+    pub start_time: Gauge,
+    /// Age of the oldest event waiting in the outbox, seconds (0: none).
+    pub backlog_age: Gauge,
+    /// Outbox commit to the hub's confirmed commit (`Stored` or `Ack`),
+    /// per event.
+    pub ingest_latency: Histogram,
+    /// From a session's start to the acknowledgement of everything that
+    /// waited when it started.
+    pub recovery: Histogram,
+    /// The last such time, seconds.
+    pub last_recovery: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Connections to the site broker after the first.
+    pub mqtt_reconnects: Counter,
+    /// Connections to the hub after the first.
+    pub uplink_reconnects: Counter,
+}
+
+/// The latency buckets, seconds: 5 ms, for a connected site, to a day, for
+/// a site's backlog after a long outage (the hub's sink latency uses the
+/// same).
+pub const LATENCY_BUCKETS: [f64; 18] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+    3600.0, 21600.0, 86400.0,
+];
+
+impl Kpis {
+    fn new(registry: &mut Registry) -> Kpis {
+        let k = Kpis {
+            events_received: Counter::default(),
+            start_time: Gauge::default(),
+            backlog_age: Gauge::default(),
+            ingest_latency: Histogram::new(LATENCY_BUCKETS),
+            recovery: Histogram::new(LATENCY_BUCKETS),
+            last_recovery: Gauge::default(),
+            mqtt_reconnects: Counter::default(),
+            uplink_reconnects: Counter::default(),
+        };
+        registry.register(
+            "agent_events_received",
+            "Events the sources handed to the outbox, before the policy and the limits: the left side of the books",
+            k.events_received.clone(),
+        );
+        registry.register(
+            "agent_start_time_seconds",
+            "When this agent process started, Unix seconds",
+            k.start_time.clone(),
+        );
+        registry.register(
+            "agent_backlog_age_seconds",
+            "Age of the oldest event waiting in the outbox by its accept time (0: none waits)",
+            k.backlog_age.clone(),
+        );
+        registry.register(
+            "agent_ingest_latency_seconds",
+            "Edge accept (outbox commit) to the hub's commit, as its Stored or Ack confirms it, per event",
+            k.ingest_latency.clone(),
+        );
+        registry.register(
+            "agent_recovery_seconds",
+            "From a connection to the hub to the acknowledgement of everything that waited when it opened",
+            k.recovery.clone(),
+        );
+        registry.register(
+            "agent_last_recovery_seconds",
+            "The last such recovery time",
+            k.last_recovery.clone(),
+        );
+        registry.register(
+            "agent_mqtt_reconnects",
+            "Connections to the site broker after the first (each follows a loss or a failed attempt)",
+            k.mqtt_reconnects.clone(),
+        );
+        registry.register(
+            "agent_uplink_reconnects",
+            "Connections to the hub after the first (each follows a loss or a failed attempt)",
+            k.uplink_reconnects.clone(),
+        );
+        k
     }
 }
 

@@ -234,6 +234,7 @@ pub fn check_json(c: &AgentConfig) -> serde_json::Value {
                 "queue_size": n.queue_size,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
+        "warnings": c.warnings,
     })
 }
 

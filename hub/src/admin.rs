@@ -24,7 +24,7 @@ use crate::clock;
 use crate::config::{self, HubConfig, StoreKind};
 use crate::policy::{self, Applied, ApplyError, PolicyRecord};
 use crate::printable::printable;
-use crate::remote::{query, Remote, RemoteArgs};
+use crate::remote::{query, StoreOrApi};
 use crate::store::audit::{self, Verdict};
 use crate::store::{open_admin, store_path, AtPath as _, StoreReader};
 use crate::verbs::config_path;
@@ -55,17 +55,9 @@ pub struct PolicyApplyArgs {
     /// Apply this stored version's text again instead of a file.
     #[arg(long, value_name = "N")]
     pub version: Option<u64>,
-    /// The hub's TOML config file (to use its store directly).
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "api",
-        conflicts_with = "api"
-    )]
-    pub config: Option<PathBuf>,
-    /// Or call a hub's API instead.
+    /// The hub's store (`--config`) or its API (`--api`).
     #[command(flatten)]
-    pub remote: RemoteArgs,
+    pub at: StoreOrApi,
     /// Who applies it, for the audit log, as `local:NAME` (default: the
     /// login name); with --api the token's subject is recorded instead.
     #[arg(long, value_name = "NAME", conflicts_with = "api")]
@@ -78,17 +70,9 @@ pub struct PolicyApplyArgs {
 /// `outpost-hub policy show`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PolicyShowArgs {
-    /// The hub's TOML config file (to use its store directly).
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "api",
-        conflicts_with = "api"
-    )]
-    pub config: Option<PathBuf>,
-    /// Or call a hub's API instead.
+    /// The hub's store (`--config`) or its API (`--api`).
     #[command(flatten)]
-    pub remote: RemoteArgs,
+    pub at: StoreOrApi,
     /// This version instead of the one in force.
     #[arg(long, value_name = "N")]
     pub version: Option<u64>,
@@ -100,17 +84,9 @@ pub struct PolicyShowArgs {
 /// `outpost-hub policy history`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PolicyHistoryArgs {
-    /// The hub's TOML config file (to use its store directly).
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "api",
-        conflicts_with = "api"
-    )]
-    pub config: Option<PathBuf>,
-    /// Or call a hub's API instead.
+    /// The hub's store (`--config`) or its API (`--api`).
     #[command(flatten)]
-    pub remote: RemoteArgs,
+    pub at: StoreOrApi,
     /// Print one JSON document (an array, without the texts).
     #[arg(long)]
     pub json: bool,
@@ -125,17 +101,9 @@ pub struct PolicyDiffArgs {
     /// The newer version.
     #[arg(value_name = "B")]
     pub b: u64,
-    /// The hub's TOML config file (to use its store directly).
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "api",
-        conflicts_with = "api"
-    )]
-    pub config: Option<PathBuf>,
-    /// Or call a hub's API instead.
+    /// The hub's store (`--config`) or its API (`--api`).
     #[command(flatten)]
-    pub remote: RemoteArgs,
+    pub at: StoreOrApi,
 }
 
 /// `outpost-hub audit …`.
@@ -157,17 +125,9 @@ pub enum AuditCommand {
 /// `outpost-hub audit list`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuditListArgs {
-    /// The hub's TOML config file (to use its store directly).
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "api",
-        conflicts_with = "api"
-    )]
-    pub config: Option<PathBuf>,
-    /// Or call a hub's API instead.
+    /// The hub's store (`--config`) or its API (`--api`).
     #[command(flatten)]
-    pub remote: RemoteArgs,
+    pub at: StoreOrApi,
     /// How many entries (all when not given).
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
@@ -179,17 +139,9 @@ pub struct AuditListArgs {
 /// `outpost-hub audit verify`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuditVerifyArgs {
-    /// The hub's TOML config file (to use its store directly).
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "api",
-        conflicts_with = "api"
-    )]
-    pub config: Option<PathBuf>,
-    /// Or call a hub's API instead.
+    /// The hub's store (`--config`) or its API (`--api`).
     #[command(flatten)]
-    pub remote: RemoteArgs,
+    pub at: StoreOrApi,
     /// An `ID:HASH` printed by `audit anchor` earlier: entry ID must still be
     /// there with that hash (catches the newest entries cut off).
     #[arg(long, value_name = "ID:HASH", value_parser = parse_anchor)]
@@ -221,17 +173,9 @@ fn parse_anchor(s: &str) -> Result<audit::Anchor, String> {
 /// `outpost-hub audit anchor`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuditAnchorArgs {
-    /// The hub's TOML config file (to use its store directly).
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "api",
-        conflicts_with = "api"
-    )]
-    pub config: Option<PathBuf>,
-    /// Or call a hub's API instead.
+    /// The hub's store (`--config`) or its API (`--api`).
     #[command(flatten)]
-    pub remote: RemoteArgs,
+    pub at: StoreOrApi,
     /// Print one JSON document: `{"id": N, "hash": "...", "anchor": "N:..."}`.
     #[arg(long)]
     pub json: bool,
@@ -240,17 +184,9 @@ pub struct AuditAnchorArgs {
 /// `outpost-hub audit key`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuditKeyArgs {
-    /// The hub's TOML config file (to use its store directly).
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "api",
-        conflicts_with = "api"
-    )]
-    pub config: Option<PathBuf>,
-    /// Or call a hub's API instead.
+    /// The hub's store (`--config`) or its API (`--api`).
     #[command(flatten)]
-    pub remote: RemoteArgs,
+    pub at: StoreOrApi,
     /// Print one JSON document: `{"algorithm": "ed25519", "public_key":
     /// "<hex>", "fingerprint": "...", "pem": "..."}`.
     #[arg(long)]
@@ -306,7 +242,7 @@ pub fn policy(
 ) -> Result<(), VerbError> {
     match command {
         PolicyCommand::Apply(args) => {
-            if let Some(api) = Remote::from_args(&args.remote)? {
+            if let Some(api) = args.at.api()? {
                 let req = match (&args.file, args.version) {
                     (Some(file), _) => PolicyApply {
                         text: Some(std::fs::read_to_string(file).map_err(|source| {
@@ -330,7 +266,7 @@ pub fn policy(
             if let Some(outcome) = apply_on_jetstream(args, env)? {
                 return print_applied(&outcome, args.json, out);
             }
-            let (cfg, store) = load(config_path(args.config.as_deref())?, env)?;
+            let (cfg, store) = load(config_path(args.at.config.as_deref())?, env)?;
             let catalog = policy::catalog(&cfg);
             let actor = local_actor(args.actor.as_deref(), env);
             let outcome = match (&args.file, args.version) {
@@ -341,7 +277,7 @@ pub fn policy(
                             source,
                         })
                     })?;
-                    let key = audit_key(config_path(args.config.as_deref())?, &cfg)?;
+                    let key = audit_key(config_path(args.at.config.as_deref())?, &cfg)?;
                     let mut conn = admin(&store)?;
                     policy::apply(
                         &mut conn,
@@ -354,7 +290,7 @@ pub fn policy(
                     )?
                 }
                 (None, Some(v)) => {
-                    let key = audit_key(config_path(args.config.as_deref())?, &cfg)?;
+                    let key = audit_key(config_path(args.at.config.as_deref())?, &cfg)?;
                     let mut conn = admin(&store)?;
                     policy::rollback(&mut conn, &store, &key, v, &actor, &catalog)?
                 }
@@ -372,7 +308,7 @@ pub fn policy(
             print_applied(&outcome, args.json, out)?;
         }
         PolicyCommand::Show(args) => {
-            let remote = Remote::from_args(&args.remote)?;
+            let remote = args.at.api()?;
             let (found, wanted) = match remote {
                 Some(api) => {
                     let path = format!(
@@ -425,14 +361,14 @@ pub fn policy(
             }
         }
         PolicyCommand::History(args) => {
-            let all = match Remote::from_args(&args.remote)? {
+            let all = match args.at.api()? {
                 Some(api) => api
                     .get::<Vec<PolicyVersionDoc>>("/policy/history")?
                     .iter()
                     .filter_map(PolicyVersionDoc::record)
                     .collect(),
                 None => {
-                    let config = config_path(args.config.as_deref())?;
+                    let config = config_path(args.at.config.as_deref())?;
                     match jetstream_policies(config, env)? {
                         Some(all) => all,
                         None => {
@@ -462,13 +398,13 @@ pub fn policy(
             }
         }
         PolicyCommand::Diff(args) => {
-            let diff = match Remote::from_args(&args.remote)? {
+            let diff = match args.at.api()? {
                 Some(api) => {
                     let path = format!("/policy/diff?from={}&to={}", args.a, args.b);
                     api.get::<PolicyDiff>(&path)?.diff
                 }
                 None => {
-                    let (_, store) = load(config_path(args.config.as_deref())?, env)?;
+                    let (_, store) = load(config_path(args.at.config.as_deref())?, env)?;
                     let reader = StoreReader::open(&store)?;
                     let get = |v: u64| -> Result<PolicyRecord, VerbError> {
                         policy::get(reader.connection(), &store, v)?
@@ -489,7 +425,7 @@ fn local_show(
     args: &PolicyShowArgs,
     env: &[(String, String)],
 ) -> Result<(Option<PolicyRecord>, Option<u64>), VerbError> {
-    let config = config_path(args.config.as_deref())?;
+    let config = config_path(args.at.config.as_deref())?;
     Ok(match jetstream_policies(config, env)? {
         Some(all) => match args.version {
             Some(v) => (all.into_iter().find(|r| r.version == v), Some(v)),
@@ -511,7 +447,7 @@ fn apply_on_jetstream(
     args: &PolicyApplyArgs,
     env: &[(String, String)],
 ) -> Result<Option<Applied>, VerbError> {
-    let config = config_path(args.config.as_deref())?;
+    let config = config_path(args.at.config.as_deref())?;
     let cfg = config::load(config, env.iter().cloned())?;
     if cfg.store.jetstream().is_none() {
         return Ok(None);
@@ -676,8 +612,7 @@ pub fn audit(
 ) -> Result<(), VerbError> {
     match command {
         AuditCommand::List(args) => {
-            let entries: Vec<crate::api::types::AuditEntry> = match Remote::from_args(&args.remote)?
-            {
+            let entries: Vec<crate::api::types::AuditEntry> = match args.at.api()? {
                 Some(api) => {
                     let path = format!(
                         "/audit{}",
@@ -685,7 +620,7 @@ pub fn audit(
                     );
                     api.get::<AuditList>(&path)?.entries
                 }
-                None => audit_entries(config_path(args.config.as_deref())?, env, args.limit)?
+                None => audit_entries(config_path(args.at.config.as_deref())?, env, args.limit)?
                     .iter()
                     .map(crate::api::types::AuditEntry::from)
                     .collect(),
@@ -721,7 +656,7 @@ pub fn audit(
                 Some(f) => Some(PublicKey::read(f)?),
                 None => None,
             };
-            let verdict = match Remote::from_args(&args.remote)? {
+            let verdict = match args.at.api()? {
                 Some(api) => {
                     // The hub's own verdict, and a walk here with the key the
                     // operator trusts: a hub that lies about its chain is
@@ -746,7 +681,7 @@ pub fn audit(
                     crate::audit::chain::walk(&records, &key, args.anchor.as_ref())
                 }
                 None => {
-                    let config = config_path(args.config.as_deref())?;
+                    let config = config_path(args.at.config.as_deref())?;
                     let cfg = config::load(config, env.iter().cloned())?;
                     let key = match given {
                         Some(k) => k,
@@ -800,10 +735,10 @@ pub fn audit(
             }
         }
         AuditCommand::Anchor(args) => {
-            let anchor = match Remote::from_args(&args.remote)? {
+            let anchor = match args.at.api()? {
                 Some(api) => api.get::<AuditAnchor>("/audit/anchor")?,
                 None => {
-                    let config = config_path(args.config.as_deref())?;
+                    let config = config_path(args.at.config.as_deref())?;
                     let newest = audit_entries(config, env, Some(1))?;
                     AuditAnchor::of(newest.last()).ok_or_else(|| {
                         VerbError::Usage(format!(
@@ -820,10 +755,10 @@ pub fn audit(
             }
         }
         AuditCommand::Key(args) => {
-            let doc = match Remote::from_args(&args.remote)? {
+            let doc = match args.at.api()? {
                 Some(api) => api.get::<AuditPublicKey>("/audit/key")?,
                 None => AuditPublicKey::of(&audit_public_key(
-                    config_path(args.config.as_deref())?,
+                    config_path(args.at.config.as_deref())?,
                     env.iter().cloned(),
                 )?),
             };

@@ -19,6 +19,7 @@ pub mod commands;
 pub mod config;
 pub mod enroll;
 pub mod hashing;
+pub mod kpis;
 pub mod logging;
 pub mod metrics;
 pub mod nats;

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::clock;
+use crate::kpis::Kpis;
 use crate::server::{DoorCounters, DoorCounts};
 use crate::store::jetstream::JetStreamStore;
 use crate::store::{AgentRecord, SinkStatus, StoreError, StoreReader};
@@ -117,13 +118,14 @@ struct ReasonLabels {
     reason: String,
 }
 
-/// The text exposition of what `sinks` and `fleet` say now, and what the
-/// door decided.
-pub fn render(scrape: &Scrape, door: &DoorCounts, now_ns: i64) -> String {
+/// The text exposition of what `sinks` and `fleet` say now, what the
+/// door decided, and the KPIs this process counted.
+pub fn render(scrape: &Scrape, door: &DoorCounts, kpis: &Kpis, now_ns: i64) -> String {
     let (sinks, fleet) = (&scrape.sinks, &scrape.fleet);
     let mut registry = Registry::with_prefix("outpost_hub");
     render_door(&mut registry, door);
     render_commands(&mut registry, &scrape.commands);
+    kpis.register(&mut registry);
     let counter = |registry: &mut Registry, name: &str, help: &str| {
         let f = Family::<SinkLabels, Counter>::default();
         registry.register(name, help, f.clone());
@@ -301,6 +303,7 @@ pub async fn serve(
     listener: TcpListener,
     source: MetricsSource,
     door: Arc<DoorCounters>,
+    kpis: Arc<Kpis>,
     shutdown: CancellationToken,
 ) {
     let source = Arc::new(source);
@@ -312,12 +315,15 @@ pub async fn serve(
         let Ok((stream, _)) = accepted else {
             continue;
         };
-        let (source, door) = (source.clone(), door.clone());
+        let (source, door, kpis) = (source.clone(), door.clone(), kpis.clone());
         let service = hyper::service::service_fn(move |_req| {
-            let (source, door) = (source.clone(), door.clone());
+            let (source, door, kpis) = (source.clone(), door.clone(), kpis.clone());
             async move {
                 let (status, body) = match source.read().await {
-                    Ok(scrape) => (200, render(&scrape, &door.read(), clock::unix_now().0)),
+                    Ok(scrape) => (
+                        200,
+                        render(&scrape, &door.read(), &kpis, clock::unix_now().0),
+                    ),
                     Err(e) => {
                         warn!(error = %e, "Cannot read the store for a metrics scrape.");
                         (503, format!("cannot read the store: {e}\n"))
@@ -413,6 +419,7 @@ mod tests {
                 stream_deadline: 2,
                 in_flight: 3,
             },
+            &Kpis::new(5 * s),
             25 * s,
         );
         for line in [
@@ -432,6 +439,7 @@ mod tests {
             "outpost_hub_connections_retried_total 6",
             "outpost_hub_connections_stream_deadline_total 2",
             "outpost_hub_handshakes_in_flight 3",
+            "outpost_hub_start_time_seconds 5",
             "outpost_hub_commands{kind=\"read\",state=\"applied\"} 4",
             "outpost_hub_commands{kind=\"write\",state=\"refused\"} 1",
         ] {

@@ -45,6 +45,31 @@ pub struct RemoteArgs {
     pub api_ca: Option<PathBuf>,
 }
 
+/// Where a verb that can work either way reads and writes: the hub's store
+/// (`--config FILE`, the break-glass path) or the hub's API (`--api URL
+/// --token-file F`), exactly one of them.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct StoreOrApi {
+    /// The hub's TOML config file (to use its store directly).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub config: Option<PathBuf>,
+    /// Or call a hub's API instead.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+impl StoreOrApi {
+    /// The API to call, or `None` for the store.
+    pub fn api(&self) -> Result<Option<Remote>, RemoteError> {
+        Remote::from_args(&self.remote)
+    }
+}
+
 /// Why a call to the API failed; its message is the one line printed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -335,12 +335,20 @@ async fn serve_on<T>(
         commands: r.commands,
     };
     let door = std::sync::Arc::new(server::DoorCounters::default());
-    let metrics = start_metrics(cfg, sources.metrics, door.clone(), shutdown.child_token()).await;
+    let metrics = start_metrics(
+        cfg,
+        sources.metrics,
+        door.clone(),
+        r.handle.kpis().clone(),
+        shutdown.child_token(),
+    )
+    .await;
     let api = match crate::api::server::start(
         cfg,
         base,
         sources.api,
         sources.keys.audit.clone(),
+        r.handle.kpis().clone(),
         shutdown.child_token(),
     )
     .await
@@ -460,13 +468,20 @@ async fn start_metrics(
     cfg: &HubConfig,
     source: MetricsSource,
     door: std::sync::Arc<server::DoorCounters>,
+    kpis: std::sync::Arc<crate::kpis::Kpis>,
     stop: CancellationToken,
 ) -> Option<Metrics> {
     let addr = cfg.observability.metrics.parse::<SocketAddr>().ok()?;
     match tokio::net::TcpListener::bind(addr).await {
         Ok(listener) => {
             info!(listen = %listener.local_addr().unwrap_or(addr), "Metrics listening (Prometheus).");
-            let task = tokio::spawn(crate::metrics::serve(listener, source, door, stop.clone()));
+            let task = tokio::spawn(crate::metrics::serve(
+                listener,
+                source,
+                door,
+                kpis,
+                stop.clone(),
+            ));
             Some(Metrics { task, stop })
         }
         Err(e) => {

@@ -23,7 +23,7 @@ use crate::api::types::{Agent, EventDoc, EventStats, EventsTail, Sink};
 use crate::clock;
 use crate::config::{self, ConfigError, StoreKind};
 use crate::printable::printable;
-use crate::remote::{query, Remote, RemoteArgs, RemoteError};
+use crate::remote::{query, RemoteError, StoreOrApi};
 use crate::store::{store_path, AgentEventStats, AgentRecord, SinkStatus, StoreError, StoreReader};
 
 /// `outpost-hub fleet …`.
@@ -46,17 +46,9 @@ pub enum SinksCommand {
 /// `outpost-hub sinks status`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SinksStatusArgs {
-    /// The hub's TOML config file (to read its store directly).
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "api",
-        conflicts_with = "api"
-    )]
-    pub config: Option<PathBuf>,
-    /// Or call a hub's API instead.
+    /// The hub's store (`--config`) or its API (`--api`).
     #[command(flatten)]
-    pub remote: RemoteArgs,
+    pub at: StoreOrApi,
     /// Print one JSON document (an array of objects).
     #[arg(long)]
     pub json: bool,
@@ -65,17 +57,9 @@ pub struct SinksStatusArgs {
 /// `outpost-hub fleet list`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FleetListArgs {
-    /// The hub's TOML config file (to read its store directly).
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "api",
-        conflicts_with = "api"
-    )]
-    pub config: Option<PathBuf>,
-    /// Or call a hub's API instead.
+    /// The hub's store (`--config`) or its API (`--api`).
     #[command(flatten)]
-    pub remote: RemoteArgs,
+    pub at: StoreOrApi,
     /// Print one JSON document (an array of objects).
     #[arg(long)]
     pub json: bool,
@@ -93,17 +77,9 @@ pub enum EventsCommand {
 /// `outpost-hub events tail`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EventsTailArgs {
-    /// The hub's TOML config file (to read its store directly).
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "api",
-        conflicts_with = "api"
-    )]
-    pub config: Option<PathBuf>,
-    /// Or call a hub's API instead.
+    /// The hub's store (`--config`) or its API (`--api`).
     #[command(flatten)]
-    pub remote: RemoteArgs,
+    pub at: StoreOrApi,
     /// Only this agent's events.
     #[arg(long, value_name = "ID")]
     pub agent: Option<String>,
@@ -121,17 +97,9 @@ pub struct EventsTailArgs {
 /// `outpost-hub events stats`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EventsStatsArgs {
-    /// The hub's TOML config file (to read its store directly).
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "api",
-        conflicts_with = "api"
-    )]
-    pub config: Option<PathBuf>,
-    /// Or call a hub's API instead.
+    /// The hub's store (`--config`) or its API (`--api`).
     #[command(flatten)]
-    pub remote: RemoteArgs,
+    pub at: StoreOrApi,
     /// Only this agent.
     #[arg(long, value_name = "ID")]
     pub agent: Option<String>,
@@ -244,10 +212,10 @@ pub fn fleet(
 ) -> Result<(), VerbError> {
     match command {
         FleetCommand::List(args) => {
-            let fleet = match Remote::from_args(&args.remote)? {
+            let fleet = match args.at.api()? {
                 Some(api) => records(api.get::<Vec<Agent>>("/fleet")?.iter().map(Agent::record))?,
                 None => {
-                    let path = config_path(args.config.as_deref())?;
+                    let path = config_path(args.at.config.as_deref())?;
                     let env: Vec<(String, String)> = env.into_iter().collect();
                     let cfg = config::load(path, env.clone())?;
                     match on_jetstream(path, &cfg, |js| async move { Ok(js.fleet().await?) })? {
@@ -276,7 +244,7 @@ pub fn sinks(
 ) -> Result<(), VerbError> {
     match command {
         SinksCommand::Status(args) => {
-            let (status, configured) = match Remote::from_args(&args.remote)? {
+            let (status, configured) = match args.at.api()? {
                 Some(api) => {
                     let sinks = api.get::<Vec<Sink>>("/sinks")?;
                     let configured = sinks
@@ -287,7 +255,7 @@ pub fn sinks(
                     (sinks.iter().map(Sink::record).collect(), configured)
                 }
                 None => {
-                    let path = config_path(args.config.as_deref())?;
+                    let path = config_path(args.at.config.as_deref())?;
                     let env: Vec<(String, String)> = env.into_iter().collect();
                     let cfg = config::load(path, env.clone())?;
                     let configured: Vec<String> = cfg.sinks.iter().map(|s| s.id.clone()).collect();
@@ -384,7 +352,7 @@ pub fn events(
 ) -> Result<(), VerbError> {
     match command {
         EventsCommand::Tail(args) => {
-            if let Some(api) = Remote::from_args(&args.remote)? {
+            if let Some(api) = args.at.api()? {
                 let path = format!(
                     "/events/tail{}",
                     query(&[
@@ -408,7 +376,7 @@ pub fn events(
                 out.flush()?;
                 return Ok(());
             }
-            let cfg = load(config_path(args.config.as_deref())?, env)?;
+            let cfg = load(config_path(args.at.config.as_deref())?, env)?;
             let agent = parse_agent(args.agent.as_deref())?;
             let pattern = args
                 .stream
@@ -430,7 +398,7 @@ pub fn events(
             }
         }
         EventsCommand::Stats(args) => {
-            let stats = match Remote::from_args(&args.remote)? {
+            let stats = match args.at.api()? {
                 Some(api) => {
                     let path = format!("/events/stats{}", query(&[("agent", args.agent.clone())]));
                     records(
@@ -440,7 +408,7 @@ pub fn events(
                     )?
                 }
                 None => {
-                    let cfg = load(config_path(args.config.as_deref())?, env)?;
+                    let cfg = load(config_path(args.at.config.as_deref())?, env)?;
                     let agent = parse_agent(args.agent.as_deref())?;
                     StoreReader::open(&cfg)?.events_stats(agent.as_ref())?
                 }

@@ -131,6 +131,34 @@ impl StreamName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// [`BRIDGE_WRITES_STREAM`], which is valid by construction.
+    pub fn bridge_writes() -> StreamName {
+        StreamName(BRIDGE_WRITES_STREAM.to_owned())
+    }
+
+    /// Whether the name is in the namespace the agent keeps for its own
+    /// records ([`RESERVED_PREFIX`]).
+    pub fn is_reserved(&self) -> bool {
+        is_reserved(&self.0)
+    }
+}
+
+/// The first level of the streams the agent writes about itself, such as
+/// [`BRIDGE_WRITES_STREAM`]. `$` because MQTT keeps topics starting with it
+/// for the broker's own use: no filter starting with a wildcard matches
+/// them, so neither a site's `#` subscription nor a policy's `#` rule takes
+/// one by accident, and the agent refuses a subscription that names it.
+pub const RESERVED_PREFIX: &str = "$outpost/";
+
+/// The stream of the agent's record of every write an MQTT → Modbus bridge
+/// made (or refused, or failed): topic, device, tag, value and outcome.
+pub const BRIDGE_WRITES_STREAM: &str = "$outpost/bridge/writes";
+
+/// Whether a stream name or topic is in the reserved namespace: its first
+/// level is `$outpost`.
+pub fn is_reserved(name: &str) -> bool {
+    name.split('/').next() == Some(RESERVED_PREFIX.trim_end_matches('/'))
 }
 
 impl TryFrom<String> for StreamName {

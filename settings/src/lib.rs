@@ -14,6 +14,8 @@
 
 mod error;
 mod load;
+mod segments;
+mod tree;
 mod units;
 
 pub use error::ConfigError;

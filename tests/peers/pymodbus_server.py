@@ -4,6 +4,7 @@ of the agent's, for end-to-end tests.
 
     pymodbus_server.py --port PORT --points points.json
     pymodbus_server.py --serial /dev/ttyX [--baud 19200] [--unit 1] --points points.json
+    pymodbus_server.py ... --writes writes.json
 
 With --port it serves Modbus TCP on 127.0.0.1:PORT. With --serial it serves
 Modbus RTU (8 data bits, no parity, 1 stop bit) on a serial line, such as one
@@ -24,6 +25,13 @@ register, cdab reverses the order of the registers and dcba does both. Strings
 are UTF-8 padded with NULs to `length` registers; their registers stay in order
 and only badc and dcba swap the bytes in each register.
 
+With --writes FILE it counts every write request it receives (function
+codes 5, 6, 15, 16 and 22), by table and starting address, and rewrites FILE
+(atomically, by a rename) after each one: `{"holding/0": 1, "coil/3": 2}`.
+The count is of requests received, before the datastore applies them, so a
+test that asserts a command wrote once sees every attempt, not only the ones
+that succeeded. The file exists (`{}`) from the moment the server listens.
+
 Prints `listening 127.0.0.1:PORT` (TCP) or `listening /dev/ttyX` (RTU) on
 stdout once it serves. Exits with status 3 and a message on stderr if pymodbus
 (or, for --serial, pyserial) cannot be imported.
@@ -32,6 +40,7 @@ stdout once it serves. Exits with status 3 and a message on stderr if pymodbus
 import argparse
 import asyncio
 import json
+import os
 import struct
 import sys
 
@@ -165,7 +174,49 @@ def only_unit(unit):
     return trace
 
 
-async def serve_serial(args, context):
+# The function codes that write, and the table each writes.
+WRITE_TABLES = {5: "coil", 15: "coil", 6: "holding", 16: "holding", 22: "holding"}
+
+
+class WriteCounter:
+    """Counts write requests by table and starting address into a JSON file."""
+
+    def __init__(self, path):
+        self.path = path
+        self.counts = {}
+        self.save()
+
+    def save(self):
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.counts, f, sort_keys=True)
+        os.replace(tmp, self.path)
+
+    def saw(self, pdu):
+        table = WRITE_TABLES.get(pdu.function_code)
+        if table is None:
+            return
+        key = f"{table}/{pdu.address}"
+        self.counts[key] = self.counts.get(key, 0) + 1
+        self.save()
+
+
+def tracer(unit=None, counter=None):
+    """A `trace_pdu` hook: drops requests for other unit ids (if `unit`),
+    and counts the write requests it lets through (if `counter`)."""
+    drop = only_unit(unit) if unit is not None else None
+
+    def trace(sending, pdu):
+        if drop is not None and drop(sending, pdu) is None:
+            return None
+        if not sending and counter is not None:
+            counter.saw(pdu)
+        return pdu
+
+    return trace
+
+
+async def serve_serial(args, context, counter):
     try:
         import serial  # noqa: F401  pymodbus opens the line with pyserial.
     except ImportError as e:
@@ -183,7 +234,7 @@ async def serve_serial(args, context):
         bytesize=8,
         parity="N",
         stopbits=1,
-        trace_pdu=only_unit(args.unit),
+        trace_pdu=tracer(args.unit, counter),
     )
     # In the background, serve_forever returns once the line is open.
     await server.serve_forever(background=True)
@@ -199,15 +250,21 @@ async def main():
     parser.add_argument("--baud", type=int, default=19200, help="RTU baud rate")
     parser.add_argument("--unit", type=int, default=1, help="the unit id served")
     parser.add_argument("--points", required=True, help="JSON file of typed points")
+    parser.add_argument("--writes", help="count write requests into this JSON file")
     args = parser.parse_args()
     with open(args.points, encoding="utf-8") as f:
         points = json.load(f)
     context = server_context(build_tables(points), args.unit)
+    counter = WriteCounter(args.writes) if args.writes else None
     if args.serial is not None:
-        await serve_serial(args, context)
+        await serve_serial(args, context, counter)
         return
     server = asyncio.create_task(
-        StartAsyncTcpServer(context=context, address=("127.0.0.1", args.port))
+        StartAsyncTcpServer(
+            context=context,
+            address=("127.0.0.1", args.port),
+            trace_pdu=tracer(None, counter) if counter is not None else None,
+        )
     )
     ready = asyncio.create_task(announce_when_ready(args.port))
     done, _ = await asyncio.wait({server, ready}, return_when=asyncio.FIRST_COMPLETED)

@@ -236,6 +236,12 @@ impl Agent {
     /// Starts the agent on an existing config file; its log goes to
     /// `agent.log` beside it (appended, so restarts keep history).
     pub fn start_file(path: &Path) -> Result<Agent> {
+        Self::start_file_with_env(path, &[])
+    }
+
+    /// [`Agent::start_file`] with more environment variables (a test-only
+    /// fault such as `outpost_agent::commands::ABORT_AFTER_RECORD`).
+    pub fn start_file_with_env(path: &Path, env: &[(&str, &str)]) -> Result<Agent> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -244,6 +250,7 @@ impl Agent {
             .arg("run")
             .arg("--config")
             .arg(path)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -1009,6 +1016,7 @@ pub fn ramping_device(tags: usize) -> String {
     s
 }
 
+pub mod commands;
 pub mod fleet_sim;
 pub mod netns;
 pub mod tcp_proxy;

@@ -9,7 +9,9 @@
 //!
 //! Each client address gets its own upstream socket, so the upstream sees one
 //! peer per client, as it would through a NAT, and the replies go back to the
-//! client they belong to. Faults apply to both directions alike.
+//! client they belong to. Faults apply to both directions alike, unless set
+//! for each direction ([`UdpProxy::set_each`]: a link that carries the hub's
+//! datagrams to the agent and loses every one the agent sends).
 //!
 //! Everything is bounded: at most [`MAX_CLIENTS`] client mappings (the oldest
 //! is forgotten first) and at most [`MAX_HELD`] datagrams held back for delay
@@ -103,9 +105,12 @@ struct Counters {
     overflowed: AtomicU64,
 }
 
-/// The faults and the random source that applies them.
+/// The faults of each direction and the random source that applies them.
 struct Link {
+    /// Client → upstream.
     faults: Faults,
+    /// Upstream → client.
+    back: Faults,
     rng: u64,
 }
 
@@ -151,6 +156,7 @@ impl UdpProxy {
         let shared = Arc::new(Shared {
             link: Mutex::new(Link {
                 faults: Faults::PASS,
+                back: Faults::PASS,
                 rng: seed,
             }),
             counters: Counters::default(),
@@ -190,8 +196,15 @@ impl UdpProxy {
 
     /// Switches the faults; datagrams already held back keep their schedule.
     pub fn set(&self, faults: Faults) {
+        self.set_each(faults, faults);
+    }
+
+    /// Switches the faults of each direction: `to_upstream` for what clients
+    /// send, `to_client` for what the upstream sends back.
+    pub fn set_each(&self, to_upstream: Faults, to_client: Faults) {
         if let Ok(mut link) = self.shared.link.lock() {
-            link.faults = faults;
+            link.faults = to_upstream;
+            link.back = to_client;
         }
     }
 
@@ -338,7 +351,10 @@ async fn forward(shared: &Arc<Shared>, dest: Dest, data: &[u8]) {
         let Ok(mut link) = shared.link.lock() else {
             return;
         };
-        let f = link.faults;
+        let f = match dest {
+            Dest::Upstream(_) => link.faults,
+            Dest::Client(..) => link.back,
+        };
         if f.black_hole {
             c.black_holed.fetch_add(1, Ordering::Relaxed);
             return;
@@ -448,6 +464,24 @@ mod tests {
         proxy.set(Faults::BLACK_HOLE);
         assert!(round_trip(&proxy, 50)?.is_empty());
         assert_eq!(proxy.stats().black_holed, 50);
+
+        let stopper = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        stopper.send_to(b"stop", echo_addr)?;
+        let _ = echo_thread.join();
+        Ok(())
+    }
+
+    #[test]
+    fn a_link_black_holed_one_way_carries_the_other_way() -> Result<()> {
+        let (echo_addr, echo_thread) = echo()?;
+        let proxy = UdpProxy::start(echo_addr)?;
+        // Out to the echo server, nothing back.
+        proxy.set_each(Faults::PASS, Faults::BLACK_HOLE);
+        assert!(round_trip(&proxy, 50)?.is_empty());
+        let s = proxy.stats();
+        assert_eq!((s.sent, s.black_holed), (50, 50), "{s:?}");
+        proxy.set(Faults::PASS);
+        assert_eq!(round_trip(&proxy, 20)?, (0..20).collect::<Vec<_>>());
 
         let stopper = std::net::UdpSocket::bind("127.0.0.1:0")?;
         stopper.send_to(b"stop", echo_addr)?;

@@ -192,3 +192,119 @@ fn the_hub_checks_its_config_too() -> Result<()> {
     assert!(out.starts_with("outpost-hub "));
     Ok(())
 }
+
+/// GOOD with a writable setpoint and an MQTT → Modbus bridge to it from
+/// `from`, `bridge` more keys on the bridge, `mqtt` more keys in `[mqtt]`.
+fn with_write_bridge(from: &str, bridge: &str, mqtt: &str) -> String {
+    format!(
+        "{}\n[[modbus.devices.tags]]\nname = \"setpoint\"\ntable = \"holding\"\naddress = 110\ntype = \"u16\"\nwritable = true\n\n[[bridges]]\nfrom = \"mqtt:{from}\"\nto = \"modbus:plc1/setpoint\"\n{bridge}\n",
+        GOOD.replace("[[mqtt.subscribe]]", &format!("{mqtt}\n[[mqtt.subscribe]]")),
+    )
+}
+
+#[test]
+fn a_write_bridge_without_tls_and_login_exits_2_naming_the_bridge_in_check_and_run() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let text = with_write_bridge("cmd/plc1/setpoint", "", "");
+    let (code, _, err) = check(dir.path(), &text)?;
+    let needles = [
+        "agent.toml: bridges[0]: ",
+        "\"mqtt:cmd/plc1/setpoint\"",
+        "no TLS ([mqtt.tls]) and no login",
+        "allow_unauthenticated_writes",
+    ];
+    assert_bad(code, &err, &needles);
+    // `run` refuses it the same way, before it opens anything.
+    let p = dir.path().join("agent.toml");
+    let (code, _, err) = run_cli(
+        &bin("outpost-agent")?,
+        &["run", "--config", p.to_str().unwrap_or_default()],
+    )?;
+    assert_bad(code, &err, &needles);
+    assert!(
+        !dir.path().join("data").exists(),
+        "run made its data folder"
+    );
+    // A login alone is not enough: the password would cross in clear.
+    let (code, _, err) = check(
+        dir.path(),
+        &with_write_bridge(
+            "cmd/plc1/setpoint",
+            "",
+            "username = \"agent\"\npassword = \"secret\"",
+        ),
+    )?;
+    assert_bad(
+        code,
+        &err,
+        &["bridges[0]: ", "[mqtt] has no TLS ([mqtt.tls]):"],
+    );
+    // TLS with a login passes without a warning.
+    let (code, _, err) = check(
+        dir.path(),
+        &with_write_bridge(
+            "cmd/plc1/setpoint",
+            "",
+            "username = \"agent\"\npassword = \"secret\"\ntls = { ca = \"ca.pem\" }",
+        ),
+    )?;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(err, "", "no warning");
+    Ok(())
+}
+
+#[test]
+fn a_write_bridge_from_a_wildcard_topic_exits_2_naming_the_key() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    for from in ["cmd/+/setpoint", "cmd/plc1/#"] {
+        let (code, _, err) = check(
+            dir.path(),
+            &with_write_bridge(from, "allow_unauthenticated_writes = true", ""),
+        )?;
+        assert_bad(
+            code,
+            &err,
+            &["agent.toml: bridges[0].from: ", from, "wildcards"],
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn allow_unauthenticated_writes_warns_on_stderr_and_exits_0() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let text = with_write_bridge(
+        "cmd/plc1/setpoint",
+        "allow_unauthenticated_writes = true",
+        "",
+    );
+    let (code, out, err) = check(dir.path(), &text)?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("bridge mqtt:cmd/plc1/setpoint -> modbus:plc1/setpoint (write)"),
+        "{out}"
+    );
+    assert_eq!(err.lines().count(), 1, "one warning: {err}");
+    assert!(
+        err.starts_with("warning: ")
+            && err.contains("agent.toml: bridges[0].allow_unauthenticated_writes: "),
+        "{err}"
+    );
+    assert!(err.contains("cmd/plc1/setpoint"), "{err}");
+    assert!(!out.contains("warning"), "warnings go to stderr: {out}");
+    // `--json` carries it too, and stdout stays one JSON document.
+    let p = dir.path().join("agent.toml");
+    let (code, out, _) = run_cli(
+        &bin("outpost-agent")?,
+        &[
+            "check",
+            "--json",
+            "--config",
+            p.to_str().unwrap_or_default(),
+        ],
+    )?;
+    assert_eq!(code, 0);
+    let j: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(j["warnings"].as_array().map(Vec::len), Some(1), "{j}");
+    Ok(())
+}

@@ -37,6 +37,7 @@ fn event(agent: &str, seq: u64, stream: &str, value: Value, quality: Quality) ->
     let mut attrs = BTreeMap::new();
     attrs.insert("unit".to_owned(), "°C".to_owned());
     SinkEvent {
+        queued_at: 0,
         event: Event {
             agent_id: AgentId::parse(agent).expect("agent id"),
             seq: Seq(seq),

@@ -311,6 +311,7 @@ qos = 1
 [[bridges]]
 from = "mqtt:cmd/plc1/setpoint"
 to = "modbus:plc1/setpoint"
+allow_unauthenticated_writes = true
 "#,
         sim.addr
     );
@@ -350,7 +351,33 @@ to = "modbus:plc1/setpoint"
         anyhow::Ok(seen)
     })?;
     assert_eq!(seen.first().map(String::as_str), Some("42"), "{seen:?}");
-    assert!(log_contains(dir.path(), "Bridge wrote tag."));
+    // The waiver is repeated at start, naming the bridge.
+    assert!(log_contains(
+        dir.path(),
+        "bridges[1].allow_unauthenticated_writes"
+    ));
+    // The write is recorded in the outbox, for the hub, on the reserved
+    // stream: what, where, from which topic, and that it was applied.
+    let mut record = None;
+    wait_until(
+        Duration::from_secs(60),
+        "the bridge write's record in the outbox",
+        || {
+            record = outbox_events(&dir.path().join("data"))
+                .unwrap_or_default()
+                .into_iter()
+                .find(|e| e.body.stream.as_str() == "$outpost/bridge/writes");
+            record.is_some()
+        },
+    )?;
+    let record = record.context("record")?;
+    let Value::Json(doc) = &record.body.value else {
+        bail!("record is not JSON: {record:?}");
+    };
+    assert_eq!(
+        doc.to_value(),
+        serde_json::json!({"topic": "cmd/plc1/setpoint", "device": "plc1", "tag": "setpoint", "value": 77, "outcome": "applied"})
+    );
     agent.proc.term(Duration::from_secs(30))?;
     Ok(())
 }

@@ -258,6 +258,7 @@ async fn config_error(http: serde_json::Value, base: &Path) -> Result<(String, S
 
 fn event(agent: &str, seq: u64, stream: &str, value: Value) -> Result<SinkEvent> {
     Ok(SinkEvent {
+        queued_at: 0,
         event: Event {
             agent_id: AgentId::parse(agent)?,
             seq: Seq(seq),

@@ -35,6 +35,7 @@ fn event(agent: &str, seq: u64, stream: &str, value: Value) -> SinkEvent {
     let mut labels = BTreeMap::new();
     labels.insert("site".to_owned(), "lyon".to_owned());
     SinkEvent {
+        queued_at: 0,
         event: Event {
             agent_id: AgentId::parse(agent).expect("agent id"),
             seq: Seq(seq),

@@ -37,6 +37,7 @@ fn event(agent: &str, seq: u64, stream: &str, value: Value, site: &str) -> SinkE
     let mut labels = BTreeMap::new();
     labels.insert("site".to_owned(), site.to_owned());
     SinkEvent {
+        queued_at: 0,
         event: Event {
             agent_id: AgentId::parse(agent).expect("agent id"),
             seq: Seq(seq),

@@ -54,6 +54,20 @@ const DEVICE_TIMEOUT: Duration = Duration::from_secs(30);
 /// so a command the hub could still send again is answered from the record.
 const KEEP: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// The end-to-end tests' fault: set to `1`, the agent aborts (as a kill -9
+/// would stop it) right after it recorded the outcome of a command it
+/// executed, and before it reports it, so that the window the ledger exists
+/// for can be hit exactly. Read once at start, and only by debug builds,
+/// the ones the tests run: a release build ignores it
+/// ([commands.md](../../../docs/commands.md#testing-at-most-once)).
+pub const ABORT_AFTER_RECORD: &str = "OUTPOST_TEST_ABORT_AFTER_COMMAND";
+
+/// Whether the test-only fault [`ABORT_AFTER_RECORD`] is armed; always
+/// `false` in a release build, where the read is compiled out.
+fn abort_after_record_armed() -> bool {
+    cfg!(debug_assertions) && std::env::var_os(ABORT_AFTER_RECORD).is_some_and(|v| v == "1")
+}
+
 /// The uplink's side: where commands go and their results come from.
 #[derive(Debug)]
 pub struct Commands {
@@ -92,6 +106,8 @@ pub struct Executor {
     metrics: Arc<Metrics>,
     requests: mpsc::Receiver<CommandRequest>,
     results: mpsc::Sender<(CommandId, Outcome)>,
+    /// The test-only fault [`ABORT_AFTER_RECORD`].
+    abort_after_record: bool,
 }
 
 /// Opens the ledger in the data directory and makes the executor and the
@@ -130,6 +146,7 @@ pub fn open(
             metrics,
             requests: rrx,
             results: otx,
+            abort_after_record: abort_after_record_armed(),
         },
     ))
 }
@@ -207,7 +224,15 @@ impl Executor {
         }
         let outcome = self.execute(&command.action, &command.id).await;
         info!(kind, outcome = outcome.name(), reason = outcome.reason().unwrap_or(""), value = ?outcome.value(), "Command executed.");
-        self.finish(command, outcome).await
+        let recorded = self.finish(command, outcome).await;
+        if recorded.is_some() && self.abort_after_record {
+            warn!(
+                fault = ABORT_AFTER_RECORD,
+                "Test fault: aborting after recording the command's outcome, before reporting it."
+            );
+            std::process::abort();
+        }
+        recorded
     }
 
     /// Records the outcome and counts it; `None` if it cannot be recorded

@@ -487,6 +487,11 @@ pub struct BridgeSection {
     /// `poll`.
     #[serde(default)]
     pub on: Option<String>,
+    /// MQTT → Modbus: run this write bridge although the site broker is
+    /// reached without TLS or without a login (anyone who can publish to it
+    /// then writes the tag); `check` warns about it.
+    #[serde(default)]
+    pub allow_unauthenticated_writes: Option<bool>,
 }
 
 /// `[observability]`.
@@ -599,6 +604,9 @@ pub struct AgentConfig {
     pub opcua_servers: Vec<ServerSettings>,
     /// Logs and metrics.
     pub observability: ObservabilitySection,
+    /// What is allowed but risky, one line each (`<file>: <key>: ...`):
+    /// `check` prints them on stderr, `run` logs them.
+    pub warnings: Vec<String>,
 }
 
 /// Validated `[outbox]`.
@@ -844,6 +852,8 @@ pub struct WriteBridge {
     pub device: usize,
     /// Tag index into that device's tags.
     pub tag: usize,
+    /// The tag's stream, `<device>/<tag>`.
+    pub stream: StreamName,
 }
 
 struct Ctx<'a> {
@@ -898,8 +908,11 @@ impl RawConfig {
             Some(m) => Some(validate_mqtt(&cx, m, &resolve)?),
             None => None,
         };
-        let (publish_bridges, write_bridges) =
-            validate_bridges(&cx, &self.bridges, &devices, mqtt.is_some())?;
+        let Bridges {
+            publish: publish_bridges,
+            write: write_bridges,
+            warnings,
+        } = validate_bridges(&cx, &self.bridges, &devices, mqtt.as_ref())?;
         validate_observability(&cx, &self.observability)?;
         let opcua_servers = validate_opcua(path, &self.opcua, &resolve)?;
 
@@ -916,6 +929,7 @@ impl RawConfig {
             write_bridges,
             opcua_servers,
             observability: self.observability,
+            warnings,
         })
     }
 }
@@ -1375,6 +1389,16 @@ fn validate_mqtt(
         let k = format!("mqtt.subscribe[{i}]");
         let filter = TopicFilter::parse(&s.filter)
             .map_err(|e| cx.err(format!("{k}.filter"), e.to_string()))?;
+        if outpost_protocols::event::is_reserved(filter.as_str()) {
+            return Err(cx.err(
+                format!("{k}.filter"),
+                format!(
+                    "{:?}: streams under {:?} are the agent's own records; a message stored there could pass for one",
+                    s.filter,
+                    outpost_protocols::event::RESERVED_PREFIX
+                ),
+            ));
+        }
         if s.qos > 2 {
             return Err(cx.err(format!("{k}.qos"), format!("{} is not 0, 1 or 2", s.qos)));
         }
@@ -1452,20 +1476,27 @@ fn validate_bridges(
     cx: &Ctx<'_>,
     bridges: &[BridgeSection],
     devices: &[DeviceSettings],
-    have_mqtt: bool,
-) -> Result<(Vec<PublishBridge>, Vec<WriteBridge>), ConfigError> {
+    mqtt: Option<&MqttSettings>,
+) -> Result<Bridges, ConfigError> {
     let mut publish = Vec::new();
     let mut write = Vec::new();
+    let mut warnings = Vec::new();
     for (i, b) in bridges.iter().enumerate() {
         let k = format!("bridges[{i}]");
-        if !have_mqtt {
+        let Some(mqtt) = mqtt else {
             return Err(cx.err(k, "bridges need an [mqtt] section"));
-        }
+        };
         if b.qos > 2 {
             return Err(cx.err(format!("{k}.qos"), format!("{} is not 0, 1 or 2", b.qos)));
         }
         match (b.from.split_once(':'), b.to.split_once(':')) {
             (Some(("modbus", from)), Some(("mqtt", to))) => {
+                if b.allow_unauthenticated_writes.is_some() {
+                    return Err(cx.err(
+                        format!("{k}.allow_unauthenticated_writes"),
+                        "applies only to bridges from mqtt: to modbus:",
+                    ));
+                }
                 let from = TopicFilter::parse(from).map_err(|e| cx.err(format!("{k}.from"), e.to_string()))?;
                 let matched = devices
                     .iter()
@@ -1508,6 +1539,12 @@ fn validate_bridges(
                     }
                 }
                 let from = TopicFilter::parse(from).map_err(|e| cx.err(format!("{k}.from"), e.to_string()))?;
+                if !from.is_exact() {
+                    return Err(cx.err(
+                        format!("{k}.from"),
+                        format!("{:?}: a write bridge takes one topic, without the wildcards + and #, so that what may write the tag is exactly one topic", b.from),
+                    ));
+                }
                 let (dev, tag) = to
                     .split_once('/')
                     .ok_or_else(|| cx.err(format!("{k}.to"), format!("{to:?} is not <device>/<tag>")))?;
@@ -1523,11 +1560,25 @@ fn validate_bridges(
                 if !devices[di].tags[ti].writable {
                     return Err(cx.err(format!("{k}.to"), format!("tag {to:?} is not marked writable = true")));
                 }
+                if let Some(missing) = unauthenticated(mqtt) {
+                    let what = format!("the write bridge from {:?} to {:?}", b.from, b.to);
+                    if b.allow_unauthenticated_writes != Some(true) {
+                        return Err(cx.err(
+                            k,
+                            format!("{what} needs TLS and a login to the site broker, but {missing}: anyone who can publish to the broker could write the tag; configure both, or set allow_unauthenticated_writes = true on this bridge to accept that"),
+                        ));
+                    }
+                    warnings.push(cx.err(
+                        format!("{k}.allow_unauthenticated_writes"),
+                        format!("{what} accepts writes from anyone who can publish {from:?} to the site broker: {missing}", from = from.as_str()),
+                    ).to_string());
+                }
                 write.push(WriteBridge {
                     from,
                     qos: b.qos,
                     device: di,
                     tag: ti,
+                    stream: devices[di].tags[ti].stream.clone(),
                 });
             }
             _ => {
@@ -1538,7 +1589,41 @@ fn validate_bridges(
             }
         }
     }
-    Ok((publish, write))
+    Ok(Bridges {
+        publish,
+        write,
+        warnings,
+    })
+}
+
+/// `[[bridges]]`, validated, and what they allow that `check` warns about.
+struct Bridges {
+    publish: Vec<PublishBridge>,
+    write: Vec<WriteBridge>,
+    warnings: Vec<String>,
+}
+
+/// What the connection to the site broker lacks for a write bridge to trust
+/// who publishes, said for an error or a warning; `None` if it has TLS and a
+/// login (a user name with a password, or a client certificate).
+fn unauthenticated(m: &MqttSettings) -> Option<String> {
+    let password = m
+        .login
+        .as_ref()
+        .is_some_and(|(u, p)| !u.is_empty() && !p.is_empty());
+    let certificate = m.tls.as_ref().is_some_and(|t| t.cert.is_some());
+    let mut missing = Vec::new();
+    if m.tls.is_none() {
+        missing.push("no TLS ([mqtt.tls])");
+    }
+    if !password && !certificate {
+        missing.push("no login (mqtt.username with mqtt.password, or a client certificate: cert and key in [mqtt.tls])");
+    }
+    if missing.is_empty() {
+        None
+    } else {
+        Some(format!("[mqtt] has {}", missing.join(" and ")))
+    }
 }
 
 #[cfg(test)]

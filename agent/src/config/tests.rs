@@ -48,6 +48,7 @@ to = "mqtt:plant/{device}/{tag}"
 [[bridges]]
 from = "mqtt:plant/plc1/setpoint/set"
 to = "modbus:plc1/setpoint"
+allow_unauthenticated_writes = true
 "#;
 
 #[test]
@@ -362,4 +363,99 @@ fn sparkplug_groups_become_filters_and_bad_ones_name_their_key() {
         let e = invalid(&with(&format!("[[mqtt.sparkplug]]\n{entry}")));
         assert!(e.contains(key), "{entry}: {e}");
     }
+}
+
+/// GOOD's write bridge without its waiver, and `mqtt` keys added to
+/// `[mqtt]` (before its subscription).
+fn write_bridge_with(mqtt: &str) -> String {
+    GOOD.replace("allow_unauthenticated_writes = true\n", "")
+        .replace("[[mqtt.subscribe]]", &format!("{mqtt}\n[[mqtt.subscribe]]"))
+}
+
+#[test]
+fn a_write_bridge_without_tls_and_login_is_refused_naming_the_bridge_and_what_is_missing() {
+    for (mqtt, missing) in [
+        ("", "[mqtt] has no TLS ([mqtt.tls]) and no login"),
+        (
+            "username = \"agent\"\npassword = \"pw\"",
+            "[mqtt] has no TLS ([mqtt.tls]):",
+        ),
+        ("[mqtt.tls]\nca = \"ca.pem\"", "no login"),
+        (
+            "username = \"agent\"\n[mqtt.tls]\nca = \"ca.pem\"",
+            "no login",
+        ),
+    ] {
+        let e = invalid(&write_bridge_with(mqtt));
+        assert!(e.contains("agent.toml: bridges[1]: "), "{mqtt}: {e}");
+        assert!(
+            e.contains("\"mqtt:plant/plc1/setpoint/set\""),
+            "{mqtt}: {e}"
+        );
+        assert!(e.contains(missing), "{mqtt}: {e}");
+        assert!(e.contains("allow_unauthenticated_writes"), "{mqtt}: {e}");
+    }
+}
+
+#[test]
+fn a_write_bridge_over_tls_with_a_login_or_a_client_certificate_is_accepted_without_warning() {
+    for mqtt in [
+        "username = \"agent\"\npassword = \"pw\"\n[mqtt.tls]\nca = \"ca.pem\"",
+        "[mqtt.tls]\nca = \"ca.pem\"\ncert = \"agent.pem\"\nkey = \"agent.key\"",
+    ] {
+        let c = load_str(&write_bridge_with(mqtt), &[]).expect("valid");
+        assert_eq!(c.write_bridges.len(), 1);
+        assert!(c.warnings.is_empty(), "{mqtt}: {:?}", c.warnings);
+    }
+}
+
+#[test]
+fn allow_unauthenticated_writes_is_accepted_with_a_warning_naming_the_bridge() {
+    let c = load_str(GOOD, &[]).expect("valid");
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    let w = &c.warnings[0];
+    assert!(
+        w.contains("agent.toml: bridges[1].allow_unauthenticated_writes: "),
+        "{w}"
+    );
+    assert!(w.contains("plant/plc1/setpoint/set"), "{w}");
+    assert!(w.contains("no TLS ([mqtt.tls]) and no login"), "{w}");
+    // `false` is no waiver.
+    let e = invalid(&GOOD.replace(
+        "allow_unauthenticated_writes = true",
+        "allow_unauthenticated_writes = false",
+    ));
+    assert!(e.contains("bridges[1]: "), "{e}");
+}
+
+#[test]
+fn a_write_bridge_from_a_wildcard_topic_is_refused() {
+    for from in ["plant/+/setpoint/set", "plant/plc1/#", "#"] {
+        let e = invalid(&GOOD.replace("plant/plc1/setpoint/set", from));
+        assert!(e.contains("bridges[1].from: "), "{from}: {e}");
+        assert!(e.contains("wildcards"), "{from}: {e}");
+    }
+}
+
+#[test]
+fn the_waiver_on_a_publish_bridge_is_refused() {
+    let e = invalid(&GOOD.replace(
+        "to = \"mqtt:plant/{device}/{tag}\"",
+        "to = \"mqtt:plant/{device}/{tag}\"\nallow_unauthenticated_writes = true",
+    ));
+    assert!(e.contains("bridges[0].allow_unauthenticated_writes"), "{e}");
+}
+
+#[test]
+fn a_subscription_to_the_reserved_namespace_is_refused() {
+    for filter in ["$outpost/#", "$outpost/bridge/writes", "$outpost"] {
+        let e = invalid(&GOOD.replace("filter = \"plant/#\"", &format!("filter = \"{filter}\"")));
+        assert!(e.contains("mqtt.subscribe[0].filter"), "{filter}: {e}");
+    }
+    // `$SYS` and the like stay the site's business.
+    load_str(
+        &GOOD.replace("filter = \"plant/#\"", "filter = \"$SYS/#\""),
+        &[],
+    )
+    .expect("valid");
 }

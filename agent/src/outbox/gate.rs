@@ -101,6 +101,7 @@ pub(super) struct SourceFilter {
 impl SourceFilter {
     /// Drops and minimises `bodies` as the policy in force says.
     pub(super) fn filter(&mut self, bodies: &mut Vec<EventBody>) {
+        self.metrics.kpi.events_received.inc_by(bodies.len() as u64);
         if self.rx.has_changed().unwrap_or(false) {
             let p = self.rx.borrow_and_update().clone();
             self.enforcer = (!p.is_permissive()).then(|| Enforcer::new(p.compiled.clone()));

@@ -32,6 +32,10 @@ pub(super) struct AppendRequest {
     pub(super) reply: Reply<AppendOutcome>,
 }
 
+/// Events read, and (first seq, Unix ns) of the group commits that
+/// accepted them.
+pub type Stamped = (Vec<Event>, Vec<(Seq, i64)>);
+
 /// What the writer serves between groups.
 pub(super) enum Call {
     Ack {
@@ -50,6 +54,11 @@ pub(super) enum Call {
         after: Seq,
         max_events: usize,
         reply: Reply<Vec<Event>>,
+    },
+    ReadStamped {
+        after: Seq,
+        max_events: usize,
+        reply: Reply<Stamped>,
     },
     Stats {
         reply: Reply<OutboxStats>,
@@ -153,6 +162,21 @@ impl OutboxHandle {
         max_events: usize,
     ) -> Result<Vec<Event>, OutboxError> {
         self.call(|reply| Call::ReadBatch {
+            after,
+            max_events,
+            reply,
+        })
+        .await
+    }
+
+    /// [`read_batch`](Self::read_batch), with when the events were accepted:
+    /// see [`Outbox::accepted_at`](super::store::Outbox::accepted_at).
+    pub async fn read_stamped(
+        &self,
+        after: Seq,
+        max_events: usize,
+    ) -> Result<Stamped, OutboxError> {
+        self.call(|reply| Call::ReadStamped {
             after,
             max_events,
             reply,

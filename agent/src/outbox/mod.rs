@@ -87,7 +87,7 @@ mod tests;
 
 pub use error::OutboxError;
 pub use gate::PolicyGate;
-pub use handle::{OutboxHandle, PendingAppend};
+pub use handle::{OutboxHandle, PendingAppend, Stamped};
 pub use outpost_storage::Synchronous;
 pub use reads::{OutboxReader, OutboxStats};
 pub use recover::{OnCorruption, Recovered};

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use outpost_protocols::event::{AgentId, Event, Seq};
 use outpost_storage::{AtPath, Synchronous};
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 use super::error::OutboxError;
@@ -40,6 +40,9 @@ pub struct OutboxStats {
     pub transactions_total: u64,
     /// The durability the writer opened the file with.
     pub synchronous: Synchronous,
+    /// When the oldest waiting event was committed here, Unix ns; `None`
+    /// when none waits or its time is unknown (stored by an older agent).
+    pub oldest_accepted_at: Option<i64>,
 }
 
 /// A read-only view of an outbox that another process (the running agent) may be
@@ -133,6 +136,52 @@ pub(super) fn read_batch(
     )
 }
 
+pub(super) fn accepted_at(
+    conn: &Connection,
+    path: &Path,
+    after: Seq,
+    last: Seq,
+) -> Result<Vec<(Seq, i64)>, OutboxError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT first_seq, at FROM accepts
+              WHERE first_seq <= ?2
+                AND first_seq >= coalesce(
+                    (SELECT max(first_seq) FROM accepts WHERE first_seq <= ?1), 0)
+              ORDER BY first_seq",
+        )
+        .at(path)?;
+    let rows = stmt
+        .query_map(params![after.0.saturating_add(1), last.0], |r| {
+            Ok((Seq(r.get(0)?), r.get(1)?))
+        })
+        .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+        .at(path)?;
+    Ok(rows)
+}
+
+/// When the oldest waiting event was accepted (Unix ns), if the outbox
+/// knows: a file an older agent wrote has no `accepts` table, and events
+/// it stored have no row.
+fn oldest_accepted_at(conn: &Connection, path: &Path) -> Result<Option<i64>, OutboxError> {
+    let has: bool = conn
+        .prepare_cached(
+            "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'accepts'",
+        )
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .at(path)?;
+    if !has {
+        return Ok(None);
+    }
+    conn.prepare_cached(
+        "SELECT at FROM accepts WHERE first_seq <= (SELECT min(seq) FROM events)
+          ORDER BY first_seq DESC LIMIT 1",
+    )
+    .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
+    .at(path)
+    .map_err(OutboxError::from)
+}
+
 pub(super) fn tail(
     conn: &Connection,
     path: &Path,
@@ -171,6 +220,7 @@ pub(super) fn stats(conn: &Connection, path: &Path) -> Result<OutboxStats, Outbo
         .prepare_cached("SELECT count(*) FROM mqtt_qos2")
         .and_then(|mut s| s.query_row([], |r| r.get(0)))
         .at(path)?;
+    let oldest_accepted_at = oldest_accepted_at(&tx, path)?;
     tx.finish().at(path)?;
     Ok(OutboxStats {
         path: path.to_owned(),
@@ -189,5 +239,6 @@ pub(super) fn stats(conn: &Connection, path: &Path) -> Result<OutboxStats, Outbo
         qos2_pending: qos2,
         transactions_total: meta.transactions_total,
         synchronous: Synchronous::from_pragma(meta.synchronous),
+        oldest_accepted_at,
     })
 }

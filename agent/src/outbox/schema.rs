@@ -32,6 +32,32 @@ CREATE TABLE IF NOT EXISTS mqtt_qos2 (
 );
 ";
 
+/// When each group commit accepted its events, for the latency the hub
+/// measures from here and for the backlog's age: one row per transaction,
+/// covering the seqs from `first_seq` up to the next row's. Created by every
+/// open, not by the versioned schema: an older agent opening the file
+/// ignores it, so the file's version need not change.
+pub(super) const ACCEPTS: &str = "
+CREATE TABLE IF NOT EXISTS accepts (
+    first_seq INTEGER PRIMARY KEY,
+    at        INTEGER NOT NULL
+);
+";
+
+/// Inside a write transaction: forgets the accept times that cover no
+/// waiting event any more (all of them once the outbox is empty).
+pub(super) fn prune_accepts(conn: &Connection, path: &Path) -> Result<(), OutboxError> {
+    conn.prepare_cached(
+        "DELETE FROM accepts WHERE first_seq < coalesce(
+             (SELECT max(first_seq) FROM accepts
+               WHERE first_seq <= (SELECT min(seq) FROM events)),
+             (SELECT max(first_seq) + 1 FROM accepts))",
+    )
+    .and_then(|mut s| s.execute([]))
+    .at(path)?;
+    Ok(())
+}
+
 /// A row's size in SQL; it must agree with [`row_size`]. `octet_length`
 /// counts the stream's UTF-8 bytes where `length` would count characters.
 pub(super) const SQL_ROW_SIZE: &str = "length(body) + octet_length(stream) + 16";

@@ -14,7 +14,7 @@ use tracing::{debug, trace};
 use super::error::OutboxError;
 use super::evict::{count_and_size, cutoff, evict_oldest, expire};
 use super::reads::{self, OutboxStats};
-use super::schema::{begin, row_size, Meta, SCHEMA, SCHEMA_VERSION};
+use super::schema::{self, begin, row_size, Meta, SCHEMA, SCHEMA_VERSION};
 
 /// What happens when an append would take the outbox past `max_bytes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -118,12 +118,20 @@ pub struct Outbox {
     agent_id: AgentId,
 }
 
+/// The outbox connection's page cache (`PRAGMA cache_size`; negative:
+/// KiB). SQLite's default is 2 MB; the outbox appends at the end of its
+/// tables and reads them in order, so a quarter of that holds the pages it
+/// touches, and the agent's whole peak has to stay under 20 MB.
+const CACHE_SIZE: i64 = -512;
+
 impl Outbox {
     /// Opens the outbox at `cfg.path`, creating the file (not its directory) and
     /// the schema if needed.
     pub fn open(cfg: &OutboxConfig, agent_id: AgentId) -> Result<Outbox, OutboxError> {
         let path = cfg.path.as_path();
         let mut conn = outpost_storage::open(path, cfg.synchronous)?;
+        conn.pragma_update(None, "cache_size", CACHE_SIZE)
+            .at(path)?;
         if let Some(detail) = outpost_storage::quick_check(&conn, path)? {
             return Err(OutboxError::Corrupt {
                 path: path.to_owned(),
@@ -139,6 +147,7 @@ impl Outbox {
         outpost_storage::prepare_schema(&tx, path, SCHEMA_VERSION, |tx, _| {
             tx.execute_batch(SCHEMA)
         })?;
+        tx.execute_batch(schema::ACCEPTS).at(path)?;
         let mut meta = Meta::load(&tx, path)?;
         // Defence in depth: seqs are never reused, even if meta was damaged.
         let max_seq: Option<u64> = tx
@@ -221,9 +230,17 @@ impl Outbox {
         }
         meta.transactions_total += 1;
         meta.store(&tx, path)?;
+        let first = outcomes.iter().find_map(|o| o.first_seq).map(|s| s.0);
+        if let Some(first) = first {
+            tx.prepare_cached("INSERT OR REPLACE INTO accepts (first_seq, at) VALUES (?1, ?2)")
+                .and_then(|mut s| s.execute(params![first, now.0]))
+                .at(path)?;
+        }
+        if outcomes.iter().any(|o| o.evicted > 0) {
+            schema::prune_accepts(&tx, path)?;
+        }
         tx.commit().at(path)?;
 
-        let first = outcomes.iter().find_map(|o| o.first_seq).map(|s| s.0);
         let last = outcomes.iter().rev().find_map(|o| o.last_seq).map(|s| s.0);
         debug!(
             requests = outcomes.len(),
@@ -248,6 +265,7 @@ impl Outbox {
         let n = expire(&tx, path, &mut meta, cutoff(now, max_age))?;
         if n > 0 {
             meta.store(&tx, path)?;
+            schema::prune_accepts(&tx, path)?;
             tx.commit().at(path)?;
             debug!(
                 evicted = n,
@@ -265,6 +283,9 @@ impl Outbox {
         let path = self.cfg.path.as_path();
         let (tx, mut meta) = begin(&mut self.conn, path)?;
         let n = delete_acked(&tx, path, &mut meta, upto)?;
+        if n > 0 {
+            schema::prune_accepts(&tx, path)?;
+        }
         tx.commit().at(path)?;
         Ok(n)
     }
@@ -305,9 +326,9 @@ impl Outbox {
         let resumed = if mark.0 >= meta.next_seq {
             renumber_after(&tx, path, &mut meta, mark)?
         } else if delete {
-            Resumed::Acked {
-                deleted: delete_acked(&tx, path, &mut meta, mark)?,
-            }
+            let deleted = delete_acked(&tx, path, &mut meta, mark)?;
+            schema::prune_accepts(&tx, path)?;
+            Resumed::Acked { deleted }
         } else {
             return Ok(Resumed::Acked { deleted: 0 });
         };
@@ -324,6 +345,13 @@ impl Outbox {
             after,
             max_events,
         )
+    }
+
+    /// When the events from `after + 1` to `last` were accepted: (first
+    /// seq, Unix ns) for each group commit that covers some of them, the
+    /// first at or before `after + 1`, in seq order.
+    pub fn accepted_at(&self, after: Seq, last: Seq) -> Result<Vec<(Seq, i64)>, OutboxError> {
+        reads::accepted_at(&self.conn, &self.cfg.path, after, last)
     }
 
     /// The newest `limit` events, in ascending seq order.
@@ -368,10 +396,16 @@ fn renumber_after(
         return Err(OutboxError::SeqOverflow { after });
     };
     let shift = after.0 + 1 - first.unwrap_or(meta.next_seq);
+    // The accept times move with their events (every new seq lies past
+    // every old one, so no row meets another).
+    schema::prune_accepts(tx, path)?;
     let renumbered = tx
         .prepare_cached("UPDATE events SET seq = seq + ?1")
         .and_then(|mut s| s.execute([shift]))
         .at(path)? as u64;
+    tx.prepare_cached("UPDATE accepts SET first_seq = first_seq + ?1")
+        .and_then(|mut s| s.execute([shift]))
+        .at(path)?;
     let from = Seq(meta.next_seq - 1);
     meta.next_seq = next;
     meta.acked_seq = after.0;

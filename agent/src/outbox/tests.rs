@@ -640,6 +640,7 @@ fn stats_serialise_with_the_documented_fields() {
         "transactions_total",
         "synchronous",
         "path",
+        "oldest_accepted_at",
     ] {
         assert!(json.get(key).is_some(), "missing {key} in {json}");
     }
@@ -764,4 +765,39 @@ fn a_hub_seq_too_high_to_follow_is_refused_and_changes_nothing() {
         .map(|e| e.seq)
         .collect();
     assert_eq!(left, [Seq(1), Seq(2)]);
+}
+
+#[test]
+fn each_group_commit_stamps_its_events_until_they_leave() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut ob = Outbox::open(&plain(dir.path()), agent()).expect("opens");
+    let b = |i: i64| body(1, i, 4);
+    ob.append(Timestamp(100), &[b(1), b(2)], &[])
+        .expect("append");
+    ob.append(Timestamp(200), &[b(3)], &[]).expect("append");
+    assert_eq!(
+        ob.accepted_at(Seq(0), Seq(3)).expect("stamps"),
+        vec![(Seq(1), 100), (Seq(3), 200)]
+    );
+    // A read from the middle of a commit gets the stamp that covers it.
+    assert_eq!(
+        ob.accepted_at(Seq(1), Seq(2)).expect("stamps"),
+        vec![(Seq(1), 100)]
+    );
+    assert_eq!(ob.stats().expect("stats").oldest_accepted_at, Some(100));
+    ob.ack(Seq(2)).expect("ack");
+    assert_eq!(ob.stats().expect("stats").oldest_accepted_at, Some(200));
+    assert_eq!(
+        ob.accepted_at(Seq(2), Seq(3)).expect("stamps"),
+        vec![(Seq(3), 200)]
+    );
+    ob.ack(Seq(3)).expect("ack");
+    assert_eq!(ob.stats().expect("stats").oldest_accepted_at, None);
+    // A renumbering moves the stamps with their events.
+    ob.append(Timestamp(300), &[b(4)], &[]).expect("append");
+    ob.resume_after(Seq(10)).expect("renumber");
+    assert_eq!(
+        ob.accepted_at(Seq(10), Seq(11)).expect("stamps"),
+        vec![(Seq(11), 300)]
+    );
 }

@@ -203,6 +203,23 @@ impl Backend for OutboxWriter {
             } => {
                 let _ = reply.send(self.outbox.read_batch(after, max_events));
             }
+            Call::ReadStamped {
+                after,
+                max_events,
+                reply,
+            } => {
+                let read = self
+                    .outbox
+                    .read_batch(after, max_events)
+                    .and_then(|events| {
+                        let stamps = match events.last() {
+                            Some(last) => self.outbox.accepted_at(after, last.seq)?,
+                            None => Vec::new(),
+                        };
+                        Ok((events, stamps))
+                    });
+                let _ = reply.send(read);
+            }
             Call::Stats { reply } => {
                 let _ = reply.send(self.outbox.stats());
             }

@@ -146,6 +146,7 @@ impl Uplink {
                 () = tokio::time::sleep(clock::jitter(backoff)) => {}
             }
             backoff = (backoff * 2).min(max);
+            self.metrics.kpi.uplink_reconnects.inc();
         }
     }
 

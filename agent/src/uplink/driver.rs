@@ -26,6 +26,7 @@ use super::error::UplinkError;
 use super::gate::SendGate;
 use super::marks;
 use super::renew::Renewer;
+use super::timing::Timing;
 use crate::clock;
 use crate::commands::Commands;
 use crate::metrics::Metrics;
@@ -104,6 +105,8 @@ struct Driver<'a> {
     next_cert_check: tokio::time::Instant,
     /// Whether this connection already acted on an operator's request.
     request_seen: bool,
+    /// The ingest latency and recovery time this connection measures.
+    timing: Timing,
     buf: Vec<u8>,
     out: Vec<u8>,
 }
@@ -132,6 +135,7 @@ impl<'a> Driver<'a> {
             ack_job: None,
             next_cert_check: clock::tokio_now() + CERT_CHECK,
             request_seen: false,
+            timing: Timing::default(),
             buf: vec![0u8; 64 * 1024],
             out: Vec::with_capacity(64 * 1024),
         }
@@ -187,6 +191,7 @@ impl<'a> Driver<'a> {
                 AgentEvent::Connected { version, watermark } => {
                     self.link.metrics.uplink_connected.set(1);
                     info!(version, watermark = watermark.0, "Connected to the hub.");
+                    self.timing.connected(watermark, *self.committed.borrow());
                     marks::resume(self.link.outbox, self.link.metrics, watermark).await?;
                     self.request_seen = self.link.renewer.requested();
                     self.session.set_renewal(self.link.renewer.due());
@@ -199,11 +204,13 @@ impl<'a> Driver<'a> {
                         held = upto.0,
                         "The hub stored events a sink has not accepted yet."
                     );
+                    self.timing.committed(upto, self.link.metrics);
                     if upto > *self.committed.borrow() {
                         marks::follow(self.link.outbox, self.link.metrics, upto).await?;
                     }
                 }
                 AgentEvent::Acked { upto } => {
+                    self.timing.acked(upto, self.link.metrics);
                     // The session only acknowledges seqs it sent, which were
                     // committed.
                     self.ack_wanted = self.ack_wanted.max(upto.min(*self.committed.borrow()));
@@ -343,11 +350,11 @@ impl<'a> Driver<'a> {
         self.gate.refresh(self.link.policy);
         let n = room.min(READ_CHUNK);
         let after = self.session.read_after();
-        let events = self.link.outbox.read_batch(after, n).await?;
+        let (events, stamps) = self.link.outbox.read_stamped(after, n).await?;
         if events.is_empty() {
             return Ok(false);
         }
-        let (sent, skipped, too_large) = self.feed(events)?;
+        let (sent, skipped, too_large) = self.feed(events, &stamps)?;
         self.link.metrics.uplink_sent.inc_by(sent);
         self.link.metrics.policy_dropped("denied_at_send", skipped);
         Ok(sent + skipped + too_large > 0)
@@ -358,8 +365,13 @@ impl<'a> Driver<'a> {
     /// early when a `hold` rate is exhausted, deferring the session's next
     /// `NeedEvents`. Returns (pushed, skipped by the policy, skipped as too
     /// large to send).
-    fn feed(&mut self, events: Vec<Event>) -> Result<(u64, u64, u64), UplinkError> {
+    fn feed(
+        &mut self,
+        events: Vec<Event>,
+        stamps: &[(Seq, i64)],
+    ) -> Result<(u64, u64, u64), UplinkError> {
         let (mut sent, mut skipped, mut too_large) = (0u64, 0u64, 0u64);
+        let mut stamp = 0;
         for e in events {
             let mut body = e.body;
             if let Some(reason) = self.gate.denies(&mut body) {
@@ -376,7 +388,10 @@ impl<'a> Driver<'a> {
             }
             self.gate.take(size);
             match self.session.push_event(e.seq, &body) {
-                Ok(()) => sent += 1,
+                Ok(()) => {
+                    self.timing.pushed(e.seq, stamps, &mut stamp);
+                    sent += 1;
+                }
                 // No session can ever send it (an outbox written by an agent
                 // that stored such events): closing the connection would only
                 // meet it again on the next one, and nothing behind it would

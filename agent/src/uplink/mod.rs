@@ -12,7 +12,8 @@
 //! The rooms: `dial` (the reconnect loop and the QUIC client), `driver` (one
 //! connection's loop around the session), `gate` (the policy applied again
 //! at send, and `hold` pacing), `marks` (the hub's marks applied to the
-//! outbox), `renew` (the certificate's renewal and expiry) and `error`.
+//! outbox), `renew` (the certificate's renewal and expiry), `timing` (the
+//! ingest latency and recovery KPIs) and `error`.
 //!
 //! Architecture invariant: the outbox deletes a row only after the hub
 //! acknowledged its seq, which the hub does only after its store committed it.
@@ -23,6 +24,7 @@ mod error;
 mod gate;
 mod marks;
 mod renew;
+mod timing;
 
 pub use dial::Uplink;
 pub use error::UplinkError;

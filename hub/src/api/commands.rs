@@ -153,6 +153,7 @@ impl From<CommandRecord> for CommandDoc {
 
 /// Which commands to list.
 #[derive(Debug, Clone, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Only this agent's.

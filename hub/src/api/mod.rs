@@ -18,8 +18,10 @@ pub mod audit;
 pub mod auth;
 pub mod caller;
 pub mod commands;
+pub mod dashboard;
 pub mod events;
 pub mod fleet;
+pub mod kpis;
 pub mod limit;
 pub mod openapi;
 pub mod policy;
@@ -30,6 +32,7 @@ pub mod sinks;
 pub mod state;
 pub mod trust;
 pub mod types;
+pub mod whoami;
 
 use std::time::Duration;
 
@@ -56,10 +59,13 @@ pub fn router(state: state::ApiState, timeout: Duration) -> Router {
         .merge(sinks::router())
         .merge(audit::router())
         .merge(trust::router())
+        .merge(kpis::router())
+        .merge(whoami::router())
         .merge(commands::router())
         .route("/openapi.json", get(openapi::serve));
     Router::new()
         .nest("/api/v1", v1)
+        .merge(dashboard::router())
         .fallback(problem::unknown_route)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(RequestBodyLimitLayer::new(MAX_BODY))

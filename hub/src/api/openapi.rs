@@ -46,6 +46,9 @@ use utoipa::{Modify, OpenApi};
         crate::api::trust::enroll,
         crate::api::trust::enrollments,
         crate::api::trust::unenroll,
+        crate::api::kpis::show,
+        crate::api::fleet::summary,
+        crate::api::whoami::whoami,
         crate::api::commands::send,
         crate::api::commands::list,
         crate::api::commands::one,
@@ -57,6 +60,7 @@ use utoipa::{Modify, OpenApi};
         (name = "policy", description = "The fleet policy's versions"),
         (name = "sinks", description = "The sinks' queues and counters"),
         (name = "audit", description = "The tamper-evident audit log"),
+        (name = "kpis", description = "The delivery KPIs, as the metrics show them"),
         (name = "commands", description = "Commands to agents and their results"),
     )
 )]
@@ -130,6 +134,8 @@ mod tests {
             "/api/v1/sinks",
             "/api/v1/audit",
             "/api/v1/audit/verify",
+            "/api/v1/fleet/summary",
+            "/api/v1/whoami",
         ] {
             assert!(doc["paths"].get(p).is_some(), "missing {p}");
         }

@@ -97,6 +97,7 @@ pub async fn start(
     base: &Path,
     store: ApiStore,
     key: AuditKey,
+    kpis: std::sync::Arc<crate::kpis::Kpis>,
     stop: CancellationToken,
 ) -> Result<Option<ApiServer>, ApiError> {
     let Ok(addr) = cfg.api.listen.parse::<SocketAddr>() else {
@@ -112,7 +113,8 @@ pub async fn start(
         }
     };
     let addr = listener.local_addr().unwrap_or(addr);
-    let app = crate::api::router(ApiState::new(cfg, store, auth, key), cfg.api.timeout.0);
+    let state = ApiState::new(cfg, store, auth, key).with_kpis(kpis);
+    let app = crate::api::router(state, cfg.api.timeout.0);
     info!(listen = %addr, tls = tls.is_some(), "API listening.");
     let task = tokio::spawn(serve(
         listener,

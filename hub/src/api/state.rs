@@ -54,6 +54,8 @@ pub struct ApiState {
     pub limiter: Arc<Limiter>,
     /// The key that signs the audit entries the API appends.
     pub key: AuditKey,
+    /// What the running hub counts of its commits and deliveries.
+    pub kpis: Arc<crate::kpis::Kpis>,
 }
 
 impl ApiState {
@@ -67,7 +69,14 @@ impl ApiState {
             limiter: Arc::new(Limiter::new(cfg.api.rate, cfg.api.burst)),
             cfg: Arc::new(cfg.clone()),
             store,
+            kpis: Arc::new(crate::kpis::Kpis::new(crate::clock::unix_now().0)),
         }
+    }
+
+    /// The same, reading the KPIs of the running hub's store handle.
+    pub fn with_kpis(mut self, kpis: Arc<crate::kpis::Kpis>) -> ApiState {
+        self.kpis = kpis;
+        self
     }
 
     /// The SQLite store's file; a 501 problem naming `what` on JetStream.

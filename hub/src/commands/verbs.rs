@@ -6,14 +6,14 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use outpost_protocols::wire::command::Action;
 use outpost_protocols::{AgentId, Value};
 
 use super::{CommandStore, CommandsError, SendRequest, Targets};
 use crate::config::{self, HubConfig};
-use crate::remote::{query, Remote, RemoteArgs};
+use crate::remote::{query, StoreOrApi};
 use crate::store::commands::CommandRecord;
 use crate::store::store_path;
 use crate::verbs::{config_path, VerbError};
@@ -59,17 +59,9 @@ pub struct SendArgs {
     /// How long the command may wait for an agent that is away (at most 7d).
     #[arg(long, value_name = "DURATION", default_value = "10m")]
     pub ttl: String,
-    /// The hub's TOML config file (to use its store directly).
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "api",
-        conflicts_with = "api"
-    )]
-    pub config: Option<PathBuf>,
-    /// Or call a hub's API instead, as the token's subject and role.
+    /// The hub's store (`--config`) or its API (`--api`).
     #[command(flatten)]
-    pub remote: RemoteArgs,
+    pub at: StoreOrApi,
     /// Print one JSON document (an array of the commands).
     #[arg(long)]
     pub json: bool,
@@ -81,17 +73,9 @@ pub struct StatusArgs {
     /// The command's id.
     #[arg(value_name = "ID")]
     pub id: String,
-    /// The hub's TOML config file (to use its store directly).
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "api",
-        conflicts_with = "api"
-    )]
-    pub config: Option<PathBuf>,
-    /// Or call a hub's API instead, as the token's subject and role.
+    /// The hub's store (`--config`) or its API (`--api`).
     #[command(flatten)]
-    pub remote: RemoteArgs,
+    pub at: StoreOrApi,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -106,17 +90,9 @@ pub struct ListArgs {
     /// At most this many, newest first.
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub limit: usize,
-    /// The hub's TOML config file (to use its store directly).
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "api",
-        conflicts_with = "api"
-    )]
-    pub config: Option<PathBuf>,
-    /// Or call a hub's API instead, as the token's subject and role.
+    /// The hub's store (`--config`) or its API (`--api`).
     #[command(flatten)]
-    pub remote: RemoteArgs,
+    pub at: StoreOrApi,
     /// Print one JSON document (an array).
     #[arg(long)]
     pub json: bool,
@@ -173,13 +149,13 @@ pub fn command(
 ) -> Result<(), CommandVerbError> {
     match verb {
         CommandVerb::Send(args) => {
-            let sent = match Remote::from_args(&args.remote).map_err(VerbError::from)? {
+            let sent = match args.at.api().map_err(VerbError::from)? {
                 Some(api) => api
                     .post("/commands", &send_body(args)?)
                     .map_err(VerbError::from)?,
                 None => {
                     let request = send_request(args)?;
-                    let store = open(config_path(args.config.as_deref())?, env)?;
+                    let store = open(config_path(args.at.config.as_deref())?, env)?;
                     let actor = format!("local:{}", crate::admin::login_name(env));
                     super::send(&store, &actor, "admin", &request)?
                 }
@@ -194,7 +170,7 @@ pub fn command(
             }
         }
         CommandVerb::Status(args) => {
-            let found = match Remote::from_args(&args.remote).map_err(VerbError::from)? {
+            let found = match args.at.api().map_err(VerbError::from)? {
                 Some(api) => {
                     match api.get(&format!("/commands/{}", crate::remote::encode(&args.id))) {
                         Ok(c) => Some(c),
@@ -207,7 +183,7 @@ pub fn command(
                     }
                 }
                 None => {
-                    let store = open(config_path(args.config.as_deref())?, env)?;
+                    let store = open(config_path(args.at.config.as_deref())?, env)?;
                     super::status(&store, &args.id)?
                 }
             };
@@ -222,22 +198,21 @@ pub fn command(
             }
         }
         CommandVerb::List(args) => {
-            let all: Vec<CommandRecord> =
-                match Remote::from_args(&args.remote).map_err(VerbError::from)? {
-                    Some(api) => api
-                        .get(&format!(
-                            "/commands{}",
-                            query(&[
-                                ("agent", args.agent.as_ref().map(ToString::to_string)),
-                                ("limit", Some(args.limit.to_string())),
-                            ])
-                        ))
-                        .map_err(VerbError::from)?,
-                    None => {
-                        let store = open(config_path(args.config.as_deref())?, env)?;
-                        super::list(&store, args.agent.as_ref(), args.limit)?
-                    }
-                };
+            let all: Vec<CommandRecord> = match args.at.api().map_err(VerbError::from)? {
+                Some(api) => api
+                    .get(&format!(
+                        "/commands{}",
+                        query(&[
+                            ("agent", args.agent.as_ref().map(ToString::to_string)),
+                            ("limit", Some(args.limit.to_string())),
+                        ])
+                    ))
+                    .map_err(VerbError::from)?,
+                None => {
+                    let store = open(config_path(args.at.config.as_deref())?, env)?;
+                    super::list(&store, args.agent.as_ref(), args.limit)?
+                }
+            };
             if !args.json && all.is_empty() {
                 writeln!(out, "no commands")?;
             } else {

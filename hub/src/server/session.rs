@@ -436,14 +436,18 @@ impl<'a> Driver<'a> {
         }
         // Queued now, in the order the batches arrived; awaited in that
         // order.
+        let dropped = counts.dropped;
         let pending = self
             .store
             .insert_routed_nowait(self.id.clone(), kept, forward, (self.after, last), counts)
             .await?;
         self.after = last;
-        self.commits.push_back(Box::pin(
-            async move { pending.await.map(|o| (last, o.acked)) },
-        ));
+        let (kpis, id) = (self.store.kpis().clone(), self.id.clone());
+        self.commits.push_back(Box::pin(async move {
+            let o = pending.await?;
+            kpis.committed(&id, o.inserted, dropped);
+            Ok((last, o.acked))
+        }));
         Ok(())
     }
 

@@ -892,6 +892,7 @@ pub fn subject_of(template: &str, e: &SinkEvent) -> Result<String, String> {
     // the event with safe values of those (and no value) expands the same
     // template into a safe subject.
     let safe = SinkEvent {
+        queued_at: e.queued_at,
         event: Event {
             agent_id: AgentId::parse(&agent).map_err(|e| e.to_string())?,
             seq: e.event.seq,
@@ -954,6 +955,7 @@ fn check_subject(s: &str) -> Result<(), String> {
 /// stream are valid).
 fn probe_event() -> Option<SinkEvent> {
     Some(SinkEvent {
+        queued_at: 0,
         event: Event {
             agent_id: AgentId::parse("probe").ok()?,
             seq: outpost_protocols::Seq(1),
@@ -976,6 +978,7 @@ mod tests {
 
     fn event(agent: &str, stream: &str, labels: &[(&str, &str)]) -> SinkEvent {
         SinkEvent {
+            queued_at: 0,
             event: Event {
                 agent_id: AgentId::parse(agent).expect("agent"),
                 seq: Seq(7),

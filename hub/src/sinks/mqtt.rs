@@ -743,6 +743,7 @@ mod tests {
 
     fn event(labels: &[(&str, &str)]) -> SinkEvent {
         SinkEvent {
+            queued_at: 0,
             event: Event {
                 agent_id: AgentId::parse("gw-1").expect("id"),
                 seq: Seq(9),

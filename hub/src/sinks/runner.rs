@@ -623,7 +623,11 @@ fn cut(rows: Vec<Queued>, batch_max: usize, labels: &Labels) -> Vec<Taken> {
         through = q.n;
         let e = q.event;
         let labels = labels.get(&e.agent_id).cloned().unwrap_or_default();
-        events.push(SinkEvent { event: e, labels });
+        events.push(SinkEvent {
+            event: e,
+            labels,
+            queued_at: q.queued_at,
+        });
         if events.len() == batch_max {
             let events = std::mem::replace(&mut events, Vec::with_capacity(batch_max));
             batches.push(Taken { through, events });
@@ -788,7 +792,10 @@ impl Runner {
                             break;
                         }
                     } else if let Some(f) = p.flights.pop_front() {
-                        let delivered = f.tried.as_ref().map_or(0, |(e, _)| e.len() as u64);
+                        let delivered = f.tried.as_ref().map_or(0, |(e, _)| {
+                            self.timed(e);
+                            e.len() as u64
+                        });
                         let progress = self.progress(f.through, f.refused, delivered, Vec::new());
                         p.records.push_back((f.through, progress));
                     }
@@ -906,6 +913,7 @@ impl Runner {
         };
         let first = match result {
             Ok(()) => {
+                self.timed(&events);
                 let delivered = events.len() as u64;
                 return Some(self.progress(through, refused, delivered, Vec::new()));
             }
@@ -965,7 +973,10 @@ impl Runner {
                 .attempt(&mut allowed, &mut refused, first, stop)
                 .await?
             {
-                Ok(()) => delivered = allowed.len() as u64,
+                Ok(()) => {
+                    self.timed(&allowed);
+                    delivered = allowed.len() as u64;
+                }
                 // One bad event must not take the others with it: try each
                 // alone to find out which.
                 Err(message) if allowed.len() > 1 => {
@@ -973,7 +984,10 @@ impl Runner {
                     for e in allowed {
                         let mut one = vec![e];
                         match self.attempt(&mut one, &mut refused, None, stop).await? {
-                            Ok(()) => delivered += one.len() as u64,
+                            Ok(()) => {
+                                self.timed(&one);
+                                delivered += one.len() as u64;
+                            }
                             Err(m) => rejected.extend(one.into_iter().map(|e| (e, m.clone()))),
                         }
                     }
@@ -982,6 +996,16 @@ impl Runner {
             }
         }
         Some(self.progress(through, refused, delivered, rejected))
+    }
+
+    /// Times `events`, which the sink just accepted, from their commit
+    /// (`outpost_hub_sink_latency_seconds`).
+    fn timed(&self, events: &[SinkEvent]) {
+        self.store.kpis().delivered(
+            &self.cfg.id,
+            events.iter().map(|e| e.queued_at).filter(|t| *t > 0),
+            clock::unix_now().0,
+        );
     }
 
     /// The progress of a batch settled: delivered, `refused` by residency,

@@ -17,6 +17,10 @@ pub struct SinkEvent {
     pub event: Event,
     /// The agent's labels (from its `Hello`), for topic templates.
     pub labels: Arc<BTreeMap<String, String>>,
+    /// When the hub committed it and queued it for the sink, Unix
+    /// nanoseconds (0 for an event that was never queued): the start of
+    /// `outpost_hub_sink_latency_seconds`.
+    pub queued_at: i64,
 }
 
 /// Why a sink did not accept a batch.

@@ -9,6 +9,7 @@ fn event(stream: &str, value: Value) -> SinkEvent {
     let mut labels = BTreeMap::new();
     labels.insert("site".to_owned(), "lyon".to_owned());
     SinkEvent {
+        queued_at: 0,
         event: Event {
             agent_id: AgentId::parse("gw-1").expect("id"),
             seq: Seq(42),

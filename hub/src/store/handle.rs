@@ -243,6 +243,8 @@ pub(super) type Request = Message<Write, Read>;
 pub struct StoreHandle {
     tx: mpsc::Sender<Request>,
     signals: Signals,
+    /// What this process counts of the commits and deliveries it awaits.
+    kpis: std::sync::Arc<crate::kpis::Kpis>,
 }
 
 /// What the writer tells whoever waits on the sinks' queue, after each
@@ -291,6 +293,12 @@ impl Signals {
 }
 
 impl StoreHandle {
+    /// The KPIs of this process: the sessions and sink runners that await
+    /// this handle's commits count what they committed and delivered.
+    pub fn kpis(&self) -> &std::sync::Arc<crate::kpis::Kpis> {
+        &self.kpis
+    }
+
     /// Stores `events` of `agent_id` (deduplicated by `(agent_id, seq)`),
     /// sharing a transaction with whatever else is queued, and resolves once
     /// it has committed with the agent's new watermark. Only then may the
@@ -602,6 +610,7 @@ pub(super) fn channel(
         StoreHandle {
             tx: queue.tx,
             signals: Signals::new(),
+            kpis: std::sync::Arc::new(crate::kpis::Kpis::new(crate::clock::unix_now().0)),
         },
         queue.rx,
         queue.done,

@@ -109,6 +109,8 @@ pub struct Queued {
     pub n: i64,
     /// The event.
     pub event: Event,
+    /// When it was queued (committed), Unix nanoseconds.
+    pub queued_at: i64,
 }
 
 /// What a sink runner reports after a delivery attempt.

@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use super::fields;
 use super::keys::RuleKey;
-use super::model::{Action, Catalog, Downsample, Over, Policy, Rate};
-use crate::event::{EventBody, JsonText, Value};
+use super::model::{Action, Catalog, Downsample, Over, Policy, Rate, STORE_SINK};
+use crate::event::{is_reserved, EventBody, JsonText, Value};
 use crate::topic::TopicFilter;
 
 /// Why an event was dropped.
@@ -314,6 +314,11 @@ impl Compiled {
                 let r = &self.rules[i as usize];
                 (r.action, r.sinks.clone())
             }
+            // The agent's own records (`$outpost/...`, such as the writes
+            // its bridges made) are audit, not data: `[defaults]` written
+            // for the site's streams must not drop them unseen. Only a rule
+            // that names them governs them.
+            None if is_reserved(stream) => (Action::Allow, Arc::from([STORE_SINK.to_owned()])),
             None => (self.default_action, self.default_sinks.clone()),
         };
         if action == Action::Deny {
@@ -460,11 +465,15 @@ impl Enforcer {
                 return Verdict::Drop(DropReason::RateLimited);
             }
         }
-        let mut agent = (self.agent_events.take(), self.agent_bytes.take());
-        let within = take(&mut agent, ts, size);
-        (self.agent_events, self.agent_bytes) = agent;
-        if !within {
-            return Verdict::Drop(DropReason::RateLimited);
+        // The agent-wide drop limit is for the site's data; the agent's own
+        // records neither count against it nor are dropped by it.
+        if !is_reserved(stream) {
+            let mut agent = (self.agent_events.take(), self.agent_bytes.take());
+            let within = take(&mut agent, ts, size);
+            (self.agent_events, self.agent_bytes) = agent;
+            if !within {
+                return Verdict::Drop(DropReason::RateLimited);
+            }
         }
         if rule.and_then(|r| r.downsample).is_some() {
             self.kept.insert(

@@ -258,6 +258,50 @@ fn per_stream_and_per_agent_drop_limits_run_on_event_time() {
 }
 
 #[test]
+fn the_agents_own_records_survive_default_deny_and_agent_limits_but_not_a_rule_naming_them() {
+    use crate::event::BRIDGE_WRITES_STREAM;
+    let store = || Verdict::Keep {
+        modified: false,
+        sinks: vec!["store".to_owned()].into(),
+    };
+    // `[defaults]` deny, a `#` rule routing nowhere, a tight agent-wide
+    // drop limit: none of them was written for the agent's records.
+    let text = r##"
+        [defaults]
+        action = "deny"
+        [[rules]]
+        streams = ["#"]
+        sinks = []
+        [[limits]]
+        events_per_second = 1
+        over = "drop"
+    "##;
+    let mut e = enforcer(text, &labels(&[]), &eu_catalog());
+    for i in 0..10 {
+        let mut b = body(BRIDGE_WRITES_STREAM, f64::from(i) / 100.0, json("{}"));
+        assert_eq!(e.apply(&mut b, Stage::Ingest), store(), "event {i}");
+    }
+    let mut b = body("plant/a", 0.0, Value::U64(1));
+    assert_eq!(
+        e.apply(&mut b, Stage::Ingest),
+        Verdict::Drop(DropReason::Local)
+    );
+    // A rule that names them decides, as for any stream.
+    let text = r#"
+        [[rules]]
+        name = "no bridge audit"
+        streams = ["$outpost/bridge/writes"]
+        action = "deny"
+    "#;
+    let mut e = enforcer(text, &labels(&[]), &eu_catalog());
+    let mut b = body(BRIDGE_WRITES_STREAM, 0.0, json("{}"));
+    assert_eq!(
+        e.apply(&mut b, Stage::Ingest),
+        Verdict::Drop(DropReason::Denied)
+    );
+}
+
+#[test]
 fn token_bucket_waits_for_refill() {
     let mut b = TokenBucket::new(10.0);
     assert!(b.try_take(0, 10.0));

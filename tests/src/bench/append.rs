@@ -38,7 +38,7 @@ pub(crate) struct Params {
 }
 
 /// A row of the baseline table, encoded once before timing.
-struct RawRow {
+pub(crate) struct RawRow {
     ts: i64,
     stream: String,
     body: Vec<u8>,
@@ -58,14 +58,7 @@ pub(crate) fn run(rt: &Runtime, dir: &Path, p: Params) -> Result<Vec<Row>> {
         thousands(p.events as f64)
     );
     let bodies = mqtt_bodies(p.events)?;
-    let raw: Vec<RawRow> = bodies
-        .iter()
-        .map(|b| RawRow {
-            ts: b.ts.0,
-            stream: b.stream.as_str().to_owned(),
-            body: b.encode(),
-        })
-        .collect();
+    let raw = raw_rows(&bodies);
     let avg_body = raw.iter().map(|r| r.body.len()).sum::<usize>() / raw.len().max(1);
     let mut rows = Vec::new();
     let mut file = 0usize;
@@ -148,8 +141,26 @@ fn agent_id() -> Result<AgentId> {
     AgentId::parse("bench").map_err(anyhow::Error::from)
 }
 
+/// `bodies` as the baseline's rows: postcard-encoded, as the outbox stores
+/// them.
+pub(crate) fn raw_rows(bodies: &[EventBody]) -> Vec<RawRow> {
+    bodies
+        .iter()
+        .map(|b| RawRow {
+            ts: b.ts.0,
+            stream: b.stream.as_str().to_owned(),
+            body: b.encode(),
+        })
+        .collect()
+}
+
 /// Raw rusqlite: returns events/s.
-fn baseline(path: &Path, rows: &[RawRow], batch: usize, sync: Synchronous) -> Result<f64> {
+pub(crate) fn baseline(
+    path: &Path,
+    rows: &[RawRow],
+    batch: usize,
+    sync: Synchronous,
+) -> Result<f64> {
     let mut conn = Connection::open(path).with_context(|| format!("open {}", path.display()))?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     ensure!(mode.eq_ignore_ascii_case("wal"), "journal_mode is {mode}");

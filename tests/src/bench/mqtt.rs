@@ -1,4 +1,5 @@
-//! Measurement 2: MQTT QoS 1 ingest through one Mosquitto, in two shapes.
+//! Measurement 2: MQTT QoS 1 ingest through one Mosquitto, in two shapes,
+//! and QoS 2 (exactly once) in the second.
 //!
 //! The baseline is a bare rumqttc subscriber (QoS 1, automatic acks,
 //! persistent session) that counts what arrives and stores nothing; ours is
@@ -17,6 +18,11 @@
 //!   runs from the subscriber's reconnect (ours: the agent process's start)
 //!   to the N-th message received or stored. This is what the broker can
 //!   deliver, with no publisher in the way.
+//! - QoS 2 drain: the drain with every message published, queued and
+//!   delivered at QoS 2 (PUBREC, PUBREL, PUBCOMP per message): the bare
+//!   subscriber's rumqttc completes each handshake as it comes, the agent
+//!   stores each message once (its outbox keeps the packet ids between
+//!   PUBREC and PUBREL); anything stored beyond N is a FAIL row.
 //!
 //! The publisher and the bare subscriber each run on their own one-thread
 //! runtime, as if they were processes of their own like the agent. Probe
@@ -38,7 +44,7 @@ use tokio::task::JoinHandle;
 
 use super::procfs::{clock_ticks, CpuWindow};
 use super::procs::{outbox_reader, Bins};
-use super::report::{median, per_sec, samples, thousands, Row, Verdict};
+use super::report::{median, per_sec, ratio_row, thousands, Goal, Row, Verdict};
 use super::workload::{payload, topic, PAYLOAD_LEN};
 
 /// The publisher's and the bare subscriber's in-flight window; the broker's
@@ -73,9 +79,20 @@ pub(crate) struct Setup<'a> {
     /// The `policy.json` put in the agent's data directory before it first
     /// starts (see `outpost_agent::policy`); `None`: no policy.
     pub(crate) policy_json: Option<&'a str>,
+    /// Subscribe (and, in the drain, publish) at QoS 2 instead of QoS 1.
+    pub(crate) qos2: bool,
 }
 
 impl Setup<'_> {
+    /// The QoS of the run.
+    fn qos(&self) -> QoS {
+        if self.qos2 {
+            QoS::ExactlyOnce
+        } else {
+            QoS::AtLeastOnce
+        }
+    }
+
     /// Installs the policy, if any, in `data_dir`.
     fn install(&self, data_dir: &Path) -> Result<()> {
         if let Some(json) = self.policy_json {
@@ -110,6 +127,8 @@ pub(crate) struct Client {
     done: Arc<Mutex<Option<Instant>>>,
     /// Set by the event loop if it failed.
     failed: Arc<Mutex<Option<String>>>,
+    /// The QoS of its subscription and of what it publishes.
+    qos: QoS,
 }
 
 impl Client {
@@ -123,6 +142,28 @@ impl Client {
         clean_session: bool,
         subscribe: Option<String>,
         target: u64,
+    ) -> Result<Client> {
+        Client::connect_qos(
+            rt,
+            port,
+            id,
+            clean_session,
+            subscribe,
+            target,
+            QoS::AtLeastOnce,
+        )
+    }
+
+    /// [`Client::connect`] subscribing and publishing at `qos`; a publisher
+    /// counts PUBACKs (QoS 1) or PUBCOMPs (QoS 2).
+    pub(crate) fn connect_qos(
+        rt: Handle,
+        port: u16,
+        id: &str,
+        clean_session: bool,
+        subscribe: Option<String>,
+        target: u64,
+        qos: QoS,
     ) -> Result<Client> {
         let mut opts = MqttOptions::new(id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(30))
@@ -153,7 +194,9 @@ impl Client {
                                 let _ = r.send(());
                             }
                         }
-                        Ok(Event::Incoming(Packet::Publish(_) | Packet::PubAck(_))) => {
+                        Ok(Event::Incoming(
+                            Packet::Publish(_) | Packet::PubAck(_) | Packet::PubComp(_),
+                        )) => {
                             let n = count.fetch_add(1, Ordering::SeqCst) + 1;
                             if n == target.load(Ordering::SeqCst) {
                                 if let Ok(mut d) = done.lock() {
@@ -173,7 +216,7 @@ impl Client {
             })
         };
         if let Some(filter) = subscribe {
-            rt.block_on(client.subscribe(filter, QoS::AtLeastOnce))?;
+            rt.block_on(client.subscribe(filter, qos))?;
         }
         let what = if wants_suback { "SUBACK" } else { "CONNACK" };
         let ready =
@@ -194,6 +237,7 @@ impl Client {
             target,
             done,
             failed,
+            qos,
         })
     }
 
@@ -221,10 +265,11 @@ impl Client {
     fn publish_all(&self, prefix: &str, n: usize) -> JoinHandle<Result<(), rumqttc::ClientError>> {
         let client = self.client.clone();
         let prefix = prefix.to_owned();
+        let qos = self.qos;
         self.rt.spawn(async move {
             for i in 0..n {
                 client
-                    .publish(topic(&prefix, i), QoS::AtLeastOnce, false, payload(i))
+                    .publish(topic(&prefix, i), qos, false, payload(i))
                     .await?;
             }
             Ok(())
@@ -359,7 +404,14 @@ fn baseline(port: u16, run: usize, n: usize) -> Result<Sample> {
 }
 
 /// The agent's config for the MQTT run.
-fn agent_config(data_dir: &Path, port: u16, id: &str, prefix: &str, labels: &str) -> String {
+fn agent_config(
+    data_dir: &Path,
+    port: u16,
+    id: &str,
+    prefix: &str,
+    labels: &str,
+    qos: u8,
+) -> String {
     let labels = if labels.is_empty() {
         String::new()
     } else {
@@ -375,7 +427,7 @@ client_id = "outpost-bench-{id}"
 
 [[mqtt.subscribe]]
 filter = "{prefix}/#"
-qos = 1
+qos = {qos}
 
 [observability]
 metrics = ""
@@ -408,7 +460,7 @@ pub(crate) fn ours(
     setup.install(&data_dir)?;
     let mut agent = bins.start_agent(
         &home,
-        &agent_config(&data_dir, port, &run.to_string(), &prefix, setup.labels),
+        &agent_config(&data_dir, port, &run.to_string(), &prefix, setup.labels, 1),
     )?;
     let reader = outbox_reader(&home, &mut agent)?;
     let accepted = || -> Result<u64> { Ok(reader.stats()?.accepted_total) };
@@ -469,9 +521,9 @@ pub(crate) fn ours(
 
 /// Publishes `n` messages under `prefix` and waits for every PUBACK: the
 /// broker then holds them all for the absent subscriber's session.
-fn preload(port: u16, id: &str, prefix: &str, n: usize) -> Result<()> {
+fn preload(port: u16, id: &str, prefix: &str, n: usize, qos: QoS) -> Result<()> {
     let rt = runtime("publisher")?;
-    let publ = Client::connect(rt.handle().clone(), port, id, true, None, n as u64)?;
+    let publ = Client::connect_qos(rt.handle().clone(), port, id, true, None, n as u64, qos)?;
     let started = Instant::now();
     let sending = publ.publish_all(prefix, n);
     let rate = publisher_done(&publ, sending, started, n)?;
@@ -487,20 +539,22 @@ fn preload(port: u16, id: &str, prefix: &str, n: usize) -> Result<()> {
 /// The bare subscriber draining `n` messages the broker queued for its
 /// persistent session while it was away: returns msg/s from its reconnect to
 /// the N-th message.
-fn baseline_drain(port: u16, run: usize, n: usize) -> Result<f64> {
-    let prefix = format!("bench/qbase{run}");
-    let id = format!("bench-qsub-{run}");
-    let publisher_id = format!("bench-qpub-base-{run}");
+fn baseline_drain(port: u16, run: usize, n: usize, qos: QoS) -> Result<f64> {
+    let q = qos as u8;
+    let prefix = format!("bench/q{q}base{run}");
+    let id = format!("bench-q{q}sub-{run}");
+    let publisher_id = format!("bench-q{q}pub-base-{run}");
     {
         // The session and its subscription exist, proven by a probe.
         let (pub_rt, sub_rt) = (runtime("publisher")?, runtime("subscriber")?);
-        let sub = Client::connect(
+        let sub = Client::connect_qos(
             sub_rt.handle().clone(),
             port,
             &id,
             false,
             Some(format!("{prefix}/#")),
             u64::MAX,
+            qos,
         )?;
         let publ = Client::connect(
             pub_rt.handle().clone(),
@@ -514,7 +568,7 @@ fn baseline_drain(port: u16, run: usize, n: usize) -> Result<f64> {
         publ.close();
         sub.close();
     }
-    preload(port, &publisher_id, &prefix, n)?;
+    preload(port, &publisher_id, &prefix, n, qos)?;
 
     drain_bare(port, &id, n, run_timeout(n))
 }
@@ -554,19 +608,21 @@ pub(crate) fn ours_drain(
     n: usize,
     setup: Setup<'_>,
 ) -> Result<Drain> {
-    let prefix = format!("bench/qagent{run}");
-    let home = dir.join(format!("agent-mqtt-drain-{run}"));
+    let q = setup.qos() as u8;
+    let prefix = format!("bench/q{q}agent{run}");
+    let home = dir.join(format!("agent-mqtt-drain-q{q}-{run}"));
     std::fs::create_dir_all(&home)?;
     setup.install(&home.join("data"))?;
     let config = agent_config(
         &home.join("data"),
         port,
-        &format!("q{run}"),
+        &format!("q{q}-{run}"),
         &prefix,
         setup.labels,
+        q,
     );
     let log = home.join("agent.log");
-    let publisher_id = format!("bench-qpub-agent-{run}");
+    let publisher_id = format!("bench-q{q}pub-agent-{run}");
     let base = {
         // The session and its subscription exist, proven by a probe.
         let mut agent = bins.start_agent(&home, &config)?;
@@ -588,7 +644,7 @@ pub(crate) fn ours_drain(
         }
         base
     };
-    preload(port, &publisher_id, &prefix, n)?;
+    preload(port, &publisher_id, &prefix, n, setup.qos())?;
 
     let goal = base + n as u64;
     let started = Instant::now();
@@ -644,15 +700,23 @@ pub(crate) struct Drain {
     pub(crate) extra: u64,
 }
 
+/// The goal of the QoS 1 and QoS 2 rows: the agent at least this share of a
+/// bare subscriber through the same broker (issue 24).
+const GOAL: f64 = 0.9;
+
 /// Runs the MQTT measurement in `dir` and returns its rows.
 pub(crate) fn run(bins: &Bins, dir: &Path, p: Params) -> Result<Vec<Row>> {
     let broker_dir = dir.join("mosquitto");
     std::fs::create_dir_all(&broker_dir)?;
     let broker = Mosquitto::start(&broker_dir)?;
-    let (mut base, mut ours_v) = (Vec::new(), Vec::new());
+    let (mut live, mut drain, mut drain2) = (Vec::new(), Vec::new(), Vec::new());
     let (mut base_pub, mut ours_pub) = (Vec::new(), Vec::new());
-    let (mut base_q, mut ours_q, mut ours_q_cpu) = (Vec::new(), Vec::new(), Vec::new());
-    let mut duplicates = 0;
+    let (mut ours_q_cpu, mut ours_q2_cpu) = (Vec::new(), Vec::new());
+    let (mut duplicates, mut duplicates2) = (0, 0);
+    let qos2 = Setup {
+        qos2: true,
+        ..Setup::default()
+    };
     for rep in 0..p.reps {
         let b = baseline(broker.port, rep, p.messages)?;
         let (o, extra) = ours(bins, dir, broker.port, rep, p.messages, Setup::default())?;
@@ -665,12 +729,11 @@ pub(crate) fn run(bins: &Bins, dir: &Path, p: Params) -> Result<Vec<Row>> {
             thousands(o.rate),
             thousands(o.publisher)
         );
-        base.push(b.rate);
+        live.push((o.rate, b.rate));
         base_pub.push(b.publisher);
-        ours_v.push(o.rate);
         ours_pub.push(o.publisher);
 
-        let bq = baseline_drain(broker.port, rep, p.messages)?;
+        let bq = baseline_drain(broker.port, rep, p.messages, QoS::AtLeastOnce)?;
         let oq = ours_drain(bins, dir, broker.port, rep, p.messages, Setup::default())?;
         duplicates += oq.extra;
         eprintln!(
@@ -682,44 +745,53 @@ pub(crate) fn run(bins: &Bins, dir: &Path, p: Params) -> Result<Vec<Row>> {
             oq.transactions,
             thousands(p.messages as f64 / oq.transactions.max(1) as f64)
         );
-        base_q.push(bq);
-        ours_q.push(oq.rate);
+        drain.push((oq.rate, bq));
         ours_q_cpu.push(oq.cpu);
+
+        let bq2 = baseline_drain(broker.port, rep, p.messages, QoS::ExactlyOnce)?;
+        let oq2 = ours_drain(bins, dir, broker.port, rep, p.messages, qos2)?;
+        duplicates2 += oq2.extra;
+        eprintln!(
+            "mqtt QoS 2 drain run {}: bare subscriber {}/s, agent {}/s ({:.0}% of one core, {} stored beyond N)",
+            rep + 1,
+            thousands(bq2),
+            thousands(oq2.rate),
+            oq2.cpu,
+            oq2.extra
+        );
+        drain2.push((oq2.rate, bq2));
+        ours_q2_cpu.push(oq2.cpu);
     }
-    eprintln!(
-        "mqtt live: bare subscriber [{}], agent [{}]; drain: bare subscriber [{}], agent [{}]",
-        samples(&base),
-        samples(&ours_v),
-        samples(&base_q),
-        samples(&ours_q)
-    );
-    let b = median(&base);
-    let o = median(&ours_v);
-    let target = 0.8;
     let mut rows = vec![
-        Row {
-            what: format!(
+        ratio_row(
+            format!(
                 "MQTT QoS 1 live: {} × {PAYLOAD_LEN}-byte messages published while subscribed, first publish → last stored (msg/s; agent synchronous=FULL)",
                 thousands(p.messages as f64)
             ),
-            ours: format!("{}/s", thousands(o)),
-            baseline: format!("{}/s", thousands(b)),
-            ratio: format!("{:.2}", o / b),
-            target: format!("≥ {target}"),
-            verdict: Verdict::from_bool(o / b >= target),
-        },
-        Row {
-            what: format!(
+            "/s",
+            &live,
+            Goal::AtLeast(GOAL),
+        ),
+        ratio_row(
+            format!(
                 "MQTT QoS 1 drain: {} × {PAYLOAD_LEN}-byte messages queued at Mosquitto for a persistent session, subscriber (re)start → last stored (msg/s; agent synchronous=FULL, {:.0}% of one core meanwhile)",
                 thousands(p.messages as f64),
                 median(&ours_q_cpu)
             ),
-            ours: format!("{}/s", thousands(median(&ours_q))),
-            baseline: format!("{}/s", thousands(median(&base_q))),
-            ratio: format!("{:.2}", median(&ours_q) / median(&base_q)),
-            target: format!("≥ {target}"),
-            verdict: Verdict::from_bool(median(&ours_q) / median(&base_q) >= target),
-        },
+            "/s",
+            &drain,
+            Goal::AtLeast(GOAL),
+        ),
+        ratio_row(
+            format!(
+                "MQTT QoS 2 drain, exactly once: {} × {PAYLOAD_LEN}-byte QoS 2 messages queued at Mosquitto for a persistent QoS 2 session, subscriber (re)start → last stored (msg/s; agent synchronous=FULL, {:.0}% of one core meanwhile; baseline a bare QoS 2 subscriber)",
+                thousands(p.messages as f64),
+                median(&ours_q2_cpu)
+            ),
+            "/s",
+            &drain2,
+            Goal::AtLeast(GOAL),
+        ),
         Row {
             what: "MQTT live, same runs: the publisher's own rate, first publish → its last PUBACK (msg/s)"
                 .into(),
@@ -730,15 +802,17 @@ pub(crate) fn run(bins: &Bins, dir: &Path, p: Params) -> Result<Vec<Row>> {
             verdict: Verdict::Info,
         },
     ];
-    if duplicates > 0 {
-        rows.push(Row {
-            what: "MQTT QoS 1 ingest: events stored beyond the messages sent".into(),
-            ours: thousands(duplicates as f64),
-            baseline: "-".into(),
-            ratio: "-".into(),
-            target: "0 (no redelivery happened)".into(),
-            verdict: Verdict::Fail,
-        });
+    for (qos, extra) in [(1, duplicates), (2, duplicates2)] {
+        if extra > 0 {
+            rows.push(Row {
+                what: format!("MQTT QoS {qos} ingest: events stored beyond the messages sent"),
+                ours: thousands(extra as f64),
+                baseline: "-".into(),
+                ratio: "-".into(),
+                target: "0 (no redelivery happened)".into(),
+                verdict: Verdict::Fail,
+            });
+        }
     }
     Ok(rows)
 }

@@ -322,10 +322,12 @@ pub(crate) fn mqtt_ingest(bins: &Bins, dir: &Path, p: mqtt::Params) -> Result<Ve
     let plain = Setup {
         labels: &labels,
         policy_json: None,
+        qos2: false,
     };
     let with_policy = Setup {
         labels: &labels,
         policy_json: Some(&json),
+        qos2: false,
     };
     let broker_dir = dir.join("mosquitto");
     std::fs::create_dir_all(&broker_dir)?;
@@ -334,6 +336,7 @@ pub(crate) fn mqtt_ingest(bins: &Bins, dir: &Path, p: mqtt::Params) -> Result<Ve
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut base_cpu, mut ours_cpu) = (Vec::new(), Vec::new());
     let mut duplicates = 0;
+    let (mut live_rounds, mut drain_rounds) = (Vec::new(), Vec::new());
     for rep in 0..p.reps {
         // Runs 2k without, 2k+1 with the policy: their own topics, client
         // ids and data directories. Which goes first alternates, so that
@@ -376,6 +379,8 @@ pub(crate) fn mqtt_ingest(bins: &Bins, dir: &Path, p: mqtt::Params) -> Result<Ve
         ours.push(o.rate);
         base_q.push(bq.rate);
         ours_q.push(oq.rate);
+        live_rounds.push((o.rate, b.rate));
+        drain_rounds.push((oq.rate, bq.rate));
         base_cpu.push(bq.cpu);
         ours_cpu.push(oq.cpu);
     }
@@ -386,34 +391,27 @@ pub(crate) fn mqtt_ingest(bins: &Bins, dir: &Path, p: mqtt::Params) -> Result<Ve
         samples(&base_q),
         samples(&ours_q)
     );
-    let target = 0.9;
-    let (b, o) = (median(&base), median(&ours));
-    let (bq, oq) = (median(&base_q), median(&ours_q));
     let mut rows = vec![
-        Row {
-            what: format!(
+        report::ratio_row(
+            format!(
                 "MQTT QoS 1 live with a 1,000-rule policy ({selected} select this agent; the published topics meet 100 that minimise them, none denies or downsamples them, so both runs store all {} × {PAYLOAD_LEN}-byte messages): first publish → last stored (msg/s; baseline = the same agent without a policy)",
                 thousands(p.messages as f64)
             ),
-            ours: format!("{}/s", thousands(o)),
-            baseline: format!("{}/s", thousands(b)),
-            ratio: format!("{:.2}", o / b),
-            target: format!("≥ {target}"),
-            verdict: report::Verdict::from_bool(o / b >= target),
-        },
-        Row {
-            what: format!(
+            "/s",
+            &live_rounds,
+            report::Goal::AtLeast(0.9),
+        ),
+        report::ratio_row(
+            format!(
                 "MQTT QoS 1 drain with the same policy: {} messages queued at Mosquitto, agent start → last stored (msg/s; {:.0}% of one core with, {:.0}% without; baseline = no policy)",
                 thousands(p.messages as f64),
                 median(&ours_cpu),
                 median(&base_cpu)
             ),
-            ours: format!("{}/s", thousands(oq)),
-            baseline: format!("{}/s", thousands(bq)),
-            ratio: format!("{:.2}", oq / bq),
-            target: format!("≥ {target}"),
-            verdict: report::Verdict::from_bool(oq / bq >= target),
-        },
+            "/s",
+            &drain_rounds,
+            report::Goal::AtLeast(0.9),
+        ),
     ];
     if duplicates > 0 {
         rows.push(Row {

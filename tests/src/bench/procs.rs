@@ -52,6 +52,15 @@ impl Bins {
         })
     }
 
+    /// The same binaries with `agent` as the agent (the memory rows measure
+    /// the static musl agent that `cross/build` makes).
+    pub(crate) fn with_agent(&self, agent: PathBuf) -> Bins {
+        Bins {
+            agent,
+            ..self.clone()
+        }
+    }
+
     /// The hub binary, or an error with a hint.
     pub(crate) fn hub(&self) -> Result<&Path> {
         self.hub.as_deref().with_context(|| {
@@ -263,5 +272,57 @@ pub(crate) fn outbox_reader(home: &Path, agent: &mut Agent) -> Result<OutboxRead
             );
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Which build `bin` is, for the rows that name it: "static musl" when the
+/// ELF file asks for no program interpreter (`cross/build`'s binaries),
+/// "dynamic (glibc)" when it does; the file's path follows.
+pub(crate) fn build_name(bin: &Path) -> String {
+    let kind = match has_interpreter(bin) {
+        Ok(false) => "static musl",
+        Ok(true) => "dynamic (glibc)",
+        Err(_) => "unknown build",
+    };
+    format!("{kind}, {}", bin.display())
+}
+
+/// Whether the ELF64 file `bin` has a `PT_INTERP` program header.
+fn has_interpreter(bin: &Path) -> Result<bool> {
+    const PT_INTERP: u32 = 3;
+    let data = std::fs::read(bin)?;
+    let u16_at = |at: usize| -> Result<usize> {
+        let b = data.get(at..at + 2).context("a short ELF file")?;
+        Ok(usize::from(u16::from_le_bytes([b[0], b[1]])))
+    };
+    if data.get(..5) != Some(&b"\x7fELF\x02"[..]) {
+        bail!("{} is not a 64-bit ELF file", bin.display());
+    }
+    let phoff_bytes = data.get(0x20..0x28).context("a short ELF file")?;
+    let phoff = usize::try_from(u64::from_le_bytes(phoff_bytes.try_into()?))?;
+    let (size, count) = (u16_at(0x36)?, u16_at(0x38)?);
+    for i in 0..count {
+        let at = phoff + i * size;
+        let t = data.get(at..at + 4).context("a short ELF file")?;
+        if u32::from_le_bytes(t.try_into()?) == PT_INTERP {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dynamic_binary_is_named_so() {
+        // This test binary is linked dynamically against the system's libc.
+        let me = std::env::current_exe().expect("current_exe");
+        assert!(
+            build_name(&me).starts_with("dynamic"),
+            "{}",
+            build_name(&me)
+        );
     }
 }

@@ -27,7 +27,7 @@ use outpost_tests::{Hub, Nats};
 
 use crate::procfs::{clock_ticks, CpuWindow};
 use crate::procs::Bins;
-use crate::report::{median, per_sec, thousands, Row, Verdict};
+use crate::report::{median, per_sec, ratio_row, thousands, Goal, Row, Verdict};
 
 /// Shared client sockets of the simulated fleet (per replica).
 const ENDPOINTS: usize = 2;
@@ -241,7 +241,7 @@ pub(crate) fn replicas(bins: &Bins, dir: &Path, p: Params) -> Result<Vec<Row>> {
             )
         }
     };
-    let (s, o, t) = (rates(&sqlite), rates(&one), rates(&two));
+    let (o, t) = (rates(&one), rates(&two));
     let (cs, co, ct) = (cpu(&sqlite), cpu(&one), cpu(&two));
     let fleet = format!(
         "{} simulated agents × {} events (each its own QUIC + mTLS connection), first dial → last acknowledgement; nats-server, hubs and fleet on this one machine; median of {}",
@@ -260,15 +260,17 @@ pub(crate) fn replicas(bins: &Bins, dir: &Path, p: Params) -> Result<Vec<Row>> {
             target: "-".into(),
             verdict: Verdict::Info,
         },
-        Row {
-            what: format!(
+        ratio_row(
+            format!(
                 "Scale-out: one JetStream replica vs the SQLite hub, same fleet ({fleet}; events/s; baseline = the SQLite hub, synchronous=FULL, {cs})"
             ),
-            ours: format!("{}/s", thousands(o)),
-            baseline: format!("{}/s", thousands(s)),
-            ratio: format!("{:.2}", o / s),
-            target: "-".into(),
-            verdict: Verdict::Info,
-        },
+            "/s",
+            &one
+                .iter()
+                .zip(&sqlite)
+                .map(|(o, s)| (o.rate, s.rate))
+                .collect::<Vec<_>>(),
+            Goal::AtLeast(0.7),
+        ),
     ])
 }

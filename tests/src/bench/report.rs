@@ -75,6 +75,73 @@ impl Row {
     }
 }
 
+/// The fewest rounds a ratio's verdict rests on (issue 24): fewer (a
+/// `--quick` run) report the figures without a verdict.
+pub(crate) const MIN_ROUNDS: usize = 3;
+
+/// A goal from issue 24's table, which a row passes or fails.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Goal {
+    /// The figure is at least this.
+    AtLeast(f64),
+    /// The figure is at most this.
+    AtMost(f64),
+}
+
+impl Goal {
+    /// Whether `v` meets the goal.
+    pub(crate) fn met(self, v: f64) -> bool {
+        match self {
+            Goal::AtLeast(g) => v >= g,
+            Goal::AtMost(g) => v <= g,
+        }
+    }
+
+    /// The goal as the target column says it, with the gap of a miss
+    /// (`v` printed by `fmt`).
+    pub(crate) fn target(self, v: f64, fmt: impl Fn(f64) -> String) -> String {
+        match self {
+            Goal::AtLeast(g) if v < g => format!("≥ {}: short by {}", fmt(g), fmt(g - v)),
+            Goal::AtMost(g) if v > g => format!("≤ {}: over by {}", fmt(g), fmt(v - g)),
+            Goal::AtLeast(g) => format!("≥ {}", fmt(g)),
+            Goal::AtMost(g) => format!("≤ {}", fmt(g)),
+        }
+    }
+}
+
+/// A row comparing ours with a baseline over rounds in which the two were
+/// measured one after the other (`rounds`: each round's (ours, baseline)).
+/// The ratio is the median of the rounds' ratios, and every round's ratio
+/// is printed beside it; the verdict holds it to `goal`, and needs at least
+/// [`MIN_ROUNDS`] rounds. `unit` follows each rate (`/s`).
+pub(crate) fn ratio_row(what: String, unit: &str, rounds: &[(f64, f64)], goal: Goal) -> Row {
+    let ours: Vec<f64> = rounds.iter().map(|r| r.0).collect();
+    let base: Vec<f64> = rounds.iter().map(|r| r.1).collect();
+    let ratios: Vec<f64> = rounds.iter().map(|(o, b)| o / b).collect();
+    let r = median(&ratios);
+    // Three digits: a ratio just under the goal must not print as the goal.
+    let each: Vec<String> = ratios.iter().map(|x| format!("{x:.3}")).collect();
+    let mut target = goal.target(r, |x| format!("{x:.3}"));
+    let verdict = if rounds.len() < MIN_ROUNDS {
+        target.push_str(&format!(
+            " ({} round{}: no verdict, it takes {MIN_ROUNDS})",
+            rounds.len(),
+            if rounds.len() == 1 { "" } else { "s" }
+        ));
+        Verdict::Info
+    } else {
+        Verdict::from_bool(goal.met(r))
+    };
+    Row {
+        what,
+        ours: format!("{}{unit}", thousands(median(&ours))),
+        baseline: format!("{}{unit}", thousands(median(&base))),
+        ratio: format!("{r:.3} (rounds {})", each.join(" / ")),
+        target,
+        verdict,
+    }
+}
+
 /// The Markdown table.
 pub(crate) fn table(rows: &[Row]) -> String {
     let mut s = String::new();
@@ -122,7 +189,7 @@ pub(crate) fn json(rows: &[Row], meta: &Meta<'_>) -> serde_json::Value {
                 "ours": r.ours,
                 "baseline": r.baseline,
                 "ratio": r.ratio,
-                "ratio_value": r.ratio.parse::<f64>().ok().filter(|v| v.is_finite()),
+                "ratio_value": r.ratio.split(' ').next().and_then(|v| v.parse::<f64>().ok()).filter(|v| v.is_finite()),
                 "target": r.target,
                 "result": r.verdict.key(),
             })
@@ -308,6 +375,18 @@ mod tests {
         assert_eq!(v["rows"][1]["result"], "error");
         assert_eq!(v["machine"][1], "Memory: y");
         assert_eq!(v["run"], "quick");
+    }
+
+    #[test]
+    fn a_ratio_row_takes_the_median_round_and_says_the_gap_of_a_miss() {
+        let rounds = [(80.0, 100.0), (95.0, 100.0), (85.0, 100.0)];
+        let r = ratio_row("x".into(), "/s", &rounds, Goal::AtLeast(0.9));
+        assert_eq!(r.verdict, Verdict::Fail);
+        assert_eq!(r.ratio, "0.850 (rounds 0.800 / 0.950 / 0.850)");
+        assert_eq!(r.target, "≥ 0.900: short by 0.050");
+        let r = ratio_row("x".into(), "/s", &rounds[1..2], Goal::AtLeast(0.9));
+        assert_eq!(r.verdict, Verdict::Info, "one round gives no verdict");
+        assert!(Goal::AtMost(50.0).met(50.0) && !Goal::AtMost(50.0).met(50.1));
     }
 
     #[test]

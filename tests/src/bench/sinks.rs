@@ -71,7 +71,7 @@ use tokio::task::JoinHandle;
 
 use super::procfs::{clock_ticks, cpu_ticks};
 use super::procs::Bins;
-use super::report::{median, per_sec, samples, thousands, Row, Verdict};
+use super::report::{median, per_sec, ratio_row, samples, thousands, Goal, Row, Verdict};
 use super::workload::{mqtt_bodies, now_ns, PAYLOAD_LEN};
 
 /// The sink's id in the hub's config and the policy's routes.
@@ -105,8 +105,9 @@ const PER_AGENT: usize = 6_250;
 /// How often the JetStream stream's count is read.
 const POLL: Duration = Duration::from_millis(5);
 
-/// The target: the hub's sink at least this share of the bare client.
-const TARGET: f64 = 0.7;
+/// The goal: the hub's sink at least this share of the bare client
+/// (issue 24).
+const TARGET: f64 = 0.9;
 
 /// The policy every hub run applies: everything to the store and the sink.
 const POLICY: &str = "[defaults]\nsinks = [\"store\", \"bench\"]\n";
@@ -222,6 +223,7 @@ impl Fixture {
                 stored.len()
             );
             events.extend(stored.into_iter().map(|event| SinkEvent {
+                queued_at: 0,
                 event,
                 labels: labels.clone(),
             }));
@@ -990,7 +992,6 @@ fn measure(bins: &Bins, fx: &Fixture, kind: Kind, root: &Path, reps: usize) -> R
         samples(&rates(&base)),
         samples(&rates(&mine))
     );
-    let (b, o) = (pick(&base, |s| s.rate), pick(&mine, |s| s.rate));
     let (bs, os) = (pick(&base, |s| s.from_start), pick(&mine, |s| s.from_start));
     let first = pick(&mine, |s| s.first_after.as_secs_f64());
     let cpu = pick(&mine, |s| s.hub_cpu_us);
@@ -1008,20 +1009,20 @@ fn measure(bins: &Bins, fx: &Fixture, kind: Kind, root: &Path, reps: usize) -> R
         ),
     };
     Ok(vec![
-        Row {
-            what: format!(
+        ratio_row(
+            format!(
                 "{what}: {} events queued in the hub's store while {} was down, then delivered; first → last message at the far end (events/s; each the event's JSON around a {PAYLOAD_LEN}-byte JSON value, {size:.0} {weight}; batch_max 500; {cpu:.0} µs of hub CPU per event; baseline = {bare})",
                 thousands(n as f64),
                 kind.far_end()
             ),
-            ours: format!("{}/s", thousands(o)),
-            baseline: format!("{}/s", thousands(b)),
-            // Three digits: a ratio just under the target must not print as
-            // the target.
-            ratio: format!("{:.3}", o / b),
-            target: format!("≥ {TARGET}"),
-            verdict: Verdict::from_bool(o / b >= TARGET),
-        },
+            "/s",
+            &mine
+                .iter()
+                .zip(&base)
+                .map(|(m, b)| (m.rate, b.rate))
+                .collect::<Vec<_>>(),
+            Goal::AtLeast(TARGET),
+        ),
         Row {
             what: format!(
                 "{what}, same runs: {} listening → last message at the far end (events/s; includes the hub noticing that the far end is back: its first delivery came {first:.2} s after)",

@@ -37,7 +37,7 @@ use tokio::runtime::Runtime;
 
 use super::procfs::{clock_ticks, mb, status_kib, CpuWindow};
 use super::procs::{hub_db, Bins};
-use super::report::{median, per_sec, samples, thousands, Row, Verdict};
+use super::report::{median, per_sec, ratio_row, samples, thousands, Goal, Row, Verdict};
 use super::workload::{mqtt_bodies, now_ns, PAYLOAD_LEN};
 
 /// The draining agent's id (its certificate's).
@@ -46,8 +46,16 @@ const AGENT: &str = "bench-drain";
 /// How often the hub's store is looked at while measuring ours.
 const POLL: Duration = Duration::from_millis(2);
 
-/// The drain's absolute target.
-const TARGET: f64 = 200_000.0;
+/// The drain's goal (issue 24): at least this share of a raw SQLite insert
+/// of the same events (`synchronous = FULL`, batches of [`RAW_BATCH`]),
+/// measured in the same rounds: the hub's store is the physical limit.
+const GOAL: f64 = 0.7;
+
+/// The hub's memory per connected agent, kB (issue 24).
+const PER_AGENT_GOAL: Goal = Goal::AtMost(50.0);
+
+/// The raw SQLite insert's batch (the outbox-append row's).
+const RAW_BATCH: usize = 1000;
 
 /// How often a drain's trace (for the plot) takes a point.
 const TRACE_EVERY: Duration = Duration::from_millis(50);
@@ -94,12 +102,12 @@ fn run_timeout(n: u64) -> Duration {
 
 /// The hub's store, read-only, as another process may read it while the hub
 /// writes (WAL).
-struct HubStore {
+pub(crate) struct HubStore {
     conn: Connection,
 }
 
 impl HubStore {
-    fn open(path: &Path) -> Result<HubStore> {
+    pub(crate) fn open(path: &Path) -> Result<HubStore> {
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags)
             .with_context(|| format!("open {} read-only", path.display()))?;
@@ -108,7 +116,7 @@ impl HubStore {
     }
 
     /// The agent's durable watermark, 0 before it is known.
-    fn watermark(&self, agent: &str) -> Result<u64> {
+    pub(crate) fn watermark(&self, agent: &str) -> Result<u64> {
         let w: Option<i64> = self
             .conn
             .prepare_cached("SELECT watermark FROM agents WHERE agent_id = ?1")?
@@ -488,20 +496,27 @@ pub(crate) fn drain(bins: &Bins, dir: &Path, p: Params) -> Result<DrainReport> {
         mb(total / 1024),
         mb(file_kib)
     );
-    let (mut base, mut ours_v) = (Vec::new(), Vec::new());
+    let raw = super::append::raw_rows(&mqtt_bodies(p.events)?);
+    let (mut base, mut ours_v, mut sqlite) = (Vec::new(), Vec::new(), Vec::new());
     let (mut firsts, mut streaming) = (Vec::new(), Vec::new());
     let (mut agent_cpu, mut hub_cpu) = (Vec::new(), Vec::new());
     let mut traces = Vec::new();
     for rep in 0..p.reps {
         let b = baseline(&pki.hub_dir, &agent_creds, &frames, n)?;
+        let raw_db = root.join(format!("raw-{rep}.db"));
+        let s = super::append::baseline(&raw_db, &raw, RAW_BATCH, Synchronous::Full)?;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", raw_db.display()));
+        }
         let home = root.join(format!("run-{rep}"));
         let o = ours(bins, &home, &pki.hub_dir, &agent_creds, &template, n)?;
         // The stores are large; later runs do not need them.
         let _ = std::fs::remove_dir_all(&home);
         eprintln!(
-            "uplink run {}: raw quinn {}/s, agent → hub {}/s (first events durable after {:.2} s, then {}/s; agent {:.0}%, hub {:.0}% of one core)",
+            "uplink run {}: raw quinn {}/s, raw SQLite FULL insert {}/s, agent → hub {}/s (first events durable after {:.2} s, then {}/s; agent {:.0}%, hub {:.0}% of one core)",
             rep + 1,
             thousands(b),
+            thousands(s),
             thousands(o.rate),
             o.first.as_secs_f64(),
             thousands(o.streaming),
@@ -509,6 +524,7 @@ pub(crate) fn drain(bins: &Bins, dir: &Path, p: Params) -> Result<DrainReport> {
             o.hub_cpu
         );
         base.push(b);
+        sqlite.push((o.rate, s));
         ours_v.push(o.rate);
         firsts.push(o.first.as_secs_f64());
         streaming.push(o.streaming);
@@ -525,19 +541,27 @@ pub(crate) fn drain(bins: &Bins, dir: &Path, p: Params) -> Result<DrainReport> {
     let b = median(&base);
     let o = median(&ours_v);
     let rows = vec![
-        Row {
-            what: format!(
-                "Uplink drain: a {}-event outbox backlog ({PAYLOAD_LEN}-byte JSON payloads) → outpost-hub over loopback QUIC + mTLS, agent process start → all durable at the hub (events/s; synchronous=FULL at both ends; agent {:.0}%, hub {:.0}% of one core; baseline = raw quinn writing the same {} of Batch frames on one stream)",
+        ratio_row(
+            format!(
+                "Uplink drain: a {}-event outbox backlog ({PAYLOAD_LEN}-byte JSON payloads) → outpost-hub over loopback QUIC + mTLS, agent process start → all durable at the hub (events/s; synchronous=FULL at both ends; agent {:.0}%, hub {:.0}% of one core; baseline = a raw SQLite insert of the same events, FULL, batches of {RAW_BATCH}, in the same rounds)",
                 thousands(p.events as f64),
                 median(&agent_cpu),
                 median(&hub_cpu),
+            ),
+            "/s",
+            &sqlite,
+            Goal::AtLeast(GOAL),
+        ),
+        Row {
+            what: format!(
+                "Uplink drain, same runs, against raw quinn writing the same {} of Batch frames on one stream (the transport's ceiling)",
                 mb(total / 1024)
             ),
             ours: format!("{}/s", thousands(o)),
             baseline: format!("{}/s", thousands(b)),
-            ratio: format!("{:.2}", o / b),
-            target: format!("≥ {}/s", thousands(TARGET)),
-            verdict: Verdict::from_bool(o >= TARGET),
+            ratio: format!("{:.3}", o / b),
+            target: "-".into(),
+            verdict: Verdict::Info,
         },
         Row {
             what: format!(
@@ -704,8 +728,8 @@ pub(crate) fn fleet(
             ours: format!("{:.1} kB", per_agent_bytes / 1e3),
             baseline: "-".into(),
             ratio: "-".into(),
-            target: "-".into(),
-            verdict: Verdict::Info,
+            target: PER_AGENT_GOAL.target(per_agent_bytes / 1e3, |v| format!("{v:.1} kB")),
+            verdict: Verdict::from_bool(PER_AGENT_GOAL.met(per_agent_bytes / 1e3)),
         },
     ])
 }

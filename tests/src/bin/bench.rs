@@ -26,6 +26,8 @@ use clap::Parser;
 mod api;
 #[path = "../bench/append.rs"]
 mod append;
+#[path = "../bench/commands.rs"]
+mod commands;
 #[path = "../bench/door.rs"]
 mod door;
 #[path = "../bench/modbus.rs"]
@@ -65,6 +67,10 @@ use report::{Row, Verdict};
 /// read here too, so that both agree.
 const BIN_DIR_VAR: &str = "OUTPOST_BIN_DIR";
 
+/// The static musl agent `cross/build x86_64` makes, under the target
+/// directory: what the memory rows measure unless `--memory-agent` says.
+const MUSL_AGENT: &str = "x86_64-unknown-linux-musl/release/outpost-agent";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "outpost-bench",
@@ -96,6 +102,11 @@ struct Cli {
     /// the committed figures.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// The agent the memory rows measure. Default: the static musl build
+    /// that `cross/build x86_64` makes,
+    /// target/x86_64-unknown-linux-musl/release/outpost-agent.
+    #[arg(long, value_name = "PATH")]
+    memory_agent: Option<PathBuf>,
     /// Take only these measurements (comma-separated); default: all.
     #[arg(long, value_enum, value_delimiter = ',', value_name = "NAME,...")]
     only: Vec<Measurement>,
@@ -117,7 +128,9 @@ enum Measurement {
     Modbus,
     /// OPC UA: 10,000 monitored items at 1 Hz from an asyncua server.
     Opcua,
-    /// Agent memory with a backlog.
+    /// Agent memory at 10,000 tags (the static musl build).
+    Tags,
+    /// Agent memory with a backlog draining to a hub (the static musl build).
     Backlog,
     /// Agent memory idle.
     Idle,
@@ -140,6 +153,8 @@ enum Measurement {
     /// The hub's door: 10,000 handshakes without a valid certificate while a
     /// real agent connects.
     Door,
+    /// A command's round trip: hub → agent → device → result at the hub.
+    Commands,
 }
 
 /// The sizes of a run.
@@ -157,6 +172,7 @@ struct Plan {
     peers: peers::Params,
     door: door::Params,
     opcua: opcua::Params,
+    commands: commands::Params,
 }
 
 impl Plan {
@@ -223,6 +239,7 @@ impl Plan {
                 opcua: opcua::Params {
                     window: Duration::from_secs(8),
                 },
+                commands: commands::Params { commands: 30 },
             }
         } else {
             Plan {
@@ -286,6 +303,7 @@ impl Plan {
                 opcua: opcua::Params {
                     window: Duration::from_secs(20),
                 },
+                commands: commands::Params { commands: 200 },
             }
         }
     }
@@ -392,13 +410,45 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
 
     let mut rows: Vec<Row> = Vec::new();
     let mut latencies: Vec<peers::LatencySamples> = Vec::new();
+    // Each row names the build it measured (issue 24): the agent's, the
+    // hub's, or the harness's own for what runs in-process. The memory rows
+    // name theirs (the static musl agent).
+    let agent_build = format!("agent {}", procs::build_name(&bins.agent));
+    let hub_build = bins.hub.as_ref().map_or("hub not found".into(), |h| {
+        format!("hub {}", procs::build_name(h))
+    });
+    let harness_build = format!(
+        "in the harness's process, {} profile",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "optimised"
+        }
+    );
+    let build_of = |m: Measurement| -> String {
+        use Measurement as M;
+        match m {
+            M::Append => harness_build.clone(),
+            M::Mqtt | M::Sparkplug | M::Modbus | M::Opcua | M::Peers => agent_build.clone(),
+            M::Policy => format!("{agent_build}; evaluation {harness_build}"),
+            M::Uplink | M::Commands => format!("{agent_build}; {hub_build}"),
+            M::Fleet | M::Sinks | M::Replicas | M::Api | M::Door => hub_build.clone(),
+            M::Tags | M::Backlog | M::Idle | M::Sizes => String::new(),
+        }
+    };
     let mut measure = |m: Measurement, what: &str, f: &mut dyn FnMut() -> Result<Vec<Row>>| {
         if !(cli.only.is_empty() || cli.only.contains(&m)) {
             return;
         }
         let t = Instant::now();
+        let build = build_of(m);
         match f() {
-            Ok(r) => rows.extend(r),
+            Ok(r) => rows.extend(r.into_iter().map(|mut row| {
+                if !build.is_empty() && !row.what.contains("(build: ") {
+                    row.what = format!("{} (build: {build})", row.what);
+                }
+                row
+            })),
             Err(e) => {
                 eprintln!("{what}: could not be measured: {e:#}");
                 rows.push(Row::error(what, &e));
@@ -448,13 +498,33 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
         "OPC UA 10,000 monitored items at 1 Hz",
         &mut || opcua::subscribe(&bins, &dir, plan.opcua),
     );
-    measure(Measurement::Idle, "Agent RSS idle", &mut || {
-        modbus::idle(&bins, &dir, plan.modbus)
+    // The memory rows measure the static musl agent (issue 24): the binary
+    // the packages ship, not the glibc one the other rows run.
+    let memory_agent = cli
+        .memory_agent
+        .clone()
+        .unwrap_or_else(|| target_dir().join(MUSL_AGENT));
+    let memory_agent = memory_agent.canonicalize().unwrap_or(memory_agent);
+    let memory_bins = || -> Result<procs::Bins> {
+        anyhow::ensure!(
+            memory_agent.exists(),
+            "{} not built: run `bash cross/build --agent-only x86_64` (or pass --memory-agent)",
+            memory_agent.display()
+        );
+        Ok(bins.with_agent(memory_agent.clone()))
+    };
+    measure(Measurement::Idle, "Agent memory idle", &mut || {
+        modbus::idle(&memory_bins()?, &dir, plan.modbus)
     });
     measure(
+        Measurement::Tags,
+        "Agent memory at 10,000 tags",
+        &mut || modbus::tags(&memory_bins()?, &dir, plan.modbus),
+    );
+    measure(
         Measurement::Backlog,
-        "Agent RSS with a backlog",
-        &mut || modbus::backlog(&bins, &dir, plan.modbus),
+        "Agent memory with a backlog draining to a hub",
+        &mut || modbus::backlog(&memory_bins()?, &dir, plan.modbus),
     );
     let mut single_drain = None;
     let mut drain_trace = Vec::new();
@@ -503,6 +573,9 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
         "The hub's door under bad handshakes",
         &mut || door::run(&bins, &dir, plan.door),
     );
+    measure(Measurement::Commands, "Command round trip", &mut || {
+        commands::run(&bins, &dir, plan.commands)
+    });
     measure(Measurement::Sizes, "Static build sizes", &mut || {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         sizes::run(&workspace, &target_dir(), !cli.sizes_no_build)
@@ -626,6 +699,18 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
 const NOTES: &str = "
 How each row is measured (medians of the runs; every run's numbers are on stderr):
 
+- Verdicts: every target is the goal in issue 24's table (where the table has none,
+  the row's own target, or info). A ratio is the median of the rounds' ratios, each
+  round measuring baseline and ours one after the other, and every round's ratio is
+  printed beside it; a verdict needs at least 3 rounds (a `--quick` run has 1 and gives
+  none). A miss says by how much. Each row names the build it measured: the agent's
+  or the hub's (static musl or dynamic glibc, and the path), or the harness's own
+  process for what runs in-process.
+- QoS 2: the MQTT drain with messages published, queued and delivered at QoS 2; the
+  bare subscriber (rumqttc, QoS 2 subscription, automatic PUBREC/PUBCOMP) against the
+  agent with `qos = 2`; the same Mosquitto. Goal ≥ 0.9; a message stored twice is a
+  FAIL row.
+
 - Outbox append: ours = `Outbox::append` with N pre-built `EventBody`s (64-byte JSON
   payloads), one call = one transaction per batch; it encodes each body, assigns seqs,
   probes for expired rows, maintains the `events_ts` index and the `meta` counters.
@@ -678,11 +763,23 @@ How each row is measured (medians of the runs; every run's numbers are on stderr
   stored. The window runs from the end of one poll to the end of the W-th poll after
   it, so it holds whole polls; CPU = utime+stime of the agent process (all threads)
   from /proc/PID/stat over the window.
-- Idle RSS: the agent with only `[agent] data_dir` (no device, broker or uplink),
-  VmRSS and VmHWM after the same settle time as the backlog row.
-- Backlog RSS: the outbox is filled with `Outbox::append` (as agent `local`) before the
-  agent starts; then the agent polls the same 10,000 tags (no uplink, so the backlog
-  stays); VmRSS and VmHWM from /proc/PID/status. MB = 10^6 bytes.
+- Memory rows (idle, 10,000 tags, backlog): the agent measured is `--memory-agent`, by
+  default the static musl build that `cross/build x86_64` makes
+  (target/x86_64-unknown-linux-musl/release/outpost-agent); each row names the build
+  (static or dynamic, read from the ELF file) and its path. VmRSS and VmHWM from
+  /proc/PID/status (VmHWM: the most the process ever had resident, so config parsing
+  is included). MB = 10^6 bytes. Goals: VmHWM ≤ 20 MB with 10,000 tags, with or
+  without a backlog draining; idle VmRSS ≤ 6 MB. A miss says by how much.
+- Idle: the agent with only `[agent] data_dir` (no device, broker or uplink), after the
+  settle time.
+- 10,000 tags: the Modbus row's agent config, no uplink, after two polls were stored
+  and the settle time.
+- Backlog: the outbox is filled with `Outbox::append` (as the agent of a certificate
+  from `outpost-hub ca issue`) before the agent starts; the agent polls the same
+  10,000 tags and has an `[uplink]` to a fresh `outpost-hub`, so the backlog drains
+  while it runs; VmRSS is sampled every 100 ms until the hub's watermark for the
+  agent reaches the backlog (read-only rusqlite on `hub.db`), then after the settle
+  time VmHWM and VmRSS are read.
 - Uplink drain: the outbox is filled with N of the MQTT rows' bodies (64-byte JSON
   payloads) before the agent starts; a fresh `outpost-hub` (store `synchronous = full`,
   its default) and a fresh copy of the outbox per run; certificates from
@@ -690,7 +787,10 @@ How each row is measured (medians of the runs; every run's numbers are on stderr
   FULL, 1024-event batches, the hub's 8192-event window). Clock from the agent process's
   start to the agent's watermark in the hub's `hub.db` reaching N (read-only rusqlite,
   polled every 2 ms; the hub commits it with the events), then the rows are counted.
-  CPU = utime+stime of each process over the drain. Baseline = raw quinn in the bench
+  CPU = utime+stime of each process over the drain. The ratio's baseline (issue 24's
+  goal ≥ 0.7) = rusqlite inserting the same events into a fresh file, WAL,
+  synchronous=FULL, batches of 1000 (the outbox-append row's baseline), once per round
+  beside the drain. Info row: raw quinn in the bench
   process: a server with the hub's own `server_config` (mTLS, transport settings) and
   socket buffers, a client with the agent's TLS and transport settings, each on a
   runtime of its own; the client writes exactly the `Batch` frames the agent sends for
@@ -771,4 +871,13 @@ How each row is measured (medians of the runs; every run's numbers are on stderr
   100 (all agents, or one agent with a `plc1/+` pattern). p50 / p99 / max by query
   kind (nearest rank), after one warm-up request of each. No baseline; the target is
   ours (p99 under 100 ms).
+- Command round trip: a hub, an agent and `outpost-devsim` on loopback; N writes of
+  one writable u16 tag sent one at a time with `outpost-hub command send` (the
+  break-glass CLI), each after a random pause of 0 to 1 s so that it arrives at a random
+  moment of the session's one-second check for new commands, and each awaited (its row
+  in `hub.db`, read-only, every 2 ms) before the next. Round trip = the hub's own
+  `finished_at − created_at` (stored → result stored: delivery, the agent's ledger
+  fsyncs, the Modbus write and read-back, the result recorded); every command must be
+  `applied` with the value written. p50 / p99 nearest rank. No baseline; the goal is
+  ours: p99 ≤ 1.5 s, the one-second check plus half a second.
 ";

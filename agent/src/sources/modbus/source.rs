@@ -24,7 +24,7 @@ use crate::clock;
 use crate::config::DeviceSettings;
 use crate::metrics::{DeviceErrorLabels, DeviceLabels, Metrics};
 use crate::outbox::OutboxHandle;
-use crate::sources::{DeviceOp, DeviceReply, WriteCommand};
+use crate::sources::{bridge_write_record, DeviceOp, DeviceReply, WriteCommand};
 
 /// Why one request produced no data. The message is the one the log shows;
 /// a transport error stays the source.
@@ -398,10 +398,51 @@ impl ModbusSource {
             }
             DeviceOp::Read => self.read_tag(link, cmd.tag).await,
         };
-        if let Some(tx) = cmd.reply {
-            // A command whose executor went away (the agent stopping) has
-            // no one to tell; its ledger says it was interrupted.
-            let _ = tx.send(reply);
+        match (cmd.reply, &cmd.op) {
+            (Some(tx), _) => {
+                // A command whose executor went away (the agent stopping)
+                // has no one to tell; its ledger says it was interrupted.
+                let _ = tx.send(reply);
+            }
+            (None, DeviceOp::Write(value)) => {
+                self.record_bridge_write(&cmd.topic, cmd.tag, value, &reply)
+                    .await;
+            }
+            (None, DeviceOp::Read) => {}
+        }
+    }
+
+    /// Records what a bridge's write did on the reserved stream, through
+    /// the outbox (and its policy) like a sample, so the hub sees it.
+    async fn record_bridge_write(
+        &self,
+        topic: &str,
+        tag: usize,
+        value: &Value,
+        reply: &DeviceReply,
+    ) {
+        let (outcome, reason) = match reply {
+            DeviceReply::Done(_) => ("applied", None),
+            DeviceReply::Refused(r) => ("refused", Some(r.as_str())),
+            DeviceReply::Failed(r) => ("failed", Some(r.as_str())),
+        };
+        let tag = self
+            .device
+            .tags
+            .get(tag)
+            .map_or_else(|| tag.to_string(), |t| t.name.clone());
+        let body = bridge_write_record(
+            clock::unix_now(),
+            topic,
+            &self.device.name,
+            &tag,
+            &normalise_command(value.clone()),
+            outcome,
+            reason,
+        );
+        if let Err(e) = self.outbox.append(vec![body], Vec::new()).await {
+            self.metrics.outbox_errors.inc();
+            warn!(from = %topic, %tag, outcome, error = %e, "Outbox could not store the record of a bridge write.");
         }
     }
 

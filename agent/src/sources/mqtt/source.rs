@@ -28,7 +28,7 @@ use crate::clock;
 use crate::config::{MqttSettings, WriteBridge};
 use crate::metrics::{Metrics, QosLabels};
 use crate::outbox::{OutboxError, OutboxHandle, Qos2Op};
-use crate::sources::{DeviceOp, WriteCommand};
+use crate::sources::{bridge_write_record, DeviceOp, WriteCommand};
 
 /// Errors that end one connection; the source reconnects after each.
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +220,7 @@ impl MqttSource {
                 () = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(self.settings.reconnect_max);
+            self.metrics.kpi.mqtt_reconnects.inc();
         }
     }
 
@@ -430,7 +431,7 @@ impl MqttSource {
                     self.metrics.mqtt_qos1_redelivered.inc();
                 }
                 if !self.write_bridges.is_empty() {
-                    self.dispatch_writes(&publish).await;
+                    self.dispatch_writes(&publish, &mut group.bodies);
                 }
                 let sparkplug = self
                     .settings
@@ -567,25 +568,47 @@ impl MqttSource {
         Some(body)
     }
 
-    async fn dispatch_writes(&self, publish: &Publish) {
+    /// Hands a message to the device of each write bridge it is for; the
+    /// device's task records what it did. A write it cannot hand over is
+    /// recorded here, into `records`, which commit with the message.
+    fn dispatch_writes(&self, publish: &Publish, records: &mut Vec<EventBody>) {
         for b in &self.write_bridges {
             if !b.from.matches(&publish.topic) {
                 continue;
             }
-            let Some(tx) = self.device_writers.get(b.device) else {
-                continue;
+            let value = Value::from_payload(&publish.payload);
+            let refused = match self.device_writers.get(b.device) {
+                Some(tx) => {
+                    let cmd = WriteCommand {
+                        tag: b.tag,
+                        op: DeviceOp::Write(value.clone()),
+                        topic: publish.topic.clone(),
+                        reply: None,
+                    };
+                    // A full queue means the device is far behind; waiting
+                    // here would stall every subscription, so the write is
+                    // refused and logged.
+                    tx.try_send(cmd).is_err()
+                }
+                None => true,
             };
-            let cmd = WriteCommand {
-                tag: b.tag,
-                op: DeviceOp::Write(Value::from_payload(&publish.payload)),
-                topic: publish.topic.clone(),
-                reply: None,
-            };
-            // A full queue means the device is far behind; waiting here would
-            // stall every subscription, so the write is refused and logged.
-            if tx.try_send(cmd).is_err() {
+            if refused {
                 self.metrics.bridge_dropped.inc();
                 warn!(topic = %publish.topic, "Modbus write queue full or device stopped; write dropped.");
+                let (device, tag) = b
+                    .stream
+                    .as_str()
+                    .split_once('/')
+                    .unwrap_or((b.stream.as_str(), ""));
+                records.push(bridge_write_record(
+                    clock::unix_now(),
+                    &publish.topic,
+                    device,
+                    tag,
+                    &value,
+                    "failed",
+                    Some("the device's write queue is full or its task stopped; not written"),
+                ));
             }
         }
     }

@@ -365,7 +365,11 @@ impl SinkQueueReader {
         let mut out = Vec::new();
         while let Some(m) = messages.next().await {
             let m = m.map_err(|e| s.fail(what(), e))?;
-            let n = m.info().map_err(|e| s.fail(what(), e))?.stream_sequence;
+            let info = m.info().map_err(|e| s.fail(what(), e))?;
+            let (n, queued_at) = (
+                info.stream_sequence,
+                i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+            );
             *next = n + 1;
             let Some((agent_id, seq)) = m.headers.as_ref().and_then(parse_id) else {
                 warn!(sink = %self.sink, n, subject = %m.subject, "A message in the sinks' stream that the hub did not queue; left alone.");
@@ -387,6 +391,7 @@ impl SinkQueueReader {
                     seq,
                     body,
                 },
+                queued_at,
             });
         }
         Ok(out)

@@ -227,7 +227,7 @@ pub(super) fn batch(
 ) -> Result<Vec<Queued>, StoreError> {
     let mut stmt = conn
         .prepare_cached(
-            "SELECT n, agent_id, seq, body FROM sink_pending
+            "SELECT n, agent_id, seq, body, queued_at FROM sink_pending
              WHERE sink = ?1 AND n > ?2 ORDER BY n LIMIT ?3",
         )
         .at(path)?;
@@ -258,6 +258,7 @@ pub(super) fn batch(
                 seq,
                 body,
             },
+            queued_at: row.get(4).at(path)?,
         });
     }
     Ok(out)
