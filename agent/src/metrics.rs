@@ -125,6 +125,9 @@ pub struct Metrics {
     pub modbus_errors: Family<DeviceErrorLabels, Counter>,
     /// Modbus request latency in seconds, by device.
     pub modbus_latency: Family<DeviceLabels, Histogram>,
+    /// OPC UA source faults and recoveries, by server (the `device` label)
+    /// and kind.
+    pub opcua_errors: Family<DeviceErrorLabels, Counter>,
     /// Commands from the hub, by kind and outcome, counted once each.
     pub commands: Family<CommandLabels, Counter>,
     /// Commands sent again and answered from the ledger, not executed.
@@ -303,6 +306,12 @@ impl Metrics {
             "Modbus read failures",
             modbus_errors.clone(),
         );
+        let opcua_errors = Family::<DeviceErrorLabels, Counter>::default();
+        registry.register(
+            "opcua_errors",
+            "OPC UA source faults and recoveries",
+            opcua_errors.clone(),
+        );
         let modbus_latency = Family::<DeviceLabels, Histogram>::new_with_constructor(
             (|| Histogram::new(exponential_buckets(0.0005, 2.0, 14))) as fn() -> Histogram,
         );
@@ -356,6 +365,7 @@ impl Metrics {
             modbus_requests,
             modbus_errors,
             modbus_latency: Family::clone(&modbus_latency),
+            opcua_errors,
         })
     }
 
@@ -397,6 +407,16 @@ impl Metrics {
                 })
                 .inc_by(n);
         }
+    }
+
+    /// Counts one OPC UA fault or recovery of `kind` for `server`.
+    pub fn opcua_error(&self, server: &str, kind: &str) {
+        self.opcua_errors
+            .get_or_create(&DeviceErrorLabels {
+                device: server.into(),
+                kind: kind.into(),
+            })
+            .inc();
     }
 
     /// Counts a Modbus failure.

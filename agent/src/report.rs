@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use outpost_protocols::modbus::Table;
 use outpost_protocols::{Event, Quality};
 
+use crate::config::opcua::Identity;
 use crate::config::{AgentConfig, PayloadFormat, Transport};
 use crate::outbox::OutboxStats;
 
@@ -128,7 +129,44 @@ pub fn check_text(c: &AgentConfig) -> String {
             b.from, d.name, d.tags[b.tag].name
         );
     }
+    for o in &c.opcua_servers {
+        let _ = writeln!(
+            s,
+            "opcua {} {} security {}/{} identity {} publishing {:?}: {} nodes in {} subscriptions",
+            o.name,
+            o.endpoint,
+            o.security_policy.name(),
+            o.security_mode.name(),
+            identity_name(&o.identity),
+            o.publishing_interval,
+            o.nodes.len(),
+            o.subscriptions()
+        );
+        for n in &o.nodes {
+            let sampling = match n.sampling_interval {
+                Some(d) => format!("{d:?}"),
+                None => "publishing".into(),
+            };
+            let deadband = match n.deadband {
+                Some(d) => format!(" deadband {d}"),
+                None => String::new(),
+            };
+            let _ = writeln!(
+                s,
+                "  subscribe {} -> {} sampling {sampling} queue {}{deadband}",
+                n.node_id, n.stream, n.queue_size
+            );
+        }
+    }
     s
+}
+
+fn identity_name(i: &Identity) -> &'static str {
+    match i {
+        Identity::Anonymous => "anonymous",
+        Identity::UserPassword { .. } => "user",
+        Identity::Certificate { .. } => "certificate",
+    }
 }
 
 /// `check --json`.
@@ -180,6 +218,22 @@ pub fn check_json(c: &AgentConfig) -> serde_json::Value {
             "publish": c.publish_bridges.len(),
             "write": c.write_bridges.len(),
         },
+        "opcua": c.opcua_servers.iter().map(|o| serde_json::json!({
+            "name": o.name,
+            "endpoint": o.endpoint,
+            "security_policy": o.security_policy.name(),
+            "security_mode": o.security_mode.name(),
+            "identity": identity_name(&o.identity),
+            "publishing_interval_ms": o.publishing_interval.as_millis() as u64,
+            "subscriptions": o.subscriptions(),
+            "nodes": o.nodes.iter().map(|n| serde_json::json!({
+                "node_id": n.node_id,
+                "stream": n.stream.as_str(),
+                "sampling_interval_ms": n.sampling_interval.map(|d| d.as_millis() as u64),
+                "deadband": n.deadband,
+                "queue_size": n.queue_size,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
         "warnings": c.warnings,
     })
 }

@@ -185,6 +185,17 @@ pub async fn run(mut cfg: AgentConfig, shutdown: CancellationToken) -> Result<()
             tasks.spawn(p.run(shutdown.clone()));
         }
     }
+    #[cfg(feature = "opcua")]
+    for server in &cfg.opcua_servers {
+        let src = crate::sources::opcua::OpcuaSource::new(
+            server.clone(),
+            cfg.agent_id.clone(),
+            &cfg.data_dir,
+            handle.clone(),
+            metrics.clone(),
+        );
+        tasks.spawn(src.run(shutdown.clone()));
+    }
     // The uplink stops after the sources, so what they commit while stopping
     // is still offered to the hub.
     let uplink_stop = CancellationToken::new();
@@ -208,7 +219,7 @@ pub async fn run(mut cfg: AgentConfig, shutdown: CancellationToken) -> Result<()
 
     // The outbox is open and every source is started: tell systemd.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    info!(agent_id = %cfg.agent_id, devices = device_count, mqtt = cfg.mqtt.is_some(), outbox = %cfg.outbox.path.display(), "Agent running.");
+    info!(agent_id = %cfg.agent_id, devices = device_count, opcua_servers = cfg.opcua_servers.len(), mqtt = cfg.mqtt.is_some(), outbox = %cfg.outbox.path.display(), "Agent running.");
 
     shutdown.cancelled().await;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);

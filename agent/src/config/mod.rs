@@ -23,6 +23,10 @@ pub use outpost_settings::{HumanDuration, HumanSize};
 
 use crate::outbox::{Eviction, OnCorruption, Synchronous};
 
+pub mod opcua;
+
+use opcua::{validate_opcua, OpcuaSection, ServerSettings};
+
 pub use outpost_settings::ConfigError;
 
 /// The file as written, before validation.
@@ -46,6 +50,9 @@ pub struct RawConfig {
     /// `[[bridges]]`: local routes between Modbus and MQTT.
     #[serde(default)]
     pub bridges: Vec<BridgeSection>,
+    /// `[opcua]`: the OPC UA servers to subscribe to.
+    #[serde(default)]
+    pub opcua: OpcuaSection,
     /// `[observability]`: logs and metrics.
     #[serde(default)]
     pub observability: ObservabilitySection,
@@ -555,6 +562,7 @@ pub fn parse(
             "modbus",
             "bridges",
             "observability",
+            "opcua",
         ],
     )
     .map_err(|message| ConfigError::Parse {
@@ -592,6 +600,8 @@ pub struct AgentConfig {
     pub publish_bridges: Vec<PublishBridge>,
     /// MQTT topics written to Modbus tags.
     pub write_bridges: Vec<WriteBridge>,
+    /// The OPC UA servers.
+    pub opcua_servers: Vec<ServerSettings>,
     /// Logs and metrics.
     pub observability: ObservabilitySection,
     /// What is allowed but risky, one line each (`<file>: <key>: ...`):
@@ -904,6 +914,7 @@ impl RawConfig {
             warnings,
         } = validate_bridges(&cx, &self.bridges, &devices, mqtt.as_ref())?;
         validate_observability(&cx, &self.observability)?;
+        let opcua_servers = validate_opcua(path, &self.opcua, &resolve)?;
 
         Ok(AgentConfig {
             source: path.to_owned(),
@@ -916,6 +927,7 @@ impl RawConfig {
             devices,
             publish_bridges,
             write_bridges,
+            opcua_servers,
             observability: self.observability,
             warnings,
         })
@@ -1048,7 +1060,7 @@ fn validate_observability(cx: &Ctx<'_>, obs: &ObservabilitySection) -> Result<()
             format!("{:?} is not one of text, json", obs.log_format),
         ));
     }
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&obs.log) {
+    if let Err(e) = crate::logging::parse_filter(&obs.log) {
         return Err(cx.err(
             "observability.log",
             format!("invalid filter {:?}: {e}", obs.log),

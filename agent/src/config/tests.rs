@@ -88,6 +88,21 @@ fn invalid(text: &str) -> String {
     }
 }
 
+/// `log` takes a level and levels per module (what the docs promise), and a
+/// level that is not one is an error naming the key.
+#[test]
+fn the_log_filter_takes_levels_per_module_and_names_a_bad_one() {
+    let good = load_str(
+        &format!("{GOOD}\n[observability]\nlog = \"warn,outpost_agent::sources::modbus=debug\"\n"),
+        &[],
+    );
+    assert!(good.is_ok(), "{:?}", good.err());
+    let e = invalid(&format!(
+        "{GOOD}\n[observability]\nlog = \"info,outpost_agent=loud\"\n"
+    ));
+    assert!(e.contains("observability.log"), "{e}");
+}
+
 #[test]
 fn unknown_keys_are_errors_naming_the_key() {
     let e = invalid(&GOOD.replace("[mqtt]\n", "[mqtt]\nbrokr = \"x\"\n"));
@@ -174,6 +189,141 @@ fn backoff_bounds_must_be_ordered() {
         "address = \"127.0.0.1:502\"\nbackoff = \"1m\"\nbackoff_max = \"1s\"",
     ));
     assert!(e.contains("modbus.devices[0].backoff"), "{e}");
+}
+
+const OPCUA: &str = r#"
+[agent]
+data_dir = "data"
+
+[[opcua.servers]]
+name = "press"
+endpoint = "opc.tcp://10.0.0.5:4840"
+security_policy = "Basic256Sha256"
+security_mode = "SignAndEncrypt"
+certificate = "pki/agent.der"
+private_key = "pki/agent-key.pem"
+trusted_server_certificates = ["pki/press.der"]
+username = "operator"
+password_file = "press.pass"
+items_per_subscription = 2
+[[opcua.servers.nodes]]
+node_id = "ns=2;s=Temperature"
+stream = "press/temperature"
+deadband = 0.5
+[[opcua.servers.nodes]]
+node_id = "i=2258"
+[[opcua.servers.nodes]]
+node_id = "ns=3;i=7"
+sampling_interval = "250ms"
+queue_size = 50
+"#;
+
+#[cfg(feature = "opcua")]
+#[test]
+fn an_opcua_server_validates_with_its_paths_resolved() {
+    let c = load_str(OPCUA, &[]).expect("valid");
+    let s = &c.opcua_servers[0];
+    assert_eq!(s.nodes.len(), 3);
+    assert_eq!(s.subscriptions(), 2);
+    assert_eq!(s.nodes[1].stream.as_str(), "press/i=2258");
+    assert_eq!(
+        s.nodes[2].sampling_interval,
+        Some(Duration::from_millis(250))
+    );
+    assert!(s.trusted_server_certificates[0].is_absolute());
+    assert!(matches!(
+        &s.identity,
+        crate::config::opcua::Identity::UserPassword { username, password_file }
+            if username == "operator" && password_file.ends_with("press.pass")
+    ));
+}
+
+#[cfg(feature = "opcua")]
+#[test]
+fn opcua_mistakes_name_their_key() {
+    for (from, to, key) in [
+        (
+            "opc.tcp://10.0.0.5:4840",
+            "http://10.0.0.5",
+            "opcua.servers[0].endpoint",
+        ),
+        (
+            "\"Basic256Sha256\"",
+            "\"Basic128Rsa15\"",
+            "opcua.servers[0].security_policy",
+        ),
+        (
+            "\"SignAndEncrypt\"",
+            "\"None\"",
+            "opcua.servers[0].security_mode",
+        ),
+        (
+            "certificate = \"pki/agent.der\"\n",
+            "",
+            "opcua.servers[0].certificate",
+        ),
+        (
+            "trusted_server_certificates = [\"pki/press.der\"]\n",
+            "",
+            "opcua.servers[0].trusted_server_certificates",
+        ),
+        (
+            "pki/press.der",
+            "pki/press.crt",
+            "opcua.servers[0].trusted_server_certificates[0]",
+        ),
+        (
+            "password_file = \"press.pass\"\n",
+            "",
+            "opcua.servers[0].password_file",
+        ),
+        (
+            "ns=2;s=Temperature",
+            "ns=2;x=Temperature",
+            "opcua.servers[0].nodes[0].node_id",
+        ),
+        (
+            "deadband = 0.5",
+            "deadband = -1.0",
+            "opcua.servers[0].nodes[0].deadband",
+        ),
+        (
+            "queue_size = 50",
+            "queue_size = 0",
+            "opcua.servers[0].nodes[2].queue_size",
+        ),
+        (
+            "stream = \"press/temperature\"",
+            "stream = \"press/i=2258\"",
+            "opcua.servers[0].nodes[1].stream",
+        ),
+        (
+            "items_per_subscription = 2",
+            "items_per_subscription = 0",
+            "opcua.servers[0].items_per_subscription",
+        ),
+    ] {
+        assert!(OPCUA.contains(from), "{from}");
+        let e = invalid(&OPCUA.replacen(from, to, 1));
+        assert!(e.contains(key), "{from} -> {to}: {e}");
+    }
+}
+
+/// The packages ship the agent without OPC UA: a config that names a server
+/// must say so, and which package has it, rather than run without the data.
+#[cfg(not(feature = "opcua"))]
+#[test]
+fn an_opcua_server_is_refused_naming_the_package_with_opcua() {
+    let e = invalid(OPCUA);
+    assert!(e.contains("opcua.servers"), "{e}");
+    assert!(e.contains("outpost-agent-opcua"), "{e}");
+}
+
+/// An empty `[opcua]` costs nothing and is accepted by both builds.
+#[test]
+fn no_opcua_server_is_accepted_by_every_build() {
+    let c = load_str(&format!("{GOOD}\n[opcua]\n"), &[]).expect("valid");
+    assert!(c.opcua_servers.is_empty());
 }
 
 #[test]

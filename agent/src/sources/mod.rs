@@ -5,6 +5,8 @@
 
 pub mod modbus;
 pub mod mqtt;
+#[cfg(feature = "opcua")]
+pub mod opcua;
 
 use outpost_protocols::{EventBody, Quality, StreamName, Timestamp, Value};
 use tokio::sync::oneshot;

@@ -34,6 +34,8 @@ mod door;
 mod modbus;
 #[path = "../bench/mqtt.rs"]
 mod mqtt;
+#[path = "../bench/opcua.rs"]
+mod opcua;
 #[path = "../bench/peers.rs"]
 mod peers;
 #[path = "../bench/plots.rs"]
@@ -90,6 +92,11 @@ struct Cli {
     /// Keep the temporary directory (databases, configs, logs) after the run.
     #[arg(long)]
     keep: bool,
+    /// The sizes rows build nothing: they read what `cross/build` left in
+    /// target/<triple>/release/ (by default they build the aarch64 agents
+    /// with `cross/build --agent-only aarch64` first).
+    #[arg(long)]
+    sizes_no_build: bool,
     /// Where the report (`report.md`, `report.json`) and the figures (SVG)
     /// go. Default: target/outpost-bench. `--out docs/benchmarks` refreshes
     /// the committed figures.
@@ -119,6 +126,8 @@ enum Measurement {
     Policy,
     /// Modbus 10,000 tags at 1 Hz.
     Modbus,
+    /// OPC UA: 10,000 monitored items at 1 Hz from an asyncua server.
+    Opcua,
     /// Agent memory at 10,000 tags (the static musl build).
     Tags,
     /// Agent memory with a backlog draining to a hub (the static musl build).
@@ -162,6 +171,7 @@ struct Plan {
     replicas: replicas::Params,
     peers: peers::Params,
     door: door::Params,
+    opcua: opcua::Params,
     commands: commands::Params,
 }
 
@@ -226,6 +236,9 @@ impl Plan {
                     sources: 50,
                     concurrency: 500,
                 },
+                opcua: opcua::Params {
+                    window: Duration::from_secs(8),
+                },
                 commands: commands::Params { commands: 30 },
             }
         } else {
@@ -286,6 +299,9 @@ impl Plan {
                     handshakes: 10_000,
                     sources: 100,
                     concurrency: 1_000,
+                },
+                opcua: opcua::Params {
+                    window: Duration::from_secs(20),
                 },
                 commands: commands::Params { commands: 200 },
             }
@@ -413,7 +429,7 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
         use Measurement as M;
         match m {
             M::Append => harness_build.clone(),
-            M::Mqtt | M::Sparkplug | M::Modbus | M::Peers => agent_build.clone(),
+            M::Mqtt | M::Sparkplug | M::Modbus | M::Opcua | M::Peers => agent_build.clone(),
             M::Policy => format!("{agent_build}; evaluation {harness_build}"),
             M::Uplink | M::Commands => format!("{agent_build}; {hub_build}"),
             M::Fleet | M::Sinks | M::Replicas | M::Api | M::Door => hub_build.clone(),
@@ -476,6 +492,11 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
         Measurement::Modbus,
         "Modbus 10,000 tags at 1 Hz",
         &mut || modbus::poll(&bins, &dir, plan.modbus),
+    );
+    measure(
+        Measurement::Opcua,
+        "OPC UA 10,000 monitored items at 1 Hz",
+        &mut || opcua::subscribe(&bins, &dir, plan.opcua),
     );
     // The memory rows measure the static musl agent (issue 24): the binary
     // the packages ship, not the glibc one the other rows run.
@@ -556,7 +577,8 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
         commands::run(&bins, &dir, plan.commands)
     });
     measure(Measurement::Sizes, "Static build sizes", &mut || {
-        Ok(sizes::rows(&target_dir()))
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        sizes::run(&workspace, &target_dir(), !cli.sizes_no_build)
     });
     drop(rt);
 
@@ -835,8 +857,11 @@ How each row is measured (medians of the runs; every run's numbers are on stderr
   VmHWM after the flood; idle = its VmRSS 2 s after it listened. The counts of
   refusals and Retries are the hub's own metrics.
 - Static build sizes: the files `bash cross/build` leaves in
-  `target/<triple>/release/` (nothing is built here); the agent's budget is the one
-  `cross/build` checks.
+  `target/<triple>/release/`, the binaries the packages ship. The aarch64 agents are
+  built in the run (`cross/build --agent-only aarch64`, the shipping profile, each
+  program in its own cargo invocation; `--sizes-no-build` skips it); the other rows
+  say when they were built. Goal: `outpost-agent` (the package without OPC UA) ≤ 6 MB
+  (10^6 bytes); `outpost-agent-opcua` within the 12 MB budget `cross/build` checks.
 - Hub API latency: a store seeded through the hub's library with 1,000 agents (20
   events each), a fresh hub on it (`[api]` on loopback, rate limit out of the way) and
   a viewer token from `token create`; 8 client threads with one keep-alive connection
