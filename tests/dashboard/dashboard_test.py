@@ -87,6 +87,26 @@ def health(page, agent):
     return page.locator(f'tr[data-agent="{agent}"] td').nth(1)
 
 
+# A sink's numbers as the Sinks page shows them: queue, lag (s; 0 for none),
+# delivered and failures; null before its row is there.
+SINK_NUMBERS = """(sink) => {
+  const row = document.querySelector(`tr[data-sink="${sink}"]`);
+  if (!row) return null;
+  const n = (i) => {
+    const m = row.querySelector(`td:nth-child(${i})`).textContent.replace(/,/g, '').match(/\\d+(\\.\\d+)?/);
+    return m ? Number(m[0]) : 0;
+  };
+  return { pending: n(2), lag: n(3), delivered: n(4), failures: n(8) };
+}"""
+
+
+def sink_numbers(page, sink):
+    got = page.evaluate(SINK_NUMBERS, sink)
+    if got is None:
+        raise AssertionError(f"no row for sink {sink} on the Sinks page")
+    return got
+
+
 def operator(page):
     agents = os.environ["AGENTS"].split(",")
 
@@ -180,6 +200,41 @@ def operator(page):
                    return c && Number(c.textContent.replace(/,/g, '')) > 0; }""",
         timeout=SLOW_MS,
     )
+
+    # Its broker stopped, the temperatures queue for it: the page shows the
+    # queue and the lag growing (read twice, the second higher than the
+    # first) and the failures counted with their error...
+    before = sink_numbers(page, "cloud-mqtt")
+    ask("stop sink-broker", "stopped")
+    page.wait_for_function(
+        f"""(b) => {{ const n = ({SINK_NUMBERS})("cloud-mqtt");
+                     return n && n.pending >= 5 && n.lag >= 2 && n.failures > b.failures; }}""",
+        arg=before,
+        timeout=SLOW_MS,
+    )
+    first = sink_numbers(page, "cloud-mqtt")
+    page.wait_for_function(
+        f"""(f) => {{ const n = ({SINK_NUMBERS})("cloud-mqtt");
+                     return n && n.pending > f.pending && n.lag > f.lag; }}""",
+        arg=first,
+        timeout=SLOW_MS,
+    )
+    second = sink_numbers(page, "cloud-mqtt")
+    log(f"cloud-mqtt with its broker stopped: {first} then {second}")
+    if second["delivered"] != first["delivered"]:
+        raise AssertionError(f"delivered with its broker stopped: {first} then {second}")
+    expect(sink.locator("td").nth(8)).not_to_have_text("—")
+    shot(page, "sinks-outage")
+    # ...and once it is back, the queue drains: everything that waited is
+    # delivered and the lag falls back to what a live feed has.
+    ask("start sink-broker", "started")
+    page.wait_for_function(
+        f"""(s) => {{ const n = ({SINK_NUMBERS})("cloud-mqtt");
+                     return n && n.delivered >= s.delivered + s.pending && n.pending < s.pending && n.lag < 5; }}""",
+        arg=second,
+        timeout=SLOW_MS,
+    )
+    log(f"cloud-mqtt drained: {sink_numbers(page, 'cloud-mqtt')}")
     shot(page, "sinks")
     sign_out(page)
 

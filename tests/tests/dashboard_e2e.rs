@@ -320,7 +320,13 @@ fn an_operator_runs_the_fleet_from_the_dashboard() -> Result<()> {
     let pki = Pki::new(dir.path())?;
     let broker = Mosquitto::start(dir.path())?;
     let (_modbus, device) = pymodbus(dir.path())?;
-    // Two-person approval, one MQTT sink on the same broker, enrollment.
+    // The sink's own broker (the cloud's), which the script has stopped and
+    // started again while the plant's keeps feeding the agents.
+    let sink_dir = dir.path().join("sink-broker");
+    std::fs::create_dir_all(&sink_dir)?;
+    let mut sink_broker = Some(Mosquitto::start(&sink_dir)?);
+    let sink_port = sink_broker.as_ref().context("sink broker")?.port;
+    // Two-person approval, one MQTT sink on the cloud's broker, enrollment.
     let tables = format!(
         "[api]\nlisten = \"127.0.0.1:0\"\npolicy_approval = \"two-person\"\n\n\
          [enroll]\nca_dir = \"{ca}\"\n\n\
@@ -329,7 +335,7 @@ fn an_operator_runs_the_fleet_from_the_dashboard() -> Result<()> {
          [sinks.mqtt]\nbroker = \"127.0.0.1:{port}\"\nclient_id = \"hub-cloud\"\n\
          topic = \"cloud/{{agent_id}}/{{stream}}\"\n",
         ca = pki.ca_dir.display(),
-        port = broker.port,
+        port = sink_port,
     );
     let hub = Hub::start_with_tables(dir.path(), &pki, "region = \"eu-west\"", &tables)?;
     let api = hub.api_url()?;
@@ -380,6 +386,16 @@ fn an_operator_runs_the_fleet_from_the_dashboard() -> Result<()> {
     while let Some(line) = script.next(deadline)? {
         let mut words = line.split_whitespace();
         match (words.next(), words.next()) {
+            (Some("stop"), Some("sink-broker")) => {
+                if let Some(mut b) = sink_broker.take() {
+                    b.proc.kill9();
+                }
+                script.answer("stopped")?;
+            }
+            (Some("start"), Some("sink-broker")) => {
+                sink_broker = Some(Mosquitto::start_on(&sink_dir, sink_port)?);
+                script.answer("started")?;
+            }
             (Some("kill"), Some(id)) => {
                 agents.get_mut(id).context("no such agent")?.proc.kill9();
                 script.answer("killed")?;
