@@ -392,11 +392,40 @@
 
   // ---- sinks -----------------------------------------------------------------
 
+  // A latency quantile in seconds as the page shows it (ms below 1 s); the
+  // exact value stays in data-value, as the API gave it.
+  const latency = (s) => (s === null || s === undefined ? '—' : s < 1 ? `${(s * 1000).toFixed(1)} ms` : `${s.toFixed(2)} s`);
+  const kv = (v, text) => ({ 'data-value': v === null || v === undefined ? '' : v, text });
+
+  // The hub's KPIs (GET /api/v1/kpis): the same numbers as its Prometheus
+  // endpoint at the same instant (docs/metrics.md).
+  function kpiPanel(k) {
+    const sinks = Object.entries(k.sinks);
+    return h('section', { 'aria-label': 'Delivery KPIs', id: 'kpis' },
+      h('h2', {}, 'Delivery KPIs'),
+      h('div', { class: 'cards' },
+        [['Stored', 'kpi-stored', k.process.events_stored], ['Dropped by policy', 'kpi-dropped', k.process.policy_dropped_events],
+          ['Hub uptime', 'kpi-uptime', null, `${num(Math.round(k.uptime_seconds / 60))} min`]]
+          .map(([t, id, v, text]) => h('div', { class: 'card' }, h('b', { id, ...kv(v, text || num(v)) }), t))),
+      table(['Sink', 'Delivered', 'Latency p50', 'p95', 'p99', 'Timed'], sinks.map(([id, s]) => {
+        const l = s.latency || {};
+        return h('tr', { 'data-kpi-sink': id }, h('td', {}, id),
+          h('td', { class: 'num', ...kv(s.delivered_events, num(s.delivered_events)) }),
+          h('td', { class: 'num', ...kv(l.p50_seconds, latency(l.p50_seconds)) }),
+          h('td', { class: 'num', ...kv(l.p95_seconds, latency(l.p95_seconds)) }),
+          h('td', { class: 'num', ...kv(l.p99_seconds, latency(l.p99_seconds)) }),
+          h('td', { class: 'num', ...kv(l.count, num(l.count || 0)) }));
+      }), { 'aria-label': 'Sink KPIs' }),
+      h('p', { class: 'muted' }, 'Stored and dropped are this hub process\'s counts since it started; latency is from the hub\'s commit to the sink\'s acceptance.'));
+  }
+
   pages.sinks = async () => {
     const body = h('div', {});
-    main.append(h('h1', {}, 'Sinks'), body);
+    const kpis = h('div', {});
+    main.append(h('h1', {}, 'Sinks'), body, kpis);
     const load = () => attempt(body, async () => {
-      const sinks = await get('/sinks');
+      const [sinks, k] = await Promise.all([get('/sinks'), get('/kpis')]);
+      kpis.replaceChildren(kpiPanel(k));
       body.replaceChildren(table(['Sink', 'Queue', 'Lag', 'Delivered', 'Last delivered', 'Rejected', 'Residency refusals', 'Failures', 'Last error'],
         sinks.map((s) => h('tr', { 'data-sink': s.sink },
           h('td', {}, s.sink, s.configured ? '' : h('span', { class: 'muted' }, ' (no longer configured)')),

@@ -13,6 +13,7 @@ What only the Rust test can do it is asked for on stdout, one line each
 every check held, 1 with the reason on stderr when one did not.
 """
 
+import json
 import os
 import re
 import sys
@@ -286,6 +287,39 @@ def operator(page):
     expect(commands.locator("tr", has_text="press/pressure")).to_contain_text("gw-3")
     expect(commands.locator("tr", has_text="press/pressure")).to_contain_text("token:root")
     shot(page, "commands")
+
+    # The books: with the plant and the agents stopped, the KPI panel's
+    # totals (read from the page) equal a scrape of the hub's Prometheus
+    # endpoint, which the Rust test makes and compares. Until the last
+    # deliveries land the two may differ: the page is read again.
+    ask("quiesce", "quiet")
+    go(page, "sinks")
+    until = time.monotonic() + SLOW_MS / 1000
+    while True:
+        expect(page.locator('tr[data-kpi-sink="cloud-mqtt"]')).to_be_visible()
+        shown = page.evaluate(KPI_NUMBERS)
+        print(f"kpis {json.dumps(shown)}", flush=True)
+        verdict = sys.stdin.readline().strip()
+        if verdict == "equal":
+            log(f"the KPI panel equals Prometheus: {shown}")
+            break
+        if time.monotonic() > until:
+            raise AssertionError(f"the KPI panel never equalled Prometheus: {verdict}")
+        # Read the API afresh.
+        page.reload()
+
+
+# The numbers of the Sinks page's KPI panel, as the API gave them (each
+# cell's data-value; its text is that value formatted).
+KPI_NUMBERS = """() => {
+  const v = (e) => (e && e.dataset.value !== '' ? Number(e.dataset.value) : null);
+  const sinks = {};
+  for (const row of document.querySelectorAll('tr[data-kpi-sink]')) {
+    const td = row.querySelectorAll('td');
+    sinks[row.dataset.kpiSink] = { delivered: v(td[1]), p50: v(td[2]), p95: v(td[3]), p99: v(td[4]), count: v(td[5]) };
+  }
+  return { stored: v(document.getElementById('kpi-stored')), dropped: v(document.getElementById('kpi-dropped')), sinks };
+}"""
 
 
 def large(page):
