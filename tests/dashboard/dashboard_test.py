@@ -172,6 +172,27 @@ def operator(page):
         expect(page.locator(f'tr[data-agent="{a}"] td').nth(6)).to_have_text(
             "v2 of v2", timeout=SLOW_MS
         )
+    # Each agent's stored-event rate, from the page's successive readings of
+    # the hub's counters: a sparkline of four rates or more. The plant
+    # publishes one temperature every 200 ms to every agent (its debug
+    # readings are denied now): about 5 events/s each (20 allows for bursts).
+    for a in agents:
+        page.wait_for_function(
+            """(a) => { const c = document.querySelector(`tr[data-agent="${a}"] td[data-rate]`);
+                       return c && c.dataset.rate !== '' && c.querySelectorAll('svg polyline').length === 1
+                         && c.querySelector('polyline').getAttribute('points').split(' ').length >= 4; }""",
+            arg=a,
+            timeout=SLOW_MS,
+        )
+    page.wait_for_function(
+        """(agents) => agents.every((a) => {
+             const r = Number(document.querySelector(`tr[data-agent="${a}"] td[data-rate]`).dataset.rate);
+             return r > 0 && r <= 20; })""",
+        arg=agents,
+        timeout=SLOW_MS,
+    )
+    shown = [page.locator(f'tr[data-agent="{a}"] td[data-rate]').get_attribute("data-rate") for a in agents]
+    log(f"stored events/s on the Fleet page: {dict(zip(agents, shown))}")
     shot(page, "fleet")
 
     # The audit view has the proposal and the approval, and a sound chain.
