@@ -147,6 +147,7 @@ pub async fn run(mut cfg: AgentConfig, shutdown: CancellationToken) -> Result<()
     let mut writers = Vec::new();
     // Moved into the sources, not cloned: with 10,000 tags a second copy of
     // the devices' tags and plans would stay for the agent's whole life.
+    let tags = crate::commands::Tags::of(&cfg.devices);
     let devices = std::mem::take(&mut cfg.devices);
     let device_count = devices.len();
     for device in devices {
@@ -163,7 +164,7 @@ pub async fn run(mut cfg: AgentConfig, shutdown: CancellationToken) -> Result<()
     }
     drop(samples_tx);
     let (commands, executor) =
-        crate::commands::open(&cfg, writers.clone(), policy.clone(), metrics.clone())?;
+        crate::commands::open(&cfg, tags, writers.clone(), policy.clone(), metrics.clone())?;
     tasks.spawn(executor.run(shutdown.clone()));
     let commands = Arc::new(commands);
     if let Some(mqtt) = &cfg.mqtt {

@@ -443,3 +443,79 @@ fn the_api_sends_in_the_callers_role_and_the_hub_counts_what_became_of_each() ->
     }
     Ok(())
 }
+
+/// A policy without the write grant: what the operators may still do once
+/// the grant is taken back.
+const POLICY_READ_ONLY: &str = r#"
+description = "commands e2e: writes taken back"
+
+[[commands]]
+roles = ["operator", "admin"]
+agents = { site = "depot-*" }
+read = ["plc1/+"]
+"#;
+
+#[test]
+fn a_command_whose_grant_was_taken_back_while_it_waited_is_refused_at_delivery_and_never_sent(
+) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_device, device) = pymodbus(dir.path())?;
+    let pki = Pki::new(dir.path())?;
+    let creds = pki.issue_agent(AGENT)?;
+    let hub = Hub::start(dir.path(), &pki)?;
+    let apply = |name: &str, text: &str| -> Result<()> {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text)?;
+        let (code, _, err) = hub.cli(&["policy", "apply", p.to_str().context("utf-8")?])?;
+        ensure!(code == 0, "policy apply {name}: {err}");
+        Ok(())
+    };
+    apply("policy-1.toml", POLICY)?;
+    let mut agent = Agent::start(dir.path(), &agent_config(&hub, &creds, device))?;
+    let runs = |version: u64| {
+        hub.fleet().is_ok_and(|f| {
+            f.iter()
+                .any(|a| a["agent_id"] == AGENT && a["policy_version"].as_u64() == Some(version))
+        })
+    };
+    wait_until(DEADLINE, "the agent to run policy 1", || runs(1))?;
+    // The agent goes away cleanly (its session closes at once).
+    let status = agent.proc.term(DEADLINE)?;
+    ensure!(status.success(), "agent exit {status}");
+    wait_until(DEADLINE, "the hub to see the agent gone", || {
+        hub.fleet().is_ok_and(|f| {
+            f.iter()
+                .any(|a| a["agent_id"] == AGENT && a["connected"] == false)
+        })
+    })?;
+    // Authorised at the hub under version 1, then the grant is taken back
+    // before the agent is back.
+    let (code, sent, err) = send(&hub, &["--agent", AGENT, "--write", "plc1/setpoint=77"])?;
+    ensure!(
+        code == 0 && sent[0]["state"] == "pending",
+        "send: {err} {sent:?}"
+    );
+    let id = id_of(&sent)?;
+    apply("policy-2.toml", POLICY_READ_ONLY)?;
+    wait_until(DEADLINE, "the hub to have policy 2 in force", || {
+        hub.log()
+            .lines()
+            .any(|l| l.contains("New policy in force") && l.contains("version=2"))
+    })?;
+    let _agent = Agent::start_file(&agent.config)?;
+    let r = outcome(&hub, &id)?;
+    ensure!(r["state"] == "refused", "{r}");
+    ensure!(
+        r["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("the policy in force at delivery (version 2)")),
+        "{r}"
+    );
+    ensure!(r["delivered_at"].is_null(), "never sent: {r}");
+    // Nothing was written: the device holds its value.
+    wait_until(DEADLINE, "the agent to run policy 2", || runs(2))?;
+    let (_, sent, _) = send(&hub, &["--agent", AGENT, "--read", "plc1/setpoint"])?;
+    let read = outcome(&hub, &id_of(&sent)?)?;
+    ensure!(read["value"].as_u64() == Some(10), "{read}");
+    Ok(())
+}

@@ -96,6 +96,25 @@ struct TagRef {
     tag: usize,
 }
 
+/// Every configured tag by its stream, with where it is. Made before the
+/// devices' settings move into their sources (the agent keeps no second
+/// copy of 10,000 tags), so that commands still find them.
+#[derive(Debug, Clone, Default)]
+pub struct Tags(HashMap<StreamName, TagRef>);
+
+impl Tags {
+    /// The tags of `devices`, in config order (the order of their queues).
+    pub fn of(devices: &[crate::config::DeviceSettings]) -> Tags {
+        let mut tags = HashMap::new();
+        for (d, device) in devices.iter().enumerate() {
+            for (t, tag) in device.tags.iter().enumerate() {
+                tags.insert(tag.stream.clone(), TagRef { device: d, tag: t });
+            }
+        }
+        Tags(tags)
+    }
+}
+
 /// Executes commands, one at a time.
 pub struct Executor {
     ledger: Arc<Mutex<Ledger>>,
@@ -114,6 +133,7 @@ pub struct Executor {
 /// uplink's handle. `devices` are the device tasks' queues, in config order.
 pub fn open(
     cfg: &AgentConfig,
+    tags: Tags,
     devices: Vec<mpsc::Sender<WriteCommand>>,
     policy: PolicyStore,
     metrics: Arc<Metrics>,
@@ -124,12 +144,6 @@ pub fn open(
     if pruned > 0 {
         debug!(pruned, "Old command records pruned.");
     }
-    let mut tags = HashMap::new();
-    for (d, device) in cfg.devices.iter().enumerate() {
-        for (t, tag) in device.tags.iter().enumerate() {
-            tags.insert(tag.stream.clone(), TagRef { device: d, tag: t });
-        }
-    }
     let (rtx, rrx) = mpsc::channel(QUEUE);
     let (otx, orx) = mpsc::channel(QUEUE);
     Ok((
@@ -139,7 +153,7 @@ pub fn open(
         },
         Executor {
             ledger: Arc::new(Mutex::new(ledger)),
-            tags,
+            tags: tags.0,
             devices,
             mqtt: cfg.mqtt.clone(),
             policy,

@@ -112,6 +112,35 @@ impl Enforcement {
             .map(|t| t.min(now + MAX_HOLD))
     }
 
+    /// Why the policy in force no longer grants `command` to this agent,
+    /// if it does not: a command authorised when it was sent may wait while
+    /// an operator takes the grant back.
+    pub(super) fn refuses(
+        &self,
+        command: &outpost_protocols::wire::command::CommandRequest,
+    ) -> Option<String> {
+        use outpost_protocols::policy::Command as Grant;
+        use outpost_protocols::wire::command::Action;
+        let target = command.action.target();
+        let grant = match &command.action {
+            Action::Write { .. } => Grant::Write(target),
+            Action::Publish { .. } => Grant::Publish(target),
+            _ => Grant::Read(target),
+        };
+        (!self
+            .current
+            .policy
+            .authorize(&command.role, &self.labels, grant))
+        .then(|| {
+            format!(
+                "the policy in force at delivery (version {}) grants role {:?} no {} of {target} on this agent",
+                self.current.version.0,
+                command.role,
+                command.action.kind()
+            )
+        })
+    }
+
     /// The version in force.
     pub(super) fn version(&self) -> u64 {
         self.current.version.0

@@ -343,6 +343,13 @@ impl<'a> Driver<'a> {
                 continue;
             }
             let id = command.id.clone();
+            if let Some(reason) = self.enforcement.refuses(&command) {
+                let outcome = outpost_protocols::wire::command::Outcome::Refused { reason };
+                if let Err(e) = commands.finish(self.id, &id, &outcome) {
+                    warn!(command = %id, error = %e, "Cannot record the command as refused.");
+                }
+                continue;
+            }
             match self.session.send_command(command) {
                 Ok(true) => sent.push(id),
                 Ok(false) => {
