@@ -195,8 +195,71 @@
   const FLEET_COLUMNS = [
     ['Agent', 'id'], ['Health', 'health'], ['Certificate', 'cert_not_after'], ['Labels', null],
     ['Backlog', 'backlog'], ['Last seen', 'last_seen'], ['Policy', 'policy_version'],
-    ['Version', 'agent_version'],
+    ['Version', 'agent_version'], ['Stored events/s', null],
   ];
+
+  // Each agent's stored-event counter (GET /api/v1/kpis,
+  // outpost_hub_events_stored_total{agent}) at each refresh of the Fleet
+  // page, newest last: the rate between two readings is a point of its
+  // sparkline. Kept while the tab is open; nothing is kept by the hub.
+  const RATE_POINTS = 24;
+  const stored = { start: null, agents: new Map() };
+
+  function noteStored(k) {
+    if (stored.start !== k.process.start_time_seconds) {
+      // Another hub process: its counters began again.
+      stored.start = k.process.start_time_seconds;
+      stored.agents.clear();
+    }
+    for (const [id, a] of Object.entries(k.process.agents)) {
+      const seen = stored.agents.get(id) || [];
+      if (!seen.length || seen[seen.length - 1][0] < k.now) seen.push([k.now, a.events_stored]);
+      if (seen.length > RATE_POINTS + 1) seen.shift();
+      stored.agents.set(id, seen);
+    }
+  }
+
+  // Events per second between successive readings of one agent.
+  function rates(id) {
+    const seen = stored.agents.get(id) || [];
+    const out = [];
+    for (let i = 1; i < seen.length; i += 1) {
+      out.push(Math.max(0, seen[i][1] - seen[i - 1][1]) / ((seen[i][0] - seen[i - 1][0]) / 1e9));
+    }
+    return out;
+  }
+
+  const SVG = 'http://www.w3.org/2000/svg';
+  // An inline SVG line of `values` (oldest left), scaled to its maximum.
+  function sparkline(values) {
+    const w = 96;
+    const ht = 20;
+    const svg = document.createElementNS(SVG, 'svg');
+    svg.setAttribute('width', w);
+    svg.setAttribute('height', ht);
+    svg.setAttribute('viewBox', `0 0 ${w} ${ht}`);
+    svg.setAttribute('class', 'spark');
+    svg.setAttribute('aria-hidden', 'true');
+    const max = Math.max(...values, 0) || 1;
+    const step = w / (RATE_POINTS - 1);
+    const x0 = w - step * (values.length - 1);
+    const frame = document.createElementNS(SVG, 'rect');
+    frame.setAttribute('width', w);
+    frame.setAttribute('height', ht);
+    svg.append(frame);
+    const line = document.createElementNS(SVG, 'polyline');
+    line.setAttribute('points', values.map((v, i) => `${(x0 + i * step).toFixed(1)},${(ht - 1 - (v / max) * (ht - 2)).toFixed(1)}`).join(' '));
+    svg.append(line);
+    return svg;
+  }
+
+  function rateCell(id) {
+    const r = rates(id);
+    if (!r.length) return h('td', { class: 'num', 'data-rate': '' }, '—');
+    const last = r[r.length - 1];
+    return h('td', { class: 'num', 'data-rate': last, title: `${r.length} readings, ${REFRESH_MS / 1000} s apart` },
+      r.length > 1 ? sparkline(r) : '', ' ', last.toFixed(1));
+  }
 
   pages.fleet = async (_, q) => {
     const st = {
@@ -240,8 +303,9 @@
       qs.set('limit', st.limit);
       history.replaceState(null, '', `#/fleet?${qs}`);
       await attempt(body, async () => {
-        const [page, sum, pol] = await Promise.all([
-          api('GET', `/fleet?${qs}`), get('/fleet/summary'), get('/policy')]);
+        const [page, sum, pol, k] = await Promise.all([
+          api('GET', `/fleet?${qs}`), get('/fleet/summary'), get('/policy'), get('/kpis')]);
+        noteStored(k);
         latest = pol.version;
         const total = Number(page.headers.get('x-total-count') || page.data.length);
         cards.replaceChildren(
@@ -267,7 +331,8 @@
           h('td', { class: 'num' }, num(a.backlog_events)),
           h('td', { title: when(a.last_seen) }, ago(a.last_seen)),
           h('td', {}, policyCell(a, latest)),
-          h('td', {}, a.agent_version || '—')));
+          h('td', {}, a.agent_version || '—'),
+          rateCell(a.agent_id)));
         body.replaceChildren(table(head, rows, { 'aria-label': 'Agents' }),
           rows.length ? '' : h('p', { class: 'muted' }, 'No agent matches.'));
         const first = total ? st.offset + 1 : 0;
@@ -392,11 +457,40 @@
 
   // ---- sinks -----------------------------------------------------------------
 
+  // A latency quantile in seconds as the page shows it (ms below 1 s); the
+  // exact value stays in data-value, as the API gave it.
+  const latency = (s) => (s === null || s === undefined ? '—' : s < 1 ? `${(s * 1000).toFixed(1)} ms` : `${s.toFixed(2)} s`);
+  const kv = (v, text) => ({ 'data-value': v === null || v === undefined ? '' : v, text });
+
+  // The hub's KPIs (GET /api/v1/kpis): the same numbers as its Prometheus
+  // endpoint at the same instant (docs/metrics.md).
+  function kpiPanel(k) {
+    const sinks = Object.entries(k.sinks);
+    return h('section', { 'aria-label': 'Delivery KPIs', id: 'kpis' },
+      h('h2', {}, 'Delivery KPIs'),
+      h('div', { class: 'cards' },
+        [['Stored', 'kpi-stored', k.process.events_stored], ['Dropped by policy', 'kpi-dropped', k.process.policy_dropped_events],
+          ['Hub uptime', 'kpi-uptime', null, `${num(Math.round(k.uptime_seconds / 60))} min`]]
+          .map(([t, id, v, text]) => h('div', { class: 'card' }, h('b', { id, ...kv(v, text || num(v)) }), t))),
+      table(['Sink', 'Delivered', 'Latency p50', 'p95', 'p99', 'Timed'], sinks.map(([id, s]) => {
+        const l = s.latency || {};
+        return h('tr', { 'data-kpi-sink': id }, h('td', {}, id),
+          h('td', { class: 'num', ...kv(s.delivered_events, num(s.delivered_events)) }),
+          h('td', { class: 'num', ...kv(l.p50_seconds, latency(l.p50_seconds)) }),
+          h('td', { class: 'num', ...kv(l.p95_seconds, latency(l.p95_seconds)) }),
+          h('td', { class: 'num', ...kv(l.p99_seconds, latency(l.p99_seconds)) }),
+          h('td', { class: 'num', ...kv(l.count, num(l.count || 0)) }));
+      }), { 'aria-label': 'Sink KPIs' }),
+      h('p', { class: 'muted' }, 'Stored and dropped are this hub process\'s counts since it started; latency is from the hub\'s commit to the sink\'s acceptance.'));
+  }
+
   pages.sinks = async () => {
     const body = h('div', {});
-    main.append(h('h1', {}, 'Sinks'), body);
+    const kpis = h('div', {});
+    main.append(h('h1', {}, 'Sinks'), body, kpis);
     const load = () => attempt(body, async () => {
-      const sinks = await get('/sinks');
+      const [sinks, k] = await Promise.all([get('/sinks'), get('/kpis')]);
+      kpis.replaceChildren(kpiPanel(k));
       body.replaceChildren(table(['Sink', 'Queue', 'Lag', 'Delivered', 'Last delivered', 'Rejected', 'Residency refusals', 'Failures', 'Last error'],
         sinks.map((s) => h('tr', { 'data-sink': s.sink },
           h('td', {}, s.sink, s.configured ? '' : h('span', { class: 'muted' }, ' (no longer configured)')),

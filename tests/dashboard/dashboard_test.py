@@ -13,6 +13,7 @@ What only the Rust test can do it is asked for on stdout, one line each
 every check held, 1 with the reason on stderr when one did not.
 """
 
+import json
 import os
 import re
 import sys
@@ -87,6 +88,26 @@ def health(page, agent):
     return page.locator(f'tr[data-agent="{agent}"] td').nth(1)
 
 
+# A sink's numbers as the Sinks page shows them: queue, lag (s; 0 for none),
+# delivered and failures; null before its row is there.
+SINK_NUMBERS = """(sink) => {
+  const row = document.querySelector(`tr[data-sink="${sink}"]`);
+  if (!row) return null;
+  const n = (i) => {
+    const m = row.querySelector(`td:nth-child(${i})`).textContent.replace(/,/g, '').match(/\\d+(\\.\\d+)?/);
+    return m ? Number(m[0]) : 0;
+  };
+  return { pending: n(2), lag: n(3), delivered: n(4), failures: n(8) };
+}"""
+
+
+def sink_numbers(page, sink):
+    got = page.evaluate(SINK_NUMBERS, sink)
+    if got is None:
+        raise AssertionError(f"no row for sink {sink} on the Sinks page")
+    return got
+
+
 def operator(page):
     agents = os.environ["AGENTS"].split(",")
 
@@ -151,6 +172,27 @@ def operator(page):
         expect(page.locator(f'tr[data-agent="{a}"] td').nth(6)).to_have_text(
             "v2 of v2", timeout=SLOW_MS
         )
+    # Each agent's stored-event rate, from the page's successive readings of
+    # the hub's counters: a sparkline of four rates or more. The plant
+    # publishes one temperature every 200 ms to every agent (its debug
+    # readings are denied now): about 5 events/s each (20 allows for bursts).
+    for a in agents:
+        page.wait_for_function(
+            """(a) => { const c = document.querySelector(`tr[data-agent="${a}"] td[data-rate]`);
+                       return c && c.dataset.rate !== '' && c.querySelectorAll('svg polyline').length === 1
+                         && c.querySelector('polyline').getAttribute('points').split(' ').length >= 4; }""",
+            arg=a,
+            timeout=SLOW_MS,
+        )
+    page.wait_for_function(
+        """(agents) => agents.every((a) => {
+             const r = Number(document.querySelector(`tr[data-agent="${a}"] td[data-rate]`).dataset.rate);
+             return r > 0 && r <= 20; })""",
+        arg=agents,
+        timeout=SLOW_MS,
+    )
+    shown = [page.locator(f'tr[data-agent="{a}"] td[data-rate]').get_attribute("data-rate") for a in agents]
+    log(f"stored events/s on the Fleet page: {dict(zip(agents, shown))}")
     shot(page, "fleet")
 
     # The audit view has the proposal and the approval, and a sound chain.
@@ -180,6 +222,41 @@ def operator(page):
                    return c && Number(c.textContent.replace(/,/g, '')) > 0; }""",
         timeout=SLOW_MS,
     )
+
+    # Its broker stopped, the temperatures queue for it: the page shows the
+    # queue and the lag growing (read twice, the second higher than the
+    # first) and the failures counted with their error...
+    before = sink_numbers(page, "cloud-mqtt")
+    ask("stop sink-broker", "stopped")
+    page.wait_for_function(
+        f"""(b) => {{ const n = ({SINK_NUMBERS})("cloud-mqtt");
+                     return n && n.pending >= 5 && n.lag >= 2 && n.failures > b.failures; }}""",
+        arg=before,
+        timeout=SLOW_MS,
+    )
+    first = sink_numbers(page, "cloud-mqtt")
+    page.wait_for_function(
+        f"""(f) => {{ const n = ({SINK_NUMBERS})("cloud-mqtt");
+                     return n && n.pending > f.pending && n.lag > f.lag; }}""",
+        arg=first,
+        timeout=SLOW_MS,
+    )
+    second = sink_numbers(page, "cloud-mqtt")
+    log(f"cloud-mqtt with its broker stopped: {first} then {second}")
+    if second["delivered"] != first["delivered"]:
+        raise AssertionError(f"delivered with its broker stopped: {first} then {second}")
+    expect(sink.locator("td").nth(8)).not_to_have_text("—")
+    shot(page, "sinks-outage")
+    # ...and once it is back, the queue drains: everything that waited is
+    # delivered and the lag falls back to what a live feed has.
+    ask("start sink-broker", "started")
+    page.wait_for_function(
+        f"""(s) => {{ const n = ({SINK_NUMBERS})("cloud-mqtt");
+                     return n && n.delivered >= s.delivered + s.pending && n.pending < s.pending && n.lag < 5; }}""",
+        arg=second,
+        timeout=SLOW_MS,
+    )
+    log(f"cloud-mqtt drained: {sink_numbers(page, 'cloud-mqtt')}")
     shot(page, "sinks")
     sign_out(page)
 
@@ -231,6 +308,39 @@ def operator(page):
     expect(commands.locator("tr", has_text="press/pressure")).to_contain_text("gw-3")
     expect(commands.locator("tr", has_text="press/pressure")).to_contain_text("token:root")
     shot(page, "commands")
+
+    # The books: with the plant and the agents stopped, the KPI panel's
+    # totals (read from the page) equal a scrape of the hub's Prometheus
+    # endpoint, which the Rust test makes and compares. Until the last
+    # deliveries land the two may differ: the page is read again.
+    ask("quiesce", "quiet")
+    go(page, "sinks")
+    until = time.monotonic() + SLOW_MS / 1000
+    while True:
+        expect(page.locator('tr[data-kpi-sink="cloud-mqtt"]')).to_be_visible()
+        shown = page.evaluate(KPI_NUMBERS)
+        print(f"kpis {json.dumps(shown)}", flush=True)
+        verdict = sys.stdin.readline().strip()
+        if verdict == "equal":
+            log(f"the KPI panel equals Prometheus: {shown}")
+            break
+        if time.monotonic() > until:
+            raise AssertionError(f"the KPI panel never equalled Prometheus: {verdict}")
+        # Read the API afresh.
+        page.reload()
+
+
+# The numbers of the Sinks page's KPI panel, as the API gave them (each
+# cell's data-value; its text is that value formatted).
+KPI_NUMBERS = """() => {
+  const v = (e) => (e && e.dataset.value !== '' ? Number(e.dataset.value) : null);
+  const sinks = {};
+  for (const row of document.querySelectorAll('tr[data-kpi-sink]')) {
+    const td = row.querySelectorAll('td');
+    sinks[row.dataset.kpiSink] = { delivered: v(td[1]), p50: v(td[2]), p95: v(td[3]), p99: v(td[4]), count: v(td[5]) };
+  }
+  return { stored: v(document.getElementById('kpi-stored')), dropped: v(document.getElementById('kpi-dropped')), sinks };
+}"""
 
 
 def large(page):

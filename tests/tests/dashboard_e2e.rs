@@ -310,6 +310,8 @@ impl Script {
             "the browser script failed ({status}):\n{}",
             self.log()
         );
+        // What it measured, for `--nocapture`.
+        eprint!("{}", self.log());
         Ok(())
     }
 }
@@ -320,7 +322,13 @@ fn an_operator_runs_the_fleet_from_the_dashboard() -> Result<()> {
     let pki = Pki::new(dir.path())?;
     let broker = Mosquitto::start(dir.path())?;
     let (_modbus, device) = pymodbus(dir.path())?;
-    // Two-person approval, one MQTT sink on the same broker, enrollment.
+    // The sink's own broker (the cloud's), which the script has stopped and
+    // started again while the plant's keeps feeding the agents.
+    let sink_dir = dir.path().join("sink-broker");
+    std::fs::create_dir_all(&sink_dir)?;
+    let mut sink_broker = Some(Mosquitto::start(&sink_dir)?);
+    let sink_port = sink_broker.as_ref().context("sink broker")?.port;
+    // Two-person approval, one MQTT sink on the cloud's broker, enrollment.
     let tables = format!(
         "[api]\nlisten = \"127.0.0.1:0\"\npolicy_approval = \"two-person\"\n\n\
          [enroll]\nca_dir = \"{ca}\"\n\n\
@@ -329,7 +337,7 @@ fn an_operator_runs_the_fleet_from_the_dashboard() -> Result<()> {
          [sinks.mqtt]\nbroker = \"127.0.0.1:{port}\"\nclient_id = \"hub-cloud\"\n\
          topic = \"cloud/{{agent_id}}/{{stream}}\"\n",
         ca = pki.ca_dir.display(),
-        port = broker.port,
+        port = sink_port,
     );
     let hub = Hub::start_with_tables(dir.path(), &pki, "region = \"eu-west\"", &tables)?;
     let api = hub.api_url()?;
@@ -352,7 +360,7 @@ fn an_operator_runs_the_fleet_from_the_dashboard() -> Result<()> {
         let cfg = agent_config(id, labels, broker.port, modbus, &hub, &creds);
         agents.insert(id.to_owned(), Agent::start(&adir, &cfg)?);
     }
-    let _plant = Plant::start(broker.port);
+    let mut plant = Some(Plant::start(broker.port));
     // Version 1, applied on the hub's machine (break-glass), so that the
     // page has two versions to compare once the approved one is in force.
     let first = dir.path().join("first.toml");
@@ -380,6 +388,32 @@ fn an_operator_runs_the_fleet_from_the_dashboard() -> Result<()> {
     while let Some(line) = script.next(deadline)? {
         let mut words = line.split_whitespace();
         match (words.next(), words.next()) {
+            (Some("stop"), Some("sink-broker")) => {
+                if let Some(mut b) = sink_broker.take() {
+                    b.proc.kill9();
+                }
+                script.answer("stopped")?;
+            }
+            (Some("start"), Some("sink-broker")) => {
+                sink_broker = Some(Mosquitto::start_on(&sink_dir, sink_port)?);
+                script.answer("started")?;
+            }
+            (Some("quiesce"), None) => {
+                drop(plant.take());
+                for a in agents.values_mut() {
+                    a.proc.term(DEADLINE)?;
+                }
+                script.answer("quiet")?;
+            }
+            (Some("kpis"), Some(_)) => {
+                let shown: serde_json::Value =
+                    serde_json::from_str(line.trim_start_matches("kpis").trim())?;
+                let answer = match compare_kpis(&shown, &hub.metrics()?) {
+                    Ok(()) => "equal".to_owned(),
+                    Err(e) => format!("differ {e:#}"),
+                };
+                script.answer(&answer)?;
+            }
             (Some("kill"), Some(id)) => {
                 agents.get_mut(id).context("no such agent")?.proc.kill9();
                 script.answer("killed")?;
@@ -416,6 +450,117 @@ fn an_operator_runs_the_fleet_from_the_dashboard() -> Result<()> {
             "no {action} by {actor} in {audit}"
         );
     }
+    Ok(())
+}
+
+/// The samples of metric `name` in Prometheus text `text`: each one's
+/// labels and value.
+fn samples(text: &str, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, labels) = series.split_once('{').unwrap_or((series, "}"));
+            if metric != name {
+                return None;
+            }
+            let labels = labels
+                .trim_end_matches('}')
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+                .collect();
+            Some((labels, value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `histogram_quantile(q, ...)` of one series' cumulative buckets.
+fn histogram_quantile(q: f64, mut buckets: Vec<(f64, f64)>) -> Option<f64> {
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total == 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for (upper, cumulative) in buckets {
+        if cumulative >= rank && cumulative > below {
+            if upper.is_infinite() {
+                return Some(lower);
+            }
+            return Some(lower + (upper - lower) * (rank - below) / (cumulative - below));
+        }
+        below = cumulative;
+        lower = upper;
+    }
+    Some(lower)
+}
+
+/// Whether the numbers the dashboard's KPI panel shows (`shown`: stored,
+/// dropped, and per sink delivered, p50, p95, p99, count) equal the hub's
+/// Prometheus scrape `metrics`.
+fn compare_kpis(shown: &serde_json::Value, metrics: &str) -> Result<()> {
+    let sum = |name: &str| samples(metrics, name).iter().map(|(_, v)| v).sum::<f64>();
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0);
+    let mut wrong = Vec::new();
+    let mut check = |what: String, page: Option<f64>, prom: Option<f64>| match (page, prom) {
+        (Some(a), Some(b)) if close(a, b) => {}
+        (None, None) => {}
+        _ => wrong.push(format!("{what}: page {page:?}, Prometheus {prom:?}")),
+    };
+    check(
+        "stored".into(),
+        shown["stored"].as_f64(),
+        Some(sum("outpost_hub_events_stored_total")),
+    );
+    check(
+        "dropped".into(),
+        shown["dropped"].as_f64(),
+        Some(sum("outpost_hub_policy_dropped_events_total")),
+    );
+    let sinks = shown["sinks"].as_object().context("no sinks shown")?;
+    ensure!(!sinks.is_empty(), "no sink on the KPI panel");
+    for (sink, s) in sinks {
+        let of = |name: &str| {
+            samples(metrics, name)
+                .into_iter()
+                .filter(|(l, _)| l.get("sink") == Some(sink))
+                .collect::<Vec<_>>()
+        };
+        let delivered = of("outpost_hub_sink_delivered_events_total");
+        check(
+            format!("{sink} delivered"),
+            s["delivered"].as_f64(),
+            delivered.first().map(|(_, v)| *v),
+        );
+        let count = of("outpost_hub_sink_latency_seconds_count");
+        check(
+            format!("{sink} timed"),
+            s["count"].as_f64(),
+            Some(count.first().map_or(0.0, |(_, v)| *v)),
+        );
+        let buckets: Vec<(f64, f64)> = of("outpost_hub_sink_latency_seconds_bucket")
+            .into_iter()
+            .filter_map(|(l, v)| {
+                let le = l.get("le")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, v))
+            })
+            .collect();
+        for (key, q) in [("p50", 0.5), ("p95", 0.95), ("p99", 0.99)] {
+            check(
+                format!("{sink} {key}"),
+                s[key].as_f64(),
+                histogram_quantile(q, buckets.clone()),
+            );
+        }
+    }
+    ensure!(wrong.is_empty(), "{}", wrong.join("; "));
     Ok(())
 }
 

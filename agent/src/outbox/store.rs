@@ -396,9 +396,16 @@ fn renumber_after(
         return Err(OutboxError::SeqOverflow { after });
     };
     let shift = after.0 + 1 - first.unwrap_or(meta.next_seq);
-    // The accept times move with their events (every new seq lies past
-    // every old one, so no row meets another).
+    // The accept times move with their events. The row that covers the
+    // first waiting event may start before it; it is made to start at it, so
+    // that every row lies in first..next_seq and, shifted by at least the
+    // width of that range, meets no row still unshifted.
     schema::prune_accepts(tx, path)?;
+    if let Some(first) = first {
+        tx.prepare_cached("UPDATE accepts SET first_seq = ?1 WHERE first_seq < ?1")
+            .and_then(|mut s| s.execute([first]))
+            .at(path)?;
+    }
     let renumbered = tx
         .prepare_cached("UPDATE events SET seq = seq + ?1")
         .and_then(|mut s| s.execute([shift]))
