@@ -215,7 +215,7 @@ struct NodeRedInstall {
 
 /// Runs an install command, with its output in `log`; fails with the log's
 /// tail.
-fn run_logged(mut cmd: Command, log: &Path, what: &str) -> Result<()> {
+pub(crate) fn run_logged(mut cmd: Command, log: &Path, what: &str) -> Result<()> {
     let out = std::fs::File::create(log)?;
     let err = out.try_clone()?;
     let status = cmd
@@ -344,8 +344,8 @@ fn install_node_red(cache: &Path) -> Result<NodeRedInstall> {
 // Processes.
 
 /// A peer's process group (the peer is its leader), killed whole on drop.
-struct Group {
-    child: Child,
+pub(crate) struct Group {
+    pub(crate) child: Child,
     name: String,
     log: PathBuf,
     /// Set once [`Group::stop`] has killed and reaped it: the group id must
@@ -356,7 +356,7 @@ struct Group {
 impl Group {
     /// Spawns `cmd` as the leader of a new process group, stderr to `log`,
     /// and stdout too if `stdout` (else to /dev/null).
-    fn spawn(mut cmd: Command, name: &str, log: &Path, stdout: bool) -> Result<Group> {
+    pub(crate) fn spawn(mut cmd: Command, name: &str, log: &Path, stdout: bool) -> Result<Group> {
         use std::os::unix::process::CommandExt as _;
         let err = std::fs::File::create(log)?;
         let out = if stdout {
@@ -389,7 +389,7 @@ impl Group {
     }
 
     /// SIGTERM to the group, SIGKILL to whatever is left after `grace`.
-    fn stop(&mut self, grace: Duration) {
+    pub(crate) fn stop(&mut self, grace: Duration) {
         self.signal("-TERM");
         let deadline = Instant::now() + grace;
         while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {

@@ -126,7 +126,8 @@ enum Measurement {
     Policy,
     /// Modbus 10,000 tags at 1 Hz.
     Modbus,
-    /// OPC UA: 10,000 monitored items at 1 Hz from an asyncua server.
+    /// OPC UA: 10,000 monitored items at 1 Hz from an asyncua server, the
+    /// agent against Node-RED (installed into target/bench-peers).
     Opcua,
     /// Agent memory at 10,000 tags (the static musl build).
     Tags,
@@ -496,7 +497,7 @@ fn run(cli: &Cli, bin_dir: &Path) -> Result<bool> {
     measure(
         Measurement::Opcua,
         "OPC UA 10,000 monitored items at 1 Hz",
-        &mut || opcua::subscribe(&bins, &dir, plan.opcua),
+        &mut || opcua::subscribe(&bins, &dir, &target_dir().join("bench-peers"), plan.opcua),
     );
     // The memory rows measure the static musl agent (issue 24): the binary
     // the packages ship, not the glibc one the other rows run.
@@ -763,6 +764,16 @@ How each row is measured (medians of the runs; every run's numbers are on stderr
   stored. The window runs from the end of one poll to the end of the W-th poll after
   it, so it holds whole polls; CPU = utime+stime of the agent process (all threads)
   from /proc/PID/stat over the window.
+- OPC UA: `tests/peers/opcua_server.py --scale 10000 --tick 1000` (asyncua, every
+  variable set each second) and, back to back on that server, the agent (10,000
+  `[[opcua.servers.nodes]]`, publishing interval 1 s; notifications = events stored in
+  the outbox) and Node-RED 4.1.15 + node-red-contrib-opcua 0.2.354 (npm, installed into
+  target/bench-peers/node-red-opcua on first use): one `OpcUa-Client` node, action
+  `subscribe`, `msg.topic` = `multiple` with the 10,000 node ids (one monitored-item
+  group, sampling 1 s, queue 1), its output counted by a function node that logs the
+  count every 1,000 (notifications/s read from that log). Each after two rounds
+  arrived; CPU = utime+stime from /proc/PID/stat over the window, VmRSS and VmHWM at
+  its end. Node-RED only counts what arrives; the agent also stores it durably.
 - Memory rows (idle, 10,000 tags, backlog): the agent measured is `--memory-agent`, by
   default the static musl build that `cross/build x86_64` makes
   (target/x86_64-unknown-linux-musl/release/outpost-agent); each row names the build
