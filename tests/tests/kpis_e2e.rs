@@ -210,7 +210,21 @@ topic = "cloud/{{agent_id}}/{{stream}}"
         &agent_dir,
         &agent_config(&hub, &creds, site.port, metrics_port),
     )?;
-    let scrape_agent = || get(agent_metrics, "/metrics", None);
+    // A scrape that meets a connection reset (a busy 2-core machine) is
+    // tried again rather than failing the books.
+    let scrape_agent = || {
+        let mut tries = 0;
+        loop {
+            match get(agent_metrics, "/metrics", None) {
+                Ok(m) => return Ok(m),
+                Err(e) if tries < 5 && e.downcast_ref::<std::io::Error>().is_some() => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
     wait_until(DEADLINE, "the agent to run the policy", || {
         scrape_agent().is_ok_and(|m| sum(&m, "outpost_policy_version", "") == 1.0)
     })?;
